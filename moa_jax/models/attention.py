@@ -1,0 +1,54 @@
+"""Pluggable attention backends.
+
+Every attention layer of the model calls one backend object:
+
+    out, new_cache = backend(q, k, v, layer=i, positions=positions, cache=cache)
+
+with q [B, T, H, D], k/v [B, T, Hkv, D] (after RoPE), positions int [B, T] (absolute, contiguous
+per row) and `cache` the layer's cache pytree or None (no cache: attend within the given tokens).
+Backends are frozen dataclasses, so they are hashable and travel as static `jit` arguments; the
+sparse backends (MoA plans, recycled attention) implement the same two methods.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moa_jax.config import ModelConfig
+from moa_jax.models.kv_cache import DenseKVCache
+from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
+
+
+class AttentionBackend(abc.ABC):
+    """Interface of an attention backend (see module docstring)."""
+
+    @abc.abstractmethod
+    def init_cache(self, cfg: ModelConfig, batch: int, max_len: int,
+                   dtype: Any = jnp.bfloat16) -> tuple[Any, ...]:
+        """Returns one empty cache per layer for `batch` rows of up to `max_len` tokens."""
+
+    @abc.abstractmethod
+    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int,
+                 positions: jax.Array, cache: Any | None) -> tuple[jax.Array, Any | None]:
+        """Attends q to k/v (and the cache); returns out [B, T, H, D] and the updated cache."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseAttention(AttentionBackend):
+    """Full causal attention over a dense cache, computed by the jnp reference in float32."""
+
+    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
+        return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+                     for _ in range(cfg.num_layers))
+
+    def __call__(self, q, k, v, *, layer, positions, cache):
+        if cache is None:
+            return mha_reference(q, k, v, causal_mask(positions, positions)), None
+        cache = cache.write(k, v, positions[:, 0])
+        mask = causal_mask(positions, jnp.arange(cache.max_len, dtype=positions.dtype))
+        return mha_reference(q, cache.k, cache.v, mask), cache

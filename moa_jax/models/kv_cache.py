@@ -1,0 +1,56 @@
+"""KV caches: pytrees with static shapes, one per layer.
+
+The dense cache of a layer holds keys (after RoPE) and values at their absolute positions:
+slot j holds token j. Memory: 2 * B * S * Hkv * D * itemsize bytes per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DenseKVCache:
+    """One layer's dense cache. k, v: [B, S, Hkv, D]; slot j holds the token at position j."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+              dtype=jnp.bfloat16) -> "DenseKVCache":
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def logical_axes(self) -> "DenseKVCache":
+        """Logical axis names of each leaf (see `moa_jax.parallel`)."""
+        axes = ("batch", "seq", "kv_heads", "head_dim")
+        return DenseKVCache(axes, axes)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> "DenseKVCache":
+        """Writes T new tokens per row at slots [start[b], start[b] + T).
+
+        Args:
+          k, v: [B, T, Hkv, D].
+          start: int [B], the position of each row's first new token. Callers guarantee
+            start + T <= max_len (checked on the host by `generate`), since XLA clamps
+            out-of-range slices instead of failing.
+        """
+        def put(buf, new, s):
+            return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), s, axis=0)
+
+        return DenseKVCache(jax.vmap(put)(self.k, k, start), jax.vmap(put)(self.v, v, start))
+
+    @staticmethod
+    def nbytes(batch: int, max_len: int, num_kv_heads: int, head_dim: int, num_layers: int,
+               dtype=jnp.bfloat16) -> int:
+        """Total bytes of a model's dense cache."""
+        return 2 * batch * max_len * num_kv_heads * head_dim * num_layers * jnp.dtype(dtype).itemsize

@@ -1,0 +1,88 @@
+"""Pure-jnp masked attention: the oracle every kernel and backend is tested against.
+
+Layouts follow `jax.nn.dot_product_attention`: q [B, T, H, D], k/v [B, S, Hkv, D] with H a multiple
+of Hkv (GQA: query head h reads KV head h // (H // Hkv)). Positions are absolute token indices.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30
+
+
+def causal_mask(q_positions: jax.Array, k_positions: jax.Array,
+                k_valid: jax.Array | None = None) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: key j visible to query i iff k_pos[j] <= q_pos[i] (and k_valid).
+
+    Args:
+      q_positions: int [B, T].
+      k_positions: int [B, S] or [S].
+      k_valid: optional bool [B, S], False for empty cache slots or padding.
+    """
+    if k_positions.ndim == 1:
+        k_positions = jnp.broadcast_to(k_positions, (q_positions.shape[0], k_positions.shape[0]))
+    mask = k_positions[:, None, None, :] <= q_positions[:, None, :, None]
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, None, :]
+    return mask
+
+
+def window_sink_mask(q_positions: jax.Array, k_positions: jax.Array, windows: jax.Array,
+                     sink: int | jax.Array = 0, k_valid: jax.Array | None = None) -> jax.Array:
+    """Per-head causal sliding window plus sinks, [B, H, T, S].
+
+    Query head h at position i sees key position j iff j <= i and (i - j < windows[h] or j < sink).
+
+    Args:
+      windows: int [H], window length in tokens (>= 1; >= the sequence length means dense).
+      sink: number of initial tokens every query may attend to (scalar or int [H]).
+    """
+    if k_positions.ndim == 1:
+        k_positions = jnp.broadcast_to(k_positions, (q_positions.shape[0], k_positions.shape[0]))
+    qp = q_positions[:, None, :, None]
+    kp = k_positions[:, None, None, :]
+    w = jnp.asarray(windows)[None, :, None, None]
+    s = jnp.broadcast_to(jnp.asarray(sink), jnp.asarray(windows).shape)[None, :, None, None]
+    mask = (kp <= qp) & ((qp - kp < w) | (kp < s))
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, None, :]
+    return mask
+
+
+def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+                  scale: float | None = None, return_lse: bool = False):
+    """Masked softmax attention computed in float32.
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, Hkv, D].
+      mask: bool broadcastable to [B, H, T, S].
+      scale: logit scale, default 1/sqrt(D).
+      return_lse: also return the log-sum-exp of the masked logits, [B, H, T] (-inf for rows that
+        see no key; their output is 0).
+    Returns:
+      out [B, T, H, D] in q's dtype (and lse).
+    """
+    b, t, h, d = q.shape
+    _, s, hkv, _ = k.shape
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
+    if k.shape != v.shape[:3] + (k.shape[3],) or v.shape[:3] != (b, s, hkv):
+        raise ValueError(f"k {k.shape} and v {v.shape} do not match")
+    g = h // hkv
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, t, hkv, g, d).astype(jnp.float32)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * scale
+    mask = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, hkv, g, t, s)
+    logits = jnp.where(mask, logits, _NEG_INF)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p / safe, v.astype(jnp.float32))
+    out = out.reshape(b, t, h, d).astype(q.dtype)
+    if not return_lse:
+        return out
+    lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(safe[..., 0]), -jnp.inf)
+    return out, lse.reshape(b, h, t)

@@ -1,0 +1,40 @@
+"""Run by test_parallel.py with 8 forced CPU devices: meshes vs one device.
+
+Prints one 'OK <mesh>' line per mesh whose forward logits and greedy tokens match.
+"""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moa_jax.config import ModelConfig
+from moa_jax.generate import generate
+from moa_jax.models.llama import forward, init_random
+from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, param_shardings
+
+assert jax.device_count() == 8, jax.devices()
+cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=8, num_kv_heads=4, head_dim=16)
+model = init_random(cfg, seed=0)
+g, s = nnx.split(model)
+rng = np.random.RandomState(0)
+prompts = [rng.randint(4, 128, n).tolist() for n in (5, 17, 9, 3, 30, 2, 8, 11)]
+tokens = jnp.asarray(rng.randint(0, 128, (8, 32)))
+pos = jnp.broadcast_to(jnp.arange(32), (8, 32))
+ref_logits, _ = forward(g, s, tokens, pos)
+ref_tokens = generate(model, prompts, max_new_tokens=8, stop_ids=()).tokens
+
+for mc in (MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshConfig(1, 8, 1)):
+    mesh = make_mesh(mc)
+    ss = jax.device_put(s, param_shardings(s, mesh))
+    q = ss["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+    if mc.tensor > 1:  # parameters really are split
+        assert q.sharding.shard_shape(q.shape)[1] == q.shape[1] // mc.tensor, q.sharding
+    if mc.fsdp > 1:
+        assert q.sharding.shard_shape(q.shape)[0] == q.shape[0] // mc.fsdp, q.sharding
+    logits, _ = forward(g, ss, jax.device_put(tokens, batch_sharding(mesh, tokens.shape)), pos)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4, rtol=1e-4)
+    out = generate(model, prompts, max_new_tokens=8, stop_ids=(), mesh=mesh)
+    np.testing.assert_array_equal(out.tokens, ref_tokens)
+    print("OK", mc, flush=True)

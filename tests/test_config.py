@@ -1,0 +1,70 @@
+"""ModelConfig parsing from both HF config.json layouts, and dtype names."""
+
+import jax.numpy as jnp
+import pytest
+from transformers import LlamaConfig
+
+from moa_jax.config import ModelConfig, RopeScaling, parse_dtype
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def _legacy_dict():
+    # The transformers 4.x / published-checkpoint layout: top-level theta and scaling.
+    return {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rope_theta": 500000.0, "rope_scaling": dict(LLAMA3_SCALING),
+            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "eos_token_id": [7, 9],
+            "bos_token_id": 1}
+
+
+def test_legacy_layout():
+    cfg = ModelConfig.from_hf_dict(_legacy_dict())
+    assert cfg.head_dim == 16 and cfg.num_kv_heads == 2 and cfg.group_size == 2
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
+    assert cfg.eos_token_ids == (7, 9)
+
+
+def test_transformers5_layout_matches_legacy():
+    # transformers 5.x normalises into `rope_parameters`; both must give the same config.
+    d = LlamaConfig(**_legacy_dict()).to_dict()
+    assert ModelConfig.from_hf_dict(d) == ModelConfig.from_hf_dict(_legacy_dict())
+
+
+def test_round_trip_through_hf_dict():
+    cfg = ModelConfig.from_hf_dict(_legacy_dict())
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert ModelConfig.from_hf_dict(LlamaConfig(**cfg.to_hf_dict()).to_dict()) == cfg
+
+
+def test_explicit_head_dim():
+    d = _legacy_dict() | {"head_dim": 32}
+    assert ModelConfig.from_hf_dict(d).head_dim == 32
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="missing required keys.*vocab_size"):
+        ModelConfig.from_hf_dict({k: v for k, v in _legacy_dict().items() if k != "vocab_size"})
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        ModelConfig.from_hf_dict(_legacy_dict() | {"num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
+        ModelConfig.from_hf_dict(_legacy_dict() | {"rope_scaling": {"rope_type": "yarn",
+                                                                     "factor": 4.0}})
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ModelConfig.from_hf_json(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_hf_json(tmp_path / "config.json")
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") == jnp.bfloat16
+    assert parse_dtype("float32") == jnp.float32
+    assert parse_dtype(jnp.float16) == jnp.float16
+    with pytest.raises(ValueError, match="unknown dtype name 'float33'"):
+        parse_dtype("float33")

@@ -1,0 +1,94 @@
+"""The Flax Llama: RoPE against transformers, cache consistency, dtypes.
+
+Logit parity with transformers' LlamaForCausalLM on loaded weights is in test_weights.py.
+"""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+from flax import nnx
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from moa_jax.config import ModelConfig
+from moa_jax.models.attention import DenseAttention
+from moa_jax.models.llama import forward, init_random, rope_inv_freq
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("scaling", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_frequencies_match_transformers(scaling):
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=500000.0,
+                     rope_scaling=scaling, max_position_embeddings=4096)
+    cfg = ModelConfig.from_hf_dict(hf.to_dict())
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "default":
+        expected = 1.0 / (500000.0 ** (np.arange(0, 128, 2) / 128))
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
+        expected = expected.numpy()
+    np.testing.assert_allclose(rope_inv_freq(cfg), expected, rtol=1e-6)
+
+
+def test_chunked_prefill_with_cache_equals_full_forward():
+    cfg = tiny_config()
+    model = init_random(cfg, seed=1)
+    g, s = nnx.split(model)
+    rng = np.random.RandomState(0)
+    b, t = 2, 24
+    tokens = jnp.asarray(rng.randint(0, cfg.vocab_size, (b, t)))
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    full, _ = forward(g, s, tokens, pos)
+    att = DenseAttention()
+    cache = att.init_cache(cfg, b, 32, jnp.float32)
+    first, cache = forward(g, s, tokens[:, :10], pos[:, :10], cache, attention=att)
+    second, cache = forward(g, s, tokens[:, 10:], pos[:, 10:], cache, attention=att)
+    np.testing.assert_allclose(np.concatenate([first, second], 1), full, atol=2e-5, rtol=1e-5)
+    # The cache holds exactly the t written tokens; the rest is untouched.
+    assert np.abs(np.asarray(cache[0].k[:, t:])).max() == 0
+    assert np.abs(np.asarray(cache[0].k[:, :t])).min() >= 0 and np.abs(
+        np.asarray(cache[0].k[:, :t])).sum() > 0
+
+
+def test_logits_at_selects_rows():
+    cfg = tiny_config()
+    g, s = nnx.split(init_random(cfg, seed=2))
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (3, 9)))
+    pos = jnp.broadcast_to(jnp.arange(9), (3, 9))
+    full, _ = forward(g, s, tokens, pos)
+    idx = jnp.asarray([0, 4, 8])
+    picked, _ = forward(g, s, tokens, pos, logits_at=idx)
+    np.testing.assert_allclose(picked, full[jnp.arange(3), idx], atol=1e-6)
+
+
+def test_bf16_compute_close_to_f32():
+    cfg = tiny_config()
+    m32 = init_random(cfg, seed=3)
+    m16 = init_random(cfg, seed=3, dtype="bfloat16")
+    tokens = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 16)))
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    a, _ = forward(*nnx.split(m32), tokens, pos)
+    b, _ = forward(*nnx.split(m16), tokens, pos)
+    assert m16.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.float32  # master weights
+    assert a.dtype == b.dtype == jnp.float32
+    err = np.abs(np.asarray(a) - np.asarray(b)).max()
+    assert 0 < err < 0.05 * np.abs(np.asarray(a)).max()
+
+
+def test_tied_embeddings_have_no_head():
+    cfg = tiny_config(tie_word_embeddings=True)
+    model = init_random(cfg)
+    assert not hasattr(model, "lm_head")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    logits, _ = forward(*nnx.split(model), tokens, jnp.arange(4)[None])
+    h = model.embed_tokens.embedding[...]
+    assert logits.shape == (1, 4, cfg.vocab_size) and h.shape == (cfg.vocab_size,
+                                                                   cfg.hidden_size)

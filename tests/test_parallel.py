@@ -1,0 +1,42 @@
+"""Sharding on 8 forced CPU devices: sharded forward and generate equal one device.
+
+jax fixes its device count at start-up, so the check runs in a subprocess.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import jax
+
+from moa_jax.parallel import MeshConfig, logical_to_spec, make_mesh
+
+CHECK = Path(__file__).with_name("multidevice_check.py")
+
+
+def test_sharded_forward_and_generate_match_single_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, str(CHECK)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("OK") == 4, res.stdout
+
+
+def test_mesh_config_errors():
+    with pytest.raises(ValueError, match="needs 8 devices"):
+        MeshConfig(2, 2, 2).shape(4)
+    with pytest.raises(ValueError, match="at most one mesh axis may be -1"):
+        MeshConfig(-1, -1, 1).shape(4)
+    with pytest.raises(ValueError, match="do not divide"):
+        MeshConfig(-1, 3, 1).shape(4)
+    assert MeshConfig(-1, 2, 1).shape(8) == (4, 2, 1)
+
+
+def test_undivisible_dims_are_replicated():
+    mesh = make_mesh(MeshConfig(1, 1, 1))
+    spec = logical_to_spec(("embed", "kv_heads"), (64, 3), mesh)
+    assert tuple(spec) == (None, None)
