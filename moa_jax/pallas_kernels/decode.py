@@ -1,0 +1,189 @@
+"""MoA decode attention over a `SpanKVCache`: one query token per row, per-head windows + sinks.
+
+Each KV head's segment of the flat cache holds its sink tokens and a ring of its group's largest
+window (`moa_jax.models.kv_cache.SpanKVCache`); a query head attends to the slots of its KV head
+whose stored position p satisfies `p <= i and (i - p < windows[h] or p < sinks[h])`. Slot order
+is irrelevant (keys carry RoPE already), so there is no causal mask or rotation in the kernel.
+
+Kernel (Pallas, Triton backend), split-K flash decoding: one program per (row, KV head, split);
+the query heads of a KV group are processed together (padded to 16 rows for the tensor cores), so
+each K/V block is read once for its whole group. A program walks its share of the segment's
+blocks with an online softmax and writes an unnormalised partial result; the splits are merged
+in jnp. Segment starts and block counts are static tables read as scalars.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from moa_jax.models.kv_cache import SpanKVCache
+from moa_jax.pallas_kernels.reference import mha_reference
+
+_LOG2E = math.log2(math.e)
+
+
+def _check(q: jax.Array, cache: SpanKVCache, windows: Sequence[int], sinks: Sequence[int]):
+    b, h, d = q.shape
+    hkv = cache.num_kv_heads
+    if h % hkv:
+        raise ValueError(f"{h} query heads do not divide into the cache's {hkv} KV heads")
+    if cache.k.shape[0] != b or cache.k.shape[2] != d:
+        raise ValueError(f"q {q.shape} does not match the cache keys {cache.k.shape}")
+    if len(windows) != h or len(sinks) != h:
+        raise ValueError(f"need one window and sink per query head ({h}), got "
+                         f"{len(windows)} and {len(sinks)}")
+    group = h // hkv
+    for g, ring in enumerate(cache.rings):
+        need = max(windows[g * group:(g + 1) * group])
+        if not cache.holds_window(g, need):
+            raise ValueError(f"KV head {g}: window {need} exceeds its ring of {ring} slots")
+        if max(sinks[g * group:(g + 1) * group]) > cache.sink and cache.sink < cache.max_len:
+            raise ValueError(f"KV head {g}: sink {max(sinks[g * group:(g + 1) * group])} "
+                             f"exceeds the cache's {cache.sink} sink slots")
+
+
+def span_decode_reference(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array,
+                          windows: Sequence[int], sinks: Sequence[int],
+                          scale: float | None = None) -> jax.Array:
+    """The jnp oracle. q [B, H, D] at positions q_positions [B]; returns [B, H, D]."""
+    b, h, d = q.shape
+    group = h // cache.num_kv_heads
+    p = cache.pos[:, None, None, :]                                  # [B, 1, 1, M]
+    qp = q_positions[:, None, None, None]
+    w = jnp.asarray(windows, jnp.int32)[None, :, None, None]
+    s = jnp.asarray(sinks, jnp.int32)[None, :, None, None]
+    own = (jnp.asarray(cache.slot_heads())[None, :] ==
+           (jnp.arange(h) // group)[:, None])[None, :, None, :]      # [1, H, 1, M]
+    mask = own & (p >= 0) & (p <= qp) & ((qp - p < w) | (p < s))
+    out = mha_reference(q[:, None], cache.k[:, :, None], cache.v[:, :, None], mask, scale=scale)
+    return out[:, 0]
+
+
+def _decode_kernel(start_ref, nblk_ref, win_ref, sink_ref, qpos_ref, q_ref, k_ref, v_ref,
+                   pos_ref, o_ref, m_ref, l_ref, *, bk, per_split, scale):
+    b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    nb = nblk_ref[g]
+    first = start_ref[g]
+    lo = s * per_split
+    hi = jnp.minimum(lo + per_split, nb)
+    q = q_ref[b, g, :, :]                                            # [Gp, D]
+    w = win_ref[g, :][:, None]
+    sk = sink_ref[g, :][:, None]
+    qp = qpos_ref[b]
+    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    c = scale * _LOG2E
+
+    def body(i, carry):
+        acc, m_prev, l_prev = carry
+        sl = pl.ds((first + i) * bk, bk)
+        k = k_ref[b, sl, :]
+        v = v_ref[b, sl, :]
+        p = pos_ref[b, sl][None, :]
+        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                             preferred_element_type=jnp.float32) * c
+        vis = (p >= 0) & (p <= qp) & ((qp - p < w) | (p < sk))
+        sc = jnp.where(vis, sc, -jnp.inf)
+        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_prev - m_use)
+        pr = jnp.exp2(sc - m_use[:, None])
+        acc = acc * alpha[:, None] + lax.dot_general(
+            pr.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
+            preferred_element_type=jnp.float32)
+        return acc, m_new, alpha * l_prev + jnp.sum(pr, axis=1)
+
+    gp, d = q.shape
+    acc, m_i, l_i = lax.fori_loop(lo, hi, body, (jnp.zeros((gp, d), jnp.float32),
+                                                 jnp.full((gp,), -jnp.inf, jnp.float32),
+                                                 jnp.zeros((gp,), jnp.float32)))
+    o_ref[b, g, s, :, :] = acc
+    m_ref[b, g, s, :] = m_i
+    l_ref[b, g, s, :] = l_i
+
+
+def _default_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
+    # Enough programs to fill a GPU's ~132 SMs twice, each with at least 4 blocks of work.
+    want = -(-264 // (batch * num_kv_heads))
+    return int(max(1, min(want, max_blocks // 4 or 1)))
+
+
+@functools.partial(jax.jit, static_argnames=("windows", "sinks", "scale", "num_splits",
+                                             "interpret", "num_warps"))
+def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, num_splits, interpret,
+                        num_warps):
+    b, h, d = q.shape
+    hkv = cache.num_kv_heads
+    group = h // hkv
+    gp = max(16, 1 << (group - 1).bit_length())
+    bk = cache.block
+    sizes = SpanKVCache.segment_sizes(cache.sink, cache.rings, bk)
+    nblk = np.asarray(sizes) // bk
+    start = np.asarray(cache.offsets) // bk
+    per_split = -(-int(nblk.max()) // num_splits)
+
+    def per_group(x, fill):
+        t = np.full((hkv, gp), fill, np.int32)
+        t[:, :group] = np.asarray(x, np.int32).reshape(hkv, group)
+        return jnp.asarray(t)
+
+    qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
+    kernel = functools.partial(_decode_kernel, bk=bk, per_split=per_split,
+                               scale=d ** -0.5 if scale is None else scale)
+    out_shape = [jax.ShapeDtypeStruct((b, hkv, num_splits, gp, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32),
+                 jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32)]
+    params = None
+    if not interpret:
+        from moa_jax.pallas_kernels.prefill_gpu import _compiler_params
+        params = _compiler_params(num_warps, 2)
+    o, m, l = pl.pallas_call(
+        kernel, grid=(b, hkv, num_splits), out_shape=out_shape, compiler_params=params,
+        interpret=interpret, name="moa_span_decode",
+    )(jnp.asarray(start, jnp.int32), jnp.asarray(nblk, jnp.int32), per_group(windows, 0),
+      per_group(sinks, 0), q_positions.astype(jnp.int32), qg, cache.k, cache.v, cache.pos)
+    m_all = jnp.max(m, axis=2, keepdims=True)
+    m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
+    wgt = jnp.exp2(m - m_all)                                        # [B, Hkv, S, Gp]
+    num = jnp.sum(o * wgt[..., None], axis=2)
+    den = jnp.sum(l * wgt, axis=2)
+    out = num / jnp.where(den > 0, den, 1.0)[..., None]
+    return out[:, :, :group].reshape(b, h, d).astype(q.dtype)
+
+
+def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
+                windows: Sequence[int], sinks: Sequence[int], backend: str = "auto",
+                interpret: bool | None = None, num_splits: int | None = None,
+                scale: float | None = None, num_warps: int = 4) -> jax.Array:
+    """Decode attention of one token per row over a MoA span cache.
+
+    Args:
+      q: [B, H, D], the new token's queries (after RoPE) at positions q_positions int [B]; the
+        token itself must already be written to the cache.
+      cache: the layer's `SpanKVCache`.
+      windows, sinks: static per-query-head window (tokens, sinks excluded) and sink counts.
+      backend: 'auto' (the Pallas kernel; interpret mode off GPU), 'gpu' or 'reference'.
+      num_splits: split-K factor (default: enough programs to fill the GPU).
+    Returns:
+      [B, H, D] in q's dtype.
+    """
+    windows, sinks = tuple(int(w) for w in windows), tuple(int(s) for s in sinks)
+    _check(q, cache, windows, sinks)
+    if backend == "reference":
+        return span_decode_reference(q, cache, q_positions, windows, sinks, scale)
+    if backend not in ("auto", "gpu"):
+        raise ValueError(f"backend must be 'auto', 'gpu' or 'reference', got {backend!r}")
+    if interpret is None:
+        interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+    nblk = max(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block)) // cache.block
+    splits = num_splits or _default_splits(q.shape[0], cache.num_kv_heads, nblk)
+    return _span_decode_pallas(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
+                               num_splits=int(min(splits, nblk)), interpret=interpret,
+                               num_warps=num_warps)

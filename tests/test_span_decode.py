@@ -1,0 +1,64 @@
+"""MoA decode attention over a span cache: Pallas kernel (interpret mode) vs the jnp oracle vs
+dense attention with the equivalent per-head mask over the whole sequence."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from moa_jax.models.kv_cache import SpanKVCache
+from moa_jax.pallas_kernels.decode import span_decode, span_decode_reference
+from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
+
+
+def _case(seed, hkv, group, d, dtype, max_len=150, sink=None):
+    rng = np.random.RandomState(seed)
+    h = hkv * group
+    windows = tuple(int(x) for x in rng.choice([1, 5, 17, 40, 64, 100, 10 ** 6], h))
+    sink = int(rng.choice([0, 4, 16])) if sink is None else sink
+    sinks = tuple(int(x) for x in rng.randint(0, sink + 1, h))
+    b = 3
+    lengths = rng.randint(1, max_len + 1, b)
+    k = jnp.asarray(rng.randn(b, max_len, hkv, d), dtype)
+    v = jnp.asarray(rng.randn(b, max_len, hkv, d), dtype)
+    q = jnp.asarray(rng.randn(b, h, d), dtype)
+    cache = SpanKVCache.zeros(b, windows, hkv, sink, max_len, head_dim=d, dtype=dtype, block=16)
+    cache = cache.write(k, v, jnp.zeros(b, jnp.int32), jnp.asarray(lengths))
+    qpos = jnp.asarray(lengths - 1)
+    # Dense equivalent: the whole sequence with the per-head window+sink mask.
+    kpos = jnp.arange(max_len)
+    mask = window_sink_mask(qpos[:, None], kpos, jnp.asarray(windows), jnp.asarray(sinks),
+                            kpos[None] < jnp.asarray(lengths)[:, None])
+    dense = mha_reference(q[:, None], k, v, mask)[:, 0]
+    return q, cache, qpos, windows, sinks, dense
+
+
+@pytest.mark.parametrize("hkv,group,d", [(2, 1, 64), (1, 3, 64), (2, 4, 128)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
+    q, cache, qpos, windows, sinks, dense = _case(hkv * 10 + group, hkv, group, d, dtype)
+    ref = span_decode_reference(q, cache, qpos, windows, sinks)
+    np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(dense, np.float32),
+                               atol=tol, rtol=tol)
+    for splits in (1, 3):
+        out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=True,
+                          num_splits=splits)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                                   atol=tol, rtol=tol)
+
+
+def test_rows_that_see_nothing_are_zero():
+    q, cache, qpos, windows, sinks, _ = _case(0, 1, 2, 64, jnp.float32, sink=0)
+    empty = SpanKVCache.zeros(3, windows, 1, 0, 150, head_dim=64, dtype=jnp.float32, block=16)
+    out = span_decode(q, empty, qpos, windows=windows, sinks=sinks, interpret=True)
+    assert np.all(np.asarray(out) == 0)
+
+
+def test_window_larger_than_ring_is_an_error():
+    cache = SpanKVCache.zeros(1, (16, 16), 1, 0, 1000, head_dim=64, dtype=jnp.float32, block=16)
+    q = jnp.zeros((1, 2, 64))
+    with pytest.raises(ValueError, match="window 100 exceeds its ring of 16"):
+        span_decode(q, cache, jnp.zeros(1, jnp.int32), windows=(16, 100), sinks=(0, 0))
+    with pytest.raises(ValueError, match="one window and sink per query head"):
+        span_decode(q, cache, jnp.zeros(1, jnp.int32), windows=(16,), sinks=(0,))
