@@ -40,19 +40,22 @@ def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
     ref = span_decode_reference(q, cache, qpos, windows, sinks)
     np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(dense, np.float32),
                                atol=tol, rtol=tol)
-    for splits in (1, 3):
-        out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=True,
-                          num_splits=splits)
+    runs = [dict(backend="gpu", num_splits=1), dict(backend="gpu", num_splits=3),
+            dict(backend="tpu")]
+    for kw in runs:
+        out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=True, **kw)
         assert out.shape == q.shape and out.dtype == q.dtype
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                                   atol=tol, rtol=tol)
+                                   atol=tol, rtol=tol, err_msg=str(kw))
 
 
 def test_rows_that_see_nothing_are_zero():
     q, cache, qpos, windows, sinks, _ = _case(0, 1, 2, 64, jnp.float32, sink=0)
     empty = SpanKVCache.zeros(3, windows, 1, 0, 150, head_dim=64, dtype=jnp.float32, block=16)
-    out = span_decode(q, empty, qpos, windows=windows, sinks=sinks, interpret=True)
-    assert np.all(np.asarray(out) == 0)
+    for backend in ("gpu", "tpu"):
+        out = span_decode(q, empty, qpos, windows=windows, sinks=sinks, interpret=True,
+                          backend=backend)
+        assert np.all(np.asarray(out) == 0)
 
 
 def test_window_larger_than_ring_is_an_error():

@@ -169,7 +169,8 @@ def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
         token itself must already be written to the cache.
       cache: the layer's `SpanKVCache`.
       windows, sinks: static per-query-head window (tokens, sinks excluded) and sink counts.
-      backend: 'auto' (the Pallas kernel; interpret mode off GPU), 'gpu' or 'reference'.
+      backend: 'auto' (by platform: the Mosaic TPU kernel on TPU, else the Triton kernel, in
+        interpret mode off its platform), 'gpu', 'tpu' or 'reference' (the jnp oracle).
       num_splits: split-K factor (default: enough programs to fill the GPU).
     Returns:
       [B, H, D] in q's dtype.
@@ -178,10 +179,17 @@ def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
     _check(q, cache, windows, sinks)
     if backend == "reference":
         return span_decode_reference(q, cache, q_positions, windows, sinks, scale)
-    if backend not in ("auto", "gpu"):
-        raise ValueError(f"backend must be 'auto', 'gpu' or 'reference', got {backend!r}")
+    if backend not in ("auto", "gpu", "tpu"):
+        raise ValueError(f"backend must be 'auto', 'gpu', 'tpu' or 'reference', got {backend!r}")
+    platform = jax.default_backend()
+    if backend == "auto":
+        backend = "tpu" if platform == "tpu" else "gpu"
     if interpret is None:
-        interpret = jax.default_backend() not in ("gpu", "cuda", "rocm")
+        interpret = platform != {"gpu": "gpu", "tpu": "tpu"}[backend]
+    if backend == "tpu":
+        from moa_jax.pallas_kernels.decode_tpu import span_decode_tpu
+        return span_decode_tpu(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
+                               interpret=interpret)
     nblk = max(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block)) // cache.block
     splits = num_splits or _default_splits(q.shape[0], cache.num_kv_heads, nblk)
     return _span_decode_pallas(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,

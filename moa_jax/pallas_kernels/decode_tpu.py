@@ -1,0 +1,115 @@
+"""MoA span-cache decode attention for TPU (Mosaic): `decode.span_decode` with backend 'tpu'.
+
+Grid (row, KV head, block): the last axis walks the KV head's segment one `block` of slots at a
+time, sequentially, with the online-softmax state in VMEM scratch; the segment's first block and
+block count come in through scalar prefetch, so the index maps fetch only that head's blocks
+(steps past a short segment re-point at its last block, which Mosaic does not re-fetch, and
+skip the compute). The query heads of a KV group form the rows of one matmul (padded to 8).
+Tested in interpret mode on CPU; the cache block must be a multiple of 128 on real TPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from moa_jax.models.kv_cache import SpanKVCache
+
+_LOG2E = math.log2(math.e)
+
+
+def _kernel(start_ref, nblk_ref, qpos_ref, q_ref, win_ref, sink_ref, k_ref, v_ref, pos_ref,
+            o_ref, m_scr, l_scr, acc_scr, *, scale):
+    b, g, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    @pl.when(i == 0)
+    def _init():
+        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
+        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+    @pl.when(i < nblk_ref[g])
+    def _step():
+        q = q_ref[...]                                   # [Gp, D]
+        k = k_ref[...]                                   # [bk, D]
+        p = pos_ref[...]                                 # [1, bk]
+        qp = qpos_ref[b]
+        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32) * (scale * _LOG2E)
+        vis = (p >= 0) & (p <= qp) & ((qp - p < win_ref[...]) | (p < sink_ref[...]))
+        sc = jnp.where(vis, sc, -jnp.inf)
+        m_prev = m_scr[...]                              # [Gp, 1]
+        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp2(m_prev - m_use)
+        pr = jnp.exp2(sc - m_use)
+        l_scr[...] = alpha * l_scr[...] + jnp.sum(pr, axis=1, keepdims=True)
+        acc_scr[...] = alpha * acc_scr[...] + lax.dot_general(
+            pr.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32)
+        m_scr[...] = m_new
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _finish():
+        l = l_scr[...]
+        o_ref[...] = (acc_scr[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("windows", "sinks", "scale", "interpret"))
+def span_decode_tpu(q, cache: SpanKVCache, q_positions, *, windows, sinks, scale, interpret):
+    """q [B, H, D] -> [B, H, D]; see `decode.span_decode`."""
+    b, h, d = q.shape
+    hkv = cache.num_kv_heads
+    group = h // hkv
+    gp = max(8, -(-group // 8) * 8)
+    bk = cache.block
+    nblk = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, bk)) // bk
+    start = np.asarray(cache.offsets) // bk
+    steps = int(nblk.max())
+    scale = d ** -0.5 if scale is None else scale
+
+    def per_group(x):
+        t = np.zeros((hkv, gp, 1), np.int32)
+        t[:, :group, 0] = np.asarray(x, np.int32).reshape(hkv, group)
+        return jnp.asarray(t)
+
+    qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
+
+    def kv_map(bi, g, i, start_ref, nblk_ref, qpos_ref):
+        return bi, start_ref[g] + jnp.minimum(i, nblk_ref[g] - 1), 0
+
+    def pos_map(bi, g, i, start_ref, nblk_ref, qpos_ref):
+        return bi, 0, start_ref[g] + jnp.minimum(i, nblk_ref[g] - 1)
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, hkv, steps),
+        in_specs=[
+            pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
+            pl.BlockSpec((None, gp, 1), lambda bi, g, i, *_: (g, 0, 0)),
+            pl.BlockSpec((None, gp, 1), lambda bi, g, i, *_: (g, 0, 0)),
+            pl.BlockSpec((None, bk, d), kv_map),
+            pl.BlockSpec((None, bk, d), kv_map),
+            pl.BlockSpec((None, 1, bk), pos_map),
+        ],
+        out_specs=pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
+        scratch_shapes=[pltpu.VMEM((gp, 1), jnp.float32), pltpu.VMEM((gp, 1), jnp.float32),
+                        pltpu.VMEM((gp, d), jnp.float32)],
+    )
+    out = pl.pallas_call(
+        functools.partial(_kernel, scale=scale), grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, hkv, gp, d), q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret, name="moa_span_decode_tpu",
+    )(jnp.asarray(start, jnp.int32), jnp.asarray(nblk, jnp.int32),
+      q_positions.astype(jnp.int32), qg, per_group(windows), per_group(sinks), cache.k, cache.v,
+      cache.pos[:, None, :])
+    return out[:, :, :group].reshape(b, h, d)
