@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory vs baselines (CLIs that print a table and write JSON)."""

@@ -1,0 +1,354 @@
+"""MoA compression plans: per (layer, query head) elastic span rules and sinks.
+
+A plan holds, for every layer l and query head h, an elastic rule
+
+    span(N) = alpha[l][h] + beta[l][h] * N,   clipped to [0, N],
+
+and a sink count `sink[l][h]` (the first `sink` tokens every query may see). As in the MoA reference
+(thu-nics/MoA), the span **includes** the sinks: it is the decode cache footprint of the head, sinks
+plus a ring of the most recent tokens.
+
+From span to kernel window
+--------------------------
+The kernels implement the per-head mask
+
+    query i sees key j  iff  j <= i  and  (i - j < w  or  j < sink)
+
+(`moa_jax.pallas_kernels.reference.window_sink_mask`). `Plan.resolve(N)` maps a span to `w` exactly
+as the reference sizes its cache:
+
+    C = granularity * ceil(max(span, min_span) / granularity)      # cache slots, reference: g=64, min 128
+    w = N                    if C >= N          (the head is dense: canonical form)
+    w = max(C - sink, 1)     otherwise          (sink slots + a ring of C - sink recent tokens)
+
+so with the reference defaults (granularity 64, min_span 128, sink 64) a query sees the 64 sink
+tokens plus the `C - 64` most recent tokens including itself: the prefill mask equals what the
+decode cache holds. (The reference's prefill works on whole 64-blocks, i.e. the window is
+block-aligned there; ours slides per token, with the same number of keys per query once the
+query is past the first window.) With `granularity=1, min_span=0` the span is used as is (rounded
+up to an integer). `w` is always in [1, N]; `w == N` means dense.
+
+Densities (METHODS.md)
+----------------------
+- `kv_density(N)`: kept KV / N, the decode cache footprint at length N; for one head
+  `|{j < sink} ∪ {N - w <= j < N}| / N`. This is what budgets, the reference plans and the paper's
+  "50%" mean.
+- `attention_density(N)`: the exact fraction of the N(N+1)/2 causal (query, key) entries kept, sinks
+  included; prefill work follows this one.
+
+Files
+-----
+- `Plan.from_moa_json(path)`: the reference format `{"alphas": [[...]], "betas": [[...]]}`
+  ([layer][query head]), loaded unchanged. It carries no sink count: the reference's MoA plans use
+  64 sinks, its StreamingLLM plans (same format, every head alpha 0, beta 0.5) keep 4; the loader
+  picks 4 when the file name contains "streamingllm" and 64 otherwise, unless `sink=` is given.
+- `Plan.save(path)` / `Plan.load(path)`: our own JSON with `schema_version`, sinks, resolution
+  parameters and a metadata dict.
+
+Plans are frozen dataclasses of tuples, hashable, so they can be static `jit` arguments (the
+metadata dict is excluded from hashing and equality).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "moa-jax-plan"
+REFERENCE_SINK = 64
+STREAMINGLLM_SINK = 4
+
+
+def _as_2d_tuple(x: Any, cast, name: str) -> tuple[tuple, ...]:
+    rows = tuple(tuple(cast(v) for v in row) for row in x)
+    if not rows:
+        raise ValueError(f"plan {name} is empty")
+    widths = {len(r) for r in rows}
+    if len(widths) != 1:
+        raise ValueError(f"plan {name} is ragged: rows of lengths {sorted(widths)}")
+    return rows
+
+
+def _broadcast_2d(x: Any, shape: tuple[int, int], cast, name: str) -> tuple[tuple, ...]:
+    arr = np.asarray(x)
+    if arr.ndim == 0:
+        arr = np.full(shape, arr)
+    elif arr.ndim == 1 and arr.shape[0] == shape[1]:
+        arr = np.broadcast_to(arr, shape)
+    if arr.shape != shape:
+        raise ValueError(f"plan {name} has shape {arr.shape}, expected {shape}")
+    return tuple(tuple(cast(v) for v in row) for row in arr.tolist())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Per (layer, query head) elastic rule `span(N) = alpha + beta * N` and sink count.
+
+    Attributes:
+      alphas, betas: float [L][H] as nested tuples.
+      sinks: int [L][H] sink tokens per head (inside the span, see module docstring).
+      granularity: span rounding in tokens (reference: 64).
+      min_span: smallest span before rounding (reference: 128).
+      metadata: free-form dict (model name, source, density budget, profile lengths, ...);
+        not part of equality or the hash.
+    """
+
+    alphas: tuple[tuple[float, ...], ...]
+    betas: tuple[tuple[float, ...], ...]
+    sinks: tuple[tuple[int, ...], ...]
+    granularity: int = 64
+    min_span: int = 128
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False,
+                                                    hash=False)
+
+    def __post_init__(self):
+        alphas = _as_2d_tuple(self.alphas, float, "alphas")
+        shape = (len(alphas), len(alphas[0]))
+        betas = _broadcast_2d(self.betas, shape, float, "betas")
+        sinks = _broadcast_2d(self.sinks, shape, int, "sinks")
+        object.__setattr__(self, "alphas", alphas)
+        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "sinks", sinks)
+        object.__setattr__(self, "metadata", dict(self.metadata or {}))
+        if int(self.granularity) < 1:
+            raise ValueError(f"granularity must be >= 1, got {self.granularity}")
+        if int(self.min_span) < 0:
+            raise ValueError(f"min_span must be >= 0, got {self.min_span}")
+        object.__setattr__(self, "granularity", int(self.granularity))
+        object.__setattr__(self, "min_span", int(self.min_span))
+        if any(s < 0 for row in sinks for s in row):
+            raise ValueError("sink counts must be >= 0")
+        if any(not math.isfinite(v) for row in alphas + betas for v in row):
+            raise ValueError("alphas and betas must be finite")
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_layers(self) -> int:
+        return len(self.alphas)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.alphas[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_layers, self.num_heads)
+
+    def sink_array(self) -> np.ndarray:
+        """int [L, H] sink counts."""
+        return np.asarray(self.sinks, dtype=np.int64)
+
+    # --------------------------------------------------------------- resolve
+    def spans(self, n: int) -> np.ndarray:
+        """float [L, H]: alpha + beta * n clipped to [0, n] (before rounding)."""
+        a = np.asarray(self.alphas, np.float64)
+        b = np.asarray(self.betas, np.float64)
+        return np.clip(a + b * n, 0.0, float(n))
+
+    def resolve(self, n: int, *, granularity: int | None = None,
+                min_span: int | None = None) -> np.ndarray:
+        """int64 [L, H] kernel windows (tokens, in [1, n]; n means dense) at input length n.
+
+        See the module docstring for the exact span -> (window, sink) mapping.
+        """
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"input length must be >= 1, got {n}")
+        g = self.granularity if granularity is None else int(granularity)
+        lo = self.min_span if min_span is None else int(min_span)
+        span = self.spans(n)
+        # Round to integers before the ceil so that float noise (e.g. 0.1 * n) does not add a block.
+        span = np.ceil(np.round(span, 6)).astype(np.int64)
+        cache = g * -(-np.maximum(span, lo) // g)
+        win = np.maximum(cache - self.sink_array(), 1)
+        return np.where(cache >= n, n, np.minimum(win, n)).astype(np.int64)
+
+    def layer_windows(self, n: int, layer: int) -> tuple[int, ...]:
+        """The windows of one layer at length n as a hashable tuple (a static kernel argument)."""
+        return tuple(int(w) for w in self.resolve(n)[layer])
+
+    def layer_sinks(self, layer: int) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.sinks[layer])
+
+    # -------------------------------------------------------------- densities
+    def kept_kv(self, n: int) -> np.ndarray:
+        """int64 [L, H]: keys the last query of a length-n input sees (the cache footprint)."""
+        w = np.minimum(self.resolve(n), n)
+        s = np.minimum(self.sink_array(), n)
+        return w + np.minimum(s, n - w)
+
+    def kv_density(self, n: int, *, per_head: bool = False):
+        """Kept KV / n (METHODS.md's density): mean over heads, or [L, H] with per_head=True."""
+        d = self.kept_kv(n) / float(n)
+        return d if per_head else float(d.mean())
+
+    def kept_entries(self, n: int) -> np.ndarray:
+        """int64 [L, H]: exact number of kept (i, j) entries of the causal n x n mask."""
+        return kept_entries(self.resolve(n), self.sink_array(), n)
+
+    def attention_density(self, n: int, *, per_head: bool = False):
+        """Fraction of the n(n+1)/2 causal entries kept (sinks included), exact."""
+        d = self.kept_entries(n) / (n * (n + 1) / 2)
+        return d if per_head else float(d.mean())
+
+    # ------------------------------------------------------------ validation
+    def validate(self, cfg) -> "Plan":
+        """Checks the plan against a `ModelConfig`; raises ValueError naming the mismatch."""
+        errors = []
+        if self.num_layers != cfg.num_layers:
+            errors.append(f"plan has {self.num_layers} layers but the model has {cfg.num_layers}")
+        if self.num_heads != cfg.num_heads:
+            errors.append(f"plan has {self.num_heads} query heads per layer but the model has "
+                          f"{cfg.num_heads}")
+        if errors:
+            name = self.metadata.get("model") or self.metadata.get("source") or "plan"
+            raise ValueError(f"{name} does not fit the model: " + "; ".join(errors))
+        return self
+
+    # ---------------------------------------------------------- constructors
+    @classmethod
+    def uniform(cls, num_layers: int, num_heads: int, window: int, sink: int = 0,
+                metadata: Mapping[str, Any] | None = None) -> "Plan":
+        """Every head: a window of exactly `window` tokens plus `sink` sinks, at every length."""
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        shape = (num_layers, num_heads)
+        return cls(alphas=np.full(shape, float(window + sink)).tolist(), betas=0.0, sinks=sink,
+                   granularity=1, min_span=0,
+                   metadata={"source": "uniform", "window": window, "sink": sink,
+                             **(metadata or {})})
+
+    @classmethod
+    def dense(cls, num_layers: int, num_heads: int,
+              metadata: Mapping[str, Any] | None = None) -> "Plan":
+        """Every head dense (span = N, no sinks): the model's own attention."""
+        shape = (num_layers, num_heads)
+        return cls(alphas=np.zeros(shape).tolist(), betas=1.0, sinks=0, granularity=1,
+                   min_span=0, metadata={"source": "dense", **(metadata or {})})
+
+    @classmethod
+    def from_windows(cls, windows: Sequence[Sequence[int]], sinks: Any = 0,
+                     metadata: Mapping[str, Any] | None = None) -> "Plan":
+        """Fixed per-head windows (beta 0): resolve(N) gives exactly these (capped at N)."""
+        w = np.asarray(windows, np.int64)
+        s = np.broadcast_to(np.asarray(sinks, np.int64), w.shape)
+        if (w < 1).any():
+            raise ValueError("windows must be >= 1")
+        return cls(alphas=(w + s).astype(float).tolist(), betas=0.0, sinks=s.tolist(),
+                   granularity=1, min_span=0, metadata={"source": "windows", **(metadata or {})})
+
+    # ----------------------------------------------------------------- files
+    @classmethod
+    def from_moa_json(cls, path: str | Path, *, sink: int | None = None,
+                      metadata: Mapping[str, Any] | None = None) -> "Plan":
+        """Loads a reference `moa_alpha_beta.json` ({"alphas": [[..]], "betas": [[..]]})."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict) or "alphas" not in d or "betas" not in d:
+            raise ValueError(f"{path} is not a MoA plan: expected keys 'alphas' and 'betas'")
+        streaming = "streamingllm" in path.name.lower()
+        if sink is None:
+            sink = STREAMINGLLM_SINK if streaming else REFERENCE_SINK
+        alphas = _as_2d_tuple(d["alphas"], float, "alphas")
+        betas = _as_2d_tuple(d["betas"], float, "betas")
+        if (len(alphas), len(alphas[0])) != (len(betas), len(betas[0])):
+            raise ValueError(f"{path}: alphas are {len(alphas)}x{len(alphas[0])} but betas are "
+                             f"{len(betas)}x{len(betas[0])}")
+        name = path.name
+        for suffix in (".json", ".moa", ".streamingllm"):
+            name = name.removesuffix(suffix)
+        meta = {"source": str(path), "format": "moa-reference",
+                "kind": "streamingllm" if streaming else "moa",
+                "model": name.replace("--", "/"), "sink": int(sink)}
+        meta.update(metadata or {})
+        return cls(alphas=alphas, betas=betas, sinks=int(sink), granularity=64, min_span=128,
+                   metadata=meta)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "granularity": self.granularity,
+            "min_span": self.min_span,
+            "alphas": [list(r) for r in self.alphas],
+            "betas": [list(r) for r in self.betas],
+            "sinks": [list(r) for r in self.sinks],
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+        version = d.get("schema_version")
+        if version is None:
+            if "alphas" in d and "betas" in d and "sinks" not in d:
+                raise ValueError("this looks like a reference MoA plan: use Plan.from_moa_json")
+            raise ValueError("plan JSON has no schema_version")
+        if int(version) > SCHEMA_VERSION:
+            raise ValueError(f"plan schema_version {version} is newer than this moa-jax "
+                             f"understands ({SCHEMA_VERSION})")
+        missing = [k for k in ("alphas", "betas", "sinks") if k not in d]
+        if missing:
+            raise ValueError(f"plan JSON is missing {missing}")
+        plan = cls(alphas=d["alphas"], betas=d["betas"], sinks=d["sinks"],
+                   granularity=int(d.get("granularity", 64)),
+                   min_span=int(d.get("min_span", 128)), metadata=d.get("metadata") or {})
+        for key, val in (("num_layers", plan.num_layers), ("num_heads", plan.num_heads)):
+            if key in d and int(d[key]) != val:
+                raise ValueError(f"plan JSON says {key}={d[key]} but its arrays have {val}")
+        return plan
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Loads our JSON (schema_version) or, if the file has none, a reference MoA plan."""
+        path = Path(path)
+        d = json.loads(path.read_text())
+        if isinstance(d, dict) and "schema_version" not in d and "alphas" in d:
+            return cls.from_moa_json(path)
+        return cls.from_dict(d)
+
+    def summary(self, n: int) -> str:
+        w = self.resolve(n)
+        return (f"Plan {self.num_layers}x{self.num_heads} at N={n}: windows {int(w.min())}.."
+                f"{int(w.max())} (mean {w.mean():.0f}), kv density {self.kv_density(n):.3f}, "
+                f"attention density {self.attention_density(n):.3f}")
+
+
+def kept_entries(windows: Any, sinks: Any, n: int) -> np.ndarray:
+    """Exact kept entries of the causal n x n mask per head (int64, broadcasting windows/sinks).
+
+    Row i keeps min(i + 1, w) window keys plus the sinks left of the window,
+    max(0, min(s, i - w + 1)).
+    """
+    w = np.minimum(np.asarray(windows, np.int64), n)
+    s = np.minimum(np.asarray(sinks, np.int64), n)
+    w, s = np.broadcast_arrays(w, s)
+    win = w * (w + 1) // 2 + (n - w) * w
+    m = n - w                       # rows whose window leaves keys 0 .. i - w uncovered
+    sink = np.where(m <= s, m * (m + 1) // 2, s * (s + 1) // 2 + (m - s) * s)
+    return win + sink
+
+
+def kept_entries_blocks(windows: Any, sinks: Any, t: int, q_offset: int = 0) -> np.ndarray:
+    """Kept entries for t queries at positions [q_offset, q_offset + t) over keys [0, q_offset + t)."""
+    n = q_offset + t
+    total = kept_entries(windows, sinks, n)
+    if q_offset:
+        total = total - kept_entries(windows, sinks, q_offset)
+    return total
