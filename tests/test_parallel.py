@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import jax
 
 from moa_jax.parallel import MeshConfig, logical_to_spec, make_mesh
 

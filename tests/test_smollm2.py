@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from moa_jax.models.registry import load_model, smollm2_gguf_path
-from moa_jax.models.weights import WeightsNotFoundError, save_hf
+from moa_jax.models.registry import smollm2_gguf_path
+from moa_jax.models.weights import save_hf
 
 TEXT = (Path(__file__).parent / "data" / "pride_and_prejudice_opening.txt").read_text()
 N_PPL = 1024
@@ -28,15 +28,6 @@ N_LOGITS = 256
 # observed max |diff| is ~2e-4 on logits of magnitude ~40 (~5e-6 relative); 1e-3 leaves ~5x margin
 # while a real mapping bug (a wrong transpose, permutation or norm) moves logits by O(1).
 LOGIT_ATOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        smollm2_gguf_path()
-    except WeightsNotFoundError as e:  # no network and no cached copy
-        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
-    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="module")

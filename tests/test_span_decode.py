@@ -2,7 +2,6 @@
 dense attention with the equivalent per-head mask over the whole sequence."""
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import pytest
 

@@ -6,6 +6,8 @@ Every attention layer of the model calls one backend object:
 
 with q [B, T, H, D], k/v [B, T, Hkv, D] (after RoPE), positions int [B, T] (absolute, contiguous
 per row) and `cache` the layer's cache pytree or None (no cache: attend within the given tokens).
+A right-padded chunk (generate's prefill) also passes `lengths=` int [B], the valid tokens per
+row; caches whose slots are not simply positions (ring buffers) must not store the padding.
 Backends are frozen dataclasses, so they are hashable and travel as static `jit` arguments; the
 sparse backends (MoA plans, recycled attention) implement the same two methods.
 """
@@ -34,7 +36,8 @@ class AttentionBackend(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int,
-                 positions: jax.Array, cache: Any | None) -> tuple[jax.Array, Any | None]:
+                 positions: jax.Array, cache: Any | None,
+                 lengths: jax.Array | None = None) -> tuple[jax.Array, Any | None]:
         """Attends q to k/v (and the cache); returns out [B, T, H, D] and the updated cache."""
 
 
@@ -46,7 +49,9 @@ class DenseAttention(AttentionBackend):
         return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
                      for _ in range(cfg.num_layers))
 
-    def __call__(self, q, k, v, *, layer, positions, cache):
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+        # Slot j holds position j, so padding written here is overwritten in order by decoding
+        # and never visible to a real query (causal mask): `lengths` is not needed.
         if cache is None:
             return mha_reference(q, k, v, causal_mask(positions, positions)), None
         cache = cache.write(k, v, positions[:, 0])

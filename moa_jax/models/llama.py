@@ -84,14 +84,16 @@ class LlamaAttention(nnx.Module):
         self.o_proj = _linear(h * d, e, b, rngs, dtype, param_dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
 
-    def __call__(self, x, positions, inv_freq, cache, attention: AttentionBackend, layer: int):
+    def __call__(self, x, positions, inv_freq, cache, attention: AttentionBackend, layer: int,
+                 lengths=None):
         bsz, t, _ = x.shape
         q = self.q_proj(x).reshape(bsz, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        out, cache = attention(q, k, v, layer=layer, positions=positions, cache=cache)
+        extra = {} if lengths is None else {"lengths": lengths}
+        out, cache = attention(q, k, v, layer=layer, positions=positions, cache=cache, **extra)
         return self.o_proj(out.reshape(bsz, t, -1).astype(x.dtype)), cache
 
 
@@ -114,9 +116,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = LlamaMLP(cfg, rngs, dtype, param_dtype)
 
-    def __call__(self, x, positions, inv_freq, cache, attention, layer):
+    def __call__(self, x, positions, inv_freq, cache, attention, layer, lengths=None):
         a, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, attention,
-                                  layer)
+                                  layer, lengths)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -149,7 +151,7 @@ class Llama(nnx.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  cache: Sequence[Any] | None = None,
                  attention: AttentionBackend = DenseAttention(),
-                 logits_at: jax.Array | None = None):
+                 logits_at: jax.Array | None = None, lengths: jax.Array | None = None):
         """Runs the model.
 
         Args:
@@ -158,6 +160,8 @@ class Llama(nnx.Module):
           cache: one cache per layer (from `attention.init_cache`) or None.
           attention: the attention backend.
           logits_at: optional int [B]; if given, logits only at tokens[b, logits_at[b]].
+          lengths: optional int [B], valid tokens per row of a right-padded chunk (passed on to
+            the attention backend so ring caches skip the padding).
         Returns:
           (logits float32 [B, T, V] or [B, V], new cache tuple or None).
         """
@@ -166,7 +170,8 @@ class Llama(nnx.Module):
         x = self.embed_tokens(tokens)
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, c = layer(x, positions, inv_freq, None if cache is None else cache[i], attention, i)
+            x, c = layer(x, positions, inv_freq, None if cache is None else cache[i], attention, i,
+                         lengths)
             new_cache.append(c)
         x = self.norm(x)
         if logits_at is not None:
@@ -181,10 +186,10 @@ class Llama(nnx.Module):
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
 def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
             cache: Sequence[Any] | None = None, *, attention: AttentionBackend = DenseAttention(),
-            logits_at: jax.Array | None = None):
+            logits_at: jax.Array | None = None, lengths: jax.Array | None = None):
     """Pure jitted forward over a split model: see `Llama.__call__`."""
     model = nnx.merge(graphdef, state)
-    return model(tokens, positions, cache, attention, logits_at)
+    return model(tokens, positions, cache, attention, logits_at, lengths)
 
 
 def init_random(cfg: ModelConfig, seed: int = 0, *, dtype: Any = "float32",

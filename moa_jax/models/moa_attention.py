@@ -1,16 +1,20 @@
 """MoA attention backend: per-head sliding windows plus sinks from a `Plan`.
 
-- No cache (prefill, training, scoring): the block-sparse Pallas kernel
+- No cache (prefill for scoring, training, profiling): the block-sparse Pallas kernel
   (`moa_jax.pallas_kernels.sparse_attention`) with the layer's resolved windows and sinks. The
   tokens of a call are taken to sit at positions [0, T) (as `forward` gives them without a cache),
   since sinks are absolute positions.
-- With a cache (decode, chunked prefill): a simple, correct fallback: the dense cache of
-  `DenseAttention`, then the jnp reference attention under `window_sink_mask` with the same windows.
-  The memory-saving per-head cache and its decode kernel are separate work.
+- With a cache (`generate`): a `SpanKVCache` per layer that keeps, for each KV head, only the sink
+  tokens and a ring of the largest window of its query group. A multi-token call is the prompt's
+  prefill (positions [0, T), an empty cache): the block-sparse kernel, then the chunk write that
+  keeps each head's sinks and last span (skipping right padding through `lengths`). A one-token
+  call is a decode step: append, then the split-K span decode kernel
+  (`moa_jax.pallas_kernels.decode.span_decode`).
 
 Windows are resolved once per backend (static): at `length` if given, else at the length of the
-call (T without a cache, the cache's max_len with one). Give `length` when prefill and decode must
-use the same windows, as MoA does (windows for the whole sequence, prompt + new tokens).
+call (T without a cache, the cache's max_len with one, i.e. prompt + new tokens as in the
+reference), so prefill and decode use the same windows and the decode cache footprint equals the
+prefill window.
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.kv_cache import DenseKVCache
+from moa_jax.models.kv_cache import SpanKVCache
 from moa_jax.pallas_kernels import sparse_attention
-from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
+from moa_jax.pallas_kernels.decode import span_decode
 from moa_jax.plan import Plan
 
 
@@ -63,23 +67,29 @@ class MoAAttention(AttentionBackend):
 
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16):
         self.plan.validate(cfg)
-        return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
-                     for _ in range(cfg.num_layers))
+        # Mosaic TPU blocks need 128 lanes; 64 is the reference's granularity elsewhere.
+        block = 128 if jax.default_backend() == "tpu" else 64
+        return tuple(
+            SpanKVCache.zeros(batch, self.layer_windows(layer, max_len), cfg.num_kv_heads,
+                              max(self.plan.layer_sinks(layer)), max_len, cfg.head_dim, dtype,
+                              block)
+            for layer in range(cfg.num_layers))
 
-    def __call__(self, q, k, v, *, layer, positions, cache):
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         h = q.shape[2]
         if h != self.plan.num_heads:
             raise ValueError(f"plan has {self.plan.num_heads} heads, the model {h}")
         sinks = self.plan.layer_sinks(layer)
-        if cache is None:
-            windows = self.layer_windows(layer, q.shape[1])
-            out = sparse_attention(q, k, v, windows=windows, sink=sinks,
-                                   backend=self.kernel_backend, interpret=self.interpret,
-                                   block_q=self.block_q, block_k=self.block_k)
-            return out, None
-        cache = cache.write(k, v, positions[:, 0])
-        windows = self.layer_windows(layer, cache.max_len)
-        kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
-        mask = window_sink_mask(positions, kpos, jnp.asarray(np.asarray(windows, np.int32)),
-                                jnp.asarray(np.asarray(sinks, np.int32)))
-        return mha_reference(q, cache.k, cache.v, mask), cache
+        n = q.shape[1] if cache is None else cache.max_len
+        windows = self.layer_windows(layer, n)
+        if cache is not None and q.shape[1] == 1:
+            cache = cache.write(k, v, positions[:, 0], lengths)
+            out = span_decode(q[:, 0], cache, positions[:, 0], windows=windows, sinks=sinks,
+                              backend=self.kernel_backend, interpret=self.interpret)
+            return out[:, None], cache
+        out = sparse_attention(q, k, v, windows=windows, sink=sinks, backend=self.kernel_backend,
+                               interpret=self.interpret, block_q=self.block_q,
+                               block_k=self.block_k)
+        if cache is not None:
+            cache = cache.write(k, v, positions[:, 0], lengths)
+        return out, cache

@@ -147,7 +147,6 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
     spec = cfg.fwd
     sch = masks.schedule(spec)
     B, Tp, H, D = q.shape
-    Sp = k.shape[1]
     nq = spec.num_q_blocks
     order = _work_order(sch.kv_num)
     kernel = functools.partial(
@@ -277,7 +276,7 @@ def _dkv_kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kv
 
 def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     B, Tp, H, D = q.shape
-    Sp, Hkv = k.shape[1], k.shape[2]
+    Hkv = k.shape[2]
     group = H // Hkv
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
     if dlse is not None:
