@@ -1,0 +1,245 @@
+"""The training loop on tiny-random: learning, accumulation, mixed precision, the CLI, exact
+resume, checkpoint retention and corruption, HF export, bad input; sharded runs in a subprocess."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moa_jax.models.registry import load_model
+from moa_jax.train.checkpoint import Checkpointer, CheckpointError
+from moa_jax.train.loop import (TrainConfig, _train_step_fn, loss_sums, lr_schedule, main,
+                                make_optimizer, parse_config, train, validate_config)
+from moa_jax.train.recycled import TrainDenseAttention
+
+TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
+CHECK = Path(__file__).with_name("multidevice_train_check.py")
+
+
+def write_corpus(directory: Path) -> Path:
+    """Three .txt documents (about 3 kB each) cut from the test text."""
+    text = TEXT.read_text()
+    directory.mkdir(parents=True, exist_ok=True)
+    third = len(text) // 3
+    for i in range(3):
+        (directory / f"part{i}.txt").write_text(text[i * third:(i + 1) * third])
+    return directory
+
+
+def recycled_config(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(model="tiny-random", corpus=str(write_corpus(tmp_path / "corpus")),
+                attention="recycled", prefix_len=24, tail_len=8, top_k=6, steps=4, batch_size=4,
+                lr=3e-3, warmup_steps=1, checkpoint_every=1, keep_checkpoints=2,
+                progress=False, log_every=100, out_dir=str(tmp_path / "run"))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _batch(model_cfg, rows=4, seq=16, seed=0, mask_some=False):
+    rng = np.random.RandomState(seed)
+    tok = rng.randint(3, 200, (rows, seq + 1)).astype(np.int32)
+    mask = np.ones((rows, seq), np.float32)
+    if mask_some:   # uneven token counts per micro-batch: normalisation must be global
+        mask[0, 5:] = 0
+        mask[3, :2] = 0
+    return {"inputs": tok[:, :-1], "targets": tok[:, 1:],
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
+            "loss_mask": mask}
+
+
+def _split(batch, accum):
+    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+
+
+def _state(dtype="float32", **kw):
+    model, _ = load_model("tiny-random", dtype=dtype, param_dtype="float32")
+    cfg = TrainConfig(lr=3e-3, warmup_steps=0, schedule="constant", seq_len=16, **kw)
+    graphdef, params = nnx.split(model)
+    opt = make_optimizer(cfg)
+    return graphdef, params, opt, opt.init(params), cfg
+
+
+def test_loss_decreases_on_a_repeated_batch():
+    graphdef, params, opt, opt_state, _ = _state()
+    step = jax.jit(_train_step_fn(graphdef, TrainDenseAttention(), opt))
+    batch = _split(_batch(None), 1)
+    rng = jax.random.PRNGKey(0)
+    losses = []
+    for _ in range(15):
+        params, opt_state, rng, m = step(params, opt_state, rng, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_gradient_accumulation_equals_a_bigger_batch():
+    """Same loss and gradients (SGD with lr 1: the update is the gradient) with 2 micro-batches
+    of uneven token counts as with one batch of both."""
+    import optax
+
+    graphdef, params, _, _, _ = _state()
+    opt = optax.sgd(1.0)
+    opt_state = opt.init(params)
+    step = jax.jit(_train_step_fn(graphdef, TrainDenseAttention(), opt))
+    batch = _batch(None, mask_some=True)
+    rng = jax.random.PRNGKey(0)
+    p1, _, _, m1 = step(params, opt_state, rng, _split(batch, 1))
+    p2, _, _, m2 = step(params, opt_state, rng, _split(batch, 2))
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(m1["grad_norm"]), float(m2["grad_norm"]), rtol=1e-5)
+    assert float(m1["tokens"]) == float(m2["tokens"]) == batch["loss_mask"].sum()
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
+
+
+def test_bf16_compute_keeps_f32_master_weights():
+    graphdef, params, opt, opt_state, _ = _state("bfloat16")
+    g32, p32, _, _, _ = _state("float32")
+    step = jax.jit(_train_step_fn(graphdef, TrainDenseAttention(), opt))
+    batch = _batch(None)
+    new, new_opt, _, m = step(params, opt_state, jax.random.PRNGKey(0), _split(batch, 1))
+    assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(new_opt[1][0].mu)} == {jnp.dtype(jnp.float32)}
+    s32 = jax.jit(lambda p, b: loss_sums(g32, p, b, TrainDenseAttention()))(p32, batch)
+    loss32 = float(s32["nll"] / s32["tokens"])
+    assert abs(float(m["loss"]) - loss32) < 0.02                 # bf16 activations
+    assert float(m["loss"]) != loss32                             # ... really bf16
+    # The update is applied to the f32 weights (smaller than a bf16 ulp would allow).
+    delta = [np.abs(np.asarray(a) - np.asarray(b)).max()
+             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params))]
+    assert 0 < max(delta) < 1e-2
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, steps=14, schedule="linear")
+    s = lr_schedule(cfg)
+    got = [float(s(c)) for c in range(14)]
+    np.testing.assert_allclose(got[:5], [0.25, 0.5, 0.75, 1.0, 1.0])
+    np.testing.assert_allclose(got[-1], 0.1, atol=1e-6)
+    cos = lr_schedule(dataclasses.replace(cfg, schedule="cosine", min_lr_ratio=0.1))
+    assert float(cos(4)) == pytest.approx(1.0) and float(cos(14)) == pytest.approx(0.1)
+
+
+def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
+    """The CLI trains 4 steps; a run stopped after step 2 and resumed gives the same losses for
+    steps 3-4; 2 checkpoints are kept; the HF export loads in transformers with equal logits;
+    a corrupt checkpoint is a clear error."""
+    cfg = recycled_config(tmp_path, out_dir=str(tmp_path / "a"),
+                          export_hf=str(tmp_path / "hf"))
+    cfg_yaml = tmp_path / "train.yaml"
+    import yaml
+
+    cfg_yaml.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items()
+                                        if v is not None}))
+    assert main(["--config", str(cfg_yaml)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    losses_a = {r["step"]: r["loss"] for r in records if r["event"] == "train"}
+    assert sorted(losses_a) == [1, 2, 3, 4]
+    train_rec = [r for r in records if r["event"] == "train"][-1]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"} <= set(train_rec)
+    ck = Checkpointer(tmp_path / "a" / "checkpoints")
+    assert ck.all_steps() == [3, 4]                                   # keep_checkpoints = 2
+
+    # Interrupted after step 2, then resumed: identical losses for steps 3 and 4.
+    b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), export_hf=None, stop_after=2)
+    res_b = train(b)
+    assert res_b.interrupted and sorted(res_b.losses) == [1, 2]
+    assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(dataclasses.replace(b, stop_after=0))
+    # A save that was killed half-way (orbax's temporary directory) is not a checkpoint.
+    partial = tmp_path / "b" / "checkpoints" / "3.orbax-checkpoint-tmp-1234567"
+    partial.mkdir()
+    (partial / "junk").write_text("half")
+    assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2
+    res_c = train(dataclasses.replace(b, stop_after=0, resume=True))
+    assert res_c.losses == {3: losses_a[3], 4: losses_a[4]}
+    assert {1: res_b.losses[1], 2: res_b.losses[2]} == {1: losses_a[1], 2: losses_a[2]}
+
+    # The HF export equals the trained weights of the final checkpoint.
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model, _ = load_model("tiny-random")
+    graphdef, params = nnx.split(model)
+    opt_state = make_optimizer(cfg).init(params)
+    state, meta = ck.restore({"params": params, "opt_state": opt_state,
+                              "rng": jax.random.PRNGKey(0)})
+    assert meta["step"] == 4 and meta["data"]["position"] == 16
+    tokens = np.random.RandomState(0).randint(3, 250, (2, 20))
+    ours, _ = nnx.merge(graphdef, state["params"])(jnp.asarray(tokens),
+                                                   jnp.broadcast_to(jnp.arange(20), (2, 20)))
+    hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).float().eval()
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=2e-4, rtol=1e-4)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+    # Corrupt the latest checkpoint of run b: resuming names it.
+    for f in (tmp_path / "b" / "checkpoints" / "4").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="checkpoint .*4 is corrupt"):
+        train(dataclasses.replace(b, stop_after=0, resume=True))
+    capsys.readouterr()
+    assert main(["--config", str(cfg_yaml), "--out-dir", str(tmp_path / "b"), "--resume",
+                 "--export-hf", str(tmp_path / "hf2")]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_bad_inputs(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(bad)])
+    assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err
+
+    with pytest.raises(ValueError, match="no such file or directory"):
+        train(recycled_config(tmp_path, corpus=str(tmp_path / "nope.jsonl")))
+    assert main(["--corpus", str(tmp_path / "nope"), "--seq-len", "8",
+                 "--out-dir", str(tmp_path / "x")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+
+    for kw, msg in [(dict(batch_size=6, grad_accum=4), "not a multiple of grad_accum"),
+                    (dict(attention="dense"), "seq_len must be >= 1"),
+                    (dict(seq_len=33), "prefix_len \\+ tail_len"),
+                    (dict(attention="dense", seq_len=8, schedule="exp"),
+                     "schedule must be one of"),
+                    (dict(attention="moa", seq_len=32), "needs a plan"),
+                    (dict(packing="segments"), "packing 'segments'")]:
+        with pytest.raises(ValueError, match=msg):
+            validate_config(recycled_config(tmp_path, **kw))
+
+
+def test_moa_plan_training_runs(tmp_path):
+    """MoA-plan training through MoAAttention (jnp reference kernel here; the Pallas kernel in
+    the slow test below)."""
+    res = train(recycled_config(tmp_path, attention="moa", plan="streaming:12:4", seq_len=32,
+                                kernel_backend="reference", steps=3, checkpoint_every=0,
+                                eval_sequences=2, heldout_docs=1, lr=1e-2))
+    assert not res.interrupted and len(res.losses) == 3
+    assert res.losses[3] < res.losses[1]
+    assert set(res.summary["eval_after"]) == {"moa", "dense"}
+
+
+@pytest.mark.slow
+def test_moa_plan_training_with_the_pallas_kernel(tmp_path):
+    res = train(recycled_config(tmp_path, attention="moa", plan="streaming:16:4", seq_len=64,
+                                steps=2, checkpoint_every=0))
+    assert np.isfinite(list(res.losses.values())).all()
+
+
+def test_sharded_training_matches_one_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    res = subprocess.run([sys.executable, str(CHECK), str(write_corpus(tmp_path / "corpus")),
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("OK") == 4, res.stdout
