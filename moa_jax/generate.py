@@ -112,7 +112,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
              stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
              attention: AttentionBackend = DenseAttention(), max_cache_len: int | None = None,
              on_token: Callable[[np.ndarray], Any] | None = None,
-             mesh: Mesh | None = None) -> GenerateOutput:
+             mesh: Mesh | None = None, recycle: Any | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens for each prompt.
 
     Args:
@@ -126,10 +126,14 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         A prompt that does not fit is an error, never a silent truncation.
       on_token: called with the int [B] tokens of every step as they are produced (streaming).
       mesh: shard params (by `moa_jax.parallel` rules), the batch and the KV cache on this mesh.
+      recycle: a `moa_jax.models.recycled.RecycleConfig`: Recycled Attention decoding; the
+        prefill is `attention`'s (dense, or a `MoAAttention`'s plan: MoA prefill, recycled
+        decode). See `recycled_backend`.
     Returns:
       GenerateOutput with tokens [B, max_new_tokens] and lengths [B].
     """
     cfg = model.config
+    attention = recycled_backend(attention, recycle)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not sampling.greedy and key is None:
@@ -165,10 +169,38 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     return GenerateOutput(np.asarray(out), np.asarray(n))
 
 
+def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> AttentionBackend:
+    """`attention` with Recycled Attention decoding when `recycle` (a RecycleConfig) is given:
+    a dense backend becomes `RecycledAttention(recycle)`, a `MoAAttention` becomes one whose
+    prefill uses the MoA plan (and kernel options) while the full cache stays dense."""
+    if recycle is None:
+        return attention
+    from moa_jax.models.moa_attention import MoAAttention
+    from moa_jax.models.recycled import RecycleConfig, RecycledAttention
+
+    if not isinstance(recycle, RecycleConfig):
+        raise TypeError(f"recycle must be a RecycleConfig, got {type(recycle).__name__}")
+    if isinstance(attention, DenseAttention):
+        return RecycledAttention(recycle)
+    if isinstance(attention, MoAAttention):
+        if attention.windows is not None:
+            raise ValueError("recycle= with a MoAAttention of explicit windows is not supported; "
+                             "pass the plan")
+        return RecycledAttention(recycle, prefill_plan=attention.plan,
+                                 prefill_length=attention.length,
+                                 kernel_backend=attention.kernel_backend,
+                                 interpret=attention.interpret,
+                                 prefill_block_q=attention.block_q,
+                                 prefill_block_k=attention.block_k)
+    raise ValueError(f"recycle= composes with DenseAttention or MoAAttention, not "
+                     f"{type(attention).__name__}")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m moa_jax.generate",
-        description="Generate text with a Llama model, dense or with a MoA plan.",
+        description="Generate text with a Llama model: dense, with a MoA plan, or with Recycled "
+                    "Attention decoding (--recycle-k).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="preset name, HF directory or .gguf file")
@@ -184,6 +216,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", default=None,
                    help="MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
                         "'streaming:WINDOW[:SINK]'; default: plain dense attention")
+    p.add_argument("--recycle-k", type=int, default=None,
+                   help="Recycled Attention decoding with this many recycled tokens per layer "
+                        "and KV head (default: off)")
+    p.add_argument("--recycle-stride", type=int, default=10,
+                   help="full attention every S decode steps (with --recycle-threshold: the "
+                        "query check interval); 0 = never refresh (SnapKV)")
+    p.add_argument("--recycle-threshold", type=float, default=None,
+                   help="dynamic schedule: refresh a layer when the cosine of its query with the "
+                        "last full step's is at or below this (e.g. 0.85)")
+    p.add_argument("--prefill-plan", default=None,
+                   help="with --recycle-k: MoA plan (same forms as --plan) for the prefill")
     p.add_argument("--max-cache-len", type=int, default=None,
                    help="KV cache capacity in tokens (default: prompt + new tokens)")
     p.add_argument("--no-chat-template", action="store_true",
@@ -206,6 +249,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(_build_parser(), argv)
     from moa_jax.models.registry import load_model
 
+    recycle = None
+    if args.recycle_k is not None:
+        from moa_jax.models.recycled import RecycleConfig
+
+        if args.plan is not None:
+            raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")
+        try:
+            recycle = RecycleConfig(args.recycle_k, args.recycle_stride or None,
+                                    args.recycle_threshold)
+        except ValueError as e:
+            raise SystemExit(f"bad Recycled Attention flags: {e}") from None
+        args.plan = args.prefill_plan
+    elif args.prefill_plan is not None or args.recycle_threshold is not None:
+        raise SystemExit("--prefill-plan and --recycle-threshold need --recycle-k")
     prompts_text = args.prompt or ["Write one sentence about the sea."]
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     t0 = time.perf_counter()
@@ -239,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                    key=jax.random.key(args.seed), max_cache_len=args.max_cache_len,
-                   attention=attention,
+                   attention=attention, recycle=recycle,
                    on_token=on_token if len(prompts) == 1 else None)
     jax.effects_barrier()
     dt = time.perf_counter() - t0

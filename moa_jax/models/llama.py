@@ -90,9 +90,11 @@ class LlamaAttention(nnx.Module):
         q = self.q_proj(x).reshape(bsz, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
+        extra = {} if lengths is None else {"lengths": lengths}
+        if getattr(attention, "wants_pre_rope_query", False):
+            extra["q_pre_rope"] = q      # e.g. Recycled Attention's dynamic schedule
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        extra = {} if lengths is None else {"lengths": lengths}
         out, cache = attention(q, k, v, layer=layer, positions=positions, cache=cache, **extra)
         return self.o_proj(out.reshape(bsz, t, -1).astype(x.dtype)), cache
 

@@ -1,0 +1,79 @@
+"""The decode benchmark CLI: a --tiny CPU smoke run of every method, the batch sweep's OOM
+handling and bisection, and the summary ratios."""
+
+import importlib.util
+import json
+
+import pytest
+
+from moa_jax.bench import decode as bench
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--method" in out and "--tiny" in out and "floor" in out
+
+
+def test_tiny_smoke_run(tmp_path, capsys):
+    methods = ["dense", "dense-kernel", "moa", "streaming", "recycled", "h2o"]
+    out = tmp_path / "tiny.json"
+    assert bench.main(["--tiny", "--method", *methods, "--batches", "1", "--steps", "2",
+                       "--moa-densities", "0.5", "--recycle-threshold", "0.5",
+                       "--recycle-check", "2", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    rows = rep["rows"]
+    labels = {r["variant"] for r in rows}
+    assert {"dense", "dense-kernel", "moa het:0.5", "streaming K=16", "recycled K=16 S=2",
+            "recycled K=16 dyn=0.5 QC=2", "h2o K=16"} <= labels
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["context"] == 40 and r["batch"] == 1
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["kv_cache_gib"] > 0
+        if r["method"] != "hf":
+            assert r["floor_ms"] > 0 and r["floor_ratio"] > 0
+    by = {r["variant"]: r for r in rows}
+    # Recycled keeps the full cache plus K: more KV memory than dense; StreamingLLM only K.
+    assert by["recycled K=16 S=2"]["kv_cache_gib"] > by["dense-kernel"]["kv_cache_gib"]
+    assert by["streaming K=16"]["kv_cache_gib"] < by["dense-kernel"]["kv_cache_gib"]
+    assert by["streaming K=16"]["kv_read_gib"] < by["dense"]["kv_read_gib"]
+    assert rep["copy_bandwidth_gbs"] > 0 and rep["model"]["num_layers"] == 2
+    assert any(x["baseline"] == "dense" for x in rep["summary"]["ratios"])
+    table = capsys.readouterr().out
+    assert "| recycled K=16 S=2 | 40 | 1 |" in table
+
+
+def test_sweep_stops_at_oom_and_bisects():
+    fits = 5
+    seen = []
+
+    def run_one(b):
+        seen.append(b)
+
+        def go():
+            if b > fits:
+                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+            return dict(status="ok", batch=b, variant="v", context=1, method="m",
+                        ms_per_step=1.0, tokens_per_s=float(b))
+        return bench._guard(go, dict(batch=b, variant="v", context=1, method="m"))
+
+    rows = bench.sweep(run_one, [1, 2, 4, 8, 16], refine=True, log=lambda r: None)
+    assert seen == [1, 2, 4, 8, 6, 5]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "oom", "oom", "ok"]
+    assert bench.summarize(rows)["largest_batch"][0]["batch"] == 5
+    err = bench._guard(lambda: 1 / 0, dict(batch=1))
+    assert err["status"] == "error" and "ZeroDivisionError" in err["error"]
+
+
+@pytest.mark.slow
+def test_tiny_hf_method(tmp_path):
+    if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        pytest.skip("needs torch and transformers")
+    out = tmp_path / "hf.json"
+    assert bench.main(["--tiny", "--method", "hf", "--batches", "1", "2", "--steps", "2",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["ms_per_step"] > 0 and r["kv_cache_gib"] > 0 for r in rows)
