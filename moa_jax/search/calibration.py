@@ -1,0 +1,300 @@
+"""Calibration set for the MoA plan search: long documents with the dense model's own answers.
+
+MoA's ablation (METHODS.md) finds that supervising with the dense model's own response to a long
+context ("model-aligned" data) ranks heads far better than plain LM loss or human answers. So an
+item is
+
+    <chat template>[user] {document excerpt}\n\n{instruction} [assistant] {model's greedy answer}
+
+and its loss is the mean cross-entropy on the answer tokens only (`profile.make_batches`).
+
+Construction (choices made here, documented and tested):
+- Each length level N gets `count` items; the prompt is sized so that prompt + answer <= N
+  (`answer_tokens` are reserved for the answer). A document longer than its token budget is
+  trimmed as the reference trims contexts: its first and last halves are kept.
+- Documents are shuffled with `seed`; every item uses a different document while there are
+  enough (levels take documents in turn), and documents shorter than a level's budget are only
+  used when no longer one is left. Instructions rotate over `tasks`.
+- Held-out items (for validating candidate plans) come from documents no calibration item uses
+  (`split_documents`).
+- Answers: greedy `generate()` with the dense model, at most `answer_tokens` new tokens, stopping
+  at the model's EOS (the stop token is part of the answer, it is what the model must predict).
+  Long prompts are prefilled with a query-chunked attention backend to bound memory.
+- Cache: items are appended to a JSON-lines file as they are generated, keyed by a hash of
+  everything that determines them (model identity, corpus fingerprint, lengths, counts, tasks,
+  seed, format version). Re-running loads them; an interrupted run resumes where it stopped.
+
+Public API:
+  CalibrationItem(tokens, answer_start, length, source, task)
+  ItemSpec(length, index, doc, task)
+  plan_items(docs, doc_tokens, counts, ...) -> list[ItemSpec]
+  split_documents(docs, n_holdout, seed) -> (calibration docs, held-out docs)
+  build_items(model, tokenizer, docs, counts, *, answer_tokens, seed, cache_file, ...) -> dict
+  calibration_key(**fields) -> str
+  DEFAULT_TASKS
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+FORMAT_VERSION = 1
+
+DEFAULT_TASKS = (
+    "Summarise the text above in a few sentences.",
+    "Who are the main characters in the text above, and what do they want?",
+    "What happens at the beginning and at the end of the text above?",
+    "Describe the setting and the main events of the text above.",
+)
+DOC_MARKER = "\x00DOC\x00"
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationItem:
+    """One calibration item: tokens = prompt + answer; the loss covers tokens[answer_start:]."""
+
+    tokens: tuple[int, ...]
+    answer_start: int
+    length: int
+    source: str = ""
+    task: str = ""
+
+    @property
+    def answer(self) -> tuple[int, ...]:
+        return self.tokens[self.answer_start:]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": list(self.tokens), "answer_start": self.answer_start,
+                "length": self.length, "source": self.source, "task": self.task}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "CalibrationItem":
+        return cls(tuple(int(t) for t in d["tokens"]), int(d["answer_start"]), int(d["length"]),
+                   str(d.get("source", "")), str(d.get("task", "")))
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemSpec:
+    """What to build: item `index` of length level `length` from document `doc` with `task`."""
+
+    length: int
+    index: int
+    doc: int
+    task: str
+
+
+def calibration_key(**fields: Any) -> str:
+    """A short stable hash of the fields that determine a calibration set."""
+    blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def corpus_fingerprint(docs: Sequence[Any]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.title.encode())
+        h.update(str(len(d.text)).encode())
+        h.update(d.text[:256].encode(errors="replace"))
+    return h.hexdigest()[:16]
+
+
+def split_documents(docs: Sequence[Any], n_holdout: int, seed: int = 0,
+                    min_chars: int = 0) -> tuple[list[Any], list[Any]]:
+    """Shuffles documents (seeded) and sets `n_holdout` of the longest-enough ones aside.
+
+    Held-out documents are taken from the end of the shuffled order among those with at least
+    `min_chars` characters (falling back to the longest ones).
+    """
+    order = list(docs)
+    random.Random(seed).shuffle(order)
+    if n_holdout <= 0:
+        return order, []
+    if n_holdout >= len(order):
+        raise ValueError(f"cannot hold out {n_holdout} of {len(order)} documents")
+    long_enough = [i for i, d in enumerate(order) if len(d.text) >= min_chars]
+    if len(long_enough) < n_holdout:
+        long_enough = sorted(range(len(order)), key=lambda i: len(order[i].text))  # longest last
+    held = set(long_enough[-n_holdout:])
+    return ([d for i, d in enumerate(order) if i not in held],
+            [d for i, d in enumerate(order) if i in held])
+
+
+def plan_items(doc_lengths: Sequence[int], counts: Mapping[int, int], budgets: Mapping[int, int],
+               tasks: Sequence[str] = DEFAULT_TASKS) -> list[ItemSpec]:
+    """Assigns documents and tasks to items (see module docstring).
+
+    Args:
+      doc_lengths: token count of each (already shuffled) document.
+      counts: items per length level.
+      budgets: document-token budget per length level.
+    """
+    if not doc_lengths:
+        raise ValueError("no documents to calibrate on")
+    used = [0] * len(doc_lengths)
+    specs, k = [], 0
+    for length in sorted(counts):
+        for index in range(int(counts[length])):
+            need = budgets[length]
+            # least used first, then long enough, then original (shuffled) order
+            doc = min(range(len(doc_lengths)),
+                      key=lambda i: (used[i], doc_lengths[i] < need, i))
+            used[doc] += 1
+            specs.append(ItemSpec(length, index, doc, tasks[k % len(tasks)]))
+            k += 1
+    return specs
+
+
+def _encode_long(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a whole document (no special tokens, no too-long-for-the-model warning)."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    except TypeError:           # tokenizers without the `verbose` keyword
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def trim_middle(ids: Sequence[int], budget: int) -> list[int]:
+    """Keeps the first and last halves of a too-long token list (as the MoA reference does)."""
+    ids = list(ids)
+    if len(ids) <= budget:
+        return ids
+    head = budget // 2
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+class PromptBuilder:
+    """Token ids of `template(user: excerpt + instruction)` assembled around document tokens."""
+
+    def __init__(self, tokenizer: Any, chat: bool = True):
+        self.tokenizer = tokenizer
+        self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def parts(self, task: str) -> tuple[list[int], list[int]]:
+        """(prefix ids, suffix ids) around the document for one instruction."""
+        if task not in self._cache:
+            content = DOC_MARKER + "\n\n" + task
+            if self.chat:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": content}], add_generation_prompt=True,
+                    tokenize=False)
+            else:
+                text = content + "\n\nAnswer:"
+            pre, post = text.split(DOC_MARKER, 1)
+            self._cache[task] = (self._encode(pre), self._encode(post))
+        return self._cache[task]
+
+    def overhead(self, tasks: Sequence[str]) -> int:
+        return max(len(p) + len(s) for p, s in (self.parts(t) for t in tasks))
+
+    def build(self, doc_ids: Sequence[int], task: str, budget: int) -> list[int]:
+        pre, post = self.parts(task)
+        return pre + trim_middle(doc_ids, budget) + post
+
+
+def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping[int, int], *,
+                answer_tokens: int = 128, tasks: Sequence[str] = DEFAULT_TASKS,
+                chat: bool = True, batch_size: int = 1, cache_file: str | Path | None = None,
+                q_chunk: int = 512, progress: bool = True,
+                desc: str = "calibration") -> dict[int, list[CalibrationItem]]:
+    """Builds (or loads from `cache_file`) the items of every length level.
+
+    Args:
+      model: the dense `Llama` whose own greedy answers are the targets.
+      tokenizer: HF-style tokenizer (encode / decode / apply_chat_template).
+      docs: documents (`.title`, `.text`), already shuffled / split by the caller.
+      counts: {length level N: number of items}.
+      answer_tokens: max new tokens per answer (the prompt leaves room for them).
+      batch_size: prompts generated together.
+      cache_file: JSON-lines file to resume from and append to.
+    Returns:
+      {N: [CalibrationItem, ...]} in index order.
+    """
+    from moa_jax.generate import generate
+    from moa_jax.search.profile import ChunkedAttention
+
+    counts = {int(n): int(c) for n, c in counts.items() if int(c) > 0}
+    builder = PromptBuilder(tokenizer, chat=chat)
+    overhead = builder.overhead(tasks)
+    budgets = {}
+    for n in counts:
+        budgets[n] = n - overhead - answer_tokens
+        if budgets[n] < 16:
+            raise ValueError(f"length {n} leaves only {budgets[n]} document tokens after the "
+                             f"prompt ({overhead}) and the answer ({answer_tokens}); use longer "
+                             f"lengths or fewer answer tokens")
+    # Character lengths are a cheap proxy to avoid tokenizing every document up front.
+    approx = [len(d.text) // 3 for d in docs]
+    specs = plan_items(approx, counts, budgets, tasks)
+
+    done: dict[tuple[int, int], CalibrationItem] = {}
+    cache_file = Path(cache_file) if cache_file else None
+    if cache_file is not None and cache_file.exists():
+        for line in cache_file.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:      # a line cut short by an interrupted run
+                continue
+            done[(int(d["length"]), int(d["index"]))] = CalibrationItem.from_json(d)
+    todo = [s for s in specs if (s.length, s.index) not in done]
+    stop_ids = tuple(model.config.eos_token_ids) or None
+    doc_ids: dict[int, list[int]] = {}
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="item",
+               disable=not progress)
+    # group by length so that a batch shares one prompt size
+    by_len: dict[int, list[ItemSpec]] = {}
+    for s in todo:
+        by_len.setdefault(s.length, []).append(s)
+    for length, group in sorted(by_len.items()):
+        attention = ChunkedAttention(q_chunk=q_chunk)
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            prompts = []
+            for s in batch:
+                if s.doc not in doc_ids:
+                    doc_ids[s.doc] = _encode_long(tokenizer, docs[s.doc].text)
+                prompts.append(builder.build(doc_ids[s.doc], s.task, budgets[length]))
+            out = generate(model, prompts, max_new_tokens=answer_tokens, stop_ids=stop_ids,
+                           attention=attention)
+            lines = []
+            for s, p, ans in zip(batch, prompts, out.rows()):
+                item = CalibrationItem(tuple(p) + tuple(ans), len(p), length,
+                                       docs[s.doc].title, s.task)
+                done[(s.length, s.index)] = item
+                lines.append(json.dumps({**item.to_json(), "index": s.index}))
+            if cache_file is not None:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                with open(cache_file, "a") as f:
+                    f.write("\n".join(lines) + "\n")
+            bar.update(len(batch))
+    bar.close()
+    result: dict[int, list[CalibrationItem]] = {}
+    for s in specs:
+        result.setdefault(s.length, []).append(done[(s.length, s.index)])
+    return result
+
+
+def describe(items: Mapping[int, Sequence[CalibrationItem]], tokenizer: Any = None,
+             file=sys.stderr, show: int = 1) -> None:
+    """Prints counts, answer lengths and (with a tokenizer) a sample answer per level."""
+    for n, its in sorted(items.items()):
+        ans = np.array([len(it.answer) for it in its])
+        print(f"  N={n}: {len(its)} items, prompt {min(it.answer_start for it in its)}.."
+              f"{max(it.answer_start for it in its)} tokens, answers {ans.min()}..{ans.max()} "
+              f"tokens (mean {ans.mean():.0f})", file=file)
+        if tokenizer is not None:
+            for it in its[:show]:
+                text = tokenizer.decode(list(it.answer), skip_special_tokens=True)
+                text = " ".join(text.split())
+                print(f"    [{it.source}] {it.task} -> {text[:160]!r}", file=file)

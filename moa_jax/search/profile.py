@@ -1,0 +1,714 @@
+"""Influence profiling: how much each head's answer loss depends on each attention entry.
+
+Method (METHODS.md, MoA). For one head with attention probabilities A [N, N] and G = dL/dA, masking
+entry (i, j) and renormalising row i changes the loss, to first order, by
+
+    E_ij = A_ij / (1 - A_ij) * (sum_n G_in A_in - G_ij)   i.e.   E = -A/(1-A) * (G - rowsum(G*A)).
+
+`1 - A` is guarded by `EPS`; a row with a single valid key (row 0) keeps only the direct term
+`-A_ij G_ij` (dropping its only key zeroes the row). L is the mean cross-entropy on the answer
+tokens of one calibration item.
+
+How G is obtained without N x N matrices for every layer at once (as the reference does): the
+model runs one decoder layer per compiled call (`LayerRunner`, one program shared by all layers).
+A forward pass keeps each layer's input; the backward pass then goes layer by layer from the
+last, differentiating each layer with respect to its input and to a zero perturbation added to
+its attention output (`ProfilingAttention`), which gives dL/dO of that layer and its q, k, v.
+A jitted kernel recomputes A per (query chunk x head chunk), takes G = dO V^T (the gradient of
+O = A V with respect to A) and reduces |E| to
+
+- `blocks` [H, N/64, N/64]: |E| summed over 64 x 64 blocks (the reference's profile), and
+- `diag` [H, N]: |E| summed along each diagonal offset d = i - j over the non-sink keys
+  (j >= sink): the exact token-level loss of a sliding window w is `sum_{d >= w} diag[d]`.
+
+Both are summed over items (`InfluenceProfile` keeps sums and a count; `.mean_*` averages).
+
+Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): by default 'token',
+the sum of mean |E| over exactly the entries the kernels drop for that rule at length N (the
+window from `Plan.resolve`, sinks kept); 'block' is the reference's estimator, the sum over whole
+64 x 64 blocks a block-aligned window drops (query block m keeps the sink blocks and the last
+ceil(w/64) blocks up to the diagonal). With 64-token granularity and 64 sinks (the defaults) the
+two differ only in the partial diagonal block the block form drops and the kernels keep.
+
+Memory: one layer at a time; inside a layer the backward pass rematerialises attention per query
+chunk (`lax.scan` over a checkpointed body), so no N x N matrix is stored, and the influence
+kernel holds B x head_chunk x q_chunk x N floats a few times. Items of one length are batched;
+the batch dimension can be sharded over a mesh (`mesh=`).
+
+Public API:
+  ProfilingAttention(q_chunk)                    backend used only for profiling
+  ChunkedAttention(windows=None, sinks=None, q_chunk)  dense / window+sink attention, query-chunked
+  chunked_attention(q, k, v, positions, windows=None, sinks=None, q_chunk=512, checkpoint=False)
+  influence_dense(q, k, v, dout) -> E [B, H, N, N]          (unchunked, for tests)
+  layer_influence(q, k, v, dout, sink, block, q_chunk, head_chunk) -> (blocks, diag)
+  LayerRunner(model, mesh=None): .forward / .losses / .backward (layer-by-layer passes)
+  answer_grads(model, batch, q_chunk) -> (losses [B], dO per layer, (q, k, v) per layer)
+  answer_losses(model, batches, attention) -> per-item answer loss (whole-model program)
+  InfluenceProfile (sums, count, save/load, merge, rule_losses)
+  profile_items(model, items, length, ...) -> InfluenceProfile
+  make_batches(items, length, batch_size, pad_id) -> list[Batch]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.kv_cache import DenseKVCache
+from moa_jax.models.llama import Llama, rope_inv_freq
+from moa_jax.pallas_kernels.reference import causal_mask, mha_reference, window_sink_mask
+
+EPS = 1e-6
+BLOCK = 64
+_NEG = -1e30
+
+
+# ----------------------------------------------------------------------------- attention
+def _chunks(t: int, q_chunk: int) -> list[tuple[int, int]]:
+    q_chunk = max(1, min(int(q_chunk), t))
+    return [(s, min(s + q_chunk, t)) for s in range(0, t, q_chunk)]
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
+                      windows: Sequence[int] | None = None, sinks: Sequence[int] | int = 0,
+                      q_chunk: int = 512, checkpoint: bool = False,
+                      key_groups: int = 4) -> jax.Array:
+    """Causal (or per-head window + sink) attention of T tokens over themselves, query-chunked.
+
+    q [B, T, H, D], k/v [B, T, Hkv, D], positions int [B, T] increasing along T.
+
+    Without `checkpoint` (forward passes) the chunks are unrolled and query chunk [s, e) reads
+    only keys [0, e) (causality skips about half of the dense work).
+
+    With `checkpoint` (for a backward pass) the memory must stay bounded whatever the compiler's
+    schedule: query chunks run in `lax.scan`s with a rematerialised body, so the backward pass
+    stores only each chunk's inputs and recomputes its probabilities. To keep most of the causal
+    saving, chunks are split into `key_groups` consecutive groups, one scan each, group g reading
+    keys up to its last query (work ~ (G+1)/(2G) of dense instead of 1/2).
+    """
+    b, t, h, d = q.shape
+
+    def one(qc, kc, vc, qpos, kpos):
+        if windows is None:
+            mask = causal_mask(qpos, kpos)
+        else:
+            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
+                                    jnp.asarray(sinks, jnp.int32))
+        return mha_reference(qc, kc, vc, mask)
+
+    chunks = _chunks(t, q_chunk)
+    if not checkpoint or len(chunks) == 1:
+        fn = jax.checkpoint(one) if checkpoint else one
+        outs = [fn(q[:, s:e], k[:, :e], v[:, :e], positions[:, s:e], positions[:, :e])
+                for s, e in chunks]
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+    qc = chunks[0][1]
+    if t % qc:
+        raise ValueError(f"sequence length {t} must be a multiple of q_chunk {qc} "
+                         f"for the checkpointed path")
+    n = t // qc
+    g = max(1, min(int(key_groups), n))
+    bounds = [round(i * n / g) for i in range(g + 1)]
+    body = jax.checkpoint(one)
+    outs = []
+    for c0, c1 in zip(bounds[:-1], bounds[1:]):
+        if c1 <= c0:
+            continue
+        kend = c1 * qc
+        kc, vc, kpos = k[:, :kend], v[:, :kend], positions[:, :kend]
+        qs = q[:, c0 * qc:kend].reshape(b, c1 - c0, qc, h, d).swapaxes(0, 1)
+        ps = positions[:, c0 * qc:kend].reshape(b, c1 - c0, qc).swapaxes(0, 1)
+
+        def step(carry, xs, kc=kc, vc=vc, kpos=kpos):
+            qi, pi = xs
+            return carry, body(qi, kc, vc, pi, kpos)
+
+        _, o = jax.lax.scan(step, None, (qs, ps))
+        outs.append(o.swapaxes(0, 1).reshape(b, (c1 - c0) * qc, h, d))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedAttention(AttentionBackend):
+    """Dense causal attention, or fixed per-head windows + sinks, computed in query chunks.
+
+    A memory-light CPU stand-in for `DenseAttention` / a masked oracle: used for long calibration
+    prompts in `generate` and to measure plans at the validation length. With a cache it keeps
+    the dense cache and masks by absolute positions.
+
+    Args:
+      windows: [layers][heads] window per query head (None: dense causal).
+      sinks: [layers][heads] sink tokens per head (None: 0).
+      q_chunk: queries per chunk.
+      prefill_from_zero: a call of more than one token with a cache is a prefill of positions
+        [0, T) (as `generate` does): it attends among its own tokens, so query chunk [s, e) reads
+        keys [0, e) only, then writes them to the cache. Set False for chunked prefill.
+    """
+
+    windows: tuple[tuple[int, ...], ...] | None = None
+    sinks: tuple[tuple[int, ...], ...] | None = None
+    q_chunk: int = 512
+    prefill_from_zero: bool = True
+
+    @classmethod
+    def for_plan(cls, plan, length: int, q_chunk: int = 512) -> "ChunkedAttention":
+        w = tuple(tuple(int(x) for x in row) for row in plan.resolve(length))
+        s = tuple(tuple(int(x) for x in row) for row in plan.sinks)
+        return cls(windows=w, sinks=s, q_chunk=q_chunk)
+
+    def _mask_args(self, layer: int):
+        if self.windows is None:
+            return None, 0
+        sinks = self.sinks[layer] if self.sinks is not None else (0,) * len(self.windows[layer])
+        return self.windows[layer], sinks
+
+    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
+        return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+                     for _ in range(cfg.num_layers))
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+        windows, sinks = self._mask_args(layer)
+        if cache is None:
+            out = chunked_attention(q, k, v, positions, windows=windows, sinks=sinks,
+                                    q_chunk=self.q_chunk)
+            return out, None
+        cache = cache.write(k, v, positions[:, 0])
+        if self.prefill_from_zero and q.shape[1] > 1:
+            out = chunked_attention(q, k, v, positions, windows=windows, sinks=sinks,
+                                    q_chunk=self.q_chunk)
+            return out, cache
+        kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
+        outs = []
+        for s, e in _chunks(q.shape[1], self.q_chunk):
+            qpos = positions[:, s:e]
+            if windows is None:
+                mask = causal_mask(qpos, kpos)
+            else:
+                mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
+                                        jnp.asarray(sinks, jnp.int32))
+            outs.append(mha_reference(q[:, s:e], cache.k, cache.v, mask))
+        return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfilingAttention(AttentionBackend):
+    """Dense causal attention for influence profiling (no KV cache).
+
+    The per-layer `cache` argument carries a perturbation [B, T, H, D] (zeros) that is added to
+    the attention output, so the gradient of the loss with respect to it is dL/dO of that layer;
+    the returned "cache" is the layer's (q, k, v), used to recompute A afterwards.
+    """
+
+    q_chunk: int = 512
+
+    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
+        raise NotImplementedError("ProfilingAttention is for single forward/backward passes")
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+        out = chunked_attention(q, k, v, positions, q_chunk=self.q_chunk, checkpoint=True)
+        if cache is not None:
+            out = (out.astype(jnp.float32) + cache).astype(q.dtype)
+        return out, (q, k, v)
+
+
+# ----------------------------------------------------------------------------- model pieces
+def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: AttentionBackend,
+          layer_args: Sequence[Any] | None = None):
+    """Final normed hidden states [B, T, E] and each layer's backend output ("cache").
+
+    Mirrors `Llama.__call__` without the LM head, so the loss can take logits at the answer
+    positions only (an 8k x 49k logit matrix per row is otherwise the largest tensor of the pass).
+    `layer_args[i]` is handed to layer i's backend as its cache.
+    """
+    inv_freq = rope_inv_freq(model.config)
+    x = model.embed_tokens(tokens)
+    aux = []
+    for i, layer in enumerate(model.layers):
+        arg = None if layer_args is None else layer_args[i]
+        x, a = layer(x, positions, inv_freq, arg, attention, i)
+        aux.append(a)
+    return model.norm(x), aux
+
+
+def lm_logits(model: Llama, hidden: jax.Array) -> jax.Array:
+    """float32 logits of hidden states (tied or untied head), as in `Llama.__call__`."""
+    if model.config.tie_word_embeddings:
+        out = model.embed_tokens.attend(hidden)
+    else:
+        out = model.lm_head(hidden)
+    return out.astype(jnp.float32)
+
+
+def answer_nll(model: Llama, hidden: jax.Array, tgt_pos: jax.Array, tgt_ids: jax.Array,
+               tgt_w: jax.Array) -> jax.Array:
+    """Per-item mean cross-entropy [B] of tgt_ids predicted at tgt_pos (weights tgt_w)."""
+    h = jnp.take_along_axis(hidden, tgt_pos[:, :, None], axis=1)
+    logits = lm_logits(model, h)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tgt_ids[:, :, None], axis=-1)[..., 0]
+    nll = (lse - picked) * tgt_w
+    return nll.sum(-1) / jnp.maximum(tgt_w.sum(-1), 1.0)
+
+
+# ----------------------------------------------------------------------------- batches
+@dataclasses.dataclass
+class Batch:
+    """B items padded to one length. tokens [B, N]; the loss predicts tgt_ids [B, A] at
+    positions tgt_pos [B, A] with weights tgt_w [B, A] (0 = padding)."""
+
+    tokens: np.ndarray
+    tgt_pos: np.ndarray
+    tgt_ids: np.ndarray
+    tgt_w: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tokens.shape
+
+
+def make_batches(items: Sequence[Any], length: int, batch_size: int, pad_id: int,
+                 answer_bucket: int = 128) -> list[Batch]:
+    """Pads items (with `.tokens` and `.answer_start`) to `length` and groups them.
+
+    The answer tokens are tokens[answer_start:]; each is predicted from the position before it.
+    Answer arrays are padded to a multiple of `answer_bucket` (fewer recompilations).
+    """
+    batches = []
+    for s in range(0, len(items), batch_size):
+        group = items[s:s + batch_size]
+        a = max(len(it.tokens) - it.answer_start for it in group)
+        a = -(-a // answer_bucket) * answer_bucket
+        b = len(group)
+        tokens = np.full((b, length), pad_id, np.int32)
+        tgt_pos = np.zeros((b, a), np.int32)
+        tgt_ids = np.zeros((b, a), np.int32)
+        tgt_w = np.zeros((b, a), np.float32)
+        for r, it in enumerate(group):
+            toks = np.asarray(it.tokens, np.int32)
+            if len(toks) > length:
+                raise ValueError(f"item of {len(toks)} tokens does not fit length {length}")
+            if not 1 <= it.answer_start < len(toks):
+                raise ValueError("an item needs a prompt and at least one answer token")
+            tokens[r, :len(toks)] = toks
+            n = len(toks) - it.answer_start
+            tgt_pos[r, :n] = np.arange(it.answer_start - 1, len(toks) - 1)
+            tgt_ids[r, :n] = toks[it.answer_start:]
+            tgt_w[r, :n] = 1.0
+        batches.append(Batch(tokens, tgt_pos, tgt_ids, tgt_w))
+    return batches
+
+
+def _positions(b: int, t: int) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
+# ----------------------------------------------------------------------------- layer by layer
+# One decoder layer per jitted call, with the parameters of layer 0's graph and any layer's
+# state: every layer shares one compiled program, peak memory is one layer's, and the backward
+# pass can hand each layer's dL/dO to the influence kernel before moving to the next layer
+# (the N x N probabilities of all layers never coexist, whatever the compiler schedules).
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _embed(graphdef, state, tokens):
+    return nnx.merge(graphdef, state).embed_tokens(tokens)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "attention"))
+def _layer_forward(graphdef, state, x, arg, *, cfg, attention):
+    layer = nnx.merge(graphdef, state)
+    b, t, _ = x.shape
+    y, _ = layer(x, _positions(b, t), rope_inv_freq(cfg), arg, attention, 0)
+    return y
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "q_chunk"))
+def _layer_backward(graphdef, state, x, dy, *, cfg, q_chunk):
+    """(dL/dx, dL/dO [B, T, H, D], (q, k, v)) of one layer given dL/dy."""
+    layer = nnx.merge(graphdef, state)
+    b, t, _ = x.shape
+    attention = ProfilingAttention(q_chunk=q_chunk)
+    zeros = jnp.zeros((b, t, cfg.num_heads, cfg.head_dim), jnp.float32)
+
+    def f(x, p):
+        return layer(x, _positions(b, t), rope_inv_freq(cfg), p, attention, 0)
+
+    _, vjp, qkv = jax.vjp(f, x, zeros, has_aux=True)
+    dx, dout = vjp(dy)
+    return dx, dout, qkv
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _head_loss_and_grad(graphdef, state, x, tgt_pos, tgt_ids, tgt_w):
+    model = nnx.merge(graphdef, state)
+
+    def f(x):
+        per_item = answer_nll(model, model.norm(x), tgt_pos, tgt_ids, tgt_w)
+        return per_item.sum(), per_item
+
+    (_, per_item), dx = jax.value_and_grad(f, has_aux=True)(x)
+    return per_item, dx
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _head_loss(graphdef, state, x, tgt_pos, tgt_ids, tgt_w):
+    model = nnx.merge(graphdef, state)
+    return answer_nll(model, model.norm(x), tgt_pos, tgt_ids, tgt_w)
+
+
+class LayerRunner:
+    """Runs a `Llama` one decoder layer per compiled call (see comment above).
+
+    Args:
+      model: the model.
+      mesh: optional mesh; parameters and batches are sharded with `moa_jax.parallel` rules.
+    """
+
+    def __init__(self, model: Llama, mesh=None):
+        self.cfg = model.config
+        self.graphdef, self.state = nnx.split(model)
+        self.layer_graphdef = nnx.split(model.layers[0])[0]
+        self.layer_states = [nnx.split(layer)[1] for layer in model.layers]
+        self.mesh = mesh
+        if mesh is not None:
+            from moa_jax.parallel import param_shardings
+            self.state = jax.device_put(self.state, param_shardings(self.state, mesh))
+            self.layer_states = [jax.device_put(s, param_shardings(s, mesh))
+                                 for s in self.layer_states]
+
+    def _arrays(self, batch: Batch):
+        arrays = [jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids,
+                                           batch.tgt_w)]
+        if self.mesh is not None:
+            from moa_jax.parallel import batch_sharding
+            arrays = [jax.device_put(x, batch_sharding(self.mesh, x.shape)) for x in arrays]
+        return arrays
+
+    def forward(self, tokens, attention: AttentionBackend, layer_args=None, keep=False):
+        """Final hidden states before the norm (and every layer's input when `keep`)."""
+        x = _embed(self.graphdef, self.state, tokens)
+        inputs = []
+        for i, st in enumerate(self.layer_states):
+            if keep:
+                inputs.append(x)
+            arg = None if layer_args is None else layer_args[i]
+            x = _layer_forward(self.layer_graphdef, st, x, arg, cfg=self.cfg,
+                               attention=attention)
+        return x, inputs
+
+    def losses(self, batch: Batch, attention: AttentionBackend, layer_args=None) -> np.ndarray:
+        """Per-item answer loss [B] under a backend that ignores the layer index (e.g. dense,
+        `WindowArgAttention` with per-layer args)."""
+        tokens, *tgt = self._arrays(batch)
+        x, _ = self.forward(tokens, attention, layer_args)
+        return np.asarray(_head_loss(self.graphdef, self.state, x, *tgt))
+
+    def backward(self, batch: Batch, q_chunk: int = 512):
+        """Forward, then the backward pass layer by layer from the last.
+
+        Returns (per-item losses [B], generator of (layer, dL/dO, (q, k, v))). L is the sum over
+        items of each item's mean answer cross-entropy, so each item's dO is its own gradient.
+        """
+        tokens, *tgt = self._arrays(batch)
+        dense = ChunkedAttention(q_chunk=q_chunk)
+        x, inputs = self.forward(tokens, dense, keep=True)
+        losses, dy = _head_loss_and_grad(self.graphdef, self.state, x, *tgt)
+
+        def layers():
+            g = dy
+            for i in reversed(range(len(self.layer_states))):
+                g, dout, qkv = _layer_backward(self.layer_graphdef, self.layer_states[i],
+                                               inputs[i], g, cfg=self.cfg, q_chunk=q_chunk)
+                inputs[i] = None
+                yield i, dout, qkv
+
+        return np.asarray(losses), layers()
+
+
+def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512, mesh=None):
+    """Answer losses [B], dL/dO per layer ([B, N, H, D] each) and (q, k, v) per layer (all layers
+    at once: for tests and small inputs; `profile_items` streams them instead)."""
+    losses, gen = LayerRunner(model, mesh).backward(batch, q_chunk)
+    dout, qkv = [None] * model.config.num_layers, [None] * model.config.num_layers
+    for i, d, t in gen:
+        dout[i], qkv[i] = d, t
+    return losses, dout, qkv
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
+def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    hidden, _ = trunk(model, tokens, _positions(b, t), attention)
+    return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
+
+
+def answer_losses(model: Llama, batches: Sequence[Batch], attention: AttentionBackend,
+                  progress: bool = False, desc: str = "answer loss") -> np.ndarray:
+    """Per-item mean answer cross-entropy under any attention backend (whole model in one
+    compiled program; the backend sees the real layer indices)."""
+    graphdef, state = nnx.split(model)
+    out = []
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        out.append(np.asarray(_answer_losses(
+            graphdef, state, *(jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos,
+                                                        batch.tgt_ids, batch.tgt_w)),
+            attention=attention)))
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+# ----------------------------------------------------------------------------- influence
+def _expand_kv(k: jax.Array, num_heads: int) -> jax.Array:
+    """[B, S, Hkv, D] -> [B, S, H, D] (query head h reads KV head h // group)."""
+    g = num_heads // k.shape[2]
+    return jnp.repeat(k, g, axis=2) if g > 1 else k
+
+
+def _influence_rows(q, k, v, dout, q0: int):
+    """E for query rows [q0, q0 + Tq) over keys [0, S): q/dout [B, Tq, h, D], k/v [B, S, h, D].
+
+    Returns E [B, h, Tq, S] (float32; zero on masked entries).
+    """
+    scale = q.shape[-1] ** -0.5
+    f32 = jnp.float32
+    tq, s = q.shape[1], k.shape[1]
+    logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(f32), k.astype(f32)) * scale
+    rows = q0 + jnp.arange(tq)[:, None]
+    cols = jnp.arange(s)[None, :]
+    mask = cols <= rows
+    logits = jnp.where(mask, logits, _NEG)
+    a = jax.nn.softmax(logits, axis=-1)
+    a = jnp.where(mask, a, 0.0)
+    g = jnp.einsum("bqhd,bshd->bhqs", dout.astype(f32), v.astype(f32))
+    rs = jnp.sum(g * a, axis=-1, keepdims=True)
+    e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
+    single = (rows == 0)[None, None]            # only row 0 has a single valid key
+    return jnp.where(single, -a * g, e)
+
+
+def influence_dense(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array) -> jax.Array:
+    """E [B, H, N, N] of one layer (all heads, all rows at once): the unchunked reference."""
+    h = q.shape[2]
+    return _influence_rows(q, _expand_kv(k, h), _expand_kv(v, h), dout, 0)
+
+
+def _diag_sums(x: jax.Array, q0: int) -> jax.Array:
+    """x [h, Tq, S] lower-triangular rows [q0, q0+Tq) of an S-wide matrix (S = q0 + Tq, zero for
+    j > i) -> [h, S] with out[d] = sum_r x[r, q0 + r - d] (sums along each diagonal offset)."""
+    h, tq, s = x.shape
+    r = jnp.flip(x, axis=-1)                                   # r[., t, c] = x[., t, s-1-c]
+    r = jnp.pad(r, ((0, 0), (0, 0), (0, 1))).reshape(h, tq * (s + 1))
+    y = r[:, tq - 1: tq - 1 + tq * s].reshape(h, tq, s)        # y[., t, d] = x[., t, q0+t-d]
+    return y.sum(axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("sink", "block", "q_chunk", "head_chunk"))
+def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *, sink: int,
+                    block: int = BLOCK, q_chunk: int = 512, head_chunk: int | None = None):
+    """|E| of one layer reduced to block sums and diagonal sums, summed over the batch.
+
+    Args:
+      q, dout: [B, N, H, D]; k, v: [B, N, Hkv, D] (after RoPE, as the backend saw them).
+      sink: keys j < sink are excluded from the diagonal sums (always kept by every rule).
+      block: block edge (64); N and q_chunk must be multiples of it.
+      q_chunk, head_chunk: rows and query heads per step (memory ~ B*head_chunk*q_chunk*N).
+    Returns:
+      blocks float32 [H, N/block, N/block], diag float32 [H, N].
+    """
+    b, n, h, _ = q.shape
+    if n % block or q_chunk % block:
+        raise ValueError(f"length {n} and q_chunk {q_chunk} must be multiples of block {block}")
+    head_chunk = h if head_chunk is None else max(1, min(int(head_chunk), h))
+    nb = n // block
+    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    blocks_out, diag_out = [], []
+    for h0 in range(0, h, head_chunk):
+        hs = slice(h0, min(h0 + head_chunk, h))
+        hb_rows, hd = [], None
+        for s, e in _chunks(n, q_chunk):
+            ea = jnp.abs(_influence_rows(q[:, s:e, hs], k[:, :e, hs], v[:, :e, hs],
+                                         dout[:, s:e, hs], s)).sum(axis=0)   # [h, Tq, e]
+            hc, tq = ea.shape[0], e - s
+            bl = ea.reshape(hc, tq // block, block, e // block, block).sum(axis=(2, 4))
+            hb_rows.append(jnp.pad(bl, ((0, 0), (0, 0), (0, nb - e // block))))
+            if sink > 0:
+                ea = jnp.where(jnp.arange(e)[None, None, :] < sink, 0.0, ea)
+            d = jnp.pad(_diag_sums(ea, s), ((0, 0), (0, n - e)))
+            hd = d if hd is None else hd + d
+        blocks_out.append(jnp.concatenate(hb_rows, axis=1))
+        diag_out.append(hd)
+    return jnp.concatenate(blocks_out, axis=0), jnp.concatenate(diag_out, axis=0)
+
+
+def auto_q_chunk(batch: int, heads: int, length: int, budget: int = 1 << 24,
+                 block: int = BLOCK) -> int:
+    """Largest power-of-two multiple of `block` with batch*heads*q_chunk*length <= budget."""
+    q = block
+    while q * 2 <= length and batch * heads * q * 2 * length <= budget:
+        q *= 2
+    return q
+
+
+# ----------------------------------------------------------------------------- accumulators
+@dataclasses.dataclass
+class InfluenceProfile:
+    """Sums of |E| over the items profiled at one length.
+
+    blocks: float64 [L, H, N/block, N/block]; diag: float64 [L, H, N] (non-sink keys only);
+    count: items summed; loss_sum: sum of the items' dense answer losses.
+    """
+
+    length: int
+    sink: int
+    block: int
+    blocks: np.ndarray
+    diag: np.ndarray
+    count: int = 0
+    loss_sum: float = 0.0
+
+    @classmethod
+    def zeros(cls, num_layers: int, num_heads: int, length: int, sink: int,
+              block: int = BLOCK) -> "InfluenceProfile":
+        nb = length // block
+        return cls(length, sink, block, np.zeros((num_layers, num_heads, nb, nb)),
+                   np.zeros((num_layers, num_heads, length)))
+
+    @property
+    def mean_blocks(self) -> np.ndarray:
+        return self.blocks / max(self.count, 1)
+
+    @property
+    def mean_diag(self) -> np.ndarray:
+        return self.diag / max(self.count, 1)
+
+    @property
+    def dense_loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    def merge(self, other: "InfluenceProfile") -> "InfluenceProfile":
+        """Sum of two partial profiles (e.g. from different hosts or resumed runs)."""
+        if (self.length, self.sink, self.block, self.diag.shape) != \
+                (other.length, other.sink, other.block, other.diag.shape):
+            raise ValueError("cannot merge profiles of different lengths, sinks or shapes")
+        return InfluenceProfile(self.length, self.sink, self.block, self.blocks + other.blocks,
+                                self.diag + other.diag, self.count + other.count,
+                                self.loss_sum + other.loss_sum)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, length=self.length, sink=self.sink, block=self.block,
+                            blocks=self.blocks, diag=self.diag, count=self.count,
+                            loss_sum=self.loss_sum)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "InfluenceProfile":
+        with np.load(path) as z:
+            return cls(int(z["length"]), int(z["sink"]), int(z["block"]), z["blocks"], z["diag"],
+                       int(z["count"]), float(z["loss_sum"]))
+
+    # ------------------------------------------------------------------ estimates
+    def window_losses(self, windows: np.ndarray, estimator: str = "token") -> np.ndarray:
+        """Estimated loss [L, H, R] of each window in `windows` int [R] (sinks = self.sink).
+
+        'token': sum of mean |E| over entries with i - j >= w and j >= sink (exactly the
+        entries `window_sink_mask` drops). 'block': the reference's block form: query block m
+        keeps key blocks below ceil(sink/block) and the last ceil(w/block) blocks up to the
+        diagonal; every other causal block's sum counts.
+        """
+        windows = np.asarray(windows, np.int64)
+        n = self.length
+        if estimator == "token":
+            d = self.mean_diag
+            # suffix[..., w] = sum_{x >= w} d[..., x]; suffix[..., n] = 0.
+            suffix = np.concatenate([np.cumsum(d[..., ::-1], axis=-1)[..., ::-1],
+                                     np.zeros(d.shape[:-1] + (1,))], axis=-1)
+            return suffix[..., np.clip(windows, 0, n)]
+        if estimator == "block":
+            bl = self.mean_blocks
+            nb = bl.shape[-1]
+            m = np.arange(nb)[:, None]
+            j = np.arange(nb)[None, :]
+            sink_blocks = -(-self.sink // self.block)
+            out = np.zeros(bl.shape[:2] + (len(windows),))
+            for r, w in enumerate(windows):
+                if w >= n:
+                    continue
+                keep = -(-int(w) // self.block)
+                dropped = (j <= m - keep) & (j >= sink_blocks)
+                out[..., r] = (bl * dropped).sum(axis=(-1, -2))
+            return out
+        raise ValueError(f"estimator must be 'token' or 'block', got {estimator!r}")
+
+    def rule_losses(self, grid, estimator: str = "token") -> np.ndarray:
+        """Estimated loss [L, H, R] of each rule of a `RuleGrid` at this profile's length."""
+        if grid.sink != self.sink:
+            raise ValueError(f"the rule grid keeps {grid.sink} sinks but the profile excluded "
+                             f"{self.sink}")
+        return self.window_losses(grid.windows(self.length), estimator)
+
+
+def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int = 64,
+                  batch_size: int = 1, q_chunk: int | None = None,
+                  head_chunk: int | None = None, attn_chunk: int = 512,
+                  pad_id: int | None = None, mesh=None, progress: bool = True,
+                  profile: InfluenceProfile | None = None,
+                  on_batch=None) -> InfluenceProfile:
+    """Profiles every head on `items` (all of length <= `length`) and returns the summed profile.
+
+    Args:
+      items: calibration items (`.tokens`, `.answer_start`).
+      length: profile length N (a multiple of 64); items are right-padded to it.
+      sink: sink tokens every rule keeps (excluded from the diagonal sums).
+      batch_size: items per backward pass.
+      q_chunk, head_chunk: influence kernel chunking (default: fit ~16M floats per step).
+      attn_chunk: query chunk of the attention in the forward/backward passes.
+      profile: a partial profile to continue (its `count` items are skipped).
+      on_batch: called with the running profile after every batch (checkpointing).
+    """
+    cfg = model.config
+    if length % BLOCK:
+        raise ValueError(f"profile length {length} must be a multiple of {BLOCK}")
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    prof = profile or InfluenceProfile.zeros(cfg.num_layers, cfg.num_heads, length, sink)
+    todo = list(items)[prof.count:]
+    batches = make_batches(todo, length, batch_size, pad_id)
+    hc = cfg.num_heads if head_chunk is None else int(head_chunk)
+    qc = int(q_chunk) if q_chunk else auto_q_chunk(batch_size, hc, length)
+    qc = max(BLOCK, min(qc, length))
+    attn_chunk = min(length, int(attn_chunk))
+    bar = tqdm(total=len(todo) * cfg.num_layers, desc=f"influence N={length}",
+               disable=not progress, unit="layer-item")
+    runner = LayerRunner(model, mesh)
+    for batch in batches:
+        b = batch.shape[0]
+        bar.set_postfix_str("forward")
+        losses, layers = runner.backward(batch, q_chunk=attn_chunk)
+        bar.set_postfix_str("backward + influence")
+        blocks = np.zeros_like(prof.blocks)
+        diag = np.zeros_like(prof.diag)
+        for layer, dout, (q, k, v) in layers:
+            bl, dg = layer_influence(q, k, v, dout, sink=sink, block=BLOCK, q_chunk=qc,
+                                     head_chunk=hc)
+            blocks[layer] = np.asarray(bl)
+            diag[layer] = np.asarray(dg)
+            bar.update(b)
+        prof = InfluenceProfile(length, sink, BLOCK, prof.blocks + blocks, prof.diag + diag,
+                                prof.count + b, prof.loss_sum + float(np.sum(losses)))
+        if on_batch is not None:
+            on_batch(prof)
+    bar.close()
+    return prof

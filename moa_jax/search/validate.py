@@ -1,0 +1,93 @@
+"""Measured (not estimated) answer loss of plans, to pick the best Pareto candidate.
+
+MoA keeps the non-dominated plans of its multi-objective search and picks the one with the lowest
+loss on held-out items at a length longer than any it profiled. Here the loss is the same
+answer-only cross-entropy as in calibration, on held-out documents, at `length`.
+
+Backends:
+- 'masked' (CPU default): query-chunked attention under `window_sink_mask`, one decoder layer
+  per compiled call with that layer's windows and sinks passed as arrays, so every layer of every
+  plan of one length shares one compiled program.
+- 'moa': `MoAAttention` (the Pallas block-sparse kernel that serves the plan); one compilation
+  per plan. The default on GPU and TPU.
+
+Public API:
+  WindowArgAttention(q_chunk)            backend taking per-layer (windows, sinks) arrays
+  plan_losses(model, batches, plan, length, backend='auto') -> float [items]
+  measure_plans(model, batches, plans: {name: Plan}, length, ...) -> {name: float [items]}
+  pick_best(losses: {name: per-item}) -> name
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.llama import Llama
+from moa_jax.plan import Plan
+from moa_jax.search.profile import Batch, LayerRunner, answer_losses, chunked_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowArgAttention(AttentionBackend):
+    """Window + sink attention whose per-layer `cache` argument is (windows [H], sinks [H])."""
+
+    q_chunk: int = 512
+
+    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
+        raise NotImplementedError("WindowArgAttention scores whole sequences (no KV cache)")
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+        windows, sinks = cache
+        out = chunked_attention(q, k, v, positions, windows=windows, sinks=sinks,
+                                q_chunk=self.q_chunk)
+        return out, None
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        return "moa" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "masked"
+    if backend not in ("moa", "masked"):
+        raise ValueError(f"validation backend must be 'auto', 'moa' or 'masked', got {backend!r}")
+    return backend
+
+
+def plan_losses(model: Llama, batches: Sequence[Batch], plan: Plan, length: int, *,
+                backend: str = "auto", q_chunk: int = 512) -> np.ndarray:
+    """Per-item answer loss with `plan` resolved at `length` (dense: `Plan.dense`)."""
+    plan.validate(model.config)
+    if _resolve_backend(backend) == "moa":
+        from moa_jax.models.moa_attention import MoAAttention
+        return answer_losses(model, batches, MoAAttention(plan, length=length))
+    runner = LayerRunner(model)
+    windows = jnp.asarray(plan.resolve(length), jnp.int32)
+    sinks = jnp.asarray(plan.sink_array(), jnp.int32)
+    args = [(windows[i], sinks[i]) for i in range(plan.num_layers)]
+    attention = WindowArgAttention(int(q_chunk))
+    out = [runner.losses(b, attention, args) for b in batches]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def measure_plans(model: Llama, batches: Sequence[Batch], plans: Mapping[str, Plan],
+                  length: int, *, backend: str = "auto", q_chunk: int = 512,
+                  progress: bool = True) -> dict[str, np.ndarray]:
+    """{name: per-item answer loss} for every plan, on the same held-out batches."""
+    out = {}
+    for name, plan in tqdm(plans.items(), desc=f"validate N={length}", unit="plan",
+                           disable=not progress):
+        out[name] = plan_losses(model, batches, plan, length, backend=backend, q_chunk=q_chunk)
+    return out
+
+
+def pick_best(losses: Mapping[str, np.ndarray], candidates: Sequence[str] | None = None) -> str:
+    """The candidate with the lowest mean loss (ties: the first)."""
+    names = list(candidates if candidates is not None else losses)
+    if not names:
+        raise ValueError("no candidates to pick from")
+    return min(names, key=lambda n: (float(np.mean(losses[n])), names.index(n)))

@@ -1,0 +1,261 @@
+"""Influence profiling: E = -A/(1-A) * (G - rowsum(G*A)) against the true loss change, block and
+diagonal reductions, chunking invariance and the rule-loss estimators."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moa_jax.config import ModelConfig
+from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.llama import forward, init_random
+from moa_jax.pallas_kernels.reference import window_sink_mask
+from moa_jax.search.profile import (ChunkedAttention, InfluenceProfile, answer_grads,
+                                    answer_losses, influence_dense, layer_influence,
+                                    make_batches, profile_items)
+from moa_jax.search.rules import scaled_grid
+
+T = 128
+ANSWER_START = 100
+CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=2, head_dim=16, pad_token_id=0)
+
+
+@dataclasses.dataclass
+class Item:
+    tokens: list
+    answer_start: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BiasedAttention(AttentionBackend):
+    """Dense causal attention plus an additive logit bias [H, T, T] per layer (the cache arg)."""
+
+    def init_cache(self, *a, **k):
+        raise NotImplementedError
+
+    def __call__(self, q, k, v, *, layer, positions, cache):
+        b, t, h, d = q.shape
+        g = h // k.shape[2]
+        k, v = jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)
+        logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * d ** -0.5 + cache[None]
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e30)
+        return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(logits, -1), v), None
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = init_random(CFG, seed=1)
+    graphdef, state = nnx.split(model)
+    # Larger weights give peaked attention, so single entries matter.
+    state = jax.tree.map(lambda x: x * 3.0 if x.ndim == 2 else x, state)
+    model = nnx.merge(graphdef, state)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1, CFG.vocab_size, T).tolist()
+    batch = make_batches([Item(tokens, ANSWER_START)], T, 1, 0)[0]
+    losses, dout, qkv = answer_grads(model, batch, q_chunk=32)
+    return model, tokens, batch, losses, dout, qkv
+
+
+def _loss_with_bias(model, tokens, biases):
+    graphdef, state = nnx.split(model)
+    logits, _ = forward(graphdef, state, jnp.asarray([tokens]), jnp.arange(T)[None],
+                        cache=tuple(biases), attention=BiasedAttention())
+    lp = jax.nn.log_softmax(logits[0], -1)
+    pos = np.arange(ANSWER_START - 1, T - 1)
+    return float(-lp[pos, np.asarray(tokens)[ANSWER_START:]].mean())
+
+
+def test_answer_loss_matches_model_forward(setup):
+    model, tokens, _, losses, _, _ = setup
+    zero = [jnp.zeros((CFG.num_heads, T, T)) for _ in range(CFG.num_layers)]
+    assert losses[0] == pytest.approx(_loss_with_bias(model, tokens, zero), rel=1e-5)
+
+
+def test_influence_predicts_masking_one_entry(setup):
+    """Dropping entry (i, j) of a small A_ij and renormalising changes the answer loss by about
+    E_ij. The model's loss is non-linear in A (2 layers deep), so the first-order match is
+    statistical: most entries within 10%, all within 40%, same sign, correlation near 1."""
+    model, tokens, _, _, dout, qkv = setup
+    zero = [jnp.zeros((CFG.num_heads, T, T)) for _ in range(CFG.num_layers)]
+    base = _loss_with_bias(model, tokens, zero)
+    e = [np.asarray(influence_dense(*qkv[layer], dout[layer]))[0] for layer in range(2)]
+    a = [_probs(*qkv[layer][:2]) for layer in range(2)]
+    rng = np.random.default_rng(3)
+    est, true = [], []
+    for _ in range(400):
+        layer, h = int(rng.integers(2)), int(rng.integers(CFG.num_heads))
+        i = int(rng.integers(ANSWER_START - 1, T - 1))
+        j = int(rng.integers(1, i + 1))
+        # small perturbations only, and |E| well above the float32 noise of a loss difference
+        if a[layer][h, i, j] > 0.05 or abs(e[layer][h, i, j]) < 5e-5:
+            continue
+        biases = list(zero)
+        biases[layer] = biases[layer].at[h, i, j].set(-1e9)
+        true.append(_loss_with_bias(model, tokens, biases) - base)
+        est.append(e[layer][h, i, j])
+        if len(est) == 16:
+            break
+    est, true = np.asarray(est), np.asarray(true)
+    assert len(est) >= 10
+    rel = np.abs(true - est) / np.abs(est)
+    assert np.all(np.sign(true) == np.sign(est))
+    assert np.mean(rel < 0.1) >= 0.75, rel
+    assert rel.max() < 0.4, rel
+    assert np.corrcoef(est, true)[0, 1] > 0.98
+
+
+def _probs(q, k):
+    """Dense causal attention probabilities [H, T, T] of row 0 of the batch."""
+    g = q.shape[2] // k.shape[2]
+    k = jnp.repeat(k, g, 2)
+    logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * q.shape[-1] ** -0.5
+    logits = jnp.where(jnp.tril(jnp.ones((T, T), bool)), logits, -1e30)
+    return np.asarray(jax.nn.softmax(logits, -1))[0]
+
+
+def test_influence_exact_when_loss_is_linear_in_attention():
+    """With L = sum(W * O), O = A V, the loss is linear in A, and masking + renormalising changes
+    A exactly as E assumes: E_ij must equal the true change for any A_ij (the 1/(1-A) factor
+    matters here: peaked rows have A_ij near 1)."""
+    rng = np.random.default_rng(0)
+    n, h, hkv, d = 24, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(1, n, h, d)) * 3, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(1, n, hkv, d)) * 3, jnp.float32)
+    v = jnp.asarray(rng.normal(size=(1, n, hkv, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(1, n, h, d)), jnp.float32)
+    e = np.asarray(influence_dense(q, k, v, w))[0]
+    kk, vv = np.repeat(np.asarray(k, np.float64), 2, 2)[0], np.repeat(np.asarray(v, np.float64), 2, 2)[0]
+    qq, ww = np.asarray(q, np.float64)[0], np.asarray(w, np.float64)[0]
+    a_max = 0.0
+    for hh in range(h):
+        logits = qq[:, hh] @ kk[:, hh].T / np.sqrt(d)
+        logits[np.triu_indices(n, 1)] = -np.inf
+        a = np.exp(logits - logits.max(1, keepdims=True))
+        a /= a.sum(1, keepdims=True)
+        for i in range(1, n):
+            for j in range(i + 1):
+                if a[i, j] > 0.999:             # 1 - A loses float32 precision (and hits EPS)
+                    continue
+                a2 = a[i].copy()
+                a2[j] = 0
+                a2 /= a2.sum()
+                true = ww[i, hh] @ (vv[:, hh].T @ (a2 - a[i]))
+                assert e[hh, i, j] == pytest.approx(true, rel=2e-3, abs=1e-5), (hh, i, j, a[i, j])
+                a_max = max(a_max, a[i, j])
+    assert a_max > 0.9                  # the check covered strongly peaked rows
+    # row 0 has a single key: only the direct term -A*G (dropping it zeroes the output)
+    g00 = [ww[0, hh] @ vv[0, hh] for hh in range(h)]
+    np.testing.assert_allclose(e[:, 0, 0], -np.asarray(g00), rtol=1e-4)
+
+
+def test_influence_sign_and_masked_entries(setup):
+    _, _, _, _, dout, qkv = setup
+    e = np.asarray(influence_dense(*qkv[0], dout[0]))[0]
+    assert np.all(np.triu(e, 1) == 0)            # future keys: no influence
+    assert np.isfinite(e).all()
+
+
+def test_block_and_diag_sums_match_dense(setup):
+    _, _, _, _, dout, qkv = setup
+    q, k, v = qkv[1]
+    e = np.abs(np.asarray(influence_dense(q, k, v, dout[1]))[0])     # [H, T, T]
+    bl, dg = layer_influence(q, k, v, dout[1], sink=4, block=16, q_chunk=T, head_chunk=None)
+    want_bl = e.reshape(CFG.num_heads, T // 16, 16, T // 16, 16).sum(axis=(2, 4))
+    np.testing.assert_allclose(np.asarray(bl), want_bl, rtol=1e-5, atol=1e-9)
+    es = e.copy()
+    es[..., :4] = 0
+    want_dg = np.stack([[np.trace(es[h], offset=-d) for d in range(T)]
+                        for h in range(CFG.num_heads)])
+    np.testing.assert_allclose(np.asarray(dg), want_dg, rtol=1e-5, atol=1e-9)
+
+
+def test_chunked_equals_unchunked(setup):
+    _, _, _, _, dout, qkv = setup
+    q, k, v = qkv[0]
+    full = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=T, head_chunk=None)
+    for qc, hc in ((16, 1), (32, 3), (64, 2)):
+        part = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=qc, head_chunk=hc)
+        for a, b in zip(full, part):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-10)
+
+
+def test_attention_chunk_does_not_change_gradients(setup):
+    model, _, batch, losses, dout, _ = setup
+    l2, d2, _ = answer_grads(model, batch, q_chunk=T)
+    np.testing.assert_allclose(np.asarray(l2), np.asarray(losses), rtol=1e-6)
+    for a, b in zip(dout, d2):
+        scale = float(np.abs(np.asarray(a)).max())
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_token_estimator_is_exact_masked_sum(setup):
+    """window_losses('token') = sum of |E| over exactly the entries window_sink_mask drops."""
+    _, _, _, _, dout, qkv = setup
+    sink = 16
+    e = [np.abs(np.asarray(influence_dense(*qkv[layer], dout[layer]))[0]) for layer in range(2)]
+    prof = InfluenceProfile.zeros(CFG.num_layers, CFG.num_heads, T, sink, block=16)
+    for layer in range(2):
+        bl, dg = layer_influence(*qkv[layer], dout[layer], sink=sink, block=16, q_chunk=32)
+        prof.blocks[layer], prof.diag[layer] = np.asarray(bl), np.asarray(dg)
+    prof.count = 1
+    windows = np.array([1, 16, 40, 64, 100, T])
+    est = prof.window_losses(windows, "token")
+    pos = jnp.arange(T)[None]
+    for r, w in enumerate(windows):
+        keep = np.asarray(window_sink_mask(pos, jnp.arange(T), jnp.full((1,), w), sink))[0, 0]
+        causal = np.tril(np.ones((T, T), bool))
+        dropped = causal & ~keep
+        for layer in range(2):
+            want = (e[layer] * dropped[None]).sum(axis=(1, 2))
+            np.testing.assert_allclose(est[layer, :, r], want, rtol=1e-5, atol=1e-9)
+    # block estimator: with block-aligned windows the block form also drops the partial
+    # diagonal block the token form keeps, so it is never smaller
+    blk = prof.window_losses(windows, "block")
+    aligned = windows % 16 == 0
+    assert (blk[..., aligned] >= est[..., aligned] - 1e-9).all()
+    assert np.all(est[..., -1] == 0) and np.all(blk[..., -1] == 0)
+
+
+def test_profile_items_accumulates_and_resumes(tmp_path):
+    model = init_random(CFG, seed=2)
+    rng = np.random.default_rng(1)
+    items = [Item(rng.integers(1, 128, n).tolist(), n - 20) for n in (100, 128, 90)]
+    full = profile_items(model, items, 128, sink=64, batch_size=2, progress=False)
+    assert full.count == 3 and full.diag.shape == (2, 4, 128)
+    part = profile_items(model, items[:1], 128, sink=64, batch_size=1, progress=False)
+    part.save(tmp_path / "p.npz")
+    resumed = profile_items(model, items, 128, sink=64, batch_size=1, progress=False,
+                            profile=InfluenceProfile.load(tmp_path / "p.npz"))
+    np.testing.assert_allclose(resumed.diag, full.diag, rtol=1e-4, atol=1e-12)
+    assert resumed.loss_sum == pytest.approx(full.loss_sum, rel=1e-5)
+    grid = scaled_grid([128])
+    est = full.rule_losses(grid)
+    assert est.shape == (2, 4, len(grid))
+    assert np.all(est[..., grid.dense_index()] == 0)
+    # monotone: a rule that keeps more entries at N never has a larger estimate
+    w = grid.windows(128)
+    order = np.argsort(w)
+    assert np.all(np.diff(est[..., order], axis=-1) <= 1e-12)
+
+
+def test_chunked_attention_backend_matches_mask(setup):
+    """ChunkedAttention with windows = the masked oracle (answer losses through both paths)."""
+    model, tokens, batch, losses, _, _ = setup
+    dense = answer_losses(model, [batch], ChunkedAttention(q_chunk=32))
+    np.testing.assert_allclose(dense, np.asarray(losses), rtol=1e-5)
+    windows = ((8, 16, 32, 128), (4, 128, 64, 9))
+    sinks = ((4, 4, 0, 0), (16, 0, 4, 4))
+    got = answer_losses(model, [batch], ChunkedAttention(windows, sinks, q_chunk=32))
+    biases = []
+    for layer in range(2):
+        m = np.asarray(window_sink_mask(jnp.arange(T)[None], jnp.arange(T),
+                                        jnp.asarray(windows[layer]), jnp.asarray(sinks[layer])))
+        biases.append(jnp.where(m[0], 0.0, -1e9))
+    want = _loss_with_bias(model, tokens, biases)
+    assert got[0] == pytest.approx(want, rel=1e-5)

@@ -1,0 +1,139 @@
+"""`python -m moa_jax.profile` end to end on the tiny random model (seconds, no network)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from moa_jax.config import ModelConfig
+from moa_jax.models.registry import TINY_RANDOM_CONFIG
+from moa_jax.plan import Plan
+from moa_jax.profile import FAST, _build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = (ROOT / "tests" / "data" / "pride_and_prejudice_opening.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    words = TEXT.split()
+    for i in range(5):
+        rng = np.random.default_rng(i)
+        (d / f"part{i}.txt").write_text(" ".join(rng.permutation(words).tolist()))
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    argv = ["--model", "tiny-random", "--corpus", str(corpus), "--lengths", "256", "384",
+            "--items", "1", "--validation-length", "512", "--validation-items", "1",
+            "--answer-tokens", "12", "--eps-intervals", "1", "--max-candidates", "2",
+            "--out", str(out / "plan"), "--calibration-cache", str(out / "cache"),
+            "--no-progress"]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_cli_writes_a_valid_plan_and_report(run_dir):
+    out, _ = run_dir
+    plan_dir = out / "plan"
+    plan = Plan.load(plan_dir / "plan.json")
+    plan.validate(TINY_RANDOM_CONFIG)
+    assert plan.shape == (TINY_RANDOM_CONFIG.num_layers, TINY_RANDOM_CONFIG.num_heads)
+    meta = plan.metadata
+    assert meta["model"] == "tiny-random" and meta["profile_lengths"] == [256, 384]
+    assert set(meta["kv_density"]) == {"256", "384", "512"}
+    for n, d in meta["kv_density"].items():
+        assert 0.45 - 1e-9 <= d <= 0.5 + 1e-9, (n, d)
+        assert d == pytest.approx(plan.kv_density(int(n)))
+    assert {"dense", "uniform", meta["candidate"]} <= set(meta["validation"])
+    assert meta["validated_loss"] == meta["validation"][meta["candidate"]]
+    for layer in range(plan.num_layers):        # at most two distinct rules per layer
+        assert len(set(zip(plan.alphas[layer], plan.betas[layer]))) <= 2
+    for name in ("spans.png", "loss_vs_density.png"):
+        data = (plan_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    report = json.loads((plan_dir / "report.json").read_text())
+    assert report["chosen"] == meta["candidate"]
+    assert len(report["spans_per_layer"]) == TINY_RANDOM_CONFIG.num_layers
+    assert any((plan_dir / "candidates").glob("c*.json"))
+    assert len(list((plan_dir / "profiles").glob("*.npz"))) == 2
+
+
+def test_plan_round_trips_and_rejects_another_model(run_dir, tmp_path):
+    out, _ = run_dir
+    plan = Plan.load(out / "plan" / "plan.json")
+    again = Plan.load(plan.save(tmp_path / "copy.json"))
+    assert again == plan and again.metadata["candidate"] == plan.metadata["candidate"]
+    for n in (256, 512, 4096):
+        np.testing.assert_array_equal(again.resolve(n), plan.resolve(n))
+    other = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=3,
+                        num_heads=4, num_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="3"):
+        plan.validate(other)
+
+
+def test_cli_rerun_uses_caches(run_dir, monkeypatch):
+    """A second run reuses the calibration set and the profiles (no generation, no profiling)."""
+    out, argv = run_dir
+
+    def boom(*a, **k):
+        raise AssertionError("should have been cached")
+
+    monkeypatch.setattr("moa_jax.generate.generate", boom)
+    monkeypatch.setattr("moa_jax.search.profile.profile_items", boom)
+    assert main(argv + ["--no-validate"]) == 0
+    plan = Plan.load(out / "plan" / "plan.json")
+    assert "validation" not in plan.metadata
+
+
+def test_yaml_presets_are_valid_flags():
+    parser = _build_parser()
+    valid = {a.dest for a in parser._actions}
+    presets = sorted((ROOT / "configs" / "profile").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"default", "fast"}
+    for path in presets:
+        values = yaml.safe_load(path.read_text())
+        assert set(values) <= valid, (path, set(values) - valid)
+    fast = yaml.safe_load((ROOT / "configs" / "profile" / "fast.yaml").read_text())
+    for k, v in FAST.items():
+        assert fast[k] == v, k
+    defaults = yaml.safe_load((ROOT / "configs" / "profile" / "default.yaml").read_text())
+    for k, v in defaults.items():
+        assert parser.get_default(k) == v, k
+
+
+def test_help_runs():
+    res = subprocess.run([sys.executable, "-m", "moa_jax.profile", "--help"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0
+    assert "--density" in res.stdout and "--fast" in res.stdout
+
+
+@pytest.mark.slow
+def test_fast_mode_on_smollm2(tmp_path):
+    """`--fast` on the real SmolLM2-135M (several minutes on 2 CPU cores)."""
+    from moa_jax.models.registry import smollm2_gguf_path
+    from moa_jax.models.weights import WeightsNotFoundError
+
+    try:
+        smollm2_gguf_path()
+    except WeightsNotFoundError as e:
+        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+    assert main(["--fast", "--out", str(tmp_path), "--no-progress"]) == 0
+    plan = Plan.load(tmp_path / "plan.json")
+    cfg = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                      num_heads=9, num_kv_heads=3, head_dim=64)
+    plan.validate(cfg)
+    for n in FAST["lengths"]:
+        assert 0.45 - 1e-9 <= plan.kv_density(n) <= 0.5 + 1e-9
+    val = plan.metadata["validation"]
+    assert val[plan.metadata["candidate"]] < val["uniform"]
