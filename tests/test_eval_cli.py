@@ -72,12 +72,13 @@ def test_cli_plan_yaml_and_same_items(tmp_path):
         by.setdefault((r["task"], r["index"]), set()).add(r["method"])
     assert all(v == {"dense", "uniform", "moa"} for v in by.values())
     again = _run(tmp_path, "--config", str(yaml_path))
-    key = lambda r: (r["task"], r["method"], r["index"])  # noqa: E731
-    first = {key(r): r.get("nll") for r in res["records"]}
-    second = {key(r): r.get("nll") for r in again["records"]}
+    def nlls(d):
+        return {(r["task"], r["method"], r["index"]): r.get("nll") for r in d["records"]}
+
+    first, second = nlls(res), nlls(again)
     assert first.keys() == second.keys()
-    for k in first:
-        assert first[k] == pytest.approx(second[k], rel=1e-5)
+    for k, v in first.items():
+        assert v == pytest.approx(second[k], rel=1e-5)
 
 
 def test_cli_rejects_bad_input(tmp_path):

@@ -15,9 +15,16 @@ from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.llama import forward, init_random
 from moa_jax.pallas_kernels.reference import window_sink_mask
-from moa_jax.search.profile import (ChunkedAttention, InfluenceProfile, answer_grads,
-                                    answer_losses, influence_dense, layer_influence,
-                                    make_batches, profile_items)
+from moa_jax.search.profile import (
+    ChunkedAttention,
+    InfluenceProfile,
+    answer_grads,
+    answer_losses,
+    influence_dense,
+    layer_influence,
+    make_batches,
+    profile_items,
+)
 from moa_jax.search.rules import scaled_grid
 
 T = 128

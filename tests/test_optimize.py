@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from moa_jax.plan import Plan
-from moa_jax.search.optimize import (InfeasibleBudgetError, SearchProblem, epsilon_sweep,
-                                     pareto_front, solve)
+from moa_jax.search.optimize import (
+    InfeasibleBudgetError,
+    SearchProblem,
+    epsilon_sweep,
+    pareto_front,
+    solve,
+)
 from moa_jax.search.rules import RuleGrid, reference_grid, scaled_grid
 
 
@@ -83,7 +88,6 @@ def test_milp_respects_density_band_and_rule_limit():
     rng = np.random.default_rng(5)
     L, H = 4, 6
     g = scaled_grid([256, 512, 1024])
-    R = len(g)
     lengths = (256, 512, 1024)
     losses = {}
     scale = rng.lognormal(0, 1, (L, H))

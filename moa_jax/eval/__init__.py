@@ -30,8 +30,8 @@ for _task in (LineRetrieval(), Passkey(), MultiKeyNeedle(), MultiValueNeedle(),
         register_task(_task)
 GROUPS.setdefault("ruler", ("mk_needle", "mv_needle", "var_track", "common_words"))
 
-from moa_jax.eval.report import detail_table, pivot_table, summarize  # noqa: E402
-from moa_jax.eval.runner import Runner  # noqa: E402
+from moa_jax.eval.report import detail_table, pivot_table, summarize
+from moa_jax.eval.runner import Runner
 
 __all__ = ["TASKS", "GROUPS", "resolve_tasks", "register_task", "Item", "Task", "TaskContext",
            "METHODS", "register_method", "resolve_methods", "Method", "MethodContext",

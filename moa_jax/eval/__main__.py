@@ -264,11 +264,11 @@ def write_report(payload: dict[str, Any], out: Path, plots: bool = True) -> str:
     deltas = [d for d in payload["paired_vs_dense"]]
     skipped = [f"- {m}: {info['reason']}" for m, info in payload["methods"].items()
                if not info["available"]]
-    md = [f"# moa_jax.eval: {s['model']}", "",
-          f"{env['date']}, {env['device']}, jax {env['jax']} ({env['attention_impl']} attention), "
-          f"{s['num_items']} items per cell, seed {s['seed']}, corpus {s['corpus']}, "
-          f"{env['wall_seconds'] / 60:.1f} min.", "", pivot_table(rows), "", detail_table(rows),
-          ""]
+    info = (f"{env['date']}, {env['device']}, jax {env['jax']} ({env['attention_impl']} "
+            f"attention), {s['num_items']} items per cell, seed {s['seed']}, corpus "
+            f"{s['corpus']}, {env['wall_seconds'] / 60:.1f} min.")
+    md = [f"# moa_jax.eval: {s['model']}", "", info, "", pivot_table(rows), "",
+          detail_table(rows), ""]
     if deltas:
         md += ["Paired differences to dense on the same items (mean +- standard error):", "",
                paired_table(deltas), ""]

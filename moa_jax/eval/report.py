@@ -68,7 +68,7 @@ def pivot_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [m]
         for t, p, n in cols:
             r = val.get((t, n, m))
-            cells.append(_fmt(r["value"] if r else None, 2 if p == "ppl" else 2))
+            cells.append(_fmt(r["value"] if r else None, 2))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

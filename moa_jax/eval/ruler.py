@@ -32,6 +32,7 @@ from moa_jax.eval.tasks import (WORDS, Item, Task, TaskContext, extract_numbers,
 
 NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden inside the following text. "
                       "Memorise them: I will ask about them afterwards.\n\n")
+VT_INSTRUCTION = "Memorise the variable assignments hidden in the following text.\n\n"
 FILLER = ("The river runs down to the sea. The hills are quiet today. A bird sings in the old "
           "oak tree. The road goes on and on. ")
 
@@ -145,14 +146,13 @@ class VariableTracking(Task):
             chain = [f"VAR {names[0]} = {value}."] + [
                 f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(self.hops)]
             depths = np.sort(rng.uniform(0.0, 1.0, size=len(chain))).tolist()
-            instruction = ("Memorise the variable assignments hidden in the following text.\n\n")
             question = (f"\n\nWhich variables are assigned the value {value}, directly or "
                         "through other variables, in the text above? List their names.")
             prefix = f"The variables that hold the value {value} are:"
             filler = FILLER * (budget * 8 // len(FILLER) + 1)
 
             def build(u, filler=filler, chain=chain, depths=depths, question=question):
-                return instruction + insert_at_depths(filler[:u], chain, depths) + question
+                return VT_INSTRUCTION + insert_at_depths(filler[:u], chain, depths) + question
 
             _, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
                                   hi=len(filler))

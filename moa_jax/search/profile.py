@@ -65,7 +65,11 @@ from tqdm.auto import tqdm
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.kv_cache import DenseKVCache
 from moa_jax.models.llama import Llama, rope_inv_freq
-from moa_jax.pallas_kernels.reference import causal_mask, mha_reference, window_sink_mask
+from moa_jax.pallas_kernels.reference import (
+    causal_mask,
+    mha_reference,
+    window_sink_mask,
+)
 
 EPS = 1e-6
 BLOCK = 64
