@@ -135,7 +135,7 @@ def bench_one(kind: str, s: int, args, rows: list[dict]):
             idx = np.asarray(idx)
             kvs, per_kv = np.unique(idx // g, return_counts=True)
             if len(set(per_kv.tolist())) != 1:
-                raise RuntimeError("cuDNN baseline needs the same heads per used KV head")
+                kvs = idx // g      # uneven groups: one K/V copy per query head (plain MHA)
             parts.append((w, idx, kvs))
         qs = [q[:, :, idx] for _, idx, _ in parts]
         kvsub = [(k[:, :, kvs], v[:, :, kvs]) for _, _, kvs in parts]

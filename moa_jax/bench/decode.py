@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import platform
@@ -259,16 +260,29 @@ def _memory_stats() -> dict:
 
 
 def make_weights(cfg, seed: int = 0):
-    """(graphdef, state) of a random bf16 model, initialised on the default device."""
+    """(graphdef, state) of a random bf16 model, made on the default device.
+
+    Leaf by leaf, one small jitted generator per distinct shape: jitting the whole model's
+    initialiser compiles for minutes at 8B shapes, while the values do not matter here.
+    """
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
-    from moa_jax.models.llama import abstract_model, init_random
+    from moa_jax.models.llama import abstract_model
 
-    graphdef, _ = nnx.split(abstract_model(cfg, dtype="bfloat16", param_dtype="bfloat16"))
-    state = jax.jit(lambda: nnx.split(init_random(cfg, seed, dtype="bfloat16",
-                                                  param_dtype="bfloat16"))[1])()
-    return graphdef, state
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype="bfloat16", param_dtype="bfloat16"))
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def leaf(key, shape, dtype):
+        if len(shape) == 1:                                    # norm scales
+            return jnp.ones(shape, dtype)
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    made = [leaf(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
+    return graphdef, jax.tree_util.tree_unflatten(treedef, made)
 
 
 def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, args,
@@ -282,10 +296,14 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
     attention = variant.make(context, cache_len)
     row = dict(method=variant.method, variant=variant.label, context=context, batch=batch,
                steps=n, **variant.params)
-    caches = attention.init_cache(cfg, batch, cache_len, jnp.bfloat16)
-    fill = jax.jit(fill_cache, static_argnums=1, donate_argnums=0)
+    # Layer by layer, dropping each zero cache as its filled copy is made: the filler ignores
+    # the old values, so XLA prunes the argument and donation cannot free it.
+    caches = list(attention.init_cache(cfg, batch, cache_len, jnp.bfloat16))
+    fill = jax.jit(fill_cache, static_argnums=1)
     keys = jax.random.split(jax.random.key(context + batch), len(caches))
-    caches = tuple(fill(c, context, kk) for c, kk in zip(caches, keys))
+    for i, kk in enumerate(keys):
+        caches[i] = fill(caches[i], context, kk)
+    caches = tuple(caches)
     kv_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(caches))
     w_leaves = jax.tree_util.tree_leaves(state)
     w_bytes = sum(x.nbytes for x in w_leaves)
@@ -596,6 +614,7 @@ def main(argv=None) -> int:
                 json.dump(report, fh, indent=1, default=str)
 
     def log(row):
+        rows.append(row)
         keep = {k: v for k, v in row.items() if k not in ("error",)}
         print(json.dumps(keep), flush=True)
         if "error" in row:
@@ -618,7 +637,7 @@ def main(argv=None) -> int:
                              batch=None, status="error", error=f"ImportError: {e}"))
         else:
             for c in args.contexts:
-                rows += sweep(lambda b: _guard(lambda: bench_hf(cfg, c, b, args, bw_t), dict(
+                sweep(lambda b: _guard(lambda: bench_hf(cfg, c, b, args, bw_t), dict(
                     method="hf", variant="hf transformers sdpa", context=c, batch=b)),
                     args.batches, args.refine, log)
     jax_vars = [v for v in variants(args, cfg) if v.method != "hf"]
@@ -638,7 +657,7 @@ def main(argv=None) -> int:
         for var in jax_vars:
             for c in args.contexts:
                 base = dict(method=var.method, variant=var.label, context=c, **var.params)
-                rows += sweep(lambda b: _guard(
+                sweep(lambda b: _guard(
                     lambda: bench_jax(var, cfg, graphdef, state, c, b, args, bw),
                     dict(base, batch=b)), args.batches, args.refine, log)
     save()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 _NEG_INF = -1e30
+_EXACT = jax.lax.Precision.HIGHEST   # true f32 products (GPUs default to TF32)
 
 
 def causal_mask(q_positions: jax.Array, k_positions: jax.Array,
@@ -73,14 +74,14 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     g = h // hkv
     scale = d ** -0.5 if scale is None else scale
     qg = q.reshape(b, t, hkv, g, d).astype(jnp.float32)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * scale
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=_EXACT) * scale
     mask = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, hkv, g, t, s)
     logits = jnp.where(mask, logits, _NEG_INF)
     m = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
     safe = jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", p / safe, v.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bskd->btkgd", p / safe, v.astype(jnp.float32), precision=_EXACT)
     out = out.reshape(b, t, h, d).astype(q.dtype)
     if not return_lse:
         return out
