@@ -154,13 +154,25 @@ def cache_shardings(cache: Any, mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_R
     return tuple(one_layer(c) for c in cache)
 
 
-def initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` when a multi-process launch is detected.
+def initialize_distributed() -> bool:
+    """Joins a multi-process run (`jax.distributed.initialize`) when the launch says so.
 
-    jax reads the coordinator, process count and id from its standard environment variables
-    (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or from the cluster (TPU pods,
-    SLURM, Open MPI), so a single-process run does nothing here.
+    Explicit: `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID`, the same on every host but the id. Otherwise jax's own cluster detection
+    (TPU pod slices, SLURM, Open MPI) when one of those launched us. A plain single-process run
+    does nothing. Returns whether a distributed run was joined. Call it before anything touches
+    a device.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or \
-            os.environ.get("TPU_WORKER_HOSTNAMES"):
+    addr = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if addr:
+        n, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+        if n is None or pid is None:
+            raise ValueError("JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES and "
+                             "JAX_PROCESS_ID are not: set all three on every process")
+        jax.distributed.initialize(addr, num_processes=int(n), process_id=int(pid))
+        return True
+    if os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1" or \
+            os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
         jax.distributed.initialize()
+        return True
+    return False

@@ -38,3 +38,15 @@ def test_undivisible_dims_are_replicated():
     mesh = make_mesh(MeshConfig(1, 1, 1))
     spec = logical_to_spec(("embed", "kv_heads"), (64, 3), mesh)
     assert tuple(spec) == (None, None)
+
+
+def test_initialize_distributed_needs_the_whole_launch(monkeypatch):
+    from moa_jax.parallel import initialize_distributed
+
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS",
+              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    assert initialize_distributed() is False          # a plain run joins nothing
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID are not"):
+        initialize_distributed()

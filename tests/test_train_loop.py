@@ -22,6 +22,7 @@ from moa_jax.train.recycled import TrainDenseAttention
 
 TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
 CHECK = Path(__file__).with_name("multidevice_train_check.py")
+MP_CHECK = Path(__file__).with_name("multiprocess_train_check.py")
 
 
 def write_corpus(directory: Path) -> Path:
@@ -243,3 +244,30 @@ def test_sharded_training_matches_one_device(tmp_path):
                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("OK") == 4, res.stdout
+
+
+def test_two_process_distributed_training_matches_one_device(tmp_path):
+    """`python -m moa_jax.train` in 2 processes joined by jax.distributed over localhost (the
+    JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID launch of the README), a
+    (2, 1, 2) mesh over both processes' devices: the same losses as one device."""
+    import socket
+
+    corpus = write_corpus(tmp_path / "corpus")
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
+    res = subprocess.run([sys.executable, str(MP_CHECK), str(corpus), str(tmp_path / "mp"),
+                          str(port)], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr
+    recs = [json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in recs if r["event"] == "start"]
+    assert len(starts) == 1, "only the lead process writes metrics"
+    assert starts[0]["devices"] == 4 and starts[0]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
+    losses = [r["loss"] for r in recs if r["event"] == "train"]
+    ref = train(TrainConfig(model="tiny-random", corpus=str(corpus), attention="recycled",
+                            prefix_len=24, tail_len=8, top_k=6, steps=2, batch_size=8, lr=3e-3,
+                            warmup_steps=1, progress=False, log_every=100,
+                            async_checkpointing=False, out_dir=str(tmp_path / "one"),
+                            mesh_data=1), devices=jax.devices()[:1])
+    np.testing.assert_allclose(losses, [ref.losses[1], ref.losses[2]], rtol=2e-5)

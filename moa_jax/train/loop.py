@@ -542,16 +542,20 @@ class TrainResult:
 
 
 class _Metrics:
-    def __init__(self, path: Path):
+    """metrics.jsonl, written by the lead process only (the others run the same steps)."""
+
+    def __init__(self, path: Path, write: bool = True):
         self.path = path
-        self.f = open(path, "a", encoding="utf-8")
+        self.f = open(path, "a", encoding="utf-8") if write else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
     def read(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -657,9 +661,11 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     elif cfg.resume:
         print(f"--resume: no checkpoint in {ckpt.directory}, starting from step 0",
               file=sys.stderr)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-
-    metrics = _Metrics(out / "metrics.jsonl")
+    lead = jax.process_index() == 0     # multi-process runs: one writer, one log
+    if lead:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    log = tqdm.write if lead else (lambda *a, **k: None)
+    metrics = _Metrics(out / "metrics.jsonl", write=lead)
     ebs = cfg.eval_batch_size or cfg.micro_batch
     entries = attention_entries(attention, seq_len, mc.num_heads)
     flops_step = cfg.batch_size * train_flops_per_sequence(mc, seq_len, entries)
@@ -691,13 +697,13 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         evals.append(rec)
         line = " ".join(f"{k}: ppl {v['ppl']:.3f}" + (f" tail {v['ppl_tail']:.3f}" if tail else "")
                         for k, v in res.items())
-        tqdm.write(f"eval step {step}: {line}")
+        log(f"eval step {step}: {line}")
 
     if start == 0:
         run_eval(0)
     losses: dict[int, float] = {}
     interrupted = False
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not cfg.progress,
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (cfg.progress and lead),
                dynamic_ncols=True, file=sys.stderr)
     step = start
     try:
@@ -721,7 +727,7 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}",
                             tok_s=f"{rec['tokens_per_s']:.0f}")
             if step % cfg.log_every == 0 or step == cfg.steps:
-                tqdm.write(f"step {step}: loss {loss:.4f} lr {rec['lr']:.3e} grad_norm "
+                log(f"step {step}: loss {loss:.4f} lr {rec['lr']:.3e} grad_norm "
                            f"{rec['grad_norm']:.3f} tokens/s {rec['tokens_per_s']:.0f}" +
                            (f" mfu {rec['mfu']:.3f}" if peak else ""))
             if not math.isfinite(loss):
@@ -743,12 +749,20 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         metrics.close()
 
     if not interrupted and cfg.export_hf:
-        export_hf(graphdef, params, cfg.export_hf, dtype=cfg.export_dtype or cfg.param_dtype,
-                  tokenizer=tokenizer)
-        tqdm.write(f"exported HF checkpoint to {cfg.export_hf}")
-    summary = _summary(out, cfg)
-    if not interrupted:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if jax.process_count() > 1:     # every process takes part in the gather
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if lead:
+            export_hf(graphdef, params, cfg.export_hf,
+                      dtype=cfg.export_dtype or cfg.param_dtype, tokenizer=tokenizer)
+            log(f"exported HF checkpoint to {cfg.export_hf}")
+    if lead:
+        summary = _summary(out, cfg)
+        if not interrupted:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    else:
+        summary = {}
     return TrainResult(out, losses, step, interrupted, evals, summary)
 
 
@@ -774,14 +788,18 @@ def _summary(out: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from moa_jax.parallel import initialize_distributed
+
     cfg = parse_config(argv)
     try:
+        initialize_distributed()
         result = train(cfg)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.summary
-    print(json.dumps({k: s[k] for k in s if k not in ("eval_before", "eval_after")}))
+    if s:       # the lead process's
+        print(json.dumps({k: s[k] for k in s if k not in ("eval_before", "eval_after")}))
     if result.interrupted:
         print(f"stopped after step {result.final_step} (stop_after); resume with --resume",
               file=sys.stderr)
