@@ -231,6 +231,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="KV cache capacity in tokens (default: prompt + new tokens)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the prompt as raw text even if the model has a chat template")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="shard params, batch and KV cache on a device mesh (moa_jax.parallel), "
+                        "e.g. 1,1,8 (tensor parallel) or -1,1,1; default: one device")
     return p
 
 
@@ -293,10 +296,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         printed[0] = len(text)
 
+    mesh = None
+    if args.mesh:
+        from moa_jax.parallel import MeshConfig, make_mesh
+
+        mesh = make_mesh(MeshConfig.parse(args.mesh))
     t0 = time.perf_counter()
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                    key=jax.random.key(args.seed), max_cache_len=args.max_cache_len,
-                   attention=attention, recycle=recycle,
+                   attention=attention, recycle=recycle, mesh=mesh,
                    on_token=on_token if len(prompts) == 1 else None)
     jax.effects_barrier()
     dt = time.perf_counter() - t0

@@ -59,6 +59,16 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """'DATA,FSDP,TENSOR' (command lines), e.g. '2,2,2' or '-1,1,2'."""
+        try:
+            data, fsdp, tensor = (int(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"a mesh is DATA,FSDP,TENSOR (three integers), got {text!r}") \
+                from None
+        return cls(data, fsdp, tensor)
+
     def shape(self, num_devices: int) -> tuple[int, int, int]:
         dims = [self.data, self.fsdp, self.tensor]
         if sum(d == -1 for d in dims) > 1:

@@ -93,9 +93,11 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=1, help="items per forward/backward")
     c.add_argument("--q-chunk", type=int, default=None, help="influence rows per step (auto)")
     c.add_argument("--head-chunk", type=int, default=None, help="influence heads per step (all)")
-    c.add_argument("--data-parallel", action="store_true",
-                   help="shard profiling batches over all devices (moa_jax.parallel mesh); "
-                        "--batch-size should be a multiple of the device count")
+    c.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="profile on a device mesh (moa_jax.parallel), e.g. 8,1,1 or 2,2,2; -1 "
+                        "takes the remaining devices; batches split over data x fsdp (make "
+                        "--batch-size a multiple), heads and MLP over tensor. Default: one "
+                        "device")
     c.add_argument("--attn-chunk", type=int, default=512,
                    help="query chunk of the memory-light attention used by profiling/validation")
     o = p.add_argument_group("output")
@@ -299,10 +301,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # ---------------------------------------------------------------- profiling
     t0 = time.perf_counter()
     mesh = None
-    if args.data_parallel and jax.device_count() > 1:
+    if args.mesh:
         from moa_jax.parallel import MeshConfig, make_mesh
-        mesh = make_mesh(MeshConfig())
-        _log(f"profiling batches sharded over {jax.device_count()} devices")
+        mesh = make_mesh(MeshConfig.parse(args.mesh))
+        _log(f"profiling on a {dict(mesh.shape)} mesh of {mesh.devices.size} devices")
     profiles = {}
     pdir = out / "profiles"
     for n in lengths:

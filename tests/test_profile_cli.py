@@ -162,3 +162,23 @@ def test_fast_mode_on_smollm2(tmp_path):
         assert 0.45 - 1e-9 <= plan.kv_density(n) <= 0.5 + 1e-9
     val = plan.metadata["validation"]
     assert val[plan.metadata["candidate"]] < val["uniform"]
+
+
+def test_profile_on_meshes_matches_one_device(corpus, tmp_path):
+    """--mesh 8,1,1 / 2,2,2 / 1,1,8 on 8 forced CPU devices: the same influence profiles and
+    plan as one device (jax fixes its device count at start-up, hence the subprocess)."""
+    import os
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    check = ROOT / "tests" / "multidevice_profile_check.py"
+    res = subprocess.run([sys.executable, str(check), str(corpus), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("OK") == 3, res.stdout[-3000:]
+
+
+def test_bad_mesh_is_an_error(corpus, tmp_path):
+    with pytest.raises(ValueError, match="a mesh is DATA,FSDP,TENSOR"):
+        main(["--model", "tiny-random", "--corpus", str(corpus), "--mesh", "2x2",
+              "--out", str(tmp_path)])
