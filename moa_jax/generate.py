@@ -160,6 +160,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         state = jax.device_put(state, param_shardings(state, mesh))
         tokens = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
         lengths = jax.device_put(lengths, batch_sharding(mesh, lengths.shape))
+        attention = attention.on_mesh(mesh)
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     out, n = _generate_jit(
         graphdef, state, tokens, lengths,

@@ -1,6 +1,9 @@
 """Run by test_parallel.py with 8 forced CPU devices: meshes vs one device.
 
-Prints one 'OK <mesh>' line per mesh whose forward logits and greedy tokens match.
+Prints one 'OK <mesh>' line per mesh whose forward logits and greedy tokens match, dense and
+with a heterogeneous MoA plan (whose prefill kernel runs under shard_map, each device with its
+heads' windows; its gradients too), and with the recycled, StreamingLLM and H2O decode
+kernels (rows and KV heads split).
 """
 
 import numpy as np
@@ -11,11 +14,14 @@ from flax import nnx
 from moa_jax.config import ModelConfig
 from moa_jax.generate import generate
 from moa_jax.models.llama import forward, init_random
+from moa_jax.models.moa_attention import MoAAttention
+from moa_jax.models.recycled import H2OAttention, RecycleConfig, StreamingAttention
+from moa_jax.plan import Plan
 from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, param_shardings
 
 assert jax.device_count() == 8, jax.devices()
 cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=8, num_kv_heads=4, head_dim=16)
+                  num_heads=16, num_kv_heads=8, head_dim=16)
 model = init_random(cfg, seed=0)
 g, s = nnx.split(model)
 rng = np.random.RandomState(0)
@@ -24,6 +30,23 @@ tokens = jnp.asarray(rng.randint(0, 128, (8, 32)))
 pos = jnp.broadcast_to(jnp.arange(32), (8, 32))
 ref_logits, _ = forward(g, s, tokens, pos)
 ref_tokens = generate(model, prompts, max_new_tokens=8, stop_ids=()).tokens
+windows = rng.choice([1, 3, 8, 20, 64], (cfg.num_layers, cfg.num_heads))
+plan = Plan.from_windows(windows.tolist(), rng.randint(0, 3, windows.shape).tolist())
+moa = MoAAttention(plan, length=40)
+
+
+def moa_loss(state, tokens, attention):
+    logits, _ = forward(g, state, tokens, pos, attention=attention)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
+
+
+ref_moa, ref_grad = jax.value_and_grad(moa_loss)(s, tokens, moa)
+ref_moa_tokens = generate(model, prompts, max_new_tokens=8, stop_ids=(), attention=moa).tokens
+decoders = {"recycled": dict(attention=moa, recycle=RecycleConfig(k=8, stride=3)),
+            "streaming": dict(attention=StreamingAttention(k=8)),
+            "h2o": dict(attention=H2OAttention(k=8))}
+ref_dec = {name: generate(model, prompts, max_new_tokens=8, stop_ids=(), **kw).tokens
+           for name, kw in decoders.items()}
 
 for mc in (MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshConfig(1, 8, 1)):
     mesh = make_mesh(mc)
@@ -37,4 +60,17 @@ for mc in (MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshCo
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4, rtol=1e-4)
     out = generate(model, prompts, max_new_tokens=8, stop_ids=(), mesh=mesh)
     np.testing.assert_array_equal(out.tokens, ref_tokens)
+    on_mesh = moa.on_mesh(mesh)
+    toks = jax.device_put(tokens, batch_sharding(mesh, tokens.shape))
+    jaxpr = str(jax.make_jaxpr(moa_loss, static_argnums=2)(ss, toks, on_mesh))
+    assert "shard_map" in jaxpr
+    val, grad = jax.value_and_grad(moa_loss)(ss, toks, on_mesh)
+    np.testing.assert_allclose(float(val), float(ref_moa), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(ref_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    out = generate(model, prompts, max_new_tokens=8, stop_ids=(), attention=moa, mesh=mesh)
+    np.testing.assert_array_equal(out.tokens, ref_moa_tokens)
+    for name, kw in decoders.items():
+        out = generate(model, prompts, max_new_tokens=8, stop_ids=(), mesh=mesh, **kw)
+        np.testing.assert_array_equal(out.tokens, ref_dec[name], err_msg=name)
     print("OK", mc, flush=True)

@@ -40,6 +40,15 @@ class AttentionBackend(abc.ABC):
                  lengths: jax.Array | None = None) -> tuple[jax.Array, Any | None]:
         """Attends q to k/v (and the cache); returns out [B, T, H, D] and the updated cache."""
 
+    def on_mesh(self, mesh: Any) -> "AttentionBackend":
+        """This backend for arrays laid out on `mesh`. Backends that run Pallas kernels have a
+        `mesh` field, set here, and run them under `shard_map` (`head_sharding`); jnp backends
+        are partitioned by XLA and return themselves."""
+        if dataclasses.is_dataclass(self) and any(f.name == "mesh"
+                                                  for f in dataclasses.fields(self)):
+            return dataclasses.replace(self, mesh=mesh)
+        return self
+
 
 @dataclasses.dataclass(frozen=True)
 class DenseAttention(AttentionBackend):

@@ -24,12 +24,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.kv_cache import SpanKVCache
-from moa_jax.pallas_kernels import sparse_attention
 from moa_jax.pallas_kernels.decode import span_decode
+from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
 from moa_jax.plan import Plan
 
 
@@ -42,6 +43,9 @@ class MoAAttention(AttentionBackend):
       block_q, block_k: kernel block sizes (None: the kernel's defaults).
       kernel_backend: 'auto' | 'gpu' | 'tpu' | 'reference' (see `sparse_attention`).
       interpret: Pallas interpret mode (None: automatic, True on CPU).
+      mesh: device mesh: the prefill kernel runs under `shard_map`, rows over data x fsdp and
+        heads over tensor, each device with its heads' windows (`head_sharding`). Decoding's
+        span cache packs heads of unequal spans and is not split by head.
     """
 
     plan: Plan
@@ -51,6 +55,7 @@ class MoAAttention(AttentionBackend):
     block_k: int | None = None
     kernel_backend: str = "auto"
     interpret: bool | None = None
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if self.windows is not None:
@@ -87,9 +92,9 @@ class MoAAttention(AttentionBackend):
             out = span_decode(q[:, 0], cache, positions[:, 0], windows=windows, sinks=sinks,
                               backend=self.kernel_backend, interpret=self.interpret)
             return out[:, None], cache
-        out = sparse_attention(q, k, v, windows=windows, sink=sinks, backend=self.kernel_backend,
-                               interpret=self.interpret, block_q=self.block_q,
-                               block_k=self.block_k)
+        out = sparse_attention_on_mesh(q, k, v, self.mesh, windows=windows, sinks=sinks,
+                                       backend=self.kernel_backend, interpret=self.interpret,
+                                       block_q=self.block_q, block_k=self.block_k)
         if cache is not None:
             cache = cache.write(k, v, positions[:, 0], lengths)
         return out, cache

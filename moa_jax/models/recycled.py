@@ -61,9 +61,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
+from moa_jax.pallas_kernels.head_sharding import same_kernel_on_mesh, sparse_attention_on_mesh
 from moa_jax.pallas_kernels.recycled import full_step_decode, recycled_decode
 from moa_jax.plan import Plan
 
@@ -291,18 +293,30 @@ def _prefill_windows(opts, layer: int, h: int, t: int, max_len: int):
 
 def _prefill_attention(opts, q, k, v, layer, max_len):
     """Causal attention of a prompt at positions [0, T): dense or the plan's windows."""
-    from moa_jax.pallas_kernels import sparse_attention
-
     h, t = q.shape[2], q.shape[1]
     windows, sinks = _prefill_windows(opts, layer, h, t, max_len)
-    return sparse_attention(q, k, v, windows=windows, sink=sinks, backend=opts.kernel_backend,
-                            interpret=opts.interpret, block_q=opts.prefill_block_q,
-                            block_k=opts.prefill_block_k)
+    return sparse_attention_on_mesh(q, k, v, opts.mesh, windows=windows, sinks=sinks,
+                                    backend=opts.kernel_backend, interpret=opts.interpret,
+                                    block_q=opts.prefill_block_q, block_k=opts.prefill_block_k)
 
 
 def _kernel_kw(opts) -> dict:
     return dict(backend=opts.kernel_backend, interpret=opts.interpret,
                 num_splits=opts.num_splits)
+
+
+def _full_step(opts, q, k, v, q_positions, scores):
+    """`full_step_decode` on the backend's mesh (rows and KV heads split, `head_sharding`)."""
+    fn = functools.partial(full_step_decode, scores=scores, **_kernel_kw(opts))
+    return same_kernel_on_mesh(fn, opts.mesh, (q, k, v, q_positions), (1, 1, 1, None), 1,
+                               k.shape[1])
+
+
+def _recycled(opts, q, k, v, pos, q_positions, k_new, v_new, scores=None):
+    """`recycled_decode` on the backend's mesh (rows and KV heads split, `head_sharding`)."""
+    fn = functools.partial(recycled_decode, scores=scores, **_kernel_kw(opts))
+    return same_kernel_on_mesh(fn, opts.mesh, (q, k, v, pos, q_positions, k_new, v_new),
+                               (1, 1, 1, 1, None, 1, 1), 1, k.shape[1])
 
 
 def _chunk_info(q, positions, lengths):
@@ -347,6 +361,8 @@ class RecycledAttention(AttentionBackend):
       block: cache padding granularity in tokens (None: 128 on TPU, 64 elsewhere).
       num_splits: GPU split-K factor of the decode kernels (None: automatic).
       prefill_block_q, prefill_block_k: prefill kernel blocks (None: defaults).
+      mesh: device mesh: the kernels run under `shard_map`, rows over data x fsdp and KV heads
+        over tensor (`head_sharding`); set by `generate(mesh=...)`.
     """
 
     config: RecycleConfig
@@ -358,6 +374,7 @@ class RecycledAttention(AttentionBackend):
     num_splits: int | None = None
     prefill_block_q: int | None = None
     prefill_block_k: int | None = None
+    mesh: Mesh | None = None
 
     @property
     def wants_pre_rope_query(self) -> bool:
@@ -395,7 +412,7 @@ class RecycledAttention(AttentionBackend):
         ck, cv = _write_full(cache.k, k, start), _write_full(cache.v, v, start)
         cache = dataclasses.replace(cache, k=ck, v=cv)
         q_last = q[rows, lengths - 1]                                    # [B, H, D]
-        _, probs = full_step_decode(q_last, ck, cv, last, scores="max", **_kernel_kw(self))
+        _, probs = _full_step(self, q_last, ck, cv, last, "max")
         valid = jnp.arange(probs.shape[-1])[None, None] <= last[:, None, None]
         idx = select_top_k(probs, valid, self.config.k, self.config.pool, cache.kp.shape[2])
         kp, vp = _gather(ck, idx), _gather(cv, idx)
@@ -421,12 +438,11 @@ class RecycledAttention(AttentionBackend):
         sel = (cache.kp, cache.vp, cache.idx, cache.ref_q)
 
         def partial_branch():
-            out = recycled_decode(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0,
-                                  **_kernel_kw(self))
+            out = _recycled(self, q0, cache.kp, cache.vp, cache.idx, pos, k0, v0)
             return (out,) + sel
 
         def full_branch(need):
-            out, probs = full_step_decode(q0, ck, cv, pos, scores="max", **_kernel_kw(self))
+            out, probs = _full_step(self, q0, ck, cv, pos, "max")
             idx = select_top_k(probs, jnp.arange(probs.shape[-1])[None, None] <= pos[:, None, None],
                                cfg.k, cfg.pool, cache.kp.shape[2])
             ref_q = cache.ref_q if summ is None else summ
@@ -436,7 +452,7 @@ class RecycledAttention(AttentionBackend):
             # re-gathering it from C_f (rather than reading C_p here) reproduces it exactly.
             idx = jnp.where(need[:, None, None], idx, cache.idx)
             kp, vp = _gather(ck, idx), _gather(cv, idx)
-            out_p = recycled_decode(q0, kp, vp, idx, pos, k0, v0, **_kernel_kw(self))
+            out_p = _recycled(self, q0, kp, vp, idx, pos, k0, v0)
             return (jnp.where(need[:, None, None], out, out_p), kp, vp, idx,
                     jnp.where(need[:, None], ref_q, cache.ref_q))
 
@@ -497,6 +513,7 @@ class FullCacheAttention(AttentionBackend):
     num_splits: int | None = None
     prefill_block_q: int | None = None
     prefill_block_k: int | None = None
+    mesh: Mesh | None = None
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
         shape = (batch, cfg.num_kv_heads, _round_up(max_len, _block_for(self)), cfg.head_dim)
@@ -515,7 +532,7 @@ class FullCacheAttention(AttentionBackend):
         rows = jnp.arange(q.shape[0])
         ck = cache.k.at[rows, :, pos].set(k[:, 0].astype(cache.k.dtype))
         cv = cache.v.at[rows, :, pos].set(v[:, 0].astype(cache.v.dtype))
-        out = full_step_decode(q[:, 0], ck, cv, pos, scores=None, **_kernel_kw(self))
+        out = _full_step(self, q[:, 0], ck, cv, pos, None)
         return out[:, None], dataclasses.replace(cache, k=ck, v=cv)
 
 
@@ -560,6 +577,7 @@ class StreamingAttention(AttentionBackend):
     num_splits: int | None = None
     prefill_block_q: int | None = None
     prefill_block_k: int | None = None
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         if not 0 <= self.sink < self.k:
@@ -588,7 +606,7 @@ class StreamingAttention(AttentionBackend):
                 cache.kp.dtype), vp=_gather_chunk(v, idx, start).astype(cache.vp.dtype), idx=idx)
         q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]
         pos = positions[:, 0].astype(jnp.int32)
-        out = recycled_decode(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0, **_kernel_kw(self))
+        out = _recycled(self, q0, cache.kp, cache.vp, cache.idx, pos, k0, v0)
         kp, vp, idx = cache.kp, cache.vp, cache.idx
         slot = _after(jnp.where(pos < self.sink, pos,
                                 self.sink + jnp.remainder(pos - self.sink, self.k - self.sink)),
@@ -666,6 +684,7 @@ class H2OAttention(AttentionBackend):
     num_splits: int | None = None
     prefill_block_q: int | None = None
     prefill_block_k: int | None = None
+    mesh: Mesh | None = None
     score_chunk: int = 128
 
     def __post_init__(self):
