@@ -29,6 +29,7 @@ LOGICAL_RULES: Mapping[str, Any] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "seq": None,
+    "kv_slots": "tensor",         # a head-sharded MoA span cache's slots (SpanKVCache.shards)
     "head_dim": None,
     "norm": None,
 }

@@ -70,6 +70,8 @@ for mc in (MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshCo
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
     out = generate(model, prompts, max_new_tokens=8, stop_ids=(), attention=moa, mesh=mesh)
     np.testing.assert_array_equal(out.tokens, ref_moa_tokens)
+    span = on_mesh.init_cache(cfg, 8, 40, jnp.float32)[0]     # packed per device for decoding
+    assert span.shards == mc.tensor and span.k.shape[1] % mc.tensor == 0, (span.shards, mc)
     for name, kw in decoders.items():
         out = generate(model, prompts, max_new_tokens=8, stop_ids=(), mesh=mesh, **kw)
         np.testing.assert_array_equal(out.tokens, ref_dec[name], err_msg=name)

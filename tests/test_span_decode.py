@@ -88,3 +88,38 @@ def test_compiled_kernel_on_device(hkv, group, d, dtype, tol):
                           num_splits=s)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                    atol=tol, rtol=tol, err_msg=f"num_splits={s}")
+
+
+def test_cache_packed_for_head_shards_decodes_per_shard():
+    """A cache packed for 2 head shards: each shard's own cache (its half of the slots) decodes
+    its heads exactly as the unsplit cache does, and writes land in the same slots' contents."""
+    rng = np.random.RandomState(3)
+    b, hkv, group, d, n = 2, 4, 2, 64, 300
+    h = hkv * group
+    windows = tuple(int(x) for x in rng.choice([1, 17, 64, 100, 10 ** 6], h))
+    sinks = tuple(int(x) for x in rng.randint(0, 9, h))
+    k = jnp.asarray(rng.randn(b, n, hkv, d), jnp.float32)
+    v = jnp.asarray(rng.randn(b, n, hkv, d), jnp.float32)
+    q = jnp.asarray(rng.randn(b, h, d), jnp.float32)
+    lengths = jnp.asarray([300, 123])
+    full = SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, dtype=jnp.float32, block=16)
+    packed = SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, dtype=jnp.float32, block=16,
+                               shards=2)
+    assert packed.k.shape[1] % 2 == 0 and packed.k.shape[1] >= full.k.shape[1]
+    start = jnp.zeros(b, jnp.int32)
+    full, packed = (c.write(k, v, start, lengths) for c in (full, packed))
+    qpos = lengths - 1
+    ref = span_decode_reference(q, full, qpos, windows, sinks)
+    np.testing.assert_allclose(np.asarray(span_decode_reference(q, packed, qpos, windows, sinks)),
+                               np.asarray(ref), atol=2e-5, rtol=2e-5)
+    half = packed.k.shape[1] // 2
+    for i in range(2):
+        sl = slice(i * half, (i + 1) * half)
+        local = packed.shard(i, packed.k[:, sl], packed.v[:, sl], packed.pos[:, sl])
+        heads = slice(i * h // 2, (i + 1) * h // 2)
+        out = span_decode(q[:, heads], local, qpos, windows=windows[heads], sinks=sinks[heads],
+                          interpret=True, backend="gpu")
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref[:, heads]), atol=2e-5,
+                                   rtol=2e-5, err_msg=f"shard {i}")
+    with pytest.raises(ValueError, match="4 KV heads do not split into 3 shards"):
+        SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, shards=3)

@@ -89,7 +89,7 @@ def span_cache_layout(windows: Sequence[int], num_kv_heads: int, sink: int, max_
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "pos"),
-                   meta_fields=("sink", "rings", "block", "max_len"))
+                   meta_fields=("sink", "rings", "block", "max_len", "shards"))
 @dataclasses.dataclass
 class SpanKVCache:
     """One layer's MoA cache: per KV head only its sink tokens and a ring of its span.
@@ -104,6 +104,11 @@ class SpanKVCache:
     Memory per layer: B * M * (2 * D * itemsize + 4) bytes with
     M = sum_g roundup(sink + rings[g], block), against B * max_len * Hkv * 2 * D * itemsize for
     the dense cache.
+
+    Split over devices by heads (`shards` > 1, the mesh's `tensor` size): the KV heads form
+    `shards` contiguous groups, each group's segments packed into its own stretch of M / shards
+    slots (padded to the largest group), so splitting the slot axis evenly gives every device
+    its own heads' segments (`shard`).
     """
 
     k: jax.Array
@@ -113,6 +118,7 @@ class SpanKVCache:
     rings: tuple[int, ...]
     block: int
     max_len: int
+    shards: int = 1
 
     @staticmethod
     def segment_sizes(sink: int, rings: Sequence[int], block: int) -> tuple[int, ...]:
@@ -120,12 +126,19 @@ class SpanKVCache:
 
     @classmethod
     def zeros(cls, batch: int, windows: Sequence[int], num_kv_heads: int, sink: int,
-              max_len: int, head_dim: int, dtype=jnp.bfloat16, block: int = 64) -> "SpanKVCache":
-        """An empty cache sized by `span_cache_layout` for sequences of up to max_len tokens."""
+              max_len: int, head_dim: int, dtype=jnp.bfloat16, block: int = 64,
+              shards: int = 1) -> "SpanKVCache":
+        """An empty cache sized by `span_cache_layout` for sequences of up to max_len tokens,
+        its KV heads packed in `shards` groups."""
+        if num_kv_heads % shards:
+            raise ValueError(f"{num_kv_heads} KV heads do not split into {shards} shards")
         sink, rings = span_cache_layout(windows, num_kv_heads, sink, max_len, block)
-        m = sum(cls.segment_sizes(sink, rings, block))
+        sizes = cls.segment_sizes(sink, rings, block)
+        per = num_kv_heads // shards
+        m = shards * max(sum(sizes[i * per:(i + 1) * per]) for i in range(shards))
         return cls(jnp.zeros((batch, m, head_dim), dtype), jnp.zeros((batch, m, head_dim), dtype),
-                   jnp.full((batch, m), -1, jnp.int32), sink, rings, int(block), int(max_len))
+                   jnp.full((batch, m), -1, jnp.int32), sink, rings, int(block), int(max_len),
+                   int(shards))
 
     def holds_window(self, g: int, window: int) -> bool:
         """Whether KV head g's ring keeps every key a query head with this window needs, for
@@ -138,26 +151,44 @@ class SpanKVCache:
 
     @property
     def offsets(self) -> tuple[int, ...]:
+        """First slot of each KV head's segment."""
         sizes = self.segment_sizes(self.sink, self.rings, self.block)
-        return tuple(int(x) for x in np.cumsum((0,) + sizes[:-1]))
+        per, stretch = self.num_kv_heads // self.shards, self.k.shape[1] // self.shards
+        out = []
+        for i in range(self.shards):
+            group = sizes[i * per:(i + 1) * per]
+            out += [i * stretch + int(x) for x in np.cumsum((0,) + group[:-1])]
+        return tuple(out)
+
+    def shard(self, i: int, k: jax.Array, v: jax.Array, pos: jax.Array) -> "SpanKVCache":
+        """Shard i's own cache, over its slots k, v [B, M / shards, D] and pos."""
+        per = self.num_kv_heads // self.shards
+        return dataclasses.replace(self, k=k, v=v, pos=pos,
+                                   rings=self.rings[i * per:(i + 1) * per], shards=1)
 
     def slot_heads(self) -> np.ndarray:
-        """int [M]: the KV head owning each slot."""
-        sizes = self.segment_sizes(self.sink, self.rings, self.block)
-        return np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+        """int [M]: the KV head owning each slot (padding slots: their group's last head)."""
+        return self._slot_layout()[0]
 
     def logical_axes(self) -> "SpanKVCache":
-        return dataclasses.replace(self, k=("batch", "seq", "head_dim"),
-                                   v=("batch", "seq", "head_dim"), pos=("batch", "seq"))
+        slots = "kv_slots" if self.shards > 1 else "seq"     # packed by head groups: split them
+        return dataclasses.replace(self, k=("batch", slots, "head_dim"),
+                                   v=("batch", slots, "head_dim"), pos=("batch", slots))
 
     def _slot_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per slot (numpy, [M]): owning KV head, kind (0 sink, 1 ring, 2 padding), index."""
         heads, kinds, index = [], [], []
-        for g, (r, size) in enumerate(zip(self.rings, self.segment_sizes(self.sink, self.rings,
-                                                                        self.block))):
+        sizes = self.segment_sizes(self.sink, self.rings, self.block)
+        per, stretch = self.num_kv_heads // self.shards, self.k.shape[1] // self.shards
+        for g, (r, size) in enumerate(zip(self.rings, sizes)):
             heads += [g] * size
             kinds += [0] * self.sink + [1] * r + [2] * (size - self.sink - r)
             index += list(range(self.sink)) + list(range(r)) + [0] * (size - self.sink - r)
+            if (g + 1) % per == 0:           # the group's stretch ends: pad it
+                pad = (g + 1) // per * stretch - len(heads)
+                heads += [g] * pad
+                kinds += [2] * pad
+                index += [0] * pad
         return (np.asarray(heads, np.int32), np.asarray(kinds, np.int32),
                 np.asarray(index, np.int32))
 

@@ -29,8 +29,11 @@ from jax.sharding import Mesh
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.kv_cache import SpanKVCache
-from moa_jax.pallas_kernels.decode import span_decode
-from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
+from moa_jax.pallas_kernels.head_sharding import (
+    head_shards,
+    span_decode_on_mesh,
+    sparse_attention_on_mesh,
+)
 from moa_jax.plan import Plan
 
 
@@ -43,9 +46,9 @@ class MoAAttention(AttentionBackend):
       block_q, block_k: kernel block sizes (None: the kernel's defaults).
       kernel_backend: 'auto' | 'gpu' | 'tpu' | 'reference' (see `sparse_attention`).
       interpret: Pallas interpret mode (None: automatic, True on CPU).
-      mesh: device mesh: the prefill kernel runs under `shard_map`, rows over data x fsdp and
-        heads over tensor, each device with its heads' windows (`head_sharding`). Decoding's
-        span cache packs heads of unequal spans and is not split by head.
+      mesh: device mesh: the prefill and decode kernels run under `shard_map`, rows over
+        data x fsdp and heads over tensor, each device with its heads' windows, and the span
+        cache is packed by device (`head_sharding`); set by `generate(mesh=...)`.
     """
 
     plan: Plan
@@ -77,7 +80,7 @@ class MoAAttention(AttentionBackend):
         return tuple(
             SpanKVCache.zeros(batch, self.layer_windows(layer, max_len), cfg.num_kv_heads,
                               max(self.plan.layer_sinks(layer)), max_len, cfg.head_dim, dtype,
-                              block)
+                              block, shards=head_shards(self.mesh, cfg.num_kv_heads))
             for layer in range(cfg.num_layers))
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
@@ -89,8 +92,9 @@ class MoAAttention(AttentionBackend):
         windows = self.layer_windows(layer, n)
         if cache is not None and q.shape[1] == 1:
             cache = cache.write(k, v, positions[:, 0], lengths)
-            out = span_decode(q[:, 0], cache, positions[:, 0], windows=windows, sinks=sinks,
-                              backend=self.kernel_backend, interpret=self.interpret)
+            out = span_decode_on_mesh(q[:, 0], cache, positions[:, 0], self.mesh,
+                                      windows=windows, sinks=sinks, backend=self.kernel_backend,
+                                      interpret=self.interpret)
             return out[:, None], cache
         out = sparse_attention_on_mesh(q, k, v, self.mesh, windows=windows, sinks=sinks,
                                        backend=self.kernel_backend, interpret=self.interpret,

@@ -20,7 +20,8 @@ from typing import Any, Callable, Hashable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -120,3 +121,28 @@ def same_kernel_on_mesh(fn: Callable[..., Any], mesh: Mesh | None, args: Sequenc
     """`shard_heads` for a kernel with no per-head static settings (the decode kernels)."""
     return shard_heads(lambda i, t: (None, fn), mesh, args, head_axes, out_head_axes,
                        num_kv_heads)
+
+
+def span_decode_on_mesh(q: jax.Array, cache: Any, q_positions: jax.Array, mesh: Mesh | None, *,
+                        windows: Sequence[int], sinks: Sequence[int], **kw: Any) -> jax.Array:
+    """`span_decode` (q [B, H, D], a `SpanKVCache`) with each device's rows and heads. The cache
+    must be packed for the mesh's head split (`SpanKVCache.zeros(shards=...)`); one that is not
+    runs as a single call (XLA gathers its operands)."""
+    from moa_jax.pallas_kernels.decode import span_decode
+
+    h, hkv = q.shape[1], cache.num_kv_heads
+    windows, sinks = tuple(windows), tuple(sinks)
+    if mesh is None or cache.shards != head_shards(mesh, hkv):
+        return span_decode(q, cache, q_positions, windows=windows, sinks=sinks, **kw)
+
+    def kernel(i: int, t: int):
+        heads = slice(i * h // t, (i + 1) * h // t)
+        w, s = windows[heads], sinks[heads]
+        rings = cache.rings[i * hkv // t:(i + 1) * hkv // t]
+
+        def run(q, k, v, pos, qp):
+            return span_decode(q, cache.shard(i, k, v, pos), qp, windows=w, sinks=s, **kw)
+        return (w, s, rings), run
+
+    return shard_heads(kernel, mesh, (q, cache.k, cache.v, cache.pos, q_positions),
+                       (1, 1, 1, 1, None), 1, hkv)
