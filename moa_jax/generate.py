@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.llama import Llama
-from moa_jax.parallel import batch_sharding, cache_shardings, param_shardings
+from moa_jax.parallel import batch_sharding, cache_shardings, mesh_context, param_shardings
 from moa_jax.sampling import SamplingConfig, sample
 
 PROMPT_BUCKET = 64
@@ -162,11 +162,12 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         lengths = jax.device_put(lengths, batch_sharding(mesh, lengths.shape))
         attention = attention.on_mesh(mesh)
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
-    out, n = _generate_jit(
-        graphdef, state, tokens, lengths,
-        jax.random.key(0) if key is None else key, stop, jnp.int32(pad_id),
-        max_new_tokens=max_new_tokens, sampling=sampling, attention=attention,
-        cache_len=cache_len, on_token=on_token, mesh=mesh)
+    with mesh_context(mesh):
+        out, n = _generate_jit(
+            graphdef, state, tokens, lengths,
+            jax.random.key(0) if key is None else key, stop, jnp.int32(pad_id),
+            max_new_tokens=max_new_tokens, sampling=sampling, attention=attention,
+            cache_len=cache_len, on_token=on_token, mesh=mesh)
     return GenerateOutput(np.asarray(out), np.asarray(n))
 
 

@@ -8,6 +8,7 @@ heads on a 2-way `tensor` axis): correct, only less memory-efficient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -31,6 +32,8 @@ LOGICAL_RULES: Mapping[str, Any] = {
     "seq": None,
     "kv_slots": "tensor",         # a head-sharded MoA span cache's slots (SpanKVCache.shards)
     "head_dim": None,
+    "activation_embed": None,     # hidden states: rows split, features whole (Megatron style)
+    "activation_vocab": "tensor",
     "norm": None,
 }
 
@@ -93,6 +96,22 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: Sequence[Any] | None = No
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.shape(len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def mesh_context(mesh: Mesh | None):
+    """The mesh as jax's context mesh (`jax.set_mesh`) while tracing and running, so that
+    `constrain` inside the model sees it; a no-op context for None."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None],
+              rules: Mapping[str, Any] = LOGICAL_RULES) -> jax.Array:
+    """A sharding constraint on an activation by logical axes, on the context mesh
+    (`mesh_context`); no-op without one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

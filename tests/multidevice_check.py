@@ -17,7 +17,8 @@ from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.recycled import H2OAttention, RecycleConfig, StreamingAttention
 from moa_jax.plan import Plan
-from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, param_shardings
+from moa_jax.parallel import (MeshConfig, batch_sharding, make_mesh, mesh_context,
+                              param_shardings)
 
 assert jax.device_count() == 8, jax.devices()
 cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -57,6 +58,9 @@ for mc in (MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshCo
     if mc.fsdp > 1:
         assert q.sharding.shard_shape(q.shape)[0] == q.shape[0] // mc.fsdp, q.sharding
     logits, _ = forward(g, ss, jax.device_put(tokens, batch_sharding(mesh, tokens.shape)), pos)
+    with mesh_context(mesh):    # the model constrains its activations on the context mesh
+        assert "sharding_constraint" in str(jax.make_jaxpr(
+            lambda st, tk: forward(g, st, tk, pos))(ss, tokens))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4, rtol=1e-4)
     out = generate(model, prompts, max_new_tokens=8, stop_ids=(), mesh=mesh)
     np.testing.assert_array_equal(out.tokens, ref_tokens)

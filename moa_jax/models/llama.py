@@ -22,6 +22,7 @@ from flax import nnx
 
 from moa_jax.config import ModelConfig, parse_dtype
 from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.parallel import constrain
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 
@@ -169,11 +170,13 @@ class Llama(nnx.Module):
         """
         cfg = self.config
         inv_freq = rope_inv_freq(cfg)
-        x = self.embed_tokens(tokens)
+        hidden = ("batch", "seq", "activation_embed")
+        x = constrain(self.embed_tokens(tokens), hidden)
         new_cache = []
         for i, layer in enumerate(self.layers):
             x, c = layer(x, positions, inv_freq, None if cache is None else cache[i], attention, i,
                          lengths)
+            x = constrain(x, hidden)
             new_cache.append(c)
         x = self.norm(x)
         if logits_at is not None:
@@ -182,6 +185,7 @@ class Llama(nnx.Module):
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x)
+        logits = constrain(logits, ("batch",) + ("seq",) * (logits.ndim - 2) + ("activation_vocab",))
         return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
 
 

@@ -61,7 +61,8 @@ from jax.sharding import PartitionSpec as P
 
 from moa_jax.config import ModelConfig, parse_dtype
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.parallel import MeshConfig, logical_to_spec, make_mesh, param_shardings
+from moa_jax.parallel import (MeshConfig, logical_to_spec, make_mesh, mesh_context,
+                              param_shardings)
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
 from moa_jax.train.data import (PACKINGS, Batch, BatchIterator, PackedData, eval_rows,
                                 load_documents, pack, split_documents, tokenize_documents)
@@ -672,8 +673,12 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     peak = peak_flops(cfg)
     tokens_step = cfg.batch_size * seq_len
     schedule = lr_schedule(cfg)
-    step_fn = get_train_step(graphdef, attention, cfg, mesh, p_sh, o_sh,
-                             (cfg.grad_accum, cfg.micro_batch, seq_len))
+    step_jit = get_train_step(graphdef, attention, cfg, mesh, p_sh, o_sh,
+                              (cfg.grad_accum, cfg.micro_batch, seq_len))
+
+    def step_fn(*args):
+        with mesh_context(mesh):        # the model's activation constraints see the mesh
+            return step_jit(*args)
     info = {"event": "start", "step": start, "devices": len(mesh.devices.flat),
             "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
             "train_rows": len(train_data), "train_documents": len(train_docs),
@@ -690,7 +695,8 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         if eval_data is None:
             return
         t0 = time.perf_counter()
-        res = evaluate(graphdef, params, eval_data, rows, methods, tail, ebs, mesh, p_sh)
+        with mesh_context(mesh):
+            res = evaluate(graphdef, params, eval_data, rows, methods, tail, ebs, mesh, p_sh)
         rec = {"event": "eval", "step": step, "eval": res,
                "seconds": round(time.perf_counter() - t0, 3)}
         metrics.write(rec)
