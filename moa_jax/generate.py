@@ -168,6 +168,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             jax.random.key(0) if key is None else key, stop, jnp.int32(pad_id),
             max_new_tokens=max_new_tokens, sampling=sampling, attention=attention,
             cache_len=cache_len, on_token=on_token, mesh=mesh)
+    if not out.is_fully_addressable:        # a mesh over several processes: every one gets all
+        from jax.experimental import multihost_utils
+
+        out, n = multihost_utils.process_allgather((out, n), tiled=True)
     return GenerateOutput(np.asarray(out), np.asarray(n))
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moa_jax.parallel import MeshConfig, logical_to_spec, make_mesh
@@ -50,3 +51,33 @@ def test_initialize_distributed_needs_the_whole_launch(monkeypatch):
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES and JAX_PROCESS_ID are not"):
         initialize_distributed()
+
+
+def test_two_process_generate_matches_single_device():
+    """generate on a mesh spanning 2 jax.distributed processes (localhost) equals one device."""
+    import json
+    import socket
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from multiprocess_generate_check import cases
+
+    from moa_jax.generate import generate
+
+    check = Path(__file__).with_name("multiprocess_generate_check.py")
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, str(check), str(i), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outs)
+    model, prompts, backends = cases()
+    for out in outs:
+        got = json.loads(out.split("TOKENS", 1)[1])
+        for name, att in backends.items():
+            kw = {} if att is None else {"attention": att}
+            ref = generate(model, prompts, max_new_tokens=6, stop_ids=(), **kw).tokens
+            np.testing.assert_array_equal(np.asarray(got[name]), ref, err_msg=name)
