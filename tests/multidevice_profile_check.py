@@ -15,8 +15,9 @@ from moa_jax.profile import main
 
 assert jax.device_count() == 8, jax.devices()
 corpus, scratch = sys.argv[1], Path(sys.argv[2])
-base = ["--model", "tiny-random", "--corpus", corpus, "--lengths", "256", "384", "--items", "8",
-        "--batch-size", "8", "--validation-length", "512", "--validation-items", "1",
+# --fast mode, at sizes of the tiny model (explicit flags win over --fast's values).
+base = ["--fast", "--model", "tiny-random", "--corpus", corpus, "--lengths", "256", "384",
+        "--items", "8", "--batch-size", "8", "--validation-length", "512", "--validation-items", "1",
         "--answer-tokens", "12", "--eps-intervals", "1", "--max-candidates", "2",
         "--calibration-cache", str(scratch / "cache"), "--no-progress"]
 
