@@ -346,13 +346,13 @@ def _block_for(opts) -> int:
     return opts.block or default_block()
 
 
-# ------------------------------------------------------------------------------ recycled
-@dataclasses.dataclass(frozen=True)
-class RecycledAttention(AttentionBackend):
-    """Recycled Attention (see the module docstring).
+# ------------------------------------------------------------------------------ options
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelOptions(AttentionBackend):
+    """Keyword-only options of the head-major-cache backends (recycled, dense kernel,
+    StreamingLLM, H2O).
 
     Args:
-      config: the `RecycleConfig` (K, stride, dynamic threshold).
       prefill_plan: optional MoA `Plan` for the prompt's prefill (block-sparse kernel); the full
         cache stays dense, and the seed selection scores the whole prompt.
       prefill_length: length at which the plan is resolved (None: the cache's max_len).
@@ -365,7 +365,6 @@ class RecycledAttention(AttentionBackend):
         over tensor (`head_sharding`); set by `generate(mesh=...)`.
     """
 
-    config: RecycleConfig
     prefill_plan: Plan | None = None
     prefill_length: int | None = None
     kernel_backend: str = "auto"
@@ -375,6 +374,19 @@ class RecycledAttention(AttentionBackend):
     prefill_block_q: int | None = None
     prefill_block_k: int | None = None
     mesh: Mesh | None = None
+
+
+# ------------------------------------------------------------------------------ recycled
+@dataclasses.dataclass(frozen=True)
+class RecycledAttention(KernelOptions):
+    """Recycled Attention (see the module docstring).
+
+    Args:
+      config: the `RecycleConfig` (K, stride, dynamic threshold).
+      options: keyword-only, see `KernelOptions`.
+    """
+
+    config: RecycleConfig
 
     @property
     def wants_pre_rope_query(self) -> bool:
@@ -501,19 +513,10 @@ class HeadMajorKVCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class FullCacheAttention(AttentionBackend):
+class FullCacheAttention(KernelOptions):
     """Dense decoding with the full-step kernel (no selection) over a head-major dense cache:
-    the dense baseline of this machinery (options as in `RecycledAttention`)."""
+    the dense baseline of this machinery (options: `KernelOptions`)."""
 
-    prefill_plan: Plan | None = None
-    prefill_length: int | None = None
-    kernel_backend: str = "auto"
-    interpret: bool | None = None
-    block: int | None = None
-    num_splits: int | None = None
-    prefill_block_q: int | None = None
-    prefill_block_k: int | None = None
-    mesh: Mesh | None = None
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
         shape = (batch, cfg.num_kv_heads, _round_up(max_len, _block_for(self)), cfg.head_dim)
@@ -558,26 +561,17 @@ def _gather_chunk(k: jax.Array, idx: jax.Array, start: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingAttention(AttentionBackend):
+class StreamingAttention(KernelOptions):
     """StreamingLLM decoding: `sink` sinks + the K - sink most recent tokens per layer.
 
     The prompt is prefilled with full causal attention (or `prefill_plan`) and then only the
     sinks and the most recent tokens are kept; a decode step attends over the K cached tokens
     plus the current one (as the recycled partial step does), then writes the current token
-    over the oldest recent one. Options as in `RecycledAttention`.
+    over the oldest recent one. Options: `KernelOptions`.
     """
 
     k: int
     sink: int = STREAMINGLLM_SINK
-    prefill_plan: Plan | None = None
-    prefill_length: int | None = None
-    kernel_backend: str = "auto"
-    interpret: bool | None = None
-    block: int | None = None
-    num_splits: int | None = None
-    prefill_block_q: int | None = None
-    prefill_block_k: int | None = None
-    mesh: Mesh | None = None
 
     def __post_init__(self):
         if not 0 <= self.sink < self.k:
@@ -662,7 +656,7 @@ def prompt_attention_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, window
 
 
 @dataclasses.dataclass(frozen=True)
-class H2OAttention(AttentionBackend):
+class H2OAttention(KernelOptions):
     """H2O decoding: K/2 heavy hitters by accumulated attention + K/2 recent tokens.
 
     Per layer and KV head, each cached token carries its accumulated attention: after the prompt
@@ -671,20 +665,11 @@ class H2OAttention(AttentionBackend):
     the current token starts with its own). A step attends over the K cached tokens plus the
     current one, then evicts, among cached tokens outside the K - K//2 most recent positions
     (the current one included), the one with the lowest accumulated attention (empty slots
-    first), and writes the current token there. Options as in `RecycledAttention`;
+    first), and writes the current token there. Options: `KernelOptions`;
     `score_chunk` is the query chunk of the prompt's score pass.
     """
 
     k: int
-    prefill_plan: Plan | None = None
-    prefill_length: int | None = None
-    kernel_backend: str = "auto"
-    interpret: bool | None = None
-    block: int | None = None
-    num_splits: int | None = None
-    prefill_block_q: int | None = None
-    prefill_block_k: int | None = None
-    mesh: Mesh | None = None
     score_chunk: int = 128
 
     def __post_init__(self):
