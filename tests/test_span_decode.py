@@ -123,3 +123,23 @@ def test_cache_packed_for_head_shards_decodes_per_shard():
                                    rtol=2e-5, err_msg=f"shard {i}")
     with pytest.raises(ValueError, match="4 KV heads do not split into 3 shards"):
         SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, shards=3)
+
+
+def test_kernel_lowers_for_cuda():
+    """Without a GPU: the Triton kernel lowers to Triton IR at Llama-3-8B head shapes."""
+    import jax
+
+    from moa_jax.pallas_kernels.decode import _span_decode_pallas
+
+    windows = (4096, 512) * 16
+    cache = SpanKVCache.zeros(2, windows, 8, 64, 8192, head_dim=128, dtype=jnp.bfloat16)
+    q = jnp.zeros((2, 32, 128), jnp.bfloat16)
+    qp = jnp.zeros((2,), jnp.int32)
+
+    def f(q, cache, qp):
+        return _span_decode_pallas(q, cache, qp, windows=windows, sinks=(64,) * 32, scale=None,
+                                   num_splits=4, interpret=False, num_warps=4)
+    try:
+        jax.jit(f).trace(q, cache, qp).lower(lowering_platforms=("cuda",))
+    except (ImportError, ModuleNotFoundError) as e:     # jaxlib without the cuda lowering
+        pytest.skip(f"no cuda lowering in this jaxlib: {e}")

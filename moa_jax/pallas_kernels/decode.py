@@ -21,11 +21,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.experimental import pallas as pl
 
 from moa_jax.models.kv_cache import SpanKVCache
 from moa_jax.pallas_kernels.reference import mha_reference
+from moa_jax.pallas_kernels.split_k import default_splits, flash_blocks
 
 _LOG2E = math.log2(math.e)
 
@@ -78,41 +78,16 @@ def _decode_kernel(start_ref, nblk_ref, win_ref, sink_ref, qpos_ref, q_ref, k_re
     w = win_ref[g, :][:, None]
     sk = sink_ref[g, :][:, None]
     qp = qpos_ref[b]
-    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    c = scale * _LOG2E
 
-    def body(i, carry):
-        acc, m_prev, l_prev = carry
+    def load(i):
         sl = pl.ds((first + i) * bk, bk)
-        k = k_ref[b, sl, :]
-        v = v_ref[b, sl, :]
         p = pos_ref[b, sl][None, :]
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                             preferred_element_type=jnp.float32) * c
-        vis = (p >= 0) & (p <= qp) & ((qp - p < w) | (p < sk))
-        sc = jnp.where(vis, sc, -jnp.inf)
-        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_prev - m_use)
-        pr = jnp.exp2(sc - m_use[:, None])
-        acc = acc * alpha[:, None] + lax.dot_general(
-            pr.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
-        return acc, m_new, alpha * l_prev + jnp.sum(pr, axis=1)
+        return k_ref[b, sl, :], v_ref[b, sl, :], (p >= 0) & (p <= qp) & ((qp - p < w) | (p < sk))
 
-    gp, d = q.shape
-    acc, m_i, l_i = lax.fori_loop(lo, hi, body, (jnp.zeros((gp, d), jnp.float32),
-                                                 jnp.full((gp,), -jnp.inf, jnp.float32),
-                                                 jnp.zeros((gp,), jnp.float32)))
+    acc, m_i, l_i = flash_blocks(q, lo, hi, scale, load)
     o_ref[b, g, s, :, :] = acc
     m_ref[b, g, s, :] = m_i
     l_ref[b, g, s, :] = l_i
-
-
-def _default_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
-    # Enough programs to fill a GPU's ~132 SMs twice, each with at least 4 blocks of work.
-    want = -(-264 // (batch * num_kv_heads))
-    return int(max(1, min(want, max_blocks // 4 or 1)))
 
 
 @functools.partial(jax.jit, static_argnames=("windows", "sinks", "scale", "num_splits",
@@ -191,7 +166,7 @@ def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
         return span_decode_tpu(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
                                interpret=interpret)
     nblk = max(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block)) // cache.block
-    splits = num_splits or _default_splits(q.shape[0], cache.num_kv_heads, nblk)
+    splits = num_splits or default_splits(q.shape[0], cache.num_kv_heads, nblk)
     return _span_decode_pallas(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
                                num_splits=int(min(splits, nblk)), interpret=interpret,
                                num_warps=num_warps)

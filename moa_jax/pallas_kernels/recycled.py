@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-_LOG2E = math.log2(math.e)
+from moa_jax.pallas_kernels.split_k import LOG2E, default_splits, flash_blocks
+
 _SCORE_MODES = (None, "max", "sum")
 
 
@@ -98,45 +99,22 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, per_split, nblocks, scale,
     if not has_pos:          # slot = position: blocks past the query hold nothing visible
         hi = jnp.minimum(hi, qp // bk + 1)
     q = q_ref[b, g, :, :]                                             # [Gp, D]
-    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    c = scale * _LOG2E
 
-    def body(i, carry):
-        acc, m_prev, l_prev = carry
+    def load(i):
         sl = pl.ds(i * bk, bk)
-        k = k_ref[b, g, sl, :]
-        v = v_ref[b, g, sl, :]
         if has_pos:
             p = pos_ref[b, g, sl][None, :]
         else:
             p = (i * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                             preferred_element_type=jnp.float32) * c
-        sc = jnp.where((p >= 0) & (p <= qp), sc, -jnp.inf)
-        if write_logits:
-            lg_ref[b, g, :, sl] = sc
-        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_prev - m_use)
-        pr = jnp.exp2(sc - m_use[:, None])
-        acc = acc * alpha[:, None] + lax.dot_general(
-            pr.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
-        return acc, m_new, alpha * l_prev + jnp.sum(pr, axis=1)
+        return k_ref[b, g, sl, :], v_ref[b, g, sl, :], (p >= 0) & (p <= qp)
 
-    gp, d = q.shape
-    acc, m_i, l_i = lax.fori_loop(lo, hi, body, (jnp.zeros((gp, d), jnp.float32),
-                                                 jnp.full((gp,), -jnp.inf, jnp.float32),
-                                                 jnp.zeros((gp,), jnp.float32)))
+    def keep_logits(i, sc):
+        lg_ref[b, g, :, pl.ds(i * bk, bk)] = sc
+
+    acc, m_i, l_i = flash_blocks(q, lo, hi, scale, load, keep_logits if write_logits else None)
     o_ref[b, g, s, :, :] = acc
     m_ref[b, g, s, :] = m_i
     l_ref[b, g, s, :] = l_i
-
-
-def _default_splits(batch: int, num_kv_heads: int, nblocks: int) -> int:
-    # Enough programs to fill a GPU's ~132 SMs twice, each with at least 4 blocks of work.
-    want = -(-264 // (batch * num_kv_heads))
-    return int(max(1, min(want, nblocks // 4 or 1)))
 
 
 @functools.partial(jax.jit, static_argnames=("bk", "num_splits", "scale", "write_logits",
@@ -180,7 +158,7 @@ def _merge(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores):
     if k_new is not None:
         qg = q.reshape(b, hkv, group, d).astype(jnp.float32)
         s_new = jnp.einsum("bkgd,bkd->bkg", qg, k_new.astype(jnp.float32),
-                           precision=lax.Precision.HIGHEST) * (scale * _LOG2E)
+                           precision=lax.Precision.HIGHEST) * (scale * LOG2E)
         m_all = jnp.maximum(m_all, s_new)
     m_use = jnp.where(m_all == -jnp.inf, 0.0, m_all)
     wgt = jnp.exp2(m - m_use[:, :, None])                               # [B, Hkv, S, G]
@@ -265,7 +243,7 @@ def _decode(q, k, v, q_positions, *, pos, k_new, v_new, scores, backend, interpr
     else:
         bk = _pick_block(n, block_k, 64)
         nblocks = n // bk
-        splits = num_splits or _default_splits(q.shape[0], k.shape[1], nblocks)
+        splits = num_splits or default_splits(q.shape[0], k.shape[1], nblocks)
         o, m, l, logits = _gpu_partials(
             q, k, v, q_positions, pos, bk=bk, num_splits=int(max(1, min(splits, nblocks))),
             scale=scale, write_logits=scores is not None, interpret=bool(interpret),
