@@ -54,6 +54,7 @@ from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.kv_cache import DenseKVCache
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference, window_sink_mask
 from moa_jax.plan import Plan
+from moa_jax.search.profile import cache_attention
 
 
 # ----------------------------------------------------------------------------- backend
@@ -126,20 +127,6 @@ class MaskedAttention(AttentionBackend):
         return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
                      for _ in range(cfg.num_layers))
 
-    def _over_cache(self, q, cache, positions, windows, sinks):
-        kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
-        outs = []
-        for s in range(0, q.shape[1], self.q_chunk):
-            e = min(q.shape[1], s + self.q_chunk)
-            qpos = positions[:, s:e]
-            if windows is None:
-                mask = causal_mask(qpos, kpos)
-            else:
-                mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                        jnp.asarray(sinks, jnp.int32))
-            outs.append(mha_reference(q[:, s:e], cache.k, cache.v, mask))
-        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         # Slot j holds position j: right padding is overwritten by decoding and never visible to
         # a real query (causal mask), so `lengths` is not needed.
@@ -150,11 +137,13 @@ class MaskedAttention(AttentionBackend):
             return _prefill_chunks(q, k, v, windows, sinks, self.q_chunk), None
         cache = cache.write(k, v, positions[:, 0])
         if q.shape[1] == 1:
-            return self._over_cache(q, cache, positions, windows, sinks), cache
+            return cache_attention(q, cache, positions, windows=windows, sinks=sinks,
+                                   q_chunk=self.q_chunk), cache
         out = jax.lax.cond(
             jnp.all(positions[:, 0] == 0),
             lambda: _prefill_chunks(q, k, v, windows, sinks, self.q_chunk),
-            lambda: self._over_cache(q, cache, positions, windows, sinks))
+            lambda: cache_attention(q, cache, positions, windows=windows, sinks=sinks,
+                                    q_chunk=self.q_chunk))
         return out, cache
 
 

@@ -142,6 +142,24 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
+def cache_attention(q: jax.Array, cache: Any, positions: jax.Array, *,
+                    windows: Sequence[int] | None = None, sinks: Sequence[int] | int = 0,
+                    q_chunk: int = 512) -> jax.Array:
+    """Queries q [B, T, H, D] at positions [B, T] over a whole `DenseKVCache` (slot j holds
+    position j), causal or per-head window + sink masked by absolute position, query-chunked."""
+    kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
+    outs = []
+    for s, e in _chunks(q.shape[1], q_chunk):
+        qpos = positions[:, s:e]
+        if windows is None:
+            mask = causal_mask(qpos, kpos)
+        else:
+            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
+                                    jnp.asarray(sinks, jnp.int32))
+        outs.append(mha_reference(q[:, s:e], cache.k, cache.v, mask))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkedAttention(AttentionBackend):
     """Dense causal attention, or fixed per-head windows + sinks, computed in query chunks.
@@ -191,17 +209,8 @@ class ChunkedAttention(AttentionBackend):
             out = chunked_attention(q, k, v, positions, windows=windows, sinks=sinks,
                                     q_chunk=self.q_chunk)
             return out, cache
-        kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
-        outs = []
-        for s, e in _chunks(q.shape[1], self.q_chunk):
-            qpos = positions[:, s:e]
-            if windows is None:
-                mask = causal_mask(qpos, kpos)
-            else:
-                mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                        jnp.asarray(sinks, jnp.int32))
-            outs.append(mha_reference(q[:, s:e], cache.k, cache.v, mask))
-        return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)), cache
+        return cache_attention(q, cache, positions, windows=windows, sinks=sinks,
+                               q_chunk=self.q_chunk), cache
 
 
 @dataclasses.dataclass(frozen=True)
