@@ -32,8 +32,15 @@ from typing import Any, Callable
 import numpy as np
 
 
-def plan_windows(kind: str, s: int, h: int, hkv: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(windows, sinks) per query head for a named configuration."""
+def plan_windows(kind: str, s: int, h: int, hkv: int, *,
+                 dense_groups: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(windows, sinks) per query head for a named configuration.
+
+    het50 / het25 make a quarter / an eighth of the heads dense. By default the dense heads are
+    spread over the KV groups (one or two per group), which is what the prefill kernels see in
+    searched plans; `dense_groups=True` makes them whole KV groups instead, so that a decode
+    cache holding each KV head's largest window shrinks with the density.
+    """
     if kind == "dense":
         return (s,) * h, (0,) * h
     if kind.startswith("window"):
@@ -46,12 +53,17 @@ def plan_windows(kind: str, s: int, h: int, hkv: int) -> tuple[tuple[int, ...], 
         keep = (density - frac_dense) / (1.0 - frac_dense) * s      # sink + window of short heads
         w = max(64, int(round((keep - sink) / 64)) * 64)
         g = h // hkv
-        # Dense heads spread over KV groups: head index within the group rotates.
-        dense_heads = set()
         n_dense = max(1, h // every)
-        for i in range(n_dense):
-            grp = (i * hkv // n_dense) % hkv if n_dense < hkv else i % hkv
-            dense_heads.add(grp * g + (i // hkv) % g)
+        dense_heads = set()
+        if dense_groups:
+            n_groups = max(1, n_dense // g)
+            for i in range(n_groups):
+                grp = i * hkv // n_groups
+                dense_heads.update(range(grp * g, grp * g + g))
+        else:
+            for i in range(n_dense):
+                grp = (i * hkv // n_dense) % hkv if n_dense < hkv else i % hkv
+                dense_heads.add(grp * g + (i // hkv) % g)
         windows = tuple(s if i in dense_heads else w for i in range(h))
         sinks = tuple(0 if i in dense_heads else sink for i in range(h))
         return windows, sinks

@@ -21,8 +21,9 @@ Methods (`--method`, several allowed):
   dense        `DenseAttention` (the library's default decode: jnp attention over the cache)
   dense-kernel dense decoding through the recycled full-step Pallas kernel (head-major cache)
   moa          `MoAAttention` with a synthetic heterogeneous plan per `--moa-densities` (0.5:
-               a quarter of the heads dense, the rest one window with 64 sinks; 0.25: an eighth
-               dense), or `--plan` (a plan file or 'streaming:W[:S]')
+               a quarter of the heads dense, as whole KV groups, the rest one window with 64
+               sinks; 0.25: an eighth dense), and one run per `--plan` (plan files, e.g. the
+               MoA reference plans, or 'streaming:W[:S]')
   streaming    StreamingLLM, 4 sinks + K - 4 recent tokens (K = --recycle-k)
   recycled     Recycled Attention, one run per `--recycle-stride` S (fixed schedule), plus the
                dynamic schedule per `--recycle-threshold` (check every `--recycle-check` steps)
@@ -32,7 +33,10 @@ Methods (`--method`, several allowed):
                with CUDA (on CPU only with --tiny); runs before JAX touches the device
 
 Batches: `--batches` are tried in order for each (method, variant, context) until one runs out
-of memory; `--refine` then bisects between the last that fit and the first that did not.
+of memory; `--refine` then bisects between the last that fit and the first that did not. The
+entry `max` is the largest batch whose caches fit in the device memory left after the weights
+(from the caches' shapes and the allocator's limit); on running out of memory it retries 5%
+smaller. `max` needs a device that reports its memory (GPU, TPU) and is not for `hf`.
 
 Reported per run: ms/step, tokens/s (batch / step time), KV-cache GiB (all layers, every
 buffer of the method's cache), weights GiB, device memory in use after setup and the process
@@ -57,6 +61,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -111,9 +116,10 @@ def variants(args, cfg) -> list[Variant]:
         elif m == "dense-kernel":
             out.append(Variant(m, "dense-kernel", lambda c, n: FullCacheAttention(**kw)))
         elif m == "moa":
-            specs = [args.plan] if args.plan else [f"het:{d}" for d in args.moa_densities]
+            specs = [f"het:{d}" for d in args.moa_densities] + list(args.plan or ())
             for spec in specs:
-                out.append(Variant(m, f"moa {spec}", _moa_maker(spec, cfg, args),
+                name = spec if spec.startswith(("het:", "streaming:")) else Path(spec).stem
+                out.append(Variant(m, f"moa {name}", _moa_maker(spec, cfg, args),
                                    dict(plan=spec)))
         elif m == "streaming":
             out.append(Variant(m, f"streaming K={k}",
@@ -148,8 +154,11 @@ def _moa_maker(spec, cfg, args):
             kind = {0.5: "het50", 0.25: "het25"}.get(density)
             if kind is None:
                 raise ValueError(f"--moa-densities takes 0.5 or 0.25, got {density}")
-            w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads)
+            w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads,
+                                dense_groups=True)
             plan = Plan.from_windows([list(w)] * cfg.num_layers, [list(s)] * cfg.num_layers)
+        elif Path(spec).is_file():
+            plan = Plan.load(spec)
         else:
             plan = Plan.from_spec(spec, cfg.num_layers, cfg.num_heads)
         return MoAAttention(plan.validate(cfg), kernel_backend=args.kernel_backend,
@@ -443,33 +452,74 @@ def _torch_copy_bandwidth(nbytes: int) -> float:
 
 
 # ------------------------------------------------------------------------------ sweep
-def sweep(run_one, batches: list[int], refine: bool, log) -> list[dict]:
-    """Runs batches in order until one runs out of memory; optionally bisects the boundary."""
+def sweep(run_one, batches: list, refine: bool, log, largest=None) -> list[dict]:
+    """Runs batches in order until one runs out of memory; optionally bisects the boundary.
+
+    An entry "max" runs `largest()` (the estimated largest batch; skipped when not above the
+    last batch that fit) and, while that runs out of memory, up to 4 batches 5% smaller each.
+    """
     rows, fit, oom = [], None, None
-    for b in batches:
+
+    def go(b):
         row = run_one(b)
         rows.append(row)
         log(row)
-        if row["status"] == "ok":
+        return row["status"]
+
+    for b in batches:
+        if b == "max":
+            if largest is None:
+                raise ValueError("batch 'max' needs a memory estimate (a GPU or TPU, not hf)")
+            b = largest()
+            if fit is not None and b <= fit:
+                continue
+            status = go(b)
+            for _ in range(4):
+                if status != "oom" or b <= 1 or (fit is not None and b <= fit + 1):
+                    break
+                oom, b = b, max(1, min(b - 1, int(b * 0.95)))
+                status = go(b)
+        else:
+            status = go(b)
+        if status == "ok":
             fit = b
         else:
-            if row["status"] == "oom":
+            if status == "oom":
                 oom = b
             break
     if refine and fit is not None and oom is not None:
         lo, hi = fit, oom
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            row = run_one(mid)
-            rows.append(row)
-            log(row)
-            if row["status"] == "ok":
+            status = go(mid)
+            if status == "ok":
                 lo = mid
-            elif row["status"] == "oom":
+            elif status == "oom":
                 hi = mid
             else:
                 break
     return rows
+
+
+def largest_batch(variant: Variant, cfg, context: int, args, stats: dict | None = None) -> int:
+    """Largest batch whose caches (plus one layer's copy while they are filled, and 1 GiB for
+    the loop's temporaries) fit in the device memory not yet in use."""
+    import jax
+    import jax.numpy as jnp
+
+    st = _memory_stats() if stats is None else stats
+    if not st.get("bytes_limit"):
+        raise RuntimeError("batch 'max' needs a device that reports its memory limit")
+    cache_len = context + args.steps * (args.warmup + args.iters) + 1
+    attention = variant.make(context, cache_len)
+
+    def nbytes(b):
+        shapes = jax.eval_shape(lambda: attention.init_cache(cfg, b, cache_len, jnp.bfloat16))
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+
+    per_row = (nbytes(2) - nbytes(1)) * (1 + 1 / cfg.num_layers)
+    free = st["bytes_limit"] - st.get("bytes_in_use", 0) - GIB
+    return max(1, int(free // per_row))
 
 
 def _guard(fn, base: dict) -> dict:
@@ -534,6 +584,18 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _batch(s: str):
+    if s == "max":
+        return s
+    try:
+        b = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch must be a positive integer or 'max', got {s!r}")
+    if b < 1:
+        raise argparse.ArgumentTypeError(f"batch must be positive, got {b}")
+    return b
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m moa_jax.bench.decode",
                                 description=__doc__.split("\n\n")[0],
@@ -543,8 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods to run (default: dense dense-kernel moa streaming recycled)")
     p.add_argument("--contexts", type=int, nargs="+", default=None,
                    help="prompt lengths C (default 32768 65536; --tiny: 40)")
-    p.add_argument("--batches", type=int, nargs="+", default=None,
-                   help="batch sizes tried in order until OOM (default 1 2 4 ... 256)")
+    p.add_argument("--batches", type=_batch, nargs="+", default=None,
+                   help="batch sizes tried in order until OOM; 'max' = the estimated largest "
+                        "that fits (default 1 2 4 ... 256)")
     p.add_argument("--refine", action="store_true",
                    help="bisect between the largest batch that fit and the first OOM")
     p.add_argument("--steps", type=int, default=None,
@@ -561,9 +624,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic-schedule thresholds (one recycled run each)")
     p.add_argument("--recycle-check", type=int, default=10,
                    help="query check interval QC of the dynamic schedule")
-    p.add_argument("--moa-densities", type=float, nargs="+", default=[0.5, 0.25],
+    p.add_argument("--moa-densities", type=float, nargs="*", default=[0.5, 0.25],
                    help="synthetic MoA plans by KV density (0.5, 0.25)")
-    p.add_argument("--plan", default=None, help="MoA plan file or spec instead of synthetic ones")
+    p.add_argument("--plan", nargs="+", default=None,
+                   help="MoA plan files or specs, run besides the synthetic --moa-densities "
+                        "(pass --moa-densities with no value for none)")
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "gpu", "tpu", "reference"])
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
     p.add_argument("--block", type=int, default=None,
@@ -599,7 +664,10 @@ def _defaults(args):
 
 
 def main(argv=None) -> int:
-    args = _defaults(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = _defaults(parser.parse_args(argv))
+    if "hf" in args.method and "max" in args.batches:
+        parser.error("--batches max is not available for --method hf: give batch sizes")
     rows: list[dict] = []
     cfg = model_config(args)
     nbytes = int(args.bandwidth_gib * GIB)
@@ -659,7 +727,8 @@ def main(argv=None) -> int:
                 base = dict(method=var.method, variant=var.label, context=c, **var.params)
                 sweep(lambda b: _guard(
                     lambda: bench_jax(var, cfg, graphdef, state, c, b, args, bw),
-                    dict(base, batch=b)), args.batches, args.refine, log)
+                    dict(base, batch=b)), args.batches, args.refine, log,
+                    largest=lambda: largest_batch(var, cfg, c, args))
     save()
     print(format_table([r for r in rows if r.get("context") is not None]))
     return 0
