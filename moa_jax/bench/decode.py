@@ -336,11 +336,17 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
     compiled = jax.jit(run, donate_argnums=(3,)).lower(state, tok, pos, caches).compile()
     row["compile_s"] = time.perf_counter() - t0
     try:
-        ma = compiled.memory_analysis()
-        row["temp_gib"] = getattr(ma, "temp_size_in_bytes", 0) / GIB
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        row["temp_gib"] = temp / GIB
     except Exception:  # noqa: BLE001
-        pass
-    row["in_use_gib"] = _memory_stats().get("bytes_in_use", 0) / GIB or None
+        temp = 0
+    st = _memory_stats()
+    row["in_use_gib"] = st.get("bytes_in_use", 0) / GIB or None
+    if st.get("bytes_limit") and temp > st["bytes_limit"] - st.get("bytes_in_use", 0):
+        # Fail now rather than through the allocator, which retries for seconds first.
+        raise RuntimeError(f"RESOURCE_EXHAUSTED: the loop's {temp / GIB:.2f} GiB of temporaries "
+                           f"exceed the {(st['bytes_limit'] - st['bytes_in_use']) / GIB:.2f} GiB "
+                           "left after weights and caches")
     times = []
     for i in range(args.warmup + args.iters):
         t0 = time.perf_counter()
