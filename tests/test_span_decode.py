@@ -40,12 +40,25 @@ def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
     np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(dense, np.float32),
                                atol=tol, rtol=tol)
     runs = [dict(backend="gpu", num_splits=1), dict(backend="gpu", num_splits=3),
-            dict(backend="tpu")]
+            dict(backend="gpu"), dict(backend="tpu")]
     for kw in runs:
         out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=True, **kw)
         assert out.shape == q.shape and out.dtype == q.dtype
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                    atol=tol, rtol=tol, err_msg=str(kw))
+
+
+def test_default_splits_balance_uneven_segments():
+    from moa_jax.pallas_kernels.split_k import default_splits
+
+    # Batch alone: 264 programs wanted, at least 4 blocks per split.
+    assert default_splits(1, 8, 512) == 33
+    assert default_splits(54, 8, 512) == 1
+    assert default_splits(1, 8, 8) == 2
+    # One long segment among short ones: split it down to the mean segment length.
+    assert default_splits(54, 8, 512, mean_blocks=151.0) == 4
+    assert default_splits(54, 8, 512, mean_blocks=512.0) == 1
+    assert default_splits(1, 8, 512, mean_blocks=100.0) == 33
 
 
 def test_rows_that_see_nothing_are_zero():

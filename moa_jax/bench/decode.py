@@ -42,7 +42,8 @@ Reported per run: ms/step, tokens/s (batch / step time), KV-cache GiB (all layer
 buffer of the method's cache), weights GiB, device memory in use after setup and the process
 peak (where the platform reports them), XLA's temporary buffer size of the compiled loop, and
 the memory-bandwidth floor: (weight bytes read per step + KV bytes read per step) / measured
-copy bandwidth (`x + 1` over a large bf16 array, 2 bytes moved per byte). KV read per step
+copy bandwidth (`x + 1` over a large bf16 array, 2 bytes moved per byte; the fastest of 10
+calls). KV read per step
 counts the live K/V each method must read: dense C, MoA the valid slots of its span caches,
 StreamingLLM and H2O K + 1, Recycled Attention (C + (S - 1)(K + 1)) / S (dynamic: K + 1, a
 lower bound), all at the mean position of the timed steps; the step time over that floor is
@@ -241,21 +242,24 @@ def kv_read_bytes(variant: Variant, caches, cfg, batch: int, live: float, itemsi
 
 
 # ------------------------------------------------------------------------------ measurements
-def copy_bandwidth(nbytes: int, iters: int = 5) -> float:
-    """Bytes per second of `x + 1` over a bf16 array of nbytes (read + write counted)."""
+def copy_bandwidth(nbytes: int, iters: int = 10, warmup: int = 3) -> float:
+    """Bytes per second of `x + 1` over a bf16 array of nbytes (read + write counted), from the
+    fastest of `iters` calls after `warmup`: single calls vary by up to 30% on a GPU whose
+    clocks are still rising, and the floor should use what the memory can do."""
     import jax
     import jax.numpy as jnp
 
     x = jnp.ones((nbytes // 2,), jnp.bfloat16)
     f = jax.jit(lambda a: a + jnp.bfloat16(1))
-    jax.block_until_ready(f(x))
+    for _ in range(warmup):
+        jax.block_until_ready(f(x))
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(f(x))
         times.append(time.perf_counter() - t0)
     del x
-    return 2 * (nbytes // 2) * 2 / statistics.median(times)
+    return 2 * (nbytes // 2) * 2 / min(times)
 
 
 def _memory_stats() -> dict:
@@ -438,23 +442,25 @@ def bench_hf(cfg, context: int, batch: int, args, bandwidth: float) -> dict:
     return row
 
 
-def _torch_copy_bandwidth(nbytes: int) -> float:
+def _torch_copy_bandwidth(nbytes: int, iters: int = 10, warmup: int = 3) -> float:
+    """`copy_bandwidth` measured through torch (for the HF rows)."""
     import torch
 
     if not torch.cuda.is_available():
         return float("nan")
     x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    x + 1
+    for _ in range(warmup):
+        x + 1
     torch.cuda.synchronize()
     times = []
-    for _ in range(5):
+    for _ in range(iters):
         t0 = time.perf_counter()
         x + 1
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     del x
     torch.cuda.empty_cache()
-    return 2 * (nbytes // 2) * 2 / statistics.median(times)
+    return 2 * (nbytes // 2) * 2 / min(times)
 
 
 # ------------------------------------------------------------------------------ sweep

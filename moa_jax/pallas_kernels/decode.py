@@ -165,8 +165,11 @@ def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
         from moa_jax.pallas_kernels.decode_tpu import span_decode_tpu
         return span_decode_tpu(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
                                interpret=interpret)
-    nblk = max(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block)) // cache.block
-    splits = num_splits or default_splits(q.shape[0], cache.num_kv_heads, nblk)
+    blocks = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block))
+    blocks = blocks // cache.block
+    nblk = int(blocks.max())
+    splits = num_splits or default_splits(q.shape[0], cache.num_kv_heads, nblk,
+                                          float(blocks.mean()))
     return _span_decode_pallas(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
                                num_splits=int(min(splits, nblk)), interpret=interpret,
                                num_warps=num_warps)

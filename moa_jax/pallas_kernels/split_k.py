@@ -16,10 +16,15 @@ from jax import lax
 LOG2E = math.log2(math.e)
 
 
-def default_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
-    """Splits per (row, KV head): enough programs to fill a GPU's ~132 SMs twice, each with at
-    least 4 blocks of work."""
+def default_splits(batch: int, num_kv_heads: int, max_blocks: int,
+                   mean_blocks: float | None = None) -> int:
+    """Splits per (row, KV head): enough programs to fill a GPU's ~132 SMs twice, and, where
+    the KV heads' segments differ in length (MoA span caches: `mean_blocks` below
+    `max_blocks`), enough that the longest segment's programs are no longer than the mean
+    segment; each split keeps at least 4 blocks of work."""
     want = -(-264 // (batch * num_kv_heads))
+    if mean_blocks:
+        want = max(want, -(-max_blocks // max(1, int(mean_blocks))))
     return int(max(1, min(want, max_blocks // 4 or 1)))
 
 
