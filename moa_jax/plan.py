@@ -188,6 +188,15 @@ class Plan:
         d = self.kept_kv(n) / float(n)
         return d if per_head else float(d.mean())
 
+    def kv_cache_density(self, n: int, num_kv_heads: int) -> float:
+        """Size of a span cache relative to a dense one at length n: with GQA each KV head keeps
+        the largest footprint among its query heads (block rounding aside)."""
+        kept = self.kept_kv(n)
+        L, H = kept.shape
+        if num_kv_heads < 1 or H % num_kv_heads:
+            raise ValueError(f"{H} query heads do not split over {num_kv_heads} KV heads")
+        return float(kept.reshape(L, num_kv_heads, H // num_kv_heads).max(-1).mean() / n)
+
     def kept_entries(self, n: int) -> np.ndarray:
         """int64 [L, H]: exact number of kept (i, j) entries of the causal n x n mask."""
         return kept_entries(self.resolve(n), self.sink_array(), n)

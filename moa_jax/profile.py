@@ -11,8 +11,8 @@ Steps (see moa_jax/search/*.py for the method):
    cached on disk (resumable).
 2. influence profiling with jax.grad at each profile length (saved per length, resumable).
 3. candidate rules alpha + beta * N scaled to the profile lengths; a HiGHS MILP per objective
-   under the density band at every length, at most two rules per layer, epsilon-constraint sweep,
-   non-dominated set.
+   under the density band at every length (mean over heads, or the KV-cache size with
+   --budget-on kv-cache), at most two rules per layer, epsilon-constraint sweep, non-dominated set.
 4. validation: answer loss on held-out documents at the validation length for the dense model,
    a uniform window + 64 sinks of the budget density, and the candidates; the best candidate
    becomes the plan.
@@ -65,6 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="calibration items per profile length (one value for all, or one each)")
     s.add_argument("--density", type=float, default=0.5,
                    help="KV density budget d: mean kept KV / N over all heads, in [band*d, d]")
+    s.add_argument("--budget-on", choices=("heads", "kv-cache"), default="heads",
+                   help="what the budget bounds: the mean over query heads (the paper), or the "
+                        "KV-cache size, where with GQA each KV head keeps its query heads' "
+                        "largest span (decode memory)")
     s.add_argument("--band", type=float, default=0.9, help="lower end of the band as a fraction of d")
     s.add_argument("--density-lengths", type=int, nargs="*", default=None,
                    help="extra lengths where the band must hold (default: the validation length)")
@@ -330,7 +334,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     problem = SearchProblem.from_profiles(grid, profiles, args.density,
                                           density_lengths=dlen, band=args.band,
                                           max_rules_per_layer=args.max_rules_per_layer,
-                                          estimator=args.estimator)
+                                          estimator=args.estimator,
+                                          kv_group=cfg.num_heads // cfg.num_kv_heads,
+                                          budget_on=args.budget_on)
     _log(grid.describe(sorted(problem.densities)))
     sols = epsilon_sweep(problem, args.eps_intervals, time_limit=args.milp_time_limit,
                          gap=args.milp_gap, progress=progress)
@@ -379,10 +385,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report_lengths = sorted(set(lengths) | set(problem.densities) | {val_n})
     density_kv = {n: plans[best].kv_density(n) for n in report_lengths}
     density_attn = {n: plans[best].attention_density(n) for n in report_lengths}
+    density_cache = {n: plans[best].kv_cache_density(n, cfg.num_kv_heads) for n in report_lengths}
     meta = {
         "model": args.model, "model_config": _config_dict(cfg), "dtype": args.dtype,
         "created_by": "moa_jax.profile", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "budget": {"kv_density": args.density, "band": args.band,
+        "budget": {"kv_density": args.density, "band": args.band, "on": args.budget_on,
                    "density_lengths": sorted(problem.densities),
                    "max_rules_per_layer": args.max_rules_per_layer},
         "profile_lengths": lengths, "validation_length": val_n,
@@ -395,6 +402,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dense_answer_loss": {str(n): profiles[n].dense_loss for n in lengths},
         "kv_density": {str(n): v for n, v in density_kv.items()},
         "attention_density": {str(n): v for n, v in density_attn.items()},
+        "kv_cache_density": {str(n): v for n, v in density_cache.items()},
         "rule_grid": grid.to_dict(),
         "candidate": best,
     }
@@ -419,6 +427,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "plan": str(plan_path), "figures": figs, "timings_s": {k: round(v, 1)
                                                                 for k, v in timings.items()},
         "kv_density": meta["kv_density"], "attention_density": meta["attention_density"],
+        "kv_cache_density": meta["kv_cache_density"],
         "estimated_loss": meta["estimated_loss"], "dense_answer_loss": meta["dense_answer_loss"],
         "validation": meta.get("validation"), "chosen": best,
         "candidates": {nm: {**cands[nm].to_json(), "measured": nm in chosen_set,
@@ -439,9 +448,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print_summary(report, plan, lengths, val_n, measured) -> None:
     print(f"plan: {report['plan']}  (candidate {report['chosen']})")
-    print("KV density (attention density) at each length:")
+    print("KV density (attention density; KV-cache size vs dense) at each length:")
     for n, v in report["kv_density"].items():
-        print(f"  N={n}: {v:.3f} ({report['attention_density'][n]:.3f})")
+        print(f"  N={n}: {v:.3f} ({report['attention_density'][n]:.3f}; "
+              f"{report['kv_cache_density'][n]:.3f})")
     print("estimated loss of the plan (sum of dropped |E|) vs one uniform rule:")
     for n in lengths:
         print(f"  N={n}: plan {report['estimated_loss'][str(n)]:.4g}, uniform "

@@ -174,3 +174,63 @@ def test_epsilon_sweep_gives_a_pareto_front():
     # plans of the front load and validate
     plan = g.plan(front[0].choice)
     assert isinstance(plan, Plan) and plan.shape == (L, H)
+
+
+# ----------------------------------------------------------------------------- KV-cache budget
+def _brute_force_cache(problem: SearchProblem, primary: int) -> float:
+    L, H, R = problem.shape
+    best = np.inf
+    for flat in itertools.product(range(R), repeat=L * H):
+        c = np.asarray(flat).reshape(L, H)
+        if any(len(set(row)) > problem.max_rules_per_layer for row in c):
+            continue
+        obj, _ = problem.evaluate(c)
+        if all(d <= problem.budget + 1e-9 for d in problem.cache_densities(c).values()):
+            best = min(best, obj[primary])
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kv_cache_budget_finds_the_brute_force_optimum(seed):
+    rng = np.random.default_rng(seed)
+    L, H, R = 2, 4, 3
+    dens = {100: np.array([0.2, 0.5, 1.0]), 200: np.array([0.15, 0.45, 1.0])}
+    losses = {n: rng.uniform(0.1, 2.0, (L, H, 1)) * (1 - d)[None, None, :] ** 2
+              for n, d in dens.items()}
+    problem = SearchProblem(losses, dens, budget=0.55, band=0.5, max_rules_per_layer=2,
+                            kv_group=2, budget_on="kv-cache")
+    sol = solve(problem, 100, gap=0.0)
+    assert sol.objectives[100] == pytest.approx(_brute_force_cache(problem, 100), rel=1e-6)
+    cache = problem.cache_densities(sol.choice)
+    assert sol.densities == cache and all(v <= 0.55 + 1e-9 for v in cache.values())
+
+
+def test_kv_cache_budget_keeps_sensitive_heads_together():
+    # One sensitive head in each KV group of two: the per-head budget makes it dense next to a
+    # sparse partner (mean 0.6, cache 1.0); the cache budget cannot, and stays at the budget.
+    L, H = 1, 4
+    dens = {100: np.array([0.2, 0.6, 1.0])}
+    sens = np.array([10.0, 0.1, 10.0, 0.1])[None, :, None]
+    losses = {100: sens * (1 - dens[100])[None, None, :]}
+    heads = SearchProblem(losses, dens, budget=0.6, band=0.5, max_rules_per_layer=3, kv_group=2)
+    sol_h = solve(heads, 100, gap=0.0)
+    assert sol_h.densities[100] <= 0.6 + 1e-9
+    assert heads.cache_densities(sol_h.choice)[100] == pytest.approx(1.0)
+    cache = SearchProblem(losses, dens, budget=0.6, band=0.5, max_rules_per_layer=3,
+                          kv_group=2, budget_on="kv-cache")
+    sol_c = solve(cache, 100, gap=0.0)
+    assert sol_c.densities[100] <= 0.6 + 1e-9
+    assert sol_c.objectives[100] > sol_h.objectives[100]      # the stricter budget costs loss
+    with pytest.raises(ValueError, match="KV"):
+        SearchProblem(losses, dens, kv_group=3)
+    with pytest.raises(ValueError, match="budget_on"):
+        SearchProblem(losses, dens, budget_on="cache")
+
+
+def test_plan_kv_cache_density_takes_each_groups_largest_span():
+    plan = Plan.from_windows([[10, 50, 20, 20]], 0)
+    assert plan.kv_density(100) == pytest.approx(0.25)
+    assert plan.kv_cache_density(100, 2) == pytest.approx((50 + 20) / 2 / 100)
+    assert plan.kv_cache_density(100, 4) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="KV heads"):
+        plan.kv_cache_density(100, 3)

@@ -95,6 +95,29 @@ def test_cli_rerun_uses_caches(run_dir, monkeypatch):
     assert "validation" not in plan.metadata
 
 
+def test_kv_cache_budget_bounds_the_cache(run_dir, tmp_path, monkeypatch):
+    """--budget-on kv-cache (from the cached profiles): the plan's KV-cache size, each KV head
+    at its query heads' largest span, is within the budget at every density length."""
+    import shutil
+
+    out, argv = run_dir
+    shutil.copytree(out / "plan" / "profiles", tmp_path / "plan" / "profiles")
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(tmp_path / "plan")
+
+    def boom(*a, **k):
+        raise AssertionError("should have been cached")
+
+    monkeypatch.setattr("moa_jax.search.profile.profile_items", boom)
+    assert main(argv + ["--no-validate", "--budget-on", "kv-cache"]) == 0
+    plan = Plan.load(tmp_path / "plan" / "plan.json")
+    meta = plan.metadata
+    assert meta["budget"]["on"] == "kv-cache"
+    for n, d in meta["kv_cache_density"].items():
+        assert d == pytest.approx(plan.kv_cache_density(int(n), TINY_RANDOM_CONFIG.num_kv_heads))
+        assert plan.kv_density(int(n)) <= d <= 0.5 + 1e-9, (n, d)
+
+
 def test_validation_backends_agree(run_dir):
     """The masked oracle used on CPU and the MoA backend (Pallas kernel, interpret mode here)
     measure the same answer loss for the searched plan."""

@@ -13,6 +13,14 @@ Density may differ per layer; the budget `d` is the model-wide mean over heads, 
 [lo*d, d] (lo = 0.9) at each density length (the profile lengths and, e.g., the validation length).
 Two rules per layer mean a layer's heads form at most two groups (cheap kernels, METHODS.md).
 
+Budget on the KV cache (`budget_on="kv-cache"`, for GQA models): a decode cache keeps, per layer and
+KV head, the largest span among the G query heads that share it, so the per-head mean understates
+the memory (the MoA reference plan for Llama-3-8B: KV density 0.49, cache 0.66 of dense). With
+continuous c[N, l, g] >= sum_r x[l, h, r] dens[N][r] for every head h of KV head g, the band
+constrains the cache density mean_{l,g} c[N, l, g] instead, and the optimum sets each c to its
+group's largest density. (The band's lower edge binds nothing there, since c may exceed the
+maximum; losses fall with density, so the budget is used anyway.)
+
 Multi-objective (one objective per profile length), by epsilon-constraints as the reference does:
 solve each objective alone (with a 1e-6 tie-break on the others so the result is not weakly
 dominated), take each objective's range [its own optimum, its worst value among those solutions],
@@ -22,8 +30,9 @@ distinct solutions. Objectives are normalised internally (by the loss of the spa
 numerical robustness; reported values are raw.
 
 Public API:
-  SearchProblem(losses={N: [L, H, R]}, densities={N: [R]}, budget, band=0.9, max_rules_per_layer=2)
-    SearchProblem.from_profiles(grid, profiles, budget, density_lengths, estimator)
+  SearchProblem(losses={N: [L, H, R]}, densities={N: [R]}, budget, band=0.9, max_rules_per_layer=2,
+                kv_group=1, budget_on="heads")
+    SearchProblem.from_profiles(grid, profiles, budget, density_lengths, estimator, ...)
   Solution(choice [L, H], objectives {N: float}, densities {N: float}, ...)
   solve(problem, primary, eps=None, ...) -> Solution | None
   epsilon_sweep(problem, intervals=4, ...) -> list[Solution]   (all distinct feasible solutions)
@@ -57,6 +66,8 @@ class SearchProblem:
     budget: float = 0.5
     band: float = 0.9
     max_rules_per_layer: int = 2
+    kv_group: int = 1                  # query heads per KV head (GQA)
+    budget_on: str = "heads"           # "heads": mean over query heads; "kv-cache": see above
 
     def __post_init__(self):
         self.losses = {int(n): np.asarray(c, np.float64) for n, c in self.losses.items()}
@@ -76,6 +87,11 @@ class SearchProblem:
             raise ValueError(f"band must be in [0, 1], got {self.band}")
         if self.max_rules_per_layer < 1:
             raise ValueError("max_rules_per_layer must be >= 1")
+        if self.budget_on not in ("heads", "kv-cache"):
+            raise ValueError(f"budget_on must be 'heads' or 'kv-cache', got {self.budget_on!r}")
+        if self.kv_group < 1 or self.shape[1] % self.kv_group:
+            raise ValueError(f"{self.shape[1]} query heads per layer do not split into KV "
+                             f"groups of {self.kv_group}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -88,21 +104,33 @@ class SearchProblem:
     @classmethod
     def from_profiles(cls, grid: Any, profiles: Mapping[int, Any], budget: float = 0.5, *,
                       density_lengths: Sequence[int] = (), band: float = 0.9,
-                      max_rules_per_layer: int = 2, estimator: str = "token") -> "SearchProblem":
+                      max_rules_per_layer: int = 2, estimator: str = "token",
+                      kv_group: int = 1, budget_on: str = "heads") -> "SearchProblem":
         """From a `RuleGrid` and `InfluenceProfile`s; densities at the profile lengths and at
         `density_lengths`."""
         losses = {n: p.rule_losses(grid, estimator) for n, p in profiles.items()}
         dlen = sorted(set(losses) | {int(n) for n in density_lengths})
         return cls(losses, {n: grid.kv_density(n) for n in dlen}, budget, band,
-                   max_rules_per_layer)
+                   max_rules_per_layer, kv_group, budget_on)
 
     def evaluate(self, choice: np.ndarray) -> tuple[dict[int, float], dict[int, float]]:
-        """(estimated loss per profile length, mean density per density length) of a choice."""
+        """(estimated loss per profile length, budgeted density per density length) of a
+        choice: the mean over heads, or with budget_on="kv-cache" the cache density."""
         c = np.asarray(choice)
         li, hi = np.indices(c.shape)
         obj = {n: float(v[li, hi, c].sum()) for n, v in self.losses.items()}
+        if self.budget_on == "kv-cache":
+            return obj, self.cache_densities(c)
         den = {n: float(d[c].mean()) for n, d in self.densities.items()}
         return obj, den
+
+    def cache_densities(self, choice: np.ndarray) -> dict[int, float]:
+        """Per density length: the mean over layers and KV heads of the largest density among
+        each KV head's query heads (the span cache's size relative to a dense cache)."""
+        c = np.asarray(choice)
+        L, H = c.shape
+        return {n: float(d[c].reshape(L, H // self.kv_group, self.kv_group).max(-1).mean())
+                for n, d in self.densities.items()}
 
     def density_ranges(self) -> dict[int, tuple[float, float]]:
         return {n: (float(d.min()), float(d.max())) for n, d in self.densities.items()}
@@ -142,7 +170,13 @@ class _Model:
         L, H, R = problem.shape
         self.L, self.H, self.R = L, H, R
         nx, ny = L * H * R, L * R
-        self.nx, self.nv = nx, nx + ny
+        dlens = sorted(problem.densities)
+        cache = problem.budget_on == "kv-cache"
+        G = H // problem.kv_group
+        nc = len(dlens) * L * G if cache else 0          # c[N, l, g], continuous
+        self.nx, self.nv = nx, nx + ny + nc
+        self.integrality = np.r_[np.ones(nx + ny), np.zeros(nc)]
+        self.upper = np.r_[np.ones(nx + ny), np.full(nc, np.inf)]
         # objectives normalised by the loss of the sparsest choice (each head's worst rule)
         self.scale = {}
         for n, c in problem.losses.items():
@@ -178,20 +212,39 @@ class _Model:
             lb.append(np.full(L, -np.inf))
             ub.append(np.full(L, float(problem.max_rules_per_layer)))
             r0 += L
-        # density band at every density length (per-head mean)
-        total = L * H
-        for n, d in sorted(problem.densities.items()):
-            rows.append(np.full(nx, r0))
-            cols.append(np.arange(nx))
-            vals.append(np.tile(d, L * H) / total)
-            lb.append(np.array([problem.band * problem.budget - 1e-9]))
-            ub.append(np.array([problem.budget + 1e-9]))
+        band = (np.array([problem.band * problem.budget - 1e-9]),
+                np.array([problem.budget + 1e-9]))
+        for i, n in enumerate(dlens):
+            d = problem.densities[n]
+            if not cache:
+                # density band (per-head mean)
+                rows.append(np.full(nx, r0))
+                cols.append(np.arange(nx))
+                vals.append(np.tile(d, L * H) / (L * H))
+                lb.append(band[0])
+                ub.append(band[1])
+                r0 += 1
+                continue
+            # sum_r dens[N][r] x[l, h, r] - c[N, l, h // kv_group] <= 0, one row per head
+            ci = nx + ny + i * L * G + heads // problem.kv_group      # heads = l * H + h
+            rows += [r0 + np.repeat(heads, R), r0 + heads]
+            cols += [np.arange(nx), ci]
+            vals += [np.tile(d, L * H), -np.ones(L * H)]
+            lb.append(np.full(L * H, -np.inf))
+            ub.append(np.zeros(L * H))
+            r0 += L * H
+            # cache-density band: mean over KV heads of c
+            rows.append(np.full(L * G, r0))
+            cols.append(nx + ny + i * L * G + np.arange(L * G))
+            vals.append(np.full(L * G, 1.0 / (L * G)))
+            lb.append(band[0])
+            ub.append(band[1])
             r0 += 1
         self.base = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
                                                           np.concatenate(cols))),
                                   shape=(r0, self.nv))
         self.lb, self.ub = np.concatenate(lb), np.concatenate(ub)
-        self.cost = {n: np.concatenate([c.reshape(-1) / self.scale[n], np.zeros(ny)])
+        self.cost = {n: np.concatenate([c.reshape(-1) / self.scale[n], np.zeros(ny + nc)])
                      for n, c in problem.losses.items()}
 
     def solve(self, weights: Mapping[int, float], eps: Mapping[int, float],
@@ -203,7 +256,7 @@ class _Model:
             lbs.append(np.array([-np.inf]))
             ubs.append(np.array([e]))
         a = sp.vstack(mats, format="csr")
-        res = milp(c, integrality=np.ones(self.nv), bounds=Bounds(0, 1),
+        res = milp(c, integrality=self.integrality, bounds=Bounds(0, self.upper),
                    constraints=LinearConstraint(a, np.concatenate(lbs), np.concatenate(ubs)),
                    options={"time_limit": float(time_limit), "mip_rel_gap": float(gap),
                             "disp": False})
@@ -216,7 +269,8 @@ class _Model:
 def _infeasible_message(problem: SearchProblem) -> str:
     parts = [f"N={n}: rules span {lo:.3f}..{hi:.3f}"
              for n, (lo, hi) in sorted(problem.density_ranges().items())]
-    return (f"no plan meets the density band [{problem.band * problem.budget:.3f}, "
+    what = "KV-cache density" if problem.budget_on == "kv-cache" else "density"
+    return (f"no plan meets the {what} band [{problem.band * problem.budget:.3f}, "
             f"{problem.budget:.3f}] at every length with at most {problem.max_rules_per_layer} "
             f"rule(s) per layer ({'; '.join(parts)}); choose another --density budget, a wider "
             f"band, other lengths or a richer rule grid")
