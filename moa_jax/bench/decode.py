@@ -262,21 +262,33 @@ def copy_bandwidth(nbytes: int, iters: int = 10, warmup: int = 3) -> float:
     return 2 * (nbytes // 2) * 2 / min(times)
 
 
-def _memory_stats() -> dict:
+def _memory_stats(devices=None) -> dict:
+    """The allocator's statistics; over several devices the largest use and peak and the
+    smallest limit (what bounds a program sharded over all of them)."""
     import jax
 
-    try:
-        st = jax.devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001
-        st = {}
-    return st
+    out: dict = {}
+    for d in devices if devices is not None else jax.devices()[:1]:
+        try:
+            st = d.memory_stats() or {}
+        except Exception:  # noqa: BLE001
+            st = {}
+        for k in ("bytes_in_use", "peak_bytes_in_use"):
+            if k in st:
+                out[k] = max(out.get(k, 0), st[k])
+        if st.get("bytes_limit"):
+            out["bytes_limit"] = min(out.get("bytes_limit", st["bytes_limit"]), st["bytes_limit"])
+    return out
 
 
-def make_weights(cfg, seed: int = 0):
-    """(graphdef, state) of a random bf16 model, made on the default device.
+def make_weights(cfg, seed: int = 0, *, param_dtype: str = "bfloat16", dtype: str = "bfloat16",
+                 mesh=None):
+    """(graphdef, state) of a random model made on the device(s), sharded over `mesh` by the
+    library's parameter rules if given.
 
-    Leaf by leaf, one small jitted generator per distinct shape: jitting the whole model's
-    initialiser compiles for minutes at 8B shapes, while the values do not matter here.
+    Leaf by leaf, one small jitted generator per distinct (shape, dtype, sharding): jitting the
+    whole model's initialiser compiles for minutes at 8B shapes, while the values do not matter
+    here.
     """
     import jax
     import jax.numpy as jnp
@@ -284,39 +296,74 @@ def make_weights(cfg, seed: int = 0):
 
     from moa_jax.models.llama import abstract_model
 
-    graphdef, abstract = nnx.split(abstract_model(cfg, dtype="bfloat16", param_dtype="bfloat16"))
-
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def leaf(key, shape, dtype):
-        if len(shape) == 1:                                    # norm scales
-            return jnp.ones(shape, dtype)
-        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    if mesh is not None:
+        from moa_jax.parallel import param_shardings
+
+        shardings = jax.tree_util.tree_leaves(param_shardings(abstract, mesh))
+    else:
+        shardings = [None] * len(leaves)
+    fns: dict[Any, Any] = {}
+
+    def gen(key, shape, dt):
+        if len(shape) == 1:                                    # norm scales
+            return jnp.ones(shape, dt)
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt)
+
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    made = [leaf(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
+    made = []
+    for k, x, sh in zip(keys, leaves, shardings):
+        fk = (tuple(x.shape), jnp.dtype(x.dtype), sh)
+        if fk not in fns:
+            fns[fk] = jax.jit(functools.partial(gen, shape=fk[0], dt=fk[1]), out_shardings=sh)
+        made.append(fns[fk](k))
     return graphdef, jax.tree_util.tree_unflatten(treedef, made)
 
 
+def make_caches(attention, cfg, batch: int, cache_len: int, context: int, seed: int,
+                mesh=None) -> tuple:
+    """Per-layer caches as a prompt of `context` tokens leaves them (`fill_cache`), each made
+    by its own jitted call straight into its sharding on `mesh`, so that no zero copy of the
+    caches is ever allocated."""
+    import jax
+    import jax.numpy as jnp
+
+    abstract = jax.eval_shape(lambda: attention.init_cache(cfg, batch, cache_len, jnp.bfloat16))
+    if mesh is not None:
+        from moa_jax.parallel import cache_shardings
+
+        shardings = cache_shardings(abstract, mesh)
+    else:
+        shardings = (None,) * len(abstract)
+    keys = jax.random.split(jax.random.key(seed), len(abstract))
+    caches = []
+    for i, (kk, sh) in enumerate(zip(keys, shardings)):
+        def one(key, i=i):
+            return fill_cache(attention.init_cache(cfg, batch, cache_len, jnp.bfloat16)[i],
+                              context, key)
+        caches.append(jax.jit(one, out_shardings=sh)(kk))
+    return tuple(caches)
+
+
 def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, args,
-              bandwidth: float) -> dict:
+              bandwidth: float, mesh=None) -> dict:
+    """One measurement (see the module docstring); on `mesh` the weights (`state`) must
+    already be sharded, and the caches and the loop are sharded by the library's rules."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from moa_jax.parallel import batch_sharding, cache_shardings, mesh_context
+
     n = args.steps
     cache_len = context + n * (args.warmup + args.iters) + 1
     attention = variant.make(context, cache_len)
+    if mesh is not None:
+        attention = attention.on_mesh(mesh)
     row = dict(method=variant.method, variant=variant.label, context=context, batch=batch,
                steps=n, **variant.params)
-    # Layer by layer, dropping each zero cache as its filled copy is made: the filler ignores
-    # the old values, so XLA prunes the argument and donation cannot free it.
-    caches = list(attention.init_cache(cfg, batch, cache_len, jnp.bfloat16))
-    fill = jax.jit(fill_cache, static_argnums=1)
-    keys = jax.random.split(jax.random.key(context + batch), len(caches))
-    for i, kk in enumerate(keys):
-        caches[i] = fill(caches[i], context, kk)
-    caches = tuple(caches)
+    caches = make_caches(attention, cfg, batch, cache_len, context, context + batch, mesh)
     kv_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(caches))
     w_leaves = jax.tree_util.tree_leaves(state)
     w_bytes = sum(x.nbytes for x in w_leaves)
@@ -336,15 +383,24 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
 
     tok = jnp.zeros((batch,), jnp.int32)
     pos = jnp.full((batch,), context, jnp.int32)
+    jit_kw: dict[str, Any] = dict(donate_argnums=(3,))
+    if mesh is not None:
+        b_sh = batch_sharding(mesh, (batch,))
+        tok, pos = jax.device_put(tok, b_sh), jax.device_put(pos, b_sh)
+        c_sh = cache_shardings(caches, mesh)
+        s_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+        jit_kw.update(in_shardings=(s_sh, b_sh, b_sh, c_sh), out_shardings=(b_sh, b_sh, c_sh))
     t0 = time.perf_counter()
-    compiled = jax.jit(run, donate_argnums=(3,)).lower(state, tok, pos, caches).compile()
+    with mesh_context(mesh):
+        compiled = jax.jit(run, **jit_kw).lower(state, tok, pos, caches).compile()
     row["compile_s"] = time.perf_counter() - t0
     try:
         temp = compiled.memory_analysis().temp_size_in_bytes
         row["temp_gib"] = temp / GIB
     except Exception:  # noqa: BLE001
         temp = 0
-    st = _memory_stats()
+    devices = None if mesh is None else list(mesh.devices.flat)
+    st = _memory_stats(devices)
     row["in_use_gib"] = st.get("bytes_in_use", 0) / GIB or None
     if st.get("bytes_limit") and temp > st["bytes_limit"] - st.get("bytes_in_use", 0):
         # Fail now rather than through the allocator, which retries for seconds first.
@@ -361,7 +417,7 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
     ms = statistics.median(times) * 1e3 / n
     live = context + n * (args.warmup + args.iters / 2)
     kv_read = kv_read_bytes(variant, caches, cfg, batch, live, 2)
-    st = _memory_stats()
+    st = _memory_stats(devices)
     floor_ms = (w_read + kv_read) / bandwidth * 1e3
     row.update(status="ok", ms_per_step=ms, tokens_per_s=batch * 1e3 / ms,
                kv_cache_gib=kv_bytes / GIB, weights_gib=w_bytes / GIB,
@@ -464,11 +520,13 @@ def _torch_copy_bandwidth(nbytes: int, iters: int = 10, warmup: int = 3) -> floa
 
 
 # ------------------------------------------------------------------------------ sweep
-def sweep(run_one, batches: list, refine: bool, log, largest=None) -> list[dict]:
+def sweep(run_one, batches: list, refine: bool, log, largest=None, multiple: int = 1
+          ) -> list[dict]:
     """Runs batches in order until one runs out of memory; optionally bisects the boundary.
 
     An entry "max" runs `largest()` (the estimated largest batch; skipped when not above the
-    last batch that fit) and, while that runs out of memory, up to 4 batches 5% smaller each.
+    last batch that fit) and, while that runs out of memory, up to 4 batches 5% smaller each
+    (rounded down to a `multiple`).
     """
     rows, fit, oom = [], None, None
 
@@ -489,7 +547,11 @@ def sweep(run_one, batches: list, refine: bool, log, largest=None) -> list[dict]
             for _ in range(4):
                 if status != "oom" or b <= 1 or (fit is not None and b <= fit + 1):
                     break
-                oom, b = b, max(1, min(b - 1, int(b * 0.95)))
+                smaller = max(1, min(b - 1, int(b * 0.95)))
+                smaller = max(multiple, smaller - smaller % multiple)
+                if smaller >= b:
+                    break
+                oom, b = b, smaller
                 status = go(b)
         else:
             status = go(b)
@@ -513,13 +575,16 @@ def sweep(run_one, batches: list, refine: bool, log, largest=None) -> list[dict]
     return rows
 
 
-def largest_batch(variant: Variant, cfg, context: int, args, stats: dict | None = None) -> int:
+def largest_batch(variant: Variant, cfg, context: int, args, stats: dict | None = None,
+                  mesh=None) -> int:
     """Largest batch whose caches (plus one layer's copy while they are filled, and 1 GiB for
-    the loop's temporaries) fit in the device memory not yet in use."""
+    the loop's temporaries) fit in the device memory not yet in use; on `mesh` the caches
+    spread over every device and the batch is a multiple of the data x fsdp size."""
     import jax
     import jax.numpy as jnp
 
-    st = _memory_stats() if stats is None else stats
+    devices = None if mesh is None else list(mesh.devices.flat)
+    st = _memory_stats(devices) if stats is None else stats
     if not st.get("bytes_limit"):
         raise RuntimeError("batch 'max' needs a device that reports its memory limit")
     cache_len = context + args.steps * (args.warmup + args.iters) + 1
@@ -531,7 +596,16 @@ def largest_batch(variant: Variant, cfg, context: int, args, stats: dict | None 
 
     per_row = (nbytes(2) - nbytes(1)) * (1 + 1 / cfg.num_layers)
     free = st["bytes_limit"] - st.get("bytes_in_use", 0) - GIB
-    return max(1, int(free // per_row))
+    if mesh is None:
+        return max(1, int(free // per_row))
+    rows = batch_multiple(mesh)
+    b = int(free * mesh.devices.size // per_row)
+    return max(rows, b - b % rows)
+
+
+def batch_multiple(mesh) -> int:
+    """Batches on `mesh` are multiples of this (rows split over data x fsdp)."""
+    return 1 if mesh is None else int(mesh.shape["data"] * mesh.shape["fsdp"])
 
 
 def _guard(fn, base: dict) -> dict:
@@ -652,6 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size of the copy-bandwidth probe (default 2 GiB; --tiny 0.01)")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: a 2-layer tiny model, small shapes, interpret mode")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="decode on a device mesh (moa_jax.parallel): rows over data x fsdp, "
+                        "heads over tensor (weights by the library's rules, caches by their "
+                        "logical axes), e.g. 8,1,1 (data parallel) or 1,1,8 (tensor parallel); "
+                        "default: one device")
     p.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache dir")
     p.add_argument("--out", default=None, help="write the JSON report here")
     return p
@@ -680,6 +759,8 @@ def main(argv=None) -> int:
     args = _defaults(parser.parse_args(argv))
     if "hf" in args.method and "max" in args.batches:
         parser.error("--batches max is not available for --method hf: give batch sizes")
+    if "hf" in args.method and args.mesh:
+        parser.error("--mesh is for the JAX methods; run hf without it")
     rows: list[dict] = []
     cfg = model_config(args)
     nbytes = int(args.bandwidth_gib * GIB)
@@ -726,21 +807,26 @@ def main(argv=None) -> int:
 
         if args.compile_cache:
             jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        from moa_jax.parallel import MeshConfig, make_mesh
+
+        mesh = make_mesh(MeshConfig.parse(args.mesh)) if args.mesh else None
         dev = jax.devices()[0]
-        report.update(device=str(dev.device_kind), platform=dev.platform, jax=jax.__version__)
+        report.update(device=str(dev.device_kind), platform=dev.platform, jax=jax.__version__,
+                      mesh=None if mesh is None else dict(mesh.shape))
         bw = copy_bandwidth(nbytes)
         report["copy_bandwidth_gbs"] = bw / 1e9
         t0 = time.perf_counter()
-        graphdef, state = make_weights(cfg)
+        graphdef, state = make_weights(cfg, mesh=mesh)
         jax.block_until_ready(state)
         report["weights_init_s"] = time.perf_counter() - t0
         for var in jax_vars:
             for c in args.contexts:
                 base = dict(method=var.method, variant=var.label, context=c, **var.params)
                 sweep(lambda b: _guard(
-                    lambda: bench_jax(var, cfg, graphdef, state, c, b, args, bw),
+                    lambda: bench_jax(var, cfg, graphdef, state, c, b, args, bw, mesh),
                     dict(base, batch=b)), args.batches, args.refine, log,
-                    largest=lambda: largest_batch(var, cfg, c, args))
+                    largest=lambda: largest_batch(var, cfg, c, args, mesh=mesh),
+                    multiple=batch_multiple(mesh))
     save()
     print(format_table([r for r in rows if r.get("context") is not None]))
     return 0
