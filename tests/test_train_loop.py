@@ -100,6 +100,36 @@ def test_gradient_accumulation_equals_a_bigger_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-7, rtol=1e-5)
 
 
+def test_remat_gives_the_same_step_and_recomputes():
+    """Per-layer rematerialisation changes memory, not results: same loss and gradients (SGD
+    with lr 1), and the backward pass holds `remat` regions only when asked."""
+    import optax
+
+    from moa_jax.train.recycled import RecycledTrainAttention
+
+    graphdef, params, _, _, _ = _state()
+    opt = optax.sgd(1.0)
+    opt_state = opt.init(params)
+    batch = _split(_batch(None, seq=24), 1)
+    rng = jax.random.PRNGKey(0)
+    for attention in (TrainDenseAttention(), RecycledTrainAttention.paper(16, 8, 6)):
+        plain = _train_step_fn(graphdef, attention, opt)
+        remat = _train_step_fn(graphdef, attention, opt, remat=True)
+        p1, _, _, m1 = jax.jit(plain)(params, opt_state, rng, batch)
+        p2, _, _, m2 = jax.jit(remat)(params, opt_state, rng, batch)
+        np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+        assert "remat" in str(jax.make_jaxpr(remat)(params, opt_state, rng, batch))
+        assert "remat" not in str(jax.make_jaxpr(plain)(params, opt_state, rng, batch))
+    from moa_jax.models.attention import DenseAttention
+
+    model = nnx.merge(graphdef, params)
+    with pytest.raises(ValueError, match="remat"):
+        model(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+              DenseAttention().init_cache(model.config, 1, 4), DenseAttention(), remat=True)
+
+
 def test_bf16_compute_keeps_f32_master_weights():
     graphdef, params, opt, opt_state, _ = _state("bfloat16")
     g32, p32, _, _, _ = _state("float32")

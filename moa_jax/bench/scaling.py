@@ -13,7 +13,8 @@ is recorded as such. Parts (`--parts`):
   train    the paper's continued-pretraining shape: rows of `--prefix` + `--tail` tokens
            (8192 + 50), recycled tail attending to the top-`--top-k` (2048) prefix tokens,
            AdamW on f32 master weights with bf16 compute, params and optimizer state sharded
-           over `fsdp` (mesh (1, n, 1)), `--rows-per-device` rows per device per step.
+           over `fsdp` (mesh (1, n, 1)), `--rows-per-device` rows per device per step, each
+           layer rematerialised in the backward pass (`--no-remat` keeps activations).
            Reported: tokens/s, tokens/s per device, step time, peak memory per device, MFU, and
            scaling efficiency (tokens/s per device over that of the smallest count that ran).
   profile  MoA's influence profiling (`moa_jax.search.profile.profile_items`, the work of
@@ -116,10 +117,11 @@ def train_worker(n: int, args) -> dict:
     cfg = TrainConfig(model="random", dtype="bfloat16", param_dtype="float32",
                       attention="recycled", prefix_len=args.prefix, tail_len=args.tail,
                       top_k=args.top_k, batch_size=rows, steps=args.train_steps + 1,
-                      lr=1e-5, warmup_steps=0, mesh_data=1, mesh_fsdp=n, mesh_tensor=1)
+                      lr=1e-5, warmup_steps=0, mesh_data=1, mesh_fsdp=n, mesh_tensor=1,
+                      remat=args.remat)
     mesh = _mesh(1, n, 1)
     row: dict[str, Any] = dict(part="train", devices=n, mesh=dict(mesh.shape), rows=rows,
-                               seq_len=seq, top_k=args.top_k, **_where())
+                               seq_len=seq, top_k=args.top_k, remat=args.remat, **_where())
     attention = make_attention(cfg, mc)
     graphdef, params = make_weights(mc, param_dtype="float32", dtype="bfloat16", mesh=mesh)
     p_sh = param_shardings(params, mesh)
@@ -224,7 +226,8 @@ def _worker_cmd(part: str, n: int, args, out: Path) -> list[str]:
            "--train-steps", str(args.train_steps),
            "--profile-length", str(args.profile_length),
            "--profile-steps", str(args.profile_steps),
-           "--answer-tokens", str(args.answer_tokens)]
+           "--answer-tokens", str(args.answer_tokens),
+           "--remat" if args.remat else "--no-remat"]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     if args.tiny:
@@ -303,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", type=int, default=None, help="train: S (default 50)")
     p.add_argument("--top-k", type=int, default=None, help="train: K (default 2048)")
     p.add_argument("--rows-per-device", type=int, default=1, help="train: rows per device")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
+                   help="train: recompute each layer in the backward pass (default on)")
     p.add_argument("--train-steps", type=int, default=3, help="train: timed steps")
     p.add_argument("--profile-length", type=int, default=None,
                    help="profile: calibration length N (default 8192)")

@@ -133,6 +133,8 @@ class TrainConfig:
     b2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     clip_norm: float = _f(1.0, "global gradient-norm clip (0: none)")
+    remat: bool = _f(False, "recompute each layer's activations in the backward pass instead of "
+                     "keeping them (long rows of large models: memory for ~1/3 more compute)")
     seed: int = _f(0, "PRNG seed of the run's key (saved and restored with checkpoints)")
     # --- mesh ---
     mesh_data: int = _f(-1, "data-parallel mesh axis (-1: the remaining devices)")
@@ -398,11 +400,12 @@ def peak_flops(cfg: TrainConfig) -> float | None:
 # ------------------------------------------------------------------------------------------
 
 def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array],
-              attention: AttentionBackend, tail: int = 0) -> dict[str, jax.Array]:
+              attention: AttentionBackend, tail: int = 0,
+              remat: bool = False) -> dict[str, jax.Array]:
     """Summed next-token NLL and token counts of a batch ([B, T] arrays); `tail` > 0 also sums
-    over the last `tail` positions only."""
+    over the last `tail` positions only; `remat` recomputes layers in the backward pass."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], None, attention)
+    logits, _ = model(batch["inputs"], batch["positions"], None, attention, remat=remat)
     logz = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     nll = (logz - tgt) * batch["loss_mask"]
@@ -413,12 +416,12 @@ def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array],
     return out
 
 
-def _train_step_fn(graphdef, attention, optimizer):
+def _train_step_fn(graphdef, attention, optimizer, remat: bool = False):
     def step(params, opt_state, rng, batch):
         # batch arrays are [grad_accum, micro_batch, T].
         def micro(acc, mb):
             def f(p):
-                s = loss_sums(graphdef, p, mb, attention)
+                s = loss_sums(graphdef, p, mb, attention, remat=remat)
                 return s["nll"], s["tokens"]
 
             (nll, n), g = jax.value_and_grad(f, has_aux=True)(params)
@@ -473,12 +476,13 @@ def batch_shardings(mesh: Mesh, shape: Sequence[int], lead: int = 0) -> NamedSha
 
 def get_train_step(graphdef, attention, cfg: TrainConfig, mesh: Mesh, p_sh, o_sh,
                    batch_shape: tuple[int, ...]):
-    key = ("train", graphdef, attention, _optimizer_key(cfg), mesh, batch_shape)
+    key = ("train", graphdef, attention, _optimizer_key(cfg), cfg.remat, mesh, batch_shape)
     if key not in _JIT_CACHE:
         b_sh = batch_shardings(mesh, batch_shape, lead=1)
         bs = {k: b_sh for k in ("inputs", "targets", "positions", "loss_mask")}
         rep = replicated(mesh)
-        _JIT_CACHE[key] = jax.jit(_train_step_fn(graphdef, attention, make_optimizer(cfg)),
+        _JIT_CACHE[key] = jax.jit(_train_step_fn(graphdef, attention, make_optimizer(cfg),
+                                                 cfg.remat),
                                   in_shardings=(p_sh, o_sh, rep, bs),
                                   out_shardings=(p_sh, o_sh, rep, rep), donate_argnums=(0, 1))
     return _JIT_CACHE[key]
