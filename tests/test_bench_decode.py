@@ -45,10 +45,7 @@ def test_tiny_smoke_run(tmp_path, capsys):
     assert "| recycled K=16 S=2 | 40 | 1 |" in table
 
 
-def test_sweep_stops_at_oom_and_bisects():
-    fits = 5
-    seen = []
-
+def _fake_runner(fits, seen):
     def run_one(b):
         seen.append(b)
 
@@ -58,6 +55,12 @@ def test_sweep_stops_at_oom_and_bisects():
             return dict(status="ok", batch=b, variant="v", context=1, method="m",
                         ms_per_step=1.0, tokens_per_s=float(b))
         return bench._guard(go, dict(batch=b, variant="v", context=1, method="m"))
+    return run_one
+
+
+def test_sweep_stops_at_oom_and_bisects():
+    seen = []
+    run_one = _fake_runner(5, seen)
 
     rows = bench.sweep(run_one, [1, 2, 4, 8, 16], refine=True, log=lambda r: None)
     assert seen == [1, 2, 4, 8, 6, 5]
@@ -77,19 +80,6 @@ def test_tiny_hf_method(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["ms_per_step"] > 0 and r["kv_cache_gib"] > 0 for r in rows)
-
-
-def _fake_runner(fits, seen):
-    def run_one(b):
-        seen.append(b)
-
-        def go():
-            if b > fits:
-                raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-            return dict(status="ok", batch=b, variant="v", context=1, method="m",
-                        ms_per_step=1.0, tokens_per_s=float(b))
-        return bench._guard(go, dict(batch=b, variant="v", context=1, method="m"))
-    return run_one
 
 
 def test_sweep_max_retries_smaller_until_it_fits():

@@ -130,16 +130,14 @@ def test_batches_target_the_answer_tokens_only():
     assert rt == item
 
 
-def test_chunked_attention_in_generate_matches_dense(tiny):
+def test_masked_attention_in_generate_matches_dense(tiny):
     """The query-chunked backend used for long calibration prompts generates what the dense
-    backend does (right-padded batch of different prompt lengths, both prefill modes)."""
-    from moa_jax.search.profile import ChunkedAttention
+    backend does (right-padded batch of different prompt lengths)."""
+    from moa_jax.models.masked_attention import MaskedAttention
 
     model, _ = tiny
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 500, n).tolist() for n in (150, 97)]
     want = generate(model, prompts, max_new_tokens=8)
-    for fresh in (True, False):
-        got = generate(model, prompts, max_new_tokens=8,
-                       attention=ChunkedAttention(q_chunk=32, prefill_from_zero=fresh))
-        assert got.rows() == want.rows()
+    got = generate(model, prompts, max_new_tokens=8, attention=MaskedAttention(q_chunk=32))
+    assert got.rows() == want.rows()

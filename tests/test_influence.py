@@ -14,9 +14,9 @@ from flax import nnx
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.llama import forward, init_random
+from moa_jax.models.masked_attention import MaskedAttention
 from moa_jax.pallas_kernels.reference import window_sink_mask
 from moa_jax.search.profile import (
-    ChunkedAttention,
     InfluenceProfile,
     answer_grads,
     answer_losses,
@@ -251,14 +251,14 @@ def test_profile_items_accumulates_and_resumes(tmp_path):
     assert np.all(np.diff(est[..., order], axis=-1) <= 1e-12)
 
 
-def test_chunked_attention_backend_matches_mask(setup):
-    """ChunkedAttention with windows = the masked oracle (answer losses through both paths)."""
+def test_masked_attention_backend_matches_mask(setup):
+    """MaskedAttention with windows = the masked oracle (answer losses through both paths)."""
     model, tokens, batch, losses, _, _ = setup
-    dense = answer_losses(model, [batch], ChunkedAttention(q_chunk=32))
+    dense = answer_losses(model, [batch], MaskedAttention(q_chunk=32))
     np.testing.assert_allclose(dense, np.asarray(losses), rtol=1e-5)
     windows = ((8, 16, 32, 128), (4, 128, 64, 9))
     sinks = ((4, 4, 0, 0), (16, 0, 4, 4))
-    got = answer_losses(model, [batch], ChunkedAttention(windows, sinks, q_chunk=32))
+    got = answer_losses(model, [batch], MaskedAttention(windows, sinks, q_chunk=32))
     biases = []
     for layer in range(2):
         m = np.asarray(window_sink_mask(jnp.arange(T)[None], jnp.arange(T),

@@ -31,7 +31,7 @@ Plugging a method in (settings come from `--method-opt METHOD.KEY=VALUE`):
         n // 8, int)), kv_density=lambda ctx, n: 1 / 8, decode_only=True))
 
 Implementations (`MethodContext.impl`):
-- 'masked' (the default on CPU): `MaskedAttention` below, exact masks computed with the jnp
+- 'masked' (the default on CPU): `MaskedAttention` (`moa_jax.models.masked_attention`), exact masks computed with the jnp
   reference in query chunks: what a plan keeps, not how fast a kernel runs. Memory stays at a
   query chunk x keys per layer, and a prefill skips keys no query of the chunk can see.
 - 'native' (the default on GPU/TPU): the library's backends, `DenseAttention` and `MoAAttention`
@@ -46,105 +46,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend, DenseAttention
-from moa_jax.models.kv_cache import DenseKVCache
-from moa_jax.pallas_kernels.reference import causal_mask, mha_reference, window_sink_mask
+from moa_jax.models.masked_attention import MaskedAttention
 from moa_jax.plan import Plan
-from moa_jax.search.profile import cache_attention
-
-
-# ----------------------------------------------------------------------------- backend
-def _prefill_chunks(q, k, v, windows, sinks, q_chunk: int):
-    """Attention of T tokens at positions [0, T) over themselves, query-chunked.
-
-    Query chunk [s, e) reads the sink keys and keys [s - max_window + 1, e) only (all it can
-    see): causal skipping for dense layers, window skipping for sparse ones.
-    """
-    t = q.shape[1]
-    outs = []
-    for s in range(0, t, q_chunk):
-        e = min(t, s + q_chunk)
-        qpos = jnp.arange(s, e, dtype=jnp.int32)[None]
-        if windows is None:
-            kk, vv, kpos = k[:, :e], v[:, :e], jnp.arange(e, dtype=jnp.int32)
-            mask = causal_mask(qpos, kpos)
-        else:
-            lo = max(0, s - max(windows) + 1)
-            sink = max(sinks)
-            if lo <= sink:
-                kk, vv, idx = k[:, :e], v[:, :e], np.arange(e)
-            else:   # sinks, then the band [lo, e): two slices, no gather
-                kk = jnp.concatenate([k[:, :sink], k[:, lo:e]], axis=1)
-                vv = jnp.concatenate([v[:, :sink], v[:, lo:e]], axis=1)
-                idx = np.concatenate([np.arange(sink), np.arange(lo, e)])
-            kpos = jnp.asarray(idx, jnp.int32)
-            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                    jnp.asarray(sinks, jnp.int32))
-        outs.append(mha_reference(q[:, s:e], kk, vv, mask))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskedAttention(AttentionBackend):
-    """Dense causal, or per-head window + sink attention, computed exactly (jnp, float32).
-
-    Without a cache, the tokens of a call sit at positions [0, T). With a (dense) cache, a
-    multi-token call whose rows all start at position 0 (a prefill, as `generate` does it) takes
-    the chunked fast path over the new tokens; other calls (decode, continued prefill) attend
-    over the whole cache under the position mask.
-
-    Args:
-      windows: [layers][heads] window per query head in tokens (None: dense causal).
-      sinks: [layers][heads] sink tokens per head (None: none).
-      q_chunk: queries per chunk.
-    """
-
-    windows: tuple[tuple[int, ...], ...] | None = None
-    sinks: tuple[tuple[int, ...], ...] | None = None
-    q_chunk: int = 512
-
-    @classmethod
-    def for_plan(cls, plan: Plan, length: int, q_chunk: int = 512) -> "MaskedAttention":
-        w = tuple(tuple(int(x) for x in row) for row in plan.resolve(length))
-        s = tuple(tuple(int(x) for x in row) for row in plan.sinks)
-        return cls(windows=w, sinks=s, q_chunk=q_chunk)
-
-    def _layer(self, layer: int):
-        if self.windows is None:
-            return None, None
-        w = self.windows[layer]
-        s = self.sinks[layer] if self.sinks is not None else (0,) * len(w)
-        return w, s
-
-    def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16):
-        if self.windows is not None and len(self.windows) != cfg.num_layers:
-            raise ValueError(f"{len(self.windows)} layers of windows, the model has "
-                             f"{cfg.num_layers}")
-        return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
-                     for _ in range(cfg.num_layers))
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        # Slot j holds position j: right padding is overwritten by decoding and never visible to
-        # a real query (causal mask), so `lengths` is not needed.
-        windows, sinks = self._layer(layer)
-        if windows is not None and len(windows) != q.shape[2]:
-            raise ValueError(f"{len(windows)} windows for {q.shape[2]} query heads")
-        if cache is None:
-            return _prefill_chunks(q, k, v, windows, sinks, self.q_chunk), None
-        cache = cache.write(k, v, positions[:, 0])
-        if q.shape[1] == 1:
-            return cache_attention(q, cache, positions, windows=windows, sinks=sinks,
-                                   q_chunk=self.q_chunk), cache
-        out = jax.lax.cond(
-            jnp.all(positions[:, 0] == 0),
-            lambda: _prefill_chunks(q, k, v, windows, sinks, self.q_chunk),
-            lambda: cache_attention(q, cache, positions, windows=windows, sinks=sinks,
-                                    q_chunk=self.q_chunk))
-        return out, cache
 
 
 # ----------------------------------------------------------------------------- plans

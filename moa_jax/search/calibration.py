@@ -222,7 +222,7 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
       {N: [CalibrationItem, ...]} in index order.
     """
     from moa_jax.generate import generate
-    from moa_jax.search.profile import ChunkedAttention
+    from moa_jax.models.masked_attention import MaskedAttention
 
     counts = {int(n): int(c) for n, c in counts.items() if int(c) > 0}
     builder = PromptBuilder(tokenizer, chat=chat)
@@ -257,7 +257,7 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
     for s in todo:
         by_len.setdefault(s.length, []).append(s)
     for length, group in sorted(by_len.items()):
-        attention = ChunkedAttention(q_chunk=q_chunk)
+        attention = MaskedAttention(q_chunk=q_chunk)
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
             prompts = []

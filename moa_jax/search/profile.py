@@ -37,8 +37,6 @@ the batch dimension can be sharded over a mesh (`mesh=`).
 
 Public API:
   ProfilingAttention(q_chunk)                    backend used only for profiling
-  ChunkedAttention(windows=None, sinks=None, q_chunk)  dense / window+sink attention, query-chunked
-  chunked_attention(q, k, v, positions, windows=None, sinks=None, q_chunk=512, checkpoint=False)
   influence_dense(q, k, v, dout) -> E [B, H, N, N]          (unchunked, for tests)
   layer_influence(q, k, v, dout, sink, block, q_chunk, head_chunk) -> (blocks, diag)
   LayerRunner(model, mesh=None): .forward / .losses / .backward (layer-by-layer passes)
@@ -63,154 +61,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.kv_cache import DenseKVCache
 from moa_jax.models.llama import Llama, rope_inv_freq
-from moa_jax.pallas_kernels.reference import (
-    causal_mask,
-    mha_reference,
-    window_sink_mask,
-)
+from moa_jax.models.masked_attention import MaskedAttention, _chunks, chunked_attention
 
 EPS = 1e-6
 BLOCK = 64
 _NEG = -1e30
-
-
-# ----------------------------------------------------------------------------- attention
-def _chunks(t: int, q_chunk: int) -> list[tuple[int, int]]:
-    q_chunk = max(1, min(int(q_chunk), t))
-    return [(s, min(s + q_chunk, t)) for s in range(0, t, q_chunk)]
-
-
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
-                      windows: Sequence[int] | None = None, sinks: Sequence[int] | int = 0,
-                      q_chunk: int = 512, checkpoint: bool = False,
-                      key_groups: int = 4) -> jax.Array:
-    """Causal (or per-head window + sink) attention of T tokens over themselves, query-chunked.
-
-    q [B, T, H, D], k/v [B, T, Hkv, D], positions int [B, T] increasing along T.
-
-    Without `checkpoint` (forward passes) the chunks are unrolled and query chunk [s, e) reads
-    only keys [0, e) (causality skips about half of the dense work).
-
-    With `checkpoint` (for a backward pass) the memory must stay bounded whatever the compiler's
-    schedule: query chunks run in `lax.scan`s with a rematerialised body, so the backward pass
-    stores only each chunk's inputs and recomputes its probabilities. To keep most of the causal
-    saving, chunks are split into `key_groups` consecutive groups, one scan each, group g reading
-    keys up to its last query (work ~ (G+1)/(2G) of dense instead of 1/2).
-    """
-    b, t, h, d = q.shape
-
-    def one(qc, kc, vc, qpos, kpos):
-        if windows is None:
-            mask = causal_mask(qpos, kpos)
-        else:
-            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                    jnp.asarray(sinks, jnp.int32))
-        return mha_reference(qc, kc, vc, mask)
-
-    chunks = _chunks(t, q_chunk)
-    if not checkpoint or len(chunks) == 1:
-        fn = jax.checkpoint(one) if checkpoint else one
-        outs = [fn(q[:, s:e], k[:, :e], v[:, :e], positions[:, s:e], positions[:, :e])
-                for s, e in chunks]
-        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-    qc = chunks[0][1]
-    if t % qc:
-        raise ValueError(f"sequence length {t} must be a multiple of q_chunk {qc} "
-                         f"for the checkpointed path")
-    n = t // qc
-    g = max(1, min(int(key_groups), n))
-    bounds = [round(i * n / g) for i in range(g + 1)]
-    body = jax.checkpoint(one)
-    outs = []
-    for c0, c1 in zip(bounds[:-1], bounds[1:]):
-        if c1 <= c0:
-            continue
-        kend = c1 * qc
-        kc, vc, kpos = k[:, :kend], v[:, :kend], positions[:, :kend]
-        qs = q[:, c0 * qc:kend].reshape(b, c1 - c0, qc, h, d).swapaxes(0, 1)
-        ps = positions[:, c0 * qc:kend].reshape(b, c1 - c0, qc).swapaxes(0, 1)
-
-        def step(carry, xs, kc=kc, vc=vc, kpos=kpos):
-            qi, pi = xs
-            return carry, body(qi, kc, vc, pi, kpos)
-
-        _, o = jax.lax.scan(step, None, (qs, ps))
-        outs.append(o.swapaxes(0, 1).reshape(b, (c1 - c0) * qc, h, d))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-
-def cache_attention(q: jax.Array, cache: Any, positions: jax.Array, *,
-                    windows: Sequence[int] | None = None, sinks: Sequence[int] | int = 0,
-                    q_chunk: int = 512) -> jax.Array:
-    """Queries q [B, T, H, D] at positions [B, T] over a whole `DenseKVCache` (slot j holds
-    position j), causal or per-head window + sink masked by absolute position, query-chunked."""
-    kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
-    outs = []
-    for s, e in _chunks(q.shape[1], q_chunk):
-        qpos = positions[:, s:e]
-        if windows is None:
-            mask = causal_mask(qpos, kpos)
-        else:
-            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                    jnp.asarray(sinks, jnp.int32))
-        outs.append(mha_reference(q[:, s:e], cache.k, cache.v, mask))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkedAttention(AttentionBackend):
-    """Dense causal attention, or fixed per-head windows + sinks, computed in query chunks.
-
-    A memory-light CPU stand-in for `DenseAttention` / a masked oracle: used for long calibration
-    prompts in `generate` and to measure plans at the validation length. With a cache it keeps
-    the dense cache and masks by absolute positions.
-
-    Args:
-      windows: [layers][heads] window per query head (None: dense causal).
-      sinks: [layers][heads] sink tokens per head (None: 0).
-      q_chunk: queries per chunk.
-      prefill_from_zero: a call of more than one token with a cache is a prefill of positions
-        [0, T) (as `generate` does): it attends among its own tokens, so query chunk [s, e) reads
-        keys [0, e) only, then writes them to the cache. Set False for chunked prefill.
-    """
-
-    windows: tuple[tuple[int, ...], ...] | None = None
-    sinks: tuple[tuple[int, ...], ...] | None = None
-    q_chunk: int = 512
-    prefill_from_zero: bool = True
-
-    @classmethod
-    def for_plan(cls, plan, length: int, q_chunk: int = 512) -> "ChunkedAttention":
-        w = tuple(tuple(int(x) for x in row) for row in plan.resolve(length))
-        s = tuple(tuple(int(x) for x in row) for row in plan.sinks)
-        return cls(windows=w, sinks=s, q_chunk=q_chunk)
-
-    def _mask_args(self, layer: int):
-        if self.windows is None:
-            return None, 0
-        sinks = self.sinks[layer] if self.sinks is not None else (0,) * len(self.windows[layer])
-        return self.windows[layer], sinks
-
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
-                     for _ in range(cfg.num_layers))
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
-        windows, sinks = self._mask_args(layer)
-        if cache is None:
-            out = chunked_attention(q, k, v, positions, windows=windows, sinks=sinks,
-                                    q_chunk=self.q_chunk)
-            return out, None
-        cache = cache.write(k, v, positions[:, 0])
-        if self.prefill_from_zero and q.shape[1] > 1:
-            out = chunked_attention(q, k, v, positions, windows=windows, sinks=sinks,
-                                    q_chunk=self.q_chunk)
-            return out, cache
-        return cache_attention(q, cache, positions, windows=windows, sinks=sinks,
-                               q_chunk=self.q_chunk), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,7 +288,7 @@ class LayerRunner:
         items of each item's mean answer cross-entropy, so each item's dO is its own gradient.
         """
         tokens, *tgt = self._arrays(batch)
-        dense = ChunkedAttention(q_chunk=q_chunk)
+        dense = MaskedAttention(q_chunk=q_chunk)
         x, inputs = self.forward(tokens, dense, keep=True)
         losses, dy = _head_loss_and_grad(self.graphdef, self.state, x, *tgt)
 
