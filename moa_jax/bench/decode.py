@@ -5,6 +5,10 @@ JAX, and HF transformers' `LlamaForCausalLM` (sdpa), on the same shapes and devi
         --recycle-k 4096 --recycle-stride 10 50 --out decode.json
     python -m moa_jax.bench.decode --tiny          # CPU smoke run (Pallas interpret mode)
 
+On several devices, `--mesh DATA,FSDP,TENSOR` shards rows over data x fsdp and heads over tensor
+(weights, caches and the decode loop; `python -m moa_jax.bench.scaling` runs it over device
+counts).
+
 Model: Llama-3-8B shapes by default (32 layers, 32 heads over 8 KV heads, head_dim 128, hidden
 4096, FFN 14336, vocab 128256), random bf16 weights made on the device (`--layers` shrinks it).
 
