@@ -40,6 +40,8 @@ def test_tiny_smoke_run(tmp_path, capsys):
     assert by["streaming K=16"]["kv_cache_gib"] < by["dense-kernel"]["kv_cache_gib"]
     assert by["streaming K=16"]["kv_read_gib"] < by["dense"]["kv_read_gib"]
     assert rep["copy_bandwidth_gbs"] > 0 and rep["model"]["num_layers"] == 2
+    png = out.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert any(x["baseline"] == "dense" for x in rep["summary"]["ratios"])
     table = capsys.readouterr().out
     assert "| recycled K=16 S=2 | 40 | 1 |" in table

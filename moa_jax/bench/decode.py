@@ -42,6 +42,9 @@ entry `max` is the largest batch whose caches fit in the device memory left afte
 (from the caches' shapes and the allocator's limit); on running out of memory it retries 5%
 smaller. `max` needs a device that reports its memory (GPU, TPU) and is not for `hf`.
 
+With `--out F.json` the report is also plotted: `F.png`, tokens/s per method at batch 1 and at
+its largest batch, one panel per context.
+
 Reported per run: ms/step, tokens/s (batch / step time), KV-cache GiB (all layers, every
 buffer of the method's cache), weights GiB, device memory in use after setup and the process
 peak (where the platform reports them), XLA's temporary buffer size of the compiled loop, and
@@ -657,6 +660,44 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def plot_throughput(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Bar chart of tokens/s per method at batch 1 and at its largest batch, one panel per
+    context (the figure beside the JSON report)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("context") is not None]
+    contexts = sorted({r["context"] for r in ok})
+    if not contexts:
+        raise ValueError("no successful rows to plot")
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5.5 * len(contexts), 4.2), squeeze=False)
+    for ax, c in zip(axes[0], contexts):
+        here = [r for r in ok if r["context"] == c]
+        names = list(dict.fromkeys(r["variant"] for r in here))
+        one = [max((r["tokens_per_s"] for r in here if r["variant"] == n and r["batch"] == 1),
+                   default=0.0) for n in names]
+        best = [max(here, key=lambda r, n=n: (r["variant"] == n, r["batch"])) for n in names]
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, one, 0.4, label="batch 1")
+        bars = ax.bar(x + 0.2, [r["tokens_per_s"] for r in best], 0.4, label="largest batch")
+        for bar, r in zip(bars, best):
+            ax.annotate(f"b={r['batch']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(f"context {c}")
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def format_table(rows: list[dict]) -> str:
     head = ("| method | context | batch | ms/step | tok/s | KV GiB | peak GiB | floor ms | "
             "step/floor | status |")
@@ -832,6 +873,9 @@ def main(argv=None) -> int:
                     largest=lambda: largest_batch(var, cfg, c, args, mesh=mesh),
                     multiple=batch_multiple(mesh))
     save()
+    if args.out and any(r.get("status") == "ok" for r in rows):
+        title = f"{report.get('device') or report.get('hf_device') or ''} {report['date']}"
+        plot_throughput(rows, Path(args.out).with_suffix(".png"), title)
     print(format_table([r for r in rows if r.get("context") is not None]))
     return 0
 
