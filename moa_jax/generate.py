@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -19,12 +20,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.sharding import Mesh
 
 from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.llama import Llama
-from moa_jax.parallel import batch_sharding, cache_shardings, mesh_context, param_shardings
+from moa_jax.parallel import (
+    batch_sharding,
+    cache_shardings,
+    initialize_distributed,
+    mesh_context,
+    param_shardings,
+)
 from moa_jax.sampling import SamplingConfig, sample
 
 PROMPT_BUCKET = 64
@@ -258,6 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(_build_parser(), argv)
     from moa_jax.models.registry import load_model
 
+    # Several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
+    # TPU pod, SLURM, Open MPI): every process runs the same command; process 0 prints.
+    initialize_distributed()
+    lead = jax.process_index() == 0
+    log = functools.partial(print, file=sys.stderr) if lead else (lambda *a, **k: None)
+
     recycle = None
     if args.recycle_k is not None:
         from moa_jax.models.recycled import RecycleConfig
@@ -278,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
     if tokenizer is None:
         raise SystemExit(f"model {args.model!r} has no tokenizer; pass token ids via the API")
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    log(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
     prompts = [encode_prompt(tokenizer, t, not args.no_chat_template) for t in prompts_text]
     attention: AttentionBackend = DenseAttention()
     if args.plan is not None:
@@ -289,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = Plan.from_spec(args.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
         attention = MoAAttention(plan)
         n = max(len(p) for p in prompts) + args.max_new_tokens
-        print(plan.summary(n), file=sys.stderr)
+        log(plan.summary(n))
 
     stream: list[int] = []
     printed = [0]
@@ -311,16 +323,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
                    key=jax.random.key(args.seed), max_cache_len=args.max_cache_len,
                    attention=attention, recycle=recycle, mesh=mesh,
-                   on_token=on_token if len(prompts) == 1 else None)
+                   on_token=on_token if len(prompts) == 1 and lead else None)
     jax.effects_barrier()
     dt = time.perf_counter() - t0
+    if not lead:
+        return 0
     if len(prompts) == 1:
         print()
     else:
         for text, row in zip(prompts_text, out.rows()):
             print(f"### {text}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
     n = int(out.lengths.sum())
-    print(f"{n} tokens in {dt:.1f}s (incl. compilation): {n / dt:.1f} tok/s", file=sys.stderr)
+    log(f"{n} tokens in {dt:.1f}s (incl. compilation): {n / dt:.1f} tok/s")
     return 0
 
 

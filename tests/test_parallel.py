@@ -4,6 +4,7 @@ jax fixes its device count at start-up, so the check runs in a subprocess.
 """
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,6 @@ def test_initialize_distributed_needs_the_whole_launch(monkeypatch):
 def test_two_process_generate_matches_single_device():
     """generate on a mesh spanning 2 jax.distributed processes (localhost) equals one device."""
     import json
-    import socket
 
     sys.path.insert(0, str(Path(__file__).parent))
     from multiprocess_generate_check import cases
@@ -81,3 +81,33 @@ def test_two_process_generate_matches_single_device():
             kw = {} if att is None else {"attention": att}
             ref = generate(model, prompts, max_new_tokens=6, stop_ids=(), **kw).tokens
             np.testing.assert_array_equal(np.asarray(got[name]), ref, err_msg=name)
+
+
+def test_two_process_generate_cli_prints_the_one_process_text(smollm2, tmp_path):
+    """`python -m moa_jax.generate` launched on two processes (JAX_COORDINATOR_ADDRESS /
+    JAX_NUM_PROCESSES / JAX_PROCESS_ID) with a MoA plan on a (2, 1, 1) mesh: process 0 prints
+    what one process prints, process 1 nothing."""
+    argv = [sys.executable, "-m", "moa_jax.generate", "--prompt", "Name a colour.",
+            "--prompt", "Name a fruit.", "--max-new-tokens", "6", "--plan", "streaming:64:4"]
+    base = dict(os.environ, JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    one = subprocess.run(argv, env=base, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen(argv + ["--mesh", "2,1,1"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(base, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                       JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(e for _, e in outs)
+
+    def text(out):      # without the CPU collectives' own "[Gloo] Rank ..." lines
+        return "".join(x for x in out.splitlines(True) if not x.startswith("[Gloo]"))
+
+    assert "### Name a fruit." in one.stdout
+    assert text(outs[0][0]) == one.stdout
+    assert text(outs[1][0]) == ""
+
