@@ -191,11 +191,7 @@ class Plan:
     def kv_cache_density(self, n: int, num_kv_heads: int) -> float:
         """Size of a span cache relative to a dense one at length n: with GQA each KV head keeps
         the largest footprint among its query heads (block rounding aside)."""
-        kept = self.kept_kv(n)
-        L, H = kept.shape
-        if num_kv_heads < 1 or H % num_kv_heads:
-            raise ValueError(f"{H} query heads do not split over {num_kv_heads} KV heads")
-        return float(kept.reshape(L, num_kv_heads, H // num_kv_heads).max(-1).mean() / n)
+        return kv_group_max_mean(self.kept_kv(n), num_kv_heads) / n
 
     def kept_entries(self, n: int) -> np.ndarray:
         """int64 [L, H]: exact number of kept (i, j) entries of the causal n x n mask."""
@@ -360,6 +356,17 @@ class Plan:
         return (f"Plan {self.num_layers}x{self.num_heads} at N={n}: windows {int(w.min())}.."
                 f"{int(w.max())} (mean {w.mean():.0f}), kv density {self.kv_density(n):.3f}, "
                 f"attention density {self.attention_density(n):.3f}")
+
+
+def kv_group_max_mean(per_head: Any, num_kv_heads: int) -> float:
+    """Mean over layers and KV heads of the largest of a per-query-head quantity [L, H] (kept
+    KV, or kept KV / N) among the query heads sharing each KV head: a GQA span cache's size
+    (relative to a dense cache for a density)."""
+    x = np.asarray(per_head, np.float64)
+    L, H = x.shape
+    if num_kv_heads < 1 or H % num_kv_heads:
+        raise ValueError(f"{H} query heads do not split over {num_kv_heads} KV heads")
+    return float(x.reshape(L, num_kv_heads, H // num_kv_heads).max(-1).mean())
 
 
 def kept_entries(windows: Any, sinks: Any, n: int) -> np.ndarray:

@@ -353,6 +353,11 @@ def make_caches(attention, cfg, batch: int, cache_len: int, context: int, seed: 
     return tuple(caches)
 
 
+def _cache_len(context: int, args) -> int:
+    """Cache slots for a prompt of `context` tokens and every decode step of the timed calls."""
+    return context + args.steps * (args.warmup + args.iters) + 1
+
+
 def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, args,
               bandwidth: float, mesh=None) -> dict:
     """One measurement (see the module docstring); on `mesh` the weights (`state`) must
@@ -361,10 +366,10 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
     import jax.numpy as jnp
     from flax import nnx
 
-    from moa_jax.parallel import batch_sharding, cache_shardings, mesh_context
+    from moa_jax.parallel import batch_sharding, mesh_context
 
     n = args.steps
-    cache_len = context + n * (args.warmup + args.iters) + 1
+    cache_len = _cache_len(context, args)
     attention = variant.make(context, cache_len)
     if mesh is not None:
         attention = attention.on_mesh(mesh)
@@ -394,8 +399,8 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
     if mesh is not None:
         b_sh = batch_sharding(mesh, (batch,))
         tok, pos = jax.device_put(tok, b_sh), jax.device_put(pos, b_sh)
-        c_sh = cache_shardings(caches, mesh)
-        s_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
+        # The weights and caches were made in their shardings: keep them.
+        s_sh, c_sh = jax.tree_util.tree_map(lambda x: x.sharding, (state, caches))
         jit_kw.update(in_shardings=(s_sh, b_sh, b_sh, c_sh), out_shardings=(b_sh, b_sh, c_sh))
     t0 = time.perf_counter()
     with mesh_context(mesh):
@@ -594,7 +599,7 @@ def largest_batch(variant: Variant, cfg, context: int, args, stats: dict | None 
     st = _memory_stats(devices) if stats is None else stats
     if not st.get("bytes_limit"):
         raise RuntimeError("batch 'max' needs a device that reports its memory limit")
-    cache_len = context + args.steps * (args.warmup + args.iters) + 1
+    cache_len = _cache_len(context, args)
     attention = variant.make(context, cache_len)
 
     def nbytes(b):

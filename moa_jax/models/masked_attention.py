@@ -29,6 +29,17 @@ def _chunks(t: int, q_chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + q_chunk, t)) for s in range(0, t, q_chunk)]
 
 
+def _masked_mha(q, k, v, qpos, kpos, windows, sinks):
+    """q [B, Tq, H, D] at positions qpos over k/v [B, Tk, Hkv, D] at kpos: causal, or per-head
+    window + sink when `windows` is given."""
+    if windows is None:
+        mask = causal_mask(qpos, kpos)
+    else:
+        mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
+                                jnp.asarray(sinks, jnp.int32))
+    return mha_reference(q, k, v, mask)
+
+
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
                       windows: Sequence[int] | None = None, sinks: Sequence[int] | int = 0,
                       q_chunk: int = 512, checkpoint: bool = False,
@@ -49,12 +60,7 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     b, t, h, d = q.shape
 
     def one(qc, kc, vc, qpos, kpos):
-        if windows is None:
-            mask = causal_mask(qpos, kpos)
-        else:
-            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                    jnp.asarray(sinks, jnp.int32))
-        return mha_reference(qc, kc, vc, mask)
+        return _masked_mha(qc, kc, vc, qpos, kpos, windows, sinks)
 
     chunks = _chunks(t, q_chunk)
     if not checkpoint or len(chunks) == 1:
@@ -97,13 +103,8 @@ def cache_attention(q: jax.Array, cache: Any, positions: jax.Array, *,
     kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
     outs = []
     for s, e in _chunks(q.shape[1], q_chunk):
-        qpos = positions[:, s:e]
-        if windows is None:
-            mask = causal_mask(qpos, kpos)
-        else:
-            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                    jnp.asarray(sinks, jnp.int32))
-        outs.append(mha_reference(q[:, s:e], cache.k, cache.v, mask))
+        outs.append(_masked_mha(q[:, s:e], cache.k, cache.v, positions[:, s:e], kpos, windows,
+                                sinks))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
@@ -116,23 +117,16 @@ def _prefill_chunks(q, k, v, windows, sinks, q_chunk: int):
     t = q.shape[1]
     outs = []
     for s, e in _chunks(t, q_chunk):
-        qpos = jnp.arange(s, e, dtype=jnp.int32)[None]
-        if windows is None:
-            kk, vv, kpos = k[:, :e], v[:, :e], jnp.arange(e, dtype=jnp.int32)
-            mask = causal_mask(qpos, kpos)
-        else:
-            lo = max(0, s - max(windows) + 1)
-            sink = max(sinks)
-            if lo <= sink:
-                kk, vv, idx = k[:, :e], v[:, :e], np.arange(e)
-            else:   # sinks, then the band [lo, e): two slices, no gather
-                kk = jnp.concatenate([k[:, :sink], k[:, lo:e]], axis=1)
-                vv = jnp.concatenate([v[:, :sink], v[:, lo:e]], axis=1)
-                idx = np.concatenate([np.arange(sink), np.arange(lo, e)])
-            kpos = jnp.asarray(idx, jnp.int32)
-            mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                    jnp.asarray(sinks, jnp.int32))
-        outs.append(mha_reference(q[:, s:e], kk, vv, mask))
+        lo = 0 if windows is None else max(0, s - max(windows) + 1)
+        sink = 0 if windows is None else max(sinks)
+        if lo <= sink:
+            kk, vv, idx = k[:, :e], v[:, :e], np.arange(e)
+        else:   # sinks, then the band [lo, e): two slices, no gather
+            kk = jnp.concatenate([k[:, :sink], k[:, lo:e]], axis=1)
+            vv = jnp.concatenate([v[:, :sink], v[:, lo:e]], axis=1)
+            idx = np.concatenate([np.arange(sink), np.arange(lo, e)])
+        outs.append(_masked_mha(q[:, s:e], kk, vv, jnp.arange(s, e, dtype=jnp.int32)[None],
+                                jnp.asarray(idx, jnp.int32), windows, sinks))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 

@@ -52,6 +52,8 @@ import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 from tqdm.auto import tqdm
 
+from moa_jax.plan import kv_group_max_mean
+
 
 class InfeasibleBudgetError(ValueError):
     """No assignment of rules meets the density band (and the per-layer rule limit)."""
@@ -128,9 +130,8 @@ class SearchProblem:
         """Per density length: the mean over layers and KV heads of the largest density among
         each KV head's query heads (the span cache's size relative to a dense cache)."""
         c = np.asarray(choice)
-        L, H = c.shape
-        return {n: float(d[c].reshape(L, H // self.kv_group, self.kv_group).max(-1).mean())
-                for n, d in self.densities.items()}
+        kv_heads = c.shape[1] // self.kv_group
+        return {n: kv_group_max_mean(d[c], kv_heads) for n, d in self.densities.items()}
 
     def density_ranges(self) -> dict[int, tuple[float, float]]:
         return {n: (float(d.min()), float(d.max())) for n, d in self.densities.items()}
