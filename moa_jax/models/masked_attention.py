@@ -21,7 +21,11 @@ import numpy as np
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.kv_cache import DenseKVCache
-from moa_jax.pallas_kernels.reference import causal_mask, mha_reference, window_sink_mask
+from moa_jax.pallas_kernels.reference import (
+    causal_mask,
+    mha_reference,
+    window_sink_mask,
+)
 
 
 def _chunks(t: int, q_chunk: int) -> list[tuple[int, int]]:
