@@ -39,7 +39,7 @@ def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
     ref = span_decode_reference(q, cache, qpos, windows, sinks)
     np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(dense, np.float32),
                                atol=tol, rtol=tol)
-    runs = [dict(backend="gpu", num_splits=1), dict(backend="gpu", num_splits=3),
+    runs = [dict(backend="gpu", per_split=1), dict(backend="gpu", per_split=3),
             dict(backend="gpu"), dict(backend="tpu")]
     for kw in runs:
         out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=True, **kw)
@@ -48,17 +48,31 @@ def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
                                    atol=tol, rtol=tol, err_msg=str(kw))
 
 
-def test_default_splits_balance_uneven_segments():
-    from moa_jax.pallas_kernels.split_k import default_splits
+def test_split_segments_balances_uneven_segments():
+    from moa_jax.pallas_kernels.split_k import default_splits, split_segments
 
-    # Batch alone: 264 programs wanted, at least 4 blocks per split.
+    # Equal segments: 264 programs wanted, at least 4 blocks per split.
     assert default_splits(1, 8, 512) == 33
     assert default_splits(54, 8, 512) == 1
     assert default_splits(1, 8, 8) == 2
-    # One long segment among short ones: split it down to the mean segment length.
-    assert default_splits(54, 8, 512, mean_blocks=151.0) == 4
-    assert default_splits(54, 8, 512, mean_blocks=512.0) == 1
-    assert default_splits(1, 8, 512, mean_blocks=100.0) == 33
+    # Two dense KV heads (512 blocks) beside six windows (100): at batch 54 the long segments
+    # are cut into items of the short ones' length, so no program walks 5x the others' blocks.
+    blocks = [512, 512] + [100] * 6
+    w = split_segments(blocks, batch=54)
+    assert w.count.max() <= 103 and w.count.min() >= 100
+    assert w.num_items == 2 * 5 + 6
+    # Items tile each segment exactly, in order, from its offset.
+    offsets = np.cumsum([0] + blocks[:-1]) + 7
+    w = split_segments(blocks, batch=1, offsets=offsets)
+    assert w.count.min() >= 4 and w.num_items > 132
+    for s, n in enumerate(blocks):
+        ids = w.table[s][w.table[s] < w.num_items]
+        assert np.all(w.segment[ids] == s)
+        assert w.start[ids[0]] == offsets[s] and w.count[ids].sum() == n
+        assert np.all(w.start[ids[1:]] == w.start[ids[:-1]] + w.count[ids[:-1]])
+    # A fixed split size; segments shorter than it stay whole.
+    w = split_segments([10, 3], batch=1, per_split=4)
+    assert w.count.tolist() == [4, 3, 3, 3] and w.table.tolist() == [[0, 1, 2], [3, 4, 4]]
 
 
 def test_rows_that_see_nothing_are_zero():
@@ -98,9 +112,9 @@ def test_compiled_kernel_on_device(hkv, group, d, dtype, tol):
     splits = (1, 4, None) if platform == "gpu" else (None,)
     for s in splits:
         out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=False,
-                          num_splits=s)
+                          per_split=s)
         np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                                   atol=tol, rtol=tol, err_msg=f"num_splits={s}")
+                                   atol=tol, rtol=tol, err_msg=f"per_split={s}")
 
 
 def test_cache_packed_for_head_shards_decodes_per_shard():
@@ -151,7 +165,7 @@ def test_kernel_lowers_for_cuda():
 
     def f(q, cache, qp):
         return _span_decode_pallas(q, cache, qp, windows=windows, sinks=(64,) * 32, scale=None,
-                                   num_splits=4, interpret=False, num_warps=4)
+                                   per_split=4, interpret=False, num_warps=4)
     try:
         jax.jit(f).trace(q, cache, qp).lower(lowering_platforms=("cuda",))
     except (ImportError, ModuleNotFoundError) as e:     # jaxlib without the cuda lowering

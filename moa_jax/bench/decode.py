@@ -32,8 +32,9 @@ Methods (`--method`, several allowed):
   recycled     Recycled Attention, one run per `--recycle-stride` S (fixed schedule), plus the
                dynamic schedule per `--recycle-threshold` (check every `--recycle-check` steps)
   h2o          H2O, K/2 heavy hitters + K/2 recent
-  hf           HF transformers `LlamaForCausalLM` (sdpa, `generate`, greedy): ms/step =
-               (time of `--steps`+1 new tokens - time of 1 new token) / `--steps`; needs torch
+  hf           HF transformers `LlamaForCausalLM` (sdpa, `generate`, greedy): ms/step = time
+               from the first to the last of `--steps`+1 new tokens / `--steps` (a logits
+               processor stamps each step, so the prefill is left out); needs torch
                with CUDA (on CPU only with --tiny); runs before JAX touches the device
 
 Batches: `--batches` are tried in order for each (method, variant, context) until one runs out
@@ -427,6 +428,15 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3 / n
+    if args.kernel_profile:
+        from moa_jax.bench.kernel_times import format_kernel_times, kernel_times
+
+        out = []
+        row["kernel_profile"] = kernel_times(
+            lambda: out.append(compiled(state, tok, pos, caches)) or out[-1][0], per=n)
+        tok, pos, caches = out[-1]
+        print(f"{variant.label} C={context} B={batch}: device time per step\n"
+              + format_kernel_times(row["kernel_profile"]), file=sys.stderr, flush=True)
     live = context + n * (args.warmup + args.iters / 2)
     kv_read = kv_read_bytes(variant, caches, cfg, batch, live, 2)
     st = _memory_stats(devices)
@@ -442,7 +452,7 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
 
 def bench_hf(cfg, context: int, batch: int, args, bandwidth: float) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not args.tiny:
@@ -470,24 +480,39 @@ def bench_hf(cfg, context: int, batch: int, args, bandwidth: float) -> dict:
     if args.hf_static_cache:
         gen_kw["cache_implementation"] = "static"
 
-    def timed(new):
+    stamps: list[float] = []
+
+    class StepClock(LogitsProcessor):
+        """Called once per generated token, after that step's forward: a timestamp per step."""
+
+        def __call__(self, input_ids, scores):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+            return scores
+
+    gen_kw["logits_processor"] = LogitsProcessorList([StepClock()])
+
+    def timed():
+        """(prefill s, decode ms per step) of one `generate` of n + 1 new tokens."""
+        stamps.clear()
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=new, min_new_tokens=new, **gen_kw)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+            model.generate(ids, max_new_tokens=n + 1, min_new_tokens=n + 1, **gen_kw)
+        if len(stamps) != n + 1:
+            raise RuntimeError(f"generate made {len(stamps)} steps, expected {n + 1}")
+        return stamps[0] - t0, (stamps[-1] - stamps[0]) * 1e3 / n
 
     try:
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
         for _ in range(args.warmup):
-            timed(n + 1)
-        one = statistics.median([timed(1) for _ in range(args.iters)])
-        full = statistics.median([timed(n + 1) for _ in range(args.iters)])
-        ms = max(full - one, 1e-9) * 1e3 / n
+            timed()
+        runs = [timed() for _ in range(args.iters)]
+        one = statistics.median(r[0] for r in runs)
+        ms = statistics.median(r[1] for r in runs)
         w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         embed = cfg.vocab_size * cfg.hidden_size * 2
         w_read = w_bytes - (0 if cfg.tie_word_embeddings else embed)
@@ -770,6 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=None,
                    help="cache block of the recycled caches (default 64; 128 on TPU)")
     p.add_argument("--num-splits", type=int, default=None, help="GPU split-K of the decode")
+    p.add_argument("--kernel-profile", action="store_true",
+                   help="after timing, run one call under jax.profiler and report the device "
+                        "time per kernel and step (row field kernel_profile)")
     p.add_argument("--hf-static-cache", action="store_true",
                    help="hf: generate with cache_implementation='static'")
     p.add_argument("--bandwidth-gib", type=float, default=None,

@@ -5,11 +5,14 @@ window (`moa_jax.models.kv_cache.SpanKVCache`); a query head attends to the slot
 whose stored position p satisfies `p <= i and (i - p < windows[h] or p < sinks[h])`. Slot order
 is irrelevant (keys carry RoPE already), so there is no causal mask or rotation in the kernel.
 
-Kernel (Pallas, Triton backend), split-K flash decoding: one program per (row, KV head, split);
-the query heads of a KV group are processed together (padded to 16 rows for the tensor cores), so
-each K/V block is read once for its whole group. A program walks its share of the segment's
-blocks with an online softmax and writes an unnormalised partial result; the splits are merged
-in jnp. Segment starts and block counts are static tables read as scalars.
+Kernel (Pallas, Triton backend), split-K flash decoding over a static work list
+(`split_k.split_segments`): the KV heads' segments differ in length (a dense head's whole
+sequence beside short windows), so each is cut into items of about the same number of blocks
+and the grid is (row, item); one program walks its item's blocks with an online softmax and
+writes an unnormalised partial result, and each KV head's items are merged in jnp. The query
+heads of a KV group are processed together (padded to 16 rows for the tensor cores), so each
+K/V block is read once for its whole group. The work list is precomputed outside the kernel and
+read as scalars.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from jax.experimental import pallas as pl
 
 from moa_jax.models.kv_cache import SpanKVCache
 from moa_jax.pallas_kernels.reference import mha_reference
-from moa_jax.pallas_kernels.split_k import default_splits, flash_blocks
+from moa_jax.pallas_kernels.split_k import SegmentSplits, flash_blocks, split_segments
 
 _LOG2E = math.log2(math.e)
 
@@ -67,13 +70,11 @@ def span_decode_reference(q: jax.Array, cache: SpanKVCache, q_positions: jax.Arr
     return out[:, 0]
 
 
-def _decode_kernel(start_ref, nblk_ref, win_ref, sink_ref, qpos_ref, q_ref, k_ref, v_ref,
-                   pos_ref, o_ref, m_ref, l_ref, *, bk, per_split, scale):
-    b, g, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    nb = nblk_ref[g]
-    first = start_ref[g]
-    lo = s * per_split
-    hi = jnp.minimum(lo + per_split, nb)
+def _decode_kernel(seg_ref, first_ref, count_ref, win_ref, sink_ref, qpos_ref, q_ref, k_ref,
+                   v_ref, pos_ref, o_ref, m_ref, l_ref, *, bk, scale):
+    b, it = pl.program_id(0), pl.program_id(1)
+    g = seg_ref[it]
+    first = first_ref[it]
     q = q_ref[b, g, :, :]                                            # [Gp, D]
     w = win_ref[g, :][:, None]
     sk = sink_ref[g, :][:, None]
@@ -84,25 +85,30 @@ def _decode_kernel(start_ref, nblk_ref, win_ref, sink_ref, qpos_ref, q_ref, k_re
         p = pos_ref[b, sl][None, :]
         return k_ref[b, sl, :], v_ref[b, sl, :], (p >= 0) & (p <= qp) & ((qp - p < w) | (p < sk))
 
-    acc, m_i, l_i = flash_blocks(q, lo, hi, scale, load)
-    o_ref[b, g, s, :, :] = acc
-    m_ref[b, g, s, :] = m_i
-    l_ref[b, g, s, :] = l_i
+    acc, m_i, l_i = flash_blocks(q, 0, count_ref[it], scale, load)
+    o_ref[b, it, :, :] = acc
+    m_ref[b, it, :] = m_i
+    l_ref[b, it, :] = l_i
 
 
-@functools.partial(jax.jit, static_argnames=("windows", "sinks", "scale", "num_splits",
+def _segment_splits(cache: SpanKVCache, batch: int, per_split: int | None) -> SegmentSplits:
+    """The work list over the cache's segments (one per KV head, in slot order; a cache packed
+    for head shards has padding between groups, which no item visits)."""
+    sizes = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block))
+    return split_segments(sizes // cache.block, batch, per_split,
+                          offsets=np.asarray(cache.offsets) // cache.block)
+
+
+@functools.partial(jax.jit, static_argnames=("windows", "sinks", "scale", "per_split",
                                              "interpret", "num_warps"))
-def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, num_splits, interpret,
+def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, per_split, interpret,
                         num_warps):
     b, h, d = q.shape
     hkv = cache.num_kv_heads
     group = h // hkv
     gp = max(16, 1 << (group - 1).bit_length())
-    bk = cache.block
-    sizes = SpanKVCache.segment_sizes(cache.sink, cache.rings, bk)
-    nblk = np.asarray(sizes) // bk
-    start = np.asarray(cache.offsets) // bk
-    per_split = -(-int(nblk.max()) // num_splits)
+    work = _segment_splits(cache, b, per_split)
+    items = work.num_items
 
     def per_group(x, fill):
         t = np.full((hkv, gp), fill, np.int32)
@@ -110,23 +116,29 @@ def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, num_spl
         return jnp.asarray(t)
 
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
-    kernel = functools.partial(_decode_kernel, bk=bk, per_split=per_split,
+    kernel = functools.partial(_decode_kernel, bk=cache.block,
                                scale=d ** -0.5 if scale is None else scale)
-    out_shape = [jax.ShapeDtypeStruct((b, hkv, num_splits, gp, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((b, items, gp, d), jnp.float32),
+                 jax.ShapeDtypeStruct((b, items, gp), jnp.float32),
+                 jax.ShapeDtypeStruct((b, items, gp), jnp.float32)]
     params = None
     if not interpret:
         from moa_jax.pallas_kernels.prefill_gpu import _compiler_params
         params = _compiler_params(num_warps, 2)
     o, m, l = pl.pallas_call(
-        kernel, grid=(b, hkv, num_splits), out_shape=out_shape, compiler_params=params,
+        kernel, grid=(b, items), out_shape=out_shape, compiler_params=params,
         interpret=interpret, name="moa_span_decode",
-    )(jnp.asarray(start, jnp.int32), jnp.asarray(nblk, jnp.int32), per_group(windows, 0),
-      per_group(sinks, 0), q_positions.astype(jnp.int32), qg, cache.k, cache.v, cache.pos)
+    )(jnp.asarray(work.segment), jnp.asarray(work.start), jnp.asarray(work.count),
+      per_group(windows, 0), per_group(sinks, 0), q_positions.astype(jnp.int32), qg, cache.k,
+      cache.v, cache.pos)
+    # Merge each KV head's items: [B, Hkv, C, ...], padding items filled as empty partials.
+    table = jnp.asarray(work.table)
+    m = jnp.take(m, table, axis=1, mode="fill", fill_value=-jnp.inf)
+    l = jnp.take(l, table, axis=1, mode="fill", fill_value=0.0)
+    o = jnp.take(o, table, axis=1, mode="fill", fill_value=0.0)
     m_all = jnp.max(m, axis=2, keepdims=True)
     m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-    wgt = jnp.exp2(m - m_all)                                        # [B, Hkv, S, Gp]
+    wgt = jnp.exp2(m - m_all)                                        # [B, Hkv, C, Gp]
     num = jnp.sum(o * wgt[..., None], axis=2)
     den = jnp.sum(l * wgt, axis=2)
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
@@ -135,7 +147,7 @@ def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, num_spl
 
 def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
                 windows: Sequence[int], sinks: Sequence[int], backend: str = "auto",
-                interpret: bool | None = None, num_splits: int | None = None,
+                interpret: bool | None = None, per_split: int | None = None,
                 scale: float | None = None, num_warps: int = 4) -> jax.Array:
     """Decode attention of one token per row over a MoA span cache.
 
@@ -146,7 +158,8 @@ def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
       windows, sinks: static per-query-head window (tokens, sinks excluded) and sink counts.
       backend: 'auto' (by platform: the Mosaic TPU kernel on TPU, else the Triton kernel, in
         interpret mode off its platform), 'gpu', 'tpu' or 'reference' (the jnp oracle).
-      num_splits: split-K factor (default: enough programs to fill the GPU).
+      per_split: split-K work per program in cache blocks (default: `split_segments`'s,
+        enough programs to fill the GPU, the long segments cut to the short ones' length).
     Returns:
       [B, H, D] in q's dtype.
     """
@@ -165,11 +178,5 @@ def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
         from moa_jax.pallas_kernels.decode_tpu import span_decode_tpu
         return span_decode_tpu(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
                                interpret=interpret)
-    blocks = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block))
-    blocks = blocks // cache.block
-    nblk = int(blocks.max())
-    splits = num_splits or default_splits(q.shape[0], cache.num_kv_heads, nblk,
-                                          float(blocks.mean()))
     return _span_decode_pallas(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
-                               num_splits=int(min(splits, nblk)), interpret=interpret,
-                               num_warps=num_warps)
+                               per_split=per_split, interpret=interpret, num_warps=num_warps)
