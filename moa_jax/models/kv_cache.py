@@ -236,7 +236,7 @@ class SpanKVCache:
                                          self.sink + jnp.remainder(p - self.sink, rings[None]))
         rows = jnp.arange(k.shape[0])[:, None]
         # The barrier keeps XLA from fusing the K/V projections into the scatter: at batch 1 it
-        # does, and the fused scatter recomputes them serially (~70 us per layer on an H100).
+        # does, and the fused scatter recomputes them serially (~70 us per layer on an H200).
         k, v = jax.lax.optimization_barrier((k.astype(self.k.dtype), v.astype(self.v.dtype)))
         put = dict(unique_indices=True, mode="promise_in_bounds")   # one slot per (row, head)
         return dataclasses.replace(

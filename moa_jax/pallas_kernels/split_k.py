@@ -48,10 +48,10 @@ class SegmentSplits:
 def split_segments(blocks: Sequence[int], batch: int, per_split: int | None = None,
                    offsets: Sequence[int] | None = None, programs: int = 264,
                    min_blocks: int = 4) -> SegmentSplits:
-    """Cuts segments of `blocks[s]` blocks, the first at block `offsets[s]` (default: laid out
-    one after another), into work items of
-    about `per_split` blocks, so every program of a launch does about the same work however
-    uneven the segments are (a MoA span cache: dense heads' segments beside short windows).
+    """Cuts segments of `blocks[s]` blocks, segment s starting at block `offsets[s]` (default:
+    laid out one after another), into work items of about `per_split` blocks, so every program
+    of a launch does about the same work however uneven the segments are (a MoA span cache:
+    dense heads' segments beside short windows).
 
     Default `per_split`: the work of a row batch spread over `programs` programs (a GPU's
     ~132 SMs twice), but no more than the shortest segment (so a long segment becomes several
@@ -65,22 +65,20 @@ def split_segments(blocks: Sequence[int], batch: int, per_split: int | None = No
         per_split = -(-batch * sum(blocks) // programs)
         per_split = max(min_blocks, min(per_split, min(blocks)))
     per_split = max(1, int(per_split))
+    if offsets is None:
+        offsets = np.cumsum([0] + blocks[:-1])
     segment, start, count, rows = [], [], [], []
-    offset = 0
     for s, n in enumerate(blocks):
-        if offsets is not None:
-            offset = int(offsets[s])
         k = min(n, max(1, int(n / per_split + 0.5)))
         base, extra = divmod(n, k)
         rows.append(list(range(len(segment), len(segment) + k)))
-        at = offset
+        at = int(offsets[s])
         for j in range(k):
             c = base + (j < extra)
             segment.append(s)
             start.append(at)
             count.append(c)
             at += c
-        offset += n
     width = max(len(r) for r in rows)
     table = np.full((len(blocks), width), len(segment), np.int32)
     for s, r in enumerate(rows):
