@@ -55,6 +55,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="plain 'document + instruction + Answer:' prompts")
     g.add_argument("--answer-tokens", type=int, default=64,
                    help="max new tokens of each dense-model answer (the loss targets)")
+    g.add_argument("--recall-fraction", type=float, default=0.0,
+                   help="share of calibration (and held-out) items that are synthetic recall "
+                        "items: facts 'The <colour> <box> holds <object>.' hidden in the "
+                        "document and a question about one; the dense model's own answer is "
+                        "the target. Puts long-range retrieval into the influence profile")
     g.add_argument("--seed", type=int, default=0, help="document shuffling seed")
     g.add_argument("--calibration-cache", default=None,
                    help="directory of cached calibration sets (default: $MOA_JAX_CACHE/calibration)")
@@ -96,7 +101,9 @@ def _build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("compute")
     c.add_argument("--batch-size", type=int, default=1, help="items per forward/backward")
     c.add_argument("--q-chunk", type=int, default=None, help="influence rows per step (auto)")
-    c.add_argument("--head-chunk", type=int, default=None, help="influence heads per step (all)")
+    c.add_argument("--remat", action="store_true",
+                   help="recompute each layer's activations in the profiling backward pass "
+                        "(less memory, about a third more compute)")
     c.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="profile on a device mesh (moa_jax.parallel), e.g. 8,1,1 or 2,2,2; -1 "
                         "takes the remaining devices; batches split over data x fsdp (make "
@@ -271,7 +278,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     docs = load_corpus(args.corpus, text_field=args.text_field)
     # held-out documents are set aside even with --no-validate, so the calibration set (and
     # its cache) does not depend on that flag
-    calib_docs, val_docs = cal.split_documents(docs, args.validation_items, args.seed,
+    # at most a third of the documents are held out (a corpus of a few long novels gives
+    # several held-out items per document, from different excerpts)
+    n_holdout = max(1, min(args.validation_items, len(docs) // 3))
+    calib_docs, val_docs = cal.split_documents(docs, n_holdout, args.seed,
                                                min_chars=3 * args.validation_length)
     n_val = 0 if args.no_validate else args.validation_items
     cache_root = Path(args.calibration_cache) if args.calibration_cache else \
@@ -281,11 +291,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  answer_tokens=args.answer_tokens, chat=not args.no_chat_template,
                  tasks=list(cal.DEFAULT_TASKS), n_val=args.validation_items,
                  val_length=args.validation_length)
+    if args.recall_fraction:
+        ident["recall_fraction"] = args.recall_fraction
     key = cal.calibration_key(split="calibration", counts=counts, **ident)
     _log(f"calibration set {key}: {sum(counts.values())} items over {len(calib_docs)} documents "
          f"(cache {cache_root})")
     items = cal.build_items(model, tokenizer, calib_docs, counts,
                             answer_tokens=args.answer_tokens, chat=not args.no_chat_template,
+                            recall_fraction=args.recall_fraction, seed=args.seed,
                             batch_size=args.batch_size, cache_file=cache_root / f"{key}.jsonl",
                             q_chunk=args.attn_chunk, progress=progress)
     val_items: list = []
@@ -296,6 +309,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         val_items = cal.build_items(
             model, tokenizer, val_docs, {args.validation_length: n_val},
             answer_tokens=args.answer_tokens, chat=not args.no_chat_template,
+            recall_fraction=args.recall_fraction, seed=args.seed + 1,
             batch_size=args.batch_size, cache_file=cache_root / f"{val_key}.jsonl",
             q_chunk=args.attn_chunk, progress=progress,
             desc="held-out items")[args.validation_length]
@@ -318,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _log(f"N={n}: profile loaded from {path}")
         else:
             prof = profile_items(model, items[n], n, sink=args.sink, batch_size=args.batch_size,
-                                 q_chunk=args.q_chunk, head_chunk=args.head_chunk,
+                                 q_chunk=args.q_chunk, remat=args.remat,
                                  progress=progress, profile=prof, mesh=mesh,
                                  on_batch=lambda p, path=path: p.save(path))
             prof.save(path)
@@ -396,7 +410,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "calibration": {"corpus": args.corpus, "key": key, "validation_key": val_key,
                         "items": {str(n): len(items[n]) for n in lengths},
                         "validation_items": len(val_items),
-                        "answer_tokens": args.answer_tokens},
+                        "answer_tokens": args.answer_tokens,
+                        "recall_fraction": args.recall_fraction},
         "estimator": args.estimator,
         "estimated_loss": {str(n): sol.objectives[n] for n in lengths},
         "dense_answer_loss": {str(n): profiles[n].dense_loss for n in lengths},

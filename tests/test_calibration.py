@@ -141,3 +141,61 @@ def test_masked_attention_in_generate_matches_dense(tiny):
     want = generate(model, prompts, max_new_tokens=8)
     got = generate(model, prompts, max_new_tokens=8, attention=MaskedAttention(q_chunk=32))
     assert got.rows() == want.rows()
+
+
+def test_excerpt_parts_are_distinct_windows():
+    ids = list(range(1000))
+    assert cal.excerpt(ids, 100, 0) == cal.trim_middle(ids, 100)
+    parts = [cal.excerpt(ids, 100, p) for p in range(1, 5)]
+    assert all(len(p) == 100 and p == list(range(p[0], p[0] + 100)) for p in parts)
+    assert len({p[0] for p in parts}) == 4
+    assert cal.excerpt(ids[:50], 100, 3) == ids[:50]          # short documents stay whole
+
+
+def test_plan_items_interleaves_recall_items():
+    specs = cal.plan_items([500] * 4, {256: 8}, {256: 200}, tasks=("a", "b"),
+                           recall_fraction=0.5)
+    kinds = [s.task for s in specs]
+    assert kinds.count(cal.RECALL_TASK) == 4
+    assert kinds == ["a", cal.RECALL_TASK, "b", cal.RECALL_TASK] * 2
+    assert all(s.task != cal.RECALL_TASK for s in cal.plan_items([500], {256: 3}, {256: 200}))
+    with pytest.raises(ValueError, match="recall_fraction"):
+        cal.plan_items([500], {256: 3}, {256: 200}, recall_fraction=1.5)
+
+
+def test_recall_item_hides_facts_and_asks_one():
+    import random
+
+    def encode(text):                       # a word-level "tokenizer": word -> small id
+        return [hash(w) % 997 + 3 for w in text.split()]
+
+    vocab = {}
+    for h in cal.RECALL_HOLDERS:
+        for c in cal.RECALL_CONTAINERS:
+            for o in cal.RECALL_OBJECTS:
+                vocab[tuple(encode(f" The {h} {c} holds {o}."))] = (h, c)
+    doc = list(range(1000, 1600))
+    ids, question = cal.recall_item(doc, encode, 300, random.Random(0))
+    assert len(ids) <= 300
+    found = [key for key in vocab if any(ids[i:i + len(key)] == list(key)
+                                         for i in range(len(ids)))]
+    assert len(found) == cal.RECALL_FACTS
+    asked = question.removeprefix("What does the ").split(" hold?")[0]
+    assert asked in {f"{vocab[k][0]} {vocab[k][1]}" for k in found}
+    again, q2 = cal.recall_item(doc, encode, 300, random.Random(0))
+    assert (again, q2) == (ids, question)                   # seeded
+    with pytest.raises(ValueError, match="too short"):
+        cal.recall_item(doc, encode, 20, random.Random(0))
+
+
+def test_build_items_with_recall_items(tiny, tmp_path):
+    model, tok = tiny
+    items = cal.build_items(model, tok, _docs(3), {512: 4}, answer_tokens=40,
+                            recall_fraction=0.5, seed=3, progress=False,
+                            cache_file=tmp_path / "c.jsonl")[512]
+    recall = [it for it in items if it.task.startswith("What does the ")]
+    assert len(recall) == 2
+    assert all(len(it.answer) <= cal.RECALL_ANSWER_TOKENS for it in recall)
+    assert all(len(it.tokens) <= 512 for it in items)
+    text = tok.decode(list(recall[0].tokens[:recall[0].answer_start]))
+    assert sum(text.count(f" {c} holds ") for c in cal.RECALL_CONTAINERS) == cal.RECALL_FACTS

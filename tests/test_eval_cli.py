@@ -65,7 +65,8 @@ def test_cli_plan_yaml_and_same_items(tmp_path):
     dens = {m: res["methods"][m]["kv_density"]["512"] for m in ("dense", "uniform", "moa")}
     assert dens["dense"] == 1.0
     assert dens["moa"] == pytest.approx(plan.kv_density(512))
-    assert dens["uniform"] == pytest.approx(dens["moa"], abs=1 / 512)
+    cache = plan.kv_cache_density(512, cfg.num_kv_heads)
+    assert dens["uniform"] == pytest.approx(cache, abs=1 / 512)     # equal decode memory
     assert res["plan"]["kv_density"]["512"] == pytest.approx(plan.kv_density(512))
     by = {}
     for r in res["records"]:

@@ -3,6 +3,8 @@ methods and the masked attention backend exact against the reference."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -205,14 +207,22 @@ def test_method_registry_and_uniform_density():
     b = METHODS["uniform"].build(ctx, 512)
     assert isinstance(b, MaskedAttention) and b.windows[0] == (240,) * cfg.num_heads
     assert b.sinks[0] == (16,) * cfg.num_heads
-    # With a plan, uniform matches the plan's density at every length.
+    # With a plan, uniform matches the plan's decode-cache size at every length (with GQA the
+    # group's largest span), or with uniform.match=heads its mean span over query heads.
     plan = Plan(alphas=[[64.0, 64.0, 64.0, 64.0]] * cfg.num_layers,
                 betas=[[0.0, 0.25, 0.5, 1.0]] * cfg.num_layers, sinks=64)
     pctx = MethodContext(config=cfg, plan=plan, sink=64, impl="masked")
+    hctx = dataclasses.replace(pctx, options={"uniform.match": "heads"})
     assert METHODS["moa"].unavailable(pctx) is None
     for n in (1024, 2048):
-        assert METHODS["uniform"].kv_density(pctx, n) == pytest.approx(plan.kv_density(n),
+        cache = plan.kv_cache_density(n, cfg.num_kv_heads)
+        assert cache > plan.kv_density(n) + 0.05
+        assert METHODS["uniform"].kv_density(pctx, n) == pytest.approx(cache, abs=1 / n)
+        assert METHODS["uniform"].kv_density(hctx, n) == pytest.approx(plan.kv_density(n),
                                                                        abs=1 / n)
+    with pytest.raises(ValueError, match="uniform.match"):
+        METHODS["uniform"].kv_density(
+            dataclasses.replace(pctx, options={"uniform.match": "x"}), 1024)
     assert [m.name for m in resolve_methods("dense,moa")] == ["dense", "moa"]
     with pytest.raises(ValueError, match="unknown method"):
         resolve_methods("dense,magic")

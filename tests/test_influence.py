@@ -23,8 +23,10 @@ from moa_jax.search.profile import (
     influence_dense,
     layer_influence,
     make_batches,
+    profile_batch,
     profile_items,
 )
+from moa_jax.search.influence import attention_with_influence
 from moa_jax.search.rules import scaled_grid
 
 T = 128
@@ -172,7 +174,7 @@ def test_block_and_diag_sums_match_dense(setup):
     _, _, _, _, dout, qkv = setup
     q, k, v = qkv[1]
     e = np.abs(np.asarray(influence_dense(q, k, v, dout[1]))[0])     # [H, T, T]
-    bl, dg = layer_influence(q, k, v, dout[1], sink=4, block=16, q_chunk=T, head_chunk=None)
+    bl, dg = layer_influence(q, k, v, dout[1], sink=4, block=16, q_chunk=T)
     want_bl = e.reshape(CFG.num_heads, T // 16, 16, T // 16, 16).sum(axis=(2, 4))
     np.testing.assert_allclose(np.asarray(bl), want_bl, rtol=1e-5, atol=1e-9)
     es = e.copy()
@@ -185,11 +187,74 @@ def test_block_and_diag_sums_match_dense(setup):
 def test_chunked_equals_unchunked(setup):
     _, _, _, _, dout, qkv = setup
     q, k, v = qkv[0]
-    full = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=T, head_chunk=None)
-    for qc, hc in ((16, 1), (32, 3), (64, 2)):
-        part = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=qc, head_chunk=hc)
+    full = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=T, key_groups=1)
+    for qc, groups in ((16, 1), (32, 3), (64, 2), (16, 8)):
+        part = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=qc,
+                               key_groups=groups)
         for a, b in zip(full, part):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-10)
+
+
+def test_whole_model_profile_matches_per_layer_influence(setup):
+    """profile_batch (one jitted forward + backward, influence from the probes' gradients) gives
+    each layer's block and diagonal sums as layer_influence on that layer's own dL/dO."""
+    model, _, batch, losses, dout, qkv = setup
+    got_losses, blocks, diag = profile_batch(model, batch, sink=16, block=16, q_chunk=32)
+    np.testing.assert_allclose(got_losses, losses, rtol=1e-5)
+    _, blocks_r, diag_r = profile_batch(model, batch, sink=16, block=16, q_chunk=32, remat=True)
+    np.testing.assert_allclose(np.asarray(blocks_r), np.asarray(blocks), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(diag_r), np.asarray(diag), rtol=1e-5, atol=1e-9)
+    for layer in range(CFG.num_layers):
+        bl, dg = layer_influence(*qkv[layer], dout[layer], sink=16, block=16, q_chunk=T)
+        scale = float(np.abs(np.asarray(bl)).max())
+        np.testing.assert_allclose(np.asarray(blocks[layer]), np.asarray(bl), rtol=1e-3,
+                                   atol=1e-5 * scale)
+        np.testing.assert_allclose(np.asarray(diag[layer]), np.asarray(dg), rtol=1e-3,
+                                   atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("h,hkv,n,qc,groups,dtype", [
+    (4, 2, 64, 16, 4, jnp.float32), (6, 2, 96, 32, 2, jnp.float32),
+    (4, 4, 128, 32, 3, jnp.float32), (8, 2, 64, 32, 1, jnp.bfloat16)])
+def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dtype):
+    """Its output and dq/dk/dv equal dense causal attention's (autodiff of the jnp oracle), for
+    GQA ratios, chunkings and dtypes; the probes' gradients equal the dense |E| sums."""
+    rng = np.random.default_rng(n + h)
+    q, k, v, w = (jnp.asarray(rng.normal(size=s), dtype) for s in
+                  ((2, n, h, 16), (2, n, hkv, 16), (2, n, hkv, 16), (2, n, h, 16)))
+
+    def ref(q, k, v):
+        g = h // hkv
+        kk, vv = jnp.repeat(k, g, 2).astype(jnp.float32), jnp.repeat(v, g, 2).astype(jnp.float32)
+        lg = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), kk) * 16 ** -0.5
+        lg = jnp.where(jnp.tril(jnp.ones((n, n), bool)), lg, -1e30)
+        return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(lg, -1), vv)
+
+    probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)))
+
+    def ours(q, k, v, pb, pd):
+        return attention_with_influence(q, k, v, pb, pd, 8, 16, qc, groups)
+
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours(q, k, v, *probes), np.float32),
+                               np.asarray(ref(q, k, v)), **tol)
+    want = jax.grad(lambda *a: jnp.sum(ref(*a) * w.astype(jnp.float32)), argnums=(0, 1, 2))(
+        q, k, v)
+    got = jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * w.astype(jnp.float32)),
+                   argnums=(0, 1, 2, 3, 4))(q, k, v, *probes)
+    for a, b in zip(got[:3], want):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
+    e = np.abs(np.asarray(influence_dense(q.astype(jnp.float32), k.astype(jnp.float32),
+                                          v.astype(jnp.float32), w.astype(jnp.float32))))
+    e = e.sum(0)
+    want_bl = e.reshape(h, n // 16, 16, n // 16, 16).sum(axis=(2, 4))
+    e[..., :8] = 0
+    want_dg = np.stack([[np.trace(e[hh], offset=-d) for d in range(n)] for hh in range(h)])
+    scale = float(want_bl.max())
+    tol = dict(rtol=5e-2, atol=2e-2 * scale) if dtype == jnp.bfloat16 else \
+        dict(rtol=1e-4, atol=1e-6 * scale)
+    np.testing.assert_allclose(np.asarray(got[3]), want_bl, **tol)
+    np.testing.assert_allclose(np.asarray(got[4]), want_dg, **tol)
 
 
 def test_attention_chunk_does_not_change_gradients(setup):

@@ -31,7 +31,6 @@ The JSON (`--out`) holds every row with device kind, shapes and date; the table 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -165,37 +164,25 @@ def train_worker(n: int, args) -> dict:
 
 def profile_worker(n: int, args) -> dict:
     """Influence profiling of n synthetic items per step on n devices."""
-    import numpy as np
     from flax import nnx
 
     from moa_jax.bench.decode import make_weights
-    from moa_jax.search.profile import profile_items
-
-    @dataclasses.dataclass
-    class Item:
-        tokens: np.ndarray
-        answer_start: int
+    from moa_jax.bench.profile import synthetic_items, time_profile
 
     mc = _model_config(args)
     mesh = _mesh(n, 1, 1)
     length = args.profile_length
-    rng = np.random.default_rng(0)
-    items = [Item(rng.integers(0, mc.vocab_size, length).astype(np.int32),
-                  length - args.answer_tokens) for _ in range(n * (args.profile_steps + 1))]
+    items = synthetic_items(mc.vocab_size, length, n * (args.profile_steps + 1),
+                            args.answer_tokens)
     graphdef, state = make_weights(mc, mesh=mesh)
     model = nnx.merge(graphdef, state)
     row: dict[str, Any] = dict(part="profile", devices=n, mesh=dict(mesh.shape), length=length,
                                items_per_step=n, **_where())
-    t0 = time.perf_counter()
-    profile_items(model, items[:n], length, batch_size=n, mesh=mesh, progress=False)
-    row["first_step_s"] = time.perf_counter() - t0            # compiles
-    t0 = time.perf_counter()
-    prof = profile_items(model, items[n:], length, batch_size=n, mesh=mesh, progress=False)
-    dt = time.perf_counter() - t0
-    st = _memory_stats(list(mesh.devices.flat))
-    row.update(status="ok", items=prof.count, seconds_per_item=dt / prof.count,
-               items_per_s=prof.count / dt,
-               peak_gib_per_device=st.get("peak_bytes_in_use", 0) / GIB or None)
+    t = time_profile(model, items, length, n, mesh=mesh)
+    row.update(status="ok", items=t["steady_items"], first_step_s=t["first_batch_s"],
+               seconds_per_item=t["seconds_per_item"],
+               items_per_s=t["steady_items"] / max(t["steady_s"], 1e-9),
+               peak_gib_per_device=t["peak_gib"])
     return row
 
 

@@ -10,7 +10,9 @@ Built in:
 - `moa`: the per-head elastic plan given with `--plan` (our JSON or the reference
   `moa_alpha_beta.json`), resolved at the cell's length.
 - `uniform`: StreamingLLM-style: every head the same window plus `sink` sink tokens, with the
-  KV density matched to the MoA plan at each length when a plan is given, else `--density`.
+  decode-cache size matched to the MoA plan's at each length when a plan is given
+  (`--method-opt uniform.match=heads` matches the mean span over query heads instead), else
+  `--density`.
 - `recycled`: Recycled Attention decoding (`moa_jax.models.recycled`): dense prefill, then a
   recycled cache of K tokens per layer and KV head refreshed by a full step every S decode
   steps. K = length / 8 and S = 10 by default (the paper's LM setting), `--method-opt
@@ -179,7 +181,17 @@ def _dense_build(ctx: MethodContext, length: int) -> AttentionBackend:
 
 
 def _uniform_density(ctx: MethodContext, length: int) -> float:
-    return ctx.plan.kv_density(length) if ctx.plan is not None else ctx.density
+    """The plan's decode-cache density (`uniform.match=cache`, the default: equal memory; with
+    GQA a KV head keeps its query heads' largest span) or its mean span over query heads
+    (`uniform.match=heads`); `--density` without a plan."""
+    if ctx.plan is None:
+        return ctx.density
+    match = ctx.option("uniform", "match", "cache")
+    if match == "cache":
+        return ctx.plan.kv_cache_density(length, ctx.config.num_kv_heads)
+    if match == "heads":
+        return ctx.plan.kv_density(length)
+    raise ValueError(f"uniform.match must be 'cache' or 'heads', got {match!r}")
 
 
 def _uniform(ctx: MethodContext, length: int) -> Plan:

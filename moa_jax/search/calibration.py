@@ -57,6 +57,23 @@ DEFAULT_TASKS = (
 )
 DOC_MARKER = "\x00DOC\x00"
 
+# Synthetic recall items (`recall_fraction`): facts "The <holder> <container> holds <object>."
+# hidden in the document at random depths, and a question about one of them. Words and format
+# differ from the evaluation's tasks (numeric passkeys, LongEval lines), so a plan searched with
+# them is still scored on unseen formats.
+RECALL_TASK = "recall"
+RECALL_HOLDERS = ("red", "blue", "green", "golden", "silver", "wooden", "iron", "glass", "paper",
+                  "velvet", "copper", "marble", "striped", "painted", "oak", "leather")
+RECALL_CONTAINERS = ("box", "jar", "chest", "drawer", "bag", "basket", "envelope", "cabinet",
+                     "trunk", "tin", "case", "cupboard")
+RECALL_OBJECTS = ("a brass key", "an old map", "a silk glove", "a pocket watch", "a pearl ring",
+                  "a sealed letter", "a toy soldier", "a silver spoon", "a blue feather",
+                  "a wax candle", "a tin whistle", "a glass marble", "a lace handkerchief",
+                  "a copper coin", "a small compass", "a dried rose", "a chess knight",
+                  "an ivory comb", "a wooden flute", "a lump of amber")
+RECALL_FACTS = 4
+RECALL_ANSWER_TOKENS = 24
+
 
 @dataclasses.dataclass(frozen=True)
 class CalibrationItem:
@@ -84,7 +101,8 @@ class CalibrationItem:
 
 @dataclasses.dataclass(frozen=True)
 class ItemSpec:
-    """What to build: item `index` of length level `length` from document `doc` with `task`."""
+    """What to build: item `index` of length level `length` from document `doc` with `task`
+    (`RECALL_TASK`: a synthetic recall item, see `recall_item`)."""
 
     length: int
     index: int
@@ -129,14 +147,19 @@ def split_documents(docs: Sequence[Any], n_holdout: int, seed: int = 0,
 
 
 def plan_items(doc_lengths: Sequence[int], counts: Mapping[int, int], budgets: Mapping[int, int],
-               tasks: Sequence[str] = DEFAULT_TASKS) -> list[ItemSpec]:
+               tasks: Sequence[str] = DEFAULT_TASKS,
+               recall_fraction: float = 0.0) -> list[ItemSpec]:
     """Assigns documents and tasks to items (see module docstring).
 
     Args:
       doc_lengths: token count of each (already shuffled) document.
       counts: items per length level.
       budgets: document-token budget per length level.
+      recall_fraction: share of each level's items that are synthetic recall items
+        (interleaved: item i is one when floor((i+1) f) > floor(i f)).
     """
+    if not 0.0 <= recall_fraction <= 1.0:
+        raise ValueError(f"recall_fraction must be in [0, 1], got {recall_fraction}")
     if not doc_lengths:
         raise ValueError("no documents to calibrate on")
     used = [0] * len(doc_lengths)
@@ -148,8 +171,12 @@ def plan_items(doc_lengths: Sequence[int], counts: Mapping[int, int], budgets: M
             doc = min(range(len(doc_lengths)),
                       key=lambda i: (used[i], doc_lengths[i] < need, i))
             used[doc] += 1
-            specs.append(ItemSpec(length, index, doc, tasks[k % len(tasks)]))
-            k += 1
+            recall = int((index + 1) * recall_fraction) > int(index * recall_fraction)
+            if recall:
+                specs.append(ItemSpec(length, index, doc, RECALL_TASK))
+            else:
+                specs.append(ItemSpec(length, index, doc, tasks[k % len(tasks)]))
+                k += 1
     return specs
 
 
@@ -161,6 +188,17 @@ def _encode_long(tokenizer: Any, text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def excerpt(ids: Sequence[int], budget: int, part: int = 0) -> list[int]:
+    """The `part`-th excerpt of a document for a budget: part 0 keeps the first and last halves
+    of a too-long document (`trim_middle`, as the reference does); later parts (a document used
+    again, e.g. a corpus of a few long novels) take consecutive windows further in."""
+    ids = list(ids)
+    if part == 0 or len(ids) <= budget:
+        return trim_middle(ids, budget)
+    start = (part * budget) % (len(ids) - budget)
+    return ids[start:start + budget]
+
+
 def trim_middle(ids: Sequence[int], budget: int) -> list[int]:
     """Keeps the first and last halves of a too-long token list (as the MoA reference does)."""
     ids = list(ids)
@@ -168,6 +206,29 @@ def trim_middle(ids: Sequence[int], budget: int) -> list[int]:
         return ids
     head = budget // 2
     return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+def recall_item(doc_ids: Sequence[int], encode, budget: int, rng: random.Random,
+                facts: int = RECALL_FACTS) -> tuple[list[int], str]:
+    """A synthetic recall item: `facts` sentences "The <holder> <container> holds <object>."
+    inserted at random token positions (after a sentence end where one is near) of the trimmed
+    document, and the question about one of them. Returns (document ids, instruction)."""
+    pairs = rng.sample([(h, c) for h in RECALL_HOLDERS for c in RECALL_CONTAINERS], facts)
+    objects = rng.sample(RECALL_OBJECTS, facts)
+    sentences = [encode(f" The {h} {c} holds {o}.") for (h, c), o in zip(pairs, objects)]
+    room = budget - sum(len(x) for x in sentences)
+    if room < facts:
+        raise ValueError(f"a document budget of {budget} tokens is too short for recall items")
+    ids = trim_middle(doc_ids, room)
+    stops = {i + 1 for i, t in enumerate(ids) if t in set(encode("."))}
+    spots = sorted(rng.randrange(len(ids) + 1) for _ in range(facts))
+    spots = [min(stops, key=lambda s: abs(s - p)) if stops and
+             min(abs(s - p) for s in stops) < 64 else p for p in spots]
+    order = sorted(range(facts), key=lambda i: spots[i], reverse=True)
+    for i in order:                        # from the back so earlier spots stay valid
+        ids[spots[i]:spots[i]] = sentences[i]
+    h, c = pairs[rng.randrange(facts)]
+    return ids, f"What does the {h} {c} hold? Answer in a few words."
 
 
 class PromptBuilder:
@@ -198,13 +259,23 @@ class PromptBuilder:
     def overhead(self, tasks: Sequence[str]) -> int:
         return max(len(p) + len(s) for p, s in (self.parts(t) for t in tasks))
 
-    def build(self, doc_ids: Sequence[int], task: str, budget: int) -> list[int]:
+    def build(self, doc_ids: Sequence[int], task: str, budget: int, part: int = 0) -> list[int]:
         pre, post = self.parts(task)
-        return pre + trim_middle(doc_ids, budget) + post
+        return pre + excerpt(doc_ids, budget, part) + post
+
+    def build_recall(self, doc_ids: Sequence[int], budget: int, rng: random.Random,
+                     part: int = 0) -> tuple[list[int], str]:
+        """A recall prompt (see `recall_item`) that fits `budget` document tokens, and its
+        instruction."""
+        ids, question = recall_item(excerpt(doc_ids, 4 * budget, part), self._encode, budget,
+                                    rng)
+        pre, post = self.parts(question)
+        return pre + ids + post, question
 
 
 def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping[int, int], *,
                 answer_tokens: int = 128, tasks: Sequence[str] = DEFAULT_TASKS,
+                recall_fraction: float = 0.0, seed: int = 0,
                 chat: bool = True, batch_size: int = 1, cache_file: str | Path | None = None,
                 q_chunk: int = 512, progress: bool = True,
                 desc: str = "calibration") -> dict[int, list[CalibrationItem]]:
@@ -215,7 +286,10 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
       tokenizer: HF-style tokenizer (encode / decode / apply_chat_template).
       docs: documents (`.title`, `.text`), already shuffled / split by the caller.
       counts: {length level N: number of items}.
-      answer_tokens: max new tokens per answer (the prompt leaves room for them).
+      answer_tokens: max new tokens per answer (the prompt leaves room for them); recall items
+        answer in at most `RECALL_ANSWER_TOKENS`.
+      recall_fraction: share of synthetic recall items per level (`plan_items`).
+      seed: seeds the recall items' facts (item i of level N: Random((seed, N, i))).
       batch_size: prompts generated together.
       cache_file: JSON-lines file to resume from and append to.
     Returns:
@@ -227,6 +301,10 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
     counts = {int(n): int(c) for n, c in counts.items() if int(c) > 0}
     builder = PromptBuilder(tokenizer, chat=chat)
     overhead = builder.overhead(tasks)
+    if recall_fraction > 0:        # the longest recall question, plus a little tokenizer slack
+        longest = (f"What does the {max(RECALL_HOLDERS, key=len)} "
+                   f"{max(RECALL_CONTAINERS, key=len)} hold? Answer in a few words.")
+        overhead = max(overhead, builder.overhead([longest]) + 4)
     budgets = {}
     for n in counts:
         budgets[n] = n - overhead - answer_tokens
@@ -236,7 +314,7 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
                              f"lengths or fewer answer tokens")
     # Character lengths are a cheap proxy to avoid tokenizing every document up front.
     approx = [len(d.text) // 3 for d in docs]
-    specs = plan_items(approx, counts, budgets, tasks)
+    specs = plan_items(approx, counts, budgets, tasks, recall_fraction)
 
     done: dict[tuple[int, int], CalibrationItem] = {}
     cache_file = Path(cache_file) if cache_file else None
@@ -248,29 +326,44 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
                 continue
             done[(int(d["length"]), int(d["index"]))] = CalibrationItem.from_json(d)
     todo = [s for s in specs if (s.length, s.index) not in done]
+    uses: dict[int, int] = {}
+    part = {}                   # how many earlier items used the same document
+    for s in specs:
+        part[(s.length, s.index)] = uses.get(s.doc, 0)
+        uses[s.doc] = uses.get(s.doc, 0) + 1
     stop_ids = tuple(model.config.eos_token_ids) or None
     doc_ids: dict[int, list[int]] = {}
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="item",
                disable=not progress)
-    # group by length so that a batch shares one prompt size
-    by_len: dict[int, list[ItemSpec]] = {}
+    # group by length and kind so that a batch shares one prompt size and answer budget
+    by_len: dict[tuple[int, bool], list[ItemSpec]] = {}
     for s in todo:
-        by_len.setdefault(s.length, []).append(s)
-    for length, group in sorted(by_len.items()):
+        by_len.setdefault((s.length, s.task == RECALL_TASK), []).append(s)
+    for (length, recall), group in sorted(by_len.items()):
         attention = MaskedAttention(q_chunk=q_chunk)
         for start in range(0, len(group), batch_size):
             batch = group[start:start + batch_size]
-            prompts = []
+            prompts, instructions = [], []
             for s in batch:
                 if s.doc not in doc_ids:
                     doc_ids[s.doc] = _encode_long(tokenizer, docs[s.doc].text)
-                prompts.append(builder.build(doc_ids[s.doc], s.task, budgets[length]))
-            out = generate(model, prompts, max_new_tokens=answer_tokens, stop_ids=stop_ids,
+                if recall:
+                    p, instruction = builder.build_recall(
+                        doc_ids[s.doc], budgets[length],
+                        random.Random(f"{seed}-{s.length}-{s.index}"), part[(s.length, s.index)])
+                else:
+                    p = builder.build(doc_ids[s.doc], s.task, budgets[length],
+                                      part[(s.length, s.index)])
+                    instruction = s.task
+                prompts.append(p)
+                instructions.append(instruction)
+            new = min(answer_tokens, RECALL_ANSWER_TOKENS) if recall else answer_tokens
+            out = generate(model, prompts, max_new_tokens=new, stop_ids=stop_ids,
                            attention=attention)
             lines = []
-            for s, p, ans in zip(batch, prompts, out.rows()):
+            for s, p, ans, instruction in zip(batch, prompts, out.rows(), instructions):
                 item = CalibrationItem(tuple(p) + tuple(ans), len(p), length,
-                                       docs[s.doc].title, s.task)
+                                       docs[s.doc].title, instruction)
                 done[(s.length, s.index)] = item
                 lines.append(json.dumps({**item.to_json(), "index": s.index}))
             if cache_file is not None:

@@ -9,19 +9,18 @@ entry (i, j) and renormalising row i changes the loss, to first order, by
 `-A_ij G_ij` (dropping its only key zeroes the row). L is the mean cross-entropy on the answer
 tokens of one calibration item.
 
-How G is obtained without N x N matrices for every layer at once (as the reference does): the
-model runs one decoder layer per compiled call (`LayerRunner`, one program shared by all layers).
-A forward pass keeps each layer's input; the backward pass then goes layer by layer from the
-last, differentiating each layer with respect to its input and to a zero perturbation added to
-its attention output (`ProfilingAttention`), which gives dL/dO of that layer and its q, k, v.
-A jitted kernel recomputes A per (query chunk x head chunk), takes G = dO V^T (the gradient of
-O = A V with respect to A) and reduces |E| to
+How it is computed (`moa_jax.search.influence`): every layer's attention is a dense causal
+attention with a custom VJP whose backward pass, besides dq/dk/dv, reduces |E| (recomputed per
+query chunk from A, G = dO V^T and rowsum(G * A) = dO . O) to
 
 - `blocks` [H, N/64, N/64]: |E| summed over 64 x 64 blocks (the reference's profile), and
 - `diag` [H, N]: |E| summed along each diagonal offset d = i - j over the non-sink keys
   (j >= sink): the exact token-level loss of a sliding window w is `sum_{d >= w} diag[d]`.
 
-Both are summed over items (`InfluenceProfile` keeps sums and a count; `.mean_*` averages).
+They come out as the gradients of zero "probes" handed to each layer, so one jitted forward +
+backward of the whole model (`profile_batch`) yields every layer's and head's influence for a
+batch of items; the LM head runs at the answer positions only. Both are summed over items
+(`InfluenceProfile` keeps sums and a count; `.mean_*` averages).
 
 Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): by default 'token',
 the sum of mean |E| over exactly the entries the kernels drop for that rule at length N (the
@@ -30,20 +29,21 @@ window from `Plan.resolve`, sinks kept); 'block' is the reference's estimator, t
 ceil(w/64) blocks up to the diagonal). With 64-token granularity and 64 sinks (the defaults) the
 two differ only in the partial diagonal block the block form drops and the kernels keep.
 
-Memory: one layer at a time; inside a layer the backward pass rematerialises attention per query
-chunk (`lax.scan` over a checkpointed body), so no N x N matrix is stored, and the influence
-kernel holds B x head_chunk x q_chunk x N floats a few times. Items of one length are batched;
-the batch dimension can be sharded over a mesh (`mesh=`).
+Memory: per layer O(B x H x q_chunk x N) for the attention and its influence (no N x N
+matrix), plus the model's activations for the backward pass (`remat=True` recomputes them per
+layer). Items of one length are batched; the batch can be sharded over a mesh (`mesh=`).
 
 Public API:
-  ProfilingAttention(q_chunk)                    backend used only for profiling
+  InfluenceAttention(sink, block, q_chunk)      backend whose probes' gradients are the influence
+  profile_batch(model, batch, ...) -> (losses [B], blocks [L, H, nb, nb], diag [L, H, N])
+  profile_items(model, items, length, ...) -> InfluenceProfile
+  layer_influence(q, k, v, dout, sink, block, q_chunk) -> (blocks, diag)   (one layer)
   influence_dense(q, k, v, dout) -> E [B, H, N, N]          (unchunked, for tests)
-  layer_influence(q, k, v, dout, sink, block, q_chunk, head_chunk) -> (blocks, diag)
-  LayerRunner(model, mesh=None): .forward / .losses / .backward (layer-by-layer passes)
-  answer_grads(model, batch, q_chunk) -> (losses [B], dO per layer, (q, k, v) per layer)
+  answer_grads(model, batch) -> (losses [B], dO per layer, (q, k, v) per layer)  (tests)
+  ProfilingAttention(q_chunk)                    dense attention exposing dL/dO (tests)
+  LayerRunner(model, mesh=None): .forward / .losses (one layer per compiled call)
   answer_losses(model, batches, attention) -> per-item answer loss (whole-model program)
   InfluenceProfile (sums, count, save/load, merge, rule_losses)
-  profile_items(model, items, length, ...) -> InfluenceProfile
   make_batches(items, length, batch_size, pad_id) -> list[Batch]
 """
 
@@ -62,11 +62,10 @@ from tqdm.auto import tqdm
 
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.llama import Llama, rope_inv_freq
-from moa_jax.models.masked_attention import MaskedAttention, _chunks, chunked_attention
+from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.search.influence import EPS, attention_with_influence, influence_rows  # noqa: F401
 
-EPS = 1e-6
 BLOCK = 64
-_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,19 +91,29 @@ class ProfilingAttention(AttentionBackend):
 
 # ----------------------------------------------------------------------------- model pieces
 def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: AttentionBackend,
-          layer_args: Sequence[Any] | None = None):
+          layer_args: Sequence[Any] | None = None, *, remat: bool = False):
     """Final normed hidden states [B, T, E] and each layer's backend output ("cache").
 
     Mirrors `Llama.__call__` without the LM head, so the loss can take logits at the answer
     positions only (an 8k x 49k logit matrix per row is otherwise the largest tensor of the pass).
-    `layer_args[i]` is handed to layer i's backend as its cache.
+    `layer_args[i]` is handed to layer i's backend as its cache. `remat` recomputes each layer's
+    activations in a backward pass (`nnx.remat`) instead of keeping them.
     """
     inv_freq = rope_inv_freq(model.config)
     x = model.embed_tokens(tokens)
     aux = []
     for i, layer in enumerate(model.layers):
         arg = None if layer_args is None else layer_args[i]
-        x, a = layer(x, positions, inv_freq, arg, attention, i)
+
+        if remat:       # a pure function of the layer's state (the model may be a tracer's)
+            gd, st = nnx.split(layer)
+
+            def run(st, x, arg, gd=gd, i=i):
+                return nnx.merge(gd, st)(x, positions, inv_freq, arg, attention, i)
+
+            x, a = jax.checkpoint(run)(st, x, arg)
+        else:
+            x, a = layer(x, positions, inv_freq, arg, attention, i)
         aux.append(a)
     return model.norm(x), aux
 
@@ -183,9 +192,8 @@ def _positions(b: int, t: int) -> jax.Array:
 
 # ----------------------------------------------------------------------------- layer by layer
 # One decoder layer per jitted call, with the parameters of layer 0's graph and any layer's
-# state: every layer shares one compiled program, peak memory is one layer's, and the backward
-# pass can hand each layer's dL/dO to the influence kernel before moving to the next layer
-# (the N x N probabilities of all layers never coexist, whatever the compiler schedules).
+# state: every layer shares one compiled program and peak memory is one layer's. Used to score
+# many plans of one length with per-layer window arrays (validation) without recompiling.
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _embed(graphdef, state, tokens):
@@ -198,34 +206,6 @@ def _layer_forward(graphdef, state, x, arg, *, cfg, attention):
     b, t, _ = x.shape
     y, _ = layer(x, _positions(b, t), rope_inv_freq(cfg), arg, attention, 0)
     return y
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "q_chunk"))
-def _layer_backward(graphdef, state, x, dy, *, cfg, q_chunk):
-    """(dL/dx, dL/dO [B, T, H, D], (q, k, v)) of one layer given dL/dy."""
-    layer = nnx.merge(graphdef, state)
-    b, t, _ = x.shape
-    attention = ProfilingAttention(q_chunk=q_chunk)
-    zeros = jnp.zeros((b, t, cfg.num_heads, cfg.head_dim), jnp.float32)
-
-    def f(x, p):
-        return layer(x, _positions(b, t), rope_inv_freq(cfg), p, attention, 0)
-
-    _, vjp, qkv = jax.vjp(f, x, zeros, has_aux=True)
-    dx, dout = vjp(dy)
-    return dx, dout, qkv
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _head_loss_and_grad(graphdef, state, x, tgt_pos, tgt_ids, tgt_w):
-    model = nnx.merge(graphdef, state)
-
-    def f(x):
-        per_item = answer_nll(model, model.norm(x), tgt_pos, tgt_ids, tgt_w)
-        return per_item.sum(), per_item
-
-    (_, per_item), dx = jax.value_and_grad(f, has_aux=True)(x)
-    return per_item, dx
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -281,38 +261,6 @@ class LayerRunner:
         x, _ = self.forward(tokens, attention, layer_args)
         return np.asarray(_head_loss(self.graphdef, self.state, x, *tgt))
 
-    def backward(self, batch: Batch, q_chunk: int = 512):
-        """Forward, then the backward pass layer by layer from the last.
-
-        Returns (per-item losses [B], generator of (layer, dL/dO, (q, k, v))). L is the sum over
-        items of each item's mean answer cross-entropy, so each item's dO is its own gradient.
-        """
-        tokens, *tgt = self._arrays(batch)
-        dense = MaskedAttention(q_chunk=q_chunk)
-        x, inputs = self.forward(tokens, dense, keep=True)
-        losses, dy = _head_loss_and_grad(self.graphdef, self.state, x, *tgt)
-
-        def layers():
-            g = dy
-            for i in reversed(range(len(self.layer_states))):
-                g, dout, qkv = _layer_backward(self.layer_graphdef, self.layer_states[i],
-                                               inputs[i], g, cfg=self.cfg, q_chunk=q_chunk)
-                inputs[i] = None
-                yield i, dout, qkv
-
-        return np.asarray(losses), layers()
-
-
-def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512, mesh=None):
-    """Answer losses [B], dL/dO per layer ([B, N, H, D] each) and (q, k, v) per layer (all layers
-    at once: for tests and small inputs; `profile_items` streams them instead)."""
-    losses, gen = LayerRunner(model, mesh).backward(batch, q_chunk)
-    dout, qkv = [None] * model.config.num_layers, [None] * model.config.num_layers
-    for i, d, t in gen:
-        dout[i], qkv[i] = d, t
-    return losses, dout, qkv
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
 def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention):
     model = nnx.merge(graphdef, state)
@@ -336,86 +284,119 @@ def answer_losses(model: Llama, batches: Sequence[Batch], attention: AttentionBa
 
 
 # ----------------------------------------------------------------------------- influence
-def _expand_kv(k: jax.Array, num_heads: int) -> jax.Array:
-    """[B, S, Hkv, D] -> [B, S, H, D] (query head h reads KV head h // group)."""
-    g = num_heads // k.shape[2]
-    return jnp.repeat(k, g, axis=2) if g > 1 else k
+@dataclasses.dataclass(frozen=True)
+class InfluenceAttention(AttentionBackend):
+    """Dense causal attention whose per-layer `cache` argument is a pair of zero probes
+    (blocks [H, N/block, N/block], diag [H, N]); their gradients are the layer's influence sums
+    (`moa_jax.search.influence.attention_with_influence`)."""
+
+    sink: int = 64
+    block: int = BLOCK
+    q_chunk: int = 512
+    key_groups: int = 4
+
+    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
+        raise NotImplementedError("InfluenceAttention is for single forward/backward passes")
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+        probe_blocks, probe_diag = cache
+        out = attention_with_influence(q, k, v, probe_blocks, probe_diag, self.sink,
+                                       self.block, self.q_chunk, self.key_groups)
+        return out, None
 
 
-def _influence_rows(q, k, v, dout, q0: int):
-    """E for query rows [q0, q0 + Tq) over keys [0, S): q/dout [B, Tq, h, D], k/v [B, S, h, D].
+def _zero_probes(cfg, length: int, block: int):
+    nb = length // block
+    return [(jnp.zeros((cfg.num_heads, nb, nb), jnp.float32),
+             jnp.zeros((cfg.num_heads, length), jnp.float32)) for _ in range(cfg.num_layers)]
 
-    Returns E [B, h, Tq, S] (float32; zero on masked entries).
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "remat"))
+def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention, remat):
+    model = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+
+    def loss(probes):
+        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes, remat=remat)
+        per_item = answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
+        return per_item.sum(), per_item
+
+    grads, per_item = jax.grad(loss, has_aux=True)(
+        _zero_probes(model.config, t, attention.block))
+    return (per_item, jnp.stack([g[0] for g in grads]), jnp.stack([g[1] for g in grads]))
+
+
+def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BLOCK,
+                  q_chunk: int | None = None, key_groups: int = 4, remat: bool = False,
+                  mesh=None):
+    """Every layer's and head's influence on one batch, from one jitted forward + backward.
+
+    L is the sum over items of each item's mean answer cross-entropy, so each item's gradient is
+    its own; |E| is summed over the items.
+    Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N]).
     """
-    scale = q.shape[-1] ** -0.5
-    f32 = jnp.float32
-    tq, s = q.shape[1], k.shape[1]
-    logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(f32), k.astype(f32)) * scale
-    rows = q0 + jnp.arange(tq)[:, None]
-    cols = jnp.arange(s)[None, :]
-    mask = cols <= rows
-    logits = jnp.where(mask, logits, _NEG)
-    a = jax.nn.softmax(logits, axis=-1)
-    a = jnp.where(mask, a, 0.0)
-    g = jnp.einsum("bqhd,bshd->bhqs", dout.astype(f32), v.astype(f32))
-    rs = jnp.sum(g * a, axis=-1, keepdims=True)
-    e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
-    single = (rows == 0)[None, None]            # only row 0 has a single valid key
-    return jnp.where(single, -a * g, e)
+    cfg = model.config
+    b, n = batch.shape
+    if n % block:
+        raise ValueError(f"profile length {n} must be a multiple of block {block}")
+    qc = int(q_chunk) if q_chunk else auto_q_chunk(b, cfg.num_heads, n, block=block)
+    qc = max(block, min(qc, n))
+    if n % qc:
+        raise ValueError(f"profile length {n} must be a multiple of q_chunk {qc}")
+    graphdef, state = nnx.split(model)
+    arrays = [jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids, batch.tgt_w)]
+    if mesh is not None:
+        from moa_jax.parallel import batch_sharding, param_shardings
+        state = jax.device_put(state, param_shardings(state, mesh))
+        arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
+    attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups)
+    losses, blocks, diag = _profile_step(graphdef, state, *arrays, attention=attention,
+                                         remat=remat)
+    return np.asarray(losses), blocks, diag
+
+
+def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *, sink: int,
+                    block: int = BLOCK, q_chunk: int = 512, key_groups: int = 4):
+    """|E| of one layer reduced to block sums and diagonal sums, summed over the batch (the
+    backward rule of `attention_with_influence` applied to a given dL/dO).
+
+    q, dout [B, N, H, D]; k, v [B, N, Hkv, D]. Returns (blocks float32 [H, N/block, N/block],
+    diag float32 [H, N]).
+    """
+    n, h = q.shape[1], q.shape[2]
+    nb = n // block
+    probes = (jnp.zeros((h, nb, nb), jnp.float32), jnp.zeros((h, n), jnp.float32))
+
+    def f(pb, pd):
+        return attention_with_influence(q, k, v, pb, pd, sink, block, min(q_chunk, n),
+                                        key_groups)
+
+    _, vjp = jax.vjp(f, *probes)
+    return vjp(dout.astype(q.dtype))
 
 
 def influence_dense(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array) -> jax.Array:
     """E [B, H, N, N] of one layer (all heads, all rows at once): the unchunked reference."""
-    h = q.shape[2]
-    return _influence_rows(q, _expand_kv(k, h), _expand_kv(v, h), dout, 0)
+    return influence_rows(q, k, v, dout, 0)
 
 
-def _diag_sums(x: jax.Array, q0: int) -> jax.Array:
-    """x [h, Tq, S] lower-triangular rows [q0, q0+Tq) of an S-wide matrix (S = q0 + Tq, zero for
-    j > i) -> [h, S] with out[d] = sum_r x[r, q0 + r - d] (sums along each diagonal offset)."""
-    h, tq, s = x.shape
-    r = jnp.flip(x, axis=-1)                                   # r[., t, c] = x[., t, s-1-c]
-    r = jnp.pad(r, ((0, 0), (0, 0), (0, 1))).reshape(h, tq * (s + 1))
-    y = r[:, tq - 1: tq - 1 + tq * s].reshape(h, tq, s)        # y[., t, d] = x[., t, q0+t-d]
-    return y.sum(axis=1)
+def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512):
+    """Answer losses [B], dL/dO per layer ([B, N, H, D] each) and (q, k, v) per layer, all in
+    memory at once (tests and small inputs; `profile_batch` reduces them as it goes)."""
+    cfg = model.config
+    b, n = batch.shape
+    tokens, *tgt = (jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids,
+                                             batch.tgt_w))
+    zeros = [jnp.zeros((b, n, cfg.num_heads, cfg.head_dim), jnp.float32)] * cfg.num_layers
 
+    def f(perturbations):
+        hidden, qkv = trunk(model, tokens, _positions(b, n), ProfilingAttention(q_chunk),
+                            perturbations)
+        per_item = answer_nll(model, hidden, *tgt)
+        return per_item.sum(), (per_item, qkv)
 
-@functools.partial(jax.jit, static_argnames=("sink", "block", "q_chunk", "head_chunk"))
-def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *, sink: int,
-                    block: int = BLOCK, q_chunk: int = 512, head_chunk: int | None = None):
-    """|E| of one layer reduced to block sums and diagonal sums, summed over the batch.
-
-    Args:
-      q, dout: [B, N, H, D]; k, v: [B, N, Hkv, D] (after RoPE, as the backend saw them).
-      sink: keys j < sink are excluded from the diagonal sums (always kept by every rule).
-      block: block edge (64); N and q_chunk must be multiples of it.
-      q_chunk, head_chunk: rows and query heads per step (memory ~ B*head_chunk*q_chunk*N).
-    Returns:
-      blocks float32 [H, N/block, N/block], diag float32 [H, N].
-    """
-    b, n, h, _ = q.shape
-    if n % block or q_chunk % block:
-        raise ValueError(f"length {n} and q_chunk {q_chunk} must be multiples of block {block}")
-    head_chunk = h if head_chunk is None else max(1, min(int(head_chunk), h))
-    nb = n // block
-    k, v = _expand_kv(k, h), _expand_kv(v, h)
-    blocks_out, diag_out = [], []
-    for h0 in range(0, h, head_chunk):
-        hs = slice(h0, min(h0 + head_chunk, h))
-        hb_rows, hd = [], None
-        for s, e in _chunks(n, q_chunk):
-            ea = jnp.abs(_influence_rows(q[:, s:e, hs], k[:, :e, hs], v[:, :e, hs],
-                                         dout[:, s:e, hs], s)).sum(axis=0)   # [h, Tq, e]
-            hc, tq = ea.shape[0], e - s
-            bl = ea.reshape(hc, tq // block, block, e // block, block).sum(axis=(2, 4))
-            hb_rows.append(jnp.pad(bl, ((0, 0), (0, 0), (0, nb - e // block))))
-            if sink > 0:
-                ea = jnp.where(jnp.arange(e)[None, None, :] < sink, 0.0, ea)
-            d = jnp.pad(_diag_sums(ea, s), ((0, 0), (0, n - e)))
-            hd = d if hd is None else hd + d
-        blocks_out.append(jnp.concatenate(hb_rows, axis=1))
-        diag_out.append(hd)
-    return jnp.concatenate(blocks_out, axis=0), jnp.concatenate(diag_out, axis=0)
+    dout, (losses, qkv) = jax.grad(f, has_aux=True)(zeros)
+    return np.asarray(losses), dout, qkv
 
 
 def auto_q_chunk(batch: int, heads: int, length: int, budget: int = 1 << 24,
@@ -530,10 +511,9 @@ class InfluenceProfile:
 
 
 def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int = 64,
-                  batch_size: int = 1, q_chunk: int | None = None,
-                  head_chunk: int | None = None, attn_chunk: int = 512,
-                  pad_id: int | None = None, mesh=None, progress: bool = True,
-                  profile: InfluenceProfile | None = None,
+                  batch_size: int = 1, q_chunk: int | None = None, key_groups: int = 4,
+                  remat: bool = False, pad_id: int | None = None, mesh=None,
+                  progress: bool = True, profile: InfluenceProfile | None = None,
                   on_batch=None) -> InfluenceProfile:
     """Profiles every head on `items` (all of length <= `length`) and returns the summed profile.
 
@@ -541,9 +521,11 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
       items: calibration items (`.tokens`, `.answer_start`).
       length: profile length N (a multiple of 64); items are right-padded to it.
       sink: sink tokens every rule keeps (excluded from the diagonal sums).
-      batch_size: items per backward pass.
-      q_chunk, head_chunk: influence kernel chunking (default: fit ~16M floats per step).
-      attn_chunk: query chunk of the attention in the forward/backward passes.
+      batch_size: items per forward + backward pass (one compiled program per batch shape).
+      q_chunk: influence rows per step (default: ~16M floats per [B, H, rows, N] tensor).
+      key_groups: causal skipping groups of the chunked attention.
+      remat: recompute each layer's activations in the backward pass (less memory).
+      mesh: optional mesh; batches split over its data axes, parameters by `moa_jax.parallel`.
       profile: a partial profile to continue (its `count` items are skipped).
       on_batch: called with the running profile after every batch (checkpointing).
     """
@@ -554,29 +536,15 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     prof = profile or InfluenceProfile.zeros(cfg.num_layers, cfg.num_heads, length, sink)
     todo = list(items)[prof.count:]
-    batches = make_batches(todo, length, batch_size, pad_id)
-    hc = cfg.num_heads if head_chunk is None else int(head_chunk)
-    qc = int(q_chunk) if q_chunk else auto_q_chunk(batch_size, hc, length)
-    qc = max(BLOCK, min(qc, length))
-    attn_chunk = min(length, int(attn_chunk))
-    bar = tqdm(total=len(todo) * cfg.num_layers, desc=f"influence N={length}",
-               disable=not progress, unit="layer-item")
-    runner = LayerRunner(model, mesh)
-    for batch in batches:
-        b = batch.shape[0]
-        bar.set_postfix_str("forward")
-        losses, layers = runner.backward(batch, q_chunk=attn_chunk)
-        bar.set_postfix_str("backward + influence")
-        blocks = np.zeros_like(prof.blocks)
-        diag = np.zeros_like(prof.diag)
-        for layer, dout, (q, k, v) in layers:
-            bl, dg = layer_influence(q, k, v, dout, sink=sink, block=BLOCK, q_chunk=qc,
-                                     head_chunk=hc)
-            blocks[layer] = np.asarray(bl)
-            diag[layer] = np.asarray(dg)
-            bar.update(b)
-        prof = InfluenceProfile(length, sink, BLOCK, prof.blocks + blocks, prof.diag + diag,
-                                prof.count + b, prof.loss_sum + float(np.sum(losses)))
+    bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress,
+               unit="item")
+    for batch in make_batches(todo, length, batch_size, pad_id):
+        losses, blocks, diag = profile_batch(model, batch, sink=sink, q_chunk=q_chunk,
+                                             key_groups=key_groups, remat=remat, mesh=mesh)
+        prof = InfluenceProfile(length, sink, BLOCK, prof.blocks + np.asarray(blocks),
+                                prof.diag + np.asarray(diag), prof.count + len(losses),
+                                prof.loss_sum + float(np.sum(losses)))
+        bar.update(len(losses))
         if on_batch is not None:
             on_batch(prof)
     bar.close()

@@ -1,0 +1,276 @@
+"""Which heads retrieve? Attention mass on the needle per head, and the oracle plan it implies.
+
+    python -m moa_jax.eval.heads --lengths 2048 4096 8192 --num-items 20 --out heads/
+    python -m moa_jax.eval.heads ... --plan plan.json --profile-dir runs/profile/x/profiles
+
+For passkey items (the evaluation's `needle` task, built with a seed of its own so that they are
+not the evaluation's items) the dense model reads the prompt and the gold passkey digits
+(teacher-forced); per layer and query head the retrieval score is the attention probability that
+the queries predicting the digits put on the needle's digit tokens, averaged over those queries
+and over the items. Heads whose score is high are the heads that copy the passkey.
+
+From the scores, the **oracle plan** at KV-cache density d: the KV groups with the largest score
+(a group's score is its query heads' maximum, as the span cache keeps a group's largest span)
+keep every token, the others one shared elastic window `beta * N` + sinks, with `beta` chosen so
+that the cache holds d of a dense one at every length; at most two rules per layer. It has seen
+retrieval data of the evaluation's kind, so it shows what a plan of that budget can reach, not
+what a search finds.
+
+With `--plan`, the report compares the plan's spans with the scores (the share of the top
+retrieval heads the plan keeps dense or nearly); with `--profile-dir` (a profile run's
+`profiles/*.npz`), it ranks heads by their estimated loss at a half-length window and compares
+that ranking with the retrieval scores.
+
+Outputs: heads.json, heads.png (scores, the plan's spans), oracle_plan.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.plan import Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedleMassAttention(AttentionBackend):
+    """Dense causal attention that also returns, per query head, the attention mass the query
+    rows `rows` [B, A] (weights `row_w` [B, A]) put on the keys `key_mask` [B, N] (bool): the
+    layer's `cache` argument is (rows, row_w, key_mask); the returned "cache" is mass [B, H]."""
+
+    q_chunk: int = 512
+
+    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
+        raise NotImplementedError("NeedleMassAttention scores whole sequences (no KV cache)")
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+        rows, row_w, key_mask = cache
+        out = chunked_attention(q, k, v, positions, q_chunk=self.q_chunk)
+        b, n, h, d = q.shape
+        g = h // k.shape[2]
+        qa = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)
+        kk = jnp.repeat(k, g, axis=2).astype(jnp.float32)
+        logits = jnp.einsum("bahd,bshd->bhas", qa, kk) * d ** -0.5
+        causal = jnp.arange(n)[None, None, :] <= rows[:, None, :, None]
+        probs = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1)
+        mass = jnp.sum(jnp.where(key_mask[:, None, None, :], probs, 0.0), axis=-1)   # [B,H,A]
+        mass = (mass * row_w[:, None, :]).sum(-1) / jnp.maximum(row_w.sum(-1), 1.0)[:, None]
+        return out, mass
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
+def _needle_mass(graphdef, state, tokens, rows, row_w, key_mask, *, attention):
+    from moa_jax.search.profile import trunk
+
+    model = nnx.merge(graphdef, state)
+    b, n = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    args = [(rows, row_w, key_mask)] * model.config.num_layers
+    _, masses = trunk(model, tokens, positions, attention, args)
+    return jnp.stack(masses, axis=1)                                    # [B, L, H]
+
+
+def _find(seq: Sequence[int], sub: Sequence[int]) -> list[int]:
+    n = len(sub)
+    return [i for i in range(len(seq) - n + 1) if list(seq[i:i + n]) == list(sub)]
+
+
+def needle_scores(model: Any, tokenizer: Any, lengths: Sequence[int], num_items: int, *,
+                  seed: int = 1000, corpus: str = "shakespeare", chat: bool = True,
+                  q_chunk: int = 512, progress: bool = True) -> dict[int, np.ndarray]:
+    """{length: retrieval score float [items, L, H]} on passkey items (see module docstring)."""
+    from moa_jax.eval.needle import Passkey
+    from moa_jax.eval.tasks import TaskContext
+
+    task = Passkey()
+    ctx = TaskContext(tokenizer, chat=chat, corpus=corpus)
+    graphdef, state = nnx.split(model)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    attention = NeedleMassAttention(q_chunk=q_chunk)
+    out = {}
+    for n in lengths:
+        scores = []
+        for item in tqdm(task.make_items(ctx, n, num_items, seed), desc=f"needle mass N={n}",
+                         disable=not progress, leave=False):
+            prompt = ctx.prompt_ids(item.prompt, item.answer_prefix)
+            answer = ctx.answer_ids(item.answer_prefix, item.answer)
+            ids = prompt + answer
+            key_mask = np.zeros((1, n), bool)
+            for occ in _find(prompt, answer):            # the passkey's digits in the haystack
+                key_mask[0, occ:occ + len(answer)] = True
+            if not key_mask.any():
+                raise RuntimeError(f"needle digits of item {item.index} not found in its prompt")
+            tokens = np.full((1, n), pad, np.int32)
+            tokens[0, :len(ids)] = ids
+            rows = np.arange(len(prompt) - 1, len(ids) - 1, dtype=np.int32)[None]
+            mass = _needle_mass(graphdef, state, jnp.asarray(tokens), jnp.asarray(rows),
+                                jnp.ones(rows.shape, jnp.float32), jnp.asarray(key_mask),
+                                attention=attention)
+            scores.append(np.asarray(mass)[0])
+        out[int(n)] = np.stack(scores)
+    return out
+
+
+def oracle_plan(scores: np.ndarray, num_kv_heads: int, density: float, *,
+                dense_fraction: float = 0.25, sink: int = 64) -> Plan:
+    """The oracle plan at KV-cache density `density` (module docstring).
+
+    scores: float [L, H] per query head. The top `dense_fraction` of the L x Hkv KV groups (by
+    their heads' maximum score) keep everything; the rest share span `beta * N` with
+    beta = (density - f) / (1 - f), f the dense groups' share.
+    """
+    layers, heads = scores.shape
+    group = heads // num_kv_heads
+    g = scores.reshape(layers, num_kv_heads, group).max(-1)
+    n_dense = int(round(dense_fraction * g.size))
+    if not 0 < density <= 1 or n_dense >= g.size or n_dense / g.size > density:
+        raise ValueError(f"dense fraction {dense_fraction} does not fit density {density}")
+    dense = np.zeros(g.size, bool)
+    dense[np.argsort(-g.reshape(-1), kind="stable")[:n_dense]] = True
+    dense = dense.reshape(layers, num_kv_heads)
+    f = n_dense / g.size
+    beta = (density - f) / (1 - f)
+    head_dense = np.repeat(dense, group, axis=1)
+    return Plan(alphas=np.zeros((layers, heads)).tolist(),
+                betas=np.where(head_dense, 1.0, beta).tolist(), sinks=sink,
+                metadata={"source": "moa_jax.eval.heads oracle", "kv_cache_density": density,
+                          "dense_kv_groups": int(n_dense), "beta": beta})
+
+
+def _rank_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
+    """Share of a's top-k entries among b's top-k."""
+    ta = set(np.argsort(-a.reshape(-1))[:k].tolist())
+    tb = set(np.argsort(-b.reshape(-1))[:k].tolist())
+    return len(ta & tb) / k
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a.reshape(-1)))
+    rb = np.argsort(np.argsort(b.reshape(-1)))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: int,
+            top: int) -> dict[str, Any]:
+    """How the plan's spans and the influence ranking relate to the retrieval scores [L, H]."""
+    rep: dict[str, Any] = {}
+    order = np.argsort(-scores.reshape(-1))[:top]
+    heads = [divmod(int(i), scores.shape[1]) for i in order]
+    rep["top_heads"] = [{"layer": l, "head": h, "score": float(scores[l, h])} for l, h in heads]
+    if plan is not None:
+        kept = plan.kept_kv(n) / n
+        rep["plan_kept_at_top"] = [float(kept[l, h]) for l, h in heads]
+        rep["plan_top_kept_ge_0.9"] = float(np.mean([kept[l, h] >= 0.9 for l, h in heads]))
+        rep["plan_mean_kept"] = float(kept.mean())
+    for pn, prof in sorted(profiles.items()):
+        est = prof.window_losses(np.array([pn // 2]))[..., 0]          # [L, H]
+        rep[f"influence_N{pn}"] = {"spearman": _spearman(est, scores),
+                                   f"top{top}_overlap": _rank_overlap(est, scores, top)}
+    return rep
+
+
+def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(f"needle mass, N={k}", v.mean(0)) for k, v in sorted(scores.items())]
+    if plan is not None:
+        panels.append((f"plan: kept KV / N at N={n}", plan.kept_kv(n) / n))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 6), squeeze=False)
+    for ax, (title, m) in zip(axes[0], panels):
+        im = ax.imshow(m, aspect="auto", cmap="magma" if "mass" in title else "viridis",
+                       vmin=0, vmax=max(float(m.max()), 1e-6) if "mass" in title else 1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("query head")
+        ax.set_ylabel("layer")
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(out / "heads.png", dpi=120)
+    plt.close(fig)
+    return "heads.png"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moa_jax.eval.heads", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="preset, HF directory or .gguf")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--num-items", type=int, default=20, help="passkey items per length")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="item seed (keep it apart from the evaluation's, default 0)")
+    p.add_argument("--corpus", default="shakespeare", help="haystack text")
+    p.add_argument("--density", type=float, default=0.5, help="oracle plan's KV-cache density")
+    p.add_argument("--dense-fraction", type=float, default=0.25,
+                   help="share of KV groups the oracle keeps dense")
+    p.add_argument("--sink", type=int, default=64)
+    p.add_argument("--plan", default=None, help="a plan to compare with the scores")
+    p.add_argument("--profile-dir", default=None, help="profile .npz files to compare")
+    p.add_argument("--scores", default=None,
+                   help="reuse the scores of an earlier run's heads.json instead of measuring")
+    p.add_argument("--top", type=int, default=20, help="top heads compared")
+    p.add_argument("--out", default="heads", help="output directory")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from moa_jax.eval.methods import load_plan
+    from moa_jax.models.registry import load_model
+    from moa_jax.search.profile import InfluenceProfile
+
+    plan = load_plan(args.plan) if args.plan else None
+    profiles = {}
+    if args.profile_dir:
+        for f in sorted(Path(args.profile_dir).glob("*.npz")):
+            prof = InfluenceProfile.load(f)
+            profiles[prof.length] = prof
+    model, tok = load_model(args.model)
+    if plan is not None:
+        plan.validate(model.config)
+    out = Path(args.out)
+    if args.scores:
+        earlier = json.loads(Path(args.scores).read_text())
+        scores = {int(k): np.asarray(v)[None] for k, v in earlier["scores"].items()}
+        args.lengths, args.num_items = sorted(scores), earlier["num_items"]
+    else:
+        scores = needle_scores(model, tok, args.lengths, args.num_items, seed=args.seed,
+                               corpus=args.corpus, progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    mean = np.mean([s.mean(0) for s in scores.values()], axis=0)          # [L, H]
+    oracle = oracle_plan(mean, model.config.num_kv_heads, args.density,
+                         dense_fraction=args.dense_fraction, sink=args.sink)
+    oracle.save(out / "oracle_plan.json")
+    n = max(args.lengths)
+    report = {"lengths": args.lengths, "num_items": args.num_items, "seed": args.seed,
+              "scores": {str(k): v.mean(0).tolist() for k, v in scores.items()},
+              "compare": compare(mean, plan, profiles, n, args.top),
+              "oracle": {"density": args.density, "dense_fraction": args.dense_fraction,
+                         "kv_cache_density": {str(k): oracle.kv_cache_density(
+                             k, model.config.num_kv_heads) for k in args.lengths}},
+              "figure": _plot(out, scores, plan, n)}
+    (out / "heads.json").write_text(json.dumps(report, indent=1) + "\n")
+    c = report["compare"]
+    print("top retrieval heads (layer, head, score):",
+          ", ".join(f"L{h['layer']}H{h['head']} {h['score']:.2f}" for h in c["top_heads"][:10]))
+    for k, v in c.items():
+        if k != "top_heads" and not isinstance(v, list):
+            print(f"  {k}: {v}")
+    print(f"wrote {out / 'heads.json'}, {out / 'heads.png'}, {out / 'oracle_plan.json'}",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

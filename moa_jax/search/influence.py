@@ -1,0 +1,224 @@
+"""Causal attention whose backward pass also yields every head's masking influence.
+
+MoA's influence (METHODS.md): with A one head's attention probabilities and G = dL/dA, masking
+entry (i, j) and renormalising row i changes the loss, to first order, by
+
+    E_ij = A_ij / (1 - A_ij) * (rowsum(G * A)_i - G_ij),
+
+with `1 - A` guarded by `EPS`, and only the direct term `-A_ij G_ij` on a row with a single valid
+key (row 0). Since O = A V, G = dO V^T and rowsum(G * A) = rowsum(dO * O) (the D term of a flash
+attention backward), so E needs nothing the attention backward does not already compute.
+
+`attention_with_influence(q, k, v, probe_blocks, probe_diag)` is dense causal attention (the
+probes do not change its value) with a custom VJP: its backward pass computes dq, dk, dv as any
+attention backward does, one query chunk at a time, and from the same recomputed A returns as
+the probes' cotangents
+
+- blocks [H, N/block, N/block]: |E| summed over block x block tiles (the reference's profile),
+- diag [H, N]: |E| summed along each diagonal offset d = i - j over keys j >= sink (the exact
+  loss estimate of a sliding window w is sum_{d >= w} diag[d]),
+
+both summed over the batch. So `jax.grad` of a model's answer loss with respect to zero probes
+in every layer gives every layer's and head's influence from one jitted forward + backward
+(`moa_jax.search.profile.profile_batch`), with memory O(B x H x q_chunk x N) per layer at a
+time: no N x N matrix is ever stored.
+
+Causal skipping: query chunks are split into `key_groups` consecutive groups, one `lax.scan`
+each, group g reading keys up to its last query (work ~ (G+1)/(2G) of dense instead of 1).
+
+Public API:
+  EPS
+  influence_rows(q, k, v, dout, q0) -> E [B, H, Tq, S]        (the formula, dense in keys)
+  diag_sums(x, q0) -> [h, S]
+  attention_with_influence(q, k, v, probe_blocks, probe_diag, *, sink, block, q_chunk,
+                           key_groups) -> out [B, N, H, D]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-6
+_NEG = -1e30
+_F32 = jnp.float32
+
+
+def _grouped(x: jax.Array, hkv: int) -> jax.Array:
+    """[B, T, H, D] -> [B, T, Hkv, G, D] (query head h = kv * G + g reads KV head kv)."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t, hkv, h // hkv, d)
+
+
+def _scores(q, k):
+    """q [B, Tq, H, D], k [B, S, Hkv, D] -> [B, H, Tq, S] (float32, no scaling)."""
+    b, tq, h, _ = q.shape
+    hkv = k.shape[2]
+    s = jnp.einsum("bqkgd,bskd->bkgqs", _grouped(q, hkv).astype(_F32), k.astype(_F32))
+    return s.reshape(b, h, tq, k.shape[1])
+
+
+def influence_rows(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
+                   q0: int | jax.Array) -> jax.Array:
+    """E for query rows [q0, q0 + Tq) over keys [0, S), causal.
+
+    q, dout [B, Tq, H, D]; k, v [B, S, Hkv, D]. Returns E float32 [B, H, Tq, S] (zero on masked
+    entries).
+    """
+    a, g, rs, _ = _probs_and_grads(q, k, v, dout, q0)
+    return _influence(a, g, rs, q0)
+
+
+def _probs_and_grads(q, k, v, dout, q0):
+    """(A, G = dO V^T, rowsum(G * A), causal mask) for rows [q0, q0 + Tq) over keys [0, S)."""
+    tq, s = q.shape[1], k.shape[1]
+    logits = _scores(q, k) * q.shape[-1] ** -0.5
+    rows = q0 + jnp.arange(tq)[:, None]
+    mask = jnp.arange(s)[None, :] <= rows
+    a = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
+    a = jnp.where(mask, a, 0.0)
+    g = _scores(dout, v)
+    rs = jnp.sum(g * a, axis=-1, keepdims=True)
+    return a, g, rs, mask
+
+
+def _influence(a, g, rs, q0):
+    tq = a.shape[2]
+    e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
+    single = (q0 + jnp.arange(tq) == 0)[None, None, :, None]     # only row 0 has one key
+    return jnp.where(single, -a * g, e)
+
+
+def diag_sums(x: jax.Array, q0: int) -> jax.Array:
+    """x [h, Tq, S], rows [q0, q0 + Tq) of an S-wide matrix with S = q0 + Tq and zeros for
+    j > i -> [h, S] with out[d] = sum_r x[r, q0 + r - d] (sums along each diagonal offset).
+
+    Also right for any q0' <= S - Tq (more zeros): read the result shifted by S - Tq - q0'.
+    """
+    h, tq, s = x.shape
+    r = jnp.flip(x, axis=-1)                                   # r[., t, c] = x[., t, s-1-c]
+    r = jnp.pad(r, ((0, 0), (0, 0), (0, 1))).reshape(h, tq * (s + 1))
+    y = r[:, tq - 1: tq - 1 + tq * s].reshape(h, tq, s)        # y[., t, d] = x[., t, q0+t-d]
+    return y.sum(axis=1)
+
+
+def _groups(n_chunks: int, key_groups: int) -> list[tuple[int, int]]:
+    g = max(1, min(int(key_groups), n_chunks))
+    bounds = [round(i * n_chunks / g) for i in range(g + 1)]
+    return [(c0, c1) for c0, c1 in zip(bounds[:-1], bounds[1:]) if c1 > c0]
+
+
+def _forward(q, k, v, q_chunk, key_groups):
+    b, n, h, d = q.shape
+    outs = []
+    for c0, c1 in _groups(n // q_chunk, key_groups):
+        kend = c1 * q_chunk
+        kc, vc = k[:, :kend], v[:, :kend]
+        qs = q[:, c0 * q_chunk:kend].reshape(b, c1 - c0, q_chunk, h, d).swapaxes(0, 1)
+
+        def step(_, xs, kc=kc, vc=vc):
+            qi, q0 = xs
+            logits = _scores(qi, kc) * d ** -0.5
+            mask = jnp.arange(kc.shape[1])[None, :] <= q0 + jnp.arange(q_chunk)[:, None]
+            a = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
+            bb, hh, tq, s = a.shape
+            hkv = vc.shape[2]
+            o = jnp.einsum("bkgqs,bskd->bqkgd", a.reshape(bb, hkv, hh // hkv, tq, s),
+                           vc.astype(_F32))
+            return None, o.reshape(bb, tq, hh, d).astype(q.dtype)
+
+        starts = jnp.arange(c0, c1, dtype=jnp.int32) * q_chunk
+        _, o = jax.lax.scan(step, None, (qs, starts))
+        outs.append(o.swapaxes(0, 1).reshape(b, (c1 - c0) * q_chunk, h, d))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def attention_with_influence(q: jax.Array, k: jax.Array, v: jax.Array,
+                             probe_blocks: jax.Array, probe_diag: jax.Array, sink: int,
+                             block: int, q_chunk: int, key_groups: int = 4) -> jax.Array:
+    """Dense causal attention; the probes' cotangents are the layer's influence sums.
+
+    Args:
+      q [B, N, H, D]; k, v [B, N, Hkv, D] (after RoPE; positions [0, N)).
+      probe_blocks float32 [H, N/block, N/block], probe_diag float32 [H, N]: zeros; they do not
+        change the output, their gradients are the block and diagonal sums of |E|.
+      sink: keys j < sink are left out of the diagonal sums (every rule keeps them).
+      block: tile edge of the block sums; N and q_chunk must be multiples of it.
+      q_chunk: query rows per step (memory ~ B x H x q_chunk x N floats a few times).
+      key_groups: causal skipping groups (see module docstring).
+    Returns:
+      out [B, N, H, D] in q's dtype.
+    """
+    del probe_blocks, probe_diag
+    return _forward(q, k, v, q_chunk, key_groups)
+
+
+def _fwd(q, k, v, probe_blocks, probe_diag, sink, block, q_chunk, key_groups):
+    n = q.shape[1]
+    if n % q_chunk or q_chunk % block:
+        raise ValueError(f"length {n} must be a multiple of q_chunk {q_chunk}, itself a "
+                         f"multiple of block {block}")
+    out = _forward(q, k, v, q_chunk, key_groups)
+    return out, (q, k, v, out)
+
+
+def _bwd(sink, block, q_chunk, key_groups, res, dout):
+    q, k, v, out = res
+    b, n, h, d = q.shape
+    hkv = k.shape[2]
+    nb, qb = n // block, q_chunk // block
+    scale = d ** -0.5
+    dq_parts, bl_parts = [], []
+    dk = jnp.zeros(k.shape, _F32)
+    dv = jnp.zeros(v.shape, _F32)
+    diag = jnp.zeros((h, n), _F32)
+    for c0, c1 in _groups(n // q_chunk, key_groups):
+        kend = c1 * q_chunk
+        kc, vc = k[:, :kend], v[:, :kend]
+
+        def chunked(x):
+            x = x[:, c0 * q_chunk:kend]
+            return x.reshape(b, c1 - c0, q_chunk, *x.shape[2:]).swapaxes(0, 1)
+
+        def step(carry, xs, kc=kc, vc=vc, kend=kend):
+            dk_acc, dv_acc, dg_acc = carry
+            qi, doi, oi, q0 = xs
+            a, g, _, _ = _probs_and_grads(qi, kc, vc, doi, q0)
+            # rowsum(G * A) = dO . O exactly (O = A V)
+            rs = jnp.einsum("bqhd,bqhd->bhq", doi.astype(_F32), oi.astype(_F32))[..., None]
+            ds = a * (g - rs)                                        # dL/dlogits [B, H, C, S]
+            dsg = ds.reshape(b, hkv, h // hkv, q_chunk, kend)
+            dqi = jnp.einsum("bkgqs,bskd->bqkgd", dsg, kc.astype(_F32)) * scale
+            dk_acc = dk_acc + jnp.einsum("bkgqs,bqkgd->bskd", dsg,
+                                         _grouped(qi, hkv).astype(_F32)) * scale
+            dv_acc = dv_acc + jnp.einsum("bkgqs,bqkgd->bskd",
+                                         a.reshape(b, hkv, h // hkv, q_chunk, kend),
+                                         _grouped(doi, hkv).astype(_F32))
+            ea = jnp.abs(_influence(a, g, rs, q0)).sum(axis=0)       # [H, C, S]
+            bl = ea.reshape(h, qb, block, kend // block, block).sum(axis=(2, 4))
+            bl = jnp.pad(bl, ((0, 0), (0, 0), (0, nb - kend // block)))
+            if sink > 0:
+                ea = jnp.where(jnp.arange(kend)[None, None, :] < sink, 0.0, ea)
+            # diag_sums reads the chunk as rows [kend - C, kend); ours start at q0 <= that
+            shifted = jnp.pad(diag_sums(ea, kend - q_chunk), ((0, 0), (0, kend)))
+            dg = jax.lax.dynamic_slice_in_dim(shifted, kend - q_chunk - q0, kend, axis=1)
+            dg_acc = dg_acc + jnp.pad(dg, ((0, 0), (0, n - kend)))
+            return (dk_acc, dv_acc, dg_acc), (dqi.reshape(b, q_chunk, h, d), bl)
+
+        starts = jnp.arange(c0, c1, dtype=jnp.int32) * q_chunk
+        (dkc, dvc, diag), (dqs, bls) = jax.lax.scan(
+            step, (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag),
+            (chunked(q), chunked(dout), chunked(out), starts))
+        dk = dk.at[:, :kend].add(dkc)
+        dv = dv.at[:, :kend].add(dvc)
+        dq_parts.append(dqs.swapaxes(0, 1).reshape(b, (c1 - c0) * q_chunk, h, d))
+        bl_parts.append(bls.transpose(1, 0, 2, 3).reshape(h, (c1 - c0) * qb, nb))
+    dq = jnp.concatenate(dq_parts, axis=1)
+    blocks = jnp.concatenate(bl_parts, axis=1)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), blocks, diag
+
+
+attention_with_influence.defvjp(_fwd, _bwd)
