@@ -340,9 +340,9 @@ def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BL
     if n % block:
         raise ValueError(f"profile length {n} must be a multiple of block {block}")
     qc = int(q_chunk) if q_chunk else auto_q_chunk(b, cfg.num_heads, n, block=block)
-    qc = max(block, min(qc, n))
-    if n % qc:
-        raise ValueError(f"profile length {n} must be a multiple of q_chunk {qc}")
+    qc = max(block, min(qc, n) // block * block)
+    while n % qc:                       # the largest block multiple <= q_chunk that divides n
+        qc -= block
     graphdef, state = nnx.split(model)
     arrays = [jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids, batch.tgt_w)]
     if mesh is not None:
@@ -401,11 +401,13 @@ def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512):
 
 def auto_q_chunk(batch: int, heads: int, length: int, budget: int = 1 << 24,
                  block: int = BLOCK) -> int:
-    """Largest power-of-two multiple of `block` with batch*heads*q_chunk*length <= budget."""
-    q = block
-    while q * 2 <= length and batch * heads * q * 2 * length <= budget:
-        q *= 2
-    return q
+    """Largest multiple of `block` dividing `length` with batch*heads*q_chunk*length <= budget
+    (at least `block`)."""
+    best = block
+    for q in range(block, length + 1, block):
+        if length % q == 0 and batch * heads * q * length <= budget:
+            best = q
+    return best
 
 
 # ----------------------------------------------------------------------------- accumulators
