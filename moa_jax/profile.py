@@ -81,8 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sink", type=int, default=64, help="sink tokens inside every span")
     s.add_argument("--extend-length", type=int, default=None,
                    help="longest length rules must stay valid at (grid filter; default 2*max N)")
-    s.add_argument("--estimator", choices=("token", "block"), default="token",
-                   help="rule loss: exact dropped entries (token) or the reference's 64x64 blocks")
+    s.add_argument("--estimator", choices=("token", "block", "window"), default="token",
+                   help="rule loss: sum of |E| over the exact dropped entries (token) or over "
+                        "the reference's 64x64 blocks (block), or the signed first-order loss "
+                        "change of dropping the whole window with rows renormalised (window)")
     s.add_argument("--eps-intervals", type=int, default=2,
                    help="epsilon-constraint points per secondary objective (reference: 4)")
     s.add_argument("--milp-time-limit", type=float, default=30.0,
@@ -323,16 +325,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from moa_jax.parallel import MeshConfig, make_mesh
         mesh = make_mesh(MeshConfig.parse(args.mesh))
         _log(f"profiling on a {dict(mesh.shape)} mesh of {mesh.devices.size} devices")
+    grid = scaled_grid(lengths, args.extend_length, sink=args.sink)
+    uniform = Plan(alphas=np.zeros((cfg.num_layers, cfg.num_heads)).tolist(), betas=args.density,
+                   sinks=args.sink, granularity=grid.granularity, min_span=grid.min_span,
+                   metadata={"source": "uniform", "beta": args.density})
     profiles = {}
     pdir = out / "profiles"
     for n in lengths:
-        path = pdir / f"profile-{n}-{key}-{args.sink}.npz"
+        # the rules' windows (and the uniform baseline's) for the 'window' estimator
+        windows = sorted({int(w) for w in grid.windows(n)} | {int(uniform.resolve(n)[0, 0])})
+        path = pdir / f"profile-{n}-{key}-{args.sink}-v2.npz"
         prof = InfluenceProfile.load(path) if path.exists() else None
         if prof is not None and prof.count >= len(items[n]):
             _log(f"N={n}: profile loaded from {path}")
         else:
             prof = profile_items(model, items[n], n, sink=args.sink, batch_size=args.batch_size,
-                                 q_chunk=args.q_chunk, remat=args.remat,
+                                 q_chunk=args.q_chunk, remat=args.remat, windows=windows,
                                  progress=progress, profile=prof, mesh=mesh,
                                  on_batch=lambda p, path=path: p.save(path))
             prof.save(path)
@@ -342,7 +350,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- optimisation
     t0 = time.perf_counter()
-    grid = scaled_grid(lengths, args.extend_length, sink=args.sink)
     dlen = args.density_lengths if args.density_lengths is not None else \
         [args.validation_length]
     problem = SearchProblem.from_profiles(grid, profiles, args.density,
@@ -376,9 +383,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     measured: dict[str, np.ndarray] = {}
     val_n = args.validation_length
-    uniform = Plan(alphas=np.zeros((cfg.num_layers, cfg.num_heads)).tolist(), betas=args.density,
-                   sinks=args.sink, granularity=grid.granularity, min_span=grid.min_span,
-                   metadata={"source": "uniform", "beta": args.density})
     dense = Plan.dense(cfg.num_layers, cfg.num_heads)
     if n_val:
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0

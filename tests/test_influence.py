@@ -199,9 +199,10 @@ def test_whole_model_profile_matches_per_layer_influence(setup):
     """profile_batch (one jitted forward + backward, influence from the probes' gradients) gives
     each layer's block and diagonal sums as layer_influence on that layer's own dL/dO."""
     model, _, batch, losses, dout, qkv = setup
-    got_losses, blocks, diag = profile_batch(model, batch, sink=16, block=16, q_chunk=32)
+    got_losses, blocks, diag, _ = profile_batch(model, batch, sink=16, block=16, q_chunk=32)
     np.testing.assert_allclose(got_losses, losses, rtol=1e-5)
-    _, blocks_r, diag_r = profile_batch(model, batch, sink=16, block=16, q_chunk=32, remat=True)
+    _, blocks_r, diag_r, _ = profile_batch(model, batch, sink=16, block=16, q_chunk=32,
+                                           remat=True)
     np.testing.assert_allclose(np.asarray(blocks_r), np.asarray(blocks), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(np.asarray(diag_r), np.asarray(diag), rtol=1e-5, atol=1e-9)
     for layer in range(CFG.num_layers):
@@ -233,7 +234,7 @@ def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dty
     probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)))
 
     def ours(q, k, v, pb, pd):
-        return attention_with_influence(q, k, v, pb, pd, 8, 16, qc, groups)
+        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), 8, 16, qc, groups)
 
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ours(q, k, v, *probes), np.float32),
@@ -255,6 +256,60 @@ def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dty
         dict(rtol=1e-4, atol=1e-6 * scale)
     np.testing.assert_allclose(np.asarray(got[3]), want_bl, **tol)
     np.testing.assert_allclose(np.asarray(got[4]), want_dg, **tol)
+
+
+@pytest.mark.parametrize("qc,groups", [(32, 1), (16, 3)])
+def test_window_rule_estimate_is_exact_for_a_loss_linear_in_attention(qc, groups):
+    """With L = sum(W * O) the loss is linear in A, so the first-order change of dropping a whole
+    window (all rows at once, each renormalised) is the true change: the 'rules' cotangent must
+    equal it, for GQA, sinks, windows 1 and beyond the length."""
+    rng = np.random.default_rng(7)
+    n, h, hkv, d, sink = 64, 4, 2, 8, 4
+    windows = (1, 5, 16, 40, 100)
+    q = jnp.asarray(rng.normal(size=(2, n, h, d)) * 1.5, jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, n, hkv, d)) * 1.5, jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, n, hkv, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
+    probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)), jnp.zeros((h, len(windows))))
+    got = jax.grad(lambda pr: jnp.sum(attention_with_influence(
+        q, k, v, probes[0], probes[1], pr, sink, 16, qc, groups, windows) * w))(probes[2])
+    qq, kk = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, 2)
+    vv, ww = np.repeat(np.asarray(v, np.float64), 2, 2), np.asarray(w, np.float64)
+    want = np.zeros((h, len(windows)))
+    for b in range(2):
+        for hh in range(h):
+            lg = qq[b, :, hh] @ kk[b, :, hh].T / np.sqrt(d)
+            lg[np.triu_indices(n, 1)] = -np.inf
+            a = np.exp(lg - lg.max(1, keepdims=True))
+            a /= a.sum(1, keepdims=True)
+            base = np.einsum("qd,qs,sd->", ww[b, :, hh], a, vv[b, :, hh])
+            for r, win in enumerate(windows):
+                i, j = np.indices((n, n))
+                keep = (j <= i) & ((j < sink) | (i - j < win))
+                a2 = np.where(keep, a, 0.0)
+                a2 /= a2.sum(1, keepdims=True)
+                want[hh, r] += np.einsum("qd,qs,sd->", ww[b, :, hh], a2, vv[b, :, hh]) - base
+    assert np.abs(want[:, -1]).max() < 1e-9 and np.abs(want).max() > 1
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-3, atol=2e-3)
+
+
+def test_window_estimator_ranks_rules_like_the_profile(setup, tmp_path):
+    """profile_items with windows: the 'window' estimator reads them back (mean over items),
+    survives save/load and merge, and refuses windows it was not profiled with."""
+    model, _, batch, _, _, _ = setup
+    items = [Item(list(batch.tokens[0]), ANSWER_START)] * 2
+    prof = profile_items(model, items, T, sink=16, batch_size=1, windows=(16, 64, 200),
+                         progress=False)
+    assert list(prof.windows) == [16, 64]              # windows >= N drop nothing
+    est = prof.window_losses(np.array([16, 64, T]), "window")
+    np.testing.assert_allclose(est[..., :2], prof.rules / 2)
+    assert np.all(est[..., 2] == 0)
+    prof.save(tmp_path / "w.npz")
+    back = InfluenceProfile.load(tmp_path / "w.npz")
+    np.testing.assert_array_equal(back.rules, prof.rules)
+    assert back.merge(prof).count == 4
+    with pytest.raises(ValueError, match="no rule estimate for window 32"):
+        prof.window_losses(np.array([32]), "window")
 
 
 def test_attention_chunk_does_not_change_gradients(setup):

@@ -95,6 +95,33 @@ def test_cli_rerun_uses_caches(run_dir, monkeypatch):
     assert "validation" not in plan.metadata
 
 
+def test_window_estimator_from_the_cached_profiles(run_dir, tmp_path, monkeypatch):
+    """The profiles hold every rule's window (and the uniform baseline's), so --estimator window
+    searches from them without profiling again; its estimates are the profiles' rule sums."""
+    import shutil
+
+    from moa_jax.search.profile import InfluenceProfile
+    from moa_jax.search.rules import scaled_grid
+
+    out, argv = run_dir
+    shutil.copytree(out / "plan" / "profiles", tmp_path / "plan" / "profiles")
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(tmp_path / "plan")
+    monkeypatch.setattr("moa_jax.search.profile.profile_items",
+                        lambda *a, **k: pytest.fail("should have been cached"))
+    assert main(argv + ["--no-validate", "--estimator", "window"]) == 0
+    report = json.loads((tmp_path / "plan" / "report.json").read_text())
+    plan = Plan.load(tmp_path / "plan" / "plan.json")
+    assert plan.metadata["estimator"] == "window"
+    grid = scaled_grid([256, 384])
+    for f in (tmp_path / "plan" / "profiles").glob("*.npz"):
+        prof = InfluenceProfile.load(f)
+        assert set(grid.windows(prof.length)[grid.windows(prof.length) < prof.length]) <= \
+            set(prof.windows.tolist())
+        assert prof.rules.shape == prof.diag.shape[:2] + (len(prof.windows),)
+    assert set(report["estimated_loss"]) == {"256", "384"}
+
+
 def test_kv_cache_budget_bounds_the_cache(run_dir, tmp_path, monkeypatch):
     """--budget-on kv-cache (from the cached profiles): the plan's KV-cache size, each KV head
     at its query heads' largest span, is within the budget at every density length."""

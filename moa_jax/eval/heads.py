@@ -19,7 +19,8 @@ what a search finds.
 With `--plan`, the report compares the plan's spans with the scores (the share of the top
 retrieval heads the plan keeps dense or nearly); with `--profile-dir` (a profile run's
 `profiles/*.npz`), it ranks heads by their estimated loss at a half-length window and compares
-that ranking with the retrieval scores.
+that ranking with the retrieval scores (with the 'token' estimator, and with the 'window'
+estimator at the profiled window nearest N/2 when the profile has one).
 
 Outputs: heads.json, heads.png (scores, the plan's spans), oracle_plan.json.
 """
@@ -176,9 +177,14 @@ def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: 
         rep["plan_top_kept_ge_0.9"] = float(np.mean([kept[l, h] >= 0.9 for l, h in heads]))
         rep["plan_mean_kept"] = float(kept.mean())
     for pn, prof in sorted(profiles.items()):
-        est = prof.window_losses(np.array([pn // 2]))[..., 0]          # [L, H]
-        rep[f"influence_N{pn}"] = {"spearman": _spearman(est, scores),
-                                   f"top{top}_overlap": _rank_overlap(est, scores, top)}
+        ests = {"token": prof.window_losses(np.array([pn // 2]))[..., 0]}          # [L, H]
+        if len(prof.windows):
+            w = int(prof.windows[np.argmin(np.abs(prof.windows - pn // 2))])
+            ests["window"] = prof.window_losses(np.array([w]), "window")[..., 0]
+        for name, est in ests.items():
+            rep[f"influence_N{pn}_{name}"] = {
+                "spearman": _spearman(est, scores),
+                f"top{top}_overlap": _rank_overlap(est, scores, top)}
     return rep
 
 

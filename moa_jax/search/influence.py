@@ -18,7 +18,15 @@ the probes' cotangents
 - diag [H, N]: |E| summed along each diagonal offset d = i - j over keys j >= sink (the exact
   loss estimate of a sliding window w is sum_{d >= w} diag[d]),
 
-both summed over the batch. So `jax.grad` of a model's answer loss with respect to zero probes
+and, given candidate windows w_1..w_R (`windows`),
+
+- rules [H, R]: the first-order loss change of dropping, in every row at once, all keys a window
+  w_r drops (sink <= j <= i - w_r) with the row renormalised. With s_i the dropped probability
+  mass of row i and g_i = sum over the dropped keys of G * A, it is
+  `sum_i (rowsum(G * A)_i * s_i - g_i) / (1 - s_i)` (signed and exact to first order for the
+  whole rule, where summing |E| over single entries adds up their noise),
+
+all summed over the batch. So `jax.grad` of a model's answer loss with respect to zero probes
 in every layer gives every layer's and head's influence from one jitted forward + backward
 (`moa_jax.search.profile.profile_batch`), with memory O(B x H x q_chunk x N) per layer at a
 time: no N x N matrix is ever stored.
@@ -30,8 +38,8 @@ Public API:
   EPS
   influence_rows(q, k, v, dout, q0) -> E [B, H, Tq, S]        (the formula, dense in keys)
   diag_sums(x, q0) -> [h, S]
-  attention_with_influence(q, k, v, probe_blocks, probe_diag, *, sink, block, q_chunk,
-                           key_groups) -> out [B, N, H, D]
+  attention_with_influence(q, k, v, probe_blocks, probe_diag, probe_rules, sink, block,
+                           q_chunk, key_groups, windows) -> out [B, N, H, D]
 """
 
 from __future__ import annotations
@@ -135,28 +143,59 @@ def _forward(q, k, v, q_chunk, key_groups):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
 def attention_with_influence(q: jax.Array, k: jax.Array, v: jax.Array,
-                             probe_blocks: jax.Array, probe_diag: jax.Array, sink: int,
-                             block: int, q_chunk: int, key_groups: int = 4) -> jax.Array:
+                             probe_blocks: jax.Array, probe_diag: jax.Array,
+                             probe_rules: jax.Array, sink: int, block: int, q_chunk: int,
+                             key_groups: int = 4, windows: tuple[int, ...] = ()) -> jax.Array:
     """Dense causal attention; the probes' cotangents are the layer's influence sums.
 
     Args:
       q [B, N, H, D]; k, v [B, N, Hkv, D] (after RoPE; positions [0, N)).
-      probe_blocks float32 [H, N/block, N/block], probe_diag float32 [H, N]: zeros; they do not
-        change the output, their gradients are the block and diagonal sums of |E|.
+      probe_blocks float32 [H, N/block, N/block], probe_diag float32 [H, N], probe_rules float32
+        [H, len(windows)]: zeros; they do not change the output, their gradients are the block
+        and diagonal sums of |E| and the windows' loss changes.
       sink: keys j < sink are left out of the diagonal sums (every rule keeps them).
       block: tile edge of the block sums; N and q_chunk must be multiples of it.
       q_chunk: query rows per step (memory ~ B x H x q_chunk x N floats a few times).
       key_groups: causal skipping groups (see module docstring).
+      windows: candidate windows (tokens, sinks excluded) of the rules estimate.
     Returns:
       out [B, N, H, D] in q's dtype.
     """
-    del probe_blocks, probe_diag
+    del probe_blocks, probe_diag, probe_rules
     return _forward(q, k, v, q_chunk, key_groups)
 
 
-def _fwd(q, k, v, probe_blocks, probe_diag, sink, block, q_chunk, key_groups):
+def _rule_changes(a, g, rs, q0, sink, windows):
+    """[H, R] first-order loss change of each window (module docstring), summed over rows and
+    the batch. a, g [B, H, C, S]; rs [B, H, C, 1].
+
+    Written with the kept mass k_i = 1 - s_i and kept k'_i = rowsum(G * A)_i - g_i as
+    k'_i / k_i - rowsum(G * A)_i, both summed from the kept side (a prefix for the sinks, a
+    suffix for the band up to the diagonal), so that float32 keeps its accuracy when a window
+    drops almost all of a row's mass.
+    """
+    b, h, c, s = a.shape
+    ga = g * a
+
+    def prefix(x):                      # sum over the sink keys [0, sink)
+        return jnp.sum(x[..., :sink], axis=-1, keepdims=True) if sink > 0 else 0.0
+
+    def suffixes(x):                    # [.., j] = sum over keys >= j (zero past the diagonal)
+        return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
+
+    last = (q0 + jnp.arange(c))[:, None] - jnp.asarray(windows, jnp.int32)[None, :]   # [C, R]
+    valid = (last >= sink)[None, None]
+    idx = jnp.broadcast_to(jnp.clip(last + 1, 0, s - 1)[None, None], (b, h, c, len(windows)))
+    kept_a = prefix(a) + jnp.take_along_axis(suffixes(a), idx, axis=-1)
+    kept_ga = prefix(ga) + jnp.take_along_axis(suffixes(ga), idx, axis=-1)
+    change = kept_ga / jnp.maximum(kept_a, EPS) - rs
+    return jnp.where(valid, change, 0.0).sum(axis=(0, 2))
+
+
+def _fwd(q, k, v, probe_blocks, probe_diag, probe_rules, sink, block, q_chunk, key_groups,
+         windows):
     n = q.shape[1]
     if n % q_chunk or q_chunk % block:
         raise ValueError(f"length {n} must be a multiple of q_chunk {q_chunk}, itself a "
@@ -165,7 +204,7 @@ def _fwd(q, k, v, probe_blocks, probe_diag, sink, block, q_chunk, key_groups):
     return out, (q, k, v, out)
 
 
-def _bwd(sink, block, q_chunk, key_groups, res, dout):
+def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
     q, k, v, out = res
     b, n, h, d = q.shape
     hkv = k.shape[2]
@@ -175,6 +214,7 @@ def _bwd(sink, block, q_chunk, key_groups, res, dout):
     dk = jnp.zeros(k.shape, _F32)
     dv = jnp.zeros(v.shape, _F32)
     diag = jnp.zeros((h, n), _F32)
+    rules = jnp.zeros((h, len(windows)), _F32)
     for c0, c1 in _groups(n // q_chunk, key_groups):
         kend = c1 * q_chunk
         kc, vc = k[:, :kend], v[:, :kend]
@@ -184,7 +224,7 @@ def _bwd(sink, block, q_chunk, key_groups, res, dout):
             return x.reshape(b, c1 - c0, q_chunk, *x.shape[2:]).swapaxes(0, 1)
 
         def step(carry, xs, kc=kc, vc=vc, kend=kend):
-            dk_acc, dv_acc, dg_acc = carry
+            dk_acc, dv_acc, dg_acc, rl_acc = carry
             qi, doi, oi, q0 = xs
             a, g, _, _ = _probs_and_grads(qi, kc, vc, doi, q0)
             # rowsum(G * A) = dO . O exactly (O = A V)
@@ -197,6 +237,8 @@ def _bwd(sink, block, q_chunk, key_groups, res, dout):
             dv_acc = dv_acc + jnp.einsum("bkgqs,bqkgd->bskd",
                                          a.reshape(b, hkv, h // hkv, q_chunk, kend),
                                          _grouped(doi, hkv).astype(_F32))
+            if windows:
+                rl_acc = rl_acc + _rule_changes(a, g, rs, q0, sink, windows)
             ea = jnp.abs(_influence(a, g, rs, q0)).sum(axis=0)       # [H, C, S]
             bl = ea.reshape(h, qb, block, kend // block, block).sum(axis=(2, 4))
             bl = jnp.pad(bl, ((0, 0), (0, 0), (0, nb - kend // block)))
@@ -206,11 +248,11 @@ def _bwd(sink, block, q_chunk, key_groups, res, dout):
             shifted = jnp.pad(diag_sums(ea, kend - q_chunk), ((0, 0), (0, kend)))
             dg = jax.lax.dynamic_slice_in_dim(shifted, kend - q_chunk - q0, kend, axis=1)
             dg_acc = dg_acc + jnp.pad(dg, ((0, 0), (0, n - kend)))
-            return (dk_acc, dv_acc, dg_acc), (dqi.reshape(b, q_chunk, h, d), bl)
+            return (dk_acc, dv_acc, dg_acc, rl_acc), (dqi.reshape(b, q_chunk, h, d), bl)
 
         starts = jnp.arange(c0, c1, dtype=jnp.int32) * q_chunk
-        (dkc, dvc, diag), (dqs, bls) = jax.lax.scan(
-            step, (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag),
+        (dkc, dvc, diag, rules), (dqs, bls) = jax.lax.scan(
+            step, (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag, rules),
             (chunked(q), chunked(dout), chunked(out), starts))
         dk = dk.at[:, :kend].add(dkc)
         dv = dv.at[:, :kend].add(dvc)
@@ -218,7 +260,7 @@ def _bwd(sink, block, q_chunk, key_groups, res, dout):
         bl_parts.append(bls.transpose(1, 0, 2, 3).reshape(h, (c1 - c0) * qb, nb))
     dq = jnp.concatenate(dq_parts, axis=1)
     blocks = jnp.concatenate(bl_parts, axis=1)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), blocks, diag
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), blocks, diag, rules
 
 
 attention_with_influence.defvjp(_fwd, _bwd)

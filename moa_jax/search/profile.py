@@ -294,21 +294,22 @@ class InfluenceAttention(AttentionBackend):
     block: int = BLOCK
     q_chunk: int = 512
     key_groups: int = 4
+    windows: tuple[int, ...] = ()
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
         raise NotImplementedError("InfluenceAttention is for single forward/backward passes")
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
-        probe_blocks, probe_diag = cache
-        out = attention_with_influence(q, k, v, probe_blocks, probe_diag, self.sink,
-                                       self.block, self.q_chunk, self.key_groups)
+        out = attention_with_influence(q, k, v, *cache, self.sink, self.block, self.q_chunk,
+                                       self.key_groups, self.windows)
         return out, None
 
 
-def _zero_probes(cfg, length: int, block: int):
+def _zero_probes(cfg, length: int, block: int, rules: int):
     nb = length // block
     return [(jnp.zeros((cfg.num_heads, nb, nb), jnp.float32),
-             jnp.zeros((cfg.num_heads, length), jnp.float32)) for _ in range(cfg.num_layers)]
+             jnp.zeros((cfg.num_heads, length), jnp.float32),
+             jnp.zeros((cfg.num_heads, rules), jnp.float32)) for _ in range(cfg.num_layers)]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "remat"))
@@ -322,18 +323,20 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
         return per_item.sum(), per_item
 
     grads, per_item = jax.grad(loss, has_aux=True)(
-        _zero_probes(model.config, t, attention.block))
-    return (per_item, jnp.stack([g[0] for g in grads]), jnp.stack([g[1] for g in grads]))
+        _zero_probes(model.config, t, attention.block, len(attention.windows)))
+    return (per_item,) + tuple(jnp.stack([g[i] for g in grads]) for i in range(3))
 
 
 def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BLOCK,
                   q_chunk: int | None = None, key_groups: int = 4, remat: bool = False,
-                  mesh=None):
+                  windows: Sequence[int] = (), mesh=None):
     """Every layer's and head's influence on one batch, from one jitted forward + backward.
 
     L is the sum over items of each item's mean answer cross-entropy, so each item's gradient is
-    its own; |E| is summed over the items.
-    Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N]).
+    its own; |E| is summed over the items. `windows`: candidate windows whose first-order loss
+    change (with row renormalisation) is returned too (`moa_jax.search.influence`).
+    Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N],
+    rules float32 [L, H, len(windows)]).
     """
     cfg = model.config
     b, n = batch.shape
@@ -349,10 +352,11 @@ def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BL
         from moa_jax.parallel import batch_sharding, param_shardings
         state = jax.device_put(state, param_shardings(state, mesh))
         arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
-    attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups)
-    losses, blocks, diag = _profile_step(graphdef, state, *arrays, attention=attention,
-                                         remat=remat)
-    return np.asarray(losses), blocks, diag
+    attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups,
+                                   windows=tuple(int(w) for w in windows))
+    losses, blocks, diag, rules = _profile_step(graphdef, state, *arrays, attention=attention,
+                                                remat=remat)
+    return np.asarray(losses), blocks, diag, rules
 
 
 def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *, sink: int,
@@ -368,8 +372,8 @@ def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *
     probes = (jnp.zeros((h, nb, nb), jnp.float32), jnp.zeros((h, n), jnp.float32))
 
     def f(pb, pd):
-        return attention_with_influence(q, k, v, pb, pd, sink, block, min(q_chunk, n),
-                                        key_groups)
+        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), sink, block,
+                                        min(q_chunk, n), key_groups)
 
     _, vjp = jax.vjp(f, *probes)
     return vjp(dout.astype(q.dtype))
@@ -416,6 +420,8 @@ class InfluenceProfile:
     """Sums of |E| over the items profiled at one length.
 
     blocks: float64 [L, H, N/block, N/block]; diag: float64 [L, H, N] (non-sink keys only);
+    windows: int [R] candidate windows and rules: float64 [L, H, R] their summed first-order
+    loss changes (the 'window' estimator), both empty when none were given;
     count: items summed; loss_sum: sum of the items' dense answer losses.
     """
 
@@ -426,13 +432,20 @@ class InfluenceProfile:
     diag: np.ndarray
     count: int = 0
     loss_sum: float = 0.0
+    windows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    rules: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.windows = np.asarray(self.windows, np.int64)
+        if self.rules is None:
+            self.rules = np.zeros(self.diag.shape[:2] + (len(self.windows),))
 
     @classmethod
     def zeros(cls, num_layers: int, num_heads: int, length: int, sink: int,
-              block: int = BLOCK) -> "InfluenceProfile":
+              block: int = BLOCK, windows: Sequence[int] = ()) -> "InfluenceProfile":
         nb = length // block
         return cls(length, sink, block, np.zeros((num_layers, num_heads, nb, nb)),
-                   np.zeros((num_layers, num_heads, length)))
+                   np.zeros((num_layers, num_heads, length)), windows=np.asarray(windows))
 
     @property
     def mean_blocks(self) -> np.ndarray:
@@ -449,11 +462,14 @@ class InfluenceProfile:
     def merge(self, other: "InfluenceProfile") -> "InfluenceProfile":
         """Sum of two partial profiles (e.g. from different hosts or resumed runs)."""
         if (self.length, self.sink, self.block, self.diag.shape) != \
-                (other.length, other.sink, other.block, other.diag.shape):
-            raise ValueError("cannot merge profiles of different lengths, sinks or shapes")
+                (other.length, other.sink, other.block, other.diag.shape) or \
+                not np.array_equal(self.windows, other.windows):
+            raise ValueError("cannot merge profiles of different lengths, sinks, windows or "
+                             "shapes")
         return InfluenceProfile(self.length, self.sink, self.block, self.blocks + other.blocks,
                                 self.diag + other.diag, self.count + other.count,
-                                self.loss_sum + other.loss_sum)
+                                self.loss_sum + other.loss_sum, self.windows,
+                                self.rules + other.rules)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -461,22 +477,25 @@ class InfluenceProfile:
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez_compressed(tmp, length=self.length, sink=self.sink, block=self.block,
                             blocks=self.blocks, diag=self.diag, count=self.count,
-                            loss_sum=self.loss_sum)
+                            loss_sum=self.loss_sum, windows=self.windows, rules=self.rules)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceProfile":
         with np.load(path) as z:
+            extra = {k: z[k] for k in ("windows", "rules") if k in z}
             return cls(int(z["length"]), int(z["sink"]), int(z["block"]), z["blocks"], z["diag"],
-                       int(z["count"]), float(z["loss_sum"]))
+                       int(z["count"]), float(z["loss_sum"]), **extra)
 
     # ------------------------------------------------------------------ estimates
     def window_losses(self, windows: np.ndarray, estimator: str = "token") -> np.ndarray:
         """Estimated loss [L, H, R] of each window in `windows` int [R] (sinks = self.sink).
 
         'token': sum of mean |E| over entries with i - j >= w and j >= sink (exactly the
-        entries `window_sink_mask` drops). 'block': the reference's block form: query block m
+        entries `window_sink_mask` drops). 'window': the mean first-order loss change of the
+        whole window with rows renormalised (signed; each window must be one the profile was
+        made with). 'block': the reference's block form: query block m
         keeps key blocks below ceil(sink/block) and the last ceil(w/block) blocks up to the
         diagonal; every other causal block's sum counts.
         """
@@ -488,6 +507,18 @@ class InfluenceProfile:
             suffix = np.concatenate([np.cumsum(d[..., ::-1], axis=-1)[..., ::-1],
                                      np.zeros(d.shape[:-1] + (1,))], axis=-1)
             return suffix[..., np.clip(windows, 0, n)]
+        if estimator == "window":
+            pos = {int(w): i for i, w in enumerate(self.windows)}
+            out = np.zeros(self.diag.shape[:2] + (len(windows),))
+            for r, w in enumerate(windows):
+                if w >= n:
+                    continue
+                if int(w) not in pos:
+                    raise ValueError(f"the profile at N={n} has no rule estimate for window "
+                                     f"{int(w)} (it has {sorted(pos)}); profile with these "
+                                     f"windows or use the 'token' estimator")
+                out[..., r] = self.rules[..., pos[int(w)]] / max(self.count, 1)
+            return out
         if estimator == "block":
             bl = self.mean_blocks
             nb = bl.shape[-1]
@@ -502,7 +533,7 @@ class InfluenceProfile:
                 dropped = (j <= m - keep) & (j >= sink_blocks)
                 out[..., r] = (bl * dropped).sum(axis=(-1, -2))
             return out
-        raise ValueError(f"estimator must be 'token' or 'block', got {estimator!r}")
+        raise ValueError(f"estimator must be 'token', 'block' or 'window', got {estimator!r}")
 
     def rule_losses(self, grid, estimator: str = "token") -> np.ndarray:
         """Estimated loss [L, H, R] of each rule of a `RuleGrid` at this profile's length."""
@@ -514,8 +545,8 @@ class InfluenceProfile:
 
 def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int = 64,
                   batch_size: int = 1, q_chunk: int | None = None, key_groups: int = 4,
-                  remat: bool = False, pad_id: int | None = None, mesh=None,
-                  progress: bool = True, profile: InfluenceProfile | None = None,
+                  remat: bool = False, windows: Sequence[int] = (), pad_id: int | None = None,
+                  mesh=None, progress: bool = True, profile: InfluenceProfile | None = None,
                   on_batch=None) -> InfluenceProfile:
     """Profiles every head on `items` (all of length <= `length`) and returns the summed profile.
 
@@ -527,6 +558,7 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
       q_chunk: influence rows per step (default: ~16M floats per [B, H, rows, N] tensor).
       key_groups: causal skipping groups of the chunked attention.
       remat: recompute each layer's activations in the backward pass (less memory).
+      windows: candidate windows for the 'window' estimator (e.g. `grid.windows(length)`).
       mesh: optional mesh; batches split over its data axes, parameters by `moa_jax.parallel`.
       profile: a partial profile to continue (its `count` items are skipped).
       on_batch: called with the running profile after every batch (checkpointing).
@@ -536,16 +568,22 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
         raise ValueError(f"profile length {length} must be a multiple of {BLOCK}")
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    prof = profile or InfluenceProfile.zeros(cfg.num_layers, cfg.num_heads, length, sink)
+    windows = sorted({int(w) for w in windows if int(w) < length})
+    prof = profile or InfluenceProfile.zeros(cfg.num_layers, cfg.num_heads, length, sink,
+                                             windows=windows)
+    if list(prof.windows) != windows:
+        raise ValueError(f"the partial profile has windows {list(prof.windows)}, not {windows}")
     todo = list(items)[prof.count:]
     bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress,
                unit="item")
     for batch in make_batches(todo, length, batch_size, pad_id):
-        losses, blocks, diag = profile_batch(model, batch, sink=sink, q_chunk=q_chunk,
-                                             key_groups=key_groups, remat=remat, mesh=mesh)
+        losses, blocks, diag, rules = profile_batch(model, batch, sink=sink, q_chunk=q_chunk,
+                                                    key_groups=key_groups, remat=remat,
+                                                    windows=windows, mesh=mesh)
         prof = InfluenceProfile(length, sink, BLOCK, prof.blocks + np.asarray(blocks),
                                 prof.diag + np.asarray(diag), prof.count + len(losses),
-                                prof.loss_sum + float(np.sum(losses)))
+                                prof.loss_sum + float(np.sum(losses)), prof.windows,
+                                prof.rules + np.asarray(rules))
         bar.update(len(losses))
         if on_batch is not None:
             on_batch(prof)
