@@ -75,21 +75,22 @@ def influence_rows(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
     q, dout [B, Tq, H, D]; k, v [B, S, Hkv, D]. Returns E float32 [B, H, Tq, S] (zero on masked
     entries).
     """
-    a, g, rs, _ = _probs_and_grads(q, k, v, dout, q0)
-    return _influence(a, g, rs, q0)
+    a, g = _probs_and_grads(q, k, v, dout, q0)
+    return _influence(a, g, jnp.sum(g * a, axis=-1, keepdims=True), q0)
+
+
+def _probs(q, k, q0):
+    """A [B, H, Tq, S] for rows [q0, q0 + Tq) over keys [0, S), causal (zero above)."""
+    tq, s = q.shape[1], k.shape[1]
+    logits = _scores(q, k) * q.shape[-1] ** -0.5
+    mask = jnp.arange(s)[None, :] <= q0 + jnp.arange(tq)[:, None]
+    a = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
+    return jnp.where(mask, a, 0.0)
 
 
 def _probs_and_grads(q, k, v, dout, q0):
-    """(A, G = dO V^T, rowsum(G * A), causal mask) for rows [q0, q0 + Tq) over keys [0, S)."""
-    tq, s = q.shape[1], k.shape[1]
-    logits = _scores(q, k) * q.shape[-1] ** -0.5
-    rows = q0 + jnp.arange(tq)[:, None]
-    mask = jnp.arange(s)[None, :] <= rows
-    a = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
-    a = jnp.where(mask, a, 0.0)
-    g = _scores(dout, v)
-    rs = jnp.sum(g * a, axis=-1, keepdims=True)
-    return a, g, rs, mask
+    """(A, G = dO V^T) for rows [q0, q0 + Tq) over keys [0, S)."""
+    return _probs(q, k, q0), _scores(dout, v)
 
 
 def _influence(a, g, rs, q0):
@@ -128,9 +129,7 @@ def _forward(q, k, v, q_chunk, key_groups):
 
         def step(_, xs, kc=kc, vc=vc):
             qi, q0 = xs
-            logits = _scores(qi, kc) * d ** -0.5
-            mask = jnp.arange(kc.shape[1])[None, :] <= q0 + jnp.arange(q_chunk)[:, None]
-            a = jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1)
+            a = _probs(qi, kc, q0)
             bb, hh, tq, s = a.shape
             hkv = vc.shape[2]
             o = jnp.einsum("bkgqs,bskd->bqkgd", a.reshape(bb, hkv, hh // hkv, tq, s),
@@ -226,7 +225,7 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
         def step(carry, xs, kc=kc, vc=vc, kend=kend):
             dk_acc, dv_acc, dg_acc, rl_acc = carry
             qi, doi, oi, q0 = xs
-            a, g, _, _ = _probs_and_grads(qi, kc, vc, doi, q0)
+            a, g = _probs_and_grads(qi, kc, vc, doi, q0)
             # rowsum(G * A) = dO . O exactly (O = A V)
             rs = jnp.einsum("bqhd,bqhd->bhq", doi.astype(_F32), oi.astype(_F32))[..., None]
             ds = a * (g - rs)                                        # dL/dlogits [B, H, C, S]
