@@ -16,7 +16,12 @@ Construction (choices made here, documented and tested):
   enough (levels take documents in turn), and documents shorter than a level's budget are only
   used when no longer one is left. Instructions rotate over `tasks`.
 - Held-out items (for validating candidate plans) come from documents no calibration item uses
-  (`split_documents`).
+  (`split_documents`). A document used by several items gives each a different excerpt
+  (`excerpt`).
+- Synthetic recall items (`recall_fraction`, interleaved): facts "The <colour> <box> holds
+  <object>." hidden in the excerpt and a question about one (`recall_item`). The answer is still
+  the dense model's own; they make the answer loss depend on long-range retrieval, which a small
+  model's summaries barely do (docs/results.md).
 - Answers: greedy `generate()` with the dense model, at most `answer_tokens` new tokens, stopping
   at the model's EOS (the stop token is part of the answer, it is what the model must predict).
   Long prompts are prefilled with a query-chunked attention backend to bound memory.
@@ -220,7 +225,8 @@ def recall_item(doc_ids: Sequence[int], encode, budget: int, rng: random.Random,
     if room < facts:
         raise ValueError(f"a document budget of {budget} tokens is too short for recall items")
     ids = trim_middle(doc_ids, room)
-    stops = {i + 1 for i, t in enumerate(ids) if t in set(encode("."))}
+    period = set(encode("."))
+    stops = {i + 1 for i, t in enumerate(ids) if t in period}
     spots = sorted(rng.randrange(len(ids) + 1) for _ in range(facts))
     spots = [min(stops, key=lambda s: abs(s - p)) if stops and
              min(abs(s - p) for s in stops) < 64 else p for p in spots]
