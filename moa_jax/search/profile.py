@@ -28,14 +28,20 @@ window from `Plan.resolve`, sinks kept); 'block' is the reference's estimator, t
 64 x 64 blocks a block-aligned window drops (query block m keeps the sink blocks and the last
 ceil(w/64) blocks up to the diagonal). With 64-token granularity and 64 sinks (the defaults) the
 two differ only in the partial diagonal block the block form drops and the kernels keep.
+'window' (given the candidate windows when profiling) is the signed first-order loss change of
+dropping the whole window in every row at once, rows renormalised: summing |E| over single
+entries adds up the noise of broad heads' many small entries, which this lets cancel; with
+recall calibration items it ranks the heads that retrieve about twice as well (docs/results.md).
 
 Memory: per layer O(B x H x q_chunk x N) for the attention and its influence (no N x N
 matrix), plus the model's activations for the backward pass (`remat=True` recomputes them per
 layer). Items of one length are batched; the batch can be sharded over a mesh (`mesh=`).
 
 Public API:
-  InfluenceAttention(sink, block, q_chunk)      backend whose probes' gradients are the influence
-  profile_batch(model, batch, ...) -> (losses [B], blocks [L, H, nb, nb], diag [L, H, N])
+  InfluenceAttention(sink, block, q_chunk, windows)  backend whose probes' gradients are the
+                                                      influence
+  profile_batch(model, batch, ...) -> (losses [B], blocks [L, H, nb, nb], diag [L, H, N],
+                                       rules [L, H, R])
   profile_items(model, items, length, ...) -> InfluenceProfile
   layer_influence(q, k, v, dout, sink, block, q_chunk) -> (blocks, diag)   (one layer)
   influence_dense(q, k, v, dout) -> E [B, H, N, N]          (unchunked, for tests)
