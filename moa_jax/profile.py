@@ -216,7 +216,7 @@ def _plots(out: Path, plan, problem, grid, candidates, front_names, chosen, meas
         ax.axvline(budget, color="k", lw=0.6, ls="--")
         ax.set_yscale("log")
         ax.set_xlabel(f"KV density at N={n}")
-        ax.set_ylabel("estimated loss (sum |E| dropped)")
+        ax.set_ylabel("estimated loss increase")
         ax.set_title(f"N={n}")
     axes[0][0].legend(fontsize=7)
     if measured:
@@ -471,7 +471,9 @@ def _print_summary(report, plan, lengths, val_n, measured) -> None:
     for n, v in report["kv_density"].items():
         print(f"  N={n}: {v:.3f} ({report['attention_density'][n]:.3f}; "
               f"{report['kv_cache_density'][n]:.3f})")
-    print("estimated loss of the plan (sum of dropped |E|) vs one uniform rule:")
+    est = {"token": "sum of dropped |E|", "block": "sum of dropped |E| blocks",
+           "window": "first-order loss change"}[report["args"]["estimator"]]
+    print(f"estimated loss of the plan ({est}) vs one uniform rule:")
     for n in lengths:
         print(f"  N={n}: plan {report['estimated_loss'][str(n)]:.4g}, uniform "
               f"{report['uniform_baseline']['estimated_loss'][str(n)]:.4g}")
