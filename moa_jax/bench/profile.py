@@ -8,7 +8,7 @@ calibration items of `--length` tokens whose last `--answer-tokens` are the answ
 `moa_jax.search.profile.profile_items` exactly as the CLI does (one jitted forward + backward per
 batch of `--batch-size` items, every layer's and head's influence from it). Reported: the first
 batch's time (compilation included), the time of all items after it, seconds per item, the
-projected time of `--items` items, peak device memory. JSON to `--out`, a line to stdout.
+whole stage (their sum), peak device memory. JSON to `--out`, a line to stdout.
 """
 
 from __future__ import annotations

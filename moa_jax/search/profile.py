@@ -5,7 +5,7 @@ entry (i, j) and renormalising row i changes the loss, to first order, by
 
     E_ij = A_ij / (1 - A_ij) * (sum_n G_in A_in - G_ij)   i.e.   E = -A/(1-A) * (G - rowsum(G*A)).
 
-`1 - A` is guarded by `EPS`; a row with a single valid key (row 0) keeps only the direct term
+`1 - A` is guarded by `influence.EPS`; a row with a single valid key (row 0) keeps only the direct term
 `-A_ij G_ij` (dropping its only key zeroes the row). L is the mean cross-entropy on the answer
 tokens of one calibration item.
 
@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.llama import Llama, rope_inv_freq
 from moa_jax.models.masked_attention import chunked_attention
-from moa_jax.search.influence import EPS, attention_with_influence, influence_rows  # noqa: F401
+from moa_jax.search.influence import attention_with_influence, influence_rows
 
 BLOCK = 64
 
@@ -103,7 +103,8 @@ def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: Atte
     Mirrors `Llama.__call__` without the LM head, so the loss can take logits at the answer
     positions only (an 8k x 49k logit matrix per row is otherwise the largest tensor of the pass).
     `layer_args[i]` is handed to layer i's backend as its cache. `remat` recomputes each layer's
-    activations in a backward pass (`nnx.remat`) instead of keeping them.
+    activations in a backward pass (`jax.checkpoint` of the layer as a pure function of its
+    state) instead of keeping them.
     """
     inv_freq = rope_inv_freq(model.config)
     x = model.embed_tokens(tokens)
@@ -333,6 +334,15 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
     return (per_item,) + tuple(jnp.stack([g[i] for g in grads]) for i in range(3))
 
 
+def _split(model: Llama, mesh=None):
+    """(graphdef, state) of the model, the state sharded over `mesh` when given."""
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        from moa_jax.parallel import param_shardings
+        state = jax.device_put(state, param_shardings(state, mesh))
+    return graphdef, state
+
+
 def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BLOCK,
                   q_chunk: int | None = None, key_groups: int = 4, remat: bool = False,
                   windows: Sequence[int] = (), mesh=None):
@@ -344,7 +354,14 @@ def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BL
     Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N],
     rules float32 [L, H, len(windows)]).
     """
-    cfg = model.config
+    return _profile_split(*_split(model, mesh), model.config, batch, sink=sink, block=block,
+                          q_chunk=q_chunk, key_groups=key_groups, remat=remat, windows=windows,
+                          mesh=mesh)
+
+
+def _profile_split(graphdef, state, cfg, batch: Batch, *, sink, block, q_chunk, key_groups,
+                   remat, windows, mesh):
+    """`profile_batch` on a model already split (and sharded) by `_split`."""
     b, n = batch.shape
     if n % block:
         raise ValueError(f"profile length {n} must be a multiple of block {block}")
@@ -352,11 +369,9 @@ def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BL
     qc = max(block, min(qc, n) // block * block)
     while n % qc:                       # the largest block multiple <= q_chunk that divides n
         qc -= block
-    graphdef, state = nnx.split(model)
     arrays = [jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids, batch.tgt_w)]
     if mesh is not None:
-        from moa_jax.parallel import batch_sharding, param_shardings
-        state = jax.device_put(state, param_shardings(state, mesh))
+        from moa_jax.parallel import batch_sharding
         arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
     attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups,
                                    windows=tuple(int(w) for w in windows))
@@ -582,10 +597,11 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
     todo = list(items)[prof.count:]
     bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress,
                unit="item")
+    graphdef, state = _split(model, mesh)          # once: parameters sharded once
     for batch in make_batches(todo, length, batch_size, pad_id):
-        losses, blocks, diag, rules = profile_batch(model, batch, sink=sink, q_chunk=q_chunk,
-                                                    key_groups=key_groups, remat=remat,
-                                                    windows=windows, mesh=mesh)
+        losses, blocks, diag, rules = _profile_split(
+            graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
+            key_groups=key_groups, remat=remat, windows=windows, mesh=mesh)
         prof = InfluenceProfile(length, sink, BLOCK, prof.blocks + np.asarray(blocks),
                                 prof.diag + np.asarray(diag), prof.count + len(losses),
                                 prof.loss_sum + float(np.sum(losses)), prof.windows,
