@@ -13,7 +13,8 @@ def parse_args(parser: argparse.ArgumentParser,
                argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses argv; `--config FILE.yaml` supplies defaults that explicit flags override.
 
-    Unknown keys in the YAML file are an error naming the key and the valid ones.
+    Unknown keys in the YAML file are an error naming the key and the valid ones. Every command
+    parses through here, so this is also where `enable_compilation_cache` is turned on.
     """
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of flag values (keys as the flags, with underscores)")
@@ -29,4 +30,27 @@ def parse_args(parser: argparse.ArgumentParser,
         if unknown:
             parser.error(f"unknown key(s) {unknown} in {pre.config}; valid keys: {sorted(valid)}")
         parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    enable_compilation_cache()
+    return args
+
+
+def enable_compilation_cache() -> None:
+    """Keeps compiled XLA programs in `$MOA_JAX_CACHE/xla` when running on an accelerator.
+
+    XLA's GPU compiler is slow on whole-model programs (tens of seconds to minutes each), and a
+    search, its evaluations and a re-run with other flags compile the same programs again. On
+    the CPU compiles are short and the cache is left off. `MOA_JAX_NO_COMPILE_CACHE=1` turns it
+    off everywhere.
+    """
+    import os
+
+    import jax
+
+    if os.environ.get("MOA_JAX_NO_COMPILE_CACHE") or jax.default_backend() == "cpu":
+        return
+    if jax.config.jax_compilation_cache_dir:          # the user's own setting wins
+        return
+    from moa_jax.downloads import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))

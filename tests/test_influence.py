@@ -386,3 +386,39 @@ def test_masked_attention_backend_matches_mask(setup):
         biases.append(jnp.where(m[0], 0.0, -1e9))
     want = _loss_with_bias(model, tokens, biases)
     assert got[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_trunk_scan_matches_layer_loop():
+    """`trunk(scan=True)` (one scanned layer, stacked states) = the unrolled layer loop."""
+    from moa_jax.search.profile import _positions, trunk
+
+    model = init_random(CFG, seed=3)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(1, 128, (2, 64)), jnp.int32)
+    pos = _positions(2, 64)
+    want, _ = trunk(model, tokens, pos, MaskedAttention())
+    for remat in (False, True):
+        got, aux = trunk(model, tokens, pos, MaskedAttention(), remat=remat, scan=True)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_short_last_batch_is_filled_and_compiles_once():
+    """A short last batch gets zero-weight rows: one program per length, the same profile."""
+    from moa_jax.search import profile as sp
+
+    batches = make_batches([Item([5] * 40, 30)] * 5, 64, 2, pad_id=0, fill=True)
+    assert [b.shape for b in batches] == [(2, 64)] * 3 and [b.rows for b in batches] == [2, 2, 1]
+    assert batches[-1].tgt_w[1].sum() == 0 and batches[-1].tgt_w[0].sum() == 10
+    model = init_random(CFG, seed=4)
+    rng = np.random.default_rng(3)
+    items = [Item(rng.integers(1, 128, 96).tolist(), 80) for _ in range(3)]
+    before = sp._profile_step._cache_size()
+    batched = profile_items(model, items, 128, sink=16, batch_size=2, windows=(16, 64),
+                            progress=False)
+    assert sp._profile_step._cache_size() == before + 1          # 2 + 1(+1 filler): one shape
+    single = profile_items(model, items, 128, sink=16, batch_size=1, windows=(16, 64),
+                           progress=False)
+    assert batched.count == single.count == 3
+    assert batched.loss_sum == pytest.approx(single.loss_sum, rel=1e-5)
+    for a, b in ((batched.diag, single.diag), (batched.blocks, single.blocks),
+                 (batched.rules, single.rules)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)

@@ -1,6 +1,8 @@
 """Influence-profiling throughput: the profile stage of `python -m moa_jax.profile` at scale.
 
     python -m moa_jax.bench.profile                          # Llama-3-8B shapes, 50 items at 8k
+    python -m moa_jax.bench.profile --shape smollm2-135m --length 2048 4096 8192 \
+        --batch-size 4 --q-chunk 256 --remat --dtype float32 --estimator window   # gpu.yaml's stage
     python -m moa_jax.bench.profile --shape tiny --length 512 --items 4     # CPU smoke run
 
 A model of the given shapes with random bf16 weights (made on the device), `--items` synthetic
@@ -8,7 +10,9 @@ calibration items of `--length` tokens whose last `--answer-tokens` are the answ
 `moa_jax.search.profile.profile_items` exactly as the CLI does (one jitted forward + backward per
 batch of `--batch-size` items, every layer's and head's influence from it). Reported: the first
 batch's time (compilation included), the time of all items after it, seconds per item, the
-whole stage (their sum), peak device memory. JSON to `--out`, a line to stdout.
+whole stage (their sum), peak device memory; one row per length and their total. With
+`--estimator window` the profile also scores the rule grid's windows, as the CLI does with that
+estimator (`scaled_grid` over the given lengths). JSON to `--out`, a line per length to stdout.
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ import numpy as np
 
 from moa_jax.bench.decode import GIB, LLAMA3_8B, TINY, _memory_stats
 
-SHAPES = {"llama3-8b": LLAMA3_8B, "tiny": TINY}
+# SmolLM2-135M-Instruct (the default preset's GGUF metadata)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                    num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0,
+                    max_position_embeddings=8192)
+SHAPES = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
 
 
 @dataclasses.dataclass
@@ -42,19 +50,20 @@ def synthetic_items(vocab: int, length: int, count: int, answer_tokens: int,
 
 
 def time_profile(model: Any, items: Sequence[Any], length: int, batch_size: int, *,
-                 mesh=None, remat: bool = False, q_chunk: int | None = None) -> dict[str, Any]:
+                 mesh=None, remat: bool = False, q_chunk: int | None = None,
+                 windows: Sequence[int] = ()) -> dict[str, Any]:
     """Profiles the first batch (compiles) then the rest; returns timings and peak memory."""
     from moa_jax.search.profile import profile_items
 
+    kw = dict(batch_size=batch_size, mesh=mesh, remat=remat, q_chunk=q_chunk, windows=windows,
+              progress=False)
     first = list(items[:batch_size])
     t0 = time.perf_counter()
-    profile_items(model, first, length, batch_size=batch_size, mesh=mesh, remat=remat,
-                  q_chunk=q_chunk, progress=False)
+    profile_items(model, first, length, **kw)
     first_s = time.perf_counter() - t0
     rest = list(items[batch_size:])
     t0 = time.perf_counter()
-    prof = profile_items(model, rest, length, batch_size=batch_size, mesh=mesh, remat=remat,
-                         q_chunk=q_chunk, progress=False)
+    prof = profile_items(model, rest, length, **kw)
     dt = time.perf_counter() - t0
     if not np.isfinite(prof.diag).all():
         raise FloatingPointError("non-finite influence")
@@ -72,13 +81,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b",
                    help="model shapes (random bf16 weights)")
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
-    p.add_argument("--length", type=int, default=8192, help="profile length N")
+    p.add_argument("--length", type=int, nargs="+", default=[8192],
+                   help="profile length(s) N, each with --items items")
     p.add_argument("--items", type=int, default=50, help="calibration items profiled")
     p.add_argument("--batch-size", type=int, default=1, help="items per forward + backward")
     p.add_argument("--answer-tokens", type=int, default=128, help="answer tokens per item")
     p.add_argument("--q-chunk", type=int, default=None, help="influence rows per step (auto)")
     p.add_argument("--remat", action="store_true", help="recompute activations per layer")
     p.add_argument("--dtype", default="bfloat16", help="weights and compute dtype")
+    p.add_argument("--estimator", choices=("token", "block", "window"), default="block",
+                   help="'window' also scores the rule grid's windows (as the CLI does)")
+    p.add_argument("--sink", type=int, default=64, help="sink tokens of the rule grid")
     p.add_argument("--out", default=None, help="JSON file for the result row")
     args = p.parse_args(argv)
 
@@ -96,20 +109,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = ModelConfig(**shape)
     graphdef, state = make_weights(cfg, param_dtype=args.dtype, dtype=args.dtype)
     model = nnx.merge(graphdef, state)
-    items = synthetic_items(cfg.vocab_size, args.length, args.items, args.answer_tokens)
-    row = dict(bench="profile", shape=args.shape, config=shape, length=args.length,
-               items=args.items, batch_size=args.batch_size, answer_tokens=args.answer_tokens,
-               remat=args.remat, dtype=args.dtype, device=jax.devices()[0].device_kind,
-               jax=jax.__version__, date=datetime.date.today().isoformat())
-    row.update(time_profile(model, items, args.length, args.batch_size, remat=args.remat,
-                            q_chunk=args.q_chunk))
-    row["profile_stage_s"] = round(row["first_batch_s"] + row["steady_s"], 2)
-    print(f"profile {args.shape} N={args.length}: {args.items} items in "
-          f"{row['profile_stage_s']} s ({row['seconds_per_item']} s/item steady, first batch "
-          f"{row['first_batch_s']} s), peak {row['peak_gib']} GiB on {row['device']}")
+    rows = []
+    for length in args.length:
+        windows: list[int] = []
+        if args.estimator == "window":
+            from moa_jax.search.rules import scaled_grid
+            windows = sorted({int(w) for w in scaled_grid(args.length, sink=args.sink)
+                              .windows(length)})
+        items = synthetic_items(cfg.vocab_size, length, args.items, args.answer_tokens)
+        row = dict(bench="profile", shape=args.shape, config=shape, length=length,
+                   items=args.items, batch_size=args.batch_size,
+                   answer_tokens=args.answer_tokens, remat=args.remat, dtype=args.dtype,
+                   estimator=args.estimator, windows=len(windows),
+                   device=jax.devices()[0].device_kind, jax=jax.__version__,
+                   date=datetime.date.today().isoformat())
+        row.update(time_profile(model, items, length, args.batch_size, remat=args.remat,
+                                q_chunk=args.q_chunk, windows=windows))
+        row["profile_stage_s"] = round(row["first_batch_s"] + row["steady_s"], 2)
+        print(f"profile {args.shape} N={length}: {args.items} items in "
+              f"{row['profile_stage_s']} s ({row['seconds_per_item']} s/item steady, first "
+              f"batch {row['first_batch_s']} s), peak {row['peak_gib']} GiB on {row['device']}",
+              flush=True)
+        rows.append(row)
+    total = round(sum(r["profile_stage_s"] for r in rows), 2)
+    if len(rows) > 1:
+        print(f"profile stage, all lengths: {total} s")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+        result = rows[0] if len(rows) == 1 else dict(rows=rows, profile_stage_s=total)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

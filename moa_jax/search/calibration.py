@@ -364,7 +364,10 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
                 prompts.append(p)
                 instructions.append(instruction)
             new = min(answer_tokens, RECALL_ANSWER_TOKENS) if recall else answer_tokens
-            out = generate(model, prompts, max_new_tokens=new, stop_ids=stop_ids,
+            # a short last batch repeats its last prompt: one batch shape, one compiled program
+            # per group (a GPU compile of the generate loop takes tens of seconds)
+            filler = [prompts[-1]] * (batch_size - len(prompts))
+            out = generate(model, prompts + filler, max_new_tokens=new, stop_ids=stop_ids,
                            attention=attention)
             lines = []
             for s, p, ans, instruction in zip(batch, prompts, out.rows(), instructions):

@@ -97,7 +97,7 @@ class ProfilingAttention(AttentionBackend):
 
 # ----------------------------------------------------------------------------- model pieces
 def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: AttentionBackend,
-          layer_args: Sequence[Any] | None = None, *, remat: bool = False):
+          layer_args: Any = None, *, remat: bool = False, scan: bool = False):
     """Final normed hidden states [B, T, E] and each layer's backend output ("cache").
 
     Mirrors `Llama.__call__` without the LM head, so the loss can take logits at the answer
@@ -105,9 +105,27 @@ def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: Atte
     `layer_args[i]` is handed to layer i's backend as its cache. `remat` recomputes each layer's
     activations in a backward pass (`jax.checkpoint` of the layer as a pure function of its
     state) instead of keeping them.
+
+    `scan`: run the layers as one `lax.scan` over their stacked states, so the compiled program
+    holds one layer instead of L (XLA's GPU compiler took 195 s for SmolLM2's 30 unrolled layers
+    of the profiling pass, CPU 20 s). Only for backends that do not read `layer` (it is 0 for
+    every layer); `layer_args` is then a pytree whose leaves are stacked over layers [L, ...],
+    and the backends' outputs come back stacked the same way.
     """
     inv_freq = rope_inv_freq(model.config)
     x = model.embed_tokens(tokens)
+    if scan:
+        splits = [nnx.split(layer) for layer in model.layers]
+        gd = splits[0][0]
+        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[st for _, st in splits])
+
+        def body(x, xs):
+            st, arg = xs
+            return nnx.merge(gd, st)(x, positions, inv_freq, arg, attention, 0)
+
+        x, aux = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
+                              (stacked, layer_args))
+        return model.norm(x), aux
     aux = []
     for i, layer in enumerate(model.layers):
         arg = None if layer_args is None else layer_args[i]
@@ -155,6 +173,11 @@ class Batch:
     tgt_pos: np.ndarray
     tgt_ids: np.ndarray
     tgt_w: np.ndarray
+    rows: int | None = None     # real items (the first rows); the rest fill the batch
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = self.tokens.shape[0]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -162,18 +185,20 @@ class Batch:
 
 
 def make_batches(items: Sequence[Any], length: int, batch_size: int, pad_id: int,
-                 answer_bucket: int = 128) -> list[Batch]:
+                 answer_bucket: int = 128, fill: bool = False) -> list[Batch]:
     """Pads items (with `.tokens` and `.answer_start`) to `length` and groups them.
 
     The answer tokens are tokens[answer_start:]; each is predicted from the position before it.
-    Answer arrays are padded to a multiple of `answer_bucket` (fewer recompilations).
+    Answer arrays are padded to a multiple of `answer_bucket` (fewer recompilations). `fill`:
+    a short last batch gets rows of padding with zero answer weight (zero loss and gradient),
+    so every batch has one shape and one compiled program; `Batch.rows` counts the real ones.
     """
     batches = []
     for s in range(0, len(items), batch_size):
         group = items[s:s + batch_size]
         a = max(len(it.tokens) - it.answer_start for it in group)
         a = -(-a // answer_bucket) * answer_bucket
-        b = len(group)
+        b = batch_size if fill else len(group)
         tokens = np.full((b, length), pad_id, np.int32)
         tgt_pos = np.zeros((b, a), np.int32)
         tgt_ids = np.zeros((b, a), np.int32)
@@ -189,7 +214,7 @@ def make_batches(items: Sequence[Any], length: int, batch_size: int, pad_id: int
             tgt_pos[r, :n] = np.arange(it.answer_start - 1, len(toks) - 1)
             tgt_ids[r, :n] = toks[it.answer_start:]
             tgt_w[r, :n] = 1.0
-        batches.append(Batch(tokens, tgt_pos, tgt_ids, tgt_w))
+        batches.append(Batch(tokens, tgt_pos, tgt_ids, tgt_w, len(group)))
     return batches
 
 
@@ -313,10 +338,11 @@ class InfluenceAttention(AttentionBackend):
 
 
 def _zero_probes(cfg, length: int, block: int, rules: int):
+    """Every layer's probes, stacked over layers (`trunk(..., scan=True)`)."""
     nb = length // block
-    return [(jnp.zeros((cfg.num_heads, nb, nb), jnp.float32),
-             jnp.zeros((cfg.num_heads, length), jnp.float32),
-             jnp.zeros((cfg.num_heads, rules), jnp.float32)) for _ in range(cfg.num_layers)]
+    return (jnp.zeros((cfg.num_layers, cfg.num_heads, nb, nb), jnp.float32),
+            jnp.zeros((cfg.num_layers, cfg.num_heads, length), jnp.float32),
+            jnp.zeros((cfg.num_layers, cfg.num_heads, rules), jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "remat"))
@@ -325,13 +351,14 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
     b, t = tokens.shape
 
     def loss(probes):
-        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes, remat=remat)
+        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes, remat=remat,
+                          scan=True)
         per_item = answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
         return per_item.sum(), per_item
 
     grads, per_item = jax.grad(loss, has_aux=True)(
         _zero_probes(model.config, t, attention.block, len(attention.windows)))
-    return (per_item,) + tuple(jnp.stack([g[i] for g in grads]) for i in range(3))
+    return (per_item,) + tuple(grads)
 
 
 def _split(model: Llama, mesh=None):
@@ -598,10 +625,11 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
     bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress,
                unit="item")
     graphdef, state = _split(model, mesh)          # once: parameters sharded once
-    for batch in make_batches(todo, length, batch_size, pad_id):
+    for batch in make_batches(todo, length, batch_size, pad_id, fill=True):
         losses, blocks, diag, rules = _profile_split(
             graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
             key_groups=key_groups, remat=remat, windows=windows, mesh=mesh)
+        losses = losses[:batch.rows]
         prof = InfluenceProfile(length, sink, BLOCK, prof.blocks + np.asarray(blocks),
                                 prof.diag + np.asarray(diag), prof.count + len(losses),
                                 prof.loss_sum + float(np.sum(losses)), prof.windows,
