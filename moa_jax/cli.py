@@ -13,8 +13,7 @@ def parse_args(parser: argparse.ArgumentParser,
                argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses argv; `--config FILE.yaml` supplies defaults that explicit flags override.
 
-    Unknown keys in the YAML file are an error naming the key and the valid ones. Every command
-    parses through here, so this is also where `enable_compilation_cache` is turned on.
+    Unknown keys in the YAML file are an error naming the key and the valid ones.
     """
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of flag values (keys as the flags, with underscores)")
@@ -30,9 +29,7 @@ def parse_args(parser: argparse.ArgumentParser,
         if unknown:
             parser.error(f"unknown key(s) {unknown} in {pre.config}; valid keys: {sorted(valid)}")
         parser.set_defaults(**values)
-    args = parser.parse_args(argv)
-    enable_compilation_cache()
-    return args
+    return parser.parse_args(argv)
 
 
 def enable_compilation_cache() -> None:
@@ -41,7 +38,8 @@ def enable_compilation_cache() -> None:
     XLA's GPU compiler is slow on whole-model programs (tens of seconds to minutes each), and a
     search, its evaluations and a re-run with other flags compile the same programs again. On
     the CPU compiles are short and the cache is left off. `MOA_JAX_NO_COMPILE_CACHE=1` turns it
-    off everywhere.
+    off everywhere. Call it after `moa_jax.parallel.initialize_distributed` (it reads the
+    backend).
     """
     import os
 

@@ -259,7 +259,7 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from moa_jax.cli import parse_args
+    from moa_jax.cli import enable_compilation_cache, parse_args
 
     args = parse_args(_build_parser(), argv)
     from moa_jax.models.registry import load_model
@@ -267,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
     # TPU pod, SLURM, Open MPI): every process runs the same command; process 0 prints.
     initialize_distributed()
+    enable_compilation_cache()
     lead = jax.process_index() == 0
     log = functools.partial(print, file=sys.stderr) if lead else (lambda *a, **k: None)
 

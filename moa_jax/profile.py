@@ -66,7 +66,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("search")
     s.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 3072],
                    help="profile lengths N (one objective each; multiples of 64)")
-    s.add_argument("--items", type=int, nargs="+", default=[2, 2, 1],
+    s.add_argument("--items", type=int, nargs="+", default=[3, 3, 2],
                    help="calibration items per profile length (one value for all, or one each)")
     s.add_argument("--density", type=float, default=0.5,
                    help="KV density budget d: mean kept KV / N over all heads, in [band*d, d]")
@@ -489,11 +489,12 @@ def _print_summary(report, plan, lengths, val_n, measured) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from moa_jax.cli import parse_args
+    from moa_jax.cli import enable_compilation_cache, parse_args
 
     parser = _build_parser()
     base = {k: parser.get_default(k) for k in FAST}
     args = parse_args(parser, argv)
+    enable_compilation_cache()
     if args.fast:   # fast values replace built-in defaults, never YAML or explicit flags
         for k, v in FAST.items():
             if getattr(args, k) == base[k]:

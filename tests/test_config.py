@@ -68,3 +68,25 @@ def test_parse_dtype():
     assert parse_dtype(jnp.float16) == jnp.float16
     with pytest.raises(ValueError, match="unknown dtype name 'float33'"):
         parse_dtype("float33")
+
+
+def test_compilation_cache_on_accelerators_only(monkeypatch, tmp_path):
+    """CLIs keep compiled programs under $MOA_JAX_CACHE/xla on an accelerator, not on the CPU."""
+    import jax
+
+    from moa_jax.cli import enable_compilation_cache
+
+    monkeypatch.setenv("MOA_JAX_CACHE", str(tmp_path))
+    old = jax.config.jax_compilation_cache_dir
+    try:
+        enable_compilation_cache()                              # CPU: left off
+        assert jax.config.jax_compilation_cache_dir == old
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setenv("MOA_JAX_NO_COMPILE_CACHE", "1")
+        enable_compilation_cache()                              # opted out
+        assert jax.config.jax_compilation_cache_dir == old
+        monkeypatch.delenv("MOA_JAX_NO_COMPILE_CACHE")
+        enable_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)

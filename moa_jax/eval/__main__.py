@@ -283,9 +283,10 @@ def write_report(payload: dict[str, Any], out: Path, plots: bool = True) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from moa_jax.cli import parse_args
+    from moa_jax.cli import enable_compilation_cache, parse_args
 
     args = resolve_settings(parse_args(build_parser(), argv))
+    enable_compilation_cache()
     if args.merge:
         payload = merge_results(args.merge)
     else:

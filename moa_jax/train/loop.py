@@ -798,11 +798,13 @@ def _summary(out: Path, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from moa_jax.cli import enable_compilation_cache
     from moa_jax.parallel import initialize_distributed
 
     cfg = parse_config(argv)
     try:
         initialize_distributed()
+        enable_compilation_cache()
         result = train(cfg)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
