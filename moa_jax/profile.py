@@ -208,12 +208,17 @@ def _plots(out: Path, plan, problem, grid, candidates, front_names, chosen, meas
         order = np.argsort(dens)
         ax.plot(dens[order], np.maximum(uni[order], floor), ".", color="0.6",
                 label="one rule for all heads")
+        labelled = set()
         for name, sol in candidates.items():
-            mark = "*" if name == chosen else ("o" if name in front_names else "x")
+            kind = ("chosen plan" if name == chosen else
+                    "Pareto candidate" if name in front_names else "dominated MILP solution")
+            mark = {"chosen plan": "*", "Pareto candidate": "o"}.get(kind, "x")
             ax.plot(sol.densities[n], max(sol.objectives[n], floor), mark,
-                    ms=11 if mark == "*" else 6, color="C3" if name == chosen else "C0",
-                    label=("chosen" if name == chosen else None))
-        ax.axvline(budget, color="k", lw=0.6, ls="--")
+                    ms=16 if mark == "*" else 6, color="C3" if name == chosen else "C0",
+                    mec="k" if mark == "*" else None, zorder=3 if mark == "*" else 2,
+                    label=None if kind in labelled else kind)
+            labelled.add(kind)
+        ax.axvline(budget, color="k", lw=0.6, ls="--", label=f"density budget {budget:g}")
         ax.set_yscale("log")
         ax.set_xlabel(f"KV density at N={n}")
         ax.set_ylabel("estimated loss increase")
@@ -224,7 +229,8 @@ def _plots(out: Path, plan, problem, grid, candidates, front_names, chosen, meas
         for name, losses in measured.items():
             d = dens_val.get(name, 1.0)
             color = "C3" if name == chosen else ("k" if name in ("dense", "uniform") else "C0")
-            ax.plot(d, float(np.mean(losses)), "*" if name == chosen else "o", color=color)
+            ax.plot(d, float(np.mean(losses)), "*" if name == chosen else "o", color=color,
+                    ms=16 if name == chosen else 6, mec="k" if name == chosen else None)
             ax.annotate(name, (d, float(np.mean(losses))), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(f"KV density at N={val_n}")

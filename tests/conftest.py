@@ -96,3 +96,35 @@ def smollm2():
             pytest.skip(f"SmolLM2 GGUF unavailable offline: {e}")
         raise
     return load_model("smollm2-135m")
+
+
+# ---------------------------------------------------------------- what the default run leaves out
+# pytest reports "N deselected" itself, but not under xdist (`-n 2`, the README's command): the
+# workers deselect, so they count and the controller prints one line.
+_deselected: dict[str, int] = {"slow": 0, "gpu": 0}
+
+
+def pytest_deselected(items):
+    for item in items:
+        for mark in _deselected:
+            if item.get_closest_marker(mark) is not None:
+                _deselected[mark] += 1
+
+
+def pytest_sessionfinish(session):
+    out = getattr(session.config, "workeroutput", None)       # set on xdist workers
+    if out is not None:
+        out["deselected"] = dict(_deselected)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for mark, n in getattr(node, "workeroutput", {}).get("deselected", {}).items():
+        _deselected[mark] = max(_deselected[mark], n)        # every worker collects them all
+
+
+def pytest_terminal_summary(terminalreporter):
+    if any(_deselected.values()):
+        terminalreporter.write_line(
+            f"not in this run: {_deselected['slow']} tests marked slow (`-m slow`) and "
+            f"{_deselected['gpu']} marked gpu (`-m gpu`, on a GPU)")

@@ -6,6 +6,8 @@ heads' windows; its gradients too), and with the recycled, StreamingLLM and H2O 
 kernels (rows and KV heads split).
 """
 
+import sys
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,10 @@ decoders = {"recycled": dict(attention=moa, recycle=RecycleConfig(k=8, stride=3)
 ref_dec = {name: generate(model, prompts, max_new_tokens=8, stop_ids=(), **kw).tokens
            for name, kw in decoders.items()}
 
-for mc in (MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshConfig(1, 8, 1)):
+# argv: meshes as DATA,FSDP,TENSOR (default: all four)
+MESHES = [MeshConfig(*map(int, a.split(","))) for a in sys.argv[1:]] or [
+    MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshConfig(1, 8, 1)]
+for mc in MESHES:
     mesh = make_mesh(mc)
     ss = jax.device_put(s, param_shardings(s, mesh))
     q = ss["layers"][0]["self_attn"]["q_proj"]["kernel"][...]

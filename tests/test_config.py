@@ -90,3 +90,16 @@ def test_compilation_cache_on_accelerators_only(monkeypatch, tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", old)
+
+
+def test_no_transformers_advisory_on_import():
+    """Importing moa_jax then transformers prints nothing, with or without PyTorch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, moa_jax; sys.modules['torch'] = None; import transformers; "
+            "from transformers import AutoConfig")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "PyTorch was not found" not in out.stderr + out.stdout

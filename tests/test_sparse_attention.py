@@ -184,6 +184,10 @@ def test_sweep(dtype, group, d, t):
     dict(b=2, t=72, s=200, h=4, hkv=2, windows=(1, 40, 40, 200), sinks=(0, 16, 16, 64),
          q_offset=128, kv_lengths=(200, 150)),
     dict(b=1, t=130, s=130, h=6, hkv=2, windows=(7, 7, 7, 130, 64, 64), sinks=(0, 0, 0, 0, 3, 3)),
+    # short sequences (<= 64 keys: a generate prompt bucket) and a single decode-sized query
+    dict(b=2, t=64, s=64, h=4, hkv=2, windows=(8, 8, 64, 64), sinks=(0, 4, 0, 4),
+         kv_lengths=(64, 37)),
+    dict(b=1, t=1, s=9, h=2, hkv=1, windows=(3, 9), sinks=(1, 0), q_offset=8),
 ])
 def test_tpu_splash_forward(case):
     case = dict(case)
@@ -201,9 +205,10 @@ def test_tpu_splash_forward(case):
     np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=2e-5)
 
 
-def test_tpu_splash_grads():
+@pytest.mark.parametrize("t", [100, 40])          # 40: shorter than one splash block
+def test_tpu_splash_grads(t):
     windows, sinks = (1, 40, 40, 200), (0, 16, 16, 64)
-    q, k, v = _inputs(1, 100, 100, 4, 2, 64, jnp.float32)
+    q, k, v = _inputs(1, t, t, 4, 2, 64, jnp.float32)
 
     def loss(be):
         return lambda q, k, v: jnp.sum(jnp.sin(sparse_attention(

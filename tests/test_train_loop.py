@@ -190,8 +190,15 @@ def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
     partial.mkdir()
     (partial / "junk").write_text("half")
     assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2
+    # the interrupted run had also logged step 3 and half a line after its last checkpoint
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"event": "train", "step": 3, "loss": 9.0}) + "\n{\"event\": \"tr")
     res_c = train(dataclasses.replace(b, stop_after=0, resume=True))
     assert res_c.losses == {3: losses_a[3], 4: losses_a[4]}
+    recs = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in recs if r["event"] == "train"]
+    assert train_steps == [1, 2, 3, 4]                 # one record per step after the resume
+    assert {r["step"]: r["loss"] for r in recs if r["event"] == "train"} == losses_a
     assert {1: res_b.losses[1], 2: res_b.losses[2]} == {1: losses_a[1], 2: losses_a[2]}
 
     # The HF export equals the trained weights of the final checkpoint.

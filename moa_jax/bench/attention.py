@@ -200,29 +200,46 @@ def bench_one(kind: str, s: int, args, rows: list[dict]):
               flush=True)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default in --help."""
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m moa_jax.bench.attention",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=_HelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 32768])
-    p.add_argument("--configs", nargs="+", default=["dense", "window1024", "het50", "het25"])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--block-q", type=int, default=128)
-    p.add_argument("--block-k", type=int, default=64)
-    p.add_argument("--block-q-dq", type=int, default=None)
-    p.add_argument("--block-k-dq", type=int, default=None)
-    p.add_argument("--block-q-dkv", type=int, default=None)
-    p.add_argument("--block-k-dkv", type=int, default=None)
-    p.add_argument("--num-warps", type=int, default=None)
-    p.add_argument("--num-stages", type=int, default=None)
-    p.add_argument("--num-warps-bwd", type=int, default=None)
-    p.add_argument("--num-stages-bwd", type=int, default=None)
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 32768],
+                   help="sequence lengths S, one row set each")
+    p.add_argument("--configs", nargs="+", default=["dense", "window1024", "het50", "het25"],
+                   metavar="CONFIG",
+                   help="head configurations: dense, window<W> (any W), het50, het25 (below)")
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--heads", type=int, default=32, help="query heads H")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads Hkv (GQA when < H)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension D")
+    p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="q/k/v dtype")
+    p.add_argument("--iters", type=int, default=10, help="timed calls (the median is reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation)")
+    p.add_argument("--block-q", type=int, default=128, help="forward query block")
+    p.add_argument("--block-k", type=int, default=64, help="forward key block")
+    p.add_argument("--block-q-dq", type=int, default=None,
+                   help="backward dq pass: query block (default: the kernel's choice)")
+    p.add_argument("--block-k-dq", type=int, default=None,
+                   help="backward dq pass: key block (default: the kernel's choice)")
+    p.add_argument("--block-q-dkv", type=int, default=None,
+                   help="backward dk/dv pass: query block (default: the kernel's choice)")
+    p.add_argument("--block-k-dkv", type=int, default=None,
+                   help="backward dk/dv pass: key block (default: the kernel's choice)")
+    p.add_argument("--num-warps", type=int, default=None,
+                   help="Triton warps, forward (default: the kernel's choice)")
+    p.add_argument("--num-stages", type=int, default=None,
+                   help="Triton pipeline stages, forward (default: the kernel's choice)")
+    p.add_argument("--num-warps-bwd", type=int, default=None,
+                   help="Triton warps, backward (default: the kernel's choice)")
+    p.add_argument("--num-stages-bwd", type=int, default=None,
+                   help="Triton pipeline stages, backward (default: the kernel's choice)")
     p.add_argument("--no-bwd", action="store_true", help="forward only")
     p.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN baseline")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")

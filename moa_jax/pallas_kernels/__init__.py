@@ -80,9 +80,12 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
 
     if backend == "tpu":
         from moa_jax.pallas_kernels.prefill_tpu import sparse_attention_tpu
+        # splash computes on whole 128-lane key blocks (and its backward on 128-row query
+        # blocks): short sequences are padded up to one block, never given a smaller one
         out, lse = sparse_attention_tpu(
             q, k, v, windows=windows, sinks=sinks, q_offset=q_offset, kv_lengths=kv_lengths,
-            scale=scale, block_q=_block(block_q, 128, T), block_k=_block(block_k, 128, S),
+            scale=scale, block_q=max(128, _block(block_q, 128, T)),
+            block_k=max(128, _block(block_k, 128, S)),
             interpret=interpret, return_lse=return_lse, **kernel_options)
     else:
         from moa_jax.pallas_kernels.prefill_gpu import sparse_attention_gpu

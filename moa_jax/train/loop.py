@@ -547,10 +547,27 @@ class TrainResult:
 
 
 class _Metrics:
-    """metrics.jsonl, written by the lead process only (the others run the same steps)."""
+    """metrics.jsonl, written by the lead process only (the others run the same steps).
 
-    def __init__(self, path: Path, write: bool = True):
+    `resume_from`: the checkpoint step a run continues from. Records of later steps (written
+    after that checkpoint by the run that was interrupted, and about to be written again) and a
+    half-written last line are dropped first, so every step has one record.
+    """
+
+    def __init__(self, path: Path, write: bool = True, resume_from: int | None = None):
         self.path = path
+        if write and resume_from is not None and path.is_file():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(rec, dict) and rec.get("step", 0) <= resume_from:
+                    kept.append(line)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+            tmp.replace(path)
         self.f = open(path, "a", encoding="utf-8") if write else None
 
     def write(self, record: dict[str, Any]) -> None:
@@ -670,7 +687,7 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     if lead:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     log = tqdm.write if lead else (lambda *a, **k: None)
-    metrics = _Metrics(out / "metrics.jsonl", write=lead)
+    metrics = _Metrics(out / "metrics.jsonl", write=lead, resume_from=start if start else None)
     ebs = cfg.eval_batch_size or cfg.micro_batch
     entries = attention_entries(attention, seq_len, mc.num_heads)
     flops_step = cfg.batch_size * train_flops_per_sequence(mc, seq_len, entries)
