@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -139,7 +140,6 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
       GenerateOutput with tokens [B, max_new_tokens] and lengths [B].
     """
     cfg = model.config
-    attention = recycled_backend(attention, recycle)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not sampling.greedy and key is None:
@@ -160,6 +160,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             f"exceeds the KV cache length {cache_len}")
     # Prefill writes the padded prompt block; it must fit too.
     cache_len = max(cache_len, tokens.shape[1])
+    attention = recycled_backend(_dense_if_plan_keeps_all(attention, cache_len), recycle)
     graphdef, state = nnx.split(model)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
     if mesh is not None:
@@ -179,6 +180,18 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
         out, n = multihost_utils.process_allgather((out, n), tiled=True)
     return GenerateOutput(np.asarray(out), np.asarray(n))
+
+
+def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> AttentionBackend:
+    """A MoA plan that keeps every token at this cache length is dense attention: run the dense
+    path (the span cache and block-sparse kernels would only add work) and say so."""
+    from moa_jax.models.moa_attention import MoAAttention
+
+    if isinstance(attention, MoAAttention) and attention.resolves_dense(cache_len):
+        warnings.warn(f"the MoA plan keeps every token at {cache_len} tokens (prompt + new "
+                      f"tokens): running dense attention", stacklevel=3)
+        return DenseAttention()
+    return attention
 
 
 def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> AttentionBackend:

@@ -63,9 +63,36 @@ def test_dense_plan_equals_dense_attention():
     rng = np.random.RandomState(2)
     prompts = [rng.randint(4, 128, n).tolist() for n in (7, 30)]
     moa = MoAAttention(Plan.dense(cfg.num_layers, cfg.num_heads), block_q=16, block_k=16)
-    a = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=moa)
+    with pytest.warns(UserWarning, match="keeps every token at 74 tokens"):   # 64-bucket + 10
+        a = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=moa)
     b = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=DenseAttention())
     assert a.rows() == b.rows()
+
+
+def test_plan_that_keeps_everything_at_this_length_runs_dense(monkeypatch):
+    """A 60-token window plan on a 40-token cache resolves dense: generate runs the dense
+    backend (no span cache) and warns; on a longer cache it stays MoA, silently."""
+    import warnings
+
+    import moa_jax.generate as gen
+
+    cfg = tiny_config()
+    model = init_random(cfg, seed=6)
+    moa = MoAAttention(Plan.uniform(cfg.num_layers, cfg.num_heads, window=60, sink=4))
+    assert moa.resolves_dense(40) and not moa.resolves_dense(200)
+    seen = []
+    real = gen._generate_jit
+    monkeypatch.setattr(gen, "_generate_jit",
+                        lambda *a, **k: seen.append(k["attention"]) or real(*a, **k))
+    with pytest.warns(UserWarning, match="running dense attention"):
+        generate(model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa,
+                 max_cache_len=64)
+    assert isinstance(seen[-1], DenseAttention)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa,
+                 max_cache_len=200)
+    assert seen[-1] is moa
 
 
 def test_uniform_plan_cache_is_smaller():

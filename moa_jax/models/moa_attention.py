@@ -73,6 +73,10 @@ class MoAAttention(AttentionBackend):
             return self.windows[layer]
         return self.plan.layer_windows(self.length or n, layer)
 
+    def resolves_dense(self, n: int) -> bool:
+        """Whether every head of every layer keeps all of a length-n input (window >= n)."""
+        return all(min(self.layer_windows(layer, n)) >= n for layer in range(self.plan.shape[0]))
+
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16):
         self.plan.validate(cfg)
         # Mosaic TPU blocks need 128 lanes; 64 is the reference's granularity elsewhere.
