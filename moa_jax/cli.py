@@ -1,10 +1,13 @@
-"""Shared CLI plumbing: YAML config files whose keys are the command's own flags."""
+"""Shared CLI plumbing: YAML config files whose keys are the command's own flags, and one error
+path for every command (`run`): a user's mistake is one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 
@@ -17,6 +20,8 @@ def parse_args(parser: argparse.ArgumentParser,
     """
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of flag values (keys as the flags, with underscores)")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, show the full traceback instead of one line")
     pre, _ = parser.parse_known_args(argv)
     if pre.config is not None:
         if not pre.config.is_file():
@@ -24,12 +29,41 @@ def parse_args(parser: argparse.ArgumentParser,
         values = yaml.safe_load(pre.config.read_text()) or {}
         if not isinstance(values, dict):
             parser.error(f"config file {pre.config} must hold a mapping of flag: value")
-        valid = {a.dest for a in parser._actions} - {"help", "config"}
+        valid = {a.dest for a in parser._actions} - {"help", "config", "debug"}
         unknown = sorted(set(values) - valid)
         if unknown:
             parser.error(f"unknown key(s) {unknown} in {pre.config}; valid keys: {sorted(valid)}")
-        parser.set_defaults(**values)
+        parser.set_defaults(**_typed(parser, pre.config, values))
     return parser.parse_args(argv)
+
+
+def _typed(parser: argparse.ArgumentParser, source: Path, values: dict) -> dict:
+    """YAML values converted as the flag would convert them (argparse applies `type` to command
+    line strings only): a list where the flag takes one value, a value `type` rejects, a choice
+    not offered or a non-boolean switch is a usage error naming the key."""
+    actions = {a.dest: a for a in parser._actions}
+    out = {}
+    for key, val in values.items():
+        a = actions[key]
+        where = f"{source}: {key}"
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(val, bool):
+                parser.error(f"{where} must be true or false, got {val!r}")
+        elif a.type is not None and val is not None:
+            many = a.nargs in ("+", "*") or isinstance(a.nargs, int)
+            if isinstance(val, dict) or (isinstance(val, list) and not many):
+                parser.error(f"{where} takes one value, got {val!r}")
+            try:
+                val = [a.type(v) for v in (val if isinstance(val, list) else [val])] if many \
+                    else a.type(val)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                parser.error(f"{where}: {val!r} is not a valid value ({e})")
+        if a.choices is not None and val is not None:
+            for v in (val if isinstance(val, list) else [val]):
+                if v not in a.choices:
+                    parser.error(f"{where}: {v!r} is not one of {sorted(a.choices)}")
+        out[key] = val
+    return out
 
 
 def enable_compilation_cache() -> None:
@@ -52,3 +86,73 @@ def enable_compilation_cache() -> None:
     from moa_jax.downloads import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from moa_jax.downloads import DownloadError
+    from moa_jax.train.checkpoint import CheckpointError
+
+    # ValueError covers bad values, mismatches and limits (WeightsError, InfeasibleBudgetError,
+    # json.JSONDecodeError are ValueErrors); OSError bad, missing or unwritable paths.
+    return (ValueError, OSError, yaml.YAMLError, CheckpointError, DownloadError)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message with newlines folded (the type if it has none)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, KeyError):
+        text = f"missing key {text}"
+    return text
+
+
+def run(main: Callable[[Sequence[str] | None], int],
+        argv: Sequence[str] | None = None) -> int:
+    """Runs a command's `main(argv)` with the one error path of every moa-jax CLI.
+
+    A user error (a bad file or value, a mismatch, a length beyond a limit: ValueError, OSError,
+    CheckpointError, YAML errors, a `SystemExit` with a message) prints `error: <one line>` on
+    stderr and returns 2; a failed download or an out-of-memory on the device returns 1.
+    `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead, with the traceback. Python API callers
+    get the exceptions themselves; only the command line goes through here.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("MOA_JAX_DEBUG"))
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if debug or e.code is None or isinstance(e.code, int):
+            raise
+        print(f"error: {one_line(Exception(e.code))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:      # noqa: BLE001 - sorted below; anything else keeps its traceback
+        if debug:
+            raise
+        from moa_jax.downloads import DownloadError
+
+        if isinstance(e, _user_errors()):
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            return 1 if isinstance(e, DownloadError) else 2
+        if "RESOURCE_EXHAUSTED" in str(e):
+            first = next((ln for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), "")
+            print(f"error: out of device memory ({first.strip()[:200]}); use a smaller batch "
+                  f"or length", file=sys.stderr)
+            return 1
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to a temporary file beside `path`, then renames it over `path`: a reader
+    (or a run that is killed half-way) never sees a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

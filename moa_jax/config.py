@@ -8,6 +8,7 @@ transformers 4.x shape with top-level `rope_theta`/`rope_scaling` and the 5.x sh
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -93,6 +94,13 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            x = float(getattr(self, name))
+            if not (math.isfinite(x) and x > 0):
+                raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {x}")
+        if int(self.max_position_embeddings) <= 0:
+            raise ValueError(f"ModelConfig.max_position_embeddings must be positive, got "
+                             f"{self.max_position_embeddings}")
 
     @property
     def group_size(self) -> int:

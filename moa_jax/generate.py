@@ -254,6 +254,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="with --recycle-k: MoA plan (same forms as --plan) for the prefill")
     p.add_argument("--max-cache-len", type=int, default=None,
                    help="KV cache capacity in tokens (default: prompt + new tokens)")
+    p.add_argument("--beyond-context", action="store_true",
+                   help="allow prompt + new tokens beyond the model's trained context "
+                        "(max_position_embeddings)")
     p.add_argument("--no-chat-template", action="store_true",
                    help="feed the prompt as raw text even if the model has a chat template")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
@@ -275,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from moa_jax.cli import enable_compilation_cache, parse_args
 
     args = parse_args(_build_parser(), argv)
-    from moa_jax.models.registry import load_model
+    from moa_jax.models.registry import load_config, load_model
 
     # Several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
     # TPU pod, SLURM, Open MPI): every process runs the same command; process 0 prints.
@@ -299,20 +302,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.prefill_plan is not None or args.recycle_threshold is not None:
         raise SystemExit("--prefill-plan and --recycle-threshold need --recycle-k")
     prompts_text = args.prompt or ["Write one sentence about the sea."]
+    if any(not t.strip() for t in prompts_text):
+        raise ValueError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    # cheap checks first: the plan against the model's config, before the weights are read
+    cfg = load_config(args.model)
+    plan = None
+    if args.plan is not None:
+        from moa_jax.plan import Plan
+
+        plan = Plan.from_spec(args.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
     if tokenizer is None:
         raise SystemExit(f"model {args.model!r} has no tokenizer; pass token ids via the API")
     log(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
     prompts = [encode_prompt(tokenizer, t, not args.no_chat_template) for t in prompts_text]
+    longest = max(len(p) for p in prompts) + args.max_new_tokens
+    if longest > cfg.max_position_embeddings and not args.beyond_context:
+        raise ValueError(
+            f"prompt ({max(len(p) for p in prompts)} tokens) + --max-new-tokens "
+            f"({args.max_new_tokens}) = {longest} exceeds the model's context of "
+            f"{cfg.max_position_embeddings} tokens; shorten them, or pass --beyond-context")
     attention: AttentionBackend = DenseAttention()
-    if args.plan is not None:
+    if plan is not None:
         from moa_jax.models.moa_attention import MoAAttention
-        from moa_jax.plan import Plan
 
-        cfg = model.config
-        plan = Plan.from_spec(args.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
         attention = MoAAttention(plan)
         n = max(len(p) for p in prompts) + args.max_new_tokens
         log(plan.summary(n))
@@ -352,5 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def cli() -> int:
+    """The `moa-jax-generate` console script: `main` with the CLIs' one-line errors."""
+    from moa_jax.cli import run
+
+    return run(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())

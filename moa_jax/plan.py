@@ -126,6 +126,12 @@ class Plan:
             raise ValueError("sink counts must be >= 0")
         if any(not math.isfinite(v) for row in alphas + betas for v in row):
             raise ValueError("alphas and betas must be finite")
+        for layer, (ra, rb) in enumerate(zip(alphas, betas)):
+            for head, (a, b) in enumerate(zip(ra, rb)):
+                if b <= 0 and a + b < 0:     # alpha + beta * N < 0 for every N >= 1
+                    raise ValueError(
+                        f"layer {layer} head {head}: span {a:g} + {b:g} * N is negative at "
+                        f"every length (a rule that keeps nothing)")
 
     # ------------------------------------------------------------------ shape
     @property
@@ -314,10 +320,11 @@ class Plan:
         return plan
 
     def save(self, path: str | Path) -> Path:
+        from moa_jax.cli import atomic_write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -328,10 +335,16 @@ class Plan:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"plan file {path} is not valid JSON: {e}") from e
-        if isinstance(d, dict) and "schema_version" not in d and "alphas" in d:
-            return cls.from_moa_json(path)
-        return cls.from_dict(d)
+            raise ValueError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"plan file {path} must hold a JSON object, not a "
+                             f"{type(d).__name__}")
+        try:
+            if "schema_version" not in d and "alphas" in d:
+                return cls.from_moa_json(path)
+            return cls.from_dict(d)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            raise ValueError(f"plan file {path}: {e}") from None
 
     @classmethod
     def from_spec(cls, spec: str, num_layers: int, num_heads: int) -> "Plan":

@@ -32,6 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from moa_jax.cli import atomic_write_text
+
 FAST = dict(lengths=[512, 1024, 2048], items=[1], validation_length=3072, validation_items=1,
             answer_tokens=48, eps_intervals=1, max_candidates=2)
 """What --fast changes (configs/profile/fast.yaml spells out the same values)."""
@@ -265,8 +267,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"lengths must be multiples of 64, got {n}")
     counts = _counts(args.lengths, args.items)
     counts = {n: counts[n] for n in lengths}
+    if not 0 < args.density <= 1:
+        raise ValueError(f"--density must be in (0, 1], got {args.density}")
+    if any(c < 1 for c in counts.values()):
+        raise ValueError(f"--items must be >= 1, got {args.items}")
     out = Path(args.out or Path("runs") / "profile" / _model_slug(args.model))
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
+    mesh = None
+    if args.mesh:
+        from moa_jax.parallel import MeshConfig, make_mesh
+        mesh = make_mesh(MeshConfig.parse(args.mesh))
+    # the folder is made once the corpus and the model have loaded (a bad input leaves none)
+    docs = load_corpus(args.corpus, text_field=args.text_field)
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
@@ -281,9 +294,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _log(f"model {args.model}: {cfg.num_layers} layers x {cfg.num_heads} heads "
          f"({cfg.num_kv_heads} KV heads), jax backend {jax.default_backend()}")
 
+    out.mkdir(parents=True, exist_ok=True)
+
     # ---------------------------------------------------------------- calibration
     t0 = time.perf_counter()
-    docs = load_corpus(args.corpus, text_field=args.text_field)
     # held-out documents are set aside even with --no-validate, so the calibration set (and
     # its cache) does not depend on that flag
     # at most a third of the documents are held out (a corpus of a few long novels gives
@@ -326,10 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- profiling
     t0 = time.perf_counter()
-    mesh = None
-    if args.mesh:
-        from moa_jax.parallel import MeshConfig, make_mesh
-        mesh = make_mesh(MeshConfig.parse(args.mesh))
+    if mesh is not None:
         _log(f"profiling on a {dict(mesh.shape)} mesh of {mesh.devices.size} devices")
     grid = scaled_grid(lengths, args.extend_length, sink=args.sink)
     uniform = Plan(alphas=np.zeros((cfg.num_layers, cfg.num_heads)).tolist(), betas=args.density,
@@ -466,7 +477,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "spans_per_layer": layer_groups(plan, val_n),
         "args": {k: (v if not isinstance(v, Path) else str(v)) for k, v in vars(args).items()},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     _print_summary(report, plan, lengths, val_n, measured)
     return report
 
@@ -510,4 +521,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from moa_jax.cli import run as _run
+
+    raise SystemExit(_run(main))

@@ -279,4 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from moa_jax.cli import run as _run
+
+    raise SystemExit(_run(main))

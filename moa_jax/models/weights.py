@@ -149,6 +149,10 @@ def _assemble(cfg: ModelConfig, names: Iterable[str], get: Callable[[str], np.nd
                 f"{source}: tensor {describe(spec.hf_name)} has shape {tuple(arr.shape)} but the "
                 f"config expects {spec.hf_shape}")
         value = np.ascontiguousarray(spec.to_ours(arr)).astype(np_param_dtype, copy=False)
+        if not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            raise WeightsError(f"{source}: tensor {describe(spec.hf_name)} has {bad} non-finite "
+                               f"value(s) (NaN or inf); the checkpoint is corrupt")
         new_flat.append((path, var.replace(jnp.asarray(value))))
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
@@ -262,6 +266,19 @@ def load_hf(path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "flo
       WeightsError: corrupt/truncated files, missing/unexpected tensors, shape mismatches.
     """
     directory = Path(path)
+    cfg = hf_model_config(directory)
+    files = _open_safetensors(directory)
+    return _assemble(cfg, files, lambda n: files[n].get(n), dtype=dtype, param_dtype=param_dtype,
+                     source=str(directory))
+
+
+def hf_model_config(directory: str | Path) -> ModelConfig:
+    """The architecture of an HF Llama checkpoint directory, from its `config.json`.
+
+    Raises WeightsNotFoundError (no directory or config.json) or WeightsError (invalid JSON,
+    not a Llama, missing or invalid values).
+    """
+    directory = Path(directory)
     if not directory.is_dir():
         raise WeightsNotFoundError(f"HF checkpoint directory {directory} does not exist")
     config_path = directory / "config.json"
@@ -275,13 +292,12 @@ def load_hf(path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "flo
     if model_type != "llama":
         raise WeightsError(f"{config_path}: model_type {model_type!r} is not supported; moa-jax "
                            f"loads Llama checkpoints (model_type 'llama')")
+    if not isinstance(hf_cfg, dict):
+        raise WeightsError(f"{config_path} must hold a JSON object")
     try:
-        cfg = ModelConfig.from_hf_dict(hf_cfg)
-    except ValueError as e:
+        return ModelConfig.from_hf_dict(hf_cfg)
+    except (ValueError, TypeError) as e:
         raise WeightsError(f"{config_path}: {e}") from None
-    files = _open_safetensors(directory)
-    return _assemble(cfg, files, lambda n: files[n].get(n), dtype=dtype, param_dtype=param_dtype,
-                     source=str(directory))
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,22 +584,11 @@ def _open_gguf(path: Path) -> Any:
         raise WeightsError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def load_gguf(path: str | Path, *, dtype: Any = "float32",
-              param_dtype: Any = "float32") -> tuple[Llama, Any]:
-    """Loads a llama.cpp GGUF file: dequantised weights and its tokenizer.
-
-    Args:
-      path: a `.gguf` file of architecture 'llama' (any type `gguf.quants.dequantize` handles).
-      dtype: compute dtype; param_dtype: storage dtype the dequantised weights are cast to.
-    Returns:
-      (model, tokenizer): tokenizer is a `transformers.PreTrainedTokenizerFast`, or None if the
-      file has no tokenizer.
-    """
+def _read_gguf(path: Path):
+    """(reader, metadata, ModelConfig, dequant(name) -> float32 array) of a GGUF file: reads the
+    header and the small RoPE-factor tensor only."""
     import gguf
 
-    from moa_jax.models.tokenizer import tokenizer_from_gguf_metadata
-
-    path = Path(path)
     reader = _open_gguf(path)
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
@@ -596,10 +601,36 @@ def load_gguf(path: str | Path, *, dtype: Any = "float32",
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise WeightsError(f"{path}: tensor {name!r}: {e}") from None
+        except (ValueError, IndexError) as e:       # truncated data
+            raise WeightsError(f"{path}: tensor {name!r} cannot be read ({e}); the file is "
+                               f"truncated or corrupt") from None
         return np.asarray(arr, np.float32).reshape(shapes[name])
 
     rope_freqs = dequant(_GGUF_ROPE_FREQS) if _GGUF_ROPE_FREQS in tensors else None
-    cfg = gguf_config(meta, shapes, rope_freqs)
+    return reader, meta, gguf_config(meta, shapes, rope_freqs), dequant
+
+
+def gguf_model_config(path: str | Path) -> ModelConfig:
+    """The architecture of a GGUF file, from its header (no weights read)."""
+    return _read_gguf(Path(path))[2]
+
+
+def load_gguf(path: str | Path, *, dtype: Any = "float32",
+              param_dtype: Any = "float32") -> tuple[Llama, Any]:
+    """Loads a llama.cpp GGUF file: dequantised weights and its tokenizer.
+
+    Args:
+      path: a `.gguf` file of architecture 'llama' (any type `gguf.quants.dequantize` handles).
+      dtype: compute dtype; param_dtype: storage dtype the dequantised weights are cast to.
+    Returns:
+      (model, tokenizer): tokenizer is a `transformers.PreTrainedTokenizerFast`, or None if the
+      file has no tokenizer.
+    """
+    from moa_jax.models.tokenizer import tokenizer_from_gguf_metadata
+
+    path = Path(path)
+    reader, meta, cfg, dequant = _read_gguf(path)
+    tensors = {t.name: t for t in reader.tensors}
 
     hf_to_gguf = {}
     unknown = []

@@ -2,7 +2,8 @@
 
 import sys
 
+from moa_jax.cli import run
 from moa_jax.train.loop import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

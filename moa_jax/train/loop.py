@@ -204,6 +204,7 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_parser()
     ns = vars(parse_args(parser, argv))
     ns.pop("config", None)
+    ns.pop("debug", None)          # read by moa_jax.cli.run
     cfg = TrainConfig(**ns)
     # YAML may give scalars where a list is expected, and ints where floats are.
     if isinstance(cfg.eval_strides, int):
@@ -615,12 +616,17 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
 
     validate_config(cfg)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out-dir {out} is a file, not a directory")
     mesh = make_mesh(MeshConfig(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor), devices)
     check_batch_divides(cfg, mesh)
-    ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints,
-                        async_save=cfg.async_checkpointing)
-    latest = ckpt.latest_step()
+    # the run folder is made once the corpus and the model have loaded (a bad input leaves
+    # none); an existing run's checkpoints are checked first, without creating anything
+    ckpt = None
+    if (out / "checkpoints").is_dir():
+        ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints,
+                            async_save=cfg.async_checkpointing)
+    latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None and not cfg.resume:
         raise ValueError(f"{out} already holds checkpoints (latest step {latest}); pass "
                          "--resume to continue that run, or choose another --out-dir")
@@ -640,6 +646,10 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     mc = model.config
     if tokenizer is None:
         raise ValueError(f"model {cfg.model!r} comes without a tokenizer; training needs one")
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints,
+                            async_save=cfg.async_checkpointing)
     if seq_len > mc.max_position_embeddings:
         print(f"warning: seq_len {seq_len} exceeds the model's max_position_embeddings "
               f"{mc.max_position_embeddings}", file=sys.stderr)

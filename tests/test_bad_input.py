@@ -1,0 +1,325 @@
+"""Malformed inputs across the CLIs and the Python API: each is one line naming the problem, a
+non-zero exit (2 for a user's mistake), and no output left behind.
+
+The CLI cases run `moa_jax.cli.run(main, argv)`, the path `python -m ...` takes (one case per
+command also runs the real subprocess). The model is the `tiny-random` preset, or a tiny HF
+checkpoint written here, so nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moa_jax.cli import run
+from moa_jax.models.llama import init_random
+from moa_jax.models.registry import TINY_RANDOM_CONFIG
+from moa_jax.models.weights import save_hf
+from moa_jax.plan import Plan
+
+from conftest import tiny_config
+
+
+def _plan_file(tmp_path: Path, plan: Plan, name: str = "plan.json") -> str:
+    return str(plan.save(tmp_path / name))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A valid tiny HF checkpoint (config.json + model.safetensors)."""
+    d = tmp_path_factory.mktemp("hf")
+    save_hf(init_random(tiny_config(), seed=0), d)
+    return d
+
+
+def _copy_hf(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _one_line_error(capsys, code: int, want_code: int, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == want_code, err
+    assert lines and lines[-1].startswith("error:"), err
+    # the error is one line (progress lines such as "loaded ..." may come before it)
+    assert sum("error" in ln.lower() for ln in lines) == 1, f"more than one error line: {err}"
+    for n in needles:
+        assert n.lower() in lines[-1].lower(), lines[-1]
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+# ------------------------------------------------------------------------------------ generate
+def _generate(argv):
+    from moa_jax.generate import main
+
+    return run(main, argv)
+
+
+TINY = ["--model", "tiny-random", "--max-new-tokens", "2"]
+
+
+def _bad_plans(tmp_path: Path) -> list[tuple[str, str]]:
+    """(plan argument, expected words) for plans `generate` must refuse."""
+    L, H = TINY_RANDOM_CONFIG.num_layers, TINY_RANDOM_CONFIG.num_heads
+    other = _plan_file(tmp_path, Plan.uniform(28, 8, window=64), "other.json")
+    trunc = tmp_path / "trunc.json"
+    trunc.write_text(Path(_plan_file(tmp_path, Plan.uniform(L, H, 64), "ok.json"))
+                     .read_text()[:40])
+    listy = tmp_path / "list.json"
+    listy.write_text("[1, 2, 3]")
+    nan = tmp_path / "nan.json"
+    d = Plan.uniform(L, H, 64).to_dict()
+    d["alphas"][0][0] = float("nan")
+    nan.write_text(json.dumps(d))
+    neg = tmp_path / "neg.json"
+    d = Plan.uniform(L, H, 64).to_dict()
+    d["alphas"] = [[-5000.0] * H for _ in range(L)]
+    d["betas"] = [[-0.5] * H for _ in range(L)]
+    neg.write_text(json.dumps(d))
+    return [(other, "28 layers"), (str(tmp_path / "missing.json"), "no plan file"),
+            (str(trunc), "not valid JSON"), (str(listy), "JSON object"),
+            (str(nan), "finite"), (str(neg), "negative at every length"),
+            ("streaming:abc", "bad plan spec")]
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_generate_rejects_bad_plans(tmp_path, capsys, monkeypatch, i):
+    """Each bad plan fails before the weights are read."""
+    import moa_jax.models.registry as reg
+
+    spec, words = _bad_plans(tmp_path)[i]
+    monkeypatch.setattr(reg, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    _one_line_error(capsys, _generate(TINY + ["--plan", spec]), 2, words)
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--model", "no-such-preset"], "unknown model"),
+    (["--model", "./nope/model.gguf"], "no such file"),
+    (["--max-new-tokens", "1000000"], "exceeds the model's context"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--prompt", "   "], "prompt is empty"),
+    (["--mesh", "2x2"], "DATA,FSDP,TENSOR"),
+    (["--recycle-k", "8", "--plan", "dense"], "--prefill-plan"),
+])
+def test_generate_rejects_bad_flags(capsys, argv, words):
+    base = ["--model", "tiny-random", "--max-new-tokens", "2"]
+    _one_line_error(capsys, _generate(base + argv), 2, words)
+
+
+def test_generate_beyond_context_only_when_asked(capsys):
+    n = TINY_RANDOM_CONFIG.max_position_embeddings
+    assert _generate(["--model", "tiny-random", "--max-new-tokens", str(n)]) == 2
+    assert "--beyond-context" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("truncated_safetensors", "safetensors"),
+    ("config_missing_keys", "missing required keys"),
+    ("config_nan", "rope_theta"),
+    ("config_not_json", "not valid JSON"),
+    ("nan_weights", "non-finite"),
+    ("no_config", "no config.json"),
+])
+def test_generate_rejects_broken_hf_checkpoints(hf_dir, tmp_path, capsys, damage, words):
+    d = _copy_hf(hf_dir, tmp_path / damage)
+    cfg_path = d / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if damage == "truncated_safetensors":
+        st = d / "model.safetensors"
+        st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    elif damage == "config_missing_keys":
+        del cfg["hidden_size"], cfg["num_hidden_layers"]
+        cfg_path.write_text(json.dumps(cfg))
+    elif damage == "config_nan":
+        cfg["rope_theta"] = float("nan")
+        cfg.pop("rope_parameters", None)
+        cfg_path.write_text(json.dumps(cfg))
+    elif damage == "config_not_json":
+        cfg_path.write_text("{ not json")
+    elif damage == "nan_weights":
+        model = init_random(tiny_config(), seed=0)
+        w = model.layers[0].mlp.up_proj.kernel
+        w[...] = w[...].at[0, 0].set(jnp.nan)
+        save_hf(model, d)
+    elif damage == "no_config":
+        cfg_path.unlink()
+    _one_line_error(capsys, _generate(["--model", str(d), "--max-new-tokens", "1"]), 2, words)
+
+
+@pytest.mark.parametrize("content,words", [
+    (b"GGUF" + os.urandom(64), "GGUF"),
+    (os.urandom(256), "GGUF"),
+    (b"", "GGUF"),
+])
+def test_generate_rejects_bad_gguf(tmp_path, capsys, content, words):
+    f = tmp_path / "m.gguf"
+    f.write_bytes(content)
+    _one_line_error(capsys, _generate(["--model", str(f)]), 2, words)
+
+
+def test_not_a_gguf_file(tmp_path, capsys):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    _one_line_error(capsys, _generate(["--model", str(f)]), 2, "not a .gguf")
+
+
+# ------------------------------------------------------------------------------ YAML configs
+@pytest.mark.parametrize("yaml_text,words", [
+    ("max_new_tokens: [8, 16]\n", "takes one value"),
+    ("max_new_tokens: lots\n", "not a valid value"),
+    ("no_chat_template: 3\n", "true or false"),
+    ("learning_rate: 0.1\n", "unknown key"),
+    ("- just\n- a list\n", "mapping"),
+])
+def test_bad_yaml_config_is_a_usage_error(tmp_path, capsys, yaml_text, words):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(SystemExit) as e:
+        _generate(["--config", str(f)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def test_train_yaml_list_for_a_number(tmp_path, capsys):
+    from moa_jax.train.loop import main
+
+    f = tmp_path / "t.yaml"
+    f.write_text("batch_size: [8, 16]\n")
+    with pytest.raises(SystemExit) as e:
+        run(main, ["--config", str(f)])
+    assert e.value.code == 2 and "batch_size takes one value" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ profile
+def _profile(argv):
+    from moa_jax.profile import main
+
+    return run(main, argv)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--model", "no-such-preset"], "unknown model"),
+    (["--lengths", "1000"], "multiples of 64"),
+    (["--density", "1.5"], "--density"),
+    (["--items", "0"], "--items"),
+    (["--corpus", "/nonexistent/corpus.jsonl"], "corpus"),
+    (["--mesh", "2x2"], "DATA,FSDP,TENSOR"),
+])
+def test_profile_bad_input_leaves_no_output(tmp_path, capsys, extra, words):
+    out = tmp_path / "run"
+    argv = ["--model", "tiny-random", "--fast", "--out", str(out), "--no-progress"] + extra
+    _one_line_error(capsys, _profile(argv), 2, words)
+    assert not out.exists(), "a failed run left its output folder"
+
+
+def test_profile_out_is_a_file(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    _one_line_error(capsys, _profile(["--model", "tiny-random", "--fast", "--out", str(out)]),
+                    2, "is a file")
+    assert out.read_text() == "x"
+
+
+# --------------------------------------------------------------------------------------- eval
+def _eval(argv):
+    from moa_jax.eval.__main__ import main
+
+    return run(main, argv)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--tasks", "nope"], "unknown task"),
+    (["--methods", "magic"], "unknown method"),
+    (["--lengths", "0"], "--lengths"),
+    (["--num-items", "0"], "--num-items"),
+])
+def test_eval_bad_flags(tmp_path, capsys, extra, words):
+    out = tmp_path / "ev"
+    _one_line_error(capsys, _eval(["--model", "tiny-random", "--out", str(out)] + extra), 2,
+                    words)
+    assert not out.exists()
+
+
+def test_eval_plan_for_another_model(tmp_path, capsys):
+    plan = _plan_file(tmp_path, Plan.uniform(28, 8, window=64))
+    out = tmp_path / "ev"
+    _one_line_error(capsys, _eval(["--model", "tiny-random", "--fast", "--methods", "moa",
+                                   "--plan", plan, "--out", str(out)]), 2, "layers")
+    assert not out.exists()
+
+
+# -------------------------------------------------------------------------------------- train
+def test_train_missing_corpus_leaves_no_folder(tmp_path, capsys):
+    from moa_jax.train.loop import main
+
+    out = tmp_path / "t"
+    code = run(main, ["--corpus", str(tmp_path / "nope.jsonl"), "--seq-len", "8",
+                      "--out-dir", str(out)])
+    _one_line_error(capsys, code, 2, "no such file")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- Python API
+def test_api_errors_name_the_problem():
+    from moa_jax.generate import generate
+    from moa_jax.pallas_kernels import sparse_attention
+
+    q = jnp.zeros((1, 8, 3, 16))
+    kv = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        sparse_attention(q, kv, kv, windows=(4, 4, 4))
+    q = jnp.zeros((1, 8, 4, 16))
+    with pytest.raises(ValueError, match="4 query heads"):
+        sparse_attention(q, kv, kv, windows=(4, 4))
+    with pytest.raises(ValueError, match="backend"):
+        sparse_attention(q, kv, kv, windows=(4,) * 4, backend="cuda")
+    model = init_random(tiny_config(), seed=0)
+    with pytest.raises(ValueError, match="exceeds the KV cache length"):
+        generate(model, [[5] * 20], max_new_tokens=8, max_cache_len=16)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        generate(model, [[5, 10 ** 6]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[5]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="sink counts"):
+        Plan.uniform(2, 4, window=8, sink=-1)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        Plan.uniform(2, 4, window=0)
+
+
+def test_subprocess_one_line_and_debug_traceback(tmp_path):
+    """The real `python -m moa_jax.generate`: one line and exit 2; --debug: the traceback."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    argv = [sys.executable, "-m", "moa_jax.generate", "--model", "tiny-random", "--plan",
+            str(tmp_path / "missing.json")]
+    res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines == [f"error: no plan file at {tmp_path / 'missing.json'}"], res.stderr
+    res = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode != 0 and "Traceback" in res.stderr
+
+
+def test_numpy_nan_weights_rejected_at_load(hf_dir, tmp_path):
+    """The Python API too: a checkpoint with an inf weight raises, never loads silently."""
+    from moa_jax.models.weights import WeightsError, load_hf
+
+    model = init_random(tiny_config(), seed=0)
+    w = model.embed_tokens.embedding
+    w[...] = w[...].at[3, 1].set(np.inf)
+    d = tmp_path / "inf"
+    save_hf(model, d)
+    with pytest.raises(WeightsError, match="non-finite"):
+        load_hf(d)
