@@ -68,7 +68,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s = p.add_argument_group("search")
     s.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 3072],
                    help="profile lengths N (one objective each; multiples of 64)")
-    s.add_argument("--items", type=int, nargs="+", default=[3, 3, 2],
+    s.add_argument("--items", type=int, nargs="+", default=[3, 3, 1],
                    help="calibration items per profile length (one value for all, or one each)")
     s.add_argument("--density", type=float, default=0.5,
                    help="KV density budget d: mean kept KV / N over all heads, in [band*d, d]")
