@@ -161,6 +161,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     # Prefill writes the padded prompt block; it must fit too.
     cache_len = max(cache_len, tokens.shape[1])
     attention = recycled_backend(_dense_if_plan_keeps_all(attention, cache_len), recycle)
+    if mesh is None:
+        _check_cache_fits(attention, cfg, tokens.shape[0], cache_len, model.dtype)
     graphdef, state = nnx.split(model)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
     if mesh is not None:
@@ -180,6 +182,40 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
 
         out, n = multihost_utils.process_allgather((out, n), tiled=True)
     return GenerateOutput(np.asarray(out), np.asarray(n))
+
+
+def _device_memory() -> tuple[int, int] | None:
+    """(bytes limit, bytes in use) of the default device, None where unknown (the CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if not stats.get("bytes_limit"):
+        return None
+    return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+
+
+# share of the free device memory a KV cache may take (the prefill's activations need the rest)
+CACHE_MEMORY_SHARE = 0.8
+
+
+def _check_cache_fits(attention: AttentionBackend, cfg, batch: int, cache_len: int,
+                      dtype) -> None:
+    """Raises before allocation when the backend's KV cache cannot fit in the device's free
+    memory, naming the largest batch (and the length at this batch) that would."""
+    mem = _device_memory()
+    if mem is None:
+        return
+    limit, in_use = mem
+    shapes = jax.eval_shape(lambda: attention.init_cache(cfg, batch, cache_len, dtype))
+    need = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+    room = CACHE_MEMORY_SHARE * (limit - in_use)
+    if need <= room:
+        return
+    fit_batch = int(room // max(need / batch, 1))
+    fit_len = int(cache_len * room / need)
+    raise ValueError(
+        f"the KV cache for batch {batch} x {cache_len} tokens needs {need / 2 ** 30:.1f} GiB, "
+        f"more than the device's free {(limit - in_use) / 2 ** 30:.1f} GiB allows "
+        f"({CACHE_MEMORY_SHARE:.0%} of it); the largest batch that fits is {fit_batch}, or at "
+        f"batch {batch} about {fit_len} tokens")
 
 
 def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> AttentionBackend:

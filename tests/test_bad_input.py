@@ -323,3 +323,33 @@ def test_numpy_nan_weights_rejected_at_load(hf_dir, tmp_path):
     save_hf(model, d)
     with pytest.raises(WeightsError, match="non-finite"):
         load_hf(d)
+
+
+def test_cache_that_cannot_fit_is_an_error_before_allocation(monkeypatch):
+    """With a device of 1 MiB free, a 4 x 2048-token dense cache (4 MiB) is refused before any
+    allocation, naming the batch and length that would fit; MoA's smaller span cache is sized
+    by the same rule (its own init_cache shapes)."""
+    import moa_jax.generate as gen
+    from moa_jax.generate import generate
+    from moa_jax.models.moa_attention import MoAAttention
+
+    model = init_random(tiny_config(), seed=0)
+    monkeypatch.setattr(gen, "_device_memory", lambda: (2 ** 20, 0))
+    monkeypatch.setattr(gen, "_generate_jit", lambda *a, **k: pytest.fail("allocated"))
+    with pytest.raises(ValueError, match=r"largest batch that fits is 0, or at batch 4 about "
+                                         r"\d+ tokens"):
+        generate(model, [[5] * 8] * 4, max_new_tokens=2000, max_cache_len=2048)
+    plan = Plan.uniform(2, 4, window=64, sink=0)
+    with pytest.raises(ValueError, match="KV cache for batch 64"):
+        generate(model, [[5] * 8] * 64, max_new_tokens=2000, max_cache_len=2048,
+                 attention=MoAAttention(plan))
+    class Ran(Exception):
+        pass
+
+    def ran(*a, **k):
+        raise Ran
+
+    monkeypatch.setattr(gen, "_device_memory", lambda: (2 ** 40, 0))
+    monkeypatch.setattr(gen, "_generate_jit", ran)
+    with pytest.raises(Ran):                             # enough memory: it goes on to run
+        generate(model, [[5] * 8] * 4, max_new_tokens=2000, max_cache_len=2048)
