@@ -112,11 +112,16 @@ def run(main: Callable[[Sequence[str] | None], int],
     A user error (a bad file or value, a mismatch, a length beyond a limit: ValueError, OSError,
     CheckpointError, YAML errors, a `SystemExit` with a message) prints `error: <one line>` on
     stderr and returns 2; a failed download or an out-of-memory on the device returns 1.
-    `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead, with the traceback. Python API callers
+    Warnings print as `warning: <message>`. `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead,
+    with the traceback, and leaves warnings as Python formats them. Python API callers
     get the exceptions themselves; only the command line goes through here.
     """
+    import warnings
+
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("MOA_JAX_DEBUG"))
+    if not debug:       # warnings as one line too, without the source line Python adds
+        warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
     try:
         return main(argv)
     except SystemExit as e:
