@@ -256,7 +256,10 @@ def test_eval_bad_flags(tmp_path, capsys, extra, words):
     assert not out.exists()
 
 
-def test_eval_plan_for_another_model(tmp_path, capsys):
+def test_eval_plan_for_another_model(tmp_path, capsys, monkeypatch):
+    import moa_jax.models.registry as reg
+
+    monkeypatch.setattr(reg, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     plan = _plan_file(tmp_path, Plan.uniform(28, 8, window=64))
     out = tmp_path / "ev"
     _one_line_error(capsys, _eval(["--model", "tiny-random", "--fast", "--methods", "moa",

@@ -159,24 +159,15 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from moa_jax.eval import Runner, TaskContext, resolve_methods, resolve_tasks
     from moa_jax.eval.methods import MethodContext, load_plan
     from moa_jax.eval.report import write_json
-    from moa_jax.models.registry import load_model
+    from moa_jax.models.registry import load_config, load_model
 
     try:
         tasks = resolve_tasks(args.tasks)
         methods = resolve_methods(args.methods)
     except ValueError as e:
         raise SystemExit(str(e))
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.dtype)
-    if tokenizer is None:
-        raise SystemExit(f"model {args.model!r} has no tokenizer; the tasks need one")
-    cfg = model.config
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s "
-          f"({cfg.num_layers} layers, {cfg.num_heads} heads)", file=sys.stderr)
-    too_long = [n for n in args.lengths if n > cfg.max_position_embeddings]
-    if too_long:
-        print(f"warning: lengths {too_long} exceed the model's context "
-              f"({cfg.max_position_embeddings})", file=sys.stderr)
+    # cheap checks first: the plan against the model's config, before the weights are read
+    cfg = load_config(args.model)
     plan = None
     if args.plan:
         plan = load_plan(args.plan)
@@ -184,6 +175,16 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             plan.validate(cfg)
         except ValueError as e:
             raise SystemExit(f"--plan {args.plan}: {e}")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.dtype)
+    if tokenizer is None:
+        raise SystemExit(f"model {args.model!r} has no tokenizer; the tasks need one")
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s "
+          f"({cfg.num_layers} layers, {cfg.num_heads} heads)", file=sys.stderr)
+    too_long = [n for n in args.lengths if n > cfg.max_position_embeddings]
+    if too_long:
+        print(f"warning: lengths {too_long} exceed the model's context "
+              f"({cfg.max_position_embeddings})", file=sys.stderr)
     mctx = MethodContext(config=cfg, plan=plan, density=args.density, sink=args.sink,
                          impl=args.attention_impl, q_chunk=args.q_chunk,
                          options=args.method_opt)
