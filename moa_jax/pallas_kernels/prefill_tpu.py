@@ -101,7 +101,11 @@ def sparse_attention_tpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None
     scale = float(D ** -0.5 if scale is None else scale)
     Tp = masks_lib.cdiv(T, block_q) * block_q
     Sp = masks_lib.cdiv(S, block_k) * block_k
-    qs = jnp.pad(q * jnp.asarray(scale, q.dtype), ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    # splash takes q pre-scaled, so in bf16 the scaled q is rounded (scaled in float32, rounded
+    # once). For head_dim 64 or 256 the scale is a power of two and exact (bf16 lse within 1e-6
+    # of the oracle); for 128 the lse is within ~1e-2 (the Triton path scales in float32: 1e-6).
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qs = jnp.pad(qs, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
     kp = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
     vp = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
     seg = None
