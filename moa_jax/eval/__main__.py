@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from moa_jax.cli import atomic_write_text
+
 DEFAULTS: dict[str, Any] = {
     "tasks": "retrieval,needle,ruler,perplexity",
     "methods": "dense,uniform,moa,recycled",
@@ -276,7 +278,7 @@ def write_report(payload: dict[str, Any], out: Path, plots: bool = True) -> str:
     if skipped:
         md += ["Methods not run:", *skipped, ""]
     text = "\n".join(md)
-    (out / "results.md").write_text(text)
+    atomic_write_text(out / "results.md", text)
     if plots:
         plot_vs_length(rows, out / "accuracy_vs_length.png")
         plot_depth_heatmaps(payload["records"], out / "needle_heatmap.png")

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from moa_jax.cli import atomic_write_text
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
@@ -266,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "kv_cache_density": {str(k): oracle.kv_cache_density(
                              k, model.config.num_kv_heads) for k in args.lengths}},
               "figure": _plot(out, scores, plan, n)}
-    (out / "heads.json").write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "heads.json", json.dumps(report, indent=1) + "\n")
     c = report["compare"]
     print("top retrieval heads (layer, head, score):",
           ", ".join(f"L{h['layer']}H{h['head']} {h['score']:.2f}" for h in c["top_heads"][:10]))

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from moa_jax.cli import atomic_write_text
 from moa_jax.eval.tasks import TASKS
 
 _METRICS = ("acc", "digit_acc", "recall", "nll", "tf_acc")
@@ -150,7 +151,7 @@ def depth_table(records: Sequence[dict[str, Any]], task: str) -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
+    atomic_write_text(path, json.dumps(payload, indent=1, default=_jsonable) + "\n")
     return path
 
 
