@@ -49,6 +49,8 @@ def _typed(parser: argparse.ArgumentParser, source: Path, values: dict) -> dict:
         if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             if not isinstance(val, bool):
                 parser.error(f"{where} must be true or false, got {val!r}")
+        elif isinstance(a, argparse._AppendAction) and not isinstance(val, list):
+            val = [val]                 # a repeatable flag given once (`prompt: text`)
         elif a.type is not None and val is not None:
             many = a.nargs in ("+", "*") or isinstance(a.nargs, int)
             if isinstance(val, dict) or (isinstance(val, list) and not many):

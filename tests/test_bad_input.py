@@ -196,6 +196,24 @@ def test_bad_yaml_config_is_a_usage_error(tmp_path, capsys, yaml_text, words):
     assert words in err and "Traceback" not in err
 
 
+def test_yaml_single_value_for_a_repeatable_flag(tmp_path, monkeypatch):
+    """`prompt: text` is one prompt, not one per character."""
+    import moa_jax.generate as gen
+
+    class Stop(Exception):
+        pass
+
+    def stop(model, prompts, **k):
+        raise Stop(prompts)
+
+    monkeypatch.setattr(gen, "generate", stop)
+    f = tmp_path / "c.yaml"
+    f.write_text("prompt: Name a colour.\nmodel: tiny-random\n")
+    with pytest.raises(Stop) as e:
+        gen.main(["--config", str(f)])
+    assert len(e.value.args[0]) == 1
+
+
 def test_train_yaml_list_for_a_number(tmp_path, capsys):
     from moa_jax.train.loop import main
 
