@@ -77,8 +77,6 @@ def enable_compilation_cache() -> None:
     off everywhere. Call it after `moa_jax.parallel.initialize_distributed` (it reads the
     backend).
     """
-    import os
-
     import jax
 
     if os.environ.get("MOA_JAX_NO_COMPILE_CACHE") or jax.default_backend() == "cpu":
@@ -101,10 +99,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def one_line(e: BaseException) -> str:
     """An exception as one line: its message with newlines folded (the type if it has none)."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, KeyError):
-        text = f"missing key {text}"
-    return text
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def run(main: Callable[[Sequence[str] | None], int],

@@ -59,6 +59,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moa_jax.cli import atomic_write_text
 from moa_jax.config import ModelConfig, parse_dtype
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.parallel import (MeshConfig, logical_to_spec, make_mesh, mesh_context,
@@ -566,9 +567,7 @@ class _Metrics:
                     continue
                 if isinstance(rec, dict) and rec.get("step", 0) <= resume_from:
                     kept.append(line)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
-            tmp.replace(path)
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
         self.f = open(path, "a", encoding="utf-8") if write else None
 
     def write(self, record: dict[str, Any]) -> None:
