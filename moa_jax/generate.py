@@ -367,7 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from moa_jax.models.moa_attention import MoAAttention
 
         attention = MoAAttention(plan)
-        n = max(len(p) for p in prompts) + args.max_new_tokens
+        # the length generate() resolves the plan at: the cache (padded prompt + new tokens)
+        n = args.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + args.max_new_tokens
         log(plan.summary(n))
 
     stream: list[int] = []
