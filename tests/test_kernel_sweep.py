@@ -12,6 +12,7 @@ variant draws 1000 per kernel (`python -m pytest -m slow tests/test_kernel_sweep
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,6 +35,15 @@ def examples(default: int):
 def _settings(n: int):
     return settings(max_examples=n, deadline=None, derandomize=n < 100, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _fresh_caches(n: int) -> None:
+    """Long sweeps compile a program per example shape; a 1000-example span-decode sweep died
+    after several hundred with LLVM's "Cannot allocate memory" on the CPU, so the slow sweeps
+    drop jax's compilation caches every 50 examples."""
+    _fresh_caches.count = getattr(_fresh_caches, "count", 0) + 1
+    if n >= 100 and _fresh_caches.count % 50 == 0:
+        jax.clear_caches()
 
 
 @st.composite
@@ -86,6 +96,7 @@ def test_prefill_gpu_kernel_sweep(n):
     @_settings(n)
     @given(c=prefill_case(), bq=st.sampled_from([16, 32]), bk=st.sampled_from([16, 32]))
     def check(c, bq, bk):
+        _fresh_caches(n)
         _check_prefill(c, "gpu", block_q=bq, block_k=bk)
     check()
 
@@ -95,6 +106,7 @@ def test_prefill_tpu_kernel_sweep(n):
     @_settings(n)
     @given(c=prefill_case(max_t=80))
     def check(c):
+        _fresh_caches(n)
         _check_prefill(c, "tpu")
     check()
 
@@ -107,6 +119,7 @@ def test_span_decode_sweep(n):
            seed=st.integers(0, 2 ** 16), backend=st.sampled_from(["gpu", "tpu"]),
            data=st.data())
     def check(hkv, group, max_len, dtype, seed, backend, data):
+        _fresh_caches(n)
         h = hkv * group
         dt, tol = DTYPES[dtype]
         windows = tuple(data.draw(st.lists(st.integers(1, 2 * max_len + 1), min_size=h,
@@ -156,6 +169,7 @@ def test_recycled_kernels_sweep(n):
            dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2 ** 16),
            backend=st.sampled_from(["gpu", "tpu"]), new=st.booleans())
     def check(hkv, group, n_slots, dtype, seed, backend, new):
+        _fresh_caches(n)
         dt, tol = DTYPES[dtype]
         rng = np.random.RandomState(seed)
         b, d, h = 2, 16, hkv * group
