@@ -134,6 +134,15 @@ def _model_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base.removesuffix(".gguf")) or "model"
 
 
+def _window_estimate(profile, window: int, estimator: str) -> float | None:
+    """Estimated loss of `window` in every head of `profile`; None when the 'window' estimator
+    has no estimate for it (a profile reused from a run at another --density)."""
+    if estimator == "window" and window < profile.length and \
+            window not in set(profile.windows.tolist()):
+        return None
+    return float(profile.window_losses(np.array([window]), estimator).sum())
+
+
 def _counts(lengths: Sequence[int], items: Sequence[int]) -> dict[int, int]:
     if len(items) == 1:
         return {int(n): int(items[0]) for n in lengths}
@@ -452,8 +461,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dens_val = {nm: plans[nm].kv_density(val_n) for nm in names}
     dens_val.update({"dense": 1.0, "uniform": uniform.kv_density(val_n)})
     def uniform_estimate(n):
-        w = np.array([int(uniform.resolve(n)[0, 0])])
-        return float(profiles[n].window_losses(w, args.estimator).sum())
+        return _window_estimate(profiles[n], int(uniform.resolve(n)[0, 0]), args.estimator)
 
     heat_n = args.heatmap_length or val_n
     figs = _plots(out, plan, problem, grid, cands, set(chosen_set), best, measured,
@@ -492,8 +500,9 @@ def _print_summary(report, plan, lengths, val_n, measured) -> None:
            "window": "first-order loss change"}[report["args"]["estimator"]]
     print(f"estimated loss of the plan ({est}) vs one uniform rule:")
     for n in lengths:
+        u = report["uniform_baseline"]["estimated_loss"][str(n)]
         print(f"  N={n}: plan {report['estimated_loss'][str(n)]:.4g}, uniform "
-              f"{report['uniform_baseline']['estimated_loss'][str(n)]:.4g}")
+              + ("n/a (profile reused from another --density)" if u is None else f"{u:.4g}"))
     if measured:
         print(f"measured answer loss on held-out items at N={val_n}:")
         for nm, v in report["validation"].items():

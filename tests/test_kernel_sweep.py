@@ -59,7 +59,7 @@ def prefill_case(draw, max_t: int = 96):
     b = draw(st.integers(1, 2))
     ragged = draw(st.booleans())
     kv_lengths = tuple(draw(st.integers(1, s)) for _ in range(b)) if ragged else None
-    return dict(b=b, t=t, s=s, h=h, hkv=hkv, d=draw(st.sampled_from([16, 64])),
+    return dict(b=b, t=t, s=s, h=h, hkv=hkv, d=draw(st.sampled_from([16, 32, 64])),
                 dtype=draw(st.sampled_from(sorted(DTYPES))), windows=windows, sinks=sinks,
                 off=off, kv_lengths=kv_lengths, seed=draw(st.integers(0, 2 ** 16)))
 
@@ -85,8 +85,9 @@ def _check_prefill(c, backend: str, **blocks):
                                atol=tol, rtol=tol, err_msg=str(c))
     fin = np.isfinite(np.asarray(ref_lse))
     np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin, err_msg=str(c))
-    # lse: bf16 logits carry ~3 significant digits; splash takes q pre-scaled in bf16
-    lse_tol = 1e-4 if c["dtype"] == "f32" else 5e-2
+    # lse: the logits come from the same bf16 q and k in float32 in every path (splash's q is
+    # pre-scaled in two bf16 parts when the lse is asked for), so bf16 is close to f32 here
+    lse_tol = 1e-4 if c["dtype"] == "f32" else 1e-3
     np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=lse_tol,
                                rtol=lse_tol, err_msg=str(c))
 

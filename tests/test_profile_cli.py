@@ -122,6 +122,21 @@ def test_window_estimator_from_the_cached_profiles(run_dir, tmp_path, monkeypatc
     assert set(report["estimated_loss"]) == {"256", "384"}
 
 
+def test_uniform_estimate_of_an_unprofiled_window_is_unknown():
+    """Profiles reused at another --density lack the new uniform window: its 'window' estimate
+    is None (reported as unknown) instead of an error after search and validation."""
+    from moa_jax.profile import _window_estimate
+    from moa_jax.search.profile import InfluenceProfile
+
+    prof = InfluenceProfile.zeros(2, 3, 256, sink=64, windows=[64, 128])
+    prof.rules[:] = 1.0
+    prof.count = 2
+    assert _window_estimate(prof, 128, "window") == pytest.approx(2 * 3 * 0.5)
+    assert _window_estimate(prof, 96, "window") is None
+    assert _window_estimate(prof, 256, "window") == 0.0          # the whole length: nothing dropped
+    assert _window_estimate(prof, 96, "token") == 0.0            # token estimates need no window
+
+
 def test_kv_cache_budget_bounds_the_cache(run_dir, tmp_path, monkeypatch):
     """--budget-on kv-cache (from the cached profiles): the plan's KV-cache size, each KV head
     at its query heads' largest span, is within the budget at every density length."""

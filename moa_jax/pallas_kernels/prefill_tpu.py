@@ -22,6 +22,7 @@ lse -inf, as in the oracle. The log-sum-exp comes from splash's residuals and is
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,21 @@ def _kernel(tp, sp, window, sink, q_offset, kv_len, nheads, mqa, block_q, block_
     return make(mask=mh, block_sizes=bs, save_residuals=save_res, interpret=interpret)
 
 
+def _prescale(q, k, scale: float, exact: bool):
+    """Splash takes q pre-scaled. In bf16 (or f16) a scale that is not a power of two (head_dim
+    128: 128 ** -0.5) rounds q * scale, which moves the logits by ~1e-3 relative and the lse by
+    ~1e-2. With `exact`, q * scale is split into a rounded part and its rounding error, both in
+    q's dtype, and the head dimension doubled ([hi, lo] . [k, k] = hi . k + lo . k): the logits
+    are then exact to ~2^-16 for one more pass over K. Returns (q', k') for splash.
+    """
+    if q.dtype == jnp.float32 or not exact or math.frexp(scale)[0] == 0.5:
+        return (q.astype(jnp.float32) * scale).astype(q.dtype), k
+    qf = q.astype(jnp.float32) * scale
+    hi = qf.astype(q.dtype)
+    lo = (qf - hi.astype(jnp.float32)).astype(q.dtype)
+    return jnp.concatenate([hi, lo], axis=-1), jnp.concatenate([k, k], axis=-1)
+
+
 def sparse_attention_tpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None,
                          block_q=128, block_k=128, interpret=False, return_lse=True):
     """Splash-attention per-head windows + sinks. Returns (out [B,T,H,D], lse [B,H,T] or None)."""
@@ -101,10 +117,7 @@ def sparse_attention_tpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None
     scale = float(D ** -0.5 if scale is None else scale)
     Tp = masks_lib.cdiv(T, block_q) * block_q
     Sp = masks_lib.cdiv(S, block_k) * block_k
-    # splash takes q pre-scaled, so in bf16 the scaled q is rounded (scaled in float32, rounded
-    # once). For head_dim 64 or 256 the scale is a power of two and exact (bf16 lse within 1e-6
-    # of the oracle); for 128 the lse is within ~1e-2 (the Triton path scales in float32: 1e-6).
-    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qs, k = _prescale(q, k, scale, exact=return_lse)
     qs = jnp.pad(qs, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
     kp = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
     vp = jnp.pad(v, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
