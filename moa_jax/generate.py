@@ -161,8 +161,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     # Prefill writes the padded prompt block; it must fit too.
     cache_len = max(cache_len, tokens.shape[1])
     attention = recycled_backend(_dense_if_plan_keeps_all(attention, cache_len), recycle)
-    if mesh is None:
-        _check_cache_fits(attention, cfg, tokens.shape[0], cache_len, model.dtype)
+    _check_cache_fits(attention, cfg, tokens.shape[0], cache_len, model.dtype, mesh)
     graphdef, state = nnx.split(model)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
     if mesh is not None:
@@ -184,38 +183,59 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     return GenerateOutput(np.asarray(out), np.asarray(n))
 
 
-def _device_memory() -> tuple[int, int] | None:
-    """(bytes limit, bytes in use) of the default device, None where unknown (the CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if not stats.get("bytes_limit"):
-        return None
-    return int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))
+def _device_memory(devices=None) -> tuple[int, int] | None:
+    """(bytes limit, bytes in use) of the device with the least free memory among `devices`
+    (default: the first device), None where unknown (the CPU)."""
+    free = []
+    for d in devices or jax.devices()[:1]:
+        stats = d.memory_stats() or {}
+        if not stats.get("bytes_limit"):
+            return None
+        free.append((int(stats["bytes_limit"]), int(stats.get("bytes_in_use", 0))))
+    return min(free, key=lambda m: m[0] - m[1])
 
 
 # share of the free device memory a KV cache may take (the prefill's activations need the rest)
 CACHE_MEMORY_SHARE = 0.8
 
 
+def _cache_bytes_per_device(attention: AttentionBackend, cfg, batch: int, cache_len: int,
+                            dtype, mesh=None) -> int:
+    """Bytes of the backend's KV cache on one device (its shard of every leaf on `mesh`)."""
+    shapes = jax.eval_shape(lambda: attention.init_cache(cfg, batch, cache_len, dtype))
+    leaves = jax.tree.leaves(shapes)
+    if mesh is None:
+        return sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)
+    from moa_jax.parallel import cache_shardings
+
+    shards = jax.tree.leaves(cache_shardings(shapes, mesh))
+    return sum(int(np.prod(sh.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+               for x, sh in zip(leaves, shards))
+
+
 def _check_cache_fits(attention: AttentionBackend, cfg, batch: int, cache_len: int,
-                      dtype) -> None:
-    """Raises before allocation when the backend's KV cache cannot fit in the device's free
-    memory, naming the largest batch (and the length at this batch) that would."""
-    mem = _device_memory()
+                      dtype, mesh=None) -> None:
+    """Raises before allocation when the backend's KV cache (each device's shard of it on a
+    mesh) cannot fit in the free memory of the fullest device, naming the largest batch (and
+    the length at this batch) that would."""
+    devices = None if mesh is None else \
+        [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    mem = _device_memory(devices)
     if mem is None:
         return
     limit, in_use = mem
-    shapes = jax.eval_shape(lambda: attention.init_cache(cfg, batch, cache_len, dtype))
-    need = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes))
+    need = _cache_bytes_per_device(attention, cfg, batch, cache_len, dtype, mesh)
     room = CACHE_MEMORY_SHARE * (limit - in_use)
     if need <= room:
         return
     fit_batch = int(room // max(need / batch, 1))
     fit_len = int(cache_len * room / need)
+    where = "each device's share of " if mesh is not None else ""
     raise ValueError(
-        f"the KV cache for batch {batch} x {cache_len} tokens needs {need / 2 ** 30:.1f} GiB, "
-        f"more than the device's free {(limit - in_use) / 2 ** 30:.1f} GiB allows "
-        f"({CACHE_MEMORY_SHARE:.0%} of it); the largest batch that fits is {fit_batch}, or at "
-        f"batch {batch} about {fit_len} tokens")
+        f"{where}the KV cache for batch {batch} x {cache_len} tokens needs "
+        f"{need / 2 ** 30:.1f} GiB, more than the device's free "
+        f"{(limit - in_use) / 2 ** 30:.1f} GiB allows ({CACHE_MEMORY_SHARE:.0%} of it); the "
+        f"largest batch that fits is {fit_batch}, or at batch {batch} about {fit_len} tokens")
 
 
 def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> AttentionBackend:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moa_jax.config import ModelConfig
-from moa_jax.generate import generate
+from moa_jax.generate import _cache_bytes_per_device, generate
+from moa_jax.models.attention import DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.recycled import H2OAttention, RecycleConfig, StreamingAttention
@@ -81,6 +82,10 @@ for mc in MESHES:
     np.testing.assert_array_equal(out.tokens, ref_moa_tokens)
     span = on_mesh.init_cache(cfg, 8, 40, jnp.float32)[0]     # packed per device for decoding
     assert span.shards == mc.tensor and span.k.shape[1] % mc.tensor == 0, (span.shards, mc)
+    # the memory check before allocation counts each device's shard of the cache
+    whole = _cache_bytes_per_device(DenseAttention(), cfg, 8, 40, jnp.float32)
+    mine = _cache_bytes_per_device(DenseAttention(), cfg, 8, 40, jnp.float32, mesh)
+    assert mine * (mc.data * mc.fsdp) * mc.tensor == whole, (mine, whole, mc)
     for name, kw in decoders.items():
         out = generate(model, prompts, max_new_tokens=8, stop_ids=(), mesh=mesh, **kw)
         np.testing.assert_array_equal(out.tokens, ref_dec[name], err_msg=name)

@@ -359,7 +359,7 @@ def test_cache_that_cannot_fit_is_an_error_before_allocation(monkeypatch):
     from moa_jax.models.moa_attention import MoAAttention
 
     model = init_random(tiny_config(), seed=0)
-    monkeypatch.setattr(gen, "_device_memory", lambda: (2 ** 20, 0))
+    monkeypatch.setattr(gen, "_device_memory", lambda devices=None: (2 ** 20, 0))
     monkeypatch.setattr(gen, "_generate_jit", lambda *a, **k: pytest.fail("allocated"))
     with pytest.raises(ValueError, match=r"largest batch that fits is 0, or at batch 4 about "
                                          r"\d+ tokens"):
@@ -374,7 +374,7 @@ def test_cache_that_cannot_fit_is_an_error_before_allocation(monkeypatch):
     def ran(*a, **k):
         raise Ran
 
-    monkeypatch.setattr(gen, "_device_memory", lambda: (2 ** 40, 0))
+    monkeypatch.setattr(gen, "_device_memory", lambda devices=None: (2 ** 40, 0))
     monkeypatch.setattr(gen, "_generate_jit", ran)
     with pytest.raises(Ran):                             # enough memory: it goes on to run
         generate(model, [[5] * 8] * 4, max_new_tokens=2000, max_cache_len=2048)
