@@ -358,10 +358,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     profiles = {}
     pdir = out / "profiles"
     for n in lengths:
-        # the rules' windows (and the uniform baseline's) for the 'window' estimator
-        windows = sorted({int(w) for w in grid.windows(n)} | {int(uniform.resolve(n)[0, 0])})
+        # the rules' windows (and the uniform baseline's), scored in the backward pass only for
+        # the 'window' estimator (the other estimators read the |E| sums)
+        windows = sorted(w for w in {int(w) for w in grid.windows(n)}
+                         | {int(uniform.resolve(n)[0, 0])} if w < n) \
+            if args.estimator == "window" else []     # a window >= N drops nothing
         path = pdir / f"profile-{n}-{key}-{args.sink}-v2.npz"
         prof = InfluenceProfile.load(path) if path.exists() else None
+        if prof is not None and not set(windows) <= set(prof.windows.tolist()):
+            _log(f"N={n}: the cached profile lacks the window estimator's windows; profiling "
+                 f"again")
+            prof = None
+        if prof is not None:        # a partial profile goes on with the windows it has
+            windows = prof.windows.tolist()
         if prof is not None and prof.count >= len(items[n]):
             _log(f"N={n}: profile loaded from {path}")
         else:

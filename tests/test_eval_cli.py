@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moa_jax.eval.__main__ import main
@@ -72,6 +73,12 @@ def test_cli_plan_yaml_and_same_items(tmp_path):
     for r in res["records"]:
         by.setdefault((r["task"], r["index"]), set()).add(r["method"])
     assert all(v == {"dense", "uniform", "moa"} for v in by.values())
+    # paired differences to the uniform window: moa's NLL minus uniform's, item by item
+    vs_u = {(d["task"], d["method"]): d for d in res["paired_vs_uniform"]}
+    rec = {(r["task"], r["method"], r["index"]): r["nll"] for r in res["records"]}
+    diffs = [rec[("perplexity", "moa", i)] - rec[("perplexity", "uniform", i)]
+             for (t, m, i) in rec if t == "perplexity" and m == "moa"]
+    assert vs_u[("perplexity", "moa")]["delta_nll"] == pytest.approx(np.mean(diffs))
     again = _run(tmp_path, "--config", str(yaml_path))
     def nlls(d):
         return {(r["task"], r["method"], r["index"]): r.get("nll") for r in d["records"]}
@@ -113,6 +120,14 @@ def test_cli_decode_methods_and_merge(tmp_path):
     deltas = {(d["task"], d["method"]) for d in res["paired_vs_dense"]}
     assert ("retrieval", "recycled") in deltas and ("perplexity", "h2o") in deltas
     assert "| recycled |" in (merged / "results.md").read_text()
+    renamed = tmp_path / "r"   # two runs of one method (two plans) kept apart by renaming
+    assert main(["--merge", str(a), f"{b}:recycled=recycled-32,h2o=h2o-b", "--out",
+                 str(renamed), "--no-plots"]) == 0
+    res = json.loads((renamed / "results.json").read_text())
+    assert {r["method"] for r in res["records"]} == {"dense", "recycled-32", "h2o-b"}
+    assert res["methods"]["recycled-32"]["kv_density"]["512"] == pytest.approx(32 / 512)
+    with pytest.raises(SystemExit, match="bad rename"):
+        main(["--merge", f"{b}:recycled=", "--out", str(tmp_path / "y")])
     other = tmp_path / "o"     # a different seed makes different items: refused
     assert main(common + ["--methods", "dense", "--seed", "1", "--out", str(other)]) == 0
     with pytest.raises(SystemExit, match="disagree"):

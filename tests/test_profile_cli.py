@@ -95,9 +95,11 @@ def test_cli_rerun_uses_caches(run_dir, monkeypatch):
     assert "validation" not in plan.metadata
 
 
-def test_window_estimator_from_the_cached_profiles(run_dir, tmp_path, monkeypatch):
-    """The profiles hold every rule's window (and the uniform baseline's), so --estimator window
-    searches from them without profiling again; its estimates are the profiles' rule sums."""
+def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypatch):
+    """Token-estimator profiles hold no window scores (the backward pass skips them); a run with
+    --estimator window profiles again with every rule's window (and the uniform baseline's),
+    and later runs with either estimator reuse those profiles; its estimates are the profiles'
+    rule sums."""
     import shutil
 
     from moa_jax.search.profile import InfluenceProfile
@@ -105,21 +107,26 @@ def test_window_estimator_from_the_cached_profiles(run_dir, tmp_path, monkeypatc
 
     out, argv = run_dir
     shutil.copytree(out / "plan" / "profiles", tmp_path / "plan" / "profiles")
+    files = sorted((tmp_path / "plan" / "profiles").glob("*.npz"))
+    assert files and all(len(InfluenceProfile.load(f).windows) == 0 for f in files)
     argv = list(argv)
     argv[argv.index("--out") + 1] = str(tmp_path / "plan")
-    monkeypatch.setattr("moa_jax.search.profile.profile_items",
-                        lambda *a, **k: pytest.fail("should have been cached"))
     assert main(argv + ["--no-validate", "--estimator", "window"]) == 0
     report = json.loads((tmp_path / "plan" / "report.json").read_text())
     plan = Plan.load(tmp_path / "plan" / "plan.json")
     assert plan.metadata["estimator"] == "window"
     grid = scaled_grid([256, 384])
-    for f in (tmp_path / "plan" / "profiles").glob("*.npz"):
+    for f in files:
         prof = InfluenceProfile.load(f)
         assert set(grid.windows(prof.length)[grid.windows(prof.length) < prof.length]) <= \
             set(prof.windows.tolist())
         assert prof.rules.shape == prof.diag.shape[:2] + (len(prof.windows),)
+        assert np.abs(prof.rules).sum() > 0
     assert set(report["estimated_loss"]) == {"256", "384"}
+    monkeypatch.setattr("moa_jax.search.profile.profile_items",
+                        lambda *a, **k: pytest.fail("should have been cached"))
+    for est in ("window", "token"):
+        assert main(argv + ["--no-validate", "--estimator", est]) == 0
 
 
 def test_uniform_estimate_of_an_unprofiled_window_is_unknown():

@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from moa_jax.cli import atomic_write_text
 
@@ -93,9 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="small sizes for CI (see above)")
     p.add_argument("--out", type=Path, default=Path("eval_results"), help="output directory")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG files")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RUN",
+    p.add_argument("--merge", nargs="+", default=None, metavar="RUN[:OLD=NEW,...]",
                    help="run nothing: merge earlier runs' results.json (directories or files) "
-                        "into --out, e.g. methods evaluated at different times on the same items")
+                        "into --out, e.g. methods evaluated at different times on the same "
+                        "items; ':moa=moa-token' renames a run's methods (two plans' 'moa')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -207,19 +208,47 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return _payload(settings, env, result, plan, args.plan, t0, False)
 
 
-def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
+def _merge_spec(spec: str | Path) -> tuple[Path, dict[str, str]]:
+    """'RUN' or 'RUN:old=new,old2=new2' -> (path, {old: new})."""
+    text = str(spec)
+    path, _, ren = text.rpartition(":") if "=" in text.rpartition(":")[2] else (text, "", "")
+    names = {}
+    for pair in filter(None, ren.split(",")):
+        old, _, new = pair.partition("=")
+        if not old or not new:
+            raise SystemExit(f"--merge: bad rename {pair!r} in {text!r} (want OLD=NEW)")
+        names[old] = new
+    return Path(path), names
+
+
+def _renamed(payload: dict[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    if not names:
+        return payload
+    out = dict(payload)
+    out["records"] = [{**r, "method": names.get(r["method"], r["method"])}
+                      for r in payload["records"]]
+    out["methods"] = {names.get(m, m): v for m, v in payload["methods"].items()}
+    out["settings"] = {**payload["settings"],
+                       "methods": [names.get(m, m) for m in payload["settings"]["methods"]]}
+    return out
+
+
+def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
     """One payload from several runs' `results.json` (e.g. methods run at different times):
     records are concatenated (a later run's record of the same task, length, method and item
     replaces an earlier one); the runs must have produced identical items for the cells they
-    share, which is checked."""
+    share, which is checked. A path may carry renames, `RUN:moa=moa-token`, so that two runs of
+    one method (two plans) stay apart."""
     from moa_jax.eval.report import depth_table, paired_deltas, summarize
 
     payloads = []
-    for p in paths:
+    specs = [_merge_spec(p) for p in paths]
+    paths = [p for p, _ in specs]
+    for p, names in specs:
         f = Path(p) / "results.json" if Path(p).is_dir() else Path(p)
         if not f.is_file():
             raise SystemExit(f"--merge: no results.json at {p}")
-        payloads.append(json.loads(f.read_text()))
+        payloads.append(_renamed(json.loads(f.read_text()), names))
     items: dict[tuple, dict] = {}
     records: dict[tuple, dict] = {}
     methods: dict[str, Any] = {}
@@ -258,13 +287,16 @@ def merge_results(paths: Sequence[Path]) -> dict[str, Any]:
 
 def write_report(payload: dict[str, Any], out: Path, plots: bool = True) -> str:
     """Writes results.json, results.md and the plots into `out`; returns the markdown."""
-    from moa_jax.eval.report import (detail_table, paired_table, pivot_table,
+    from moa_jax.eval.report import (detail_table, paired_deltas, paired_table, pivot_table,
                                      plot_depth_heatmaps, plot_vs_length, write_json)
 
     out.mkdir(parents=True, exist_ok=True)
+    # MoA's claim is against one uniform window at the same memory: those differences too
+    payload = {**payload, "paired_vs_uniform": paired_deltas(payload["records"], "uniform")}
     write_json(out / "results.json", payload)
     s, env, rows = payload["settings"], payload["environment"], payload["summary"]
     deltas = [d for d in payload["paired_vs_dense"]]
+    vs_uniform = [d for d in payload["paired_vs_uniform"] if d["method"] != "dense"]
     skipped = [f"- {m}: {info['reason']}" for m, info in payload["methods"].items()
                if not info["available"]]
     info = (f"{env['date']}, {env['device']}, jax {env['jax']} ({env['attention_impl']} "
@@ -275,6 +307,9 @@ def write_report(payload: dict[str, Any], out: Path, plots: bool = True) -> str:
     if deltas:
         md += ["Paired differences to dense on the same items (mean +- standard error):", "",
                paired_table(deltas), ""]
+    if vs_uniform:
+        md += ["Paired differences to the uniform window on the same items:", "",
+               paired_table(vs_uniform), ""]
     if skipped:
         md += ["Methods not run:", *skipped, ""]
     text = "\n".join(md)
