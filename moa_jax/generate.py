@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moa_jax.models.attention import AttentionBackend, DenseAttention
-from moa_jax.models.llama import Llama
+from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.parallel import (
     batch_sharding,
     cache_shardings,
@@ -68,16 +68,20 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
 
 
 def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, max_new_tokens,
-                   sampling, attention, cache_len, on_token, mesh):
+                   sampling, attention, cache_len, on_token, mesh, scan_layers=False):
     model: Llama = nnx.merge(graphdef, state)
     cfg = model.config
     b, t = tokens.shape
     cache = attention.init_cache(cfg, b, cache_len, model.dtype)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
+    stack = None
+    if scan_layers:          # stacked once, outside the decode loop
+        stack = stack_layers(model)
+        cache = jax.tree.map(lambda *layers: jnp.stack(layers), *cache)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, cache = model(tokens, positions, cache, attention, logits_at=lengths - 1,
-                          lengths=lengths)
+                          lengths=lengths, layer_stack=stack)
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -93,7 +97,7 @@ def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, m
     def body(carry):
         i, tok, pos, done, n_gen, out, cache, key = carry
         logits, cache = model(tok[:, None], pos[:, None], cache, attention,
-                              logits_at=jnp.zeros_like(pos))
+                              logits_at=jnp.zeros_like(pos), layer_stack=stack)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad_id, sample(logits, sub, sampling))
         out = out.at[:, i].set(nxt)
@@ -111,7 +115,7 @@ def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, m
 _generate_jit = jax.jit(
     _generate_impl,
     static_argnames=("graphdef", "attention", "max_new_tokens", "sampling", "cache_len",
-                     "on_token", "mesh"))
+                     "on_token", "mesh", "scan_layers"))
 
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
@@ -119,7 +123,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
              stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
              attention: AttentionBackend = DenseAttention(), max_cache_len: int | None = None,
              on_token: Callable[[np.ndarray], Any] | None = None,
-             mesh: Mesh | None = None, recycle: Any | None = None) -> GenerateOutput:
+             mesh: Mesh | None = None, recycle: Any | None = None,
+             scan_layers: bool = False) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens for each prompt.
 
     Args:
@@ -136,6 +141,11 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
       recycle: a `moa_jax.models.recycled.RecycleConfig`: Recycled Attention decoding; the
         prefill is `attention`'s (dense, or a `MoAAttention`'s plan: MoA prefill, recycled
         decode). See `recycled_backend`.
+      scan_layers: run the decoder layers as one `lax.scan` (backends with `layer_uniform`:
+        dense attention; no mesh). The program then compiles one layer instead of L, far
+        faster (XLA's GPU compiler took 67-89 s for each 30-layer SmolLM2 generate program),
+        but every decode step writes a new stacked cache, so long generations are slower: for
+        short ones where compilation dominates (calibration answers).
     Returns:
       GenerateOutput with tokens [B, max_new_tokens] and lengths [B].
     """
@@ -161,6 +171,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     # Prefill writes the padded prompt block; it must fit too.
     cache_len = max(cache_len, tokens.shape[1])
     attention = recycled_backend(_dense_if_plan_keeps_all(attention, cache_len), recycle)
+    if scan_layers and (mesh is not None or not attention.layer_uniform):
+        raise ValueError("scan_layers needs a backend that treats every layer alike (dense "
+                         f"attention) and no mesh; got {type(attention).__name__}"
+                         + (" on a mesh" if mesh is not None else ""))
     _check_cache_fits(attention, cfg, tokens.shape[0], cache_len, model.dtype, mesh)
     graphdef, state = nnx.split(model)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
@@ -175,7 +189,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
             graphdef, state, tokens, lengths,
             jax.random.key(0) if key is None else key, stop, jnp.int32(pad_id),
             max_new_tokens=max_new_tokens, sampling=sampling, attention=attention,
-            cache_len=cache_len, on_token=on_token, mesh=mesh)
+            cache_len=cache_len, on_token=on_token, mesh=mesh, scan_layers=scan_layers)
     if not out.is_fully_addressable:        # a mesh over several processes: every one gets all
         from jax.experimental import multihost_utils
 

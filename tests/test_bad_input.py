@@ -56,6 +56,10 @@ def _one_line_error(capsys, code: int, want_code: int, *needles: str) -> str:
     for n in needles:
         assert n.lower() in lines[-1].lower(), lines[-1]
     assert "Traceback" not in err
+    if os.environ.get("MOA_JAX_BAD_INPUT_LOG"):      # the list of messages for a report
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(os.environ["MOA_JAX_BAD_INPUT_LOG"], "a") as f:
+            f.write(f"{test}\texit {code}\t{lines[-1]}\n")
     return lines[-1]
 
 

@@ -101,6 +101,33 @@ def test_bad_input(model, prompts):
         SamplingConfig(temperature=1.0, top_p=0.0)
 
 
+def test_scanned_layers_generate_the_same_tokens(model, prompts):
+    """scan_layers (one scanned layer, a stacked cache) against the layer loop, with the dense
+    backends; sampling too, with the same key. Backends that differ per layer are refused."""
+    from moa_jax.models.masked_attention import MaskedAttention
+    from moa_jax.models.moa_attention import MoAAttention
+    from moa_jax.plan import Plan
+
+    for attention in (None, MaskedAttention(q_chunk=32)):
+        kw = {} if attention is None else {"attention": attention}
+        ref = generate(model, prompts, max_new_tokens=9, stop_ids=(), **kw)
+        out = generate(model, prompts, max_new_tokens=9, stop_ids=(), scan_layers=True, **kw)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+    samp = SamplingConfig(temperature=0.8, top_k=20)
+    key = jax.random.key(3)
+    ref = generate(model, prompts, max_new_tokens=6, sampling=samp, key=key, stop_ids=())
+    out = generate(model, prompts, max_new_tokens=6, sampling=samp, key=key, stop_ids=(),
+                   scan_layers=True)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    n = model.config.num_layers
+    with pytest.raises(ValueError, match="treats every layer alike"):
+        generate(model, prompts, max_new_tokens=2, scan_layers=True,
+                 attention=MaskedAttention(windows=((8,) * 4,) * n, sinks=((0,) * 4,) * n))
+    plan = Plan.uniform(n, model.config.num_heads, window=16, sink=4)
+    with pytest.raises(ValueError, match="MoAAttention"):
+        generate(model, prompts, max_new_tokens=2, scan_layers=True, attention=MoAAttention(plan))
+
+
 def test_pad_prompts_buckets():
     tokens, lengths = pad_prompts([[1, 2, 3], [4]], pad_id=9, bucket=4)
     np.testing.assert_array_equal(tokens, [[1, 2, 3, 9], [4, 9, 9, 9]])

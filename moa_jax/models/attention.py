@@ -40,6 +40,13 @@ class AttentionBackend(abc.ABC):
                  lengths: jax.Array | None = None) -> tuple[jax.Array, Any | None]:
         """Attends q to k/v (and the cache); returns out [B, T, H, D] and the updated cache."""
 
+    @property
+    def layer_uniform(self) -> bool:
+        """True when the backend treats every layer alike (it ignores `layer`) and every layer's
+        cache has one shape, so the decoder layers can run as one `lax.scan`
+        (`moa_jax.models.llama.scan_layers`)."""
+        return False
+
     def on_mesh(self, mesh: Any) -> "AttentionBackend":
         """This backend for arrays laid out on `mesh`. Backends that run Pallas kernels have a
         `mesh` field, set here, and run them under `shard_map` (`head_sharding`); jnp backends
@@ -53,6 +60,8 @@ class AttentionBackend(abc.ABC):
 @dataclasses.dataclass(frozen=True)
 class DenseAttention(AttentionBackend):
     """Full causal attention over a dense cache, computed by the jnp reference in float32."""
+
+    layer_uniform = True
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
         return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)

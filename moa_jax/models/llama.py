@@ -2,8 +2,12 @@
 
 Module and parameter names mirror HF transformers' `LlamaForCausalLM` (`embed_tokens`,
 `layers[i].self_attn.q_proj`, ...), so weight conversion is a table of per-tensor transforms
-(`moa_jax.models.weights`). Layers are a Python list, not a scan: MoA gives every layer its own
-spans and cache shapes, so layers are not uniform.
+(`moa_jax.models.weights`). Layers are a Python list: MoA gives every layer its own spans and
+cache shapes, so layers are not uniform. Where the backend treats every layer alike
+(`AttentionBackend.layer_uniform`: dense attention, the profile's influence attention),
+`scan_layers` runs them as one `lax.scan` over their stacked states, and the compiled program
+holds one layer instead of L (XLA's GPU compiler took 195 s for SmolLM2's 30 unrolled layers of
+the profiling pass and 67-89 s for each generate program).
 
 Attention is delegated to an `AttentionBackend` (`moa_jax.models.attention`), which also owns the
 KV cache layout. `forward` is the pure, jitted entry point over (graphdef, state).
@@ -155,7 +159,7 @@ class Llama(nnx.Module):
                  cache: Sequence[Any] | None = None,
                  attention: AttentionBackend = DenseAttention(),
                  logits_at: jax.Array | None = None, lengths: jax.Array | None = None, *,
-                 remat: bool = False):
+                 remat: bool = False, layer_stack: "LayerStack | None" = None):
         """Runs the model.
 
         Args:
@@ -169,26 +173,36 @@ class Llama(nnx.Module):
           remat: recompute each layer's activations in the backward pass instead of keeping
             them (`nnx.remat`; training at long lengths: memory for about a third more
             compute). Without a cache only.
+          layer_stack: `stack_layers(self)`: run the layers as one scan (`scan_layers`); the
+            cache is then one pytree with leaves stacked over layers [L, ...], and so is the
+            returned cache.
         Returns:
-          (logits float32 [B, T, V] or [B, V], new cache tuple or None).
+          (logits float32 [B, T, V] or [B, V], new cache tuple (stacked with `layer_stack`) or
+          None).
         """
         cfg = self.config
         inv_freq = rope_inv_freq(cfg)
         hidden = ("batch", "seq", "activation_embed")
         x = constrain(self.embed_tokens(tokens), hidden)
-        new_cache = []
         if remat and cache is not None:
             raise ValueError("remat is for training (no cache); decoding keeps no activations")
-        for i, layer in enumerate(self.layers):
-            if remat:
-                def run(layer, x, i=i):
-                    return layer(x, positions, inv_freq, None, attention, i, lengths)[0]
-                x, c = nnx.remat(run)(layer, x), None
-            else:
-                x, c = layer(x, positions, inv_freq, None if cache is None else cache[i],
-                             attention, i, lengths)
-            x = constrain(x, hidden)
-            new_cache.append(c)
+        if layer_stack is not None:
+            x, stacked_cache = scan_layers(layer_stack, x, positions, inv_freq, attention, cache,
+                                           lengths, remat=remat)
+            new_cache = None if cache is None else stacked_cache
+        else:
+            caches = []
+            for i, layer in enumerate(self.layers):
+                if remat:
+                    def run(layer, x, i=i):
+                        return layer(x, positions, inv_freq, None, attention, i, lengths)[0]
+                    x, c = nnx.remat(run)(layer, x), None
+                else:
+                    x, c = layer(x, positions, inv_freq, None if cache is None else cache[i],
+                                 attention, i, lengths)
+                x = constrain(x, hidden)
+                caches.append(c)
+            new_cache = None if cache is None else tuple(caches)
         x = self.norm(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
@@ -197,7 +211,41 @@ class Llama(nnx.Module):
         else:
             logits = self.lm_head(x)
         logits = constrain(logits, ("batch",) + ("seq",) * (logits.ndim - 2) + ("activation_vocab",))
-        return logits.astype(jnp.float32), (None if cache is None else tuple(new_cache))
+        return logits.astype(jnp.float32), new_cache
+
+
+LayerStack = tuple[nnx.GraphDef, nnx.State]
+
+
+def stack_layers(model: Llama) -> LayerStack:
+    """(one decoder layer's graphdef, every layer's state stacked on a leading [L] axis), for
+    `scan_layers`. Under `jit`, make it once outside a decode loop (it copies the weights)."""
+    splits = [nnx.split(layer) for layer in model.layers]
+    return splits[0][0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *[st for _, st in splits])
+
+
+def scan_layers(stack: LayerStack, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                attention: AttentionBackend, layer_args: Any = None,
+                lengths: jax.Array | None = None, *, remat: bool = False) -> tuple[jax.Array, Any]:
+    """The decoder layers as one `lax.scan`: x [B, T, E] through every layer of `stack`.
+
+    `layer_args`: each layer's cache (or the backend's per-layer input), a pytree with leaves
+    stacked over layers [L, ...], or None. Returns (x [B, T, E], the backend's per-layer outputs
+    stacked the same way). `remat` recomputes each layer in the backward pass. Only for backends
+    with `layer_uniform` (the scanned layer runs as layer 0).
+    """
+    if not attention.layer_uniform:
+        raise ValueError(f"{type(attention).__name__} gives layers their own masks or cache "
+                         f"shapes; its layers cannot run as one scan")
+    gd, stacked = stack
+    hidden = ("batch", "seq", "activation_embed")
+
+    def body(x, xs):
+        st, arg = xs
+        y, out = nnx.merge(gd, st)(x, positions, inv_freq, arg, attention, 0, lengths)
+        return constrain(y, hidden), out
+
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (stacked, layer_args))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))

@@ -161,6 +161,10 @@ class MaskedAttention(AttentionBackend):
         s = tuple(tuple(int(x) for x in row) for row in plan.sinks)
         return cls(windows=w, sinks=s, q_chunk=q_chunk)
 
+    @property
+    def layer_uniform(self) -> bool:
+        return self.windows is None and self.sinks is None
+
     def _layer(self, layer: int):
         if self.windows is None:
             return None, None

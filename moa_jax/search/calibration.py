@@ -368,7 +368,7 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
             # per group (a GPU compile of the generate loop takes tens of seconds)
             filler = [prompts[-1]] * (batch_size - len(prompts))
             out = generate(model, prompts + filler, max_new_tokens=new, stop_ids=stop_ids,
-                           attention=attention)
+                           attention=attention, scan_layers=True)
             lines = []
             for s, p, ans, instruction in zip(batch, prompts, out.rows(), instructions):
                 item = CalibrationItem(tuple(p) + tuple(ans), len(p), length,

@@ -67,7 +67,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.llama import Llama, rope_inv_freq
+from moa_jax.models.llama import Llama, rope_inv_freq, scan_layers, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.search.influence import attention_with_influence, influence_rows
 
@@ -84,6 +84,7 @@ class ProfilingAttention(AttentionBackend):
     """
 
     q_chunk: int = 512
+    layer_uniform = True
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
         raise NotImplementedError("ProfilingAttention is for single forward/backward passes")
@@ -108,23 +109,15 @@ def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: Atte
 
     `scan`: run the layers as one `lax.scan` over their stacked states, so the compiled program
     holds one layer instead of L (XLA's GPU compiler took 195 s for SmolLM2's 30 unrolled layers
-    of the profiling pass, CPU 20 s). Only for backends that do not read `layer` (it is 0 for
-    every layer); `layer_args` is then a pytree whose leaves are stacked over layers [L, ...],
-    and the backends' outputs come back stacked the same way.
+    of the profiling pass, CPU 20 s): `moa_jax.models.llama.scan_layers`, for backends with
+    `layer_uniform`; `layer_args` is then a pytree whose leaves are stacked over layers
+    [L, ...], and the backends' outputs come back stacked the same way.
     """
     inv_freq = rope_inv_freq(model.config)
     x = model.embed_tokens(tokens)
     if scan:
-        splits = [nnx.split(layer) for layer in model.layers]
-        gd = splits[0][0]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[st for _, st in splits])
-
-        def body(x, xs):
-            st, arg = xs
-            return nnx.merge(gd, st)(x, positions, inv_freq, arg, attention, 0)
-
-        x, aux = jax.lax.scan(jax.checkpoint(body) if remat else body, x,
-                              (stacked, layer_args))
+        x, aux = scan_layers(stack_layers(model), x, positions, inv_freq, attention, layer_args,
+                             remat=remat)
         return model.norm(x), aux
     aux = []
     for i, layer in enumerate(model.layers):
@@ -327,6 +320,7 @@ class InfluenceAttention(AttentionBackend):
     q_chunk: int = 512
     key_groups: int = 4
     windows: tuple[int, ...] = ()
+    layer_uniform = True      # every layer's probes have one shape; `layer` is not read
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
         raise NotImplementedError("InfluenceAttention is for single forward/backward passes")
