@@ -241,7 +241,9 @@ def validate_config(cfg: TrainConfig) -> None:
         need(cfg.refresh_stride >= 0, "refresh_stride must be >= 0")
         need(all(s >= 0 for s in cfg.eval_strides), "eval_strides must be >= 0")
     else:
-        need(cfg.seq_len >= 1, f"seq_len must be >= 1 for attention {cfg.attention!r}")
+        need(cfg.seq_len >= 1,
+             f"--seq-len must be >= 1 for attention {cfg.attention!r}, got {cfg.seq_len}; e.g. "
+             f"--seq-len 2048, or start from a preset: --config configs/train/tiny_cpu.yaml")
     if cfg.attention == "moa":
         need(bool(cfg.plan), "attention 'moa' needs a plan (a file or 'streaming:W:S')")
     need(cfg.attention == "dense" or cfg.packing != "segments",
