@@ -246,7 +246,7 @@ def test_bad_inputs(tmp_path, capsys):
     assert "no such file or directory" in capsys.readouterr().err
 
     for kw, msg in [(dict(batch_size=6, grad_accum=4), "not a multiple of grad_accum"),
-                    (dict(attention="dense"), "seq_len must be >= 1"),
+                    (dict(attention="dense"), "--seq-len must be >= 1"),
                     (dict(seq_len=33), "prefix_len \\+ tail_len"),
                     (dict(attention="dense", seq_len=8, schedule="exp"),
                      "schedule must be one of"),
