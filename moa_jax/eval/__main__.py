@@ -211,7 +211,9 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 def _merge_spec(spec: str | Path) -> tuple[Path, dict[str, str]]:
     """'RUN' or 'RUN:old=new,old2=new2' -> (path, {old: new})."""
     text = str(spec)
-    path, _, ren = text.rpartition(":") if "=" in text.rpartition(":")[2] else (text, "", "")
+    path, sep, ren = text.rpartition(":")
+    if not sep or "=" not in ren:           # no renames ('runs/a=b' is a plain path)
+        path, ren = text, ""
     names = {}
     for pair in filter(None, ren.split(",")):
         old, _, new = pair.partition("=")
