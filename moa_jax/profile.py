@@ -83,10 +83,13 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sink", type=int, default=64, help="sink tokens inside every span")
     s.add_argument("--extend-length", type=int, default=None,
                    help="longest length rules must stay valid at (grid filter; default 2*max N)")
-    s.add_argument("--estimator", choices=("token", "block", "window"), default="token",
-                   help="rule loss: sum of |E| over the exact dropped entries (token) or over "
-                        "the reference's 64x64 blocks (block), or the signed first-order loss "
-                        "change of dropping the whole window with rows renormalised (window)")
+    s.add_argument("--estimator", choices=("token", "answer", "block", "window"),
+                   default="answer",
+                   help="rule loss: sum of |E| over the exact dropped entries (token), over "
+                        "the dropped entries of the rows that predict the answer (answer), or "
+                        "over the reference's 64x64 blocks (block), or the signed first-order "
+                        "loss change of dropping the whole window with rows renormalised "
+                        "(window)")
     s.add_argument("--eps-intervals", type=int, default=2,
                    help="epsilon-constraint points per secondary objective (reference: 4)")
     s.add_argument("--milp-time-limit", type=float, default=30.0,
@@ -363,20 +366,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         windows = sorted(w for w in {int(w) for w in grid.windows(n)}
                          | {int(uniform.resolve(n)[0, 0])} if w < n) \
             if args.estimator == "window" else []     # a window >= N drops nothing
+        answer = args.estimator == "answer"
         path = pdir / f"profile-{n}-{key}-{args.sink}-v2.npz"
         prof = InfluenceProfile.load(path) if path.exists() else None
-        if prof is not None and not set(windows) <= set(prof.windows.tolist()):
-            _log(f"N={n}: the cached profile lacks the window estimator's windows; profiling "
-                 f"again")
+        missing = prof is not None and (not set(windows) <= set(prof.windows.tolist())
+                                        or (answer and prof.answer is None))
+        if missing:                 # profiled again, keeping the sums the old one had
+            _log(f"N={n}: the cached profile lacks the {args.estimator} estimator's sums; "
+                 f"profiling again")
+            windows = sorted(set(windows) | set(prof.windows.tolist()))
+            answer = answer or prof.answer is not None
             prof = None
-        if prof is not None:        # a partial profile goes on with the windows it has
+        if prof is not None:        # a partial profile goes on with the sums it has
+            answer = prof.answer is not None
             windows = prof.windows.tolist()
         if prof is not None and prof.count >= len(items[n]):
             _log(f"N={n}: profile loaded from {path}")
         else:
             prof = profile_items(model, items[n], n, sink=args.sink, batch_size=args.batch_size,
                                  q_chunk=args.q_chunk, remat=args.remat, windows=windows,
-                                 progress=progress, profile=prof, mesh=mesh,
+                                 answer=answer, progress=progress, profile=prof, mesh=mesh,
                                  on_batch=lambda p, path=path: p.save(path))
             prof.save(path)
         profiles[n] = prof
@@ -505,7 +514,8 @@ def _print_summary(report, plan, lengths, val_n, measured) -> None:
     for n, v in report["kv_density"].items():
         print(f"  N={n}: {v:.3f} ({report['attention_density'][n]:.3f}; "
               f"{report['kv_cache_density'][n]:.3f})")
-    est = {"token": "sum of dropped |E|", "block": "sum of dropped |E| blocks",
+    est = {"token": "sum of dropped |E|", "answer": "sum of the answer rows' dropped |E|",
+           "block": "sum of dropped |E| blocks",
            "window": "first-order loss change"}[report["args"]["estimator"]]
     print(f"estimated loss of the plan ({est}) vs one uniform rule:")
     for n in lengths:

@@ -19,6 +19,7 @@ from moa_jax.pallas_kernels.reference import window_sink_mask
 from moa_jax.search.profile import (
     InfluenceProfile,
     answer_grads,
+    answer_rows,
     answer_losses,
     influence_dense,
     layer_influence,
@@ -199,10 +200,14 @@ def test_whole_model_profile_matches_per_layer_influence(setup):
     """profile_batch (one jitted forward + backward, influence from the probes' gradients) gives
     each layer's block and diagonal sums as layer_influence on that layer's own dL/dO."""
     model, _, batch, losses, dout, qkv = setup
-    got_losses, blocks, diag, _ = profile_batch(model, batch, sink=16, block=16, q_chunk=32)
+    got_losses, blocks, diag, _, no_answer = profile_batch(model, batch, sink=16, block=16,
+                                                           q_chunk=32)
     np.testing.assert_allclose(got_losses, losses, rtol=1e-5)
-    _, blocks_r, diag_r, _ = profile_batch(model, batch, sink=16, block=16, q_chunk=32,
-                                           remat=True)
+    assert no_answer.shape == (CFG.num_layers, CFG.num_heads, 0)
+    _, blocks_r, diag_r, _, answer = profile_batch(model, batch, sink=16, block=16, q_chunk=32,
+                                                   remat=True, answer=True)
+    rows = np.asarray(answer_rows(jnp.asarray(batch.tgt_pos), jnp.asarray(batch.tgt_w), T))
+    assert rows.sum() == (batch.tgt_w > 0).sum() and rows[:, :ANSWER_START - 1].sum() == 0
     np.testing.assert_allclose(np.asarray(blocks_r), np.asarray(blocks), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(np.asarray(diag_r), np.asarray(diag), rtol=1e-5, atol=1e-9)
     for layer in range(CFG.num_layers):
@@ -212,6 +217,17 @@ def test_whole_model_profile_matches_per_layer_influence(setup):
                                    atol=1e-5 * scale)
         np.testing.assert_allclose(np.asarray(diag[layer]), np.asarray(dg), rtol=1e-3,
                                    atol=1e-5 * scale)
+        # the answer rows' diagonal sums, from the dense E of this layer
+        e = np.abs(np.asarray(influence_dense(*qkv[layer], dout[layer])))    # [B, H, T, T]
+        e = np.einsum("bhij,bi->hij", e, rows)
+        e[..., :16] = 0
+        want = np.stack([[np.trace(e[hh], offset=-d) for d in range(T)]
+                         for hh in range(CFG.num_heads)])
+        np.testing.assert_allclose(np.asarray(answer[layer]), want, rtol=1e-3,
+                                   atol=1e-5 * scale)
+        # in the last layer only the answer rows reach the loss; below it the others do too
+        ratio = want.sum() / np.asarray(dg).sum()
+        assert ratio < 0.999 if layer < CFG.num_layers - 1 else abs(ratio - 1) < 1e-4
 
 
 @pytest.mark.parametrize("h,hkv,n,qc,groups,dtype", [
@@ -231,10 +247,12 @@ def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dty
         lg = jnp.where(jnp.tril(jnp.ones((n, n), bool)), lg, -1e30)
         return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(lg, -1), vv)
 
-    probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)))
+    probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)), jnp.zeros((h, n)))
+    row_w = jnp.asarray(rng.uniform(size=(2, n)) * (rng.uniform(size=(2, n)) < 0.3), jnp.float32)
 
-    def ours(q, k, v, pb, pd):
-        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), 8, 16, qc, groups)
+    def ours(q, k, v, pb, pd, pa):
+        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), pa, row_w, 8, 16, qc,
+                                        groups)
 
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ours(q, k, v, *probes), np.float32),
@@ -242,20 +260,24 @@ def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dty
     want = jax.grad(lambda *a: jnp.sum(ref(*a) * w.astype(jnp.float32)), argnums=(0, 1, 2))(
         q, k, v)
     got = jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * w.astype(jnp.float32)),
-                   argnums=(0, 1, 2, 3, 4))(q, k, v, *probes)
+                   argnums=(0, 1, 2, 3, 4, 5))(q, k, v, *probes)
     for a, b in zip(got[:3], want):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
     e = np.abs(np.asarray(influence_dense(q.astype(jnp.float32), k.astype(jnp.float32),
                                           v.astype(jnp.float32), w.astype(jnp.float32))))
+    ew = np.einsum("bhij,bi->hij", e, np.asarray(row_w))
     e = e.sum(0)
     want_bl = e.reshape(h, n // 16, 16, n // 16, 16).sum(axis=(2, 4))
     e[..., :8] = 0
+    ew[..., :8] = 0
     want_dg = np.stack([[np.trace(e[hh], offset=-d) for d in range(n)] for hh in range(h)])
+    want_an = np.stack([[np.trace(ew[hh], offset=-d) for d in range(n)] for hh in range(h)])
     scale = float(want_bl.max())
     tol = dict(rtol=5e-2, atol=2e-2 * scale) if dtype == jnp.bfloat16 else \
         dict(rtol=1e-4, atol=1e-6 * scale)
     np.testing.assert_allclose(np.asarray(got[3]), want_bl, **tol)
     np.testing.assert_allclose(np.asarray(got[4]), want_dg, **tol)
+    np.testing.assert_allclose(np.asarray(got[5]), want_an, **tol)
 
 
 @pytest.mark.parametrize("qc,groups", [(32, 1), (16, 3)])
@@ -272,7 +294,8 @@ def test_window_rule_estimate_is_exact_for_a_loss_linear_in_attention(qc, groups
     w = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
     probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)), jnp.zeros((h, len(windows))))
     got = jax.grad(lambda pr: jnp.sum(attention_with_influence(
-        q, k, v, probes[0], probes[1], pr, sink, 16, qc, groups, windows) * w))(probes[2])
+        q, k, v, probes[0], probes[1], pr, jnp.zeros((h, 0)), jnp.zeros((2, 0)), sink, 16, qc,
+        groups, windows) * w))(probes[2])
     qq, kk = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, 2)
     vv, ww = np.repeat(np.asarray(v, np.float64), 2, 2), np.asarray(w, np.float64)
     want = np.zeros((h, len(windows)))
@@ -310,6 +333,30 @@ def test_window_estimator_ranks_rules_like_the_profile(setup, tmp_path):
     assert back.merge(prof).count == 4
     with pytest.raises(ValueError, match="no rule estimate for window 32"):
         prof.window_losses(np.array([32]), "window")
+
+
+def test_answer_estimator_reads_the_answer_rows_sums(setup, tmp_path):
+    """profile_items(answer=True): the 'answer' estimator is the token estimator on the answer
+    rows' diagonal sums (smaller than all rows'); they survive save/load and merge, a profile
+    without them refuses the estimator and will not merge with one that has them."""
+    model, _, batch, _, _, _ = setup
+    items = [Item(list(batch.tokens[0]), ANSWER_START)] * 2
+    prof = profile_items(model, items, T, sink=16, batch_size=2, answer=True, progress=False)
+    plain = profile_items(model, items, T, sink=16, batch_size=2, progress=False)
+    np.testing.assert_allclose(prof.diag, plain.diag, rtol=1e-5, atol=1e-12)
+    w = np.array([8, 32, 100, T])
+    ans, tok = prof.window_losses(w, "answer"), prof.window_losses(w, "token")
+    suffix = np.cumsum(prof.answer[..., ::-1], -1)[..., ::-1] / 2
+    np.testing.assert_allclose(ans[..., :3], suffix[..., w[:3]])
+    assert np.all(ans[..., 3] == 0) and np.all(ans <= tok + 1e-12) and ans.sum() > 0
+    prof.save(tmp_path / "a.npz")
+    back = InfluenceProfile.load(tmp_path / "a.npz")
+    np.testing.assert_array_equal(back.answer, prof.answer)
+    np.testing.assert_allclose(back.merge(prof).answer, 2 * prof.answer)
+    with pytest.raises(ValueError, match="no answer-row sums"):
+        plain.window_losses(w, "answer")
+    with pytest.raises(ValueError, match="answer sums"):
+        plain.merge(prof)
 
 
 def test_attention_chunk_does_not_change_gradients(setup):

@@ -96,10 +96,10 @@ def test_cli_rerun_uses_caches(run_dir, monkeypatch):
 
 
 def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypatch):
-    """Token-estimator profiles hold no window scores (the backward pass skips them); a run with
-    --estimator window profiles again with every rule's window (and the uniform baseline's),
-    and later runs with either estimator reuse those profiles; its estimates are the profiles'
-    rule sums."""
+    """Default (answer-estimator) profiles hold no window scores (the backward pass skips them);
+    a run with --estimator window profiles again with every rule's window (and the uniform
+    baseline's), keeping the answer rows' sums, and later runs with any estimator reuse those
+    profiles; its estimates are the profiles' rule sums."""
     import shutil
 
     from moa_jax.search.profile import InfluenceProfile
@@ -122,10 +122,11 @@ def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypat
             set(prof.windows.tolist())
         assert prof.rules.shape == prof.diag.shape[:2] + (len(prof.windows),)
         assert np.abs(prof.rules).sum() > 0
+        assert prof.answer is not None and 0 < prof.answer.sum() < prof.diag.sum()
     assert set(report["estimated_loss"]) == {"256", "384"}
     monkeypatch.setattr("moa_jax.search.profile.profile_items",
                         lambda *a, **k: pytest.fail("should have been cached"))
-    for est in ("window", "token"):
+    for est in ("window", "token", "answer"):
         assert main(argv + ["--no-validate", "--estimator", est]) == 0
 
 

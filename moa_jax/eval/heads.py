@@ -19,8 +19,9 @@ what a search finds.
 With `--plan`, the report compares the plan's spans with the scores (the share of the top
 retrieval heads the plan keeps dense or nearly); with `--profile-dir` (a profile run's
 `profiles/*.npz`), it ranks heads by their estimated loss at a half-length window and compares
-that ranking with the retrieval scores (with the 'token' estimator, and with the 'window'
-estimator at the profiled window nearest N/2 when the profile has one).
+that ranking with the retrieval scores (with the 'token' estimator, the 'answer' estimator when
+the profile has the answer rows' sums, and the 'window' estimator at the profiled window
+nearest N/2 when the profile has one).
 
 Outputs: heads.json, heads.png (scores, the plan's spans), oracle_plan.json.
 """
@@ -179,6 +180,8 @@ def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: 
         rep["plan_mean_kept"] = float(kept.mean())
     for pn, prof in sorted(profiles.items()):
         ests = {"token": prof.window_losses(np.array([pn // 2]))[..., 0]}          # [L, H]
+        if prof.answer is not None:
+            ests["answer"] = prof.window_losses(np.array([pn // 2]), "answer")[..., 0]
         if len(prof.windows):
             w = int(prof.windows[np.argmin(np.abs(prof.windows - pn // 2))])
             ests["window"] = prof.window_losses(np.array([w]), "window")[..., 0]

@@ -18,6 +18,12 @@ the probes' cotangents
 - diag [H, N]: |E| summed along each diagonal offset d = i - j over keys j >= sink (the exact
   loss estimate of a sliding window w is sum_{d >= w} diag[d]),
 
+- answer [H, N] (when its probe is not empty): `diag` restricted to the rows with a non-zero
+  `row_weights` [B, N] (the rows that predict the answer tokens), each row's |E| times its
+  weight. The summed |E| of all rows is dominated by the document rows, whose far entries
+  reach the loss only through later layers; the answer rows' far entries are where a head
+  retrieves for the answer (docs/results.md: this ranks the measured retrieval heads better),
+
 and, given candidate windows w_1..w_R (`windows`),
 
 - rules [H, R]: the first-order loss change of dropping, in every row at once, all keys a window
@@ -38,8 +44,9 @@ Public API:
   EPS
   influence_rows(q, k, v, dout, q0) -> E [B, H, Tq, S]        (the formula, dense in keys)
   diag_sums(x, q0) -> [h, S]
-  attention_with_influence(q, k, v, probe_blocks, probe_diag, probe_rules, sink, block,
-                           q_chunk, key_groups, windows) -> out [B, N, H, D]
+  attention_with_influence(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer,
+                           row_weights, sink, block, q_chunk, key_groups, windows)
+                           -> out [B, N, H, D]
 """
 
 from __future__ import annotations
@@ -142,18 +149,22 @@ def _forward(q, k, v, q_chunk, key_groups):
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
 def attention_with_influence(q: jax.Array, k: jax.Array, v: jax.Array,
                              probe_blocks: jax.Array, probe_diag: jax.Array,
-                             probe_rules: jax.Array, sink: int, block: int, q_chunk: int,
+                             probe_rules: jax.Array, probe_answer: jax.Array,
+                             row_weights: jax.Array, sink: int, block: int, q_chunk: int,
                              key_groups: int = 4, windows: tuple[int, ...] = ()) -> jax.Array:
     """Dense causal attention; the probes' cotangents are the layer's influence sums.
 
     Args:
       q [B, N, H, D]; k, v [B, N, Hkv, D] (after RoPE; positions [0, N)).
       probe_blocks float32 [H, N/block, N/block], probe_diag float32 [H, N], probe_rules float32
-        [H, len(windows)]: zeros; they do not change the output, their gradients are the block
-        and diagonal sums of |E| and the windows' loss changes.
+        [H, len(windows)], probe_answer float32 [H, N] or [H, 0]: zeros; they do not change
+        the output, their gradients are the block and diagonal sums of |E|, the windows' loss
+        changes and the answer rows' diagonal sums (not computed when the probe is [H, 0]).
+      row_weights float32 [B, N] (or [B, 0] without the answer probe): each row's weight in
+        the answer sums (its gradient is zero).
       sink: keys j < sink are left out of the diagonal sums (every rule keeps them).
       block: tile edge of the block sums; N and q_chunk must be multiples of it.
       q_chunk: query rows per step (memory ~ B x H x q_chunk x N floats a few times).
@@ -162,7 +173,7 @@ def attention_with_influence(q: jax.Array, k: jax.Array, v: jax.Array,
     Returns:
       out [B, N, H, D] in q's dtype.
     """
-    del probe_blocks, probe_diag, probe_rules
+    del probe_blocks, probe_diag, probe_rules, probe_answer, row_weights
     return _forward(q, k, v, q_chunk, key_groups)
 
 
@@ -193,18 +204,31 @@ def _rule_changes(a, g, rs, q0, sink, windows):
     return jnp.where(valid, change, 0.0).sum(axis=(0, 2))
 
 
-def _fwd(q, k, v, probe_blocks, probe_diag, probe_rules, sink, block, q_chunk, key_groups,
-         windows):
+def _fwd(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer, row_weights, sink,
+         block, q_chunk, key_groups, windows):
     n = q.shape[1]
     if n % q_chunk or q_chunk % block:
         raise ValueError(f"length {n} must be a multiple of q_chunk {q_chunk}, itself a "
                          f"multiple of block {block}")
+    answer = probe_answer.shape[-1] > 0
+    if answer and row_weights.shape != q.shape[:2]:
+        raise ValueError(f"row_weights must be [B, N] = {q.shape[:2]}, got {row_weights.shape}")
     out = _forward(q, k, v, q_chunk, key_groups)
-    return out, (q, k, v, out)
+    # the probe (zeros, [H, 0] when off) travels along so that the backward sees its shape
+    return out, (q, k, v, out, row_weights, probe_answer)
+
+
+def _diag_of_chunk(ea, q0, kend, q_chunk, n):
+    """[H, N] diagonal sums of a chunk ea [H, C, kend] of rows [q0, q0 + C)."""
+    # diag_sums reads the chunk as rows [kend - C, kend); ours start at q0 <= that
+    shifted = jnp.pad(diag_sums(ea, kend - q_chunk), ((0, 0), (0, kend)))
+    dg = jax.lax.dynamic_slice_in_dim(shifted, kend - q_chunk - q0, kend, axis=1)
+    return jnp.pad(dg, ((0, 0), (0, n - kend)))
 
 
 def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
-    q, k, v, out = res
+    q, k, v, out, row_weights, probe_answer = res
+    answer = probe_answer.shape[-1] > 0
     b, n, h, d = q.shape
     hkv = k.shape[2]
     nb, qb = n // block, q_chunk // block
@@ -214,6 +238,8 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
     dv = jnp.zeros(v.shape, _F32)
     diag = jnp.zeros((h, n), _F32)
     rules = jnp.zeros((h, len(windows)), _F32)
+    ans = jnp.zeros((h, n if answer else 0), _F32)
+    rw = row_weights.astype(_F32) if answer else jnp.zeros((b, n), _F32)
     for c0, c1 in _groups(n // q_chunk, key_groups):
         kend = c1 * q_chunk
         kc, vc = k[:, :kend], v[:, :kend]
@@ -223,8 +249,8 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
             return x.reshape(b, c1 - c0, q_chunk, *x.shape[2:]).swapaxes(0, 1)
 
         def step(carry, xs, kc=kc, vc=vc, kend=kend):
-            dk_acc, dv_acc, dg_acc, rl_acc = carry
-            qi, doi, oi, q0 = xs
+            dk_acc, dv_acc, dg_acc, rl_acc, an_acc = carry
+            qi, doi, oi, rwi, q0 = xs
             a, g = _probs_and_grads(qi, kc, vc, doi, q0)
             # rowsum(G * A) = dO . O exactly (O = A V)
             rs = jnp.einsum("bqhd,bqhd->bhq", doi.astype(_F32), oi.astype(_F32))[..., None]
@@ -238,28 +264,34 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
                                          _grouped(doi, hkv).astype(_F32))
             if windows:
                 rl_acc = rl_acc + _rule_changes(a, g, rs, q0, sink, windows)
-            ea = jnp.abs(_influence(a, g, rs, q0)).sum(axis=0)       # [H, C, S]
+            eb = jnp.abs(_influence(a, g, rs, q0))                   # [B, H, C, S]
+            ea = eb.sum(axis=0)
             bl = ea.reshape(h, qb, block, kend // block, block).sum(axis=(2, 4))
             bl = jnp.pad(bl, ((0, 0), (0, 0), (0, nb - kend // block)))
+            nonsink = jnp.arange(kend)[None, None, :] >= sink
             if sink > 0:
-                ea = jnp.where(jnp.arange(kend)[None, None, :] < sink, 0.0, ea)
-            # diag_sums reads the chunk as rows [kend - C, kend); ours start at q0 <= that
-            shifted = jnp.pad(diag_sums(ea, kend - q_chunk), ((0, 0), (0, kend)))
-            dg = jax.lax.dynamic_slice_in_dim(shifted, kend - q_chunk - q0, kend, axis=1)
-            dg_acc = dg_acc + jnp.pad(dg, ((0, 0), (0, n - kend)))
-            return (dk_acc, dv_acc, dg_acc, rl_acc), (dqi.reshape(b, q_chunk, h, d), bl)
+                ea = jnp.where(nonsink, ea, 0.0)
+            dg_acc = dg_acc + _diag_of_chunk(ea, q0, kend, q_chunk, n)
+            if answer:
+                ew = jnp.einsum("bhcs,bc->hcs", eb, rwi)
+                if sink > 0:
+                    ew = jnp.where(nonsink, ew, 0.0)
+                an_acc = an_acc + _diag_of_chunk(ew, q0, kend, q_chunk, n)
+            return (dk_acc, dv_acc, dg_acc, rl_acc, an_acc), (dqi.reshape(b, q_chunk, h, d), bl)
 
         starts = jnp.arange(c0, c1, dtype=jnp.int32) * q_chunk
-        (dkc, dvc, diag, rules), (dqs, bls) = jax.lax.scan(
-            step, (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag, rules),
-            (chunked(q), chunked(dout), chunked(out), starts))
+        (dkc, dvc, diag, rules, ans), (dqs, bls) = jax.lax.scan(
+            step, (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag, rules, ans),
+            (chunked(q), chunked(dout), chunked(out), chunked(rw), starts))
         dk = dk.at[:, :kend].add(dkc)
         dv = dv.at[:, :kend].add(dvc)
         dq_parts.append(dqs.swapaxes(0, 1).reshape(b, (c1 - c0) * q_chunk, h, d))
         bl_parts.append(bls.transpose(1, 0, 2, 3).reshape(h, (c1 - c0) * qb, nb))
     dq = jnp.concatenate(dq_parts, axis=1)
     blocks = jnp.concatenate(bl_parts, axis=1)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), blocks, diag, rules
+    drw = jnp.zeros_like(row_weights)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), blocks, diag, rules, ans,
+            drw)
 
 
 attention_with_influence.defvjp(_fwd, _bwd)

@@ -13,25 +13,29 @@ How it is computed (`moa_jax.search.influence`): every layer's attention is a de
 attention with a custom VJP whose backward pass, besides dq/dk/dv, reduces |E| (recomputed per
 query chunk from A, G = dO V^T and rowsum(G * A) = dO . O) to
 
-- `blocks` [H, N/64, N/64]: |E| summed over 64 x 64 blocks (the reference's profile), and
+- `blocks` [H, N/64, N/64]: |E| summed over 64 x 64 blocks (the reference's profile),
 - `diag` [H, N]: |E| summed along each diagonal offset d = i - j over the non-sink keys
-  (j >= sink): the exact token-level loss of a sliding window w is `sum_{d >= w} diag[d]`.
+  (j >= sink): the exact token-level loss of a sliding window w is `sum_{d >= w} diag[d]`,
+- `answer` [H, N] (on request): `diag` over the answer rows only.
 
 They come out as the gradients of zero "probes" handed to each layer, so one jitted forward +
 backward of the whole model (`profile_batch`) yields every layer's and head's influence for a
 batch of items; the LM head runs at the answer positions only. Both are summed over items
 (`InfluenceProfile` keeps sums and a count; `.mean_*` averages).
 
-Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): by default 'token',
-the sum of mean |E| over exactly the entries the kernels drop for that rule at length N (the
-window from `Plan.resolve`, sinks kept); 'block' is the reference's estimator, the sum over whole
-64 x 64 blocks a block-aligned window drops (query block m keeps the sink blocks and the last
-ceil(w/64) blocks up to the diagonal). With 64-token granularity and 64 sinks (the defaults) the
-two differ only in the partial diagonal block the block form drops and the kernels keep.
-'window' (given the candidate windows when profiling) is the signed first-order loss change of
-dropping the whole window in every row at once, rows renormalised: summing |E| over single
-entries adds up the noise of broad heads' many small entries, which this lets cancel; with
-recall calibration items it ranks the heads that retrieve about twice as well (docs/results.md).
+Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): 'token' is the sum
+of mean |E| over exactly the entries the kernels drop for that rule at length N (the window from
+`Plan.resolve`, sinks kept); 'answer' (the CLI's default) is the same sum over the rows that
+predict the answer tokens only: the document rows' far entries reach the loss only through later
+layers and their many small |E| drown the few rows where a head retrieves for the answer (on
+SmolLM2, 50 items per length, it ranks the measured retrieval heads at Spearman 0.50-0.53
+against 0.37-0.42 for 'token', and its plan keeps 0.82 / 0.74 / 0.70 of the needles at 2k / 4k /
+8k against 0.70 / 0.62 / 0.62: docs/results.md). 'block' is the reference's estimator, the sum
+over whole 64 x 64 blocks a block-aligned window drops (query block m keeps the sink blocks and
+the last ceil(w/64) blocks up to the diagonal); with 64-token granularity and 64 sinks it differs
+from 'token' only in the partial diagonal block. 'window' (given the candidate windows when
+profiling) is the signed first-order loss change of dropping the whole window in every row at
+once, rows renormalised; its plans scored below the uniform window (docs/results.md).
 
 Memory: per layer O(B x H x q_chunk x N) for the attention and its influence (no N x N
 matrix), plus the model's activations for the backward pass (`remat=True` recomputes them per
@@ -41,7 +45,8 @@ Public API:
   InfluenceAttention(sink, block, q_chunk, windows)  backend whose probes' gradients are the
                                                       influence
   profile_batch(model, batch, ...) -> (losses [B], blocks [L, H, nb, nb], diag [L, H, N],
-                                       rules [L, H, R])
+                                       rules [L, H, R], answer [L, H, N or 0])
+  answer_rows(tgt_pos, tgt_w, length) -> [B, N] 0/1 rows that predict an answer token
   profile_items(model, items, length, ...) -> InfluenceProfile
   layer_influence(q, k, v, dout, sink, block, q_chunk) -> (blocks, diag)   (one layer)
   influence_dense(q, k, v, dout) -> E [B, H, N, N]          (unchunked, for tests)
@@ -72,6 +77,7 @@ from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.search.influence import attention_with_influence, influence_rows
 
 BLOCK = 64
+ESTIMATORS = ("token", "answer", "block", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,8 +317,9 @@ def answer_losses(model: Llama, batches: Sequence[Batch], attention: AttentionBa
 # ----------------------------------------------------------------------------- influence
 @dataclasses.dataclass(frozen=True)
 class InfluenceAttention(AttentionBackend):
-    """Dense causal attention whose per-layer `cache` argument is a pair of zero probes
-    (blocks [H, N/block, N/block], diag [H, N]); their gradients are the layer's influence sums
+    """Dense causal attention whose per-layer `cache` argument is its zero probes (blocks
+    [H, N/block, N/block], diag [H, N], rules [H, R], answer [H, N] or [H, 0]) and the answer
+    rows' weights [B, N]; the probes' gradients are the layer's influence sums
     (`moa_jax.search.influence.attention_with_influence`)."""
 
     sink: int = 64
@@ -320,6 +327,7 @@ class InfluenceAttention(AttentionBackend):
     q_chunk: int = 512
     key_groups: int = 4
     windows: tuple[int, ...] = ()
+    answer: bool = False      # also the answer rows' diagonal sums
     layer_uniform = True      # every layer's probes have one shape; `layer` is not read
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
@@ -331,27 +339,39 @@ class InfluenceAttention(AttentionBackend):
         return out, None
 
 
-def _zero_probes(cfg, length: int, block: int, rules: int):
+def _zero_probes(cfg, length: int, block: int, rules: int, answer: bool):
     """Every layer's probes, stacked over layers (`trunk(..., scan=True)`)."""
     nb = length // block
     return (jnp.zeros((cfg.num_layers, cfg.num_heads, nb, nb), jnp.float32),
             jnp.zeros((cfg.num_layers, cfg.num_heads, length), jnp.float32),
-            jnp.zeros((cfg.num_layers, cfg.num_heads, rules), jnp.float32))
+            jnp.zeros((cfg.num_layers, cfg.num_heads, rules), jnp.float32),
+            jnp.zeros((cfg.num_layers, cfg.num_heads, length if answer else 0), jnp.float32))
+
+
+def answer_rows(tgt_pos: jax.Array, tgt_w: jax.Array, length: int) -> jax.Array:
+    """float32 [B, length]: 1 at the rows that predict an answer token (tgt_pos with tgt_w
+    > 0), else 0."""
+    b = tgt_pos.shape[0]
+    rows = jnp.zeros((b, length), jnp.float32)
+    return rows.at[jnp.arange(b)[:, None], tgt_pos].max((tgt_w > 0).astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "remat"))
 def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention, remat):
     model = nnx.merge(graphdef, state)
+    cfg = model.config
     b, t = tokens.shape
+    rows = answer_rows(tgt_pos, tgt_w, t) if attention.answer else jnp.zeros((b, 0))
+    rows = jnp.broadcast_to(rows, (cfg.num_layers,) + rows.shape)
 
     def loss(probes):
-        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes, remat=remat,
-                          scan=True)
+        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes + (rows,),
+                          remat=remat, scan=True)
         per_item = answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
         return per_item.sum(), per_item
 
     grads, per_item = jax.grad(loss, has_aux=True)(
-        _zero_probes(model.config, t, attention.block, len(attention.windows)))
+        _zero_probes(cfg, t, attention.block, len(attention.windows), attention.answer))
     return (per_item,) + tuple(grads)
 
 
@@ -366,22 +386,23 @@ def _split(model: Llama, mesh=None):
 
 def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BLOCK,
                   q_chunk: int | None = None, key_groups: int = 4, remat: bool = False,
-                  windows: Sequence[int] = (), mesh=None):
+                  windows: Sequence[int] = (), answer: bool = False, mesh=None):
     """Every layer's and head's influence on one batch, from one jitted forward + backward.
 
     L is the sum over items of each item's mean answer cross-entropy, so each item's gradient is
     its own; |E| is summed over the items. `windows`: candidate windows whose first-order loss
-    change (with row renormalisation) is returned too (`moa_jax.search.influence`).
+    change (with row renormalisation) is returned too (`moa_jax.search.influence`); `answer`:
+    also `diag` over the answer rows only.
     Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N],
-    rules float32 [L, H, len(windows)]).
+    rules float32 [L, H, len(windows)], answer_diag float32 [L, H, N] or [L, H, 0]).
     """
     return _profile_split(*_split(model, mesh), model.config, batch, sink=sink, block=block,
                           q_chunk=q_chunk, key_groups=key_groups, remat=remat, windows=windows,
-                          mesh=mesh)
+                          answer=answer, mesh=mesh)
 
 
 def _profile_split(graphdef, state, cfg, batch: Batch, *, sink, block, q_chunk, key_groups,
-                   remat, windows, mesh):
+                   remat, windows, answer, mesh):
     """`profile_batch` on a model already split (and sharded) by `_split`."""
     b, n = batch.shape
     if n % block:
@@ -395,10 +416,9 @@ def _profile_split(graphdef, state, cfg, batch: Batch, *, sink, block, q_chunk, 
         from moa_jax.parallel import batch_sharding
         arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
     attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups,
-                                   windows=tuple(int(w) for w in windows))
-    losses, blocks, diag, rules = _profile_step(graphdef, state, *arrays, attention=attention,
-                                                remat=remat)
-    return np.asarray(losses), blocks, diag, rules
+                                   windows=tuple(int(w) for w in windows), answer=bool(answer))
+    losses, *sums = _profile_step(graphdef, state, *arrays, attention=attention, remat=remat)
+    return (np.asarray(losses), *sums)
 
 
 def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *, sink: int,
@@ -414,7 +434,8 @@ def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *
     probes = (jnp.zeros((h, nb, nb), jnp.float32), jnp.zeros((h, n), jnp.float32))
 
     def f(pb, pd):
-        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), sink, block,
+        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), jnp.zeros((h, 0)),
+                                        jnp.zeros((q.shape[0], 0)), sink, block,
                                         min(q_chunk, n), key_groups)
 
     _, vjp = jax.vjp(f, *probes)
@@ -464,6 +485,8 @@ class InfluenceProfile:
     blocks: float64 [L, H, N/block, N/block]; diag: float64 [L, H, N] (non-sink keys only);
     windows: int [R] candidate windows and rules: float64 [L, H, R] their summed first-order
     loss changes (the 'window' estimator), both empty when none were given;
+    answer: float64 [L, H, N], `diag` over the answer rows only (the 'answer' estimator), or
+    None when not profiled;
     count: items summed; loss_sum: sum of the items' dense answer losses.
     """
 
@@ -476,6 +499,7 @@ class InfluenceProfile:
     loss_sum: float = 0.0
     windows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     rules: np.ndarray | None = None
+    answer: np.ndarray | None = None
 
     def __post_init__(self):
         self.windows = np.asarray(self.windows, np.int64)
@@ -484,10 +508,22 @@ class InfluenceProfile:
 
     @classmethod
     def zeros(cls, num_layers: int, num_heads: int, length: int, sink: int,
-              block: int = BLOCK, windows: Sequence[int] = ()) -> "InfluenceProfile":
+              block: int = BLOCK, windows: Sequence[int] = (),
+              answer: bool = False) -> "InfluenceProfile":
         nb = length // block
         return cls(length, sink, block, np.zeros((num_layers, num_heads, nb, nb)),
-                   np.zeros((num_layers, num_heads, length)), windows=np.asarray(windows))
+                   np.zeros((num_layers, num_heads, length)), windows=np.asarray(windows),
+                   answer=np.zeros((num_layers, num_heads, length)) if answer else None)
+
+    def add(self, losses: np.ndarray, blocks, diag, rules, answer=None) -> "InfluenceProfile":
+        """This profile plus one batch's sums (`profile_batch`'s outputs for the real items)."""
+        if (self.answer is None) != (answer is None):
+            raise ValueError("the batch and the profile disagree on the answer-row sums")
+        return InfluenceProfile(
+            self.length, self.sink, self.block, self.blocks + np.asarray(blocks),
+            self.diag + np.asarray(diag), self.count + len(losses),
+            self.loss_sum + float(np.sum(losses)), self.windows, self.rules + np.asarray(rules),
+            None if self.answer is None else self.answer + np.asarray(answer))
 
     @property
     def mean_blocks(self) -> np.ndarray:
@@ -505,28 +541,30 @@ class InfluenceProfile:
         """Sum of two partial profiles (e.g. from different hosts or resumed runs)."""
         if (self.length, self.sink, self.block, self.diag.shape) != \
                 (other.length, other.sink, other.block, other.diag.shape) or \
-                not np.array_equal(self.windows, other.windows):
-            raise ValueError("cannot merge profiles of different lengths, sinks, windows or "
-                             "shapes")
-        return InfluenceProfile(self.length, self.sink, self.block, self.blocks + other.blocks,
-                                self.diag + other.diag, self.count + other.count,
-                                self.loss_sum + other.loss_sum, self.windows,
-                                self.rules + other.rules)
+                not np.array_equal(self.windows, other.windows) or \
+                (self.answer is None) != (other.answer is None):
+            raise ValueError("cannot merge profiles of different lengths, sinks, windows, "
+                             "answer sums or shapes")
+        merged = self.add(np.zeros(other.count), other.blocks, other.diag, other.rules,
+                          other.answer)
+        return dataclasses.replace(merged, loss_sum=self.loss_sum + other.loss_sum)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
+        extra = {} if self.answer is None else {"answer": self.answer}
         np.savez_compressed(tmp, length=self.length, sink=self.sink, block=self.block,
                             blocks=self.blocks, diag=self.diag, count=self.count,
-                            loss_sum=self.loss_sum, windows=self.windows, rules=self.rules)
+                            loss_sum=self.loss_sum, windows=self.windows, rules=self.rules,
+                            **extra)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceProfile":
         with np.load(path) as z:
-            extra = {k: z[k] for k in ("windows", "rules") if k in z}
+            extra = {k: z[k] for k in ("windows", "rules", "answer") if k in z}
             return cls(int(z["length"]), int(z["sink"]), int(z["block"]), z["blocks"], z["diag"],
                        int(z["count"]), float(z["loss_sum"]), **extra)
 
@@ -535,7 +573,8 @@ class InfluenceProfile:
         """Estimated loss [L, H, R] of each window in `windows` int [R] (sinks = self.sink).
 
         'token': sum of mean |E| over entries with i - j >= w and j >= sink (exactly the
-        entries `window_sink_mask` drops). 'window': the mean first-order loss change of the
+        entries `window_sink_mask` drops). 'answer': the same over the answer rows only (the
+        profile must have them). 'window': the mean first-order loss change of the
         whole window with rows renormalised (signed; each window must be one the profile was
         made with). 'block': the reference's block form: query block m
         keeps key blocks below ceil(sink/block) and the last ceil(w/block) blocks up to the
@@ -543,8 +582,11 @@ class InfluenceProfile:
         """
         windows = np.asarray(windows, np.int64)
         n = self.length
-        if estimator == "token":
-            d = self.mean_diag
+        if estimator in ("token", "answer"):
+            if estimator == "answer" and self.answer is None:
+                raise ValueError(f"the profile at N={n} has no answer-row sums; profile with "
+                                 f"answer=True or use the 'token' estimator")
+            d = self.mean_diag if estimator == "token" else self.answer / max(self.count, 1)
             # suffix[..., w] = sum_{x >= w} d[..., x]; suffix[..., n] = 0.
             suffix = np.concatenate([np.cumsum(d[..., ::-1], axis=-1)[..., ::-1],
                                      np.zeros(d.shape[:-1] + (1,))], axis=-1)
@@ -575,7 +617,7 @@ class InfluenceProfile:
                 dropped = (j <= m - keep) & (j >= sink_blocks)
                 out[..., r] = (bl * dropped).sum(axis=(-1, -2))
             return out
-        raise ValueError(f"estimator must be 'token', 'block' or 'window', got {estimator!r}")
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
 
     def rule_losses(self, grid, estimator: str = "token") -> np.ndarray:
         """Estimated loss [L, H, R] of each rule of a `RuleGrid` at this profile's length."""
@@ -587,9 +629,9 @@ class InfluenceProfile:
 
 def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int = 64,
                   batch_size: int = 1, q_chunk: int | None = None, key_groups: int = 4,
-                  remat: bool = False, windows: Sequence[int] = (), pad_id: int | None = None,
-                  mesh=None, progress: bool = True, profile: InfluenceProfile | None = None,
-                  on_batch=None) -> InfluenceProfile:
+                  remat: bool = False, windows: Sequence[int] = (), answer: bool = False,
+                  pad_id: int | None = None, mesh=None, progress: bool = True,
+                  profile: InfluenceProfile | None = None, on_batch=None) -> InfluenceProfile:
     """Profiles every head on `items` (all of length <= `length`) and returns the summed profile.
 
     Args:
@@ -601,6 +643,7 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
       key_groups: causal skipping groups of the chunked attention.
       remat: recompute each layer's activations in the backward pass (less memory).
       windows: candidate windows for the 'window' estimator (e.g. `grid.windows(length)`).
+      answer: also sum the answer rows' |E| (the 'answer' estimator).
       mesh: optional mesh; batches split over its data axes, parameters by `moa_jax.parallel`.
       profile: a partial profile to continue (its `count` items are skipped).
       on_batch: called with the running profile after every batch (checkpointing).
@@ -612,22 +655,21 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     windows = sorted({int(w) for w in windows if int(w) < length})
     prof = profile or InfluenceProfile.zeros(cfg.num_layers, cfg.num_heads, length, sink,
-                                             windows=windows)
+                                             windows=windows, answer=answer)
     if list(prof.windows) != windows:
         raise ValueError(f"the partial profile has windows {list(prof.windows)}, not {windows}")
+    if (prof.answer is not None) != bool(answer):
+        raise ValueError(f"the partial profile {'has' if prof.answer is not None else 'lacks'} "
+                         f"answer-row sums, but answer={answer}")
     todo = list(items)[prof.count:]
     bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress,
                unit="item")
     graphdef, state = _split(model, mesh)          # once: parameters sharded once
     for batch in make_batches(todo, length, batch_size, pad_id, fill=True):
-        losses, blocks, diag, rules = _profile_split(
+        losses, blocks, diag, rules, ans = _profile_split(
             graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
-            key_groups=key_groups, remat=remat, windows=windows, mesh=mesh)
-        losses = losses[:batch.rows]
-        prof = InfluenceProfile(length, sink, BLOCK, prof.blocks + np.asarray(blocks),
-                                prof.diag + np.asarray(diag), prof.count + len(losses),
-                                prof.loss_sum + float(np.sum(losses)), prof.windows,
-                                prof.rules + np.asarray(rules))
+            key_groups=key_groups, remat=remat, windows=windows, answer=answer, mesh=mesh)
+        prof = prof.add(losses[:batch.rows], blocks, diag, rules, ans if answer else None)
         bar.update(len(losses))
         if on_batch is not None:
             on_batch(prof)
