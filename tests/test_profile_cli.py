@@ -130,6 +130,31 @@ def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypat
         assert main(argv + ["--no-validate", "--estimator", est]) == 0
 
 
+def test_answer_estimator_profiles_again_without_answer_sums(run_dir, tmp_path):
+    """A cached profile made without the answer rows' sums (e.g. by an older version, or with
+    --estimator token) is profiled again by the default 'answer' estimator, not misread."""
+    import dataclasses
+    import shutil
+
+    from moa_jax.search.profile import InfluenceProfile
+
+    out, argv = run_dir
+    pdir = tmp_path / "plan" / "profiles"
+    shutil.copytree(out / "plan" / "profiles", pdir)
+    files = sorted(pdir.glob("*.npz"))
+    for f in files:
+        dataclasses.replace(InfluenceProfile.load(f), answer=None).save(f)
+    argv = list(argv)
+    argv[argv.index("--out") + 1] = str(tmp_path / "plan")
+    assert main(argv + ["--no-validate", "--estimator", "token"]) == 0
+    assert all(InfluenceProfile.load(f).answer is None for f in files)
+    assert main(argv + ["--no-validate"]) == 0
+    for f in files:
+        prof = InfluenceProfile.load(f)
+        assert prof.answer is not None and prof.answer.sum() > 0
+    assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer"
+
+
 def test_uniform_estimate_of_an_unprofiled_window_is_unknown():
     """Profiles reused at another --density lack the new uniform window: its 'window' estimate
     is None (reported as unknown) instead of an error after search and validation."""

@@ -2,7 +2,7 @@
 
     python -m moa_jax.bench.profile                          # Llama-3-8B shapes, 50 items at 8k
     python -m moa_jax.bench.profile --shape smollm2-135m --length 2048 4096 8192 \
-        --batch-size 4 --q-chunk 256 --remat --dtype float32 --estimator window   # gpu.yaml's stage
+        --batch-size 4 --q-chunk 256 --remat --dtype float32 --estimator answer   # gpu.yaml's stage
     python -m moa_jax.bench.profile --shape tiny --length 512 --items 4     # CPU smoke run
 
 A model of the given shapes with random bf16 weights (made on the device), `--items` synthetic
@@ -11,8 +11,9 @@ calibration items of `--length` tokens whose last `--answer-tokens` are the answ
 batch of `--batch-size` items, every layer's and head's influence from it). Reported: the first
 batch's time (compilation included), the time of all items after it, seconds per item, the
 whole stage (their sum), peak device memory; one row per length and their total. With
-`--estimator window` the profile also scores the rule grid's windows, as the CLI does with that
-estimator (`scaled_grid` over the given lengths). JSON to `--out`, a line per length to stdout.
+`--estimator window` the profile also scores the rule grid's windows, with `--estimator answer`
+it also sums the answer rows' influence, as the CLI does with those estimators (`scaled_grid`
+over the given lengths). JSON to `--out`, a line per length to stdout.
 """
 
 from __future__ import annotations
@@ -51,12 +52,12 @@ def synthetic_items(vocab: int, length: int, count: int, answer_tokens: int,
 
 def time_profile(model: Any, items: Sequence[Any], length: int, batch_size: int, *,
                  mesh=None, remat: bool = False, q_chunk: int | None = None,
-                 windows: Sequence[int] = ()) -> dict[str, Any]:
+                 windows: Sequence[int] = (), answer: bool = False) -> dict[str, Any]:
     """Profiles the first batch (compiles) then the rest; returns timings and peak memory."""
     from moa_jax.search.profile import profile_items
 
     kw = dict(batch_size=batch_size, mesh=mesh, remat=remat, q_chunk=q_chunk, windows=windows,
-              progress=False)
+              answer=answer, progress=False)
     first = list(items[:batch_size])
     t0 = time.perf_counter()
     profile_items(model, first, length, **kw)
@@ -89,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--q-chunk", type=int, default=None, help="influence rows per step (auto)")
     p.add_argument("--remat", action="store_true", help="recompute activations per layer")
     p.add_argument("--dtype", default="bfloat16", help="weights and compute dtype")
-    p.add_argument("--estimator", choices=("token", "block", "window"), default="block",
-                   help="'window' also scores the rule grid's windows (as the CLI does)")
+    p.add_argument("--estimator", choices=("token", "answer", "block", "window"),
+                   default="block",
+                   help="'window' also scores the rule grid's windows, 'answer' also sums the "
+                        "answer rows' influence (as the CLI does)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of the rule grid")
     p.add_argument("--out", default=None, help="JSON file for the result row")
     args = p.parse_args(argv)
@@ -124,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    device=jax.devices()[0].device_kind, jax=jax.__version__,
                    date=datetime.date.today().isoformat())
         row.update(time_profile(model, items, length, args.batch_size, remat=args.remat,
-                                q_chunk=args.q_chunk, windows=windows))
+                                q_chunk=args.q_chunk, windows=windows,
+                                answer=args.estimator == "answer"))
         row["profile_stage_s"] = round(row["first_batch_s"] + row["steady_s"], 2)
         print(f"profile {args.shape} N={length}: {args.items} items in "
               f"{row['profile_stage_s']} s ({row['seconds_per_item']} s/item steady, first "
