@@ -9,7 +9,9 @@ Steps (see moa_jax/search/*.py for the method):
 1. calibration: long documents (default: the Shakespeare corpus) with the dense model's own
    greedy answers; items at every profile length and held-out items at the validation length,
    cached on disk (resumable).
-2. influence profiling with jax.grad at each profile length (saved per length, resumable).
+2. influence profiling with jax.grad at each profile length (saved per length, resumable);
+   a rule's estimated loss is the influence of the entries it drops in the rows that predict
+   the answer (--estimator answer, the default; see moa_jax/search/profile.py for the others).
 3. candidate rules alpha + beta * N scaled to the profile lengths; a HiGHS MILP per objective
    under the density band at every length (mean over heads, or the KV-cache size with
    --budget-on kv-cache), at most two rules per layer, epsilon-constraint sweep, non-dominated set.
