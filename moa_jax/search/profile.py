@@ -515,14 +515,16 @@ class InfluenceProfile:
                    np.zeros((num_layers, num_heads, length)), windows=np.asarray(windows),
                    answer=np.zeros((num_layers, num_heads, length)) if answer else None)
 
-    def add(self, losses: np.ndarray, blocks, diag, rules, answer=None) -> "InfluenceProfile":
-        """This profile plus one batch's sums (`profile_batch`'s outputs for the real items)."""
+    def add(self, count: int, loss_sum: float, blocks, diag, rules,
+            answer=None) -> "InfluenceProfile":
+        """This profile plus the sums of `count` more items (a batch's `profile_batch`
+        outputs, or another profile's)."""
         if (self.answer is None) != (answer is None):
-            raise ValueError("the batch and the profile disagree on the answer-row sums")
+            raise ValueError("the sums disagree on the answer-row sums")
         return InfluenceProfile(
             self.length, self.sink, self.block, self.blocks + np.asarray(blocks),
-            self.diag + np.asarray(diag), self.count + len(losses),
-            self.loss_sum + float(np.sum(losses)), self.windows, self.rules + np.asarray(rules),
+            self.diag + np.asarray(diag), self.count + int(count), self.loss_sum + float(loss_sum),
+            self.windows, self.rules + np.asarray(rules),
             None if self.answer is None else self.answer + np.asarray(answer))
 
     @property
@@ -545,9 +547,8 @@ class InfluenceProfile:
                 (self.answer is None) != (other.answer is None):
             raise ValueError("cannot merge profiles of different lengths, sinks, windows, "
                              "answer sums or shapes")
-        merged = self.add(np.zeros(other.count), other.blocks, other.diag, other.rules,
-                          other.answer)
-        return dataclasses.replace(merged, loss_sum=self.loss_sum + other.loss_sum)
+        return self.add(other.count, other.loss_sum, other.blocks, other.diag, other.rules,
+                        other.answer)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -669,7 +670,9 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
         losses, blocks, diag, rules, ans = _profile_split(
             graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
             key_groups=key_groups, remat=remat, windows=windows, answer=answer, mesh=mesh)
-        prof = prof.add(losses[:batch.rows], blocks, diag, rules, ans if answer else None)
+        losses = losses[:batch.rows]
+        prof = prof.add(len(losses), float(np.sum(losses)), blocks, diag, rules,
+                        ans if answer else None)
         bar.update(len(losses))
         if on_batch is not None:
             on_batch(prof)
