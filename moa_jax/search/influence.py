@@ -239,7 +239,6 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
     diag = jnp.zeros((h, n), _F32)
     rules = jnp.zeros((h, len(windows)), _F32)
     ans = jnp.zeros((h, n if answer else 0), _F32)
-    rw = row_weights.astype(_F32) if answer else jnp.zeros((b, n), _F32)
     for c0, c1 in _groups(n // q_chunk, key_groups):
         kend = c1 * q_chunk
         kc, vc = k[:, :kend], v[:, :kend]
@@ -282,7 +281,8 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
         starts = jnp.arange(c0, c1, dtype=jnp.int32) * q_chunk
         (dkc, dvc, diag, rules, ans), (dqs, bls) = jax.lax.scan(
             step, (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag, rules, ans),
-            (chunked(q), chunked(dout), chunked(out), chunked(rw), starts))
+            (chunked(q), chunked(dout), chunked(out),
+             chunked(row_weights.astype(_F32)) if answer else None, starts))
         dk = dk.at[:, :kend].add(dkc)
         dv = dv.at[:, :kend].add(dvc)
         dq_parts.append(dqs.swapaxes(0, 1).reshape(b, (c1 - c0) * q_chunk, h, d))
