@@ -11,7 +11,9 @@ Steps (see moa_jax/search/*.py for the method):
    cached on disk (resumable).
 2. influence profiling with jax.grad at each profile length (saved per length, resumable);
    a rule's estimated loss is the influence of the entries it drops in the rows that predict
-   the answer (--estimator answer, the default; see moa_jax/search/profile.py for the others).
+   the answer (--estimator answer, the default: the attention runs on the fastest exact kernel
+   and only the answer rows' influence is recomputed; see moa_jax/search/profile.py for the
+   others, which reduce every row's influence).
 3. candidate rules alpha + beta * N scaled to the profile lengths; a HiGHS MILP per objective
    under the density band at every length (mean over heads, or the KV-cache size with
    --budget-on kv-cache), at most two rules per layer, epsilon-constraint sweep, non-dominated set.
@@ -368,26 +370,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         windows = sorted(w for w in {int(w) for w in grid.windows(n)}
                          | {int(uniform.resolve(n)[0, 0])} if w < n) \
             if args.estimator == "window" else []     # a window >= N drops nothing
+        # the 'answer' estimator needs the answer rows alone (the fast path: any exact
+        # attention kernel, the answer rows recomputed); the others every row's sums
         answer = args.estimator == "answer"
+        token = not answer
         path = pdir / f"profile-{n}-{key}-{args.sink}-v2.npz"
         prof = InfluenceProfile.load(path) if path.exists() else None
         missing = prof is not None and (not set(windows) <= set(prof.windows.tolist())
-                                        or (answer and prof.answer is None))
+                                        or (answer and prof.answer is None)
+                                        or (token and not prof.token))
         if missing:                 # profiled again, keeping the sums the old one had
             _log(f"N={n}: the cached profile lacks the {args.estimator} estimator's sums; "
                  f"profiling again")
             windows = sorted(set(windows) | set(prof.windows.tolist()))
             answer = answer or prof.answer is not None
+            token = token or prof.token or bool(windows)
             prof = None
         if prof is not None:        # a partial profile goes on with the sums it has
             answer = prof.answer is not None
+            token = prof.token
             windows = prof.windows.tolist()
         if prof is not None and prof.count >= len(items[n]):
             _log(f"N={n}: profile loaded from {path}")
         else:
             prof = profile_items(model, items[n], n, sink=args.sink, batch_size=args.batch_size,
                                  q_chunk=args.q_chunk, remat=args.remat, windows=windows,
-                                 answer=answer, progress=progress, profile=prof, mesh=mesh,
+                                 answer=answer, token=token, progress=progress, profile=prof,
+                                 mesh=mesh,
                                  on_batch=lambda p, path=path: p.save(path))
             prof.save(path)
         profiles[n] = prof

@@ -27,7 +27,7 @@ from moa_jax.search.profile import (
     profile_batch,
     profile_items,
 )
-from moa_jax.search.influence import attention_with_influence
+from moa_jax.search.influence import answer_tap, attention_with_influence
 from moa_jax.search.rules import scaled_grid
 
 T = 128
@@ -355,8 +355,93 @@ def test_answer_estimator_reads_the_answer_rows_sums(setup, tmp_path):
     np.testing.assert_allclose(back.merge(prof).answer, 2 * prof.answer)
     with pytest.raises(ValueError, match="no answer-row sums"):
         plain.window_losses(w, "answer")
-    with pytest.raises(ValueError, match="answer sums"):
+    with pytest.raises(ValueError, match="sums"):
         plain.merge(prof)
+
+
+def test_answer_rows_alone_match_the_full_profile(setup, tmp_path):
+    """profile_items(token=False): the answer rows' sums from the dense kernel plus the answer
+    tap equal those of the every-row pass, with the same losses; such a profile has no token
+    sums, refuses the token estimator, survives save/load and merges only with its kind."""
+    model, tokens, batch, _, _, _ = setup
+    rng = np.random.default_rng(5)
+    other = rng.integers(1, CFG.vocab_size, T - 20).tolist()
+    items = [Item(list(batch.tokens[0]), ANSWER_START), Item(other, 70),
+             Item(tokens[:64], 40)]                 # ragged lengths and answer positions
+    full = profile_items(model, items, T, sink=16, batch_size=2, answer=True, progress=False)
+    fast = profile_items(model, items, T, sink=16, batch_size=2, answer=True, token=False,
+                         progress=False)
+    assert not fast.token and fast.blocks is None and fast.diag is None
+    assert fast.count == full.count == 3
+    # on GPU / TPU the fast path's attention kernel takes bfloat16 operands
+    tol = 1e-3 if jax.default_backend() == "cpu" else 5e-2
+    np.testing.assert_allclose(fast.loss_sum, full.loss_sum, rtol=tol / 10)
+    scale = np.abs(full.answer).max()
+    np.testing.assert_allclose(fast.answer, full.answer, rtol=tol, atol=tol / 100 * scale)
+    w = np.array([8, 32, 100])
+    np.testing.assert_allclose(fast.window_losses(w, "answer"), full.window_losses(w, "answer"),
+                               rtol=tol, atol=tol / 100 * scale)
+    with pytest.raises(ValueError, match="answer rows' sums only"):
+        fast.window_losses(w, "token")
+    fast.save(tmp_path / "f.npz")
+    back = InfluenceProfile.load(tmp_path / "f.npz")
+    assert not back.token
+    np.testing.assert_array_equal(back.answer, fast.answer)
+    assert back.merge(fast).count == 6
+    with pytest.raises(ValueError, match="sums"):
+        fast.merge(full)
+    with pytest.raises(ValueError, match="needs the token sums, the answer-row sums or both"):
+        profile_items(model, items, T, sink=16, token=False, progress=False)
+
+
+@pytest.mark.parametrize("sink,windows", [(0, ()), (8, (16, 40, 100))])
+def test_answer_tap_matches_the_every_row_backward(sink, windows):
+    """answer_tap: dL/dout passes through, q/k/v get no gradient from it, and its probes'
+    cotangents are the answer rows' diagonal sums of attention_with_influence (rows anywhere,
+    row 0 included, zero-weight padding) and each row's |renormalised change| per window."""
+    b, n, h, hkv, d = 2, 128, 4, 2, 16
+    rng = np.random.default_rng(sink)
+    q, dout = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(b, n, hkv, d)), jnp.float32) for _ in range(2))
+    rows = jnp.array([[0, 5, 100, 101, 102, 0], [120, 121, 122, 127, 3, 0]])
+    weights = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]], jnp.float32)
+    dense_w = jnp.zeros((b, n)).at[jnp.arange(b)[:, None], rows].max(weights)
+
+    def every_row(pa):
+        return attention_with_influence(q, k, v, jnp.zeros((h, n // 16, n // 16)),
+                                        jnp.zeros((h, n)), jnp.zeros((h, 0)), pa, dense_w, sink,
+                                        16, 32, 2)
+
+    want = jax.vjp(every_row, jnp.zeros((h, n)))[1](dout)[0]
+
+    def tapped(pa, pr, q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return answer_tap(out, q, k, v, pa, pr, rows, weights, sink, windows)
+
+    out, vjp = jax.vjp(tapped, jnp.zeros((h, n)), jnp.zeros((h, len(windows))), q, k, v)
+    got, rule_rows, dq, dk, dv = vjp(dout)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
+    plain = jax.grad(lambda q, k, v: jnp.sum(
+        jax.nn.dot_product_attention(q, k, v, is_causal=True) * dout), argnums=(0, 1, 2))
+    for x, y in zip((dq, dk, dv), plain(q, k, v)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    if windows:        # each answer row's |change| from the dense E of that row
+        a = np.asarray(jax.nn.softmax(jnp.where(
+            jnp.tril(jnp.ones((n, n), bool)),
+            jnp.einsum("bqhd,bshd->bhqs", q, jnp.repeat(k, h // hkv, 2)) * d ** -0.5,
+            -1e30), -1))
+        g = np.asarray(jnp.einsum("bqhd,bshd->bhqs", dout, jnp.repeat(v, h // hkv, 2)))
+        rs = (g * a).sum(-1)
+        want_r = np.zeros((h, len(windows)))
+        for r, w in enumerate(windows):
+            i = np.arange(n)[:, None]
+            j = np.arange(n)[None, :]
+            drop = (i - j >= w) & (j >= sink)
+            s = (a * drop).sum(-1)
+            change = (rs * s - (g * a * drop).sum(-1)) / (1 - s)             # [B, H, N]
+            change = np.where((i[:, 0] - w >= sink)[None, None], change, 0.0)
+            want_r[:, r] = (np.abs(change) * np.asarray(dense_w)[:, None]).sum((0, 2))
+        np.testing.assert_allclose(rule_rows, want_r, rtol=2e-3, atol=1e-6 * want_r.max())
 
 
 def test_attention_chunk_does_not_change_gradients(setup):

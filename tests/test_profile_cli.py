@@ -130,9 +130,11 @@ def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypat
         assert main(argv + ["--no-validate", "--estimator", est]) == 0
 
 
-def test_answer_estimator_profiles_again_without_answer_sums(run_dir, tmp_path):
-    """A cached profile made without the answer rows' sums (e.g. by an older version, or with
-    --estimator token) is profiled again by the default 'answer' estimator, not misread."""
+def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
+    """The default 'answer' estimator profiles the answer rows alone (no every-row sums);
+    --estimator token profiles again and keeps the answer sums; a cached profile without the
+    answer sums (an older version's, or one stripped here) is profiled again by the default,
+    keeping the token sums: nothing is misread."""
     import dataclasses
     import shutil
 
@@ -142,16 +144,19 @@ def test_answer_estimator_profiles_again_without_answer_sums(run_dir, tmp_path):
     pdir = tmp_path / "plan" / "profiles"
     shutil.copytree(out / "plan" / "profiles", pdir)
     files = sorted(pdir.glob("*.npz"))
-    for f in files:
-        dataclasses.replace(InfluenceProfile.load(f), answer=None).save(f)
+    assert files and all(not InfluenceProfile.load(f).token for f in files)
     argv = list(argv)
     argv[argv.index("--out") + 1] = str(tmp_path / "plan")
     assert main(argv + ["--no-validate", "--estimator", "token"]) == 0
-    assert all(InfluenceProfile.load(f).answer is None for f in files)
+    for f in files:
+        prof = InfluenceProfile.load(f)
+        assert prof.token and prof.answer is not None
+        assert 0 < prof.answer.sum() < prof.diag.sum()
+        dataclasses.replace(prof, answer=None).save(f)
     assert main(argv + ["--no-validate"]) == 0
     for f in files:
         prof = InfluenceProfile.load(f)
-        assert prof.answer is not None and prof.answer.sum() > 0
+        assert prof.token and prof.answer is not None and prof.answer.sum() > 0
     assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer"
 
 

@@ -179,7 +179,9 @@ def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: 
         rep["plan_top_kept_ge_0.9"] = float(np.mean([kept[l, h] >= 0.9 for l, h in heads]))
         rep["plan_mean_kept"] = float(kept.mean())
     for pn, prof in sorted(profiles.items()):
-        ests = {"token": prof.window_losses(np.array([pn // 2]))[..., 0]}          # [L, H]
+        ests = {}
+        if prof.token:
+            ests["token"] = prof.window_losses(np.array([pn // 2]))[..., 0]          # [L, H]
         if prof.answer is not None:
             ests["answer"] = prof.window_losses(np.array([pn // 2]), "answer")[..., 0]
         if len(prof.windows):

@@ -47,6 +47,10 @@ Public API:
   attention_with_influence(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer,
                            row_weights, sink, block, q_chunk, key_groups, windows)
                            -> out [B, N, H, D]
+  answer_influence(q, k, v, dout, rows, weights, sink, windows)
+                           -> (answer [H, N], rule_rows [H, R])   (the answer rows alone)
+  answer_tap(out, q, k, v, probe_answer, probe_rule_rows, rows, weights, sink, windows)
+                           -> out (identity; the probes' cotangents are answer_influence)
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 EPS = 1e-6
 _NEG = -1e30
@@ -177,9 +182,10 @@ def attention_with_influence(q: jax.Array, k: jax.Array, v: jax.Array,
     return _forward(q, k, v, q_chunk, key_groups)
 
 
-def _rule_changes(a, g, rs, q0, sink, windows):
-    """[H, R] first-order loss change of each window (module docstring), summed over rows and
-    the batch. a, g [B, H, C, S]; rs [B, H, C, 1].
+def _row_changes(a, g, rs, pos, sink, windows):
+    """[B, H, C, R] first-order loss change of each row when window w_r drops its keys
+    sink <= j <= i - w_r, the row renormalised (module docstring); zero where a window drops
+    nothing. a, g [B, H, C, S]; rs [B, H, C, 1]; pos int [B or 1, C]: the rows' positions.
 
     Written with the kept mass k_i = 1 - s_i and kept k'_i = rowsum(G * A)_i - g_i as
     k'_i / k_i - rowsum(G * A)_i, both summed from the kept side (a prefix for the sinks, a
@@ -195,13 +201,13 @@ def _rule_changes(a, g, rs, q0, sink, windows):
     def suffixes(x):                    # [.., j] = sum over keys >= j (zero past the diagonal)
         return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
 
-    last = (q0 + jnp.arange(c))[:, None] - jnp.asarray(windows, jnp.int32)[None, :]   # [C, R]
-    valid = (last >= sink)[None, None]
-    idx = jnp.broadcast_to(jnp.clip(last + 1, 0, s - 1)[None, None], (b, h, c, len(windows)))
+    last = pos[:, :, None] - jnp.asarray(windows, jnp.int32)[None, None, :]     # [B, C, R]
+    valid = (last >= sink)[:, None]
+    idx = jnp.broadcast_to(jnp.clip(last + 1, 0, s - 1)[:, None], (b, h, c, len(windows)))
     kept_a = prefix(a) + jnp.take_along_axis(suffixes(a), idx, axis=-1)
     kept_ga = prefix(ga) + jnp.take_along_axis(suffixes(ga), idx, axis=-1)
     change = kept_ga / jnp.maximum(kept_a, EPS) - rs
-    return jnp.where(valid, change, 0.0).sum(axis=(0, 2))
+    return jnp.where(valid, change, 0.0)
 
 
 def _fwd(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer, row_weights, sink,
@@ -262,7 +268,8 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
                                          a.reshape(b, hkv, h // hkv, q_chunk, kend),
                                          _grouped(doi, hkv).astype(_F32))
             if windows:
-                rl_acc = rl_acc + _rule_changes(a, g, rs, q0, sink, windows)
+                pos = (q0 + jnp.arange(q_chunk))[None]
+                rl_acc = rl_acc + _row_changes(a, g, rs, pos, sink, windows).sum(axis=(0, 2))
             eb = jnp.abs(_influence(a, g, rs, q0))                   # [B, H, C, S]
             ea = eb.sum(axis=0)
             bl = ea.reshape(h, qb, block, kend // block, block).sum(axis=(2, 4))
@@ -295,3 +302,76 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
 
 
 attention_with_influence.defvjp(_fwd, _bwd)
+
+
+# ----------------------------------------------------------------------------- answer rows only
+def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
+                     rows: jax.Array, weights: jax.Array, sink: int,
+                     windows: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+    """The answer rows' influence sums of one layer, from those rows alone.
+
+    q, dout [B, N, H, D]; k, v [B, N, Hkv, D]; rows int [B, A]: the rows that predict the
+    answer tokens (any positions; padding rows have weight 0); weights float [B, A].
+    Returns (answer float32 [H, N]: each row's |E| times its weight summed along the diagonal
+    offset d = i - j over keys j >= sink, as the `answer` probe of `attention_with_influence`;
+    rule_rows float32 [H, len(windows)]: each row's |first-order loss change| when window w_r
+    drops its keys (row renormalised) times its weight).
+
+    Work and memory are O(B x H x A x N): the answer rows' probabilities are recomputed here,
+    so the attention itself can be any kernel (`answer_tap`); rowsum(G * A) comes from the
+    recomputed float32 A and G, not from that kernel's output.
+    """
+    b, n, h, d = q.shape
+    take = functools.partial(jnp.take_along_axis, indices=rows[:, :, None, None], axis=1)
+    qa, da = take(q), take(dout)                                      # [B, A, H, D]
+    logits = _scores(qa, k) * d ** -0.5                                # [B, H, A, N]
+    keys = jnp.arange(n)
+    mask = (keys[None, None, :] <= rows[:, :, None])[:, None]         # [B, 1, A, N]
+    a = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1), 0.0)
+    g = _scores(da, v)
+    rs = jnp.sum(g * a, axis=-1, keepdims=True)
+    e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
+    e = jnp.where((rows == 0)[:, None, :, None], -a * g, e)           # a single valid key
+    w = weights.astype(_F32)[:, None, :, None]
+    ew = jnp.where(keys >= sink, jnp.abs(e), 0.0) * w
+    # diagonal sums: out[h, d] = sum over rows (b, r) of ew[b, h, r, rows[b, r] - d]
+    j = rows[:, :, None] - keys[None, None, :]                        # [B, A, N] key of offset d
+    per_offset = jnp.take_along_axis(ew, jnp.clip(j, 0, n - 1)[:, None], axis=-1)
+    answer = jnp.where((j >= 0)[:, None], per_offset, 0.0).sum(axis=(0, 2))
+    if windows:
+        change = _row_changes(a, g, rs, rows, sink, windows)          # [B, H, A, R]
+        rule_rows = (jnp.abs(change) * w).sum(axis=(0, 2))
+    else:
+        rule_rows = jnp.zeros((h, 0), _F32)
+    return answer, rule_rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+def answer_tap(out: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
+               probe_answer: jax.Array, probe_rule_rows: jax.Array, rows: jax.Array,
+               weights: jax.Array, sink: int, windows: tuple[int, ...] = ()) -> jax.Array:
+    """Identity on an attention output out [B, N, H, D] computed from q, k, v by any exact
+    causal attention; in the backward pass dL/dout passes through unchanged and the probes'
+    cotangents are `answer_influence` of the answer rows (probe_answer [H, N], probe_rule_rows
+    [H, len(windows)], zeros). q, k, v, rows and weights get no gradient from here.
+
+    With the answer rows only (the 'answer' estimator) the attention and its backward can be
+    the fastest kernel at hand instead of `attention_with_influence`'s chunked jnp pass over
+    every row: the influence costs O(A x N) per head instead of O(N^2).
+    """
+    del q, k, v, probe_answer, probe_rule_rows, rows, weights
+    return out
+
+
+def _tap_fwd(out, q, k, v, probe_answer, probe_rule_rows, rows, weights, sink, windows):
+    return out, (q, k, v, rows, weights)
+
+
+def _tap_bwd(sink, windows, res, dout):
+    q, k, v, rows, weights = res
+    answer, rule_rows = answer_influence(q, k, v, dout, rows, weights, sink, windows)
+    return (dout, jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), answer, rule_rows,
+            np.zeros(rows.shape, jax.dtypes.float0), jnp.zeros_like(weights))
+
+
+answer_tap.defvjp(_tap_fwd, _tap_bwd)

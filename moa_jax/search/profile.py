@@ -20,7 +20,14 @@ query chunk from A, G = dO V^T and rowsum(G * A) = dO . O) to
 
 They come out as the gradients of zero "probes" handed to each layer, so one jitted forward +
 backward of the whole model (`profile_batch`) yields every layer's and head's influence for a
-batch of items; the LM head runs at the answer positions only. Both are summed over items
+batch of items; the LM head runs at the answer positions only.
+
+The 'answer' estimator needs the answer rows alone (`token=False`): then every layer's
+attention is the fastest exact kernel at hand (the Pallas kernel with a dense plan on GPU and
+TPU, the chunked jnp attention on CPU), differentiated by its own backward pass, and
+`influence.answer_tap` recomputes only the A ~ 128 answer rows' probabilities to reduce their
+|E|: O(A x N) influence work per head instead of the every-row pass's O(N^2) float32
+reductions. Both are summed over items
 (`InfluenceProfile` keeps sums and a count; `.mean_*` averages).
 
 Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): 'token' is the sum
@@ -74,7 +81,7 @@ from tqdm.auto import tqdm
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.llama import Llama, rope_inv_freq, scan_layers, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
-from moa_jax.search.influence import attention_with_influence, influence_rows
+from moa_jax.search.influence import answer_tap, attention_with_influence, influence_rows
 
 BLOCK = 64
 ESTIMATORS = ("token", "answer", "block", "window")
@@ -317,10 +324,20 @@ def answer_losses(model: Llama, batches: Sequence[Batch], attention: AttentionBa
 # ----------------------------------------------------------------------------- influence
 @dataclasses.dataclass(frozen=True)
 class InfluenceAttention(AttentionBackend):
-    """Dense causal attention whose per-layer `cache` argument is its zero probes (blocks
-    [H, N/block, N/block], diag [H, N], rules [H, R], answer [H, N] or [H, 0]) and the answer
-    rows' weights [B, N]; the probes' gradients are the layer's influence sums
-    (`moa_jax.search.influence.attention_with_influence`)."""
+    """Dense causal attention whose per-layer `cache` argument is its zero probes; the probes'
+    gradients are the layer's influence sums.
+
+    With `token` (every row's sums): the cache is (blocks [H, N/block, N/block], diag [H, N],
+    rules [H, R], answer [H, N] or [H, 0], the answer rows' weights [B, N] or [B, 0]) and the
+    attention is `moa_jax.search.influence.attention_with_influence` (chunked jnp, every row's
+    |E| reduced in its backward pass).
+
+    Without `token` (the answer rows only, `answer` must be set and `windows` empty): the cache
+    is (answer [H, N], answer rows int [B, A], their weights [B, A]); the attention is the
+    fastest exact kernel at hand (`sparse_attention` with a dense plan on GPU and TPU, the
+    rematerialised chunked jnp attention elsewhere) and `influence.answer_tap` recomputes the
+    answer rows alone in the backward pass.
+    """
 
     sink: int = 64
     block: int = BLOCK
@@ -328,24 +345,52 @@ class InfluenceAttention(AttentionBackend):
     key_groups: int = 4
     windows: tuple[int, ...] = ()
     answer: bool = False      # also the answer rows' diagonal sums
+    token: bool = True        # every row's block and diagonal sums
+    mesh: Any = None
     layer_uniform = True      # every layer's probes have one shape; `layer` is not read
+
+    def __post_init__(self):
+        if not self.token and (not self.answer or self.windows):
+            raise ValueError("without the token sums the profile computes the answer rows' "
+                             "sums only: set answer=True and no windows")
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
         raise NotImplementedError("InfluenceAttention is for single forward/backward passes")
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
-        out = attention_with_influence(q, k, v, *cache, self.sink, self.block, self.q_chunk,
-                                       self.key_groups, self.windows)
-        return out, None
+        if self.token:
+            out = attention_with_influence(q, k, v, *cache, self.sink, self.block, self.q_chunk,
+                                           self.key_groups, self.windows)
+            return out, None
+        probe, rows, weights = cache
+        out = self._dense(q, k, v, positions)
+        empty = jnp.zeros((q.shape[2], 0), jnp.float32)
+        return answer_tap(out, q, k, v, probe, empty, rows, weights, self.sink), None
+
+    def _dense(self, q, k, v, positions):
+        if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+            from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
+            h, n = q.shape[2], k.shape[1]
+            # bfloat16 operands: the kernel's float32 (HIGHEST precision) backward took 603 ms
+            # against 13 ms for SmolLM2's shapes at 8k, batch 4, on an H200
+            # (docs/benchmarks.md); the answer rows' influence is still recomputed in float32
+            lo = [x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in (q, k, v)]
+            out = sparse_attention_on_mesh(*lo, self.mesh, windows=(n,) * h, sinks=(0,) * h)
+            return out.astype(q.dtype)
+        return chunked_attention(q, k, v, positions, q_chunk=self.q_chunk, checkpoint=True,
+                                 key_groups=self.key_groups)
 
 
-def _zero_probes(cfg, length: int, block: int, rules: int, answer: bool):
+def _zero_probes(cfg, length: int, block: int, rules: int, answer: bool, token: bool = True):
     """Every layer's probes, stacked over layers (`trunk(..., scan=True)`)."""
+    layers, heads = cfg.num_layers, cfg.num_heads
+    ans = jnp.zeros((layers, heads, length if answer else 0), jnp.float32)
+    if not token:
+        return (ans,)
     nb = length // block
-    return (jnp.zeros((cfg.num_layers, cfg.num_heads, nb, nb), jnp.float32),
-            jnp.zeros((cfg.num_layers, cfg.num_heads, length), jnp.float32),
-            jnp.zeros((cfg.num_layers, cfg.num_heads, rules), jnp.float32),
-            jnp.zeros((cfg.num_layers, cfg.num_heads, length if answer else 0), jnp.float32))
+    return (jnp.zeros((layers, heads, nb, nb), jnp.float32),
+            jnp.zeros((layers, heads, length), jnp.float32),
+            jnp.zeros((layers, heads, rules), jnp.float32), ans)
 
 
 def answer_rows(tgt_pos: jax.Array, tgt_w: jax.Array, length: int) -> jax.Array:
@@ -361,17 +406,25 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
     model = nnx.merge(graphdef, state)
     cfg = model.config
     b, t = tokens.shape
-    rows = answer_rows(tgt_pos, tgt_w, t) if attention.answer else jnp.zeros((b, 0))
-    rows = jnp.broadcast_to(rows, (cfg.num_layers,) + rows.shape)
+    layers = cfg.num_layers
+    if attention.token:     # every row's sums; the answer rows as [B, N] weights
+        rows = answer_rows(tgt_pos, tgt_w, t) if attention.answer else jnp.zeros((b, 0))
+        extra = (jnp.broadcast_to(rows, (layers,) + rows.shape),)
+    else:                   # the answer rows alone, by position
+        extra = tuple(jnp.broadcast_to(x, (layers,) + x.shape)
+                      for x in (tgt_pos, (tgt_w > 0).astype(jnp.float32)))
 
     def loss(probes):
-        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes + (rows,),
+        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes + extra,
                           remat=remat, scan=True)
         per_item = answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
         return per_item.sum(), per_item
 
     grads, per_item = jax.grad(loss, has_aux=True)(
-        _zero_probes(cfg, t, attention.block, len(attention.windows), attention.answer))
+        _zero_probes(cfg, t, attention.block, len(attention.windows), attention.answer,
+                     attention.token))
+    if not attention.token:
+        return per_item, None, None, jnp.zeros((layers, cfg.num_heads, 0)), grads[0]
     return (per_item,) + tuple(grads)
 
 
@@ -386,23 +439,28 @@ def _split(model: Llama, mesh=None):
 
 def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BLOCK,
                   q_chunk: int | None = None, key_groups: int = 4, remat: bool = False,
-                  windows: Sequence[int] = (), answer: bool = False, mesh=None):
+                  windows: Sequence[int] = (), answer: bool = False, token: bool = True,
+                  mesh=None):
     """Every layer's and head's influence on one batch, from one jitted forward + backward.
 
     L is the sum over items of each item's mean answer cross-entropy, so each item's gradient is
     its own; |E| is summed over the items. `windows`: candidate windows whose first-order loss
     change (with row renormalisation) is returned too (`moa_jax.search.influence`); `answer`:
-    also `diag` over the answer rows only.
-    Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N],
-    rules float32 [L, H, len(windows)], answer_diag float32 [L, H, N] or [L, H, 0]).
+    also `diag` over the answer rows only; `token=False`: the answer rows' sums alone (needs
+    `answer` and no windows), from the fastest exact attention kernel and the answer rows'
+    probabilities recomputed (`influence.answer_tap`): O(A x N) influence work per head instead
+    of O(N^2).
+    Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N]
+    (both None without `token`), rules float32 [L, H, len(windows)], answer_diag float32
+    [L, H, N] or [L, H, 0]).
     """
     return _profile_split(*_split(model, mesh), model.config, batch, sink=sink, block=block,
                           q_chunk=q_chunk, key_groups=key_groups, remat=remat, windows=windows,
-                          answer=answer, mesh=mesh)
+                          answer=answer, token=token, mesh=mesh)
 
 
 def _profile_split(graphdef, state, cfg, batch: Batch, *, sink, block, q_chunk, key_groups,
-                   remat, windows, answer, mesh):
+                   remat, windows, answer, token, mesh):
     """`profile_batch` on a model already split (and sharded) by `_split`."""
     b, n = batch.shape
     if n % block:
@@ -416,7 +474,8 @@ def _profile_split(graphdef, state, cfg, batch: Batch, *, sink, block, q_chunk, 
         from moa_jax.parallel import batch_sharding
         arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
     attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups,
-                                   windows=tuple(int(w) for w in windows), answer=bool(answer))
+                                   windows=tuple(int(w) for w in windows), answer=bool(answer),
+                                   token=bool(token), mesh=mesh)
     losses, *sums = _profile_step(graphdef, state, *arrays, attention=attention, remat=remat)
     return (np.asarray(losses), *sums)
 
@@ -483,6 +542,7 @@ class InfluenceProfile:
     """Sums of |E| over the items profiled at one length.
 
     blocks: float64 [L, H, N/block, N/block]; diag: float64 [L, H, N] (non-sink keys only);
+    both None when only the answer rows were profiled (`profile_items(token=False)`);
     windows: int [R] candidate windows and rules: float64 [L, H, R] their summed first-order
     loss changes (the 'window' estimator), both empty when none were given;
     answer: float64 [L, H, N], `diag` over the answer rows only (the 'answer' estimator), or
@@ -493,8 +553,8 @@ class InfluenceProfile:
     length: int
     sink: int
     block: int
-    blocks: np.ndarray
-    diag: np.ndarray
+    blocks: np.ndarray | None
+    diag: np.ndarray | None
     count: int = 0
     loss_sum: float = 0.0
     windows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
@@ -503,16 +563,32 @@ class InfluenceProfile:
 
     def __post_init__(self):
         self.windows = np.asarray(self.windows, np.int64)
+        if self.diag is None and self.answer is None:
+            raise ValueError("a profile needs the token sums, the answer-row sums or both")
+        if (self.blocks is None) != (self.diag is None):
+            raise ValueError("the block and diagonal sums come together")
         if self.rules is None:
-            self.rules = np.zeros(self.diag.shape[:2] + (len(self.windows),))
+            self.rules = np.zeros(self.heads_shape + (len(self.windows),))
+
+    @property
+    def heads_shape(self) -> tuple[int, int]:
+        """(layers, heads)."""
+        return (self.diag if self.diag is not None else self.answer).shape[:2]
+
+    @property
+    def token(self) -> bool:
+        """Whether every row's sums (the 'token' and 'block' estimators) are here."""
+        return self.diag is not None
 
     @classmethod
     def zeros(cls, num_layers: int, num_heads: int, length: int, sink: int,
               block: int = BLOCK, windows: Sequence[int] = (),
-              answer: bool = False) -> "InfluenceProfile":
+              answer: bool = False, token: bool = True) -> "InfluenceProfile":
         nb = length // block
-        return cls(length, sink, block, np.zeros((num_layers, num_heads, nb, nb)),
-                   np.zeros((num_layers, num_heads, length)), windows=np.asarray(windows),
+        return cls(length, sink, block,
+                   np.zeros((num_layers, num_heads, nb, nb)) if token else None,
+                   np.zeros((num_layers, num_heads, length)) if token else None,
+                   windows=np.asarray(windows),
                    answer=np.zeros((num_layers, num_heads, length)) if answer else None)
 
     def add(self, count: int, loss_sum: float, blocks, diag, rules,
@@ -521,19 +597,30 @@ class InfluenceProfile:
         outputs, or another profile's)."""
         if (self.answer is None) != (answer is None):
             raise ValueError("the sums disagree on the answer-row sums")
+        if self.token != (diag is not None):
+            raise ValueError("the sums disagree on the token sums")
+
+        def plus(mine, more):
+            return None if mine is None else mine + np.asarray(more)
+
         return InfluenceProfile(
-            self.length, self.sink, self.block, self.blocks + np.asarray(blocks),
-            self.diag + np.asarray(diag), self.count + int(count), self.loss_sum + float(loss_sum),
-            self.windows, self.rules + np.asarray(rules),
-            None if self.answer is None else self.answer + np.asarray(answer))
+            self.length, self.sink, self.block, plus(self.blocks, blocks),
+            plus(self.diag, diag), self.count + int(count), self.loss_sum + float(loss_sum),
+            self.windows, self.rules + np.asarray(rules), plus(self.answer, answer))
 
     @property
     def mean_blocks(self) -> np.ndarray:
-        return self.blocks / max(self.count, 1)
+        return self._need_token().blocks / max(self.count, 1)
 
     @property
     def mean_diag(self) -> np.ndarray:
-        return self.diag / max(self.count, 1)
+        return self._need_token().diag / max(self.count, 1)
+
+    def _need_token(self) -> "InfluenceProfile":
+        if self.diag is None:
+            raise ValueError(f"the profile at N={self.length} has the answer rows' sums only; "
+                             f"profile with token=True or use the 'answer' estimator")
+        return self
 
     @property
     def dense_loss(self) -> float:
@@ -541,12 +628,12 @@ class InfluenceProfile:
 
     def merge(self, other: "InfluenceProfile") -> "InfluenceProfile":
         """Sum of two partial profiles (e.g. from different hosts or resumed runs)."""
-        if (self.length, self.sink, self.block, self.diag.shape) != \
-                (other.length, other.sink, other.block, other.diag.shape) or \
+        if (self.length, self.sink, self.block, self.heads_shape, self.token) != \
+                (other.length, other.sink, other.block, other.heads_shape, other.token) or \
                 not np.array_equal(self.windows, other.windows) or \
                 (self.answer is None) != (other.answer is None):
             raise ValueError("cannot merge profiles of different lengths, sinks, windows, "
-                             "answer sums or shapes")
+                             "sums or shapes")
         return self.add(other.count, other.loss_sum, other.blocks, other.diag, other.rules,
                         other.answer)
 
@@ -554,11 +641,11 @@ class InfluenceProfile:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        extra = {} if self.answer is None else {"answer": self.answer}
+        extra = {name: x for name, x in (("answer", self.answer), ("blocks", self.blocks),
+                                         ("diag", self.diag)) if x is not None}
         np.savez_compressed(tmp, length=self.length, sink=self.sink, block=self.block,
-                            blocks=self.blocks, diag=self.diag, count=self.count,
-                            loss_sum=self.loss_sum, windows=self.windows, rules=self.rules,
-                            **extra)
+                            count=self.count, loss_sum=self.loss_sum, windows=self.windows,
+                            rules=self.rules, **extra)
         tmp.replace(path)
         return path
 
@@ -566,7 +653,8 @@ class InfluenceProfile:
     def load(cls, path: str | Path) -> "InfluenceProfile":
         with np.load(path) as z:
             extra = {k: z[k] for k in ("windows", "rules", "answer") if k in z}
-            return cls(int(z["length"]), int(z["sink"]), int(z["block"]), z["blocks"], z["diag"],
+            sums = [z[k] if k in z else None for k in ("blocks", "diag")]
+            return cls(int(z["length"]), int(z["sink"]), int(z["block"]), *sums,
                        int(z["count"]), float(z["loss_sum"]), **extra)
 
     # ------------------------------------------------------------------ estimates
@@ -594,7 +682,7 @@ class InfluenceProfile:
             return suffix[..., np.clip(windows, 0, n)]
         if estimator == "window":
             pos = {int(w): i for i, w in enumerate(self.windows)}
-            out = np.zeros(self.diag.shape[:2] + (len(windows),))
+            out = np.zeros(self.heads_shape + (len(windows),))
             for r, w in enumerate(windows):
                 if w >= n:
                     continue
@@ -631,7 +719,8 @@ class InfluenceProfile:
 def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int = 64,
                   batch_size: int = 1, q_chunk: int | None = None, key_groups: int = 4,
                   remat: bool = False, windows: Sequence[int] = (), answer: bool = False,
-                  pad_id: int | None = None, mesh=None, progress: bool = True,
+                  token: bool = True, pad_id: int | None = None, mesh=None,
+                  progress: bool = True,
                   profile: InfluenceProfile | None = None, on_batch=None) -> InfluenceProfile:
     """Profiles every head on `items` (all of length <= `length`) and returns the summed profile.
 
@@ -645,6 +734,9 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
       remat: recompute each layer's activations in the backward pass (less memory).
       windows: candidate windows for the 'window' estimator (e.g. `grid.windows(length)`).
       answer: also sum the answer rows' |E| (the 'answer' estimator).
+      token: sum every row's |E| (the 'token' and 'block' estimators). `token=False` (with
+        `answer` and no windows) profiles the answer rows alone: the attention runs on the
+        fastest exact kernel and only the answer rows' probabilities are recomputed.
       mesh: optional mesh; batches split over its data axes, parameters by `moa_jax.parallel`.
       profile: a partial profile to continue (its `count` items are skipped).
       on_batch: called with the running profile after every batch (checkpointing).
@@ -656,12 +748,15 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     windows = sorted({int(w) for w in windows if int(w) < length})
     prof = profile or InfluenceProfile.zeros(cfg.num_layers, cfg.num_heads, length, sink,
-                                             windows=windows, answer=answer)
+                                             windows=windows, answer=answer, token=token)
     if list(prof.windows) != windows:
         raise ValueError(f"the partial profile has windows {list(prof.windows)}, not {windows}")
     if (prof.answer is not None) != bool(answer):
         raise ValueError(f"the partial profile {'has' if prof.answer is not None else 'lacks'} "
                          f"answer-row sums, but answer={answer}")
+    if prof.token != bool(token):
+        raise ValueError(f"the partial profile {'has' if prof.token else 'lacks'} the token "
+                         f"sums, but token={token}")
     todo = list(items)[prof.count:]
     bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress,
                unit="item")
@@ -669,7 +764,8 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
     for batch in make_batches(todo, length, batch_size, pad_id, fill=True):
         losses, blocks, diag, rules, ans = _profile_split(
             graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
-            key_groups=key_groups, remat=remat, windows=windows, answer=answer, mesh=mesh)
+            key_groups=key_groups, remat=remat, windows=windows, answer=answer, token=token,
+            mesh=mesh)
         losses = losses[:batch.rows]
         prof = prof.add(len(losses), float(np.sum(losses)), blocks, diag, rules,
                         ans if answer else None)
