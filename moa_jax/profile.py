@@ -87,13 +87,13 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sink", type=int, default=64, help="sink tokens inside every span")
     s.add_argument("--extend-length", type=int, default=None,
                    help="longest length rules must stay valid at (grid filter; default 2*max N)")
-    s.add_argument("--estimator", choices=("token", "answer", "block", "window"),
+    s.add_argument("--estimator", choices=("token", "answer", "answer-max", "block", "window"),
                    default="answer",
                    help="rule loss: sum of |E| over the exact dropped entries (token), over "
-                        "the dropped entries of the rows that predict the answer (answer), or "
-                        "over the reference's 64x64 blocks (block), or the signed first-order "
-                        "loss change of dropping the whole window with rows renormalised "
-                        "(window)")
+                        "the dropped entries of the rows that predict the answer (answer), the "
+                        "largest of those (answer-max, mean over items), or over the "
+                        "reference's 64x64 blocks (block), or the signed first-order loss "
+                        "change of dropping the whole window with rows renormalised (window)")
     s.add_argument("--eps-intervals", type=int, default=2,
                    help="epsilon-constraint points per secondary objective (reference: 4)")
     s.add_argument("--milp-time-limit", type=float, default=30.0,
@@ -372,19 +372,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.estimator == "window" else []     # a window >= N drops nothing
         # the 'answer' estimator needs the answer rows alone (the fast path: any exact
         # attention kernel, the answer rows recomputed); the others every row's sums
-        answer = args.estimator == "answer"
+        answer = args.estimator in ("answer", "answer-max")
         token = not answer
         path = pdir / f"profile-{n}-{key}-{args.sink}-v2.npz"
         prof = InfluenceProfile.load(path) if path.exists() else None
         missing = prof is not None and (not set(windows) <= set(prof.windows.tolist())
                                         or (answer and prof.answer is None)
+                                        or (args.estimator == "answer-max"
+                                            and prof.answer_max is None)
                                         or (token and not prof.token))
         if missing:                 # profiled again, keeping the sums the old one had
             _log(f"N={n}: the cached profile lacks the {args.estimator} estimator's sums; "
                  f"profiling again")
             windows = sorted(set(windows) | set(prof.windows.tolist()))
             answer = answer or prof.answer is not None
-            token = token or prof.token or bool(windows)
+            if args.estimator == "answer-max":      # only the answer-rows pass has the maxima
+                token, windows = False, []
+            else:
+                token = token or prof.token or bool(windows)
             prof = None
         if prof is not None:        # a partial profile goes on with the sums it has
             answer = prof.answer is not None
@@ -526,6 +531,7 @@ def _print_summary(report, plan, lengths, val_n, measured) -> None:
         print(f"  N={n}: {v:.3f} ({report['attention_density'][n]:.3f}; "
               f"{report['kv_cache_density'][n]:.3f})")
     est = {"token": "sum of dropped |E|", "answer": "sum of the answer rows' dropped |E|",
+           "answer-max": "largest dropped |E| of the answer rows",
            "block": "sum of dropped |E| blocks",
            "window": "first-order loss change"}[report["args"]["estimator"]]
     print(f"estimated loss of the plan ({est}) vs one uniform rule:")

@@ -157,7 +157,13 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
     for f in files:
         prof = InfluenceProfile.load(f)
         assert prof.token and prof.answer is not None and prof.answer.sum() > 0
+        assert prof.answer_max is None          # the every-row pass has no answer-row maxima
     assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer"
+    assert main(argv + ["--no-validate", "--estimator", "answer-max"]) == 0
+    for f in files:
+        prof = InfluenceProfile.load(f)
+        assert not prof.token and prof.answer_max is not None and prof.answer_max.max() > 0
+    assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer-max"
 
 
 def test_uniform_estimate_of_an_unprofiled_window_is_unknown():

@@ -91,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--q-chunk", type=int, default=None, help="influence rows per step (auto)")
     p.add_argument("--remat", action="store_true", help="recompute activations per layer")
     p.add_argument("--dtype", default="bfloat16", help="weights and compute dtype")
-    p.add_argument("--estimator", choices=("token", "answer", "block", "window"),
+    p.add_argument("--estimator", choices=("token", "answer", "answer-max", "block", "window"),
                    default="block",
-                   help="'window' also scores the rule grid's windows; 'answer' profiles the "
-                        "answer rows alone on the fastest exact attention kernel (as the CLI "
-                        "does)")
+                   help="'window' also scores the rule grid's windows; 'answer' and "
+                        "'answer-max' profile the answer rows alone on the fastest exact "
+                        "attention kernel (as the CLI does)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of the rule grid")
     p.add_argument("--out", default=None, help="JSON file for the result row")
     args = p.parse_args(argv)
@@ -130,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    date=datetime.date.today().isoformat())
         row.update(time_profile(model, items, length, args.batch_size, remat=args.remat,
                                 q_chunk=args.q_chunk, windows=windows,
-                                answer=args.estimator == "answer",
-                                token=args.estimator != "answer"))
+                                answer=args.estimator in ("answer", "answer-max"),
+                                token=args.estimator not in ("answer", "answer-max")))
         row["profile_stage_s"] = round(row["first_batch_s"] + row["steady_s"], 2)
         print(f"profile {args.shape} N={length}: {args.items} items in "
               f"{row['profile_stage_s']} s ({row['seconds_per_item']} s/item steady, first "

@@ -19,9 +19,8 @@ what a search finds.
 With `--plan`, the report compares the plan's spans with the scores (the share of the top
 retrieval heads the plan keeps dense or nearly); with `--profile-dir` (a profile run's
 `profiles/*.npz`), it ranks heads by their estimated loss at a half-length window and compares
-that ranking with the retrieval scores (with the 'token' estimator, the 'answer' estimator when
-the profile has the answer rows' sums, and the 'window' estimator at the profiled window
-nearest N/2 when the profile has one).
+that ranking with the retrieval scores (with each estimator the profile has the sums for:
+'token', 'answer', 'answer-max', and 'window' at the profiled window nearest N/2).
 
 Outputs: heads.json, heads.png (scores, the plan's spans), oracle_plan.json.
 """
@@ -184,6 +183,8 @@ def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: 
             ests["token"] = prof.window_losses(np.array([pn // 2]))[..., 0]          # [L, H]
         if prof.answer is not None:
             ests["answer"] = prof.window_losses(np.array([pn // 2]), "answer")[..., 0]
+        if prof.answer_max is not None:
+            ests["answer-max"] = prof.window_losses(np.array([pn // 2]), "answer-max")[..., 0]
         if len(prof.windows):
             w = int(prof.windows[np.argmin(np.abs(prof.windows - pn // 2))])
             ests["window"] = prof.window_losses(np.array([w]), "window")[..., 0]

@@ -47,9 +47,9 @@ Public API:
   attention_with_influence(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer,
                            row_weights, sink, block, q_chunk, key_groups, windows)
                            -> out [B, N, H, D]
-  answer_influence(q, k, v, dout, rows, weights, sink, windows)
-                           -> (answer [H, N], rule_rows [H, R])   (the answer rows alone)
-  answer_tap(out, q, k, v, probe_answer, probe_rule_rows, rows, weights, sink, windows)
+  answer_influence(q, k, v, dout, rows, weights, sink)
+                           -> (answer [H, N], answer_max [H, N])   (the answer rows alone)
+  answer_tap(out, q, k, v, probe_answer, probe_max, rows, weights, sink)
                            -> out (identity; the probes' cotangents are answer_influence)
 """
 
@@ -182,10 +182,9 @@ def attention_with_influence(q: jax.Array, k: jax.Array, v: jax.Array,
     return _forward(q, k, v, q_chunk, key_groups)
 
 
-def _row_changes(a, g, rs, pos, sink, windows):
-    """[B, H, C, R] first-order loss change of each row when window w_r drops its keys
-    sink <= j <= i - w_r, the row renormalised (module docstring); zero where a window drops
-    nothing. a, g [B, H, C, S]; rs [B, H, C, 1]; pos int [B or 1, C]: the rows' positions.
+def _rule_changes(a, g, rs, q0, sink, windows):
+    """[H, R] first-order loss change of each window (module docstring), summed over rows and
+    the batch. a, g [B, H, C, S]; rs [B, H, C, 1].
 
     Written with the kept mass k_i = 1 - s_i and kept k'_i = rowsum(G * A)_i - g_i as
     k'_i / k_i - rowsum(G * A)_i, both summed from the kept side (a prefix for the sinks, a
@@ -201,13 +200,13 @@ def _row_changes(a, g, rs, pos, sink, windows):
     def suffixes(x):                    # [.., j] = sum over keys >= j (zero past the diagonal)
         return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
 
-    last = pos[:, :, None] - jnp.asarray(windows, jnp.int32)[None, None, :]     # [B, C, R]
-    valid = (last >= sink)[:, None]
-    idx = jnp.broadcast_to(jnp.clip(last + 1, 0, s - 1)[:, None], (b, h, c, len(windows)))
+    last = (q0 + jnp.arange(c))[:, None] - jnp.asarray(windows, jnp.int32)[None, :]   # [C, R]
+    valid = (last >= sink)[None, None]
+    idx = jnp.broadcast_to(jnp.clip(last + 1, 0, s - 1)[None, None], (b, h, c, len(windows)))
     kept_a = prefix(a) + jnp.take_along_axis(suffixes(a), idx, axis=-1)
     kept_ga = prefix(ga) + jnp.take_along_axis(suffixes(ga), idx, axis=-1)
     change = kept_ga / jnp.maximum(kept_a, EPS) - rs
-    return jnp.where(valid, change, 0.0)
+    return jnp.where(valid, change, 0.0).sum(axis=(0, 2))
 
 
 def _fwd(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer, row_weights, sink,
@@ -268,8 +267,7 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
                                          a.reshape(b, hkv, h // hkv, q_chunk, kend),
                                          _grouped(doi, hkv).astype(_F32))
             if windows:
-                pos = (q0 + jnp.arange(q_chunk))[None]
-                rl_acc = rl_acc + _row_changes(a, g, rs, pos, sink, windows).sum(axis=(0, 2))
+                rl_acc = rl_acc + _rule_changes(a, g, rs, q0, sink, windows)
             eb = jnp.abs(_influence(a, g, rs, q0))                   # [B, H, C, S]
             ea = eb.sum(axis=0)
             bl = ea.reshape(h, qb, block, kend // block, block).sum(axis=(2, 4))
@@ -306,22 +304,24 @@ attention_with_influence.defvjp(_fwd, _bwd)
 
 # ----------------------------------------------------------------------------- answer rows only
 def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
-                     rows: jax.Array, weights: jax.Array, sink: int,
-                     windows: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
-    """The answer rows' influence sums of one layer, from those rows alone.
+                     rows: jax.Array, weights: jax.Array, sink: int
+                     ) -> tuple[jax.Array, jax.Array]:
+    """The answer rows' influence of one layer, from those rows alone.
 
     q, dout [B, N, H, D]; k, v [B, N, Hkv, D]; rows int [B, A]: the rows that predict the
     answer tokens (any positions; padding rows have weight 0); weights float [B, A].
-    Returns (answer float32 [H, N]: each row's |E| times its weight summed along the diagonal
-    offset d = i - j over keys j >= sink, as the `answer` probe of `attention_with_influence`;
-    rule_rows float32 [H, len(windows)]: each row's |first-order loss change| when window w_r
-    drops its keys (row renormalised) times its weight).
+    Returns, over the keys j >= sink and by diagonal offset d = i - j,
+      answer float32 [H, N]: each row's |E| times its weight summed over the rows and the
+        batch (the `answer` probe of `attention_with_influence`);
+      answer_max float32 [H, N]: per item the largest weighted |E| at any offset >= d in any
+        of its rows, summed over the batch: at d = w, the largest single entry that a window
+        w drops (the 'answer-max' estimator).
 
     Work and memory are O(B x H x A x N): the answer rows' probabilities are recomputed here,
     so the attention itself can be any kernel (`answer_tap`); rowsum(G * A) comes from the
     recomputed float32 A and G, not from that kernel's output.
     """
-    b, n, h, d = q.shape
+    n, d = q.shape[1], q.shape[3]
     take = functools.partial(jnp.take_along_axis, indices=rows[:, :, None, None], axis=1)
     qa, da = take(q), take(dout)                                      # [B, A, H, D]
     logits = _scores(qa, k) * d ** -0.5                                # [B, H, A, N]
@@ -332,45 +332,41 @@ def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
     rs = jnp.sum(g * a, axis=-1, keepdims=True)
     e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
     e = jnp.where((rows == 0)[:, None, :, None], -a * g, e)           # a single valid key
-    w = weights.astype(_F32)[:, None, :, None]
-    ew = jnp.where(keys >= sink, jnp.abs(e), 0.0) * w
-    # diagonal sums: out[h, d] = sum over rows (b, r) of ew[b, h, r, rows[b, r] - d]
+    ew = jnp.where(keys >= sink, jnp.abs(e), 0.0) * weights.astype(_F32)[:, None, :, None]
+    # by offset: per_offset[b, h, r, d] = ew[b, h, r, rows[b, r] - d]
     j = rows[:, :, None] - keys[None, None, :]                        # [B, A, N] key of offset d
     per_offset = jnp.take_along_axis(ew, jnp.clip(j, 0, n - 1)[:, None], axis=-1)
-    answer = jnp.where((j >= 0)[:, None], per_offset, 0.0).sum(axis=(0, 2))
-    if windows:
-        change = _row_changes(a, g, rs, rows, sink, windows)          # [B, H, A, R]
-        rule_rows = (jnp.abs(change) * w).sum(axis=(0, 2))
-    else:
-        rule_rows = jnp.zeros((h, 0), _F32)
-    return answer, rule_rows
+    per_offset = jnp.where((j >= 0)[:, None], per_offset, 0.0)
+    answer = per_offset.sum(axis=(0, 2))
+    answer_max = jax.lax.cummax(per_offset.max(axis=2), axis=2, reverse=True).sum(axis=0)
+    return answer, answer_max
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def answer_tap(out: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-               probe_answer: jax.Array, probe_rule_rows: jax.Array, rows: jax.Array,
-               weights: jax.Array, sink: int, windows: tuple[int, ...] = ()) -> jax.Array:
+               probe_answer: jax.Array, probe_max: jax.Array, rows: jax.Array,
+               weights: jax.Array, sink: int) -> jax.Array:
     """Identity on an attention output out [B, N, H, D] computed from q, k, v by any exact
     causal attention; in the backward pass dL/dout passes through unchanged and the probes'
-    cotangents are `answer_influence` of the answer rows (probe_answer [H, N], probe_rule_rows
-    [H, len(windows)], zeros). q, k, v, rows and weights get no gradient from here.
+    cotangents (probe_answer, probe_max [H, N], zeros) are `answer_influence` of the answer
+    rows. q, k, v, rows and weights get no gradient from here.
 
-    With the answer rows only (the 'answer' estimator) the attention and its backward can be
+    With the answer rows only (the 'answer' estimators) the attention and its backward can be
     the fastest kernel at hand instead of `attention_with_influence`'s chunked jnp pass over
     every row: the influence costs O(A x N) per head instead of O(N^2).
     """
-    del q, k, v, probe_answer, probe_rule_rows, rows, weights
+    del q, k, v, probe_answer, probe_max, rows, weights
     return out
 
 
-def _tap_fwd(out, q, k, v, probe_answer, probe_rule_rows, rows, weights, sink, windows):
+def _tap_fwd(out, q, k, v, probe_answer, probe_max, rows, weights, sink):
     return out, (q, k, v, rows, weights)
 
 
-def _tap_bwd(sink, windows, res, dout):
+def _tap_bwd(sink, res, dout):
     q, k, v, rows, weights = res
-    answer, rule_rows = answer_influence(q, k, v, dout, rows, weights, sink, windows)
-    return (dout, jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), answer, rule_rows,
+    answer, answer_max = answer_influence(q, k, v, dout, rows, weights, sink)
+    return (dout, jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), answer, answer_max,
             np.zeros(rows.shape, jax.dtypes.float0), jnp.zeros_like(weights))
 
 

@@ -37,7 +37,11 @@ predict the answer tokens only: the document rows' far entries reach the loss on
 layers and their many small |E| drown the few rows where a head retrieves for the answer (on
 SmolLM2, 50 items per length, it ranks the measured retrieval heads at Spearman 0.50-0.53
 against 0.37-0.42 for 'token', and its plan keeps 0.82 / 0.74 / 0.70 of the needles at 2k / 4k /
-8k against 0.70 / 0.62 / 0.62: docs/results.md). 'block' is the reference's estimator, the sum
+8k against 0.70 / 0.62 / 0.62: docs/results.md). 'answer-max' scores a window by the largest
+single answer-row |E| it drops, averaged over items: a retrieval head's loss is not linear in
+the entries it loses (missing the one fact costs the answer). On a CPU diagnostic (6 items at
+2k, window N/2) its top 40 held 17 of the 20 measured retrieval heads against 15 for 'answer'
+(Spearman 0.52 and 0.55); its plans are not evaluated yet (docs/results.md). 'block' is the reference's estimator, the sum
 over whole 64 x 64 blocks a block-aligned window drops (query block m keeps the sink blocks and
 the last ceil(w/64) blocks up to the diagonal); with 64-token granularity and 64 sinks it differs
 from 'token' only in the partial diagonal block. 'window' (given the candidate windows when
@@ -52,7 +56,8 @@ Public API:
   InfluenceAttention(sink, block, q_chunk, windows)  backend whose probes' gradients are the
                                                       influence
   profile_batch(model, batch, ...) -> (losses [B], blocks [L, H, nb, nb], diag [L, H, N],
-                                       rules [L, H, R], answer [L, H, N or 0])
+                                       rules [L, H, R], answer [L, H, N or 0],
+                                       answer_max [L, H, N] or None)
   answer_rows(tgt_pos, tgt_w, length) -> [B, N] 0/1 rows that predict an answer token
   profile_items(model, items, length, ...) -> InfluenceProfile
   layer_influence(q, k, v, dout, sink, block, q_chunk) -> (blocks, diag)   (one layer)
@@ -84,7 +89,7 @@ from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.search.influence import answer_tap, attention_with_influence, influence_rows
 
 BLOCK = 64
-ESTIMATORS = ("token", "answer", "block", "window")
+ESTIMATORS = ("token", "answer", "answer-max", "block", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,7 +338,8 @@ class InfluenceAttention(AttentionBackend):
     |E| reduced in its backward pass).
 
     Without `token` (the answer rows only, `answer` must be set and `windows` empty): the cache
-    is (answer [H, N], answer rows int [B, A], their weights [B, A]); the attention is the
+    is (answer [H, N], answer_max [H, N], answer rows int [B, A], their weights [B, A]); the
+    attention is the
     fastest exact kernel at hand (`sparse_attention` with a dense plan on GPU and TPU, the
     rematerialised chunked jnp attention elsewhere) and `influence.answer_tap` recomputes the
     answer rows alone in the backward pass.
@@ -362,10 +368,9 @@ class InfluenceAttention(AttentionBackend):
             out = attention_with_influence(q, k, v, *cache, self.sink, self.block, self.q_chunk,
                                            self.key_groups, self.windows)
             return out, None
-        probe, rows, weights = cache
+        probe, probe_max, rows, weights = cache
         out = self._dense(q, k, v, positions)
-        empty = jnp.zeros((q.shape[2], 0), jnp.float32)
-        return answer_tap(out, q, k, v, probe, empty, rows, weights, self.sink), None
+        return answer_tap(out, q, k, v, probe, probe_max, rows, weights, self.sink), None
 
     def _dense(self, q, k, v, positions):
         if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
@@ -386,7 +391,7 @@ def _zero_probes(cfg, length: int, block: int, rules: int, answer: bool, token: 
     layers, heads = cfg.num_layers, cfg.num_heads
     ans = jnp.zeros((layers, heads, length if answer else 0), jnp.float32)
     if not token:
-        return (ans,)
+        return ans, ans
     nb = length // block
     return (jnp.zeros((layers, heads, nb, nb), jnp.float32),
             jnp.zeros((layers, heads, length), jnp.float32),
@@ -424,8 +429,8 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
         _zero_probes(cfg, t, attention.block, len(attention.windows), attention.answer,
                      attention.token))
     if not attention.token:
-        return per_item, None, None, jnp.zeros((layers, cfg.num_heads, 0)), grads[0]
-    return (per_item,) + tuple(grads)
+        return per_item, None, None, jnp.zeros((layers, cfg.num_heads, 0)), *grads
+    return (per_item,) + tuple(grads) + (None,)
 
 
 def _split(model: Llama, mesh=None):
@@ -452,7 +457,8 @@ def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BL
     of O(N^2).
     Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N]
     (both None without `token`), rules float32 [L, H, len(windows)], answer_diag float32
-    [L, H, N] or [L, H, 0]).
+    [L, H, N] or [L, H, 0], answer_max float32 [L, H, N] without `token`, else None: per item
+    the largest answer-row |E| at any offset >= d, summed over the batch).
     """
     return _profile_split(*_split(model, mesh), model.config, batch, sink=sink, block=block,
                           q_chunk=q_chunk, key_groups=key_groups, remat=remat, windows=windows,
@@ -547,6 +553,8 @@ class InfluenceProfile:
     loss changes (the 'window' estimator), both empty when none were given;
     answer: float64 [L, H, N], `diag` over the answer rows only (the 'answer' estimator), or
     None when not profiled;
+    answer_max: float64 [L, H, N], summed over items: the item's largest answer-row |E| at any
+    offset >= d (the 'answer-max' estimator; profiled with the answer rows alone), or None;
     count: items summed; loss_sum: sum of the items' dense answer losses.
     """
 
@@ -560,6 +568,7 @@ class InfluenceProfile:
     windows: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     rules: np.ndarray | None = None
     answer: np.ndarray | None = None
+    answer_max: np.ndarray | None = None
 
     def __post_init__(self):
         self.windows = np.asarray(self.windows, np.int64)
@@ -589,13 +598,15 @@ class InfluenceProfile:
                    np.zeros((num_layers, num_heads, nb, nb)) if token else None,
                    np.zeros((num_layers, num_heads, length)) if token else None,
                    windows=np.asarray(windows),
-                   answer=np.zeros((num_layers, num_heads, length)) if answer else None)
+                   answer=np.zeros((num_layers, num_heads, length)) if answer else None,
+                   answer_max=None if token else np.zeros((num_layers, num_heads, length)))
 
     def add(self, count: int, loss_sum: float, blocks, diag, rules,
-            answer=None) -> "InfluenceProfile":
+            answer=None, answer_max=None) -> "InfluenceProfile":
         """This profile plus the sums of `count` more items (a batch's `profile_batch`
         outputs, or another profile's)."""
-        if (self.answer is None) != (answer is None):
+        if (self.answer is None) != (answer is None) or \
+                (self.answer_max is None) != (answer_max is None):
             raise ValueError("the sums disagree on the answer-row sums")
         if self.token != (diag is not None):
             raise ValueError("the sums disagree on the token sums")
@@ -606,7 +617,8 @@ class InfluenceProfile:
         return InfluenceProfile(
             self.length, self.sink, self.block, plus(self.blocks, blocks),
             plus(self.diag, diag), self.count + int(count), self.loss_sum + float(loss_sum),
-            self.windows, self.rules + np.asarray(rules), plus(self.answer, answer))
+            self.windows, self.rules + np.asarray(rules), plus(self.answer, answer),
+            plus(self.answer_max, answer_max))
 
     @property
     def mean_blocks(self) -> np.ndarray:
@@ -631,18 +643,20 @@ class InfluenceProfile:
         if (self.length, self.sink, self.block, self.heads_shape, self.token) != \
                 (other.length, other.sink, other.block, other.heads_shape, other.token) or \
                 not np.array_equal(self.windows, other.windows) or \
-                (self.answer is None) != (other.answer is None):
+                (self.answer is None) != (other.answer is None) or \
+                (self.answer_max is None) != (other.answer_max is None):
             raise ValueError("cannot merge profiles of different lengths, sinks, windows, "
                              "sums or shapes")
         return self.add(other.count, other.loss_sum, other.blocks, other.diag, other.rules,
-                        other.answer)
+                        other.answer, other.answer_max)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        extra = {name: x for name, x in (("answer", self.answer), ("blocks", self.blocks),
-                                         ("diag", self.diag)) if x is not None}
+        extra = {name: x for name, x in (("answer", self.answer), ("answer_max", self.answer_max),
+                                         ("blocks", self.blocks), ("diag", self.diag))
+                 if x is not None}
         np.savez_compressed(tmp, length=self.length, sink=self.sink, block=self.block,
                             count=self.count, loss_sum=self.loss_sum, windows=self.windows,
                             rules=self.rules, **extra)
@@ -652,7 +666,7 @@ class InfluenceProfile:
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceProfile":
         with np.load(path) as z:
-            extra = {k: z[k] for k in ("windows", "rules", "answer") if k in z}
+            extra = {k: z[k] for k in ("windows", "rules", "answer", "answer_max") if k in z}
             sums = [z[k] if k in z else None for k in ("blocks", "diag")]
             return cls(int(z["length"]), int(z["sink"]), int(z["block"]), *sums,
                        int(z["count"]), float(z["loss_sum"]), **extra)
@@ -663,7 +677,9 @@ class InfluenceProfile:
 
         'token': sum of mean |E| over entries with i - j >= w and j >= sink (exactly the
         entries `window_sink_mask` drops). 'answer': the same over the answer rows only (the
-        profile must have them). 'window': the mean first-order loss change of the
+        profile must have them). 'answer-max': the mean over items of the largest single |E|
+        among those answer-row entries (a head that fetches one far fact costs its whole
+        influence as soon as the window drops it, however few entries that is). 'window': the mean first-order loss change of the
         whole window with rows renormalised (signed; each window must be one the profile was
         made with). 'block': the reference's block form: query block m
         keeps key blocks below ceil(sink/block) and the last ceil(w/block) blocks up to the
@@ -680,6 +696,13 @@ class InfluenceProfile:
             suffix = np.concatenate([np.cumsum(d[..., ::-1], axis=-1)[..., ::-1],
                                      np.zeros(d.shape[:-1] + (1,))], axis=-1)
             return suffix[..., np.clip(windows, 0, n)]
+        if estimator == "answer-max":
+            if self.answer_max is None:
+                raise ValueError(f"the profile at N={n} has no answer-row maxima; profile the "
+                                 f"answer rows alone (token=False)")
+            m = np.concatenate([self.answer_max, np.zeros(self.answer_max.shape[:-1] + (1,))],
+                               axis=-1) / max(self.count, 1)
+            return m[..., np.clip(windows, 0, n)]
         if estimator == "window":
             pos = {int(w): i for i, w in enumerate(self.windows)}
             out = np.zeros(self.heads_shape + (len(windows),))
@@ -762,13 +785,13 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
                unit="item")
     graphdef, state = _split(model, mesh)          # once: parameters sharded once
     for batch in make_batches(todo, length, batch_size, pad_id, fill=True):
-        losses, blocks, diag, rules, ans = _profile_split(
+        losses, blocks, diag, rules, ans, ans_max = _profile_split(
             graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
             key_groups=key_groups, remat=remat, windows=windows, answer=answer, token=token,
             mesh=mesh)
         losses = losses[:batch.rows]
         prof = prof.add(len(losses), float(np.sum(losses)), blocks, diag, rules,
-                        ans if answer else None)
+                        ans if answer else None, ans_max)
         bar.update(len(losses))
         if on_batch is not None:
             on_batch(prof)
