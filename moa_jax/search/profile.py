@@ -27,8 +27,8 @@ attention is the fastest exact kernel at hand (the Pallas kernel with a dense pl
 TPU, the chunked jnp attention on CPU), differentiated by its own backward pass, and
 `influence.answer_tap` recomputes only the A ~ 128 answer rows' probabilities to reduce their
 |E|: O(A x N) influence work per head instead of the every-row pass's O(N^2) float32
-reductions. Both are summed over items
-(`InfluenceProfile` keeps sums and a count; `.mean_*` averages).
+reductions. Every sum is summed over items (`InfluenceProfile` keeps sums and a count;
+`.mean_*` averages).
 
 Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): 'token' is the sum
 of mean |E| over exactly the entries the kernels drop for that rule at length N (the window from
@@ -41,12 +41,13 @@ against 0.37-0.42 for 'token', and its plan keeps 0.82 / 0.74 / 0.70 of the need
 single answer-row |E| it drops, averaged over items: a retrieval head's loss is not linear in
 the entries it loses (missing the one fact costs the answer). On a CPU diagnostic (6 items at
 2k, window N/2) its top 40 held 17 of the 20 measured retrieval heads against 15 for 'answer'
-(Spearman 0.52 and 0.55); its plans are not evaluated yet (docs/results.md). 'block' is the reference's estimator, the sum
-over whole 64 x 64 blocks a block-aligned window drops (query block m keeps the sink blocks and
-the last ceil(w/64) blocks up to the diagonal); with 64-token granularity and 64 sinks it differs
-from 'token' only in the partial diagonal block. 'window' (given the candidate windows when
-profiling) is the signed first-order loss change of dropping the whole window in every row at
-once, rows renormalised; its plans scored below the uniform window (docs/results.md).
+(Spearman 0.52 and 0.55); its plans are not evaluated yet (docs/results.md). 'block' is the
+reference's estimator, the sum over whole 64 x 64 blocks a block-aligned window drops (query
+block m keeps the sink blocks and the last ceil(w/64) blocks up to the diagonal); with 64-token
+granularity and 64 sinks it differs from 'token' only in the partial diagonal block. 'window'
+(given the candidate windows when profiling) is the signed first-order loss change of dropping
+the whole window in every row at once, rows renormalised; its plans scored below the uniform
+window (docs/results.md).
 
 Memory: per layer O(B x H x q_chunk x N) for the attention and its influence (no N x N
 matrix), plus the model's activations for the backward pass (`remat=True` recomputes them per
@@ -339,10 +340,9 @@ class InfluenceAttention(AttentionBackend):
 
     Without `token` (the answer rows only, `answer` must be set and `windows` empty): the cache
     is (answer [H, N], answer_max [H, N], answer rows int [B, A], their weights [B, A]); the
-    attention is the
-    fastest exact kernel at hand (`sparse_attention` with a dense plan on GPU and TPU, the
-    rematerialised chunked jnp attention elsewhere) and `influence.answer_tap` recomputes the
-    answer rows alone in the backward pass.
+    attention is the fastest exact kernel at hand (`sparse_attention` with a dense plan on GPU
+    and TPU, the rematerialised chunked jnp attention elsewhere) and `influence.answer_tap`
+    recomputes the answer rows alone in the backward pass.
     """
 
     sink: int = 64
@@ -679,11 +679,11 @@ class InfluenceProfile:
         entries `window_sink_mask` drops). 'answer': the same over the answer rows only (the
         profile must have them). 'answer-max': the mean over items of the largest single |E|
         among those answer-row entries (a head that fetches one far fact costs its whole
-        influence as soon as the window drops it, however few entries that is). 'window': the mean first-order loss change of the
-        whole window with rows renormalised (signed; each window must be one the profile was
-        made with). 'block': the reference's block form: query block m
-        keeps key blocks below ceil(sink/block) and the last ceil(w/block) blocks up to the
-        diagonal; every other causal block's sum counts.
+        influence as soon as the window drops it, however few entries that is). 'window':
+        the mean first-order loss change of the whole window with rows renormalised (signed;
+        each window must be one the profile was made with). 'block': the reference's block
+        form: query block m keeps key blocks below ceil(sink/block) and the last
+        ceil(w/block) blocks up to the diagonal; every other causal block's sum counts.
         """
         windows = np.asarray(windows, np.int64)
         n = self.length
