@@ -17,6 +17,7 @@ from moa_jax.models.llama import forward, init_random
 from moa_jax.models.masked_attention import MaskedAttention
 from moa_jax.pallas_kernels.reference import window_sink_mask
 from moa_jax.search.profile import (
+    InfluenceAttention,
     InfluenceProfile,
     answer_grads,
     answer_rows,
@@ -400,6 +401,36 @@ def test_answer_rows_alone_match_the_full_profile(setup, tmp_path):
         fast.merge(full)
     with pytest.raises(ValueError, match="needs the token sums, the answer-row sums or both"):
         profile_items(model, items, T, sink=16, token=False, progress=False)
+
+
+def test_answer_rows_pass_on_the_pallas_kernel():
+    """The accelerators' branch of the answer-rows pass (the Pallas kernel with bfloat16
+    operands, here in interpret mode) gives the jnp branch's layer output, input gradients and
+    answer sums to bfloat16 accuracy."""
+    b, n, h, hkv, d = 1, 128, 4, 2, 16
+    rng = np.random.default_rng(3)
+    q, dout = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(b, n, hkv, d)), jnp.float32) for _ in range(2))
+    rows = jnp.arange(96, 128)[None] - 1
+    weights = jnp.ones((b, 32), jnp.float32)
+    positions = jnp.arange(n)[None]
+
+    def run(kernel):
+        att = InfluenceAttention(sink=8, q_chunk=32, answer=True, token=False, kernel=kernel)
+
+        def f(pa, pm, q, k, v):
+            return att(q, k, v, layer=0, positions=positions,
+                       cache=(pa, pm, rows, weights))[0]
+
+        out, vjp = jax.vjp(f, jnp.zeros((h, n)), jnp.zeros((h, n)), q, k, v)
+        return (out,) + vjp(dout)
+
+    for want, got in zip(run("jnp"), run("pallas")):
+        assert got.dtype == want.dtype == jnp.float32
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=3e-2, atol=2e-2 * scale)
+    with pytest.raises(ValueError, match="kernel must be"):
+        InfluenceAttention(answer=True, token=False, kernel="cudnn")
 
 
 @pytest.mark.parametrize("sink", [0, 8])

@@ -352,6 +352,7 @@ class InfluenceAttention(AttentionBackend):
     windows: tuple[int, ...] = ()
     answer: bool = False      # also the answer rows' diagonal sums
     token: bool = True        # every row's block and diagonal sums
+    kernel: str = "auto"      # answer rows alone: 'pallas', 'jnp' or 'auto' (pallas on GPU/TPU)
     mesh: Any = None
     layer_uniform = True      # every layer's probes have one shape; `layer` is not read
 
@@ -359,6 +360,8 @@ class InfluenceAttention(AttentionBackend):
         if not self.token and (not self.answer or self.windows):
             raise ValueError("without the token sums the profile computes the answer rows' "
                              "sums only: set answer=True and no windows")
+        if self.kernel not in ("auto", "pallas", "jnp"):
+            raise ValueError(f"kernel must be 'auto', 'pallas' or 'jnp', got {self.kernel!r}")
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
         raise NotImplementedError("InfluenceAttention is for single forward/backward passes")
@@ -373,7 +376,10 @@ class InfluenceAttention(AttentionBackend):
         return answer_tap(out, q, k, v, probe, probe_max, rows, weights, self.sink), None
 
     def _dense(self, q, k, v, positions):
-        if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "jnp"
+        if kernel == "pallas":      # (interpret mode off GPU / TPU)
             from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
             h, n = q.shape[2], k.shape[1]
             # bfloat16 operands: the kernel's float32 (HIGHEST precision) backward took 603 ms
