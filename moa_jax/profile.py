@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         windows = sorted(w for w in {int(w) for w in grid.windows(n)}
                          | {int(uniform.resolve(n)[0, 0])} if w < n) \
             if args.estimator == "window" else []     # a window >= N drops nothing
-        # the 'answer' estimator needs the answer rows alone (the fast path: any exact
+        # the 'answer' estimators need the answer rows alone (the fast path: any exact
         # attention kernel, the answer rows recomputed); the others every row's sums
         answer = args.estimator in ("answer", "answer-max")
         token = not answer

@@ -128,10 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    estimator=args.estimator, windows=len(windows),
                    device=jax.devices()[0].device_kind, jax=jax.__version__,
                    date=datetime.date.today().isoformat())
+        rows_only = args.estimator in ("answer", "answer-max")     # the answer-rows pass
         row.update(time_profile(model, items, length, args.batch_size, remat=args.remat,
-                                q_chunk=args.q_chunk, windows=windows,
-                                answer=args.estimator in ("answer", "answer-max"),
-                                token=args.estimator not in ("answer", "answer-max")))
+                                q_chunk=args.q_chunk, windows=windows, answer=rows_only,
+                                token=not rows_only))
         row["profile_stage_s"] = round(row["first_batch_s"] + row["steady_s"], 2)
         print(f"profile {args.shape} N={length}: {args.items} items in "
               f"{row['profile_stage_s']} s ({row['seconds_per_item']} s/item steady, first "
