@@ -11,9 +11,10 @@ Steps (see moa_jax/search/*.py for the method):
    cached on disk (resumable).
 2. influence profiling with jax.grad at each profile length (saved per length, resumable);
    a rule's estimated loss is the influence of the entries it drops in the rows that predict
-   the answer (--estimator answer, the default: the attention runs on the fastest exact kernel
-   and only the answer rows' influence is recomputed; see moa_jax/search/profile.py for the
-   others, which reduce every row's influence).
+   the answer plus, on the same scale, the attention those rows put on earlier places of the
+   tokens they predict that it drops (--estimator answer-copy, the default: the attention runs
+   on the fastest exact kernel and only the answer rows are recomputed; see
+   moa_jax/search/profile.py for the others).
 3. candidate rules alpha + beta * N scaled to the profile lengths; a HiGHS MILP per objective
    under the density band at every length (mean over heads, or the KV-cache size with
    --budget-on kv-cache), at most two rules per layer, epsilon-constraint sweep, non-dominated set.
@@ -37,6 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from moa_jax.cli import atomic_write_text
+from moa_jax.search.estimators import (ESTIMATORS, FAST_PATH_ESTIMATORS,
+                                       ROWS_ONLY_ESTIMATORS)
 
 FAST = dict(lengths=[512, 1024, 2048], items=[1], validation_length=3072, validation_items=1,
             answer_tokens=48, eps_intervals=1, max_candidates=2)
@@ -87,13 +90,14 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sink", type=int, default=64, help="sink tokens inside every span")
     s.add_argument("--extend-length", type=int, default=None,
                    help="longest length rules must stay valid at (grid filter; default 2*max N)")
-    s.add_argument("--estimator", choices=("token", "answer", "answer-max", "block", "window"),
-                   default="answer",
+    s.add_argument("--estimator", choices=tuple(ESTIMATORS), default="answer-copy",
                    help="rule loss: sum of |E| over the exact dropped entries (token), over "
                         "the dropped entries of the rows that predict the answer (answer), the "
-                        "largest of those (answer-max, mean over items), or over the "
-                        "reference's 64x64 blocks (block), or the signed first-order loss "
-                        "change of dropping the whole window with rows renormalised (window)")
+                        "largest of those (answer-max, mean over items), the answer rows' "
+                        "dropped attention on earlier places of the tokens they predict "
+                        "(copy), answer + copy on one scale (answer-copy), the reference's "
+                        "64x64 blocks (block), or the signed first-order loss change of "
+                        "dropping the whole window with rows renormalised (window)")
     s.add_argument("--eps-intervals", type=int, default=2,
                    help="epsilon-constraint points per secondary objective (reference: 4)")
     s.add_argument("--milp-time-limit", type=float, default=30.0,
@@ -372,21 +376,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.estimator == "window" else []     # a window >= N drops nothing
         # the 'answer' estimators need the answer rows alone (the fast path: any exact
         # attention kernel, the answer rows recomputed); the others every row's sums
-        answer = args.estimator in ("answer", "answer-max")
+        answer = args.estimator in ROWS_ONLY_ESTIMATORS
+        fast_only = args.estimator in FAST_PATH_ESTIMATORS
         token = not answer
         path = pdir / f"profile-{n}-{key}-{args.sink}-v2.npz"
         prof = InfluenceProfile.load(path) if path.exists() else None
         missing = prof is not None and (not set(windows) <= set(prof.windows.tolist())
                                         or (answer and prof.answer is None)
-                                        or (args.estimator == "answer-max"
-                                            and prof.answer_max is None)
+                                        or (fast_only and (prof.answer_max is None
+                                                           or prof.copy is None))
                                         or (token and not prof.token))
         if missing:                 # profiled again, keeping the sums the old one had
             _log(f"N={n}: the cached profile lacks the {args.estimator} estimator's sums; "
                  f"profiling again")
             windows = sorted(set(windows) | set(prof.windows.tolist()))
             answer = answer or prof.answer is not None
-            if args.estimator == "answer-max":      # only the answer-rows pass has the maxima
+            if fast_only:           # only the answer-rows pass has the maxima and copy sums
                 token, windows = False, []
             else:
                 token = token or prof.token or bool(windows)
@@ -530,10 +535,7 @@ def _print_summary(report, plan, lengths, val_n, measured) -> None:
     for n, v in report["kv_density"].items():
         print(f"  N={n}: {v:.3f} ({report['attention_density'][n]:.3f}; "
               f"{report['kv_cache_density'][n]:.3f})")
-    est = {"token": "sum of dropped |E|", "answer": "sum of the answer rows' dropped |E|",
-           "answer-max": "largest dropped |E| of the answer rows",
-           "block": "sum of dropped |E| blocks",
-           "window": "first-order loss change"}[report["args"]["estimator"]]
+    est = ESTIMATORS[report["args"]["estimator"]]
     print(f"estimated loss of the plan ({est}) vs one uniform rule:")
     for n in lengths:
         u = report["uniform_baseline"]["estimated_loss"][str(n)]

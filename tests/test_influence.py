@@ -201,12 +201,13 @@ def test_whole_model_profile_matches_per_layer_influence(setup):
     """profile_batch (one jitted forward + backward, influence from the probes' gradients) gives
     each layer's block and diagonal sums as layer_influence on that layer's own dL/dO."""
     model, _, batch, losses, dout, qkv = setup
-    got_losses, blocks, diag, _, no_answer, _ = profile_batch(model, batch, sink=16, block=16,
-                                                           q_chunk=32)
-    np.testing.assert_allclose(got_losses, losses, rtol=1e-5)
-    assert no_answer.shape == (CFG.num_layers, CFG.num_heads, 0)
-    _, blocks_r, diag_r, _, answer, _ = profile_batch(model, batch, sink=16, block=16, q_chunk=32,
-                                                   remat=True, answer=True)
+    sums = profile_batch(model, batch, sink=16, block=16, q_chunk=32)
+    blocks, diag = sums.blocks, sums.diag
+    np.testing.assert_allclose(sums.losses, losses, rtol=1e-5)
+    assert sums.answer.shape == (CFG.num_layers, CFG.num_heads, 0)
+    assert sums.answer_max is None and sums.copy is None
+    again = profile_batch(model, batch, sink=16, block=16, q_chunk=32, remat=True, answer=True)
+    blocks_r, diag_r, answer = again.blocks, again.diag, again.answer
     rows = np.asarray(answer_rows(jnp.asarray(batch.tgt_pos), jnp.asarray(batch.tgt_w), T))
     assert rows.sum() == (batch.tgt_w > 0).sum() and rows[:, :ANSWER_START - 1].sum() == 0
     np.testing.assert_allclose(np.asarray(blocks_r), np.asarray(blocks), rtol=1e-5, atol=1e-9)
@@ -396,7 +397,18 @@ def test_answer_rows_alone_match_the_full_profile(setup, tmp_path):
     assert not back.token
     np.testing.assert_array_equal(back.answer, fast.answer)
     np.testing.assert_array_equal(back.answer_max, fast.answer_max)
+    np.testing.assert_array_equal(back.copy, fast.copy)
     assert back.merge(fast).count == 6
+    # 'copy': dropped attention on the predicted tokens' earlier places, only from this pass
+    cp = fast.window_losses(np.array([0, 1, 8, 32, 100, T]), "copy")
+    assert np.all(np.diff(cp, axis=-1) <= 1e-12) and np.all(cp[..., -1] == 0) and cp.max() > 0
+    most = max(len(it.tokens) - it.answer_start for it in items)
+    assert np.all(cp[..., 0] <= most + 1e-6)                # at most one unit per answer row
+    both = fast.window_losses(np.array([T // 2]), "answer-copy")
+    ans = fast.window_losses(np.array([T // 2]), "answer")
+    np.testing.assert_allclose(both.sum(), 2 * ans.sum(), rtol=1e-9)    # equal totals at N/2
+    with pytest.raises(ValueError, match="no copy sums"):
+        full.window_losses(w, "copy")
     with pytest.raises(ValueError, match="sums"):
         fast.merge(full)
     with pytest.raises(ValueError, match="needs the token sums, the answer-row sums or both"):
@@ -413,16 +425,18 @@ def test_answer_rows_pass_on_the_pallas_kernel():
     k, v = (jnp.asarray(rng.normal(size=(b, n, hkv, d)), jnp.float32) for _ in range(2))
     rows = jnp.arange(96, 128)[None] - 1
     weights = jnp.ones((b, 32), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 6, (b, n)))
+    targets = jnp.asarray(rng.integers(0, 6, (b, 32)))
     positions = jnp.arange(n)[None]
 
     def run(kernel):
         att = InfluenceAttention(sink=8, q_chunk=32, answer=True, token=False, kernel=kernel)
 
-        def f(pa, pm, q, k, v):
+        def f(pa, pm, pc, q, k, v):
             return att(q, k, v, layer=0, positions=positions,
-                       cache=(pa, pm, rows, weights))[0]
+                       cache=(pa, pm, pc, rows, weights, tokens, targets))[0]
 
-        out, vjp = jax.vjp(f, jnp.zeros((h, n)), jnp.zeros((h, n)), q, k, v)
+        out, vjp = jax.vjp(f, *[jnp.zeros((h, n))] * 3, q, k, v)
         return (out,) + vjp(dout)
 
     for want, got in zip(run("jnp"), run("pallas")):
@@ -437,7 +451,8 @@ def test_answer_rows_pass_on_the_pallas_kernel():
 def test_answer_tap_matches_the_every_row_backward(sink):
     """answer_tap: dL/dout passes through, q/k/v get no gradient from it, and its probes'
     cotangents are the answer rows' diagonal sums of attention_with_influence (rows anywhere,
-    row 0 included, zero-weight padding) and, per item, the largest |E| at offsets >= d."""
+    row 0 included, zero-weight padding), per item the largest |E| at offsets >= d, and the
+    rows' attention on keys holding their target token, shared over those keys."""
     b, n, h, hkv, d = 2, 128, 4, 2, 16
     rng = np.random.default_rng(sink)
     q, dout = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(2))
@@ -445,6 +460,8 @@ def test_answer_tap_matches_the_every_row_backward(sink):
     rows = jnp.array([[0, 5, 100, 101, 102, 0], [120, 121, 122, 127, 3, 0]])
     weights = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]], jnp.float32)
     dense_w = jnp.zeros((b, n)).at[jnp.arange(b)[:, None], rows].max(weights)
+    tokens = jnp.asarray(rng.integers(0, 7, (b, n)))
+    targets = jnp.asarray(rng.integers(0, 7, (b, rows.shape[1])))
 
     def every_row(pa):
         return attention_with_influence(q, k, v, jnp.zeros((h, n // 16, n // 16)),
@@ -453,12 +470,12 @@ def test_answer_tap_matches_the_every_row_backward(sink):
 
     want = jax.vjp(every_row, jnp.zeros((h, n)))[1](dout)[0]
 
-    def tapped(pa, pm, q, k, v):
+    def tapped(pa, pm, pc, q, k, v):
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return answer_tap(out, q, k, v, pa, pm, rows, weights, sink)
+        return answer_tap(out, q, k, v, pa, pm, pc, rows, weights, tokens, targets, sink)
 
-    _, vjp = jax.vjp(tapped, jnp.zeros((h, n)), jnp.zeros((h, n)), q, k, v)
-    got, got_max, dq, dk, dv = vjp(dout)
+    _, vjp = jax.vjp(tapped, *[jnp.zeros((h, n))] * 3, q, k, v)
+    got, got_max, got_copy, dq, dk, dv = vjp(dout)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
     plain = jax.grad(lambda q, k, v: jnp.sum(
         jax.nn.dot_product_attention(q, k, v, is_causal=True) * dout), argnums=(0, 1, 2))
@@ -475,6 +492,18 @@ def test_answer_tap_matches_the_every_row_backward(sink):
             want_max[:, offset] += best
     np.testing.assert_allclose(got_max, want_max, rtol=1e-5, atol=1e-7 * want_max.max())
     assert np.all(np.diff(np.asarray(got_max), axis=-1) <= 1e-7)      # a wider window drops less
+    probs = np.asarray(jax.nn.softmax(jnp.where(
+        jnp.tril(jnp.ones((n, n), bool)), jnp.einsum(
+            "bqhd,bkhd->bhqk", q, jnp.repeat(k, h // hkv, axis=2)) * d ** -0.5, -1e30), -1))
+    want_copy = np.zeros((h, n))
+    toks, tgts = np.asarray(tokens), np.asarray(targets)
+    for bb in range(b):
+        for r, (i, w) in enumerate(zip(np.asarray(rows[bb]), np.asarray(weights[bb]))):
+            places = [j for j in range(sink, i + 1) if toks[bb, j] == tgts[bb, r]]
+            for j in places:
+                want_copy[:, i - j] += w * probs[bb, :, i, j] / len(places)
+    assert want_copy.sum() > 0
+    np.testing.assert_allclose(got_copy, want_copy, rtol=1e-5, atol=1e-7)
 
 
 def test_attention_chunk_does_not_change_gradients(setup):

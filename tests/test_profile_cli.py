@@ -131,10 +131,11 @@ def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypat
 
 
 def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
-    """The default 'answer' estimator profiles the answer rows alone (no every-row sums);
+    """The default ('answer-copy') profiles the answer rows alone (no every-row sums);
     --estimator token profiles again and keeps the answer sums; a cached profile without the
-    answer sums (an older version's, or one stripped here) is profiled again by the default,
-    keeping the token sums: nothing is misread."""
+    answer sums (an older version's, or one stripped here) is profiled again by 'answer',
+    keeping the token sums; 'answer-max' and 'answer-copy' need the answer-rows pass's own
+    sums and profile again without the token sums: nothing is misread."""
     import dataclasses
     import shutil
 
@@ -153,7 +154,7 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
         assert prof.token and prof.answer is not None
         assert 0 < prof.answer.sum() < prof.diag.sum()
         dataclasses.replace(prof, answer=None).save(f)
-    assert main(argv + ["--no-validate"]) == 0
+    assert main(argv + ["--no-validate", "--estimator", "answer"]) == 0
     for f in files:
         prof = InfluenceProfile.load(f)
         assert prof.token and prof.answer is not None and prof.answer.sum() > 0
@@ -163,7 +164,13 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
     for f in files:
         prof = InfluenceProfile.load(f)
         assert not prof.token and prof.answer_max is not None and prof.answer_max.max() > 0
+        assert prof.copy is not None and prof.copy.max() > 0
     assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer-max"
+    for f in files:                         # an older answer-rows profile without copy sums
+        dataclasses.replace(InfluenceProfile.load(f), copy=None).save(f)
+    assert main(argv + ["--no-validate", "--estimator", "answer-copy"]) == 0
+    assert all(InfluenceProfile.load(f).copy is not None for f in files)
+    assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer-copy"
 
 
 def test_uniform_estimate_of_an_unprofiled_window_is_unknown():

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from moa_jax.bench.decode import GIB, LLAMA3_8B, TINY, _memory_stats
+from moa_jax.search.estimators import ESTIMATORS, ROWS_ONLY_ESTIMATORS
 
 # SmolLM2-135M-Instruct (the default preset's GGUF metadata)
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
@@ -91,11 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--q-chunk", type=int, default=None, help="influence rows per step (auto)")
     p.add_argument("--remat", action="store_true", help="recompute activations per layer")
     p.add_argument("--dtype", default="bfloat16", help="weights and compute dtype")
-    p.add_argument("--estimator", choices=("token", "answer", "answer-max", "block", "window"),
-                   default="block",
-                   help="'window' also scores the rule grid's windows; 'answer' and "
-                        "'answer-max' profile the answer rows alone on the fastest exact "
-                        "attention kernel (as the CLI does)")
+    p.add_argument("--estimator", choices=tuple(ESTIMATORS), default="block",
+                   help="'window' also scores the rule grid's windows; " +
+                        ", ".join(f"'{e}'" for e in ROWS_ONLY_ESTIMATORS) +
+                        " profile the answer rows alone on the fastest exact attention kernel "
+                        "(as the CLI does)")
     p.add_argument("--sink", type=int, default=64, help="sink tokens of the rule grid")
     p.add_argument("--out", default=None, help="JSON file for the result row")
     args = p.parse_args(argv)
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    estimator=args.estimator, windows=len(windows),
                    device=jax.devices()[0].device_kind, jax=jax.__version__,
                    date=datetime.date.today().isoformat())
-        rows_only = args.estimator in ("answer", "answer-max")     # the answer-rows pass
+        rows_only = args.estimator in ROWS_ONLY_ESTIMATORS      # the answer-rows pass
         row.update(time_profile(model, items, length, args.batch_size, remat=args.remat,
                                 q_chunk=args.q_chunk, windows=windows, answer=rows_only,
                                 token=not rows_only))

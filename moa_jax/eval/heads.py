@@ -20,7 +20,8 @@ With `--plan`, the report compares the plan's spans with the scores (the share o
 retrieval heads the plan keeps dense or nearly); with `--profile-dir` (a profile run's
 `profiles/*.npz`), it ranks heads by their estimated loss at a half-length window and compares
 that ranking with the retrieval scores (with each estimator the profile has the sums for:
-'token', 'answer', 'answer-max', and 'window' at the profiled window nearest N/2).
+'token', 'answer', 'answer-max', 'copy', 'answer-copy', and 'window' at the profiled
+window nearest N/2).
 
 Outputs: heads.json, heads.png (scores, the plan's spans), oracle_plan.json.
 """
@@ -185,6 +186,9 @@ def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: 
             ests["answer"] = prof.window_losses(np.array([pn // 2]), "answer")[..., 0]
         if prof.answer_max is not None:
             ests["answer-max"] = prof.window_losses(np.array([pn // 2]), "answer-max")[..., 0]
+        if prof.copy is not None:
+            for name in ("copy", "answer-copy"):
+                ests[name] = prof.window_losses(np.array([pn // 2]), name)[..., 0]
         if len(prof.windows):
             w = int(prof.windows[np.argmin(np.abs(prof.windows - pn // 2))])
             ests["window"] = prof.window_losses(np.array([w]), "window")[..., 0]

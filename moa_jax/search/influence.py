@@ -47,10 +47,10 @@ Public API:
   attention_with_influence(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer,
                            row_weights, sink, block, q_chunk, key_groups, windows)
                            -> out [B, N, H, D]
-  answer_influence(q, k, v, dout, rows, weights, sink)
-                           -> (answer [H, N], answer_max [H, N])   (the answer rows alone)
-  answer_tap(out, q, k, v, probe_answer, probe_max, rows, weights, sink)
-                           -> out (identity; the probes' cotangents are answer_influence)
+  answer_influence(q, k, v, dout, rows, weights, tokens, targets, sink)
+                           -> (answer, answer_max, copy [H, N])   (the answer rows alone)
+  answer_tap(out, q, k, v, probe_answer, probe_max, probe_copy, rows, weights, tokens,
+             targets, sink) -> out (identity; the probes' cotangents are answer_influence)
 """
 
 from __future__ import annotations
@@ -304,18 +304,25 @@ attention_with_influence.defvjp(_fwd, _bwd)
 
 # ----------------------------------------------------------------------------- answer rows only
 def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
-                     rows: jax.Array, weights: jax.Array, sink: int
-                     ) -> tuple[jax.Array, jax.Array]:
-    """The answer rows' influence of one layer, from those rows alone.
+                     rows: jax.Array, weights: jax.Array, tokens: jax.Array,
+                     targets: jax.Array, sink: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The answer rows' influence of one layer, from those rows alone, and their copy mass.
 
     q, dout [B, N, H, D]; k, v [B, N, Hkv, D]; rows int [B, A]: the rows that predict the
-    answer tokens (any positions; padding rows have weight 0); weights float [B, A].
+    answer tokens (any positions; padding rows have weight 0); weights float [B, A]; tokens
+    int [B, N]: the items' tokens; targets int [B, A]: the token each row predicts.
     Returns, over the keys j >= sink and by diagonal offset d = i - j,
       answer float32 [H, N]: each row's |E| times its weight summed over the rows and the
         batch (the `answer` probe of `attention_with_influence`);
       answer_max float32 [H, N]: per item the largest weighted |E| at any offset >= d in any
         of its rows, summed over the batch: at d = w, the largest single entry that a window
-        w drops (the 'answer-max' estimator).
+        w drops (the 'answer-max' estimator);
+      copy float32 [H, N]: the attention probability each row puts on keys that hold the
+        token it predicts, divided by the number of such keys (<= the row) and times the row's
+        weight, summed over the rows and the batch (the 'copy' estimators: a head that
+        fetches the answer from the context attends to where the answer's tokens stand, which
+        a first-order estimate misses when the model is sure of the answer).
 
     Work and memory are O(B x H x A x N): the answer rows' probabilities are recomputed here,
     so the attention itself can be any kernel (`answer_tap`); rowsum(G * A) comes from the
@@ -332,42 +339,58 @@ def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
     rs = jnp.sum(g * a, axis=-1, keepdims=True)
     e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
     e = jnp.where((rows == 0)[:, None, :, None], -a * g, e)           # a single valid key
-    ew = jnp.where(keys >= sink, jnp.abs(e), 0.0) * weights.astype(_F32)[:, None, :, None]
+    w = weights.astype(_F32)[:, None, :, None]
+    ew = jnp.where(keys >= sink, jnp.abs(e), 0.0) * w
+    # a row's copy mass is split over the keys that hold its token: a match with a token that
+    # stands once in the context is evidence of retrieval, one with a frequent token is not
+    same = (tokens[:, None, :] == targets[:, :, None]) & (keys >= sink) & mask[:, 0]  # [B, A, N]
+    share = 1.0 / jnp.maximum(same.sum(axis=-1), 1).astype(_F32)                       # [B, A]
+    cw = jnp.where(same[:, None], a, 0.0) * (w * share[:, None, :, None])
     # by offset: per_offset[b, h, r, d] = ew[b, h, r, rows[b, r] - d]
     j = rows[:, :, None] - keys[None, None, :]                        # [B, A, N] key of offset d
-    per_offset = jnp.take_along_axis(ew, jnp.clip(j, 0, n - 1)[:, None], axis=-1)
-    per_offset = jnp.where((j >= 0)[:, None], per_offset, 0.0)
+
+    def by_offset(x):
+        x = jnp.take_along_axis(x, jnp.clip(j, 0, n - 1)[:, None], axis=-1)
+        return jnp.where((j >= 0)[:, None], x, 0.0)
+
+    per_offset = by_offset(ew)
     answer = per_offset.sum(axis=(0, 2))
     answer_max = jax.lax.cummax(per_offset.max(axis=2), axis=2, reverse=True).sum(axis=0)
-    return answer, answer_max
+    return answer, answer_max, by_offset(cw).sum(axis=(0, 2))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
 def answer_tap(out: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-               probe_answer: jax.Array, probe_max: jax.Array, rows: jax.Array,
-               weights: jax.Array, sink: int) -> jax.Array:
+               probe_answer: jax.Array, probe_max: jax.Array, probe_copy: jax.Array,
+               rows: jax.Array, weights: jax.Array, tokens: jax.Array, targets: jax.Array,
+               sink: int) -> jax.Array:
     """Identity on an attention output out [B, N, H, D] computed from q, k, v by any exact
     causal attention; in the backward pass dL/dout passes through unchanged and the probes'
-    cotangents (probe_answer, probe_max [H, N], zeros) are `answer_influence` of the answer
-    rows. q, k, v, rows and weights get no gradient from here.
+    cotangents (probe_answer, probe_max, probe_copy [H, N], zeros) are `answer_influence` of
+    the answer rows. q, k, v, rows, weights, tokens and targets get no gradient from here.
 
     With the answer rows only (the 'answer' estimators) the attention and its backward can be
     the fastest kernel at hand instead of `attention_with_influence`'s chunked jnp pass over
     every row: the influence costs O(A x N) per head instead of O(N^2).
     """
-    del q, k, v, probe_answer, probe_max, rows, weights
+    del q, k, v, probe_answer, probe_max, probe_copy, rows, weights, tokens, targets
     return out
 
 
-def _tap_fwd(out, q, k, v, probe_answer, probe_max, rows, weights, sink):
-    return out, (q, k, v, rows, weights)
+def _tap_fwd(out, q, k, v, probe_answer, probe_max, probe_copy, rows, weights, tokens, targets,
+             sink):
+    return out, (q, k, v, rows, weights, tokens, targets)
 
 
 def _tap_bwd(sink, res, dout):
-    q, k, v, rows, weights = res
-    answer, answer_max = answer_influence(q, k, v, dout, rows, weights, sink)
-    return (dout, jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), answer, answer_max,
-            np.zeros(rows.shape, jax.dtypes.float0), jnp.zeros_like(weights))
+    q, k, v, rows, weights, tokens, targets = res
+    sums = answer_influence(q, k, v, dout, rows, weights, tokens, targets, sink)
+
+    def no_grad(x):
+        return np.zeros(x.shape, jax.dtypes.float0)
+
+    return (dout, jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), *sums,
+            no_grad(rows), jnp.zeros_like(weights), no_grad(tokens), no_grad(targets))
 
 
 answer_tap.defvjp(_tap_fwd, _tap_bwd)

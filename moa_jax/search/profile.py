@@ -22,17 +22,17 @@ They come out as the gradients of zero "probes" handed to each layer, so one jit
 backward of the whole model (`profile_batch`) yields every layer's and head's influence for a
 batch of items; the LM head runs at the answer positions only.
 
-The 'answer' estimator needs the answer rows alone (`token=False`): then every layer's
+The 'answer' estimators need the answer rows alone (`token=False`): then every layer's
 attention is the fastest exact kernel at hand (the Pallas kernel with a dense plan on GPU and
 TPU, the chunked jnp attention on CPU), differentiated by its own backward pass, and
 `influence.answer_tap` recomputes only the A ~ 128 answer rows' probabilities to reduce their
-|E|: O(A x N) influence work per head instead of the every-row pass's O(N^2) float32
-reductions. Every sum is summed over items (`InfluenceProfile` keeps sums and a count;
+|E| (and their copy attention, `copy`): O(A x N) influence work per head instead of the
+every-row pass's O(N^2) float32 reductions. Every sum is summed over items (`InfluenceProfile` keeps sums and a count;
 `.mean_*` averages).
 
 Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): 'token' is the sum
 of mean |E| over exactly the entries the kernels drop for that rule at length N (the window from
-`Plan.resolve`, sinks kept); 'answer' (the CLI's default) is the same sum over the rows that
+`Plan.resolve`, sinks kept); 'answer' is the same sum over the rows that
 predict the answer tokens only: the document rows' far entries reach the loss only through later
 layers and their many small |E| drown the few rows where a head retrieves for the answer (on
 SmolLM2, 50 items per length, it ranks the measured retrieval heads at Spearman 0.50-0.53
@@ -41,7 +41,15 @@ against 0.37-0.42 for 'token', and its plan keeps 0.82 / 0.74 / 0.70 of the need
 single answer-row |E| it drops, averaged over items: a retrieval head's loss is not linear in
 the entries it loses (missing the one fact costs the answer). On a CPU diagnostic (6 items at
 2k, window N/2) its top 40 held 17 of the 20 measured retrieval heads against 15 for 'answer'
-(Spearman 0.52 and 0.55); its plans are not evaluated yet (docs/results.md). 'block' is the
+(Spearman 0.52 and 0.55); on the GPU its plan keeps the needles (0.98 / 0.92 / 0.70) and
+LongEval but costs +7% perplexity at 2k. 'copy' is not a gradient: the attention the answer
+rows put on earlier places of the token each predicts (a row's share split over those places),
+summed over the places a window drops. A head that fetches the answer attends there whether or
+not the model is sure of it, where the gradient of a sure answer fades; alone it ignores every
+other head's loss (needle 0.98 / 0.94 / 0.48). 'answer-copy' (the CLI's default) adds the two,
+'copy' scaled to 'answer''s total over all heads at the window N/2: needle 0.98 / 0.98 / 0.70
+(dense 0.98 / 0.96 / 0.70), LongEval within 0.06 / 0.04 of dense, perplexity +2.3% / +0.7% /
++0.5% at 2k / 4k / 8k (docs/results.md, one H200, 2026-12-03). 'block' is the
 reference's estimator, the sum over whole 64 x 64 blocks a block-aligned window drops (query
 block m keeps the sink blocks and the last ceil(w/64) blocks up to the diagonal); with 64-token
 granularity and 64 sinks it differs from 'token' only in the partial diagonal block. 'window'
@@ -56,9 +64,9 @@ layer). Items of one length are batched; the batch can be sharded over a mesh (`
 Public API:
   InfluenceAttention(sink, block, q_chunk, windows)  backend whose probes' gradients are the
                                                       influence
-  profile_batch(model, batch, ...) -> (losses [B], blocks [L, H, nb, nb], diag [L, H, N],
-                                       rules [L, H, R], answer [L, H, N or 0],
-                                       answer_max [L, H, N] or None)
+  profile_batch(model, batch, ...) -> BatchSums (losses [B], blocks [L, H, nb, nb],
+                                       diag [L, H, N], rules [L, H, R], answer [L, H, N or 0],
+                                       answer_max and copy [L, H, N] or None)
   answer_rows(tgt_pos, tgt_w, length) -> [B, N] 0/1 rows that predict an answer token
   profile_items(model, items, length, ...) -> InfluenceProfile
   layer_influence(q, k, v, dout, sink, block, q_chunk) -> (blocks, diag)   (one layer)
@@ -87,12 +95,10 @@ from tqdm.auto import tqdm
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.llama import Llama, rope_inv_freq, scan_layers, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.search.estimators import ESTIMATORS
 from moa_jax.search.influence import answer_tap, attention_with_influence, influence_rows
 
 BLOCK = 64
-ESTIMATORS = ("token", "answer", "answer-max", "block", "window")
-
-
 @dataclasses.dataclass(frozen=True)
 class ProfilingAttention(AttentionBackend):
     """Dense causal attention for influence profiling (no KV cache).
@@ -339,7 +345,8 @@ class InfluenceAttention(AttentionBackend):
     |E| reduced in its backward pass).
 
     Without `token` (the answer rows only, `answer` must be set and `windows` empty): the cache
-    is (answer [H, N], answer_max [H, N], answer rows int [B, A], their weights [B, A]); the
+    is (answer, answer_max, copy [H, N], answer rows int [B, A], their weights [B, A], the
+    tokens int [B, N], the tokens the answer rows predict int [B, A]); the
     attention is the fastest exact kernel at hand (`sparse_attention` with a dense plan on GPU
     and TPU, the rematerialised chunked jnp attention elsewhere) and `influence.answer_tap`
     recomputes the answer rows alone in the backward pass.
@@ -371,9 +378,8 @@ class InfluenceAttention(AttentionBackend):
             out = attention_with_influence(q, k, v, *cache, self.sink, self.block, self.q_chunk,
                                            self.key_groups, self.windows)
             return out, None
-        probe, probe_max, rows, weights = cache
         out = self._dense(q, k, v, positions)
-        return answer_tap(out, q, k, v, probe, probe_max, rows, weights, self.sink), None
+        return answer_tap(out, q, k, v, *cache, self.sink), None
 
     def _dense(self, q, k, v, positions):
         kernel = self.kernel
@@ -397,7 +403,7 @@ def _zero_probes(cfg, length: int, block: int, rules: int, answer: bool, token: 
     layers, heads = cfg.num_layers, cfg.num_heads
     ans = jnp.zeros((layers, heads, length if answer else 0), jnp.float32)
     if not token:
-        return ans, ans
+        return ans, ans, ans
     nb = length // block
     return (jnp.zeros((layers, heads, nb, nb), jnp.float32),
             jnp.zeros((layers, heads, length), jnp.float32),
@@ -412,6 +418,29 @@ def answer_rows(tgt_pos: jax.Array, tgt_w: jax.Array, length: int) -> jax.Array:
     return rows.at[jnp.arange(b)[:, None], tgt_pos].max((tgt_w > 0).astype(jnp.float32))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BatchSums:
+    """One batch's influence sums (`profile_batch`), summed over its items.
+
+    losses float [B]: each item's dense answer loss; blocks float32 [L, H, N/block, N/block]
+    and diag float32 [L, H, N]: every row's sums (None without `token`); rules float32
+    [L, H, R]: the candidate windows' first-order changes; answer float32 [L, H, N] or
+    [L, H, 0]: the answer rows' diagonal sums; answer_max, copy float32 [L, H, N] (the answer
+    rows alone, else None): per item the largest answer-row |E| at offsets >= d, and the
+    answer rows' attention on keys holding the token they predict, by offset
+    (`influence.answer_influence`).
+    """
+
+    losses: jax.Array
+    blocks: jax.Array | None
+    diag: jax.Array | None
+    rules: jax.Array
+    answer: jax.Array
+    answer_max: jax.Array | None = None
+    copy: jax.Array | None = None
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "remat"))
 def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention, remat):
     model = nnx.merge(graphdef, state)
@@ -421,9 +450,9 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
     if attention.token:     # every row's sums; the answer rows as [B, N] weights
         rows = answer_rows(tgt_pos, tgt_w, t) if attention.answer else jnp.zeros((b, 0))
         extra = (jnp.broadcast_to(rows, (layers,) + rows.shape),)
-    else:                   # the answer rows alone, by position
+    else:                   # the answer rows alone, by position, and the tokens they predict
         extra = tuple(jnp.broadcast_to(x, (layers,) + x.shape)
-                      for x in (tgt_pos, (tgt_w > 0).astype(jnp.float32)))
+                      for x in (tgt_pos, (tgt_w > 0).astype(jnp.float32), tokens, tgt_ids))
 
     def loss(probes):
         hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes + extra,
@@ -435,8 +464,10 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
         _zero_probes(cfg, t, attention.block, len(attention.windows), attention.answer,
                      attention.token))
     if not attention.token:
-        return per_item, None, None, jnp.zeros((layers, cfg.num_heads, 0)), *grads
-    return (per_item,) + tuple(grads) + (None,)
+        answer, answer_max, copy = grads
+        return BatchSums(per_item, None, None, jnp.zeros((layers, cfg.num_heads, 0)), answer,
+                         answer_max, copy)
+    return BatchSums(per_item, *grads)
 
 
 def _split(model: Llama, mesh=None):
@@ -451,7 +482,7 @@ def _split(model: Llama, mesh=None):
 def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BLOCK,
                   q_chunk: int | None = None, key_groups: int = 4, remat: bool = False,
                   windows: Sequence[int] = (), answer: bool = False, token: bool = True,
-                  mesh=None):
+                  mesh=None) -> BatchSums:
     """Every layer's and head's influence on one batch, from one jitted forward + backward.
 
     L is the sum over items of each item's mean answer cross-entropy, so each item's gradient is
@@ -461,10 +492,7 @@ def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BL
     `answer` and no windows), from the fastest exact attention kernel and the answer rows'
     probabilities recomputed (`influence.answer_tap`): O(A x N) influence work per head instead
     of O(N^2).
-    Returns (losses float [B], blocks float32 [L, H, N/block, N/block], diag float32 [L, H, N]
-    (both None without `token`), rules float32 [L, H, len(windows)], answer_diag float32
-    [L, H, N] or [L, H, 0], answer_max float32 [L, H, N] without `token`, else None: per item
-    the largest answer-row |E| at any offset >= d, summed over the batch).
+    Returns the batch's `BatchSums` (losses as numpy).
     """
     return _profile_split(*_split(model, mesh), model.config, batch, sink=sink, block=block,
                           q_chunk=q_chunk, key_groups=key_groups, remat=remat, windows=windows,
@@ -488,8 +516,8 @@ def _profile_split(graphdef, state, cfg, batch: Batch, *, sink, block, q_chunk, 
     attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups,
                                    windows=tuple(int(w) for w in windows), answer=bool(answer),
                                    token=bool(token), mesh=mesh)
-    losses, *sums = _profile_step(graphdef, state, *arrays, attention=attention, remat=remat)
-    return (np.asarray(losses), *sums)
+    sums = _profile_step(graphdef, state, *arrays, attention=attention, remat=remat)
+    return dataclasses.replace(sums, losses=np.asarray(sums.losses))
 
 
 def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *, sink: int,
@@ -549,6 +577,12 @@ def auto_q_chunk(batch: int, heads: int, length: int, budget: int = 1 << 24,
 
 
 # ----------------------------------------------------------------------------- accumulators
+def suffix_sums(d: np.ndarray) -> np.ndarray:
+    """[..., N] -> [..., N + 1]: out[..., w] = sum of d[..., x] for x >= w (out[..., N] = 0),
+    the sum of what a window w drops when d is indexed by diagonal offset."""
+    return np.concatenate([np.cumsum(d[..., ::-1], axis=-1)[..., ::-1],
+                           np.zeros(d.shape[:-1] + (1,))], axis=-1)
+
 @dataclasses.dataclass
 class InfluenceProfile:
     """Sums of |E| over the items profiled at one length.
@@ -561,6 +595,9 @@ class InfluenceProfile:
     None when not profiled;
     answer_max: float64 [L, H, N], summed over items: the item's largest answer-row |E| at any
     offset >= d (the 'answer-max' estimator; profiled with the answer rows alone), or None;
+    copy: float64 [L, H, N], summed over items: the answer rows' attention on keys holding the
+    token they predict, by offset d, over the non-sink keys (the 'copy' estimators; profiled
+    with the answer rows alone), or None;
     count: items summed; loss_sum: sum of the items' dense answer losses.
     """
 
@@ -575,6 +612,7 @@ class InfluenceProfile:
     rules: np.ndarray | None = None
     answer: np.ndarray | None = None
     answer_max: np.ndarray | None = None
+    copy: np.ndarray | None = None
 
     def __post_init__(self):
         self.windows = np.asarray(self.windows, np.int64)
@@ -605,15 +643,16 @@ class InfluenceProfile:
                    np.zeros((num_layers, num_heads, length)) if token else None,
                    windows=np.asarray(windows),
                    answer=np.zeros((num_layers, num_heads, length)) if answer else None,
-                   answer_max=None if token else np.zeros((num_layers, num_heads, length)))
+                   answer_max=None if token else np.zeros((num_layers, num_heads, length)),
+                   copy=None if token else np.zeros((num_layers, num_heads, length)))
 
     def add(self, count: int, loss_sum: float, blocks, diag, rules,
-            answer=None, answer_max=None) -> "InfluenceProfile":
+            answer=None, answer_max=None, copy=None) -> "InfluenceProfile":
         """This profile plus the sums of `count` more items (a batch's `profile_batch`
         outputs, or another profile's)."""
-        if (self.answer is None) != (answer is None) or \
-                (self.answer_max is None) != (answer_max is None):
-            raise ValueError("the sums disagree on the answer-row sums")
+        for name, more in (("answer", answer), ("answer_max", answer_max), ("copy", copy)):
+            if (getattr(self, name) is None) != (more is None):
+                raise ValueError(f"the sums disagree on the {name} sums")
         if self.token != (diag is not None):
             raise ValueError("the sums disagree on the token sums")
 
@@ -624,7 +663,7 @@ class InfluenceProfile:
             self.length, self.sink, self.block, plus(self.blocks, blocks),
             plus(self.diag, diag), self.count + int(count), self.loss_sum + float(loss_sum),
             self.windows, self.rules + np.asarray(rules), plus(self.answer, answer),
-            plus(self.answer_max, answer_max))
+            plus(self.answer_max, answer_max), plus(self.copy, copy))
 
     @property
     def mean_blocks(self) -> np.ndarray:
@@ -650,18 +689,20 @@ class InfluenceProfile:
                 (other.length, other.sink, other.block, other.heads_shape, other.token) or \
                 not np.array_equal(self.windows, other.windows) or \
                 (self.answer is None) != (other.answer is None) or \
-                (self.answer_max is None) != (other.answer_max is None):
+                (self.answer_max is None) != (other.answer_max is None) or \
+                (self.copy is None) != (other.copy is None):
             raise ValueError("cannot merge profiles of different lengths, sinks, windows, "
                              "sums or shapes")
         return self.add(other.count, other.loss_sum, other.blocks, other.diag, other.rules,
-                        other.answer, other.answer_max)
+                        other.answer, other.answer_max, other.copy)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         extra = {name: x for name, x in (("answer", self.answer), ("answer_max", self.answer_max),
-                                         ("blocks", self.blocks), ("diag", self.diag))
+                                         ("copy", self.copy), ("blocks", self.blocks),
+                                         ("diag", self.diag))
                  if x is not None}
         np.savez_compressed(tmp, length=self.length, sink=self.sink, block=self.block,
                             count=self.count, loss_sum=self.loss_sum, windows=self.windows,
@@ -672,7 +713,8 @@ class InfluenceProfile:
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceProfile":
         with np.load(path) as z:
-            extra = {k: z[k] for k in ("windows", "rules", "answer", "answer_max") if k in z}
+            extra = {k: z[k] for k in ("windows", "rules", "answer", "answer_max", "copy")
+                     if k in z}
             sums = [z[k] if k in z else None for k in ("blocks", "diag")]
             return cls(int(z["length"]), int(z["sink"]), int(z["block"]), *sums,
                        int(z["count"]), float(z["loss_sum"]), **extra)
@@ -685,7 +727,12 @@ class InfluenceProfile:
         entries `window_sink_mask` drops). 'answer': the same over the answer rows only (the
         profile must have them). 'answer-max': the mean over items of the largest single |E|
         among those answer-row entries (a head that fetches one far fact costs its whole
-        influence as soon as the window drops it, however few entries that is). 'window':
+        influence as soon as the window drops it, however few entries that is). 'copy': the
+        mean attention the answer rows put on earlier places of the token they predict (each
+        row's share split over those places) that the window drops: a retrieval head's mark,
+        which does not fade when the model is sure of its answer as a gradient does.
+        'answer-copy': 'answer' plus 'copy' scaled so that both sum to the same over all heads
+        at the window N/2 (the search then weighs the two equally). 'window':
         the mean first-order loss change of the whole window with rows renormalised (signed;
         each window must be one the profile was made with). 'block': the reference's block
         form: query block m keeps key blocks below ceil(sink/block) and the last
@@ -698,10 +745,18 @@ class InfluenceProfile:
                 raise ValueError(f"the profile at N={n} has no answer-row sums; profile with "
                                  f"answer=True or use the 'token' estimator")
             d = self.mean_diag if estimator == "token" else self.answer / max(self.count, 1)
-            # suffix[..., w] = sum_{x >= w} d[..., x]; suffix[..., n] = 0.
-            suffix = np.concatenate([np.cumsum(d[..., ::-1], axis=-1)[..., ::-1],
-                                     np.zeros(d.shape[:-1] + (1,))], axis=-1)
-            return suffix[..., np.clip(windows, 0, n)]
+            return suffix_sums(d)[..., np.clip(windows, 0, n)]
+        if estimator in ("copy", "answer-copy"):
+            if self.copy is None:
+                raise ValueError(f"the profile at N={n} has no copy sums; profile the answer "
+                                 f"rows alone (token=False)")
+            copy = suffix_sums(self.copy / max(self.count, 1))
+            if estimator == "copy":
+                return copy[..., np.clip(windows, 0, n)]
+            # on the answer estimate's scale: equal totals over all heads at the window N/2
+            answer = suffix_sums(self.answer / max(self.count, 1))
+            scale = answer[..., n // 2].sum() / max(copy[..., n // 2].sum(), 1e-30)
+            return (answer + scale * copy)[..., np.clip(windows, 0, n)]
         if estimator == "answer-max":
             if self.answer_max is None:
                 raise ValueError(f"the profile at N={n} has no answer-row maxima; profile the "
@@ -791,13 +846,13 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
                unit="item")
     graphdef, state = _split(model, mesh)          # once: parameters sharded once
     for batch in make_batches(todo, length, batch_size, pad_id, fill=True):
-        losses, blocks, diag, rules, ans, ans_max = _profile_split(
+        sums = _profile_split(
             graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
             key_groups=key_groups, remat=remat, windows=windows, answer=answer, token=token,
             mesh=mesh)
-        losses = losses[:batch.rows]
-        prof = prof.add(len(losses), float(np.sum(losses)), blocks, diag, rules,
-                        ans if answer else None, ans_max)
+        losses = sums.losses[:batch.rows]
+        prof = prof.add(len(losses), float(np.sum(losses)), sums.blocks, sums.diag, sums.rules,
+                        sums.answer if answer else None, sums.answer_max, sums.copy)
         bar.update(len(losses))
         if on_batch is not None:
             on_batch(prof)
