@@ -27,8 +27,8 @@ attention is the fastest exact kernel at hand (the Pallas kernel with a dense pl
 TPU, the chunked jnp attention on CPU), differentiated by its own backward pass, and
 `influence.answer_tap` recomputes only the A ~ 128 answer rows' probabilities to reduce their
 |E| (and their copy attention, `copy`): O(A x N) influence work per head instead of the
-every-row pass's O(N^2) float32 reductions. Every sum is summed over items (`InfluenceProfile` keeps sums and a count;
-`.mean_*` averages).
+every-row pass's O(N^2) float32 reductions. Every sum is summed over items (`InfluenceProfile`
+keeps sums and a count; `.mean_*` averages).
 
 Rule loss estimate (choice made here, see `InfluenceProfile.rule_losses`): 'token' is the sum
 of mean |E| over exactly the entries the kernels drop for that rule at length N (the window from
@@ -99,6 +99,8 @@ from moa_jax.search.estimators import ESTIMATORS
 from moa_jax.search.influence import answer_tap, attention_with_influence, influence_rows
 
 BLOCK = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class ProfilingAttention(AttentionBackend):
     """Dense causal attention for influence profiling (no KV cache).
@@ -685,14 +687,11 @@ class InfluenceProfile:
 
     def merge(self, other: "InfluenceProfile") -> "InfluenceProfile":
         """Sum of two partial profiles (e.g. from different hosts or resumed runs)."""
-        if (self.length, self.sink, self.block, self.heads_shape, self.token) != \
-                (other.length, other.sink, other.block, other.heads_shape, other.token) or \
-                not np.array_equal(self.windows, other.windows) or \
-                (self.answer is None) != (other.answer is None) or \
-                (self.answer_max is None) != (other.answer_max is None) or \
-                (self.copy is None) != (other.copy is None):
-            raise ValueError("cannot merge profiles of different lengths, sinks, windows, "
-                             "sums or shapes")
+        if (self.length, self.sink, self.block, self.heads_shape) != \
+                (other.length, other.sink, other.block, other.heads_shape) or \
+                not np.array_equal(self.windows, other.windows):
+            raise ValueError("cannot merge profiles of different lengths, sinks, windows or "
+                             "shapes")       # `add` checks that both hold the same sums
         return self.add(other.count, other.loss_sum, other.blocks, other.diag, other.rules,
                         other.answer, other.answer_max, other.copy)
 
