@@ -16,8 +16,9 @@ Steps (see moa_jax/search/*.py for the method):
    on the fastest exact kernel and only the answer rows are recomputed; see
    moa_jax/search/profile.py for the others).
 3. candidate rules alpha + beta * N scaled to the profile lengths; a HiGHS MILP per objective
-   under the density band at every length (mean over heads, or the KV-cache size with
-   --budget-on kv-cache), at most two rules per layer, epsilon-constraint sweep, non-dominated set.
+   under the density budget at every length (the KV-cache size, --budget-on kv-cache, the
+   default; or the paper's band on the mean over query heads, --budget-on heads), at most two
+   rules per layer, epsilon-constraint sweep, non-dominated set.
 4. validation: answer loss on held-out documents at the validation length for the dense model,
    a uniform window + 64 sinks of the budget density, and the candidates; the best candidate
    becomes the plan.
@@ -79,10 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="calibration items per profile length (one value for all, or one each)")
     s.add_argument("--density", type=float, default=0.5,
                    help="KV density budget d: mean kept KV / N over all heads, in [band*d, d]")
-    s.add_argument("--budget-on", choices=("heads", "kv-cache"), default="heads",
-                   help="what the budget bounds: the mean over query heads (the paper), or the "
-                        "KV-cache size, where with GQA each KV head keeps its query heads' "
-                        "largest span (decode memory)")
+    s.add_argument("--budget-on", choices=("heads", "kv-cache"), default="kv-cache",
+                   help="what the budget bounds: the KV-cache size (the default: with GQA "
+                        "each KV head keeps its query heads' largest span, so this is decode "
+                        "memory), or the mean over query heads (the paper; with GQA the cache "
+                        "then grows past the budget)")
     s.add_argument("--band", type=float, default=0.9, help="lower end of the band as a fraction of d")
     s.add_argument("--density-lengths", type=int, nargs="*", default=None,
                    help="extra lengths where the band must hold (default: the validation length)")
