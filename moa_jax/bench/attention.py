@@ -1,21 +1,28 @@
-"""Prefill attention benchmark: MoA block-sparse kernel vs cuDNN, forward and forward+backward.
+"""Prefill attention benchmark: our MoA kernels beside cuDNN and tokamax, forward and fwd+bwd.
 
-    python -m moa_jax.bench.attention --seq-lens 4096 16384 32768 --out results.json
+    python -m moa_jax.bench.attention --seq-lens 16384 --configs dense mix1024-7168 --out r.json
+    python -m moa_jax.bench.attention --plan llama3-8b-262k.moa.json --plan-layers 0 8 16 31
 
 Configurations (per sequence length S, B x H query heads over Hkv KV heads, head_dim D):
-  dense       every head causal (windows = S), no sinks
-  window1024  every head a 1024-token window, no sinks
-  het50       KV density 50%: a quarter of the heads dense, the rest one short window, 64 sinks
-  het25       KV density 25%: an eighth of the heads dense, the rest one short window, 64 sinks
-(the short window is rounded to 64 tokens; dense heads are spread over the KV groups).
+  dense          every head causal (windows = S), no sinks
+  window<W>      every head a W-token window, no sinks
+  mix<A>-<B>     the first half of the heads an A-token window, the rest B (no sinks);
+                 mix<A>-<B>+sinks the same with 64 sinks on every head
+  het50, het25   KV density 50% / 25%: a quarter / an eighth of the heads dense, the rest one
+                 short window, 64 sinks
+  plan-L<l>      layer l of --plan resolved at S (its windows and sinks), for each --plan-layers
+(the short window of het* is rounded to 64 tokens; dense heads are spread over the KV groups).
 
-Baselines: `jax.nn.dot_product_attention(implementation='cudnn')`: causal for dense, with
-`local_window_size=(w - 1, 0)` for windows; for the heterogeneous plans one call per head group
-(dense heads causal, the others windowed; cuDNN has no sinks, so it does slightly less work).
+Implementations (--impls): `moa-mgpu` our Mosaic GPU kernel (Hopper+), `moa-triton` our Triton
+kernel, `cudnn` `jax.nn.dot_product_attention(implementation='cudnn')` with one call per distinct
+window (`local_window_size=(w - 1, 0)`), `tokamax` tokamax's Mosaic GPU flash attention with a
+per-head `k_start` (when importable). The peers have no sinks: their rows drop them, so they do
+slightly less work. Each implementation runs in its own try block; a failure is a row with an
+error.
 
 Reported: median ms over --iters timed calls after --warmup calls (each call blocked until
 ready), TFLOP/s counted on kept entries (forward 4 * D * kept, forward+backward 3.5x that; each
-kernel on its own mask), and our speed relative to cuDNN's (TFLOP/s ratio and time ratio).
+kernel on its own mask), and each implementation's time relative to the fastest peer's.
 """
 
 from __future__ import annotations
@@ -87,6 +94,21 @@ def _time(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
+    """Each Mosaic GPU kernel timed alone: ms and TFLOP/s on its own matmul work (forward
+    2 matmuls = 4 D kept, dq 3 = 6 D kept, dk/dv 4 = 8 D kept)."""
+    from moa_jax.pallas_kernels.prefill_mgpu import kernel_stages
+
+    opts = {} if args.mgpu_block_k is None else dict(block_k=args.mgpu_block_k)
+    d, b = q.shape[-1], q.shape[0]
+    out = {}
+    for name, fn in kernel_stages(q, k, v, do, windows=windows, sinks=sinks, **opts).items():
+        ms = _time(fn, args.warmup, args.iters)
+        mm = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}[name] * d * b * kept
+        out[name] = dict(ms=ms, tflops=mm / ms / 1e9)
+    return out
+
+
 def _fwd_bwd(attn: Callable):
     import jax
 
@@ -104,100 +126,177 @@ def _cudnn_groups(windows, hkv):
     return groups
 
 
-def bench_one(kind: str, s: int, args, rows: list[dict]):
+def case_windows(kind: str, s: int, h: int, hkv: int, plan=None):
+    """(windows, sinks) of a named configuration (see the module docstring)."""
+    if kind.startswith("mix"):
+        spec, _, extra = kind[3:].partition("+")
+        a, b = (int(x) for x in spec.split("-"))
+        sink = 64 if extra == "sinks" else 0
+        return (a,) * (h // 2) + (b,) * (h - h // 2), (sink,) * h
+    if kind.startswith("plan-L"):
+        if plan is None:
+            raise ValueError(f"{kind} needs --plan")
+        layer = int(kind[len("plan-L"):])
+        if plan.num_heads != h:
+            raise ValueError(f"--plan has {plan.num_heads} heads per layer, --heads is {h}")
+        return plan.layer_windows(s, layer), plan.layer_sinks(layer)
+    return plan_windows(kind, s, h, hkv)
+
+
+def _kept(windows, sinks, s: int) -> int:
+    from moa_jax.pallas_kernels.masks import MaskSpec
+    return MaskSpec(windows, sinks, s, s).kept_entries()
+
+
+def _ours(kernel: str, windows, sinks, args):
+    from moa_jax.pallas_kernels import sparse_attention
+
+    opts = {}
+    if kernel == "gpu":
+        opts = dict(block_q=args.block_q, block_k=args.block_k)
+    elif args.mgpu_block_k is not None:
+        opts = dict(block_k=args.mgpu_block_k)
+    for name in (("num_stages",) if kernel == "mgpu" else
+                 ("block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv", "num_warps",
+                  "num_stages", "num_warps_bwd", "num_stages_bwd")):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    if args.interpret:
+        opts["interpret"] = True
+    return lambda q, k, v: sparse_attention(q, k, v, windows=windows, sink=sinks,
+                                            backend=kernel, **opts)
+
+
+def _cudnn(windows, s: int, hkv: int):
+    """One cuDNN call per distinct window; GQA kept when a window covers whole KV groups."""
     import jax
     import jax.numpy as jnp
 
-    from moa_jax.pallas_kernels import sparse_attention
-    from moa_jax.pallas_kernels.masks import MaskSpec
+    h = len(windows)
+    g = h // hkv
+    parts = []
+    for w in sorted(set(windows), key=list(windows).index):
+        idx = np.asarray([i for i, x in enumerate(windows) if x == w])
+        kvs, per_kv = np.unique(idx // g, return_counts=True)
+        if len(set(per_kv.tolist())) != 1 or per_kv[0] != g:
+            kvs = idx // g      # partial groups: one K/V copy per query head (plain MHA)
+        parts.append((w, idx, kvs))
+    inv = np.argsort(np.concatenate([idx for _, idx, _ in parts]))
+
+    def attn(q, k, v):
+        outs = []
+        for w, idx, kvs in parts:
+            lw = None if w >= s else (w - 1, 0)
+            outs.append(jax.nn.dot_product_attention(
+                q[:, :, idx], k[:, :, kvs], v[:, :, kvs], is_causal=True,
+                local_window_size=lw, implementation="cudnn"))
+        return jnp.concatenate(outs, axis=2)[:, :, inv]
+    kept = sum(len(idx) * _kept((w,), (0,), s) for w, _, idx in
+               ((w, None, idx) for w, idx, _ in parts))
+    return attn, kept, f"cudnn_{len(parts)}call" + ("s" if len(parts) > 1 else "")
+
+
+def _tokamax(windows, s: int):
+    """tokamax's Mosaic GPU flash attention with a per-head k_start (windows; no sinks)."""
+    import jax.numpy as jnp
+    from tokamax._src.ops.attention import api as tk_api
+    from tokamax._src.ops.attention import base as tk_base
+
+    try:    # tokamax reads absl flags; ours are not theirs
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS(sys.argv[:1], known_only=True)
+    except ImportError:  # pragma: no cover
+        pass
+    impl = tk_api.IMPLEMENTATIONS["mosaic_gpu"]
+    i = np.arange(s)
+    k_start = np.stack([np.maximum(0, i - min(w, s) + 1) for w in windows])   # [H, T]
+    k_start = jnp.asarray(k_start[None], jnp.int32)
+
+    def attn(q, k, v):
+        return impl(q, k, v, mask=tk_base.Mask(k_start=k_start, is_causal=True))
+    kept = sum(_kept((w,), (0,), s) for w in windows)
+    return attn, kept, "tokamax_mosaic_gpu"
+
+
+def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
+    """Each Mosaic GPU kernel timed alone: ms and TFLOP/s on its own matmul work (forward
+    2 matmuls = 4 D kept, dq 3 = 6 D kept, dk/dv 4 = 8 D kept)."""
+    from moa_jax.pallas_kernels.prefill_mgpu import kernel_stages
+
+    opts = {} if args.mgpu_block_k is None else dict(block_k=args.mgpu_block_k)
+    d, b = q.shape[-1], q.shape[0]
+    out = {}
+    for name, fn in kernel_stages(q, k, v, do, windows=windows, sinks=sinks, **opts).items():
+        ms = _time(fn, args.warmup, args.iters)
+        mm = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}[name] * d * b * kept
+        out[name] = dict(ms=ms, tflops=mm / ms / 1e9)
+    return out
+
+
+def _fwd_bwd(attn: Callable):
+    import jax
+
+    def run(q, k, v, do):
+        out, vjp = jax.vjp(attn, q, k, v)
+        return vjp(do)
+    return jax.jit(run)
+
+
+def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
+    import jax
+    import jax.numpy as jnp
 
     b, h, hkv, d = args.batch, args.heads, args.kv_heads, args.head_dim
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
-    windows, sinks = plan_windows(kind, s, h, hkv)
+    windows, sinks = case_windows(kind, s, h, hkv, plan)
     ks = jax.random.split(jax.random.PRNGKey(s), 4)
     q = jax.random.normal(ks[0], (b, s, h, d), dtype)
     k = jax.random.normal(ks[1], (b, s, hkv, d), dtype)
     v = jax.random.normal(ks[2], (b, s, hkv, d), dtype)
     do = jax.random.normal(ks[3], (b, s, h, d), dtype)
-    kept = b * MaskSpec(windows, sinks, s, s).kept_entries()
-    fwd_flops = 4.0 * d * kept
-    kopts = dict(block_q=args.block_q, block_k=args.block_k)
-    for name in ("block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv", "num_warps",
-                 "num_stages", "num_warps_bwd", "num_stages_bwd"):
-        if getattr(args, name) is not None:
-            kopts[name] = getattr(args, name)
-    if args.interpret:
-        kopts["interpret"] = True
-
-    def ours(q, k, v):
-        return sparse_attention(q, k, v, windows=windows, sink=sinks, **kopts)
-
+    kept = _kept(windows, sinks, s)
     base = dict(config=kind, seq_len=s, batch=b, heads=h, kv_heads=hkv, head_dim=d,
                 dtype=args.dtype, kv_density=kv_density(windows, sinks, s),
-                attention_density=kept / (b * h * s * (s + 1) / 2),
+                attention_density=kept / (h * s * (s + 1) / 2),
                 windows=sorted(set(windows)), sinks=sorted(set(sinks)))
-    results = {}
-    # cuDNN first: per head group, K/V shared (GQA kept when the group covers whole KV groups).
-    groups = _cudnn_groups(windows, hkv)
-    cudnn_ok = not args.no_cudnn
-    if cudnn_ok:
-        g = h // hkv
-        parts = []
-        for w, idx in groups.items():
-            idx = np.asarray(idx)
-            kvs, per_kv = np.unique(idx // g, return_counts=True)
-            if len(set(per_kv.tolist())) != 1:
-                kvs = idx // g      # uneven groups: one K/V copy per query head (plain MHA)
-            parts.append((w, idx, kvs))
-        qs = [q[:, :, idx] for _, idx, _ in parts]
-        kvsub = [(k[:, :, kvs], v[:, :, kvs]) for _, _, kvs in parts]
-        cudnn_kept = sum(b * len(idx) * (s * (s + 1) // 2 if w >= s else
-                                         MaskSpec((w,), (0,), s, s).kept_entries())
-                         for w, idx, _ in parts)
-
-        def cudnn(qs_, kvs_):
-            outs = []
-            for (w, _, _), qq, (kk, vv) in zip(parts, qs_, kvs_):
-                lw = None if w >= s else (w - 1, 0)
-                outs.append(jax.nn.dot_product_attention(qq, kk, vv, is_causal=True,
-                                                         local_window_size=lw,
-                                                         implementation="cudnn"))
-            return outs
-        dos = [do[:, :, idx] for _, idx, _ in parts]
+    case_rows = []
+    for impl in args.impls:
         try:
-            f = jax.jit(cudnn)
-            results["cudnn_fwd"] = (_time(lambda: f(qs, kvsub), args.warmup, args.iters),
-                                    4.0 * d * cudnn_kept)
+            if impl in ("moa-mgpu", "moa-triton"):
+                fn = _ours("mgpu" if impl == "moa-mgpu" else "gpu", windows, sinks, args)
+                n_kept, name = kept, impl
+            elif impl == "cudnn":
+                fn, n_kept, name = _cudnn(windows, s, hkv)
+            elif impl == "tokamax":
+                fn, n_kept, name = _tokamax(windows, s)
+            else:
+                raise ValueError(f"unknown implementation {impl!r}")
+            passes = [("fwd", jax.jit(fn), (q, k, v), 1.0)]
             if not args.no_bwd:
-                fb = jax.jit(lambda qs_, kvs_, dos_: jax.vjp(cudnn, qs_, kvs_)[1](dos_))
-                results["cudnn_fwdbwd"] = (_time(lambda: fb(qs, kvsub, dos), args.warmup,
-                                                 args.iters), 3.5 * 4.0 * d * cudnn_kept)
+                passes.append(("fwdbwd", _fwd_bwd(fn), (q, k, v, do), 3.5))
+            for pass_, f, xs, mult in passes:
+                ms = _time(lambda: f(*xs), args.warmup, args.iters)
+                flops = mult * 4.0 * d * b * n_kept
+                case_rows.append(dict(base, impl=name, pass_=pass_, ms=ms,
+                                      tflops=flops / ms / 1e9, kept_entries=int(b * n_kept)))
+            if impl == "moa-mgpu" and args.breakdown:
+                case_rows[-1]["kernels"] = _mgpu_breakdown(q, k, v, do, windows, sinks, kept,
+                                                           args)
         except Exception as e:  # noqa: BLE001
-            print(f"cuDNN failed for {kind} S={s}: {type(e).__name__}: {e}", file=sys.stderr)
-            cudnn_ok = False
-    f = jax.jit(ours)
-    results["moa_fwd"] = (_time(lambda: f(q, k, v), args.warmup, args.iters), fwd_flops)
-    if not args.no_bwd:
-        fb = _fwd_bwd(ours)
-        results["moa_fwdbwd"] = (_time(lambda: fb(q, k, v, do), args.warmup, args.iters),
-                                 3.5 * fwd_flops)
+            msg = f"{type(e).__name__}: {str(e)[:400]}"
+            print(f"FAILED {impl} {kind} S={s}: {msg}", file=sys.stderr, flush=True)
+            case_rows.append(dict(base, impl=impl, error=msg))
     for pass_ in ("fwd", "fwdbwd"):
-        if f"moa_{pass_}" not in results:
-            continue
-        ms, flops = results[f"moa_{pass_}"]
-        row = dict(base, impl="moa_pallas_triton", pass_=pass_, ms=ms,
-                   tflops=flops / ms / 1e9, kept_entries=int(kept))
-        if cudnn_ok and f"cudnn_{pass_}" in results:
-            cms, cflops = results[f"cudnn_{pass_}"]
-            crow = dict(base, impl="cudnn" + ("" if len(groups) == 1 else f"_{len(groups)}calls"),
-                        pass_=pass_, ms=cms, tflops=cflops / cms / 1e9,
-                        kept_entries=int(cflops / 4.0 / d / (3.5 if pass_ == "fwdbwd" else 1)))
-            row["tflops_ratio_vs_cudnn"] = row["tflops"] / crow["tflops"]
-            row["speedup_vs_cudnn"] = cms / ms
-            rows.append(crow)
-        rows.append(row)
-        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("windows", "sinks")}),
+        done = [r for r in case_rows if r.get("pass_") == pass_]
+        peers = [r["ms"] for r in done if not r["impl"].startswith("moa")]
+        for r in done:
+            if peers:
+                r["time_vs_fastest_peer"] = r["ms"] / min(peers)
+    for r in case_rows:
+        print(json.dumps({k: v for k, v in r.items() if k not in ("windows", "sinks")}),
               flush=True)
+    rows.extend(case_rows)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
@@ -212,9 +311,20 @@ def main(argv=None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 32768],
                    help="sequence lengths S, one row set each")
-    p.add_argument("--configs", nargs="+", default=["dense", "window1024", "het50", "het25"],
+    p.add_argument("--configs", nargs="+", default=["dense", "mix1024-7168",
+                                                     "mix1024-7168+sinks", "het50"],
                    metavar="CONFIG",
-                   help="head configurations: dense, window<W> (any W), het50, het25 (below)")
+                   help="head configurations: dense, window<W>, mix<A>-<B>[+sinks], het50, "
+                        "het25 (below); plan-L<l> are added for each --plan-layers")
+    p.add_argument("--plan", default=None,
+                   help="a plan file (ours or the MoA reference's JSON) for plan-L<l> configs")
+    p.add_argument("--plan-layers", type=int, nargs="*", default=[0, 8, 16, 31],
+                   help="layers of --plan to benchmark")
+    p.add_argument("--impls", nargs="+", default=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
+                   choices=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
+                   help="implementations to time (each in its own try block)")
+    p.add_argument("--mgpu-block-k", type=int, default=None,
+                   help="Mosaic GPU forward key block (64 or 128; default: the kernel's)")
     p.add_argument("--batch", type=int, default=1, help="batch size B")
     p.add_argument("--heads", type=int, default=32, help="query heads H")
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads Hkv (GQA when < H)")
@@ -222,8 +332,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="q/k/v dtype")
     p.add_argument("--iters", type=int, default=10, help="timed calls (the median is reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation)")
-    p.add_argument("--block-q", type=int, default=128, help="forward query block")
-    p.add_argument("--block-k", type=int, default=64, help="forward key block")
+    p.add_argument("--block-q", type=int, default=128, help="Triton forward query block")
+    p.add_argument("--block-k", type=int, default=64, help="Triton forward key block")
     p.add_argument("--block-q-dq", type=int, default=None,
                    help="backward dq pass: query block (default: the kernel's choice)")
     p.add_argument("--block-k-dq", type=int, default=None,
@@ -241,17 +351,24 @@ def main(argv=None) -> int:
     p.add_argument("--num-stages-bwd", type=int, default=None,
                    help="Triton pipeline stages, backward (default: the kernel's choice)")
     p.add_argument("--no-bwd", action="store_true", help="forward only")
-    p.add_argument("--no-cudnn", action="store_true", help="skip the cuDNN baseline")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time each Mosaic GPU kernel (fwd, dq, dk/dv) alone")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
 
     import jax
+    plan = None
+    configs = list(args.configs)
+    if args.plan:
+        from moa_jax.plan import Plan
+        plan = Plan.load(args.plan)
+        configs += [f"plan-L{layer}" for layer in args.plan_layers]
     rows: list[dict] = []
     for s in args.seq_lens:
-        for kind in args.configs:
+        for kind in configs:
             try:
-                bench_one(kind, s, args, rows)
+                bench_one(kind, s, args, rows, plan)
             except Exception as e:  # noqa: BLE001
                 print(f"FAILED {kind} S={s}: {type(e).__name__}: {e}", file=sys.stderr,
                       flush=True)
@@ -268,18 +385,17 @@ def main(argv=None) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| S | config | kv dens. | attn dens. | pass | impl | ms | TFLOP/s | vs cuDNN (TFLOP/s) |"
-             " vs cuDNN (time) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| S | config | Hkv | kv dens. | pass | impl | ms | TFLOP/s | time vs fastest peer |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['seq_len']} | {r['config']} | | | | error: {r['error'][:60]} |"
-                         " | | | |")
+            lines.append(f"| {r['seq_len']} | {r['config']} | {r.get('kv_heads', '')} | | | "
+                         f"{r.get('impl', '')} | error: {r['error'][:60]} | | |")
             continue
         lines.append(
-            f"| {r['seq_len']} | {r['config']} | {r['kv_density']:.2f} | "
-            f"{r['attention_density']:.2f} | {r['pass_']} | {r['impl']} | {r['ms']:.2f} | "
-            f"{r['tflops']:.0f} | {r.get('tflops_ratio_vs_cudnn', float('nan')):.2f} | "
-            f"{r.get('speedup_vs_cudnn', float('nan')):.2f} |")
+            f"| {r['seq_len']} | {r['config']} | {r['kv_heads']} | {r['kv_density']:.2f} | "
+            f"{r['pass_']} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | "
+            f"{r.get('time_vs_fastest_peer', float('nan')):.2f} |")
     return "\n".join(lines)
 
 

@@ -44,7 +44,8 @@ class MoAAttention(AttentionBackend):
       length: input length N at which the plan is resolved (None: the call's length).
       windows: explicit resolved windows [layers][heads] (overrides plan.resolve; static tuple).
       block_q, block_k: kernel block sizes (None: the kernel's defaults).
-      kernel_backend: 'auto' | 'gpu' | 'tpu' | 'reference' (see `sparse_attention`).
+      kernel_backend: 'auto' | 'gpu' (Triton) | 'mgpu' (Mosaic GPU prefill, Triton decode) |
+        'tpu' | 'reference' (see `sparse_attention`).
       interpret: Pallas interpret mode (None: automatic, True on CPU).
       mesh: device mesh: the prefill and decode kernels run under `shard_map`, rows over
         data x fsdp and heads over tensor, each device with its heads' windows, and the span
@@ -97,8 +98,9 @@ class MoAAttention(AttentionBackend):
         if cache is not None and q.shape[1] == 1:
             cache = cache.write(k, v, positions[:, 0], lengths)
             out = span_decode_on_mesh(q[:, 0], cache, positions[:, 0], self.mesh,
-                                      windows=windows, sinks=sinks, backend=self.kernel_backend,
-                                      interpret=self.interpret)
+                                      windows=windows, sinks=sinks,
+                                      backend="gpu" if self.kernel_backend == "mgpu" else
+                                      self.kernel_backend, interpret=self.interpret)
             return out[:, None], cache
         out = sparse_attention_on_mesh(q, k, v, self.mesh, windows=windows, sinks=sinks,
                                        backend=self.kernel_backend, interpret=self.interpret,

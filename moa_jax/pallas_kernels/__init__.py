@@ -12,7 +12,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-_BACKENDS = ("auto", "gpu", "tpu", "reference")
+_BACKENDS = ("auto", "gpu", "mgpu", "tpu", "reference")
+_MGPU_OPTIONS = ("block_k_dq", "num_stages", "num_stages_dq", "num_stages_dkv")
 
 
 def _next_pow2(x: int) -> int:
@@ -39,14 +40,18 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
       sink: sink tokens, one int for all heads or one per query head (static).
       q_offset: static position of the first query (queries at [q_offset, q_offset + T)).
       kv_lengths: optional int [B], valid keys per row (keys j >= kv_lengths[b] are padding).
-      backend: 'auto' (by platform: TPU -> splash attention, otherwise the Triton kernel; on CPU
-        the Triton kernel in interpret mode), 'gpu', 'tpu' or 'reference' (the jnp oracle).
+      backend: 'auto' (by platform: TPU -> splash attention; Hopper or newer with bf16/f16 ->
+        the Mosaic GPU kernel; other GPUs and f32 -> the Triton kernel; CPU -> the Triton kernel
+        in interpret mode), 'gpu' (Triton), 'mgpu' (Mosaic GPU, sm90+), 'tpu' or 'reference'
+        (the jnp oracle).
       interpret: run the Pallas kernel in interpret mode (default: True off GPU/TPU).
       block_q, block_k: forward block sizes (powers of two; clamped to the sequence lengths).
       return_lse: also return the log-sum-exp [B, H, T] (float32; -inf for rows with no key).
       scale: logit scale, default 1/sqrt(D).
-      kernel_options: backend-specific options (GPU: block_q_dq, block_k_dq, block_q_dkv,
-        block_k_dkv, num_warps, num_stages, num_warps_bwd, num_stages_bwd).
+      kernel_options: backend-specific options (Triton: block_q_dq, block_k_dq, block_q_dkv,
+        block_k_dkv, num_warps, num_stages, num_warps_bwd, num_stages_bwd; Mosaic GPU:
+        block_k_dq, num_stages, num_stages_dq, num_stages_dkv; with 'auto' the options the chosen kernel does
+        not take are dropped).
     Returns:
       out [B, T, H, D] in q's dtype (and lse). Differentiable with respect to q, k, v.
     """
@@ -65,7 +70,15 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     platform = jax.default_backend()
     if backend == "auto":
-        backend = "tpu" if platform == "tpu" else "gpu"
+        if platform == "tpu":
+            backend = "tpu"
+        else:
+            from moa_jax.pallas_kernels import prefill_mgpu
+            mgpu = interpret is not True and prefill_mgpu.available() and \
+                prefill_mgpu.supported(q.dtype, D)
+            backend = "mgpu" if mgpu else "gpu"
+            if mgpu:
+                kernel_options = {k: v for k, v in kernel_options.items() if k in _MGPU_OPTIONS}
     if interpret is None:
         interpret = platform not in ("gpu", "cuda", "rocm", "tpu") or \
             (backend == "tpu" and platform != "tpu") or (backend == "gpu" and platform == "tpu")
@@ -77,6 +90,15 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
         valid = None if kv_lengths is None else kpos[None, :] < jnp.asarray(kv_lengths)[:, None]
         mask = window_sink_mask(qpos, kpos, jnp.asarray(windows), jnp.asarray(sinks), valid)
         return mha_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
+
+    if backend == "mgpu":
+        from moa_jax.pallas_kernels.prefill_mgpu import sparse_attention_mgpu
+        if interpret:
+            raise ValueError("the Mosaic GPU kernel has no interpret mode here; use 'gpu'")
+        out, lse = sparse_attention_mgpu(
+            q, k, v, windows=windows, sinks=sinks, q_offset=q_offset, kv_lengths=kv_lengths,
+            scale=scale, block_k=128 if block_k is None else int(block_k), **kernel_options)
+        return (out, lse) if return_lse else out
 
     if backend == "tpu":
         from moa_jax.pallas_kernels.prefill_tpu import sparse_attention_tpu

@@ -103,7 +103,8 @@ class TrainConfig:
     decode_eviction: bool = _f(False, "recycled: tail row j sees only the K - j best (the "
                                "decoder's cache) instead of all K")
     plan: str | None = _f(None, "moa: plan file or 'dense' / 'streaming:WINDOW[:SINK]'")
-    kernel_backend: str = _f("auto", "moa: sparse kernel backend auto | gpu | tpu | reference")
+    kernel_backend: str = _f("auto", "moa: sparse kernel backend auto | gpu | mgpu | tpu | "
+                             "reference")
     # --- data ---
     corpus: str = _f("shakespeare", "built-in corpus name or local json/jsonl/parquet/txt path")
     text_field: str = _f("text", "text column of json/parquet data")
