@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 from moa_jax.pallas_kernels import sparse_attention
 from moa_jax.pallas_kernels.prefill_gpu import sparse_attention_gpu
-from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
+from moa_jax.pallas_kernels.reference import window_sink_attention
 
 _seed = [0]
 
@@ -30,14 +30,9 @@ def _inputs(b, t, s, h, hkv, d, dtype):
 
 
 def _oracle(q, k, v, windows, sinks, q_offset=0, kv_lengths=None, return_lse=True):
-    b, t = q.shape[:2]
-    s = k.shape[1]
-    qpos = jnp.broadcast_to(q_offset + jnp.arange(t), (b, t))
-    kpos = jnp.arange(s)
-    valid = None if kv_lengths is None else kpos[None] < jnp.asarray(kv_lengths)[:, None]
-    mask = window_sink_mask(qpos, kpos, jnp.asarray(windows), jnp.asarray(sinks), valid)
     with jax.default_matmul_precision("highest"):   # no TF32 in the oracle on GPU
-        return mha_reference(q, k, v, mask, return_lse=return_lse)
+        return window_sink_attention(q, k, v, windows, sinks, q_offset=q_offset,
+                                     kv_lengths=kv_lengths, return_lse=return_lse)
 
 
 def _check_forward(b, t, s, h, hkv, d, dtype, windows, sinks, q_offset=0, kv_lengths=None,

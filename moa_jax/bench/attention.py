@@ -94,38 +94,6 @@ def _time(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
-    """Each Mosaic GPU kernel timed alone: ms and TFLOP/s on its own matmul work (forward
-    2 matmuls = 4 D kept, dq 3 = 6 D kept, dk/dv 4 = 8 D kept)."""
-    from moa_jax.pallas_kernels.prefill_mgpu import kernel_stages
-
-    opts = {} if args.mgpu_block_k is None else dict(block_k=args.mgpu_block_k)
-    d, b = q.shape[-1], q.shape[0]
-    out = {}
-    for name, fn in kernel_stages(q, k, v, do, windows=windows, sinks=sinks, **opts).items():
-        ms = _time(fn, args.warmup, args.iters)
-        mm = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}[name] * d * b * kept
-        out[name] = dict(ms=ms, tflops=mm / ms / 1e9)
-    return out
-
-
-def _fwd_bwd(attn: Callable):
-    import jax
-
-    def run(q, k, v, do):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return vjp(do)
-    return jax.jit(run)
-
-
-def _cudnn_groups(windows, hkv):
-    """Head groups by window for cuDNN: {window: query head indices} (sinks dropped)."""
-    groups: dict[int, list[int]] = {}
-    for i, w in enumerate(windows):
-        groups.setdefault(int(w), []).append(i)
-    return groups
-
-
 def case_windows(kind: str, s: int, h: int, hkv: int, plan=None):
     """(windows, sinks) of a named configuration (see the module docstring)."""
     if kind.startswith("mix"):
@@ -191,8 +159,7 @@ def _cudnn(windows, s: int, hkv: int):
                 q[:, :, idx], k[:, :, kvs], v[:, :, kvs], is_causal=True,
                 local_window_size=lw, implementation="cudnn"))
         return jnp.concatenate(outs, axis=2)[:, :, inv]
-    kept = sum(len(idx) * _kept((w,), (0,), s) for w, _, idx in
-               ((w, None, idx) for w, idx, _ in parts))
+    kept = sum(len(idx) * _kept((w,), (0,), s) for w, idx, _ in parts)
     return attn, kept, f"cudnn_{len(parts)}call" + ("s" if len(parts) > 1 else "")
 
 

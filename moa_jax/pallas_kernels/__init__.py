@@ -84,12 +84,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
             (backend == "tpu" and platform != "tpu") or (backend == "gpu" and platform == "tpu")
 
     if backend == "reference":
-        from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
-        qpos = q_offset + jnp.arange(T, dtype=jnp.int32)[None].repeat(B, 0)
-        kpos = jnp.arange(S, dtype=jnp.int32)
-        valid = None if kv_lengths is None else kpos[None, :] < jnp.asarray(kv_lengths)[:, None]
-        mask = window_sink_mask(qpos, kpos, jnp.asarray(windows), jnp.asarray(sinks), valid)
-        return mha_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
+        from moa_jax.pallas_kernels.reference import window_sink_attention
+        return window_sink_attention(q, k, v, windows, sinks, q_offset=q_offset,
+                                     kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
 
     if backend == "mgpu":
         from moa_jax.pallas_kernels.prefill_mgpu import sparse_attention_mgpu

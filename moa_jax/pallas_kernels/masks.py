@@ -248,3 +248,20 @@ def head_groups(windows, sinks) -> dict[tuple[int, int], tuple[int, ...]]:
     for h, (w, s) in enumerate(zip(windows, sinks)):
         groups.setdefault((int(w), int(s)), []).append(h)
     return {k: tuple(v) for k, v in groups.items()}
+
+
+def work_order(num: np.ndarray) -> np.ndarray:
+    """Flat work items sorted by decreasing block count (stable): with a static grid, the
+    heaviest programs launch first (longest-processing-time order)."""
+    return np.argsort(-np.asarray(num).reshape(-1), kind="stable").astype(np.int32)
+
+
+def kernel_tables(spec: MaskSpec, blocks: np.ndarray, num_partial: np.ndarray, num: np.ndarray,
+                  work: np.ndarray | None = None) -> list[np.ndarray]:
+    """The int32 scalar tables a block-sparse kernel reads, flattened per work item:
+    [work order (heaviest first by `work`, default `num`), windows [H], sinks [H],
+    blocks [items * max], num_partial [items], num [items]]."""
+    return [work_order(num if work is None else work),
+            np.asarray(spec.windows, np.int32), np.asarray(spec.sinks, np.int32),
+            np.asarray(blocks, np.int32).reshape(-1),
+            np.asarray(num_partial, np.int32).reshape(-1), np.asarray(num, np.int32).reshape(-1)]

@@ -25,11 +25,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import masks
+from moa_jax.pallas_kernels import flash_vjp, masks
 
 try:  # jax >= 0.4.3x: pallas.triton; name changed over versions.
     from jax.experimental.pallas import triton as _pltriton
@@ -76,12 +75,6 @@ def _dot(a, b, contract=((1,), (1,))):
 def _visible(rows, cols, w, s, kv_valid):
     """Element mask for query positions rows [bq, 1] and key positions cols [1, bk]."""
     return (cols <= rows) & ((rows - cols < w) | (cols < s)) & (cols < kv_valid)
-
-
-def _work_order(num: np.ndarray) -> np.ndarray:
-    """Flat (head, block) items sorted by decreasing block count (stable)."""
-    flat = num.reshape(-1)
-    return np.argsort(-flat, kind="stable").astype(np.int32)
 
 
 # --------------------------------------------------------------------------- forward kernel
@@ -148,15 +141,12 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
     sch = masks.schedule(spec)
     B, Tp, H, D = q.shape
     nq = spec.num_q_blocks
-    order = _work_order(sch.kv_num)
     kernel = functools.partial(
         _fwd_kernel, nq=nq, kmax=sch.max_kv_blocks, bq=spec.block_q, bk=spec.block_k,
         group=H // cfg.num_kv_heads, q_offset=spec.q_offset, kv_len=spec.kv_len,
         scale=cfg.scale, has_kvlen=cfg.has_kv_lengths, poison=poison)
-    tables = [jnp.asarray(order), jnp.asarray(spec.windows, jnp.int32),
-              jnp.asarray(spec.sinks, jnp.int32), jnp.asarray(sch.kv_blocks.reshape(-1)),
-              jnp.asarray(sch.kv_num_partial.reshape(-1)), jnp.asarray(sch.kv_num.reshape(-1)),
-              kv_lengths.astype(jnp.int32)]
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(
+        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
     out_shape = [jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
                  jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)]
     args = tables + [q, k, v]
@@ -278,10 +268,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     B, Tp, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    if dlse is not None:
-        # Rows that see no key have a constant lse (-inf): their cotangent is dropped.
-        delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+    delta = flash_vjp.backward_delta(out, do, lse, dlse)
     kvl = kv_lengths.astype(jnp.int32)
     nw = cfg.num_warps_bwd or (4 if D <= 64 else 8)
     cp = None if cfg.interpret else _compiler_params(nw, cfg.num_stages_bwd)
@@ -290,10 +277,8 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     spec = cfg.dq
     sch = masks.schedule(spec)
     nq = spec.num_q_blocks
-    tables = [jnp.asarray(_work_order(sch.kv_num)), jnp.asarray(spec.windows, jnp.int32),
-              jnp.asarray(spec.sinks, jnp.int32), jnp.asarray(sch.kv_blocks.reshape(-1)),
-              jnp.asarray(sch.kv_num_partial.reshape(-1)), jnp.asarray(sch.kv_num.reshape(-1)),
-              kvl]
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(
+        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kvl]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, nq=nq, kmax=sch.max_kv_blocks, bq=spec.block_q,
                           bk=spec.block_k, group=group, q_offset=spec.q_offset,
@@ -308,10 +293,8 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     sch = masks.schedule(spec)
     nk = spec.num_k_blocks
     per_kv = sch.q_num.reshape(Hkv, group, nk).sum(axis=1)
-    tables = [jnp.asarray(_work_order(per_kv)), jnp.asarray(spec.windows, jnp.int32),
-              jnp.asarray(spec.sinks, jnp.int32), jnp.asarray(sch.q_blocks.reshape(-1)),
-              jnp.asarray(sch.q_num_partial.reshape(-1)), jnp.asarray(sch.q_num.reshape(-1)),
-              kvl]
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(
+        spec, sch.q_blocks, sch.q_num_partial, sch.q_num, work=per_kv)] + [kvl]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, nk=nk, qmax=sch.max_q_blocks, bq=spec.block_q,
                           bk=spec.block_k, group=group, q_offset=spec.q_offset,
@@ -323,33 +306,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     return dq, dk, dv
 
 
-# ------------------------------------------------------------------------------ custom vjp
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, kv_lengths, cfg: KernelConfig):
-    return _fwd_call(cfg, q, k, v, kv_lengths)
-
-
-def _attention_fwd(q, k, v, kv_lengths, cfg):
-    out, lse = _fwd_call(cfg, q, k, v, kv_lengths)
-    return (out, lse), (q, k, v, kv_lengths, out, lse)
-
-
-def _attention_bwd(cfg, res, cts):
-    q, k, v, kv_lengths, out, lse = res
-    do, dlse = cts
-    dq, dk, dv = _bwd_call(cfg, q, k, v, kv_lengths, out, lse, do.astype(q.dtype), dlse)
-    return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _pad_to(x, axis, size):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
+_attention = flash_vjp.flash_attention(_fwd_call, _bwd_call)
 
 
 def sparse_attention_gpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None,
@@ -377,11 +334,7 @@ def sparse_attention_gpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None
                        num_kv_heads=Hkv, scale=scale, has_kv_lengths=kv_lengths is not None,
                        interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
                        num_warps_bwd=num_warps_bwd, num_stages_bwd=num_stages_bwd)
-    qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-    kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-    vp = _pad_to(_pad_to(v, 1, Sp), 3, Dp)
-    kvl = (jnp.full((B,), S, jnp.int32) if kv_lengths is None
-           else jnp.asarray(kv_lengths, jnp.int32))
+    qp, kp, vp, kvl = flash_vjp.pad_inputs(q, k, v, kv_lengths, Tp, Sp, Dp)
     if poison:  # test hook: unwritten output blocks stay NaN (no gradient support).
         out, lse = _fwd_call(cfg, qp, kp, vp, kvl, poison=True)
     else:

@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import masks
+from moa_jax.pallas_kernels import flash_vjp, masks
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -93,11 +93,6 @@ def _smem(shape, dtype):
                                                 plgpu.SwizzleTransform(128)))
 
 
-def _work_order(num: np.ndarray) -> np.ndarray:
-    """Flat work items sorted by decreasing block count (stable): heaviest CTAs launch first."""
-    return np.argsort(-num.reshape(-1), kind="stable").astype(np.int32)
-
-
 def _row_vec(ref):
     """[n] f32 shared-memory vector in the layout of a wgmma row reduction."""
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
@@ -124,6 +119,20 @@ def _rem(x, d: int):
     return lax.rem(x, jnp.asarray(d, x.dtype))
 
 
+def _work_item(order_ref, num_ref, npart_ref, inner: int, has_kvlen: bool):
+    """This CTA's (batch row, item, item // inner, item % inner, blocks to visit, of which
+    masked); with ragged kv lengths every block is masked."""
+    b = lax.axis_index("batch")
+    item = order_ref[lax.axis_index("item")]
+    num = num_ref[item]
+    npart = num if has_kvlen else npart_ref[item]
+    return b, item, _div(item, inner), _rem(item, inner), num, npart
+
+
+def _kv_valid(kvlen_ref, b, kv_len: int, has_kvlen: bool):
+    return jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
+
+
 def _bcast(x, shape, dim):
     return lax.broadcast_in_dim(x, shape, [dim])
 
@@ -132,32 +141,31 @@ def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
+def _row_tiles(cfg: MgpuConfig, spec: masks.MaskSpec, num_heads: int):
+    """Statics of a kernel whose CTAs own 2 x 64 query rows and stream scheduled key blocks:
+    (schedule, query tiles, most blocks per tile, rows per warpgroup, key block, GQA group,
+    log2-scaled logit scale, query offset, key length, ragged kv lengths?)."""
+    sch = masks.schedule(spec)
+    return (sch, spec.num_q_blocks, sch.max_kv_blocks, spec.block_q // 2, spec.block_k,
+            num_heads // cfg.num_kv_heads, cfg.scale * _LOG2E, spec.q_offset, spec.kv_len,
+            cfg.has_kv_lengths)
+
+
 # --------------------------------------------------------------------------------- forward
 def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
     """q [B, Tp, H, Dp], k/v [B, Sp, Hkv, Dp] -> (out [B, Tp, H, Dp], lse [B, H, Tp] natural)."""
     spec = cfg.fwd
-    sch = masks.schedule(spec)
     B, Tp, H, D = q.shape
-    group = H // cfg.num_kv_heads
-    nq, kmax = spec.num_q_blocks, sch.max_kv_blocks
-    bq, bk = spec.block_q // 2, spec.block_k
+    sch, nq, kmax, bq, bk, group, c, q_offset, kv_len, has_kvlen = _row_tiles(cfg, spec, H)
     stages = cfg.num_stages
-    c = cfg.scale * _LOG2E
-    q_offset, kv_len, has_kvlen = spec.q_offset, spec.kv_len, cfg.has_kv_lengths
     dtype = q.dtype
-    order = _work_order(sch.kv_num)
 
     def kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
                q_ref, k_ref, v_ref, out_ref, lse_ref,
                qo_smem2, k_smem, v_smem, lse_smem2,
                k_ready, v_ready, q_ready, k_free, v_free, sched):
-        b = lax.axis_index("batch")
-        item = order_ref[lax.axis_index("item")]
-        h = _div(item, nq)
-        m = _rem(item, nq)
+        b, item, h, m, num, npart = _work_item(order_ref, num_ref, npart_ref, nq, has_kvlen)
         kvh = _div(h, group)
-        num = num_ref[item]
-        npart = num if has_kvlen else npart_ref[item]
         base = item * kmax
         wg = lax.axis_index("wg")
 
@@ -173,7 +181,7 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, bq), h], qo, q_ready.at[wg])
             w = win_ref[h]
             s_ = sink_ref[h]
-            kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
+            kv_valid = _kv_valid(kvlen_ref, b, kv_len, has_kvlen)
             plgpu.barrier_wait(q_ready.at[wg])
             acc = _zeros((bq, D))
             m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
@@ -262,10 +270,8 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
                 plgpu.barrier_wait(v_free.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_ready.at[slot])
 
-    tables = [jnp.asarray(order), jnp.asarray(spec.windows, jnp.int32),
-              jnp.asarray(spec.sinks, jnp.int32), jnp.asarray(sch.kv_blocks.reshape(-1)),
-              jnp.asarray(sch.kv_num_partial.reshape(-1)), jnp.asarray(sch.kv_num.reshape(-1)),
-              kv_lengths.astype(jnp.int32)]
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(
+        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
     out, lse = plgpu.kernel(
         kernel,
         out_type=[jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
@@ -289,28 +295,17 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
 def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     """dq [B, Tp, H, Dp] (scaled) over the forward-style schedule of cfg.dq."""
     spec = cfg.dq
-    sch = masks.schedule(spec)
     B, Tp, H, D = q.shape
-    group = H // cfg.num_kv_heads
-    nq, kmax = spec.num_q_blocks, sch.max_kv_blocks
-    bq, bk = spec.block_q // 2, spec.block_k
+    sch, nq, kmax, bq, bk, group, c, q_offset, kv_len, has_kvlen = _row_tiles(cfg, spec, H)
     stages = cfg.num_stages_dq
-    c = cfg.scale * _LOG2E
-    q_offset, kv_len, has_kvlen = spec.q_offset, spec.kv_len, cfg.has_kv_lengths
     dtype = q.dtype
-    order = _work_order(sch.kv_num)
 
     def kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
                q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
                row_ready, k_ready, v_ready, k_free, v_free):
-        b = lax.axis_index("batch")
-        item = order_ref[lax.axis_index("item")]
-        h = _div(item, nq)
-        m = _rem(item, nq)
+        b, item, h, m, num, npart = _work_item(order_ref, num_ref, npart_ref, nq, has_kvlen)
         kvh = _div(h, group)
-        num = num_ref[item]
-        npart = num if has_kvlen else npart_ref[item]
         base = item * kmax
         wg = lax.axis_index("wg")
 
@@ -328,7 +323,7 @@ def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                                     row_ready.at[wg])
             w = win_ref[h]
             s_ = sink_ref[h]
-            kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
+            kv_valid = _kv_valid(kvlen_ref, b, kv_len, has_kvlen)
             plgpu.barrier_wait(row_ready.at[wg])
             lse = _row_vec(lse_smem2.at[wg])
             dlt = _row_vec(delta_smem2.at[wg])
@@ -394,10 +389,8 @@ def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
 
                 plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_ready.at[slot])
 
-    tables = [jnp.asarray(order), jnp.asarray(spec.windows, jnp.int32),
-              jnp.asarray(spec.sinks, jnp.int32), jnp.asarray(sch.kv_blocks.reshape(-1)),
-              jnp.asarray(sch.kv_num_partial.reshape(-1)), jnp.asarray(sch.kv_num.reshape(-1)),
-              kv_lengths.astype(jnp.int32)]
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(
+        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
@@ -461,18 +454,12 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     c = cfg.scale * _LOG2E
     q_offset, kv_len, has_kvlen = spec.q_offset, spec.kv_len, cfg.has_kv_lengths
     dtype = q.dtype
-    order = _work_order(num_t)
 
     def kernel(order_ref, win_ref, sink_ref, ent_ref, npart_ref, num_ref, kvlen_ref,
                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
                k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
                kv_ready, tile_ready, tile_free):
-        b = lax.axis_index("batch")
-        item = order_ref[lax.axis_index("item")]
-        kvh = _div(item, nk)
-        n = _rem(item, nk)
-        num = num_ref[item]
-        npart = num if has_kvlen else npart_ref[item]
+        b, item, kvh, n, num, npart = _work_item(order_ref, num_ref, npart_ref, nk, has_kvlen)
         base = item * emax
         wg = lax.axis_index("wg")
 
@@ -484,7 +471,7 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             ks = (b, pl.ds(col0, bk), kvh)
             plgpu.copy_gmem_to_smem(k_ref.at[ks], k_s, kv_ready.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[ks], v_s, kv_ready.at[wg])
-            kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
+            kv_valid = _kv_valid(kvlen_ref, b, kv_len, has_kvlen)
             plgpu.barrier_wait(kv_ready.at[wg])
 
             def step(i, carry, masked):
@@ -559,9 +546,8 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, bq)],
                                         delta_smem.at[slot], tile_ready.at[slot])
 
-    tables = [jnp.asarray(order), jnp.asarray(spec.windows, jnp.int32),
-              jnp.asarray(spec.sinks, jnp.int32), jnp.asarray(entries.reshape(-1)),
-              jnp.asarray(npart_t), jnp.asarray(num_t), kv_lengths.astype(jnp.int32)]
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(spec, entries, npart_t, num_t)] + \
+        [kv_lengths.astype(jnp.int32)]
     kv_type = jax.ShapeDtypeStruct((B, Sp, Hkv, D), k.dtype)
     dk, dv = plgpu.kernel(
         kernel,
@@ -581,40 +567,15 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
 
 
 # ------------------------------------------------------------------------------ custom vjp
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, kv_lengths, cfg: MgpuConfig):
-    return _fwd_call(cfg, q, k, v, kv_lengths)
-
-
-def _attention_fwd(q, k, v, kv_lengths, cfg):
-    out, lse = _fwd_call(cfg, q, k, v, kv_lengths)
-    return (out, lse), (q, k, v, kv_lengths, out, lse)
-
-
-def _attention_bwd(cfg, res, cts):
-    q, k, v, kv_lengths, out, lse = res
-    do, dlse = cts
-    do = do.astype(q.dtype)
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    finite = jnp.isfinite(lse)
-    if dlse is not None:
-        # Rows that see no key have a constant lse (-inf): their cotangent is dropped.
-        delta = delta - jnp.where(finite, dlse.astype(jnp.float32), 0.0)
-    lse2 = jnp.where(finite, lse * _LOG2E, jnp.inf)      # p = exp2(s * c - lse2); 0 if no key
+def _bwd_call(cfg: MgpuConfig, q, k, v, kv_lengths, out, lse, do, dlse):
+    delta = flash_vjp.backward_delta(out, do, lse, dlse)
+    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)   # p = exp2(s * c - lse2)
     dq = _dq_call(cfg, q, k, v, do, lse2, delta, kv_lengths)
     dk, dv = _dkv_call(cfg, q, k, v, do, lse2, delta, kv_lengths)
-    return dq, dk, dv, None
+    return dq, dk, dv
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _pad_to(x, axis, size):
-    if x.shape[axis] == size:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
+_attention = flash_vjp.flash_attention(_fwd_call, _bwd_call)
 
 
 def _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale, block_k, block_k_dq,
@@ -639,12 +600,7 @@ def _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale, block_k, bloc
                      dkv=mk(_WG_ROWS, _TILE), num_kv_heads=Hkv, scale=scale,
                      has_kv_lengths=kv_lengths is not None, num_stages=num_stages,
                      num_stages_dq=num_stages_dq, num_stages_dkv=num_stages_dkv)
-    qp = _pad_to(_pad_to(q, 1, Tp), 3, Dp)
-    kp = _pad_to(_pad_to(k, 1, Sp), 3, Dp)
-    vp = _pad_to(_pad_to(v, 1, Sp), 3, Dp)
-    kvl = (jnp.full((B,), S, jnp.int32) if kv_lengths is None
-           else jnp.asarray(kv_lengths, jnp.int32))
-    return cfg, qp, kp, vp, kvl
+    return (cfg, *flash_vjp.pad_inputs(q, k, v, kv_lengths, Tp, Sp, Dp))
 
 
 def sparse_attention_mgpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None,
@@ -676,9 +632,9 @@ def kernel_stages(q, k, v, do, *, windows, sinks, **options) -> dict:
                                     options.pop("num_stages_dkv", 3))
     if options:
         raise TypeError(f"unknown options {sorted(options)}")
-    dop = _pad_to(_pad_to(do, 1, qp.shape[1]), 3, qp.shape[3])
+    dop = flash_vjp.pad_to(flash_vjp.pad_to(do, 1, qp.shape[1]), 3, qp.shape[3])
     out, lse = jax.jit(_fwd_call, static_argnums=0)(cfg, qp, kp, vp, kvl)
-    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dop.astype(jnp.float32))
+    delta = flash_vjp.backward_delta(out, dop, lse, None)
     lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
     fwd = jax.jit(functools.partial(_fwd_call, cfg))
     dq = jax.jit(functools.partial(_dq_call, cfg))

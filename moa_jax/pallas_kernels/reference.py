@@ -87,3 +87,20 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
         return out
     lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(safe[..., 0]), -jnp.inf)
     return out, lse.reshape(b, h, t)
+
+
+def window_sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, windows, sinks, *,
+                          q_offset: int = 0, kv_lengths: jax.Array | None = None,
+                          scale: float | None = None, return_lse: bool = False):
+    """The oracle of `sparse_attention`: `mha_reference` under `window_sink_mask`.
+
+    q [B, T, H, D] at positions [q_offset, q_offset + T); k, v [B, S, Hkv, D] at [0, S);
+    windows, sinks int [H]; kv_lengths optional int [B] (keys j >= kv_lengths[b] are padding).
+    """
+    b, t = q.shape[:2]
+    s = k.shape[1]
+    qpos = q_offset + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    kpos = jnp.arange(s, dtype=jnp.int32)
+    valid = None if kv_lengths is None else kpos[None, :] < jnp.asarray(kv_lengths)[:, None]
+    mask = window_sink_mask(qpos, kpos, jnp.asarray(windows), jnp.asarray(sinks), valid)
+    return mha_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
