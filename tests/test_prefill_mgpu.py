@@ -172,3 +172,29 @@ def test_lowers_for_cuda_on_cpu(kv_lengths):
         lowering_platforms=("cuda",))
     calls = re.findall(r"stablehlo\.custom_call @(\w+)", lowered.as_text())
     assert len([c for c in calls if c.startswith("mosaic_gpu")]) == 3   # forward, dq, dk/dv
+
+
+def test_auto_dispatch_on_a_hopper_gpu(monkeypatch):
+    """With an sm90+ GPU, 'auto' sends bf16 / f16 to the Mosaic GPU kernel with only the
+    options it takes, and f32 (and an explicit 'gpu') to the Triton kernel."""
+    calls = []
+
+    def fake_mgpu(q, k, v, **kw):
+        calls.append(kw)
+        return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+
+    monkeypatch.setattr(prefill_mgpu, "available", lambda: True)
+    monkeypatch.setattr(prefill_mgpu, "sparse_attention_mgpu", fake_mgpu)
+    q = jnp.ones((1, 16, 2, 64), jnp.bfloat16)
+    k = v = jnp.ones((1, 16, 1, 64), jnp.bfloat16)
+    sparse_attention(q, k, v, windows=(16, 4), sink=(0, 2), num_warps=4, num_stages=3,
+                     block_q=32, block_k=64, interpret=False)   # interpret: what a GPU sets
+    assert len(calls) == 1
+    kw = calls[0]
+    assert kw["windows"] == (16, 4) and kw["sinks"] == (0, 2) and kw["block_k"] == 64
+    assert kw["num_stages"] == 3 and "num_warps" not in kw and "block_q" not in kw
+    out = sparse_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                           windows=(16, 4), sink=0)                     # f32: Triton
+    assert len(calls) == 1 and out.dtype == jnp.float32
+    sparse_attention(q, k, v, windows=(16, 4), sink=0, backend="gpu")  # explicit Triton
+    assert len(calls) == 1
