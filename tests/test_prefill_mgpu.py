@@ -197,4 +197,5 @@ def test_auto_dispatch_on_a_hopper_gpu(monkeypatch):
                            windows=(16, 4), sink=0)                     # f32: Triton
     assert len(calls) == 1 and out.dtype == jnp.float32
     sparse_attention(q, k, v, windows=(16, 4), sink=0, backend="gpu")  # explicit Triton
+    sparse_attention(q, k, v, windows=(16, 4), sink=0, block_k=16)     # a Triton block size
     assert len(calls) == 1

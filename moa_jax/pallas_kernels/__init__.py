@@ -50,8 +50,9 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
       scale: logit scale, default 1/sqrt(D).
       kernel_options: backend-specific options (Triton: block_q_dq, block_k_dq, block_q_dkv,
         block_k_dkv, num_warps, num_stages, num_warps_bwd, num_stages_bwd; Mosaic GPU:
-        block_k_dq, num_stages, num_stages_dq, num_stages_dkv; with 'auto' the options the chosen kernel does
-        not take are dropped).
+        block_k_dq, num_stages, num_stages_dq, num_stages_dkv). With 'auto' the options the
+        chosen kernel does not take are dropped, and a block_k other than 64 / 128 keeps the
+        Triton kernel (the Mosaic GPU kernel's query tiles are fixed; it ignores block_q).
     Returns:
       out [B, T, H, D] in q's dtype (and lse). Differentiable with respect to q, k, v.
     """
@@ -74,8 +75,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
             backend = "tpu"
         else:
             from moa_jax.pallas_kernels import prefill_mgpu
-            mgpu = interpret is not True and prefill_mgpu.available() and \
-                prefill_mgpu.supported(q.dtype, D)
+            mgpu = interpret is not True and block_k in (None, 64, 128) and \
+                prefill_mgpu.available() and prefill_mgpu.supported(q.dtype, D)
             backend = "mgpu" if mgpu else "gpu"
             if mgpu:
                 kernel_options = {k: v for k, v in kernel_options.items() if k in _MGPU_OPTIONS}

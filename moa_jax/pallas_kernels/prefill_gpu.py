@@ -29,6 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from moa_jax.pallas_kernels import flash_vjp, masks
+from moa_jax.pallas_kernels.reference import visible
 
 try:  # jax >= 0.4.3x: pallas.triton; name changed over versions.
     from jax.experimental.pallas import triton as _pltriton
@@ -74,7 +75,7 @@ def _dot(a, b, contract=((1,), (1,))):
 
 def _visible(rows, cols, w, s, kv_valid):
     """Element mask for query positions rows [bq, 1] and key positions cols [1, bk]."""
-    return (cols <= rows) & ((rows - cols < w) | (cols < s)) & (cols < kv_valid)
+    return visible(rows, cols, w, s) & (cols < kv_valid)
 
 
 # --------------------------------------------------------------------------- forward kernel

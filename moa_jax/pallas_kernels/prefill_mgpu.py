@@ -33,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from moa_jax.pallas_kernels import flash_vjp, masks
+from moa_jax.pallas_kernels.reference import visible
 
 try:
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -108,7 +109,7 @@ def _iota(shape, dim):
 
 def _visible(rows, cols, w, s, kv_valid):
     """Element mask: query positions `rows`, key positions `cols` (same shape)."""
-    return (cols <= rows) & ((rows - cols < w) | (cols < s)) & (cols < kv_valid)
+    return visible(rows, cols, w, s) & (cols < kv_valid)
 
 
 def _div(x, d: int):

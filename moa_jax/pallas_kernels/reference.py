@@ -30,6 +30,13 @@ def causal_mask(q_positions: jax.Array, k_positions: jax.Array,
     return mask
 
 
+def visible(q_pos, k_pos, window, sink):
+    """The mask predicate, elementwise on broadcastable arrays: key position k_pos is visible
+    from query position q_pos iff k_pos <= q_pos and (q_pos - k_pos < window or k_pos < sink).
+    Used as is by the oracle and inside the kernels."""
+    return (k_pos <= q_pos) & ((q_pos - k_pos < window) | (k_pos < sink))
+
+
 def window_sink_mask(q_positions: jax.Array, k_positions: jax.Array, windows: jax.Array,
                      sink: int | jax.Array = 0, k_valid: jax.Array | None = None) -> jax.Array:
     """Per-head causal sliding window plus sinks, [B, H, T, S].
@@ -46,7 +53,7 @@ def window_sink_mask(q_positions: jax.Array, k_positions: jax.Array, windows: ja
     kp = k_positions[:, None, None, :]
     w = jnp.asarray(windows)[None, :, None, None]
     s = jnp.broadcast_to(jnp.asarray(sink), jnp.asarray(windows).shape)[None, :, None, None]
-    mask = (kp <= qp) & ((qp - kp < w) | (kp < s))
+    mask = visible(qp, kp, w, s)
     if k_valid is not None:
         mask = mask & k_valid[:, None, None, :]
     return mask
