@@ -93,9 +93,11 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
         from moa_jax.pallas_kernels.prefill_mgpu import sparse_attention_mgpu
         if interpret:
             raise ValueError("the Mosaic GPU kernel has no interpret mode here; use 'gpu'")
+        if block_k is not None:
+            kernel_options = dict(kernel_options, block_k=int(block_k))
         out, lse = sparse_attention_mgpu(
             q, k, v, windows=windows, sinks=sinks, q_offset=q_offset, kv_lengths=kv_lengths,
-            scale=scale, block_k=128 if block_k is None else int(block_k), **kernel_options)
+            scale=scale, **kernel_options)
         return (out, lse) if return_lse else out
 
     if backend == "tpu":

@@ -142,6 +142,29 @@ def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
+def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, blocks_ref,
+               base, num, b, kvh, bk: int, stages: int):
+    """The memory warpgroup of the row-tiled kernels: TMA the `num` scheduled key blocks
+    (`blocks_ref[base + i]`) of K and V into a `stages`-deep ring, each slot reused once both
+    compute warpgroups have freed it."""
+    @pl.loop(0, num)
+    def _(i):
+        slot = _rem(i, stages)
+        sl = (b, pl.ds(blocks_ref[base + i] * bk, bk), kvh)
+
+        @pl.when(i >= stages)
+        def _():
+            plgpu.barrier_wait(k_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_ready.at[slot])
+
+        @pl.when(i >= stages)
+        def _():
+            plgpu.barrier_wait(v_free.at[slot])
+
+        plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_ready.at[slot])
+
+
 def _row_tiles(cfg: MgpuConfig, spec: masks.MaskSpec, num_heads: int):
     """Statics of a kernel whose CTAs own 2 x 64 query rows and stream scheduled key blocks:
     (schedule, query tiles, most blocks per tile, rows per warpgroup, key block, GQA group,
@@ -254,22 +277,8 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            def load(i, slot):
-                sl = (b, pl.ds(blocks_ref[base + i] * bk, bk), kvh)
-                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_ready.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_ready.at[slot])
-
-            for i in range(stages):
-                pl.when(i < num)(functools.partial(load, i, i))
-
-            @pl.loop(stages, jnp.maximum(num, stages))
-            def _(i):
-                slot = _rem(i, stages)
-                plgpu.barrier_wait(k_free.at[slot])
-                sl = (b, pl.ds(blocks_ref[base + i] * bk, bk), kvh)
-                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_ready.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_ready.at[slot])
+            _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+                       blocks_ref, base, num, b, kvh, bk, stages)
 
     tables = [jnp.asarray(t) for t in masks.kernel_tables(
         spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
@@ -373,22 +382,8 @@ def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            @pl.loop(0, num)
-            def _(i):
-                slot = _rem(i, stages)
-                sl = (b, pl.ds(blocks_ref[base + i] * bk, bk), kvh)
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[sl], k_smem.at[slot], k_ready.at[slot])
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_ready.at[slot])
+            _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+                       blocks_ref, base, num, b, kvh, bk, stages)
 
     tables = [jnp.asarray(t) for t in masks.kernel_tables(
         spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
@@ -568,9 +563,14 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
 
 
 # ------------------------------------------------------------------------------ custom vjp
+def _lse2(lse):
+    """The saved lse in base 2 for p = exp2(s * c - lse2); +inf (p = 0) on rows with no key."""
+    return jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
+
+
 def _bwd_call(cfg: MgpuConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     delta = flash_vjp.backward_delta(out, do, lse, dlse)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)   # p = exp2(s * c - lse2)
+    lse2 = _lse2(lse)
     dq = _dq_call(cfg, q, k, v, do, lse2, delta, kv_lengths)
     dk, dv = _dkv_call(cfg, q, k, v, do, lse2, delta, kv_lengths)
     return dq, dk, dv
@@ -579,9 +579,11 @@ def _bwd_call(cfg: MgpuConfig, q, k, v, kv_lengths, out, lse, do, dlse):
 _attention = flash_vjp.flash_attention(_fwd_call, _bwd_call)
 
 
-def _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale, block_k, block_k_dq,
-             num_stages, num_stages_dq, num_stages_dkv):
-    """The static config and the padded operands of one call."""
+def _prepare(q, k, v, windows, sinks, q_offset=0, kv_lengths=None, scale=None, *,
+             block_k: int = 128, block_k_dq: int = 128, num_stages: int = 2,
+             num_stages_dq: int = 2, num_stages_dkv: int = 3):
+    """The static config and the padded operands of one call (the tuning defaults live here:
+    the fastest on an H200 at D = 128, docs/benchmarks.md)."""
     if plgpu is None:
         raise RuntimeError("this jax has no Pallas Mosaic GPU backend")
     B, T, H, D = q.shape
@@ -605,20 +607,19 @@ def _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale, block_k, bloc
 
 
 def sparse_attention_mgpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None,
-                          block_k: int = 128, block_k_dq: int = 128, num_stages: int = 2,
-                          num_stages_dq: int = 2, num_stages_dkv: int = 3):
+                          **tuning):
     """Mosaic GPU per-head window + sink attention. Returns (out [B,T,H,D], lse [B,H,T]).
 
-    q [B, T, H, D] and k, v [B, S, Hkv, D] in bf16 or f16; see `sparse_attention`. Forward key
-    block `block_k` (64 or 128), dq key block `block_k_dq`, and the depth of each kernel's
-    shared-memory ring; query tiles are fixed (64 rows per warpgroup, 128 per CTA) and the
-    dk/dv pass holds 128 keys per CTA. The defaults were the fastest on an H200 at D = 128
-    (docs/benchmarks.md); a configuration that does not fit in shared memory fails to compile.
+    q [B, T, H, D] and k, v [B, S, Hkv, D] in bf16 or f16; see `sparse_attention`. `tuning`:
+    block_k (forward key block, 64 or 128; default 128), block_k_dq (dq key block, default 128),
+    num_stages / num_stages_dq / num_stages_dkv (each kernel's shared-memory ring depth,
+    default 2 / 2 / 3). Query tiles are fixed (64 rows per warpgroup, 128 per CTA) and the
+    dk/dv pass holds 128 keys per CTA. A configuration that does not fit in shared memory
+    fails to compile.
     """
     T, D = q.shape[1], q.shape[3]
     cfg, qp, kp, vp, kvl = _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale,
-                                    block_k, block_k_dq, num_stages, num_stages_dq,
-                                    num_stages_dkv)
+                                    **tuning)
     out, lse = _attention(qp, kp, vp, kvl, cfg)
     return out[:, :T, :, :D], lse[:, :, :T]
 
@@ -626,18 +627,12 @@ def sparse_attention_mgpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=Non
 def kernel_stages(q, k, v, do, *, windows, sinks, **options) -> dict:
     """For benchmarks: each of the three kernels of one call as a zero-argument jitted function
     ({'fwd', 'dq', 'dkv'}), on the padded operands, so that they can be timed alone."""
-    cfg, qp, kp, vp, kvl = _prepare(q, k, v, windows, sinks, options.pop("q_offset", 0),
-                                    options.pop("kv_lengths", None), options.pop("scale", None),
-                                    options.pop("block_k", 128), options.pop("block_k_dq", 128),
-                                    options.pop("num_stages", 2), options.pop("num_stages_dq", 2),
-                                    options.pop("num_stages_dkv", 3))
-    if options:
-        raise TypeError(f"unknown options {sorted(options)}")
+    cfg, qp, kp, vp, kvl = _prepare(q, k, v, windows, sinks, **options)
     dop = flash_vjp.pad_to(flash_vjp.pad_to(do, 1, qp.shape[1]), 3, qp.shape[3])
-    out, lse = jax.jit(_fwd_call, static_argnums=0)(cfg, qp, kp, vp, kvl)
-    delta = flash_vjp.backward_delta(out, dop, lse, None)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf)
     fwd = jax.jit(functools.partial(_fwd_call, cfg))
+    out, lse = fwd(qp, kp, vp, kvl)
+    delta = flash_vjp.backward_delta(out, dop, lse, None)
+    lse2 = _lse2(lse)
     dq = jax.jit(functools.partial(_dq_call, cfg))
     dkv = jax.jit(functools.partial(_dkv_call, cfg))
     return {"fwd": lambda: fwd(qp, kp, vp, kvl),
