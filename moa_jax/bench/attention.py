@@ -188,7 +188,14 @@ def _tokamax(windows, s: int):
 
 def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
     """Each Mosaic GPU kernel timed alone: ms and TFLOP/s on its own matmul work (forward
-    2 matmuls = 4 D kept, dq 3 = 6 D kept, dk/dv 4 = 8 D kept)."""
+    2 matmuls = 4 D kept, the fused backward 5 = 10 D kept). With --profile-dir, each kernel
+    also runs once under Mosaic GPU's in-kernel profiler and its trace is summarised
+    (`trace_summary`)."""
+    import os
+    import tempfile
+
+    import jax
+
     from moa_jax.pallas_kernels.prefill_mgpu import kernel_stages
 
     opts = {} if args.mgpu_block_k is None else dict(block_k=args.mgpu_block_k)
@@ -196,9 +203,46 @@ def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
     out = {}
     for name, fn in kernel_stages(q, k, v, do, windows=windows, sinks=sinks, **opts).items():
         ms = _time(fn, args.warmup, args.iters)
-        mm = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}[name] * d * b * kept
+        mm = {"fwd": 4.0, "bwd": 10.0}[name] * d * b * kept
         out[name] = dict(ms=ms, tflops=mm / ms / 1e9)
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
+        for name in ("fwd", "bwd"):
+            trace_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=args.profile_dir)
+            fn = kernel_stages(q, k, v, do, windows=windows, sinks=sinks,
+                               profile_dir=trace_dir, **opts)[name]
+            jax.block_until_ready(fn())
+            jax.effects_barrier()                     # the trace is written by a callback
+            traces = sorted(f for f in os.listdir(trace_dir) if f.endswith("-trace.json"))
+            out[name]["profile"] = trace_summary(os.path.join(trace_dir, traces[-1]))
     return out
+
+
+def trace_summary(path: str, warpgroups: int = 3) -> dict:
+    """A Mosaic GPU profiler trace (Chrome JSON: B/E events per warpgroup per CTA) reduced to,
+    per warpgroup role (compute = all but the last warpgroup, memory = the last), each named
+    scope's share of the role's busy time and its mean duration in ns."""
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    by_tid: dict[int, list[dict]] = {}
+    for e in events:
+        by_tid.setdefault(e["tid"], []).append(e)
+    totals: dict[str, dict[str, list[float]]] = {"compute": {}, "memory": {}}
+    span = {"compute": 0.0, "memory": 0.0}
+    for tid, evs in by_tid.items():
+        role = "memory" if (tid - 1) % warpgroups == warpgroups - 1 else "compute"
+        evs.sort(key=lambda e: e["ts"])
+        span[role] += evs[-1]["ts"] - evs[0]["ts"]
+        open_: dict[str, float] = {}
+        for e in evs:
+            if e["ph"] == "B":
+                open_[e["name"]] = e["ts"]
+            elif e["name"] in open_:
+                totals[role].setdefault(e["name"], []).append(e["ts"] - open_.pop(e["name"]))
+    return {role: {name: dict(share=sum(ds) / span[role], mean_ns=1e3 * sum(ds) / len(ds),
+                              count=len(ds))
+                   for name, ds in sorted(scopes.items())}
+            for role, scopes in totals.items() if span[role] > 0}
 
 
 def _fwd_bwd(attn: Callable):
@@ -319,7 +363,10 @@ def main(argv=None) -> int:
                    help="Triton pipeline stages, backward (default: the kernel's choice)")
     p.add_argument("--no-bwd", action="store_true", help="forward only")
     p.add_argument("--breakdown", action="store_true",
-                   help="also time each Mosaic GPU kernel (fwd, dq, dk/dv) alone")
+                   help="also time each Mosaic GPU kernel (fwd, bwd) alone")
+    p.add_argument("--profile-dir", default=None,
+                   help="with --breakdown: also trace each Mosaic GPU kernel once with its "
+                        "in-kernel profiler, traces here, summaries in the JSON")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
