@@ -188,7 +188,7 @@ def _tokamax(windows, s: int):
 
 def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
     """Each Mosaic GPU kernel timed alone: ms and TFLOP/s on its own matmul work (forward
-    2 matmuls = 4 D kept, the fused backward 5 = 10 D kept). With --profile-dir, each kernel
+    2 matmuls = 4 D kept, dq 3 = 6 D kept, dk/dv 4 = 8 D kept). With --profile-dir, each kernel
     also runs once under Mosaic GPU's in-kernel profiler and its trace is summarised
     (`trace_summary`)."""
     import os
@@ -203,11 +203,11 @@ def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
     out = {}
     for name, fn in kernel_stages(q, k, v, do, windows=windows, sinks=sinks, **opts).items():
         ms = _time(fn, args.warmup, args.iters)
-        mm = {"fwd": 4.0, "bwd": 10.0}[name] * d * b * kept
+        mm = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}[name] * d * b * kept
         out[name] = dict(ms=ms, tflops=mm / ms / 1e9)
     if args.profile_dir:
         os.makedirs(args.profile_dir, exist_ok=True)
-        for name in ("fwd", "bwd"):
+        for name in ("fwd", "dq", "dkv"):
             trace_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=args.profile_dir)
             fn = kernel_stages(q, k, v, do, windows=windows, sinks=sinks,
                                profile_dir=trace_dir, **opts)[name]
@@ -363,7 +363,7 @@ def main(argv=None) -> int:
                    help="Triton pipeline stages, backward (default: the kernel's choice)")
     p.add_argument("--no-bwd", action="store_true", help="forward only")
     p.add_argument("--breakdown", action="store_true",
-                   help="also time each Mosaic GPU kernel (fwd, bwd) alone")
+                   help="also time each Mosaic GPU kernel (fwd, dq, dk/dv) alone")
     p.add_argument("--profile-dir", default=None,
                    help="with --breakdown: also trace each Mosaic GPU kernel once with its "
                         "in-kernel profiler, traces here, summaries in the JSON")

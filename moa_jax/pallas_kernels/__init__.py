@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 _BACKENDS = ("auto", "gpu", "mgpu", "tpu", "reference")
-_MGPU_OPTIONS = ("num_stages", "q_stages")
+_MGPU_OPTIONS = ("block_k_dq", "num_stages", "num_stages_dq", "num_stages_dkv")
 
 
 def _next_pow2(x: int) -> int:
@@ -50,7 +50,7 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
       scale: logit scale, default 1/sqrt(D).
       kernel_options: backend-specific options (Triton: block_q_dq, block_k_dq, block_q_dkv,
         block_k_dkv, num_warps, num_stages, num_warps_bwd, num_stages_bwd; Mosaic GPU:
-        num_stages, q_stages). With 'auto' the options the
+        block_k_dq, num_stages, num_stages_dq, num_stages_dkv). With 'auto' the options the
         chosen kernel does not take are dropped, and a block_k other than 64 / 128 keeps the
         Triton kernel (the Mosaic GPU kernel's query tiles are fixed; it ignores block_q).
     Returns:

@@ -9,12 +9,12 @@ forward  one CTA per (query head, 128 query rows), heaviest items first. Two com
          memory, P from registers); the two compute warpgroups ping-pong on a schedule barrier so
          that one's softmax overlaps the other's matmuls. Only partial blocks pay the element
          mask. K/V are read at the query head's KV head, never repeated.
-backward one pass, one CTA per (KV head, 128 keys), as FlashAttention-3: each compute
-         warpgroup keeps 64 rows of K and V in shared memory and streams the (query head, 64
-         query rows) tiles of every query head of its KV group (each head with its own window).
-         Per tile S, P, dP and dS are computed once; dK and dV accumulate in registers (written
-         once, already summed over the group) and dQ is added into an f32 global accumulator
-         by TMA reduce-add, each warpgroup owning half of its columns.
+dq       the forward schedule again (query rows own the CTA; K/V streamed): S, dP and dQ by
+         wgmma, P recomputed once from the saved log-sum-exp.
+dk/dv    one CTA per (KV head, 128 keys): each compute warpgroup keeps 64 rows of K and V in
+         shared memory and accumulates dK and dV in registers over the streamed (query head,
+         query block) tiles of every query head of its KV group (each head with its own window),
+         so dK/dV are written once, already summed over the group. P is recomputed once per tile.
 
 Schedule tables are int32 arrays in global memory read as scalars; grids are static. The
 wrapper pads T and S to 128 and D to a multiple of 64. bf16 / f16 only (f32 stays on Triton).
@@ -51,12 +51,14 @@ class MgpuConfig:
     """Static configuration of one call (hashable)."""
 
     fwd: masks.MaskSpec      # block_q = 128 (two warpgroups), block_k = forward key block
-    bwd: masks.MaskSpec      # block_q = 64 (streamed query tile), block_k = 128 (two warpgroups)
+    dq: masks.MaskSpec       # block_q = 128, block_k = dq key block
+    dkv: masks.MaskSpec      # block_q = 64 (streamed query tile), block_k = 128 (two warpgroups)
     num_kv_heads: int
     scale: float
     has_kv_lengths: bool
     num_stages: int = 2          # forward K/V ring depth
-    q_stages: int = 2            # backward (q, dO, lse, delta) ring depth
+    num_stages_dq: int = 2       # dq K/V ring depth
+    num_stages_dkv: int = 3      # dk/dv (q, dO, lse, delta) ring depth
     profile_dir: str = ""        # when set: Mosaic GPU's in-kernel trace, one JSON per call
 
 
@@ -89,7 +91,7 @@ def available() -> bool:
 
 def supported(dtype, head_dim: int) -> bool:
     """Whether this kernel takes q/k/v of `dtype` and head dim `head_dim`: bf16/f16 and
-    D <= 128 (the backward's shared memory: K, V, two query tiles, dS and the dQ staging)."""
+    D <= 128 (the dk/dv kernel's shared memory: K, V and a 3-deep ring of query tiles)."""
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
         _pad_dim(head_dim) <= 128
 
@@ -98,11 +100,10 @@ def _pad_dim(d: int) -> int:
     return -(-d // 64) * 64
 
 
-def _smem(shape, dtype, swizzle: int = 128):
-    """Shared memory tile laid out for wgmma / TMA (8-row tiles, `swizzle`-byte rows)."""
-    cols = swizzle // jnp.dtype(dtype).itemsize
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, cols)),
-                                                plgpu.SwizzleTransform(swizzle)))
+def _smem(shape, dtype):
+    """Shared memory tile laid out for wgmma / TMA (8x64 tiles, 128-byte swizzle)."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
+                                                plgpu.SwizzleTransform(128)))
 
 
 def _row_vec(ref):
@@ -316,7 +317,115 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
     return out, lse
 
 
-# -------------------------------------------------------------------------------- backward
+# -------------------------------------------------------------------------------------- dq
+def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
+    """dq [B, Tp, H, Dp] (scaled) over the forward-style schedule of cfg.dq."""
+    spec = cfg.dq
+    B, Tp, H, D = q.shape
+    sch, nq, kmax, bq, bk, group, c, q_offset, kv_len, has_kvlen = _row_tiles(cfg, spec, H)
+    stages = cfg.num_stages_dq
+    dtype = q.dtype
+
+    def kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
+               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+               row_ready, k_ready, v_ready, k_free, v_free):
+        b, item, h, m, num, npart = _work_item(order_ref, num_ref, npart_ref, nq, has_kvlen)
+        kvh = _div(h, group)
+        base = item * kmax
+        wg = lax.axis_index("wg")
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            q_s, do_s = q_smem2.at[wg], do_smem2.at[wg]
+            row0 = m * (2 * bq) + wg * bq
+            rs = (b, pl.ds(row0, bq), h)
+            plgpu.copy_gmem_to_smem(q_ref.at[rs], q_s, row_ready.at[wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[rs], do_s, row_ready.at[wg])
+            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem2.at[wg],
+                                    row_ready.at[wg])
+            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem2.at[wg],
+                                    row_ready.at[wg])
+            w = win_ref[h]
+            s_ = sink_ref[h]
+            kv_valid = _kv_valid(kvlen_ref, b, kv_len, has_kvlen)
+            plgpu.barrier_wait(row_ready.at[wg])
+            lse = _row_vec(lse_smem2.at[wg])
+            dlt = _row_vec(delta_smem2.at[wg])
+
+            def step(i, dq, masked):
+                slot = _rem(i, stages)
+                plgpu.barrier_wait(k_ready.at[slot])
+
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_s, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    return acc_ref[...]
+
+                with jax.named_scope("s"):
+                    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+                with jax.named_scope("p"):
+                    if masked:
+                        n = blocks_ref[base + i]
+                        rows = q_offset + row0 + _iota((bq, bk), 0)
+                        cols = n * bk + _iota((bq, bk), 1)
+                        s = jnp.where(_visible(rows, cols, w, s_, kv_valid), s, -jnp.inf)
+                    p = jnp.exp2(s * c - _bcast(lse, s.shape, 0))
+                plgpu.barrier_wait(v_ready.at[slot])
+
+                def dpv(acc_ref):
+                    plgpu.wgmma(acc_ref, do_s, plgpu.transpose_ref(v_smem.at[slot], (1, 0)))
+                    return acc_ref[...]
+
+                with jax.named_scope("dp"):
+                    dp = pl.run_scoped(dpv, plgpu.ACC((bq, bk), jnp.float32))
+                plgpu.barrier_arrive(v_free.at[slot])
+                with jax.named_scope("ds"):
+                    ds = (p * (dp - _bcast(dlt, dp.shape, 0))).astype(dtype)
+
+                def dqk(acc_ref):
+                    plgpu.wgmma(acc_ref, ds, k_smem.at[slot])
+
+                with jax.named_scope("dq"):
+                    dq = pl.run_state(dqk)(plgpu.ACC.init(dq))
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            dq = lax.fori_loop(0, npart, functools.partial(step, masked=True), _zeros((bq, D)))
+            if not has_kvlen:
+                dq = lax.fori_loop(npart, num, functools.partial(step, masked=False), dq)
+            q_s[...] = (dq * cfg.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_s, dq_ref.at[rs])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+                       blocks_ref, base, num, b, kvh, bk, stages)
+
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(
+        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
+    return plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
+        scratch_types=[
+            _smem((2, bq, D), dtype), _smem((2, bq, D), dtype),
+            plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
+            _smem((stages, bk, D), dtype), _smem((stages, bk, D), dtype),
+            plgpu.Barrier(num_arrivals=4, num_barriers=2),
+            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        ],
+        grid=(H * nq, B), grid_names=("item", "batch"), num_threads=3, thread_name="wg",
+        compiler_params=_compiler_params(cfg, kmax),
+    )(*tables, q, k, v, do, lse2, delta)
+
+
+# ----------------------------------------------------------------------------------- dk/dv
 def dkv_tables(spec: masks.MaskSpec, num_kv_heads: int):
     """Per (KV head, key block) the (query head, query block) tiles to stream, masked first.
 
@@ -350,34 +459,23 @@ def dkv_tables(spec: masks.MaskSpec, num_kv_heads: int):
     return entries, npart, num
 
 
-def _bwd_kernel_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
-    """One pass: (dq [B, Tp, H, Dp] f32 unscaled, dk [B, Sp, Hkv, Dp] scaled, dv).
-
-    A CTA owns (KV head, 128 keys), 64 per compute warpgroup, and streams every (query head of
-    the group, 64-row tile) that sees them. Per tile each warpgroup computes S^T, P^T, dP^T and
-    dS^T once for its 64 keys; dV += P^T dO and dK += dS^T Q stay in registers, and dS^T goes to
-    shared memory, where after a warpgroup barrier each warpgroup multiplies the tile's whole
-    dS (128 keys) by its half of K's columns and adds that half of the tile's dQ into an f32
-    global accumulator with a TMA reduce-add (one reduction per tile and column, not one per
-    warpgroup). dK/dV are summed over the group in registers and written once.
-    """
-    spec = cfg.bwd
+def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
+    """(dk, dv) [B, Sp, Hkv, Dp] (dk scaled), summed over each KV group's query heads."""
+    spec = cfg.dkv
     B, Tp, H, D = q.shape
     Sp, Hkv = k.shape[1], k.shape[2]
     entries, npart_t, num_t = dkv_tables(spec, Hkv)
     nq, nk, emax = spec.num_q_blocks, spec.num_k_blocks, entries.shape[1]
     bq, bk = spec.block_q, spec.block_k // 2
-    half = D // 2                      # dQ columns per warpgroup
-    sw = 128 if half % 64 == 0 else 64    # wgmma needs one swizzle; K's column halves need it
-    stages = cfg.q_stages
+    stages = cfg.num_stages_dkv
     c = cfg.scale * _LOG2E
     q_offset, kv_len, has_kvlen = spec.q_offset, spec.kv_len, cfg.has_kv_lengths
     dtype = q.dtype
 
     def kernel(order_ref, win_ref, sink_ref, ent_ref, npart_ref, num_ref, kvlen_ref,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref,
-               k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem,
-               kv_ready, tile_ready, tile_free, ds_ready):
+               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+               k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
+               kv_ready, tile_ready, tile_free):
         b, item, kvh, n, num, npart = _work_item(order_ref, num_ref, npart_ref, nk, has_kvlen)
         base = item * emax
         wg = lax.axis_index("wg")
@@ -391,16 +489,11 @@ def _bwd_kernel_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             plgpu.copy_gmem_to_smem(k_ref.at[ks], k_s, kv_ready.at[wg])
             plgpu.copy_gmem_to_smem(v_ref.at[ks], v_s, kv_ready.at[wg])
             kv_valid = _kv_valid(kvlen_ref, b, kv_len, has_kvlen)
-            dq_cols = pl.ds(wg * half, half)
             plgpu.barrier_wait(kv_ready.at[wg])
 
             def step(i, carry, masked):
                 dk, dv = carry
                 slot = _rem(i, stages)
-                ds_slot = _rem(i, 2)
-                e = ent_ref[base + i]
-                h = _div(e, nq)
-                r0 = _rem(e, nq) * bq
                 plgpu.barrier_wait(tile_ready.at[slot])
 
                 def kq(acc_ref):
@@ -410,8 +503,10 @@ def _bwd_kernel_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 with jax.named_scope("s"):
                     st = pl.run_scoped(kq, plgpu.ACC((bk, bq), jnp.float32))  # [keys, queries]
                 if masked:
+                    e = ent_ref[base + i]
+                    h = _div(e, nq)
                     keys = col0 + _iota((bk, bq), 0)
-                    qpos = q_offset + r0 + _iota((bk, bq), 1)
+                    qpos = q_offset + _rem(e, nq) * bq + _iota((bk, bq), 1)
                     st = jnp.where(_visible(qpos, keys, win_ref[h], sink_ref[h], kv_valid),
                                    st, -jnp.inf)
                 lse = _col_vec(lse_smem.at[slot])
@@ -428,9 +523,6 @@ def _bwd_kernel_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 with jax.named_scope("ds"):
                     dlt = _col_vec(delta_smem.at[slot])
                     dst = (pt * (dpt - _bcast(dlt, dpt.shape, 1))).astype(dtype)
-                    ds_smem.at[ds_slot, wg][...] = dst
-                    plgpu.commit_smem()
-                plgpu.barrier_arrive(ds_ready.at[ds_slot])
 
                 def dkq(acc_ref):
                     plgpu.wgmma(acc_ref, dst, q_smem.at[slot])
@@ -438,24 +530,6 @@ def _bwd_kernel_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 with jax.named_scope("dk"):
                     dk = pl.run_state(dkq)(plgpu.ACC.init(dk))
                 plgpu.barrier_arrive(tile_free.at[slot])
-                with jax.named_scope("wait"):
-                    plgpu.barrier_wait(ds_ready.at[ds_slot])  # both halves of dS^T written
-
-                def dq_mm(acc_ref):
-                    for j in range(2):
-                        plgpu.wgmma(acc_ref, plgpu.transpose_ref(ds_smem.at[ds_slot, j], (1, 0)),
-                                    k_smem2.at[j, :, dq_cols])
-                    return acc_ref[...]
-
-                with jax.named_scope("dq"):
-                    dq = pl.run_scoped(dq_mm, plgpu.ACC((bq, half), jnp.float32))
-                with jax.named_scope("dq_store"):
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the last reduce read it
-                    dq_smem.at[wg][...] = dq
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(dq_smem.at[wg],
-                                            dq_ref.at[b, pl.ds(r0, bq), h, dq_cols],
-                                            reduction_op="add")
                 return dk, dv
 
             carry = (_zeros((bk, D)), _zeros((bk, D)))
@@ -463,9 +537,6 @@ def _bwd_kernel_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             if not has_kvlen:
                 carry = lax.fori_loop(npart, num, functools.partial(step, masked=False), carry)
             dk, dv = carry
-            # The other warpgroup's last dQ product reads our K: wait for it before reusing K.
-            plgpu.barrier_arrive(ds_ready.at[_rem(num, 2)])
-            plgpu.barrier_wait(ds_ready.at[_rem(num, 2)])
             k_s[...] = (dk * cfg.scale).astype(dtype)
             v_s[...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -498,33 +569,22 @@ def _bwd_kernel_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
 
     tables = [jnp.asarray(t) for t in masks.kernel_tables(spec, entries, npart_t, num_t)] + \
         [kv_lengths.astype(jnp.int32)]
-    scratch = [
-        _smem((2, bk, D), dtype, sw), _smem((2, bk, D), dtype, sw),
-        _smem((stages, bq, D), dtype, sw), _smem((stages, bq, D), dtype, sw),
-        plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
-        _smem((2, 2, bk, bq), dtype, sw), plgpu.SMEM((2, bq, half), jnp.float32),
-        plgpu.Barrier(num_arrivals=2, num_barriers=2),
-        plgpu.Barrier(num_arrivals=4, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-        plgpu.Barrier(num_arrivals=2, num_barriers=2),
-    ]
-    mesh = plgpu.Mesh(grid=(Hkv * nk, B), grid_names=("item", "batch"), num_threads=3,
-                      thread_name="wg")
-
-    def stateful(refs):
-        # pl.kernel on Refs, not plgpu.kernel: the f32 dQ accumulator must start at zero (the
-        # kernel only adds into it), so all three outputs are XLA-zeroed buffers the kernel
-        # writes in place (aliased); plgpu.kernel's vmap wrapper takes no Refs.
-        def body(*kernel_refs):
-            pl.run_scoped(functools.partial(kernel, *kernel_refs), *scratch,
-                          collective_axes="wg")
-
-        pl.kernel(body, out_type=(), mesh=mesh, compiler_params=_compiler_params(cfg, emax))(
-            *tables, q, k, v, do, lse2, delta, *refs)
-
-    return pl.run_state(stateful)((jnp.zeros((B, Tp, H, D), jnp.float32),
-                                   jnp.zeros((B, Sp, Hkv, D), k.dtype),
-                                   jnp.zeros((B, Sp, Hkv, D), v.dtype)))
+    kv_type = jax.ShapeDtypeStruct((B, Sp, Hkv, D), k.dtype)
+    dk, dv = plgpu.kernel(
+        kernel,
+        out_type=[kv_type, kv_type],
+        scratch_types=[
+            _smem((2, bk, D), dtype), _smem((2, bk, D), dtype),
+            _smem((stages, bq, D), dtype), _smem((stages, bq, D), dtype),
+            plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),
+            plgpu.Barrier(num_arrivals=4, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+        ],
+        grid=(Hkv * nk, B), grid_names=("item", "batch"), num_threads=3, thread_name="wg",
+        compiler_params=_compiler_params(cfg, emax),
+    )(*tables, q, k, v, do, lse2, delta)
+    return dk, dv
 
 
 # ------------------------------------------------------------------------------ custom vjp
@@ -535,15 +595,18 @@ def _lse2(lse):
 
 def _bwd_call(cfg: MgpuConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     delta = flash_vjp.backward_delta(out, do, lse, dlse)
-    dq, dk, dv = _bwd_kernel_call(cfg, q, k, v, do, _lse2(lse), delta, kv_lengths)
-    return (dq * cfg.scale).astype(q.dtype), dk, dv
+    lse2 = _lse2(lse)
+    dq = _dq_call(cfg, q, k, v, do, lse2, delta, kv_lengths)
+    dk, dv = _dkv_call(cfg, q, k, v, do, lse2, delta, kv_lengths)
+    return dq, dk, dv
 
 
 _attention = flash_vjp.flash_attention(_fwd_call, _bwd_call)
 
 
 def _prepare(q, k, v, windows, sinks, q_offset=0, kv_lengths=None, scale=None, *,
-             block_k: int = 128, num_stages: int = 2, q_stages: int = 2, profile_dir: str = ""):
+             block_k: int = 128, block_k_dq: int = 128, num_stages: int = 2,
+             num_stages_dq: int = 2, num_stages_dkv: int = 3, profile_dir: str = ""):
     """The static config and the padded operands of one call (the tuning defaults live here:
     the fastest on an H200 at D = 128, docs/benchmarks.md)."""
     if plgpu is None:
@@ -553,16 +616,19 @@ def _prepare(q, k, v, windows, sinks, q_offset=0, kv_lengths=None, scale=None, *
     if not supported(q.dtype, D):
         raise ValueError(f"the Mosaic GPU kernel takes bf16/f16 with head_dim <= 128, got "
                          f"{q.dtype} and {D}")
-    if block_k not in (64, 128):
-        raise ValueError(f"block_k must be 64 or 128, got {block_k}")
+    for name, x in (("block_k", block_k), ("block_k_dq", block_k_dq)):
+        if x not in (64, 128):
+            raise ValueError(f"{name} must be 64 or 128, got {x}")
     scale = float(D ** -0.5 if scale is None else scale)
     Tp = masks.cdiv(T, _TILE) * _TILE
     Sp = masks.cdiv(S, _TILE) * _TILE
     Dp = _pad_dim(D)
     mk = lambda bq, bk: masks.MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
-    cfg = MgpuConfig(fwd=mk(2 * _WG_ROWS, block_k), bwd=mk(_WG_ROWS, _TILE), num_kv_heads=Hkv,
-                     scale=scale, has_kv_lengths=kv_lengths is not None, num_stages=num_stages,
-                     q_stages=q_stages, profile_dir=profile_dir)
+    cfg = MgpuConfig(fwd=mk(2 * _WG_ROWS, block_k), dq=mk(2 * _WG_ROWS, block_k_dq),
+                     dkv=mk(_WG_ROWS, _TILE), num_kv_heads=Hkv, scale=scale,
+                     has_kv_lengths=kv_lengths is not None, num_stages=num_stages,
+                     num_stages_dq=num_stages_dq, num_stages_dkv=num_stages_dkv,
+                     profile_dir=profile_dir)
     return (cfg, *flash_vjp.pad_inputs(q, k, v, kv_lengths, Tp, Sp, Dp))
 
 
@@ -571,10 +637,13 @@ def sparse_attention_mgpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=Non
     """Mosaic GPU per-head window + sink attention. Returns (out [B,T,H,D], lse [B,H,T]).
 
     q [B, T, H, D] and k, v [B, S, Hkv, D] in bf16 or f16, D <= 128; see `sparse_attention`.
-    `tuning`: block_k (forward key block, 64 or 128; default 128), num_stages / q_stages
-    (the forward's K/V ring and the backward's query-tile ring depth, default 2 / 2). Query
-    tiles are fixed (64 rows per warpgroup, 128 per forward CTA) and the backward holds 128
-    keys per CTA. A configuration that does not fit in shared memory fails to compile.
+    `tuning`: block_k (forward key block, 64 or 128; default 128), block_k_dq (dq key block,
+    default 128),
+    num_stages / num_stages_dq / num_stages_dkv (each kernel's shared-memory ring depth,
+    default 2 / 2 / 3); profile_dir (Mosaic GPU's in-kernel trace of every named scope, for
+    benchmarks). Query tiles are fixed (64 rows per warpgroup, 128 per CTA) and the
+    dk/dv pass holds 128 keys per CTA. A configuration that does not fit in shared memory
+    fails to compile.
     """
     T, D = q.shape[1], q.shape[3]
     cfg, qp, kp, vp, kvl = _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale,
@@ -584,8 +653,8 @@ def sparse_attention_mgpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=Non
 
 
 def kernel_stages(q, k, v, do, *, windows, sinks, **options) -> dict:
-    """For benchmarks: the forward and the backward kernel of one call as zero-argument jitted
-    functions ({'fwd', 'bwd'}), on the padded operands, so that they can be timed alone."""
+    """For benchmarks: each of the three kernels of one call as a zero-argument jitted function
+    ({'fwd', 'dq', 'dkv'}), on the padded operands, so that they can be timed alone."""
     cfg, qp, kp, vp, kvl = _prepare(q, k, v, windows, sinks, **options)
     dop = flash_vjp.pad_to(flash_vjp.pad_to(do, 1, qp.shape[1]), 3, qp.shape[3])
     fwd = jax.jit(functools.partial(_fwd_call, cfg))
@@ -593,6 +662,8 @@ def kernel_stages(q, k, v, do, *, windows, sinks, **options) -> dict:
         qp, kp, vp, kvl)
     delta = flash_vjp.backward_delta(out, dop, lse, None)
     lse2 = _lse2(lse)
-    bwd = jax.jit(functools.partial(_bwd_kernel_call, cfg))
+    dq = jax.jit(functools.partial(_dq_call, cfg))
+    dkv = jax.jit(functools.partial(_dkv_call, cfg))
     return {"fwd": lambda: fwd(qp, kp, vp, kvl),
-            "bwd": lambda: bwd(qp, kp, vp, dop, lse2, delta, kvl)}
+            "dq": lambda: dq(qp, kp, vp, dop, lse2, delta, kvl),
+            "dkv": lambda: dkv(qp, kp, vp, dop, lse2, delta, kvl)}
