@@ -12,16 +12,24 @@ from typing import Callable, Sequence
 import yaml
 
 
-def parse_args(parser: argparse.ArgumentParser,
-               argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+) -> argparse.Namespace:
     """Parses argv; `--config FILE.yaml` supplies defaults that explicit flags override.
 
     Unknown keys in the YAML file are an error naming the key and the valid ones.
     """
-    parser.add_argument("--config", type=Path, default=None,
-                        help="YAML file of flag values (keys as the flags, with underscores)")
-    parser.add_argument("--debug", action="store_true",
-                        help="on an error, show the full traceback instead of one line")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file of flag values (keys as the flags, with underscores)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the full traceback instead of one line",
+    )
     pre, _ = parser.parse_known_args(argv)
     if pre.config is not None:
         if not pre.config.is_file():
@@ -50,18 +58,21 @@ def _typed(parser: argparse.ArgumentParser, source: Path, values: dict) -> dict:
             if not isinstance(val, bool):
                 parser.error(f"{where} must be true or false, got {val!r}")
         elif isinstance(a, argparse._AppendAction) and not isinstance(val, list):
-            val = [val]                 # a repeatable flag given once (`prompt: text`)
+            val = [val]  # a repeatable flag given once (`prompt: text`)
         elif a.type is not None and val is not None:
             many = a.nargs in ("+", "*") or isinstance(a.nargs, int)
             if isinstance(val, dict) or (isinstance(val, list) and not many):
                 parser.error(f"{where} takes one value, got {val!r}")
             try:
-                val = [a.type(v) for v in (val if isinstance(val, list) else [val])] if many \
+                val = (
+                    [a.type(v) for v in (val if isinstance(val, list) else [val])]
+                    if many
                     else a.type(val)
+                )
             except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
                 parser.error(f"{where}: {val!r} is not a valid value ({e})")
         if a.choices is not None and val is not None:
-            for v in (val if isinstance(val, list) else [val]):
+            for v in val if isinstance(val, list) else [val]:
                 if v not in a.choices:
                     parser.error(f"{where}: {v!r} is not one of {sorted(a.choices)}")
         out[key] = val
@@ -81,7 +92,7 @@ def enable_compilation_cache() -> None:
 
     if os.environ.get("MOA_JAX_NO_COMPILE_CACHE") or jax.default_backend() == "cpu":
         return
-    if jax.config.jax_compilation_cache_dir:          # the user's own setting wins
+    if jax.config.jax_compilation_cache_dir:  # the user's own setting wins
         return
     from moa_jax.downloads import cache_dir
 
@@ -102,8 +113,7 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def run(main: Callable[[Sequence[str] | None], int],
-        argv: Sequence[str] | None = None) -> int:
+def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Runs a command's `main(argv)` with the one error path of every moa-jax CLI.
 
     A user error (a bad file or value, a mismatch, a length beyond a limit: ValueError, OSError,
@@ -117,7 +127,7 @@ def run(main: Callable[[Sequence[str] | None], int],
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("MOA_JAX_DEBUG"))
-    if not debug:       # warnings as one line too, without the source line Python adds
+    if not debug:  # warnings as one line too, without the source line Python adds
         warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
     try:
         return main(argv)
@@ -131,7 +141,7 @@ def run(main: Callable[[Sequence[str] | None], int],
             raise
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:      # noqa: BLE001 - sorted below; anything else keeps its traceback
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else keeps its traceback
         if debug:
             raise
         from moa_jax.downloads import DownloadError
@@ -141,8 +151,11 @@ def run(main: Callable[[Sequence[str] | None], int],
             return 1 if isinstance(e, DownloadError) else 2
         if "RESOURCE_EXHAUSTED" in str(e):
             first = next((ln for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), "")
-            print(f"error: out of device memory ({first.strip()[:200]}); use a smaller batch "
-                  f"or length", file=sys.stderr)
+            print(
+                f"error: out of device memory ({first.strip()[:200]}); use a smaller batch "
+                f"or length",
+                file=sys.stderr,
+            )
             return 1
         raise
 

@@ -30,7 +30,8 @@ _DTYPES = {
 
 
 def parse_dtype(name: str | Any) -> jnp.dtype:
-    """Maps a dtype name ('float32', 'bf16', ...) or a dtype to a `jnp.dtype`; clear error otherwise."""
+    """Maps a dtype name ('float32', 'bf16', ...) or a dtype to a `jnp.dtype`; clear error
+    otherwise."""
     if not isinstance(name, str):
         try:
             return jnp.dtype(name)
@@ -84,13 +85,21 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
@@ -99,8 +108,10 @@ class ModelConfig:
             if not (math.isfinite(x) and x > 0):
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {x}")
         if int(self.max_position_embeddings) <= 0:
-            raise ValueError(f"ModelConfig.max_position_embeddings must be positive, got "
-                             f"{self.max_position_embeddings}")
+            raise ValueError(
+                f"ModelConfig.max_position_embeddings must be positive, got "
+                f"{self.max_position_embeddings}"
+            )
 
     @property
     def group_size(self) -> int:
@@ -110,8 +121,13 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Builds a config from an HF Llama `config.json` dict (transformers 4.x or 5.x layout)."""
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads")
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"HF config is missing required keys {missing}")
@@ -129,8 +145,10 @@ class ModelConfig:
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings",
-                           d.get("max_position_embeddings", 8192))),
+                params.get(
+                    "original_max_position_embeddings", d.get("max_position_embeddings", 8192)
+                )
+            ),
         )
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
@@ -186,7 +204,8 @@ class ModelConfig:
             "attention_bias": self.attention_bias,
             "mlp_bias": self.mlp_bias,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1
+            "eos_token_id": list(self.eos_token_ids)
+            if len(self.eos_token_ids) != 1
             else self.eos_token_ids[0],
             "pad_token_id": self.pad_token_id,
         }
@@ -194,8 +213,14 @@ class ModelConfig:
             d["rope_scaling"] = {
                 "rope_type": rs.rope_type,
                 "factor": rs.factor,
-                **({"low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
-                    "original_max_position_embeddings": rs.original_max_position_embeddings}
-                   if rs.rope_type == "llama3" else {}),
+                **(
+                    {
+                        "low_freq_factor": rs.low_freq_factor,
+                        "high_freq_factor": rs.high_freq_factor,
+                        "original_max_position_embeddings": rs.original_max_position_embeddings,
+                    }
+                    if rs.rope_type == "llama3"
+                    else {}
+                ),
             }
         return d

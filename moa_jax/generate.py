@@ -49,8 +49,9 @@ class GenerateOutput:
         return [t[:n].tolist() for t, n in zip(self.tokens, self.lengths)]
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
-                bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], pad_id: int, bucket: int = PROMPT_BUCKET
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pads prompts to a common length rounded up to `bucket` (fewer recompilations).
 
     Returns tokens int32 [B, T] and lengths int32 [B].
@@ -67,8 +68,23 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int,
     return tokens, lengths
 
 
-def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, max_new_tokens,
-                   sampling, attention, cache_len, on_token, mesh, scan_layers=False):
+def _generate_impl(
+    graphdef,
+    state,
+    tokens,
+    lengths,
+    key,
+    stop_ids,
+    pad_id,
+    *,
+    max_new_tokens,
+    sampling,
+    attention,
+    cache_len,
+    on_token,
+    mesh,
+    scan_layers=False,
+):
     model: Llama = nnx.merge(graphdef, state)
     cfg = model.config
     b, t = tokens.shape
@@ -76,12 +92,19 @@ def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, m
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
     stack = None
-    if scan_layers:          # stacked once, outside the decode loop
+    if scan_layers:  # stacked once, outside the decode loop
         stack = stack_layers(model)
         cache = jax.tree.map(lambda *layers: jnp.stack(layers), *cache)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, cache = model(tokens, positions, cache, attention, logits_at=lengths - 1,
-                          lengths=lengths, layer_stack=stack)
+    logits, cache = model(
+        tokens,
+        positions,
+        cache,
+        attention,
+        logits_at=lengths - 1,
+        lengths=lengths,
+        layer_stack=stack,
+    )
     key, sub = jax.random.split(key)
     first = sample(logits, sub, sampling)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
@@ -96,8 +119,14 @@ def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, m
 
     def body(carry):
         i, tok, pos, done, n_gen, out, cache, key = carry
-        logits, cache = model(tok[:, None], pos[:, None], cache, attention,
-                              logits_at=jnp.zeros_like(pos), layer_stack=stack)
+        logits, cache = model(
+            tok[:, None],
+            pos[:, None],
+            cache,
+            attention,
+            logits_at=jnp.zeros_like(pos),
+            layer_stack=stack,
+        )
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad_id, sample(logits, sub, sampling))
         out = out.at[:, i].set(nxt)
@@ -114,17 +143,35 @@ def _generate_impl(graphdef, state, tokens, lengths, key, stop_ids, pad_id, *, m
 
 _generate_jit = jax.jit(
     _generate_impl,
-    static_argnames=("graphdef", "attention", "max_new_tokens", "sampling", "cache_len",
-                     "on_token", "mesh", "scan_layers"))
+    static_argnames=(
+        "graphdef",
+        "attention",
+        "max_new_tokens",
+        "sampling",
+        "cache_len",
+        "on_token",
+        "mesh",
+        "scan_layers",
+    ),
+)
 
 
-def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
-             sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
-             stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
-             attention: AttentionBackend = DenseAttention(), max_cache_len: int | None = None,
-             on_token: Callable[[np.ndarray], Any] | None = None,
-             mesh: Mesh | None = None, recycle: Any | None = None,
-             scan_layers: bool = False) -> GenerateOutput:
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    sampling: SamplingConfig = SamplingConfig(),
+    key: jax.Array | None = None,
+    stop_ids: Sequence[int] | None = None,
+    pad_id: int | None = None,
+    attention: AttentionBackend = DenseAttention(),
+    max_cache_len: int | None = None,
+    on_token: Callable[[np.ndarray], Any] | None = None,
+    mesh: Mesh | None = None,
+    recycle: Any | None = None,
+    scan_layers: bool = False,
+) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens for each prompt.
 
     Args:
@@ -160,21 +207,26 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     tokens, lengths = pad_prompts(prompts, pad_id)
     bad = np.asarray([t for p in prompts for t in p])
     if bad.size and (bad.min() < 0 or bad.max() >= cfg.vocab_size):
-        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}); "
-                         f"got range [{bad.min()}, {bad.max()}]")
+        raise ValueError(
+            f"prompt token ids must be in [0, {cfg.vocab_size}); "
+            f"got range [{bad.min()}, {bad.max()}]"
+        )
     needed = int(lengths.max()) + max_new_tokens
     cache_len = max_cache_len or tokens.shape[1] + max_new_tokens
     if needed > cache_len:
         raise ValueError(
             f"prompt of {int(lengths.max())} tokens + {max_new_tokens} new tokens = {needed} "
-            f"exceeds the KV cache length {cache_len}")
+            f"exceeds the KV cache length {cache_len}"
+        )
     # Prefill writes the padded prompt block; it must fit too.
     cache_len = max(cache_len, tokens.shape[1])
     attention = recycled_backend(_dense_if_plan_keeps_all(attention, cache_len), recycle)
     if scan_layers and (mesh is not None or not attention.layer_uniform):
-        raise ValueError("scan_layers needs a backend that treats every layer alike (dense "
-                         f"attention) and no mesh; got {type(attention).__name__}"
-                         + (" on a mesh" if mesh is not None else ""))
+        raise ValueError(
+            "scan_layers needs a backend that treats every layer alike (dense "
+            f"attention) and no mesh; got {type(attention).__name__}"
+            + (" on a mesh" if mesh is not None else "")
+        )
     _check_cache_fits(attention, cfg, tokens.shape[0], cache_len, model.dtype, mesh)
     graphdef, state = nnx.split(model)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
@@ -186,11 +238,22 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
     stop = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     with mesh_context(mesh):
         out, n = _generate_jit(
-            graphdef, state, tokens, lengths,
-            jax.random.key(0) if key is None else key, stop, jnp.int32(pad_id),
-            max_new_tokens=max_new_tokens, sampling=sampling, attention=attention,
-            cache_len=cache_len, on_token=on_token, mesh=mesh, scan_layers=scan_layers)
-    if not out.is_fully_addressable:        # a mesh over several processes: every one gets all
+            graphdef,
+            state,
+            tokens,
+            lengths,
+            jax.random.key(0) if key is None else key,
+            stop,
+            jnp.int32(pad_id),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            attention=attention,
+            cache_len=cache_len,
+            on_token=on_token,
+            mesh=mesh,
+            scan_layers=scan_layers,
+        )
+    if not out.is_fully_addressable:  # a mesh over several processes: every one gets all
         from jax.experimental import multihost_utils
 
         out, n = multihost_utils.process_allgather((out, n), tiled=True)
@@ -213,8 +276,9 @@ def _device_memory(devices=None) -> tuple[int, int] | None:
 CACHE_MEMORY_SHARE = 0.8
 
 
-def _cache_bytes_per_device(attention: AttentionBackend, cfg, batch: int, cache_len: int,
-                            dtype, mesh=None) -> int:
+def _cache_bytes_per_device(
+    attention: AttentionBackend, cfg, batch: int, cache_len: int, dtype, mesh=None
+) -> int:
     """Bytes of the backend's KV cache on one device (its shard of every leaf on `mesh`)."""
     shapes = jax.eval_shape(lambda: attention.init_cache(cfg, batch, cache_len, dtype))
     leaves = jax.tree.leaves(shapes)
@@ -223,17 +287,23 @@ def _cache_bytes_per_device(attention: AttentionBackend, cfg, batch: int, cache_
     from moa_jax.parallel import cache_shardings
 
     shards = jax.tree.leaves(cache_shardings(shapes, mesh))
-    return sum(int(np.prod(sh.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
-               for x, sh in zip(leaves, shards))
+    return sum(
+        int(np.prod(sh.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
+        for x, sh in zip(leaves, shards)
+    )
 
 
-def _check_cache_fits(attention: AttentionBackend, cfg, batch: int, cache_len: int,
-                      dtype, mesh=None) -> None:
+def _check_cache_fits(
+    attention: AttentionBackend, cfg, batch: int, cache_len: int, dtype, mesh=None
+) -> None:
     """Raises before allocation when the backend's KV cache (each device's shard of it on a
     mesh) cannot fit in the free memory of the fullest device, naming the largest batch (and
     the length at this batch) that would."""
-    devices = None if mesh is None else \
-        [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    devices = (
+        None
+        if mesh is None
+        else [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    )
     mem = _device_memory(devices)
     if mem is None:
         return
@@ -247,9 +317,10 @@ def _check_cache_fits(attention: AttentionBackend, cfg, batch: int, cache_len: i
     where = "each device's share of " if mesh is not None else ""
     raise ValueError(
         f"{where}the KV cache for batch {batch} x {cache_len} tokens needs "
-        f"{need / 2 ** 30:.1f} GiB, more than the device's free "
-        f"{(limit - in_use) / 2 ** 30:.1f} GiB allows ({CACHE_MEMORY_SHARE:.0%} of it); the "
-        f"largest batch that fits is {fit_batch}, or at batch {batch} about {fit_len} tokens")
+        f"{need / 2**30:.1f} GiB, more than the device's free "
+        f"{(limit - in_use) / 2**30:.1f} GiB allows ({CACHE_MEMORY_SHARE:.0%} of it); the "
+        f"largest batch that fits is {fit_batch}, or at batch {batch} about {fit_len} tokens"
+    )
 
 
 def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> AttentionBackend:
@@ -258,8 +329,11 @@ def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> Att
     from moa_jax.models.moa_attention import MoAAttention
 
     if isinstance(attention, MoAAttention) and attention.resolves_dense(cache_len):
-        warnings.warn(f"the MoA plan keeps every token at {cache_len} tokens (prompt + new "
-                      f"tokens): running dense attention", stacklevel=3)
+        warnings.warn(
+            f"the MoA plan keeps every token at {cache_len} tokens (prompt + new "
+            f"tokens): running dense attention",
+            stacklevel=3,
+        )
         return DenseAttention()
     return attention
 
@@ -279,28 +353,36 @@ def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> Attent
         return RecycledAttention(recycle)
     if isinstance(attention, MoAAttention):
         if attention.windows is not None:
-            raise ValueError("recycle= with a MoAAttention of explicit windows is not supported; "
-                             "pass the plan")
-        return RecycledAttention(recycle, prefill_plan=attention.plan,
-                                 prefill_length=attention.length,
-                                 kernel_backend=attention.kernel_backend,
-                                 interpret=attention.interpret,
-                                 prefill_block_q=attention.block_q,
-                                 prefill_block_k=attention.block_k)
-    raise ValueError(f"recycle= composes with DenseAttention or MoAAttention, not "
-                     f"{type(attention).__name__}")
+            raise ValueError(
+                "recycle= with a MoAAttention of explicit windows is not supported; pass the plan"
+            )
+        return RecycledAttention(
+            recycle,
+            prefill_plan=attention.plan,
+            prefill_length=attention.length,
+            kernel_backend=attention.kernel_backend,
+            interpret=attention.interpret,
+            prefill_block_q=attention.block_q,
+            prefill_block_k=attention.block_k,
+        )
+    raise ValueError(
+        f"recycle= composes with DenseAttention or MoAAttention, not {type(attention).__name__}"
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m moa_jax.generate",
         description="Generate text with a Llama model: dense, with a MoA plan, or with Recycled "
-                    "Attention decoding (--recycle-k).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="preset name, HF directory or .gguf file")
-    p.add_argument("--prompt", action="append", default=None,
-                   help="prompt text; repeat for a batch")
+        "Attention decoding (--recycle-k).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--model", default="smollm2-135m", help="preset name, HF directory or .gguf file"
+    )
+    p.add_argument(
+        "--prompt", action="append", default=None, help="prompt text; repeat for a batch"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -308,38 +390,71 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
     p.add_argument("--param-dtype", default="float32", help="parameter dtype")
-    p.add_argument("--plan", default=None,
-                   help="MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
-                        "'streaming:WINDOW[:SINK]'; default: plain dense attention")
-    p.add_argument("--recycle-k", type=int, default=None,
-                   help="Recycled Attention decoding with this many recycled tokens per layer "
-                        "and KV head (default: off)")
-    p.add_argument("--recycle-stride", type=int, default=10,
-                   help="full attention every S decode steps (with --recycle-threshold: the "
-                        "query check interval); 0 = never refresh (SnapKV)")
-    p.add_argument("--recycle-threshold", type=float, default=None,
-                   help="dynamic schedule: refresh a layer when the cosine of its query with the "
-                        "last full step's is at or below this (e.g. 0.85)")
-    p.add_argument("--prefill-plan", default=None,
-                   help="with --recycle-k: MoA plan (same forms as --plan) for the prefill")
-    p.add_argument("--max-cache-len", type=int, default=None,
-                   help="KV cache capacity in tokens (default: prompt + new tokens)")
-    p.add_argument("--beyond-context", action="store_true",
-                   help="allow prompt + new tokens beyond the model's trained context "
-                        "(max_position_embeddings)")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="feed the prompt as raw text even if the model has a chat template")
-    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="shard params, batch and KV cache on a device mesh (moa_jax.parallel), "
-                        "e.g. 1,1,8 (tensor parallel) or -1,1,1; default: one device")
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
+        "'streaming:WINDOW[:SINK]'; default: plain dense attention",
+    )
+    p.add_argument(
+        "--recycle-k",
+        type=int,
+        default=None,
+        help="Recycled Attention decoding with this many recycled tokens per layer "
+        "and KV head (default: off)",
+    )
+    p.add_argument(
+        "--recycle-stride",
+        type=int,
+        default=10,
+        help="full attention every S decode steps (with --recycle-threshold: the "
+        "query check interval); 0 = never refresh (SnapKV)",
+    )
+    p.add_argument(
+        "--recycle-threshold",
+        type=float,
+        default=None,
+        help="dynamic schedule: refresh a layer when the cosine of its query with the "
+        "last full step's is at or below this (e.g. 0.85)",
+    )
+    p.add_argument(
+        "--prefill-plan",
+        default=None,
+        help="with --recycle-k: MoA plan (same forms as --plan) for the prefill",
+    )
+    p.add_argument(
+        "--max-cache-len",
+        type=int,
+        default=None,
+        help="KV cache capacity in tokens (default: prompt + new tokens)",
+    )
+    p.add_argument(
+        "--beyond-context",
+        action="store_true",
+        help="allow prompt + new tokens beyond the model's trained context "
+        "(max_position_embeddings)",
+    )
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="feed the prompt as raw text even if the model has a chat template",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="DATA,FSDP,TENSOR",
+        help="shard params, batch and KV cache on a device mesh (moa_jax.parallel), "
+        "e.g. 1,1,8 (tensor parallel) or -1,1,1; default: one device",
+    )
     return p
 
 
 def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
     """Token ids for `text`, through the tokenizer's chat template when it has one and `chat`."""
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                            add_generation_prompt=True, tokenize=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer.encode(text))
 
@@ -364,8 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plan is not None:
             raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")
         try:
-            recycle = RecycleConfig(args.recycle_k, args.recycle_stride or None,
-                                    args.recycle_threshold)
+            recycle = RecycleConfig(
+                args.recycle_k, args.recycle_stride or None, args.recycle_threshold
+            )
         except ValueError as e:
             raise SystemExit(f"bad Recycled Attention flags: {e}") from None
         args.plan = args.prefill_plan
@@ -395,7 +511,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(
             f"prompt ({max(len(p) for p in prompts)} tokens) + --max-new-tokens "
             f"({args.max_new_tokens}) = {longest} exceeds the model's context of "
-            f"{cfg.max_position_embeddings} tokens; shorten them, or pass --beyond-context")
+            f"{cfg.max_position_embeddings} tokens; shorten them, or pass --beyond-context"
+        )
     attention: AttentionBackend = DenseAttention()
     if plan is not None:
         from moa_jax.models.moa_attention import MoAAttention
@@ -412,7 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Streams the first row only; the full batch is printed at the end.
         stream.append(int(np.asarray(tok)[0]))
         text = tokenizer.decode(stream, skip_special_tokens=True)
-        sys.stdout.write(text[printed[0]:])
+        sys.stdout.write(text[printed[0] :])
         sys.stdout.flush()
         printed[0] = len(text)
 
@@ -422,10 +539,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         mesh = make_mesh(MeshConfig.parse(args.mesh))
     t0 = time.perf_counter()
-    out = generate(model, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   key=jax.random.key(args.seed), max_cache_len=args.max_cache_len,
-                   attention=attention, recycle=recycle, mesh=mesh,
-                   on_token=on_token if len(prompts) == 1 and lead else None)
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        key=jax.random.key(args.seed),
+        max_cache_len=args.max_cache_len,
+        attention=attention,
+        recycle=recycle,
+        mesh=mesh,
+        on_token=on_token if len(prompts) == 1 and lead else None,
+    )
     jax.effects_barrier()
     dt = time.perf_counter() - t0
     if not lead:

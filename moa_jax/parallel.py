@@ -30,9 +30,9 @@ LOGICAL_RULES: Mapping[str, Any] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "seq": None,
-    "kv_slots": "tensor",         # a head-sharded MoA span cache's slots (SpanKVCache.shards)
+    "kv_slots": "tensor",  # a head-sharded MoA span cache's slots (SpanKVCache.shards)
     "head_dim": None,
-    "activation_embed": None,     # hidden states: rows split, features whole (Megatron style)
+    "activation_embed": None,  # hidden states: rows split, features whole (Megatron style)
     "activation_vocab": "tensor",
     "norm": None,
 }
@@ -69,8 +69,7 @@ class MeshConfig:
         try:
             data, fsdp, tensor = (int(x) for x in text.split(","))
         except ValueError:
-            raise ValueError(f"a mesh is DATA,FSDP,TENSOR (three integers), got {text!r}") \
-                from None
+            raise ValueError(f"a mesh is DATA,FSDP,TENSOR (three integers), got {text!r}") from None
         return cls(data, fsdp, tensor)
 
     def shape(self, num_devices: int) -> tuple[int, int, int]:
@@ -87,7 +86,8 @@ class MeshConfig:
         if math.prod(dims) != num_devices:
             raise ValueError(
                 f"mesh {dict(zip(MESH_AXES, dims))} needs {math.prod(dims)} devices, "
-                f"{num_devices} are available")
+                f"{num_devices} are available"
+            )
         return tuple(dims)
 
 
@@ -104,8 +104,9 @@ def mesh_context(mesh: Mesh | None):
     return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None],
-              rules: Mapping[str, Any] = LOGICAL_RULES) -> jax.Array:
+def constrain(
+    x: jax.Array, axes: Sequence[str | None], rules: Mapping[str, Any] = LOGICAL_RULES
+) -> jax.Array:
     """A sharding constraint on an activation by logical axes, on the context mesh
     (`mesh_context`); no-op without one."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -114,8 +115,12 @@ def constrain(x: jax.Array, axes: Sequence[str | None],
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Any] = LOGICAL_RULES) -> P:
+def logical_to_spec(
+    axes: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, Any] = LOGICAL_RULES,
+) -> P:
     """PartitionSpec for an array with logical `axes`; undivisible dims are replicated."""
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match array shape {shape}")
@@ -145,9 +150,9 @@ def param_logical_axes(path: Sequence[Any]) -> tuple[str | None, ...]:
     raise KeyError(f"no sharding rule for parameter {name!r}")
 
 
-def param_shardings(state: nnx.State, mesh: Mesh,
-                    rules: Mapping[str, Any] = LOGICAL_RULES) -> Any:
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_RULES) -> Any:
     """A pytree like `state` with a NamedSharding per parameter."""
+
     def one(path, leaf):
         keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
         keys = tuple(k for k in keys if k != "value")
@@ -165,8 +170,9 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] = LOGICA
     return model
 
 
-def batch_sharding(mesh: Mesh, shape: Sequence[int],
-                   rules: Mapping[str, Any] = LOGICAL_RULES) -> NamedSharding:
+def batch_sharding(
+    mesh: Mesh, shape: Sequence[int], rules: Mapping[str, Any] = LOGICAL_RULES
+) -> NamedSharding:
     """Sharding for a [B, ...] activation (tokens, lengths): batch over data x fsdp."""
     axes = ("batch",) + (None,) * (len(shape) - 1)
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
@@ -175,11 +181,15 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int],
 def cache_shardings(cache: Any, mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_RULES) -> Any:
     """Shardings for a tuple of per-layer caches; each cache class names its axes in
     `logical_axes()` (a pytree like itself with tuples of logical names as leaves)."""
+
     def one_layer(layer_cache):
         axes = layer_cache.logical_axes()
         return jax.tree_util.tree_map(
             lambda leaf, ax: NamedSharding(mesh, logical_to_spec(ax, leaf.shape, mesh, rules)),
-            layer_cache, axes, is_leaf=lambda x: isinstance(x, tuple))
+            layer_cache,
+            axes,
+            is_leaf=lambda x: isinstance(x, tuple),
+        )
 
     return tuple(one_layer(c) for c in cache)
 
@@ -197,12 +207,17 @@ def initialize_distributed() -> bool:
     if addr:
         n, pid = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
         if n is None or pid is None:
-            raise ValueError("JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES and "
-                             "JAX_PROCESS_ID are not: set all three on every process")
+            raise ValueError(
+                "JAX_COORDINATOR_ADDRESS is set but JAX_NUM_PROCESSES and "
+                "JAX_PROCESS_ID are not: set all three on every process"
+            )
         jax.distributed.initialize(addr, num_processes=int(n), process_id=int(pid))
         return True
-    if os.environ.get("SLURM_NTASKS", "1") != "1" or os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1" or \
-            os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
+    if (
+        os.environ.get("SLURM_NTASKS", "1") != "1"
+        or os.environ.get("OMPI_COMM_WORLD_SIZE", "1") != "1"
+        or os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0
+    ):
         jax.distributed.initialize()
         return True
     return False

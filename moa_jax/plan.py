@@ -17,7 +17,7 @@ The kernels implement the per-head mask
 (`moa_jax.pallas_kernels.reference.window_sink_mask`). `Plan.resolve(N)` maps a span to `w` exactly
 as the reference sizes its cache:
 
-    C = granularity * ceil(max(span, min_span) / granularity)      # cache slots, reference: g=64, min 128
+    C = granularity * ceil(max(span, min_span) / granularity)   # cache slots (ref.: g=64, min 128)
     w = N                    if C >= N          (the head is dense: canonical form)
     w = max(C - sink, 1)     otherwise          (sink slots + a ring of C - sink recent tokens)
 
@@ -104,8 +104,7 @@ class Plan:
     sinks: tuple[tuple[int, ...], ...]
     granularity: int = 64
     min_span: int = 128
-    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False,
-                                                    hash=False)
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
         alphas = _as_2d_tuple(self.alphas, float, "alphas")
@@ -128,10 +127,11 @@ class Plan:
             raise ValueError("alphas and betas must be finite")
         for layer, (ra, rb) in enumerate(zip(alphas, betas)):
             for head, (a, b) in enumerate(zip(ra, rb)):
-                if b <= 0 and a + b < 0:     # alpha + beta * N < 0 for every N >= 1
+                if b <= 0 and a + b < 0:  # alpha + beta * N < 0 for every N >= 1
                     raise ValueError(
                         f"layer {layer} head {head}: span {a:g} + {b:g} * N is negative at "
-                        f"every length (a rule that keeps nothing)")
+                        f"every length (a rule that keeps nothing)"
+                    )
 
     # ------------------------------------------------------------------ shape
     @property
@@ -157,8 +157,9 @@ class Plan:
         b = np.asarray(self.betas, np.float64)
         return np.clip(a + b * n, 0.0, float(n))
 
-    def resolve(self, n: int, *, granularity: int | None = None,
-                min_span: int | None = None) -> np.ndarray:
+    def resolve(
+        self, n: int, *, granularity: int | None = None, min_span: int | None = None
+    ) -> np.ndarray:
         """int64 [L, H] kernel windows (tokens, in [1, n]; n means dense) at input length n.
 
         See the module docstring for the exact span -> (window, sink) mapping.
@@ -215,8 +216,9 @@ class Plan:
         if self.num_layers != cfg.num_layers:
             errors.append(f"plan has {self.num_layers} layers but the model has {cfg.num_layers}")
         if self.num_heads != cfg.num_heads:
-            errors.append(f"plan has {self.num_heads} query heads per layer but the model has "
-                          f"{cfg.num_heads}")
+            errors.append(
+                f"plan has {self.num_heads} query heads per layer but the model has {cfg.num_heads}"
+            )
         if errors:
             name = self.metadata.get("model") or self.metadata.get("source") or "plan"
             raise ValueError(f"{name} does not fit the model: " + "; ".join(errors))
@@ -224,40 +226,68 @@ class Plan:
 
     # ---------------------------------------------------------- constructors
     @classmethod
-    def uniform(cls, num_layers: int, num_heads: int, window: int, sink: int = 0,
-                metadata: Mapping[str, Any] | None = None) -> "Plan":
+    def uniform(
+        cls,
+        num_layers: int,
+        num_heads: int,
+        window: int,
+        sink: int = 0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> "Plan":
         """Every head: a window of exactly `window` tokens plus `sink` sinks, at every length."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         shape = (num_layers, num_heads)
-        return cls(alphas=np.full(shape, float(window + sink)).tolist(), betas=0.0, sinks=sink,
-                   granularity=1, min_span=0,
-                   metadata={"source": "uniform", "window": window, "sink": sink,
-                             **(metadata or {})})
+        return cls(
+            alphas=np.full(shape, float(window + sink)).tolist(),
+            betas=0.0,
+            sinks=sink,
+            granularity=1,
+            min_span=0,
+            metadata={"source": "uniform", "window": window, "sink": sink, **(metadata or {})},
+        )
 
     @classmethod
-    def dense(cls, num_layers: int, num_heads: int,
-              metadata: Mapping[str, Any] | None = None) -> "Plan":
+    def dense(
+        cls, num_layers: int, num_heads: int, metadata: Mapping[str, Any] | None = None
+    ) -> "Plan":
         """Every head dense (span = N, no sinks): the model's own attention."""
         shape = (num_layers, num_heads)
-        return cls(alphas=np.zeros(shape).tolist(), betas=1.0, sinks=0, granularity=1,
-                   min_span=0, metadata={"source": "dense", **(metadata or {})})
+        return cls(
+            alphas=np.zeros(shape).tolist(),
+            betas=1.0,
+            sinks=0,
+            granularity=1,
+            min_span=0,
+            metadata={"source": "dense", **(metadata or {})},
+        )
 
     @classmethod
-    def from_windows(cls, windows: Sequence[Sequence[int]], sinks: Any = 0,
-                     metadata: Mapping[str, Any] | None = None) -> "Plan":
+    def from_windows(
+        cls,
+        windows: Sequence[Sequence[int]],
+        sinks: Any = 0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> "Plan":
         """Fixed per-head windows (beta 0): resolve(N) gives exactly these (capped at N)."""
         w = np.asarray(windows, np.int64)
         s = np.broadcast_to(np.asarray(sinks, np.int64), w.shape)
         if (w < 1).any():
             raise ValueError("windows must be >= 1")
-        return cls(alphas=(w + s).astype(float).tolist(), betas=0.0, sinks=s.tolist(),
-                   granularity=1, min_span=0, metadata={"source": "windows", **(metadata or {})})
+        return cls(
+            alphas=(w + s).astype(float).tolist(),
+            betas=0.0,
+            sinks=s.tolist(),
+            granularity=1,
+            min_span=0,
+            metadata={"source": "windows", **(metadata or {})},
+        )
 
     # ----------------------------------------------------------------- files
     @classmethod
-    def from_moa_json(cls, path: str | Path, *, sink: int | None = None,
-                      metadata: Mapping[str, Any] | None = None) -> "Plan":
+    def from_moa_json(
+        cls, path: str | Path, *, sink: int | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> "Plan":
         """Loads a reference `moa_alpha_beta.json` ({"alphas": [[..]], "betas": [[..]]})."""
         path = Path(path)
         try:
@@ -272,17 +302,24 @@ class Plan:
         alphas = _as_2d_tuple(d["alphas"], float, "alphas")
         betas = _as_2d_tuple(d["betas"], float, "betas")
         if (len(alphas), len(alphas[0])) != (len(betas), len(betas[0])):
-            raise ValueError(f"{path}: alphas are {len(alphas)}x{len(alphas[0])} but betas are "
-                             f"{len(betas)}x{len(betas[0])}")
+            raise ValueError(
+                f"{path}: alphas are {len(alphas)}x{len(alphas[0])} but betas are "
+                f"{len(betas)}x{len(betas[0])}"
+            )
         name = path.name
         for suffix in (".json", ".moa", ".streamingllm"):
             name = name.removesuffix(suffix)
-        meta = {"source": str(path), "format": "moa-reference",
-                "kind": "streamingllm" if streaming else "moa",
-                "model": name.replace("--", "/"), "sink": int(sink)}
+        meta = {
+            "source": str(path),
+            "format": "moa-reference",
+            "kind": "streamingllm" if streaming else "moa",
+            "model": name.replace("--", "/"),
+            "sink": int(sink),
+        }
         meta.update(metadata or {})
-        return cls(alphas=alphas, betas=betas, sinks=int(sink), granularity=64, min_span=128,
-                   metadata=meta)
+        return cls(
+            alphas=alphas, betas=betas, sinks=int(sink), granularity=64, min_span=128, metadata=meta
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -306,14 +343,21 @@ class Plan:
                 raise ValueError("this looks like a reference MoA plan: use Plan.from_moa_json")
             raise ValueError("plan JSON has no schema_version")
         if int(version) > SCHEMA_VERSION:
-            raise ValueError(f"plan schema_version {version} is newer than this moa-jax "
-                             f"understands ({SCHEMA_VERSION})")
+            raise ValueError(
+                f"plan schema_version {version} is newer than this moa-jax "
+                f"understands ({SCHEMA_VERSION})"
+            )
         missing = [k for k in ("alphas", "betas", "sinks") if k not in d]
         if missing:
             raise ValueError(f"plan JSON is missing {missing}")
-        plan = cls(alphas=d["alphas"], betas=d["betas"], sinks=d["sinks"],
-                   granularity=int(d.get("granularity", 64)),
-                   min_span=int(d.get("min_span", 128)), metadata=d.get("metadata") or {})
+        plan = cls(
+            alphas=d["alphas"],
+            betas=d["betas"],
+            sinks=d["sinks"],
+            granularity=int(d.get("granularity", 64)),
+            min_span=int(d.get("min_span", 128)),
+            metadata=d.get("metadata") or {},
+        )
         for key, val in (("num_layers", plan.num_layers), ("num_heads", plan.num_heads)):
             if key in d and int(d[key]) != val:
                 raise ValueError(f"plan JSON says {key}={d[key]} but its arrays have {val}")
@@ -337,8 +381,7 @@ class Plan:
         except json.JSONDecodeError as e:
             raise ValueError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"plan file {path} must hold a JSON object, not a "
-                             f"{type(d).__name__}")
+            raise ValueError(f"plan file {path} must hold a JSON object, not a {type(d).__name__}")
         try:
             if "schema_version" not in d and "alphas" in d:
                 return cls.from_moa_json(path)
@@ -358,17 +401,21 @@ class Plan:
                 window = int(parts[0])
                 sink = int(parts[1]) if len(parts) > 1 else STREAMINGLLM_SINK
             except (ValueError, IndexError):
-                raise ValueError(f"bad plan spec {spec!r}; expected streaming:WINDOW[:SINK]") \
-                    from None
-            return cls.uniform(num_layers, num_heads, window=window, sink=sink,
-                               metadata={"source": "streamingllm"})
+                raise ValueError(
+                    f"bad plan spec {spec!r}; expected streaming:WINDOW[:SINK]"
+                ) from None
+            return cls.uniform(
+                num_layers, num_heads, window=window, sink=sink, metadata={"source": "streamingllm"}
+            )
         return cls.load(spec)
 
     def summary(self, n: int) -> str:
         w = self.resolve(n)
-        return (f"Plan {self.num_layers}x{self.num_heads} at N={n}: windows {int(w.min())}.."
-                f"{int(w.max())} (mean {w.mean():.0f}), kv density {self.kv_density(n):.3f}, "
-                f"attention density {self.attention_density(n):.3f}")
+        return (
+            f"Plan {self.num_layers}x{self.num_heads} at N={n}: windows {int(w.min())}.."
+            f"{int(w.max())} (mean {w.mean():.0f}), kv density {self.kv_density(n):.3f}, "
+            f"attention density {self.attention_density(n):.3f}"
+        )
 
 
 def kv_group_max_mean(per_head: Any, num_kv_heads: int) -> float:
@@ -392,13 +439,14 @@ def kept_entries(windows: Any, sinks: Any, n: int) -> np.ndarray:
     s = np.minimum(np.asarray(sinks, np.int64), n)
     w, s = np.broadcast_arrays(w, s)
     win = w * (w + 1) // 2 + (n - w) * w
-    m = n - w                       # rows whose window leaves keys 0 .. i - w uncovered
+    m = n - w  # rows whose window leaves keys 0 .. i - w uncovered
     sink = np.where(m <= s, m * (m + 1) // 2, s * (s + 1) // 2 + (m - s) * s)
     return win + sink
 
 
 def kept_entries_blocks(windows: Any, sinks: Any, t: int, q_offset: int = 0) -> np.ndarray:
-    """Kept entries for t queries at positions [q_offset, q_offset + t) over keys [0, q_offset + t)."""
+    """Kept entries for t queries at positions [q_offset, q_offset + t) over keys
+    [0, q_offset + t)."""
     n = q_offset + t
     total = kept_entries(windows, sinks, n)
     if q_offset:

@@ -1,4 +1,4 @@
-"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus), with an explicit PRNG key."""
+"""Next-token sampling: greedy, temperature, top-k and top-p (nucleus), explicit PRNG key."""
 
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ def sample(logits: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
         # still below top_p (so the top token always stays).
         mass_before = jnp.cumsum(probs, axis=-1) - probs
         keep_sorted = mass_before < cfg.top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        keep = (
+            jnp.zeros_like(keep_sorted)
+            .at[jnp.arange(logits.shape[0])[:, None], order]
+            .set(keep_sorted)
+        )
         logits = jnp.where(keep, logits, neg)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

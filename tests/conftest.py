@@ -13,9 +13,18 @@ from moa_jax.config import ModelConfig
 
 def tiny_config(**overrides) -> ModelConfig:
     """A small GQA Llama config for fast CPU tests (4 query heads, 2 KV heads)."""
-    cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
-                      eos_token_ids=(3,), pad_token_id=0)
+    cfg = ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        eos_token_ids=(3,),
+        pad_token_id=0,
+    )
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -61,11 +70,20 @@ def make_hf_llama() -> Callable[..., Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def make(seed: int = 0, **overrides: Any) -> Any:
-        kw: dict[str, Any] = dict(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=512,
-                                  rope_theta=10000.0, rms_norm_eps=1e-5,
-                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        kw: dict[str, Any] = dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_theta=10000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
         kw.update(overrides)
         torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(**kw)).float().eval()
@@ -112,7 +130,7 @@ def pytest_deselected(items):
 
 
 def pytest_sessionfinish(session):
-    out = getattr(session.config, "workeroutput", None)       # set on xdist workers
+    out = getattr(session.config, "workeroutput", None)  # set on xdist workers
     if out is not None:
         out["deselected"] = dict(_deselected)
 
@@ -120,11 +138,12 @@ def pytest_sessionfinish(session):
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     for mark, n in getattr(node, "workeroutput", {}).get("deselected", {}).items():
-        _deselected[mark] = max(_deselected[mark], n)        # every worker collects them all
+        _deselected[mark] = max(_deselected[mark], n)  # every worker collects them all
 
 
 def pytest_terminal_summary(terminalreporter):
     if any(_deselected.values()):
         terminalreporter.write_line(
             f"not in this run: {_deselected['slow']} tests marked slow (`-m slow`) and "
-            f"{_deselected['gpu']} marked gpu (`-m gpu`, on a GPU)")
+            f"{_deselected['gpu']} marked gpu (`-m gpu`, on a GPU)"
+        )

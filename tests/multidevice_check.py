@@ -20,12 +20,18 @@ from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.recycled import H2OAttention, RecycleConfig, StreamingAttention
 from moa_jax.plan import Plan
-from moa_jax.parallel import (MeshConfig, batch_sharding, make_mesh, mesh_context,
-                              param_shardings)
+from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, mesh_context, param_shardings
 
 assert jax.device_count() == 8, jax.devices()
-cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=16, num_kv_heads=8, head_dim=16)
+cfg = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=16,
+    num_kv_heads=8,
+    head_dim=16,
+)
 model = init_random(cfg, seed=0)
 g, s = nnx.split(model)
 rng = np.random.RandomState(0)
@@ -46,15 +52,23 @@ def moa_loss(state, tokens, attention):
 
 ref_moa, ref_grad = jax.value_and_grad(moa_loss)(s, tokens, moa)
 ref_moa_tokens = generate(model, prompts, max_new_tokens=8, stop_ids=(), attention=moa).tokens
-decoders = {"recycled": dict(attention=moa, recycle=RecycleConfig(k=8, stride=3)),
-            "streaming": dict(attention=StreamingAttention(k=8)),
-            "h2o": dict(attention=H2OAttention(k=8))}
-ref_dec = {name: generate(model, prompts, max_new_tokens=8, stop_ids=(), **kw).tokens
-           for name, kw in decoders.items()}
+decoders = {
+    "recycled": dict(attention=moa, recycle=RecycleConfig(k=8, stride=3)),
+    "streaming": dict(attention=StreamingAttention(k=8)),
+    "h2o": dict(attention=H2OAttention(k=8)),
+}
+ref_dec = {
+    name: generate(model, prompts, max_new_tokens=8, stop_ids=(), **kw).tokens
+    for name, kw in decoders.items()
+}
 
 # argv: meshes as DATA,FSDP,TENSOR (default: all four)
 MESHES = [MeshConfig(*map(int, a.split(","))) for a in sys.argv[1:]] or [
-    MeshConfig(8, 1, 1), MeshConfig(2, 2, 2), MeshConfig(1, 1, 8), MeshConfig(1, 8, 1)]
+    MeshConfig(8, 1, 1),
+    MeshConfig(2, 2, 2),
+    MeshConfig(1, 1, 8),
+    MeshConfig(1, 8, 1),
+]
 for mc in MESHES:
     mesh = make_mesh(mc)
     ss = jax.device_put(s, param_shardings(s, mesh))
@@ -64,9 +78,10 @@ for mc in MESHES:
     if mc.fsdp > 1:
         assert q.sharding.shard_shape(q.shape)[0] == q.shape[0] // mc.fsdp, q.sharding
     logits, _ = forward(g, ss, jax.device_put(tokens, batch_sharding(mesh, tokens.shape)), pos)
-    with mesh_context(mesh):    # the model constrains its activations on the context mesh
-        assert "sharding_constraint" in str(jax.make_jaxpr(
-            lambda st, tk: forward(g, st, tk, pos))(ss, tokens))
+    with mesh_context(mesh):  # the model constrains its activations on the context mesh
+        assert "sharding_constraint" in str(
+            jax.make_jaxpr(lambda st, tk: forward(g, st, tk, pos))(ss, tokens)
+        )
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=1e-4, rtol=1e-4)
     out = generate(model, prompts, max_new_tokens=8, stop_ids=(), mesh=mesh)
     np.testing.assert_array_equal(out.tokens, ref_tokens)
@@ -80,7 +95,7 @@ for mc in MESHES:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
     out = generate(model, prompts, max_new_tokens=8, stop_ids=(), attention=moa, mesh=mesh)
     np.testing.assert_array_equal(out.tokens, ref_moa_tokens)
-    span = on_mesh.init_cache(cfg, 8, 40, jnp.float32)[0]     # packed per device for decoding
+    span = on_mesh.init_cache(cfg, 8, 40, jnp.float32)[0]  # packed per device for decoding
     assert span.shards == mc.tensor and span.k.shape[1] % mc.tensor == 0, (span.shards, mc)
     # the memory check before allocation counts each device's shard of the cache
     whole = _cache_bytes_per_device(DenseAttention(), cfg, 8, 40, jnp.float32)

@@ -19,11 +19,35 @@ corpus, scratch = sys.argv[1], Path(sys.argv[2])
 # hold every answer-rows sum (copy included) and are compared in full; the plan is searched with
 # the 'answer' estimator, whose rule losses on the random tiny model have no near-ties (with the
 # copy term added, rules tie to 1e-6 and rounding picks among them).
-base = ["--fast", "--model", "tiny-random", "--corpus", corpus, "--lengths", "256", "384",
-        "--estimator", "answer",
-        "--items", "8", "--batch-size", "8", "--validation-length", "512", "--validation-items", "1",
-        "--answer-tokens", "12", "--eps-intervals", "1", "--max-candidates", "2",
-        "--calibration-cache", str(scratch / "cache"), "--no-progress"]
+base = [
+    "--fast",
+    "--model",
+    "tiny-random",
+    "--corpus",
+    corpus,
+    "--lengths",
+    "256",
+    "384",
+    "--estimator",
+    "answer",
+    "--items",
+    "8",
+    "--batch-size",
+    "8",
+    "--validation-length",
+    "512",
+    "--validation-items",
+    "1",
+    "--answer-tokens",
+    "12",
+    "--eps-intervals",
+    "1",
+    "--max-candidates",
+    "2",
+    "--calibration-cache",
+    str(scratch / "cache"),
+    "--no-progress",
+]
 
 
 def run(name, mesh=None):
@@ -39,8 +63,9 @@ for mesh in ("8,1,1", "2,2,2", "1,1,8"):
     plan, prof = run("mesh_" + mesh.replace(",", "_"), mesh)
     for n, arrays in ref_prof.items():
         for key, ref in arrays.items():
-            np.testing.assert_allclose(prof[n][key], ref, rtol=1e-4, atol=1e-6,
-                                       err_msg=f"{mesh} N={n} {key}")
+            np.testing.assert_allclose(
+                prof[n][key], ref, rtol=1e-4, atol=1e-6, err_msg=f"{mesh} N={n} {key}"
+            )
     np.testing.assert_array_equal(plan.alphas, ref_plan.alphas)
     np.testing.assert_array_equal(plan.betas, ref_plan.betas)
     print("OK", mesh, flush=True)

@@ -17,9 +17,21 @@ from moa_jax.train.loop import TrainConfig, make_optimizer, train
 
 assert jax.device_count() == 8, jax.devices()
 corpus, scratch = sys.argv[1], Path(sys.argv[2])
-base = TrainConfig(model="tiny-random", corpus=corpus, attention="recycled", prefix_len=24,
-                   tail_len=8, top_k=6, steps=2, batch_size=8, lr=3e-3, warmup_steps=1,
-                   progress=False, log_every=100, async_checkpointing=False)
+base = TrainConfig(
+    model="tiny-random",
+    corpus=corpus,
+    attention="recycled",
+    prefix_len=24,
+    tail_len=8,
+    top_k=6,
+    steps=2,
+    batch_size=8,
+    lr=3e-3,
+    warmup_steps=1,
+    progress=False,
+    log_every=100,
+    async_checkpointing=False,
+)
 
 
 def final_state(run_dir):
@@ -28,19 +40,24 @@ def final_state(run_dir):
     from moa_jax.models.registry import load_model
 
     _, params = nnx.split(load_model("tiny-random")[0])
-    target = {"params": params, "opt_state": make_optimizer(base).init(params),
-              "rng": jax.random.PRNGKey(0)}
+    target = {
+        "params": params,
+        "opt_state": make_optimizer(base).init(params),
+        "rng": jax.random.PRNGKey(0),
+    }
     return Checkpointer(run_dir).restore(target)[0]
 
 
-ref = train(dataclasses.replace(base, out_dir=str(scratch / "one"), mesh_data=1),
-            devices=jax.devices()[:1])
+ref = train(
+    dataclasses.replace(base, out_dir=str(scratch / "one"), mesh_data=1), devices=jax.devices()[:1]
+)
 ref_state = final_state(scratch / "one" / "checkpoints")
 
 for data, fsdp, tensor in ((8, 1, 1), (2, 2, 2), (1, 1, 8)):
     name = f"mesh_{data}_{fsdp}_{tensor}"
-    cfg = dataclasses.replace(base, out_dir=str(scratch / name), mesh_data=data, mesh_fsdp=fsdp,
-                              mesh_tensor=tensor)
+    cfg = dataclasses.replace(
+        base, out_dir=str(scratch / name), mesh_data=data, mesh_fsdp=fsdp, mesh_tensor=tensor
+    )
     res = train(cfg)
     np.testing.assert_allclose(list(res.losses.values()), list(ref.losses.values()), rtol=2e-5)
     state = final_state(scratch / name / "checkpoints")

@@ -14,8 +14,15 @@ from moa_jax.models.llama import init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.plan import Plan
 
-CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=8, num_kv_heads=4, head_dim=16)
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=16,
+)
 
 
 def cases():
@@ -28,8 +35,9 @@ def cases():
 
 
 if __name__ == "__main__":
-    jax.distributed.initialize(f"localhost:{sys.argv[2]}", num_processes=2,
-                               process_id=int(sys.argv[1]))
+    jax.distributed.initialize(
+        f"localhost:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1])
+    )
     assert jax.device_count() == 4 and jax.local_device_count() == 2
 
     from moa_jax.generate import generate
@@ -40,6 +48,7 @@ if __name__ == "__main__":
     out = {}
     for name, att in backends.items():
         kw = {} if att is None else {"attention": att}
-        out[name] = generate(model, prompts, max_new_tokens=6, stop_ids=(), mesh=mesh,
-                             **kw).tokens.tolist()
+        out[name] = generate(
+            model, prompts, max_new_tokens=6, stop_ids=(), mesh=mesh, **kw
+        ).tokens.tolist()
     print("TOKENS", json.dumps(out), flush=True)

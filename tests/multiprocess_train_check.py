@@ -12,18 +12,56 @@ import subprocess
 import sys
 
 corpus, out_dir, port = sys.argv[1], sys.argv[2], sys.argv[3]
-args = [sys.executable, "-m", "moa_jax.train", "--model", "tiny-random", "--corpus", corpus,
-        "--attention", "recycled", "--prefix-len", "24", "--tail-len", "8", "--top-k", "6",
-        "--steps", "2", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "1",
-        "--no-progress", "--log-every", "100", "--no-async-checkpointing", "--out-dir", out_dir,
-        "--mesh-data", "2", "--mesh-fsdp", "1", "--mesh-tensor", "2"]
+args = [
+    sys.executable,
+    "-m",
+    "moa_jax.train",
+    "--model",
+    "tiny-random",
+    "--corpus",
+    corpus,
+    "--attention",
+    "recycled",
+    "--prefix-len",
+    "24",
+    "--tail-len",
+    "8",
+    "--top-k",
+    "6",
+    "--steps",
+    "2",
+    "--batch-size",
+    "8",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "1",
+    "--no-progress",
+    "--log-every",
+    "100",
+    "--no-async-checkpointing",
+    "--out-dir",
+    out_dir,
+    "--mesh-data",
+    "2",
+    "--mesh-fsdp",
+    "1",
+    "--mesh-tensor",
+    "2",
+]
 procs = []
 for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(pid))
-    procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True))
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(pid),
+    )
+    procs.append(
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    )
 codes = []
 for pid, p in enumerate(procs):
     out, _ = p.communicate(timeout=600)

@@ -56,7 +56,7 @@ def _one_line_error(capsys, code: int, want_code: int, *needles: str) -> str:
     for n in needles:
         assert n.lower() in lines[-1].lower(), lines[-1]
     assert "Traceback" not in err
-    if os.environ.get("MOA_JAX_BAD_INPUT_LOG"):      # the list of messages for a report
+    if os.environ.get("MOA_JAX_BAD_INPUT_LOG"):  # the list of messages for a report
         test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
         with open(os.environ["MOA_JAX_BAD_INPUT_LOG"], "a") as f:
             f.write(f"{test}\texit {code}\t{lines[-1]}\n")
@@ -78,8 +78,7 @@ def _bad_plans(tmp_path: Path) -> list[tuple[str, str]]:
     L, H = TINY_RANDOM_CONFIG.num_layers, TINY_RANDOM_CONFIG.num_heads
     other = _plan_file(tmp_path, Plan.uniform(28, 8, window=64), "other.json")
     trunc = tmp_path / "trunc.json"
-    trunc.write_text(Path(_plan_file(tmp_path, Plan.uniform(L, H, 64), "ok.json"))
-                     .read_text()[:40])
+    trunc.write_text(Path(_plan_file(tmp_path, Plan.uniform(L, H, 64), "ok.json")).read_text()[:40])
     listy = tmp_path / "list.json"
     listy.write_text("[1, 2, 3]")
     nan = tmp_path / "nan.json"
@@ -91,10 +90,15 @@ def _bad_plans(tmp_path: Path) -> list[tuple[str, str]]:
     d["alphas"] = [[-5000.0] * H for _ in range(L)]
     d["betas"] = [[-0.5] * H for _ in range(L)]
     neg.write_text(json.dumps(d))
-    return [(other, "28 layers"), (str(tmp_path / "missing.json"), "no plan file"),
-            (str(trunc), "not valid JSON"), (str(listy), "JSON object"),
-            (str(nan), "finite"), (str(neg), "negative at every length"),
-            ("streaming:abc", "bad plan spec")]
+    return [
+        (other, "28 layers"),
+        (str(tmp_path / "missing.json"), "no plan file"),
+        (str(trunc), "not valid JSON"),
+        (str(listy), "JSON object"),
+        (str(nan), "finite"),
+        (str(neg), "negative at every length"),
+        ("streaming:abc", "bad plan spec"),
+    ]
 
 
 @pytest.mark.parametrize("i", range(7))
@@ -107,15 +111,18 @@ def test_generate_rejects_bad_plans(tmp_path, capsys, monkeypatch, i):
     _one_line_error(capsys, _generate(TINY + ["--plan", spec]), 2, words)
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--model", "no-such-preset"], "unknown model"),
-    (["--model", "./nope/model.gguf"], "no such file"),
-    (["--max-new-tokens", "1000000"], "exceeds the model's context"),
-    (["--max-new-tokens", "0"], "max-new-tokens"),
-    (["--prompt", "   "], "prompt is empty"),
-    (["--mesh", "2x2"], "DATA,FSDP,TENSOR"),
-    (["--recycle-k", "8", "--plan", "dense"], "--prefill-plan"),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--model", "no-such-preset"], "unknown model"),
+        (["--model", "./nope/model.gguf"], "no such file"),
+        (["--max-new-tokens", "1000000"], "exceeds the model's context"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--prompt", "   "], "prompt is empty"),
+        (["--mesh", "2x2"], "DATA,FSDP,TENSOR"),
+        (["--recycle-k", "8", "--plan", "dense"], "--prefill-plan"),
+    ],
+)
 def test_generate_rejects_bad_flags(capsys, argv, words):
     base = ["--model", "tiny-random", "--max-new-tokens", "2"]
     _one_line_error(capsys, _generate(base + argv), 2, words)
@@ -127,14 +134,17 @@ def test_generate_beyond_context_only_when_asked(capsys):
     assert "--beyond-context" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage,words", [
-    ("truncated_safetensors", "safetensors"),
-    ("config_missing_keys", "missing required keys"),
-    ("config_nan", "rope_theta"),
-    ("config_not_json", "not valid JSON"),
-    ("nan_weights", "non-finite"),
-    ("no_config", "no config.json"),
-])
+@pytest.mark.parametrize(
+    "damage,words",
+    [
+        ("truncated_safetensors", "safetensors"),
+        ("config_missing_keys", "missing required keys"),
+        ("config_nan", "rope_theta"),
+        ("config_not_json", "not valid JSON"),
+        ("nan_weights", "non-finite"),
+        ("no_config", "no config.json"),
+    ],
+)
 def test_generate_rejects_broken_hf_checkpoints(hf_dir, tmp_path, capsys, damage, words):
     d = _copy_hf(hf_dir, tmp_path / damage)
     cfg_path = d / "config.json"
@@ -165,11 +175,15 @@ def test_generate_rejects_broken_hf_checkpoints(hf_dir, tmp_path, capsys, damage
 _NOISE = np.random.RandomState(0).bytes(256)
 
 
-@pytest.mark.parametrize("content,words", [
-    (b"GGUF" + _NOISE[:64], "GGUF"),
-    (_NOISE, "GGUF"),
-    (b"", "GGUF"),
-], ids=["gguf-magic-then-noise", "random-bytes", "empty"])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (b"GGUF" + _NOISE[:64], "GGUF"),
+        (_NOISE, "GGUF"),
+        (b"", "GGUF"),
+    ],
+    ids=["gguf-magic-then-noise", "random-bytes", "empty"],
+)
 def test_generate_rejects_bad_gguf(tmp_path, capsys, content, words):
     f = tmp_path / "m.gguf"
     f.write_bytes(content)
@@ -183,13 +197,16 @@ def test_not_a_gguf_file(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ YAML configs
-@pytest.mark.parametrize("yaml_text,words", [
-    ("max_new_tokens: [8, 16]\n", "takes one value"),
-    ("max_new_tokens: lots\n", "not a valid value"),
-    ("no_chat_template: 3\n", "true or false"),
-    ("learning_rate: 0.1\n", "unknown key"),
-    ("- just\n- a list\n", "mapping"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,words",
+    [
+        ("max_new_tokens: [8, 16]\n", "takes one value"),
+        ("max_new_tokens: lots\n", "not a valid value"),
+        ("no_chat_template: 3\n", "true or false"),
+        ("learning_rate: 0.1\n", "unknown key"),
+        ("- just\n- a list\n", "mapping"),
+    ],
+)
 def test_bad_yaml_config_is_a_usage_error(tmp_path, capsys, yaml_text, words):
     f = tmp_path / "c.yaml"
     f.write_text(yaml_text)
@@ -235,14 +252,17 @@ def _profile(argv):
     return run(main, argv)
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--model", "no-such-preset"], "unknown model"),
-    (["--lengths", "1000"], "multiples of 64"),
-    (["--density", "1.5"], "--density"),
-    (["--items", "0"], "--items"),
-    (["--corpus", "/nonexistent/corpus.jsonl"], "corpus"),
-    (["--mesh", "2x2"], "DATA,FSDP,TENSOR"),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--model", "no-such-preset"], "unknown model"),
+        (["--lengths", "1000"], "multiples of 64"),
+        (["--density", "1.5"], "--density"),
+        (["--items", "0"], "--items"),
+        (["--corpus", "/nonexistent/corpus.jsonl"], "corpus"),
+        (["--mesh", "2x2"], "DATA,FSDP,TENSOR"),
+    ],
+)
 def test_profile_bad_input_leaves_no_output(tmp_path, capsys, extra, words):
     out = tmp_path / "run"
     argv = ["--model", "tiny-random", "--fast", "--out", str(out), "--no-progress"] + extra
@@ -253,8 +273,9 @@ def test_profile_bad_input_leaves_no_output(tmp_path, capsys, extra, words):
 def test_profile_out_is_a_file(tmp_path, capsys):
     out = tmp_path / "file"
     out.write_text("x")
-    _one_line_error(capsys, _profile(["--model", "tiny-random", "--fast", "--out", str(out)]),
-                    2, "is a file")
+    _one_line_error(
+        capsys, _profile(["--model", "tiny-random", "--fast", "--out", str(out)]), 2, "is a file"
+    )
     assert out.read_text() == "x"
 
 
@@ -265,16 +286,18 @@ def _eval(argv):
     return run(main, argv)
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--tasks", "nope"], "unknown task"),
-    (["--methods", "magic"], "unknown method"),
-    (["--lengths", "0"], "--lengths"),
-    (["--num-items", "0"], "--num-items"),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--tasks", "nope"], "unknown task"),
+        (["--methods", "magic"], "unknown method"),
+        (["--lengths", "0"], "--lengths"),
+        (["--num-items", "0"], "--num-items"),
+    ],
+)
 def test_eval_bad_flags(tmp_path, capsys, extra, words):
     out = tmp_path / "ev"
-    _one_line_error(capsys, _eval(["--model", "tiny-random", "--out", str(out)] + extra), 2,
-                    words)
+    _one_line_error(capsys, _eval(["--model", "tiny-random", "--out", str(out)] + extra), 2, words)
     assert not out.exists()
 
 
@@ -284,8 +307,24 @@ def test_eval_plan_for_another_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(reg, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     plan = _plan_file(tmp_path, Plan.uniform(28, 8, window=64))
     out = tmp_path / "ev"
-    _one_line_error(capsys, _eval(["--model", "tiny-random", "--fast", "--methods", "moa",
-                                   "--plan", plan, "--out", str(out)]), 2, "layers")
+    _one_line_error(
+        capsys,
+        _eval(
+            [
+                "--model",
+                "tiny-random",
+                "--fast",
+                "--methods",
+                "moa",
+                "--plan",
+                plan,
+                "--out",
+                str(out),
+            ]
+        ),
+        2,
+        "layers",
+    )
     assert not out.exists()
 
 
@@ -294,8 +333,9 @@ def test_train_missing_corpus_leaves_no_folder(tmp_path, capsys):
     from moa_jax.train.loop import main
 
     out = tmp_path / "t"
-    code = run(main, ["--corpus", str(tmp_path / "nope.jsonl"), "--seq-len", "8",
-                      "--out-dir", str(out)])
+    code = run(
+        main, ["--corpus", str(tmp_path / "nope.jsonl"), "--seq-len", "8", "--out-dir", str(out)]
+    )
     _one_line_error(capsys, code, 2, "no such file")
     assert not out.exists()
 
@@ -318,7 +358,7 @@ def test_api_errors_name_the_problem():
     with pytest.raises(ValueError, match="exceeds the KV cache length"):
         generate(model, [[5] * 20], max_new_tokens=8, max_cache_len=16)
     with pytest.raises(ValueError, match="token ids must be in"):
-        generate(model, [[5, 10 ** 6]], max_new_tokens=2)
+        generate(model, [[5, 10**6]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [[5]], max_new_tokens=0)
     with pytest.raises(ValueError, match="sink counts"):
@@ -330,14 +370,20 @@ def test_api_errors_name_the_problem():
 def test_subprocess_one_line_and_debug_traceback(tmp_path):
     """The real `python -m moa_jax.generate`: one line and exit 2; --debug: the traceback."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    argv = [sys.executable, "-m", "moa_jax.generate", "--model", "tiny-random", "--plan",
-            str(tmp_path / "missing.json")]
+    argv = [
+        sys.executable,
+        "-m",
+        "moa_jax.generate",
+        "--model",
+        "tiny-random",
+        "--plan",
+        str(tmp_path / "missing.json"),
+    ]
     res = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines == [f"error: no plan file at {tmp_path / 'missing.json'}"], res.stderr
-    res = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env,
-                         timeout=300)
+    res = subprocess.run(argv + ["--debug"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
@@ -363,22 +409,31 @@ def test_cache_that_cannot_fit_is_an_error_before_allocation(monkeypatch):
     from moa_jax.models.moa_attention import MoAAttention
 
     model = init_random(tiny_config(), seed=0)
-    monkeypatch.setattr(gen, "_device_memory", lambda devices=None: (2 ** 20, 0))
+    monkeypatch.setattr(gen, "_device_memory", lambda devices=None: (2**20, 0))
     monkeypatch.setattr(gen, "_generate_jit", lambda *a, **k: pytest.fail("allocated"))
-    with pytest.raises(ValueError, match=r"largest batch that fits is 0, or at batch 4 about "
-                                         r"\d+ tokens"):
+    with pytest.raises(
+        ValueError,
+        match=r"largest batch that fits is 0, or at batch 4 about "
+        r"\d+ tokens",
+    ):
         generate(model, [[5] * 8] * 4, max_new_tokens=2000, max_cache_len=2048)
     plan = Plan.uniform(2, 4, window=64, sink=0)
     with pytest.raises(ValueError, match="KV cache for batch 64"):
-        generate(model, [[5] * 8] * 64, max_new_tokens=2000, max_cache_len=2048,
-                 attention=MoAAttention(plan))
+        generate(
+            model,
+            [[5] * 8] * 64,
+            max_new_tokens=2000,
+            max_cache_len=2048,
+            attention=MoAAttention(plan),
+        )
+
     class Ran(Exception):
         pass
 
     def ran(*a, **k):
         raise Ran
 
-    monkeypatch.setattr(gen, "_device_memory", lambda devices=None: (2 ** 40, 0))
+    monkeypatch.setattr(gen, "_device_memory", lambda devices=None: (2**40, 0))
     monkeypatch.setattr(gen, "_generate_jit", ran)
-    with pytest.raises(Ran):                             # enough memory: it goes on to run
+    with pytest.raises(Ran):  # enough memory: it goes on to run
         generate(model, [[5] * 8] * 4, max_new_tokens=2000, max_cache_len=2048)

@@ -20,14 +20,40 @@ def test_help(capsys):
 def test_tiny_smoke_run(tmp_path, capsys):
     methods = ["dense", "dense-kernel", "moa", "streaming", "recycled", "h2o"]
     out = tmp_path / "tiny.json"
-    assert bench.main(["--tiny", "--method", *methods, "--batches", "1", "--steps", "2",
-                       "--moa-densities", "0.5", "--recycle-threshold", "0.5",
-                       "--recycle-check", "2", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--tiny",
+                "--method",
+                *methods,
+                "--batches",
+                "1",
+                "--steps",
+                "2",
+                "--moa-densities",
+                "0.5",
+                "--recycle-threshold",
+                "0.5",
+                "--recycle-check",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads(out.read_text())
     rows = rep["rows"]
     labels = {r["variant"] for r in rows}
-    assert {"dense", "dense-kernel", "moa het:0.5", "streaming K=16", "recycled K=16 S=2",
-            "recycled K=16 dyn=0.5 QC=2", "h2o K=16"} <= labels
+    assert {
+        "dense",
+        "dense-kernel",
+        "moa het:0.5",
+        "streaming K=16",
+        "recycled K=16 S=2",
+        "recycled K=16 dyn=0.5 QC=2",
+        "h2o K=16",
+    } <= labels
     for r in rows:
         assert r["status"] == "ok", r
         assert r["context"] == 40 and r["batch"] == 1
@@ -54,9 +80,18 @@ def _fake_runner(fits, seen):
         def go():
             if b > fits:
                 raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
-            return dict(status="ok", batch=b, variant="v", context=1, method="m",
-                        ms_per_step=1.0, tokens_per_s=float(b))
+            return dict(
+                status="ok",
+                batch=b,
+                variant="v",
+                context=1,
+                method="m",
+                ms_per_step=1.0,
+                tokens_per_s=float(b),
+            )
+
         return bench._guard(go, dict(batch=b, variant="v", context=1, method="m"))
+
     return run_one
 
 
@@ -77,8 +112,12 @@ def test_tiny_hf_method(tmp_path):
     if not all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
         pytest.skip("needs torch and transformers")
     out = tmp_path / "hf.json"
-    assert bench.main(["--tiny", "--method", "hf", "--batches", "1", "2", "--steps", "2",
-                       "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            ["--tiny", "--method", "hf", "--batches", "1", "2", "--steps", "2", "--out", str(out)]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert all(r["ms_per_step"] > 0 and r["kv_cache_gib"] > 0 for r in rows)
@@ -86,14 +125,16 @@ def test_tiny_hf_method(tmp_path):
 
 def test_sweep_max_retries_smaller_until_it_fits():
     seen = []
-    rows = bench.sweep(_fake_runner(90, seen), [1, "max"], refine=False, log=lambda r: None,
-                       largest=lambda: 100)
+    rows = bench.sweep(
+        _fake_runner(90, seen), [1, "max"], refine=False, log=lambda r: None, largest=lambda: 100
+    )
     # 100 -> 95 -> 90: 5% smaller each time it runs out of memory.
     assert seen == [1, 100, 95, 90]
     assert bench.summarize(rows)["largest_batch"][0]["batch"] == 90
     seen.clear()
-    bench.sweep(_fake_runner(90, seen), [1, 8, "max"], refine=False, log=lambda r: None,
-                largest=lambda: 4)                  # estimate below a batch that fit: skipped
+    bench.sweep(
+        _fake_runner(90, seen), [1, 8, "max"], refine=False, log=lambda r: None, largest=lambda: 4
+    )  # estimate below a batch that fit: skipped
     assert seen == [1, 8]
     with pytest.raises(ValueError, match="max"):
         bench.sweep(_fake_runner(9, []), ["max"], refine=False, log=lambda r: None)
@@ -128,23 +169,36 @@ def test_grouped_synthetic_plans_shrink_the_span_cache():
             w, sk = plan_windows(kind, s, h, hkv, dense_groups=grouped)
             assert abs(kv_density(w, sk, s) - density) < 0.01
             kept = [min(s, wi + si) for wi, si in zip(w, sk)]
-            group_max = [max(kept[g * 4:(g + 1) * 4]) for g in range(hkv)]
+            group_max = [max(kept[g * 4 : (g + 1) * 4]) for g in range(hkv)]
             cache = sum(group_max) / (hkv * s)
-            if grouped:                  # dense heads fill whole groups: cache = density
+            if grouped:  # dense heads fill whole groups: cache = density
                 assert abs(cache - density) < 0.01
-            else:                        # dense heads in half or all groups: cache stays large
+            else:  # dense heads in half or all groups: cache stays large
                 assert cache >= (1.0 if kind == "het50" else 0.55)
 
 
 def test_summary_separates_largest_and_best_batch():
     """HF's throughput falls past batch 16: its best batch is not its largest, and the ratios
     are given against both."""
-    def row(method, variant, batch, tps):
-        return dict(status="ok", method=method, variant=variant, context=8, batch=batch,
-                    tokens_per_s=tps, ms_per_step=batch * 1e3 / tps)
 
-    rows = [row("hf", "hf", 1, 40.0), row("hf", "hf", 16, 650.0), row("hf", "hf", 48, 160.0),
-            row("moa", "moa", 1, 160.0), row("moa", "moa", 200, 6000.0)]
+    def row(method, variant, batch, tps):
+        return dict(
+            status="ok",
+            method=method,
+            variant=variant,
+            context=8,
+            batch=batch,
+            tokens_per_s=tps,
+            ms_per_step=batch * 1e3 / tps,
+        )
+
+    rows = [
+        row("hf", "hf", 1, 40.0),
+        row("hf", "hf", 16, 650.0),
+        row("hf", "hf", 48, 160.0),
+        row("moa", "moa", 1, 160.0),
+        row("moa", "moa", 200, 6000.0),
+    ]
     s = bench.summarize(rows)
     assert {r["variant"]: r["batch"] for r in s["largest_batch"]} == {"hf": 48, "moa": 200}
     assert {r["variant"]: r["batch"] for r in s["best_throughput"]} == {"hf": 16, "moa": 200}

@@ -9,14 +9,27 @@ from moa_jax.bench import scaling
 
 
 def test_efficiency_and_table_from_rows():
-    rows = [dict(part="train", devices=1, status="ok", tokens_per_s_per_device=100.0,
-                 tokens_per_s=100.0, mesh={"data": 1, "fsdp": 1, "tensor": 1}),
-            dict(part="train", devices=4, status="ok", tokens_per_s_per_device=90.0,
-                 tokens_per_s=360.0, mesh={"data": 1, "fsdp": 4, "tensor": 1}),
-            dict(part="profile", devices=2, status="ok", items_per_s=1.0, seconds_per_item=1.0),
-            dict(part="profile", devices=4, status="ok", items_per_s=1.5,
-                 seconds_per_item=0.67),
-            dict(part="train", devices=8, status="oom")]
+    rows = [
+        dict(
+            part="train",
+            devices=1,
+            status="ok",
+            tokens_per_s_per_device=100.0,
+            tokens_per_s=100.0,
+            mesh={"data": 1, "fsdp": 1, "tensor": 1},
+        ),
+        dict(
+            part="train",
+            devices=4,
+            status="ok",
+            tokens_per_s_per_device=90.0,
+            tokens_per_s=360.0,
+            mesh={"data": 1, "fsdp": 4, "tensor": 1},
+        ),
+        dict(part="profile", devices=2, status="ok", items_per_s=1.0, seconds_per_item=1.0),
+        dict(part="profile", devices=4, status="ok", items_per_s=1.5, seconds_per_item=0.67),
+        dict(part="train", devices=8, status="oom"),
+    ]
     scaling.efficiency(rows, "train", "tokens_per_s_per_device", True)
     scaling.efficiency(rows, "profile", "items_per_s", False)
     assert rows[0]["scaling_efficiency"] == 1.0
@@ -31,9 +44,28 @@ def test_efficiency_and_table_from_rows():
 
 def test_tiny_run_on_forced_devices(tmp_path, capsys):
     out = tmp_path / "scaling.json"
-    assert scaling.main(["--tiny", "--devices", "1", "2", "--parts", "train", "profile",
-                         "decode", "--layouts", "data", "tensor", "--decode-batches", "2",
-                         "--out", str(out)]) == 0
+    assert (
+        scaling.main(
+            [
+                "--tiny",
+                "--devices",
+                "1",
+                "2",
+                "--parts",
+                "train",
+                "profile",
+                "decode",
+                "--layouts",
+                "data",
+                "tensor",
+                "--decode-batches",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rep = json.loads(out.read_text())
     rows = rep["rows"]
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
@@ -47,9 +79,13 @@ def test_tiny_run_on_forced_devices(tmp_path, capsys):
     assert prof[2]["items"] == 2 * 2 and prof[2]["seconds_per_item"] > 0
     dec = [r for r in rows if r["part"] == "decode"]
     assert sorted((r["devices"], r["layout"], r["variant"]) for r in dec) == [
-        (1, "data", "dense-kernel"), (1, "data", "moa het:0.5"),
-        (2, "data", "dense-kernel"), (2, "data", "moa het:0.5"),
-        (2, "tensor", "dense-kernel"), (2, "tensor", "moa het:0.5")]
+        (1, "data", "dense-kernel"),
+        (1, "data", "moa het:0.5"),
+        (2, "data", "dense-kernel"),
+        (2, "data", "moa het:0.5"),
+        (2, "tensor", "dense-kernel"),
+        (2, "tensor", "moa het:0.5"),
+    ]
     for r in dec:
         axis = "data" if r["layout"] == "data" else "tensor"
         assert r["mesh"][axis] == r["devices"] and r["tokens_per_s"] > 0
@@ -60,8 +96,23 @@ def test_tiny_run_on_forced_devices(tmp_path, capsys):
 def test_a_failing_part_is_a_row_not_a_crash(tmp_path):
     # A process that cannot finish in time (1 s) is recorded, and the next one still runs.
     out = tmp_path / "s.json"
-    assert scaling.main(["--tiny", "--devices", "1", "2", "--parts", "train", "--timeout", "1",
-                         "--out", str(out)]) == 0
+    assert (
+        scaling.main(
+            [
+                "--tiny",
+                "--devices",
+                "1",
+                "2",
+                "--parts",
+                "train",
+                "--timeout",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [r["devices"] for r in rows] == [1, 2]
     assert all(r["status"] == "error" and "timed out" in r["error"] for r in rows)
@@ -74,8 +125,27 @@ def test_bench_profile_cli_runs_tiny(tmp_path):
     from moa_jax.bench.profile import main
 
     out = tmp_path / "p.json"
-    assert main(["--shape", "tiny", "--length", "128", "--items", "3", "--answer-tokens", "16",
-                 "--dtype", "float32", "--estimator", "answer", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--shape",
+                "tiny",
+                "--length",
+                "128",
+                "--items",
+                "3",
+                "--answer-tokens",
+                "16",
+                "--dtype",
+                "float32",
+                "--estimator",
+                "answer",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     row = json.loads(out.read_text())
     assert row["estimator"] == "answer"
     assert row["steady_items"] == 2 and row["items"] == 3

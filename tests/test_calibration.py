@@ -22,8 +22,7 @@ def tiny():
 def _docs(n=6, size=3000):
     rng = np.random.default_rng(0)
     words = ["the", "king", "queen", "sea", "night", "love", "sword", "crown", "storm", "ghost"]
-    return [Document(f"doc{i}", " ".join(rng.choice(words, size // 5 + 200 * i)))
-            for i in range(n)]
+    return [Document(f"doc{i}", " ".join(rng.choice(words, size // 5 + 200 * i))) for i in range(n)]
 
 
 def test_trim_middle_keeps_both_ends():
@@ -35,12 +34,13 @@ def test_trim_middle_keeps_both_ends():
 
 
 def test_plan_items_spreads_documents_and_rotates_tasks():
-    specs = cal.plan_items([50, 500, 500, 500, 10], {256: 2, 512: 2}, {256: 200, 512: 400},
-                           tasks=("a", "b", "c"))
+    specs = cal.plan_items(
+        [50, 500, 500, 500, 10], {256: 2, 512: 2}, {256: 200, 512: 400}, tasks=("a", "b", "c")
+    )
     assert [(s.length, s.index) for s in specs] == [(256, 0), (256, 1), (512, 0), (512, 1)]
     docs = [s.doc for s in specs]
-    assert len(set(docs)) == 4                     # one document per item while there are enough
-    assert all(d in (1, 2, 3) for d in docs[:3])   # long-enough documents first
+    assert len(set(docs)) == 4  # one document per item while there are enough
+    assert all(d in (1, 2, 3) for d in docs[:3])  # long-enough documents first
     assert [s.task for s in specs] == ["a", "b", "c", "a"]
     more = cal.plan_items([500, 500], {256: 5}, {256: 100})
     assert sorted(s.doc for s in more) == [0, 0, 0, 1, 1]
@@ -54,7 +54,7 @@ def test_split_documents_is_disjoint_and_deterministic():
     assert not {d.title for d in a} & {d.title for d in b}
     assert {d.title for d in a} | {d.title for d in b} == {d.title for d in docs}
     _, long_ = cal.split_documents(docs, 2, seed=3, min_chars=len(docs[-1].text))
-    assert {d.title for d in long_} == {"doc6", "doc7"}      # too few long ones: the longest
+    assert {d.title for d in long_} == {"doc6", "doc7"}  # too few long ones: the longest
     with pytest.raises(ValueError):
         cal.split_documents(docs, 8)
 
@@ -76,8 +76,9 @@ def test_build_items_model_aligned_and_cached(tiny, tmp_path, monkeypatch):
     docs = _docs(4)
     cache = tmp_path / "cal.jsonl"
     counts = {192: 2, 256: 1}
-    items = cal.build_items(model, tok, docs, counts, answer_tokens=12, cache_file=cache,
-                            batch_size=2, progress=False)
+    items = cal.build_items(
+        model, tok, docs, counts, answer_tokens=12, cache_file=cache, batch_size=2, progress=False
+    )
     assert sorted(items) == [192, 256] and len(items[192]) == 2 and len(items[256]) == 1
     for n, its in items.items():
         for it in its:
@@ -85,7 +86,7 @@ def test_build_items_model_aligned_and_cached(tiny, tmp_path, monkeypatch):
             assert it.source in {d.title for d in docs} and it.task in cal.DEFAULT_TASKS
     # the answer is the dense model's own greedy continuation of the prompt
     it = items[192][0]
-    out = generate(model, [list(it.tokens[:it.answer_start])], max_new_tokens=12)
+    out = generate(model, [list(it.tokens[: it.answer_start])], max_new_tokens=12)
     assert tuple(out.rows()[0]) == it.answer
     # a second call loads everything from the cache without generating
     lines = cache.read_text().splitlines()
@@ -95,17 +96,23 @@ def test_build_items_model_aligned_and_cached(tiny, tmp_path, monkeypatch):
         raise AssertionError("should not generate")
 
     monkeypatch.setattr("moa_jax.generate.generate", boom)
-    again = cal.build_items(model, tok, docs, counts, answer_tokens=12, cache_file=cache,
-                            progress=False)
+    again = cal.build_items(
+        model, tok, docs, counts, answer_tokens=12, cache_file=cache, progress=False
+    )
     assert again == items
     monkeypatch.undo()
     # resume: a truncated cache (and a half-written line) regenerates only what is missing
     cache.write_text(lines[0] + "\n" + lines[1][:20])
-    resumed = cal.build_items(model, tok, docs, counts, answer_tokens=12, cache_file=cache,
-                              progress=False)
+    resumed = cal.build_items(
+        model, tok, docs, counts, answer_tokens=12, cache_file=cache, progress=False
+    )
     assert resumed == items
-    assert len([ln for ln in cache.read_text().splitlines() if ln.startswith("{")
-                and ln.endswith("}")]) == 3
+    assert (
+        len(
+            [ln for ln in cache.read_text().splitlines() if ln.startswith("{") and ln.endswith("}")]
+        )
+        == 3
+    )
 
 
 def test_build_items_rejects_too_short_lengths(tiny):
@@ -149,12 +156,11 @@ def test_excerpt_parts_are_distinct_windows():
     parts = [cal.excerpt(ids, 100, p) for p in range(1, 5)]
     assert all(len(p) == 100 and p == list(range(p[0], p[0] + 100)) for p in parts)
     assert len({p[0] for p in parts}) == 4
-    assert cal.excerpt(ids[:50], 100, 3) == ids[:50]          # short documents stay whole
+    assert cal.excerpt(ids[:50], 100, 3) == ids[:50]  # short documents stay whole
 
 
 def test_plan_items_interleaves_recall_items():
-    specs = cal.plan_items([500] * 4, {256: 8}, {256: 200}, tasks=("a", "b"),
-                           recall_fraction=0.5)
+    specs = cal.plan_items([500] * 4, {256: 8}, {256: 200}, tasks=("a", "b"), recall_fraction=0.5)
     kinds = [s.task for s in specs]
     assert kinds.count(cal.RECALL_TASK) == 4
     assert kinds == ["a", cal.RECALL_TASK, "b", cal.RECALL_TASK] * 2
@@ -166,7 +172,7 @@ def test_plan_items_interleaves_recall_items():
 def test_recall_item_hides_facts_and_asks_one():
     import random
 
-    def encode(text):                       # a word-level "tokenizer": word -> small id
+    def encode(text):  # a word-level "tokenizer": word -> small id
         return [hash(w) % 997 + 3 for w in text.split()]
 
     vocab = {}
@@ -177,25 +183,34 @@ def test_recall_item_hides_facts_and_asks_one():
     doc = list(range(1000, 1600))
     ids, question = cal.recall_item(doc, encode, 300, random.Random(0))
     assert len(ids) <= 300
-    found = [key for key in vocab if any(ids[i:i + len(key)] == list(key)
-                                         for i in range(len(ids)))]
+    found = [
+        key for key in vocab if any(ids[i : i + len(key)] == list(key) for i in range(len(ids)))
+    ]
     assert len(found) == cal.RECALL_FACTS
     asked = question.removeprefix("What does the ").split(" hold?")[0]
     assert asked in {f"{vocab[k][0]} {vocab[k][1]}" for k in found}
     again, q2 = cal.recall_item(doc, encode, 300, random.Random(0))
-    assert (again, q2) == (ids, question)                   # seeded
+    assert (again, q2) == (ids, question)  # seeded
     with pytest.raises(ValueError, match="too short"):
         cal.recall_item(doc, encode, 20, random.Random(0))
 
 
 def test_build_items_with_recall_items(tiny, tmp_path):
     model, tok = tiny
-    items = cal.build_items(model, tok, _docs(3), {512: 4}, answer_tokens=40,
-                            recall_fraction=0.5, seed=3, progress=False,
-                            cache_file=tmp_path / "c.jsonl")[512]
+    items = cal.build_items(
+        model,
+        tok,
+        _docs(3),
+        {512: 4},
+        answer_tokens=40,
+        recall_fraction=0.5,
+        seed=3,
+        progress=False,
+        cache_file=tmp_path / "c.jsonl",
+    )[512]
     recall = [it for it in items if it.task.startswith("What does the ")]
     assert len(recall) == 2
     assert all(len(it.answer) <= cal.RECALL_ANSWER_TOKENS for it in recall)
     assert all(len(it.tokens) <= 512 for it in items)
-    text = tok.decode(list(recall[0].tokens[:recall[0].answer_start]))
+    text = tok.decode(list(recall[0].tokens[: recall[0].answer_start]))
     assert sum(text.count(f" {c} holds ") for c in cal.RECALL_CONTAINERS) == cal.RECALL_FACTS

@@ -6,17 +6,31 @@ from transformers import LlamaConfig
 
 from moa_jax.config import ModelConfig, RopeScaling, parse_dtype
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _legacy_dict():
     # The transformers 4.x / published-checkpoint layout: top-level theta and scaling.
-    return {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rope_theta": 500000.0, "rope_scaling": dict(LLAMA3_SCALING),
-            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "eos_token_id": [7, 9],
-            "bos_token_id": 1}
+    return {
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 500000.0,
+        "rope_scaling": dict(LLAMA3_SCALING),
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "eos_token_id": [7, 9],
+        "bos_token_id": 1,
+    }
 
 
 def test_legacy_layout():
@@ -50,8 +64,9 @@ def test_bad_configs():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         ModelConfig.from_hf_dict(_legacy_dict() | {"num_key_value_heads": 3})
     with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
-        ModelConfig.from_hf_dict(_legacy_dict() | {"rope_scaling": {"rope_type": "yarn",
-                                                                     "factor": 4.0}})
+        ModelConfig.from_hf_dict(
+            _legacy_dict() | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+        )
 
 
 def test_missing_config_file(tmp_path):
@@ -79,11 +94,11 @@ def test_compilation_cache_on_accelerators_only(monkeypatch, tmp_path):
     monkeypatch.setenv("MOA_JAX_CACHE", str(tmp_path))
     old = jax.config.jax_compilation_cache_dir
     try:
-        enable_compilation_cache()                              # CPU: left off
+        enable_compilation_cache()  # CPU: left off
         assert jax.config.jax_compilation_cache_dir == old
         monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
         monkeypatch.setenv("MOA_JAX_NO_COMPILE_CACHE", "1")
-        enable_compilation_cache()                              # opted out
+        enable_compilation_cache()  # opted out
         assert jax.config.jax_compilation_cache_dir == old
         monkeypatch.delenv("MOA_JAX_NO_COMPILE_CACHE")
         enable_compilation_cache()
@@ -97,9 +112,10 @@ def test_no_transformers_advisory_on_import():
     import subprocess
     import sys
 
-    code = ("import sys, moa_jax; sys.modules['torch'] = None; import transformers; "
-            "from transformers import AutoConfig")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    code = (
+        "import sys, moa_jax; sys.modules['torch'] = None; import transformers; "
+        "from transformers import AutoConfig"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "PyTorch was not found" not in out.stderr + out.stdout

@@ -14,10 +14,27 @@ import numpy as np
 import pytest
 
 from moa_jax.corpora import Document
-from moa_jax.eval import (GROUPS, METHODS, TASKS, MaskedAttention, MethodContext, TaskContext,
-                          load_plan, resolve_methods, resolve_tasks, uniform_plan)
-from moa_jax.eval.tasks import (digit_accuracy, extract_numbers, fit_units, insert_at_depths,
-                                normalise_text, recall, score_number)
+from moa_jax.eval import (
+    GROUPS,
+    METHODS,
+    TASKS,
+    MaskedAttention,
+    MethodContext,
+    TaskContext,
+    load_plan,
+    resolve_methods,
+    resolve_tasks,
+    uniform_plan,
+)
+from moa_jax.eval.tasks import (
+    digit_accuracy,
+    extract_numbers,
+    fit_units,
+    insert_at_depths,
+    normalise_text,
+    recall,
+    score_number,
+)
 from moa_jax.models.tokenizer import byte_level_tokenizer
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference, window_sink_mask
 from moa_jax.plan import Plan
@@ -32,8 +49,9 @@ GEN_TASKS = [t for t in TASKS.values() if t.kind == "generate"]
 @pytest.fixture(scope="module")
 def ctx() -> TaskContext:
     docs = [Document("P&P", DATA.read_text()), Document("P&P again", DATA.read_text()[::-1])]
-    return TaskContext(byte_level_tokenizer(), docs=docs, depths=(0.0, 0.5, 1.0),
-                       max_length=LENGTH, ppl_tail=32)
+    return TaskContext(
+        byte_level_tokenizer(), docs=docs, depths=(0.0, 0.5, 1.0), max_length=LENGTH, ppl_tail=32
+    )
 
 
 # ----------------------------------------------------------------------------- generators
@@ -60,7 +78,7 @@ def test_prompts_fit_one_bucket(ctx, name):
         assert budget - 64 < n <= budget, (n, budget)
         assert it.answer and it.targets
         if name != "common_words":
-            for t in it.targets:        # every gold value is in the context
+            for t in it.targets:  # every gold value is in the context
                 assert t in it.prompt
 
 
@@ -85,7 +103,7 @@ def test_needle_depth_and_haystack(ctx):
         assert pos >= 0
         assert abs(pos / len(body) - it.depth) < 0.25
     assert items[0].prompt.split("\n\n")[1].startswith("The pass key is")  # depth 0: at the start
-    assert "Bennet" in "".join(it.prompt for it in items)                 # real book text
+    assert "Bennet" in "".join(it.prompt for it in items)  # real book text
 
 
 def test_multi_needles_and_chain(ctx):
@@ -97,15 +115,16 @@ def test_multi_needles_and_chain(ctx):
     vt = TASKS["var_track"].make_items(ctx, 1536, 1, seed=3)[0]
     names = vt.targets
     pos = [vt.prompt.find(f"VAR {n} =") for n in names]
-    assert all(p >= 0 for p in pos) and pos == sorted(pos)      # the chain keeps its order
+    assert all(p >= 0 for p in pos) and pos == sorted(pos)  # the chain keeps its order
     assert f"VAR {names[0]} = {vt.meta['value']}." in vt.prompt
     cw = TASKS["common_words"].make_items(ctx, 1536, 1, seed=3)[0]
     words = [w for w in cw.prompt.split() if w.isalpha() and w.islower()]
     counts = {w: words.count(w) for w in set(words)}
-    top = sorted(counts, key=counts.get, reverse=True)[:len(cw.targets)]
+    top = sorted(counts, key=counts.get, reverse=True)[: len(cw.targets)]
     assert set(top) == set(cw.targets)
     assert min(counts[w] for w in cw.targets) > max(
-        c for w, c in counts.items() if w not in cw.targets)
+        c for w, c in counts.items() if w not in cw.targets
+    )
 
 
 def test_perplexity_windows_share_their_tail(ctx):
@@ -121,10 +140,10 @@ def test_perplexity_windows_share_their_tail(ctx):
 def test_digit_accuracy_hand_made():
     assert digit_accuracy("12345", "12345") == 1.0
     assert digit_accuracy("12945", "12345") == pytest.approx(0.8)
-    assert digit_accuracy("123", "12345") == pytest.approx(0.6)       # partial answer
-    assert digit_accuracy("1234567", "12345") == 1.0                  # extra digits ignored
+    assert digit_accuracy("123", "12345") == pytest.approx(0.6)  # partial answer
+    assert digit_accuracy("1234567", "12345") == 1.0  # extra digits ignored
     assert digit_accuracy("", "12345") == 0.0 and digit_accuracy(None, "12345") == 0.0
-    assert digit_accuracy("52341", "12345") == pytest.approx(0.6)   # 2, 3, 4 in place
+    assert digit_accuracy("52341", "12345") == pytest.approx(0.6)  # 2, 3, 4 in place
     with pytest.raises(ValueError):
         digit_accuracy("1", "")
 
@@ -132,7 +151,7 @@ def test_digit_accuracy_hand_made():
 def test_number_scoring_hand_made():
     assert score_number("12345>", "12345") == {"acc": 1.0, "digit_acc": 1.0}
     assert score_number(" 12345. Is there anything else?", "12345")["acc"] == 1.0
-    r = score_number("19847> and 12345", "12345")        # only the first number counts
+    r = score_number("19847> and 12345", "12345")  # only the first number counts
     assert r["acc"] == 0.0 and r["digit_acc"] == pytest.approx(0.4)
     assert score_number("I do not know.", "12345") == {"acc": 0.0, "digit_acc": 0.0}
     assert score_number("1234", "12345") == {"acc": 0.0, "digit_acc": 0.8}
@@ -194,9 +213,11 @@ def test_method_registry_and_uniform_density():
     assert METHODS["recycled"].kv_density(ctx, 4096) == 0.125
     rec = METHODS["recycled"].build(
         MethodContext(config=cfg, impl="masked", options={"recycled.k": "64", "recycled.s": "4"}),
-        512)
+        512,
+    )
     assert (rec.config.k, rec.config.stride, rec.kernel_backend) == (64, 4, "reference")
     from moa_jax.eval.methods import Method, register_method
+
     with pytest.raises(ValueError, match="already registered"):
         register_method(Method("dense", "again", None))
     assert Method("later", "placeholder", None).unavailable(ctx) == "not implemented yet"
@@ -209,8 +230,11 @@ def test_method_registry_and_uniform_density():
     assert b.sinks[0] == (16,) * cfg.num_heads
     # With a plan, uniform matches the plan's decode-cache size at every length (with GQA the
     # group's largest span), or with uniform.match=heads its mean span over query heads.
-    plan = Plan(alphas=[[64.0, 64.0, 64.0, 64.0]] * cfg.num_layers,
-                betas=[[0.0, 0.25, 0.5, 1.0]] * cfg.num_layers, sinks=64)
+    plan = Plan(
+        alphas=[[64.0, 64.0, 64.0, 64.0]] * cfg.num_layers,
+        betas=[[0.0, 0.25, 0.5, 1.0]] * cfg.num_layers,
+        sinks=64,
+    )
     pctx = MethodContext(config=cfg, plan=plan, sink=64, impl="masked")
     hctx = dataclasses.replace(pctx, options={"uniform.match": "heads"})
     assert METHODS["moa"].unavailable(pctx) is None
@@ -218,11 +242,13 @@ def test_method_registry_and_uniform_density():
         cache = plan.kv_cache_density(n, cfg.num_kv_heads)
         assert cache > plan.kv_density(n) + 0.05
         assert METHODS["uniform"].kv_density(pctx, n) == pytest.approx(cache, abs=1 / n)
-        assert METHODS["uniform"].kv_density(hctx, n) == pytest.approx(plan.kv_density(n),
-                                                                       abs=1 / n)
+        assert METHODS["uniform"].kv_density(hctx, n) == pytest.approx(
+            plan.kv_density(n), abs=1 / n
+        )
     with pytest.raises(ValueError, match="uniform.match"):
         METHODS["uniform"].kv_density(
-            dataclasses.replace(pctx, options={"uniform.match": "x"}), 1024)
+            dataclasses.replace(pctx, options={"uniform.match": "x"}), 1024
+        )
     assert [m.name for m in resolve_methods("dense,moa")] == ["dense", "moa"]
     with pytest.raises(ValueError, match="unknown method"):
         resolve_methods("dense,magic")
@@ -275,14 +301,37 @@ def test_summary_and_paired_deltas_hand_made():
     from moa_jax.eval.report import paired_deltas, summarize
 
     recs = []
-    for i, (d_acc, u_acc, d_nll, u_nll) in enumerate([(1, 0, 0.5, 1.5), (1, 1, 0.2, 0.4),
-                                                      (0, 0, 1.0, 1.0)]):
-        recs.append({"task": "retrieval", "length": 64, "method": "dense", "index": i,
-                     "acc": d_acc, "digit_acc": d_acc, "nll": d_nll, "seconds": 1.0})
-        recs.append({"task": "retrieval", "length": 64, "method": "uniform", "index": i,
-                     "acc": u_acc, "digit_acc": u_acc, "nll": u_nll, "seconds": 1.0})
-    recs += [{"task": "perplexity", "length": 64, "method": m, "index": 0, "nll": v,
-              "seconds": 1.0} for m, v in (("dense", np.log(4.0)), ("uniform", np.log(5.0)))]
+    for i, (d_acc, u_acc, d_nll, u_nll) in enumerate(
+        [(1, 0, 0.5, 1.5), (1, 1, 0.2, 0.4), (0, 0, 1.0, 1.0)]
+    ):
+        recs.append(
+            {
+                "task": "retrieval",
+                "length": 64,
+                "method": "dense",
+                "index": i,
+                "acc": d_acc,
+                "digit_acc": d_acc,
+                "nll": d_nll,
+                "seconds": 1.0,
+            }
+        )
+        recs.append(
+            {
+                "task": "retrieval",
+                "length": 64,
+                "method": "uniform",
+                "index": i,
+                "acc": u_acc,
+                "digit_acc": u_acc,
+                "nll": u_nll,
+                "seconds": 1.0,
+            }
+        )
+    recs += [
+        {"task": "perplexity", "length": 64, "method": m, "index": 0, "nll": v, "seconds": 1.0}
+        for m, v in (("dense", np.log(4.0)), ("uniform", np.log(5.0)))
+    ]
     rows = {(r["task"], r["method"]): r for r in summarize(recs)}
     assert rows[("retrieval", "dense")]["value"] == pytest.approx(2 / 3)
     assert rows[("retrieval", "uniform")]["nll"] == pytest.approx(2.9 / 3)
@@ -313,23 +362,40 @@ def test_teacher_forcing_through_decoding_matches_forward():
     tokens[0, :ctx_len] = seq[:ctx_len]
     forced = seq[None, ctx_len:]
     full = np.zeros((1, 64), np.int32)
-    full[0, :ctx_len + a] = seq
+    full[0, : ctx_len + a] = seq
     at = np.arange(ctx_len - 1, ctx_len + a - 1)[None]
-    want, want_hit = target_logprobs(graphdef, state, jnp.asarray(full), jnp.asarray(at),
-                                     jnp.asarray(forced), attention=MaskedAttention(q_chunk=16))
-    for backend in (MaskedAttention(q_chunk=16),
-                    RecycledAttention(RecycleConfig(k=128, stride=2),
-                                      kernel_backend="reference")):
-        got, hit = decode_logprobs(graphdef, state, jnp.asarray(tokens),
-                                   jnp.asarray([ctx_len], jnp.int32), jnp.asarray(forced),
-                                   attention=backend, cache_len=64 + a)
+    want, want_hit = target_logprobs(
+        graphdef,
+        state,
+        jnp.asarray(full),
+        jnp.asarray(at),
+        jnp.asarray(forced),
+        attention=MaskedAttention(q_chunk=16),
+    )
+    for backend in (
+        MaskedAttention(q_chunk=16),
+        RecycledAttention(RecycleConfig(k=128, stride=2), kernel_backend="reference"),
+    ):
+        got, hit = decode_logprobs(
+            graphdef,
+            state,
+            jnp.asarray(tokens),
+            jnp.asarray([ctx_len], jnp.int32),
+            jnp.asarray(forced),
+            attention=backend,
+            cache_len=64 + a,
+        )
         np.testing.assert_allclose(got, want, atol=2e-4, err_msg=type(backend).__name__)
         np.testing.assert_array_equal(hit, want_hit)
     # A small recycled cache does change the scores (the decode path is really exercised).
-    small, _ = decode_logprobs(graphdef, state, jnp.asarray(tokens),
-                               jnp.asarray([ctx_len], jnp.int32), jnp.asarray(forced),
-                               attention=RecycledAttention(RecycleConfig(k=4, stride=None),
-                                                           kernel_backend="reference"),
-                               cache_len=64 + a)
+    small, _ = decode_logprobs(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        jnp.asarray([ctx_len], jnp.int32),
+        jnp.asarray(forced),
+        attention=RecycledAttention(RecycleConfig(k=4, stride=None), kernel_backend="reference"),
+        cache_len=64 + a,
+    )
     assert np.abs(np.asarray(small)[0, 1:] - np.asarray(want)[0, 1:]).max() > 1e-3
-    np.testing.assert_allclose(small[0, 0], want[0, 0], atol=2e-4)   # from the dense prefill
+    np.testing.assert_allclose(small[0, 0], want[0, 0], atol=2e-4)  # from the dense prefill

@@ -31,7 +31,7 @@ def recompute_greedy(model, prompt, n):
     for _ in range(n):
         logits, _ = forward(g, s, jnp.asarray([seq]), jnp.arange(len(seq))[None])
         seq.append(int(jnp.argmax(logits[0, -1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_greedy_equals_full_recomputation(model, prompts):
@@ -63,25 +63,39 @@ def test_per_row_stop(model, prompts):
 def test_sampling_limits(model, prompts):
     greedy = generate(model, prompts, max_new_tokens=6, stop_ids=()).tokens
     key = jax.random.key(3)
-    top1 = generate(model, prompts, max_new_tokens=6, stop_ids=(), key=key,
-                    sampling=SamplingConfig(temperature=1.0, top_k=1)).tokens
-    tiny_p = generate(model, prompts, max_new_tokens=6, stop_ids=(), key=key,
-                      sampling=SamplingConfig(temperature=1.0, top_p=1e-6)).tokens
+    top1 = generate(
+        model,
+        prompts,
+        max_new_tokens=6,
+        stop_ids=(),
+        key=key,
+        sampling=SamplingConfig(temperature=1.0, top_k=1),
+    ).tokens
+    tiny_p = generate(
+        model,
+        prompts,
+        max_new_tokens=6,
+        stop_ids=(),
+        key=key,
+        sampling=SamplingConfig(temperature=1.0, top_p=1e-6),
+    ).tokens
     np.testing.assert_array_equal(top1, greedy)
     np.testing.assert_array_equal(tiny_p, greedy)
     hot = SamplingConfig(temperature=2.0)
     a = generate(model, prompts, max_new_tokens=6, stop_ids=(), key=key, sampling=hot).tokens
     b = generate(model, prompts, max_new_tokens=6, stop_ids=(), key=key, sampling=hot).tokens
-    c = generate(model, prompts, max_new_tokens=6, stop_ids=(), key=jax.random.key(4),
-                 sampling=hot).tokens
+    c = generate(
+        model, prompts, max_new_tokens=6, stop_ids=(), key=jax.random.key(4), sampling=hot
+    ).tokens
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
 
 
 def test_streaming_callback_sees_every_step(model, prompts):
     seen = []
-    out = generate(model, prompts, max_new_tokens=5, stop_ids=(),
-                   on_token=lambda t: seen.append(np.asarray(t)))
+    out = generate(
+        model, prompts, max_new_tokens=5, stop_ids=(), on_token=lambda t: seen.append(np.asarray(t))
+    )
     jax.effects_barrier()
     np.testing.assert_array_equal(np.stack(seen, 1), out.tokens)
 
@@ -116,13 +130,19 @@ def test_scanned_layers_generate_the_same_tokens(model, prompts):
     samp = SamplingConfig(temperature=0.8, top_k=20)
     key = jax.random.key(3)
     ref = generate(model, prompts, max_new_tokens=6, sampling=samp, key=key, stop_ids=())
-    out = generate(model, prompts, max_new_tokens=6, sampling=samp, key=key, stop_ids=(),
-                   scan_layers=True)
+    out = generate(
+        model, prompts, max_new_tokens=6, sampling=samp, key=key, stop_ids=(), scan_layers=True
+    )
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     n = model.config.num_layers
     with pytest.raises(ValueError, match="treats every layer alike"):
-        generate(model, prompts, max_new_tokens=2, scan_layers=True,
-                 attention=MaskedAttention(windows=((8,) * 4,) * n, sinks=((0,) * 4,) * n))
+        generate(
+            model,
+            prompts,
+            max_new_tokens=2,
+            scan_layers=True,
+            attention=MaskedAttention(windows=((8,) * 4,) * n, sinks=((0,) * 4,) * n),
+        )
     plan = Plan.uniform(n, model.config.num_heads, window=16, sink=4)
     with pytest.raises(ValueError, match="MoAAttention"):
         generate(model, prompts, max_new_tokens=2, scan_layers=True, attention=MoAAttention(plan))
@@ -139,9 +159,17 @@ def test_greedy_matches_transformers_generate(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     from moa_jax.models.weights import load_hf
 
-    hf_cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    hf_cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     hf = LlamaForCausalLM(hf_cfg).eval()
     # Larger weights give peaked, non-repetitive greedy paths that really test the cache.
@@ -155,6 +183,12 @@ def test_greedy_matches_transformers_generate(tmp_path):
     ours = generate(model, prompts, max_new_tokens=20, stop_ids=()).rows()
     for p, row in zip(prompts, ours):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=20, min_new_tokens=20,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert row == ref[0, len(p):].tolist()
+            ref = hf.generate(
+                torch.tensor([p]),
+                max_new_tokens=20,
+                min_new_tokens=20,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert row == ref[0, len(p) :].tolist()

@@ -18,25 +18,40 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "1 2", "e m"]
 TOKENS = SPECIALS + byte_alphabet() + ["Ġt", "he", "Ġthe", "12", "em"]
 VOCAB = len(TOKENS)  # 264
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 IDS = np.random.default_rng(1).integers(0, VOCAB, size=(2, 20))
 
-_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-          "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-          "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-          "post_attention_layernorm": "ffn_norm"}
+_BLOCK = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf q/k layout: per head, rows (2, d/2) -> (d/2, 2)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
-        w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def gguf_name(hf_name: str) -> str:
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-           "output_norm.weight", "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in top:
         return top[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
@@ -44,10 +59,20 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{_BLOCK[module]}.{kind}"
 
 
-def write_gguf(path: Path, hf, *, qtype: Q = Q.F32, arch: str = "llama", pre: str = "smollm",
-               drop: tuple[str, ...] = (), extra: dict[str, np.ndarray] | None = None,
-               rope_freqs: np.ndarray | None = None, linear_rope: float | None = None,
-               yarn: bool = False, add_bos: bool = False) -> None:
+def write_gguf(
+    path: Path,
+    hf,
+    *,
+    qtype: Q = Q.F32,
+    arch: str = "llama",
+    pre: str = "smollm",
+    drop: tuple[str, ...] = (),
+    extra: dict[str, np.ndarray] | None = None,
+    rope_freqs: np.ndarray | None = None,
+    linear_rope: float | None = None,
+    yarn: bool = False,
+    add_bos: bool = False,
+) -> None:
     """Writes `hf` (a LlamaForCausalLM) as llama.cpp would; 2-D weights stored as `qtype`."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -104,7 +129,7 @@ def write_gguf(path: Path, hf, *, qtype: Q = Q.F32, arch: str = "llama", pre: st
 def quantised_reference(hf, qtype: Q):
     """`hf` with every 2-D weight replaced by its `qtype` round trip (what the GGUF holds)."""
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.ndim == 2:
                 q = gguf.quants.quantize(p.numpy(), qtype)
                 p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(p.shape)))
@@ -119,16 +144,23 @@ def test_permutation_is_undone():
     np.testing.assert_array_equal(unpermute_qk(llama_cpp_permute(b, 2), 2), b)
 
 
-@pytest.mark.parametrize("qtype,tied", [(Q.F32, False), (Q.F16, True), (Q.Q8_0, False)],
-                         ids=["f32", "f16-tied", "q8_0"])
+@pytest.mark.parametrize(
+    "qtype,tied", [(Q.F32, False), (Q.F16, True), (Q.Q8_0, False)], ids=["f32", "f16-tied", "q8_0"]
+)
 def test_gguf_logits_match_hf(tmp_path, make_hf_llama, our_logits, hf_logits, qtype, tied):
-    hf = make_hf_llama(vocab_size=VOCAB, tie_word_embeddings=tied, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=0)
+    hf = make_hf_llama(
+        vocab_size=VOCAB, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0
+    )
     write_gguf(tmp_path / "m.gguf", hf, qtype=qtype)
     model, tok = load_gguf(tmp_path / "m.gguf")
     cfg = model.config
     assert (cfg.vocab_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
-        VOCAB, 2, 4, 2, 16)
+        VOCAB,
+        2,
+        4,
+        2,
+        16,
+    )
     assert cfg.tie_word_embeddings == tied and not cfg.attention_bias
     assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id) == (1, (2,), 0)
     assert cfg.rope_scaling.rope_type == "default" and cfg.rope_theta == 10000.0
@@ -159,22 +191,33 @@ def test_gguf_without_unpermute_would_be_wrong(tmp_path, make_hf_llama, our_logi
 def test_gguf_llama3_rope_from_rope_freqs(tmp_path, make_hf_llama, our_logits, hf_logits):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
     hf = make_hf_llama(vocab_size=VOCAB, rope_scaling=rope)
     inv_llama3 = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")[0].double().numpy()
     inv = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
     write_gguf(tmp_path / "m.gguf", hf, rope_freqs=inv / inv_llama3)  # llama.cpp's divisors
     model, _ = load_gguf(tmp_path / "m.gguf")
     rs = model.config.rope_scaling
-    assert (rs.rope_type, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
-            rs.original_max_position_embeddings) == ("llama3", 8.0, 1.0, 4.0, 64)
+    assert (
+        rs.rope_type,
+        rs.factor,
+        rs.low_freq_factor,
+        rs.high_freq_factor,
+        rs.original_max_position_embeddings,
+    ) == ("llama3", 8.0, 1.0, 4.0, 64)
     np.testing.assert_allclose(our_logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=0)
 
 
 def test_gguf_linear_rope_and_bias(tmp_path, make_hf_llama, our_logits, hf_logits):
-    hf = make_hf_llama(vocab_size=VOCAB, rope_scaling={"rope_type": "linear", "factor": 2.0},
-                       attention_bias=True)
+    hf = make_hf_llama(
+        vocab_size=VOCAB, rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True
+    )
     write_gguf(tmp_path / "m.gguf", hf, linear_rope=2.0)
     model, _ = load_gguf(tmp_path / "m.gguf")
     assert model.config.rope_scaling.rope_type == "linear" and model.config.attention_bias
@@ -183,13 +226,20 @@ def test_gguf_linear_rope_and_bias(tmp_path, make_hf_llama, our_logits, hf_logit
 
 # --------------------------------------------------------------------------------- tokenizer
 
+
 def _meta(pre: str = "smollm", add_bos: bool = False) -> dict:
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
-            "tokenizer.ggml.tokens": TOKENS,
-            "tokenizer.ggml.token_type": [3] * 3 + [1] * (VOCAB - 3),
-            "tokenizer.ggml.merges": MERGES, "tokenizer.ggml.bos_token_id": 1,
-            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
-            "tokenizer.ggml.add_bos_token": add_bos, "tokenizer.chat_template": TEMPLATE}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": TOKENS,
+        "tokenizer.ggml.token_type": [3] * 3 + [1] * (VOCAB - 3),
+        "tokenizer.ggml.merges": MERGES,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.add_bos_token": add_bos,
+        "tokenizer.chat_template": TEMPLATE,
+    }
 
 
 def test_tokenizer_from_tiny_vocab():
@@ -197,7 +247,11 @@ def test_tokenizer_from_tiny_vocab():
     pieces = tok.convert_ids_to_tokens(tok.encode("the theme 12"))
     assert pieces == ["t", "he", "Ġthe", "m", "e", "Ġ", "1", "2"]  # digits split one by one
     assert tok.convert_ids_to_tokens(tok.encode("x 12", add_special_tokens=False)) == [
-        "x", "Ġ", "1", "2"]
+        "x",
+        "Ġ",
+        "1",
+        "2",
+    ]
     gpt2 = tokenizer_from_gguf_metadata(_meta(pre="gpt2"))
     assert gpt2.convert_ids_to_tokens(gpt2.encode("the 12")) == ["t", "he", "Ġ", "12"]
     texts = ["naïve café — 日本語 🙂", "a  b\t\tc\n\n\nd  ", "<|im_start|>x<|im_end|>", ""]
@@ -207,8 +261,9 @@ def test_tokenizer_from_tiny_vocab():
     assert tok.encode("<|im_start|>hi<|im_end|>") == [1, TOKENS.index("h"), TOKENS.index("i"), 2]
     assert tok.decode([1, TOKENS.index("h"), 2], skip_special_tokens=True) == "h"
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     with_bos = tokenizer_from_gguf_metadata(_meta(add_bos=True))
     assert with_bos.encode("he") == [1, TOKENS.index("he")]
@@ -220,6 +275,7 @@ def test_tokenizer_rejects_non_bpe():
 
 
 # ------------------------------------------------------------------------------------ errors
+
 
 def test_gguf_errors(tmp_path, make_hf_llama):
     hf = make_hf_llama(vocab_size=VOCAB)
@@ -234,8 +290,9 @@ def test_gguf_errors(tmp_path, make_hf_llama):
     write_gguf(tmp_path / "miss.gguf", hf, drop=("blk.1.ffn_up.weight",))
     with pytest.raises(WeightsError, match=r"missing tensor.*blk\.1\.ffn_up\.weight"):
         load_gguf(tmp_path / "miss.gguf")
-    write_gguf(tmp_path / "extra.gguf", hf,
-               extra={"blk.0.attn_qkv.weight": np.zeros((4, 64), np.float32)})
+    write_gguf(
+        tmp_path / "extra.gguf", hf, extra={"blk.0.attn_qkv.weight": np.zeros((4, 64), np.float32)}
+    )
     with pytest.raises(WeightsError, match=r"unexpected GGUF tensor.*blk\.0\.attn_qkv\.weight"):
         load_gguf(tmp_path / "extra.gguf")
     write_gguf(tmp_path / "yarn.gguf", hf, yarn=True)
@@ -249,8 +306,11 @@ def test_gguf_errors(tmp_path, make_hf_llama):
     r = g.GGUFReader(str(tmp_path / "shape.gguf"), "r+")
     r.fields["llama.feed_forward_length"].parts[-1][0] = 128
     del r
-    with pytest.raises(WeightsError, match=r"blk\.0\.ffn_(gate|up|down)\.weight.*has shape"
-                                           r".*expects"):
+    with pytest.raises(
+        WeightsError,
+        match=r"blk\.0\.ffn_(gate|up|down)\.weight.*has shape"
+        r".*expects",
+    ):
         load_gguf(tmp_path / "shape.gguf")
 
 
@@ -261,15 +321,25 @@ def test_llama3_scaling_recovered_at_real_shapes(factor):
 
     from moa_jax.models.weights import _fit_llama3_scaling
 
-    rope = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-            "rope_theta": 500000.0}
+    rope = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+    }
     c = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_parameters=rope)
     inv_scaled = ROPE_INIT_FUNCTIONS["llama3"](c, "cpu")[0].double().numpy()
     inv = 1.0 / 500000.0 ** (np.arange(0, 128, 2) / 128)
     rs = _fit_llama3_scaling((inv / inv_scaled).astype(np.float32), 500000.0, 128, None)
-    assert (rs.rope_type, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
-            rs.original_max_position_embeddings) == ("llama3", factor, 1.0, 4.0, 8192)
+    assert (
+        rs.rope_type,
+        rs.factor,
+        rs.low_freq_factor,
+        rs.high_freq_factor,
+        rs.original_max_position_embeddings,
+    ) == ("llama3", factor, 1.0, 4.0, 8192)
 
 
 def test_byte_alphabet_and_byte_level_tokenizer():

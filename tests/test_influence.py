@@ -33,8 +33,16 @@ from moa_jax.search.rules import scaled_grid
 
 T = 128
 ANSWER_START = 100
-CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=16, pad_token_id=0)
+CFG = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    pad_token_id=0,
+)
 
 
 @dataclasses.dataclass
@@ -54,7 +62,7 @@ class BiasedAttention(AttentionBackend):
         b, t, h, d = q.shape
         g = h // k.shape[2]
         k, v = jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)
-        logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * d ** -0.5 + cache[None]
+        logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * d**-0.5 + cache[None]
         logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e30)
         return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(logits, -1), v), None
 
@@ -75,8 +83,14 @@ def setup():
 
 def _loss_with_bias(model, tokens, biases):
     graphdef, state = nnx.split(model)
-    logits, _ = forward(graphdef, state, jnp.asarray([tokens]), jnp.arange(T)[None],
-                        cache=tuple(biases), attention=BiasedAttention())
+    logits, _ = forward(
+        graphdef,
+        state,
+        jnp.asarray([tokens]),
+        jnp.arange(T)[None],
+        cache=tuple(biases),
+        attention=BiasedAttention(),
+    )
     lp = jax.nn.log_softmax(logits[0], -1)
     pos = np.arange(ANSWER_START - 1, T - 1)
     return float(-lp[pos, np.asarray(tokens)[ANSWER_START:]].mean())
@@ -141,7 +155,10 @@ def test_influence_exact_when_loss_is_linear_in_attention():
     v = jnp.asarray(rng.normal(size=(1, n, hkv, d)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(1, n, h, d)), jnp.float32)
     e = np.asarray(influence_dense(q, k, v, w))[0]
-    kk, vv = np.repeat(np.asarray(k, np.float64), 2, 2)[0], np.repeat(np.asarray(v, np.float64), 2, 2)[0]
+    kk, vv = (
+        np.repeat(np.asarray(k, np.float64), 2, 2)[0],
+        np.repeat(np.asarray(v, np.float64), 2, 2)[0],
+    )
     qq, ww = np.asarray(q, np.float64)[0], np.asarray(w, np.float64)[0]
     a_max = 0.0
     for hh in range(h):
@@ -151,7 +168,7 @@ def test_influence_exact_when_loss_is_linear_in_attention():
         a /= a.sum(1, keepdims=True)
         for i in range(1, n):
             for j in range(i + 1):
-                if a[i, j] > 0.999:             # 1 - A loses float32 precision (and hits EPS)
+                if a[i, j] > 0.999:  # 1 - A loses float32 precision (and hits EPS)
                     continue
                 a2 = a[i].copy()
                 a2[j] = 0
@@ -159,7 +176,7 @@ def test_influence_exact_when_loss_is_linear_in_attention():
                 true = ww[i, hh] @ (vv[:, hh].T @ (a2 - a[i]))
                 assert e[hh, i, j] == pytest.approx(true, rel=2e-3, abs=1e-5), (hh, i, j, a[i, j])
                 a_max = max(a_max, a[i, j])
-    assert a_max > 0.9                  # the check covered strongly peaked rows
+    assert a_max > 0.9  # the check covered strongly peaked rows
     # row 0 has a single key: only the direct term -A*G (dropping it zeroes the output)
     g00 = [ww[0, hh] @ vv[0, hh] for hh in range(h)]
     np.testing.assert_allclose(e[:, 0, 0], -np.asarray(g00), rtol=1e-4)
@@ -168,21 +185,22 @@ def test_influence_exact_when_loss_is_linear_in_attention():
 def test_influence_sign_and_masked_entries(setup):
     _, _, _, _, dout, qkv = setup
     e = np.asarray(influence_dense(*qkv[0], dout[0]))[0]
-    assert np.all(np.triu(e, 1) == 0)            # future keys: no influence
+    assert np.all(np.triu(e, 1) == 0)  # future keys: no influence
     assert np.isfinite(e).all()
 
 
 def test_block_and_diag_sums_match_dense(setup):
     _, _, _, _, dout, qkv = setup
     q, k, v = qkv[1]
-    e = np.abs(np.asarray(influence_dense(q, k, v, dout[1]))[0])     # [H, T, T]
+    e = np.abs(np.asarray(influence_dense(q, k, v, dout[1]))[0])  # [H, T, T]
     bl, dg = layer_influence(q, k, v, dout[1], sink=4, block=16, q_chunk=T)
     want_bl = e.reshape(CFG.num_heads, T // 16, 16, T // 16, 16).sum(axis=(2, 4))
     np.testing.assert_allclose(np.asarray(bl), want_bl, rtol=1e-5, atol=1e-9)
     es = e.copy()
     es[..., :4] = 0
-    want_dg = np.stack([[np.trace(es[h], offset=-d) for d in range(T)]
-                        for h in range(CFG.num_heads)])
+    want_dg = np.stack(
+        [[np.trace(es[h], offset=-d) for d in range(T)] for h in range(CFG.num_heads)]
+    )
     np.testing.assert_allclose(np.asarray(dg), want_dg, rtol=1e-5, atol=1e-9)
 
 
@@ -191,8 +209,7 @@ def test_chunked_equals_unchunked(setup):
     q, k, v = qkv[0]
     full = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=T, key_groups=1)
     for qc, groups in ((16, 1), (32, 3), (64, 2), (16, 8)):
-        part = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=qc,
-                               key_groups=groups)
+        part = layer_influence(q, k, v, dout[0], sink=16, block=16, q_chunk=qc, key_groups=groups)
         for a, b in zip(full, part):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-10)
 
@@ -209,43 +226,53 @@ def test_whole_model_profile_matches_per_layer_influence(setup):
     again = profile_batch(model, batch, sink=16, block=16, q_chunk=32, remat=True, answer=True)
     blocks_r, diag_r, answer = again.blocks, again.diag, again.answer
     rows = np.asarray(answer_rows(jnp.asarray(batch.tgt_pos), jnp.asarray(batch.tgt_w), T))
-    assert rows.sum() == (batch.tgt_w > 0).sum() and rows[:, :ANSWER_START - 1].sum() == 0
+    assert rows.sum() == (batch.tgt_w > 0).sum() and rows[:, : ANSWER_START - 1].sum() == 0
     np.testing.assert_allclose(np.asarray(blocks_r), np.asarray(blocks), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(np.asarray(diag_r), np.asarray(diag), rtol=1e-5, atol=1e-9)
     for layer in range(CFG.num_layers):
         bl, dg = layer_influence(*qkv[layer], dout[layer], sink=16, block=16, q_chunk=T)
         scale = float(np.abs(np.asarray(bl)).max())
-        np.testing.assert_allclose(np.asarray(blocks[layer]), np.asarray(bl), rtol=1e-3,
-                                   atol=1e-5 * scale)
-        np.testing.assert_allclose(np.asarray(diag[layer]), np.asarray(dg), rtol=1e-3,
-                                   atol=1e-5 * scale)
+        np.testing.assert_allclose(
+            np.asarray(blocks[layer]), np.asarray(bl), rtol=1e-3, atol=1e-5 * scale
+        )
+        np.testing.assert_allclose(
+            np.asarray(diag[layer]), np.asarray(dg), rtol=1e-3, atol=1e-5 * scale
+        )
         # the answer rows' diagonal sums, from the dense E of this layer
-        e = np.abs(np.asarray(influence_dense(*qkv[layer], dout[layer])))    # [B, H, T, T]
+        e = np.abs(np.asarray(influence_dense(*qkv[layer], dout[layer])))  # [B, H, T, T]
         e = np.einsum("bhij,bi->hij", e, rows)
         e[..., :16] = 0
-        want = np.stack([[np.trace(e[hh], offset=-d) for d in range(T)]
-                         for hh in range(CFG.num_heads)])
-        np.testing.assert_allclose(np.asarray(answer[layer]), want, rtol=1e-3,
-                                   atol=1e-5 * scale)
+        want = np.stack(
+            [[np.trace(e[hh], offset=-d) for d in range(T)] for hh in range(CFG.num_heads)]
+        )
+        np.testing.assert_allclose(np.asarray(answer[layer]), want, rtol=1e-3, atol=1e-5 * scale)
         # in the last layer only the answer rows reach the loss; below it the others do too
         ratio = want.sum() / np.asarray(dg).sum()
         assert ratio < 0.999 if layer < CFG.num_layers - 1 else abs(ratio - 1) < 1e-4
 
 
-@pytest.mark.parametrize("h,hkv,n,qc,groups,dtype", [
-    (4, 2, 64, 16, 4, jnp.float32), (6, 2, 96, 32, 2, jnp.float32),
-    (4, 4, 128, 32, 3, jnp.float32), (8, 2, 64, 32, 1, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "h,hkv,n,qc,groups,dtype",
+    [
+        (4, 2, 64, 16, 4, jnp.float32),
+        (6, 2, 96, 32, 2, jnp.float32),
+        (4, 4, 128, 32, 3, jnp.float32),
+        (8, 2, 64, 32, 1, jnp.bfloat16),
+    ],
+)
 def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dtype):
     """Its output and dq/dk/dv equal dense causal attention's (autodiff of the jnp oracle), for
     GQA ratios, chunkings and dtypes; the probes' gradients equal the dense |E| sums."""
     rng = np.random.default_rng(n + h)
-    q, k, v, w = (jnp.asarray(rng.normal(size=s), dtype) for s in
-                  ((2, n, h, 16), (2, n, hkv, 16), (2, n, hkv, 16), (2, n, h, 16)))
+    q, k, v, w = (
+        jnp.asarray(rng.normal(size=s), dtype)
+        for s in ((2, n, h, 16), (2, n, hkv, 16), (2, n, hkv, 16), (2, n, h, 16))
+    )
 
     def ref(q, k, v):
         g = h // hkv
         kk, vv = jnp.repeat(k, g, 2).astype(jnp.float32), jnp.repeat(v, g, 2).astype(jnp.float32)
-        lg = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), kk) * 16 ** -0.5
+        lg = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), kk) * 16**-0.5
         lg = jnp.where(jnp.tril(jnp.ones((n, n), bool)), lg, -1e30)
         return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(lg, -1), vv)
 
@@ -253,20 +280,31 @@ def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dty
     row_w = jnp.asarray(rng.uniform(size=(2, n)) * (rng.uniform(size=(2, n)) < 0.3), jnp.float32)
 
     def ours(q, k, v, pb, pd, pa):
-        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), pa, row_w, 8, 16, qc,
-                                        groups)
+        return attention_with_influence(
+            q, k, v, pb, pd, jnp.zeros((h, 0)), pa, row_w, 8, 16, qc, groups
+        )
 
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(ours(q, k, v, *probes), np.float32),
-                               np.asarray(ref(q, k, v)), **tol)
-    want = jax.grad(lambda *a: jnp.sum(ref(*a) * w.astype(jnp.float32)), argnums=(0, 1, 2))(
-        q, k, v)
-    got = jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * w.astype(jnp.float32)),
-                   argnums=(0, 1, 2, 3, 4, 5))(q, k, v, *probes)
+    np.testing.assert_allclose(
+        np.asarray(ours(q, k, v, *probes), np.float32), np.asarray(ref(q, k, v)), **tol
+    )
+    want = jax.grad(lambda *a: jnp.sum(ref(*a) * w.astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(
+        lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * w.astype(jnp.float32)),
+        argnums=(0, 1, 2, 3, 4, 5),
+    )(q, k, v, *probes)
     for a, b in zip(got[:3], want):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
-    e = np.abs(np.asarray(influence_dense(q.astype(jnp.float32), k.astype(jnp.float32),
-                                          v.astype(jnp.float32), w.astype(jnp.float32))))
+    e = np.abs(
+        np.asarray(
+            influence_dense(
+                q.astype(jnp.float32),
+                k.astype(jnp.float32),
+                v.astype(jnp.float32),
+                w.astype(jnp.float32),
+            )
+        )
+    )
     ew = np.einsum("bhij,bi->hij", e, np.asarray(row_w))
     e = e.sum(0)
     want_bl = e.reshape(h, n // 16, 16, n // 16, 16).sum(axis=(2, 4))
@@ -275,8 +313,11 @@ def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dty
     want_dg = np.stack([[np.trace(e[hh], offset=-d) for d in range(n)] for hh in range(h)])
     want_an = np.stack([[np.trace(ew[hh], offset=-d) for d in range(n)] for hh in range(h)])
     scale = float(want_bl.max())
-    tol = dict(rtol=5e-2, atol=2e-2 * scale) if dtype == jnp.bfloat16 else \
-        dict(rtol=1e-4, atol=1e-6 * scale)
+    tol = (
+        dict(rtol=5e-2, atol=2e-2 * scale)
+        if dtype == jnp.bfloat16
+        else dict(rtol=1e-4, atol=1e-6 * scale)
+    )
     np.testing.assert_allclose(np.asarray(got[3]), want_bl, **tol)
     np.testing.assert_allclose(np.asarray(got[4]), want_dg, **tol)
     np.testing.assert_allclose(np.asarray(got[5]), want_an, **tol)
@@ -295,9 +336,26 @@ def test_window_rule_estimate_is_exact_for_a_loss_linear_in_attention(qc, groups
     v = jnp.asarray(rng.normal(size=(2, n, hkv, d)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
     probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)), jnp.zeros((h, len(windows))))
-    got = jax.grad(lambda pr: jnp.sum(attention_with_influence(
-        q, k, v, probes[0], probes[1], pr, jnp.zeros((h, 0)), jnp.zeros((2, 0)), sink, 16, qc,
-        groups, windows) * w))(probes[2])
+    got = jax.grad(
+        lambda pr: jnp.sum(
+            attention_with_influence(
+                q,
+                k,
+                v,
+                probes[0],
+                probes[1],
+                pr,
+                jnp.zeros((h, 0)),
+                jnp.zeros((2, 0)),
+                sink,
+                16,
+                qc,
+                groups,
+                windows,
+            )
+            * w
+        )
+    )(probes[2])
     qq, kk = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, 2)
     vv, ww = np.repeat(np.asarray(v, np.float64), 2, 2), np.asarray(w, np.float64)
     want = np.zeros((h, len(windows)))
@@ -323,9 +381,10 @@ def test_window_estimator_ranks_rules_like_the_profile(setup, tmp_path):
     survives save/load and merge, and refuses windows it was not profiled with."""
     model, _, batch, _, _, _ = setup
     items = [Item(list(batch.tokens[0]), ANSWER_START)] * 2
-    prof = profile_items(model, items, T, sink=16, batch_size=1, windows=(16, 64, 200),
-                         progress=False)
-    assert list(prof.windows) == [16, 64]              # windows >= N drop nothing
+    prof = profile_items(
+        model, items, T, sink=16, batch_size=1, windows=(16, 64, 200), progress=False
+    )
+    assert list(prof.windows) == [16, 64]  # windows >= N drop nothing
     est = prof.window_losses(np.array([16, 64, T]), "window")
     np.testing.assert_allclose(est[..., :2], prof.rules / 2)
     assert np.all(est[..., 2] == 0)
@@ -368,11 +427,15 @@ def test_answer_rows_alone_match_the_full_profile(setup, tmp_path):
     model, tokens, batch, _, _, _ = setup
     rng = np.random.default_rng(5)
     other = rng.integers(1, CFG.vocab_size, T - 20).tolist()
-    items = [Item(list(batch.tokens[0]), ANSWER_START), Item(other, 70),
-             Item(tokens[:64], 40)]                 # ragged lengths and answer positions
+    items = [
+        Item(list(batch.tokens[0]), ANSWER_START),
+        Item(other, 70),
+        Item(tokens[:64], 40),
+    ]  # ragged lengths and answer positions
     full = profile_items(model, items, T, sink=16, batch_size=2, answer=True, progress=False)
-    fast = profile_items(model, items, T, sink=16, batch_size=2, answer=True, token=False,
-                         progress=False)
+    fast = profile_items(
+        model, items, T, sink=16, batch_size=2, answer=True, token=False, progress=False
+    )
     assert not fast.token and fast.blocks is None and fast.diag is None
     assert fast.count == full.count == 3
     # on GPU / TPU the fast path's attention kernel takes bfloat16 operands
@@ -381,8 +444,12 @@ def test_answer_rows_alone_match_the_full_profile(setup, tmp_path):
     scale = np.abs(full.answer).max()
     np.testing.assert_allclose(fast.answer, full.answer, rtol=tol, atol=tol / 100 * scale)
     w = np.array([8, 32, 100])
-    np.testing.assert_allclose(fast.window_losses(w, "answer"), full.window_losses(w, "answer"),
-                               rtol=tol, atol=tol / 100 * scale)
+    np.testing.assert_allclose(
+        fast.window_losses(w, "answer"),
+        full.window_losses(w, "answer"),
+        rtol=tol,
+        atol=tol / 100 * scale,
+    )
     with pytest.raises(ValueError, match="answer rows' sums only"):
         fast.window_losses(w, "token")
     # 'answer-max': per item the largest dropped answer-row |E|, only from the answer-rows pass
@@ -403,10 +470,10 @@ def test_answer_rows_alone_match_the_full_profile(setup, tmp_path):
     cp = fast.window_losses(np.array([0, 1, 8, 32, 100, T]), "copy")
     assert np.all(np.diff(cp, axis=-1) <= 1e-12) and np.all(cp[..., -1] == 0) and cp.max() > 0
     most = max(len(it.tokens) - it.answer_start for it in items)
-    assert np.all(cp[..., 0] <= most + 1e-6)                # at most one unit per answer row
+    assert np.all(cp[..., 0] <= most + 1e-6)  # at most one unit per answer row
     both = fast.window_losses(np.array([T // 2]), "answer-copy")
     ans = fast.window_losses(np.array([T // 2]), "answer")
-    np.testing.assert_allclose(both.sum(), 2 * ans.sum(), rtol=1e-9)    # equal totals at N/2
+    np.testing.assert_allclose(both.sum(), 2 * ans.sum(), rtol=1e-9)  # equal totals at N/2
     with pytest.raises(ValueError, match="no copy sums"):
         full.window_losses(w, "copy")
     with pytest.raises(ValueError, match="sums"):
@@ -433,8 +500,14 @@ def test_answer_rows_pass_on_the_pallas_kernel():
         att = InfluenceAttention(sink=8, q_chunk=32, answer=True, token=False, kernel=kernel)
 
         def f(pa, pm, pc, q, k, v):
-            return att(q, k, v, layer=0, positions=positions,
-                       cache=(pa, pm, pc, rows, weights, tokens, targets))[0]
+            return att(
+                q,
+                k,
+                v,
+                layer=0,
+                positions=positions,
+                cache=(pa, pm, pc, rows, weights, tokens, targets),
+            )[0]
 
         out, vjp = jax.vjp(f, *[jnp.zeros((h, n))] * 3, q, k, v)
         return (out,) + vjp(dout)
@@ -464,9 +537,20 @@ def test_answer_tap_matches_the_every_row_backward(sink):
     targets = jnp.asarray(rng.integers(0, 7, (b, rows.shape[1])))
 
     def every_row(pa):
-        return attention_with_influence(q, k, v, jnp.zeros((h, n // 16, n // 16)),
-                                        jnp.zeros((h, n)), jnp.zeros((h, 0)), pa, dense_w, sink,
-                                        16, 32, 2)
+        return attention_with_influence(
+            q,
+            k,
+            v,
+            jnp.zeros((h, n // 16, n // 16)),
+            jnp.zeros((h, n)),
+            jnp.zeros((h, 0)),
+            pa,
+            dense_w,
+            sink,
+            16,
+            32,
+            2,
+        )
 
     want = jax.vjp(every_row, jnp.zeros((h, n)))[1](dout)[0]
 
@@ -477,24 +561,33 @@ def test_answer_tap_matches_the_every_row_backward(sink):
     _, vjp = jax.vjp(tapped, *[jnp.zeros((h, n))] * 3, q, k, v)
     got, got_max, got_copy, dq, dk, dv = vjp(dout)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
-    plain = jax.grad(lambda q, k, v: jnp.sum(
-        jax.nn.dot_product_attention(q, k, v, is_causal=True) * dout), argnums=(0, 1, 2))
+    plain = jax.grad(
+        lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * dout),
+        argnums=(0, 1, 2),
+    )
     for x, y in zip((dq, dk, dv), plain(q, k, v)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    e = np.abs(np.asarray(influence_dense(q, k, v, dout)))                  # [B, H, N, N]
+    e = np.abs(np.asarray(influence_dense(q, k, v, dout)))  # [B, H, N, N]
     want_max = np.zeros((h, n))
-    for offset in range(n):          # per item: max over its rows and keys sink..i-offset
+    for offset in range(n):  # per item: max over its rows and keys sink..i-offset
         for bb in range(b):
             best = np.zeros(h)
             for i, w in zip(np.asarray(rows[bb]), np.asarray(weights[bb])):
                 if w and i - offset >= sink:
-                    best = np.maximum(best, e[bb, :, i, sink:i - offset + 1].max(-1))
+                    best = np.maximum(best, e[bb, :, i, sink : i - offset + 1].max(-1))
             want_max[:, offset] += best
     np.testing.assert_allclose(got_max, want_max, rtol=1e-5, atol=1e-7 * want_max.max())
-    assert np.all(np.diff(np.asarray(got_max), axis=-1) <= 1e-7)      # a wider window drops less
-    probs = np.asarray(jax.nn.softmax(jnp.where(
-        jnp.tril(jnp.ones((n, n), bool)), jnp.einsum(
-            "bqhd,bkhd->bhqk", q, jnp.repeat(k, h // hkv, axis=2)) * d ** -0.5, -1e30), -1))
+    assert np.all(np.diff(np.asarray(got_max), axis=-1) <= 1e-7)  # a wider window drops less
+    probs = np.asarray(
+        jax.nn.softmax(
+            jnp.where(
+                jnp.tril(jnp.ones((n, n), bool)),
+                jnp.einsum("bqhd,bkhd->bhqk", q, jnp.repeat(k, h // hkv, axis=2)) * d**-0.5,
+                -1e30,
+            ),
+            -1,
+        )
+    )
     want_copy = np.zeros((h, n))
     toks, tgts = np.asarray(tokens), np.asarray(targets)
     for bb in range(b):
@@ -551,8 +644,15 @@ def test_profile_items_accumulates_and_resumes(tmp_path):
     assert full.count == 3 and full.diag.shape == (2, 4, 128)
     part = profile_items(model, items[:1], 128, sink=64, batch_size=1, progress=False)
     part.save(tmp_path / "p.npz")
-    resumed = profile_items(model, items, 128, sink=64, batch_size=1, progress=False,
-                            profile=InfluenceProfile.load(tmp_path / "p.npz"))
+    resumed = profile_items(
+        model,
+        items,
+        128,
+        sink=64,
+        batch_size=1,
+        progress=False,
+        profile=InfluenceProfile.load(tmp_path / "p.npz"),
+    )
     np.testing.assert_allclose(resumed.diag, full.diag, rtol=1e-4, atol=1e-12)
     assert resumed.loss_sum == pytest.approx(full.loss_sum, rel=1e-5)
     grid = scaled_grid([128])
@@ -575,8 +675,14 @@ def test_masked_attention_backend_matches_mask(setup):
     got = answer_losses(model, [batch], MaskedAttention(windows, sinks, q_chunk=32))
     biases = []
     for layer in range(2):
-        m = np.asarray(window_sink_mask(jnp.arange(T)[None], jnp.arange(T),
-                                        jnp.asarray(windows[layer]), jnp.asarray(sinks[layer])))
+        m = np.asarray(
+            window_sink_mask(
+                jnp.arange(T)[None],
+                jnp.arange(T),
+                jnp.asarray(windows[layer]),
+                jnp.asarray(sinks[layer]),
+            )
+        )
         biases.append(jnp.where(m[0], 0.0, -1e9))
     want = _loss_with_bias(model, tokens, biases)
     assert got[0] == pytest.approx(want, rel=1e-5)
@@ -606,13 +712,18 @@ def test_short_last_batch_is_filled_and_compiles_once():
     rng = np.random.default_rng(3)
     items = [Item(rng.integers(1, 128, 96).tolist(), 80) for _ in range(3)]
     before = sp._profile_step._cache_size()
-    batched = profile_items(model, items, 128, sink=16, batch_size=2, windows=(16, 64),
-                            progress=False)
-    assert sp._profile_step._cache_size() == before + 1          # 2 + 1(+1 filler): one shape
-    single = profile_items(model, items, 128, sink=16, batch_size=1, windows=(16, 64),
-                           progress=False)
+    batched = profile_items(
+        model, items, 128, sink=16, batch_size=2, windows=(16, 64), progress=False
+    )
+    assert sp._profile_step._cache_size() == before + 1  # 2 + 1(+1 filler): one shape
+    single = profile_items(
+        model, items, 128, sink=16, batch_size=1, windows=(16, 64), progress=False
+    )
     assert batched.count == single.count == 3
     assert batched.loss_sum == pytest.approx(single.loss_sum, rel=1e-5)
-    for a, b in ((batched.diag, single.diag), (batched.blocks, single.blocks),
-                 (batched.rules, single.rules)):
+    for a, b in (
+        (batched.diag, single.diag),
+        (batched.blocks, single.blocks),
+        (batched.rules, single.rules),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)

@@ -28,13 +28,20 @@ DTYPES = {"f32": (jnp.float32, 2e-5), "bf16": (jnp.bfloat16, 2e-2)}
 
 
 def examples(default: int):
-    return [pytest.param(default, id=f"{default}ex"),
-            pytest.param(1000, id="1000ex", marks=pytest.mark.slow)]
+    return [
+        pytest.param(default, id=f"{default}ex"),
+        pytest.param(1000, id="1000ex", marks=pytest.mark.slow),
+    ]
 
 
 def _settings(n: int):
-    return settings(max_examples=n, deadline=None, derandomize=n < 100, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=n < 100,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def _fresh_caches(n: int) -> None:
@@ -59,9 +66,20 @@ def prefill_case(draw, max_t: int = 96):
     b = draw(st.integers(1, 2))
     ragged = draw(st.booleans())
     kv_lengths = tuple(draw(st.integers(1, s)) for _ in range(b)) if ragged else None
-    return dict(b=b, t=t, s=s, h=h, hkv=hkv, d=draw(st.sampled_from([16, 32, 64])),
-                dtype=draw(st.sampled_from(sorted(DTYPES))), windows=windows, sinks=sinks,
-                off=off, kv_lengths=kv_lengths, seed=draw(st.integers(0, 2 ** 16)))
+    return dict(
+        b=b,
+        t=t,
+        s=s,
+        h=h,
+        hkv=hkv,
+        d=draw(st.sampled_from([16, 32, 64])),
+        dtype=draw(st.sampled_from(sorted(DTYPES))),
+        windows=windows,
+        sinks=sinks,
+        off=off,
+        kv_lengths=kv_lengths,
+        seed=draw(st.integers(0, 2**16)),
+    )
 
 
 def _check_prefill(c, backend: str, **blocks):
@@ -71,25 +89,35 @@ def _check_prefill(c, backend: str, **blocks):
     k = jnp.asarray(rng.randn(c["b"], c["s"], c["hkv"], c["d"]), dtype)
     v = jnp.asarray(rng.randn(c["b"], c["s"], c["hkv"], c["d"]), dtype)
     kvl = None if c["kv_lengths"] is None else jnp.asarray(c["kv_lengths"])
-    out, lse = sparse_attention(q, k, v, windows=c["windows"], sink=c["sinks"],
-                                q_offset=c["off"], kv_lengths=kvl, backend=backend,
-                                return_lse=True, **blocks)
+    out, lse = sparse_attention(
+        q,
+        k,
+        v,
+        windows=c["windows"],
+        sink=c["sinks"],
+        q_offset=c["off"],
+        kv_lengths=kvl,
+        backend=backend,
+        return_lse=True,
+        **blocks,
+    )
     qpos = jnp.broadcast_to(c["off"] + jnp.arange(c["t"]), (c["b"], c["t"]))
     kpos = jnp.arange(c["s"])
     valid = None if kvl is None else kpos[None] < kvl[:, None]
-    mask = window_sink_mask(qpos, kpos, jnp.asarray(c["windows"]), jnp.asarray(c["sinks"]),
-                            valid)
+    mask = window_sink_mask(qpos, kpos, jnp.asarray(c["windows"]), jnp.asarray(c["sinks"]), valid)
     ref, ref_lse = mha_reference(q, k, v, mask, return_lse=True)
     assert out.shape == q.shape and out.dtype == q.dtype
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                               atol=tol, rtol=tol, err_msg=str(c))
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol, err_msg=str(c)
+    )
     fin = np.isfinite(np.asarray(ref_lse))
     np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), fin, err_msg=str(c))
     # lse: the logits come from the same bf16 q and k in float32 in every path (splash's q is
     # pre-scaled in two bf16 parts when the lse is asked for), so bf16 is close to f32 here
     lse_tol = 1e-4 if c["dtype"] == "f32" else 1e-3
-    np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=lse_tol,
-                               rtol=lse_tol, err_msg=str(c))
+    np.testing.assert_allclose(
+        np.asarray(lse)[fin], np.asarray(ref_lse)[fin], atol=lse_tol, rtol=lse_tol, err_msg=str(c)
+    )
 
 
 @pytest.mark.parametrize("n", examples(6))
@@ -99,6 +127,7 @@ def test_prefill_gpu_kernel_sweep(n):
     def check(c, bq, bk):
         _fresh_caches(n)
         _check_prefill(c, "gpu", block_q=bq, block_k=bk)
+
     check()
 
 
@@ -109,22 +138,29 @@ def test_prefill_tpu_kernel_sweep(n):
     def check(c):
         _fresh_caches(n)
         _check_prefill(c, "tpu")
+
     check()
 
 
 @pytest.mark.parametrize("n", examples(5))
 def test_span_decode_sweep(n):
     @_settings(n)
-    @given(hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3, 4]),
-           max_len=st.integers(1, 130), dtype=st.sampled_from(sorted(DTYPES)),
-           seed=st.integers(0, 2 ** 16), backend=st.sampled_from(["gpu", "tpu"]),
-           data=st.data())
+    @given(
+        hkv=st.integers(1, 2),
+        group=st.sampled_from([1, 2, 3, 4]),
+        max_len=st.integers(1, 130),
+        dtype=st.sampled_from(sorted(DTYPES)),
+        seed=st.integers(0, 2**16),
+        backend=st.sampled_from(["gpu", "tpu"]),
+        data=st.data(),
+    )
     def check(hkv, group, max_len, dtype, seed, backend, data):
         _fresh_caches(n)
         h = hkv * group
         dt, tol = DTYPES[dtype]
-        windows = tuple(data.draw(st.lists(st.integers(1, 2 * max_len + 1), min_size=h,
-                                           max_size=h)))
+        windows = tuple(
+            data.draw(st.lists(st.integers(1, 2 * max_len + 1), min_size=h, max_size=h))
+        )
         sink = data.draw(st.sampled_from([0, 1, 4, 16]))
         sinks = tuple(data.draw(st.lists(st.integers(0, sink), min_size=h, max_size=h)))
         rng = np.random.RandomState(seed)
@@ -133,18 +169,25 @@ def test_span_decode_sweep(n):
         k = jnp.asarray(rng.randn(b, max_len, hkv, d), dt)
         v = jnp.asarray(rng.randn(b, max_len, hkv, d), dt)
         q = jnp.asarray(rng.randn(b, h, d), dt)
-        cache = SpanKVCache.zeros(b, windows, hkv, sink, max_len, head_dim=d, dtype=dt,
-                                  block=16)
+        cache = SpanKVCache.zeros(b, windows, hkv, sink, max_len, head_dim=d, dtype=dt, block=16)
         cache = cache.write(k, v, jnp.zeros(b, jnp.int32), jnp.asarray(lengths))
         qpos = jnp.asarray(lengths - 1)
         kpos = jnp.arange(max_len)
-        mask = window_sink_mask(qpos[:, None], kpos, jnp.asarray(windows), jnp.asarray(sinks),
-                                kpos[None] < jnp.asarray(lengths)[:, None])
+        mask = window_sink_mask(
+            qpos[:, None],
+            kpos,
+            jnp.asarray(windows),
+            jnp.asarray(sinks),
+            kpos[None] < jnp.asarray(lengths)[:, None],
+        )
         want = mha_reference(q[:, None], k, v, mask)[:, 0]
-        out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, backend=backend,
-                          interpret=True)
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
-                                   atol=tol, rtol=tol)
+        out = span_decode(
+            q, cache, qpos, windows=windows, sinks=sinks, backend=backend, interpret=True
+        )
+        np.testing.assert_allclose(
+            np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
+        )
+
     check()
 
 
@@ -163,12 +206,18 @@ def _dense_probs(q, k, v, mask):
 @pytest.mark.parametrize("n", examples(8))
 def test_recycled_kernels_sweep(n):
     """Full-step decode (attention + selection scores) and gathered recycled decode."""
+
     @_settings(n)
     # the kernels take buffers of a multiple of 16 slots (the caches are allocated that way)
-    @given(hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 4]),
-           n_slots=st.integers(1, 5).map(lambda m: 16 * m),
-           dtype=st.sampled_from(sorted(DTYPES)), seed=st.integers(0, 2 ** 16),
-           backend=st.sampled_from(["gpu", "tpu"]), new=st.booleans())
+    @given(
+        hkv=st.integers(1, 2),
+        group=st.sampled_from([1, 2, 4]),
+        n_slots=st.integers(1, 5).map(lambda m: 16 * m),
+        dtype=st.sampled_from(sorted(DTYPES)),
+        seed=st.integers(0, 2**16),
+        backend=st.sampled_from(["gpu", "tpu"]),
+        new=st.booleans(),
+    )
     def check(hkv, group, n_slots, dtype, seed, backend, new):
         _fresh_caches(n)
         dt, tol = DTYPES[dtype]
@@ -183,15 +232,28 @@ def test_recycled_kernels_sweep(n):
         mask = np.arange(n_slots)[None, None] <= np.asarray(qpos)[:, None, None]
         p, want = _dense_probs(q, k, v, np.repeat(mask, h, 1))
         np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
-        np.testing.assert_allclose(np.asarray(sc), p.reshape(b, hkv, group, -1).max(2),
-                                   atol=1e-5 if dtype == "f32" else 1e-2)
+        np.testing.assert_allclose(
+            np.asarray(sc),
+            p.reshape(b, hkv, group, -1).max(2),
+            atol=1e-5 if dtype == "f32" else 1e-2,
+        )
         # gathered slots in any order, some empty (-1), plus optionally the current token
         pos = rng.randint(0, 500, (b, hkv, n_slots))
         pos[rng.rand(b, hkv, n_slots) < 0.3] = -1
         kn = jnp.asarray(rng.randn(b, hkv, d), dt) if new else None
         vn = jnp.asarray(rng.randn(b, hkv, d), dt) if new else None
-        out = recycled_decode(q, k, v, jnp.asarray(pos), jnp.asarray([600, 601]), kn, vn,
-                              backend=backend, interpret=True, block_k=16)
+        out = recycled_decode(
+            q,
+            k,
+            v,
+            jnp.asarray(pos),
+            jnp.asarray([600, 601]),
+            kn,
+            vn,
+            backend=backend,
+            interpret=True,
+            block_k=16,
+        )
         keep = np.asarray(pos) >= 0
         k2, v2 = k, v
         if new:
@@ -199,7 +261,9 @@ def test_recycled_kernels_sweep(n):
             v2 = jnp.concatenate([v, vn[:, :, None]], 2)
             keep = np.concatenate([keep, np.ones((b, hkv, 1), bool)], -1)
         _, want = _dense_probs(q, k2, v2, np.repeat(keep, group, 1))
-        seen = np.repeat(keep.any(-1), group, 1)[..., None]      # rows with no key are zero
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.where(seen, want, 0.0),
-                                   atol=tol, rtol=tol)
+        seen = np.repeat(keep.any(-1), group, 1)[..., None]  # rows with no key are zero
+        np.testing.assert_allclose(
+            np.asarray(out, np.float32), np.where(seen, want, 0.0), atol=tol, rtol=tol
+        )
+
     check()

@@ -25,8 +25,25 @@ def test_kernel_times_names_the_ops_of_a_call():
 
 def test_decode_bench_kernel_profile(tmp_path):
     out = tmp_path / "p.json"
-    assert bench.main(["--tiny", "--method", "moa", "--batches", "1", "--steps", "2",
-                       "--moa-densities", "0.5", "--kernel-profile", "--out", str(out)]) == 0
+    assert (
+        bench.main(
+            [
+                "--tiny",
+                "--method",
+                "moa",
+                "--batches",
+                "1",
+                "--steps",
+                "2",
+                "--moa-densities",
+                "0.5",
+                "--kernel-profile",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads(out.read_text())["rows"]
     prof = row["kernel_profile"]
     assert prof["busy_us"] > 0 and prof["kernels"]
@@ -48,11 +65,11 @@ def test_mosaic_gpu_trace_summary(tmp_path):
                 events.append(dict(name=name, ph="B", ts=t, tid=tid, pid=1))
                 t += dur
                 events.append(dict(name=name, ph="E", ts=t, tid=tid, pid=1))
-                t += 0.2                                # a gap no scope covers
+                t += 0.2  # a gap no scope covers
     path = tmp_path / "1-trace.json"
     path.write_text(json.dumps({"displayTimeUnit": "ns", "traceEvents": events}))
     s = trace_summary(str(path))
-    busy = 4 * (0.2 + 0.6 + 0.4) - 0.2                  # first B to last E of one warpgroup
+    busy = 4 * (0.2 + 0.6 + 0.4) - 0.2  # first B to last E of one warpgroup
     assert s["compute"]["qk"]["count"] == 16 and s["compute"]["softmax"]["count"] == 16
     assert abs(s["compute"]["qk"]["mean_ns"] - 200.0) < 1e-6
     assert abs(s["compute"]["softmax"]["share"] - 2.4 / busy) < 1e-9

@@ -18,15 +18,28 @@ from moa_jax.models.llama import forward, init_random, rope_inv_freq
 from conftest import tiny_config
 
 
-@pytest.mark.parametrize("scaling", [
-    None,
-    {"rope_type": "linear", "factor": 4.0},
-    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-     "original_max_position_embeddings": 64},
-])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ],
+)
 def test_rope_frequencies_match_transformers(scaling):
-    hf = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=500000.0,
-                     rope_scaling=scaling, max_position_embeddings=4096)
+    hf = LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=2,
+        rope_theta=500000.0,
+        rope_scaling=scaling,
+        max_position_embeddings=4096,
+    )
     cfg = ModelConfig.from_hf_dict(hf.to_dict())
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "default":
@@ -53,8 +66,10 @@ def test_chunked_prefill_with_cache_equals_full_forward():
     np.testing.assert_allclose(np.concatenate([first, second], 1), full, atol=2e-5, rtol=1e-5)
     # The cache holds exactly the t written tokens; the rest is untouched.
     assert np.abs(np.asarray(cache[0].k[:, t:])).max() == 0
-    assert np.abs(np.asarray(cache[0].k[:, :t])).min() >= 0 and np.abs(
-        np.asarray(cache[0].k[:, :t])).sum() > 0
+    assert (
+        np.abs(np.asarray(cache[0].k[:, :t])).min() >= 0
+        and np.abs(np.asarray(cache[0].k[:, :t])).sum() > 0
+    )
 
 
 def test_logits_at_selects_rows():
@@ -89,5 +104,4 @@ def test_tied_embeddings_have_no_head():
     tokens = jnp.zeros((1, 4), jnp.int32)
     logits, _ = forward(*nnx.split(model), tokens, jnp.arange(4)[None])
     h = model.embed_tokens.embedding[...]
-    assert logits.shape == (1, 4, cfg.vocab_size) and h.shape == (cfg.vocab_size,
-                                                                   cfg.hidden_size)
+    assert logits.shape == (1, 4, cfg.vocab_size) and h.shape == (cfg.vocab_size, cfg.hidden_size)

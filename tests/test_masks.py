@@ -9,13 +9,13 @@ from moa_jax.pallas_kernels.masks import MaskSpec, head_groups, schedule
 
 def _brute_blocks(spec: MaskSpec) -> np.ndarray:
     """int8 [H, nq, nk]: 0 none visible, 1 some, 2 all (real columns, padded columns invisible)."""
-    mask = spec.dense_mask()                                   # [H, T, S]
+    mask = spec.dense_mask()  # [H, T, S]
     H, nq, nk = spec.num_heads, spec.num_q_blocks, spec.num_k_blocks
     bq, bk = spec.block_q, spec.block_k
     out = np.zeros((H, nq, nk), np.int8)
     for m in range(nq):
         for n in range(nk):
-            blk = mask[:, m * bq:(m + 1) * bq, n * bk:(n + 1) * bk]
+            blk = mask[:, m * bq : (m + 1) * bq, n * bk : (n + 1) * bk]
             padded = (n + 1) * bk > spec.kv_len
             anyv = blk.any(axis=(1, 2))
             allv = blk.all(axis=(1, 2)) & (not padded)
@@ -51,21 +51,29 @@ def _check(spec: MaskSpec):
     return sch
 
 
-@pytest.mark.parametrize("windows,sinks,t,s,off,bq,bk", [
-    ((1, 5, 16, 1000), (0, 0, 3, 64), 100, 100, 0, 16, 16),
-    ((1, 7, 33, 64), (64, 1, 0, 17), 37, 121, 84, 16, 32),
-    ((200,), (0,), 200, 200, 0, 32, 16),
-    ((3, 3), (5, 5), 1, 50, 49, 16, 16),               # single decode-like query
-    ((8,), (2,), 64, 64, 0, 64, 16),
-])
+@pytest.mark.parametrize(
+    "windows,sinks,t,s,off,bq,bk",
+    [
+        ((1, 5, 16, 1000), (0, 0, 3, 64), 100, 100, 0, 16, 16),
+        ((1, 7, 33, 64), (64, 1, 0, 17), 37, 121, 84, 16, 32),
+        ((200,), (0,), 200, 200, 0, 32, 16),
+        ((3, 3), (5, 5), 1, 50, 49, 16, 16),  # single decode-like query
+        ((8,), (2,), 64, 64, 0, 64, 16),
+    ],
+)
 def test_schedule_cases(windows, sinks, t, s, off, bq, bk):
     _check(MaskSpec(windows, sinks, t, s, off, bq, bk))
 
 
 @settings(max_examples=40, deadline=None)
-@given(w=st.lists(st.integers(1, 150), min_size=1, max_size=3),
-       sink=st.integers(0, 70), t=st.integers(1, 130), extra=st.integers(0, 60),
-       bq=st.sampled_from([16, 32]), bk=st.sampled_from([16, 32, 64]))
+@given(
+    w=st.lists(st.integers(1, 150), min_size=1, max_size=3),
+    sink=st.integers(0, 70),
+    t=st.integers(1, 130),
+    extra=st.integers(0, 60),
+    bq=st.sampled_from([16, 32]),
+    bk=st.sampled_from([16, 32, 64]),
+)
 def test_schedule_random(w, sink, t, extra, bq, bk):
     _check(MaskSpec(tuple(w), (sink,), t, t + extra, extra, bq, bk))
 

@@ -1,4 +1,4 @@
-"""MoAAttention on a tiny random Llama: dense plan == DenseAttention; sparse plan == oracle masks."""
+"""MoAAttention on a tiny random Llama: dense plan == DenseAttention, sparse plan == oracle."""
 
 import dataclasses
 
@@ -27,8 +27,9 @@ class OracleWindowAttention(AttentionBackend):
         raise NotImplementedError
 
     def __call__(self, q, k, v, *, layer, positions, cache):
-        mask = window_sink_mask(positions, positions, jnp.asarray(self.windows[layer]),
-                                jnp.asarray(self.sinks[layer]))
+        mask = window_sink_mask(
+            positions, positions, jnp.asarray(self.windows[layer]), jnp.asarray(self.sinks[layer])
+        )
         return mha_reference(q, k, v, mask), None
 
 
@@ -44,8 +45,9 @@ def _setup(t=72, b=2, **over):
 def test_dense_plan_equals_dense_attention():
     cfg, g, s, tokens, pos = _setup()
     dense, _ = forward(g, s, tokens, pos, attention=DenseAttention())
-    moa = MoAAttention(Plan.dense(cfg.num_layers, cfg.num_heads).validate(cfg),
-                       block_q=32, block_k=16)
+    moa = MoAAttention(
+        Plan.dense(cfg.num_layers, cfg.num_heads).validate(cfg), block_q=32, block_k=16
+    )
     got, _ = forward(g, s, tokens, pos, attention=moa)
     np.testing.assert_allclose(np.asarray(got), np.asarray(dense), atol=1e-4, rtol=1e-4)
 
@@ -61,15 +63,19 @@ def test_sparse_plan_equals_oracle_masked_model():
     want, _ = forward(g, s, tokens, pos, attention=oracle)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
     dense, _ = forward(g, s, tokens, pos, attention=DenseAttention())
-    assert np.abs(np.asarray(got) - np.asarray(dense)).max() > 1e-2   # the plan does bite
+    assert np.abs(np.asarray(got) - np.asarray(dense)).max() > 1e-2  # the plan does bite
 
 
 def test_elastic_plan_resolved_at_length_and_decode_matches_prefill():
     """A reference-style elastic plan; prefill+decode through the cache == one no-cache pass."""
     cfg, g, s, tokens, pos = _setup(t=40, b=1)
-    plan = Plan(alphas=[[0.0, 8.0, 0.0, 16.0], [4.0, 0.0, 0.0, 0.0]],
-                betas=[[0.25, 0.0, 1.0, 0.125], [0.0, 0.5, 0.75, 0.1]],
-                sinks=[[2, 2, 0, 4], [4, 0, 1, 2]], granularity=4, min_span=8)
+    plan = Plan(
+        alphas=[[0.0, 8.0, 0.0, 16.0], [4.0, 0.0, 0.0, 0.0]],
+        betas=[[0.25, 0.0, 1.0, 0.125], [0.0, 0.5, 0.75, 0.1]],
+        sinks=[[2, 2, 0, 4], [4, 0, 1, 2]],
+        granularity=4,
+        min_span=8,
+    )
     n = 48
     moa = MoAAttention(plan, length=n, block_q=16, block_k=16)
     full, _ = forward(g, s, tokens, pos, attention=moa)
@@ -77,7 +83,7 @@ def test_elastic_plan_resolved_at_length_and_decode_matches_prefill():
     first, cache = forward(g, s, tokens[:, :25], pos[:, :25], cache, attention=moa)
     outs = [first]
     for i in range(25, 40):
-        o, cache = forward(g, s, tokens[:, i:i + 1], pos[:, i:i + 1], cache, attention=moa)
+        o, cache = forward(g, s, tokens[:, i : i + 1], pos[:, i : i + 1], cache, attention=moa)
         outs.append(o)
     np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-4, rtol=1e-4)
 

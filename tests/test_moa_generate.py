@@ -28,15 +28,14 @@ def recompute_greedy(model, prompt, n, oracle):
     pos = jnp.arange(CACHE_LEN)[None]
     for _ in range(n):
         buf = jnp.asarray([seq + [0] * (CACHE_LEN - len(seq))])
-        logits, _ = forward(g, s, buf, pos, attention=oracle,
-                            logits_at=jnp.asarray([len(seq) - 1]))
+        logits, _ = forward(g, s, buf, pos, attention=oracle, logits_at=jnp.asarray([len(seq) - 1]))
         seq.append(int(jnp.argmax(logits[0])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def _sparse_plan(cfg, seed):
     rng = np.random.RandomState(seed)
-    windows = rng.choice([3, 8, 21, 40, 10 ** 6], (cfg.num_layers, cfg.num_heads))
+    windows = rng.choice([3, 8, 21, 40, 10**6], (cfg.num_layers, cfg.num_heads))
     sinks = rng.choice([0, 4], (cfg.num_layers, cfg.num_heads))
     return Plan.from_windows(windows.tolist(), sinks.tolist()).validate(cfg)
 
@@ -48,13 +47,14 @@ def test_tiny_model_batch_of_ragged_prompts():
     rng = np.random.RandomState(1)
     prompts = [rng.randint(4, 128, n).tolist() for n in (9, 50, 33)]
     moa = MoAAttention(plan, block_q=16, block_k=16)
-    out = generate(model, prompts, max_new_tokens=12, stop_ids=(), attention=moa,
-                   max_cache_len=CACHE_LEN)
+    out = generate(
+        model, prompts, max_new_tokens=12, stop_ids=(), attention=moa, max_cache_len=CACHE_LEN
+    )
     oracle = MoAAttention(plan, length=CACHE_LEN, kernel_backend="reference")
     for p, row in zip(prompts, out.rows()):
         assert row == recompute_greedy(model, p, 12, oracle)
     dense = generate(model, prompts, max_new_tokens=12, stop_ids=(), max_cache_len=CACHE_LEN)
-    assert dense.rows() != out.rows()   # the plan changes the model's behaviour
+    assert dense.rows() != out.rows()  # the plan changes the model's behaviour
 
 
 def test_dense_plan_equals_dense_attention():
@@ -63,7 +63,7 @@ def test_dense_plan_equals_dense_attention():
     rng = np.random.RandomState(2)
     prompts = [rng.randint(4, 128, n).tolist() for n in (7, 30)]
     moa = MoAAttention(Plan.dense(cfg.num_layers, cfg.num_heads), block_q=16, block_k=16)
-    with pytest.warns(UserWarning, match="keeps every token at 74 tokens"):   # 64-bucket + 10
+    with pytest.warns(UserWarning, match="keeps every token at 74 tokens"):  # 64-bucket + 10
         a = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=moa)
     b = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=DenseAttention())
     assert a.rows() == b.rows()
@@ -82,16 +82,17 @@ def test_plan_that_keeps_everything_at_this_length_runs_dense(monkeypatch):
     assert moa.resolves_dense(40) and not moa.resolves_dense(200)
     seen = []
     real = gen._generate_jit
-    monkeypatch.setattr(gen, "_generate_jit",
-                        lambda *a, **k: seen.append(k["attention"]) or real(*a, **k))
+    monkeypatch.setattr(
+        gen, "_generate_jit", lambda *a, **k: seen.append(k["attention"]) or real(*a, **k)
+    )
     with pytest.warns(UserWarning, match="running dense attention"):
-        generate(model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa,
-                 max_cache_len=64)
+        generate(model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa, max_cache_len=64)
     assert isinstance(seen[-1], DenseAttention)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        generate(model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa,
-                 max_cache_len=200)
+        generate(
+            model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa, max_cache_len=200
+        )
     assert seen[-1] is moa
 
 
@@ -100,8 +101,9 @@ def test_uniform_plan_cache_is_smaller():
     plan = Plan.uniform(cfg.num_layers, cfg.num_heads, window=60, sink=4)
     caches = MoAAttention(plan).init_cache(cfg, 2, 1024, jnp.float32)
     span_bytes = sum(c.nbytes() for c in caches)
-    dense_bytes = DenseKVCache.nbytes(2, 1024, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers,
-                                      jnp.float32)
+    dense_bytes = DenseKVCache.nbytes(
+        2, 1024, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, jnp.float32
+    )
     # Per KV head: roundup64(4 + 64) = 128 slots instead of 1024 (plus 4 bytes of position).
     assert span_bytes == cfg.num_layers * 2 * cfg.num_kv_heads * 128 * (2 * cfg.head_dim * 4 + 4)
     assert span_bytes < dense_bytes / 7
@@ -121,8 +123,14 @@ def test_smollm2_sparse_plan_matches_recomputation(smollm2):
     plan = _sparse_plan(cfg, 3)
     text = ["The quick brown fox jumps over the lazy dog. " * 3, "Once upon a time, there was"]
     prompts = [tok.encode(t) for t in text]
-    out = generate(model, prompts, max_new_tokens=32, stop_ids=(), max_cache_len=CACHE_LEN,
-                   attention=MoAAttention(plan, block_q=32, block_k=32))
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens=32,
+        stop_ids=(),
+        max_cache_len=CACHE_LEN,
+        attention=MoAAttention(plan, block_q=32, block_k=32),
+    )
     oracle = MoAAttention(plan, length=CACHE_LEN, kernel_backend="reference")
     for p, row in zip(prompts, out.rows()):
         assert row == recompute_greedy(model, p, 32, oracle)

@@ -75,9 +75,11 @@ def test_milp_finds_the_brute_force_optimum(seed):
     L, H, R = 2, 3, 4
     dens = {100: np.array([0.25, 0.4, 0.6, 1.0]), 200: np.array([0.2, 0.5, 0.55, 1.0])}
     # loss falls with density (as sparser rules drop more), per-head random scales
-    losses = {n: rng.uniform(0.1, 2.0, (L, H, 1)) * (1 - d)[None, None, :] ** 2 +
-              rng.uniform(0, 0.05, (L, H, R)) * (d < 1)
-              for n, d in dens.items()}
+    losses = {
+        n: rng.uniform(0.1, 2.0, (L, H, 1)) * (1 - d)[None, None, :] ** 2
+        + rng.uniform(0, 0.05, (L, H, R)) * (d < 1)
+        for n, d in dens.items()
+    }
     problem = SearchProblem(losses, dens, budget=0.6, band=0.8, max_rules_per_layer=2)
     for primary in dens:
         sol = solve(problem, primary, gap=0.0)
@@ -159,9 +161,8 @@ def test_epsilon_sweep_gives_a_pareto_front():
     scale = rng.lognormal(0, 1, (L, H, 2))
     for k, n in enumerate((256, 1024)):
         w = g.windows(n)
-        losses[n] = scale[..., k:k + 1] * np.exp(-w / decay[..., None]) * (w < n)
-    problem = SearchProblem(losses, {n: g.kv_density(n) for n in (256, 1024, 2048)},
-                            budget=0.5)
+        losses[n] = scale[..., k : k + 1] * np.exp(-w / decay[..., None]) * (w < n)
+    problem = SearchProblem(losses, {n: g.kv_density(n) for n in (256, 1024, 2048)}, budget=0.5)
     sols = epsilon_sweep(problem, intervals=3, progress=False)
     assert len(sols) >= 2
     front = pareto_front(sols)
@@ -181,12 +182,14 @@ def test_epsilon_sweep_gives_a_pareto_front():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kv_cache_budget_finds_the_brute_force_optimum(seed):
     rng = np.random.default_rng(seed)
-    L, H, R = 2, 4, 3
+    L, H = 2, 4
     dens = {100: np.array([0.2, 0.5, 1.0]), 200: np.array([0.15, 0.45, 1.0])}
-    losses = {n: rng.uniform(0.1, 2.0, (L, H, 1)) * (1 - d)[None, None, :] ** 2
-              for n, d in dens.items()}
-    problem = SearchProblem(losses, dens, budget=0.55, band=0.5, max_rules_per_layer=2,
-                            kv_group=2, budget_on="kv-cache")
+    losses = {
+        n: rng.uniform(0.1, 2.0, (L, H, 1)) * (1 - d)[None, None, :] ** 2 for n, d in dens.items()
+    }
+    problem = SearchProblem(
+        losses, dens, budget=0.55, band=0.5, max_rules_per_layer=2, kv_group=2, budget_on="kv-cache"
+    )
     sol = solve(problem, 100, gap=0.0)
     assert sol.objectives[100] == pytest.approx(_brute_force(problem, 100), rel=1e-6)
     cache = problem.cache_densities(sol.choice)
@@ -196,7 +199,6 @@ def test_kv_cache_budget_finds_the_brute_force_optimum(seed):
 def test_kv_cache_budget_keeps_sensitive_heads_together():
     # One sensitive head in each KV group of two: the per-head budget makes it dense next to a
     # sparse partner (mean 0.6, cache 1.0); the cache budget cannot, and stays at the budget.
-    L, H = 1, 4
     dens = {100: np.array([0.2, 0.6, 1.0])}
     sens = np.array([10.0, 0.1, 10.0, 0.1])[None, :, None]
     losses = {100: sens * (1 - dens[100])[None, None, :]}
@@ -204,11 +206,12 @@ def test_kv_cache_budget_keeps_sensitive_heads_together():
     sol_h = solve(heads, 100, gap=0.0)
     assert sol_h.densities[100] <= 0.6 + 1e-9
     assert heads.cache_densities(sol_h.choice)[100] == pytest.approx(1.0)
-    cache = SearchProblem(losses, dens, budget=0.6, band=0.5, max_rules_per_layer=3,
-                          kv_group=2, budget_on="kv-cache")
+    cache = SearchProblem(
+        losses, dens, budget=0.6, band=0.5, max_rules_per_layer=3, kv_group=2, budget_on="kv-cache"
+    )
     sol_c = solve(cache, 100, gap=0.0)
     assert sol_c.densities[100] <= 0.6 + 1e-9
-    assert sol_c.objectives[100] > sol_h.objectives[100]      # the stricter budget costs loss
+    assert sol_c.objectives[100] > sol_h.objectives[100]  # the stricter budget costs loss
     with pytest.raises(ValueError, match="KV"):
         SearchProblem(losses, dens, kv_group=3)
     with pytest.raises(ValueError, match="budget_on"):

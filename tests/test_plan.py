@@ -1,4 +1,4 @@
-"""Plan: span -> window resolution, densities (exact), reference files, JSON round trip, validation."""
+"""Plan: span -> window resolution, exact densities, reference files, JSON round trip, checks."""
 
 import dataclasses
 import json
@@ -19,8 +19,15 @@ REF_FILES = sorted(REF_DIR.glob("*.json")) if REF_DIR.is_dir() else []
 
 
 def _cfg(layers, heads, kv=None):
-    return ModelConfig(vocab_size=32, hidden_size=heads * 8, intermediate_size=16,
-                       num_layers=layers, num_heads=heads, num_kv_heads=kv or heads, head_dim=8)
+    return ModelConfig(
+        vocab_size=32,
+        hidden_size=heads * 8,
+        intermediate_size=16,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv or heads,
+        head_dim=8,
+    )
 
 
 def _brute_mask(w, s, n):
@@ -30,8 +37,9 @@ def _brute_mask(w, s, n):
 
 
 def test_resolve_exact_values():
-    p = Plan(alphas=[[0.0, 1024.0, -1024.0, 0.0, 0.0]], betas=[[0.5, 0.0, 0.875, 1.0, 0.01]],
-             sinks=64)
+    p = Plan(
+        alphas=[[0.0, 1024.0, -1024.0, 0.0, 0.0]], betas=[[0.5, 0.0, 0.875, 1.0, 0.01]], sinks=64
+    )
     n = 4096
     # spans: 2048, 1024, 2560, 4096 (dense), 40.96 -> min span 128
     assert p.resolve(n)[0].tolist() == [2048 - 64, 1024 - 64, 2560 - 64, n, 128 - 64]
@@ -41,7 +49,7 @@ def test_resolve_exact_values():
     assert (p.resolve(100) == 100).all()
     # Span >= N in cache terms is canonicalised to N, and masks are identical anyway.
     q = Plan(alphas=[[0.0]], betas=[[0.5]], sinks=64)
-    assert q.resolve(200)[0, 0] == 64            # span 100 -> 128 slots < 200 -> 64 window
+    assert q.resolve(200)[0, 0] == 64  # span 100 -> 128 slots < 200 -> 64 window
     assert q.resolve(250, granularity=1, min_span=0)[0, 0] == 125 - 64
 
 
@@ -57,7 +65,7 @@ def test_resolved_mask_equals_reference_cache_semantics():
             assert mask.sum() == n * (n + 1) // 2
         else:
             assert mask[-1].sum() == cache
-            assert (mask[-1, :64]).all() and mask[-1, n - (cache - 64):].all()
+            assert (mask[-1, :64]).all() and mask[-1, n - (cache - 64) :].all()
 
 
 def test_uniform_dense_from_windows():
@@ -122,7 +130,7 @@ def test_reference_plans_load(path):
         assert w.min() >= 1 and w.max() <= n
         if streaming:  # alpha 0, beta 0.5: half the KV kept
             assert abs(p.kv_density(n) - 0.5) < 0.02
-    assert Plan.load(path) == p       # load() recognises the reference format too
+    assert Plan.load(path) == p  # load() recognises the reference format too
     hash(p)
 
 
@@ -137,9 +145,12 @@ def test_llama3_8b_mean_span():
 
 
 def test_save_load_roundtrip(tmp_path):
-    p = Plan(alphas=[[0.0, 1024.0], [2048.0, -1024.0]], betas=[[0.5, 0.0], [0.125, 1.0]],
-             sinks=[[64, 64], [4, 0]], metadata={"model": "x/y", "density_budget": 0.5,
-                                                  "profile_lengths": [2048, 4096]})
+    p = Plan(
+        alphas=[[0.0, 1024.0], [2048.0, -1024.0]],
+        betas=[[0.5, 0.0], [0.125, 1.0]],
+        sinks=[[64, 64], [4, 0]],
+        metadata={"model": "x/y", "density_budget": 0.5, "profile_lengths": [2048, 4096]},
+    )
     path = p.save(tmp_path / "sub" / "plan.json")
     d = json.loads(path.read_text())
     assert d["schema_version"] == 1 and d["metadata"]["model"] == "x/y"

@@ -33,11 +33,32 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    argv = ["--model", "tiny-random", "--corpus", str(corpus), "--lengths", "256", "384",
-            "--items", "1", "--validation-length", "512", "--validation-items", "1",
-            "--answer-tokens", "12", "--eps-intervals", "1", "--max-candidates", "2",
-            "--out", str(out / "plan"), "--calibration-cache", str(out / "cache"),
-            "--no-progress"]
+    argv = [
+        "--model",
+        "tiny-random",
+        "--corpus",
+        str(corpus),
+        "--lengths",
+        "256",
+        "384",
+        "--items",
+        "1",
+        "--validation-length",
+        "512",
+        "--validation-items",
+        "1",
+        "--answer-tokens",
+        "12",
+        "--eps-intervals",
+        "1",
+        "--max-candidates",
+        "2",
+        "--out",
+        str(out / "plan"),
+        "--calibration-cache",
+        str(out / "cache"),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     return out, argv
 
@@ -56,7 +77,7 @@ def test_cli_writes_a_valid_plan_and_report(run_dir):
         assert d == pytest.approx(plan.kv_density(int(n)))
     assert {"dense", "uniform", meta["candidate"]} <= set(meta["validation"])
     assert meta["validated_loss"] == meta["validation"][meta["candidate"]]
-    for layer in range(plan.num_layers):        # at most two distinct rules per layer
+    for layer in range(plan.num_layers):  # at most two distinct rules per layer
         assert len(set(zip(plan.alphas[layer], plan.betas[layer]))) <= 2
     for name in ("spans.png", "loss_vs_density.png"):
         data = (plan_dir / name).read_bytes()
@@ -75,8 +96,15 @@ def test_plan_round_trips_and_rejects_another_model(run_dir, tmp_path):
     assert again == plan and again.metadata["candidate"] == plan.metadata["candidate"]
     for n in (256, 512, 4096):
         np.testing.assert_array_equal(again.resolve(n), plan.resolve(n))
-    other = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=3,
-                        num_heads=4, num_kv_heads=2, head_dim=16)
+    other = ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+    )
     with pytest.raises(ValueError, match="3"):
         plan.validate(other)
 
@@ -118,14 +146,17 @@ def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypat
     grid = scaled_grid([256, 384])
     for f in files:
         prof = InfluenceProfile.load(f)
-        assert set(grid.windows(prof.length)[grid.windows(prof.length) < prof.length]) <= \
-            set(prof.windows.tolist())
+        assert set(grid.windows(prof.length)[grid.windows(prof.length) < prof.length]) <= set(
+            prof.windows.tolist()
+        )
         assert prof.rules.shape == prof.diag.shape[:2] + (len(prof.windows),)
         assert np.abs(prof.rules).sum() > 0
         assert prof.answer is not None and 0 < prof.answer.sum() < prof.diag.sum()
     assert set(report["estimated_loss"]) == {"256", "384"}
-    monkeypatch.setattr("moa_jax.search.profile.profile_items",
-                        lambda *a, **k: pytest.fail("should have been cached"))
+    monkeypatch.setattr(
+        "moa_jax.search.profile.profile_items",
+        lambda *a, **k: pytest.fail("should have been cached"),
+    )
     for est in ("window", "token", "answer"):
         assert main(argv + ["--no-validate", "--estimator", est]) == 0
 
@@ -158,7 +189,7 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
     for f in files:
         prof = InfluenceProfile.load(f)
         assert prof.token and prof.answer is not None and prof.answer.sum() > 0
-        assert prof.answer_max is None          # the every-row pass has no answer-row maxima
+        assert prof.answer_max is None  # the every-row pass has no answer-row maxima
     assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer"
     assert main(argv + ["--no-validate", "--estimator", "answer-max"]) == 0
     for f in files:
@@ -166,7 +197,7 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
         assert not prof.token and prof.answer_max is not None and prof.answer_max.max() > 0
         assert prof.copy is not None and prof.copy.max() > 0
     assert Plan.load(tmp_path / "plan" / "plan.json").metadata["estimator"] == "answer-max"
-    for f in files:                         # an older answer-rows profile without copy sums
+    for f in files:  # an older answer-rows profile without copy sums
         dataclasses.replace(InfluenceProfile.load(f), copy=None).save(f)
     assert main(argv + ["--no-validate", "--estimator", "answer-copy"]) == 0
     assert all(InfluenceProfile.load(f).copy is not None for f in files)
@@ -184,8 +215,8 @@ def test_uniform_estimate_of_an_unprofiled_window_is_unknown():
     prof.count = 2
     assert _window_estimate(prof, 128, "window") == pytest.approx(2 * 3 * 0.5)
     assert _window_estimate(prof, 96, "window") is None
-    assert _window_estimate(prof, 256, "window") == 0.0          # the whole length: nothing dropped
-    assert _window_estimate(prof, 96, "token") == 0.0            # token estimates need no window
+    assert _window_estimate(prof, 256, "window") == 0.0  # the whole length: nothing dropped
+    assert _window_estimate(prof, 96, "token") == 0.0  # token estimates need no window
 
 
 def test_kv_cache_budget_bounds_the_cache(run_dir, tmp_path, monkeypatch):
@@ -253,8 +284,13 @@ def test_yaml_presets_are_valid_flags():
 
 
 def test_help_runs():
-    res = subprocess.run([sys.executable, "-m", "moa_jax.profile", "--help"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "moa_jax.profile", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert res.returncode == 0
     assert "--density" in res.stdout and "--fast" in res.stdout
 
@@ -271,8 +307,15 @@ def test_fast_mode_on_smollm2(tmp_path):
         pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
     assert main(["--fast", "--out", str(tmp_path), "--no-progress"]) == 0
     plan = Plan.load(tmp_path / "plan.json")
-    cfg = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                      num_heads=9, num_kv_heads=3, head_dim=64)
+    cfg = ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+    )
     plan.validate(cfg)
     for n in FAST["lengths"]:
         assert 0.45 - 1e-9 <= plan.kv_density(n) <= 0.5 + 1e-9
@@ -285,16 +328,32 @@ def test_profile_on_meshes_matches_one_device(corpus, tmp_path):
     plan as one device (jax fixes its device count at start-up, hence the subprocess)."""
     import os
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
     check = ROOT / "tests" / "multidevice_profile_check.py"
-    res = subprocess.run([sys.executable, str(check), str(corpus), str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(check), str(corpus), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.count("OK") == 3, res.stdout[-3000:]
 
 
 def test_bad_mesh_is_an_error(corpus, tmp_path):
     with pytest.raises(ValueError, match="a mesh is DATA,FSDP,TENSOR"):
-        main(["--model", "tiny-random", "--corpus", str(corpus), "--mesh", "2x2",
-              "--out", str(tmp_path)])
+        main(
+            [
+                "--model",
+                "tiny-random",
+                "--corpus",
+                str(corpus),
+                "--mesh",
+                "2x2",
+                "--out",
+                str(tmp_path),
+            ]
+        )

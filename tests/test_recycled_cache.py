@@ -7,9 +7,17 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.models.recycled import (H2OAttention, RecycleConfig, RecycledAttention,
-                                     RecycledKVCache, SelectedKVCache, StreamingAttention,
-                                     max_pool_scores, select_top_k, streaming_positions)
+from moa_jax.models.recycled import (
+    H2OAttention,
+    RecycleConfig,
+    RecycledAttention,
+    RecycledKVCache,
+    SelectedKVCache,
+    StreamingAttention,
+    max_pool_scores,
+    select_top_k,
+    streaming_positions,
+)
 
 HKV, GROUP, D = 2, 2, 16
 H = HKV * GROUP
@@ -18,7 +26,7 @@ H = HKV * GROUP
 # ------------------------------------------------------------------------------ numpy rules
 def _softmax_probs(q, keys, ok):
     """q [H, D], keys [N, Hkv, D], ok bool [N] -> probabilities [H, N] (float64)."""
-    kf = np.repeat(np.asarray(keys, np.float64), GROUP, axis=1)       # [N, H, D]
+    kf = np.repeat(np.asarray(keys, np.float64), GROUP, axis=1)  # [N, H, D]
     lg = np.einsum("hd,nhd->hn", np.asarray(q, np.float64), kf) / np.sqrt(D)
     lg = np.where(ok[None], lg, -np.inf)
     p = np.exp(lg - lg.max(-1, keepdims=True))
@@ -42,7 +50,7 @@ def _np_select(scores, n_valid, k, pool):
     index first in the descending list)."""
     s = np.where(np.arange(len(scores)) < n_valid, scores, -np.inf)
     r = pool // 2
-    pooled = np.array([s[max(0, j - r):j + r + 1].max() for j in range(len(s))])
+    pooled = np.array([s[max(0, j - r) : j + r + 1].max() for j in range(len(s))])
     pooled[n_valid:] = -np.inf
     order = sorted(range(n_valid), key=lambda j: (-pooled[j], j))[:k]
     desc = order + [-1] * (k - len(order))
@@ -58,7 +66,7 @@ class RecycledSim:
         self.sel = self._refresh(q_last)
         self.ptr, self.step = 0, 0
         self.ref = np.mean(np.asarray(q_pre_last, np.float64), 0)
-        self.since = []                          # positions generated since the last refresh
+        self.since = []  # positions generated since the last refresh
 
     def _refresh(self, q):
         n = len(self.keys)
@@ -78,8 +86,9 @@ class RecycledSim:
         elif cfg.mode == "dynamic":
             cur = np.mean(np.asarray(q_pre, np.float64), 0)
             cos = cur @ self.ref / (np.linalg.norm(cur) * np.linalg.norm(self.ref))
-            full = (self.step % cfg.stride == 0 and cos <= cfg.dynamic_threshold) or \
-                self.ptr >= cfg.k
+            full = (
+                self.step % cfg.stride == 0 and cos <= cfg.dynamic_threshold
+            ) or self.ptr >= cfg.k
         else:
             full = False
         if full:
@@ -143,55 +152,78 @@ def _drive(backend, lengths, t_pad, steps, seed, cache_len=64, drift=False):
 
     pos = jnp.broadcast_to(jnp.arange(t_pad, dtype=jnp.int32), (b, t_pad))
     # Prompt tokens beyond lengths[b] are padding (their values are never visible).
-    _, cache = call(jnp.asarray(q[:, :t_pad]), jnp.asarray(k[:, :t_pad]),
-                    jnp.asarray(v[:, :t_pad]), pos, cache, jnp.asarray(q_pre[:, :t_pad]),
-                    jnp.asarray(lengths))
+    _, cache = call(
+        jnp.asarray(q[:, :t_pad]),
+        jnp.asarray(k[:, :t_pad]),
+        jnp.asarray(v[:, :t_pad]),
+        pos,
+        cache,
+        jnp.asarray(q_pre[:, :t_pad]),
+        jnp.asarray(lengths),
+    )
     seqs = dict(q=q, k=k, v=v, q_pre=q_pre)
     yield -1, None, cache, seqs
     rows = np.arange(b)
     for s in range(steps):
         p = lengths + s
-        sl = lambda a: jnp.asarray(a[rows, p][:, None])       # noqa: E731
+        sl = lambda a: jnp.asarray(a[rows, p][:, None])  # noqa: E731
         out, cache = call(sl(q), sl(k), sl(v), jnp.asarray(p[:, None]), cache, sl(q_pre))
         yield s, np.asarray(out[:, 0]), cache, seqs
 
 
-@pytest.mark.parametrize("cfg", [RecycleConfig(k=8, stride=3), RecycleConfig(k=6, stride=None),
-                                 RecycleConfig(k=5, stride=2, dynamic_threshold=0.6)],
-                         ids=["fixed", "never", "dynamic"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        RecycleConfig(k=8, stride=3),
+        RecycleConfig(k=6, stride=None),
+        RecycleConfig(k=5, stride=2, dynamic_threshold=0.6),
+    ],
+    ids=["fixed", "never", "dynamic"],
+)
 def test_recycled_layer_matches_rules(cfg):
     lengths, t_pad, steps = [13, 22], 32, 11
     backend = RecycledAttention(cfg, kernel_backend="reference", block=16)
     sims, n_full = None, 0
-    for s, out, cache, seqs in _drive(backend, lengths, t_pad, steps, seed=3,
-                                      drift=cfg.mode == "dynamic"):
+    for s, out, cache, seqs in _drive(
+        backend, lengths, t_pad, steps, seed=3, drift=cfg.mode == "dynamic"
+    ):
         if s < 0:
-            sims = [RecycledSim(cfg, seqs["k"][r, :n], seqs["v"][r, :n], seqs["q"][r, n - 1],
-                                seqs["q_pre"][r, n - 1]) for r, n in enumerate(lengths)]
+            sims = [
+                RecycledSim(
+                    cfg,
+                    seqs["k"][r, :n],
+                    seqs["v"][r, :n],
+                    seqs["q"][r, n - 1],
+                    seqs["q_pre"][r, n - 1],
+                )
+                for r, n in enumerate(lengths)
+            ]
             for r, sim in enumerate(sims):
                 np.testing.assert_array_equal(np.asarray(cache.selected())[r], sim.sel)
             continue
         for r, sim in enumerate(sims):
             t = lengths[r] + s
-            ref, full = sim.step_(seqs["q"][r, t], seqs["k"][r, t], seqs["v"][r, t],
-                                  seqs["q_pre"][r, t])
+            ref, full = sim.step_(
+                seqs["q"][r, t], seqs["k"][r, t], seqs["v"][r, t], seqs["q_pre"][r, t]
+            )
             n_full += full
-            np.testing.assert_allclose(out[r], ref, atol=2e-5, rtol=2e-5,
-                                       err_msg=f"step {s} row {r}")
+            np.testing.assert_allclose(
+                out[r], ref, atol=2e-5, rtol=2e-5, err_msg=f"step {s} row {r}"
+            )
             sel = np.asarray(cache.selected())[r]
             np.testing.assert_array_equal(sel, sim.sel, err_msg=f"step {s} row {r}")
             assert int(cache.ptr[r]) == sim.ptr
             # Tokens generated since the last refresh are all still there (every KV head);
             # without refreshes, the last K of them (the pointer wraps after K).
             for g in range(HKV):
-                assert set(sim.since[-cfg.k:]) <= set(sel[g].tolist())
+                assert set(sim.since[-cfg.k :]) <= set(sel[g].tolist())
             if cfg.mode != "never":
                 assert len(sim.since) <= cfg.k
         assert int(cache.step) == s + 1
     if cfg.mode == "fixed":
         assert n_full == len(lengths) * (steps // cfg.stride)
     elif cfg.mode == "dynamic":
-        assert 0 < n_full < len(lengths) * steps   # rows refreshed, not at every step
+        assert 0 < n_full < len(lengths) * steps  # rows refreshed, not at every step
 
 
 def test_dynamic_rows_decide_independently():
@@ -200,7 +232,7 @@ def test_dynamic_rows_decide_independently():
     backend = RecycledAttention(cfg, kernel_backend="reference", block=16)
     decisions = []
     prev = None
-    for s, out, cache, seqs in _drive(backend, [10, 17], 32, 8, seed=11, drift=True):
+    for _, _, cache, _ in _drive(backend, [10, 17], 32, 8, seed=11, drift=True):
         if prev is not None:
             decisions.append(tuple(int(p) == 0 for p in np.asarray(cache.ptr)))
         prev = cache
@@ -208,11 +240,13 @@ def test_dynamic_rows_decide_independently():
 
 
 def test_pre_rope_query_is_required_when_asked():
-    backend = RecycledAttention(RecycleConfig(k=4, stride=2, dynamic_threshold=0.5),
-                                kernel_backend="reference", block=16)
+    backend = RecycledAttention(
+        RecycleConfig(k=4, stride=2, dynamic_threshold=0.5), kernel_backend="reference", block=16
+    )
     assert backend.wants_pre_rope_query
-    assert not RecycledAttention(RecycleConfig(k=4, stride=2, dynamic_threshold=0.5,
-                                               pre_rope_query=False)).wants_pre_rope_query
+    assert not RecycledAttention(
+        RecycleConfig(k=4, stride=2, dynamic_threshold=0.5, pre_rope_query=False)
+    ).wants_pre_rope_query
     assert not RecycledAttention(RecycleConfig(k=4, stride=2)).wants_pre_rope_query
 
     class Cfg:
@@ -221,24 +255,31 @@ def test_pre_rope_query_is_required_when_asked():
     cache = backend.init_cache(Cfg, 1, 16, jnp.float32)[0]
     x = jnp.zeros((1, 4, H, D))
     with pytest.raises(ValueError, match="q_pre_rope"):
-        backend(x, x[:, :, :HKV], x[:, :, :HKV], layer=0,
-                positions=jnp.arange(4)[None], cache=cache, lengths=jnp.asarray([4]))
+        backend(
+            x,
+            x[:, :, :HKV],
+            x[:, :, :HKV],
+            layer=0,
+            positions=jnp.arange(4)[None],
+            cache=cache,
+            lengths=jnp.asarray([4]),
+        )
 
 
 # ------------------------------------------------------------------------------ selection
 def test_max_pool_and_top_k_semantics():
     s = jnp.asarray([[[0.1, 0.9, 0.2, 0.0, 0.0, 0.0, 0.0, 0.05, 0.5, 0.3, 0.7]]])
-    valid = jnp.arange(11)[None, None] < 10                  # slot 10 is not a token yet
+    valid = jnp.arange(11)[None, None] < 10  # slot 10 is not a token yet
     pooled = np.asarray(max_pool_scores(s, valid, 3))[0, 0]
     np.testing.assert_allclose(pooled[:10], [0.9, 0.9, 0.9, 0.2, 0.0, 0.0, 0.05, 0.5, 0.5, 0.5])
-    assert pooled[10] == -np.inf                              # re-masked after pooling
+    assert pooled[10] == -np.inf  # re-masked after pooling
     p7 = np.asarray(max_pool_scores(s, valid, 7))[0, 0]
     np.testing.assert_allclose(p7[:10], [0.9, 0.9, 0.9, 0.9, 0.9, 0.5, 0.5, 0.5, 0.5, 0.5])
     idx = np.asarray(select_top_k(s, valid, 4, pool=1, slots=6))[0, 0]
     # Unpooled top-4 = {1 (0.9), 8 (0.5), 9 (0.3), 2 (0.2)}, lowest score first, then padding.
     assert idx.tolist() == [2, 9, 8, 1, -1, -1]
     few = np.asarray(select_top_k(s, jnp.arange(11)[None, None] < 2, 4, pool=1))[0, 0]
-    assert few.tolist() == [-1, -1, 0, 1]                     # empty entries first
+    assert few.tolist() == [-1, -1, 0, 1]  # empty entries first
 
 
 def test_no_forced_sinks_or_recent_tokens():
@@ -253,7 +294,7 @@ def test_no_forced_sinks_or_recent_tokens():
     idx = np.asarray(select_top_k(jnp.asarray(sc), jnp.ones((1, 1, n), bool), 8, pool=1))
     assert 0 not in idx and n - 1 not in idx
     idx7 = np.asarray(select_top_k(jnp.asarray(sc), jnp.ones((1, 1, n), bool), 10, pool=7))
-    assert set(idx7[0, 0].tolist()) == set(range(12, 22))     # pooling spreads peaks by 3
+    assert set(idx7[0, 0].tolist()) == set(range(12, 22))  # pooling spreads peaks by 3
 
 
 def test_config_validation():
@@ -273,8 +314,9 @@ def test_cache_memory_and_sharding_axes():
     c = RecycledKVCache.zeros(2, 100, HKV, D, top_k=20, dtype=jnp.bfloat16, block=16)
     lp, kp = 112, 32
     assert c.k.shape == (2, HKV, lp, D) and c.kp.shape == (2, HKV, kp, D)
-    assert c.nbytes() == (2 * 2 * HKV * (lp + kp) * D * 2 + 2 * HKV * kp * 4 + 2 * 4 + 4
-                          + 2 * D * 4)
+    assert c.nbytes() == (
+        2 * 2 * HKV * (lp + kp) * D * 2 + 2 * HKV * kp * 4 + 2 * 4 + 4 + 2 * D * 4
+    )
     s = SelectedKVCache.zeros(2, 100, HKV, D, top_k=20, dtype=jnp.bfloat16, block=16)
     assert s.acc is None and s.nbytes() == 2 * 2 * HKV * kp * D * 2 + 2 * HKV * kp * 4
     mesh = make_mesh()
@@ -303,15 +345,15 @@ def test_streaming_layer_keeps_sinks_and_recent():
             continue
         for r, n in enumerate(lengths):
             t = n + s
-            want = set(range(min(sink, t + 1))) | set(range(max(sink, t + 1 - (k - sink)),
-                                                             t + 1))
+            want = set(range(min(sink, t + 1))) | set(range(max(sink, t + 1 - (k - sink)), t + 1))
             for g in range(HKV):
                 assert set(np.asarray(cache.selected())[r, g].tolist()) - {-1} == want
             # The step attended to the cache before the write: sinks + the k - sink previous.
             ok = np.zeros((HKV, t + 1), bool)
-            ok[:, sorted(set(range(min(sink, t))) | set(range(max(sink, t - (k - sink)),
-                                                                t + 1)))] = True
-            ref, _ = _attend(seqs["q"][r, t], seqs["k"][r, :t + 1], seqs["v"][r, :t + 1], ok)
+            ok[
+                :, sorted(set(range(min(sink, t))) | set(range(max(sink, t - (k - sink)), t + 1)))
+            ] = True
+            ref, _ = _attend(seqs["q"][r, t], seqs["k"][r, : t + 1], seqs["v"][r, : t + 1], ok)
             np.testing.assert_allclose(out[r], ref, atol=2e-5, rtol=2e-5)
 
 
@@ -333,8 +375,9 @@ def test_h2o_layer_matches_rules():
                 for g in range(HKV):
                     key = np.where(np.arange(n) > n - 1 - recent, np.inf, acc[g])
                     order = sorted(range(n), key=lambda j: (-key[j], j))[:k]
-                    slots.append([(j, acc[g, j]) for j in order] +
-                                 [(-1, -np.inf)] * (k - len(order)))
+                    slots.append(
+                        [(j, acc[g, j]) for j in order] + [(-1, -np.inf)] * (k - len(order))
+                    )
                 state.append(slots)
                 held = np.asarray(cache.selected())[r]
                 assert held.tolist() == [[j for j, _ in sl] for sl in slots]
@@ -346,8 +389,7 @@ def test_h2o_layer_matches_rules():
             for g in range(HKV):
                 ok[g, [j for j, _ in slots[g] if j >= 0]] = True
                 ok[g, t] = True
-            ref, probs = _attend(seqs["q"][r, t], seqs["k"][r, :t + 1], seqs["v"][r, :t + 1],
-                                 ok)
+            ref, probs = _attend(seqs["q"][r, t], seqs["k"][r, : t + 1], seqs["v"][r, : t + 1], ok)
             np.testing.assert_allclose(out[r], ref, atol=2e-5, rtol=2e-5)
             per_kv = probs.reshape(HKV, GROUP, t + 1).sum(1)
             for g in range(HKV):
@@ -357,5 +399,6 @@ def test_h2o_layer_matches_rules():
                 sl[victim] = (t, per_kv[g, t])
                 slots[g] = sl
                 assert np.asarray(cache.selected())[r, g].tolist() == [j for j, _ in sl]
-                np.testing.assert_allclose(np.asarray(cache.acc)[r, g, :k], [a for _, a in sl],
-                                           rtol=1e-4, atol=1e-5)
+                np.testing.assert_allclose(
+                    np.asarray(cache.acc)[r, g, :k], [a for _, a in sl], rtol=1e-4, atol=1e-5
+                )

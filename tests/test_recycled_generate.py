@@ -14,8 +14,12 @@ from moa_jax.generate import generate, main as generate_main, recycled_backend
 from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
-from moa_jax.models.recycled import (H2OAttention, RecycleConfig, RecycledAttention,
-                                     StreamingAttention)
+from moa_jax.models.recycled import (
+    H2OAttention,
+    RecycleConfig,
+    RecycledAttention,
+    StreamingAttention,
+)
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 from moa_jax.plan import Plan
 
@@ -32,8 +36,15 @@ def _prompts(seed, lens=(9, 41, 26)):
 
 
 def _run(model, prompts, attention=DenseAttention(), **kw):
-    return generate(model, prompts, max_new_tokens=NEW, stop_ids=(), attention=attention,
-                    max_cache_len=CACHE_LEN, **kw).rows()
+    return generate(
+        model,
+        prompts,
+        max_new_tokens=NEW,
+        stop_ids=(),
+        attention=attention,
+        max_cache_len=CACHE_LEN,
+        **kw,
+    ).rows()
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +60,8 @@ def runs(model):
         "dense": DenseAttention(),
         "never": RecycledAttention(RecycleConfig(k=NEW, stride=None), **REF),
         "fixed2": RecycledAttention(RecycleConfig(k=NEW, stride=2), **REF),
-        "dyn_hi": RecycledAttention(RecycleConfig(k=NEW, stride=2, dynamic_threshold=1.0),
-                                    **REF),
-        "dyn_lo": RecycledAttention(RecycleConfig(k=NEW, stride=2, dynamic_threshold=-1.0),
-                                    **REF),
+        "dyn_hi": RecycledAttention(RecycleConfig(k=NEW, stride=2, dynamic_threshold=1.0), **REF),
+        "dyn_lo": RecycledAttention(RecycleConfig(k=NEW, stride=2, dynamic_threshold=-1.0), **REF),
     }
     cache = {}
 
@@ -65,23 +74,34 @@ def runs(model):
     return get
 
 
-@pytest.mark.parametrize("backend", [
-    RecycledAttention(RecycleConfig(k=CACHE_LEN, stride=3), **REF),
-    RecycledAttention(RecycleConfig(k=5, stride=1), **REF),
-    pytest.param(RecycledAttention(RecycleConfig(k=CACHE_LEN, stride=2, dynamic_threshold=0.9),
-                                   **REF), marks=pytest.mark.slow),
-    StreamingAttention(CACHE_LEN, **REF),
-    H2OAttention(CACHE_LEN, **REF),
-], ids=["k>=len", "s=1", "k>=len-dynamic", "streaming-k>=len", "h2o-k>=len"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        RecycledAttention(RecycleConfig(k=CACHE_LEN, stride=3), **REF),
+        RecycledAttention(RecycleConfig(k=5, stride=1), **REF),
+        pytest.param(
+            RecycledAttention(RecycleConfig(k=CACHE_LEN, stride=2, dynamic_threshold=0.9), **REF),
+            marks=pytest.mark.slow,
+        ),
+        StreamingAttention(CACHE_LEN, **REF),
+        H2OAttention(CACHE_LEN, **REF),
+    ],
+    ids=["k>=len", "s=1", "k>=len-dynamic", "streaming-k>=len", "h2o-k>=len"],
+)
 def test_exact_limits_equal_dense(model, runs, backend):
     assert _run(model, runs.prompts, backend) == runs("dense")
 
 
-@pytest.mark.parametrize("kv_heads,backend", [
-    (1, RecycledAttention(RecycleConfig(k=CACHE_LEN, stride=4), **REF)),
-    pytest.param(4, RecycledAttention(RecycleConfig(k=6, stride=1), **REF),
-                 marks=pytest.mark.slow),
-], ids=["group4-k>=len", "group1-s=1"])
+@pytest.mark.parametrize(
+    "kv_heads,backend",
+    [
+        (1, RecycledAttention(RecycleConfig(k=CACHE_LEN, stride=4), **REF)),
+        pytest.param(
+            4, RecycledAttention(RecycleConfig(k=6, stride=1), **REF), marks=pytest.mark.slow
+        ),
+    ],
+    ids=["group4-k>=len", "group1-s=1"],
+)
 def test_gqa_ratios(kv_heads, backend):
     m = init_random(tiny_config(num_kv_heads=kv_heads), seed=8)
     prompts = _prompts(1, (17, 33))
@@ -124,23 +144,25 @@ class SnapKVRecompute(AttentionBackend):
             prompt_mask = jnp.broadcast_to(pos[None, :] <= pos[:, None], (b, h, t, t))
         else:
             prompt_mask = window_sink_mask(
-                positions, pos, jnp.asarray(self.plan.layer_windows(CACHE_LEN, layer)),
-                jnp.asarray(self.plan.layer_sinks(layer)))
+                positions,
+                pos,
+                jnp.asarray(self.plan.layer_windows(CACHE_LEN, layer)),
+                jnp.asarray(self.plan.layer_sinks(layer)),
+            )
         ql = q[:, n0 - 1].astype(jnp.float32).reshape(b, hkv, g, d)
-        lg = jnp.einsum("bkgd,bskd->bkgs", ql, k[:, :n0].astype(jnp.float32)) * d ** -0.5
-        sc = jnp.max(jax.nn.softmax(lg, axis=-1), axis=2)            # [B, Hkv, n0]
+        lg = jnp.einsum("bkgd,bskd->bkgs", ql, k[:, :n0].astype(jnp.float32)) * d**-0.5
+        sc = jnp.max(jax.nn.softmax(lg, axis=-1), axis=2)  # [B, Hkv, n0]
         r = self.pool // 2
         padded = jnp.pad(sc, ((0, 0), (0, 0), (r, r)), constant_values=-jnp.inf)
-        pooled = jnp.max(jnp.stack([padded[..., i:i + n0] for i in range(2 * r + 1)]), 0)
-        desc = jnp.argsort(-pooled, axis=-1, stable=True)[..., :min(self.k, n0)]
-        desc = jnp.pad(desc, ((0, 0), (0, 0), (0, self.k - desc.shape[-1])),
-                       constant_values=-1)
-        asc = desc[..., ::-1]                                        # [B, Hkv, K]
-        onehot = asc[..., None] == pos                               # [B, Hkv, K, S]
-        alive = jnp.arange(self.k)[None, :] >= (pos[:, None] - n0)   # [T, K]
+        pooled = jnp.max(jnp.stack([padded[..., i : i + n0] for i in range(2 * r + 1)]), 0)
+        desc = jnp.argsort(-pooled, axis=-1, stable=True)[..., : min(self.k, n0)]
+        desc = jnp.pad(desc, ((0, 0), (0, 0), (0, self.k - desc.shape[-1])), constant_values=-1)
+        asc = desc[..., ::-1]  # [B, Hkv, K]
+        onehot = asc[..., None] == pos  # [B, Hkv, K, S]
+        alive = jnp.arange(self.k)[None, :] >= (pos[:, None] - n0)  # [T, K]
         sel = jnp.einsum("tj,bkjs->bkts", alive.astype(jnp.int32), onehot.astype(jnp.int32)) > 0
-        gen = (pos[None, :] >= n0) & (pos[None, :] <= pos[:, None])   # [T, S]
-        gen_mask = jnp.repeat(sel | gen[None, None], g, axis=1)      # [B, H, T, S]
+        gen = (pos[None, :] >= n0) & (pos[None, :] <= pos[:, None])  # [T, S]
+        gen_mask = jnp.repeat(sel | gen[None, None], g, axis=1)  # [B, H, T, S]
         mask = jnp.where((pos >= n0)[None, None, :, None], gen_mask, prompt_mask)
         return mha_reference(q, k, v, mask), None
 
@@ -151,10 +173,9 @@ def recompute_greedy(model, prompt, n, oracle):
     pos = jnp.arange(CACHE_LEN)[None]
     for _ in range(n):
         buf = jnp.asarray([seq + [0] * (CACHE_LEN - len(seq))])
-        logits, _ = forward(g, s, buf, pos, attention=oracle,
-                            logits_at=jnp.asarray([len(seq) - 1]))
+        logits, _ = forward(g, s, buf, pos, attention=oracle, logits_at=jnp.asarray([len(seq) - 1]))
         seq.append(int(jnp.argmax(logits[0])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_no_refresh_equals_snapkv_recomputation(model, runs):
@@ -165,7 +186,7 @@ def test_no_refresh_equals_snapkv_recomputation(model, runs):
 
 def _sparse_plan(cfg, seed):
     rng = np.random.RandomState(seed)
-    windows = rng.choice([3, 8, 21, 10 ** 6], (cfg.num_layers, cfg.num_heads))
+    windows = rng.choice([3, 8, 21, 10**6], (cfg.num_layers, cfg.num_heads))
     sinks = rng.choice([0, 4], (cfg.num_layers, cfg.num_heads))
     return Plan.from_windows(windows.tolist(), sinks.tolist()).validate(cfg)
 
@@ -177,7 +198,7 @@ def test_moa_prefill_then_recycled_decode_equals_its_oracle(model, runs):
     out = _run(model, prompts, moa, recycle=RecycleConfig(k=NEW, stride=None))
     for p, row in zip(prompts, out):
         assert row == recompute_greedy(model, p, NEW, SnapKVRecompute(len(p), NEW, plan=plan))
-    assert out != runs("never")[1:]          # the MoA prefill changes the outcome
+    assert out != runs("never")[1:]  # the MoA prefill changes the outcome
 
 
 def test_pallas_kernels_in_generate_equal_the_oracles(model, runs):
@@ -186,16 +207,22 @@ def test_pallas_kernels_in_generate_equal_the_oracles(model, runs):
     plan = _sparse_plan(model.config, 1)
     cfg = RecycleConfig(k=NEW, stride=3)
     prompts = runs.prompts[:2]
-    kern = _run(model, prompts, MoAAttention(plan, length=CACHE_LEN, block_q=16, block_k=16),
-                recycle=cfg)
-    ref = _run(model, prompts, MoAAttention(plan, length=CACHE_LEN, kernel_backend="reference"),
-               recycle=cfg)
+    kern = _run(
+        model, prompts, MoAAttention(plan, length=CACHE_LEN, block_q=16, block_k=16), recycle=cfg
+    )
+    ref = _run(
+        model,
+        prompts,
+        MoAAttention(plan, length=CACHE_LEN, kernel_backend="reference"),
+        recycle=cfg,
+    )
     assert kern == ref
 
 
 def test_recycle_argument_and_cli_flags():
-    b = recycled_backend(MoAAttention(Plan.uniform(2, 4, window=8), block_q=16),
-                         RecycleConfig(k=8, stride=4))
+    b = recycled_backend(
+        MoAAttention(Plan.uniform(2, 4, window=8), block_q=16), RecycleConfig(k=8, stride=4)
+    )
     assert isinstance(b, RecycledAttention) and b.prefill_plan is not None
     assert b.prefill_block_q == 16
     assert recycled_backend(DenseAttention(), None) == DenseAttention()
@@ -218,9 +245,10 @@ def test_compiled_kernels_in_generate_on_device(model, runs):
     if jax.default_backend() not in ("gpu", "tpu"):
         pytest.skip("needs a GPU or TPU")
     prompts = runs.prompts
-    for make in (lambda **kw: RecycledAttention(RecycleConfig(k=NEW, stride=3), **kw),
-                 lambda **kw: RecycledAttention(RecycleConfig(k=NEW, stride=2,
-                                                              dynamic_threshold=0.9), **kw),
-                 lambda **kw: StreamingAttention(NEW, **kw),
-                 lambda **kw: H2OAttention(NEW, **kw)):
+    for make in (
+        lambda **kw: RecycledAttention(RecycleConfig(k=NEW, stride=3), **kw),
+        lambda **kw: RecycledAttention(RecycleConfig(k=NEW, stride=2, dynamic_threshold=0.9), **kw),
+        lambda **kw: StreamingAttention(NEW, **kw),
+        lambda **kw: H2OAttention(NEW, **kw),
+    ):
         assert _run(model, prompts, make()) == _run(model, prompts, make(**REF))

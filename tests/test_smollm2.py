@@ -51,19 +51,32 @@ def _perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
 def test_smollm2_config_and_tokenizer(smollm2):
     model, tok = smollm2
     c = model.config
-    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-            c.intermediate_size, c.vocab_size) == (30, 576, 9, 3, 64, 1536, 49152)
+    assert (
+        c.num_layers,
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.intermediate_size,
+        c.vocab_size,
+    ) == (30, 576, 9, 3, 64, 1536, 49152)
     assert c.tie_word_embeddings and c.rope_theta == 1e5 and c.max_position_embeddings == 8192
     assert (c.bos_token_id, c.eos_token_ids) == (1, (2,))
     assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
     assert 3.0 < len(TEXT) / len(ids) < 5.5  # English prose: about 4 characters per token
-    texts = ["Year 2024: 12345 apples, 3.14159", "naïve café — 日本語 🙂",
-             "a   b\t\tc\n\n\nd   ", "<|im_start|>user\nhi<|im_end|>", TEXT[:2000]]
+    texts = [
+        "Year 2024: 12345 apples, 3.14159",
+        "naïve café — 日本語 🙂",
+        "a   b\t\tc\n\n\nd   ",
+        "<|im_start|>user\nhi<|im_end|>",
+        TEXT[:2000],
+    ]
     for text in texts:
         assert tok.decode(tok.encode(text)) == text
     assert tok.convert_ids_to_tokens(tok.encode("x 42")) == ["x", "Ġ", "4", "2"]
@@ -77,13 +90,19 @@ def test_smollm2_tokenizer_matches_transformers_gguf_conversion(smollm2):
     _, tok = smollm2
     path = smollm2_gguf_path()
     ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    for text in [TEXT[:3000], "Year 2024: 12345 apples", "naïve café — 日本語 🙂",
-                 "  spaces\tand\ttabs\n\n", "<|im_start|>system\nBe brief.<|im_end|>"]:
+    for text in [
+        TEXT[:3000],
+        "Year 2024: 12345 apples",
+        "naïve café — 日本語 🙂",
+        "  spaces\tand\ttabs\n\n",
+        "<|im_start|>system\nBe brief.<|im_end|>",
+    ]:
         assert tok.encode(text) == ref.encode(text, add_special_tokens=False), text
 
 
-def test_smollm2_logits_and_perplexity_match_transformers(smollm2, hf_smollm2, our_logits,
-                                                          hf_logits):
+def test_smollm2_logits_and_perplexity_match_transformers(
+    smollm2, hf_smollm2, our_logits, hf_logits
+):
     model, tok = smollm2
     hf, _ = hf_smollm2
     ids = np.asarray(tok.encode(TEXT)[:N_PPL])
@@ -93,9 +112,11 @@ def test_smollm2_logits_and_perplexity_match_transformers(smollm2, hf_smollm2, o
     diff_256 = float(np.abs(ours[:N_LOGITS] - ref[:N_LOGITS]).max())
     diff_all = float(np.abs(ours - ref).max())
     ppl_ours, ppl_ref = _perplexity(ours, ids), _perplexity(ref, ids)
-    print(f"\nSmolLM2-135M f32: logits max|diff| first {N_LOGITS} tokens {diff_256:.2e}, "
-          f"all {N_PPL} {diff_all:.2e}; perplexity ours {ppl_ours:.4f}, transformers "
-          f"{ppl_ref:.4f} (first {N_PPL} tokens of Pride and Prejudice)")
+    print(
+        f"\nSmolLM2-135M f32: logits max|diff| first {N_LOGITS} tokens {diff_256:.2e}, "
+        f"all {N_PPL} {diff_all:.2e}; perplexity ours {ppl_ours:.4f}, transformers "
+        f"{ppl_ref:.4f} (first {N_PPL} tokens of Pride and Prejudice)"
+    )
     assert diff_256 < LOGIT_ATOL and diff_all < LOGIT_ATOL
     assert abs(ppl_ours - ppl_ref) / ppl_ref < 0.01
     assert 12 < ppl_ours < 25  # ~18 measured; a broken q/k un-permutation gives ~236

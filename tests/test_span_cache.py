@@ -10,7 +10,7 @@ from moa_jax.models.kv_cache import DenseKVCache, SpanKVCache, span_cache_layout
 
 
 def test_layout_and_memory_formula():
-    windows = [100, 30, 500, 64]          # 4 query heads, 2 KV heads -> rings 128 and 512
+    windows = [100, 30, 500, 64]  # 4 query heads, 2 KV heads -> rings 128 and 512
     sink, rings = span_cache_layout(windows, 2, sink=64, max_len=4096)
     assert (sink, rings) == (64, (128, 512))
     c = SpanKVCache.zeros(3, windows, 2, 64, 4096, head_dim=32, dtype=jnp.bfloat16)
@@ -20,7 +20,7 @@ def test_layout_and_memory_formula():
     dense = DenseKVCache.nbytes(3, 4096, 2, 32, num_layers=1)
     assert c.nbytes() < dense / 4
     # Rings are capped by what max_len needs, then padded to the block in the buffer.
-    sink, rings = span_cache_layout([10 ** 9, 5], 2, sink=4, max_len=100, block=64)
+    sink, rings = span_cache_layout([10**9, 5], 2, sink=4, max_len=100, block=64)
     assert rings == (96, 64)
     assert SpanKVCache.segment_sizes(4, rings, 64) == (128, 128)
 
@@ -35,21 +35,28 @@ def test_layout_errors():
 def _one_by_one(cache, k, v, lengths):
     b, t = k.shape[:2]
     for i in range(t):
-        new = cache.write(k[:, i:i + 1], v[:, i:i + 1], jnp.full((b,), i, jnp.int32))
+        new = cache.write(k[:, i : i + 1], v[:, i : i + 1], jnp.full((b,), i, jnp.int32))
         ok = jnp.asarray(i < lengths)
-        cache = jax.tree.map(lambda a, o: jnp.where(ok.reshape((b,) + (1,) * (a.ndim - 1)), a, o),
-                             new, cache)
+        cache = jax.tree.map(
+            lambda a, o: jnp.where(ok.reshape((b,) + (1,) * (a.ndim - 1)), a, o), new, cache
+        )
     return cache
 
 
 @settings(max_examples=25, deadline=None)
-@given(hkv=st.integers(1, 3), group=st.integers(1, 3), sink=st.sampled_from([0, 1, 4, 9]),
-       max_len=st.integers(2, 70), seed=st.integers(0, 10 ** 6))
+@given(
+    hkv=st.integers(1, 3),
+    group=st.integers(1, 3),
+    sink=st.sampled_from([0, 1, 4, 9]),
+    max_len=st.integers(2, 70),
+    seed=st.integers(0, 10**6),
+)
 def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
     rng = np.random.RandomState(seed)
     windows = rng.randint(1, 40, hkv * group).tolist()
-    cache = SpanKVCache.zeros(2, windows, hkv, sink, max_len, head_dim=4, dtype=jnp.float32,
-                              block=8)
+    cache = SpanKVCache.zeros(
+        2, windows, hkv, sink, max_len, head_dim=4, dtype=jnp.float32, block=8
+    )
     lengths = rng.randint(1, max_len + 1, 2)
     t = int(lengths.max())
     k = jnp.asarray(rng.randn(2, t, hkv, 4), jnp.float32)
@@ -61,21 +68,29 @@ def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
     np.testing.assert_array_equal(chunk.v, seq.v)
     # Two chunks equal one.
     cut = int(rng.randint(1, t + 1))
-    two = cache.write(k[:, :cut], v[:, :cut], jnp.zeros(2, jnp.int32),
-                      jnp.asarray(np.minimum(lengths, cut)))
+    two = cache.write(
+        k[:, :cut], v[:, :cut], jnp.zeros(2, jnp.int32), jnp.asarray(np.minimum(lengths, cut))
+    )
     if cut < t:
-        two = two.write(k[:, cut:], v[:, cut:], jnp.full((2,), cut, jnp.int32),
-                        jnp.asarray(np.maximum(lengths - cut, 0)))
+        two = two.write(
+            k[:, cut:],
+            v[:, cut:],
+            jnp.full((2,), cut, jnp.int32),
+            jnp.asarray(np.maximum(lengths - cut, 0)),
+        )
     np.testing.assert_array_equal(two.pos, chunk.pos)
     # Each KV head holds exactly its sinks and its ring's worth of the newest positions.
     sizes = SpanKVCache.segment_sizes(chunk.sink, chunk.rings, chunk.block)
     for b in range(2):
         for g, off in enumerate(chunk.offsets):
-            held = sorted(int(p) for p in np.asarray(chunk.pos[b, off:off + sizes[g]]) if p >= 0)
+            held = sorted(int(p) for p in np.asarray(chunk.pos[b, off : off + sizes[g]]) if p >= 0)
             n = int(lengths[b])
-            want = sorted(set(range(min(chunk.sink, n))) |
-                          set(range(max(chunk.sink, n - chunk.rings[g]), n)))
+            want = sorted(
+                set(range(min(chunk.sink, n))) | set(range(max(chunk.sink, n - chunk.rings[g]), n))
+            )
             assert held == want
-            for p in held:   # and the right key sits next to each position
-                slot = off + int(np.nonzero(np.asarray(chunk.pos[b, off:off + sizes[g]]) == p)[0][0])
+            for p in held:  # and the right key sits next to each position
+                slot = off + int(
+                    np.nonzero(np.asarray(chunk.pos[b, off : off + sizes[g]]) == p)[0][0]
+                )
                 np.testing.assert_array_equal(chunk.k[b, slot], k[b, p, g])

@@ -13,7 +13,7 @@ from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 def _case(seed, hkv, group, d, dtype, max_len=150, sink=None):
     rng = np.random.RandomState(seed)
     h = hkv * group
-    windows = tuple(int(x) for x in rng.choice([1, 5, 17, 40, 64, 100, 10 ** 6], h))
+    windows = tuple(int(x) for x in rng.choice([1, 5, 17, 40, 64, 100, 10**6], h))
     sink = int(rng.choice([0, 4, 16])) if sink is None else sink
     sinks = tuple(int(x) for x in rng.randint(0, sink + 1, h))
     b = 3
@@ -26,8 +26,13 @@ def _case(seed, hkv, group, d, dtype, max_len=150, sink=None):
     qpos = jnp.asarray(lengths - 1)
     # Dense equivalent: the whole sequence with the per-head window+sink mask.
     kpos = jnp.arange(max_len)
-    mask = window_sink_mask(qpos[:, None], kpos, jnp.asarray(windows), jnp.asarray(sinks),
-                            kpos[None] < jnp.asarray(lengths)[:, None])
+    mask = window_sink_mask(
+        qpos[:, None],
+        kpos,
+        jnp.asarray(windows),
+        jnp.asarray(sinks),
+        kpos[None] < jnp.asarray(lengths)[:, None],
+    )
     dense = mha_reference(q[:, None], k, v, mask)[:, 0]
     return q, cache, qpos, windows, sinks, dense
 
@@ -37,15 +42,25 @@ def _case(seed, hkv, group, d, dtype, max_len=150, sink=None):
 def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
     q, cache, qpos, windows, sinks, dense = _case(hkv * 10 + group, hkv, group, d, dtype)
     ref = span_decode_reference(q, cache, qpos, windows, sinks)
-    np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(dense, np.float32),
-                               atol=tol, rtol=tol)
-    runs = [dict(backend="gpu", per_split=1), dict(backend="gpu", per_split=3),
-            dict(backend="gpu"), dict(backend="tpu")]
+    np.testing.assert_allclose(
+        np.asarray(ref, np.float32), np.asarray(dense, np.float32), atol=tol, rtol=tol
+    )
+    runs = [
+        dict(backend="gpu", per_split=1),
+        dict(backend="gpu", per_split=3),
+        dict(backend="gpu"),
+        dict(backend="tpu"),
+    ]
     for kw in runs:
         out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=True, **kw)
         assert out.shape == q.shape and out.dtype == q.dtype
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                                   atol=tol, rtol=tol, err_msg=str(kw))
+        np.testing.assert_allclose(
+            np.asarray(out, np.float32),
+            np.asarray(ref, np.float32),
+            atol=tol,
+            rtol=tol,
+            err_msg=str(kw),
+        )
 
 
 def test_split_segments_balances_uneven_segments():
@@ -79,8 +94,9 @@ def test_rows_that_see_nothing_are_zero():
     q, cache, qpos, windows, sinks, _ = _case(0, 1, 2, 64, jnp.float32, sink=0)
     empty = SpanKVCache.zeros(3, windows, 1, 0, 150, head_dim=64, dtype=jnp.float32, block=16)
     for backend in ("gpu", "tpu"):
-        out = span_decode(q, empty, qpos, windows=windows, sinks=sinks, interpret=True,
-                          backend=backend)
+        out = span_decode(
+            q, empty, qpos, windows=windows, sinks=sinks, interpret=True, backend=backend
+        )
         assert np.all(np.asarray(out) == 0)
 
 
@@ -104,17 +120,25 @@ def test_compiled_kernel_on_device(hkv, group, d, dtype, tol):
     platform = jax.default_backend()
     if platform not in ("gpu", "tpu"):
         pytest.skip("needs a GPU or TPU")
-    q, cache, qpos, windows, sinks, dense = _case(7 * hkv + group, hkv, group, d, dtype,
-                                                  max_len=3000, sink=64)
+    q, cache, qpos, windows, sinks, dense = _case(
+        7 * hkv + group, hkv, group, d, dtype, max_len=3000, sink=64
+    )
     ref = span_decode_reference(q, cache, qpos, windows, sinks)
-    np.testing.assert_allclose(np.asarray(ref, np.float32), np.asarray(dense, np.float32),
-                               atol=tol, rtol=tol)
+    np.testing.assert_allclose(
+        np.asarray(ref, np.float32), np.asarray(dense, np.float32), atol=tol, rtol=tol
+    )
     splits = (1, 4, None) if platform == "gpu" else (None,)
     for s in splits:
-        out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=False,
-                          per_split=s)
-        np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                                   atol=tol, rtol=tol, err_msg=f"per_split={s}")
+        out = span_decode(
+            q, cache, qpos, windows=windows, sinks=sinks, interpret=False, per_split=s
+        )
+        np.testing.assert_allclose(
+            np.asarray(out, np.float32),
+            np.asarray(ref, np.float32),
+            atol=tol,
+            rtol=tol,
+            err_msg=f"per_split={s}",
+        )
 
 
 def test_cache_packed_for_head_shards_decodes_per_shard():
@@ -123,31 +147,44 @@ def test_cache_packed_for_head_shards_decodes_per_shard():
     rng = np.random.RandomState(3)
     b, hkv, group, d, n = 2, 4, 2, 64, 300
     h = hkv * group
-    windows = tuple(int(x) for x in rng.choice([1, 17, 64, 100, 10 ** 6], h))
+    windows = tuple(int(x) for x in rng.choice([1, 17, 64, 100, 10**6], h))
     sinks = tuple(int(x) for x in rng.randint(0, 9, h))
     k = jnp.asarray(rng.randn(b, n, hkv, d), jnp.float32)
     v = jnp.asarray(rng.randn(b, n, hkv, d), jnp.float32)
     q = jnp.asarray(rng.randn(b, h, d), jnp.float32)
     lengths = jnp.asarray([300, 123])
     full = SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, dtype=jnp.float32, block=16)
-    packed = SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, dtype=jnp.float32, block=16,
-                               shards=2)
+    packed = SpanKVCache.zeros(
+        b, windows, hkv, 8, n, head_dim=d, dtype=jnp.float32, block=16, shards=2
+    )
     assert packed.k.shape[1] % 2 == 0 and packed.k.shape[1] >= full.k.shape[1]
     start = jnp.zeros(b, jnp.int32)
     full, packed = (c.write(k, v, start, lengths) for c in (full, packed))
     qpos = lengths - 1
     ref = span_decode_reference(q, full, qpos, windows, sinks)
-    np.testing.assert_allclose(np.asarray(span_decode_reference(q, packed, qpos, windows, sinks)),
-                               np.asarray(ref), atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(
+        np.asarray(span_decode_reference(q, packed, qpos, windows, sinks)),
+        np.asarray(ref),
+        atol=2e-5,
+        rtol=2e-5,
+    )
     half = packed.k.shape[1] // 2
     for i in range(2):
         sl = slice(i * half, (i + 1) * half)
         local = packed.shard(i, packed.k[:, sl], packed.v[:, sl], packed.pos[:, sl])
         heads = slice(i * h // 2, (i + 1) * h // 2)
-        out = span_decode(q[:, heads], local, qpos, windows=windows[heads], sinks=sinks[heads],
-                          interpret=True, backend="gpu")
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref[:, heads]), atol=2e-5,
-                                   rtol=2e-5, err_msg=f"shard {i}")
+        out = span_decode(
+            q[:, heads],
+            local,
+            qpos,
+            windows=windows[heads],
+            sinks=sinks[heads],
+            interpret=True,
+            backend="gpu",
+        )
+        np.testing.assert_allclose(
+            np.asarray(out), np.asarray(ref[:, heads]), atol=2e-5, rtol=2e-5, err_msg=f"shard {i}"
+        )
     with pytest.raises(ValueError, match="4 KV heads do not split into 3 shards"):
         SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, shards=3)
 
@@ -164,9 +201,19 @@ def test_kernel_lowers_for_cuda():
     qp = jnp.zeros((2,), jnp.int32)
 
     def f(q, cache, qp):
-        return _span_decode_pallas(q, cache, qp, windows=windows, sinks=(64,) * 32, scale=None,
-                                   per_split=4, interpret=False, num_warps=4)
+        return _span_decode_pallas(
+            q,
+            cache,
+            qp,
+            windows=windows,
+            sinks=(64,) * 32,
+            scale=None,
+            per_split=4,
+            interpret=False,
+            num_warps=4,
+        )
+
     try:
         jax.jit(f).trace(q, cache, qp).lower(lowering_platforms=("cuda",))
-    except (ImportError, ModuleNotFoundError) as e:     # jaxlib without the cuda lowering
+    except (ImportError, ModuleNotFoundError) as e:  # jaxlib without the cuda lowering
         pytest.skip(f"no cuda lowering in this jaxlib: {e}")

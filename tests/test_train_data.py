@@ -32,9 +32,9 @@ def test_chunk_packing_keeps_documents_apart():
 
 
 def test_concat_and_segments_packing():
-    stream = np.concatenate([np.append(d, 2) for d in DOCS])         # EOS = 2 after each doc
+    stream = np.concatenate([np.append(d, 2) for d in DOCS])  # EOS = 2 after each doc
     cat = pack(DOCS, seq_len=7, packing="concat", eos_id=2)
-    np.testing.assert_array_equal(cat.tokens.ravel(), stream[:cat.tokens.size])
+    np.testing.assert_array_equal(cat.tokens.ravel(), stream[: cat.tokens.size])
     assert cat.positions is None and cat.batch([1]).loss_mask.all()
 
     seg = pack(DOCS, seq_len=7, packing="segments", eos_id=2)
@@ -44,7 +44,7 @@ def test_concat_and_segments_packing():
     np.testing.assert_array_equal(seg.positions[0], np.arange(8))
     np.testing.assert_array_equal(seg.positions[1], [0, 1, 2, 0, 1, 2, 3, 4])
     b = seg.batch([1])
-    np.testing.assert_array_equal(b.loss_mask[0], [1, 1, 0, 1, 1, 1, 1])   # EOS -> next doc
+    np.testing.assert_array_equal(b.loss_mask[0], [1, 1, 0, 1, 1, 1, 1])  # EOS -> next doc
     np.testing.assert_array_equal(b.positions[0], [0, 1, 2, 0, 1, 2, 3])
     with pytest.raises(ValueError, match="EOS"):
         pack(DOCS, seq_len=7, packing="concat")
@@ -57,10 +57,10 @@ def test_tokenize_and_split():
     docs = [Document(f"d{i}", "ab" * (i + 1)) for i in range(5)]
     ids = tokenize_documents(docs, tok, batch_size=2)
     assert [len(x) for x in ids] == [2, 4, 6, 8, 10]
-    np.testing.assert_array_equal(ids[0], [3 + ord("a"), 3 + ord("b")])   # 3 specials first
+    np.testing.assert_array_equal(ids[0], [3 + ord("a"), 3 + ord("b")])  # 3 specials first
     train, held = split_documents(docs, 2, seed=1)
     assert len(train) == 3 and len(held) == 2
-    assert split_documents(docs, 2, seed=1) == (train, held)               # deterministic
+    assert split_documents(docs, 2, seed=1) == (train, held)  # deterministic
     assert {d.title for d in train} | {d.title for d in held} == {d.title for d in docs}
     with pytest.raises(ValueError, match="cannot hold out"):
         split_documents(docs, 5)
@@ -72,7 +72,7 @@ def test_shuffling_is_deterministic_per_epoch_and_resumable():
     it = BatchIterator(data, 3, seed=7)
     batches = [next(it) for _ in range(2 * n // 3 + 2)]
     first_epoch = np.concatenate([b.inputs[:, 0] for b in batches])[:n]
-    assert sorted(first_epoch.tolist()) == sorted(data.tokens[:, 0].tolist())   # a permutation
+    assert sorted(first_epoch.tolist()) == sorted(data.tokens[:, 0].tolist())  # a permutation
     # Resuming from the state after 5 batches continues the same stream.
     it2 = BatchIterator(data, 3, seed=7)
     for _ in range(5):
@@ -100,8 +100,9 @@ def test_eval_rows_spread_over_the_data():
 
 def test_local_files_and_missing_path(tmp_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(json.dumps({"title": f"t{i}", "body": "x" * (i + 5)})
-                              for i in range(3)) + "\n")
+    path.write_text(
+        "\n".join(json.dumps({"title": f"t{i}", "body": "x" * (i + 5)}) for i in range(3)) + "\n"
+    )
     docs = load_documents(str(path), text_field="body", max_documents=2)
     assert [d.title for d in docs] == ["t0", "t1"] and docs[1].text == "x" * 6
     (tmp_path / "txt").mkdir()

@@ -16,8 +16,17 @@ from flax import nnx
 
 from moa_jax.models.registry import load_model
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
-from moa_jax.train.loop import (TrainConfig, _train_step_fn, loss_sums, lr_schedule, main,
-                                make_optimizer, parse_config, train, validate_config)
+from moa_jax.train.loop import (
+    TrainConfig,
+    _train_step_fn,
+    loss_sums,
+    lr_schedule,
+    main,
+    make_optimizer,
+    parse_config,
+    train,
+    validate_config,
+)
 from moa_jax.train.recycled import TrainDenseAttention
 
 TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
@@ -31,15 +40,28 @@ def write_corpus(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     third = len(text) // 3
     for i in range(3):
-        (directory / f"part{i}.txt").write_text(text[i * third:(i + 1) * third])
+        (directory / f"part{i}.txt").write_text(text[i * third : (i + 1) * third])
     return directory
 
 
 def recycled_config(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(model="tiny-random", corpus=str(write_corpus(tmp_path / "corpus")),
-                attention="recycled", prefix_len=24, tail_len=8, top_k=6, steps=4, batch_size=4,
-                lr=3e-3, warmup_steps=1, checkpoint_every=1, keep_checkpoints=2,
-                progress=False, log_every=100, out_dir=str(tmp_path / "run"))
+    base = dict(
+        model="tiny-random",
+        corpus=str(write_corpus(tmp_path / "corpus")),
+        attention="recycled",
+        prefix_len=24,
+        tail_len=8,
+        top_k=6,
+        steps=4,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        progress=False,
+        log_every=100,
+        out_dir=str(tmp_path / "run"),
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -48,12 +70,15 @@ def _batch(model_cfg, rows=4, seq=16, seed=0, mask_some=False):
     rng = np.random.RandomState(seed)
     tok = rng.randint(3, 200, (rows, seq + 1)).astype(np.int32)
     mask = np.ones((rows, seq), np.float32)
-    if mask_some:   # uneven token counts per micro-batch: normalisation must be global
+    if mask_some:  # uneven token counts per micro-batch: normalisation must be global
         mask[0, 5:] = 0
         mask[3, :2] = 0
-    return {"inputs": tok[:, :-1], "targets": tok[:, 1:],
-            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
-            "loss_mask": mask}
+    return {
+        "inputs": tok[:, :-1],
+        "targets": tok[:, 1:],
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy(),
+        "loss_mask": mask,
+    }
 
 
 def _split(batch, accum):
@@ -126,8 +151,13 @@ def test_remat_gives_the_same_step_and_recomputes():
 
     model = nnx.merge(graphdef, params)
     with pytest.raises(ValueError, match="remat"):
-        model(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
-              DenseAttention().init_cache(model.config, 1, 4), DenseAttention(), remat=True)
+        model(
+            jnp.zeros((1, 1), jnp.int32),
+            jnp.zeros((1, 1), jnp.int32),
+            DenseAttention().init_cache(model.config, 1, 4),
+            DenseAttention(),
+            remat=True,
+        )
 
 
 def test_bf16_compute_keeps_f32_master_weights():
@@ -140,11 +170,13 @@ def test_bf16_compute_keeps_f32_master_weights():
     assert {x.dtype for x in jax.tree.leaves(new_opt[1][0].mu)} == {jnp.dtype(jnp.float32)}
     s32 = jax.jit(lambda p, b: loss_sums(g32, p, b, TrainDenseAttention()))(p32, batch)
     loss32 = float(s32["nll"] / s32["tokens"])
-    assert abs(float(m["loss"]) - loss32) < 0.02                 # bf16 activations
-    assert float(m["loss"]) != loss32                             # ... really bf16
+    assert abs(float(m["loss"]) - loss32) < 0.02  # bf16 activations
+    assert float(m["loss"]) != loss32  # ... really bf16
     # The update is applied to the f32 weights (smaller than a bf16 ulp would allow).
-    delta = [np.abs(np.asarray(a) - np.asarray(b)).max()
-             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params))]
+    delta = [
+        np.abs(np.asarray(a) - np.asarray(b)).max()
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params))
+    ]
     assert 0 < max(delta) < 1e-2
 
 
@@ -162,13 +194,13 @@ def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
     """The CLI trains 4 steps; a run stopped after step 2 and resumed gives the same losses for
     steps 3-4; 2 checkpoints are kept; the HF export loads in transformers with equal logits;
     a corrupt checkpoint is a clear error."""
-    cfg = recycled_config(tmp_path, out_dir=str(tmp_path / "a"),
-                          export_hf=str(tmp_path / "hf"))
+    cfg = recycled_config(tmp_path, out_dir=str(tmp_path / "a"), export_hf=str(tmp_path / "hf"))
     cfg_yaml = tmp_path / "train.yaml"
     import yaml
 
-    cfg_yaml.write_text(yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items()
-                                        if v is not None}))
+    cfg_yaml.write_text(
+        yaml.safe_dump({k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+    )
     assert main(["--config", str(cfg_yaml)]) == 0
     records = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     losses_a = {r["step"]: r["loss"] for r in records if r["event"] == "train"}
@@ -176,7 +208,7 @@ def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
     train_rec = [r for r in records if r["event"] == "train"][-1]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"} <= set(train_rec)
     ck = Checkpointer(tmp_path / "a" / "checkpoints")
-    assert ck.all_steps() == [3, 4]                                   # keep_checkpoints = 2
+    assert ck.all_steps() == [3, 4]  # keep_checkpoints = 2
 
     # Interrupted after step 2, then resumed: identical losses for steps 3 and 4.
     b = dataclasses.replace(cfg, out_dir=str(tmp_path / "b"), export_hf=None, stop_after=2)
@@ -192,12 +224,12 @@ def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
     assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2
     # the interrupted run had also logged step 3 and half a line after its last checkpoint
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"event": "train", "step": 3, "loss": 9.0}) + "\n{\"event\": \"tr")
+        f.write(json.dumps({"event": "train", "step": 3, "loss": 9.0}) + '\n{"event": "tr')
     res_c = train(dataclasses.replace(b, stop_after=0, resume=True))
     assert res_c.losses == {3: losses_a[3], 4: losses_a[4]}
     recs = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in recs if r["event"] == "train"]
-    assert train_steps == [1, 2, 3, 4]                 # one record per step after the resume
+    assert train_steps == [1, 2, 3, 4]  # one record per step after the resume
     assert {r["step"]: r["loss"] for r in recs if r["event"] == "train"} == losses_a
     assert {1: res_b.losses[1], 2: res_b.losses[2]} == {1: losses_a[1], 2: losses_a[2]}
 
@@ -208,12 +240,14 @@ def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
     model, _ = load_model("tiny-random")
     graphdef, params = nnx.split(model)
     opt_state = make_optimizer(cfg).init(params)
-    state, meta = ck.restore({"params": params, "opt_state": opt_state,
-                              "rng": jax.random.PRNGKey(0)})
+    state, meta = ck.restore(
+        {"params": params, "opt_state": opt_state, "rng": jax.random.PRNGKey(0)}
+    )
     assert meta["step"] == 4 and meta["data"]["position"] == 16
     tokens = np.random.RandomState(0).randint(3, 250, (2, 20))
-    ours, _ = nnx.merge(graphdef, state["params"])(jnp.asarray(tokens),
-                                                   jnp.broadcast_to(jnp.arange(20), (2, 20)))
+    ours, _ = nnx.merge(graphdef, state["params"])(
+        jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(20), (2, 20))
+    )
     hf = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).float().eval()
     with torch.no_grad():
         theirs = hf(torch.as_tensor(tokens)).logits.numpy()
@@ -227,8 +261,20 @@ def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="checkpoint .*4 is corrupt"):
         train(dataclasses.replace(b, stop_after=0, resume=True))
     capsys.readouterr()
-    assert main(["--config", str(cfg_yaml), "--out-dir", str(tmp_path / "b"), "--resume",
-                 "--export-hf", str(tmp_path / "hf2")]) == 2
+    assert (
+        main(
+            [
+                "--config",
+                str(cfg_yaml),
+                "--out-dir",
+                str(tmp_path / "b"),
+                "--resume",
+                "--export-hf",
+                str(tmp_path / "hf2"),
+            ]
+        )
+        == 2
+    )
     assert "corrupt" in capsys.readouterr().err
 
 
@@ -241,17 +287,22 @@ def test_bad_inputs(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="no such file or directory"):
         train(recycled_config(tmp_path, corpus=str(tmp_path / "nope.jsonl")))
-    assert main(["--corpus", str(tmp_path / "nope"), "--seq-len", "8",
-                 "--out-dir", str(tmp_path / "x")]) == 2
+    assert (
+        main(
+            ["--corpus", str(tmp_path / "nope"), "--seq-len", "8", "--out-dir", str(tmp_path / "x")]
+        )
+        == 2
+    )
     assert "no such file or directory" in capsys.readouterr().err
 
-    for kw, msg in [(dict(batch_size=6, grad_accum=4), "not a multiple of grad_accum"),
-                    (dict(attention="dense"), "--seq-len must be >= 1"),
-                    (dict(seq_len=33), "prefix_len \\+ tail_len"),
-                    (dict(attention="dense", seq_len=8, schedule="exp"),
-                     "schedule must be one of"),
-                    (dict(attention="moa", seq_len=32), "needs a plan"),
-                    (dict(packing="segments"), "packing 'segments'")]:
+    for kw, msg in [
+        (dict(batch_size=6, grad_accum=4), "not a multiple of grad_accum"),
+        (dict(attention="dense"), "--seq-len must be >= 1"),
+        (dict(seq_len=33), "prefix_len \\+ tail_len"),
+        (dict(attention="dense", seq_len=8, schedule="exp"), "schedule must be one of"),
+        (dict(attention="moa", seq_len=32), "needs a plan"),
+        (dict(packing="segments"), "packing 'segments'"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             validate_config(recycled_config(tmp_path, **kw))
 
@@ -259,9 +310,20 @@ def test_bad_inputs(tmp_path, capsys):
 def test_moa_plan_training_runs(tmp_path):
     """MoA-plan training through MoAAttention (jnp reference kernel here; the Pallas kernel in
     the slow test below)."""
-    res = train(recycled_config(tmp_path, attention="moa", plan="streaming:12:4", seq_len=32,
-                                kernel_backend="reference", steps=3, checkpoint_every=0,
-                                eval_sequences=2, heldout_docs=1, lr=1e-2))
+    res = train(
+        recycled_config(
+            tmp_path,
+            attention="moa",
+            plan="streaming:12:4",
+            seq_len=32,
+            kernel_backend="reference",
+            steps=3,
+            checkpoint_every=0,
+            eval_sequences=2,
+            heldout_docs=1,
+            lr=1e-2,
+        )
+    )
     assert not res.interrupted and len(res.losses) == 3
     assert res.losses[3] < res.losses[1]
     assert set(res.summary["eval_after"]) == {"moa", "dense"}
@@ -269,16 +331,30 @@ def test_moa_plan_training_runs(tmp_path):
 
 @pytest.mark.slow
 def test_moa_plan_training_with_the_pallas_kernel(tmp_path):
-    res = train(recycled_config(tmp_path, attention="moa", plan="streaming:16:4", seq_len=64,
-                                steps=2, checkpoint_every=0))
+    res = train(
+        recycled_config(
+            tmp_path,
+            attention="moa",
+            plan="streaming:16:4",
+            seq_len=64,
+            steps=2,
+            checkpoint_every=0,
+        )
+    )
     assert np.isfinite(list(res.losses.values())).all()
 
 
 def test_sharded_training_matches_one_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, str(CHECK), str(write_corpus(tmp_path / "corpus")),
-                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    res = subprocess.run(
+        [sys.executable, str(CHECK), str(write_corpus(tmp_path / "corpus")), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("OK") == 4, res.stdout
 
@@ -294,17 +370,37 @@ def test_two_process_distributed_training_matches_one_device(tmp_path):
         sock.bind(("localhost", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COORDINATOR")}
-    res = subprocess.run([sys.executable, str(MP_CHECK), str(corpus), str(tmp_path / "mp"),
-                          str(port)], env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [sys.executable, str(MP_CHECK), str(corpus), str(tmp_path / "mp"), str(port)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     recs = [json.loads(x) for x in (tmp_path / "mp" / "metrics.jsonl").read_text().splitlines()]
     starts = [r for r in recs if r["event"] == "start"]
     assert len(starts) == 1, "only the lead process writes metrics"
     assert starts[0]["devices"] == 4 and starts[0]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2}
     losses = [r["loss"] for r in recs if r["event"] == "train"]
-    ref = train(TrainConfig(model="tiny-random", corpus=str(corpus), attention="recycled",
-                            prefix_len=24, tail_len=8, top_k=6, steps=2, batch_size=8, lr=3e-3,
-                            warmup_steps=1, progress=False, log_every=100,
-                            async_checkpointing=False, out_dir=str(tmp_path / "one"),
-                            mesh_data=1), devices=jax.devices()[:1])
+    ref = train(
+        TrainConfig(
+            model="tiny-random",
+            corpus=str(corpus),
+            attention="recycled",
+            prefix_len=24,
+            tail_len=8,
+            top_k=6,
+            steps=2,
+            batch_size=8,
+            lr=3e-3,
+            warmup_steps=1,
+            progress=False,
+            log_every=100,
+            async_checkpointing=False,
+            out_dir=str(tmp_path / "one"),
+            mesh_data=1,
+        ),
+        devices=jax.devices()[:1],
+    )
     np.testing.assert_allclose(losses, [ref.losses[1], ref.losses[2]], rtol=2e-5)

@@ -9,9 +9,14 @@ from flax import nnx
 
 from moa_jax.models.llama import init_random
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
-from moa_jax.train.recycled import (RecycledOracleAttention, RecycledTrainAttention,
-                                    TrainDenseAttention, recycled_attention_reference,
-                                    recycled_mask_reference, segment_ids_from_positions)
+from moa_jax.train.recycled import (
+    RecycledOracleAttention,
+    RecycledTrainAttention,
+    TrainDenseAttention,
+    recycled_attention_reference,
+    recycled_mask_reference,
+    segment_ids_from_positions,
+)
 
 
 def _qkv(seed=0, b=2, t=24, h=4, hkv=2, d=8):
@@ -29,8 +34,9 @@ SCHEDULES = [
 ]
 MORE_SCHEDULES = [
     RecycledTrainAttention.paper(16, 8, top_k=3, pool_kernel=1),
-    RecycledTrainAttention((("full", 10), ("recycled", 5), ("full", 3), ("recycled", 6)), 6,
-                           decode_eviction=True),
+    RecycledTrainAttention(
+        (("full", 10), ("recycled", 5), ("full", 3), ("recycled", 6)), 6, decode_eviction=True
+    ),
 ]
 
 
@@ -39,23 +45,31 @@ def _call(backend, q, k, v):
     return backend(q, k, v, layer=0, positions=pos, cache=None)[0]
 
 
-@pytest.mark.parametrize("backend", SCHEDULES + [pytest.param(b, marks=pytest.mark.slow)
-                                                 for b in MORE_SCHEDULES],
-                         ids=lambda b: f"{b.blocks}-K{b.top_k}-pool{b.pool_kernel}")
+@pytest.mark.parametrize(
+    "backend",
+    SCHEDULES + [pytest.param(b, marks=pytest.mark.slow) for b in MORE_SCHEDULES],
+    ids=lambda b: f"{b.blocks}-K{b.top_k}-pool{b.pool_kernel}",
+)
 def test_forward_and_grads_match_oracle(backend):
     q, k, v = _qkv()
-    oracle = RecycledOracleAttention(backend.blocks, backend.top_k, backend.pool_kernel,
-                                     backend.decode_eviction)
+    oracle = RecycledOracleAttention(
+        backend.blocks, backend.top_k, backend.pool_kernel, backend.decode_eviction
+    )
     w = jax.random.normal(jax.random.PRNGKey(9), q.shape)
 
     @jax.jit
     def run(q, k, v):
         fwd = lambda be, *a: jnp.sum(_call(be, *a) * w)
-        mask = recycled_mask_reference(q, k, backend.blocks, backend.top_k, backend.pool_kernel,
-                                       backend.decode_eviction)
-        return (_call(backend, q, k, v), _call(oracle, q, k, v),
-                jax.grad(fwd, argnums=(1, 2, 3))(backend, q, k, v),
-                jax.grad(fwd, argnums=(1, 2, 3))(oracle, q, k, v), mask)
+        mask = recycled_mask_reference(
+            q, k, backend.blocks, backend.top_k, backend.pool_kernel, backend.decode_eviction
+        )
+        return (
+            _call(backend, q, k, v),
+            _call(oracle, q, k, v),
+            jax.grad(fwd, argnums=(1, 2, 3))(backend, q, k, v),
+            jax.grad(fwd, argnums=(1, 2, 3))(oracle, q, k, v),
+            mask,
+        )
 
     out, ref, grads, refg, mask = run(q, k, v)
     # The FLOP count's kept entries are the mask's.
@@ -70,12 +84,13 @@ def test_recycled_rows_really_are_sparse():
     be = RecycledTrainAttention.paper(16, 8, top_k=5)
     mask = np.asarray(recycled_mask_reference(q, k, be.blocks, 5))
     assert mask.shape == (2, 2, 24, 24)
-    np.testing.assert_array_equal(mask[:, :, :16], np.broadcast_to(np.tril(np.ones((16, 24),
-                                                                           bool)), (2, 2, 16, 24)))
-    for i in range(16, 24):   # K selected prefix tokens + the tail up to itself
+    np.testing.assert_array_equal(
+        mask[:, :, :16], np.broadcast_to(np.tril(np.ones((16, 24), bool)), (2, 2, 16, 24))
+    )
+    for i in range(16, 24):  # K selected prefix tokens + the tail up to itself
         assert (mask[:, :, i, :16].sum(-1) == 5).all()
-        assert mask[:, :, i, 16:i + 1].all() and not mask[:, :, i, i + 1:].any()
-    assert (mask[:, 0, 16:, :16] != mask[:, 1, 16:, :16]).any()     # per KV head selections
+        assert mask[:, :, i, 16 : i + 1].all() and not mask[:, :, i, i + 1 :].any()
+    assert (mask[:, 0, 16:, :16] != mask[:, 1, 16:, :16]).any()  # per KV head selections
     # Eviction mirrors the decoder's cache: row j keeps the K - j best.
     mask_e = np.asarray(recycled_mask_reference(q, k, be.blocks, 5, decode_eviction=True))
     for j in range(5):
@@ -89,27 +104,33 @@ def test_selection_is_the_pooled_top_k_of_the_last_prefix_token():
     k = k * 0.01
     k = k.at[0, 9, 0].set(q[0, 23, 0] * 3.0)
     be = RecycledTrainAttention.paper(24, 8, top_k=7)
-    mask, out, ref = jax.jit(lambda q, k, v: (recycled_mask_reference(q, k, be.blocks, 7),
-                                              _call(be, q, k, v),
-                                              recycled_attention_reference(q, k, v, be.blocks,
-                                                                           7)))(q, k, v)
-    np.testing.assert_array_equal(np.nonzero(np.asarray(mask)[0, 0, 24, :24])[0],
-                                  np.arange(6, 13))
+    mask, out, ref = jax.jit(
+        lambda q, k, v: (
+            recycled_mask_reference(q, k, be.blocks, 7),
+            _call(be, q, k, v),
+            recycled_attention_reference(q, k, v, be.blocks, 7),
+        )
+    )(q, k, v)
+    np.testing.assert_array_equal(np.nonzero(np.asarray(mask)[0, 0, 24, :24])[0], np.arange(6, 13))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
 
 
 def test_limits_equal_dense():
     q, k, v = _qkv()
-    backends = (RecycledTrainAttention.paper(16, 8, top_k=16),        # K >= L
-                RecycledTrainAttention.paper(16, 8, top_k=24, decode_eviction=True),
-                RecycledTrainAttention.strided(16, 8, stride=1, top_k=2),  # every step full
-                TrainDenseAttention())
+    backends = (
+        RecycledTrainAttention.paper(16, 8, top_k=16),  # K >= L
+        RecycledTrainAttention.paper(16, 8, top_k=24, decode_eviction=True),
+        RecycledTrainAttention.strided(16, 8, stride=1, top_k=2),  # every step full
+        TrainDenseAttention(),
+    )
 
     @jax.jit
     def run(q, k, v):
         pos = jnp.arange(24)[None].repeat(2, 0)
-        return (mha_reference(q, k, v, causal_mask(pos, jnp.arange(24))),
-                [_call(be, q, k, v) for be in backends])
+        return (
+            mha_reference(q, k, v, causal_mask(pos, jnp.arange(24))),
+            [_call(be, q, k, v) for be in backends],
+        )
 
     dense, outs = run(q, k, v)
     for be, out in zip(backends, outs):
@@ -146,9 +167,12 @@ def test_segment_mask_from_position_resets():
     q, k, v = _qkv(t=8)
     idx = np.arange(8)
     mask = (idx[None, :, None] >= idx[None, None, :]) & (seg[:, :, None] == seg[:, None, :])
-    out, ref = jax.jit(lambda q, k, v: (
-        TrainDenseAttention(segments=True)(q, k, v, layer=0, positions=pos, cache=None)[0],
-        mha_reference(q, k, v, jnp.asarray(mask)[:, None])))(q, k, v)
+    out, ref = jax.jit(
+        lambda q, k, v: (
+            TrainDenseAttention(segments=True)(q, k, v, layer=0, positions=pos, cache=None)[0],
+            mha_reference(q, k, v, jnp.asarray(mask)[:, None]),
+        )
+    )(q, k, v)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-6)
 
 
@@ -167,8 +191,9 @@ def test_bad_schedules_and_calls():
     with pytest.raises(ValueError, match="covers 20 tokens but the sequence has 24"):
         _call(RecycledTrainAttention.paper(16, 4, top_k=2), q, k, v)
     with pytest.raises(ValueError, match="training-only"):
-        RecycledTrainAttention.paper(16, 8, top_k=2)(q, k, v, layer=0, positions=None,
-                                                     cache=object())
+        RecycledTrainAttention.paper(16, 8, top_k=2)(
+            q, k, v, layer=0, positions=None, cache=object()
+        )
     with pytest.raises(NotImplementedError):
         RecycledTrainAttention.paper(16, 8, top_k=2).init_cache(tiny_config(), 1, 8)
 
@@ -188,13 +213,17 @@ def test_gpu_prefix_kernels_match_reference(impl):
     @jax.jit
     def run(q, k, v):
         f = lambda be, *a: jnp.sum(_call(be, *a).astype(jnp.float32) * w)
-        return (_call(fast, q, k, v), _call(ref, q, k, v),
-                jax.grad(f, argnums=(1, 2, 3))(fast, q, k, v),
-                jax.grad(f, argnums=(1, 2, 3))(ref, q, k, v))
+        return (
+            _call(fast, q, k, v),
+            _call(ref, q, k, v),
+            jax.grad(f, argnums=(1, 2, 3))(fast, q, k, v),
+            jax.grad(f, argnums=(1, 2, 3))(ref, q, k, v),
+        )
 
     out, want, g, gw = run(q, k, v)
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
-                               atol=3e-2, rtol=3e-2)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(want, np.float32), atol=3e-2, rtol=3e-2
+    )
     for a, b in zip(g, gw):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= 0.05 * np.abs(b).max() + 1e-2

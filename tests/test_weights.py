@@ -14,11 +14,15 @@ from transformers import LlamaForCausalLM
 
 from moa_jax.config import parse_dtype
 from moa_jax.models.registry import TINY_RANDOM_CONFIG, list_presets, load_model
-from moa_jax.models.weights import (WeightsError, WeightsNotFoundError, load_hf, param_table,
-                                    save_hf)
+from moa_jax.models.weights import WeightsError, WeightsNotFoundError, load_hf, param_table, save_hf
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 CONFIGS = {
     # GQA + llama3 rope scaling (original context 64 puts head_dim 16's frequencies in all
     # three llama3 bands, so a scaling mistake shows at short lengths).
@@ -51,8 +55,9 @@ def test_load_hf_sharded(make_hf_llama, tmp_path, our_logits, hf_logits):
     hf.save_pretrained(tmp_path, max_shard_size="40KB")
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
-    np.testing.assert_allclose(our_logits(load_hf(tmp_path), TOKENS), hf_logits(hf, TOKENS),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        our_logits(load_hf(tmp_path), TOKENS), hf_logits(hf, TOKENS), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("shard", [None, 30_000])
@@ -65,10 +70,12 @@ def test_save_hf_round_trip_in_transformers(hf_dir, tmp_path, shard, our_logits,
         assert len(list(out.glob("model-*.safetensors"))) > 1
     reloaded = LlamaForCausalLM.from_pretrained(out).float().eval()
     assert reloaded.config.rope_parameters["rope_type"] == hf.config.rope_parameters["rope_type"]
-    np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(hf, TOKENS), atol=1e-5,
-                               rtol=0)
-    np.testing.assert_allclose(our_logits(load_hf(out), TOKENS), our_logits(model, TOKENS),
-                               atol=0, rtol=0)
+    np.testing.assert_allclose(
+        hf_logits(reloaded, TOKENS), hf_logits(hf, TOKENS), atol=1e-5, rtol=0
+    )
+    np.testing.assert_allclose(
+        our_logits(load_hf(out), TOKENS), our_logits(model, TOKENS), atol=0, rtol=0
+    )
 
 
 def test_bf16_checkpoint_loads(make_hf_llama, tmp_path, our_logits, hf_logits):
@@ -83,8 +90,9 @@ def test_bf16_checkpoint_loads(make_hf_llama, tmp_path, our_logits, hf_logits):
     np.testing.assert_allclose(our_logits(model, TOKENS), ref, atol=1e-4, rtol=0)
     bf = load_hf(tmp_path, param_dtype="bfloat16")
     assert bf.embed_tokens.embedding[...].dtype == parse_dtype("bfloat16")
-    np.testing.assert_array_equal(np.asarray(bf.norm.weight[...], np.float32),
-                                  np.asarray(model.norm.weight[...]))
+    np.testing.assert_array_equal(
+        np.asarray(bf.norm.weight[...], np.float32), np.asarray(model.norm.weight[...])
+    )
 
 
 def test_save_hf_bf16_and_tokenizer(make_hf_llama, tmp_path, our_logits):
@@ -111,6 +119,7 @@ def test_param_table_covers_hf_names(make_hf_llama):
 
 
 # ------------------------------------------------------------------------------------ errors
+
 
 @pytest.fixture
 def saved(make_hf_llama, tmp_path) -> Path:
@@ -155,8 +164,12 @@ def test_error_missing_tensor(saved):
 
 
 def test_error_extra_tensor_and_ignored_inv_freq(saved):
-    _rewrite(saved, lambda t: t.update({
-        "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))
+    _rewrite(
+        saved,
+        lambda t: t.update(
+            {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}
+        ),
+    )
     load_hf(saved)  # rotary_emb.inv_freq is ignored
     _rewrite(saved, lambda t: t.update({"model.layers.0.adapter.weight": np.ones(3, np.float32)}))
     with pytest.raises(WeightsError, match=r"unexpected.*model\.layers\.0\.adapter\.weight"):
@@ -167,8 +180,10 @@ def test_error_shape_mismatch(saved):
     cfg = json.loads((saved / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (saved / "config.json").write_text(json.dumps(cfg))
-    pattern = (r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight.*"
-               r"shape \((128, 64|64, 128)\).*expects \((96, 64|64, 96)\)")
+    pattern = (
+        r"model\.layers\.0\.mlp\.(gate|up|down)_proj\.weight.*"
+        r"shape \((128, 64|64, 128)\).*expects \((96, 64|64, 96)\)"
+    )
     with pytest.raises(WeightsError, match=pattern):
         load_hf(saved)
 
@@ -210,8 +225,13 @@ def test_tiny_random_preset_is_deterministic(our_logits):
     a, tok = load_model("tiny-random")
     b, _ = load_model("tiny-random")
     assert a.config == TINY_RANDOM_CONFIG
-    assert (a.config.num_layers, a.config.hidden_size, a.config.num_heads,
-            a.config.num_kv_heads, a.config.vocab_size) == (2, 64, 4, 2, 512)
+    assert (
+        a.config.num_layers,
+        a.config.hidden_size,
+        a.config.num_heads,
+        a.config.num_kv_heads,
+        a.config.vocab_size,
+    ) == (2, 64, 4, 2, 512)
     tokens = np.asarray([tok.encode("<|im_start|>hello, world")])
     assert tokens.max() < a.config.vocab_size and tokens[0, 0] == tok.bos_token_id == 1
     np.testing.assert_array_equal(our_logits(a, tokens), our_logits(b, tokens))

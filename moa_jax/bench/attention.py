@@ -39,8 +39,9 @@ from typing import Any, Callable
 import numpy as np
 
 
-def plan_windows(kind: str, s: int, h: int, hkv: int, *,
-                 dense_groups: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def plan_windows(
+    kind: str, s: int, h: int, hkv: int, *, dense_groups: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(windows, sinks) per query head for a named configuration.
 
     het50 / het25 make a quarter / an eighth of the heads dense. By default the dense heads are
@@ -51,13 +52,13 @@ def plan_windows(kind: str, s: int, h: int, hkv: int, *,
     if kind == "dense":
         return (s,) * h, (0,) * h
     if kind.startswith("window"):
-        w = int(kind[len("window"):])
+        w = int(kind[len("window") :])
         return (w,) * h, (0,) * h
     if kind in ("het50", "het25"):
         density, every = (0.5, 4) if kind == "het50" else (0.25, 8)
         sink = 64
         frac_dense = 1.0 / every
-        keep = (density - frac_dense) / (1.0 - frac_dense) * s      # sink + window of short heads
+        keep = (density - frac_dense) / (1.0 - frac_dense) * s  # sink + window of short heads
         w = max(64, int(round((keep - sink) / 64)) * 64)
         g = h // hkv
         n_dense = max(1, h // every)
@@ -78,12 +79,14 @@ def plan_windows(kind: str, s: int, h: int, hkv: int, *,
 
 
 def kv_density(windows, sinks, s: int) -> float:
-    return float(np.mean([min(s, min(w, s) + min(sk, s - min(w, s)))
-                          for w, sk in zip(windows, sinks)]) / s)
+    return float(
+        np.mean([min(s, min(w, s) + min(sk, s - min(w, s))) for w, sk in zip(windows, sinks)]) / s
+    )
 
 
 def _time(fn: Callable[[], Any], warmup: int, iters: int) -> float:
     import jax
+
     for _ in range(warmup):
         jax.block_until_ready(fn())
     times = []
@@ -104,7 +107,7 @@ def case_windows(kind: str, s: int, h: int, hkv: int, plan=None):
     if kind.startswith("plan-L"):
         if plan is None:
             raise ValueError(f"{kind} needs --plan")
-        layer = int(kind[len("plan-L"):])
+        layer = int(kind[len("plan-L") :])
         if plan.num_heads != h:
             raise ValueError(f"--plan has {plan.num_heads} heads per layer, --heads is {h}")
         return plan.layer_windows(s, layer), plan.layer_sinks(layer)
@@ -113,6 +116,7 @@ def case_windows(kind: str, s: int, h: int, hkv: int, plan=None):
 
 def _kept(windows, sinks, s: int) -> int:
     from moa_jax.pallas_kernels.masks import MaskSpec
+
     return MaskSpec(windows, sinks, s, s).kept_entries()
 
 
@@ -124,15 +128,27 @@ def _ours(kernel: str, windows, sinks, args):
         opts = dict(block_q=args.block_q, block_k=args.block_k)
     elif args.mgpu_block_k is not None:
         opts = dict(block_k=args.mgpu_block_k)
-    for name in (("num_stages",) if kernel == "mgpu" else
-                 ("block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv", "num_warps",
-                  "num_stages", "num_warps_bwd", "num_stages_bwd")):
+    for name in (
+        ("num_stages",)
+        if kernel == "mgpu"
+        else (
+            "block_q_dq",
+            "block_k_dq",
+            "block_q_dkv",
+            "block_k_dkv",
+            "num_warps",
+            "num_stages",
+            "num_warps_bwd",
+            "num_stages_bwd",
+        )
+    ):
         if getattr(args, name, None) is not None:
             opts[name] = getattr(args, name)
     if args.interpret:
         opts["interpret"] = True
-    return lambda q, k, v: sparse_attention(q, k, v, windows=windows, sink=sinks,
-                                            backend=kernel, **opts)
+    return lambda q, k, v: sparse_attention(
+        q, k, v, windows=windows, sink=sinks, backend=kernel, **opts
+    )
 
 
 def _cudnn(windows, s: int, hkv: int):
@@ -147,7 +163,7 @@ def _cudnn(windows, s: int, hkv: int):
         idx = np.asarray([i for i, x in enumerate(windows) if x == w])
         kvs, per_kv = np.unique(idx // g, return_counts=True)
         if len(set(per_kv.tolist())) != 1 or per_kv[0] != g:
-            kvs = idx // g      # partial groups: one K/V copy per query head (plain MHA)
+            kvs = idx // g  # partial groups: one K/V copy per query head (plain MHA)
         parts.append((w, idx, kvs))
     inv = np.argsort(np.concatenate([idx for _, idx, _ in parts]))
 
@@ -155,10 +171,18 @@ def _cudnn(windows, s: int, hkv: int):
         outs = []
         for w, idx, kvs in parts:
             lw = None if w >= s else (w - 1, 0)
-            outs.append(jax.nn.dot_product_attention(
-                q[:, :, idx], k[:, :, kvs], v[:, :, kvs], is_causal=True,
-                local_window_size=lw, implementation="cudnn"))
+            outs.append(
+                jax.nn.dot_product_attention(
+                    q[:, :, idx],
+                    k[:, :, kvs],
+                    v[:, :, kvs],
+                    is_causal=True,
+                    local_window_size=lw,
+                    implementation="cudnn",
+                )
+            )
         return jnp.concatenate(outs, axis=2)[:, :, inv]
+
     kept = sum(len(idx) * _kept((w,), (0,), s) for w, idx, _ in parts)
     return attn, kept, f"cudnn_{len(parts)}call" + ("s" if len(parts) > 1 else "")
 
@@ -169,19 +193,21 @@ def _tokamax(windows, s: int):
     from tokamax._src.ops.attention import api as tk_api
     from tokamax._src.ops.attention import base as tk_base
 
-    try:    # tokamax reads absl flags; ours are not theirs
+    try:  # tokamax reads absl flags; ours are not theirs
         from absl import flags
+
         if not flags.FLAGS.is_parsed():
             flags.FLAGS(sys.argv[:1], known_only=True)
     except ImportError:  # pragma: no cover
         pass
     impl = tk_api.IMPLEMENTATIONS["mosaic_gpu"]
     i = np.arange(s)
-    k_start = np.stack([np.maximum(0, i - min(w, s) + 1) for w in windows])   # [H, T]
+    k_start = np.stack([np.maximum(0, i - min(w, s) + 1) for w in windows])  # [H, T]
     k_start = jnp.asarray(k_start[None], jnp.int32)
 
     def attn(q, k, v):
         return impl(q, k, v, mask=tk_base.Mask(k_start=k_start, is_causal=True))
+
     kept = sum(_kept((w,), (0,), s) for w in windows)
     return attn, kept, "tokamax_mosaic_gpu"
 
@@ -209,10 +235,11 @@ def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
         os.makedirs(args.profile_dir, exist_ok=True)
         for name in ("fwd", "dq", "dkv"):
             trace_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=args.profile_dir)
-            fn = kernel_stages(q, k, v, do, windows=windows, sinks=sinks,
-                               profile_dir=trace_dir, **opts)[name]
+            fn = kernel_stages(
+                q, k, v, do, windows=windows, sinks=sinks, profile_dir=trace_dir, **opts
+            )[name]
             jax.block_until_ready(fn())
-            jax.effects_barrier()                     # the trace is written by a callback
+            jax.effects_barrier()  # the trace is written by a callback
             traces = sorted(f for f in os.listdir(trace_dir) if f.endswith("-trace.json"))
             out[name]["profile"] = trace_summary(os.path.join(trace_dir, traces[-1]))
     return out
@@ -239,10 +266,14 @@ def trace_summary(path: str, warpgroups: int = 3) -> dict:
                 open_[e["name"]] = e["ts"]
             elif e["name"] in open_:
                 totals[role].setdefault(e["name"], []).append(e["ts"] - open_.pop(e["name"]))
-    return {role: {name: dict(share=sum(ds) / span[role], mean_ns=1e3 * sum(ds) / len(ds),
-                              count=len(ds))
-                   for name, ds in sorted(scopes.items())}
-            for role, scopes in totals.items() if span[role] > 0}
+    return {
+        role: {
+            name: dict(share=sum(ds) / span[role], mean_ns=1e3 * sum(ds) / len(ds), count=len(ds))
+            for name, ds in sorted(scopes.items())
+        }
+        for role, scopes in totals.items()
+        if span[role] > 0
+    }
 
 
 def _fwd_bwd(attn: Callable):
@@ -251,6 +282,7 @@ def _fwd_bwd(attn: Callable):
     def run(q, k, v, do):
         out, vjp = jax.vjp(attn, q, k, v)
         return vjp(do)
+
     return jax.jit(run)
 
 
@@ -267,10 +299,19 @@ def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
     v = jax.random.normal(ks[2], (b, s, hkv, d), dtype)
     do = jax.random.normal(ks[3], (b, s, h, d), dtype)
     kept = _kept(windows, sinks, s)
-    base = dict(config=kind, seq_len=s, batch=b, heads=h, kv_heads=hkv, head_dim=d,
-                dtype=args.dtype, kv_density=kv_density(windows, sinks, s),
-                attention_density=kept / (h * s * (s + 1) / 2),
-                windows=sorted(set(windows)), sinks=sorted(set(sinks)))
+    base = dict(
+        config=kind,
+        seq_len=s,
+        batch=b,
+        heads=h,
+        kv_heads=hkv,
+        head_dim=d,
+        dtype=args.dtype,
+        kv_density=kv_density(windows, sinks, s),
+        attention_density=kept / (h * s * (s + 1) / 2),
+        windows=sorted(set(windows)),
+        sinks=sorted(set(sinks)),
+    )
     case_rows = []
     for impl in args.impls:
         try:
@@ -289,11 +330,18 @@ def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
             for pass_, f, xs, mult in passes:
                 ms = _time(lambda: f(*xs), args.warmup, args.iters)
                 flops = mult * 4.0 * d * b * n_kept
-                case_rows.append(dict(base, impl=name, pass_=pass_, ms=ms,
-                                      tflops=flops / ms / 1e9, kept_entries=int(b * n_kept)))
+                case_rows.append(
+                    dict(
+                        base,
+                        impl=name,
+                        pass_=pass_,
+                        ms=ms,
+                        tflops=flops / ms / 1e9,
+                        kept_entries=int(b * n_kept),
+                    )
+                )
             if impl == "moa-mgpu" and args.breakdown:
-                case_rows[-1]["kernels"] = _mgpu_breakdown(q, k, v, do, windows, sinks, kept,
-                                                           args)
+                case_rows[-1]["kernels"] = _mgpu_breakdown(q, k, v, do, windows, sinks, kept, args)
         except Exception as e:  # noqa: BLE001
             msg = f"{type(e).__name__}: {str(e)[:400]}"
             print(f"FAILED {impl} {kind} S={s}: {msg}", file=sys.stderr, flush=True)
@@ -305,37 +353,61 @@ def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
             if peers:
                 r["time_vs_fastest_peer"] = r["ms"] / min(peers)
     for r in case_rows:
-        print(json.dumps({k: v for k, v in r.items() if k not in ("windows", "sinks")}),
-              flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("windows", "sinks")}), flush=True)
     rows.extend(case_rows)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
-                     argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as written, and every flag's default in --help."""
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moa_jax.bench.attention",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=_HelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 16384, 32768],
-                   help="sequence lengths S, one row set each")
-    p.add_argument("--configs", nargs="+", default=["dense", "mix1024-7168",
-                                                     "mix1024-7168+sinks", "het50"],
-                   metavar="CONFIG",
-                   help="head configurations: dense, window<W>, mix<A>-<B>[+sinks], het50, "
-                        "het25 (below); plan-L<l> are added for each --plan-layers")
-    p.add_argument("--plan", default=None,
-                   help="a plan file (ours or the MoA reference's JSON) for plan-L<l> configs")
-    p.add_argument("--plan-layers", type=int, nargs="*", default=[0, 8, 16, 31],
-                   help="layers of --plan to benchmark")
-    p.add_argument("--impls", nargs="+", default=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
-                   choices=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
-                   help="implementations to time (each in its own try block)")
-    p.add_argument("--mgpu-block-k", type=int, default=None,
-                   help="Mosaic GPU forward key block (64 or 128; default: the kernel's)")
+    p = argparse.ArgumentParser(
+        prog="python -m moa_jax.bench.attention",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=_HelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--seq-lens",
+        type=int,
+        nargs="+",
+        default=[4096, 16384, 32768],
+        help="sequence lengths S, one row set each",
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["dense", "mix1024-7168", "mix1024-7168+sinks", "het50"],
+        metavar="CONFIG",
+        help="head configurations: dense, window<W>, mix<A>-<B>[+sinks], het50, "
+        "het25 (below); plan-L<l> are added for each --plan-layers",
+    )
+    p.add_argument(
+        "--plan",
+        default=None,
+        help="a plan file (ours or the MoA reference's JSON) for plan-L<l> configs",
+    )
+    p.add_argument(
+        "--plan-layers",
+        type=int,
+        nargs="*",
+        default=[0, 8, 16, 31],
+        help="layers of --plan to benchmark",
+    )
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
+        choices=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
+        help="implementations to time (each in its own try block)",
+    )
+    p.add_argument(
+        "--mgpu-block-k",
+        type=int,
+        default=None,
+        help="Mosaic GPU forward key block (64 or 128; default: the kernel's)",
+    )
     p.add_argument("--batch", type=int, default=1, help="batch size B")
     p.add_argument("--heads", type=int, default=32, help="query heads H")
     p.add_argument("--kv-heads", type=int, default=8, help="KV heads Hkv (GQA when < H)")
@@ -345,37 +417,77 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation)")
     p.add_argument("--block-q", type=int, default=128, help="Triton forward query block")
     p.add_argument("--block-k", type=int, default=64, help="Triton forward key block")
-    p.add_argument("--block-q-dq", type=int, default=None,
-                   help="backward dq pass: query block (default: the kernel's choice)")
-    p.add_argument("--block-k-dq", type=int, default=None,
-                   help="backward dq pass: key block (default: the kernel's choice)")
-    p.add_argument("--block-q-dkv", type=int, default=None,
-                   help="backward dk/dv pass: query block (default: the kernel's choice)")
-    p.add_argument("--block-k-dkv", type=int, default=None,
-                   help="backward dk/dv pass: key block (default: the kernel's choice)")
-    p.add_argument("--num-warps", type=int, default=None,
-                   help="Triton warps, forward (default: the kernel's choice)")
-    p.add_argument("--num-stages", type=int, default=None,
-                   help="Triton pipeline stages, forward (default: the kernel's choice)")
-    p.add_argument("--num-warps-bwd", type=int, default=None,
-                   help="Triton warps, backward (default: the kernel's choice)")
-    p.add_argument("--num-stages-bwd", type=int, default=None,
-                   help="Triton pipeline stages, backward (default: the kernel's choice)")
+    p.add_argument(
+        "--block-q-dq",
+        type=int,
+        default=None,
+        help="backward dq pass: query block (default: the kernel's choice)",
+    )
+    p.add_argument(
+        "--block-k-dq",
+        type=int,
+        default=None,
+        help="backward dq pass: key block (default: the kernel's choice)",
+    )
+    p.add_argument(
+        "--block-q-dkv",
+        type=int,
+        default=None,
+        help="backward dk/dv pass: query block (default: the kernel's choice)",
+    )
+    p.add_argument(
+        "--block-k-dkv",
+        type=int,
+        default=None,
+        help="backward dk/dv pass: key block (default: the kernel's choice)",
+    )
+    p.add_argument(
+        "--num-warps",
+        type=int,
+        default=None,
+        help="Triton warps, forward (default: the kernel's choice)",
+    )
+    p.add_argument(
+        "--num-stages",
+        type=int,
+        default=None,
+        help="Triton pipeline stages, forward (default: the kernel's choice)",
+    )
+    p.add_argument(
+        "--num-warps-bwd",
+        type=int,
+        default=None,
+        help="Triton warps, backward (default: the kernel's choice)",
+    )
+    p.add_argument(
+        "--num-stages-bwd",
+        type=int,
+        default=None,
+        help="Triton pipeline stages, backward (default: the kernel's choice)",
+    )
     p.add_argument("--no-bwd", action="store_true", help="forward only")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time each Mosaic GPU kernel (fwd, dq, dk/dv) alone")
-    p.add_argument("--profile-dir", default=None,
-                   help="with --breakdown: also trace each Mosaic GPU kernel once with its "
-                        "in-kernel profiler, traces here, summaries in the JSON")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time each Mosaic GPU kernel (fwd, dq, dk/dv) alone",
+    )
+    p.add_argument(
+        "--profile-dir",
+        default=None,
+        help="with --breakdown: also trace each Mosaic GPU kernel once with its "
+        "in-kernel profiler, traces here, summaries in the JSON",
+    )
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args(argv)
 
     import jax
+
     plan = None
     configs = list(args.configs)
     if args.plan:
         from moa_jax.plan import Plan
+
         plan = Plan.load(args.plan)
         configs += [f"plan-L{layer}" for layer in args.plan_layers]
     rows: list[dict] = []
@@ -384,13 +496,18 @@ def main(argv=None) -> int:
             try:
                 bench_one(kind, s, args, rows, plan)
             except Exception as e:  # noqa: BLE001
-                print(f"FAILED {kind} S={s}: {type(e).__name__}: {e}", file=sys.stderr,
-                      flush=True)
+                print(f"FAILED {kind} S={s}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 rows.append(dict(config=kind, seq_len=s, error=f"{type(e).__name__}: {e}"))
     dev = jax.devices()[0]
-    report = dict(date=datetime.date.today().isoformat(), device=str(dev.device_kind),
-                  platform=dev.platform, jax=jax.__version__, python=platform.python_version(),
-                  args=vars(args), rows=rows)
+    report = dict(
+        date=datetime.date.today().isoformat(),
+        device=str(dev.device_kind),
+        platform=dev.platform,
+        jax=jax.__version__,
+        python=platform.python_version(),
+        args=vars(args),
+        rows=rows,
+    )
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
@@ -399,17 +516,22 @@ def main(argv=None) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| S | config | Hkv | kv dens. | pass | impl | ms | TFLOP/s | time vs fastest peer |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| S | config | Hkv | kv dens. | pass | impl | ms | TFLOP/s | time vs fastest peer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['seq_len']} | {r['config']} | {r.get('kv_heads', '')} | | | "
-                         f"{r.get('impl', '')} | error: {r['error'][:60]} | | |")
+            lines.append(
+                f"| {r['seq_len']} | {r['config']} | {r.get('kv_heads', '')} | | | "
+                f"{r.get('impl', '')} | error: {r['error'][:60]} | | |"
+            )
             continue
         lines.append(
             f"| {r['seq_len']} | {r['config']} | {r['kv_heads']} | {r['kv_density']:.2f} | "
             f"{r['pass_']} | {r['impl']} | {r['ms']:.2f} | {r['tflops']:.0f} | "
-            f"{r.get('time_vs_fastest_peer', float('nan')):.2f} |")
+            f"{r.get('time_vs_fastest_peer', float('nan')):.2f} |"
+        )
     return "\n".join(lines)
 
 

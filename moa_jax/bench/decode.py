@@ -77,11 +77,28 @@ import numpy as np
 
 GIB = float(1 << 30)
 
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                 num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-                 max_position_embeddings=131072)
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-            num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=4096)
+LLAMA3_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    max_position_embeddings=4096,
+)
 JAX_METHODS = ("dense", "dense-kernel", "moa", "streaming", "recycled", "h2o")
 METHODS = JAX_METHODS + ("hf",)
 
@@ -97,8 +114,17 @@ def model_config(args):
 
 def _is_oom(e: BaseException) -> bool:
     s = f"{type(e).__name__}: {e}"
-    return any(x in s for x in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory",
-                                "OutOfMemory", "Failed to allocate", "OOM"))
+    return any(
+        x in s
+        for x in (
+            "RESOURCE_EXHAUSTED",
+            "Out of memory",
+            "out of memory",
+            "OutOfMemory",
+            "Failed to allocate",
+            "OOM",
+        )
+    )
 
 
 # ------------------------------------------------------------------------------ variants
@@ -106,17 +132,26 @@ def _is_oom(e: BaseException) -> bool:
 class Variant:
     method: str
     label: str
-    make: Any = None                 # f(context, cache_len) -> AttentionBackend
+    make: Any = None  # f(context, cache_len) -> AttentionBackend
     params: dict = dataclasses.field(default_factory=dict)
 
 
 def variants(args, cfg) -> list[Variant]:
     from moa_jax.models.attention import DenseAttention
-    from moa_jax.models.recycled import (FullCacheAttention, H2OAttention, RecycleConfig,
-                                         RecycledAttention, StreamingAttention)
+    from moa_jax.models.recycled import (
+        FullCacheAttention,
+        H2OAttention,
+        RecycleConfig,
+        RecycledAttention,
+        StreamingAttention,
+    )
 
-    kw = dict(kernel_backend=args.kernel_backend, interpret=args.interpret or None,
-              block=args.block, num_splits=args.num_splits)
+    kw = dict(
+        kernel_backend=args.kernel_backend,
+        interpret=args.interpret or None,
+        block=args.block,
+        num_splits=args.num_splits,
+    )
     k = args.recycle_k
     out: list[Variant] = []
     for m in args.method:
@@ -128,24 +163,34 @@ def variants(args, cfg) -> list[Variant]:
             specs = [f"het:{d}" for d in args.moa_densities] + list(args.plan or ())
             for spec in specs:
                 name = spec if spec.startswith(("het:", "streaming:")) else Path(spec).stem
-                out.append(Variant(m, f"moa {name}", _moa_maker(spec, cfg, args),
-                                   dict(plan=spec)))
+                out.append(Variant(m, f"moa {name}", _moa_maker(spec, cfg, args), dict(plan=spec)))
         elif m == "streaming":
-            out.append(Variant(m, f"streaming K={k}",
-                               lambda c, n: StreamingAttention(k, **kw), dict(k=k)))
+            out.append(
+                Variant(m, f"streaming K={k}", lambda c, n: StreamingAttention(k, **kw), dict(k=k))
+            )
         elif m == "h2o":
             out.append(Variant(m, f"h2o K={k}", lambda c, n: H2OAttention(k, **kw), dict(k=k)))
         elif m == "recycled":
             for s in args.recycle_stride:
                 rc = RecycleConfig(k, s or None)
-                out.append(Variant(m, f"recycled K={k} S={s or 'never'}",
-                                   (lambda rc_: lambda c, n: RecycledAttention(rc_, **kw))(rc),
-                                   dict(k=k, stride=s or None)))
+                out.append(
+                    Variant(
+                        m,
+                        f"recycled K={k} S={s or 'never'}",
+                        (lambda rc_: lambda c, n: RecycledAttention(rc_, **kw))(rc),
+                        dict(k=k, stride=s or None),
+                    )
+                )
             for thr in args.recycle_threshold or ():
                 rc = RecycleConfig(k, args.recycle_check, thr)
-                out.append(Variant(m, f"recycled K={k} dyn={thr} QC={args.recycle_check}",
-                                   (lambda rc_: lambda c, n: RecycledAttention(rc_, **kw))(rc),
-                                   dict(k=k, threshold=thr, check=args.recycle_check)))
+                out.append(
+                    Variant(
+                        m,
+                        f"recycled K={k} dyn={thr} QC={args.recycle_check}",
+                        (lambda rc_: lambda c, n: RecycledAttention(rc_, **kw))(rc),
+                        dict(k=k, threshold=thr, check=args.recycle_check),
+                    )
+                )
         elif m == "hf":
             out.append(Variant(m, "hf transformers sdpa"))
     return out
@@ -163,15 +208,15 @@ def _moa_maker(spec, cfg, args):
             kind = {0.5: "het50", 0.25: "het25"}.get(density)
             if kind is None:
                 raise ValueError(f"--moa-densities takes 0.5 or 0.25, got {density}")
-            w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads,
-                                dense_groups=True)
+            w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads, dense_groups=True)
             plan = Plan.from_windows([list(w)] * cfg.num_layers, [list(s)] * cfg.num_layers)
         elif Path(spec).is_file():
             plan = Plan.load(spec)
         else:
             plan = Plan.from_spec(spec, cfg.num_layers, cfg.num_heads)
-        return MoAAttention(plan.validate(cfg), kernel_backend=args.kernel_backend,
-                            interpret=args.interpret or None)
+        return MoAAttention(
+            plan.validate(cfg), kernel_backend=args.kernel_backend, interpret=args.interpret or None
+        )
 
     return make
 
@@ -183,8 +228,12 @@ def fill_cache(cache, context: int, key):
     import jax.numpy as jnp
 
     from moa_jax.models.kv_cache import DenseKVCache, SpanKVCache
-    from moa_jax.models.recycled import (HeadMajorKVCache, RecycledKVCache, SelectedKVCache,
-                                         streaming_positions)
+    from moa_jax.models.recycled import (
+        HeadMajorKVCache,
+        RecycledKVCache,
+        SelectedKVCache,
+        streaming_positions,
+    )
 
     k1, k2, k3, k4 = jax.random.split(key, 4)
 
@@ -202,8 +251,7 @@ def fill_cache(cache, context: int, key):
     if isinstance(cache, SpanKVCache):
         b, _, d = cache.k.shape
         one = jnp.zeros((b, 1, cache.num_kv_heads, d), cache.k.dtype)
-        c = cache.write(one, one, jnp.zeros((b,), jnp.int32),
-                        jnp.full((b,), context, jnp.int32))
+        c = cache.write(one, one, jnp.zeros((b,), jnp.int32), jnp.full((b,), context, jnp.int32))
         return dataclasses.replace(c, k=rnd(k1, c.k), v=rnd(k2, c.v))
     if isinstance(cache, RecycledKVCache):
         b, hkv, slots, _ = cache.kp.shape
@@ -211,21 +259,26 @@ def fill_cache(cache, context: int, key):
         idx = random_selection(k3, b, hkv, slots, cache.top_k)
         take = jnp.maximum(idx, 0)[..., None]
         return dataclasses.replace(
-            cache, k=ck, v=cv, idx=idx, kp=jnp.take_along_axis(ck, take, axis=2),
+            cache,
+            k=ck,
+            v=cv,
+            idx=idx,
+            kp=jnp.take_along_axis(ck, take, axis=2),
             vp=jnp.take_along_axis(cv, take, axis=2),
-            ref_q=jax.random.normal(k4, cache.ref_q.shape, jnp.float32))
+            ref_q=jax.random.normal(k4, cache.ref_q.shape, jnp.float32),
+        )
     if isinstance(cache, SelectedKVCache):
         b, hkv, slots, _ = cache.kp.shape
         if cache.acc is None:
-            idx = streaming_positions(jnp.full((b,), context - 1, jnp.int32), cache.top_k,
-                                      4, slots)
+            idx = streaming_positions(jnp.full((b,), context - 1, jnp.int32), cache.top_k, 4, slots)
             idx = jnp.broadcast_to(idx[:, None], (b, hkv, slots))
             acc = None
         else:
             idx = random_selection(k3, b, hkv, slots, cache.top_k)
             acc = jnp.where(idx >= 0, jax.random.uniform(k4, idx.shape), -jnp.inf)
-        return dataclasses.replace(cache, kp=rnd(k1, cache.kp), vp=rnd(k2, cache.vp), idx=idx,
-                                   acc=acc)
+        return dataclasses.replace(
+            cache, kp=rnd(k1, cache.kp), vp=rnd(k2, cache.vp), idx=idx, acc=acc
+        )
     raise TypeError(f"no filler for cache type {type(cache).__name__}")
 
 
@@ -236,7 +289,7 @@ def kv_read_bytes(variant: Variant, caches, cfg, batch: int, live: float, itemsi
     if m in ("dense", "dense-kernel", "hf"):
         return per_token * live
     if m == "moa":
-        slots = sum(float(np.asarray(c.pos >= 0).sum()) for c in caches)   # all rows, layers
+        slots = sum(float(np.asarray(c.pos >= 0).sum()) for c in caches)  # all rows, layers
         return 2 * cfg.head_dim * itemsize * slots
     k = variant.params["k"]
     if m in ("streaming", "h2o"):
@@ -289,8 +342,9 @@ def _memory_stats(devices=None) -> dict:
     return out
 
 
-def make_weights(cfg, seed: int = 0, *, param_dtype: str = "bfloat16", dtype: str = "bfloat16",
-                 mesh=None):
+def make_weights(
+    cfg, seed: int = 0, *, param_dtype: str = "bfloat16", dtype: str = "bfloat16", mesh=None
+):
     """(graphdef, state) of a random model made on the device(s), sharded over `mesh` by the
     library's parameter rules if given.
 
@@ -315,7 +369,7 @@ def make_weights(cfg, seed: int = 0, *, param_dtype: str = "bfloat16", dtype: st
     fns: dict[Any, Any] = {}
 
     def gen(key, shape, dt):
-        if len(shape) == 1:                                    # norm scales
+        if len(shape) == 1:  # norm scales
             return jnp.ones(shape, dt)
         return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt)
 
@@ -329,8 +383,9 @@ def make_weights(cfg, seed: int = 0, *, param_dtype: str = "bfloat16", dtype: st
     return graphdef, jax.tree_util.tree_unflatten(treedef, made)
 
 
-def make_caches(attention, cfg, batch: int, cache_len: int, context: int, seed: int,
-                mesh=None) -> tuple:
+def make_caches(
+    attention, cfg, batch: int, cache_len: int, context: int, seed: int, mesh=None
+) -> tuple:
     """Per-layer caches as a prompt of `context` tokens leaves them (`fill_cache`), each made
     by its own jitted call straight into its sharding on `mesh`, so that no zero copy of the
     caches is ever allocated."""
@@ -347,9 +402,12 @@ def make_caches(attention, cfg, batch: int, cache_len: int, context: int, seed: 
     keys = jax.random.split(jax.random.key(seed), len(abstract))
     caches = []
     for i, (kk, sh) in enumerate(zip(keys, shardings)):
+
         def one(key, i=i):
-            return fill_cache(attention.init_cache(cfg, batch, cache_len, jnp.bfloat16)[i],
-                              context, key)
+            return fill_cache(
+                attention.init_cache(cfg, batch, cache_len, jnp.bfloat16)[i], context, key
+            )
+
         caches.append(jax.jit(one, out_shardings=sh)(kk))
     return tuple(caches)
 
@@ -359,8 +417,17 @@ def _cache_len(context: int, args) -> int:
     return context + args.steps * (args.warmup + args.iters) + 1
 
 
-def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, args,
-              bandwidth: float, mesh=None) -> dict:
+def bench_jax(
+    variant: Variant,
+    cfg,
+    graphdef,
+    state,
+    context: int,
+    batch: int,
+    args,
+    bandwidth: float,
+    mesh=None,
+) -> dict:
     """One measurement (see the module docstring); on `mesh` the weights (`state`) must
     already be sharded, and the caches and the loop are sharded by the library's rules."""
     import jax
@@ -374,8 +441,14 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
     attention = variant.make(context, cache_len)
     if mesh is not None:
         attention = attention.on_mesh(mesh)
-    row = dict(method=variant.method, variant=variant.label, context=context, batch=batch,
-               steps=n, **variant.params)
+    row = dict(
+        method=variant.method,
+        variant=variant.label,
+        context=context,
+        batch=batch,
+        steps=n,
+        **variant.params,
+    )
     caches = make_caches(attention, cfg, batch, cache_len, context, context + batch, mesh)
     kv_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(caches))
     w_leaves = jax.tree_util.tree_leaves(state)
@@ -388,8 +461,9 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
 
         def body(_, carry):
             tok, pos, caches = carry
-            logits, caches = model(tok[:, None], pos[:, None], caches, attention,
-                                   logits_at=jnp.zeros_like(pos))
+            logits, caches = model(
+                tok[:, None], pos[:, None], caches, attention, logits_at=jnp.zeros_like(pos)
+            )
             return jnp.argmax(logits, -1).astype(jnp.int32), pos + 1, caches
 
         return jax.lax.fori_loop(0, n, body, (tok, pos, caches))
@@ -417,9 +491,11 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
     row["in_use_gib"] = st.get("bytes_in_use", 0) / GIB or None
     if st.get("bytes_limit") and temp > st["bytes_limit"] - st.get("bytes_in_use", 0):
         # Fail now rather than through the allocator, which retries for seconds first.
-        raise RuntimeError(f"RESOURCE_EXHAUSTED: the loop's {temp / GIB:.2f} GiB of temporaries "
-                           f"exceed the {(st['bytes_limit'] - st['bytes_in_use']) / GIB:.2f} GiB "
-                           "left after weights and caches")
+        raise RuntimeError(
+            f"RESOURCE_EXHAUSTED: the loop's {temp / GIB:.2f} GiB of temporaries "
+            f"exceed the {(st['bytes_limit'] - st['bytes_in_use']) / GIB:.2f} GiB "
+            "left after weights and caches"
+        )
     times = []
     for i in range(args.warmup + args.iters):
         t0 = time.perf_counter()
@@ -433,23 +509,34 @@ def bench_jax(variant: Variant, cfg, graphdef, state, context: int, batch: int, 
 
         out = []
 
-        def call():                  # keeps the outputs: the input caches were donated
-            out.append(compiled(state, tok, pos, caches))
+        def call(fn=compiled, args=(state, tok, pos, caches)):
+            out.append(fn(*args))  # keeps the outputs: the input caches were donated
             return out[-1][0]
 
         row["kernel_profile"] = kernel_times(call, per=n)
         tok, pos, caches = out[-1]
-        print(f"{variant.label} C={context} B={batch}: device time per step\n"
-              + format_kernel_times(row["kernel_profile"]), file=sys.stderr, flush=True)
+        print(
+            f"{variant.label} C={context} B={batch}: device time per step\n"
+            + format_kernel_times(row["kernel_profile"]),
+            file=sys.stderr,
+            flush=True,
+        )
     live = context + n * (args.warmup + args.iters / 2)
     kv_read = kv_read_bytes(variant, caches, cfg, batch, live, 2)
     st = _memory_stats(devices)
     floor_ms = (w_read + kv_read) / bandwidth * 1e3
-    row.update(status="ok", ms_per_step=ms, tokens_per_s=batch * 1e3 / ms,
-               kv_cache_gib=kv_bytes / GIB, weights_gib=w_bytes / GIB,
-               peak_gib_process=st.get("peak_bytes_in_use", 0) / GIB or None,
-               weights_read_gib=w_read / GIB, kv_read_gib=kv_read / GIB,
-               floor_ms=floor_ms, floor_ratio=ms / floor_ms)
+    row.update(
+        status="ok",
+        ms_per_step=ms,
+        tokens_per_s=batch * 1e3 / ms,
+        kv_cache_gib=kv_bytes / GIB,
+        weights_gib=w_bytes / GIB,
+        peak_gib_process=st.get("peak_bytes_in_use", 0) / GIB or None,
+        weights_read_gib=w_read / GIB,
+        kv_read_gib=kv_read / GIB,
+        floor_ms=floor_ms,
+        floor_ratio=ms / floor_ms,
+    )
     del caches, compiled
     return row
 
@@ -462,16 +549,23 @@ def bench_hf(cfg, context: int, batch: int, args, bandwidth: float) -> dict:
     if dev == "cpu" and not args.tiny:
         raise RuntimeError("the hf method needs torch with CUDA (or --tiny)")
     n = args.steps
-    row = dict(method="hf", variant="hf transformers sdpa", context=context, batch=batch,
-               steps=n)
+    row = dict(method="hf", variant="hf transformers sdpa", context=context, batch=batch, steps=n)
     hf_cfg = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rope_theta=cfg.rope_theta,
         max_position_embeddings=max(cfg.max_position_embeddings, context + n + 8),
-        tie_word_embeddings=cfg.tie_word_embeddings, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None, attn_implementation="sdpa")
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attn_implementation="sdpa",
+    )
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -524,13 +618,20 @@ def bench_hf(cfg, context: int, batch: int, args, bandwidth: float) -> dict:
         kv_bytes = per_token * (context + n)
         kv_read = per_token * (context + n / 2)
         floor_ms = (w_read + kv_read) / bandwidth * 1e3 if np.isfinite(bandwidth) else None
-        row.update(status="ok", ms_per_step=ms, tokens_per_s=batch * 1e3 / ms,
-                   prefill_s=one, kv_cache_gib=kv_bytes / GIB, weights_gib=w_bytes / GIB,
-                   peak_gib_process=(torch.cuda.max_memory_allocated() / GIB
-                                     if dev == "cuda" else None),
-                   weights_read_gib=w_read / GIB, kv_read_gib=kv_read / GIB,
-                   floor_ms=floor_ms, floor_ratio=None if floor_ms is None else ms / floor_ms,
-                   static_cache=bool(args.hf_static_cache))
+        row.update(
+            status="ok",
+            ms_per_step=ms,
+            tokens_per_s=batch * 1e3 / ms,
+            prefill_s=one,
+            kv_cache_gib=kv_bytes / GIB,
+            weights_gib=w_bytes / GIB,
+            peak_gib_process=(torch.cuda.max_memory_allocated() / GIB if dev == "cuda" else None),
+            weights_read_gib=w_read / GIB,
+            kv_read_gib=kv_read / GIB,
+            floor_ms=floor_ms,
+            floor_ratio=None if floor_ms is None else ms / floor_ms,
+            static_cache=bool(args.hf_static_cache),
+        )
     finally:
         model = None
         gc.collect()
@@ -561,8 +662,7 @@ def _torch_copy_bandwidth(nbytes: int, iters: int = 10, warmup: int = 3) -> floa
 
 
 # ------------------------------------------------------------------------------ sweep
-def sweep(run_one, batches: list, refine: bool, log, largest=None, multiple: int = 1
-          ) -> list[dict]:
+def sweep(run_one, batches: list, refine: bool, log, largest=None, multiple: int = 1) -> list[dict]:
     """Runs batches in order until one runs out of memory; optionally bisects the boundary.
 
     An entry "max" runs `largest()` (the estimated largest batch; skipped when not above the
@@ -616,8 +716,9 @@ def sweep(run_one, batches: list, refine: bool, log, largest=None, multiple: int
     return rows
 
 
-def largest_batch(variant: Variant, cfg, context: int, args, stats: dict | None = None,
-                  mesh=None) -> int:
+def largest_batch(
+    variant: Variant, cfg, context: int, args, stats: dict | None = None, mesh=None
+) -> int:
     """Largest batch whose caches (plus one layer's copy while they are filled, and 1 GiB for
     the loop's temporaries) fit in the device memory not yet in use; on `mesh` the caches
     spread over every device and the batch is a multiple of the data x fsdp size."""
@@ -675,9 +776,16 @@ def summarize(rows: list[dict]) -> dict:
             fastest[key] = r
 
     def listing(by):
-        return [dict(variant=v, context=c, batch=r["batch"], tokens_per_s=r["tokens_per_s"],
-                     ms_per_step=r["ms_per_step"])
-                for (v, c), r in sorted(by.items(), key=lambda x: (x[0][1], x[0][0]))]
+        return [
+            dict(
+                variant=v,
+                context=c,
+                batch=r["batch"],
+                tokens_per_s=r["tokens_per_s"],
+                ms_per_step=r["ms_per_step"],
+            )
+            for (v, c), r in sorted(by.items(), key=lambda x: (x[0][1], x[0][0]))
+        ]
 
     out = dict(largest_batch=listing(largest), best_throughput=listing(fastest))
     ratios = []
@@ -685,21 +793,41 @@ def summarize(rows: list[dict]) -> dict:
         for base in ("dense", "dense-kernel", "streaming", "hf"):
             if r["method"] == base:
                 continue
-            same = [b for b in ok if b["method"] == base and b["context"] == r["context"]
-                    and b["batch"] == r["batch"]]
+            same = [
+                b
+                for b in ok
+                if b["method"] == base and b["context"] == r["context"] and b["batch"] == r["batch"]
+            ]
             if same:
-                ratios.append(dict(variant=r["variant"], context=r["context"], batch=r["batch"],
-                                   baseline=same[0]["variant"],
-                                   step_time_ratio=r["ms_per_step"] / same[0]["ms_per_step"],
-                                   throughput_ratio=r["tokens_per_s"] / same[0]["tokens_per_s"]))
+                ratios.append(
+                    dict(
+                        variant=r["variant"],
+                        context=r["context"],
+                        batch=r["batch"],
+                        baseline=same[0]["variant"],
+                        step_time_ratio=r["ms_per_step"] / same[0]["ms_per_step"],
+                        throughput_ratio=r["tokens_per_s"] / same[0]["tokens_per_s"],
+                    )
+                )
     for at, by in (("largest batches", largest), ("best throughput", fastest)):
         for (v, c), r in by.items():
             for (bv, bc), b in by.items():
-                if bc == c and bv != v and b["method"] in ("dense", "dense-kernel", "hf",
-                                                           "streaming"):
-                    ratios.append(dict(variant=v, context=c, batch=r["batch"], baseline=bv,
-                                       baseline_batch=b["batch"], at=at,
-                                       throughput_ratio=r["tokens_per_s"] / b["tokens_per_s"]))
+                if (
+                    bc == c
+                    and bv != v
+                    and b["method"] in ("dense", "dense-kernel", "hf", "streaming")
+                ):
+                    ratios.append(
+                        dict(
+                            variant=v,
+                            context=c,
+                            batch=r["batch"],
+                            baseline=bv,
+                            baseline_batch=b["batch"],
+                            at=at,
+                            throughput_ratio=r["tokens_per_s"] / b["tokens_per_s"],
+                        )
+                    )
     out["ratios"] = ratios
     return out
 
@@ -708,6 +836,7 @@ def plot_throughput(rows: list[dict], path: str | Path, title: str = "") -> Path
     """Bar chart of tokens/s per method at batch 1 and at its best batch (highest tokens/s),
     one panel per context (the figure beside the JSON report)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -720,15 +849,25 @@ def plot_throughput(rows: list[dict], path: str | Path, title: str = "") -> Path
     for ax, c in zip(axes[0], contexts):
         here = [r for r in ok if r["context"] == c]
         names = list(dict.fromkeys(r["variant"] for r in here))
-        one = [max((r["tokens_per_s"] for r in here if r["variant"] == n and r["batch"] == 1),
-                   default=0.0) for n in names]
+        one = [
+            max(
+                (r["tokens_per_s"] for r in here if r["variant"] == n and r["batch"] == 1),
+                default=0.0,
+            )
+            for n in names
+        ]
         best = [fastest[(n, c)] for n in names]
         x = np.arange(len(names))
         ax.bar(x - 0.2, one, 0.4, label="batch 1")
         bars = ax.bar(x + 0.2, [r["tokens_per_s"] for r in best], 0.4, label="best batch")
         for bar, r in zip(bars, best):
-            ax.annotate(f"b={r['batch']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                f"b={r['batch']}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("tokens / s")
@@ -744,8 +883,10 @@ def plot_throughput(rows: list[dict], path: str | Path, title: str = "") -> Path
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| method | context | batch | ms/step | tok/s | KV GiB | peak GiB | floor ms | "
-            "step/floor | status |")
+    head = (
+        "| method | context | batch | ms/step | tok/s | KV GiB | peak GiB | floor ms | "
+        "step/floor | status |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x, fmt):
@@ -756,7 +897,8 @@ def format_table(rows: list[dict]) -> str:
             f"| {r['variant']} | {r['context']} | {r['batch']} | {f(r.get('ms_per_step'), '.2f')}"
             f" | {f(r.get('tokens_per_s'), '.1f')} | {f(r.get('kv_cache_gib'), '.2f')} | "
             f"{f(r.get('peak_gib_process'), '.1f')} | {f(r.get('floor_ms'), '.2f')} | "
-            f"{f(r.get('floor_ratio'), '.2f')} | {r['status']} |")
+            f"{f(r.get('floor_ratio'), '.2f')} | {r['status']} |"
+        )
     return "\n".join(lines)
 
 
@@ -766,64 +908,138 @@ def _batch(s: str):
     try:
         b = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"batch must be a positive integer or 'max', got {s!r}")
+        raise argparse.ArgumentTypeError(
+            f"batch must be a positive integer or 'max', got {s!r}"
+        ) from None
     if b < 1:
         raise argparse.ArgumentTypeError(f"batch must be positive, got {b}")
     return b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moa_jax.bench.decode",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--method", nargs="+", choices=METHODS, default=None,
-                   help="methods to run (default: dense dense-kernel moa streaming recycled)")
-    p.add_argument("--contexts", type=int, nargs="+", default=None,
-                   help="prompt lengths C (default 32768 65536; --tiny: 40)")
-    p.add_argument("--batches", type=_batch, nargs="+", default=None,
-                   help="batch sizes tried in order until OOM; 'max' = the estimated largest "
-                        "that fits (default 1 2 4 ... 256)")
-    p.add_argument("--refine", action="store_true",
-                   help="bisect between the largest batch that fit and the first OOM")
-    p.add_argument("--steps", type=int, default=None,
-                   help="decode steps per timed call (default 100; --tiny: 4)")
+    p = argparse.ArgumentParser(
+        prog="python -m moa_jax.bench.decode",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--method",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="methods to run (default: dense dense-kernel moa streaming recycled)",
+    )
+    p.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="prompt lengths C (default 32768 65536; --tiny: 40)",
+    )
+    p.add_argument(
+        "--batches",
+        type=_batch,
+        nargs="+",
+        default=None,
+        help="batch sizes tried in order until OOM; 'max' = the estimated largest "
+        "that fits (default 1 2 4 ... 256)",
+    )
+    p.add_argument(
+        "--refine",
+        action="store_true",
+        help="bisect between the largest batch that fit and the first OOM",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="decode steps per timed call (default 100; --tiny: 4)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
-    p.add_argument("--recycle-k", type=int, default=None,
-                   help="K of streaming / h2o / recycled (default 4096; --tiny: 16)")
-    p.add_argument("--recycle-stride", type=int, nargs="+", default=None,
-                   help="fixed strides S of the recycled runs, 0 = never refresh (SnapKV) "
-                        "(default 10 50; --tiny: 2)")
-    p.add_argument("--recycle-threshold", type=float, nargs="*", default=None,
-                   help="dynamic-schedule thresholds (one recycled run each)")
-    p.add_argument("--recycle-check", type=int, default=10,
-                   help="query check interval QC of the dynamic schedule")
-    p.add_argument("--moa-densities", type=float, nargs="*", default=[0.5, 0.25],
-                   help="synthetic MoA plans by KV density (0.5, 0.25)")
-    p.add_argument("--plan", nargs="+", default=None,
-                   help="MoA plan files or specs, run besides the synthetic --moa-densities "
-                        "(pass --moa-densities with no value for none)")
+    p.add_argument(
+        "--recycle-k",
+        type=int,
+        default=None,
+        help="K of streaming / h2o / recycled (default 4096; --tiny: 16)",
+    )
+    p.add_argument(
+        "--recycle-stride",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fixed strides S of the recycled runs, 0 = never refresh (SnapKV) "
+        "(default 10 50; --tiny: 2)",
+    )
+    p.add_argument(
+        "--recycle-threshold",
+        type=float,
+        nargs="*",
+        default=None,
+        help="dynamic-schedule thresholds (one recycled run each)",
+    )
+    p.add_argument(
+        "--recycle-check",
+        type=int,
+        default=10,
+        help="query check interval QC of the dynamic schedule",
+    )
+    p.add_argument(
+        "--moa-densities",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.25],
+        help="synthetic MoA plans by KV density (0.5, 0.25)",
+    )
+    p.add_argument(
+        "--plan",
+        nargs="+",
+        default=None,
+        help="MoA plan files or specs, run besides the synthetic --moa-densities "
+        "(pass --moa-densities with no value for none)",
+    )
     p.add_argument("--kernel-backend", default="auto", choices=["auto", "gpu", "tpu", "reference"])
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode")
-    p.add_argument("--block", type=int, default=None,
-                   help="cache block of the recycled caches (default 64; 128 on TPU)")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=None,
+        help="cache block of the recycled caches (default 64; 128 on TPU)",
+    )
     p.add_argument("--num-splits", type=int, default=None, help="GPU split-K of the decode")
-    p.add_argument("--kernel-profile", action="store_true",
-                   help="after timing, run one call under jax.profiler and report the device "
-                        "time per kernel and step (row field kernel_profile)")
-    p.add_argument("--hf-static-cache", action="store_true",
-                   help="hf: generate with cache_implementation='static'")
-    p.add_argument("--bandwidth-gib", type=float, default=None,
-                   help="size of the copy-bandwidth probe (default 2 GiB; --tiny 0.01)")
-    p.add_argument("--tiny", action="store_true",
-                   help="CPU smoke run: a 2-layer tiny model, small shapes, interpret mode")
-    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="decode on a device mesh (moa_jax.parallel): rows over data x fsdp, "
-                        "heads over tensor (weights by the library's rules, caches by their "
-                        "logical axes), e.g. 8,1,1 (data parallel) or 1,1,8 (tensor parallel); "
-                        "default: one device")
+    p.add_argument(
+        "--kernel-profile",
+        action="store_true",
+        help="after timing, run one call under jax.profiler and report the device "
+        "time per kernel and step (row field kernel_profile)",
+    )
+    p.add_argument(
+        "--hf-static-cache",
+        action="store_true",
+        help="hf: generate with cache_implementation='static'",
+    )
+    p.add_argument(
+        "--bandwidth-gib",
+        type=float,
+        default=None,
+        help="size of the copy-bandwidth probe (default 2 GiB; --tiny 0.01)",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="CPU smoke run: a 2-layer tiny model, small shapes, interpret mode",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="DATA,FSDP,TENSOR",
+        help="decode on a device mesh (moa_jax.parallel): rows over data x fsdp, "
+        "heads over tensor (weights by the library's rules, caches by their "
+        "logical axes), e.g. 8,1,1 (data parallel) or 1,1,8 (tensor parallel); "
+        "default: one device",
+    )
     p.add_argument("--compile-cache", default=None, help="persistent XLA compilation cache dir")
     p.add_argument("--out", default=None, help="write the JSON report here")
     return p
@@ -857,9 +1073,14 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     cfg = model_config(args)
     nbytes = int(args.bandwidth_gib * GIB)
-    report: dict[str, Any] = dict(date=datetime.date.today().isoformat(),
-                                  python=platform.python_version(), argv=sys.argv[1:],
-                                  args=vars(args), model=dataclasses.asdict(cfg), rows=rows)
+    report: dict[str, Any] = dict(
+        date=datetime.date.today().isoformat(),
+        python=platform.python_version(),
+        argv=sys.argv[1:],
+        args=vars(args),
+        model=dataclasses.asdict(cfg),
+        rows=rows,
+    )
 
     def save():
         if args.out:
@@ -873,7 +1094,8 @@ def main(argv=None) -> int:
         print(json.dumps(keep), flush=True)
         if "error" in row:
             print(f"  {row['status']}: {row['error']}", file=sys.stderr, flush=True)
-        save()          # after every run, so a run cut short still leaves its results
+        save()  # after every run, so a run cut short still leaves its results
+
     # HF first, before JAX allocates device memory.
     if "hf" in args.method:
         try:
@@ -887,13 +1109,27 @@ def main(argv=None) -> int:
                 report["hf_device"] = torch.cuda.get_device_name(0)
         except ImportError as e:
             bw_t = float("nan")
-            rows.append(dict(method="hf", variant="hf transformers sdpa", context=None,
-                             batch=None, status="error", error=f"ImportError: {e}"))
+            rows.append(
+                dict(
+                    method="hf",
+                    variant="hf transformers sdpa",
+                    context=None,
+                    batch=None,
+                    status="error",
+                    error=f"ImportError: {e}",
+                )
+            )
         else:
             for c in args.contexts:
-                sweep(lambda b: _guard(lambda: bench_hf(cfg, c, b, args, bw_t), dict(
-                    method="hf", variant="hf transformers sdpa", context=c, batch=b)),
-                    args.batches, args.refine, log)
+                sweep(
+                    lambda b: _guard(
+                        lambda: bench_hf(cfg, c, b, args, bw_t),
+                        dict(method="hf", variant="hf transformers sdpa", context=c, batch=b),
+                    ),
+                    args.batches,
+                    args.refine,
+                    log,
+                )
     jax_vars = [v for v in variants(args, cfg) if v.method != "hf"]
     if jax_vars:
         import jax
@@ -904,8 +1140,12 @@ def main(argv=None) -> int:
 
         mesh = make_mesh(MeshConfig.parse(args.mesh)) if args.mesh else None
         dev = jax.devices()[0]
-        report.update(device=str(dev.device_kind), platform=dev.platform, jax=jax.__version__,
-                      mesh=None if mesh is None else dict(mesh.shape))
+        report.update(
+            device=str(dev.device_kind),
+            platform=dev.platform,
+            jax=jax.__version__,
+            mesh=None if mesh is None else dict(mesh.shape),
+        )
         bw = copy_bandwidth(nbytes)
         report["copy_bandwidth_gbs"] = bw / 1e9
         t0 = time.perf_counter()
@@ -915,11 +1155,17 @@ def main(argv=None) -> int:
         for var in jax_vars:
             for c in args.contexts:
                 base = dict(method=var.method, variant=var.label, context=c, **var.params)
-                sweep(lambda b: _guard(
-                    lambda: bench_jax(var, cfg, graphdef, state, c, b, args, bw, mesh),
-                    dict(base, batch=b)), args.batches, args.refine, log,
+                sweep(
+                    lambda b: _guard(
+                        lambda: bench_jax(var, cfg, graphdef, state, c, b, args, bw, mesh),
+                        dict(base, batch=b),
+                    ),
+                    args.batches,
+                    args.refine,
+                    log,
                     largest=lambda: largest_batch(var, cfg, c, args, mesh=mesh),
-                    multiple=batch_multiple(mesh))
+                    multiple=batch_multiple(mesh),
+                )
     save()
     if args.out and any(r.get("status") == "ok" for r in rows):
         title = f"{report.get('device') or report.get('hf_device') or ''} {report['date']}"

@@ -77,8 +77,9 @@ def kernel_times(fn: Callable[[], Any], *, per: int = 1, top: int = 30) -> dict:
 def format_kernel_times(prof: dict, width: int = 60) -> str:
     """The profile as text lines: microseconds, calls, name."""
     lines = [f"  device busy {prof['busy_us']:.1f} us"]
-    lines += [f"  {k['us']:9.1f} us {k['calls']:7.1f}x  {k['name'][:width]}"
-              for k in prof["kernels"]]
+    lines += [
+        f"  {k['us']:9.1f} us {k['calls']:7.1f}x  {k['name'][:width]}" for k in prof["kernels"]
+    ]
     if prof["other_us"] > 0:
         lines.append(f"  {prof['other_us']:9.1f} us           (the rest)")
     return "\n".join(lines)

@@ -67,8 +67,9 @@ def _mesh(data: int, fsdp: int, tensor: int):
     n = data * fsdp * tensor
     devices = jax.devices()
     if len(devices) < n:
-        raise RuntimeError(f"mesh ({data}, {fsdp}, {tensor}) needs {n} devices, this process "
-                           f"sees {len(devices)}")
+        raise RuntimeError(
+            f"mesh ({data}, {fsdp}, {tensor}) needs {n} devices, this process sees {len(devices)}"
+        )
     return make_mesh(MeshConfig(data, fsdp, tensor), devices[:n])
 
 
@@ -113,14 +114,34 @@ def train_worker(n: int, args) -> dict:
     mc = _model_config(args)
     rows = args.rows_per_device * n
     seq = args.prefix + args.tail
-    cfg = TrainConfig(model="random", dtype="bfloat16", param_dtype="float32",
-                      attention="recycled", prefix_len=args.prefix, tail_len=args.tail,
-                      top_k=args.top_k, batch_size=rows, steps=args.train_steps + 1,
-                      lr=1e-5, warmup_steps=0, mesh_data=1, mesh_fsdp=n, mesh_tensor=1,
-                      remat=args.remat)
+    cfg = TrainConfig(
+        model="random",
+        dtype="bfloat16",
+        param_dtype="float32",
+        attention="recycled",
+        prefix_len=args.prefix,
+        tail_len=args.tail,
+        top_k=args.top_k,
+        batch_size=rows,
+        steps=args.train_steps + 1,
+        lr=1e-5,
+        warmup_steps=0,
+        mesh_data=1,
+        mesh_fsdp=n,
+        mesh_tensor=1,
+        remat=args.remat,
+    )
     mesh = _mesh(1, n, 1)
-    row: dict[str, Any] = dict(part="train", devices=n, mesh=dict(mesh.shape), rows=rows,
-                               seq_len=seq, top_k=args.top_k, remat=args.remat, **_where())
+    row: dict[str, Any] = dict(
+        part="train",
+        devices=n,
+        mesh=dict(mesh.shape),
+        rows=rows,
+        seq_len=seq,
+        top_k=args.top_k,
+        remat=args.remat,
+        **_where(),
+    )
     attention = make_attention(cfg, mc)
     graphdef, params = make_weights(mc, param_dtype="float32", dtype="bfloat16", mesh=mesh)
     p_sh = param_shardings(params, mesh)
@@ -131,9 +152,12 @@ def train_worker(n: int, args) -> dict:
     shape = (1, rows, seq)
     b_sh = batch_shardings(mesh, shape, lead=1)
     toks = np.random.default_rng(0).integers(0, mc.vocab_size, (1, rows, seq + 1), np.int32)
-    batch = {"inputs": toks[..., :-1], "targets": toks[..., 1:],
-             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), shape),
-             "loss_mask": np.ones(shape, np.float32)}
+    batch = {
+        "inputs": toks[..., :-1],
+        "targets": toks[..., 1:],
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), shape),
+        "loss_mask": np.ones(shape, np.float32),
+    }
     batch = {k: jax.device_put(np.ascontiguousarray(v), b_sh) for k, v in batch.items()}
     step = get_train_step(graphdef, attention, cfg, mesh, p_sh, o_sh, shape)
     state = {"params": params, "opt": opt_state, "rng": rng}
@@ -146,17 +170,23 @@ def train_worker(n: int, args) -> dict:
         return float(jax.device_get(m["loss"]))
 
     t0 = time.perf_counter()
-    loss0 = one()                              # compiles
+    loss0 = one()  # compiles
     row["first_step_s"] = time.perf_counter() - t0
     dt = _timed(one, 0, args.train_steps)
-    flops = rows * train_flops_per_sequence(mc, seq, attention_entries(attention, seq,
-                                                                        mc.num_heads))
+    flops = rows * train_flops_per_sequence(
+        mc, seq, attention_entries(attention, seq, mc.num_heads)
+    )
     peak = peak_flops(cfg)
     st = _memory_stats(list(mesh.devices.flat))
-    row.update(status="ok", step_s=dt, tokens_per_s=rows * seq / dt,
-               tokens_per_s_per_device=rows * seq / dt / n, loss_first=loss0,
-               peak_gib_per_device=st.get("peak_bytes_in_use", 0) / GIB or None,
-               mfu=flops / dt / (peak * n) if peak else None)
+    row.update(
+        status="ok",
+        step_s=dt,
+        tokens_per_s=rows * seq / dt,
+        tokens_per_s_per_device=rows * seq / dt / n,
+        loss_first=loss0,
+        peak_gib_per_device=st.get("peak_bytes_in_use", 0) / GIB or None,
+        mfu=flops / dt / (peak * n) if peak else None,
+    )
     if not np.isfinite(loss0):
         raise FloatingPointError(f"loss is {loss0}")
     return row
@@ -172,25 +202,37 @@ def profile_worker(n: int, args) -> dict:
     mc = _model_config(args)
     mesh = _mesh(n, 1, 1)
     length = args.profile_length
-    items = synthetic_items(mc.vocab_size, length, n * (args.profile_steps + 1),
-                            args.answer_tokens)
+    items = synthetic_items(mc.vocab_size, length, n * (args.profile_steps + 1), args.answer_tokens)
     graphdef, state = make_weights(mc, mesh=mesh)
     model = nnx.merge(graphdef, state)
-    row: dict[str, Any] = dict(part="profile", devices=n, mesh=dict(mesh.shape), length=length,
-                               items_per_step=n, **_where())
+    row: dict[str, Any] = dict(
+        part="profile",
+        devices=n,
+        mesh=dict(mesh.shape),
+        length=length,
+        items_per_step=n,
+        **_where(),
+    )
     t = time_profile(model, items, length, n, mesh=mesh)
-    row.update(status="ok", items=t["steady_items"], first_step_s=t["first_batch_s"],
-               seconds_per_item=t["seconds_per_item"],
-               items_per_s=t["steady_items"] / max(t["steady_s"], 1e-9),
-               peak_gib_per_device=t["peak_gib"])
+    row.update(
+        status="ok",
+        items=t["steady_items"],
+        first_step_s=t["first_batch_s"],
+        seconds_per_item=t["seconds_per_item"],
+        items_per_s=t["steady_items"] / max(t["steady_s"], 1e-9),
+        peak_gib_per_device=t["peak_gib"],
+    )
     return row
 
 
 # ------------------------------------------------------------------------------ driver
 def _env(n: int, gpu: bool) -> dict[str, str]:
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
     if gpu:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
@@ -206,15 +248,34 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]
 
 
 def _worker_cmd(part: str, n: int, args, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "moa_jax.bench.scaling", "--worker", part,
-           "--devices", str(n), "--worker-out", str(out),
-           "--prefix", str(args.prefix), "--tail", str(args.tail), "--top-k", str(args.top_k),
-           "--rows-per-device", str(args.rows_per_device),
-           "--train-steps", str(args.train_steps),
-           "--profile-length", str(args.profile_length),
-           "--profile-steps", str(args.profile_steps),
-           "--answer-tokens", str(args.answer_tokens),
-           "--remat" if args.remat else "--no-remat"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moa_jax.bench.scaling",
+        "--worker",
+        part,
+        "--devices",
+        str(n),
+        "--worker-out",
+        str(out),
+        "--prefix",
+        str(args.prefix),
+        "--tail",
+        str(args.tail),
+        "--top-k",
+        str(args.top_k),
+        "--rows-per-device",
+        str(args.rows_per_device),
+        "--train-steps",
+        str(args.train_steps),
+        "--profile-length",
+        str(args.profile_length),
+        "--profile-steps",
+        str(args.profile_steps),
+        "--answer-tokens",
+        str(args.answer_tokens),
+        "--remat" if args.remat else "--no-remat",
+    ]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     if args.tiny:
@@ -224,10 +285,28 @@ def _worker_cmd(part: str, n: int, args, out: Path) -> list[str]:
 
 def _decode_cmd(n: int, layout: str, args, out: Path) -> list[str]:
     mesh = f"{n},1,1" if layout == "data" else f"1,1,{n}"
-    cmd = [sys.executable, "-m", "moa_jax.bench.decode", "--method", "dense-kernel", "moa",
-           "--moa-densities", str(args.moa_density), "--contexts", str(args.decode_context),
-           "--batches", *args.decode_batches, "--steps", str(args.decode_steps),
-           "--iters", "2", "--mesh", mesh, "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moa_jax.bench.decode",
+        "--method",
+        "dense-kernel",
+        "moa",
+        "--moa-densities",
+        str(args.moa_density),
+        "--contexts",
+        str(args.decode_context),
+        "--batches",
+        *args.decode_batches,
+        "--steps",
+        str(args.decode_steps),
+        "--iters",
+        "2",
+        "--mesh",
+        mesh,
+        "--out",
+        str(out),
+    ]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     if args.tiny:
@@ -238,8 +317,10 @@ def _decode_cmd(n: int, layout: str, args, out: Path) -> list[str]:
 def efficiency(rows: list[dict], part: str, key: str, per_device: bool) -> None:
     """Adds `scaling_efficiency` to the ok rows of a part: the per-device rate over that of the
     smallest device count that ran (rates per device when `per_device`, else totals / n)."""
-    ok = sorted((r for r in rows if r.get("part") == part and r.get("status") == "ok"),
-                key=lambda r: r["devices"])
+    ok = sorted(
+        (r for r in rows if r.get("part") == part and r.get("status") == "ok"),
+        key=lambda r: r["devices"],
+    )
     if not ok:
         return
     base = ok[0]
@@ -253,65 +334,102 @@ def efficiency(rows: list[dict], part: str, key: str, per_device: bool) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| part | devices | mesh | figure | per device | peak GiB/device | MFU | "
-             "efficiency | status |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| part | devices | mesh | figure | per device | peak GiB/device | MFU | "
+        "efficiency | status |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
 
     for r in rows:
         if r.get("part") == "train":
-            fig, per = f"{f(r.get('tokens_per_s'), '.0f')} tok/s", \
-                f(r.get("tokens_per_s_per_device"), ".0f")
+            fig, per = (
+                f"{f(r.get('tokens_per_s'), '.0f')} tok/s",
+                f(r.get("tokens_per_s_per_device"), ".0f"),
+            )
         elif r.get("part") == "profile":
             fig, per = f"{f(r.get('seconds_per_item'), '.2f')} s/item", ""
         else:
-            fig = (f"{r.get('variant', '')} b={r.get('batch', '')}: "
-                   f"{f(r.get('tokens_per_s'), '.0f')} tok/s")
+            fig = (
+                f"{r.get('variant', '')} b={r.get('batch', '')}: "
+                f"{f(r.get('tokens_per_s'), '.0f')} tok/s"
+            )
             per = f(r["tokens_per_s"] / r["devices"], ".0f") if r.get("tokens_per_s") else ""
         mesh = r.get("mesh") or {}
-        lines.append(f"| {r.get('part')} | {r.get('devices')} | "
-                     f"{','.join(str(v) for v in mesh.values())} | {fig} | {per} | "
-                     f"{f(r.get('peak_gib_per_device') or r.get('peak_gib_process'), '.1f')} | "
-                     f"{f(r.get('mfu'), '.3f')} | {f(r.get('scaling_efficiency'), '.2f')} | "
-                     f"{r.get('status')} |")
+        lines.append(
+            f"| {r.get('part')} | {r.get('devices')} | "
+            f"{','.join(str(v) for v in mesh.values())} | {fig} | {per} | "
+            f"{f(r.get('peak_gib_per_device') or r.get('peak_gib_process'), '.1f')} | "
+            f"{f(r.get('mfu'), '.3f')} | {f(r.get('scaling_efficiency'), '.2f')} | "
+            f"{r.get('status')} |"
+        )
     return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m moa_jax.bench.scaling",
-                                description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8],
-                   help="device counts to measure (worker: the count of this process)")
+    p = argparse.ArgumentParser(
+        prog="python -m moa_jax.bench.scaling",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8],
+        help="device counts to measure (worker: the count of this process)",
+    )
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--layouts", nargs="+", choices=("data", "tensor"),
-                   default=["data", "tensor"], help="decode meshes: (n,1,1) and/or (1,1,n)")
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=("data", "tensor"),
+        default=["data", "tensor"],
+        help="decode meshes: (n,1,1) and/or (1,1,n)",
+    )
     p.add_argument("--layers", type=int, default=None, help="override the layer count")
     p.add_argument("--prefix", type=int, default=None, help="train: L (default 8192)")
     p.add_argument("--tail", type=int, default=None, help="train: S (default 50)")
     p.add_argument("--top-k", type=int, default=None, help="train: K (default 2048)")
     p.add_argument("--rows-per-device", type=int, default=1, help="train: rows per device")
-    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
-                   help="train: recompute each layer in the backward pass (default on)")
+    p.add_argument(
+        "--remat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train: recompute each layer in the backward pass (default on)",
+    )
     p.add_argument("--train-steps", type=int, default=3, help="train: timed steps")
-    p.add_argument("--profile-length", type=int, default=None,
-                   help="profile: calibration length N (default 8192)")
+    p.add_argument(
+        "--profile-length",
+        type=int,
+        default=None,
+        help="profile: calibration length N (default 8192)",
+    )
     p.add_argument("--profile-steps", type=int, default=2, help="profile: timed steps")
-    p.add_argument("--answer-tokens", type=int, default=None,
-                   help="profile: answer tokens per item (default 64)")
+    p.add_argument(
+        "--answer-tokens",
+        type=int,
+        default=None,
+        help="profile: answer tokens per item (default 64)",
+    )
     p.add_argument("--decode-context", type=int, default=None, help="decode: C (default 32768)")
-    p.add_argument("--decode-batches", nargs="+", default=None,
-                   help="decode: batches (bench.decode --batches; default 1 max, --tiny: 2 4)")
+    p.add_argument(
+        "--decode-batches",
+        nargs="+",
+        default=None,
+        help="decode: batches (bench.decode --batches; default 1 max, --tiny: 2 4)",
+    )
     p.add_argument("--decode-steps", type=int, default=None, help="decode: steps per call")
     p.add_argument("--moa-density", type=float, default=0.5, help="decode: MoA KV density")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
-    p.add_argument("--tiny", action="store_true",
-                   help="CPU smoke run: the tiny model and short sequences")
+    p.add_argument(
+        "--tiny", action="store_true", help="CPU smoke run: the tiny model and short sequences"
+    )
     p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--worker", choices=("train", "profile"), default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("train", "profile"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -338,9 +456,13 @@ def main(argv=None) -> int:
         Path(args.worker_out).write_text(json.dumps(row, default=str))
         return 0
     gpu = shutil.which("nvidia-smi") is not None and "CUDA_VISIBLE_DEVICES" not in os.environ
-    report: dict[str, Any] = dict(date=datetime.date.today().isoformat(),
-                                  python=platform.python_version(), argv=sys.argv[1:] if
-                                  argv is None else list(argv), args=vars(args), rows=[])
+    report: dict[str, Any] = dict(
+        date=datetime.date.today().isoformat(),
+        python=platform.python_version(),
+        argv=sys.argv[1:] if argv is None else list(argv),
+        args=vars(args),
+        rows=[],
+    )
     rows = report["rows"]
 
     def save():
@@ -350,30 +472,48 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
             for n in args.devices:
-                layouts = args.layouts[:1] if n == 1 else args.layouts    # same mesh at n=1
+                layouts = args.layouts[:1] if n == 1 else args.layouts  # same mesh at n=1
                 runs = [(part, None)] if part != "decode" else [(part, lay) for lay in layouts]
                 for _, layout in runs:
                     out = Path(tmp) / f"{part}_{n}_{layout}.json"
-                    cmd = (_decode_cmd(n, layout, args, out) if part == "decode"
-                           else _worker_cmd(part, n, args, out))
+                    cmd = (
+                        _decode_cmd(n, layout, args, out)
+                        if part == "decode"
+                        else _worker_cmd(part, n, args, out)
+                    )
                     t0 = time.perf_counter()
                     rc, log = _run(cmd, _env(n, gpu), args.timeout)
-                    base = dict(part=part, devices=n, layout=layout,
-                                wall_s=time.perf_counter() - t0)
+                    base = dict(
+                        part=part, devices=n, layout=layout, wall_s=time.perf_counter() - t0
+                    )
                     if rc != 0 or not out.is_file():
                         rows.append(dict(base, status="error", error=f"exit {rc}: {log[-1500:]}"))
                     elif part == "decode":
                         rep = json.loads(out.read_text())
                         for r in rep["rows"]:
-                            rows.append(dict(base, mesh=rep.get("mesh"),
-                                             device=rep.get("device"), jax=rep.get("jax"), **r))
+                            rows.append(
+                                dict(
+                                    base,
+                                    mesh=rep.get("mesh"),
+                                    device=rep.get("device"),
+                                    jax=rep.get("jax"),
+                                    **r,
+                                )
+                            )
                     else:
                         rows.append(dict(base, **json.loads(out.read_text())))
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"},
-                                     default=str), flush=True)
+                    print(
+                        json.dumps(
+                            {k: v for k, v in rows[-1].items() if k != "error"}, default=str
+                        ),
+                        flush=True,
+                    )
                     if rows[-1].get("status") not in ("ok", None):
-                        print(f"  {rows[-1]['status']}: {rows[-1].get('error', '')[-600:]}",
-                              file=sys.stderr, flush=True)
+                        print(
+                            f"  {rows[-1]['status']}: {rows[-1].get('error', '')[-600:]}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                     save()
     efficiency(rows, "train", "tokens_per_s_per_device", True)
     efficiency(rows, "profile", "items_per_s", False)

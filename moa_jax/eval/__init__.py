@@ -15,25 +15,57 @@ Public API:
   summarize, pivot_table, detail_table                 report.py
 """
 
-from moa_jax.eval.methods import (METHODS, MaskedAttention, Method, MethodContext, load_plan,
-                                  register_method, resolve_methods, uniform_plan)
+from moa_jax.eval.methods import (
+    METHODS,
+    MaskedAttention,
+    Method,
+    MethodContext,
+    load_plan,
+    register_method,
+    resolve_methods,
+    uniform_plan,
+)
 from moa_jax.eval.needle import Passkey
 from moa_jax.eval.perplexity import TailPerplexity
 from moa_jax.eval.retrieval import LineRetrieval
 from moa_jax.eval.ruler import CommonWords, MultiKeyNeedle, MultiValueNeedle, VariableTracking
-from moa_jax.eval.tasks import (GROUPS, TASKS, Item, Task, TaskContext, register_task,
-                                resolve_tasks)
+from moa_jax.eval.tasks import GROUPS, TASKS, Item, Task, TaskContext, register_task, resolve_tasks
 
-for _task in (LineRetrieval(), Passkey(), MultiKeyNeedle(), MultiValueNeedle(),
-              VariableTracking(), CommonWords(), TailPerplexity()):
+for _task in (
+    LineRetrieval(),
+    Passkey(),
+    MultiKeyNeedle(),
+    MultiValueNeedle(),
+    VariableTracking(),
+    CommonWords(),
+    TailPerplexity(),
+):
     if _task.name not in TASKS:
         register_task(_task)
 GROUPS.setdefault("ruler", ("mk_needle", "mv_needle", "var_track", "common_words"))
 
-from moa_jax.eval.report import detail_table, pivot_table, summarize
-from moa_jax.eval.runner import Runner
+# After the built-in tasks are registered (the runner resolves task names at import).
+from moa_jax.eval.report import detail_table, pivot_table, summarize  # noqa: E402
+from moa_jax.eval.runner import Runner  # noqa: E402
 
-__all__ = ["TASKS", "GROUPS", "resolve_tasks", "register_task", "Item", "Task", "TaskContext",
-           "METHODS", "register_method", "resolve_methods", "Method", "MethodContext",
-           "MaskedAttention", "load_plan", "uniform_plan", "Runner", "summarize", "pivot_table",
-           "detail_table"]
+__all__ = [
+    "TASKS",
+    "GROUPS",
+    "resolve_tasks",
+    "register_task",
+    "Item",
+    "Task",
+    "TaskContext",
+    "METHODS",
+    "register_method",
+    "resolve_methods",
+    "Method",
+    "MethodContext",
+    "MaskedAttention",
+    "load_plan",
+    "uniform_plan",
+    "Runner",
+    "summarize",
+    "pivot_table",
+    "detail_table",
+]

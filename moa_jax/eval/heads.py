@@ -66,10 +66,10 @@ class NeedleMassAttention(AttentionBackend):
         g = h // k.shape[2]
         qa = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)
         kk = jnp.repeat(k, g, axis=2).astype(jnp.float32)
-        logits = jnp.einsum("bahd,bshd->bhas", qa, kk) * d ** -0.5
+        logits = jnp.einsum("bahd,bshd->bhas", qa, kk) * d**-0.5
         causal = jnp.arange(n)[None, None, :] <= rows[:, None, :, None]
         probs = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1)
-        mass = jnp.sum(jnp.where(key_mask[:, None, None, :], probs, 0.0), axis=-1)   # [B,H,A]
+        mass = jnp.sum(jnp.where(key_mask[:, None, None, :], probs, 0.0), axis=-1)  # [B,H,A]
         mass = (mass * row_w[:, None, :]).sum(-1) / jnp.maximum(row_w.sum(-1), 1.0)[:, None]
         return out, mass
 
@@ -83,17 +83,26 @@ def _needle_mass(graphdef, state, tokens, rows, row_w, key_mask, *, attention):
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     args = [(rows, row_w, key_mask)] * model.config.num_layers
     _, masses = trunk(model, tokens, positions, attention, args)
-    return jnp.stack(masses, axis=1)                                    # [B, L, H]
+    return jnp.stack(masses, axis=1)  # [B, L, H]
 
 
 def _find(seq: Sequence[int], sub: Sequence[int]) -> list[int]:
     n = len(sub)
-    return [i for i in range(len(seq) - n + 1) if list(seq[i:i + n]) == list(sub)]
+    return [i for i in range(len(seq) - n + 1) if list(seq[i : i + n]) == list(sub)]
 
 
-def needle_scores(model: Any, tokenizer: Any, lengths: Sequence[int], num_items: int, *,
-                  seed: int = 1000, corpus: str = "shakespeare", chat: bool = True,
-                  q_chunk: int = 512, progress: bool = True) -> dict[int, np.ndarray]:
+def needle_scores(
+    model: Any,
+    tokenizer: Any,
+    lengths: Sequence[int],
+    num_items: int,
+    *,
+    seed: int = 1000,
+    corpus: str = "shakespeare",
+    chat: bool = True,
+    q_chunk: int = 512,
+    progress: bool = True,
+) -> dict[int, np.ndarray]:
     """{length: retrieval score float [items, L, H]} on passkey items (see module docstring)."""
     from moa_jax.eval.needle import Passkey
     from moa_jax.eval.tasks import TaskContext
@@ -106,29 +115,45 @@ def needle_scores(model: Any, tokenizer: Any, lengths: Sequence[int], num_items:
     out = {}
     for n in lengths:
         scores = []
-        for item in tqdm(task.make_items(ctx, n, num_items, seed), desc=f"needle mass N={n}",
-                         disable=not progress, leave=False):
+        for item in tqdm(
+            task.make_items(ctx, n, num_items, seed),
+            desc=f"needle mass N={n}",
+            disable=not progress,
+            leave=False,
+        ):
             prompt = ctx.prompt_ids(item.prompt, item.answer_prefix)
             answer = ctx.answer_ids(item.answer_prefix, item.answer)
             ids = prompt + answer
             key_mask = np.zeros((1, n), bool)
-            for occ in _find(prompt, answer):            # the passkey's digits in the haystack
-                key_mask[0, occ:occ + len(answer)] = True
+            for occ in _find(prompt, answer):  # the passkey's digits in the haystack
+                key_mask[0, occ : occ + len(answer)] = True
             if not key_mask.any():
                 raise RuntimeError(f"needle digits of item {item.index} not found in its prompt")
             tokens = np.full((1, n), pad, np.int32)
-            tokens[0, :len(ids)] = ids
+            tokens[0, : len(ids)] = ids
             rows = np.arange(len(prompt) - 1, len(ids) - 1, dtype=np.int32)[None]
-            mass = _needle_mass(graphdef, state, jnp.asarray(tokens), jnp.asarray(rows),
-                                jnp.ones(rows.shape, jnp.float32), jnp.asarray(key_mask),
-                                attention=attention)
+            mass = _needle_mass(
+                graphdef,
+                state,
+                jnp.asarray(tokens),
+                jnp.asarray(rows),
+                jnp.ones(rows.shape, jnp.float32),
+                jnp.asarray(key_mask),
+                attention=attention,
+            )
             scores.append(np.asarray(mass)[0])
         out[int(n)] = np.stack(scores)
     return out
 
 
-def oracle_plan(scores: np.ndarray, num_kv_heads: int, density: float, *,
-                dense_fraction: float = 0.25, sink: int = 64) -> Plan:
+def oracle_plan(
+    scores: np.ndarray,
+    num_kv_heads: int,
+    density: float,
+    *,
+    dense_fraction: float = 0.25,
+    sink: int = 64,
+) -> Plan:
     """The oracle plan at KV-cache density `density` (module docstring).
 
     scores: float [L, H] per query head. The top `dense_fraction` of the L x Hkv KV groups (by
@@ -147,10 +172,17 @@ def oracle_plan(scores: np.ndarray, num_kv_heads: int, density: float, *,
     f = n_dense / g.size
     beta = (density - f) / (1 - f)
     head_dense = np.repeat(dense, group, axis=1)
-    return Plan(alphas=np.zeros((layers, heads)).tolist(),
-                betas=np.where(head_dense, 1.0, beta).tolist(), sinks=sink,
-                metadata={"source": "moa_jax.eval.heads oracle", "kv_cache_density": density,
-                          "dense_kv_groups": int(n_dense), "beta": beta})
+    return Plan(
+        alphas=np.zeros((layers, heads)).tolist(),
+        betas=np.where(head_dense, 1.0, beta).tolist(),
+        sinks=sink,
+        metadata={
+            "source": "moa_jax.eval.heads oracle",
+            "kv_cache_density": density,
+            "dense_kv_groups": int(n_dense),
+            "beta": beta,
+        },
+    )
 
 
 def _rank_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -166,8 +198,9 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: int,
-            top: int) -> dict[str, Any]:
+def compare(
+    scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: int, top: int
+) -> dict[str, Any]:
     """How the plan's spans and the influence ranking relate to the retrieval scores [L, H]."""
     rep: dict[str, Any] = {}
     order = np.argsort(-scores.reshape(-1))[:top]
@@ -181,7 +214,7 @@ def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: 
     for pn, prof in sorted(profiles.items()):
         ests = {}
         if prof.token:
-            ests["token"] = prof.window_losses(np.array([pn // 2]))[..., 0]          # [L, H]
+            ests["token"] = prof.window_losses(np.array([pn // 2]))[..., 0]  # [L, H]
         if prof.answer is not None:
             ests["answer"] = prof.window_losses(np.array([pn // 2]), "answer")[..., 0]
         if prof.answer_max is not None:
@@ -195,12 +228,14 @@ def compare(scores: np.ndarray, plan: Plan | None, profiles: dict[int, Any], n: 
         for name, est in ests.items():
             rep[f"influence_N{pn}_{name}"] = {
                 "spearman": _spearman(est, scores),
-                f"top{top}_overlap": _rank_overlap(est, scores, top)}
+                f"top{top}_overlap": _rank_overlap(est, scores, top),
+            }
     return rep
 
 
 def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -209,8 +244,13 @@ def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -
         panels.append((f"plan: kept KV / N at N={n}", plan.kept_kv(n) / n))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 6), squeeze=False)
     for ax, (title, m) in zip(axes[0], panels):
-        im = ax.imshow(m, aspect="auto", cmap="magma" if "mass" in title else "viridis",
-                       vmin=0, vmax=max(float(m.max()), 1e-6) if "mass" in title else 1)
+        im = ax.imshow(
+            m,
+            aspect="auto",
+            cmap="magma" if "mass" in title else "viridis",
+            vmin=0,
+            vmax=max(float(m.max()), 1e-6) if "mass" in title else 1,
+        )
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("query head")
         ax.set_ylabel("layer")
@@ -222,22 +262,36 @@ def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moa_jax.eval.heads", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m moa_jax.eval.heads",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="smollm2-135m", help="preset, HF directory or .gguf")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--num-items", type=int, default=20, help="passkey items per length")
-    p.add_argument("--seed", type=int, default=1000,
-                   help="item seed (keep it apart from the evaluation's, default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=1000,
+        help="item seed (keep it apart from the evaluation's, default 0)",
+    )
     p.add_argument("--corpus", default="shakespeare", help="haystack text")
     p.add_argument("--density", type=float, default=0.5, help="oracle plan's KV-cache density")
-    p.add_argument("--dense-fraction", type=float, default=0.25,
-                   help="share of KV groups the oracle keeps dense")
+    p.add_argument(
+        "--dense-fraction",
+        type=float,
+        default=0.25,
+        help="share of KV groups the oracle keeps dense",
+    )
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--plan", default=None, help="a plan to compare with the scores")
     p.add_argument("--profile-dir", default=None, help="profile .npz files to compare")
-    p.add_argument("--scores", default=None,
-                   help="reuse the scores of an earlier run's heads.json instead of measuring")
+    p.add_argument(
+        "--scores",
+        default=None,
+        help="reuse the scores of an earlier run's heads.json instead of measuring",
+    )
     p.add_argument("--top", type=int, default=20, help="top heads compared")
     p.add_argument("--out", default="heads", help="output directory")
     p.add_argument("--no-progress", action="store_true")
@@ -262,30 +316,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = {int(k): np.asarray(v)[None] for k, v in earlier["scores"].items()}
         args.lengths, args.num_items = sorted(scores), earlier["num_items"]
     else:
-        scores = needle_scores(model, tok, args.lengths, args.num_items, seed=args.seed,
-                               corpus=args.corpus, progress=not args.no_progress)
+        scores = needle_scores(
+            model,
+            tok,
+            args.lengths,
+            args.num_items,
+            seed=args.seed,
+            corpus=args.corpus,
+            progress=not args.no_progress,
+        )
     out.mkdir(parents=True, exist_ok=True)
-    mean = np.mean([s.mean(0) for s in scores.values()], axis=0)          # [L, H]
-    oracle = oracle_plan(mean, model.config.num_kv_heads, args.density,
-                         dense_fraction=args.dense_fraction, sink=args.sink)
+    mean = np.mean([s.mean(0) for s in scores.values()], axis=0)  # [L, H]
+    oracle = oracle_plan(
+        mean,
+        model.config.num_kv_heads,
+        args.density,
+        dense_fraction=args.dense_fraction,
+        sink=args.sink,
+    )
     oracle.save(out / "oracle_plan.json")
     n = max(args.lengths)
-    report = {"lengths": args.lengths, "num_items": args.num_items, "seed": args.seed,
-              "scores": {str(k): v.mean(0).tolist() for k, v in scores.items()},
-              "compare": compare(mean, plan, profiles, n, args.top),
-              "oracle": {"density": args.density, "dense_fraction": args.dense_fraction,
-                         "kv_cache_density": {str(k): oracle.kv_cache_density(
-                             k, model.config.num_kv_heads) for k in args.lengths}},
-              "figure": _plot(out, scores, plan, n)}
+    report = {
+        "lengths": args.lengths,
+        "num_items": args.num_items,
+        "seed": args.seed,
+        "scores": {str(k): v.mean(0).tolist() for k, v in scores.items()},
+        "compare": compare(mean, plan, profiles, n, args.top),
+        "oracle": {
+            "density": args.density,
+            "dense_fraction": args.dense_fraction,
+            "kv_cache_density": {
+                str(k): oracle.kv_cache_density(k, model.config.num_kv_heads) for k in args.lengths
+            },
+        },
+        "figure": _plot(out, scores, plan, n),
+    }
     atomic_write_text(out / "heads.json", json.dumps(report, indent=1) + "\n")
     c = report["compare"]
-    print("top retrieval heads (layer, head, score):",
-          ", ".join(f"L{h['layer']}H{h['head']} {h['score']:.2f}" for h in c["top_heads"][:10]))
+    print(
+        "top retrieval heads (layer, head, score):",
+        ", ".join(f"L{h['layer']}H{h['head']} {h['score']:.2f}" for h in c["top_heads"][:10]),
+    )
     for k, v in c.items():
         if k != "top_heads" and not isinstance(v, list):
             print(f"  {k}: {v}")
-    print(f"wrote {out / 'heads.json'}, {out / 'heads.png'}, {out / 'oracle_plan.json'}",
-          file=sys.stderr)
+    print(
+        f"wrote {out / 'heads.json'}, {out / 'heads.png'}, {out / 'oracle_plan.json'}",
+        file=sys.stderr,
+    )
     return 0
 
 

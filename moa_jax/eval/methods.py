@@ -33,9 +33,10 @@ Plugging a method in (settings come from `--method-opt METHOD.KEY=VALUE`):
         n // 8, int)), kv_density=lambda ctx, n: 1 / 8, decode_only=True))
 
 Implementations (`MethodContext.impl`):
-- 'masked' (the default on CPU): `MaskedAttention` (`moa_jax.models.masked_attention`), exact masks computed with the jnp
-  reference in query chunks: what a plan keeps, not how fast a kernel runs. Memory stays at a
-  query chunk x keys per layer, and a prefill skips keys no query of the chunk can see.
+- 'masked' (the default on CPU): `MaskedAttention` (`moa_jax.models.masked_attention`), exact
+  masks computed with the jnp reference in query chunks: what a plan keeps, not how fast a
+  kernel runs. Memory stays at a query chunk x keys per layer, and a prefill skips keys no
+  query of the chunk can see.
 - 'native' (the default on GPU/TPU): the library's backends, `DenseAttention` and `MoAAttention`
   (Pallas kernels).
 """
@@ -76,8 +77,13 @@ def uniform_plan(cfg: ModelConfig, length: int, density: float, sink: int) -> Pl
         raise ValueError(f"density must be in (0, 1], got {density}")
     kept = max(1, int(round(density * length)))
     sink = max(0, min(int(sink), kept - 1))
-    return Plan.uniform(cfg.num_layers, cfg.num_heads, window=kept - sink, sink=sink,
-                        metadata={"kv_density_target": density, "length": length})
+    return Plan.uniform(
+        cfg.num_layers,
+        cfg.num_heads,
+        window=kept - sink,
+        sink=sink,
+        metadata={"kv_density_target": density, "length": length},
+    )
 
 
 # ----------------------------------------------------------------------------- registry
@@ -198,17 +204,28 @@ def _uniform(ctx: MethodContext, length: int) -> Plan:
     return uniform_plan(ctx.config, length, _uniform_density(ctx, length), ctx.sink)
 
 
-register_method(Method("dense", "full causal attention", _dense_build,
-                       kv_density=lambda ctx, n: 1.0))
-register_method(Method(
-    "moa", "MoA per-head elastic windows + sinks from --plan",
-    lambda ctx, n: ctx.backend_for_plan(ctx.plan, n),
-    kv_density=lambda ctx, n: ctx.plan.kv_density(n),
-    requires=lambda ctx: None if ctx.plan is not None else "needs --plan FILE"))
-register_method(Method(
-    "uniform", "StreamingLLM-style: one window + sinks for every head, matched KV density",
-    lambda ctx, n: ctx.backend_for_plan(_uniform(ctx, n), n),
-    kv_density=lambda ctx, n: _uniform(ctx, n).kv_density(n)))
+register_method(
+    Method("dense", "full causal attention", _dense_build, kv_density=lambda ctx, n: 1.0)
+)
+register_method(
+    Method(
+        "moa",
+        "MoA per-head elastic windows + sinks from --plan",
+        lambda ctx, n: ctx.backend_for_plan(ctx.plan, n),
+        kv_density=lambda ctx, n: ctx.plan.kv_density(n),
+        requires=lambda ctx: None if ctx.plan is not None else "needs --plan FILE",
+    )
+)
+register_method(
+    Method(
+        "uniform",
+        "StreamingLLM-style: one window + sinks for every head, matched KV density",
+        lambda ctx, n: ctx.backend_for_plan(_uniform(ctx, n), n),
+        kv_density=lambda ctx, n: _uniform(ctx, n).kv_density(n),
+    )
+)
+
+
 def _kernel_backend(ctx: MethodContext) -> str:
     return "reference" if ctx.resolved_impl == "masked" else "auto"
 
@@ -221,18 +238,22 @@ def _recycled(ctx: MethodContext, length: int) -> AttentionBackend:
     from moa_jax.models.recycled import RecycleConfig, RecycledAttention
 
     stride = ctx.option("recycled", "s", "10")
-    cfg = RecycleConfig(k=_decode_k(ctx, "recycled", length),
-                        stride=None if stride in ("none", "None") else int(stride),
-                        dynamic_threshold=ctx.option("recycled", "threshold", None, float))
+    cfg = RecycleConfig(
+        k=_decode_k(ctx, "recycled", length),
+        stride=None if stride in ("none", "None") else int(stride),
+        dynamic_threshold=ctx.option("recycled", "threshold", None, float),
+    )
     return RecycledAttention(cfg, kernel_backend=_kernel_backend(ctx))
 
 
 def _streaming(ctx: MethodContext, length: int) -> AttentionBackend:
     from moa_jax.models.recycled import StreamingAttention
 
-    return StreamingAttention(_decode_k(ctx, "streaming", length),
-                              sink=ctx.option("streaming", "sink", 4, int),
-                              kernel_backend=_kernel_backend(ctx))
+    return StreamingAttention(
+        _decode_k(ctx, "streaming", length),
+        sink=ctx.option("streaming", "sink", 4, int),
+        kernel_backend=_kernel_backend(ctx),
+    )
 
 
 def _h2o(ctx: MethodContext, length: int) -> AttentionBackend:
@@ -241,14 +262,31 @@ def _h2o(ctx: MethodContext, length: int) -> AttentionBackend:
     return H2OAttention(_decode_k(ctx, "h2o", length), kernel_backend=_kernel_backend(ctx))
 
 
-register_method(Method(
-    "recycled", "Recycled Attention decoding: dense prefill, K = L/8 recycled tokens, full step "
-    "every S = 10", _recycled,
-    kv_density=lambda ctx, n: min(1.0, _decode_k(ctx, "recycled", n) / n), decode_only=True))
-register_method(Method(
-    "streaming", "StreamingLLM decoding: dense prefill, 4 sinks + K - 4 recent tokens, K = L/8",
-    _streaming, kv_density=lambda ctx, n: min(1.0, _decode_k(ctx, "streaming", n) / n),
-    decode_only=True))
-register_method(Method(
-    "h2o", "H2O decoding: dense prefill, K/2 heavy hitters + K/2 recent tokens, K = L/8", _h2o,
-    kv_density=lambda ctx, n: min(1.0, _decode_k(ctx, "h2o", n) / n), decode_only=True))
+register_method(
+    Method(
+        "recycled",
+        "Recycled Attention decoding: dense prefill, K = L/8 recycled tokens, full step "
+        "every S = 10",
+        _recycled,
+        kv_density=lambda ctx, n: min(1.0, _decode_k(ctx, "recycled", n) / n),
+        decode_only=True,
+    )
+)
+register_method(
+    Method(
+        "streaming",
+        "StreamingLLM decoding: dense prefill, 4 sinks + K - 4 recent tokens, K = L/8",
+        _streaming,
+        kv_density=lambda ctx, n: min(1.0, _decode_k(ctx, "streaming", n) / n),
+        decode_only=True,
+    )
+)
+register_method(
+    Method(
+        "h2o",
+        "H2O decoding: dense prefill, K/2 heavy hitters + K/2 recent tokens, K = L/8",
+        _h2o,
+        kv_density=lambda ctx, n: min(1.0, _decode_k(ctx, "h2o", n) / n),
+        decode_only=True,
+    )
+)

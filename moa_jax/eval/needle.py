@@ -11,11 +11,21 @@ passkey digits when asked for (`--nll all`).
 
 from __future__ import annotations
 
-from moa_jax.eval.tasks import (Item, Task, TaskContext, fit_units, insert_at_depths, item_rng,
-                                random_number, score_number)
+from moa_jax.eval.tasks import (
+    Item,
+    Task,
+    TaskContext,
+    fit_units,
+    insert_at_depths,
+    item_rng,
+    random_number,
+    score_number,
+)
 
-INSTRUCTION = ("There is a pass key hidden inside a lot of irrelevant text. Find it and "
-               "memorise it: I will ask you for it afterwards.\n\n")
+INSTRUCTION = (
+    "There is a pass key hidden inside a lot of irrelevant text. Find it and "
+    "memorise it: I will ask you for it afterwards.\n\n"
+)
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\n\nWhat is the pass key? Answer with the number only."
 PREFIX = "The pass key is "
@@ -44,11 +54,22 @@ class Passkey(Task):
                 hay = insert_at_depths(source[:u], [needle], [depth])
                 return INSTRUCTION + hay + QUESTION
 
-            n_chars, prompt = fit_units(build, lambda p: ctx.count(p, PREFIX), budget,
-                                        hi=len(source))
-            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
-                              answer_prefix=PREFIX, answer=key, targets=(key,), depth=depth,
-                              meta={"document": title, "haystack_chars": n_chars}))
+            n_chars, prompt = fit_units(
+                build, lambda p: ctx.count(p, PREFIX), budget, hi=len(source)
+            )
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    prompt=prompt,
+                    answer_prefix=PREFIX,
+                    answer=key,
+                    targets=(key,),
+                    depth=depth,
+                    meta={"document": title, "haystack_chars": n_chars},
+                )
+            )
         return items
 
     def score(self, item: Item, text: str) -> dict[str, float]:

@@ -44,7 +44,14 @@ class TailPerplexity(Task):
                 n_chars *= 2
             if len(ids) < total:
                 raise ValueError(f"corpus {ctx.corpus!r} has fewer than {total} tokens")
-            window = tuple(int(t) for t in ids[total - length:total])
-            items.append(Item(task=self.name, length=length, index=i, token_ids=window,
-                              meta={"document": title, "tail": tail}))
+            window = tuple(int(t) for t in ids[total - length : total])
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    token_ids=window,
+                    meta={"document": title, "tail": tail},
+                )
+            )
         return items

@@ -16,8 +16,9 @@ from moa_jax.eval.tasks import TASKS
 _METRICS = ("acc", "digit_acc", "recall", "nll", "tf_acc")
 
 
-def summarize(records: Sequence[dict[str, Any]],
-              methods: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def summarize(
+    records: Sequence[dict[str, Any]], methods: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """One row per (task, length, method): item count, mean of each metric, the task's primary
     value (`value`; perplexity for 'lm' tasks) and the method's KV density at that length."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -26,9 +27,14 @@ def summarize(records: Sequence[dict[str, Any]],
     rows = []
     for (task, length, method), recs in groups.items():
         t = TASKS.get(task)
-        row: dict[str, Any] = {"task": task, "family": recs[0].get("family"), "length": length,
-                               "method": method, "n": len(recs),
-                               "primary": t.primary if t else None}
+        row: dict[str, Any] = {
+            "task": task,
+            "family": recs[0].get("family"),
+            "length": length,
+            "method": method,
+            "n": len(recs),
+            "primary": t.primary if t else None,
+        }
         for k in _METRICS:
             vals = [r[k] for r in recs if k in r]
             if vals:
@@ -67,7 +73,7 @@ def pivot_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         cells = [m]
-        for t, p, n in cols:
+        for t, _, n in cols:
             r = val.get((t, n, m))
             cells.append(_fmt(r["value"] if r else None, 2))
         lines.append("| " + " | ".join(cells) + " |")
@@ -76,20 +82,46 @@ def pivot_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def detail_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: one line per (task, length, method) with every metric."""
-    head = ["task", "length", "method", "KV density", "n", "metric", "value", "digit acc",
-            "answer NLL", "answer tf-acc", "seconds"]
+    head = [
+        "task",
+        "length",
+        "method",
+        "KV density",
+        "n",
+        "metric",
+        "value",
+        "digit acc",
+        "answer NLL",
+        "answer tf-acc",
+        "seconds",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join([
-            r["task"], str(r["length"]), r["method"], _fmt(r.get("kv_density"), 2),
-            str(r["n"]), str(r["primary"]), _fmt(r.get("value")), _fmt(r.get("digit_acc")),
-            _fmt(r.get("nll")) if r["primary"] != "ppl" else "-",
-            _fmt(r.get("tf_acc")), f"{r['seconds']:.0f}"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["task"],
+                    str(r["length"]),
+                    r["method"],
+                    _fmt(r.get("kv_density"), 2),
+                    str(r["n"]),
+                    str(r["primary"]),
+                    _fmt(r.get("value")),
+                    _fmt(r.get("digit_acc")),
+                    _fmt(r.get("nll")) if r["primary"] != "ppl" else "-",
+                    _fmt(r.get("tf_acc")),
+                    f"{r['seconds']:.0f}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def paired_deltas(records: Sequence[dict[str, Any]], baseline: str = "dense"
-                  ) -> list[dict[str, Any]]:
+def paired_deltas(
+    records: Sequence[dict[str, Any]], baseline: str = "dense"
+) -> list[dict[str, Any]]:
     """Per (task, length, method != baseline): the mean paired difference to the baseline on the
     same items, with its standard error (std of the differences / sqrt(n)), for the task's
     primary metric (for perplexity: the tail NLL, i.e. log perplexity) and the answer NLL.
@@ -105,16 +137,25 @@ def paired_deltas(records: Sequence[dict[str, Any]], baseline: str = "dense"
     out = []
     for (task, length, method), pairs in groups.items():
         t = TASKS.get(task)
-        row: dict[str, Any] = {"task": task, "length": length, "method": method,
-                               "baseline": baseline, "n": len(pairs)}
-        keys = [("nll", "nll")] if t is not None and t.primary == "ppl" else \
-            [(t.primary if t else "acc", "primary"), ("nll", "nll")]
+        row: dict[str, Any] = {
+            "task": task,
+            "length": length,
+            "method": method,
+            "baseline": baseline,
+            "n": len(pairs),
+        }
+        keys = (
+            [("nll", "nll")]
+            if t is not None and t.primary == "ppl"
+            else [(t.primary if t else "acc", "primary"), ("nll", "nll")]
+        )
         for key, name in keys:
             d = np.array([r[key] - b[key] for r, b in pairs if key in r and key in b])
             if d.size:
                 row[f"delta_{name}"] = float(d.mean())
-                row[f"se_{name}"] = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 \
-                    else float("nan")
+                row[f"se_{name}"] = (
+                    float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+                )
         out.append(row)
     order = {name: i for i, name in enumerate(TASKS)}
     out.sort(key=lambda r: (r["length"], order.get(r["task"], 99), r["method"]))
@@ -123,8 +164,14 @@ def paired_deltas(records: Sequence[dict[str, Any]], baseline: str = "dense"
 
 def paired_table(deltas: Sequence[dict[str, Any]]) -> str:
     """Markdown of `paired_deltas`: differences to the baseline, +- one standard error."""
-    head = ["task", "length", "method", "n", "delta primary (vs baseline)",
-            "delta NLL (answer, or log ppl)"]
+    head = [
+        "task",
+        "length",
+        "method",
+        "n",
+        "delta primary (vs baseline)",
+        "delta NLL (answer, or log ppl)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pm(r, name):
@@ -133,8 +180,20 @@ def paired_table(deltas: Sequence[dict[str, Any]]) -> str:
         return f"{r[f'delta_{name}']:+.3f} +- {_fmt(r[f'se_{name}'])}"
 
     for r in deltas:
-        lines.append("| " + " | ".join([r["task"], str(r["length"]), r["method"], str(r["n"]),
-                                        pm(r, "primary"), pm(r, "nll")]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["task"],
+                    str(r["length"]),
+                    r["method"],
+                    str(r["n"]),
+                    pm(r, "primary"),
+                    pm(r, "nll"),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -146,8 +205,12 @@ def depth_table(records: Sequence[dict[str, Any]], task: str) -> dict[str, Any]:
     for r in records:
         if r["task"] == task and r.get("depth") is not None and key in r:
             acc[r["method"]][r["length"]][round(float(r["depth"]), 4)].append(r[key])
-    return {m: {n: {d: float(np.mean(v)) for d, v in sorted(ds.items())}
-                for n, ds in sorted(ls.items())} for m, ls in acc.items()}
+    return {
+        m: {
+            n: {d: float(np.mean(v)) for d, v in sorted(ds.items())} for n, ds in sorted(ls.items())
+        }
+        for m, ls in acc.items()
+    }
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
@@ -185,8 +248,11 @@ def plot_vs_length(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         sub = [r for r in rows if r["task"] == task]
         primary = sub[0]["primary"]
         for m in dict.fromkeys(r["method"] for r in sub):
-            pts = sorted((r["length"], r["value"]) for r in sub if r["method"] == m
-                         and r["value"] is not None)
+            pts = sorted(
+                (r["length"], r["value"])
+                for r in sub
+                if r["method"] == m and r["value"] is not None
+            )
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         lengths = sorted({r["length"] for r in sub})
@@ -200,7 +266,7 @@ def plot_vs_length(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
             ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -208,8 +274,9 @@ def plot_vs_length(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def plot_depth_heatmaps(records: Sequence[dict[str, Any]], path: Path,
-                        tasks: Sequence[str] = ("needle", "retrieval")) -> Path | None:
+def plot_depth_heatmaps(
+    records: Sequence[dict[str, Any]], path: Path, tasks: Sequence[str] = ("needle", "retrieval")
+) -> Path | None:
     """Depth x length heatmaps of the primary metric: a row per task, a column per method."""
     import matplotlib
 
@@ -221,9 +288,13 @@ def plot_depth_heatmaps(records: Sequence[dict[str, Any]], path: Path,
     if not tables:
         return None
     methods = list(dict.fromkeys(r["method"] for r in records))
-    fig, axes = plt.subplots(len(tables), len(methods),
-                             figsize=(3.2 * len(methods) + 1.2, 3.0 * len(tables)), squeeze=False,
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(tables),
+        len(methods),
+        figsize=(3.2 * len(methods) + 1.2, 3.0 * len(tables)),
+        squeeze=False,
+        constrained_layout=True,
+    )
     im = None
     for i, (task, tab) in enumerate(tables.items()):
         for j, m in enumerate(methods):

@@ -13,15 +13,26 @@ accuracy, missing digits wrong) and, teacher-forced, the mean NLL of the gold di
 
 from __future__ import annotations
 
-from moa_jax.eval.tasks import (Item, Task, TaskContext, fit_units, item_rng, random_keys,
-                                random_number, score_number)
+from moa_jax.eval.tasks import (
+    Item,
+    Task,
+    TaskContext,
+    fit_units,
+    item_rng,
+    random_keys,
+    random_number,
+    score_number,
+)
 
-HEADER = ("Below is a record of lines to remember. Each line starts with 'line <key>' and ends "
-          "with a <REGISTER_CONTENT> that is a number. Memorise the number of every line: at the "
-          "end of the record I will ask for the <REGISTER_CONTENT> of one line.\n\n"
-          "The record starts now:\n")
-QUESTION = ("The record is over. What is the <REGISTER_CONTENT> in line {key}? "
-            "Answer with the number only.")
+HEADER = (
+    "Below is a record of lines to remember. Each line starts with 'line <key>' and ends "
+    "with a <REGISTER_CONTENT> that is a number. Memorise the number of every line: at the "
+    "end of the record I will ask for the <REGISTER_CONTENT> of one line.\n\n"
+    "The record starts now:\n"
+)
+QUESTION = (
+    "The record is over. What is the <REGISTER_CONTENT> in line {key}? Answer with the number only."
+)
 PREFIX = "The <REGISTER_CONTENT> in line {key} is <"
 
 
@@ -54,12 +65,22 @@ class LineRetrieval(Task):
                 prompt = HEADER + "\n".join(lines[:u]) + "\n\n" + QUESTION.format(key=keys[q])
                 return prompt, PREFIX.format(key=keys[q]), q, u
 
-            _, (prompt, prefix, q, u) = fit_units(build, lambda b: ctx.count(b[0], b[1]),
-                                                  budget, hi=n_max, lo=1)
-            items.append(Item(
-                task=self.name, length=length, index=i, prompt=prompt, answer_prefix=prefix,
-                answer=nums[q], targets=(nums[q],), depth=depth,
-                meta={"num_lines": u, "line": q, "key": keys[q]}))
+            _, (prompt, prefix, q, u) = fit_units(
+                build, lambda b: ctx.count(b[0], b[1]), budget, hi=n_max, lo=1
+            )
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    prompt=prompt,
+                    answer_prefix=prefix,
+                    answer=nums[q],
+                    targets=(nums[q],),
+                    depth=depth,
+                    meta={"num_lines": u, "line": q, "key": keys[q]},
+                )
+            )
         return items
 
     def score(self, item: Item, text: str) -> dict[str, float]:

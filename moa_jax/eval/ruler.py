@@ -26,15 +26,30 @@ import string
 
 import numpy as np
 
-from moa_jax.eval.tasks import (WORDS, Item, Task, TaskContext, extract_numbers, fit_units,
-                                insert_at_depths, item_rng, random_keys, random_number, recall,
-                                score_number)
+from moa_jax.eval.tasks import (
+    WORDS,
+    Item,
+    Task,
+    TaskContext,
+    extract_numbers,
+    fit_units,
+    insert_at_depths,
+    item_rng,
+    random_keys,
+    random_number,
+    recall,
+    score_number,
+)
 
-NEEDLE_INSTRUCTION = ("Some special magic numbers are hidden inside the following text. "
-                      "Memorise them: I will ask about them afterwards.\n\n")
+NEEDLE_INSTRUCTION = (
+    "Some special magic numbers are hidden inside the following text. "
+    "Memorise them: I will ask about them afterwards.\n\n"
+)
 VT_INSTRUCTION = "Memorise the variable assignments hidden in the following text.\n\n"
-FILLER = ("The river runs down to the sea. The hills are quiet today. A bird sings in the old "
-          "oak tree. The road goes on and on. ")
+FILLER = (
+    "The river runs down to the sea. The hills are quiet today. A bird sings in the old "
+    "oak tree. The road goes on and on. "
+)
 
 
 class MultiKeyNeedle(Task):
@@ -57,23 +72,39 @@ class MultiKeyNeedle(Task):
                 nums.append(random_number(rng, 5, exclude=nums))
             depths = rng.uniform(0.0, 1.0, size=len(keys)).tolist()
             q = int(rng.integers(len(keys)))
-            needles = [f"One of the special magic numbers for {k} is: {n}."
-                       for k, n in zip(keys, nums)]
+            needles = [
+                f"One of the special magic numbers for {k} is: {n}." for k, n in zip(keys, nums)
+            ]
             source, title = ctx.book_text(rng, budget * 8)
-            question = (f"\n\nWhat is the special magic number for {keys[q]} mentioned in the "
-                        "text above? Answer with the number only.")
+            question = (
+                f"\n\nWhat is the special magic number for {keys[q]} mentioned in the "
+                "text above? Answer with the number only."
+            )
             prefix = f"The special magic number for {keys[q]} mentioned in the text is "
 
             def build(u, source=source, needles=needles, depths=depths, question=question):
                 return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
 
-            _, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
-                                  hi=len(source))
-            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
-                              answer_prefix=prefix, answer=nums[q], targets=(nums[q],),
-                              depth=depths[q],
-                              meta={"document": title, "key": keys[q],
-                                    "distractors": [n for j, n in enumerate(nums) if j != q]}))
+            _, prompt = fit_units(
+                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(source)
+            )
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    prompt=prompt,
+                    answer_prefix=prefix,
+                    answer=nums[q],
+                    targets=(nums[q],),
+                    depth=depths[q],
+                    meta={
+                        "document": title,
+                        "key": keys[q],
+                        "distractors": [n for j, n in enumerate(nums) if j != q],
+                    },
+                )
+            )
         return items
 
     def score(self, item: Item, text: str) -> dict[str, float]:
@@ -101,19 +132,31 @@ class MultiValueNeedle(Task):
             depths = np.sort(rng.uniform(0.0, 1.0, size=len(nums))).tolist()
             needles = [f"One of the special magic numbers for {key} is: {n}." for n in nums]
             source, title = ctx.book_text(rng, budget * 8)
-            question = (f"\n\nWhat are all the special magic numbers for {key} mentioned in the "
-                        "text above? Answer with the numbers only.")
+            question = (
+                f"\n\nWhat are all the special magic numbers for {key} mentioned in the "
+                "text above? Answer with the numbers only."
+            )
             prefix = f"The special magic numbers for {key} mentioned in the text are:"
 
             def build(u, source=source, needles=needles, depths=depths, question=question):
                 return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
 
-            _, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
-                                  hi=len(source))
-            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
-                              answer_prefix=prefix, answer=" " + ", ".join(nums),
-                              targets=tuple(nums), depth=None,
-                              meta={"document": title, "key": key, "depths": depths}))
+            _, prompt = fit_units(
+                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(source)
+            )
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    prompt=prompt,
+                    answer_prefix=prefix,
+                    answer=" " + ", ".join(nums),
+                    targets=tuple(nums),
+                    depth=None,
+                    meta={"document": title, "key": key, "depths": depths},
+                )
+            )
         return items
 
     def score(self, item: Item, text: str) -> dict[str, float]:
@@ -144,22 +187,35 @@ class VariableTracking(Task):
                     names.append(n)
             value = random_number(rng, 5)
             chain = [f"VAR {names[0]} = {value}."] + [
-                f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(self.hops)]
+                f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(self.hops)
+            ]
             depths = np.sort(rng.uniform(0.0, 1.0, size=len(chain))).tolist()
-            question = (f"\n\nWhich variables are assigned the value {value}, directly or "
-                        "through other variables, in the text above? List their names.")
+            question = (
+                f"\n\nWhich variables are assigned the value {value}, directly or "
+                "through other variables, in the text above? List their names."
+            )
             prefix = f"The variables that hold the value {value} are:"
             filler = FILLER * (budget * 8 // len(FILLER) + 1)
 
             def build(u, filler=filler, chain=chain, depths=depths, question=question):
                 return VT_INSTRUCTION + insert_at_depths(filler[:u], chain, depths) + question
 
-            _, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
-                                  hi=len(filler))
-            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
-                              answer_prefix=prefix, answer=" " + ", ".join(names),
-                              targets=tuple(names), depth=None,
-                              meta={"value": value, "depths": depths}))
+            _, prompt = fit_units(
+                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(filler)
+            )
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    prompt=prompt,
+                    answer_prefix=prefix,
+                    answer=" " + ", ".join(names),
+                    targets=tuple(names),
+                    depth=None,
+                    meta={"value": value, "depths": depths},
+                )
+            )
         return items
 
     def score(self, item: Item, text: str) -> dict[str, float]:
@@ -195,9 +251,11 @@ class CommonWords(Task):
             vocab = [WORDS[j] for j in rng.permutation(len(WORDS))]
             vocab += [f"{a}{b}" for a, b in zip(vocab, vocab[1:] + vocab[:1])]  # more types
             common, rare = vocab[:n_common], vocab[n_common:]
-            order_seed = int(rng.integers(2 ** 31))
-            question = (f"\n\nWhat are the {n_common} most common words in the list above? "
-                        "Answer with the words only.")
+            order_seed = int(rng.integers(2**31))
+            question = (
+                f"\n\nWhat are the {n_common} most common words in the list above? "
+                "Answer with the words only."
+            )
             prefix = f"The {n_common} most common words in the list are:"
 
             def build(u, common=common, rare=rare, order_seed=order_seed, question=question):
@@ -206,13 +264,22 @@ class CommonWords(Task):
                 listing = " ".join(f"{j + 1}. {words[p]}" for j, p in enumerate(perm))
                 return "Below is a numbered list of words.\n\n" + listing + question
 
-            u, prompt = fit_units(build, lambda p, prefix=prefix: ctx.count(p, prefix), budget,
-                                  hi=len(rare))
-            items.append(Item(task=self.name, length=length, index=i, prompt=prompt,
-                              answer_prefix=prefix, answer=" " + ", ".join(common),
-                              targets=tuple(common), depth=None,
-                              meta={"freq_common": f_common, "freq_rare": f_rare,
-                                    "rare_words": u}))
+            u, prompt = fit_units(
+                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(rare)
+            )
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    prompt=prompt,
+                    answer_prefix=prefix,
+                    answer=" " + ", ".join(common),
+                    targets=tuple(common),
+                    depth=None,
+                    meta={"freq_common": f_common, "freq_rare": f_rare, "rare_words": u},
+                )
+            )
         return items
 
     def score(self, item: Item, text: str) -> dict[str, float]:

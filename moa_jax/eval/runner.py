@@ -38,8 +38,15 @@ def _round_up(x: int, m: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
-def target_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, at: jax.Array,
-                    targets: jax.Array, *, attention: AttentionBackend):
+def target_logprobs(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    at: jax.Array,
+    targets: jax.Array,
+    *,
+    attention: AttentionBackend,
+):
     """Log-probabilities of `targets` predicted at positions `at`, and whether each is the argmax.
 
     tokens int [B, T] (positions [0, T), no cache); at, targets int [B, A]. Mirrors
@@ -63,9 +70,16 @@ def target_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention", "cache_len"))
-def decode_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
-                    lengths: jax.Array, forced: jax.Array, *, attention: AttentionBackend,
-                    cache_len: int):
+def decode_logprobs(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    forced: jax.Array,
+    *,
+    attention: AttentionBackend,
+    cache_len: int,
+):
     """Teacher forcing through the backend's cache: prefill `tokens` (right-padded, `lengths`
     valid) as `generate` does, then feed the `forced` tokens one decode step at a time.
 
@@ -78,26 +92,33 @@ def decode_logprobs(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array,
     b, t = tokens.shape
     cache = attention.init_cache(model.config, b, cache_len, model.dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    logits, cache = model(tokens, positions, cache, attention, logits_at=lengths - 1,
-                          lengths=lengths)
+    logits, cache = model(
+        tokens, positions, cache, attention, logits_at=lengths - 1, lengths=lengths
+    )
 
     def score(logits, target):
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return (jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0],
-                jnp.argmax(logits, axis=-1) == target)
+        return (
+            jnp.take_along_axis(logp, target[:, None], axis=-1)[:, 0],
+            jnp.argmax(logits, axis=-1) == target,
+        )
 
     def step(carry, j):
         cache, pos = carry
         tok = forced[:, j]
-        logits, cache = model(tok[:, None], pos[:, None], cache, attention,
-                              logits_at=jnp.zeros_like(pos))
+        logits, cache = model(
+            tok[:, None], pos[:, None], cache, attention, logits_at=jnp.zeros_like(pos)
+        )
         return (cache, pos + 1), score(logits, forced[:, j + 1])
 
     first = score(logits, forced[:, 0])
-    _, (lp, hit) = jax.lax.scan(step, (cache, lengths.astype(jnp.int32)),
-                                jnp.arange(forced.shape[1] - 1))
-    return (jnp.concatenate([first[0][:, None], lp.T], axis=1),
-            jnp.concatenate([first[1][:, None], hit.T], axis=1))
+    _, (lp, hit) = jax.lax.scan(
+        step, (cache, lengths.astype(jnp.int32)), jnp.arange(forced.shape[1] - 1)
+    )
+    return (
+        jnp.concatenate([first[0][:, None], lp.T], axis=1),
+        jnp.concatenate([first[1][:, None], hit.T], axis=1),
+    )
 
 
 class Runner:
@@ -112,9 +133,17 @@ class Runner:
       log: where one-line cell summaries go (None: nowhere).
     """
 
-    def __init__(self, model: Llama, tokenizer: Any, task_ctx: TaskContext,
-                 method_ctx: MethodContext, *, nll: str = "auto", progress: bool = True,
-                 log: Callable[[str], Any] | None = print):
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Any,
+        task_ctx: TaskContext,
+        method_ctx: MethodContext,
+        *,
+        nll: str = "auto",
+        progress: bool = True,
+        log: Callable[[str], Any] | None = print,
+    ):
         if nll not in ("auto", "all", "none"):
             raise ValueError(f"nll must be auto | all | none, got {nll!r}")
         self.model, self.tokenizer = model, tokenizer
@@ -128,33 +157,54 @@ class Runner:
     def _wants_nll(self, task: Task) -> bool:
         return task.kind == "lm" or self.nll == "all" or (self.nll == "auto" and task.nll)
 
-    def _decode_logprobs(self, context: Sequence[int], targets: Sequence[int], slots: int,
-                         backend: AttentionBackend):
+    def _decode_logprobs(
+        self, context: Sequence[int], targets: Sequence[int], slots: int, backend: AttentionBackend
+    ):
         t = _round_up(len(context), 64)
         tokens = np.full((1, t), self.pad_id, np.int32)
-        tokens[0, :len(context)] = context
+        tokens[0, : len(context)] = context
         forced = np.full((1, slots), self.pad_id, np.int32)
-        forced[0, :len(targets)] = targets
-        logp, hit = decode_logprobs(self.graphdef, self.state, jnp.asarray(tokens),
-                                    jnp.asarray([len(context)], jnp.int32), jnp.asarray(forced),
-                                    attention=backend, cache_len=t + slots)
+        forced[0, : len(targets)] = targets
+        logp, hit = decode_logprobs(
+            self.graphdef,
+            self.state,
+            jnp.asarray(tokens),
+            jnp.asarray([len(context)], jnp.int32),
+            jnp.asarray(forced),
+            attention=backend,
+            cache_len=t + slots,
+        )
         n = len(targets)
         return np.asarray(logp)[0, :n], np.asarray(hit)[0, :n]
 
-    def _logprobs(self, ids: Sequence[int], at: Sequence[int], targets: Sequence[int],
-                  pad_len: int, slots: int, backend: AttentionBackend):
+    def _logprobs(
+        self,
+        ids: Sequence[int],
+        at: Sequence[int],
+        targets: Sequence[int],
+        pad_len: int,
+        slots: int,
+        backend: AttentionBackend,
+    ):
         tokens = np.full((1, max(pad_len, _round_up(len(ids), 64))), self.pad_id, np.int32)
-        tokens[0, :len(ids)] = ids
+        tokens[0, : len(ids)] = ids
         a = np.zeros((1, slots), np.int32)
         tg = np.zeros((1, slots), np.int32)
-        a[0, :len(at)], tg[0, :len(targets)] = at, targets
-        logp, hit = target_logprobs(self.graphdef, self.state, jnp.asarray(tokens),
-                                    jnp.asarray(a), jnp.asarray(tg), attention=backend)
+        a[0, : len(at)], tg[0, : len(targets)] = at, targets
+        logp, hit = target_logprobs(
+            self.graphdef,
+            self.state,
+            jnp.asarray(tokens),
+            jnp.asarray(a),
+            jnp.asarray(tg),
+            attention=backend,
+        )
         n = len(targets)
         return np.asarray(logp)[0, :n], np.asarray(hit)[0, :n]
 
-    def run_item(self, task: Task, item: Item, backend: AttentionBackend,
-                 decode_only: bool = False) -> dict[str, Any]:
+    def run_item(
+        self, task: Task, item: Item, backend: AttentionBackend, decode_only: bool = False
+    ) -> dict[str, Any]:
         """Scores one item with one backend; `decode_only` teacher-forces through decoding."""
         rec: dict[str, Any] = {}
         ctx = self.task_ctx
@@ -164,10 +214,11 @@ class Runner:
             tail = int(item.meta.get("tail", ctx.ppl_tail))
             n = len(ids)
             if decode_only:
-                logp, hit = self._decode_logprobs(ids[:n - tail], ids[n - tail:], tail, backend)
+                logp, hit = self._decode_logprobs(ids[: n - tail], ids[n - tail :], tail, backend)
             else:
-                logp, hit = self._logprobs(ids, range(n - tail - 1, n - 1), ids[n - tail:],
-                                           item.length, tail, backend)
+                logp, hit = self._logprobs(
+                    ids, range(n - tail - 1, n - 1), ids[n - tail :], item.length, tail, backend
+                )
             rec["nll"] = float(-logp.mean())
             rec["tf_acc"] = float(hit.mean())
             rec["tokens"] = n
@@ -175,10 +226,17 @@ class Runner:
             ids = ctx.prompt_ids(item.prompt, item.answer_prefix)
             budget = item.length - task.max_new_tokens
             if len(ids) > budget:
-                raise RuntimeError(f"{task.name} item {item.index} has {len(ids)} prompt tokens, "
-                                   f"more than its budget {budget}")
-            out = generate(self.model, [ids], max_new_tokens=task.max_new_tokens,
-                           attention=backend, pad_id=self.pad_id)
+                raise RuntimeError(
+                    f"{task.name} item {item.index} has {len(ids)} prompt tokens, "
+                    f"more than its budget {budget}"
+                )
+            out = generate(
+                self.model,
+                [ids],
+                max_new_tokens=task.max_new_tokens,
+                attention=backend,
+                pad_id=self.pad_id,
+            )
             text = self.tokenizer.decode(out.rows()[0], skip_special_tokens=True)
             rec.update(task.score(item, text))
             rec["pred"] = text
@@ -190,17 +248,24 @@ class Runner:
                     logp, hit = self._decode_logprobs(ids, ans, slots, backend)
                 else:
                     full = ids + ans
-                    logp, hit = self._logprobs(full, range(len(ids) - 1, len(full) - 1), ans,
-                                               item.length, slots, backend)
+                    logp, hit = self._logprobs(
+                        full, range(len(ids) - 1, len(full) - 1), ans, item.length, slots, backend
+                    )
                 rec["nll"] = float(-logp.mean())
                 rec["tf_acc"] = float(hit.mean())
         rec["seconds"] = time.perf_counter() - t0
         return rec
 
     # ------------------------------------------------------------------ loop
-    def run(self, tasks: Sequence[Task], methods: Sequence[Method], lengths: Sequence[int],
-            num_items: int, seed: int,
-            on_cell: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        tasks: Sequence[Task],
+        methods: Sequence[Method],
+        lengths: Sequence[int],
+        num_items: int,
+        seed: int,
+        on_cell: Callable[[dict[str, Any]], Any] | None = None,
+    ) -> dict[str, Any]:
         """Returns {'records': [...], 'items': [...], 'methods': {...}}.
 
         Cells run length by length (all tasks at the first length, then the next), so that an
@@ -211,13 +276,18 @@ class Runner:
         usable, method_info = [], {}
         for m in methods:
             reason = m.unavailable(mctx)
-            method_info[m.name] = {"description": m.description, "available": reason is None,
-                                   "reason": reason, "kv_density": {}}
+            method_info[m.name] = {
+                "description": m.description,
+                "available": reason is None,
+                "reason": reason,
+                "kv_density": {},
+            }
             if reason is None:
                 usable.append(m)
                 for n in lengths:
                     method_info[m.name]["kv_density"][str(n)] = (
-                        None if m.kv_density is None else float(m.kv_density(mctx, n)))
+                        None if m.kv_density is None else float(m.kv_density(mctx, n))
+                    )
             elif self.log:
                 self.log(f"skipping method {m.name}: {reason}")
         records: list[dict[str, Any]] = []
@@ -231,12 +301,23 @@ class Runner:
                 items_out += [it.to_dict() for it in items]
                 for m in usable:
                     backend = m.build(mctx, length)
-                    bar = tqdm(items, desc=f"{task.name} L={length} {m.name}", unit="item",
-                               disable=not self.progress, leave=False)
+                    bar = tqdm(
+                        items,
+                        desc=f"{task.name} L={length} {m.name}",
+                        unit="item",
+                        disable=not self.progress,
+                        leave=False,
+                    )
                     cell = []
                     for item in bar:
-                        rec = {"task": task.name, "family": task.family, "length": length,
-                               "method": m.name, "index": item.index, "depth": item.depth}
+                        rec = {
+                            "task": task.name,
+                            "family": task.family,
+                            "length": length,
+                            "method": m.name,
+                            "index": item.index,
+                            "depth": item.depth,
+                        }
                         rec.update(self.run_item(task, item, backend, m.decode_only))
                         cell.append(rec)
                         if task.primary in rec:

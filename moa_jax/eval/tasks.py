@@ -34,7 +34,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 # Common English words for record keys, variable-free vocabularies and distractors.
-WORDS = tuple("""
+WORDS = tuple(
+    """
 able acid actor album alley amber angel ankle apple apron arena armor arrow aspen atlas attic
 autumn avenue bacon badge baker bamboo banana banner barley barrel basket beacon beaver bell
 bench berry bicycle biscuit blanket blossom border bottle branch bread breeze brick bridge
@@ -57,7 +58,8 @@ silver sketch sled slipper socket spider spindle sponge spruce squash stable sta
 storm sugar summit sunset swan tablet tailor teapot temple thistle thunder tiger timber
 tomato topaz torch tower trumpet tulip tunnel turnip turtle umbrella valley velvet violet
 violin wagon walnut walrus wander window winter wizard wombat yacht yarn zebra zephyr
-""".split())
+""".split()
+)
 WORDS = tuple(dict.fromkeys(WORDS))  # de-duplicated, order kept
 
 
@@ -89,9 +91,15 @@ class Item:
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     def to_dict(self, with_text: bool = False) -> dict[str, Any]:
-        d: dict[str, Any] = {"task": self.task, "length": self.length, "index": self.index,
-                             "answer": self.answer, "targets": list(self.targets),
-                             "depth": self.depth, **dict(self.meta)}
+        d: dict[str, Any] = {
+            "task": self.task,
+            "length": self.length,
+            "index": self.index,
+            "answer": self.answer,
+            "targets": list(self.targets),
+            "depth": self.depth,
+            **dict(self.meta),
+        }
         if with_text:
             d["prompt"] = self.prompt
             d["answer_prefix"] = self.answer_prefix
@@ -117,9 +125,17 @@ class TaskContext:
       ppl_tail: tokens scored at the end of each perplexity window.
     """
 
-    def __init__(self, tokenizer: Any, *, chat: bool = True, corpus: str = "austen",
-                 depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-                 max_length: int = 0, ppl_tail: int = 128, docs: Sequence[Any] | None = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        chat: bool = True,
+        corpus: str = "austen",
+        depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        max_length: int = 0,
+        ppl_tail: int = 128,
+        docs: Sequence[Any] | None = None,
+    ):
         self.tokenizer = tokenizer
         self.chat = chat
         self.corpus = corpus
@@ -157,7 +173,7 @@ class TaskContext:
             start = int(rng.integers(0, len(text) - n_chars))
             para = text.rfind("\n\n", 0, start)
             start = para + 2 if para >= 0 else 0
-        out, title, j = text[start:start + n_chars], docs[d].title, d
+        out, title, j = text[start : start + n_chars], docs[d].title, d
         while len(out) < n_chars:
             j = (j + 1) % len(docs)
             out += "\n\n" + self._norm[j]
@@ -182,8 +198,8 @@ class TaskContext:
             return self.encode(answer)
         pre = self.encode(answer_prefix)
         both = self.encode(answer_prefix + answer)
-        if both[:len(pre)] == pre:
-            return both[len(pre):]
+        if both[: len(pre)] == pre:
+            return both[len(pre) :]
         return self.encode(answer)
 
     def count(self, prompt: str, answer_prefix: str = "") -> int:
@@ -200,8 +216,9 @@ def normalise_text(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- fitting
-def fit_units(build: Callable[[int], Any], count: Callable[[Any], int], budget: int,
-              hi: int, lo: int = 0) -> tuple[int, Any]:
+def fit_units(
+    build: Callable[[int], Any], count: Callable[[Any], int], budget: int, hi: int, lo: int = 0
+) -> tuple[int, Any]:
     """The largest u in [lo, hi] with count(build(u)) <= budget, and build(u).
 
     Binary search (count is taken to grow with u; tokenisation makes it only nearly
@@ -210,8 +227,10 @@ def fit_units(build: Callable[[int], Any], count: Callable[[Any], int], budget: 
     """
     a, b = lo, hi
     if count(build(a)) > budget:
-        raise ValueError(f"the fixed part of the prompt needs more than {budget} tokens; "
-                         "use a longer context length")
+        raise ValueError(
+            f"the fixed part of the prompt needs more than {budget} tokens; "
+            "use a longer context length"
+        )
     while a < b:
         mid = (a + b + 1) // 2
         if count(build(mid)) <= budget:
@@ -226,7 +245,8 @@ def fit_units(build: Callable[[int], Any], count: Callable[[Any], int], budget: 
 
 
 _SENTENCE_END = re.compile(
-    r"""(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)[.!?]["')\]]*[ \n]+|\n+""")
+    r"""(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bDr)(?<!\bSt)[.!?]["')\]]*[ \n]+|\n+"""
+)
 
 
 def insert_at_depths(text: str, needles: Sequence[str], depths: Sequence[float]) -> str:
@@ -253,7 +273,7 @@ def insert_at_depths(text: str, needles: Sequence[str], depths: Sequence[float])
 def random_number(rng: np.random.Generator, digits: int = 5, exclude: Sequence[str] = ()) -> str:
     """A random number of exactly `digits` digits (no leading zero), not in `exclude`."""
     while True:
-        s = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+        s = str(int(rng.integers(10 ** (digits - 1), 10**digits)))
         if s not in exclude:
             return s
 
@@ -367,8 +387,9 @@ def resolve_tasks(spec: str | Sequence[str]) -> list[Task]:
         elif name in TASKS:
             expanded = (name,)
         else:
-            raise ValueError(f"unknown task {name!r}; tasks: {sorted(TASKS)}, groups: "
-                             f"{sorted(GROUPS) + ['all']}")
+            raise ValueError(
+                f"unknown task {name!r}; tasks: {sorted(TASKS)}, groups: {sorted(GROUPS) + ['all']}"
+            )
         out += [TASKS[n] for n in expanded if TASKS[n] not in out]
     if not out:
         raise ValueError("no tasks selected")

@@ -30,14 +30,23 @@ class AttentionBackend(abc.ABC):
     """Interface of an attention backend (see module docstring)."""
 
     @abc.abstractmethod
-    def init_cache(self, cfg: ModelConfig, batch: int, max_len: int,
-                   dtype: Any = jnp.bfloat16) -> tuple[Any, ...]:
+    def init_cache(
+        self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16
+    ) -> tuple[Any, ...]:
         """Returns one empty cache per layer for `batch` rows of up to `max_len` tokens."""
 
     @abc.abstractmethod
-    def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int,
-                 positions: jax.Array, cache: Any | None,
-                 lengths: jax.Array | None = None) -> tuple[jax.Array, Any | None]:
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        layer: int,
+        positions: jax.Array,
+        cache: Any | None,
+        lengths: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any | None]:
         """Attends q to k/v (and the cache); returns out [B, T, H, D] and the updated cache."""
 
     @property
@@ -51,8 +60,9 @@ class AttentionBackend(abc.ABC):
         """This backend for arrays laid out on `mesh`. Backends that run Pallas kernels have a
         `mesh` field, set here, and run them under `shard_map` (`head_sharding`); jnp backends
         are partitioned by XLA and return themselves."""
-        if dataclasses.is_dataclass(self) and any(f.name == "mesh"
-                                                  for f in dataclasses.fields(self)):
+        if dataclasses.is_dataclass(self) and any(
+            f.name == "mesh" for f in dataclasses.fields(self)
+        ):
             return dataclasses.replace(self, mesh=mesh)
         return self
 
@@ -64,8 +74,10 @@ class DenseAttention(AttentionBackend):
     layer_uniform = True
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
-                     for _ in range(cfg.num_layers))
+        return tuple(
+            DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+            for _ in range(cfg.num_layers)
+        )
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         # Slot j holds position j, so padding written here is overwritten in order by decoding

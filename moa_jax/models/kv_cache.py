@@ -26,8 +26,9 @@ class DenseKVCache:
     v: jax.Array
 
     @classmethod
-    def zeros(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-              dtype=jnp.bfloat16) -> "DenseKVCache":
+    def zeros(
+        cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16
+    ) -> "DenseKVCache":
         shape = (batch, max_len, num_kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -49,20 +50,30 @@ class DenseKVCache:
             start + T <= max_len (checked on the host by `generate`), since XLA clamps
             out-of-range slices instead of failing.
         """
+
         def put(buf, new, s):
             return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), s, axis=0)
 
         return DenseKVCache(jax.vmap(put)(self.k, k, start), jax.vmap(put)(self.v, v, start))
 
     @staticmethod
-    def nbytes(batch: int, max_len: int, num_kv_heads: int, head_dim: int, num_layers: int,
-               dtype=jnp.bfloat16) -> int:
+    def nbytes(
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_layers: int,
+        dtype=jnp.bfloat16,
+    ) -> int:
         """Total bytes of a model's dense cache."""
-        return 2 * batch * max_len * num_kv_heads * head_dim * num_layers * jnp.dtype(dtype).itemsize
+        return (
+            2 * batch * max_len * num_kv_heads * head_dim * num_layers * jnp.dtype(dtype).itemsize
+        )
 
 
-def span_cache_layout(windows: Sequence[int], num_kv_heads: int, sink: int, max_len: int,
-                      block: int = 64) -> tuple[int, tuple[int, ...]]:
+def span_cache_layout(
+    windows: Sequence[int], num_kv_heads: int, sink: int, max_len: int, block: int = 64
+) -> tuple[int, tuple[int, ...]]:
     """Sink slots and per-KV-head ring sizes of a MoA span cache.
 
     Args:
@@ -83,13 +94,16 @@ def span_cache_layout(windows: Sequence[int], num_kv_heads: int, sink: int, max_
     sink = min(int(sink), max_len)
     rings = []
     for g in range(num_kv_heads):
-        w = max(int(x) for x in windows[g * group:(g + 1) * group])
+        w = max(int(x) for x in windows[g * group : (g + 1) * group])
         rings.append(max(1, min(-(-w // block) * block, max_len - sink)))
     return sink, tuple(rings)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v", "pos"),
-                   meta_fields=("sink", "rings", "block", "max_len", "shards"))
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("k", "v", "pos"),
+    meta_fields=("sink", "rings", "block", "max_len", "shards"),
+)
 @dataclasses.dataclass
 class SpanKVCache:
     """One layer's MoA cache: per KV head only its sink tokens and a ring of its span.
@@ -125,9 +139,18 @@ class SpanKVCache:
         return tuple(-(-(sink + r) // block) * block for r in rings)
 
     @classmethod
-    def zeros(cls, batch: int, windows: Sequence[int], num_kv_heads: int, sink: int,
-              max_len: int, head_dim: int, dtype=jnp.bfloat16, block: int = 64,
-              shards: int = 1) -> "SpanKVCache":
+    def zeros(
+        cls,
+        batch: int,
+        windows: Sequence[int],
+        num_kv_heads: int,
+        sink: int,
+        max_len: int,
+        head_dim: int,
+        dtype=jnp.bfloat16,
+        block: int = 64,
+        shards: int = 1,
+    ) -> "SpanKVCache":
         """An empty cache sized by `span_cache_layout` for sequences of up to max_len tokens,
         its KV heads packed in `shards` groups."""
         if num_kv_heads % shards:
@@ -135,10 +158,17 @@ class SpanKVCache:
         sink, rings = span_cache_layout(windows, num_kv_heads, sink, max_len, block)
         sizes = cls.segment_sizes(sink, rings, block)
         per = num_kv_heads // shards
-        m = shards * max(sum(sizes[i * per:(i + 1) * per]) for i in range(shards))
-        return cls(jnp.zeros((batch, m, head_dim), dtype), jnp.zeros((batch, m, head_dim), dtype),
-                   jnp.full((batch, m), -1, jnp.int32), sink, rings, int(block), int(max_len),
-                   int(shards))
+        m = shards * max(sum(sizes[i * per : (i + 1) * per]) for i in range(shards))
+        return cls(
+            jnp.zeros((batch, m, head_dim), dtype),
+            jnp.zeros((batch, m, head_dim), dtype),
+            jnp.full((batch, m), -1, jnp.int32),
+            sink,
+            rings,
+            int(block),
+            int(max_len),
+            int(shards),
+        )
 
     def holds_window(self, g: int, window: int) -> bool:
         """Whether KV head g's ring keeps every key a query head with this window needs, for
@@ -156,24 +186,29 @@ class SpanKVCache:
         per, stretch = self.num_kv_heads // self.shards, self.k.shape[1] // self.shards
         out = []
         for i in range(self.shards):
-            group = sizes[i * per:(i + 1) * per]
+            group = sizes[i * per : (i + 1) * per]
             out += [i * stretch + int(x) for x in np.cumsum((0,) + group[:-1])]
         return tuple(out)
 
     def shard(self, i: int, k: jax.Array, v: jax.Array, pos: jax.Array) -> "SpanKVCache":
         """Shard i's own cache, over its slots k, v [B, M / shards, D] and pos."""
         per = self.num_kv_heads // self.shards
-        return dataclasses.replace(self, k=k, v=v, pos=pos,
-                                   rings=self.rings[i * per:(i + 1) * per], shards=1)
+        return dataclasses.replace(
+            self, k=k, v=v, pos=pos, rings=self.rings[i * per : (i + 1) * per], shards=1
+        )
 
     def slot_heads(self) -> np.ndarray:
         """int [M]: the KV head owning each slot (padding slots: their group's last head)."""
         return self._slot_layout()[0]
 
     def logical_axes(self) -> "SpanKVCache":
-        slots = "kv_slots" if self.shards > 1 else "seq"     # packed by head groups: split them
-        return dataclasses.replace(self, k=("batch", slots, "head_dim"),
-                                   v=("batch", slots, "head_dim"), pos=("batch", slots))
+        slots = "kv_slots" if self.shards > 1 else "seq"  # packed by head groups: split them
+        return dataclasses.replace(
+            self,
+            k=("batch", slots, "head_dim"),
+            v=("batch", slots, "head_dim"),
+            pos=("batch", slots),
+        )
 
     def _slot_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per slot (numpy, [M]): owning KV head, kind (0 sink, 1 ring, 2 padding), index."""
@@ -184,16 +219,20 @@ class SpanKVCache:
             heads += [g] * size
             kinds += [0] * self.sink + [1] * r + [2] * (size - self.sink - r)
             index += list(range(self.sink)) + list(range(r)) + [0] * (size - self.sink - r)
-            if (g + 1) % per == 0:           # the group's stretch ends: pad it
+            if (g + 1) % per == 0:  # the group's stretch ends: pad it
                 pad = (g + 1) // per * stretch - len(heads)
                 heads += [g] * pad
                 kinds += [2] * pad
                 index += [0] * pad
-        return (np.asarray(heads, np.int32), np.asarray(kinds, np.int32),
-                np.asarray(index, np.int32))
+        return (
+            np.asarray(heads, np.int32),
+            np.asarray(kinds, np.int32),
+            np.asarray(index, np.int32),
+        )
 
-    def write(self, k: jax.Array, v: jax.Array, start: jax.Array,
-              lengths: jax.Array | None = None) -> "SpanKVCache":
+    def write(
+        self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
+    ) -> "SpanKVCache":
         """Writes a chunk of tokens at positions [start[b], start[b] + T), the first lengths[b]
         of them valid (the rest is padding and is not written).
 
@@ -211,37 +250,47 @@ class SpanKVCache:
         lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
         heads, kinds, index = (jnp.asarray(a) for a in self._slot_layout())
         rings = jnp.asarray(self.rings, jnp.int32)[heads]
-        last = (start + lengths - 1)[:, None]                      # [B, 1]
+        last = (start + lengths - 1)[:, None]  # [B, 1]
         # Newest position p <= last held by each ring slot: p = sink + i + R * n.
         n = jnp.floor_divide(last - self.sink - index[None], rings[None])
         ring_pos = self.sink + index[None] + rings[None] * n
         p = jnp.where(kinds[None] == 0, index[None], ring_pos)
-        take = ((kinds[None] != 2) & (p <= last) & (p >= start[:, None])
-                & ((kinds[None] == 0) | (p >= self.sink)))
+        take = (
+            (kinds[None] != 2)
+            & (p <= last)
+            & (p >= start[:, None])
+            & ((kinds[None] == 0) | (p >= self.sink))
+        )
         src = jnp.clip(p - start[:, None], 0, t - 1)
         rows = jnp.arange(b)[:, None]
         new_k = k[rows, src, heads[None]]
         new_v = v[rows, src, heads[None]]
         return dataclasses.replace(
-            self, k=jnp.where(take[..., None], new_k.astype(self.k.dtype), self.k),
+            self,
+            k=jnp.where(take[..., None], new_k.astype(self.k.dtype), self.k),
             v=jnp.where(take[..., None], new_v.astype(self.v.dtype), self.v),
-            pos=jnp.where(take, p, self.pos))
+            pos=jnp.where(take, p, self.pos),
+        )
 
     def _append(self, k: jax.Array, v: jax.Array, position: jax.Array) -> "SpanKVCache":
         """One token per row ([B, Hkv, D] at position [B]) by an in-place scatter."""
         offsets = jnp.asarray(self.offsets, jnp.int32)
         rings = jnp.asarray(self.rings, jnp.int32)
         p = position[:, None]
-        slot = offsets[None] + jnp.where(p < self.sink, p,
-                                         self.sink + jnp.remainder(p - self.sink, rings[None]))
+        slot = offsets[None] + jnp.where(
+            p < self.sink, p, self.sink + jnp.remainder(p - self.sink, rings[None])
+        )
         rows = jnp.arange(k.shape[0])[:, None]
         # The barrier keeps XLA from fusing the K/V projections into the scatter: at batch 1 it
         # does, and the fused scatter recomputes them serially (~70 us per layer on an H200).
         k, v = jax.lax.optimization_barrier((k.astype(self.k.dtype), v.astype(self.v.dtype)))
-        put = dict(unique_indices=True, mode="promise_in_bounds")   # one slot per (row, head)
+        put = dict(unique_indices=True, mode="promise_in_bounds")  # one slot per (row, head)
         return dataclasses.replace(
-            self, k=self.k.at[rows, slot].set(k, **put), v=self.v.at[rows, slot].set(v, **put),
-            pos=self.pos.at[rows, slot].set(jnp.broadcast_to(p, slot.shape), **put))
+            self,
+            k=self.k.at[rows, slot].set(k, **put),
+            v=self.v.at[rows, slot].set(v, **put),
+            pos=self.pos.at[rows, slot].set(jnp.broadcast_to(p, slot.shape), **put),
+        )
 
     def nbytes(self) -> int:
         return int(self.k.nbytes + self.v.nbytes + self.pos.nbytes)

@@ -75,8 +75,9 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(i: int, o: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype) -> nnx.Linear:
-    return nnx.Linear(i, o, use_bias=bias, kernel_init=_INIT, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+    return nnx.Linear(
+        i, o, use_bias=bias, kernel_init=_INIT, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
 
 class LlamaAttention(nnx.Module):
@@ -89,15 +90,16 @@ class LlamaAttention(nnx.Module):
         self.o_proj = _linear(h * d, e, b, rngs, dtype, param_dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
 
-    def __call__(self, x, positions, inv_freq, cache, attention: AttentionBackend, layer: int,
-                 lengths=None):
+    def __call__(
+        self, x, positions, inv_freq, cache, attention: AttentionBackend, layer: int, lengths=None
+    ):
         bsz, t, _ = x.shape
         q = self.q_proj(x).reshape(bsz, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         extra = {} if lengths is None else {"lengths": lengths}
         if getattr(attention, "wants_pre_rope_query", False):
-            extra["q_pre_rope"] = q      # e.g. Recycled Attention's dynamic schedule
+            extra["q_pre_rope"] = q  # e.g. Recycled Attention's dynamic schedule
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         out, cache = attention(q, k, v, layer=layer, positions=positions, cache=cache, **extra)
@@ -124,8 +126,9 @@ class LlamaDecoderLayer(nnx.Module):
         self.mlp = LlamaMLP(cfg, rngs, dtype, param_dtype)
 
     def __call__(self, x, positions, inv_freq, cache, attention, layer, lengths=None):
-        a, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, attention,
-                                  layer, lengths)
+        a, cache = self.self_attn(
+            self.input_layernorm(x), positions, inv_freq, cache, attention, layer, lengths
+        )
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -140,26 +143,44 @@ class Llama(nnx.Module):
       param_dtype: storage dtype of the parameters.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = "float32",
-                 param_dtype: Any = "float32"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Any = "float32",
+        param_dtype: Any = "float32",
+    ):
         dtype, param_dtype = parse_dtype(dtype), parse_dtype(param_dtype)
         self.config = cfg
         self.dtype = dtype
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_INIT,
-                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([LlamaDecoderLayer(cfg, rngs, dtype, param_dtype)
-                                for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype,
-                            dtype=dtype)
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=_INIT,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, rngs, dtype, param_dtype) for _ in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype,
-                                   param_dtype)
+            self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype, param_dtype)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array,
-                 cache: Sequence[Any] | None = None,
-                 attention: AttentionBackend = DenseAttention(),
-                 logits_at: jax.Array | None = None, lengths: jax.Array | None = None, *,
-                 remat: bool = False, layer_stack: "LayerStack | None" = None):
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Sequence[Any] | None = None,
+        attention: AttentionBackend = DenseAttention(),
+        logits_at: jax.Array | None = None,
+        lengths: jax.Array | None = None,
+        *,
+        remat: bool = False,
+        layer_stack: "LayerStack | None" = None,
+    ):
         """Runs the model.
 
         Args:
@@ -187,19 +208,29 @@ class Llama(nnx.Module):
         if remat and cache is not None:
             raise ValueError("remat is for training (no cache); decoding keeps no activations")
         if layer_stack is not None:
-            x, stacked_cache = scan_layers(layer_stack, x, positions, inv_freq, attention, cache,
-                                           lengths, remat=remat)
+            x, stacked_cache = scan_layers(
+                layer_stack, x, positions, inv_freq, attention, cache, lengths, remat=remat
+            )
             new_cache = None if cache is None else stacked_cache
         else:
             caches = []
             for i, layer in enumerate(self.layers):
                 if remat:
+
                     def run(layer, x, i=i):
                         return layer(x, positions, inv_freq, None, attention, i, lengths)[0]
+
                     x, c = nnx.remat(run)(layer, x), None
                 else:
-                    x, c = layer(x, positions, inv_freq, None if cache is None else cache[i],
-                                 attention, i, lengths)
+                    x, c = layer(
+                        x,
+                        positions,
+                        inv_freq,
+                        None if cache is None else cache[i],
+                        attention,
+                        i,
+                        lengths,
+                    )
                 x = constrain(x, hidden)
                 caches.append(c)
             new_cache = None if cache is None else tuple(caches)
@@ -210,7 +241,9 @@ class Llama(nnx.Module):
             logits = self.embed_tokens.attend(x)
         else:
             logits = self.lm_head(x)
-        logits = constrain(logits, ("batch",) + ("seq",) * (logits.ndim - 2) + ("activation_vocab",))
+        logits = constrain(
+            logits, ("batch",) + ("seq",) * (logits.ndim - 2) + ("activation_vocab",)
+        )
         return logits.astype(jnp.float32), new_cache
 
 
@@ -224,9 +257,17 @@ def stack_layers(model: Llama) -> LayerStack:
     return splits[0][0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *[st for _, st in splits])
 
 
-def scan_layers(stack: LayerStack, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                attention: AttentionBackend, layer_args: Any = None,
-                lengths: jax.Array | None = None, *, remat: bool = False) -> tuple[jax.Array, Any]:
+def scan_layers(
+    stack: LayerStack,
+    x: jax.Array,
+    positions: jax.Array,
+    inv_freq: jax.Array,
+    attention: AttentionBackend,
+    layer_args: Any = None,
+    lengths: jax.Array | None = None,
+    *,
+    remat: bool = False,
+) -> tuple[jax.Array, Any]:
     """The decoder layers as one `lax.scan`: x [B, T, E] through every layer of `stack`.
 
     `layer_args`: each layer's cache (or the backend's per-layer input), a pytree with leaves
@@ -235,8 +276,10 @@ def scan_layers(stack: LayerStack, x: jax.Array, positions: jax.Array, inv_freq:
     with `layer_uniform` (the scanned layer runs as layer 0).
     """
     if not attention.layer_uniform:
-        raise ValueError(f"{type(attention).__name__} gives layers their own masks or cache "
-                         f"shapes; its layers cannot run as one scan")
+        raise ValueError(
+            f"{type(attention).__name__} gives layers their own masks or cache "
+            f"shapes; its layers cannot run as one scan"
+        )
     gd, stacked = stack
     hidden = ("batch", "seq", "activation_embed")
 
@@ -249,22 +292,33 @@ def scan_layers(stack: LayerStack, x: jax.Array, positions: jax.Array, inv_freq:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
-def forward(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
-            cache: Sequence[Any] | None = None, *, attention: AttentionBackend = DenseAttention(),
-            logits_at: jax.Array | None = None, lengths: jax.Array | None = None):
+def forward(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Sequence[Any] | None = None,
+    *,
+    attention: AttentionBackend = DenseAttention(),
+    logits_at: jax.Array | None = None,
+    lengths: jax.Array | None = None,
+):
     """Pure jitted forward over a split model: see `Llama.__call__`."""
     model = nnx.merge(graphdef, state)
     return model(tokens, positions, cache, attention, logits_at, lengths)
 
 
-def init_random(cfg: ModelConfig, seed: int = 0, *, dtype: Any = "float32",
-                param_dtype: Any = "float32") -> Llama:
+def init_random(
+    cfg: ModelConfig, seed: int = 0, *, dtype: Any = "float32", param_dtype: Any = "float32"
+) -> Llama:
     """A randomly initialised model (tests, benchmarks on real shapes)."""
     return Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
 
 
-def abstract_model(cfg: ModelConfig, *, dtype: Any = "float32",
-                   param_dtype: Any = "float32") -> Llama:
+def abstract_model(
+    cfg: ModelConfig, *, dtype: Any = "float32", param_dtype: Any = "float32"
+) -> Llama:
     """The model with `jax.ShapeDtypeStruct` leaves: allocates nothing, for loaders to fill."""
-    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype,
-                                        param_dtype=param_dtype))
+    return nnx.eval_shape(
+        lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    )

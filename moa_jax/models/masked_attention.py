@@ -39,15 +39,24 @@ def _masked_mha(q, k, v, qpos, kpos, windows, sinks):
     if windows is None:
         mask = causal_mask(qpos, kpos)
     else:
-        mask = window_sink_mask(qpos, kpos, jnp.asarray(windows, jnp.int32),
-                                jnp.asarray(sinks, jnp.int32))
+        mask = window_sink_mask(
+            qpos, kpos, jnp.asarray(windows, jnp.int32), jnp.asarray(sinks, jnp.int32)
+        )
     return mha_reference(q, k, v, mask)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, *,
-                      windows: Sequence[int] | None = None, sinks: Sequence[int] | int = 0,
-                      q_chunk: int = 512, checkpoint: bool = False,
-                      key_groups: int = 4) -> jax.Array:
+def chunked_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    *,
+    windows: Sequence[int] | None = None,
+    sinks: Sequence[int] | int = 0,
+    q_chunk: int = 512,
+    checkpoint: bool = False,
+    key_groups: int = 4,
+) -> jax.Array:
     """Causal (or per-head window + sink) attention of T tokens over themselves, query-chunked.
 
     q [B, T, H, D], k/v [B, T, Hkv, D], positions int [B, T] increasing along T.
@@ -69,14 +78,17 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     chunks = _chunks(t, q_chunk)
     if not checkpoint or len(chunks) == 1:
         fn = jax.checkpoint(one) if checkpoint else one
-        outs = [fn(q[:, s:e], k[:, :e], v[:, :e], positions[:, s:e], positions[:, :e])
-                for s, e in chunks]
+        outs = [
+            fn(q[:, s:e], k[:, :e], v[:, :e], positions[:, s:e], positions[:, :e])
+            for s, e in chunks
+        ]
         return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
     qc = chunks[0][1]
     if t % qc:
-        raise ValueError(f"sequence length {t} must be a multiple of q_chunk {qc} "
-                         f"for the checkpointed path")
+        raise ValueError(
+            f"sequence length {t} must be a multiple of q_chunk {qc} for the checkpointed path"
+        )
     n = t // qc
     g = max(1, min(int(key_groups), n))
     bounds = [round(i * n / g) for i in range(g + 1)]
@@ -87,8 +99,8 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
             continue
         kend = c1 * qc
         kc, vc, kpos = k[:, :kend], v[:, :kend], positions[:, :kend]
-        qs = q[:, c0 * qc:kend].reshape(b, c1 - c0, qc, h, d).swapaxes(0, 1)
-        ps = positions[:, c0 * qc:kend].reshape(b, c1 - c0, qc).swapaxes(0, 1)
+        qs = q[:, c0 * qc : kend].reshape(b, c1 - c0, qc, h, d).swapaxes(0, 1)
+        ps = positions[:, c0 * qc : kend].reshape(b, c1 - c0, qc).swapaxes(0, 1)
 
         def step(carry, xs, kc=kc, vc=vc, kpos=kpos):
             qi, pi = xs
@@ -99,16 +111,23 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.A
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
-def cache_attention(q: jax.Array, cache: Any, positions: jax.Array, *,
-                    windows: Sequence[int] | None = None, sinks: Sequence[int] | int = 0,
-                    q_chunk: int = 512) -> jax.Array:
+def cache_attention(
+    q: jax.Array,
+    cache: Any,
+    positions: jax.Array,
+    *,
+    windows: Sequence[int] | None = None,
+    sinks: Sequence[int] | int = 0,
+    q_chunk: int = 512,
+) -> jax.Array:
     """Queries q [B, T, H, D] at positions [B, T] over a whole `DenseKVCache` (slot j holds
     position j), causal or per-head window + sink masked by absolute position, query-chunked."""
     kpos = jnp.arange(cache.max_len, dtype=positions.dtype)
     outs = []
     for s, e in _chunks(q.shape[1], q_chunk):
-        outs.append(_masked_mha(q[:, s:e], cache.k, cache.v, positions[:, s:e], kpos, windows,
-                                sinks))
+        outs.append(
+            _masked_mha(q[:, s:e], cache.k, cache.v, positions[:, s:e], kpos, windows, sinks)
+        )
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
@@ -125,12 +144,21 @@ def _prefill_chunks(q, k, v, windows, sinks, q_chunk: int):
         sink = 0 if windows is None else max(sinks)
         if lo <= sink:
             kk, vv, idx = k[:, :e], v[:, :e], np.arange(e)
-        else:   # sinks, then the band [lo, e): two slices, no gather
+        else:  # sinks, then the band [lo, e): two slices, no gather
             kk = jnp.concatenate([k[:, :sink], k[:, lo:e]], axis=1)
             vv = jnp.concatenate([v[:, :sink], v[:, lo:e]], axis=1)
             idx = np.concatenate([np.arange(sink), np.arange(lo, e)])
-        outs.append(_masked_mha(q[:, s:e], kk, vv, jnp.arange(s, e, dtype=jnp.int32)[None],
-                                jnp.asarray(idx, jnp.int32), windows, sinks))
+        outs.append(
+            _masked_mha(
+                q[:, s:e],
+                kk,
+                vv,
+                jnp.arange(s, e, dtype=jnp.int32)[None],
+                jnp.asarray(idx, jnp.int32),
+                windows,
+                sinks,
+            )
+        )
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 
@@ -174,10 +202,13 @@ class MaskedAttention(AttentionBackend):
 
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16):
         if self.windows is not None and len(self.windows) != cfg.num_layers:
-            raise ValueError(f"{len(self.windows)} layers of windows, the model has "
-                             f"{cfg.num_layers}")
-        return tuple(DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
-                     for _ in range(cfg.num_layers))
+            raise ValueError(
+                f"{len(self.windows)} layers of windows, the model has {cfg.num_layers}"
+            )
+        return tuple(
+            DenseKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+            for _ in range(cfg.num_layers)
+        )
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         # Slot j holds position j: right padding is overwritten by decoding and never visible to
@@ -189,11 +220,14 @@ class MaskedAttention(AttentionBackend):
             return _prefill_chunks(q, k, v, windows, sinks, self.q_chunk), None
         cache = cache.write(k, v, positions[:, 0])
         if q.shape[1] == 1:
-            return cache_attention(q, cache, positions, windows=windows, sinks=sinks,
-                                   q_chunk=self.q_chunk), cache
+            return cache_attention(
+                q, cache, positions, windows=windows, sinks=sinks, q_chunk=self.q_chunk
+            ), cache
         out = jax.lax.cond(
             jnp.all(positions[:, 0] == 0),
             lambda: _prefill_chunks(q, k, v, windows, sinks, self.q_chunk),
-            lambda: cache_attention(q, cache, positions, windows=windows, sinks=sinks,
-                                    q_chunk=self.q_chunk))
+            lambda: cache_attention(
+                q, cache, positions, windows=windows, sinks=sinks, q_chunk=self.q_chunk
+            ),
+        )
         return out, cache

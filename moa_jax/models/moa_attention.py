@@ -40,16 +40,16 @@ from moa_jax.plan import Plan
 @dataclasses.dataclass(frozen=True)
 class MoAAttention(AttentionBackend):
     """Args:
-      plan: the compression plan ([layers][query heads] rules and sinks).
-      length: input length N at which the plan is resolved (None: the call's length).
-      windows: explicit resolved windows [layers][heads] (overrides plan.resolve; static tuple).
-      block_q, block_k: kernel block sizes (None: the kernel's defaults).
-      kernel_backend: 'auto' | 'gpu' (Triton) | 'mgpu' (Mosaic GPU prefill, Triton decode) |
-        'tpu' | 'reference' (see `sparse_attention`).
-      interpret: Pallas interpret mode (None: automatic, True on CPU).
-      mesh: device mesh: the prefill and decode kernels run under `shard_map`, rows over
-        data x fsdp and heads over tensor, each device with its heads' windows, and the span
-        cache is packed by device (`head_sharding`); set by `generate(mesh=...)`.
+    plan: the compression plan ([layers][query heads] rules and sinks).
+    length: input length N at which the plan is resolved (None: the call's length).
+    windows: explicit resolved windows [layers][heads] (overrides plan.resolve; static tuple).
+    block_q, block_k: kernel block sizes (None: the kernel's defaults).
+    kernel_backend: 'auto' | 'gpu' (Triton) | 'mgpu' (Mosaic GPU prefill, Triton decode) |
+      'tpu' | 'reference' (see `sparse_attention`).
+    interpret: Pallas interpret mode (None: automatic, True on CPU).
+    mesh: device mesh: the prefill and decode kernels run under `shard_map`, rows over
+      data x fsdp and heads over tensor, each device with its heads' windows, and the span
+      cache is packed by device (`head_sharding`); set by `generate(mesh=...)`.
     """
 
     plan: Plan
@@ -65,8 +65,10 @@ class MoAAttention(AttentionBackend):
         if self.windows is not None:
             w = tuple(tuple(int(x) for x in row) for row in self.windows)
             if (len(w), len(w[0])) != self.plan.shape:
-                raise ValueError(f"windows are {len(w)}x{len(w[0])} but the plan is "
-                                 f"{self.plan.shape[0]}x{self.plan.shape[1]}")
+                raise ValueError(
+                    f"windows are {len(w)}x{len(w[0])} but the plan is "
+                    f"{self.plan.shape[0]}x{self.plan.shape[1]}"
+                )
             object.__setattr__(self, "windows", w)
 
     def layer_windows(self, layer: int, n: int) -> tuple[int, ...]:
@@ -83,10 +85,19 @@ class MoAAttention(AttentionBackend):
         # Mosaic TPU blocks need 128 lanes; 64 is the reference's granularity elsewhere.
         block = 128 if jax.default_backend() == "tpu" else 64
         return tuple(
-            SpanKVCache.zeros(batch, self.layer_windows(layer, max_len), cfg.num_kv_heads,
-                              max(self.plan.layer_sinks(layer)), max_len, cfg.head_dim, dtype,
-                              block, shards=head_shards(self.mesh, cfg.num_kv_heads))
-            for layer in range(cfg.num_layers))
+            SpanKVCache.zeros(
+                batch,
+                self.layer_windows(layer, max_len),
+                cfg.num_kv_heads,
+                max(self.plan.layer_sinks(layer)),
+                max_len,
+                cfg.head_dim,
+                dtype,
+                block,
+                shards=head_shards(self.mesh, cfg.num_kv_heads),
+            )
+            for layer in range(cfg.num_layers)
+        )
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         h = q.shape[2]
@@ -97,14 +108,29 @@ class MoAAttention(AttentionBackend):
         windows = self.layer_windows(layer, n)
         if cache is not None and q.shape[1] == 1:
             cache = cache.write(k, v, positions[:, 0], lengths)
-            out = span_decode_on_mesh(q[:, 0], cache, positions[:, 0], self.mesh,
-                                      windows=windows, sinks=sinks,
-                                      backend="gpu" if self.kernel_backend == "mgpu" else
-                                      self.kernel_backend, interpret=self.interpret)
+            out = span_decode_on_mesh(
+                q[:, 0],
+                cache,
+                positions[:, 0],
+                self.mesh,
+                windows=windows,
+                sinks=sinks,
+                backend="gpu" if self.kernel_backend == "mgpu" else self.kernel_backend,
+                interpret=self.interpret,
+            )
             return out[:, None], cache
-        out = sparse_attention_on_mesh(q, k, v, self.mesh, windows=windows, sinks=sinks,
-                                       backend=self.kernel_backend, interpret=self.interpret,
-                                       block_q=self.block_q, block_k=self.block_k)
+        out = sparse_attention_on_mesh(
+            q,
+            k,
+            v,
+            self.mesh,
+            windows=windows,
+            sinks=sinks,
+            backend=self.kernel_backend,
+            interpret=self.interpret,
+            block_q=self.block_q,
+            block_k=self.block_k,
+        )
         if cache is not None:
             cache = cache.write(k, v, positions[:, 0], lengths)
         return out, cache

@@ -111,8 +111,10 @@ class RecycleConfig:
         if self.dynamic_threshold is not None and self.stride is None:
             raise ValueError("the dynamic schedule needs a check interval: set stride (QC)")
         if self.mode == "fixed" and self.stride > self.k:
-            raise ValueError(f"stride S={self.stride} > k={self.k}: tokens generated between "
-                             f"refreshes would be evicted (S <= K is required)")
+            raise ValueError(
+                f"stride S={self.stride} > k={self.k}: tokens generated between "
+                f"refreshes would be evicted (S <= K is required)"
+            )
         if self.pool < 1 or self.pool % 2 == 0:
             raise ValueError(f"pool must be an odd kernel size >= 1, got {self.pool}")
 
@@ -125,9 +127,11 @@ class RecycleConfig:
 
 
 # ------------------------------------------------------------------------------ caches
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("k", "v", "kp", "vp", "idx", "ptr", "step", "ref_q"),
-                   meta_fields=("top_k", "max_len"))
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("k", "v", "kp", "vp", "idx", "ptr", "step", "ref_q"),
+    meta_fields=("top_k", "max_len"),
+)
 @dataclasses.dataclass
 class RecycledKVCache:
     """One layer's Recycled Attention state.
@@ -155,32 +159,59 @@ class RecycledKVCache:
     max_len: int
 
     @classmethod
-    def zeros(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, top_k: int,
-              dtype: Any = jnp.bfloat16, block: int = 64) -> "RecycledKVCache":
+    def zeros(
+        cls,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        top_k: int,
+        dtype: Any = jnp.bfloat16,
+        block: int = 64,
+    ) -> "RecycledKVCache":
         lp, kp = _round_up(max_len, block), _round_up(top_k, block)
         full = (batch, num_kv_heads, lp, head_dim)
         sel = (batch, num_kv_heads, kp, head_dim)
-        return cls(jnp.zeros(full, dtype), jnp.zeros(full, dtype), jnp.zeros(sel, dtype),
-                   jnp.zeros(sel, dtype), jnp.full(sel[:3], -1, jnp.int32),
-                   jnp.zeros((batch,), jnp.int32), jnp.zeros((), jnp.int32),
-                   jnp.zeros((batch, head_dim), jnp.float32), int(top_k), int(max_len))
+        return cls(
+            jnp.zeros(full, dtype),
+            jnp.zeros(full, dtype),
+            jnp.zeros(sel, dtype),
+            jnp.zeros(sel, dtype),
+            jnp.full(sel[:3], -1, jnp.int32),
+            jnp.zeros((batch,), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((batch, head_dim), jnp.float32),
+            int(top_k),
+            int(max_len),
+        )
 
     def logical_axes(self) -> "RecycledKVCache":
         kv = ("batch", "kv_heads", "seq", "head_dim")
-        return dataclasses.replace(self, k=kv, v=kv, kp=kv, vp=kv,
-                                   idx=("batch", "kv_heads", "seq"), ptr=("batch",), step=(),
-                                   ref_q=("batch", "head_dim"))
+        return dataclasses.replace(
+            self,
+            k=kv,
+            v=kv,
+            kp=kv,
+            vp=kv,
+            idx=("batch", "kv_heads", "seq"),
+            ptr=("batch",),
+            step=(),
+            ref_q=("batch", "head_dim"),
+        )
 
     def nbytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
     def selected(self) -> jax.Array:
         """int32 [B, Hkv, K]: positions held by the live C_p entries (-1 empty)."""
-        return self.idx[..., :self.top_k]
+        return self.idx[..., : self.top_k]
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("kp", "vp", "idx", "acc"), meta_fields=("top_k", "max_len"))
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("kp", "vp", "idx", "acc"),
+    meta_fields=("top_k", "max_len"),
+)
 @dataclasses.dataclass
 class SelectedKVCache:
     """One layer's K-slot cache of the eviction baselines (StreamingLLM, H2O): no full cache.
@@ -198,24 +229,44 @@ class SelectedKVCache:
     max_len: int
 
     @classmethod
-    def zeros(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, top_k: int,
-              dtype: Any = jnp.bfloat16, block: int = 64, with_scores: bool = False):
+    def zeros(
+        cls,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        top_k: int,
+        dtype: Any = jnp.bfloat16,
+        block: int = 64,
+        with_scores: bool = False,
+    ):
         kp = _round_up(top_k, block)
         sel = (batch, num_kv_heads, kp, head_dim)
         acc = jnp.full(sel[:3], -jnp.inf, jnp.float32) if with_scores else None
-        return cls(jnp.zeros(sel, dtype), jnp.zeros(sel, dtype), jnp.full(sel[:3], -1, jnp.int32),
-                   acc, int(top_k), int(max_len))
+        return cls(
+            jnp.zeros(sel, dtype),
+            jnp.zeros(sel, dtype),
+            jnp.full(sel[:3], -1, jnp.int32),
+            acc,
+            int(top_k),
+            int(max_len),
+        )
 
     def logical_axes(self) -> "SelectedKVCache":
         kv = ("batch", "kv_heads", "seq", "head_dim")
-        return dataclasses.replace(self, kp=kv, vp=kv, idx=("batch", "kv_heads", "seq"),
-                                   acc=None if self.acc is None else ("batch", "kv_heads", "seq"))
+        return dataclasses.replace(
+            self,
+            kp=kv,
+            vp=kv,
+            idx=("batch", "kv_heads", "seq"),
+            acc=None if self.acc is None else ("batch", "kv_heads", "seq"),
+        )
 
     def nbytes(self) -> int:
         return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
     def selected(self) -> jax.Array:
-        return self.idx[..., :self.top_k]
+        return self.idx[..., : self.top_k]
 
 
 # ------------------------------------------------------------------------------ selection
@@ -230,8 +281,9 @@ def max_pool_scores(scores: jax.Array, valid: jax.Array, pool: int) -> jax.Array
     return jnp.where(valid, s, -jnp.inf)
 
 
-def select_top_k(scores: jax.Array, valid: jax.Array, k: int, pool: int = 7,
-                 slots: int | None = None) -> jax.Array:
+def select_top_k(
+    scores: jax.Array, valid: jax.Array, k: int, pool: int = 7, slots: int | None = None
+) -> jax.Array:
     """The K best positions per (row, KV head), sorted by ascending pooled score.
 
     Args:
@@ -246,15 +298,14 @@ def select_top_k(scores: jax.Array, valid: jax.Array, k: int, pool: int = 7,
     s = max_pool_scores(scores, jnp.broadcast_to(valid, scores.shape), pool)
     n = s.shape[-1]
     kk = min(k, n)
-    vals, ids = lax.top_k(s, kk)                                       # descending
+    vals, ids = lax.top_k(s, kk)  # descending
     ids = jnp.where(vals == -jnp.inf, -1, ids).astype(jnp.int32)
     if kk < k:
         ids = jnp.concatenate([ids, jnp.full(ids.shape[:-1] + (k - kk,), -1, jnp.int32)], -1)
-    ids = ids[..., ::-1]                                               # ascending
+    ids = ids[..., ::-1]  # ascending
     slots = k if slots is None else slots
     if slots > k:
-        ids = jnp.concatenate([ids, jnp.full(ids.shape[:-1] + (slots - k,), -1, jnp.int32)],
-                              -1)
+        ids = jnp.concatenate([ids, jnp.full(ids.shape[:-1] + (slots - k,), -1, jnp.int32)], -1)
     return ids
 
 
@@ -295,28 +346,43 @@ def _prefill_attention(opts, q, k, v, layer, max_len):
     """Causal attention of a prompt at positions [0, T): dense or the plan's windows."""
     h, t = q.shape[2], q.shape[1]
     windows, sinks = _prefill_windows(opts, layer, h, t, max_len)
-    return sparse_attention_on_mesh(q, k, v, opts.mesh, windows=windows, sinks=sinks,
-                                    backend=opts.kernel_backend, interpret=opts.interpret,
-                                    block_q=opts.prefill_block_q, block_k=opts.prefill_block_k)
+    return sparse_attention_on_mesh(
+        q,
+        k,
+        v,
+        opts.mesh,
+        windows=windows,
+        sinks=sinks,
+        backend=opts.kernel_backend,
+        interpret=opts.interpret,
+        block_q=opts.prefill_block_q,
+        block_k=opts.prefill_block_k,
+    )
 
 
 def _kernel_kw(opts) -> dict:
-    return dict(backend=opts.kernel_backend, interpret=opts.interpret,
-                num_splits=opts.num_splits)
+    return dict(backend=opts.kernel_backend, interpret=opts.interpret, num_splits=opts.num_splits)
 
 
 def _full_step(opts, q, k, v, q_positions, scores):
     """`full_step_decode` on the backend's mesh (rows and KV heads split, `head_sharding`)."""
     fn = functools.partial(full_step_decode, scores=scores, **_kernel_kw(opts))
-    return same_kernel_on_mesh(fn, opts.mesh, (q, k, v, q_positions), (1, 1, 1, None), 1,
-                               k.shape[1])
+    return same_kernel_on_mesh(
+        fn, opts.mesh, (q, k, v, q_positions), (1, 1, 1, None), 1, k.shape[1]
+    )
 
 
 def _recycled(opts, q, k, v, pos, q_positions, k_new, v_new, scores=None):
     """`recycled_decode` on the backend's mesh (rows and KV heads split, `head_sharding`)."""
     fn = functools.partial(recycled_decode, scores=scores, **_kernel_kw(opts))
-    return same_kernel_on_mesh(fn, opts.mesh, (q, k, v, pos, q_positions, k_new, v_new),
-                               (1, 1, 1, 1, None, 1, 1), 1, k.shape[1])
+    return same_kernel_on_mesh(
+        fn,
+        opts.mesh,
+        (q, k, v, pos, q_positions, k_new, v_new),
+        (1, 1, 1, 1, None, 1, 1),
+        1,
+        k.shape[1],
+    )
 
 
 def _chunk_info(q, positions, lengths):
@@ -396,9 +462,18 @@ class RecycledAttention(KernelOptions):
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16):
         if self.prefill_plan is not None:
             self.prefill_plan.validate(cfg)
-        return tuple(RecycledKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim,
-                                           self.config.k, dtype, _block_for(self))
-                     for _ in range(cfg.num_layers))
+        return tuple(
+            RecycledKVCache.zeros(
+                batch,
+                max_len,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                self.config.k,
+                dtype,
+                _block_for(self),
+            )
+            for _ in range(cfg.num_layers)
+        )
 
     def _query_summary(self, q, q_pre):
         """Head-averaged query [B, D] (f32) for the dynamic rule, from [B, H, D] arrays."""
@@ -410,8 +485,10 @@ class RecycledAttention(KernelOptions):
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
         if self.wants_pre_rope_query and q_pre_rope is None and cache is not None:
-            raise ValueError("RecycleConfig(pre_rope_query=True) needs the model to pass "
-                             "q_pre_rope= (moa_jax.models.llama does)")
+            raise ValueError(
+                "RecycleConfig(pre_rope_query=True) needs the model to pass "
+                "q_pre_rope= (moa_jax.models.llama does)"
+            )
         if cache is None:
             return _prefill_attention(self, q, k, v, layer, q.shape[1]), None
         if _is_prefill(q, lengths):
@@ -423,15 +500,21 @@ class RecycledAttention(KernelOptions):
         start, lengths, last, rows = _chunk_info(q, positions, lengths)
         ck, cv = _write_full(cache.k, k, start), _write_full(cache.v, v, start)
         cache = dataclasses.replace(cache, k=ck, v=cv)
-        q_last = q[rows, lengths - 1]                                    # [B, H, D]
+        q_last = q[rows, lengths - 1]  # [B, H, D]
         _, probs = _full_step(self, q_last, ck, cv, last, "max")
         valid = jnp.arange(probs.shape[-1])[None, None] <= last[:, None, None]
         idx = select_top_k(probs, valid, self.config.k, self.config.pool, cache.kp.shape[2])
         kp, vp = _gather(ck, idx), _gather(cv, idx)
         summ = self._query_summary(q_last, None if q_pre is None else q_pre[rows, lengths - 1])
         return out, dataclasses.replace(
-            cache, kp=kp, vp=vp, idx=idx, ptr=jnp.zeros_like(cache.ptr),
-            step=jnp.zeros((), jnp.int32), ref_q=cache.ref_q if summ is None else summ)
+            cache,
+            kp=kp,
+            vp=vp,
+            idx=idx,
+            ptr=jnp.zeros_like(cache.ptr),
+            step=jnp.zeros((), jnp.int32),
+            ref_q=cache.ref_q if summ is None else summ,
+        )
 
     def _decode(self, q, k, v, positions, cache, q_pre):
         # Layout for XLA: the lax.cond returns C_p untouched on partial steps (its attention only
@@ -455,8 +538,13 @@ class RecycledAttention(KernelOptions):
 
         def full_branch(need):
             out, probs = _full_step(self, q0, ck, cv, pos, "max")
-            idx = select_top_k(probs, jnp.arange(probs.shape[-1])[None, None] <= pos[:, None, None],
-                               cfg.k, cfg.pool, cache.kp.shape[2])
+            idx = select_top_k(
+                probs,
+                jnp.arange(probs.shape[-1])[None, None] <= pos[:, None, None],
+                cfg.k,
+                cfg.pool,
+                cache.kp.shape[2],
+            )
             ref_q = cache.ref_q if summ is None else summ
             if need is None:
                 return out, _gather(ck, idx), _gather(cv, idx), idx, ref_q
@@ -465,8 +553,13 @@ class RecycledAttention(KernelOptions):
             idx = jnp.where(need[:, None, None], idx, cache.idx)
             kp, vp = _gather(ck, idx), _gather(cv, idx)
             out_p = _recycled(self, q0, kp, vp, idx, pos, k0, v0)
-            return (jnp.where(need[:, None, None], out, out_p), kp, vp, idx,
-                    jnp.where(need[:, None], ref_q, cache.ref_q))
+            return (
+                jnp.where(need[:, None, None], out, out_p),
+                kp,
+                vp,
+                idx,
+                jnp.where(need[:, None], ref_q, cache.ref_q),
+            )
 
         if cfg.mode == "never":
             refreshed = jnp.zeros((b,), bool)
@@ -477,25 +570,35 @@ class RecycledAttention(KernelOptions):
             out, kp, vp, idx, ref_q = lax.cond(full, lambda: full_branch(None), partial_branch)
         else:
             check = step % cfg.stride == 0
-            refreshed = (check & (_cosine(summ, cache.ref_q) <= cfg.dynamic_threshold)) | \
-                (cache.ptr >= cfg.k)
-            out, kp, vp, idx, ref_q = lax.cond(jnp.any(refreshed),
-                                               lambda: full_branch(refreshed), partial_branch)
+            refreshed = (check & (_cosine(summ, cache.ref_q) <= cfg.dynamic_threshold)) | (
+                cache.ptr >= cfg.k
+            )
+            out, kp, vp, idx, ref_q = lax.cond(
+                jnp.any(refreshed), lambda: full_branch(refreshed), partial_branch
+            )
         # Rows that took a partial step: the current token replaces the entry at the pointer.
         ptr = jnp.remainder(cache.ptr, cfg.k) if cfg.mode == "never" else cache.ptr
-        slot = _after(jnp.where(refreshed, kp.shape[2], ptr), out)   # out of range: dropped
+        slot = _after(jnp.where(refreshed, kp.shape[2], ptr), out)  # out of range: dropped
         kp = kp.at[rows, :, slot].set(k0.astype(kp.dtype), mode="drop")
         vp = vp.at[rows, :, slot].set(v0.astype(vp.dtype), mode="drop")
-        idx = idx.at[rows, :, slot].set(jnp.broadcast_to(pos[:, None], k0.shape[:2]),
-                                        mode="drop")
+        idx = idx.at[rows, :, slot].set(jnp.broadcast_to(pos[:, None], k0.shape[:2]), mode="drop")
         return out[:, None], dataclasses.replace(
-            cache, k=ck, v=cv, kp=kp, vp=vp, idx=idx, step=step,
-            ptr=jnp.where(refreshed, 0, ptr + 1).astype(jnp.int32), ref_q=ref_q)
+            cache,
+            k=ck,
+            v=cv,
+            kp=kp,
+            vp=vp,
+            idx=idx,
+            step=step,
+            ptr=jnp.where(refreshed, 0, ptr + 1).astype(jnp.int32),
+            ref_q=ref_q,
+        )
 
 
 # ------------------------------------------------------------------------------ dense (same path)
-@functools.partial(jax.tree_util.register_dataclass, data_fields=("k", "v"),
-                   meta_fields=("max_len",))
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=("k", "v"), meta_fields=("max_len",)
+)
 @dataclasses.dataclass
 class HeadMajorKVCache:
     """A dense cache in the head-major layout of the recycled kernels: k, v [B, Hkv, Lp, D]."""
@@ -517,11 +620,12 @@ class FullCacheAttention(KernelOptions):
     """Dense decoding with the full-step kernel (no selection) over a head-major dense cache:
     the dense baseline of this machinery (options: `KernelOptions`)."""
 
-
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
         shape = (batch, cfg.num_kv_heads, _round_up(max_len, _block_for(self)), cfg.head_dim)
-        return tuple(HeadMajorKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                                      int(max_len)) for _ in range(cfg.num_layers))
+        return tuple(
+            HeadMajorKVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), int(max_len))
+            for _ in range(cfg.num_layers)
+        )
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         if cache is None:
@@ -529,8 +633,9 @@ class FullCacheAttention(KernelOptions):
         if _is_prefill(q, lengths):
             out = _prefill_attention(self, q, k, v, layer, cache.max_len)
             start = positions[:, 0].astype(jnp.int32)
-            return out, dataclasses.replace(cache, k=_write_full(cache.k, k, start),
-                                            v=_write_full(cache.v, v, start))
+            return out, dataclasses.replace(
+                cache, k=_write_full(cache.k, k, start), v=_write_full(cache.v, v, start)
+            )
         pos = positions[:, 0].astype(jnp.int32)
         rows = jnp.arange(q.shape[0])
         ck = cache.k.at[rows, :, pos].set(k[:, 0].astype(cache.k.dtype))
@@ -575,15 +680,19 @@ class StreamingAttention(KernelOptions):
 
     def __post_init__(self):
         if not 0 <= self.sink < self.k:
-            raise ValueError(f"StreamingAttention needs 0 <= sink < k, got sink {self.sink}, "
-                             f"k {self.k}")
+            raise ValueError(
+                f"StreamingAttention needs 0 <= sink < k, got sink {self.sink}, k {self.k}"
+            )
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
         if self.prefill_plan is not None:
             self.prefill_plan.validate(cfg)
-        return tuple(SelectedKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim,
-                                           self.k, dtype, _block_for(self))
-                     for _ in range(cfg.num_layers))
+        return tuple(
+            SelectedKVCache.zeros(
+                batch, max_len, cfg.num_kv_heads, cfg.head_dim, self.k, dtype, _block_for(self)
+            )
+            for _ in range(cfg.num_layers)
+        )
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         if cache is None:
@@ -596,25 +705,35 @@ class StreamingAttention(KernelOptions):
             idx = streaming_positions(last, self.k, self.sink, slots)
             idx = jnp.broadcast_to(idx[:, None], (q.shape[0], hkv, slots))
             # The prefill chunk starts the sequence (positions [0, T)).
-            return out, dataclasses.replace(cache, kp=_gather_chunk(k, idx, start).astype(
-                cache.kp.dtype), vp=_gather_chunk(v, idx, start).astype(cache.vp.dtype), idx=idx)
+            return out, dataclasses.replace(
+                cache,
+                kp=_gather_chunk(k, idx, start).astype(cache.kp.dtype),
+                vp=_gather_chunk(v, idx, start).astype(cache.vp.dtype),
+                idx=idx,
+            )
         q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]
         pos = positions[:, 0].astype(jnp.int32)
         out = _recycled(self, q0, cache.kp, cache.vp, cache.idx, pos, k0, v0)
         kp, vp, idx = cache.kp, cache.vp, cache.idx
-        slot = _after(jnp.where(pos < self.sink, pos,
-                                self.sink + jnp.remainder(pos - self.sink, self.k - self.sink)),
-                      out)
+        slot = _after(
+            jnp.where(
+                pos < self.sink, pos, self.sink + jnp.remainder(pos - self.sink, self.k - self.sink)
+            ),
+            out,
+        )
         rows = jnp.arange(q.shape[0])
         return out[:, None], dataclasses.replace(
-            cache, kp=kp.at[rows, :, slot].set(k0.astype(kp.dtype)),
+            cache,
+            kp=kp.at[rows, :, slot].set(k0.astype(kp.dtype)),
             vp=vp.at[rows, :, slot].set(v0.astype(vp.dtype)),
-            idx=idx.at[rows, :, slot].set(jnp.broadcast_to(pos[:, None], (q.shape[0], hkv))))
+            idx=idx.at[rows, :, slot].set(jnp.broadcast_to(pos[:, None], (q.shape[0], hkv))),
+        )
 
 
 # ------------------------------------------------------------------------------ H2O
-def prompt_attention_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, windows, sinks, *,
-                          chunk: int = 128) -> jax.Array:
+def prompt_attention_sums(
+    q: jax.Array, k: jax.Array, lengths: jax.Array, windows, sinks, *, chunk: int = 128
+) -> jax.Array:
     """Accumulated attention of each prompt token: for KV head g and key j, the sum over the
     query heads of group g and the valid queries i of softmax_j(q_i . k_j) under the causal
     (window + sink) mask. Queries are processed `chunk` at a time (memory B*H*chunk*T floats).
@@ -636,12 +755,12 @@ def prompt_attention_sums(q: jax.Array, k: jax.Array, lengths: jax.Array, window
     w = jnp.asarray(windows, jnp.int32).reshape(hkv, group)[:, :, None, None]
     s = jnp.asarray(sinks, jnp.int32).reshape(hkv, group)[:, :, None, None]
     kpos = jnp.arange(t)[None, None, None, :]
-    scale = d ** -0.5
+    scale = d**-0.5
 
     def body(carry, xs):
-        qc, n = xs                                                    # [B, c, Hkv, G, D]
+        qc, n = xs  # [B, c, Hkv, G, D]
         qpos = (n * c + jnp.arange(c))[None, None, :, None]
-        mask = (kpos <= qpos) & ((qpos - kpos < w) | (kpos < s))       # [Hkv, G, c, T]
+        mask = (kpos <= qpos) & ((qpos - kpos < w) | (kpos < s))  # [Hkv, G, c, T]
         valid_q = (n * c + jnp.arange(c))[None, :] < lengths[:, None]  # [B, c]
         lg = jnp.einsum("bckgd,btkd->bkgct", qc, kf, precision=lax.Precision.HIGHEST) * scale
         lg = jnp.where(mask[None], lg, -jnp.inf)
@@ -683,9 +802,19 @@ class H2OAttention(KernelOptions):
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
         if self.prefill_plan is not None:
             self.prefill_plan.validate(cfg)
-        return tuple(SelectedKVCache.zeros(batch, max_len, cfg.num_kv_heads, cfg.head_dim,
-                                           self.k, dtype, _block_for(self), with_scores=True)
-                     for _ in range(cfg.num_layers))
+        return tuple(
+            SelectedKVCache.zeros(
+                batch,
+                max_len,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                self.k,
+                dtype,
+                _block_for(self),
+                with_scores=True,
+            )
+            for _ in range(cfg.num_layers)
+        )
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         if cache is None:
@@ -700,7 +829,7 @@ class H2OAttention(KernelOptions):
         start, lengths, last, _ = _chunk_info(q, positions, lengths)
         windows, sinks = _prefill_windows(self, layer, h, t, cache.max_len)
         acc = prompt_attention_sums(q, k, lengths, windows, sinks, chunk=self.score_chunk)
-        j = start[:, None, None] + jnp.arange(t)[None, None, :]       # positions of the chunk
+        j = start[:, None, None] + jnp.arange(t)[None, None, :]  # positions of the chunk
         valid = j <= last[:, None, None]
         recent = valid & (j > last[:, None, None] - self.recent)
         key = jnp.where(recent, jnp.inf, jnp.where(valid, acc, -jnp.inf))
@@ -714,31 +843,50 @@ class H2OAttention(KernelOptions):
         idx = jnp.pad(idx, ((0, 0), (0, 0), (0, pad)), constant_values=-1)
         sel_acc = jnp.pad(sel_acc, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
         return out, dataclasses.replace(
-            cache, kp=_gather_chunk(k, idx, start).astype(cache.kp.dtype),
-            vp=_gather_chunk(v, idx, start).astype(cache.vp.dtype), idx=idx, acc=sel_acc)
+            cache,
+            kp=_gather_chunk(k, idx, start).astype(cache.kp.dtype),
+            vp=_gather_chunk(v, idx, start).astype(cache.vp.dtype),
+            idx=idx,
+            acc=sel_acc,
+        )
 
     def _decode(self, q, k, v, positions, cache):
         q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]
         pos = positions[:, 0].astype(jnp.int32)
-        out, sc, new_sc = recycled_decode(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0,
-                                          scores="sum", **_kernel_kw(self))
+        out, sc, new_sc = recycled_decode(
+            q0, cache.kp, cache.vp, cache.idx, pos, k0, v0, scores="sum", **_kernel_kw(self)
+        )
         kp, vp = cache.kp, cache.vp
         acc = cache.acc + sc
         idx = cache.idx
         live = jnp.arange(idx.shape[-1])[None, None, :] < self.k
         recent = idx > (pos[:, None, None] - self.recent)
-        key = jnp.where(~live, jnp.inf,
-                        jnp.where(idx < 0, -jnp.inf, jnp.where(recent, jnp.inf, acc)))
-        slot = _after(jnp.argmin(key, axis=-1).astype(jnp.int32), out)     # [B, Hkv]
+        key = jnp.where(
+            ~live, jnp.inf, jnp.where(idx < 0, -jnp.inf, jnp.where(recent, jnp.inf, acc))
+        )
+        slot = _after(jnp.argmin(key, axis=-1).astype(jnp.int32), out)  # [B, Hkv]
         b, hkv = slot.shape
         rb, hb = jnp.arange(b)[:, None], jnp.arange(hkv)[None, :]
         return out[:, None], dataclasses.replace(
-            cache, kp=kp.at[rb, hb, slot].set(k0.astype(kp.dtype)),
+            cache,
+            kp=kp.at[rb, hb, slot].set(k0.astype(kp.dtype)),
             vp=vp.at[rb, hb, slot].set(v0.astype(vp.dtype)),
             idx=idx.at[rb, hb, slot].set(jnp.broadcast_to(pos[:, None], (b, hkv))),
-            acc=acc.at[rb, hb, slot].set(new_sc))
+            acc=acc.at[rb, hb, slot].set(new_sc),
+        )
 
 
-__all__ = ["RecycleConfig", "RecycledKVCache", "SelectedKVCache", "HeadMajorKVCache",
-           "RecycledAttention", "StreamingAttention", "H2OAttention", "FullCacheAttention",
-           "select_top_k", "max_pool_scores", "streaming_positions", "prompt_attention_sums"]
+__all__ = [
+    "RecycleConfig",
+    "RecycledKVCache",
+    "SelectedKVCache",
+    "HeadMajorKVCache",
+    "RecycledAttention",
+    "StreamingAttention",
+    "H2OAttention",
+    "FullCacheAttention",
+    "select_top_k",
+    "max_pool_scores",
+    "streaming_positions",
+    "prompt_attention_sums",
+]

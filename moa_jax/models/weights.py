@@ -46,6 +46,7 @@ class WeightsNotFoundError(WeightsError, FileNotFoundError):
 # The table: our param path <-> HF tensor name, with the layout transform.
 # --------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class _Rule:
     pattern: str  # regex over our dotted param path (full match)
@@ -58,8 +59,11 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(r"embed_tokens\.embedding", "model.embed_tokens.weight", False),
     _Rule(rf"layers\.(\d+)\.({_PROJ})\.kernel", r"model.layers.\1.\2.weight", True),
     _Rule(rf"layers\.(\d+)\.({_PROJ})\.bias", r"model.layers.\1.\2.bias", False),
-    _Rule(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-          r"model.layers.\1.\2.weight", False),
+    _Rule(
+        r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+        r"model.layers.\1.\2.weight",
+        False,
+    ),
     _Rule(r"norm\.weight", "model.norm.weight", False),
     _Rule(r"lm_head\.kernel", "lm_head.weight", True),
 )
@@ -91,8 +95,9 @@ def _hf_spec(path: tuple[Any, ...], shape: tuple[int, ...]) -> ParamSpec:
         m = re.fullmatch(rule.pattern, dotted)
         if m:
             hf_shape = tuple(reversed(shape)) if rule.transpose else tuple(shape)
-            return ParamSpec(tuple(path), m.expand(rule.hf_template), rule.transpose,
-                             tuple(shape), hf_shape)
+            return ParamSpec(
+                tuple(path), m.expand(rule.hf_template), rule.transpose, tuple(shape), hf_shape
+            )
     raise WeightsError(f"internal: no HF name rule for parameter {dotted!r}")
 
 
@@ -113,9 +118,17 @@ def _is_ignored(name: str, cfg: ModelConfig) -> bool:
     return cfg.tie_word_embeddings and name == "lm_head.weight"
 
 
-def _assemble(cfg: ModelConfig, names: Iterable[str], get: Callable[[str], np.ndarray], *,
-              dtype: Any, param_dtype: Any, source: str, progress: str | None = None,
-              describe: Callable[[str], str] = repr) -> Llama:
+def _assemble(
+    cfg: ModelConfig,
+    names: Iterable[str],
+    get: Callable[[str], np.ndarray],
+    *,
+    dtype: Any,
+    param_dtype: Any,
+    source: str,
+    progress: str | None = None,
+    describe: Callable[[str], str] = repr,
+) -> Llama:
     """Builds a `Llama` from HF-named, HF-layout tensors.
 
     Args:
@@ -130,8 +143,10 @@ def _assemble(cfg: ModelConfig, names: Iterable[str], get: Callable[[str], np.nd
     names = set(names)
     extra = sorted(n for n in names - set(table) if not _is_ignored(n, cfg))
     if extra:
-        raise WeightsError(f"{source}: unexpected tensor(s) not used by the model config: "
-                           f"{_short_list(extra, describe)}")
+        raise WeightsError(
+            f"{source}: unexpected tensor(s) not used by the model config: "
+            f"{_short_list(extra, describe)}"
+        )
     missing = sorted(set(table) - names)
     if missing:
         raise WeightsError(f"{source}: missing tensor(s) {_short_list(missing, describe)}")
@@ -147,12 +162,15 @@ def _assemble(cfg: ModelConfig, names: Iterable[str], get: Callable[[str], np.nd
         if tuple(arr.shape) != spec.hf_shape:
             raise WeightsError(
                 f"{source}: tensor {describe(spec.hf_name)} has shape {tuple(arr.shape)} but the "
-                f"config expects {spec.hf_shape}")
+                f"config expects {spec.hf_shape}"
+            )
         value = np.ascontiguousarray(spec.to_ours(arr)).astype(np_param_dtype, copy=False)
         if not np.isfinite(value).all():
             bad = int(value.size - np.isfinite(value).sum())
-            raise WeightsError(f"{source}: tensor {describe(spec.hf_name)} has {bad} non-finite "
-                               f"value(s) (NaN or inf); the checkpoint is corrupt")
+            raise WeightsError(
+                f"{source}: tensor {describe(spec.hf_name)} has {bad} non-finite "
+                f"value(s) (NaN or inf); the checkpoint is corrupt"
+            )
         new_flat.append((path, var.replace(jnp.asarray(value))))
     return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
 
@@ -185,8 +203,10 @@ class _SafetensorsFile:
                 raise WeightsError(f"{path}: truncated or corrupt safetensors file (no header)")
             (n,) = struct.unpack("<Q", head)
             if n > size - 8:
-                raise WeightsError(f"{path}: truncated or corrupt safetensors file (header of "
-                                   f"{n} bytes, file of {size} bytes)")
+                raise WeightsError(
+                    f"{path}: truncated or corrupt safetensors file (header of "
+                    f"{n} bytes, file of {size} bytes)"
+                )
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -196,10 +216,13 @@ class _SafetensorsFile:
         self.header: dict[str, dict[str, Any]] = header
         end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
         if self.data_start + end > size:
-            raise WeightsError(f"{path}: truncated safetensors file: tensors need "
-                               f"{self.data_start + end} bytes, file has {size}")
+            raise WeightsError(
+                f"{path}: truncated safetensors file: tensors need "
+                f"{self.data_start + end} bytes, file has {size}"
+            )
         try:
             from safetensors import safe_open
+
             self._handle = safe_open(str(path), framework="numpy")
         except Exception as e:  # SafetensorError has no stable import path across versions
             raise WeightsError(f"{path}: cannot read safetensors file: {e}") from None
@@ -236,8 +259,9 @@ def _open_safetensors(directory: Path) -> dict[str, _SafetensorsFile]:
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
-        others = sorted(p.name for p in directory.iterdir()
-                        if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        others = sorted(
+            p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")
+        )
         hint = f" (found {others}: only safetensors is supported)" if others else ""
         raise WeightsNotFoundError(f"no *.safetensors files in {directory}{hint}")
     where: dict[str, _SafetensorsFile] = {}
@@ -245,8 +269,9 @@ def _open_safetensors(directory: Path) -> dict[str, _SafetensorsFile]:
         sf = _SafetensorsFile(directory / name)
         for key in sf.keys():
             if key in where:
-                raise WeightsError(f"tensor {key!r} appears in both {where[key].path.name} and "
-                                   f"{name}")
+                raise WeightsError(
+                    f"tensor {key!r} appears in both {where[key].path.name} and {name}"
+                )
             where[key] = sf
     return where
 
@@ -268,8 +293,14 @@ def load_hf(path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "flo
     directory = Path(path)
     cfg = hf_model_config(directory)
     files = _open_safetensors(directory)
-    return _assemble(cfg, files, lambda n: files[n].get(n), dtype=dtype, param_dtype=param_dtype,
-                     source=str(directory))
+    return _assemble(
+        cfg,
+        files,
+        lambda n: files[n].get(n),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        source=str(directory),
+    )
 
 
 def hf_model_config(directory: str | Path) -> ModelConfig:
@@ -290,8 +321,10 @@ def hf_model_config(directory: str | Path) -> ModelConfig:
         raise WeightsError(f"{config_path} is not valid JSON: {e}") from None
     model_type = hf_cfg.get("model_type", "llama")
     if model_type != "llama":
-        raise WeightsError(f"{config_path}: model_type {model_type!r} is not supported; moa-jax "
-                           f"loads Llama checkpoints (model_type 'llama')")
+        raise WeightsError(
+            f"{config_path}: model_type {model_type!r} is not supported; moa-jax "
+            f"loads Llama checkpoints (model_type 'llama')"
+        )
     if not isinstance(hf_cfg, dict):
         raise WeightsError(f"{config_path} must hold a JSON object")
     try:
@@ -303,6 +336,7 @@ def hf_model_config(directory: str | Path) -> ModelConfig:
 # --------------------------------------------------------------------------------------------
 # Saving in HF format.
 # --------------------------------------------------------------------------------------------
+
 
 def hf_state_dict(model: Llama, *, dtype: Any = None) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named numpy arrays in HF layout (cast to `dtype` if given)."""
@@ -321,8 +355,14 @@ def hf_state_dict(model: Llama, *, dtype: Any = None) -> dict[str, np.ndarray]:
 _TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
-def save_hf(model: Llama, path: str | Path, *, dtype: Any = None, tokenizer: Any = None,
-            max_shard_bytes: int | None = None) -> None:
+def save_hf(
+    model: Llama,
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    tokenizer: Any = None,
+    max_shard_bytes: int | None = None,
+) -> None:
     """Writes an HF Llama checkpoint that `transformers.LlamaForCausalLM.from_pretrained` loads.
 
     Args:
@@ -359,8 +399,10 @@ def save_hf(model: Llama, path: str | Path, *, dtype: Any = None, tokenizer: Any
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file(shard, out / fname, metadata=meta)
             weight_map.update({name: fname for name in shard})
-        index = {"metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
-                 "weight_map": weight_map}
+        index = {
+            "metadata": {"total_size": sum(a.nbytes for a in tensors.values())},
+            "weight_map": weight_map,
+        }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -429,7 +471,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     if rows % (2 * n_heads):
         raise WeightsError(f"cannot un-permute a q/k tensor with {rows} rows over {n_heads} heads")
     half = rows // n_heads // 2
-    return (w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_metadata(reader: Any) -> dict[str, Any]:
@@ -448,8 +490,9 @@ def _tidy(x: float) -> float:
     return float(r) if abs(float(x) - r) <= 1e-4 * max(1.0, abs(r)) else float(x)
 
 
-def _fit_llama3_scaling(factors: np.ndarray, theta: float, head_dim: int,
-                        original_context: int | None) -> RopeScaling:
+def _fit_llama3_scaling(
+    factors: np.ndarray, theta: float, head_dim: int, original_context: int | None
+) -> RopeScaling:
     """Recovers RoPE scaling parameters from llama.cpp's `rope_freqs` tensor.
 
     llama.cpp stores per-frequency divisors f_i (inv_freq_i = theta^(-2i/d) / f_i) instead of the
@@ -487,20 +530,34 @@ def _fit_llama3_scaling(factors: np.ndarray, theta: float, head_dim: int,
         mid = math.sqrt(ones.max() * full.min())
         low_wavelen, high_wavelen = mid * 1.0001, mid / 1.0001
     old = int(original_context) if original_context else int(round(low_wavelen))
-    scaling = RopeScaling(rope_type="llama3", factor=factor,
-                          low_freq_factor=_tidy(old / low_wavelen),
-                          high_freq_factor=_tidy(old / high_wavelen),
-                          original_max_position_embeddings=old)
-    probe = ModelConfig(vocab_size=1, hidden_size=head_dim, intermediate_size=1, num_layers=1,
-                        num_heads=1, num_kv_heads=1, head_dim=head_dim, rope_theta=theta,
-                        rope_scaling=scaling)
+    scaling = RopeScaling(
+        rope_type="llama3",
+        factor=factor,
+        low_freq_factor=_tidy(old / low_wavelen),
+        high_freq_factor=_tidy(old / high_wavelen),
+        original_max_position_embeddings=old,
+    )
+    probe = ModelConfig(
+        vocab_size=1,
+        hidden_size=head_dim,
+        intermediate_size=1,
+        num_layers=1,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=head_dim,
+        rope_theta=theta,
+        rope_scaling=scaling,
+    )
     if not np.allclose(rope_inv_freq(probe), inv / factors, rtol=1e-4):
         raise WeightsError("rope_freqs cannot be expressed as llama3 RoPE scaling")
     return scaling
 
 
-def gguf_config(meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]],
-                rope_freqs: np.ndarray | None = None) -> ModelConfig:
+def gguf_config(
+    meta: Mapping[str, Any],
+    tensor_shapes: Mapping[str, tuple[int, ...]],
+    rope_freqs: np.ndarray | None = None,
+) -> ModelConfig:
     """Builds a `ModelConfig` from GGUF metadata.
 
     Args:
@@ -525,14 +582,16 @@ def gguf_config(meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, 
     head_dim = int(key("attention.key_length", hidden // heads))
     rot = key("rope.dimension_count")
     if rot is not None and int(rot) != head_dim:
-        raise WeightsError(f"partial RoPE (rope.dimension_count={rot}, head_dim={head_dim}) is "
-                           f"not supported")
+        raise WeightsError(
+            f"partial RoPE (rope.dimension_count={rot}, head_dim={head_dim}) is not supported"
+        )
     theta = float(key("rope.freq_base", 10000.0))
     context = int(key("context_length", 8192))
     scaling_type = key("rope.scaling.type", "none")
     if rope_freqs is not None:
-        scaling = _fit_llama3_scaling(rope_freqs, theta, head_dim,
-                                      key("rope.scaling.original_context_length"))
+        scaling = _fit_llama3_scaling(
+            rope_freqs, theta, head_dim, key("rope.scaling.original_context_length")
+        )
     elif scaling_type in ("none", None):
         scaling = RopeScaling()
     elif scaling_type == "linear":
@@ -601,9 +660,10 @@ def _read_gguf(path: Path):
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise WeightsError(f"{path}: tensor {name!r}: {e}") from None
-        except (ValueError, IndexError) as e:       # truncated data
-            raise WeightsError(f"{path}: tensor {name!r} cannot be read ({e}); the file is "
-                               f"truncated or corrupt") from None
+        except (ValueError, IndexError) as e:  # truncated data
+            raise WeightsError(
+                f"{path}: tensor {name!r} cannot be read ({e}); the file is truncated or corrupt"
+            ) from None
         return np.asarray(arr, np.float32).reshape(shapes[name])
 
     rope_freqs = dequant(_GGUF_ROPE_FREQS) if _GGUF_ROPE_FREQS in tensors else None
@@ -615,8 +675,9 @@ def gguf_model_config(path: str | Path) -> ModelConfig:
     return _read_gguf(Path(path))[2]
 
 
-def load_gguf(path: str | Path, *, dtype: Any = "float32",
-              param_dtype: Any = "float32") -> tuple[Llama, Any]:
+def load_gguf(
+    path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "float32"
+) -> tuple[Llama, Any]:
     """Loads a llama.cpp GGUF file: dequantised weights and its tokenizer.
 
     Args:
@@ -654,9 +715,19 @@ def load_gguf(path: str | Path, *, dtype: Any = "float32",
             arr = unpermute_qk(arr, cfg.num_kv_heads)
         return arr
 
-    model = _assemble(cfg, hf_to_gguf, get, dtype=dtype, param_dtype=param_dtype,
-                      source=str(path), progress=f"dequantising {path.name}",
-                      describe=lambda hf: f"{_hf_to_gguf_name(hf)!r} (HF {hf!r})")
-    tokenizer = (tokenizer_from_gguf_metadata(meta, model_max_length=cfg.max_position_embeddings)
-                 if "tokenizer.ggml.tokens" in meta else None)
+    model = _assemble(
+        cfg,
+        hf_to_gguf,
+        get,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        source=str(path),
+        progress=f"dequantising {path.name}",
+        describe=lambda hf: f"{_hf_to_gguf_name(hf)!r} (HF {hf!r})",
+    )
+    tokenizer = (
+        tokenizer_from_gguf_metadata(meta, model_max_length=cfg.max_position_embeddings)
+        if "tokenizer.ggml.tokens" in meta
+        else None
+    )
     return model, tokenizer

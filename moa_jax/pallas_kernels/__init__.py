@@ -25,12 +25,23 @@ def _block(requested: int | None, default: int, length: int) -> int:
     return max(16, min(b, _next_pow2(length)))
 
 
-def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Sequence[int],
-                     sink: int | Sequence[int] = 0, q_offset: int = 0,
-                     kv_lengths: jax.Array | None = None, backend: str = "auto",
-                     interpret: bool | None = None, block_q: int | None = None,
-                     block_k: int | None = None, return_lse: bool = False,
-                     scale: float | None = None, **kernel_options):
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    windows: Sequence[int],
+    sink: int | Sequence[int] = 0,
+    q_offset: int = 0,
+    kv_lengths: jax.Array | None = None,
+    backend: str = "auto",
+    interpret: bool | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    return_lse: bool = False,
+    scale: float | None = None,
+    **kernel_options,
+):
     """Causal attention with a sliding window and sinks per query head.
 
     Args:
@@ -63,8 +74,11 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
     windows = tuple(int(w) for w in windows)
     if len(windows) != H:
         raise ValueError(f"{len(windows)} windows for {H} query heads")
-    sinks = (int(sink),) * H if isinstance(sink, (int,)) or getattr(sink, "ndim", 1) == 0 \
+    sinks = (
+        (int(sink),) * H
+        if isinstance(sink, (int,)) or getattr(sink, "ndim", 1) == 0
         else tuple(int(s) for s in sink)
+    )
     if len(sinks) != H:
         raise ValueError(f"{len(sinks)} sinks for {H} query heads")
     if backend not in _BACKENDS:
@@ -75,48 +89,96 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, windows: Seque
             backend = "tpu"
         else:
             from moa_jax.pallas_kernels import prefill_mgpu
-            mgpu = interpret is not True and block_k in (None, 64, 128) and \
-                prefill_mgpu.available() and prefill_mgpu.supported(q.dtype, D)
+
+            mgpu = (
+                interpret is not True
+                and block_k in (None, 64, 128)
+                and prefill_mgpu.available()
+                and prefill_mgpu.supported(q.dtype, D)
+            )
             backend = "mgpu" if mgpu else "gpu"
             if mgpu:
                 kernel_options = {k: v for k, v in kernel_options.items() if k in _MGPU_OPTIONS}
     if interpret is None:
-        interpret = platform not in ("gpu", "cuda", "rocm", "tpu") or \
-            (backend == "tpu" and platform != "tpu") or (backend == "gpu" and platform == "tpu")
+        interpret = (
+            platform not in ("gpu", "cuda", "rocm", "tpu")
+            or (backend == "tpu" and platform != "tpu")
+            or (backend == "gpu" and platform == "tpu")
+        )
 
     if backend == "reference":
         from moa_jax.pallas_kernels.reference import window_sink_attention
-        return window_sink_attention(q, k, v, windows, sinks, q_offset=q_offset,
-                                     kv_lengths=kv_lengths, scale=scale, return_lse=return_lse)
+
+        return window_sink_attention(
+            q,
+            k,
+            v,
+            windows,
+            sinks,
+            q_offset=q_offset,
+            kv_lengths=kv_lengths,
+            scale=scale,
+            return_lse=return_lse,
+        )
 
     if backend == "mgpu":
         from moa_jax.pallas_kernels.prefill_mgpu import sparse_attention_mgpu
+
         if interpret:
             raise ValueError("the Mosaic GPU kernel has no interpret mode here; use 'gpu'")
         if block_k is not None:
             kernel_options = dict(kernel_options, block_k=int(block_k))
         out, lse = sparse_attention_mgpu(
-            q, k, v, windows=windows, sinks=sinks, q_offset=q_offset, kv_lengths=kv_lengths,
-            scale=scale, **kernel_options)
+            q,
+            k,
+            v,
+            windows=windows,
+            sinks=sinks,
+            q_offset=q_offset,
+            kv_lengths=kv_lengths,
+            scale=scale,
+            **kernel_options,
+        )
         return (out, lse) if return_lse else out
 
     if backend == "tpu":
         from moa_jax.pallas_kernels.prefill_tpu import sparse_attention_tpu
+
         # splash computes on whole 128-lane key blocks (and its backward on 128-row query
         # blocks): short sequences are padded up to one block, never given a smaller one
         out, lse = sparse_attention_tpu(
-            q, k, v, windows=windows, sinks=sinks, q_offset=q_offset, kv_lengths=kv_lengths,
-            scale=scale, block_q=max(128, _block(block_q, 128, T)),
+            q,
+            k,
+            v,
+            windows=windows,
+            sinks=sinks,
+            q_offset=q_offset,
+            kv_lengths=kv_lengths,
+            scale=scale,
+            block_q=max(128, _block(block_q, 128, T)),
             block_k=max(128, _block(block_k, 128, S)),
-            interpret=interpret, return_lse=return_lse, **kernel_options)
+            interpret=interpret,
+            return_lse=return_lse,
+            **kernel_options,
+        )
     else:
         from moa_jax.pallas_kernels.prefill_gpu import sparse_attention_gpu
-        wide = jnp.dtype(q.dtype).itemsize >= 4     # f32 tiles: halve them (shared memory)
+
+        wide = jnp.dtype(q.dtype).itemsize >= 4  # f32 tiles: halve them (shared memory)
         out, lse = sparse_attention_gpu(
-            q, k, v, windows=windows, sinks=sinks, q_offset=q_offset, kv_lengths=kv_lengths,
-            scale=scale, block_q=_block(block_q, 64 if wide else 128, T),
+            q,
+            k,
+            v,
+            windows=windows,
+            sinks=sinks,
+            q_offset=q_offset,
+            kv_lengths=kv_lengths,
+            scale=scale,
+            block_q=_block(block_q, 64 if wide else 128, T),
             block_k=_block(block_k, 32 if wide else 64, S),
-            interpret=interpret, **kernel_options)
+            interpret=interpret,
+            **kernel_options,
+        )
     return (out, lse) if return_lse else out
 
 

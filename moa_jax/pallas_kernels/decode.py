@@ -41,41 +41,66 @@ def _check(q: jax.Array, cache: SpanKVCache, windows: Sequence[int], sinks: Sequ
     if cache.k.shape[0] != b or cache.k.shape[2] != d:
         raise ValueError(f"q {q.shape} does not match the cache keys {cache.k.shape}")
     if len(windows) != h or len(sinks) != h:
-        raise ValueError(f"need one window and sink per query head ({h}), got "
-                         f"{len(windows)} and {len(sinks)}")
+        raise ValueError(
+            f"need one window and sink per query head ({h}), got {len(windows)} and {len(sinks)}"
+        )
     group = h // hkv
     for g, ring in enumerate(cache.rings):
-        need = max(windows[g * group:(g + 1) * group])
+        need = max(windows[g * group : (g + 1) * group])
         if not cache.holds_window(g, need):
             raise ValueError(f"KV head {g}: window {need} exceeds its ring of {ring} slots")
-        if max(sinks[g * group:(g + 1) * group]) > cache.sink and cache.sink < cache.max_len:
-            raise ValueError(f"KV head {g}: sink {max(sinks[g * group:(g + 1) * group])} "
-                             f"exceeds the cache's {cache.sink} sink slots")
+        if max(sinks[g * group : (g + 1) * group]) > cache.sink and cache.sink < cache.max_len:
+            raise ValueError(
+                f"KV head {g}: sink {max(sinks[g * group : (g + 1) * group])} "
+                f"exceeds the cache's {cache.sink} sink slots"
+            )
 
 
-def span_decode_reference(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array,
-                          windows: Sequence[int], sinks: Sequence[int],
-                          scale: float | None = None) -> jax.Array:
+def span_decode_reference(
+    q: jax.Array,
+    cache: SpanKVCache,
+    q_positions: jax.Array,
+    windows: Sequence[int],
+    sinks: Sequence[int],
+    scale: float | None = None,
+) -> jax.Array:
     """The jnp oracle. q [B, H, D] at positions q_positions [B]; returns [B, H, D]."""
     b, h, d = q.shape
     group = h // cache.num_kv_heads
-    p = cache.pos[:, None, None, :]                                  # [B, 1, 1, M]
+    p = cache.pos[:, None, None, :]  # [B, 1, 1, M]
     qp = q_positions[:, None, None, None]
     w = jnp.asarray(windows, jnp.int32)[None, :, None, None]
     s = jnp.asarray(sinks, jnp.int32)[None, :, None, None]
-    own = (jnp.asarray(cache.slot_heads())[None, :] ==
-           (jnp.arange(h) // group)[:, None])[None, :, None, :]      # [1, H, 1, M]
+    own = (jnp.asarray(cache.slot_heads())[None, :] == (jnp.arange(h) // group)[:, None])[
+        None, :, None, :
+    ]  # [1, H, 1, M]
     mask = own & (p >= 0) & (p <= qp) & ((qp - p < w) | (p < s))
     out = mha_reference(q[:, None], cache.k[:, :, None], cache.v[:, :, None], mask, scale=scale)
     return out[:, 0]
 
 
-def _decode_kernel(seg_ref, first_ref, count_ref, win_ref, sink_ref, qpos_ref, q_ref, k_ref,
-                   v_ref, pos_ref, o_ref, m_ref, l_ref, *, bk, scale):
+def _decode_kernel(
+    seg_ref,
+    first_ref,
+    count_ref,
+    win_ref,
+    sink_ref,
+    qpos_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    pos_ref,
+    o_ref,
+    m_ref,
+    l_ref,
+    *,
+    bk,
+    scale,
+):
     b, it = pl.program_id(0), pl.program_id(1)
     g = seg_ref[it]
     first = first_ref[it]
-    q = q_ref[b, g, :, :]                                            # [Gp, D]
+    q = q_ref[b, g, :, :]  # [Gp, D]
     w = win_ref[g, :][:, None]
     sk = sink_ref[g, :][:, None]
     qp = qpos_ref[b]
@@ -95,14 +120,17 @@ def _segment_splits(cache: SpanKVCache, batch: int, per_split: int | None) -> Se
     """The work list over the cache's segments (one per KV head, in slot order; a cache packed
     for head shards has padding between groups, which no item visits)."""
     sizes = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block))
-    return split_segments(sizes // cache.block, batch, per_split,
-                          offsets=np.asarray(cache.offsets) // cache.block)
+    return split_segments(
+        sizes // cache.block, batch, per_split, offsets=np.asarray(cache.offsets) // cache.block
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("windows", "sinks", "scale", "per_split",
-                                             "interpret", "num_warps"))
-def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, per_split, interpret,
-                        num_warps):
+@functools.partial(
+    jax.jit, static_argnames=("windows", "sinks", "scale", "per_split", "interpret", "num_warps")
+)
+def _span_decode_pallas(
+    q, cache, q_positions, *, windows, sinks, scale, per_split, interpret, num_warps
+):
     b, h, d = q.shape
     hkv = cache.num_kv_heads
     group = h // hkv
@@ -116,21 +144,38 @@ def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, per_spl
         return jnp.asarray(t)
 
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
-    kernel = functools.partial(_decode_kernel, bk=cache.block,
-                               scale=d ** -0.5 if scale is None else scale)
-    out_shape = [jax.ShapeDtypeStruct((b, items, gp, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, items, gp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, items, gp), jnp.float32)]
+    kernel = functools.partial(
+        _decode_kernel, bk=cache.block, scale=d**-0.5 if scale is None else scale
+    )
+    out_shape = [
+        jax.ShapeDtypeStruct((b, items, gp, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, items, gp), jnp.float32),
+        jax.ShapeDtypeStruct((b, items, gp), jnp.float32),
+    ]
     params = None
     if not interpret:
         from moa_jax.pallas_kernels.prefill_gpu import _compiler_params
+
         params = _compiler_params(num_warps, 2)
     o, m, l = pl.pallas_call(
-        kernel, grid=(b, items), out_shape=out_shape, compiler_params=params,
-        interpret=interpret, name="moa_span_decode",
-    )(jnp.asarray(work.segment), jnp.asarray(work.start), jnp.asarray(work.count),
-      per_group(windows, 0), per_group(sinks, 0), q_positions.astype(jnp.int32), qg, cache.k,
-      cache.v, cache.pos)
+        kernel,
+        grid=(b, items),
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=interpret,
+        name="moa_span_decode",
+    )(
+        jnp.asarray(work.segment),
+        jnp.asarray(work.start),
+        jnp.asarray(work.count),
+        per_group(windows, 0),
+        per_group(sinks, 0),
+        q_positions.astype(jnp.int32),
+        qg,
+        cache.k,
+        cache.v,
+        cache.pos,
+    )
     # Merge each KV head's items: [B, Hkv, C, ...], padding items filled as empty partials.
     table = jnp.asarray(work.table)
     m = jnp.take(m, table, axis=1, mode="fill", fill_value=-jnp.inf)
@@ -138,17 +183,26 @@ def _span_decode_pallas(q, cache, q_positions, *, windows, sinks, scale, per_spl
     o = jnp.take(o, table, axis=1, mode="fill", fill_value=0.0)
     m_all = jnp.max(m, axis=2, keepdims=True)
     m_all = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-    wgt = jnp.exp2(m - m_all)                                        # [B, Hkv, C, Gp]
+    wgt = jnp.exp2(m - m_all)  # [B, Hkv, C, Gp]
     num = jnp.sum(o * wgt[..., None], axis=2)
     den = jnp.sum(l * wgt, axis=2)
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
     return out[:, :, :group].reshape(b, h, d).astype(q.dtype)
 
 
-def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
-                windows: Sequence[int], sinks: Sequence[int], backend: str = "auto",
-                interpret: bool | None = None, per_split: int | None = None,
-                scale: float | None = None, num_warps: int = 4) -> jax.Array:
+def span_decode(
+    q: jax.Array,
+    cache: SpanKVCache,
+    q_positions: jax.Array,
+    *,
+    windows: Sequence[int],
+    sinks: Sequence[int],
+    backend: str = "auto",
+    interpret: bool | None = None,
+    per_split: int | None = None,
+    scale: float | None = None,
+    num_warps: int = 4,
+) -> jax.Array:
     """Decode attention of one token per row over a MoA span cache.
 
     Args:
@@ -176,7 +230,18 @@ def span_decode(q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, *,
         interpret = platform != {"gpu": "gpu", "tpu": "tpu"}[backend]
     if backend == "tpu":
         from moa_jax.pallas_kernels.decode_tpu import span_decode_tpu
-        return span_decode_tpu(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
-                               interpret=interpret)
-    return _span_decode_pallas(q, cache, q_positions, windows=windows, sinks=sinks, scale=scale,
-                               per_split=per_split, interpret=interpret, num_warps=num_warps)
+
+        return span_decode_tpu(
+            q, cache, q_positions, windows=windows, sinks=sinks, scale=scale, interpret=interpret
+        )
+    return _span_decode_pallas(
+        q,
+        cache,
+        q_positions,
+        windows=windows,
+        sinks=sinks,
+        scale=scale,
+        per_split=per_split,
+        interpret=interpret,
+        num_warps=num_warps,
+    )

@@ -25,8 +25,23 @@ from moa_jax.models.kv_cache import SpanKVCache
 _LOG2E = math.log2(math.e)
 
 
-def _kernel(start_ref, nblk_ref, qpos_ref, q_ref, win_ref, sink_ref, k_ref, v_ref, pos_ref,
-            o_ref, m_scr, l_scr, acc_scr, *, scale):
+def _kernel(
+    start_ref,
+    nblk_ref,
+    qpos_ref,
+    q_ref,
+    win_ref,
+    sink_ref,
+    k_ref,
+    v_ref,
+    pos_ref,
+    o_ref,
+    m_scr,
+    l_scr,
+    acc_scr,
+    *,
+    scale,
+):
     b, g, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(i == 0)
@@ -37,23 +52,27 @@ def _kernel(start_ref, nblk_ref, qpos_ref, q_ref, win_ref, sink_ref, k_ref, v_re
 
     @pl.when(i < nblk_ref[g])
     def _step():
-        q = q_ref[...]                                   # [Gp, D]
-        k = k_ref[...]                                   # [bk, D]
-        p = pos_ref[...]                                 # [1, bk]
+        q = q_ref[...]  # [Gp, D]
+        k = k_ref[...]  # [bk, D]
+        p = pos_ref[...]  # [1, bk]
         qp = qpos_ref[b]
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32) * (scale * _LOG2E)
+        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (
+            scale * _LOG2E
+        )
         vis = (p >= 0) & (p <= qp) & ((qp - p < win_ref[...]) | (p < sink_ref[...]))
         sc = jnp.where(vis, sc, -jnp.inf)
-        m_prev = m_scr[...]                              # [Gp, 1]
+        m_prev = m_scr[...]  # [Gp, 1]
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m_prev - m_use)
         pr = jnp.exp2(sc - m_use)
         l_scr[...] = alpha * l_scr[...] + jnp.sum(pr, axis=1, keepdims=True)
         acc_scr[...] = alpha * acc_scr[...] + lax.dot_general(
-            pr.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32)
+            pr.astype(v_ref.dtype),
+            v_ref[...],
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
         m_scr[...] = m_new
 
     @pl.when(i == pl.num_programs(2) - 1)
@@ -73,7 +92,7 @@ def span_decode_tpu(q, cache: SpanKVCache, q_positions, *, windows, sinks, scale
     nblk = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, bk)) // bk
     start = np.asarray(cache.offsets) // bk
     steps = int(nblk.max())
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
 
     def per_group(x):
         t = np.zeros((hkv, gp, 1), np.int32)
@@ -100,16 +119,30 @@ def span_decode_tpu(q, cache: SpanKVCache, q_positions, *, windows, sinks, scale
             pl.BlockSpec((None, 1, bk), pos_map),
         ],
         out_specs=pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
-        scratch_shapes=[pltpu.VMEM((gp, 1), jnp.float32), pltpu.VMEM((gp, 1), jnp.float32),
-                        pltpu.VMEM((gp, d), jnp.float32)],
+        scratch_shapes=[
+            pltpu.VMEM((gp, 1), jnp.float32),
+            pltpu.VMEM((gp, 1), jnp.float32),
+            pltpu.VMEM((gp, d), jnp.float32),
+        ],
     )
     out = pl.pallas_call(
-        functools.partial(_kernel, scale=scale), grid_spec=grid_spec,
+        functools.partial(_kernel, scale=scale),
+        grid_spec=grid_spec,
         out_shape=jax.ShapeDtypeStruct((b, hkv, gp, d), q.dtype),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret, name="moa_span_decode_tpu",
-    )(jnp.asarray(start, jnp.int32), jnp.asarray(nblk, jnp.int32),
-      q_positions.astype(jnp.int32), qg, per_group(windows), per_group(sinks), cache.k, cache.v,
-      cache.pos[:, None, :])
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name="moa_span_decode_tpu",
+    )(
+        jnp.asarray(start, jnp.int32),
+        jnp.asarray(nblk, jnp.int32),
+        q_positions.astype(jnp.int32),
+        qg,
+        per_group(windows),
+        per_group(sinks),
+        cache.k,
+        cache.v,
+        cache.pos[:, None, :],
+    )
     return out[:, :, :group].reshape(b, h, d)

@@ -19,18 +19,27 @@ def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, pad)
 
 
-def pad_inputs(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array | None,
-               t: int, s: int, d: int):
+def pad_inputs(
+    q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array | None, t: int, s: int, d: int
+):
     """(q [B, t, H, d], k, v [B, s, Hkv, d], kv_lengths int32 [B]) zero-padded; kv_lengths
     defaults to the unpadded key length."""
-    kvl = (jnp.full((q.shape[0],), k.shape[1], jnp.int32) if kv_lengths is None
-           else jnp.asarray(kv_lengths, jnp.int32))
-    return (pad_to(pad_to(q, 1, t), 3, d), pad_to(pad_to(k, 1, s), 3, d),
-            pad_to(pad_to(v, 1, s), 3, d), kvl)
+    kvl = (
+        jnp.full((q.shape[0],), k.shape[1], jnp.int32)
+        if kv_lengths is None
+        else jnp.asarray(kv_lengths, jnp.int32)
+    )
+    return (
+        pad_to(pad_to(q, 1, t), 3, d),
+        pad_to(pad_to(k, 1, s), 3, d),
+        pad_to(pad_to(v, 1, s), 3, d),
+        kvl,
+    )
 
 
-def backward_delta(out: jax.Array, do: jax.Array, lse: jax.Array,
-                   dlse: jax.Array | None) -> jax.Array:
+def backward_delta(
+    out: jax.Array, do: jax.Array, lse: jax.Array, dlse: jax.Array | None
+) -> jax.Array:
     """delta [B, H, T] float32 = rowsum(out * dO) - dlse: dS = P * (dP - delta).
 
     out, do [B, T, H, D]; lse, dlse [B, H, T]. Rows that see no key have a constant lse (-inf):
@@ -48,6 +57,7 @@ def flash_attention(fwd_call: Callable, bwd_call: Callable) -> Callable:
     fwd_call(cfg, q, k, v, kv_lengths) -> (out, lse);
     bwd_call(cfg, q, k, v, kv_lengths, out, lse, do, dlse) -> (dq, dk, dv). `cfg` is static.
     """
+
     def attention(q, k, v, kv_lengths, cfg):
         return fwd_call(cfg, q, k, v, kv_lengths)
 

@@ -35,9 +35,14 @@ def head_shards(mesh: Mesh | None, num_kv_heads: int) -> int:
     return t if num_kv_heads % t == 0 else 1
 
 
-def shard_heads(make: Callable[[int, int], tuple[Hashable, Callable[..., Any]]],
-                mesh: Mesh | None, args: Sequence[jax.Array], head_axes: Sequence[int | None],
-                out_head_axes: int | Sequence[int], num_kv_heads: int) -> Any:
+def shard_heads(
+    make: Callable[[int, int], tuple[Hashable, Callable[..., Any]]],
+    mesh: Mesh | None,
+    args: Sequence[jax.Array],
+    head_axes: Sequence[int | None],
+    out_head_axes: int | Sequence[int],
+    num_kv_heads: int,
+) -> Any:
     """Runs a per-head kernel on every device's share of batch rows and heads.
 
     Args:
@@ -74,21 +79,28 @@ def shard_heads(make: Callable[[int, int], tuple[Hashable, Callable[..., Any]]],
         which = jnp.asarray(index, jnp.int32)[lax.axis_index(HEAD_AXIS)]
         return lax.switch(which, branches, *local)
 
-    out_shape = jax.eval_shape(branches[0], *[_local_shape(x, rows if bspec else None, h, t)
-                                               for x, h in zip(args, head_axes)])
+    out_shape = jax.eval_shape(
+        branches[0],
+        *[_local_shape(x, rows if bspec else None, h, t) for x, h in zip(args, head_axes)],
+    )
     if isinstance(out_shape, (tuple, list)):
-        axes = (out_head_axes,) * len(out_shape) if isinstance(out_head_axes, int) \
+        axes = (
+            (out_head_axes,) * len(out_shape)
+            if isinstance(out_head_axes, int)
             else tuple(out_head_axes)
+        )
         out_specs = tuple(spec(len(o.shape), a) for o, a in zip(out_shape, axes))
     else:
         out_specs = spec(len(out_shape.shape), out_head_axes)
     in_specs = tuple(spec(x.ndim, h) for x, h in zip(args, head_axes))
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(*args)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        *args
+    )
 
 
-def _local_shape(x: jax.Array, rows: int | None, head_axis: int | None,
-                 t: int) -> jax.ShapeDtypeStruct:
+def _local_shape(
+    x: jax.Array, rows: int | None, head_axis: int | None, t: int
+) -> jax.ShapeDtypeStruct:
     shape = list(x.shape)
     if rows:
         shape[0] //= rows
@@ -97,9 +109,16 @@ def _local_shape(x: jax.Array, rows: int | None, head_axis: int | None,
     return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
 
 
-def sparse_attention_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mesh | None, *,
-                             windows: Sequence[int], sinks: Sequence[int],
-                             **kw: Any) -> jax.Array:
+def sparse_attention_on_mesh(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mesh: Mesh | None,
+    *,
+    windows: Sequence[int],
+    sinks: Sequence[int],
+    **kw: Any,
+) -> jax.Array:
     """`sparse_attention` (q [B, T, H, D], k/v [B, S, Hkv, D]) with each device's rows and heads,
     each head with its own window and sinks; kw: `sparse_attention`'s other options."""
     from moa_jax.pallas_kernels import sparse_attention
@@ -115,16 +134,28 @@ def sparse_attention_on_mesh(q: jax.Array, k: jax.Array, v: jax.Array, mesh: Mes
     return shard_heads(kernel, mesh, (q, k, v), (2, 2, 2), 2, k.shape[2])
 
 
-def same_kernel_on_mesh(fn: Callable[..., Any], mesh: Mesh | None, args: Sequence[Any],
-                        head_axes: Sequence[int | None], out_head_axes: int | Sequence[int],
-                        num_kv_heads: int) -> Any:
+def same_kernel_on_mesh(
+    fn: Callable[..., Any],
+    mesh: Mesh | None,
+    args: Sequence[Any],
+    head_axes: Sequence[int | None],
+    out_head_axes: int | Sequence[int],
+    num_kv_heads: int,
+) -> Any:
     """`shard_heads` for a kernel with no per-head static settings (the decode kernels)."""
-    return shard_heads(lambda i, t: (None, fn), mesh, args, head_axes, out_head_axes,
-                       num_kv_heads)
+    return shard_heads(lambda i, t: (None, fn), mesh, args, head_axes, out_head_axes, num_kv_heads)
 
 
-def span_decode_on_mesh(q: jax.Array, cache: Any, q_positions: jax.Array, mesh: Mesh | None, *,
-                        windows: Sequence[int], sinks: Sequence[int], **kw: Any) -> jax.Array:
+def span_decode_on_mesh(
+    q: jax.Array,
+    cache: Any,
+    q_positions: jax.Array,
+    mesh: Mesh | None,
+    *,
+    windows: Sequence[int],
+    sinks: Sequence[int],
+    **kw: Any,
+) -> jax.Array:
     """`span_decode` (q [B, H, D], a `SpanKVCache`) with each device's rows and heads. The cache
     must be packed for the mesh's head split (`SpanKVCache.zeros(shards=...)`); one that is not
     runs as a single call (XLA gathers its operands)."""
@@ -138,11 +169,13 @@ def span_decode_on_mesh(q: jax.Array, cache: Any, q_positions: jax.Array, mesh: 
     def kernel(i: int, t: int):
         heads = slice(i * h // t, (i + 1) * h // t)
         w, s = windows[heads], sinks[heads]
-        rings = cache.rings[i * hkv // t:(i + 1) * hkv // t]
+        rings = cache.rings[i * hkv // t : (i + 1) * hkv // t]
 
         def run(q, k, v, pos, qp):
             return span_decode(q, cache.shard(i, k, v, pos), qp, windows=w, sinks=s, **kw)
+
         return (w, s, rings), run
 
-    return shard_heads(kernel, mesh, (q, cache.k, cache.v, cache.pos, q_positions),
-                       (1, 1, 1, 1, None), 1, hkv)
+    return shard_heads(
+        kernel, mesh, (q, cache.k, cache.v, cache.pos, q_positions), (1, 1, 1, 1, None), 1, hkv
+    )

@@ -14,10 +14,10 @@ forward / dq (for every head h and query block m):
 dk/dv (the transpose, for every head h and key block n):
   `q_blocks[h, n, :]`, `q_num_partial[h, n]`, `q_num[h, n]`: the query blocks that see key block n.
 
-A block (m, n) is *visited* iff some entry in it is visible, and *full* iff every entry (of real rows
-and of real key columns, `j < S`) is visible; only full blocks skip the element mask. Padded key
-columns (`j >= S`) are never visible, so a block that runs past S is partial. Query rows past T are
-padding: the kernels compute them and the wrapper drops them.
+A block (m, n) is *visited* iff some entry in it is visible, and *full* iff every entry (of real
+rows and of real key columns, `j < S`) is visible; only full blocks skip the element mask. Padded
+key columns (`j >= S`) are never visible, so a block that runs past S is partial. Query rows past
+T are padding: the kernels compute them and the wrapper drops them.
 
 Work: the tables are built from per-(head, query block) key-block intervals, so their size is the
 number of visited blocks (plus the padding to the static maximum), never N^2 / block^2 booleans.
@@ -93,7 +93,7 @@ class MaskSpec:
         i = self.q_offset + np.arange(self.q_len, dtype=np.int64)
         total = 0
         for w, s in zip(self.windows, self.sinks):
-            hi = np.minimum(i, self.kv_len - 1)                      # last visible key
+            hi = np.minimum(i, self.kv_len - 1)  # last visible key
             lo = np.maximum(i - w + 1, 0)
             win = np.maximum(hi - lo + 1, 0)
             sink = np.maximum(np.minimum(np.minimum(s, lo), hi + 1), 0)
@@ -106,12 +106,12 @@ class BlockSchedule:
     """The int32 tables of a `MaskSpec` (see module docstring)."""
 
     spec: MaskSpec
-    kv_blocks: np.ndarray       # [H, nq, Kmax]
+    kv_blocks: np.ndarray  # [H, nq, Kmax]
     kv_num_partial: np.ndarray  # [H, nq]
-    kv_num: np.ndarray          # [H, nq]
-    q_blocks: np.ndarray        # [H, nk, Qmax]
-    q_num_partial: np.ndarray   # [H, nk]
-    q_num: np.ndarray           # [H, nk]
+    kv_num: np.ndarray  # [H, nq]
+    q_blocks: np.ndarray  # [H, nk, Qmax]
+    q_num_partial: np.ndarray  # [H, nk]
+    q_num: np.ndarray  # [H, nk]
 
     @property
     def max_kv_blocks(self) -> int:
@@ -145,10 +145,10 @@ class BlockSchedule:
 def _classify(spec: MaskSpec, h: int, m: np.ndarray, n: np.ndarray):
     """(visible, full) for blocks (m, n) of head h (arrays broadcast together)."""
     w, s = spec.windows[h], spec.sinks[h]
-    a = spec.q_offset + m * spec.block_q                                  # first query position
+    a = spec.q_offset + m * spec.block_q  # first query position
     b = spec.q_offset + np.minimum((m + 1) * spec.block_q, spec.q_len) - 1  # last real query
-    c = n * spec.block_k                                                  # first key
-    d = np.minimum((n + 1) * spec.block_k, spec.kv_len) - 1               # last real key
+    c = n * spec.block_k  # first key
+    d = np.minimum((n + 1) * spec.block_k, spec.kv_len) - 1  # last real key
     window_hit = (c <= b) & (d >= a - w + 1)
     sink_hit = (c < s) & (c <= b)
     visible = (c <= d) & (window_hit | sink_hit)
@@ -165,13 +165,13 @@ def schedule(spec: MaskSpec) -> BlockSchedule:
     m = np.arange(nq)
     a = spec.q_offset + m * bq
     b = spec.q_offset + np.minimum((m + 1) * bq, spec.q_len) - 1
-    fwd_lists = []   # per head: list over m of (partial blocks, full blocks)
+    fwd_lists = []  # per head: list over m of (partial blocks, full blocks)
     for h in range(H):
         w, s = spec.windows[h], spec.sinks[h]
-        last = np.minimum(b, spec.kv_len - 1) // bk                       # causal diagonal block
-        first = np.maximum(a - w + 1, 0) // bk                            # window's first block
+        last = np.minimum(b, spec.kv_len - 1) // bk  # causal diagonal block
+        first = np.maximum(a - w + 1, 0) // bk  # window's first block
         first = np.minimum(first, nk)
-        sink_end = np.minimum(np.minimum(s, b + 1), spec.kv_len)          # sink keys [0, sink_end)
+        sink_end = np.minimum(np.minimum(s, b + 1), spec.kv_len)  # sink keys [0, sink_end)
         nsink = cdiv_arr(sink_end, bk)
         rows = []
         for mi in range(nq):
@@ -200,8 +200,8 @@ def schedule(spec: MaskSpec) -> BlockSchedule:
             kv_np[h, mi] = len(part)
             kv_n[h, mi] = len(seq)
             if len(seq):
-                kv_blocks[h, mi, :len(seq)] = seq
-                kv_blocks[h, mi, len(seq):] = seq[-1]
+                kv_blocks[h, mi, : len(seq)] = seq
+                kv_blocks[h, mi, len(seq) :] = seq[-1]
                 hs.append(np.full(len(seq), h))
                 ms.append(np.full(len(seq), mi))
                 ns.append(seq)
@@ -215,13 +215,16 @@ def schedule(spec: MaskSpec) -> BlockSchedule:
 def _transpose(H, nk, hs, ms, ns, fs):
     """Per (head, key block): the query blocks visiting it, partial ones first (vectorised)."""
     if not hs:
-        return (np.zeros((H, nk, 1), np.int32), np.zeros((H, nk), np.int32),
-                np.zeros((H, nk), np.int32))
+        return (
+            np.zeros((H, nk, 1), np.int32),
+            np.zeros((H, nk), np.int32),
+            np.zeros((H, nk), np.int32),
+        )
     h = np.concatenate(hs).astype(np.int64)
     m = np.concatenate(ms).astype(np.int64)
     n = np.concatenate(ns).astype(np.int64)
     f = np.concatenate(fs)
-    order = np.lexsort((m, f, n, h))            # by head, key block, partial-first, query block
+    order = np.lexsort((m, f, n, h))  # by head, key block, partial-first, query block
     h, m, n, f = h[order], m[order], n[order], f[order]
     key = h * nk + n
     q_n = np.bincount(key, minlength=H * nk)
@@ -234,8 +237,11 @@ def _transpose(H, nk, hs, ms, ns, fs):
     last = np.where(q_n > 0, q_blocks[np.arange(H * nk), np.maximum(q_n - 1, 0)], 0)
     pad = np.arange(qmax)[None, :] >= q_n[:, None]
     q_blocks = np.where(pad, last[:, None], q_blocks).astype(np.int32)
-    return (q_blocks.reshape(H, nk, qmax), q_np.reshape(H, nk).astype(np.int32),
-            q_n.reshape(H, nk).astype(np.int32))
+    return (
+        q_blocks.reshape(H, nk, qmax),
+        q_np.reshape(H, nk).astype(np.int32),
+        q_n.reshape(H, nk).astype(np.int32),
+    )
 
 
 def cdiv_arr(x: np.ndarray, d: int) -> np.ndarray:
@@ -256,12 +262,21 @@ def work_order(num: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(num).reshape(-1), kind="stable").astype(np.int32)
 
 
-def kernel_tables(spec: MaskSpec, blocks: np.ndarray, num_partial: np.ndarray, num: np.ndarray,
-                  work: np.ndarray | None = None) -> list[np.ndarray]:
+def kernel_tables(
+    spec: MaskSpec,
+    blocks: np.ndarray,
+    num_partial: np.ndarray,
+    num: np.ndarray,
+    work: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """The int32 scalar tables a block-sparse kernel reads, flattened per work item:
     [work order (heaviest first by `work`, default `num`), windows [H], sinks [H],
     blocks [items * max], num_partial [items], num [items]]."""
-    return [work_order(num if work is None else work),
-            np.asarray(spec.windows, np.int32), np.asarray(spec.sinks, np.int32),
-            np.asarray(blocks, np.int32).reshape(-1),
-            np.asarray(num_partial, np.int32).reshape(-1), np.asarray(num, np.int32).reshape(-1)]
+    return [
+        work_order(num if work is None else work),
+        np.asarray(spec.windows, np.int32),
+        np.asarray(spec.sinks, np.int32),
+        np.asarray(blocks, np.int32).reshape(-1),
+        np.asarray(num_partial, np.int32).reshape(-1),
+        np.asarray(num, np.int32).reshape(-1),
+    ]

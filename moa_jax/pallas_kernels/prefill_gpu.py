@@ -33,8 +33,10 @@ from moa_jax.pallas_kernels.reference import visible
 
 try:  # jax >= 0.4.3x: pallas.triton; name changed over versions.
     from jax.experimental.pallas import triton as _pltriton
-    _CompilerParams = (getattr(_pltriton, "CompilerParams", None)
-                       or getattr(_pltriton, "TritonCompilerParams", None))
+
+    _CompilerParams = getattr(_pltriton, "CompilerParams", None) or getattr(
+        _pltriton, "TritonCompilerParams", None
+    )
 except ImportError:  # pragma: no cover
     _pltriton = None
     _CompilerParams = None
@@ -47,9 +49,9 @@ _LN2 = math.log(2.0)
 class KernelConfig:
     """Static configuration of one sparse attention call (hashable)."""
 
-    fwd: masks.MaskSpec          # forward schedule (block_q, block_k)
-    dq: masks.MaskSpec           # dq schedule
-    dkv: masks.MaskSpec          # dk/dv (transposed) schedule
+    fwd: masks.MaskSpec  # forward schedule (block_q, block_k)
+    dq: masks.MaskSpec  # dq schedule
+    dkv: masks.MaskSpec  # dk/dv (transposed) schedule
     num_kv_heads: int
     scale: float
     has_kv_lengths: bool
@@ -69,8 +71,9 @@ def _compiler_params(num_warps, num_stages):
 def _dot(a, b, contract=((1,), (1,))):
     """a @ b^T by default (f32 accumulation; exact f32 for f32 inputs)."""
     prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (contract, ((), ())), precision=prec,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (contract, ((), ())), precision=prec, preferred_element_type=jnp.float32
+    )
 
 
 def _visible(rows, cols, w, s, kv_valid):
@@ -79,9 +82,29 @@ def _visible(rows, cols, w, s, kv_valid):
 
 
 # --------------------------------------------------------------------------- forward kernel
-def _fwd_kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
-                q_ref, k_ref, v_ref, *rest, nq, kmax, bq, bk, group, q_offset, kv_len,
-                scale, has_kvlen, poison):
+def _fwd_kernel(
+    order_ref,
+    win_ref,
+    sink_ref,
+    blocks_ref,
+    npart_ref,
+    num_ref,
+    kvlen_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *rest,
+    nq,
+    kmax,
+    bq,
+    bk,
+    group,
+    q_offset,
+    kv_len,
+    scale,
+    has_kvlen,
+    poison,
+):
     if poison:
         rest = rest[2:]
     o_ref, lse_ref = rest
@@ -121,8 +144,11 @@ def _fwd_kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kv
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, ((1,), (0,)))
         return acc, m_new, l_new
 
-    carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
-             jnp.zeros((bq,), jnp.float32))
+    carry = (
+        jnp.zeros((bq, d), jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
     if has_kvlen:
         carry = lax.fori_loop(0, num, functools.partial(body, masked=True), carry)
     else:
@@ -143,18 +169,33 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
     B, Tp, H, D = q.shape
     nq = spec.num_q_blocks
     kernel = functools.partial(
-        _fwd_kernel, nq=nq, kmax=sch.max_kv_blocks, bq=spec.block_q, bk=spec.block_k,
-        group=H // cfg.num_kv_heads, q_offset=spec.q_offset, kv_len=spec.kv_len,
-        scale=cfg.scale, has_kvlen=cfg.has_kv_lengths, poison=poison)
-    tables = [jnp.asarray(t) for t in masks.kernel_tables(
-        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
-    out_shape = [jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
-                 jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)]
+        _fwd_kernel,
+        nq=nq,
+        kmax=sch.max_kv_blocks,
+        bq=spec.block_q,
+        bk=spec.block_k,
+        group=H // cfg.num_kv_heads,
+        q_offset=spec.q_offset,
+        kv_len=spec.kv_len,
+        scale=cfg.scale,
+        has_kvlen=cfg.has_kv_lengths,
+        poison=poison,
+    )
+    tables = [
+        jnp.asarray(t)
+        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+    ] + [kv_lengths.astype(jnp.int32)]
+    out_shape = [
+        jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
+        jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
+    ]
     args = tables + [q, k, v]
     aliases = {}
     if poison:
-        args += [jnp.full((B, Tp, H, D), jnp.nan, q.dtype),
-                 jnp.full((B, H, Tp), jnp.nan, jnp.float32)]
+        args += [
+            jnp.full((B, Tp, H, D), jnp.nan, q.dtype),
+            jnp.full((B, H, Tp), jnp.nan, jnp.float32),
+        ]
         aliases = {len(args) - 2: 0, len(args) - 1: 1}
     nw = cfg.num_warps or (4 if D <= 64 else 8)
     return pl.pallas_call(
@@ -169,9 +210,32 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
 
 
 # ------------------------------------------------------------------------------ dq kernel
-def _dq_kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, nq, kmax, bq, bk,
-               group, q_offset, kv_len, scale, has_kvlen):
+def _dq_kernel(
+    order_ref,
+    win_ref,
+    sink_ref,
+    blocks_ref,
+    npart_ref,
+    num_ref,
+    kvlen_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    *,
+    nq,
+    kmax,
+    bq,
+    bk,
+    group,
+    q_offset,
+    kv_len,
+    scale,
+    has_kvlen,
+):
     item = order_ref[pl.program_id(0)]
     b = pl.program_id(1)
     h = item // nq
@@ -214,9 +278,33 @@ def _dq_kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvl
 
 
 # ---------------------------------------------------------------------------- dk/dv kernel
-def _dkv_kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
-                q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, nk, qmax,
-                bq, bk, group, q_offset, kv_len, scale, has_kvlen):
+def _dkv_kernel(
+    order_ref,
+    win_ref,
+    sink_ref,
+    blocks_ref,
+    npart_ref,
+    num_ref,
+    kvlen_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    nk,
+    qmax,
+    bq,
+    bk,
+    group,
+    q_offset,
+    kv_len,
+    scale,
+    has_kvlen,
+):
     item = order_ref[pl.program_id(0)]
     b = pl.program_id(1)
     kvh = item // nk
@@ -249,7 +337,7 @@ def _dkv_kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kv
             if masked:
                 rows = q_offset + mq * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
                 sc = jnp.where(_visible(rows, cols, w, s_, kv_valid), sc, -jnp.inf)
-            p = jnp.exp2(sc - lse2[:, None])                       # [bq, bk]
+            p = jnp.exp2(sc - lse2[:, None])  # [bq, bk]
             dv = dv + _dot(p.astype(do.dtype), do, ((0,), (0,)))
             dp = _dot(do, v)
             ds = p * (dp - delta[:, None])
@@ -278,15 +366,28 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     spec = cfg.dq
     sch = masks.schedule(spec)
     nq = spec.num_q_blocks
-    tables = [jnp.asarray(t) for t in masks.kernel_tables(
-        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kvl]
+    tables = [
+        jnp.asarray(t)
+        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+    ] + [kvl]
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, nq=nq, kmax=sch.max_kv_blocks, bq=spec.block_q,
-                          bk=spec.block_k, group=group, q_offset=spec.q_offset,
-                          kv_len=spec.kv_len, scale=cfg.scale, has_kvlen=cfg.has_kv_lengths),
+        functools.partial(
+            _dq_kernel,
+            nq=nq,
+            kmax=sch.max_kv_blocks,
+            bq=spec.block_q,
+            bk=spec.block_k,
+            group=group,
+            q_offset=spec.q_offset,
+            kv_len=spec.kv_len,
+            scale=cfg.scale,
+            has_kvlen=cfg.has_kv_lengths,
+        ),
         grid=(H * nq, B),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=cp, interpret=cfg.interpret, name="moa_sparse_dq",
+        compiler_params=cp,
+        interpret=cfg.interpret,
+        name="moa_sparse_dq",
     )(*tables, q, k, v, do, lse, delta)
 
     # dk/dv over the transposed schedule of cfg.dkv, one program per (KV head, key block).
@@ -294,15 +395,28 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     sch = masks.schedule(spec)
     nk = spec.num_k_blocks
     per_kv = sch.q_num.reshape(Hkv, group, nk).sum(axis=1)
-    tables = [jnp.asarray(t) for t in masks.kernel_tables(
-        spec, sch.q_blocks, sch.q_num_partial, sch.q_num, work=per_kv)] + [kvl]
+    tables = [
+        jnp.asarray(t)
+        for t in masks.kernel_tables(spec, sch.q_blocks, sch.q_num_partial, sch.q_num, work=per_kv)
+    ] + [kvl]
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, nk=nk, qmax=sch.max_q_blocks, bq=spec.block_q,
-                          bk=spec.block_k, group=group, q_offset=spec.q_offset,
-                          kv_len=spec.kv_len, scale=cfg.scale, has_kvlen=cfg.has_kv_lengths),
+        functools.partial(
+            _dkv_kernel,
+            nk=nk,
+            qmax=sch.max_q_blocks,
+            bq=spec.block_q,
+            bk=spec.block_k,
+            group=group,
+            q_offset=spec.q_offset,
+            kv_len=spec.kv_len,
+            scale=cfg.scale,
+            has_kvlen=cfg.has_kv_lengths,
+        ),
         grid=(Hkv * nk, B),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=cp, interpret=cfg.interpret, name="moa_sparse_dkv",
+        compiler_params=cp,
+        interpret=cfg.interpret,
+        name="moa_sparse_dkv",
     )(*tables, q, k, v, do, lse, delta)
     return dq, dk, dv
 
@@ -310,17 +424,36 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
 _attention = flash_vjp.flash_attention(_fwd_call, _bwd_call)
 
 
-def sparse_attention_gpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None,
-                         block_q=128, block_k=128, block_q_dq=None, block_k_dq=None,
-                         block_q_dkv=None, block_k_dkv=None, interpret=False, num_warps=None,
-                         num_stages=2, num_warps_bwd=None, num_stages_bwd=2, poison=False):
+def sparse_attention_gpu(
+    q,
+    k,
+    v,
+    *,
+    windows,
+    sinks,
+    q_offset=0,
+    kv_lengths=None,
+    scale=None,
+    block_q=128,
+    block_k=128,
+    block_q_dq=None,
+    block_k_dq=None,
+    block_q_dkv=None,
+    block_k_dkv=None,
+    interpret=False,
+    num_warps=None,
+    num_stages=2,
+    num_warps_bwd=None,
+    num_stages_bwd=2,
+    poison=False,
+):
     """Pallas/Triton per-head window + sink attention. Returns (out [B,T,H,D], lse [B,H,T])."""
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
-    scale = float(D ** -0.5 if scale is None else scale)
+    scale = float(D**-0.5 if scale is None else scale)
     bq_dq = block_q_dq or block_q
     bk_dq = block_k_dq or block_k
-    bq_dkv = block_q_dkv or min(block_q, 64)    # dk/dv streams q and dO tiles: keep them small
+    bq_dkv = block_q_dkv or min(block_q, 64)  # dk/dv streams q and dO tiles: keep them small
     bk_dkv = block_k_dkv or block_k
     qb = max(block_q, bq_dq, bq_dkv)
     kb = max(block_k, bk_dq, bk_dkv)
@@ -331,10 +464,19 @@ def sparse_attention_gpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None
     Sp = masks.cdiv(S, kb) * kb
     Dp = max(16, 1 << (D - 1).bit_length())
     mk = lambda bq, bk: masks.MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
-    cfg = KernelConfig(fwd=mk(block_q, block_k), dq=mk(bq_dq, bk_dq), dkv=mk(bq_dkv, bk_dkv),
-                       num_kv_heads=Hkv, scale=scale, has_kv_lengths=kv_lengths is not None,
-                       interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages,
-                       num_warps_bwd=num_warps_bwd, num_stages_bwd=num_stages_bwd)
+    cfg = KernelConfig(
+        fwd=mk(block_q, block_k),
+        dq=mk(bq_dq, bk_dq),
+        dkv=mk(bq_dkv, bk_dkv),
+        num_kv_heads=Hkv,
+        scale=scale,
+        has_kv_lengths=kv_lengths is not None,
+        interpret=bool(interpret),
+        num_warps=num_warps,
+        num_stages=num_stages,
+        num_warps_bwd=num_warps_bwd,
+        num_stages_bwd=num_stages_bwd,
+    )
     qp, kp, vp, kvl = flash_vjp.pad_inputs(q, k, v, kv_lengths, Tp, Sp, Dp)
     if poison:  # test hook: unwritten output blocks stay NaN (no gradient support).
         out, lse = _fwd_call(cfg, qp, kp, vp, kvl, poison=True)

@@ -42,24 +42,24 @@ except ImportError:  # pragma: no cover - jax without Mosaic GPU
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-_WG_ROWS = 64           # rows per compute warpgroup (one wgmma M tile)
-_TILE = 128             # T and S padding: the CTA tile of every kernel
+_WG_ROWS = 64  # rows per compute warpgroup (one wgmma M tile)
+_TILE = 128  # T and S padding: the CTA tile of every kernel
 
 
 @dataclasses.dataclass(frozen=True)
 class MgpuConfig:
     """Static configuration of one call (hashable)."""
 
-    fwd: masks.MaskSpec      # block_q = 128 (two warpgroups), block_k = forward key block
-    dq: masks.MaskSpec       # block_q = 128, block_k = dq key block
-    dkv: masks.MaskSpec      # block_q = 64 (streamed query tile), block_k = 128 (two warpgroups)
+    fwd: masks.MaskSpec  # block_q = 128 (two warpgroups), block_k = forward key block
+    dq: masks.MaskSpec  # block_q = 128, block_k = dq key block
+    dkv: masks.MaskSpec  # block_q = 64 (streamed query tile), block_k = 128 (two warpgroups)
     num_kv_heads: int
     scale: float
     has_kv_lengths: bool
-    num_stages: int = 2          # forward K/V ring depth
-    num_stages_dq: int = 2       # dq K/V ring depth
-    num_stages_dkv: int = 3      # dk/dv (q, dO, lse, delta) ring depth
-    profile_dir: str = ""        # when set: Mosaic GPU's in-kernel trace, one JSON per call
+    num_stages: int = 2  # forward K/V ring depth
+    num_stages_dq: int = 2  # dq K/V ring depth
+    num_stages_dkv: int = 3  # dk/dv (q, dO, lse, delta) ring depth
+    profile_dir: str = ""  # when set: Mosaic GPU's in-kernel trace, one JSON per call
 
 
 def _compiler_params(cfg: MgpuConfig, steps: int):
@@ -68,8 +68,9 @@ def _compiler_params(cfg: MgpuConfig, steps: int):
     shared memory, so profile short sequences)."""
     if not cfg.profile_dir:
         return plgpu.CompilerParams(approx_math=True)
-    return plgpu.CompilerParams(approx_math=True, profile_space=8 * steps + 16,
-                                profile_dir=cfg.profile_dir)
+    return plgpu.CompilerParams(
+        approx_math=True, profile_space=8 * steps + 16, profile_dir=cfg.profile_dir
+    )
 
 
 def available() -> bool:
@@ -92,8 +93,10 @@ def available() -> bool:
 def supported(dtype, head_dim: int) -> bool:
     """Whether this kernel takes q/k/v of `dtype` and head dim `head_dim`: bf16/f16 and
     D <= 128 (the dk/dv kernel's shared memory: K, V and a 3-deep ring of query tiles)."""
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and \
-        _pad_dim(head_dim) <= 128
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and _pad_dim(head_dim) <= 128
+    )
 
 
 def _pad_dim(d: int) -> int:
@@ -102,8 +105,9 @@ def _pad_dim(d: int) -> int:
 
 def _smem(shape, dtype):
     """Shared memory tile laid out for wgmma / TMA (8x64 tiles, 128-byte swizzle)."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)),
-                                                plgpu.SwizzleTransform(128)))
+    return plgpu.SMEM(
+        shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    )
 
 
 def _row_vec(ref):
@@ -154,11 +158,27 @@ def _zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free, blocks_ref,
-               base, num, b, kvh, bk: int, stages: int):
+def _stream_kv(
+    k_ref,
+    v_ref,
+    k_smem,
+    v_smem,
+    k_ready,
+    v_ready,
+    k_free,
+    v_free,
+    blocks_ref,
+    base,
+    num,
+    b,
+    kvh,
+    bk: int,
+    stages: int,
+):
     """The memory warpgroup of the row-tiled kernels: TMA the `num` scheduled key blocks
     (`blocks_ref[base + i]`) of K and V into a `stages`-deep ring, each slot reused once both
     compute warpgroups have freed it."""
+
     @pl.loop(0, num)
     def _(i):
         slot = _rem(i, stages)
@@ -182,9 +202,18 @@ def _row_tiles(cfg: MgpuConfig, spec: masks.MaskSpec, num_heads: int):
     (schedule, query tiles, most blocks per tile, rows per warpgroup, key block, GQA group,
     log2-scaled logit scale, query offset, key length, ragged kv lengths?)."""
     sch = masks.schedule(spec)
-    return (sch, spec.num_q_blocks, sch.max_kv_blocks, spec.block_q // 2, spec.block_k,
-            num_heads // cfg.num_kv_heads, cfg.scale * _LOG2E, spec.q_offset, spec.kv_len,
-            cfg.has_kv_lengths)
+    return (
+        sch,
+        spec.num_q_blocks,
+        sch.max_kv_blocks,
+        spec.block_q // 2,
+        spec.block_k,
+        num_heads // cfg.num_kv_heads,
+        cfg.scale * _LOG2E,
+        spec.q_offset,
+        spec.kv_len,
+        cfg.has_kv_lengths,
+    )
 
 
 # --------------------------------------------------------------------------------- forward
@@ -196,10 +225,30 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
     stages = cfg.num_stages
     dtype = q.dtype
 
-    def kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
-               q_ref, k_ref, v_ref, out_ref, lse_ref,
-               qo_smem2, k_smem, v_smem, lse_smem2,
-               k_ready, v_ready, q_ready, k_free, v_free, sched):
+    def kernel(
+        order_ref,
+        win_ref,
+        sink_ref,
+        blocks_ref,
+        npart_ref,
+        num_ref,
+        kvlen_ref,
+        q_ref,
+        k_ref,
+        v_ref,
+        out_ref,
+        lse_ref,
+        qo_smem2,
+        k_smem,
+        v_smem,
+        lse_smem2,
+        k_ready,
+        v_ready,
+        q_ready,
+        k_free,
+        v_free,
+        sched,
+    ):
         b, item, h, m, num, npart = _work_item(order_ref, num_ref, npart_ref, nq, has_kvlen)
         kvh = _div(h, group)
         base = item * kmax
@@ -220,8 +269,9 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
             kv_valid = _kv_valid(kvlen_ref, b, kv_len, has_kvlen)
             plgpu.barrier_wait(q_ready.at[wg])
             acc = _zeros((bq, D))
-            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
+            m_i = plgpu.layout_cast(
+                jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)
+            )
             l_i = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
             @pl.when(num > 0)
@@ -257,9 +307,9 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
                     p16 = p.astype(dtype)
                     acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
                 with jax.named_scope("wait"):
-                    plgpu.barrier_arrive(sched)            # softmax done
+                    plgpu.barrier_arrive(sched)  # softmax done
                     plgpu.barrier_wait(v_ready.at[slot])
-                    plgpu.barrier_wait(sched)              # the tensor cores are ours
+                    plgpu.barrier_wait(sched)  # the tensor cores are ours
 
                 def pv(acc_ref):
                     plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -273,8 +323,7 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            carry = lax.fori_loop(0, npart, functools.partial(step, masked=True),
-                                  (acc, m_i, l_i))
+            carry = lax.fori_loop(0, npart, functools.partial(step, masked=True), (acc, m_i, l_i))
             if not has_kvlen:
                 carry = lax.fori_loop(npart, num, functools.partial(step, masked=False), carry)
             acc, m_i, l_i = carry
@@ -293,25 +342,50 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
-                       blocks_ref, base, num, b, kvh, bk, stages)
+            _stream_kv(
+                k_ref,
+                v_ref,
+                k_smem,
+                v_smem,
+                k_ready,
+                v_ready,
+                k_free,
+                v_free,
+                blocks_ref,
+                base,
+                num,
+                b,
+                kvh,
+                bk,
+                stages,
+            )
 
-    tables = [jnp.asarray(t) for t in masks.kernel_tables(
-        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
+    tables = [
+        jnp.asarray(t)
+        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+    ] + [kv_lengths.astype(jnp.int32)]
     out, lse = plgpu.kernel(
         kernel,
-        out_type=[jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
-                  jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
+        out_type=[
+            jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
+            jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
+        ],
         scratch_types=[
-            _smem((2, bq, D), dtype), _smem((stages, bk, D), dtype),
-            _smem((stages, bk, D), dtype), plgpu.SMEM((2, bq), jnp.float32),
-            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            _smem((2, bq, D), dtype),
+            _smem((stages, bk, D), dtype),
+            _smem((stages, bk, D), dtype),
+            plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2),
         ],
-        grid=(H * nq, B), grid_names=("item", "batch"), num_threads=3, thread_name="wg",
+        grid=(H * nq, B),
+        grid_names=("item", "batch"),
+        num_threads=3,
+        thread_name="wg",
         compiler_params=_compiler_params(cfg, kmax),
     )(*tables, q, k, v)
     return out, lse
@@ -326,10 +400,33 @@ def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     stages = cfg.num_stages_dq
     dtype = q.dtype
 
-    def kernel(order_ref, win_ref, sink_ref, blocks_ref, npart_ref, num_ref, kvlen_ref,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-               row_ready, k_ready, v_ready, k_free, v_free):
+    def kernel(
+        order_ref,
+        win_ref,
+        sink_ref,
+        blocks_ref,
+        npart_ref,
+        num_ref,
+        kvlen_ref,
+        q_ref,
+        k_ref,
+        v_ref,
+        do_ref,
+        lse_ref,
+        delta_ref,
+        dq_ref,
+        q_smem2,
+        do_smem2,
+        lse_smem2,
+        delta_smem2,
+        k_smem,
+        v_smem,
+        row_ready,
+        k_ready,
+        v_ready,
+        k_free,
+        v_free,
+    ):
         b, item, h, m, num, npart = _work_item(order_ref, num_ref, npart_ref, nq, has_kvlen)
         kvh = _div(h, group)
         base = item * kmax
@@ -343,10 +440,12 @@ def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             rs = (b, pl.ds(row0, bq), h)
             plgpu.copy_gmem_to_smem(q_ref.at[rs], q_s, row_ready.at[wg])
             plgpu.copy_gmem_to_smem(do_ref.at[rs], do_s, row_ready.at[wg])
-            plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem2.at[wg],
-                                    row_ready.at[wg])
-            plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem2.at[wg],
-                                    row_ready.at[wg])
+            plgpu.copy_gmem_to_smem(
+                lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem2.at[wg], row_ready.at[wg]
+            )
+            plgpu.copy_gmem_to_smem(
+                delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem2.at[wg], row_ready.at[wg]
+            )
             w = win_ref[h]
             s_ = sink_ref[h]
             kv_valid = _kv_valid(kvlen_ref, b, kv_len, has_kvlen)
@@ -403,24 +502,48 @@ def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
-            _stream_kv(k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
-                       blocks_ref, base, num, b, kvh, bk, stages)
+            _stream_kv(
+                k_ref,
+                v_ref,
+                k_smem,
+                v_smem,
+                k_ready,
+                v_ready,
+                k_free,
+                v_free,
+                blocks_ref,
+                base,
+                num,
+                b,
+                kvh,
+                bk,
+                stages,
+            )
 
-    tables = [jnp.asarray(t) for t in masks.kernel_tables(
-        spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)] + [kv_lengths.astype(jnp.int32)]
+    tables = [
+        jnp.asarray(t)
+        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+    ] + [kv_lengths.astype(jnp.int32)]
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
         scratch_types=[
-            _smem((2, bq, D), dtype), _smem((2, bq, D), dtype),
-            plgpu.SMEM((2, bq), jnp.float32), plgpu.SMEM((2, bq), jnp.float32),
-            _smem((stages, bk, D), dtype), _smem((stages, bk, D), dtype),
+            _smem((2, bq, D), dtype),
+            _smem((2, bq, D), dtype),
+            plgpu.SMEM((2, bq), jnp.float32),
+            plgpu.SMEM((2, bq), jnp.float32),
+            _smem((stages, bk, D), dtype),
+            _smem((stages, bk, D), dtype),
             plgpu.Barrier(num_arrivals=4, num_barriers=2),
-            plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         ],
-        grid=(H * nq, B), grid_names=("item", "batch"), num_threads=3, thread_name="wg",
+        grid=(H * nq, B),
+        grid_names=("item", "batch"),
+        num_threads=3,
+        thread_name="wg",
         compiler_params=_compiler_params(cfg, kmax),
     )(*tables, q, k, v, do, lse2, delta)
 
@@ -436,8 +559,11 @@ def dkv_tables(spec: masks.MaskSpec, num_kv_heads: int):
     H, nk = spec.num_heads, spec.num_k_blocks
     nq = spec.num_q_blocks
     group = H // num_kv_heads
-    rows, npart, num = [], np.zeros(num_kv_heads * nk, np.int32), np.zeros(num_kv_heads * nk,
-                                                                              np.int32)
+    rows, npart, num = (
+        [],
+        np.zeros(num_kv_heads * nk, np.int32),
+        np.zeros(num_kv_heads * nk, np.int32),
+    )
     for kvh in range(num_kv_heads):
         heads = range(kvh * group, (kvh + 1) * group)
         for n in range(nk):
@@ -454,8 +580,8 @@ def dkv_tables(spec: masks.MaskSpec, num_kv_heads: int):
     entries = np.zeros((len(rows), emax), np.int32)
     for i, r in enumerate(rows):
         if r:
-            entries[i, :len(r)] = r
-            entries[i, len(r):] = r[-1]
+            entries[i, : len(r)] = r
+            entries[i, len(r) :] = r[-1]
     return entries, npart, num
 
 
@@ -472,10 +598,32 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     q_offset, kv_len, has_kvlen = spec.q_offset, spec.kv_len, cfg.has_kv_lengths
     dtype = q.dtype
 
-    def kernel(order_ref, win_ref, sink_ref, ent_ref, npart_ref, num_ref, kvlen_ref,
-               q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-               k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
-               kv_ready, tile_ready, tile_free):
+    def kernel(
+        order_ref,
+        win_ref,
+        sink_ref,
+        ent_ref,
+        npart_ref,
+        num_ref,
+        kvlen_ref,
+        q_ref,
+        k_ref,
+        v_ref,
+        do_ref,
+        lse_ref,
+        delta_ref,
+        dk_ref,
+        dv_ref,
+        k_smem2,
+        v_smem2,
+        q_smem,
+        do_smem,
+        lse_smem,
+        delta_smem,
+        kv_ready,
+        tile_ready,
+        tile_free,
+    ):
         b, item, kvh, n, num, npart = _work_item(order_ref, num_ref, npart_ref, nk, has_kvlen)
         base = item * emax
         wg = lax.axis_index("wg")
@@ -507,8 +655,9 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                     h = _div(e, nq)
                     keys = col0 + _iota((bk, bq), 0)
                     qpos = q_offset + _rem(e, nq) * bq + _iota((bk, bq), 1)
-                    st = jnp.where(_visible(qpos, keys, win_ref[h], sink_ref[h], kv_valid),
-                                   st, -jnp.inf)
+                    st = jnp.where(
+                        _visible(qpos, keys, win_ref[h], sink_ref[h], kv_valid), st, -jnp.inf
+                    )
                 lse = _col_vec(lse_smem.at[slot])
                 pt = jnp.exp2(st * c - _bcast(lse, st.shape, 1))
 
@@ -518,8 +667,9 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                     plgpu.wgmma(dpt_ref, v_s, plgpu.transpose_ref(do_smem.at[slot], (1, 0)))
 
                 with jax.named_scope("dv_dp"):
-                    dv, dpt = pl.run_state(dv_dpt)((plgpu.ACC.init(dv),
-                                                    plgpu.ACC.init(_zeros((bk, bq)))))
+                    dv, dpt = pl.run_state(dv_dpt)(
+                        (plgpu.ACC.init(dv), plgpu.ACC.init(_zeros((bk, bq))))
+                    )
                 with jax.named_scope("ds"):
                     dlt = _col_vec(delta_smem.at[slot])
                     dst = (pt * (dpt - _bcast(dlt, dpt.shape, 1))).astype(dtype)
@@ -562,26 +712,35 @@ def _dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 rs = (b, pl.ds(r0, bq), h)
                 plgpu.copy_gmem_to_smem(q_ref.at[rs], q_smem.at[slot], tile_ready.at[slot])
                 plgpu.copy_gmem_to_smem(do_ref.at[rs], do_smem.at[slot], tile_ready.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[b, h, pl.ds(r0, bq)], lse_smem.at[slot],
-                                        tile_ready.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[b, h, pl.ds(r0, bq)],
-                                        delta_smem.at[slot], tile_ready.at[slot])
+                plgpu.copy_gmem_to_smem(
+                    lse_ref.at[b, h, pl.ds(r0, bq)], lse_smem.at[slot], tile_ready.at[slot]
+                )
+                plgpu.copy_gmem_to_smem(
+                    delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[slot], tile_ready.at[slot]
+                )
 
-    tables = [jnp.asarray(t) for t in masks.kernel_tables(spec, entries, npart_t, num_t)] + \
-        [kv_lengths.astype(jnp.int32)]
+    tables = [jnp.asarray(t) for t in masks.kernel_tables(spec, entries, npart_t, num_t)] + [
+        kv_lengths.astype(jnp.int32)
+    ]
     kv_type = jax.ShapeDtypeStruct((B, Sp, Hkv, D), k.dtype)
     dk, dv = plgpu.kernel(
         kernel,
         out_type=[kv_type, kv_type],
         scratch_types=[
-            _smem((2, bk, D), dtype), _smem((2, bk, D), dtype),
-            _smem((stages, bq, D), dtype), _smem((stages, bq, D), dtype),
-            plgpu.SMEM((stages, bq), jnp.float32), plgpu.SMEM((stages, bq), jnp.float32),
+            _smem((2, bk, D), dtype),
+            _smem((2, bk, D), dtype),
+            _smem((stages, bq, D), dtype),
+            _smem((stages, bq, D), dtype),
+            plgpu.SMEM((stages, bq), jnp.float32),
+            plgpu.SMEM((stages, bq), jnp.float32),
             plgpu.Barrier(num_arrivals=2, num_barriers=2),
             plgpu.Barrier(num_arrivals=4, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
         ],
-        grid=(Hkv * nk, B), grid_names=("item", "batch"), num_threads=3, thread_name="wg",
+        grid=(Hkv * nk, B),
+        grid_names=("item", "batch"),
+        num_threads=3,
+        thread_name="wg",
         compiler_params=_compiler_params(cfg, emax),
     )(*tables, q, k, v, do, lse2, delta)
     return dk, dv
@@ -604,9 +763,23 @@ def _bwd_call(cfg: MgpuConfig, q, k, v, kv_lengths, out, lse, do, dlse):
 _attention = flash_vjp.flash_attention(_fwd_call, _bwd_call)
 
 
-def _prepare(q, k, v, windows, sinks, q_offset=0, kv_lengths=None, scale=None, *,
-             block_k: int = 128, block_k_dq: int = 128, num_stages: int = 2,
-             num_stages_dq: int = 2, num_stages_dkv: int = 3, profile_dir: str = ""):
+def _prepare(
+    q,
+    k,
+    v,
+    windows,
+    sinks,
+    q_offset=0,
+    kv_lengths=None,
+    scale=None,
+    *,
+    block_k: int = 128,
+    block_k_dq: int = 128,
+    num_stages: int = 2,
+    num_stages_dq: int = 2,
+    num_stages_dkv: int = 3,
+    profile_dir: str = "",
+):
     """The static config and the padded operands of one call (the tuning defaults live here:
     the fastest on an H200 at D = 128, docs/benchmarks.md)."""
     if plgpu is None:
@@ -614,26 +787,35 @@ def _prepare(q, k, v, windows, sinks, q_offset=0, kv_lengths=None, scale=None, *
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     if not supported(q.dtype, D):
-        raise ValueError(f"the Mosaic GPU kernel takes bf16/f16 with head_dim <= 128, got "
-                         f"{q.dtype} and {D}")
+        raise ValueError(
+            f"the Mosaic GPU kernel takes bf16/f16 with head_dim <= 128, got {q.dtype} and {D}"
+        )
     for name, x in (("block_k", block_k), ("block_k_dq", block_k_dq)):
         if x not in (64, 128):
             raise ValueError(f"{name} must be 64 or 128, got {x}")
-    scale = float(D ** -0.5 if scale is None else scale)
+    scale = float(D**-0.5 if scale is None else scale)
     Tp = masks.cdiv(T, _TILE) * _TILE
     Sp = masks.cdiv(S, _TILE) * _TILE
     Dp = _pad_dim(D)
     mk = lambda bq, bk: masks.MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
-    cfg = MgpuConfig(fwd=mk(2 * _WG_ROWS, block_k), dq=mk(2 * _WG_ROWS, block_k_dq),
-                     dkv=mk(_WG_ROWS, _TILE), num_kv_heads=Hkv, scale=scale,
-                     has_kv_lengths=kv_lengths is not None, num_stages=num_stages,
-                     num_stages_dq=num_stages_dq, num_stages_dkv=num_stages_dkv,
-                     profile_dir=profile_dir)
+    cfg = MgpuConfig(
+        fwd=mk(2 * _WG_ROWS, block_k),
+        dq=mk(2 * _WG_ROWS, block_k_dq),
+        dkv=mk(_WG_ROWS, _TILE),
+        num_kv_heads=Hkv,
+        scale=scale,
+        has_kv_lengths=kv_lengths is not None,
+        num_stages=num_stages,
+        num_stages_dq=num_stages_dq,
+        num_stages_dkv=num_stages_dkv,
+        profile_dir=profile_dir,
+    )
     return (cfg, *flash_vjp.pad_inputs(q, k, v, kv_lengths, Tp, Sp, Dp))
 
 
-def sparse_attention_mgpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None,
-                          **tuning):
+def sparse_attention_mgpu(
+    q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None, **tuning
+):
     """Mosaic GPU per-head window + sink attention. Returns (out [B,T,H,D], lse [B,H,T]).
 
     q [B, T, H, D] and k, v [B, S, Hkv, D] in bf16 or f16, D <= 128; see `sparse_attention`.
@@ -646,8 +828,7 @@ def sparse_attention_mgpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=Non
     fails to compile.
     """
     T, D = q.shape[1], q.shape[3]
-    cfg, qp, kp, vp, kvl = _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale,
-                                    **tuning)
+    cfg, qp, kp, vp, kvl = _prepare(q, k, v, windows, sinks, q_offset, kv_lengths, scale, **tuning)
     out, lse = _attention(qp, kp, vp, kvl, cfg)
     return out[:, :T, :, :D], lse[:, :, :T]
 
@@ -659,11 +840,14 @@ def kernel_stages(q, k, v, do, *, windows, sinks, **options) -> dict:
     dop = flash_vjp.pad_to(flash_vjp.pad_to(do, 1, qp.shape[1]), 3, qp.shape[3])
     fwd = jax.jit(functools.partial(_fwd_call, cfg))
     out, lse = jax.jit(functools.partial(_fwd_call, dataclasses.replace(cfg, profile_dir="")))(
-        qp, kp, vp, kvl)
+        qp, kp, vp, kvl
+    )
     delta = flash_vjp.backward_delta(out, dop, lse, None)
     lse2 = _lse2(lse)
     dq = jax.jit(functools.partial(_dq_call, cfg))
     dkv = jax.jit(functools.partial(_dkv_call, cfg))
-    return {"fwd": lambda: fwd(qp, kp, vp, kvl),
-            "dq": lambda: dq(qp, kp, vp, dop, lse2, delta, kvl),
-            "dkv": lambda: dkv(qp, kp, vp, dop, lse2, delta, kvl)}
+    return {
+        "fwd": lambda: fwd(qp, kp, vp, kvl),
+        "dq": lambda: dq(qp, kp, vp, dop, lse2, delta, kvl),
+        "dkv": lambda: dkv(qp, kp, vp, dop, lse2, delta, kvl),
+    }

@@ -33,6 +33,7 @@ from moa_jax.pallas_kernels import masks as masks_lib
 try:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as _sm
+
     _Computable = getattr(_sm, "_ComputableMask", None)
 except ImportError:  # pragma: no cover
     splash = None
@@ -46,25 +47,43 @@ def _window_sink_fn(q_ids, kv_ids, *, window, sink, q_offset, kv_len):
 
 
 if _Computable is not None:
-    class WindowSinkMask(_Computable):
-        """Causal sliding window of `window` tokens plus `sink` initial tokens, computed in-kernel."""
 
-        def __init__(self, shape, window: int, sink: int, q_offset: int = 0,
-                     kv_len: int | None = None, shard_count: int = 1):
+    class WindowSinkMask(_Computable):
+        """Causal sliding window of `window` tokens plus `sink` initial tokens, computed
+        in-kernel."""
+
+        def __init__(
+            self,
+            shape,
+            window: int,
+            sink: int,
+            q_offset: int = 0,
+            kv_len: int | None = None,
+            shard_count: int = 1,
+        ):
             self.window, self.sink, self.q_offset = int(window), int(sink), int(q_offset)
             self.kv_len = int(shape[1] if kv_len is None else kv_len)
-            fn = functools.partial(_window_sink_fn, window=self.window, sink=self.sink,
-                                   q_offset=self.q_offset, kv_len=self.kv_len)
+            fn = functools.partial(
+                _window_sink_fn,
+                window=self.window,
+                sink=self.sink,
+                q_offset=self.q_offset,
+                kv_len=self.kv_len,
+            )
             super().__init__(shape=shape, mask_function=fn, shard_count=shard_count)
 
         def __eq__(self, other):
-            return (type(self) is type(other) and self.shape == other.shape
-                    and (self.window, self.sink, self.q_offset, self.kv_len)
-                    == (other.window, other.sink, other.q_offset, other.kv_len))
+            return (
+                type(self) is type(other)
+                and self.shape == other.shape
+                and (self.window, self.sink, self.q_offset, self.kv_len)
+                == (other.window, other.sink, other.q_offset, other.kv_len)
+            )
 
         def __hash__(self):
-            return hash((type(self), self.shape, self.window, self.sink, self.q_offset,
-                         self.kv_len))
+            return hash(
+                (type(self), self.shape, self.window, self.sink, self.q_offset, self.kv_len)
+            )
 else:  # pragma: no cover
     WindowSinkMask = None
 
@@ -75,18 +94,27 @@ def _make_mask(shape, window, sink, q_offset, kv_len):
     # Fallback for splash versions without computable masks: a materialised numpy mask.
     rows = np.arange(shape[0])[:, None]
     cols = np.arange(shape[1])[None, :]
-    return splash.NumpyMask(_window_sink_fn(rows, cols, window=window, sink=sink,
-                                            q_offset=q_offset, kv_len=kv_len))
+    return splash.NumpyMask(
+        _window_sink_fn(rows, cols, window=window, sink=sink, q_offset=q_offset, kv_len=kv_len)
+    )
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(tp, sp, window, sink, q_offset, kv_len, nheads, mqa, block_q, block_k, save_res,
-            interpret):
+def _kernel(
+    tp, sp, window, sink, q_offset, kv_len, nheads, mqa, block_q, block_k, save_res, interpret
+):
     mask = _make_mask((tp, sp), window, sink, q_offset, kv_len)
     mh = splash.MultiHeadMask(tuple(mask for _ in range(nheads)))
-    bs = splash.BlockSizes(block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
-                           block_q_dkv=block_q, block_kv_dkv=block_k,
-                           block_kv_dkv_compute=block_k, block_q_dq=block_q, block_kv_dq=block_k)
+    bs = splash.BlockSizes(
+        block_q=block_q,
+        block_kv=block_k,
+        block_kv_compute=block_k,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_k,
+        block_kv_dkv_compute=block_k,
+        block_q_dq=block_q,
+        block_kv_dq=block_k,
+    )
     make = splash.make_splash_mqa_single_device if mqa else splash.make_splash_mha_single_device
     return make(mask=mh, block_sizes=bs, save_residuals=save_res, interpret=interpret)
 
@@ -106,15 +134,28 @@ def _prescale(q, k, scale: float, exact: bool):
     return jnp.concatenate([hi, lo], axis=-1), jnp.concatenate([k, k], axis=-1)
 
 
-def sparse_attention_tpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None, scale=None,
-                         block_q=128, block_k=128, interpret=False, return_lse=True):
+def sparse_attention_tpu(
+    q,
+    k,
+    v,
+    *,
+    windows,
+    sinks,
+    q_offset=0,
+    kv_lengths=None,
+    scale=None,
+    block_q=128,
+    block_k=128,
+    interpret=False,
+    return_lse=True,
+):
     """Splash-attention per-head windows + sinks. Returns (out [B,T,H,D], lse [B,H,T] or None)."""
     if splash is None:  # pragma: no cover
         raise RuntimeError("jax.experimental.pallas.ops.tpu.splash_attention is unavailable")
     B, T, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     g = H // Hkv
-    scale = float(D ** -0.5 if scale is None else scale)
+    scale = float(D**-0.5 if scale is None else scale)
     Tp = masks_lib.cdiv(T, block_q) * block_q
     Sp = masks_lib.cdiv(S, block_k) * block_k
     qs, k = _prescale(q, k, scale, exact=return_lse)
@@ -124,7 +165,7 @@ def sparse_attention_tpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None
     seg = None
     if kv_lengths is not None:
         kvl = jnp.asarray(kv_lengths, jnp.int32)
-        kv_seg = (jnp.arange(Sp)[None, :] >= kvl[:, None]).astype(jnp.int32)   # [B, Sp]
+        kv_seg = (jnp.arange(Sp)[None, :] >= kvl[:, None]).astype(jnp.int32)  # [B, Sp]
         q_seg = jnp.zeros((B, Tp), jnp.int32)
     out = jnp.zeros((B, Tp, H, D), q.dtype)
     lse = jnp.full((B, H, Tp), -jnp.inf, jnp.float32)
@@ -132,13 +173,25 @@ def sparse_attention_tpu(q, k, v, *, windows, sinks, q_offset=0, kv_lengths=None
         heads = np.asarray(heads)
         kv_heads = np.unique(heads // g)
         mqa = len(kv_heads) == 1
-        kern = _kernel(Tp, Sp, min(int(w), Sp + Tp + q_offset), int(s), int(q_offset), S,
-                       len(heads), mqa, block_q, block_k, bool(return_lse), bool(interpret))
-        qh = jnp.moveaxis(qs[:, :, heads], 2, 1)                          # [B, Hg, Tp, D]
+        kern = _kernel(
+            Tp,
+            Sp,
+            min(int(w), Sp + Tp + q_offset),
+            int(s),
+            int(q_offset),
+            S,
+            len(heads),
+            mqa,
+            block_q,
+            block_k,
+            bool(return_lse),
+            bool(interpret),
+        )
+        qh = jnp.moveaxis(qs[:, :, heads], 2, 1)  # [B, Hg, Tp, D]
         if mqa:
-            kh, vh = kp[:, :, kv_heads[0]], vp[:, :, kv_heads[0]]          # [B, Sp, D]
+            kh, vh = kp[:, :, kv_heads[0]], vp[:, :, kv_heads[0]]  # [B, Sp, D]
         else:
-            kh = jnp.moveaxis(kp[:, :, heads // g], 2, 1)                  # [B, Hg, Sp, D]
+            kh = jnp.moveaxis(kp[:, :, heads // g], 2, 1)  # [B, Hg, Sp, D]
             vh = jnp.moveaxis(vp[:, :, heads // g], 2, 1)
         if kv_lengths is None:
             res = jax.vmap(kern)(qh, kh, vh)

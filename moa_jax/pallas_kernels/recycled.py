@@ -45,8 +45,9 @@ _SCORE_MODES = (None, "max", "sum")
 
 
 # ------------------------------------------------------------------------------ oracle
-def decode_reference(q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, scores=None,
-                     scale=None):
+def decode_reference(
+    q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, scores=None, scale=None
+):
     """The jnp oracle (float32). See `full_step_decode` / `recycled_decode` for the arguments.
 
     Returns out [B, H, D] (q's dtype), or with `scores`: (out, scores [B, Hkv, N],
@@ -55,19 +56,25 @@ def decode_reference(q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, 
     b, h, d = q.shape
     _, hkv, n, _ = k.shape
     group = h // hkv
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     if pos is None:
         pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, hkv, n))
     qp = q_positions.astype(jnp.int32)[:, None, None]
-    vis = (pos >= 0) & (pos <= qp)                                     # [B, Hkv, N]
+    vis = (pos >= 0) & (pos <= qp)  # [B, Hkv, N]
     qg = q.reshape(b, hkv, group, d).astype(jnp.float32)
-    logits = jnp.einsum("bkgd,bknd->bkgn", qg, k.astype(jnp.float32),
-                        precision=lax.Precision.HIGHEST) * scale
+    logits = (
+        jnp.einsum("bkgd,bknd->bkgn", qg, k.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        * scale
+    )
     logits = jnp.where(vis[:, :, None], logits, -jnp.inf)
     vals = v.astype(jnp.float32)
     if k_new is not None:
-        ln = jnp.einsum("bkgd,bkd->bkg", qg, k_new.astype(jnp.float32),
-                        precision=lax.Precision.HIGHEST) * scale
+        ln = (
+            jnp.einsum(
+                "bkgd,bkd->bkg", qg, k_new.astype(jnp.float32), precision=lax.Precision.HIGHEST
+            )
+            * scale
+        )
         logits = jnp.concatenate([logits, ln[..., None]], axis=-1)
         vals = jnp.concatenate([vals, v_new.astype(jnp.float32)[:, :, None]], axis=2)
     m = jnp.max(logits, axis=-1, keepdims=True)
@@ -86,8 +93,9 @@ def decode_reference(q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, 
 
 
 # ------------------------------------------------------------------------------ GPU kernel
-def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, per_split, nblocks, scale, has_pos,
-            write_logits):
+def _kernel(
+    qpos_ref, q_ref, k_ref, v_ref, *refs, bk, per_split, nblocks, scale, has_pos, write_logits
+):
     if has_pos:
         pos_ref, refs = refs[0], refs[1:]
     o_ref, m_ref, l_ref = refs[:3]
@@ -96,9 +104,9 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, per_split, nblocks, scale,
     qp = qpos_ref[b]
     lo = s * per_split
     hi = jnp.minimum(lo + per_split, nblocks)
-    if not has_pos:          # slot = position: blocks past the query hold nothing visible
+    if not has_pos:  # slot = position: blocks past the query hold nothing visible
         hi = jnp.minimum(hi, qp // bk + 1)
-    q = q_ref[b, g, :, :]                                             # [Gp, D]
+    q = q_ref[b, g, :, :]  # [Gp, D]
 
     def load(i):
         sl = pl.ds(i * bk, bk)
@@ -117,10 +125,12 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, per_split, nblocks, scale,
     l_ref[b, g, s, :] = l_i
 
 
-@functools.partial(jax.jit, static_argnames=("bk", "num_splits", "scale", "write_logits",
-                                             "interpret", "num_warps"))
-def _gpu_partials(q, k, v, q_positions, pos, *, bk, num_splits, scale, write_logits, interpret,
-                  num_warps):
+@functools.partial(
+    jax.jit, static_argnames=("bk", "num_splits", "scale", "write_logits", "interpret", "num_warps")
+)
+def _gpu_partials(
+    q, k, v, q_positions, pos, *, bk, num_splits, scale, write_logits, interpret, num_warps
+):
     b, h, d = q.shape
     _, hkv, n, _ = k.shape
     group = h // hkv
@@ -128,21 +138,36 @@ def _gpu_partials(q, k, v, q_positions, pos, *, bk, num_splits, scale, write_log
     nblocks = n // bk
     per_split = -(-nblocks // num_splits)
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
-    kernel = functools.partial(_kernel, bk=bk, per_split=per_split, nblocks=nblocks,
-                               scale=scale, has_pos=pos is not None, write_logits=write_logits)
-    out_shape = [jax.ShapeDtypeStruct((b, hkv, num_splits, gp, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32)]
+    kernel = functools.partial(
+        _kernel,
+        bk=bk,
+        per_split=per_split,
+        nblocks=nblocks,
+        scale=scale,
+        has_pos=pos is not None,
+        write_logits=write_logits,
+    )
+    out_shape = [
+        jax.ShapeDtypeStruct((b, hkv, num_splits, gp, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32),
+    ]
     if write_logits:
         out_shape.append(jax.ShapeDtypeStruct((b, hkv, gp, n), jnp.float32))
     params = None
     if not interpret:
         from moa_jax.pallas_kernels.prefill_gpu import _compiler_params
+
         params = _compiler_params(num_warps, 2)
     args = [q_positions.astype(jnp.int32), qg, k, v] + ([] if pos is None else [pos])
-    res = pl.pallas_call(kernel, grid=(b, hkv, num_splits), out_shape=out_shape,
-                         compiler_params=params, interpret=interpret,
-                         name="recycled_decode")(*args)
+    res = pl.pallas_call(
+        kernel,
+        grid=(b, hkv, num_splits),
+        out_shape=out_shape,
+        compiler_params=params,
+        interpret=interpret,
+        name="recycled_decode",
+    )(*args)
     o, m, l = res[:3]
     return o, m, l, (res[3][:, :, :group] if write_logits else None)
 
@@ -153,16 +178,17 @@ def _merge(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores):
     b, h, d = q.shape
     hkv = o.shape[1]
     group = h // hkv
-    o, m, l = o[..., :group, :], m[..., :group], l[..., :group]       # [B, Hkv, S, G(, D)]
-    m_all = jnp.max(m, axis=2)                                          # [B, Hkv, G]
+    o, m, l = o[..., :group, :], m[..., :group], l[..., :group]  # [B, Hkv, S, G(, D)]
+    m_all = jnp.max(m, axis=2)  # [B, Hkv, G]
     if k_new is not None:
         qg = q.reshape(b, hkv, group, d).astype(jnp.float32)
-        s_new = jnp.einsum("bkgd,bkd->bkg", qg, k_new.astype(jnp.float32),
-                           precision=lax.Precision.HIGHEST) * (scale * LOG2E)
+        s_new = jnp.einsum(
+            "bkgd,bkd->bkg", qg, k_new.astype(jnp.float32), precision=lax.Precision.HIGHEST
+        ) * (scale * LOG2E)
         m_all = jnp.maximum(m_all, s_new)
     m_use = jnp.where(m_all == -jnp.inf, 0.0, m_all)
-    wgt = jnp.exp2(m - m_use[:, :, None])                               # [B, Hkv, S, G]
-    num = jnp.sum(o * wgt[..., None], axis=2)                           # [B, Hkv, G, D]
+    wgt = jnp.exp2(m - m_use[:, :, None])  # [B, Hkv, S, G]
+    num = jnp.sum(o * wgt[..., None], axis=2)  # [B, Hkv, G, D]
     den = jnp.sum(l * wgt, axis=2)
     if k_new is not None:
         w_new = jnp.exp2(s_new - m_use)
@@ -174,11 +200,12 @@ def _merge(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores):
         return out
     n = logits.shape[-1]
     if pos is None:
-        vis = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, None]
-                               <= q_positions[:, None, None], (b, hkv, n))
+        vis = jnp.broadcast_to(
+            jnp.arange(n, dtype=jnp.int32)[None, None] <= q_positions[:, None, None], (b, hkv, n)
+        )
     else:
         vis = (pos >= 0) & (pos <= q_positions[:, None, None])
-    lse2 = m_use + jnp.log2(safe)                                       # [B, Hkv, G]
+    lse2 = m_use + jnp.log2(safe)  # [B, Hkv, G]
     p = jnp.where(vis[:, :, None], jnp.exp2(logits - lse2[..., None]), 0.0)
     red = jnp.max if scores == "max" else jnp.sum
     new_sc = None
@@ -202,8 +229,9 @@ def _check(q, k, v, q_positions, pos, k_new, v_new, scores):
     if (k_new is None) != (v_new is None):
         raise ValueError("k_new and v_new go together")
     if k_new is not None and (k_new.shape != (b, hkv, d) or v_new.shape != (b, hkv, d)):
-        raise ValueError(f"k_new, v_new must be [B, Hkv, D]={(b, hkv, d)}, got "
-                         f"{k_new.shape}, {v_new.shape}")
+        raise ValueError(
+            f"k_new, v_new must be [B, Hkv, D]={(b, hkv, d)}, got {k_new.shape}, {v_new.shape}"
+        )
     if scores not in _SCORE_MODES:
         raise ValueError(f"scores must be one of {_SCORE_MODES}, got {scores!r}")
 
@@ -219,14 +247,30 @@ def _pick_block(n: int, requested: int | None, cap: int) -> int:
     return bk
 
 
-def _decode(q, k, v, q_positions, *, pos, k_new, v_new, scores, backend, interpret, num_splits,
-            block_k, scale, num_warps):
+def _decode(
+    q,
+    k,
+    v,
+    q_positions,
+    *,
+    pos,
+    k_new,
+    v_new,
+    scores,
+    backend,
+    interpret,
+    num_splits,
+    block_k,
+    scale,
+    num_warps,
+):
     _check(q, k, v, q_positions, pos, k_new, v_new, scores)
     q_positions = q_positions.astype(jnp.int32)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if backend == "reference":
-        return decode_reference(q, k, v, q_positions, pos=pos, k_new=k_new, v_new=v_new,
-                                scores=scores, scale=scale)
+        return decode_reference(
+            q, k, v, q_positions, pos=pos, k_new=k_new, v_new=v_new, scores=scores, scale=scale
+        )
     if backend not in ("auto", "gpu", "tpu"):
         raise ValueError(f"backend must be 'auto', 'gpu', 'tpu' or 'reference', got {backend!r}")
     platform = jax.default_backend()
@@ -237,25 +281,53 @@ def _decode(q, k, v, q_positions, *, pos, k_new, v_new, scores, backend, interpr
     n = k.shape[2]
     if backend == "tpu":
         from moa_jax.pallas_kernels.recycled_tpu import tpu_partials
+
         bk = _pick_block(n, block_k, 512)
-        o, m, l, logits = tpu_partials(q, k, v, q_positions, pos, bk=bk, scale=scale,
-                                       write_logits=scores is not None, interpret=interpret)
+        o, m, l, logits = tpu_partials(
+            q,
+            k,
+            v,
+            q_positions,
+            pos,
+            bk=bk,
+            scale=scale,
+            write_logits=scores is not None,
+            interpret=interpret,
+        )
     else:
         bk = _pick_block(n, block_k, 64)
         nblocks = n // bk
         splits = num_splits or default_splits(q.shape[0], k.shape[1], nblocks)
         o, m, l, logits = _gpu_partials(
-            q, k, v, q_positions, pos, bk=bk, num_splits=int(max(1, min(splits, nblocks))),
-            scale=scale, write_logits=scores is not None, interpret=bool(interpret),
-            num_warps=num_warps)
+            q,
+            k,
+            v,
+            q_positions,
+            pos,
+            bk=bk,
+            num_splits=int(max(1, min(splits, nblocks))),
+            scale=scale,
+            write_logits=scores is not None,
+            interpret=bool(interpret),
+            num_warps=num_warps,
+        )
     return _merge(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores)
 
 
-def full_step_decode(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *,
-                     scores: str | None = "max", backend: str = "auto",
-                     interpret: bool | None = None, num_splits: int | None = None,
-                     block_k: int | None = None, scale: float | None = None,
-                     num_warps: int = 4):
+def full_step_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    *,
+    scores: str | None = "max",
+    backend: str = "auto",
+    interpret: bool | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    scale: float | None = None,
+    num_warps: int = 4,
+):
     """A full decode step over the full cache, with the selection scores from the same pass.
 
     Args:
@@ -270,18 +342,42 @@ def full_step_decode(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     Returns:
       out [B, H, D] in q's dtype, or (out, scores float32 [B, Hkv, N]); invisible slots score 0.
     """
-    res = _decode(q, k, v, q_positions, pos=None, k_new=None, v_new=None, scores=scores,
-                  backend=backend, interpret=interpret, num_splits=num_splits, block_k=block_k,
-                  scale=scale, num_warps=num_warps)
+    res = _decode(
+        q,
+        k,
+        v,
+        q_positions,
+        pos=None,
+        k_new=None,
+        v_new=None,
+        scores=scores,
+        backend=backend,
+        interpret=interpret,
+        num_splits=num_splits,
+        block_k=block_k,
+        scale=scale,
+        num_warps=num_warps,
+    )
     return res if scores is None else res[:2]
 
 
-def recycled_decode(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
-                    q_positions: jax.Array, k_new: jax.Array | None = None,
-                    v_new: jax.Array | None = None, *, scores: str | None = None,
-                    backend: str = "auto", interpret: bool | None = None,
-                    num_splits: int | None = None, block_k: int | None = None,
-                    scale: float | None = None, num_warps: int = 4):
+def recycled_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pos: jax.Array,
+    q_positions: jax.Array,
+    k_new: jax.Array | None = None,
+    v_new: jax.Array | None = None,
+    *,
+    scores: str | None = None,
+    backend: str = "auto",
+    interpret: bool | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    scale: float | None = None,
+    num_warps: int = 4,
+):
     """Decode attention over a gathered K-slot buffer plus the current token.
 
     Args:
@@ -294,9 +390,22 @@ def recycled_decode(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array,
     Returns:
       out [B, H, D], or (out, slot scores [B, Hkv, N], new-token score [B, Hkv] or None).
     """
-    return _decode(q, k, v, q_positions, pos=pos.astype(jnp.int32), k_new=k_new, v_new=v_new,
-                   scores=scores, backend=backend, interpret=interpret, num_splits=num_splits,
-                   block_k=block_k, scale=scale, num_warps=num_warps)
+    return _decode(
+        q,
+        k,
+        v,
+        q_positions,
+        pos=pos.astype(jnp.int32),
+        k_new=k_new,
+        v_new=v_new,
+        scores=scores,
+        backend=backend,
+        interpret=interpret,
+        num_splits=num_splits,
+        block_k=block_k,
+        scale=scale,
+        num_warps=num_warps,
+    )
 
 
 __all__ = ["decode_reference", "full_step_decode", "recycled_decode"]

@@ -44,32 +44,36 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logi
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
     def _step():
-        q = q_ref[...]                                   # [Gp, D]
-        k = k_ref[...]                                   # [bk, D]
+        q = q_ref[...]  # [Gp, D]
+        k = k_ref[...]  # [bk, D]
         if has_pos:
-            p = pos_ref[...]                             # [1, bk]
+            p = pos_ref[...]  # [1, bk]
         else:
             p = i * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                             preferred_element_type=jnp.float32) * (scale * _LOG2E)
+        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (
+            scale * _LOG2E
+        )
         sc = jnp.where((p >= 0) & (p <= qp), sc, -jnp.inf)
         if write_logits:
             lg_ref[...] = sc
-        m_prev = m_scr[...]                              # [Gp, 1]
+        m_prev = m_scr[...]  # [Gp, 1]
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m_prev - m_use)
         pr = jnp.exp2(sc - m_use)
         l_scr[...] = alpha * l_scr[...] + jnp.sum(pr, axis=1, keepdims=True)
         acc_scr[...] = alpha * acc_scr[...] + lax.dot_general(
-            pr.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32)
+            pr.astype(v_ref.dtype),
+            v_ref[...],
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
         m_scr[...] = m_new
 
     if has_pos:
         _step()
     else:
-        pl.when(i <= lax.div(qp, bk))(_step)        # positions are >= 0: truncation
+        pl.when(i <= lax.div(qp, bk))(_step)  # positions are >= 0: truncation
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _finish():
@@ -90,39 +94,56 @@ def tpu_partials(q, k, v, q_positions, pos, *, bk, scale, write_logits, interpre
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
 
     if has_pos:
+
         def kv_map(bi, g, i, qpos_ref):
             return bi, g, i, 0
     else:
+
         def kv_map(bi, g, i, qpos_ref):
             return bi, g, jnp.minimum(i, lax.div(qpos_ref[bi], bk)), 0
 
-    in_specs = [pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
-                pl.BlockSpec((None, None, bk, d), kv_map),
-                pl.BlockSpec((None, None, bk, d), kv_map)]
+    in_specs = [
+        pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+    ]
     args = [q_positions.astype(jnp.int32), qg, k, v]
     if has_pos:
         in_specs.append(pl.BlockSpec((None, None, 1, bk), lambda bi, g, i, *_: (bi, g, 0, i)))
         args.append(pos[:, :, None, :])
-    out_specs = [pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
-                 pl.BlockSpec((None, None, gp, 1), lambda bi, g, i, *_: (bi, g, 0, 0)),
-                 pl.BlockSpec((None, None, gp, 1), lambda bi, g, i, *_: (bi, g, 0, 0))]
-    out_shape = [jax.ShapeDtypeStruct((b, hkv, gp, d), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, gp, 1), jnp.float32),
-                 jax.ShapeDtypeStruct((b, hkv, gp, 1), jnp.float32)]
+    out_specs = [
+        pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
+        pl.BlockSpec((None, None, gp, 1), lambda bi, g, i, *_: (bi, g, 0, 0)),
+        pl.BlockSpec((None, None, gp, 1), lambda bi, g, i, *_: (bi, g, 0, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, hkv, gp, d), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, gp, 1), jnp.float32),
+        jax.ShapeDtypeStruct((b, hkv, gp, 1), jnp.float32),
+    ]
     if write_logits:
         out_specs.append(pl.BlockSpec((None, None, gp, bk), lambda bi, g, i, *_: (bi, g, 0, i)))
         out_shape.append(jax.ShapeDtypeStruct((b, hkv, gp, n), jnp.float32))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1, grid=(b, hkv, steps), in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((gp, 1), jnp.float32), pltpu.VMEM((gp, 1), jnp.float32),
-                        pltpu.VMEM((gp, d), jnp.float32)])
+        num_scalar_prefetch=1,
+        grid=(b, hkv, steps),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        scratch_shapes=[
+            pltpu.VMEM((gp, 1), jnp.float32),
+            pltpu.VMEM((gp, 1), jnp.float32),
+            pltpu.VMEM((gp, d), jnp.float32),
+        ],
+    )
     res = pl.pallas_call(
-        functools.partial(_kernel, bk=bk, scale=scale, has_pos=has_pos,
-                          write_logits=write_logits),
-        grid_spec=grid_spec, out_shape=out_shape,
+        functools.partial(_kernel, bk=bk, scale=scale, has_pos=has_pos, write_logits=write_logits),
+        grid_spec=grid_spec,
+        out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=interpret, name="recycled_decode_tpu",
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name="recycled_decode_tpu",
     )(*args)
     o, m, l = res[:3]
     logits = res[3][:, :, :group] if write_logits else None

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 
 _NEG_INF = -1e30
-_EXACT = jax.lax.Precision.HIGHEST   # true f32 products (GPUs default to TF32)
+_EXACT = jax.lax.Precision.HIGHEST  # true f32 products (GPUs default to TF32)
 
 
-def causal_mask(q_positions: jax.Array, k_positions: jax.Array,
-                k_valid: jax.Array | None = None) -> jax.Array:
+def causal_mask(
+    q_positions: jax.Array, k_positions: jax.Array, k_valid: jax.Array | None = None
+) -> jax.Array:
     """Boolean mask [B, 1, T, S]: key j visible to query i iff k_pos[j] <= q_pos[i] (and k_valid).
 
     Args:
@@ -37,8 +38,13 @@ def visible(q_pos, k_pos, window, sink):
     return (k_pos <= q_pos) & ((q_pos - k_pos < window) | (k_pos < sink))
 
 
-def window_sink_mask(q_positions: jax.Array, k_positions: jax.Array, windows: jax.Array,
-                     sink: int | jax.Array = 0, k_valid: jax.Array | None = None) -> jax.Array:
+def window_sink_mask(
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    windows: jax.Array,
+    sink: int | jax.Array = 0,
+    k_valid: jax.Array | None = None,
+) -> jax.Array:
     """Per-head causal sliding window plus sinks, [B, H, T, S].
 
     Query head h at position i sees key position j iff j <= i and (i - j < windows[h] or j < sink).
@@ -59,8 +65,15 @@ def window_sink_mask(q_positions: jax.Array, k_positions: jax.Array, windows: ja
     return mask
 
 
-def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
-                  scale: float | None = None, return_lse: bool = False):
+def mha_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
     """Masked softmax attention computed in float32.
 
     Args:
@@ -79,7 +92,7 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     if k.shape != v.shape[:3] + (k.shape[3],) or v.shape[:3] != (b, s, hkv):
         raise ValueError(f"k {k.shape} and v {v.shape} do not match")
     g = h // hkv
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, t, hkv, g, d).astype(jnp.float32)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32), precision=_EXACT) * scale
     mask = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, hkv, g, t, s)
@@ -96,9 +109,18 @@ def mha_reference(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     return out, lse.reshape(b, h, t)
 
 
-def window_sink_attention(q: jax.Array, k: jax.Array, v: jax.Array, windows, sinks, *,
-                          q_offset: int = 0, kv_lengths: jax.Array | None = None,
-                          scale: float | None = None, return_lse: bool = False):
+def window_sink_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    windows,
+    sinks,
+    *,
+    q_offset: int = 0,
+    kv_lengths: jax.Array | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+):
     """The oracle of `sparse_attention`: `mha_reference` under `window_sink_mask`.
 
     q [B, T, H, D] at positions [q_offset, q_offset + T); k, v [B, S, Hkv, D] at [0, S);

@@ -45,9 +45,14 @@ class SegmentSplits:
         return len(self.segment)
 
 
-def split_segments(blocks: Sequence[int], batch: int, per_split: int | None = None,
-                   offsets: Sequence[int] | None = None, programs: int = 264,
-                   min_blocks: int = 4) -> SegmentSplits:
+def split_segments(
+    blocks: Sequence[int],
+    batch: int,
+    per_split: int | None = None,
+    offsets: Sequence[int] | None = None,
+    programs: int = 264,
+    min_blocks: int = 4,
+) -> SegmentSplits:
     """Cuts segments of `blocks[s]` blocks, segment s starting at block `offsets[s]` (default:
     laid out one after another), into work items of about `per_split` blocks, so every program
     of a launch does about the same work however uneven the segments are (a MoA span cache:
@@ -82,14 +87,19 @@ def split_segments(blocks: Sequence[int], batch: int, per_split: int | None = No
     width = max(len(r) for r in rows)
     table = np.full((len(blocks), width), len(segment), np.int32)
     for s, r in enumerate(rows):
-        table[s, :len(r)] = r
+        table[s, : len(r)] = r
     as32 = functools.partial(np.asarray, dtype=np.int32)
     return SegmentSplits(as32(segment), as32(start), as32(count), table)
 
 
-def flash_blocks(q: jax.Array, lo: jax.Array, hi: jax.Array, scale: float,
-                 load: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
-                 on_scores: Callable[[jax.Array, jax.Array], None] | None = None):
+def flash_blocks(
+    q: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    scale: float,
+    load: Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]],
+    on_scores: Callable[[jax.Array, jax.Array], None] | None = None,
+):
     """Online softmax of q [Gp, D] over key blocks lo..hi-1.
 
     load(i) -> (k [bk, D], v [bk, D], visible bool [Gp or 1, bk]) for block i; on_scores(i,
@@ -102,8 +112,12 @@ def flash_blocks(q: jax.Array, lo: jax.Array, hi: jax.Array, scale: float,
     def body(i, carry):
         acc, m_prev, l_prev = carry
         k, v, visible = load(i)
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
-                             preferred_element_type=jnp.float32) * c
+        sc = (
+            lax.dot_general(
+                q, k, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=jnp.float32
+            )
+            * c
+        )
         sc = jnp.where(visible, sc, -jnp.inf)
         if on_scores is not None:
             on_scores(i, sc)
@@ -112,11 +126,22 @@ def flash_blocks(q: jax.Array, lo: jax.Array, hi: jax.Array, scale: float,
         alpha = jnp.exp2(m_prev - m_use)
         pr = jnp.exp2(sc - m_use[:, None])
         acc = acc * alpha[:, None] + lax.dot_general(
-            pr.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
-            preferred_element_type=jnp.float32)
+            pr.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=prec,
+            preferred_element_type=jnp.float32,
+        )
         return acc, m_new, alpha * l_prev + jnp.sum(pr, axis=1)
 
     gp, d = q.shape
-    return lax.fori_loop(lo, hi, body, (jnp.zeros((gp, d), jnp.float32),
-                                        jnp.full((gp,), -jnp.inf, jnp.float32),
-                                        jnp.zeros((gp,), jnp.float32)))
+    return lax.fori_loop(
+        lo,
+        hi,
+        body,
+        (
+            jnp.zeros((gp, d), jnp.float32),
+            jnp.full((gp,), -jnp.inf, jnp.float32),
+            jnp.zeros((gp,), jnp.float32),
+        ),
+    )

@@ -67,15 +67,60 @@ DOC_MARKER = "\x00DOC\x00"
 # differ from the evaluation's tasks (numeric passkeys, LongEval lines), so a plan searched with
 # them is still scored on unseen formats.
 RECALL_TASK = "recall"
-RECALL_HOLDERS = ("red", "blue", "green", "golden", "silver", "wooden", "iron", "glass", "paper",
-                  "velvet", "copper", "marble", "striped", "painted", "oak", "leather")
-RECALL_CONTAINERS = ("box", "jar", "chest", "drawer", "bag", "basket", "envelope", "cabinet",
-                     "trunk", "tin", "case", "cupboard")
-RECALL_OBJECTS = ("a brass key", "an old map", "a silk glove", "a pocket watch", "a pearl ring",
-                  "a sealed letter", "a toy soldier", "a silver spoon", "a blue feather",
-                  "a wax candle", "a tin whistle", "a glass marble", "a lace handkerchief",
-                  "a copper coin", "a small compass", "a dried rose", "a chess knight",
-                  "an ivory comb", "a wooden flute", "a lump of amber")
+RECALL_HOLDERS = (
+    "red",
+    "blue",
+    "green",
+    "golden",
+    "silver",
+    "wooden",
+    "iron",
+    "glass",
+    "paper",
+    "velvet",
+    "copper",
+    "marble",
+    "striped",
+    "painted",
+    "oak",
+    "leather",
+)
+RECALL_CONTAINERS = (
+    "box",
+    "jar",
+    "chest",
+    "drawer",
+    "bag",
+    "basket",
+    "envelope",
+    "cabinet",
+    "trunk",
+    "tin",
+    "case",
+    "cupboard",
+)
+RECALL_OBJECTS = (
+    "a brass key",
+    "an old map",
+    "a silk glove",
+    "a pocket watch",
+    "a pearl ring",
+    "a sealed letter",
+    "a toy soldier",
+    "a silver spoon",
+    "a blue feather",
+    "a wax candle",
+    "a tin whistle",
+    "a glass marble",
+    "a lace handkerchief",
+    "a copper coin",
+    "a small compass",
+    "a dried rose",
+    "a chess knight",
+    "an ivory comb",
+    "a wooden flute",
+    "a lump of amber",
+)
 RECALL_FACTS = 4
 RECALL_ANSWER_TOKENS = 24
 
@@ -92,16 +137,26 @@ class CalibrationItem:
 
     @property
     def answer(self) -> tuple[int, ...]:
-        return self.tokens[self.answer_start:]
+        return self.tokens[self.answer_start :]
 
     def to_json(self) -> dict[str, Any]:
-        return {"tokens": list(self.tokens), "answer_start": self.answer_start,
-                "length": self.length, "source": self.source, "task": self.task}
+        return {
+            "tokens": list(self.tokens),
+            "answer_start": self.answer_start,
+            "length": self.length,
+            "source": self.source,
+            "task": self.task,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "CalibrationItem":
-        return cls(tuple(int(t) for t in d["tokens"]), int(d["answer_start"]), int(d["length"]),
-                   str(d.get("source", "")), str(d.get("task", "")))
+        return cls(
+            tuple(int(t) for t in d["tokens"]),
+            int(d["answer_start"]),
+            int(d["length"]),
+            str(d.get("source", "")),
+            str(d.get("task", "")),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +185,9 @@ def corpus_fingerprint(docs: Sequence[Any]) -> str:
     return h.hexdigest()[:16]
 
 
-def split_documents(docs: Sequence[Any], n_holdout: int, seed: int = 0,
-                    min_chars: int = 0) -> tuple[list[Any], list[Any]]:
+def split_documents(
+    docs: Sequence[Any], n_holdout: int, seed: int = 0, min_chars: int = 0
+) -> tuple[list[Any], list[Any]]:
     """Shuffles documents (seeded) and sets `n_holdout` of the longest-enough ones aside.
 
     Held-out documents are taken from the end of the shuffled order among those with at least
@@ -147,13 +203,19 @@ def split_documents(docs: Sequence[Any], n_holdout: int, seed: int = 0,
     if len(long_enough) < n_holdout:
         long_enough = sorted(range(len(order)), key=lambda i: len(order[i].text))  # longest last
     held = set(long_enough[-n_holdout:])
-    return ([d for i, d in enumerate(order) if i not in held],
-            [d for i, d in enumerate(order) if i in held])
+    return (
+        [d for i, d in enumerate(order) if i not in held],
+        [d for i, d in enumerate(order) if i in held],
+    )
 
 
-def plan_items(doc_lengths: Sequence[int], counts: Mapping[int, int], budgets: Mapping[int, int],
-               tasks: Sequence[str] = DEFAULT_TASKS,
-               recall_fraction: float = 0.0) -> list[ItemSpec]:
+def plan_items(
+    doc_lengths: Sequence[int],
+    counts: Mapping[int, int],
+    budgets: Mapping[int, int],
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    recall_fraction: float = 0.0,
+) -> list[ItemSpec]:
     """Assigns documents and tasks to items (see module docstring).
 
     Args:
@@ -173,8 +235,7 @@ def plan_items(doc_lengths: Sequence[int], counts: Mapping[int, int], budgets: M
         for index in range(int(counts[length])):
             need = budgets[length]
             # least used first, then long enough, then original (shuffled) order
-            doc = min(range(len(doc_lengths)),
-                      key=lambda i: (used[i], doc_lengths[i] < need, i))
+            doc = min(range(len(doc_lengths)), key=lambda i: (used[i], doc_lengths[i] < need, i))
             used[doc] += 1
             recall = int((index + 1) * recall_fraction) > int(index * recall_fraction)
             if recall:
@@ -189,7 +250,7 @@ def _encode_long(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a whole document (no special tokens, no too-long-for-the-model warning)."""
     try:
         return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
-    except TypeError:           # tokenizers without the `verbose` keyword
+    except TypeError:  # tokenizers without the `verbose` keyword
         return list(tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -201,7 +262,7 @@ def excerpt(ids: Sequence[int], budget: int, part: int = 0) -> list[int]:
     if part == 0 or len(ids) <= budget:
         return trim_middle(ids, budget)
     start = (part * budget) % (len(ids) - budget)
-    return ids[start:start + budget]
+    return ids[start : start + budget]
 
 
 def trim_middle(ids: Sequence[int], budget: int) -> list[int]:
@@ -210,11 +271,12 @@ def trim_middle(ids: Sequence[int], budget: int) -> list[int]:
     if len(ids) <= budget:
         return ids
     head = budget // 2
-    return ids[:head] + ids[len(ids) - (budget - head):]
+    return ids[:head] + ids[len(ids) - (budget - head) :]
 
 
-def recall_item(doc_ids: Sequence[int], encode, budget: int, rng: random.Random,
-                facts: int = RECALL_FACTS) -> tuple[list[int], str]:
+def recall_item(
+    doc_ids: Sequence[int], encode, budget: int, rng: random.Random, facts: int = RECALL_FACTS
+) -> tuple[list[int], str]:
     """A synthetic recall item: `facts` sentences "The <holder> <container> holds <object>."
     inserted at random token positions (after a sentence end where one is near) of the trimmed
     document, and the question about one of them. Returns (document ids, instruction)."""
@@ -228,11 +290,13 @@ def recall_item(doc_ids: Sequence[int], encode, budget: int, rng: random.Random,
     period = set(encode("."))
     stops = {i + 1 for i, t in enumerate(ids) if t in period}
     spots = sorted(rng.randrange(len(ids) + 1) for _ in range(facts))
-    spots = [min(stops, key=lambda s: abs(s - p)) if stops and
-             min(abs(s - p) for s in stops) < 64 else p for p in spots]
+    spots = [
+        min(stops, key=lambda s: abs(s - p)) if stops and min(abs(s - p) for s in stops) < 64 else p
+        for p in spots
+    ]
     order = sorted(range(facts), key=lambda i: spots[i], reverse=True)
-    for i in order:                        # from the back so earlier spots stay valid
-        ids[spots[i]:spots[i]] = sentences[i]
+    for i in order:  # from the back so earlier spots stay valid
+        ids[spots[i] : spots[i]] = sentences[i]
     h, c = pairs[rng.randrange(facts)]
     return ids, f"What does the {h} {c} hold? Answer in a few words."
 
@@ -254,8 +318,10 @@ class PromptBuilder:
             content = DOC_MARKER + "\n\n" + task
             if self.chat:
                 text = self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": content}], add_generation_prompt=True,
-                    tokenize=False)
+                    [{"role": "user", "content": content}],
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
             else:
                 text = content + "\n\nAnswer:"
             pre, post = text.split(DOC_MARKER, 1)
@@ -269,22 +335,33 @@ class PromptBuilder:
         pre, post = self.parts(task)
         return pre + excerpt(doc_ids, budget, part) + post
 
-    def build_recall(self, doc_ids: Sequence[int], budget: int, rng: random.Random,
-                     part: int = 0) -> tuple[list[int], str]:
+    def build_recall(
+        self, doc_ids: Sequence[int], budget: int, rng: random.Random, part: int = 0
+    ) -> tuple[list[int], str]:
         """A recall prompt (see `recall_item`) that fits `budget` document tokens, and its
         instruction."""
-        ids, question = recall_item(excerpt(doc_ids, 4 * budget, part), self._encode, budget,
-                                    rng)
+        ids, question = recall_item(excerpt(doc_ids, 4 * budget, part), self._encode, budget, rng)
         pre, post = self.parts(question)
         return pre + ids + post, question
 
 
-def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping[int, int], *,
-                answer_tokens: int = 128, tasks: Sequence[str] = DEFAULT_TASKS,
-                recall_fraction: float = 0.0, seed: int = 0,
-                chat: bool = True, batch_size: int = 1, cache_file: str | Path | None = None,
-                q_chunk: int = 512, progress: bool = True,
-                desc: str = "calibration") -> dict[int, list[CalibrationItem]]:
+def build_items(
+    model: Any,
+    tokenizer: Any,
+    docs: Sequence[Any],
+    counts: Mapping[int, int],
+    *,
+    answer_tokens: int = 128,
+    tasks: Sequence[str] = DEFAULT_TASKS,
+    recall_fraction: float = 0.0,
+    seed: int = 0,
+    chat: bool = True,
+    batch_size: int = 1,
+    cache_file: str | Path | None = None,
+    q_chunk: int = 512,
+    progress: bool = True,
+    desc: str = "calibration",
+) -> dict[int, list[CalibrationItem]]:
     """Builds (or loads from `cache_file`) the items of every length level.
 
     Args:
@@ -307,17 +384,21 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
     counts = {int(n): int(c) for n, c in counts.items() if int(c) > 0}
     builder = PromptBuilder(tokenizer, chat=chat)
     overhead = builder.overhead(tasks)
-    if recall_fraction > 0:        # the longest recall question, plus a little tokenizer slack
-        longest = (f"What does the {max(RECALL_HOLDERS, key=len)} "
-                   f"{max(RECALL_CONTAINERS, key=len)} hold? Answer in a few words.")
+    if recall_fraction > 0:  # the longest recall question, plus a little tokenizer slack
+        longest = (
+            f"What does the {max(RECALL_HOLDERS, key=len)} "
+            f"{max(RECALL_CONTAINERS, key=len)} hold? Answer in a few words."
+        )
         overhead = max(overhead, builder.overhead([longest]) + 4)
     budgets = {}
     for n in counts:
         budgets[n] = n - overhead - answer_tokens
         if budgets[n] < 16:
-            raise ValueError(f"length {n} leaves only {budgets[n]} document tokens after the "
-                             f"prompt ({overhead}) and the answer ({answer_tokens}); use longer "
-                             f"lengths or fewer answer tokens")
+            raise ValueError(
+                f"length {n} leaves only {budgets[n]} document tokens after the "
+                f"prompt ({overhead}) and the answer ({answer_tokens}); use longer "
+                f"lengths or fewer answer tokens"
+            )
     # Character lengths are a cheap proxy to avoid tokenizing every document up front.
     approx = [len(d.text) // 3 for d in docs]
     specs = plan_items(approx, counts, budgets, tasks, recall_fraction)
@@ -328,19 +409,24 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
         for line in cache_file.read_text().splitlines():
             try:
                 d = json.loads(line)
-            except json.JSONDecodeError:      # a line cut short by an interrupted run
+            except json.JSONDecodeError:  # a line cut short by an interrupted run
                 continue
             done[(int(d["length"]), int(d["index"]))] = CalibrationItem.from_json(d)
     todo = [s for s in specs if (s.length, s.index) not in done]
     uses: dict[int, int] = {}
-    part = {}                   # how many earlier items used the same document
+    part = {}  # how many earlier items used the same document
     for s in specs:
         part[(s.length, s.index)] = uses.get(s.doc, 0)
         uses[s.doc] = uses.get(s.doc, 0) + 1
     stop_ids = tuple(model.config.eos_token_ids) or None
     doc_ids: dict[int, list[int]] = {}
-    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=desc, unit="item",
-               disable=not progress)
+    bar = tqdm(
+        total=len(specs),
+        initial=len(specs) - len(todo),
+        desc=desc,
+        unit="item",
+        disable=not progress,
+    )
     # group by length and kind so that a batch shares one prompt size and answer budget
     by_len: dict[tuple[int, bool], list[ItemSpec]] = {}
     for s in todo:
@@ -348,18 +434,22 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
     for (length, recall), group in sorted(by_len.items()):
         attention = MaskedAttention(q_chunk=q_chunk)
         for start in range(0, len(group), batch_size):
-            batch = group[start:start + batch_size]
+            batch = group[start : start + batch_size]
             prompts, instructions = [], []
             for s in batch:
                 if s.doc not in doc_ids:
                     doc_ids[s.doc] = _encode_long(tokenizer, docs[s.doc].text)
                 if recall:
                     p, instruction = builder.build_recall(
-                        doc_ids[s.doc], budgets[length],
-                        random.Random(f"{seed}-{s.length}-{s.index}"), part[(s.length, s.index)])
+                        doc_ids[s.doc],
+                        budgets[length],
+                        random.Random(f"{seed}-{s.length}-{s.index}"),
+                        part[(s.length, s.index)],
+                    )
                 else:
-                    p = builder.build(doc_ids[s.doc], s.task, budgets[length],
-                                      part[(s.length, s.index)])
+                    p = builder.build(
+                        doc_ids[s.doc], s.task, budgets[length], part[(s.length, s.index)]
+                    )
                     instruction = s.task
                 prompts.append(p)
                 instructions.append(instruction)
@@ -367,12 +457,19 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
             # a short last batch repeats its last prompt: one batch shape, one compiled program
             # per group (a GPU compile of the generate loop takes tens of seconds)
             filler = [prompts[-1]] * (batch_size - len(prompts))
-            out = generate(model, prompts + filler, max_new_tokens=new, stop_ids=stop_ids,
-                           attention=attention, scan_layers=True)
+            out = generate(
+                model,
+                prompts + filler,
+                max_new_tokens=new,
+                stop_ids=stop_ids,
+                attention=attention,
+                scan_layers=True,
+            )
             lines = []
             for s, p, ans, instruction in zip(batch, prompts, out.rows(), instructions):
-                item = CalibrationItem(tuple(p) + tuple(ans), len(p), length,
-                                       docs[s.doc].title, instruction)
+                item = CalibrationItem(
+                    tuple(p) + tuple(ans), len(p), length, docs[s.doc].title, instruction
+                )
                 done[(s.length, s.index)] = item
                 lines.append(json.dumps({**item.to_json(), "index": s.index}))
             if cache_file is not None:
@@ -387,14 +484,21 @@ def build_items(model: Any, tokenizer: Any, docs: Sequence[Any], counts: Mapping
     return result
 
 
-def describe(items: Mapping[int, Sequence[CalibrationItem]], tokenizer: Any = None,
-             file=sys.stderr, show: int = 1) -> None:
+def describe(
+    items: Mapping[int, Sequence[CalibrationItem]],
+    tokenizer: Any = None,
+    file=sys.stderr,
+    show: int = 1,
+) -> None:
     """Prints counts, answer lengths and (with a tokenizer) a sample answer per level."""
     for n, its in sorted(items.items()):
         ans = np.array([len(it.answer) for it in its])
-        print(f"  N={n}: {len(its)} items, prompt {min(it.answer_start for it in its)}.."
-              f"{max(it.answer_start for it in its)} tokens, answers {ans.min()}..{ans.max()} "
-              f"tokens (mean {ans.mean():.0f})", file=file)
+        print(
+            f"  N={n}: {len(its)} items, prompt {min(it.answer_start for it in its)}.."
+            f"{max(it.answer_start for it in its)} tokens, answers {ans.min()}..{ans.max()} "
+            f"tokens (mean {ans.mean():.0f})",
+            file=file,
+        )
         if tokenizer is not None:
             for it in its[:show]:
                 text = tokenizer.decode(list(it.answer), skip_special_tokens=True)

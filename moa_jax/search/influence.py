@@ -80,8 +80,9 @@ def _scores(q, k):
     return s.reshape(b, h, tq, k.shape[1])
 
 
-def influence_rows(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
-                   q0: int | jax.Array) -> jax.Array:
+def influence_rows(
+    q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, q0: int | jax.Array
+) -> jax.Array:
     """E for query rows [q0, q0 + Tq) over keys [0, S), causal.
 
     q, dout [B, Tq, H, D]; k, v [B, S, Hkv, D]. Returns E float32 [B, H, Tq, S] (zero on masked
@@ -108,7 +109,7 @@ def _probs_and_grads(q, k, v, dout, q0):
 def _influence(a, g, rs, q0):
     tq = a.shape[2]
     e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
-    single = (q0 + jnp.arange(tq) == 0)[None, None, :, None]     # only row 0 has one key
+    single = (q0 + jnp.arange(tq) == 0)[None, None, :, None]  # only row 0 has one key
     return jnp.where(single, -a * g, e)
 
 
@@ -119,9 +120,9 @@ def diag_sums(x: jax.Array, q0: int) -> jax.Array:
     Also right for any q0' <= S - Tq (more zeros): read the result shifted by S - Tq - q0'.
     """
     h, tq, s = x.shape
-    r = jnp.flip(x, axis=-1)                                   # r[., t, c] = x[., t, s-1-c]
+    r = jnp.flip(x, axis=-1)  # r[., t, c] = x[., t, s-1-c]
     r = jnp.pad(r, ((0, 0), (0, 0), (0, 1))).reshape(h, tq * (s + 1))
-    y = r[:, tq - 1: tq - 1 + tq * s].reshape(h, tq, s)        # y[., t, d] = x[., t, q0+t-d]
+    y = r[:, tq - 1 : tq - 1 + tq * s].reshape(h, tq, s)  # y[., t, d] = x[., t, q0+t-d]
     return y.sum(axis=1)
 
 
@@ -137,15 +138,16 @@ def _forward(q, k, v, q_chunk, key_groups):
     for c0, c1 in _groups(n // q_chunk, key_groups):
         kend = c1 * q_chunk
         kc, vc = k[:, :kend], v[:, :kend]
-        qs = q[:, c0 * q_chunk:kend].reshape(b, c1 - c0, q_chunk, h, d).swapaxes(0, 1)
+        qs = q[:, c0 * q_chunk : kend].reshape(b, c1 - c0, q_chunk, h, d).swapaxes(0, 1)
 
         def step(_, xs, kc=kc, vc=vc):
             qi, q0 = xs
             a = _probs(qi, kc, q0)
             bb, hh, tq, s = a.shape
             hkv = vc.shape[2]
-            o = jnp.einsum("bkgqs,bskd->bqkgd", a.reshape(bb, hkv, hh // hkv, tq, s),
-                           vc.astype(_F32))
+            o = jnp.einsum(
+                "bkgqs,bskd->bqkgd", a.reshape(bb, hkv, hh // hkv, tq, s), vc.astype(_F32)
+            )
             return None, o.reshape(bb, tq, hh, d).astype(q.dtype)
 
         starts = jnp.arange(c0, c1, dtype=jnp.int32) * q_chunk
@@ -155,11 +157,21 @@ def _forward(q, k, v, q_chunk, key_groups):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
-def attention_with_influence(q: jax.Array, k: jax.Array, v: jax.Array,
-                             probe_blocks: jax.Array, probe_diag: jax.Array,
-                             probe_rules: jax.Array, probe_answer: jax.Array,
-                             row_weights: jax.Array, sink: int, block: int, q_chunk: int,
-                             key_groups: int = 4, windows: tuple[int, ...] = ()) -> jax.Array:
+def attention_with_influence(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    probe_blocks: jax.Array,
+    probe_diag: jax.Array,
+    probe_rules: jax.Array,
+    probe_answer: jax.Array,
+    row_weights: jax.Array,
+    sink: int,
+    block: int,
+    q_chunk: int,
+    key_groups: int = 4,
+    windows: tuple[int, ...] = (),
+) -> jax.Array:
     """Dense causal attention; the probes' cotangents are the layer's influence sums.
 
     Args:
@@ -194,13 +206,13 @@ def _rule_changes(a, g, rs, q0, sink, windows):
     b, h, c, s = a.shape
     ga = g * a
 
-    def prefix(x):                      # sum over the sink keys [0, sink)
+    def prefix(x):  # sum over the sink keys [0, sink)
         return jnp.sum(x[..., :sink], axis=-1, keepdims=True) if sink > 0 else 0.0
 
-    def suffixes(x):                    # [.., j] = sum over keys >= j (zero past the diagonal)
+    def suffixes(x):  # [.., j] = sum over keys >= j (zero past the diagonal)
         return jnp.flip(jnp.cumsum(jnp.flip(x, -1), axis=-1), -1)
 
-    last = (q0 + jnp.arange(c))[:, None] - jnp.asarray(windows, jnp.int32)[None, :]   # [C, R]
+    last = (q0 + jnp.arange(c))[:, None] - jnp.asarray(windows, jnp.int32)[None, :]  # [C, R]
     valid = (last >= sink)[None, None]
     idx = jnp.broadcast_to(jnp.clip(last + 1, 0, s - 1)[None, None], (b, h, c, len(windows)))
     kept_a = prefix(a) + jnp.take_along_axis(suffixes(a), idx, axis=-1)
@@ -209,12 +221,27 @@ def _rule_changes(a, g, rs, q0, sink, windows):
     return jnp.where(valid, change, 0.0).sum(axis=(0, 2))
 
 
-def _fwd(q, k, v, probe_blocks, probe_diag, probe_rules, probe_answer, row_weights, sink,
-         block, q_chunk, key_groups, windows):
+def _fwd(
+    q,
+    k,
+    v,
+    probe_blocks,
+    probe_diag,
+    probe_rules,
+    probe_answer,
+    row_weights,
+    sink,
+    block,
+    q_chunk,
+    key_groups,
+    windows,
+):
     n = q.shape[1]
     if n % q_chunk or q_chunk % block:
-        raise ValueError(f"length {n} must be a multiple of q_chunk {q_chunk}, itself a "
-                         f"multiple of block {block}")
+        raise ValueError(
+            f"length {n} must be a multiple of q_chunk {q_chunk}, itself a "
+            f"multiple of block {block}"
+        )
     answer = probe_answer.shape[-1] > 0
     if answer and row_weights.shape != q.shape[:2]:
         raise ValueError(f"row_weights must be [B, N] = {q.shape[:2]}, got {row_weights.shape}")
@@ -237,7 +264,7 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
     b, n, h, d = q.shape
     hkv = k.shape[2]
     nb, qb = n // block, q_chunk // block
-    scale = d ** -0.5
+    scale = d**-0.5
     dq_parts, bl_parts = [], []
     dk = jnp.zeros(k.shape, _F32)
     dv = jnp.zeros(v.shape, _F32)
@@ -249,7 +276,7 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
         kc, vc = k[:, :kend], v[:, :kend]
 
         def chunked(x):
-            x = x[:, c0 * q_chunk:kend]
+            x = x[:, c0 * q_chunk : kend]
             return x.reshape(b, c1 - c0, q_chunk, *x.shape[2:]).swapaxes(0, 1)
 
         def step(carry, xs, kc=kc, vc=vc, kend=kend):
@@ -258,17 +285,21 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
             a, g = _probs_and_grads(qi, kc, vc, doi, q0)
             # rowsum(G * A) = dO . O exactly (O = A V)
             rs = jnp.einsum("bqhd,bqhd->bhq", doi.astype(_F32), oi.astype(_F32))[..., None]
-            ds = a * (g - rs)                                        # dL/dlogits [B, H, C, S]
+            ds = a * (g - rs)  # dL/dlogits [B, H, C, S]
             dsg = ds.reshape(b, hkv, h // hkv, q_chunk, kend)
             dqi = jnp.einsum("bkgqs,bskd->bqkgd", dsg, kc.astype(_F32)) * scale
-            dk_acc = dk_acc + jnp.einsum("bkgqs,bqkgd->bskd", dsg,
-                                         _grouped(qi, hkv).astype(_F32)) * scale
-            dv_acc = dv_acc + jnp.einsum("bkgqs,bqkgd->bskd",
-                                         a.reshape(b, hkv, h // hkv, q_chunk, kend),
-                                         _grouped(doi, hkv).astype(_F32))
+            dk_acc = (
+                dk_acc
+                + jnp.einsum("bkgqs,bqkgd->bskd", dsg, _grouped(qi, hkv).astype(_F32)) * scale
+            )
+            dv_acc = dv_acc + jnp.einsum(
+                "bkgqs,bqkgd->bskd",
+                a.reshape(b, hkv, h // hkv, q_chunk, kend),
+                _grouped(doi, hkv).astype(_F32),
+            )
             if windows:
                 rl_acc = rl_acc + _rule_changes(a, g, rs, q0, sink, windows)
-            eb = jnp.abs(_influence(a, g, rs, q0))                   # [B, H, C, S]
+            eb = jnp.abs(_influence(a, g, rs, q0))  # [B, H, C, S]
             ea = eb.sum(axis=0)
             bl = ea.reshape(h, qb, block, kend // block, block).sum(axis=(2, 4))
             bl = jnp.pad(bl, ((0, 0), (0, 0), (0, nb - kend // block)))
@@ -285,9 +316,16 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
 
         starts = jnp.arange(c0, c1, dtype=jnp.int32) * q_chunk
         (dkc, dvc, diag, rules, ans), (dqs, bls) = jax.lax.scan(
-            step, (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag, rules, ans),
-            (chunked(q), chunked(dout), chunked(out),
-             chunked(row_weights.astype(_F32)) if answer else None, starts))
+            step,
+            (jnp.zeros(kc.shape, _F32), jnp.zeros(vc.shape, _F32), diag, rules, ans),
+            (
+                chunked(q),
+                chunked(dout),
+                chunked(out),
+                chunked(row_weights.astype(_F32)) if answer else None,
+                starts,
+            ),
+        )
         dk = dk.at[:, :kend].add(dkc)
         dv = dv.at[:, :kend].add(dvc)
         dq_parts.append(dqs.swapaxes(0, 1).reshape(b, (c1 - c0) * q_chunk, h, d))
@@ -295,18 +333,33 @@ def _bwd(sink, block, q_chunk, key_groups, windows, res, dout):
     dq = jnp.concatenate(dq_parts, axis=1)
     blocks = jnp.concatenate(bl_parts, axis=1)
     drw = jnp.zeros_like(row_weights)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), blocks, diag, rules, ans,
-            drw)
+    return (
+        dq.astype(q.dtype),
+        dk.astype(k.dtype),
+        dv.astype(v.dtype),
+        blocks,
+        diag,
+        rules,
+        ans,
+        drw,
+    )
 
 
 attention_with_influence.defvjp(_fwd, _bwd)
 
 
 # ----------------------------------------------------------------------------- answer rows only
-def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
-                     rows: jax.Array, weights: jax.Array, tokens: jax.Array,
-                     targets: jax.Array, sink: int
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def answer_influence(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    dout: jax.Array,
+    rows: jax.Array,
+    weights: jax.Array,
+    tokens: jax.Array,
+    targets: jax.Array,
+    sink: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The answer rows' influence of one layer, from those rows alone, and their copy mass.
 
     q, dout [B, N, H, D]; k, v [B, N, Hkv, D]; rows int [B, A]: the rows that predict the
@@ -330,24 +383,24 @@ def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
     """
     n, d = q.shape[1], q.shape[3]
     take = functools.partial(jnp.take_along_axis, indices=rows[:, :, None, None], axis=1)
-    qa, da = take(q), take(dout)                                      # [B, A, H, D]
-    logits = _scores(qa, k) * d ** -0.5                                # [B, H, A, N]
+    qa, da = take(q), take(dout)  # [B, A, H, D]
+    logits = _scores(qa, k) * d**-0.5  # [B, H, A, N]
     keys = jnp.arange(n)
-    mask = (keys[None, None, :] <= rows[:, :, None])[:, None]         # [B, 1, A, N]
+    mask = (keys[None, None, :] <= rows[:, :, None])[:, None]  # [B, 1, A, N]
     a = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, _NEG), axis=-1), 0.0)
     g = _scores(da, v)
     rs = jnp.sum(g * a, axis=-1, keepdims=True)
     e = a / jnp.maximum(1.0 - a, EPS) * (rs - g)
-    e = jnp.where((rows == 0)[:, None, :, None], -a * g, e)           # a single valid key
+    e = jnp.where((rows == 0)[:, None, :, None], -a * g, e)  # a single valid key
     w = weights.astype(_F32)[:, None, :, None]
     ew = jnp.where(keys >= sink, jnp.abs(e), 0.0) * w
     # a row's copy mass is split over the keys that hold its token: a match with a token that
     # stands once in the context is evidence of retrieval, one with a frequent token is not
     same = (tokens[:, None, :] == targets[:, :, None]) & (keys >= sink) & mask[:, 0]  # [B, A, N]
-    share = 1.0 / jnp.maximum(same.sum(axis=-1), 1).astype(_F32)                       # [B, A]
+    share = 1.0 / jnp.maximum(same.sum(axis=-1), 1).astype(_F32)  # [B, A]
     cw = jnp.where(same[:, None], a, 0.0) * (w * share[:, None, :, None])
     # by offset: per_offset[b, h, r, d] = ew[b, h, r, rows[b, r] - d]
-    j = rows[:, :, None] - keys[None, None, :]                        # [B, A, N] key of offset d
+    j = rows[:, :, None] - keys[None, None, :]  # [B, A, N] key of offset d
 
     def by_offset(x):
         x = jnp.take_along_axis(x, jnp.clip(j, 0, n - 1)[:, None], axis=-1)
@@ -360,10 +413,20 @@ def answer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
-def answer_tap(out: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
-               probe_answer: jax.Array, probe_max: jax.Array, probe_copy: jax.Array,
-               rows: jax.Array, weights: jax.Array, tokens: jax.Array, targets: jax.Array,
-               sink: int) -> jax.Array:
+def answer_tap(
+    out: jax.Array,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    probe_answer: jax.Array,
+    probe_max: jax.Array,
+    probe_copy: jax.Array,
+    rows: jax.Array,
+    weights: jax.Array,
+    tokens: jax.Array,
+    targets: jax.Array,
+    sink: int,
+) -> jax.Array:
     """Identity on an attention output out [B, N, H, D] computed from q, k, v by any exact
     causal attention; in the backward pass dL/dout passes through unchanged and the probes'
     cotangents (probe_answer, probe_max, probe_copy [H, N], zeros) are `answer_influence` of
@@ -377,8 +440,9 @@ def answer_tap(out: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array,
     return out
 
 
-def _tap_fwd(out, q, k, v, probe_answer, probe_max, probe_copy, rows, weights, tokens, targets,
-             sink):
+def _tap_fwd(
+    out, q, k, v, probe_answer, probe_max, probe_copy, rows, weights, tokens, targets, sink
+):
     return out, (q, k, v, rows, weights, tokens, targets)
 
 
@@ -389,8 +453,17 @@ def _tap_bwd(sink, res, dout):
     def no_grad(x):
         return np.zeros(x.shape, jax.dtypes.float0)
 
-    return (dout, jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v), *sums,
-            no_grad(rows), jnp.zeros_like(weights), no_grad(tokens), no_grad(targets))
+    return (
+        dout,
+        jnp.zeros_like(q),
+        jnp.zeros_like(k),
+        jnp.zeros_like(v),
+        *sums,
+        no_grad(rows),
+        jnp.zeros_like(weights),
+        no_grad(tokens),
+        no_grad(targets),
+    )
 
 
 answer_tap.defvjp(_tap_fwd, _tap_bwd)

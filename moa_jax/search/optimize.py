@@ -68,8 +68,8 @@ class SearchProblem:
     budget: float = 0.5
     band: float = 0.9
     max_rules_per_layer: int = 2
-    kv_group: int = 1                  # query heads per KV head (GQA)
-    budget_on: str = "heads"           # "heads": mean over query heads; "kv-cache": see above
+    kv_group: int = 1  # query heads per KV head (GQA)
+    budget_on: str = "heads"  # "heads": mean over query heads; "kv-cache": see above
 
     def __post_init__(self):
         self.losses = {int(n): np.asarray(c, np.float64) for n, c in self.losses.items()}
@@ -92,8 +92,10 @@ class SearchProblem:
         if self.budget_on not in ("heads", "kv-cache"):
             raise ValueError(f"budget_on must be 'heads' or 'kv-cache', got {self.budget_on!r}")
         if self.kv_group < 1 or self.shape[1] % self.kv_group:
-            raise ValueError(f"{self.shape[1]} query heads per layer do not split into KV "
-                             f"groups of {self.kv_group}")
+            raise ValueError(
+                f"{self.shape[1]} query heads per layer do not split into KV "
+                f"groups of {self.kv_group}"
+            )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -104,16 +106,32 @@ class SearchProblem:
         return sorted(self.losses)
 
     @classmethod
-    def from_profiles(cls, grid: Any, profiles: Mapping[int, Any], budget: float = 0.5, *,
-                      density_lengths: Sequence[int] = (), band: float = 0.9,
-                      max_rules_per_layer: int = 2, estimator: str = "token",
-                      kv_group: int = 1, budget_on: str = "heads") -> "SearchProblem":
+    def from_profiles(
+        cls,
+        grid: Any,
+        profiles: Mapping[int, Any],
+        budget: float = 0.5,
+        *,
+        density_lengths: Sequence[int] = (),
+        band: float = 0.9,
+        max_rules_per_layer: int = 2,
+        estimator: str = "token",
+        kv_group: int = 1,
+        budget_on: str = "heads",
+    ) -> "SearchProblem":
         """From a `RuleGrid` and `InfluenceProfile`s; densities at the profile lengths and at
         `density_lengths`."""
         losses = {n: p.rule_losses(grid, estimator) for n, p in profiles.items()}
         dlen = sorted(set(losses) | {int(n) for n in density_lengths})
-        return cls(losses, {n: grid.kv_density(n) for n in dlen}, budget, band,
-                   max_rules_per_layer, kv_group, budget_on)
+        return cls(
+            losses,
+            {n: grid.kv_density(n) for n in dlen},
+            budget,
+            band,
+            max_rules_per_layer,
+            kv_group,
+            budget_on,
+        )
 
     def evaluate(self, choice: np.ndarray) -> tuple[dict[int, float], dict[int, float]]:
         """(estimated loss per profile length, budgeted density per density length) of a
@@ -139,11 +157,11 @@ class SearchProblem:
 
 @dataclasses.dataclass
 class Solution:
-    choice: np.ndarray                 # int [L, H] rule index per head
-    objectives: dict[int, float]       # estimated loss per profile length (raw)
-    densities: dict[int, float]        # mean kv density per density length
-    primary: int | None = None         # objective minimised (None: weighted)
-    eps: dict[int, float] = dataclasses.field(default_factory=dict)   # normalised bounds used
+    choice: np.ndarray  # int [L, H] rule index per head
+    objectives: dict[int, float]  # estimated loss per profile length (raw)
+    densities: dict[int, float]  # mean kv density per density length
+    primary: int | None = None  # objective minimised (None: weighted)
+    eps: dict[int, float] = dataclasses.field(default_factory=dict)  # normalised bounds used
     status: str = ""
     seconds: float = 0.0
 
@@ -157,10 +175,14 @@ class Solution:
         return le and lt
 
     def to_json(self) -> dict[str, Any]:
-        return {"objectives": {str(k): v for k, v in self.objectives.items()},
-                "densities": {str(k): v for k, v in self.densities.items()},
-                "primary": self.primary, "eps": {str(k): v for k, v in self.eps.items()},
-                "status": self.status, "seconds": round(self.seconds, 3)}
+        return {
+            "objectives": {str(k): v for k, v in self.objectives.items()},
+            "densities": {str(k): v for k, v in self.densities.items()},
+            "primary": self.primary,
+            "eps": {str(k): v for k, v in self.eps.items()},
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 class _Model:
@@ -174,7 +196,7 @@ class _Model:
         dlens = sorted(problem.densities)
         cache = problem.budget_on == "kv-cache"
         G = H // problem.kv_group
-        nc = len(dlens) * L * G if cache else 0          # c[N, l, g], continuous
+        nc = len(dlens) * L * G if cache else 0  # c[N, l, g], continuous
         self.nx, self.nv = nx, nx + ny + nc
         self.integrality = np.r_[np.ones(nx + ny), np.zeros(nc)]
         self.upper = np.r_[np.ones(nx + ny), np.full(nc, np.inf)]
@@ -213,8 +235,7 @@ class _Model:
             lb.append(np.full(L, -np.inf))
             ub.append(np.full(L, float(problem.max_rules_per_layer)))
             r0 += L
-        band = (np.array([problem.band * problem.budget - 1e-9]),
-                np.array([problem.budget + 1e-9]))
+        band = (np.array([problem.band * problem.budget - 1e-9]), np.array([problem.budget + 1e-9]))
         for i, n in enumerate(dlens):
             d = problem.densities[n]
             if not cache:
@@ -227,7 +248,7 @@ class _Model:
                 r0 += 1
                 continue
             # sum_r dens[N][r] x[l, h, r] - c[N, l, h // kv_group] <= 0, one row per head
-            ci = nx + ny + i * L * G + heads // problem.kv_group      # heads = l * H + h
+            ci = nx + ny + i * L * G + heads // problem.kv_group  # heads = l * H + h
             rows += [r0 + np.repeat(heads, R), r0 + heads]
             cols += [np.arange(nx), ci]
             vals += [np.tile(d, L * H), -np.ones(L * H)]
@@ -241,15 +262,19 @@ class _Model:
             lb.append(band[0])
             ub.append(band[1])
             r0 += 1
-        self.base = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows),
-                                                          np.concatenate(cols))),
-                                  shape=(r0, self.nv))
+        self.base = sp.csr_matrix(
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(r0, self.nv),
+        )
         self.lb, self.ub = np.concatenate(lb), np.concatenate(ub)
-        self.cost = {n: np.concatenate([c.reshape(-1) / self.scale[n], np.zeros(ny + nc)])
-                     for n, c in problem.losses.items()}
+        self.cost = {
+            n: np.concatenate([c.reshape(-1) / self.scale[n], np.zeros(ny + nc)])
+            for n, c in problem.losses.items()
+        }
 
-    def solve(self, weights: Mapping[int, float], eps: Mapping[int, float],
-              time_limit: float, gap: float):
+    def solve(
+        self, weights: Mapping[int, float], eps: Mapping[int, float], time_limit: float, gap: float
+    ):
         c = sum(w * self.cost[n] for n, w in weights.items())
         mats, lbs, ubs = [self.base], [self.lb], [self.ub]
         for n, e in eps.items():
@@ -257,10 +282,13 @@ class _Model:
             lbs.append(np.array([-np.inf]))
             ubs.append(np.array([e]))
         a = sp.vstack(mats, format="csr")
-        res = milp(c, integrality=self.integrality, bounds=Bounds(0, self.upper),
-                   constraints=LinearConstraint(a, np.concatenate(lbs), np.concatenate(ubs)),
-                   options={"time_limit": float(time_limit), "mip_rel_gap": float(gap),
-                            "disp": False})
+        res = milp(
+            c,
+            integrality=self.integrality,
+            bounds=Bounds(0, self.upper),
+            constraints=LinearConstraint(a, np.concatenate(lbs), np.concatenate(ubs)),
+            options={"time_limit": float(time_limit), "mip_rel_gap": float(gap), "disp": False},
+        )
         if res.x is None:
             return None, res
         x = res.x[: self.nx].reshape(self.L, self.H, self.R)
@@ -268,26 +296,37 @@ class _Model:
 
 
 def _infeasible_message(problem: SearchProblem) -> str:
-    parts = [f"N={n}: rules span {lo:.3f}..{hi:.3f}"
-             for n, (lo, hi) in sorted(problem.density_ranges().items())]
+    parts = [
+        f"N={n}: rules span {lo:.3f}..{hi:.3f}"
+        for n, (lo, hi) in sorted(problem.density_ranges().items())
+    ]
     what = "KV-cache density" if problem.budget_on == "kv-cache" else "density"
-    return (f"no plan meets the {what} band [{problem.band * problem.budget:.3f}, "
-            f"{problem.budget:.3f}] at every length with at most {problem.max_rules_per_layer} "
-            f"rule(s) per layer ({'; '.join(parts)}); choose another --density budget, a wider "
-            f"band, other lengths or a richer rule grid")
+    return (
+        f"no plan meets the {what} band [{problem.band * problem.budget:.3f}, "
+        f"{problem.budget:.3f}] at every length with at most {problem.max_rules_per_layer} "
+        f"rule(s) per layer ({'; '.join(parts)}); choose another --density budget, a wider "
+        f"band, other lengths or a richer rule grid"
+    )
 
 
 def check_budget(problem: SearchProblem) -> None:
     """Raises InfeasibleBudgetError when some density length cannot reach the band at all."""
-    for n, (lo, hi) in problem.density_ranges().items():
+    for lo, hi in problem.density_ranges().values():
         if lo > problem.budget + 1e-12 or hi < problem.band * problem.budget - 1e-12:
             raise InfeasibleBudgetError(_infeasible_message(problem))
 
 
-def solve(problem: SearchProblem, primary: int | None = None,
-          eps: Mapping[int, float] | None = None, *, weights: Mapping[int, float] | None = None,
-          tie_break: float = 1e-6, time_limit: float = 60.0, gap: float = 1e-3,
-          _model: _Model | None = None) -> Solution | None:
+def solve(
+    problem: SearchProblem,
+    primary: int | None = None,
+    eps: Mapping[int, float] | None = None,
+    *,
+    weights: Mapping[int, float] | None = None,
+    tie_break: float = 1e-6,
+    time_limit: float = 60.0,
+    gap: float = 1e-3,
+    _model: _Model | None = None,
+) -> Solution | None:
     """Minimises one objective (`primary` length) or a weighted sum, under optional normalised
     upper bounds `eps` {N: bound} on other objectives. Returns None when infeasible.
 
@@ -307,8 +346,9 @@ def solve(problem: SearchProblem, primary: int | None = None,
             raise InfeasibleBudgetError(_infeasible_message(problem) + f" [HiGHS: {res.message}]")
         return None
     obj, den = problem.evaluate(choice)
-    return Solution(choice, obj, den, primary, dict(eps or {}), str(res.message),
-                    time.perf_counter() - t0)
+    return Solution(
+        choice, obj, den, primary, dict(eps or {}), str(res.message), time.perf_counter() - t0
+    )
 
 
 def pareto_front(solutions: Sequence[Solution], digits: int = 9) -> list[Solution]:
@@ -324,8 +364,14 @@ def pareto_front(solutions: Sequence[Solution], digits: int = 9) -> list[Solutio
     return sorted(front, key=lambda s: (s.objectives[first], s.key()))
 
 
-def epsilon_sweep(problem: SearchProblem, intervals: int = 4, *, time_limit: float = 60.0,
-                  gap: float = 1e-3, progress: bool = True) -> list[Solution]:
+def epsilon_sweep(
+    problem: SearchProblem,
+    intervals: int = 4,
+    *,
+    time_limit: float = 60.0,
+    gap: float = 1e-3,
+    progress: bool = True,
+) -> list[Solution]:
     """All distinct feasible solutions of the epsilon-constraint sweep (see module docstring);
     filter them with `pareto_front`."""
     check_budget(problem)
@@ -340,8 +386,10 @@ def epsilon_sweep(problem: SearchProblem, intervals: int = 4, *, time_limit: flo
         bar.update(1)
     sols = list(singles)
     if k > 1 and intervals > 0:
-        norm = {n: {s_n: s.objectives[n] / m.scale[n] for s_n, s in zip(lengths, singles)}
-                for n in lengths}
+        norm = {
+            n: {s_n: s.objectives[n] / m.scale[n] for s_n, s in zip(lengths, singles)}
+            for n in lengths
+        }
         lo = {n: norm[n][n] for n in lengths}
         hi = {n: max(norm[n].values()) for n in lengths}
         for primary in lengths:
@@ -351,8 +399,9 @@ def epsilon_sweep(problem: SearchProblem, intervals: int = 4, *, time_limit: flo
                 if hi[n] - lo[n] <= 1e-12:
                     grids.append([hi[n] + 1e-9])
                 else:
-                    grids.append([lo[n] + (hi[n] - lo[n]) * t / intervals
-                                  for t in range(1, intervals + 1)])
+                    grids.append(
+                        [lo[n] + (hi[n] - lo[n]) * t / intervals for t in range(1, intervals + 1)]
+                    )
             for combo in itertools.product(*grids):
                 eps = {n: e * (1 + 1e-9) + 1e-12 for n, e in zip(others, combo)}
                 s = solve(problem, primary, eps, time_limit=time_limit, gap=gap, _model=m)

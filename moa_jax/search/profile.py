@@ -5,8 +5,8 @@ entry (i, j) and renormalising row i changes the loss, to first order, by
 
     E_ij = A_ij / (1 - A_ij) * (sum_n G_in A_in - G_ij)   i.e.   E = -A/(1-A) * (G - rowsum(G*A)).
 
-`1 - A` is guarded by `influence.EPS`; a row with a single valid key (row 0) keeps only the direct term
-`-A_ij G_ij` (dropping its only key zeroes the row). L is the mean cross-entropy on the answer
+`1 - A` is guarded by `influence.EPS`; a row with a single valid key (row 0) keeps only the direct
+term `-A_ij G_ij` (dropping its only key zeroes the row). L is the mean cross-entropy on the answer
 tokens of one calibration item.
 
 How it is computed (`moa_jax.search.influence`): every layer's attention is a dense causal
@@ -124,8 +124,16 @@ class ProfilingAttention(AttentionBackend):
 
 
 # ----------------------------------------------------------------------------- model pieces
-def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: AttentionBackend,
-          layer_args: Any = None, *, remat: bool = False, scan: bool = False):
+def trunk(
+    model: Llama,
+    tokens: jax.Array,
+    positions: jax.Array,
+    attention: AttentionBackend,
+    layer_args: Any = None,
+    *,
+    remat: bool = False,
+    scan: bool = False,
+):
     """Final normed hidden states [B, T, E] and each layer's backend output ("cache").
 
     Mirrors `Llama.__call__` without the LM head, so the loss can take logits at the answer
@@ -143,14 +151,15 @@ def trunk(model: Llama, tokens: jax.Array, positions: jax.Array, attention: Atte
     inv_freq = rope_inv_freq(model.config)
     x = model.embed_tokens(tokens)
     if scan:
-        x, aux = scan_layers(stack_layers(model), x, positions, inv_freq, attention, layer_args,
-                             remat=remat)
+        x, aux = scan_layers(
+            stack_layers(model), x, positions, inv_freq, attention, layer_args, remat=remat
+        )
         return model.norm(x), aux
     aux = []
     for i, layer in enumerate(model.layers):
         arg = None if layer_args is None else layer_args[i]
 
-        if remat:       # a pure function of the layer's state (the model may be a tracer's)
+        if remat:  # a pure function of the layer's state (the model may be a tracer's)
             gd, st = nnx.split(layer)
 
             def run(st, x, arg, gd=gd, i=i):
@@ -172,8 +181,9 @@ def lm_logits(model: Llama, hidden: jax.Array) -> jax.Array:
     return out.astype(jnp.float32)
 
 
-def answer_nll(model: Llama, hidden: jax.Array, tgt_pos: jax.Array, tgt_ids: jax.Array,
-               tgt_w: jax.Array) -> jax.Array:
+def answer_nll(
+    model: Llama, hidden: jax.Array, tgt_pos: jax.Array, tgt_ids: jax.Array, tgt_w: jax.Array
+) -> jax.Array:
     """Per-item mean cross-entropy [B] of tgt_ids predicted at tgt_pos (weights tgt_w)."""
     h = jnp.take_along_axis(hidden, tgt_pos[:, :, None], axis=1)
     logits = lm_logits(model, h)
@@ -193,7 +203,7 @@ class Batch:
     tgt_pos: np.ndarray
     tgt_ids: np.ndarray
     tgt_w: np.ndarray
-    rows: int | None = None     # real items (the first rows); the rest fill the batch
+    rows: int | None = None  # real items (the first rows); the rest fill the batch
 
     def __post_init__(self):
         if self.rows is None:
@@ -204,8 +214,14 @@ class Batch:
         return self.tokens.shape
 
 
-def make_batches(items: Sequence[Any], length: int, batch_size: int, pad_id: int,
-                 answer_bucket: int = 128, fill: bool = False) -> list[Batch]:
+def make_batches(
+    items: Sequence[Any],
+    length: int,
+    batch_size: int,
+    pad_id: int,
+    answer_bucket: int = 128,
+    fill: bool = False,
+) -> list[Batch]:
     """Pads items (with `.tokens` and `.answer_start`) to `length` and groups them.
 
     The answer tokens are tokens[answer_start:]; each is predicted from the position before it.
@@ -215,7 +231,7 @@ def make_batches(items: Sequence[Any], length: int, batch_size: int, pad_id: int
     """
     batches = []
     for s in range(0, len(items), batch_size):
-        group = items[s:s + batch_size]
+        group = items[s : s + batch_size]
         a = max(len(it.tokens) - it.answer_start for it in group)
         a = -(-a // answer_bucket) * answer_bucket
         b = batch_size if fill else len(group)
@@ -229,10 +245,10 @@ def make_batches(items: Sequence[Any], length: int, batch_size: int, pad_id: int
                 raise ValueError(f"item of {len(toks)} tokens does not fit length {length}")
             if not 1 <= it.answer_start < len(toks):
                 raise ValueError("an item needs a prompt and at least one answer token")
-            tokens[r, :len(toks)] = toks
+            tokens[r, : len(toks)] = toks
             n = len(toks) - it.answer_start
             tgt_pos[r, :n] = np.arange(it.answer_start - 1, len(toks) - 1)
-            tgt_ids[r, :n] = toks[it.answer_start:]
+            tgt_ids[r, :n] = toks[it.answer_start :]
             tgt_w[r, :n] = 1.0
         batches.append(Batch(tokens, tgt_pos, tgt_ids, tgt_w, len(group)))
     return batches
@@ -246,6 +262,7 @@ def _positions(b: int, t: int) -> jax.Array:
 # One decoder layer per jitted call, with the parameters of layer 0's graph and any layer's
 # state: every layer shares one compiled program and peak memory is one layer's. Used to score
 # many plans of one length with per-layer window arrays (validation) without recompiling.
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _embed(graphdef, state, tokens):
@@ -282,15 +299,17 @@ class LayerRunner:
         self.mesh = mesh
         if mesh is not None:
             from moa_jax.parallel import param_shardings
+
             self.state = jax.device_put(self.state, param_shardings(self.state, mesh))
-            self.layer_states = [jax.device_put(s, param_shardings(s, mesh))
-                                 for s in self.layer_states]
+            self.layer_states = [
+                jax.device_put(s, param_shardings(s, mesh)) for s in self.layer_states
+            ]
 
     def _arrays(self, batch: Batch):
-        arrays = [jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids,
-                                           batch.tgt_w)]
+        arrays = [jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids, batch.tgt_w)]
         if self.mesh is not None:
             from moa_jax.parallel import batch_sharding
+
             arrays = [jax.device_put(x, batch_sharding(self.mesh, x.shape)) for x in arrays]
         return arrays
 
@@ -302,8 +321,7 @@ class LayerRunner:
             if keep:
                 inputs.append(x)
             arg = None if layer_args is None else layer_args[i]
-            x = _layer_forward(self.layer_graphdef, st, x, arg, cfg=self.cfg,
-                               attention=attention)
+            x = _layer_forward(self.layer_graphdef, st, x, arg, cfg=self.cfg, attention=attention)
         return x, inputs
 
     def losses(self, batch: Batch, attention: AttentionBackend, layer_args=None) -> np.ndarray:
@@ -313,6 +331,7 @@ class LayerRunner:
         x, _ = self.forward(tokens, attention, layer_args)
         return np.asarray(_head_loss(self.graphdef, self.state, x, *tgt))
 
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
 def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention):
     model = nnx.merge(graphdef, state)
@@ -321,17 +340,31 @@ def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attentio
     return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
 
 
-def answer_losses(model: Llama, batches: Sequence[Batch], attention: AttentionBackend,
-                  progress: bool = False, desc: str = "answer loss") -> np.ndarray:
+def answer_losses(
+    model: Llama,
+    batches: Sequence[Batch],
+    attention: AttentionBackend,
+    progress: bool = False,
+    desc: str = "answer loss",
+) -> np.ndarray:
     """Per-item mean answer cross-entropy under any attention backend (whole model in one
     compiled program; the backend sees the real layer indices)."""
     graphdef, state = nnx.split(model)
     out = []
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        out.append(np.asarray(_answer_losses(
-            graphdef, state, *(jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos,
-                                                        batch.tgt_ids, batch.tgt_w)),
-            attention=attention)))
+        out.append(
+            np.asarray(
+                _answer_losses(
+                    graphdef,
+                    state,
+                    *(
+                        jnp.asarray(x)
+                        for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids, batch.tgt_w)
+                    ),
+                    attention=attention,
+                )
+            )
+        )
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
@@ -359,16 +392,18 @@ class InfluenceAttention(AttentionBackend):
     q_chunk: int = 512
     key_groups: int = 4
     windows: tuple[int, ...] = ()
-    answer: bool = False      # also the answer rows' diagonal sums
-    token: bool = True        # every row's block and diagonal sums
-    kernel: str = "auto"      # answer rows alone: 'pallas', 'jnp' or 'auto' (pallas on GPU/TPU)
+    answer: bool = False  # also the answer rows' diagonal sums
+    token: bool = True  # every row's block and diagonal sums
+    kernel: str = "auto"  # answer rows alone: 'pallas', 'jnp' or 'auto' (pallas on GPU/TPU)
     mesh: Any = None
-    layer_uniform = True      # every layer's probes have one shape; `layer` is not read
+    layer_uniform = True  # every layer's probes have one shape; `layer` is not read
 
     def __post_init__(self):
         if not self.token and (not self.answer or self.windows):
-            raise ValueError("without the token sums the profile computes the answer rows' "
-                             "sums only: set answer=True and no windows")
+            raise ValueError(
+                "without the token sums the profile computes the answer rows' "
+                "sums only: set answer=True and no windows"
+            )
         if self.kernel not in ("auto", "pallas", "jnp"):
             raise ValueError(f"kernel must be 'auto', 'pallas' or 'jnp', got {self.kernel!r}")
 
@@ -377,8 +412,9 @@ class InfluenceAttention(AttentionBackend):
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
         if self.token:
-            out = attention_with_influence(q, k, v, *cache, self.sink, self.block, self.q_chunk,
-                                           self.key_groups, self.windows)
+            out = attention_with_influence(
+                q, k, v, *cache, self.sink, self.block, self.q_chunk, self.key_groups, self.windows
+            )
             return out, None
         out = self._dense(q, k, v, positions)
         return answer_tap(out, q, k, v, *cache, self.sink), None
@@ -387,8 +423,9 @@ class InfluenceAttention(AttentionBackend):
         kernel = self.kernel
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "jnp"
-        if kernel == "pallas":      # (interpret mode off GPU / TPU)
+        if kernel == "pallas":  # (interpret mode off GPU / TPU)
             from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
+
             h, n = q.shape[2], k.shape[1]
             # bfloat16 operands: the kernel's float32 (HIGHEST precision) backward took 603 ms
             # against 13 ms for SmolLM2's shapes at 8k, batch 4, on an H200
@@ -396,8 +433,9 @@ class InfluenceAttention(AttentionBackend):
             lo = [x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in (q, k, v)]
             out = sparse_attention_on_mesh(*lo, self.mesh, windows=(n,) * h, sinks=(0,) * h)
             return out.astype(q.dtype)
-        return chunked_attention(q, k, v, positions, q_chunk=self.q_chunk, checkpoint=True,
-                                 key_groups=self.key_groups)
+        return chunked_attention(
+            q, k, v, positions, q_chunk=self.q_chunk, checkpoint=True, key_groups=self.key_groups
+        )
 
 
 def _zero_probes(cfg, length: int, block: int, rules: int, answer: bool, token: bool = True):
@@ -407,9 +445,12 @@ def _zero_probes(cfg, length: int, block: int, rules: int, answer: bool, token: 
     if not token:
         return ans, ans, ans
     nb = length // block
-    return (jnp.zeros((layers, heads, nb, nb), jnp.float32),
-            jnp.zeros((layers, heads, length), jnp.float32),
-            jnp.zeros((layers, heads, rules), jnp.float32), ans)
+    return (
+        jnp.zeros((layers, heads, nb, nb), jnp.float32),
+        jnp.zeros((layers, heads, length), jnp.float32),
+        jnp.zeros((layers, heads, rules), jnp.float32),
+        ans,
+    )
 
 
 def answer_rows(tgt_pos: jax.Array, tgt_w: jax.Array, length: int) -> jax.Array:
@@ -449,26 +490,32 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
     cfg = model.config
     b, t = tokens.shape
     layers = cfg.num_layers
-    if attention.token:     # every row's sums; the answer rows as [B, N] weights
+    if attention.token:  # every row's sums; the answer rows as [B, N] weights
         rows = answer_rows(tgt_pos, tgt_w, t) if attention.answer else jnp.zeros((b, 0))
         extra = (jnp.broadcast_to(rows, (layers,) + rows.shape),)
-    else:                   # the answer rows alone, by position, and the tokens they predict
-        extra = tuple(jnp.broadcast_to(x, (layers,) + x.shape)
-                      for x in (tgt_pos, (tgt_w > 0).astype(jnp.float32), tokens, tgt_ids))
+    else:  # the answer rows alone, by position, and the tokens they predict
+        extra = tuple(
+            jnp.broadcast_to(x, (layers,) + x.shape)
+            for x in (tgt_pos, (tgt_w > 0).astype(jnp.float32), tokens, tgt_ids)
+        )
 
     def loss(probes):
-        hidden, _ = trunk(model, tokens, _positions(b, t), attention, probes + extra,
-                          remat=remat, scan=True)
+        hidden, _ = trunk(
+            model, tokens, _positions(b, t), attention, probes + extra, remat=remat, scan=True
+        )
         per_item = answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
         return per_item.sum(), per_item
 
     grads, per_item = jax.grad(loss, has_aux=True)(
-        _zero_probes(cfg, t, attention.block, len(attention.windows), attention.answer,
-                     attention.token))
+        _zero_probes(
+            cfg, t, attention.block, len(attention.windows), attention.answer, attention.token
+        )
+    )
     if not attention.token:
         answer, answer_max, copy = grads
-        return BatchSums(per_item, None, None, jnp.zeros((layers, cfg.num_heads, 0)), answer,
-                         answer_max, copy)
+        return BatchSums(
+            per_item, None, None, jnp.zeros((layers, cfg.num_heads, 0)), answer, answer_max, copy
+        )
     return BatchSums(per_item, *grads)
 
 
@@ -477,14 +524,25 @@ def _split(model: Llama, mesh=None):
     graphdef, state = nnx.split(model)
     if mesh is not None:
         from moa_jax.parallel import param_shardings
+
         state = jax.device_put(state, param_shardings(state, mesh))
     return graphdef, state
 
 
-def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BLOCK,
-                  q_chunk: int | None = None, key_groups: int = 4, remat: bool = False,
-                  windows: Sequence[int] = (), answer: bool = False, token: bool = True,
-                  mesh=None) -> BatchSums:
+def profile_batch(
+    model: Llama,
+    batch: Batch,
+    *,
+    sink: int = 64,
+    block: int = BLOCK,
+    q_chunk: int | None = None,
+    key_groups: int = 4,
+    remat: bool = False,
+    windows: Sequence[int] = (),
+    answer: bool = False,
+    token: bool = True,
+    mesh=None,
+) -> BatchSums:
     """Every layer's and head's influence on one batch, from one jitted forward + backward.
 
     L is the sum over items of each item's mean answer cross-entropy, so each item's gradient is
@@ -496,34 +554,76 @@ def profile_batch(model: Llama, batch: Batch, *, sink: int = 64, block: int = BL
     of O(N^2).
     Returns the batch's `BatchSums` (losses as numpy).
     """
-    return _profile_split(*_split(model, mesh), model.config, batch, sink=sink, block=block,
-                          q_chunk=q_chunk, key_groups=key_groups, remat=remat, windows=windows,
-                          answer=answer, token=token, mesh=mesh)
+    return _profile_split(
+        *_split(model, mesh),
+        model.config,
+        batch,
+        sink=sink,
+        block=block,
+        q_chunk=q_chunk,
+        key_groups=key_groups,
+        remat=remat,
+        windows=windows,
+        answer=answer,
+        token=token,
+        mesh=mesh,
+    )
 
 
-def _profile_split(graphdef, state, cfg, batch: Batch, *, sink, block, q_chunk, key_groups,
-                   remat, windows, answer, token, mesh):
+def _profile_split(
+    graphdef,
+    state,
+    cfg,
+    batch: Batch,
+    *,
+    sink,
+    block,
+    q_chunk,
+    key_groups,
+    remat,
+    windows,
+    answer,
+    token,
+    mesh,
+):
     """`profile_batch` on a model already split (and sharded) by `_split`."""
     b, n = batch.shape
     if n % block:
         raise ValueError(f"profile length {n} must be a multiple of block {block}")
     qc = int(q_chunk) if q_chunk else auto_q_chunk(b, cfg.num_heads, n, block=block)
     qc = max(block, min(qc, n) // block * block)
-    while n % qc:                       # the largest block multiple <= q_chunk that divides n
+    while n % qc:  # the largest block multiple <= q_chunk that divides n
         qc -= block
     arrays = [jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids, batch.tgt_w)]
     if mesh is not None:
         from moa_jax.parallel import batch_sharding
+
         arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
-    attention = InfluenceAttention(sink=sink, block=block, q_chunk=qc, key_groups=key_groups,
-                                   windows=tuple(int(w) for w in windows), answer=bool(answer),
-                                   token=bool(token), mesh=mesh)
+    attention = InfluenceAttention(
+        sink=sink,
+        block=block,
+        q_chunk=qc,
+        key_groups=key_groups,
+        windows=tuple(int(w) for w in windows),
+        answer=bool(answer),
+        token=bool(token),
+        mesh=mesh,
+    )
     sums = _profile_step(graphdef, state, *arrays, attention=attention, remat=remat)
     return dataclasses.replace(sums, losses=np.asarray(sums.losses))
 
 
-def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *, sink: int,
-                    block: int = BLOCK, q_chunk: int = 512, key_groups: int = 4):
+def layer_influence(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    dout: jax.Array,
+    *,
+    sink: int,
+    block: int = BLOCK,
+    q_chunk: int = 512,
+    key_groups: int = 4,
+):
     """|E| of one layer reduced to block sums and diagonal sums, summed over the batch (the
     backward rule of `attention_with_influence` applied to a given dL/dO).
 
@@ -535,9 +635,20 @@ def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array, dout: jax.Array, *
     probes = (jnp.zeros((h, nb, nb), jnp.float32), jnp.zeros((h, n), jnp.float32))
 
     def f(pb, pd):
-        return attention_with_influence(q, k, v, pb, pd, jnp.zeros((h, 0)), jnp.zeros((h, 0)),
-                                        jnp.zeros((q.shape[0], 0)), sink, block,
-                                        min(q_chunk, n), key_groups)
+        return attention_with_influence(
+            q,
+            k,
+            v,
+            pb,
+            pd,
+            jnp.zeros((h, 0)),
+            jnp.zeros((h, 0)),
+            jnp.zeros((q.shape[0], 0)),
+            sink,
+            block,
+            min(q_chunk, n),
+            key_groups,
+        )
 
     _, vjp = jax.vjp(f, *probes)
     return vjp(dout.astype(q.dtype))
@@ -553,13 +664,15 @@ def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512):
     memory at once (tests and small inputs; `profile_batch` reduces them as it goes)."""
     cfg = model.config
     b, n = batch.shape
-    tokens, *tgt = (jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids,
-                                             batch.tgt_w))
+    tokens, *tgt = (
+        jnp.asarray(x) for x in (batch.tokens, batch.tgt_pos, batch.tgt_ids, batch.tgt_w)
+    )
     zeros = [jnp.zeros((b, n, cfg.num_heads, cfg.head_dim), jnp.float32)] * cfg.num_layers
 
     def f(perturbations):
-        hidden, qkv = trunk(model, tokens, _positions(b, n), ProfilingAttention(q_chunk),
-                            perturbations)
+        hidden, qkv = trunk(
+            model, tokens, _positions(b, n), ProfilingAttention(q_chunk), perturbations
+        )
         per_item = answer_nll(model, hidden, *tgt)
         return per_item.sum(), (per_item, qkv)
 
@@ -567,8 +680,9 @@ def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512):
     return np.asarray(losses), dout, qkv
 
 
-def auto_q_chunk(batch: int, heads: int, length: int, budget: int = 1 << 24,
-                 block: int = BLOCK) -> int:
+def auto_q_chunk(
+    batch: int, heads: int, length: int, budget: int = 1 << 24, block: int = BLOCK
+) -> int:
     """Largest multiple of `block` dividing `length` with batch*heads*q_chunk*length <= budget
     (at least `block`)."""
     best = block
@@ -582,8 +696,10 @@ def auto_q_chunk(batch: int, heads: int, length: int, budget: int = 1 << 24,
 def suffix_sums(d: np.ndarray) -> np.ndarray:
     """[..., N] -> [..., N + 1]: out[..., w] = sum of d[..., x] for x >= w (out[..., N] = 0),
     the sum of what a window w drops when d is indexed by diagonal offset."""
-    return np.concatenate([np.cumsum(d[..., ::-1], axis=-1)[..., ::-1],
-                           np.zeros(d.shape[:-1] + (1,))], axis=-1)
+    return np.concatenate(
+        [np.cumsum(d[..., ::-1], axis=-1)[..., ::-1], np.zeros(d.shape[:-1] + (1,))], axis=-1
+    )
+
 
 @dataclasses.dataclass
 class InfluenceProfile:
@@ -636,20 +752,41 @@ class InfluenceProfile:
         return self.diag is not None
 
     @classmethod
-    def zeros(cls, num_layers: int, num_heads: int, length: int, sink: int,
-              block: int = BLOCK, windows: Sequence[int] = (),
-              answer: bool = False, token: bool = True) -> "InfluenceProfile":
+    def zeros(
+        cls,
+        num_layers: int,
+        num_heads: int,
+        length: int,
+        sink: int,
+        block: int = BLOCK,
+        windows: Sequence[int] = (),
+        answer: bool = False,
+        token: bool = True,
+    ) -> "InfluenceProfile":
         nb = length // block
-        return cls(length, sink, block,
-                   np.zeros((num_layers, num_heads, nb, nb)) if token else None,
-                   np.zeros((num_layers, num_heads, length)) if token else None,
-                   windows=np.asarray(windows),
-                   answer=np.zeros((num_layers, num_heads, length)) if answer else None,
-                   answer_max=None if token else np.zeros((num_layers, num_heads, length)),
-                   copy=None if token else np.zeros((num_layers, num_heads, length)))
+        return cls(
+            length,
+            sink,
+            block,
+            np.zeros((num_layers, num_heads, nb, nb)) if token else None,
+            np.zeros((num_layers, num_heads, length)) if token else None,
+            windows=np.asarray(windows),
+            answer=np.zeros((num_layers, num_heads, length)) if answer else None,
+            answer_max=None if token else np.zeros((num_layers, num_heads, length)),
+            copy=None if token else np.zeros((num_layers, num_heads, length)),
+        )
 
-    def add(self, count: int, loss_sum: float, blocks, diag, rules,
-            answer=None, answer_max=None, copy=None) -> "InfluenceProfile":
+    def add(
+        self,
+        count: int,
+        loss_sum: float,
+        blocks,
+        diag,
+        rules,
+        answer=None,
+        answer_max=None,
+        copy=None,
+    ) -> "InfluenceProfile":
         """This profile plus the sums of `count` more items (a batch's `profile_batch`
         outputs, or another profile's)."""
         for name, more in (("answer", answer), ("answer_max", answer_max), ("copy", copy)):
@@ -662,10 +799,19 @@ class InfluenceProfile:
             return None if mine is None else mine + np.asarray(more)
 
         return InfluenceProfile(
-            self.length, self.sink, self.block, plus(self.blocks, blocks),
-            plus(self.diag, diag), self.count + int(count), self.loss_sum + float(loss_sum),
-            self.windows, self.rules + np.asarray(rules), plus(self.answer, answer),
-            plus(self.answer_max, answer_max), plus(self.copy, copy))
+            self.length,
+            self.sink,
+            self.block,
+            plus(self.blocks, blocks),
+            plus(self.diag, diag),
+            self.count + int(count),
+            self.loss_sum + float(loss_sum),
+            self.windows,
+            self.rules + np.asarray(rules),
+            plus(self.answer, answer),
+            plus(self.answer_max, answer_max),
+            plus(self.copy, copy),
+        )
 
     @property
     def mean_blocks(self) -> np.ndarray:
@@ -677,8 +823,10 @@ class InfluenceProfile:
 
     def _need_token(self) -> "InfluenceProfile":
         if self.diag is None:
-            raise ValueError(f"the profile at N={self.length} has the answer rows' sums only; "
-                             f"profile with token=True or use the 'answer' estimator")
+            raise ValueError(
+                f"the profile at N={self.length} has the answer rows' sums only; "
+                f"profile with token=True or use the 'answer' estimator"
+            )
         return self
 
     @property
@@ -687,36 +835,71 @@ class InfluenceProfile:
 
     def merge(self, other: "InfluenceProfile") -> "InfluenceProfile":
         """Sum of two partial profiles (e.g. from different hosts or resumed runs)."""
-        if (self.length, self.sink, self.block, self.heads_shape) != \
-                (other.length, other.sink, other.block, other.heads_shape) or \
-                not np.array_equal(self.windows, other.windows):
-            raise ValueError("cannot merge profiles of different lengths, sinks, windows or "
-                             "shapes")       # `add` checks that both hold the same sums
-        return self.add(other.count, other.loss_sum, other.blocks, other.diag, other.rules,
-                        other.answer, other.answer_max, other.copy)
+        if (self.length, self.sink, self.block, self.heads_shape) != (
+            other.length,
+            other.sink,
+            other.block,
+            other.heads_shape,
+        ) or not np.array_equal(self.windows, other.windows):
+            raise ValueError(
+                "cannot merge profiles of different lengths, sinks, windows or shapes"
+            )  # `add` checks that both hold the same sums
+        return self.add(
+            other.count,
+            other.loss_sum,
+            other.blocks,
+            other.diag,
+            other.rules,
+            other.answer,
+            other.answer_max,
+            other.copy,
+        )
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        extra = {name: x for name, x in (("answer", self.answer), ("answer_max", self.answer_max),
-                                         ("copy", self.copy), ("blocks", self.blocks),
-                                         ("diag", self.diag))
-                 if x is not None}
-        np.savez_compressed(tmp, length=self.length, sink=self.sink, block=self.block,
-                            count=self.count, loss_sum=self.loss_sum, windows=self.windows,
-                            rules=self.rules, **extra)
+        extra = {
+            name: x
+            for name, x in (
+                ("answer", self.answer),
+                ("answer_max", self.answer_max),
+                ("copy", self.copy),
+                ("blocks", self.blocks),
+                ("diag", self.diag),
+            )
+            if x is not None
+        }
+        np.savez_compressed(
+            tmp,
+            length=self.length,
+            sink=self.sink,
+            block=self.block,
+            count=self.count,
+            loss_sum=self.loss_sum,
+            windows=self.windows,
+            rules=self.rules,
+            **extra,
+        )
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "InfluenceProfile":
         with np.load(path) as z:
-            extra = {k: z[k] for k in ("windows", "rules", "answer", "answer_max", "copy")
-                     if k in z}
+            extra = {
+                k: z[k] for k in ("windows", "rules", "answer", "answer_max", "copy") if k in z
+            }
             sums = [z[k] if k in z else None for k in ("blocks", "diag")]
-            return cls(int(z["length"]), int(z["sink"]), int(z["block"]), *sums,
-                       int(z["count"]), float(z["loss_sum"]), **extra)
+            return cls(
+                int(z["length"]),
+                int(z["sink"]),
+                int(z["block"]),
+                *sums,
+                int(z["count"]),
+                float(z["loss_sum"]),
+                **extra,
+            )
 
     # ------------------------------------------------------------------ estimates
     def window_losses(self, windows: np.ndarray, estimator: str = "token") -> np.ndarray:
@@ -741,14 +924,18 @@ class InfluenceProfile:
         n = self.length
         if estimator in ("token", "answer"):
             if estimator == "answer" and self.answer is None:
-                raise ValueError(f"the profile at N={n} has no answer-row sums; profile with "
-                                 f"answer=True or use the 'token' estimator")
+                raise ValueError(
+                    f"the profile at N={n} has no answer-row sums; profile with "
+                    f"answer=True or use the 'token' estimator"
+                )
             d = self.mean_diag if estimator == "token" else self.answer / max(self.count, 1)
             return suffix_sums(d)[..., np.clip(windows, 0, n)]
         if estimator in ("copy", "answer-copy"):
             if self.copy is None:
-                raise ValueError(f"the profile at N={n} has no copy sums; profile the answer "
-                                 f"rows alone (token=False)")
+                raise ValueError(
+                    f"the profile at N={n} has no copy sums; profile the answer "
+                    f"rows alone (token=False)"
+                )
             copy = suffix_sums(self.copy / max(self.count, 1))
             if estimator == "copy":
                 return copy[..., np.clip(windows, 0, n)]
@@ -758,10 +945,13 @@ class InfluenceProfile:
             return (answer + scale * copy)[..., np.clip(windows, 0, n)]
         if estimator == "answer-max":
             if self.answer_max is None:
-                raise ValueError(f"the profile at N={n} has no answer-row maxima; profile the "
-                                 f"answer rows alone (token=False)")
-            m = np.concatenate([self.answer_max, np.zeros(self.answer_max.shape[:-1] + (1,))],
-                               axis=-1) / max(self.count, 1)
+                raise ValueError(
+                    f"the profile at N={n} has no answer-row maxima; profile the "
+                    f"answer rows alone (token=False)"
+                )
+            m = np.concatenate(
+                [self.answer_max, np.zeros(self.answer_max.shape[:-1] + (1,))], axis=-1
+            ) / max(self.count, 1)
             return m[..., np.clip(windows, 0, n)]
         if estimator == "window":
             pos = {int(w): i for i, w in enumerate(self.windows)}
@@ -770,9 +960,11 @@ class InfluenceProfile:
                 if w >= n:
                     continue
                 if int(w) not in pos:
-                    raise ValueError(f"the profile at N={n} has no rule estimate for window "
-                                     f"{int(w)} (it has {sorted(pos)}); profile with these "
-                                     f"windows or use the 'token' estimator")
+                    raise ValueError(
+                        f"the profile at N={n} has no rule estimate for window "
+                        f"{int(w)} (it has {sorted(pos)}); profile with these "
+                        f"windows or use the 'token' estimator"
+                    )
                 out[..., r] = self.rules[..., pos[int(w)]] / max(self.count, 1)
             return out
         if estimator == "block":
@@ -794,17 +986,31 @@ class InfluenceProfile:
     def rule_losses(self, grid, estimator: str = "token") -> np.ndarray:
         """Estimated loss [L, H, R] of each rule of a `RuleGrid` at this profile's length."""
         if grid.sink != self.sink:
-            raise ValueError(f"the rule grid keeps {grid.sink} sinks but the profile excluded "
-                             f"{self.sink}")
+            raise ValueError(
+                f"the rule grid keeps {grid.sink} sinks but the profile excluded {self.sink}"
+            )
         return self.window_losses(grid.windows(self.length), estimator)
 
 
-def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int = 64,
-                  batch_size: int = 1, q_chunk: int | None = None, key_groups: int = 4,
-                  remat: bool = False, windows: Sequence[int] = (), answer: bool = False,
-                  token: bool = True, pad_id: int | None = None, mesh=None,
-                  progress: bool = True,
-                  profile: InfluenceProfile | None = None, on_batch=None) -> InfluenceProfile:
+def profile_items(
+    model: Llama,
+    items: Sequence[Any],
+    length: int,
+    *,
+    sink: int = 64,
+    batch_size: int = 1,
+    q_chunk: int | None = None,
+    key_groups: int = 4,
+    remat: bool = False,
+    windows: Sequence[int] = (),
+    answer: bool = False,
+    token: bool = True,
+    pad_id: int | None = None,
+    mesh=None,
+    progress: bool = True,
+    profile: InfluenceProfile | None = None,
+    on_batch=None,
+) -> InfluenceProfile:
     """Profiles every head on `items` (all of length <= `length`) and returns the summed profile.
 
     Args:
@@ -830,28 +1036,51 @@ def profile_items(model: Llama, items: Sequence[Any], length: int, *, sink: int 
     if pad_id is None:
         pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     windows = sorted({int(w) for w in windows if int(w) < length})
-    prof = profile or InfluenceProfile.zeros(cfg.num_layers, cfg.num_heads, length, sink,
-                                             windows=windows, answer=answer, token=token)
+    prof = profile or InfluenceProfile.zeros(
+        cfg.num_layers, cfg.num_heads, length, sink, windows=windows, answer=answer, token=token
+    )
     if list(prof.windows) != windows:
         raise ValueError(f"the partial profile has windows {list(prof.windows)}, not {windows}")
     if (prof.answer is not None) != bool(answer):
-        raise ValueError(f"the partial profile {'has' if prof.answer is not None else 'lacks'} "
-                         f"answer-row sums, but answer={answer}")
+        raise ValueError(
+            f"the partial profile {'has' if prof.answer is not None else 'lacks'} "
+            f"answer-row sums, but answer={answer}"
+        )
     if prof.token != bool(token):
-        raise ValueError(f"the partial profile {'has' if prof.token else 'lacks'} the token "
-                         f"sums, but token={token}")
-    todo = list(items)[prof.count:]
-    bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress,
-               unit="item")
-    graphdef, state = _split(model, mesh)          # once: parameters sharded once
+        raise ValueError(
+            f"the partial profile {'has' if prof.token else 'lacks'} the token "
+            f"sums, but token={token}"
+        )
+    todo = list(items)[prof.count :]
+    bar = tqdm(total=len(todo), desc=f"influence N={length}", disable=not progress, unit="item")
+    graphdef, state = _split(model, mesh)  # once: parameters sharded once
     for batch in make_batches(todo, length, batch_size, pad_id, fill=True):
         sums = _profile_split(
-            graphdef, state, cfg, batch, sink=sink, block=BLOCK, q_chunk=q_chunk,
-            key_groups=key_groups, remat=remat, windows=windows, answer=answer, token=token,
-            mesh=mesh)
-        losses = sums.losses[:batch.rows]
-        prof = prof.add(len(losses), float(np.sum(losses)), sums.blocks, sums.diag, sums.rules,
-                        sums.answer if answer else None, sums.answer_max, sums.copy)
+            graphdef,
+            state,
+            cfg,
+            batch,
+            sink=sink,
+            block=BLOCK,
+            q_chunk=q_chunk,
+            key_groups=key_groups,
+            remat=remat,
+            windows=windows,
+            answer=answer,
+            token=token,
+            mesh=mesh,
+        )
+        losses = sums.losses[: batch.rows]
+        prof = prof.add(
+            len(losses),
+            float(np.sum(losses)),
+            sums.blocks,
+            sums.diag,
+            sums.rules,
+            sums.answer if answer else None,
+            sums.answer_max,
+            sums.copy,
+        )
         bar.update(len(losses))
         if on_batch is not None:
             on_batch(prof)

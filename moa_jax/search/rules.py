@@ -13,7 +13,8 @@ longest profile lengths and an extension length (default twice the longest). For
 (2048, 4096, 8192) it is exactly the reference grid. The dense rule (0, 1) is always included.
 
 Windows and densities are computed through `moa_jax.plan.Plan`, so the search sees exactly the
-windows the kernels will run (64-token granularity, a 128-token minimum span, sinks inside the span).
+windows the kernels will run (64-token granularity, a 128-token minimum span, sinks inside the
+span).
 
 Public API:
   RuleGrid(alphas, betas, sink=64, granularity=64, min_span=128)
@@ -34,8 +35,8 @@ from moa_jax.plan import Plan
 
 REFERENCE_LENGTHS = (2048, 4096, 8192)
 REFERENCE_EXTEND = 16384
-ALPHA_STEPS = tuple(range(-2, 9))          # alpha = step * unit, unit = min profile length / 2
-BETA_EIGHTHS = tuple(range(0, 9))          # beta = k / 8
+ALPHA_STEPS = tuple(range(-2, 9))  # alpha = step * unit, unit = min profile length / 2
+BETA_EIGHTHS = tuple(range(0, 9))  # beta = k / 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +53,9 @@ class RuleGrid:
         a = tuple(float(x) for x in self.alphas)
         b = tuple(float(x) for x in self.betas)
         if len(a) != len(b) or not a:
-            raise ValueError(f"need the same non-zero number of alphas and betas, got "
-                             f"{len(a)} and {len(b)}")
+            raise ValueError(
+                f"need the same non-zero number of alphas and betas, got {len(a)} and {len(b)}"
+            )
         if len(set(zip(a, b))) != len(a):
             raise ValueError("duplicate rules in the grid")
         object.__setattr__(self, "alphas", a)
@@ -70,8 +72,13 @@ class RuleGrid:
         return self.rules.index((float(alpha), float(beta)))
 
     def _row_plan(self) -> Plan:
-        return Plan(alphas=[list(self.alphas)], betas=[list(self.betas)], sinks=self.sink,
-                    granularity=self.granularity, min_span=self.min_span)
+        return Plan(
+            alphas=[list(self.alphas)],
+            betas=[list(self.betas)],
+            sinks=self.sink,
+            granularity=self.granularity,
+            min_span=self.min_span,
+        )
 
     def windows(self, n: int) -> np.ndarray:
         """int [R]: each rule's kernel window (tokens, sinks excluded; n = dense) at length n."""
@@ -101,23 +108,39 @@ class RuleGrid:
             raise ValueError(f"rule indices must be in [0, {len(self)})")
         a = np.asarray(self.alphas)[c]
         b = np.asarray(self.betas)[c]
-        return Plan(alphas=a.tolist(), betas=b.tolist(), sinks=self.sink,
-                    granularity=self.granularity, min_span=self.min_span,
-                    metadata=dict(metadata or {}))
+        return Plan(
+            alphas=a.tolist(),
+            betas=b.tolist(),
+            sinks=self.sink,
+            granularity=self.granularity,
+            min_span=self.min_span,
+            metadata=dict(metadata or {}),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"alphas": list(self.alphas), "betas": list(self.betas), "sink": self.sink,
-                "granularity": self.granularity, "min_span": self.min_span}
+        return {
+            "alphas": list(self.alphas),
+            "betas": list(self.betas),
+            "sink": self.sink,
+            "granularity": self.granularity,
+            "min_span": self.min_span,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RuleGrid":
-        return cls(alphas=d["alphas"], betas=d["betas"], sink=int(d.get("sink", 64)),
-                   granularity=int(d.get("granularity", 64)),
-                   min_span=int(d.get("min_span", 128)))
+        return cls(
+            alphas=d["alphas"],
+            betas=d["betas"],
+            sink=int(d.get("sink", 64)),
+            granularity=int(d.get("granularity", 64)),
+            min_span=int(d.get("min_span", 128)),
+        )
 
     def describe(self, lengths: Sequence[int]) -> str:
-        lines = [f"{len(self)} rules (sink {self.sink}, granularity {self.granularity}, "
-                 f"min span {self.min_span}); kv density range per length:"]
+        lines = [
+            f"{len(self)} rules (sink {self.sink}, granularity {self.granularity}, "
+            f"min span {self.min_span}); kv density range per length:"
+        ]
         for n in lengths:
             d = self.kv_density(n)
             lines.append(f"  N={n}: {d.min():.3f} .. {d.max():.3f}")
@@ -144,9 +167,15 @@ def _grid(unit: float, n_min: int, n_max: int, n_ext: int) -> tuple[list[float],
     return alphas, betas
 
 
-def scaled_grid(profile_lengths: Sequence[int], extend_length: int | None = None, *,
-                sink: int = 64, granularity: int = 64, min_span: int = 128,
-                unit: float | None = None) -> RuleGrid:
+def scaled_grid(
+    profile_lengths: Sequence[int],
+    extend_length: int | None = None,
+    *,
+    sink: int = 64,
+    granularity: int = 64,
+    min_span: int = 128,
+    unit: float | None = None,
+) -> RuleGrid:
     """The reference grid scaled to the given profile lengths (see module docstring).
 
     Args:

@@ -45,8 +45,9 @@ class WindowArgAttention(AttentionBackend):
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
         windows, sinks = cache
-        out = chunked_attention(q, k, v, positions, windows=windows, sinks=sinks,
-                                q_chunk=self.q_chunk)
+        out = chunked_attention(
+            q, k, v, positions, windows=windows, sinks=sinks, q_chunk=self.q_chunk
+        )
         return out, None
 
 
@@ -58,12 +59,20 @@ def _resolve_backend(backend: str) -> str:
     return backend
 
 
-def plan_losses(model: Llama, batches: Sequence[Batch], plan: Plan, length: int, *,
-                backend: str = "auto", q_chunk: int = 512) -> np.ndarray:
+def plan_losses(
+    model: Llama,
+    batches: Sequence[Batch],
+    plan: Plan,
+    length: int,
+    *,
+    backend: str = "auto",
+    q_chunk: int = 512,
+) -> np.ndarray:
     """Per-item answer loss with `plan` resolved at `length` (dense: `Plan.dense`)."""
     plan.validate(model.config)
     if _resolve_backend(backend) == "moa":
         from moa_jax.models.moa_attention import MoAAttention
+
         return answer_losses(model, batches, MoAAttention(plan, length=length))
     runner = LayerRunner(model)
     windows = jnp.asarray(plan.resolve(length), jnp.int32)
@@ -74,13 +83,21 @@ def plan_losses(model: Llama, batches: Sequence[Batch], plan: Plan, length: int,
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def measure_plans(model: Llama, batches: Sequence[Batch], plans: Mapping[str, Plan],
-                  length: int, *, backend: str = "auto", q_chunk: int = 512,
-                  progress: bool = True) -> dict[str, np.ndarray]:
+def measure_plans(
+    model: Llama,
+    batches: Sequence[Batch],
+    plans: Mapping[str, Plan],
+    length: int,
+    *,
+    backend: str = "auto",
+    q_chunk: int = 512,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
     """{name: per-item answer loss} for every plan, on the same held-out batches."""
     out = {}
-    for name, plan in tqdm(plans.items(), desc=f"validate N={length}", unit="plan",
-                           disable=not progress):
+    for name, plan in tqdm(
+        plans.items(), desc=f"validate N={length}", unit="plan", disable=not progress
+    ):
         out[name] = plan_losses(model, batches, plan, length, backend=backend, q_chunk=q_chunk)
     return out
 

@@ -38,10 +38,10 @@ def _ocp():
 
 class Checkpointer:
     """Args:
-      directory: root directory of the step directories (created if needed).
-      keep: how many of the most recent checkpoints to keep (>= 1).
-      async_save: let saves run in a background thread (call `wait()` / `close()` before the
-        process exits; `save` of the next step waits for the previous one).
+    directory: root directory of the step directories (created if needed).
+    keep: how many of the most recent checkpoints to keep (>= 1).
+    async_save: let saves run in a background thread (call `wait()` / `close()` before the
+      process exits; `save` of the next step waits for the previous one).
     """
 
     def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
@@ -50,11 +50,15 @@ class Checkpointer:
         ocp = _ocp()
         self.directory = Path(directory).absolute()
         self.directory.mkdir(parents=True, exist_ok=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
 
     def all_steps(self) -> list[int]:
         """Completed checkpoints, oldest first (partial, uncommitted saves are not listed)."""
@@ -70,11 +74,18 @@ class Checkpointer:
         ocp = _ocp()
         meta = {**meta, "step": int(step)}
         try:
-            self._manager.save(int(step), force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            self._manager.save(
+                int(step),
+                force=True,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
         except Exception as e:
-            raise CheckpointError(f"could not save checkpoint step {step} in {self.directory}: "
-                                  f"{type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"could not save checkpoint step {step} in {self.directory}: "
+                f"{type(e).__name__}: {e}"
+            ) from e
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores (state, meta) of `step` (default: the latest) onto `target`'s structure,
@@ -86,32 +97,46 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         step = steps[-1] if step is None else int(step)
         if step not in steps:
-            raise CheckpointError(f"no checkpoint of step {step} in {self.directory} "
-                                  f"(available: {steps})")
+            raise CheckpointError(
+                f"no checkpoint of step {step} in {self.directory} (available: {steps})"
+            )
         path = self.directory / str(step)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            target)
+            target,
+        )
         others = [s for s in steps if s != step]
-        hint = (f"; delete {path} to resume from step {others[-1]} instead" if others else "")
+        hint = f"; delete {path} to resume from step {others[-1]} instead" if others else ""
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} is corrupt or incompatible with this run "
-                                  f"({type(e).__name__}: {str(e)[:500]}){hint}") from e
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt or incompatible with this run "
+                f"({type(e).__name__}: {str(e)[:500]}){hint}"
+            ) from e
         meta = restored.meta
         if not isinstance(meta, dict) or any(k not in meta for k in _REQUIRED_META):
-            raise CheckpointError(f"checkpoint {path} has no valid metadata (expected keys "
-                                  f"{list(_REQUIRED_META)}, got {meta!r}){hint}")
+            raise CheckpointError(
+                f"checkpoint {path} has no valid metadata (expected keys "
+                f"{list(_REQUIRED_META)}, got {meta!r}){hint}"
+            )
         state = restored.state
         if jax.tree.structure(state) != jax.tree.structure(target):
-            raise CheckpointError(f"checkpoint {path} holds a different state structure than "
-                                  f"this run's model and optimizer{hint}")
+            raise CheckpointError(
+                f"checkpoint {path} holds a different state structure than "
+                f"this run's model and optimizer{hint}"
+            )
         for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(target)):
             if got.shape != want.shape or got.dtype != want.dtype:
-                raise CheckpointError(f"checkpoint {path} has an array {got.shape} {got.dtype} "
-                                      f"where this run has {want.shape} {want.dtype}{hint}")
+                raise CheckpointError(
+                    f"checkpoint {path} has an array {got.shape} {got.dtype} "
+                    f"where this run has {want.shape} {want.dtype}{hint}"
+                )
         return state, meta
 
     def wait(self) -> None:

@@ -92,25 +92,32 @@ class PackedData:
         else:
             pos = self.positions[rows]
         same_doc = pos[:, 1:] == pos[:, :-1] + 1
-        return Batch(inputs=np.ascontiguousarray(tok[:, :-1], np.int32),
-                     targets=np.ascontiguousarray(tok[:, 1:], np.int32),
-                     positions=np.ascontiguousarray(pos[:, :-1], np.int32),
-                     loss_mask=same_doc.astype(np.float32))
+        return Batch(
+            inputs=np.ascontiguousarray(tok[:, :-1], np.int32),
+            targets=np.ascontiguousarray(tok[:, 1:], np.int32),
+            positions=np.ascontiguousarray(pos[:, :-1], np.int32),
+            loss_mask=same_doc.astype(np.float32),
+        )
 
 
-def tokenize_documents(docs: Sequence[Document], tokenizer: Any,
-                       batch_size: int = 16) -> list[np.ndarray]:
+def tokenize_documents(
+    docs: Sequence[Document], tokenizer: Any, batch_size: int = 16
+) -> list[np.ndarray]:
     """Token ids (int32) of each document's text, without special tokens."""
     out: list[np.ndarray] = []
     for i in range(0, len(docs), batch_size):
-        texts = [d.text for d in docs[i:i + batch_size]]
+        texts = [d.text for d in docs[i : i + batch_size]]
         ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         out.extend(np.asarray(x, np.int32) for x in ids)
     return out
 
 
-def pack(token_docs: Sequence[np.ndarray], seq_len: int, packing: str = "chunk",
-         eos_id: int | None = None) -> PackedData:
+def pack(
+    token_docs: Sequence[np.ndarray],
+    seq_len: int,
+    packing: str = "chunk",
+    eos_id: int | None = None,
+) -> PackedData:
     """Cuts tokenised documents into rows of `seq_len + 1` tokens (see the module docstring)."""
     if packing not in PACKINGS:
         raise ValueError(f"packing must be one of {PACKINGS}, got {packing!r}")
@@ -125,7 +132,7 @@ def pack(token_docs: Sequence[np.ndarray], seq_len: int, packing: str = "chunk",
             if n == 0:
                 dropped += 1
                 continue
-            rows.append(np.asarray(d[:n * row], np.int32).reshape(n, row))
+            rows.append(np.asarray(d[: n * row], np.int32).reshape(n, row))
         tokens = np.concatenate(rows) if rows else np.zeros((0, row), np.int32)
         return PackedData(tokens, None, packing, len(token_docs), dropped, total)
     if eos_id is None:
@@ -133,10 +140,10 @@ def pack(token_docs: Sequence[np.ndarray], seq_len: int, packing: str = "chunk",
     pieces = [np.append(np.asarray(d, np.int32), np.int32(eos_id)) for d in token_docs]
     stream = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
     n = len(stream) // row
-    tokens = stream[:n * row].reshape(n, row)
+    tokens = stream[: n * row].reshape(n, row)
     positions = None
     if packing == "segments":
-        doc_pos = np.concatenate([np.arange(len(p), dtype=np.int64) for p in pieces])[:n * row]
+        doc_pos = np.concatenate([np.arange(len(p), dtype=np.int64) for p in pieces])[: n * row]
         doc_pos = doc_pos.reshape(n, row)
         col = np.broadcast_to(np.arange(row), (n, row))
         start = (doc_pos == 0) | (col == 0)
@@ -145,8 +152,9 @@ def pack(token_docs: Sequence[np.ndarray], seq_len: int, packing: str = "chunk",
     return PackedData(tokens, positions, packing, len(token_docs), 0, total)
 
 
-def split_documents(docs: Sequence[Document], heldout: int,
-                    seed: int = 0) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: Sequence[Document], heldout: int, seed: int = 0
+) -> tuple[list[Document], list[Document]]:
     """(train, held-out): `heldout` documents picked by a seeded permutation (order kept)."""
     if heldout < 0:
         raise ValueError(f"heldout_docs must be >= 0, got {heldout}")
@@ -155,12 +163,15 @@ def split_documents(docs: Sequence[Document], heldout: int,
     if heldout >= len(docs):
         raise ValueError(f"cannot hold out {heldout} of {len(docs)} documents and still train")
     pick = set(np.random.default_rng(seed).permutation(len(docs))[:heldout].tolist())
-    return ([d for i, d in enumerate(docs) if i not in pick],
-            [d for i, d in enumerate(docs) if i in pick])
+    return (
+        [d for i, d in enumerate(docs) if i not in pick],
+        [d for i, d in enumerate(docs) if i in pick],
+    )
 
 
-def load_documents(corpus: str, *, text_field: str = "text",
-                   max_documents: int = 0) -> list[Document]:
+def load_documents(
+    corpus: str, *, text_field: str = "text", max_documents: int = 0
+) -> list[Document]:
     """`load_corpus` with a clear error for a missing path; the first `max_documents` (0: all)."""
     try:
         docs = load_corpus(corpus, text_field=text_field)
@@ -186,11 +197,20 @@ class BatchIterator:
     Epoch e visits all rows in the order `np.random.default_rng([seed, e]).permutation(N)`.
     """
 
-    def __init__(self, data: PackedData, batch_size: int, *, seed: int = 0, position: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        data: PackedData,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        position: int = 0,
+        shuffle: bool = True,
+    ):
         if len(data) == 0:
-            raise ValueError("no training rows: every document is shorter than seq_len + 1 "
-                             "tokens (use a shorter seq_len, packing 'concat', or more text)")
+            raise ValueError(
+                "no training rows: every document is shorter than seq_len + 1 "
+                "tokens (use a shorter seq_len, packing 'concat', or more text)"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
@@ -200,8 +220,11 @@ class BatchIterator:
     def _order(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             n = len(self.data)
-            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
-                          else np.arange(n))
+            self._perm = (
+                np.random.default_rng([self.seed, epoch]).permutation(n)
+                if self.shuffle
+                else np.arange(n)
+            )
             self._perm_epoch = epoch
         return self._perm
 
@@ -226,17 +249,24 @@ class BatchIterator:
         return self.position / len(self.data)
 
     def state(self) -> dict[str, Any]:
-        return {"position": self.position, "seed": self.seed, "num_rows": len(self.data),
-                "fingerprint": self.data.fingerprint()}
+        return {
+            "position": self.position,
+            "seed": self.seed,
+            "num_rows": len(self.data),
+            "fingerprint": self.data.fingerprint(),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continues from a saved `state()`; the data must be the same rows."""
-        if int(state["num_rows"]) != len(self.data) or \
-                state.get("fingerprint", self.data.fingerprint()) != self.data.fingerprint():
+        if (
+            int(state["num_rows"]) != len(self.data)
+            or state.get("fingerprint", self.data.fingerprint()) != self.data.fingerprint()
+        ):
             raise ValueError(
                 f"the training data differ from the checkpoint's ({state['num_rows']} rows, "
                 f"fingerprint {state.get('fingerprint')}; now {len(self.data)} rows, "
-                f"{self.data.fingerprint()}): resuming would not continue the same stream")
+                f"{self.data.fingerprint()}): resuming would not continue the same stream"
+            )
         if int(state["seed"]) != self.seed:
             raise ValueError(f"data_seed {self.seed} differs from the checkpoint's {state['seed']}")
         self.position = int(state["position"])

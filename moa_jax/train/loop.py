@@ -62,19 +62,35 @@ from jax.sharding import PartitionSpec as P
 from moa_jax.cli import atomic_write_text
 from moa_jax.config import ModelConfig, parse_dtype
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.parallel import (MeshConfig, logical_to_spec, make_mesh, mesh_context,
-                              param_shardings)
+from moa_jax.parallel import MeshConfig, logical_to_spec, make_mesh, mesh_context, param_shardings
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
-from moa_jax.train.data import (PACKINGS, Batch, BatchIterator, PackedData, eval_rows,
-                                load_documents, pack, split_documents, tokenize_documents)
+from moa_jax.train.data import (
+    PACKINGS,
+    Batch,
+    BatchIterator,
+    PackedData,
+    eval_rows,
+    load_documents,
+    pack,
+    split_documents,
+    tokenize_documents,
+)
 from moa_jax.train.recycled import RecycledTrainAttention, TrainDenseAttention
 
 ATTENTIONS = ("dense", "recycled", "moa")
 SCHEDULES = ("cosine", "linear", "constant")
 
 # Peak dense bf16 matmul throughput by device kind, for MFU (FLOP/s).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12,
-              "TPU v5p": 459e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v6": 918e12}
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v6": 918e12,
+}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -91,20 +107,29 @@ class TrainConfig:
     param_dtype: str = _f("float32", "dtype of the master weights and optimizer state")
     # --- attention ---
     attention: str = _f("dense", f"training attention: {' | '.join(ATTENTIONS)}")
-    attention_impl: str = _f("auto", "kernel of full causal blocks: auto | reference | xla | "
-                             "cudnn | pallas (auto: cuDNN on GPU in bf16/fp16, else the jnp "
-                             "reference; pallas: the block-sparse kernel, all windows dense)")
+    attention_impl: str = _f(
+        "auto",
+        "kernel of full causal blocks: auto | reference | xla | "
+        "cudnn | pallas (auto: cuDNN on GPU in bf16/fp16, else the jnp "
+        "reference; pallas: the block-sparse kernel, all windows dense)",
+    )
     prefix_len: int = _f(0, "recycled: L, the rows with full causal attention")
     tail_len: int = _f(0, "recycled: S, the rows that attend to the selected top-K + tail")
     top_k: int = _f(0, "recycled: K, tokens selected per layer and KV head")
-    refresh_stride: int = _f(0, "recycled: 0 = the paper's recipe (one selection at row L); "
-                             "n > 0 = the decoder's schedule, every n-th tail row full")
+    refresh_stride: int = _f(
+        0,
+        "recycled: 0 = the paper's recipe (one selection at row L); "
+        "n > 0 = the decoder's schedule, every n-th tail row full",
+    )
     pool_kernel: int = _f(7, "recycled: max-pool kernel over tokens before top-K")
-    decode_eviction: bool = _f(False, "recycled: tail row j sees only the K - j best (the "
-                               "decoder's cache) instead of all K")
+    decode_eviction: bool = _f(
+        False,
+        "recycled: tail row j sees only the K - j best (the decoder's cache) instead of all K",
+    )
     plan: str | None = _f(None, "moa: plan file or 'dense' / 'streaming:WINDOW[:SINK]'")
-    kernel_backend: str = _f("auto", "moa: sparse kernel backend auto | gpu | mgpu | tpu | "
-                             "reference")
+    kernel_backend: str = _f(
+        "auto", "moa: sparse kernel backend auto | gpu | mgpu | tpu | reference"
+    )
     # --- data ---
     corpus: str = _f("shakespeare", "built-in corpus name or local json/jsonl/parquet/txt path")
     text_field: str = _f("text", "text column of json/parquet data")
@@ -113,13 +138,18 @@ class TrainConfig:
     max_documents: int = _f(0, "use only the first N documents of the corpus (0: all)")
     heldout_docs: int = _f(0, "documents of the corpus held out for evaluation")
     eval_corpus: str | None = _f(None, "evaluate on this corpus instead of the held-out documents")
-    eval_sequences: int = _f(0, "held-out rows evaluated before, during and after training "
-                             "(0: no evaluation)")
+    eval_sequences: int = _f(
+        0, "held-out rows evaluated before, during and after training (0: no evaluation)"
+    )
     eval_every: int = _f(0, "evaluate every N steps (0: only before and after)")
     eval_batch_size: int = _f(0, "rows per evaluation batch (0: the micro-batch)")
     eval_top_k: int = _f(0, "recycled evaluation K (0: top_k)")
-    eval_strides: list[int] = _f((0,), "recycled evaluation schedules: 0 = the training "
-                                 "recipe, n > 0 = the decoder's stride-n schedule", nargs="*")
+    eval_strides: list[int] = _f(
+        (0,),
+        "recycled evaluation schedules: 0 = the training "
+        "recipe, n > 0 = the decoder's stride-n schedule",
+        nargs="*",
+    )
     eval_decode_eviction: bool = _f(True, "recycled evaluation with the decoder's eviction")
     data_seed: int = _f(0, "seed of the held-out split and of the shuffling")
     # --- optimisation ---
@@ -135,8 +165,11 @@ class TrainConfig:
     b2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     clip_norm: float = _f(1.0, "global gradient-norm clip (0: none)")
-    remat: bool = _f(False, "recompute each layer's activations in the backward pass instead of "
-                     "keeping them (long rows of large models: memory for ~1/3 more compute)")
+    remat: bool = _f(
+        False,
+        "recompute each layer's activations in the backward pass instead of "
+        "keeping them (long rows of large models: memory for ~1/3 more compute)",
+    )
     seed: int = _f(0, "PRNG seed of the run's key (saved and restored with checkpoints)")
     # --- mesh ---
     mesh_data: int = _f(-1, "data-parallel mesh axis (-1: the remaining devices)")
@@ -153,8 +186,11 @@ class TrainConfig:
     log_every: int = _f(10, "print a metrics line every N steps")
     peak_tflops: float = _f(0.0, "peak TFLOP/s per device for MFU (0: by device kind)")
     progress: bool = _f(True, "show a progress bar")
-    stop_after: int = _f(0, "stop after this step as if killed (no final checkpoint, export or "
-                         "evaluation); for testing resume")
+    stop_after: int = _f(
+        0,
+        "stop after this step as if killed (no final checkpoint, export or "
+        "evaluation); for testing resume",
+    )
 
     def effective_seq_len(self) -> int:
         if self.seq_len:
@@ -170,32 +206,73 @@ class TrainConfig:
 
 # Keys a resumed run must share with the checkpoint's run (they change the data stream, the
 # model or the update rule, so the continuation would not be the same run).
-_RESUME_KEYS = ("model", "dtype", "param_dtype", "attention", "attention_impl", "prefix_len",
-                "tail_len", "top_k", "refresh_stride", "pool_kernel", "decode_eviction", "plan",
-                "corpus", "text_field", "seq_len", "packing", "max_documents", "heldout_docs",
-                "data_seed", "batch_size", "grad_accum", "lr", "schedule", "warmup_steps",
-                "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm", "seed")
+_RESUME_KEYS = (
+    "model",
+    "dtype",
+    "param_dtype",
+    "attention",
+    "attention_impl",
+    "prefix_len",
+    "tail_len",
+    "top_k",
+    "refresh_stride",
+    "pool_kernel",
+    "decode_eviction",
+    "plan",
+    "corpus",
+    "text_field",
+    "seq_len",
+    "packing",
+    "max_documents",
+    "heldout_docs",
+    "data_seed",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "schedule",
+    "warmup_steps",
+    "min_lr_ratio",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "clip_norm",
+    "seed",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m moa_jax.train",
         description="Continued pretraining (dense, Recycled Attention or an MoA plan) with "
-                    "optax, orbax checkpoints and exact resume.")
+        "optax, orbax checkpoints and exact resume.",
+    )
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
         default = f.default
         if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_,
+            )
         elif f.metadata.get("nargs"):
-            parser.add_argument(flag, dest=f.name, type=int, nargs=f.metadata["nargs"],
-                                default=list(default), help=help_)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=int,
+                nargs=f.metadata["nargs"],
+                default=list(default),
+                help=help_,
+            )
         else:
             typ = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=f.name, type=typ, default=default,
-                                help=f"{help_} (default: {default})")
+            parser.add_argument(
+                flag, dest=f.name, type=typ, default=default, help=f"{help_} (default: {default})"
+            )
     return parser
 
 
@@ -206,26 +283,36 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     parser = build_parser()
     ns = vars(parse_args(parser, argv))
     ns.pop("config", None)
-    ns.pop("debug", None)          # read by moa_jax.cli.run
+    ns.pop("debug", None)  # read by moa_jax.cli.run
     cfg = TrainConfig(**ns)
     # YAML may give scalars where a list is expected, and ints where floats are.
     if isinstance(cfg.eval_strides, int):
         cfg.eval_strides = [cfg.eval_strides]
     cfg.eval_strides = [int(s) for s in cfg.eval_strides]
-    for name in ("lr", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm",
-                 "peak_tflops"):
+    for name in (
+        "lr",
+        "min_lr_ratio",
+        "weight_decay",
+        "b1",
+        "b2",
+        "eps",
+        "clip_norm",
+        "peak_tflops",
+    ):
         setattr(cfg, name, float(getattr(cfg, name)))
     return cfg
 
 
 def validate_config(cfg: TrainConfig) -> None:
     """Checks that need neither the model nor the data; raises ValueError with the reason."""
+
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ValueError(msg)
 
-    need(cfg.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}, got "
-         f"{cfg.attention!r}")
+    need(
+        cfg.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}, got {cfg.attention!r}"
+    )
     need(cfg.packing in PACKINGS, f"packing must be one of {PACKINGS}, got {cfg.packing!r}")
     need(cfg.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     parse_dtype(cfg.dtype)
@@ -233,35 +320,49 @@ def validate_config(cfg: TrainConfig) -> None:
     if cfg.export_dtype:
         parse_dtype(cfg.export_dtype)
     if cfg.attention == "recycled":
-        need(cfg.prefix_len >= 1 and cfg.tail_len >= 1 and cfg.top_k >= 1,
-             "attention 'recycled' needs prefix_len, tail_len and top_k >= 1 (got "
-             f"{cfg.prefix_len}, {cfg.tail_len}, {cfg.top_k})")
-        need(cfg.seq_len in (0, cfg.prefix_len + cfg.tail_len),
-             f"seq_len {cfg.seq_len} != prefix_len + tail_len = {cfg.prefix_len + cfg.tail_len}"
-             " (leave seq_len 0 for recycled attention)")
+        need(
+            cfg.prefix_len >= 1 and cfg.tail_len >= 1 and cfg.top_k >= 1,
+            "attention 'recycled' needs prefix_len, tail_len and top_k >= 1 (got "
+            f"{cfg.prefix_len}, {cfg.tail_len}, {cfg.top_k})",
+        )
+        need(
+            cfg.seq_len in (0, cfg.prefix_len + cfg.tail_len),
+            f"seq_len {cfg.seq_len} != prefix_len + tail_len = {cfg.prefix_len + cfg.tail_len}"
+            " (leave seq_len 0 for recycled attention)",
+        )
         need(cfg.refresh_stride >= 0, "refresh_stride must be >= 0")
         need(all(s >= 0 for s in cfg.eval_strides), "eval_strides must be >= 0")
     else:
-        need(cfg.seq_len >= 1,
-             f"--seq-len must be >= 1 for attention {cfg.attention!r}, got {cfg.seq_len}; e.g. "
-             f"--seq-len 2048, or start from a preset: --config configs/train/tiny_cpu.yaml")
+        need(
+            cfg.seq_len >= 1,
+            f"--seq-len must be >= 1 for attention {cfg.attention!r}, got {cfg.seq_len}; e.g. "
+            f"--seq-len 2048, or start from a preset: --config configs/train/tiny_cpu.yaml",
+        )
     if cfg.attention == "moa":
         need(bool(cfg.plan), "attention 'moa' needs a plan (a file or 'streaming:W:S')")
-    need(cfg.attention == "dense" or cfg.packing != "segments",
-         f"packing 'segments' resets positions inside a row, which attention "
-         f"{cfg.attention!r} does not support; use 'chunk' or 'concat'")
+    need(
+        cfg.attention == "dense" or cfg.packing != "segments",
+        f"packing 'segments' resets positions inside a row, which attention "
+        f"{cfg.attention!r} does not support; use 'chunk' or 'concat'",
+    )
     need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}")
     need(cfg.batch_size >= 1 and cfg.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
-    need(cfg.batch_size % cfg.grad_accum == 0,
-         f"batch_size {cfg.batch_size} is not a multiple of grad_accum {cfg.grad_accum}")
+    need(
+        cfg.batch_size % cfg.grad_accum == 0,
+        f"batch_size {cfg.batch_size} is not a multiple of grad_accum {cfg.grad_accum}",
+    )
     need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     need(cfg.warmup_steps >= 0, "warmup_steps must be >= 0")
     need(0.0 <= cfg.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]")
     need(cfg.clip_norm >= 0, "clip_norm must be >= 0")
-    need(cfg.checkpoint_every >= 0 and cfg.keep_checkpoints >= 1,
-         "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
-    need(cfg.eval_sequences >= 0 and cfg.eval_every >= 0 and cfg.eval_batch_size >= 0,
-         "eval_sequences, eval_every and eval_batch_size must be >= 0")
+    need(
+        cfg.checkpoint_every >= 0 and cfg.keep_checkpoints >= 1,
+        "checkpoint_every must be >= 0 and keep_checkpoints >= 1",
+    )
+    need(
+        cfg.eval_sequences >= 0 and cfg.eval_every >= 0 and cfg.eval_batch_size >= 0,
+        "eval_sequences, eval_every and eval_batch_size must be >= 0",
+    )
     need(cfg.stop_after >= 0, "stop_after must be >= 0")
     need(cfg.log_every >= 1, "log_every must be >= 1")
 
@@ -274,20 +375,28 @@ def check_batch_divides(cfg: TrainConfig, mesh: Mesh) -> None:
             f"the micro-batch of {cfg.micro_batch} sequences (batch_size {cfg.batch_size} / "
             f"grad_accum {cfg.grad_accum}) does not divide over the mesh's data x fsdp = "
             f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {shards} devices; use a multiple "
-            f"of {shards}")
+            f"of {shards}"
+        )
     ebs = cfg.eval_batch_size or cfg.micro_batch
     if cfg.eval_sequences and ebs % shards:
-        raise ValueError(f"eval_batch_size {ebs} does not divide over data x fsdp = {shards} "
-                         "devices")
+        raise ValueError(
+            f"eval_batch_size {ebs} does not divide over data x fsdp = {shards} devices"
+        )
 
 
 # ------------------------------------------------------------------------------------------
 # Attention, optimizer, FLOPs.
 # ------------------------------------------------------------------------------------------
 
-def make_attention(cfg: TrainConfig, mc: ModelConfig, *, top_k: int | None = None,
-                   stride: int | None = None,
-                   decode_eviction: bool | None = None) -> AttentionBackend:
+
+def make_attention(
+    cfg: TrainConfig,
+    mc: ModelConfig,
+    *,
+    top_k: int | None = None,
+    stride: int | None = None,
+    decode_eviction: bool | None = None,
+) -> AttentionBackend:
     """The training attention for model `mc` (or an evaluation variant with another K /
     stride)."""
     if cfg.attention == "dense":
@@ -302,8 +411,9 @@ def make_attention(cfg: TrainConfig, mc: ModelConfig, *, top_k: int | None = Non
         return RecycledTrainAttention.paper(cfg.prefix_len, cfg.tail_len, k, **kw)
     from moa_jax.models.moa_attention import MoAAttention
 
-    return MoAAttention(load_plan(cfg, mc), length=cfg.effective_seq_len(),
-                        kernel_backend=cfg.kernel_backend)
+    return MoAAttention(
+        load_plan(cfg, mc), length=cfg.effective_seq_len(), kernel_backend=cfg.kernel_backend
+    )
 
 
 def load_plan(cfg: TrainConfig, mc: ModelConfig):
@@ -355,9 +465,17 @@ def lr_schedule(cfg: TrainConfig):
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-    adamw = optax.adamw(lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    def decay_mask(params):
+        return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+    adamw = optax.adamw(
+        lr_schedule(cfg),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
@@ -365,8 +483,13 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def matmul_params(mc: ModelConfig) -> int:
     """Parameters used in matrix products per token (projections, MLP, LM head)."""
-    e, h, kv, d, f = mc.hidden_size, mc.num_heads, mc.num_kv_heads, mc.head_dim, \
-        mc.intermediate_size
+    e, h, kv, d, f = (
+        mc.hidden_size,
+        mc.num_heads,
+        mc.num_kv_heads,
+        mc.head_dim,
+        mc.intermediate_size,
+    )
     per_layer = e * h * d * 2 + e * kv * d * 2 + 3 * e * f
     return mc.num_layers * per_layer + e * mc.vocab_size
 
@@ -374,8 +497,10 @@ def matmul_params(mc: ModelConfig) -> int:
 def train_flops_per_sequence(mc: ModelConfig, seq_len: int, attention_entries: int) -> float:
     """Model FLOPs of one training sequence (forward + backward = 3x forward): 6 per matmul
     parameter per token, and 4 * head_dim per kept (query, key) pair per head per layer, x3."""
-    return 6.0 * matmul_params(mc) * seq_len + \
-        12.0 * mc.num_layers * mc.num_heads * mc.head_dim * attention_entries
+    return (
+        6.0 * matmul_params(mc) * seq_len
+        + 12.0 * mc.num_layers * mc.num_heads * mc.head_dim * attention_entries
+    )
 
 
 def attention_entries(attention: AttentionBackend, seq_len: int, num_heads: int) -> int:
@@ -404,9 +529,15 @@ def peak_flops(cfg: TrainConfig) -> float | None:
 # settings and mesh reuse the compiled step).
 # ------------------------------------------------------------------------------------------
 
-def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: dict[str, jax.Array],
-              attention: AttentionBackend, tail: int = 0,
-              remat: bool = False) -> dict[str, jax.Array]:
+
+def loss_sums(
+    graphdef: nnx.GraphDef,
+    params: Any,
+    batch: dict[str, jax.Array],
+    attention: AttentionBackend,
+    tail: int = 0,
+    remat: bool = False,
+) -> dict[str, jax.Array]:
     """Summed next-token NLL and token counts of a batch ([B, T] arrays); `tail` > 0 also sums
     over the last `tail` positions only; `remat` recomputes layers in the backward pass."""
     model = nnx.merge(graphdef, params)
@@ -450,9 +581,21 @@ _JIT_CACHE: dict[Any, Any] = {}
 
 
 def _optimizer_key(cfg: TrainConfig) -> tuple:
-    return tuple(getattr(cfg, k) for k in ("lr", "schedule", "warmup_steps", "min_lr_ratio",
-                                           "weight_decay", "b1", "b2", "eps", "clip_norm",
-                                           "steps"))
+    return tuple(
+        getattr(cfg, k)
+        for k in (
+            "lr",
+            "schedule",
+            "warmup_steps",
+            "min_lr_ratio",
+            "weight_decay",
+            "b1",
+            "b2",
+            "eps",
+            "clip_norm",
+            "steps",
+        )
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -468,8 +611,9 @@ def opt_state_shardings(opt_state: Any, params: Any, p_sh: Any, mesh: Mesh) -> A
     def is_param_tree(x):
         return jax.tree.structure(x) == ptree
 
-    return jax.tree.map(lambda x: p_sh if is_param_tree(x) else rep, opt_state,
-                        is_leaf=is_param_tree)
+    return jax.tree.map(
+        lambda x: p_sh if is_param_tree(x) else rep, opt_state, is_leaf=is_param_tree
+    )
 
 
 def batch_shardings(mesh: Mesh, shape: Sequence[int], lead: int = 0) -> NamedSharding:
@@ -479,17 +623,20 @@ def batch_shardings(mesh: Mesh, shape: Sequence[int], lead: int = 0) -> NamedSha
     return NamedSharding(mesh, logical_to_spec(tuple(axes), tuple(shape), mesh))
 
 
-def get_train_step(graphdef, attention, cfg: TrainConfig, mesh: Mesh, p_sh, o_sh,
-                   batch_shape: tuple[int, ...]):
+def get_train_step(
+    graphdef, attention, cfg: TrainConfig, mesh: Mesh, p_sh, o_sh, batch_shape: tuple[int, ...]
+):
     key = ("train", graphdef, attention, _optimizer_key(cfg), cfg.remat, mesh, batch_shape)
     if key not in _JIT_CACHE:
         b_sh = batch_shardings(mesh, batch_shape, lead=1)
         bs = {k: b_sh for k in ("inputs", "targets", "positions", "loss_mask")}
         rep = replicated(mesh)
-        _JIT_CACHE[key] = jax.jit(_train_step_fn(graphdef, attention, make_optimizer(cfg),
-                                                 cfg.remat),
-                                  in_shardings=(p_sh, o_sh, rep, bs),
-                                  out_shardings=(p_sh, o_sh, rep, rep), donate_argnums=(0, 1))
+        _JIT_CACHE[key] = jax.jit(
+            _train_step_fn(graphdef, attention, make_optimizer(cfg), cfg.remat),
+            in_shardings=(p_sh, o_sh, rep, bs),
+            out_shardings=(p_sh, o_sh, rep, rep),
+            donate_argnums=(0, 1),
+        )
     return _JIT_CACHE[key]
 
 
@@ -500,7 +647,9 @@ def get_eval_step(graphdef, attention, tail: int, mesh: Mesh, p_sh, batch_shape)
         bs = {k: b_sh for k in ("inputs", "targets", "positions", "loss_mask")}
         _JIT_CACHE[key] = jax.jit(
             lambda params, batch: loss_sums(graphdef, params, batch, attention, tail),
-            in_shardings=(p_sh, bs), out_shardings=replicated(mesh))
+            in_shardings=(p_sh, bs),
+            out_shardings=replicated(mesh),
+        )
     return _JIT_CACHE[key]
 
 
@@ -510,8 +659,17 @@ def _put_batch(batch: Batch, mesh: Mesh, lead: int) -> dict[str, jax.Array]:
     return {k: jax.device_put(v, sh) for k, v in d.items()}
 
 
-def evaluate(graphdef, params, data: PackedData, rows: np.ndarray, methods: dict[str, Any],
-             tail: int, batch_size: int, mesh: Mesh, p_sh) -> dict[str, dict[str, float]]:
+def evaluate(
+    graphdef,
+    params,
+    data: PackedData,
+    rows: np.ndarray,
+    methods: dict[str, Any],
+    tail: int,
+    batch_size: int,
+    mesh: Mesh,
+    p_sh,
+) -> dict[str, dict[str, float]]:
     """Mean NLL and perplexity of the rows under each attention method (all positions, and the
     last `tail` positions when tail > 0)."""
     out = {}
@@ -520,9 +678,9 @@ def evaluate(graphdef, params, data: PackedData, rows: np.ndarray, methods: dict
     for name, attention in methods.items():
         sums: dict[str, float] = {}
         for i in range(0, len(rows_p), batch_size):
-            b = data.batch(rows_p[i:i + batch_size])
-            if i + batch_size > len(rows):            # padding rows count for nothing
-                b.loss_mask[len(rows) - i:] = 0.0
+            b = data.batch(rows_p[i : i + batch_size])
+            if i + batch_size > len(rows):  # padding rows count for nothing
+                b.loss_mask[len(rows) - i :] = 0.0
             fn = get_eval_step(graphdef, attention, tail, mesh, p_sh, b.inputs.shape)
             res = jax.device_get(fn(params, _put_batch(b, mesh, 0)))
             for k, v in res.items():
@@ -541,13 +699,14 @@ def evaluate(graphdef, params, data: PackedData, rows: np.ndarray, methods: dict
 # The run.
 # ------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class TrainResult:
     out_dir: Path
-    losses: dict[int, float]           # step -> loss of the steps run by this call
+    losses: dict[int, float]  # step -> loss of the steps run by this call
     final_step: int
     interrupted: bool
-    evals: list[dict[str, Any]]        # eval records written by this call
+    evals: list[dict[str, Any]]  # eval records written by this call
     summary: dict[str, Any]
 
 
@@ -591,17 +750,22 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, where: Path) -
     diff = [k for k in _RESUME_KEYS if k in saved and saved[k] != now[k]]
     if diff:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in diff)
-        raise ValueError(f"--resume with settings that differ from the checkpoint's run in "
-                         f"{where} ({detail}); the continuation would not be the same run. "
-                         "Use the original settings or a new out_dir.")
+        raise ValueError(
+            f"--resume with settings that differ from the checkpoint's run in "
+            f"{where} ({detail}); the continuation would not be the same run. "
+            "Use the original settings or a new out_dir."
+        )
     if "steps" in saved and saved["steps"] != cfg.steps:
-        print(f"warning: steps changed from {saved['steps']} to {cfg.steps} on resume: the "
-              "learning-rate schedule after the checkpoint differs from the original run's",
-              file=sys.stderr)
+        print(
+            f"warning: steps changed from {saved['steps']} to {cfg.steps} on resume: the "
+            "learning-rate schedule after the checkpoint differs from the original run's",
+            file=sys.stderr,
+        )
 
 
-def export_hf(graphdef, params, path: str | Path, *, dtype: str | None = None,
-              tokenizer: Any = None) -> Path:
+def export_hf(
+    graphdef, params, path: str | Path, *, dtype: str | None = None, tokenizer: Any = None
+) -> Path:
     """Writes the params as an HF Llama directory (`weights.save_hf`)."""
     from moa_jax.models.weights import save_hf
 
@@ -626,12 +790,15 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     # none); an existing run's checkpoints are checked first, without creating anything
     ckpt = None
     if (out / "checkpoints").is_dir():
-        ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints,
-                            async_save=cfg.async_checkpointing)
+        ckpt = Checkpointer(
+            out / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing
+        )
     latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None and not cfg.resume:
-        raise ValueError(f"{out} already holds checkpoints (latest step {latest}); pass "
-                         "--resume to continue that run, or choose another --out-dir")
+        raise ValueError(
+            f"{out} already holds checkpoints (latest step {latest}); pass "
+            "--resume to continue that run, or choose another --out-dir"
+        )
     if cfg.resume and latest is not None and (out / "config.json").is_file():
         _check_resume_config(json.loads((out / "config.json").read_text()), cfg, out)
 
@@ -639,8 +806,11 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     # Data first: a missing corpus fails before the model is loaded.
     docs = load_documents(cfg.corpus, text_field=cfg.text_field, max_documents=cfg.max_documents)
     train_docs, held = split_documents(docs, cfg.heldout_docs, cfg.data_seed)
-    eval_docs = (load_documents(cfg.eval_corpus, text_field=cfg.text_field)
-                 if cfg.eval_corpus and cfg.eval_sequences else held)
+    eval_docs = (
+        load_documents(cfg.eval_corpus, text_field=cfg.text_field)
+        if cfg.eval_corpus and cfg.eval_sequences
+        else held
+    )
     if cfg.eval_sequences and not eval_docs:
         raise ValueError("eval_sequences > 0 needs heldout_docs > 0 or an eval_corpus")
 
@@ -650,25 +820,36 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         raise ValueError(f"model {cfg.model!r} comes without a tokenizer; training needs one")
     out.mkdir(parents=True, exist_ok=True)
     if ckpt is None:
-        ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints,
-                            async_save=cfg.async_checkpointing)
+        ckpt = Checkpointer(
+            out / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing
+        )
     if seq_len > mc.max_position_embeddings:
-        print(f"warning: seq_len {seq_len} exceeds the model's max_position_embeddings "
-              f"{mc.max_position_embeddings}", file=sys.stderr)
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else \
-        (mc.eos_token_ids[0] if mc.eos_token_ids else None)
+        print(
+            f"warning: seq_len {seq_len} exceeds the model's max_position_embeddings "
+            f"{mc.max_position_embeddings}",
+            file=sys.stderr,
+        )
+    eos = (
+        tokenizer.eos_token_id
+        if tokenizer.eos_token_id is not None
+        else (mc.eos_token_ids[0] if mc.eos_token_ids else None)
+    )
     train_data = pack(tokenize_documents(train_docs, tokenizer), seq_len, cfg.packing, eos)
     if len(train_data) and int(train_data.tokens.max()) >= mc.vocab_size:
-        raise ValueError(f"token id {int(train_data.tokens.max())} >= the model's vocab_size "
-                         f"{mc.vocab_size}: the tokenizer does not match the model")
+        raise ValueError(
+            f"token id {int(train_data.tokens.max())} >= the model's vocab_size "
+            f"{mc.vocab_size}: the tokenizer does not match the model"
+        )
     it = BatchIterator(train_data, cfg.batch_size, seed=cfg.data_seed)
     eval_data, rows = None, np.zeros((0,), np.int64)
     if cfg.eval_sequences:
         eval_data = pack(tokenize_documents(eval_docs, tokenizer), seq_len, "chunk", eos)
         rows = eval_rows(eval_data, cfg.eval_sequences)
         if not len(rows):
-            raise ValueError(f"no evaluation rows: every evaluation document is shorter than "
-                             f"{seq_len + 1} tokens")
+            raise ValueError(
+                f"no evaluation rows: every evaluation document is shorter than "
+                f"{seq_len + 1} tokens"
+            )
 
     attention = make_attention(cfg, mc)
     methods = eval_attentions(cfg, mc)
@@ -690,12 +871,12 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         try:
             it.restore(meta["data"])
         except (KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint step {start} in {ckpt.directory} has no valid "
-                                  f"data position: {e}") from None
+            raise CheckpointError(
+                f"checkpoint step {start} in {ckpt.directory} has no valid data position: {e}"
+            ) from None
     elif cfg.resume:
-        print(f"--resume: no checkpoint in {ckpt.directory}, starting from step 0",
-              file=sys.stderr)
-    lead = jax.process_index() == 0     # multi-process runs: one writer, one log
+        print(f"--resume: no checkpoint in {ckpt.directory}, starting from step 0", file=sys.stderr)
+    lead = jax.process_index() == 0  # multi-process runs: one writer, one log
     if lead:
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     log = tqdm.write if lead else (lambda *a, **k: None)
@@ -706,20 +887,31 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     peak = peak_flops(cfg)
     tokens_step = cfg.batch_size * seq_len
     schedule = lr_schedule(cfg)
-    step_jit = get_train_step(graphdef, attention, cfg, mesh, p_sh, o_sh,
-                              (cfg.grad_accum, cfg.micro_batch, seq_len))
+    step_jit = get_train_step(
+        graphdef, attention, cfg, mesh, p_sh, o_sh, (cfg.grad_accum, cfg.micro_batch, seq_len)
+    )
 
     def step_fn(*args):
-        with mesh_context(mesh):        # the model's activation constraints see the mesh
+        with mesh_context(mesh):  # the model's activation constraints see the mesh
             return step_jit(*args)
-    info = {"event": "start", "step": start, "devices": len(mesh.devices.flat),
-            "mesh": dict(mesh.shape), "device_kind": jax.devices()[0].device_kind,
-            "train_rows": len(train_data), "train_documents": len(train_docs),
-            "dropped_documents": train_data.dropped_documents,
-            "train_tokens": int(train_data.tokens.size), "eval_rows": len(rows),
-            "attention": repr(attention)[:300], "attention_entries_per_head": entries,
-            "flops_per_step": flops_step, "peak_flops_per_device": peak,
-            "time": time.time()}
+
+    info = {
+        "event": "start",
+        "step": start,
+        "devices": len(mesh.devices.flat),
+        "mesh": dict(mesh.shape),
+        "device_kind": jax.devices()[0].device_kind,
+        "train_rows": len(train_data),
+        "train_documents": len(train_docs),
+        "dropped_documents": train_data.dropped_documents,
+        "train_tokens": int(train_data.tokens.size),
+        "eval_rows": len(rows),
+        "attention": repr(attention)[:300],
+        "attention_entries_per_head": entries,
+        "flops_per_step": flops_step,
+        "peak_flops_per_device": peak,
+        "time": time.time(),
+    }
     metrics.write(info)
 
     evals: list[dict[str, Any]] = []
@@ -730,51 +922,74 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         t0 = time.perf_counter()
         with mesh_context(mesh):
             res = evaluate(graphdef, params, eval_data, rows, methods, tail, ebs, mesh, p_sh)
-        rec = {"event": "eval", "step": step, "eval": res,
-               "seconds": round(time.perf_counter() - t0, 3)}
+        rec = {
+            "event": "eval",
+            "step": step,
+            "eval": res,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
         metrics.write(rec)
         evals.append(rec)
-        line = " ".join(f"{k}: ppl {v['ppl']:.3f}" + (f" tail {v['ppl_tail']:.3f}" if tail else "")
-                        for k, v in res.items())
+        line = " ".join(
+            f"{k}: ppl {v['ppl']:.3f}" + (f" tail {v['ppl_tail']:.3f}" if tail else "")
+            for k, v in res.items()
+        )
         log(f"eval step {step}: {line}")
 
     if start == 0:
         run_eval(0)
     losses: dict[int, float] = {}
     interrupted = False
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not (cfg.progress and lead),
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc="train",
+        disable=not (cfg.progress and lead),
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
     step = start
     try:
         for step in range(start + 1, cfg.steps + 1):
             batch = next(it).reshape(cfg.grad_accum, cfg.micro_batch)
             t0 = time.perf_counter()
-            params, opt_state, rng, m = step_fn(params, opt_state, rng,
-                                                _put_batch(batch, mesh, 1))
+            params, opt_state, rng, m = step_fn(params, opt_state, rng, _put_batch(batch, mesh, 1))
             m = jax.device_get(m)
             dt = time.perf_counter() - t0
             loss = float(m["loss"])
             losses[step] = loss
-            rec = {"event": "train", "step": step, "loss": loss,
-                   "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
-                   "tokens": int(m["tokens"]), "step_time_s": dt,
-                   "tokens_per_s": tokens_step / dt, "epoch": it.epoch}
+            rec = {
+                "event": "train",
+                "step": step,
+                "loss": loss,
+                "grad_norm": float(m["grad_norm"]),
+                "lr": float(schedule(step - 1)),
+                "tokens": int(m["tokens"]),
+                "step_time_s": dt,
+                "tokens_per_s": tokens_step / dt,
+                "epoch": it.epoch,
+            }
             if peak:
                 rec["mfu"] = flops_step / dt / (peak * len(mesh.devices.flat))
             metrics.write(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}",
-                            tok_s=f"{rec['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}"
+            )
             if step % cfg.log_every == 0 or step == cfg.steps:
-                log(f"step {step}: loss {loss:.4f} lr {rec['lr']:.3e} grad_norm "
-                           f"{rec['grad_norm']:.3f} tokens/s {rec['tokens_per_s']:.0f}" +
-                           (f" mfu {rec['mfu']:.3f}" if peak else ""))
+                log(
+                    f"step {step}: loss {loss:.4f} lr {rec['lr']:.3e} grad_norm "
+                    f"{rec['grad_norm']:.3f} tokens/s {rec['tokens_per_s']:.0f}"
+                    + (f" mfu {rec['mfu']:.3f}" if peak else "")
+                )
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step}")
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                ckpt.save(step, {"params": params, "opt_state": opt_state, "rng": rng},
-                          {"data": it.state(), "config": dataclasses.asdict(cfg),
-                           "time": time.time()})
+                ckpt.save(
+                    step,
+                    {"params": params, "opt_state": opt_state, "rng": rng},
+                    {"data": it.state(), "config": dataclasses.asdict(cfg), "time": time.time()},
+                )
             if cfg.stop_after and step >= cfg.stop_after and step < cfg.steps:
                 interrupted = True
                 break
@@ -788,13 +1003,18 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         metrics.close()
 
     if not interrupted and cfg.export_hf:
-        if jax.process_count() > 1:     # every process takes part in the gather
+        if jax.process_count() > 1:  # every process takes part in the gather
             from jax.experimental import multihost_utils
 
             params = multihost_utils.process_allgather(params, tiled=True)
         if lead:
-            export_hf(graphdef, params, cfg.export_hf,
-                      dtype=cfg.export_dtype or cfg.param_dtype, tokenizer=tokenizer)
+            export_hf(
+                graphdef,
+                params,
+                cfg.export_hf,
+                dtype=cfg.export_dtype or cfg.param_dtype,
+                tokenizer=tokenizer,
+            )
             log(f"exported HF checkpoint to {cfg.export_hf}")
     if lead:
         summary = _summary(out, cfg)
@@ -813,8 +1033,10 @@ def _summary(out: Path, cfg: TrainConfig) -> dict[str, Any]:
     # The first step of each process compiles; leave it out of the throughput.
     starts = {r["step"] + 1 for r in records if r.get("event") == "start"}
     timed = [r for r in train_recs if r["step"] not in starts]
-    s: dict[str, Any] = {"steps": max((r["step"] for r in train_recs), default=0),
-                         "final_loss": train_recs[-1]["loss"] if train_recs else None}
+    s: dict[str, Any] = {
+        "steps": max((r["step"] for r in train_recs), default=0),
+        "final_loss": train_recs[-1]["loss"] if train_recs else None,
+    }
     if evals:
         s["eval_before"] = next((e["eval"] for e in evals if e["step"] == 0), None)
         s["eval_after"] = evals[-1]["eval"] if evals[-1]["step"] == cfg.steps else None
@@ -839,9 +1061,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = result.summary
-    if s:       # the lead process's
+    if s:  # the lead process's
         print(json.dumps({k: s[k] for k in s if k not in ("eval_before", "eval_after")}))
     if result.interrupted:
-        print(f"stopped after step {result.final_step} (stop_after); resume with --resume",
-              file=sys.stderr)
+        print(
+            f"stopped after step {result.final_step} (stop_after); resume with --resume",
+            file=sys.stderr,
+        )
     return 0

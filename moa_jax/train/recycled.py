@@ -72,8 +72,10 @@ def _resolve_impl(impl: str, dtype: Any) -> str:
         raise ValueError(f"attention impl must be one of {_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if jax.default_backend() in ("gpu", "cuda", "rocm") and \
-            jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if jax.default_backend() in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float16),
+    ):
         return "cudnn"
     return "reference"
 
@@ -100,8 +102,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto
 def segment_ids_from_positions(positions: jax.Array) -> jax.Array:
     """Segment ids [B, T]: a new segment starts wherever positions[t] != positions[t-1] + 1
     (positions reset at a packed document's start)."""
-    starts = jnp.concatenate([jnp.ones_like(positions[:, :1], dtype=bool),
-                              positions[:, 1:] != positions[:, :-1] + 1], axis=1)
+    starts = jnp.concatenate(
+        [jnp.ones_like(positions[:, :1], dtype=bool), positions[:, 1:] != positions[:, :-1] + 1],
+        axis=1,
+    )
     return jnp.cumsum(starts.astype(jnp.int32), axis=1)
 
 
@@ -124,8 +128,9 @@ class TrainDenseAttention(AttentionBackend):
             raise ValueError(f"attention impl must be one of {_IMPLS}, got {self.impl!r}")
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError("TrainDenseAttention is for training (no cache); use "
-                                  "DenseAttention to generate")
+        raise NotImplementedError(
+            "TrainDenseAttention is for training (no cache); use DenseAttention to generate"
+        )
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         if cache is not None:
@@ -134,8 +139,9 @@ class TrainDenseAttention(AttentionBackend):
             return causal_attention(q, k, v, self.impl), None
         seg = segment_ids_from_positions(positions)
         idx = jnp.arange(q.shape[1], dtype=jnp.int32)
-        mask = (idx[None, None, :, None] >= idx[None, None, None, :]) & \
-            (seg[:, None, :, None] == seg[:, None, None, :])
+        mask = (idx[None, None, :, None] >= idx[None, None, None, :]) & (
+            seg[:, None, :, None] == seg[:, None, None, :]
+        )
         impl = _resolve_impl(self.impl, q.dtype)
         if impl in ("reference", "pallas"):
             return mha_reference(q, k, v, mask), None
@@ -174,12 +180,19 @@ def maxpool_same(x: jax.Array, kernel: int) -> jax.Array:
     if kernel == 1:
         return x
     pad = kernel // 2
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1,) * (x.ndim - 1) + (kernel,),
-                                 (1,) * x.ndim, ((0, 0),) * (x.ndim - 1) + ((pad, pad),))
+    return jax.lax.reduce_window(
+        x,
+        -jnp.inf,
+        jax.lax.max,
+        (1,) * (x.ndim - 1) + (kernel,),
+        (1,) * x.ndim,
+        ((0, 0),) * (x.ndim - 1) + ((pad, pad),),
+    )
 
 
-def selection_scores(q_row: jax.Array, k: jax.Array, pool_kernel: int = 7,
-                     scale: float | None = None) -> jax.Array:
+def selection_scores(
+    q_row: jax.Array, k: jax.Array, pool_kernel: int = 7, scale: float | None = None
+) -> jax.Array:
     """Recycled selection scores of one query row over its keys (all valid).
 
     Args:
@@ -191,7 +204,7 @@ def selection_scores(q_row: jax.Array, k: jax.Array, pool_kernel: int = 7,
     """
     b, h, d = q_row.shape
     hkv = k.shape[2]
-    scale = d ** -0.5 if scale is None else scale
+    scale = d**-0.5 if scale is None else scale
     qg = q_row.reshape(b, hkv, h // hkv, d).astype(jnp.float32)
     logits = jnp.einsum("bkgd,bnkd->bkgn", qg, k.astype(jnp.float32)) * scale
     probs = jax.nn.softmax(logits, axis=-1).max(axis=2)
@@ -231,8 +244,10 @@ class RecycledTrainAttention(AttentionBackend):
         if self.decode_eviction:
             longest = max((n for kind, n in self.blocks if kind == "recycled"), default=0)
             if longest > self.top_k:
-                raise ValueError(f"decode_eviction needs recycled blocks of at most top_k="
-                                 f"{self.top_k} rows (the decoder needs S <= K), got {longest}")
+                raise ValueError(
+                    f"decode_eviction needs recycled blocks of at most top_k="
+                    f"{self.top_k} rows (the decoder needs S <= K), got {longest}"
+                )
 
     @classmethod
     def paper(cls, prefix_len: int, tail_len: int, top_k: int, **kwargs) -> RecycledTrainAttention:
@@ -242,16 +257,18 @@ class RecycledTrainAttention(AttentionBackend):
         return cls((("full", prefix_len), ("recycled", tail_len)), top_k, **kwargs)
 
     @classmethod
-    def strided(cls, prefix_len: int, tail_len: int, stride: int, top_k: int,
-                **kwargs) -> RecycledTrainAttention:
+    def strided(
+        cls, prefix_len: int, tail_len: int, stride: int, top_k: int, **kwargs
+    ) -> RecycledTrainAttention:
         """The decoder's fixed schedule teacher-forced: after L prefill rows, tail row t
         (t = 1..tail_len) is full when t % stride == 0, recycled otherwise."""
         if stride < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         if prefix_len < 1:
             raise ValueError(f"prefix_len must be >= 1, got {prefix_len}")
-        blocks = [("full", prefix_len)] + [("full" if t % stride == 0 else "recycled", 1)
-                                           for t in range(1, tail_len + 1)]
+        blocks = [("full", prefix_len)] + [
+            ("full" if t % stride == 0 else "recycled", 1) for t in range(1, tail_len + 1)
+        ]
         return cls(tuple(blocks), top_k, **kwargs)
 
     @property
@@ -267,8 +284,10 @@ class RecycledTrainAttention(AttentionBackend):
         return sum(n for kind, n in self.blocks if kind == "recycled")
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError("RecycledTrainAttention is the training-time form (no cache); "
-                                  "decode with the recycled-attention decoding backend")
+        raise NotImplementedError(
+            "RecycledTrainAttention is the training-time form (no cache); "
+            "decode with the recycled-attention decoding backend"
+        )
 
     def attention_entries(self, seq_len: int | None = None) -> int:
         """(query, key) pairs per head of one sequence (for FLOP counts)."""
@@ -288,12 +307,16 @@ class RecycledTrainAttention(AttentionBackend):
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         if cache is not None:
-            raise ValueError("RecycledTrainAttention is training-only (cache=None); use the "
-                             "recycled decoding backend to generate")
+            raise ValueError(
+                "RecycledTrainAttention is training-only (cache=None); use the "
+                "recycled decoding backend to generate"
+            )
         t = q.shape[1]
         if t != self.seq_len:
-            raise ValueError(f"RecycledTrainAttention's schedule {self.blocks} covers "
-                             f"{self.seq_len} tokens but the sequence has {t}")
+            raise ValueError(
+                f"RecycledTrainAttention's schedule {self.blocks} covers "
+                f"{self.seq_len} tokens but the sequence has {t}"
+            )
         outs, start = [], 0
         for kind, n in self.blocks:
             end = start + n
@@ -309,12 +332,12 @@ class RecycledTrainAttention(AttentionBackend):
         return jnp.concatenate(outs, axis=1), None
 
     def _recycled_block(self, q, k, v, start: int, end: int) -> jax.Array:
-        n, r = end - start, start - 1          # rows of the block; the selecting row
-        kk = min(self.top_k, start)             # keys 0..r are available
+        n, r = end - start, start - 1  # rows of the block; the selecting row
+        kk = min(self.top_k, start)  # keys 0..r are available
         scores = selection_scores(q[:, r], k[:, :start], self.pool_kernel)
-        _, idx = jax.lax.top_k(scores, kk)      # [B, Hkv, kk], best first, ties -> lower index
-        gather = idx.transpose(0, 2, 1)[..., None]                       # [B, kk, Hkv, 1]
-        k_sel = jnp.take_along_axis(k[:, :start], gather, axis=1)        # [B, kk, Hkv, D]
+        _, idx = jax.lax.top_k(scores, kk)  # [B, Hkv, kk], best first, ties -> lower index
+        gather = idx.transpose(0, 2, 1)[..., None]  # [B, kk, Hkv, 1]
+        k_sel = jnp.take_along_axis(k[:, :start], gather, axis=1)  # [B, kk, Hkv, D]
         v_sel = jnp.take_along_axis(v[:, :start], gather, axis=1)
         keys = jnp.concatenate([k_sel, k[:, start:end]], axis=1)
         vals = jnp.concatenate([v_sel, v[:, start:end]], axis=1)
@@ -331,9 +354,15 @@ class RecycledTrainAttention(AttentionBackend):
 # Oracle: explicit mask, independent selection code.
 # ------------------------------------------------------------------------------------------
 
-def recycled_mask_reference(q: jax.Array, k: jax.Array, blocks: Sequence[Sequence[Any]],
-                            top_k: int, pool_kernel: int = 7,
-                            decode_eviction: bool = False) -> jax.Array:
+
+def recycled_mask_reference(
+    q: jax.Array,
+    k: jax.Array,
+    blocks: Sequence[Sequence[Any]],
+    top_k: int,
+    pool_kernel: int = 7,
+    decode_eviction: bool = False,
+) -> jax.Array:
     """The explicit mask [B, Hkv, T, T] (True = query row may attend key column) of a recycled
     schedule, computed from q [B, T, H, D] and k [B, T, Hkv, D] without gathers: probabilities
     by an explicit masked softmax over all T columns, pooling by stacking shifted copies, ranks
@@ -350,12 +379,15 @@ def recycled_mask_reference(q: jax.Array, k: jax.Array, blocks: Sequence[Sequenc
     for kind, n in blocks:
         end = start + n
         if kind == "full":
-            rows.append(jnp.broadcast_to(cols[None, None, None, :] <= jnp.arange(start, end)
-                                         [None, None, :, None], (b, hkv, n, t)))
+            rows.append(
+                jnp.broadcast_to(
+                    cols[None, None, None, :] <= jnp.arange(start, end)[None, None, :, None],
+                    (b, hkv, n, t),
+                )
+            )
         else:
             r = start - 1
-            logits = jnp.einsum("bhd,bthd->bht", q[:, r],
-                                jnp.repeat(k, g, axis=2)) / np.sqrt(d)
+            logits = jnp.einsum("bhd,bthd->bht", q[:, r], jnp.repeat(k, g, axis=2)) / np.sqrt(d)
             valid = cols <= r
             logits = jnp.where(valid, logits, -jnp.inf)
             e = jnp.where(valid, jnp.exp(logits - logits.max(-1, keepdims=True)), 0.0)
@@ -363,10 +395,10 @@ def recycled_mask_reference(q: jax.Array, k: jax.Array, blocks: Sequence[Sequenc
             p = jnp.where(valid, p, -jnp.inf)
             half = pool_kernel // 2
             padded = jnp.pad(p, ((0, 0), (0, 0), (half, half)), constant_values=-jnp.inf)
-            pooled = jnp.stack([padded[..., i:i + t] for i in range(pool_kernel)]).max(axis=0)
+            pooled = jnp.stack([padded[..., i : i + t] for i in range(pool_kernel)]).max(axis=0)
             pooled = jnp.where(valid, pooled, -jnp.inf)
             order = jnp.argsort(-pooled, axis=-1, stable=True)
-            rank = jnp.argsort(order, axis=-1, stable=True)               # [B, Hkv, T]
+            rank = jnp.argsort(order, axis=-1, stable=True)  # [B, Hkv, T]
             kk = min(top_k, start)
             j = jnp.arange(n)[:, None]
             limit = (top_k - j) if decode_eviction else jnp.full_like(j, kk)
@@ -378,9 +410,15 @@ def recycled_mask_reference(q: jax.Array, k: jax.Array, blocks: Sequence[Sequenc
     return jnp.concatenate(rows, axis=2)
 
 
-def recycled_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array,
-                                 blocks: Sequence[Sequence[Any]], top_k: int,
-                                 pool_kernel: int = 7, decode_eviction: bool = False) -> jax.Array:
+def recycled_attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    blocks: Sequence[Sequence[Any]],
+    top_k: int,
+    pool_kernel: int = 7,
+    decode_eviction: bool = False,
+) -> jax.Array:
     """Oracle output: `mha_reference` under `recycled_mask_reference` (each KV head's mask
     shared by its query heads)."""
     mask = recycled_mask_reference(q, k, blocks, top_k, pool_kernel, decode_eviction)
@@ -407,5 +445,6 @@ class RecycledOracleAttention(AttentionBackend):
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
         if cache is not None:
             raise ValueError("RecycledOracleAttention takes no cache")
-        return recycled_attention_reference(q, k, v, self.blocks, self.top_k, self.pool_kernel,
-                                            self.decode_eviction), None
+        return recycled_attention_reference(
+            q, k, v, self.blocks, self.top_k, self.pool_kernel, self.decode_eviction
+        ), None
