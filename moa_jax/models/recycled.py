@@ -67,6 +67,7 @@ from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.pallas_kernels.head_sharding import same_kernel_on_mesh, sparse_attention_on_mesh
 from moa_jax.pallas_kernels.recycled import full_step_decode, recycled_decode
+from moa_jax.pallas_kernels.reference import visible
 from moa_jax.plan import Plan
 
 STREAMINGLLM_SINK = 4
@@ -760,7 +761,7 @@ def prompt_attention_sums(
     def body(carry, xs):
         qc, n = xs  # [B, c, Hkv, G, D]
         qpos = (n * c + jnp.arange(c))[None, None, :, None]
-        mask = (kpos <= qpos) & ((qpos - kpos < w) | (kpos < s))  # [Hkv, G, c, T]
+        mask = visible(qpos, kpos, w, s)  # [Hkv, G, c, T]
         valid_q = (n * c + jnp.arange(c))[None, :] < lengths[:, None]  # [B, c]
         lg = jnp.einsum("bckgd,btkd->bkgct", qc, kf, precision=lax.Precision.HIGHEST) * scale
         lg = jnp.where(mask[None], lg, -jnp.inf)

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from moa_jax.models.kv_cache import SpanKVCache
-from moa_jax.pallas_kernels.reference import mha_reference
+from moa_jax.pallas_kernels.reference import mha_reference, visible
 from moa_jax.pallas_kernels.split_k import SegmentSplits, flash_blocks, split_segments
 
 _LOG2E = math.log2(math.e)
@@ -74,7 +74,7 @@ def span_decode_reference(
     own = (jnp.asarray(cache.slot_heads())[None, :] == (jnp.arange(h) // group)[:, None])[
         None, :, None, :
     ]  # [1, H, 1, M]
-    mask = own & (p >= 0) & (p <= qp) & ((qp - p < w) | (p < s))
+    mask = own & (p >= 0) & visible(qp, p, w, s)
     out = mha_reference(q[:, None], cache.k[:, :, None], cache.v[:, :, None], mask, scale=scale)
     return out[:, 0]
 
@@ -108,7 +108,7 @@ def _decode_kernel(
     def load(i):
         sl = pl.ds((first + i) * bk, bk)
         p = pos_ref[b, sl][None, :]
-        return k_ref[b, sl, :], v_ref[b, sl, :], (p >= 0) & (p <= qp) & ((qp - p < w) | (p < sk))
+        return k_ref[b, sl, :], v_ref[b, sl, :], (p >= 0) & visible(qp, p, w, sk)
 
     acc, m_i, l_i = flash_blocks(q, 0, count_ref[it], scale, load)
     o_ref[b, it, :, :] = acc

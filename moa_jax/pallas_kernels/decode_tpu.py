@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from moa_jax.models.kv_cache import SpanKVCache
+from moa_jax.pallas_kernels.reference import visible
 
 _LOG2E = math.log2(math.e)
 
@@ -59,7 +60,7 @@ def _kernel(
         sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (
             scale * _LOG2E
         )
-        vis = (p >= 0) & (p <= qp) & ((qp - p < win_ref[...]) | (p < sink_ref[...]))
+        vis = (p >= 0) & visible(qp, p, win_ref[...], sink_ref[...])
         sc = jnp.where(vis, sc, -jnp.inf)
         m_prev = m_scr[...]  # [Gp, 1]
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))

@@ -30,6 +30,8 @@ import functools
 
 import numpy as np
 
+from moa_jax.pallas_kernels.reference import visible
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -86,7 +88,7 @@ class MaskSpec:
         j = np.arange(self.kv_len)[None, :]
         w = np.asarray(self.windows)[:, None, None]
         s = np.asarray(self.sinks)[:, None, None]
-        return (j <= i) & ((i - j < w) | (j < s))
+        return visible(i, j, w, s)
 
     def kept_entries(self) -> int:
         """Number of visible (head, query, key) entries (exact, no N^2 materialisation)."""

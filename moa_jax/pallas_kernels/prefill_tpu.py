@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.pallas_kernels import masks as masks_lib
+from moa_jax.pallas_kernels.reference import visible
 
 try:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -43,7 +44,7 @@ except ImportError:  # pragma: no cover
 
 def _window_sink_fn(q_ids, kv_ids, *, window, sink, q_offset, kv_len):
     q = q_ids + q_offset if q_offset else q_ids
-    return (kv_ids <= q) & ((q - kv_ids < window) | (kv_ids < sink)) & (kv_ids < kv_len)
+    return visible(q, kv_ids, window, sink) & (kv_ids < kv_len)
 
 
 if _Computable is not None:
