@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.recycled import select_top_k
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 
 _KINDS = ("full", "recycled")
@@ -175,32 +176,16 @@ def _normalise_blocks(blocks: Sequence[Sequence[Any]]) -> tuple[tuple[str, int],
     return tuple(out)
 
 
-def maxpool_same(x: jax.Array, kernel: int) -> jax.Array:
-    """1-D max-pool over the last axis, stride 1, same size, -inf padding."""
-    if kernel == 1:
-        return x
-    pad = kernel // 2
-    return jax.lax.reduce_window(
-        x,
-        -jnp.inf,
-        jax.lax.max,
-        (1,) * (x.ndim - 1) + (kernel,),
-        (1,) * x.ndim,
-        ((0, 0),) * (x.ndim - 1) + ((pad, pad),),
-    )
-
-
-def selection_scores(
-    q_row: jax.Array, k: jax.Array, pool_kernel: int = 7, scale: float | None = None
-) -> jax.Array:
-    """Recycled selection scores of one query row over its keys (all valid).
+def selection_scores(q_row: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
+    """Recycled selection scores of one query row over its keys (all valid), before pooling
+    (`select_top_k` pools them, as at decode time).
 
     Args:
       q_row: [B, H, D], the selecting query.
       k: [B, N, Hkv, D], the keys it sees (its own position included).
     Returns:
-      float32 [B, Hkv, N]: softmax probabilities, max over each KV group's query heads, max-pooled
-      (kernel `pool_kernel`, same size). No gradient flows through them.
+      float32 [B, Hkv, N]: softmax probabilities, max over each KV group's query heads. No
+      gradient flows through them.
     """
     b, h, d = q_row.shape
     hkv = k.shape[2]
@@ -208,7 +193,7 @@ def selection_scores(
     qg = q_row.reshape(b, hkv, h // hkv, d).astype(jnp.float32)
     logits = jnp.einsum("bkgd,bnkd->bkgn", qg, k.astype(jnp.float32)) * scale
     probs = jax.nn.softmax(logits, axis=-1).max(axis=2)
-    return jax.lax.stop_gradient(maxpool_same(probs, pool_kernel))
+    return jax.lax.stop_gradient(probs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,8 +319,10 @@ class RecycledTrainAttention(AttentionBackend):
     def _recycled_block(self, q, k, v, start: int, end: int) -> jax.Array:
         n, r = end - start, start - 1  # rows of the block; the selecting row
         kk = min(self.top_k, start)  # keys 0..r are available
-        scores = selection_scores(q[:, r], k[:, :start], self.pool_kernel)
-        _, idx = jax.lax.top_k(scores, kk)  # [B, Hkv, kk], best first, ties -> lower index
+        scores = selection_scores(q[:, r], k[:, :start])
+        # The decoder's selection: [B, Hkv, kk] lowest score first; reversed, best first (ties
+        # to the lower index).
+        idx = select_top_k(scores, True, kk, self.pool_kernel)[..., ::-1]
         gather = idx.transpose(0, 2, 1)[..., None]  # [B, kk, Hkv, 1]
         k_sel = jnp.take_along_axis(k[:, :start], gather, axis=1)  # [B, kk, Hkv, D]
         v_sel = jnp.take_along_axis(v[:, :start], gather, axis=1)
