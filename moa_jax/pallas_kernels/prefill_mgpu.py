@@ -128,6 +128,14 @@ def _visible(rows, cols, w, s, kv_valid):
     return visible(rows, cols, w, s) & (cols < kv_valid)
 
 
+def _mask_block(s, row0, col0, w, sink, kv_valid):
+    """Logits s [rows, keys] of query positions row0.. and key positions col0..: -inf where the
+    key is not visible."""
+    rows = row0 + _iota(s.shape, 0)
+    cols = col0 + _iota(s.shape, 1)
+    return jnp.where(_visible(rows, cols, w, sink, kv_valid), s, -jnp.inf)
+
+
 def _div(x, d: int):
     return lax.div(x, jnp.asarray(d, x.dtype))
 
@@ -294,10 +302,9 @@ def _fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
                 plgpu.barrier_arrive(k_free.at[slot])
                 with jax.named_scope("softmax"):
                     if masked:
-                        n = blocks_ref[base + i]
-                        rows = q_offset + row0 + _iota((bq, bk), 0)
-                        cols = n * bk + _iota((bq, bk), 1)
-                        s = jnp.where(_visible(rows, cols, w, s_, kv_valid), s, -jnp.inf)
+                        s = _mask_block(
+                            s, q_offset + row0, blocks_ref[base + i] * bk, w, s_, kv_valid
+                        )
                     m_new = jnp.maximum(m_i, s.max(axis=1) * c)
                     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
                     alpha = jnp.exp2(m_i - m_use)
@@ -465,10 +472,9 @@ def _dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                     s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
                 with jax.named_scope("p"):
                     if masked:
-                        n = blocks_ref[base + i]
-                        rows = q_offset + row0 + _iota((bq, bk), 0)
-                        cols = n * bk + _iota((bq, bk), 1)
-                        s = jnp.where(_visible(rows, cols, w, s_, kv_valid), s, -jnp.inf)
+                        s = _mask_block(
+                            s, q_offset + row0, blocks_ref[base + i] * bk, w, s_, kv_valid
+                        )
                     p = jnp.exp2(s * c - _bcast(lse, s.shape, 0))
                 plgpu.barrier_wait(v_ready.at[slot])
 
