@@ -1,4 +1,5 @@
 """Tokenizers: from GGUF metadata (llama.cpp's `tokenizer.ggml.*` keys) or an HF directory.
+(Reading a GGUF file is `models.weights`' job; this module never opens one.)
 
 The GGUF tokenizer is rebuilt as a `tokenizers.Tokenizer` (byte-level BPE: the vocabulary and
 merges from the file, the pre-tokenizer named by `tokenizer.ggml.pre`, a byte-level decoder) and
@@ -7,7 +8,6 @@ wrapped as a `transformers.PreTrainedTokenizerFast`, so it has `encode`, `decode
 
 Public API:
   tokenizer_from_gguf_metadata(meta, *, model_max_length=None) -> PreTrainedTokenizerFast
-  load_gguf_tokenizer(path) -> PreTrainedTokenizerFast | None
   load_hf_tokenizer(path) -> PreTrainedTokenizerBase | None
   byte_level_tokenizer(specials=..., chat_template=...) -> PreTrainedTokenizerFast
   byte_alphabet() -> list[str]
@@ -163,14 +163,6 @@ def tokenizer_from_gguf_metadata(
     if template:
         hf.chat_template = template
     return hf
-
-
-def load_gguf_tokenizer(path: str | Path) -> Any:
-    """The tokenizer inside a GGUF file, or None if it has none (no weights are read)."""
-    from moa_jax.models.weights import _open_gguf, gguf_metadata
-
-    meta = gguf_metadata(_open_gguf(Path(path)))
-    return tokenizer_from_gguf_metadata(meta) if "tokenizer.ggml.tokens" in meta else None
 
 
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")

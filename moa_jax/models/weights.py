@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from moa_jax.config import ModelConfig, RopeScaling, parse_dtype
 from moa_jax.models.llama import Llama, abstract_model, rope_inv_freq
+from moa_jax.models.tokenizer import tokenizer_from_gguf_metadata
 
 
 class WeightsError(ValueError):
@@ -687,7 +688,6 @@ def load_gguf(
       (model, tokenizer): tokenizer is a `transformers.PreTrainedTokenizerFast`, or None if the
       file has no tokenizer.
     """
-    from moa_jax.models.tokenizer import tokenizer_from_gguf_metadata
 
     path = Path(path)
     reader, meta, cfg, dequant = _read_gguf(path)
