@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from moa_jax.models.kv_cache import SpanKVCache
 from moa_jax.pallas_kernels import sparse_attention
-from moa_jax.pallas_kernels.decode import span_decode
-from moa_jax.pallas_kernels.recycled import full_step_decode, recycled_decode
+from moa_jax.pallas_kernels.moa_decode_gpu import span_decode
+from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 
 DTYPES = {"f32": (jnp.float32, 2e-5), "bf16": (jnp.bfloat16, 2e-2)}

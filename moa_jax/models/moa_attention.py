@@ -9,7 +9,7 @@
   prefill (positions [0, T), an empty cache): the block-sparse kernel, then the chunk write that
   keeps each head's sinks and last span (skipping right padding through `lengths`). A one-token
   call is a decode step: append, then the split-K span decode kernel
-  (`moa_jax.pallas_kernels.decode.span_decode`).
+  (`moa_jax.pallas_kernels.moa_decode_gpu.span_decode`).
 
 Windows are resolved once per backend (static): at `length` if given, else at the length of the
 call (T without a cache, the cache's max_len with one, i.e. prompt + new tokens as in the

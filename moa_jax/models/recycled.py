@@ -29,7 +29,7 @@ Recycled Attention, as implemented (METHODS.md "Recycled Attention"):
   tokens generated since the last refresh are never evicted (needs S <= K). The token is also
   written to C_f, whose entries are never recomputed.
 - Full step: attend over all of C_f and rebuild C_p (and reset the pointer) from the same pass's
-  probabilities (`pallas_kernels.recycled.full_step_decode` returns both).
+  probabilities (`pallas_kernels.recycled_decode_gpu.full_step_decode` returns both).
 - Schedule, per layer inside the decode `lax.while_loop`: each layer's cache carries a decode
   step counter (the prefill is step 0), the pointer and the head-averaged query of its last full
   step, and `lax.cond` picks the full or the partial branch at run time, so a partial step never
@@ -66,7 +66,7 @@ from jax.sharding import Mesh
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.pallas_kernels.head_sharding import same_kernel_on_mesh, sparse_attention_on_mesh
-from moa_jax.pallas_kernels.recycled import full_step_decode, recycled_decode
+from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
 from moa_jax.pallas_kernels.reference import visible
 from moa_jax.plan import Plan
 

@@ -159,7 +159,7 @@ def span_decode_on_mesh(
     """`span_decode` (q [B, H, D], a `SpanKVCache`) with each device's rows and heads. The cache
     must be packed for the mesh's head split (`SpanKVCache.zeros(shards=...)`); one that is not
     runs as a single call (XLA gathers its operands)."""
-    from moa_jax.pallas_kernels.decode import span_decode
+    from moa_jax.pallas_kernels.moa_decode_gpu import span_decode
 
     h, hkv = q.shape[1], cache.num_kv_heads
     windows, sinks = tuple(windows), tuple(sinks)

@@ -1,8 +1,8 @@
-"""Split-K flash decoding shared by the GPU decode kernels (`decode.py`, the MoA span cache;
-`recycled.py`, the full and gathered caches): one program walks key blocks [lo, hi) of its
-split with an online softmax in base 2 and writes unnormalised partials (acc, max, sum), which
-the wrapper merges across splits. Equal-length segments split evenly (`default_splits`);
-segments of different lengths become a static work list (`split_segments`).
+"""Split-K flash decoding shared by the GPU decode kernels (`moa_decode_gpu.py`, the MoA span
+cache; `recycled_decode_gpu.py`, the full and gathered caches): one program walks key blocks
+[lo, hi) of its split with an online softmax in base 2 and writes unnormalised partials (acc,
+max, sum), which the wrapper merges across splits. Equal-length segments split evenly
+(`default_splits`); segments of different lengths become a static work list (`split_segments`).
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def _span_decode_pallas(
     ]
     params = None
     if not interpret:
-        from moa_jax.pallas_kernels.prefill_gpu import _compiler_params
+        from moa_jax.pallas_kernels.moa_prefill_gpu import _compiler_params
 
         params = _compiler_params(num_warps, 2)
     o, m, l = pl.pallas_call(
@@ -229,7 +229,7 @@ def span_decode(
     if interpret is None:
         interpret = platform != {"gpu": "gpu", "tpu": "tpu"}[backend]
     if backend == "tpu":
-        from moa_jax.pallas_kernels.decode_tpu import span_decode_tpu
+        from moa_jax.pallas_kernels.moa_decode_tpu import span_decode_tpu
 
         return span_decode_tpu(
             q, cache, q_positions, windows=windows, sinks=sinks, scale=scale, interpret=interpret

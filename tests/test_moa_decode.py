@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from moa_jax.models.kv_cache import SpanKVCache
-from moa_jax.pallas_kernels.decode import span_decode, span_decode_reference
+from moa_jax.pallas_kernels.moa_decode_gpu import span_decode, span_decode_reference
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 
 
@@ -193,7 +193,7 @@ def test_kernel_lowers_for_cuda():
     """Without a GPU: the Triton kernel lowers to Triton IR at Llama-3-8B head shapes."""
     import jax
 
-    from moa_jax.pallas_kernels.decode import _span_decode_pallas
+    from moa_jax.pallas_kernels.moa_decode_gpu import _span_decode_pallas
 
     windows = (4096, 512) * 16
     cache = SpanKVCache.zeros(2, windows, 8, 64, 8192, head_dim=128, dtype=jnp.bfloat16)

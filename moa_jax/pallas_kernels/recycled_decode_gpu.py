@@ -23,7 +23,7 @@ Kernels:
 - GPU (Pallas, Triton backend): split-K flash decoding, one program per (row, KV head, split);
   the query heads of a KV group are the rows of one matmul (padded to 16 for the tensor cores),
   so each K/V block is read once for its group; the splits are merged in jnp.
-- TPU (Mosaic, `recycled_tpu.py`): grid (row, KV head, block) with the online softmax in VMEM
+- TPU (Mosaic, `recycled_decode_tpu.py`): grid (row, KV head, block) with the online softmax in VMEM
   scratch; on full steps the query positions come in by scalar prefetch and the index maps stop
   at the query's last block (later steps re-point at it, which Mosaic does not re-fetch).
 - `decode_reference`: the jnp oracle.
@@ -156,7 +156,7 @@ def _gpu_partials(
         out_shape.append(jax.ShapeDtypeStruct((b, hkv, gp, n), jnp.float32))
     params = None
     if not interpret:
-        from moa_jax.pallas_kernels.prefill_gpu import _compiler_params
+        from moa_jax.pallas_kernels.moa_prefill_gpu import _compiler_params
 
         params = _compiler_params(num_warps, 2)
     args = [q_positions.astype(jnp.int32), qg, k, v] + ([] if pos is None else [pos])
@@ -280,7 +280,7 @@ def _decode(
         interpret = platform != backend
     n = k.shape[2]
     if backend == "tpu":
-        from moa_jax.pallas_kernels.recycled_tpu import tpu_partials
+        from moa_jax.pallas_kernels.recycled_decode_tpu import tpu_partials
 
         bk = _pick_block(n, block_k, 512)
         o, m, l, logits = tpu_partials(

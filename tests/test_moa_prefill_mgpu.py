@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.pallas_kernels import masks, prefill_mgpu, sparse_attention
+from moa_jax.pallas_kernels import masks, moa_prefill_mgpu, sparse_attention
 from moa_jax.pallas_kernels.reference import window_sink_attention
 
 
@@ -39,7 +39,7 @@ def test_dkv_tables_cover_every_visible_tile_once(case):
         case["windows"], case["sinks"], case["t"], case["s"], case["off"], 64, 128
     )
     hkv = case["hkv"]
-    entries, npart, num = prefill_mgpu.dkv_tables(spec, hkv)
+    entries, npart, num = moa_prefill_mgpu.dkv_tables(spec, hkv)
     dense = spec.dense_mask()  # [H, T, S]
     H, nq, nk = spec.num_heads, spec.num_q_blocks, spec.num_k_blocks
     group = H // hkv
@@ -67,13 +67,15 @@ def test_dkv_tables_cover_every_visible_tile_once(case):
 def test_cpu_dispatch_keeps_triton_and_mgpu_says_why():
     q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
     k = v = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
-    assert not prefill_mgpu.available()  # CPU
+    assert not moa_prefill_mgpu.available()  # CPU
     out = sparse_attention(q, k, v, windows=(8, 2), sink=0, num_warps=4)  # auto -> Triton
     assert out.shape == q.shape
     with pytest.raises(ValueError, match="no interpret mode"):
         sparse_attention(q, k, v, windows=(8, 2), sink=0, backend="mgpu")
-    assert prefill_mgpu.supported(jnp.bfloat16, 96) and not prefill_mgpu.supported(jnp.float32, 64)
-    assert not prefill_mgpu.supported(jnp.bfloat16, 192)  # dk/dv's shared memory
+    assert moa_prefill_mgpu.supported(jnp.bfloat16, 96) and not moa_prefill_mgpu.supported(
+        jnp.float32, 64
+    )
+    assert not moa_prefill_mgpu.supported(jnp.bfloat16, 192)  # dk/dv's shared memory
 
 
 # ------------------------------------------------------------------------------- on a GPU
@@ -95,7 +97,7 @@ def _oracle(q, k, v, windows, sinks, q_offset=0, kv_lengths=None, return_lse=Tru
 
 def _on_hopper():
     try:
-        return prefill_mgpu.available()
+        return moa_prefill_mgpu.available()
     except Exception:  # pragma: no cover
         return False
 
@@ -233,7 +235,7 @@ def test_lowers_for_cuda_on_cpu(kv_lengths):
     kvl = None if kv_lengths is None else jnp.asarray(kv_lengths)
 
     def loss(q, k, v):
-        out, lse = prefill_mgpu.sparse_attention_mgpu(
+        out, lse = moa_prefill_mgpu.sparse_attention_mgpu(
             q,
             k,
             v,
@@ -262,8 +264,8 @@ def test_auto_dispatch_on_a_hopper_gpu(monkeypatch):
         calls.append(kw)
         return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
 
-    monkeypatch.setattr(prefill_mgpu, "available", lambda: True)
-    monkeypatch.setattr(prefill_mgpu, "sparse_attention_mgpu", fake_mgpu)
+    monkeypatch.setattr(moa_prefill_mgpu, "available", lambda: True)
+    monkeypatch.setattr(moa_prefill_mgpu, "sparse_attention_mgpu", fake_mgpu)
     q = jnp.ones((1, 16, 2, 64), jnp.bfloat16)
     k = v = jnp.ones((1, 16, 1, 64), jnp.bfloat16)
     sparse_attention(
