@@ -1,13 +1,19 @@
-"""Shared CLI plumbing: YAML config files whose keys are the command's own flags, and one error
-path for every command (`run`): a user's mistake is one line on stderr and a non-zero exit."""
+"""Shared CLI plumbing: one typed config per command (a dataclass whose fields are the flags and
+the YAML keys: `option`, `parse_config`), YAML config files whose keys are the command's own
+flags, logging set up once (`setup_logging`), and one error path for every command (`run`): a
+user's mistake is one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
 
@@ -43,6 +49,115 @@ def parse_args(
             parser.error(f"unknown key(s) {unknown} in {pre.config}; valid keys: {sorted(valid)}")
         parser.set_defaults(**_typed(parser, pre.config, values))
     return parser.parse_args(argv)
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+def option(default: Any, help: str, **argparse_kw: Any) -> Any:
+    """A config dataclass field that is also a flag: `help` for `--help`; `argparse_kw` (e.g.
+    `choices=`, `nargs=`, `type=`) go to `add_argument`. Tuples and lists are copied per
+    instance."""
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(
+            default_factory=lambda: list(default), metadata={"help": help, **argparse_kw}
+        )
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
+
+
+def _field_type(hint: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) of a field's resolved type hint; `X | None` is X."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _field_type(args[0]) if len(args) == 1 else (str, False)
+    if origin in (list, tuple, Sequence):
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return (args[0] if args else str), True
+    return hint, False
+
+
+def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one `--kebab-case` flag per field of the dataclass `cls`.
+
+    bool fields get `--flag/--no-flag`; list fields take several values; a field's metadata
+    may set `choices`, `nargs`, `type`, `metavar`, `action` (then the field type is not used).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kw = dict(f.metadata)
+        help_ = kw.pop("help", "")
+        flags = kw.pop("flags", ("--" + f.name.replace("_", "-"),))
+        default = (
+            f.default_factory()  # type: ignore[misc]
+            if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
+            else f.default
+        )
+        typ, many = _field_type(hints[f.name])
+        if "action" in kw:
+            parser.add_argument(*flags, dest=f.name, default=default, help=help_, **kw)
+        elif typ is bool:
+            parser.add_argument(
+                *flags,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_,
+            )
+        else:
+            kw.setdefault("type", typ if typ in (int, float) else str)
+            if many:
+                kw.setdefault("nargs", "*")
+            shown = f" (default: {default})" if default not in (None, "", [], ()) else ""
+            parser.add_argument(*flags, dest=f.name, default=default, help=help_ + shown, **kw)
+    return parser
+
+
+def parse_config(
+    cls: type[ConfigT],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    description: str,
+    parser: argparse.ArgumentParser | None = None,
+) -> ConfigT:
+    """A `cls` instance from argv: `--config FILE.yaml` supplies values, flags override them.
+
+    Unknown YAML keys, values of the wrong type and choices not offered are usage errors that
+    name the key. `parser` (from `config_parser(cls, ...)`) lets a command add flags that are
+    not config fields (there should be none; it is for positional arguments).
+    """
+    parser = parser or config_parser(cls, prog, description)
+    ns = vars(parse_args(parser, argv))
+    ns.pop("config", None)
+    ns.pop("debug", None)  # read by `run`
+    return cls(**ns)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Logs of `moa_jax.*` to stderr as `message` lines (INFO; DEBUG with `verbose`); the
+    library itself only creates loggers, a command calls this once in its `main`."""
+    root = logging.getLogger("moa_jax")
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (pytest's capture swaps it per test)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _typed(parser: argparse.ArgumentParser, source: Path, values: dict) -> dict:
