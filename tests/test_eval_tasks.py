@@ -19,7 +19,7 @@ from moa_jax.eval import (
     METHODS,
     TASKS,
     MaskedAttention,
-    MethodContext,
+    AttentionConfig,
     TaskContext,
     load_plan,
     resolve_methods,
@@ -205,18 +205,18 @@ def test_resolve_tasks_and_groups():
 # ----------------------------------------------------------------------------- methods
 def test_method_registry_and_uniform_density():
     cfg = tiny_config()
-    ctx = MethodContext(config=cfg, density=0.5, sink=16, impl="masked")
+    ctx = AttentionConfig(config=cfg, density=0.5, sink=16, impl="masked")
     assert METHODS["moa"].unavailable(ctx) == "needs --plan FILE"
     for name in ("dense", "uniform", "recycled", "streaming", "h2o"):
         assert METHODS[name].unavailable(ctx) is None
     assert [m for m in METHODS if METHODS[m].decode_only] == ["recycled", "streaming", "h2o"]
     assert METHODS["recycled"].kv_density(ctx, 4096) == 0.125
     rec = METHODS["recycled"].build(
-        MethodContext(config=cfg, impl="masked", options={"recycled.k": "64", "recycled.s": "4"}),
+        AttentionConfig(config=cfg, impl="masked", options={"recycled.k": "64", "recycled.s": "4"}),
         512,
     )
     assert (rec.config.k, rec.config.stride, rec.kernel_backend) == (64, 4, "reference")
-    from moa_jax.eval.methods import Method, register_method
+    from moa_jax.methods import Method, register_method
 
     with pytest.raises(ValueError, match="already registered"):
         register_method(Method("dense", "again", None))
@@ -235,7 +235,7 @@ def test_method_registry_and_uniform_density():
         betas=[[0.0, 0.25, 0.5, 1.0]] * cfg.num_layers,
         sinks=64,
     )
-    pctx = MethodContext(config=cfg, plan=plan, sink=64, impl="masked")
+    pctx = AttentionConfig(config=cfg, plan=plan, sink=64, impl="masked")
     hctx = dataclasses.replace(pctx, options={"uniform.match": "heads"})
     assert METHODS["moa"].unavailable(pctx) is None
     for n in (1024, 2048):

@@ -5,21 +5,22 @@ Tasks (each generated from a seed, no model hub; see the modules):
   needle        passkey in real book text, depth x length grid (`needle.py`)
   mk_needle, mv_needle, var_track, common_words   RULER-style (`ruler.py`), group 'ruler'
   perplexity    last-token perplexity of long book windows (`perplexity.py`)
-Methods (`methods.py`): dense, moa (--plan), uniform (window + sinks at matched KV density),
-and the decode-time methods recycled (Recycled Attention), streaming (StreamingLLM) and h2o.
+Methods (`moa_jax.methods`, the registry every command builds its attention from): dense,
+moa (--plan), uniform (window + sinks at matched KV density), and the decode-time methods
+recycled (Recycled Attention), streaming (StreamingLLM) and h2o.
 
 Public API:
   TASKS, GROUPS, resolve_tasks, Item, TaskContext      tasks.py
-  METHODS, register_method, resolve_methods, Method, MethodContext, MaskedAttention
+  METHODS, register_method, resolve_methods, Method, AttentionConfig, MaskedAttention
   Runner                                               runner.py
   summarize, pivot_table, detail_table                 report.py
 """
 
-from moa_jax.eval.methods import (
+from moa_jax.methods import (
     METHODS,
     MaskedAttention,
     Method,
-    MethodContext,
+    AttentionConfig,
     load_plan,
     register_method,
     resolve_methods,
@@ -60,7 +61,7 @@ __all__ = [
     "register_method",
     "resolve_methods",
     "Method",
-    "MethodContext",
+    "AttentionConfig",
     "MaskedAttention",
     "load_plan",
     "uniform_plan",

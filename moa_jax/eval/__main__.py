@@ -218,7 +218,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from moa_jax.eval import Runner, TaskContext, resolve_methods, resolve_tasks
-    from moa_jax.eval.methods import MethodContext, load_plan
+    from moa_jax.methods import AttentionConfig, load_plan
     from moa_jax.eval.report import write_json
     from moa_jax.models.registry import load_config, load_model
 
@@ -252,7 +252,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             f"({cfg.max_position_embeddings})",
             file=sys.stderr,
         )
-    mctx = MethodContext(
+    mctx = AttentionConfig(
         config=cfg,
         plan=plan,
         density=args.density,

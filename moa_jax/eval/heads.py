@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from moa_jax.eval.methods import load_plan
+    from moa_jax.methods import load_plan
     from moa_jax.models.registry import load_model
     from moa_jax.search.profile import InfluenceProfile
 

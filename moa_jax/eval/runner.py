@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.eval.methods import Method, MethodContext
+from moa_jax.methods import Method, AttentionConfig
 from moa_jax.eval.tasks import Item, Task, TaskContext
 from moa_jax.generate import generate
 from moa_jax.models.attention import AttentionBackend
@@ -138,7 +138,7 @@ class Runner:
         model: Llama,
         tokenizer: Any,
         task_ctx: TaskContext,
-        method_ctx: MethodContext,
+        method_ctx: AttentionConfig,
         *,
         nll: str = "auto",
         progress: bool = True,

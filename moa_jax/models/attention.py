@@ -50,6 +50,12 @@ class AttentionBackend(abc.ABC):
         """Attends q to k/v (and the cache); returns out [B, T, H, D] and the updated cache."""
 
     @property
+    def wants_pre_rope_query(self) -> bool:
+        """True when the backend's `__call__` takes `q_pre_rope=` (the queries before RoPE, [B, T,
+        H, D]) and the model should pass them (Recycled Attention's dynamic refresh rule)."""
+        return False
+
+    @property
     def layer_uniform(self) -> bool:
         """True when the backend treats every layer alike (it ignores `layer`) and every layer's
         cache has one shape, so the decoder layers can run as one `lax.scan`

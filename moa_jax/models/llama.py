@@ -98,7 +98,7 @@ class LlamaAttention(nnx.Module):
         k = self.k_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         extra = {} if lengths is None else {"lengths": lengths}
-        if getattr(attention, "wants_pre_rope_query", False):
+        if attention.wants_pre_rope_query:
             extra["q_pre_rope"] = q  # e.g. Recycled Attention's dynamic schedule
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
