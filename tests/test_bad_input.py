@@ -21,7 +21,7 @@ import pytest
 from moa_jax.cli import run
 from moa_jax.models.llama import init_random
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
-from moa_jax.models.weights import save_hf
+from moa_jax.models.hf_weights import save_hf
 from moa_jax.plan import Plan
 
 from conftest import tiny_config
@@ -389,7 +389,8 @@ def test_subprocess_one_line_and_debug_traceback(tmp_path):
 
 def test_numpy_nan_weights_rejected_at_load(hf_dir, tmp_path):
     """The Python API too: a checkpoint with an inf weight raises, never loads silently."""
-    from moa_jax.models.weights import WeightsError, load_hf
+    from moa_jax.models.hf_weights import load_hf
+    from moa_jax.models.weights import WeightsError
 
     model = init_random(tiny_config(), seed=0)
     w = model.embed_tokens.embedding

@@ -157,7 +157,7 @@ def test_pad_prompts_buckets():
 def test_greedy_matches_transformers_generate(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
-    from moa_jax.models.weights import load_hf
+    from moa_jax.models.hf_weights import load_hf
 
     hf_cfg = LlamaConfig(
         vocab_size=128,

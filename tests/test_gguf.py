@@ -12,7 +12,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from moa_jax.models.tokenizer import byte_alphabet, tokenizer_from_gguf_metadata
-from moa_jax.models.weights import WeightsError, WeightsNotFoundError, load_gguf, unpermute_qk
+from moa_jax.models.gguf_weights import load_gguf, unpermute_qk
+from moa_jax.models.weights import WeightsError, WeightsNotFoundError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "1 2", "e m"]
@@ -319,7 +320,7 @@ def test_llama3_scaling_recovered_at_real_shapes(factor):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from moa_jax.models.weights import _fit_llama3_scaling
+    from moa_jax.models.gguf_weights import _fit_llama3_scaling
 
     rope = {
         "rope_type": "llama3",

@@ -14,7 +14,8 @@ from transformers import LlamaForCausalLM
 
 from moa_jax.config import parse_dtype
 from moa_jax.models.registry import TINY_RANDOM_CONFIG, list_presets, load_model
-from moa_jax.models.weights import WeightsError, WeightsNotFoundError, load_hf, param_table, save_hf
+from moa_jax.models.hf_weights import load_hf, save_hf
+from moa_jax.models.weights import WeightsError, WeightsNotFoundError, param_table
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

@@ -1,5 +1,5 @@
 """Tokenizers: from GGUF metadata (llama.cpp's `tokenizer.ggml.*` keys) or an HF directory.
-(Reading a GGUF file is `models.weights`' job; this module never opens one.)
+(Reading a GGUF file is `models.gguf_weights`' job; this module never opens one.)
 
 The GGUF tokenizer is rebuilt as a `tokenizers.Tokenizer` (byte-level BPE: the vocabulary and
 merges from the file, the pre-tokenizer named by `tokenizer.ggml.pre`, a byte-level decoder) and
@@ -15,11 +15,13 @@ Public API:
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+logger = logging.getLogger(__name__)
 
 # llama.cpp token types (gguf.TokenType).
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -55,9 +57,7 @@ def _pre_tokenizer(pre: str | None) -> tuple[pre_tokenizers.PreTokenizer, bool]:
             [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         ), True
     if pre not in _GPT2_PRES and pre is not None:
-        warnings.warn(
-            f"unknown GGUF pre-tokenizer {pre!r}; using GPT-2's byte-level rules", stacklevel=3
-        )
+        logger.warning("unknown GGUF pre-tokenizer %r; using GPT-2's byte-level rules", pre)
     return byte_level, False
 
 

@@ -767,7 +767,7 @@ def export_hf(
     graphdef, params, path: str | Path, *, dtype: str | None = None, tokenizer: Any = None
 ) -> Path:
     """Writes the params as an HF Llama directory (`weights.save_hf`)."""
-    from moa_jax.models.weights import save_hf
+    from moa_jax.models.hf_weights import save_hf
 
     model = nnx.merge(graphdef, jax.device_get(params))
     save_hf(model, path, dtype=dtype, tokenizer=tokenizer)
