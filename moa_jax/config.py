@@ -2,7 +2,8 @@
 
 `ModelConfig` describes a Llama-family model. It is built from an HF `config.json` (both the
 transformers 4.x shape with top-level `rope_theta`/`rope_scaling` and the 5.x shape with
-`rope_parameters`) or from GGUF metadata (see `moa_jax.models.weights`).
+`rope_parameters`) or from GGUF metadata (see `moa_jax.models.hf_weights`,
+`moa_jax.models.gguf_weights`).
 """
 
 from __future__ import annotations
