@@ -160,39 +160,42 @@ def gguf_config(
         raise WeightsError(f"unsupported GGUF architecture {arch!r}: moa-jax reads 'llama'")
 
     def key(name: str, default: Any = None, required: bool = False) -> Any:
-        full = f"{arch}.{name}"
+        full = name.format(arch=arch)  # a gguf.Keys template, e.g. '{arch}.context_length'
+
         if full not in meta:
             if required:
                 raise WeightsError(f"GGUF metadata lacks {full!r}")
             return default
         return meta[full]
 
-    hidden = int(key("embedding_length", required=True))
-    heads = int(key("attention.head_count", required=True))
-    head_dim = int(key("attention.key_length", hidden // heads))
-    rot = key("rope.dimension_count")
+    hidden = int(key(gguf.Keys.LLM.EMBEDDING_LENGTH, required=True))
+    heads = int(key(gguf.Keys.Attention.HEAD_COUNT, required=True))
+    head_dim = int(key(gguf.Keys.Attention.KEY_LENGTH, hidden // heads))
+    rot = key(gguf.Keys.Rope.DIMENSION_COUNT)
     if rot is not None and int(rot) != head_dim:
         raise WeightsError(
             f"partial RoPE (rope.dimension_count={rot}, head_dim={head_dim}) is not supported"
         )
-    theta = float(key("rope.freq_base", 10000.0))
-    context = int(key("context_length", 8192))
-    scaling_type = key("rope.scaling.type", "none")
+    theta = float(key(gguf.Keys.Rope.FREQ_BASE, 10000.0))
+    context = int(key(gguf.Keys.LLM.CONTEXT_LENGTH, 8192))
+    scaling_type = key(gguf.Keys.Rope.SCALING_TYPE, "none")
     if rope_freqs is not None:
         scaling = _fit_llama3_scaling(
-            rope_freqs, theta, head_dim, key("rope.scaling.original_context_length")
+            rope_freqs, theta, head_dim, key(gguf.Keys.Rope.SCALING_ORIG_CTX_LEN)
         )
     elif scaling_type in ("none", None):
         scaling = RopeScaling()
     elif scaling_type == "linear":
-        scaling = RopeScaling(rope_type="linear", factor=float(key("rope.scaling.factor", 1.0)))
+        scaling = RopeScaling(
+            rope_type="linear", factor=float(key(gguf.Keys.Rope.SCALING_FACTOR, 1.0))
+        )
     else:
         raise WeightsError(f"unsupported GGUF rope scaling type {scaling_type!r}")
 
     if "tokenizer.ggml.tokens" in meta:
         vocab = len(meta["tokenizer.ggml.tokens"])
-    elif key("vocab_size") is not None:
-        vocab = int(key("vocab_size"))
+    elif key(gguf.Keys.LLM.VOCAB_SIZE) is not None:
+        vocab = int(key(gguf.Keys.LLM.VOCAB_SIZE))
     else:
         vocab = int(tensor_shapes["token_embd.weight"][0])
 
@@ -204,14 +207,14 @@ def gguf_config(
     return ModelConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length", required=True)),
-        num_layers=int(key("block_count", required=True)),
+        intermediate_size=int(key(gguf.Keys.LLM.FEED_FORWARD_LENGTH, required=True)),
+        num_layers=int(key(gguf.Keys.LLM.BLOCK_COUNT, required=True)),
         num_heads=heads,
-        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        num_kv_heads=int(key(gguf.Keys.Attention.HEAD_COUNT_KV, heads)),
         head_dim=head_dim,
         rope_theta=theta,
         rope_scaling=scaling,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=float(key(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
         tie_word_embeddings="output.weight" not in tensor_shapes,
         max_position_embeddings=context,
         attention_bias="blk.0.attn_q.bias" in tensor_shapes,
