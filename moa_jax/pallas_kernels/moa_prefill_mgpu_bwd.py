@@ -14,10 +14,10 @@ from jax.experimental import pallas as pl
 
 from moa_jax.pallas_kernels import masks
 from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
-    LOG2E,
-    MgpuConfig,
     _iota,
     _visible,
+    LOG2E,
+    MgpuConfig,
     acc_zeros,
     bcast,
     compiler_params,
@@ -28,6 +28,7 @@ from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
     row_tiles,
     smem,
     stream_kv,
+    table_operands,
     valid_kv_len,
     work_item,
 )
@@ -169,10 +170,7 @@ def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 stages,
             )
 
-    tables = [
-        jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
-    ] + [kv_lengths.astype(jnp.int32)]
+    tables = table_operands(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num, kv_lengths)
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
@@ -367,9 +365,7 @@ def dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                     delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[slot], tile_ready.at[slot]
                 )
 
-    tables = [jnp.asarray(t) for t in masks.kernel_tables(spec, entries, npart_t, num_t)] + [
-        kv_lengths.astype(jnp.int32)
-    ]
+    tables = table_operands(spec, entries, npart_t, num_t, kv_lengths)
     kv_type = jax.ShapeDtypeStruct((B, Sp, Hkv, D), k.dtype)
     dk, dv = plgpu.kernel(
         kernel,

@@ -92,15 +92,26 @@ def work_item(order_ref, num_ref, npart_ref, inner: int, has_kvlen: bool):
 
 
 def valid_kv_len(kvlen_ref, b, kv_len: int, has_kvlen: bool):
+    """Keys that exist in batch row b: min(kv_lengths[b], S) when ragged, else S."""
     return jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
 
 
 def bcast(x, shape, dim):
+    """A row (dim 0) or column (dim 1) vector broadcast to a 2-D tile."""
     return lax.broadcast_in_dim(x, shape, [dim])
 
 
 def acc_zeros(shape):
+    """f32 zeros in the wgmma accumulator layout."""
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def table_operands(spec: masks.MaskSpec, blocks, num_partial, num, kv_lengths) -> list:
+    """The scalar tables every kernel here takes first: `masks.kernel_tables` (work order,
+    windows, sinks, blocks, num_partial, num) and kv_lengths int32 [B]."""
+    return [jnp.asarray(t) for t in masks.kernel_tables(spec, blocks, num_partial, num)] + [
+        kv_lengths.astype(jnp.int32)
+    ]
 
 
 def stream_kv(

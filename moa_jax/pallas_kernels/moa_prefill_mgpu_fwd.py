@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import masks
 from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
     MgpuConfig,
     acc_zeros,
@@ -25,6 +24,7 @@ from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
     row_tiles,
     smem,
     stream_kv,
+    table_operands,
     valid_kv_len,
     work_item,
 )
@@ -174,10 +174,7 @@ def fwd_call(cfg: MgpuConfig, q, k, v, kv_lengths):
                 stages,
             )
 
-    tables = [
-        jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
-    ] + [kv_lengths.astype(jnp.int32)]
+    tables = table_operands(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num, kv_lengths)
     out, lse = plgpu.kernel(
         kernel,
         out_type=[
