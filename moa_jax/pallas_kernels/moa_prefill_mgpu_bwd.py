@@ -14,8 +14,6 @@ from jax.experimental import pallas as pl
 
 from moa_jax.pallas_kernels import masks
 from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
-    _iota,
-    _visible,
     LOG2E,
     MgpuConfig,
     acc_zeros,
@@ -299,10 +297,9 @@ def dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 if masked:
                     e = ent_ref[base + i]
                     h = div(e, nq)
-                    keys = col0 + _iota((bk, bq), 0)
-                    qpos = q_offset + rem(e, nq) * bq + _iota((bk, bq), 1)
-                    st = jnp.where(
-                        _visible(qpos, keys, win_ref[h], sink_ref[h], kv_valid), st, -jnp.inf
+                    row0 = q_offset + rem(e, nq) * bq
+                    st = mask_block(
+                        st, row0, col0, win_ref[h], sink_ref[h], kv_valid, keys_first=True
                     )
                 lse = _col_vec(lse_smem.at[slot])
                 pt = jnp.exp2(st * c - bcast(lse, st.shape, 1))

@@ -60,17 +60,13 @@ def _iota(shape, dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
 
-def _visible(rows, cols, w, s, kv_valid):
-    """Element mask: query positions `rows`, key positions `cols` (same shape)."""
-    return visible(rows, cols, w, s) & (cols < kv_valid)
-
-
-def mask_block(s, row0, col0, w, sink, kv_valid):
-    """Logits s [rows, keys] of query positions row0.. and key positions col0..: -inf where the
-    key is not visible."""
-    rows = row0 + _iota(s.shape, 0)
-    cols = col0 + _iota(s.shape, 1)
-    return jnp.where(_visible(rows, cols, w, sink, kv_valid), s, -jnp.inf)
+def mask_block(s, row0, col0, w, sink, kv_valid, *, keys_first: bool = False):
+    """Logits s [queries, keys] of query positions row0.. and key positions col0..: -inf where
+    the key is not visible. keys_first: s is [keys, queries] (the dk/dv kernel's S^T)."""
+    q_dim, k_dim = (1, 0) if keys_first else (0, 1)
+    rows = row0 + _iota(s.shape, q_dim)
+    cols = col0 + _iota(s.shape, k_dim)
+    return jnp.where(visible(rows, cols, w, sink) & (cols < kv_valid), s, -jnp.inf)
 
 
 def div(x, d: int):
