@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 from moa_jax.pallas_kernels import masks, moa_prefill_mgpu, sparse_attention
+from moa_jax.pallas_kernels.moa_prefill_mgpu_bwd import dkv_tables
 from moa_jax.pallas_kernels.reference import window_sink_attention
 
 
@@ -39,7 +40,7 @@ def test_dkv_tables_cover_every_visible_tile_once(case):
         case["windows"], case["sinks"], case["t"], case["s"], case["off"], 64, 128
     )
     hkv = case["hkv"]
-    entries, npart, num = moa_prefill_mgpu.dkv_tables(spec, hkv)
+    entries, npart, num = dkv_tables(spec, hkv)
     dense = spec.dense_mask()  # [H, T, S]
     H, nq, nk = spec.num_heads, spec.num_q_blocks, spec.num_k_blocks
     group = H // hkv
