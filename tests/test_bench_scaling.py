@@ -116,37 +116,3 @@ def test_a_failing_part_is_a_row_not_a_crash(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["devices"] for r in rows] == [1, 2]
     assert all(r["status"] == "error" and "timed out" in r["error"] for r in rows)
-
-
-def test_bench_profile_cli_runs_tiny(tmp_path):
-    """`python -m moa_jax.bench.profile` on tiny shapes: timings and a finite profile."""
-    import json
-
-    from moa_jax.bench.profile import main
-
-    out = tmp_path / "p.json"
-    assert (
-        main(
-            [
-                "--shape",
-                "tiny",
-                "--length",
-                "128",
-                "--items",
-                "3",
-                "--answer-tokens",
-                "16",
-                "--dtype",
-                "float32",
-                "--estimator",
-                "answer",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    row = json.loads(out.read_text())
-    assert row["estimator"] == "answer"
-    assert row["steady_items"] == 2 and row["items"] == 3
-    assert row["seconds_per_item"] > 0 and row["profile_stage_s"] >= row["first_batch_s"]

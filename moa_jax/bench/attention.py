@@ -28,265 +28,88 @@ kernel on its own mask), and each implementation's time relative to the fastest 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import logging
 import platform
-import statistics
 import sys
-import time
-from typing import Any, Callable
 
-import numpy as np
+from moa_jax.bench.attention_impls import (
+    cudnn_impl,
+    fwd_bwd,
+    median_ms,
+    mgpu_breakdown,
+    moa_impl,
+    tokamax_impl,
+)
+from moa_jax.bench.head_configs import case_windows, kept_entries, kv_density
+from moa_jax.cli import config_parser, option, parse_config, run, setup_logging
 
-
-def plan_windows(
-    kind: str, s: int, h: int, hkv: int, *, dense_groups: bool = False
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(windows, sinks) per query head for a named configuration.
-
-    het50 / het25 make a quarter / an eighth of the heads dense. By default the dense heads are
-    spread over the KV groups (one or two per group), which is what the prefill kernels see in
-    searched plans; `dense_groups=True` makes them whole KV groups instead, so that a decode
-    cache holding each KV head's largest window shrinks with the density.
-    """
-    if kind == "dense":
-        return (s,) * h, (0,) * h
-    if kind.startswith("window"):
-        w = int(kind[len("window") :])
-        return (w,) * h, (0,) * h
-    if kind in ("het50", "het25"):
-        density, every = (0.5, 4) if kind == "het50" else (0.25, 8)
-        sink = 64
-        frac_dense = 1.0 / every
-        keep = (density - frac_dense) / (1.0 - frac_dense) * s  # sink + window of short heads
-        w = max(64, int(round((keep - sink) / 64)) * 64)
-        g = h // hkv
-        n_dense = max(1, h // every)
-        dense_heads = set()
-        if dense_groups:
-            n_groups = max(1, n_dense // g)
-            for i in range(n_groups):
-                grp = i * hkv // n_groups
-                dense_heads.update(range(grp * g, grp * g + g))
-        else:
-            for i in range(n_dense):
-                grp = (i * hkv // n_dense) % hkv if n_dense < hkv else i % hkv
-                dense_heads.add(grp * g + (i // hkv) % g)
-        windows = tuple(s if i in dense_heads else w for i in range(h))
-        sinks = tuple(0 if i in dense_heads else sink for i in range(h))
-        return windows, sinks
-    raise ValueError(f"unknown configuration {kind!r}")
+logger = logging.getLogger("moa_jax.bench.attention")  # not __name__: '__main__' under python -m
+PROG = "python -m moa_jax.bench.attention"
+IMPLS = ("moa-mgpu", "moa-triton", "cudnn", "tokamax")
+_KERNEL_CHOICE = " (default: the kernel's choice)"
 
 
-def kv_density(windows, sinks, s: int) -> float:
-    return float(
-        np.mean([min(s, min(w, s) + min(sk, s - min(w, s))) for w, sk in zip(windows, sinks)]) / s
+@dataclasses.dataclass
+class AttentionBenchConfig:
+    """The shapes, head configurations and implementations to time, and the kernels' blocks."""
+
+    seq_lens: list[int] = option(
+        [4096, 16384, 32768], "sequence lengths S, one row set each", nargs="+"
     )
-
-
-def _time(fn: Callable[[], Any], warmup: int, iters: int) -> float:
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def case_windows(kind: str, s: int, h: int, hkv: int, plan=None):
-    """(windows, sinks) of a named configuration (see the module docstring)."""
-    if kind.startswith("mix"):
-        spec, _, extra = kind[3:].partition("+")
-        a, b = (int(x) for x in spec.split("-"))
-        sink = 64 if extra == "sinks" else 0
-        return (a,) * (h // 2) + (b,) * (h - h // 2), (sink,) * h
-    if kind.startswith("plan-L"):
-        if plan is None:
-            raise ValueError(f"{kind} needs --plan")
-        layer = int(kind[len("plan-L") :])
-        if plan.num_heads != h:
-            raise ValueError(f"--plan has {plan.num_heads} heads per layer, --heads is {h}")
-        return plan.layer_windows(s, layer), plan.layer_sinks(layer)
-    return plan_windows(kind, s, h, hkv)
-
-
-def _kept(windows, sinks, s: int) -> int:
-    from moa_jax.pallas_kernels.masks import MaskSpec
-
-    return MaskSpec(windows, sinks, s, s).kept_entries()
-
-
-def _ours(kernel: str, windows, sinks, args):
-    from moa_jax.pallas_kernels import sparse_attention
-
-    opts = {}
-    if kernel == "gpu":
-        opts = dict(block_q=args.block_q, block_k=args.block_k)
-    elif args.mgpu_block_k is not None:
-        opts = dict(block_k=args.mgpu_block_k)
-    for name in (
-        ("num_stages",)
-        if kernel == "mgpu"
-        else (
-            "block_q_dq",
-            "block_k_dq",
-            "block_q_dkv",
-            "block_k_dkv",
-            "num_warps",
-            "num_stages",
-            "num_warps_bwd",
-            "num_stages_bwd",
-        )
-    ):
-        if getattr(args, name, None) is not None:
-            opts[name] = getattr(args, name)
-    if args.interpret:
-        opts["interpret"] = True
-    return lambda q, k, v: sparse_attention(
-        q, k, v, windows=windows, sink=sinks, backend=kernel, **opts
+    configs: list[str] = option(
+        ["dense", "mix1024-7168", "mix1024-7168+sinks", "het50"],
+        "head configurations: dense, window<W>, mix<A>-<B>[+sinks], het50, "
+        "het25 (below); plan-L<l> are added for each --plan-layers",
+        nargs="+",
+        metavar="CONFIG",
     )
+    plan: str | None = option(
+        None, "a plan file (ours or the MoA reference's JSON) for plan-L<l> configs"
+    )
+    plan_layers: list[int] = option([0, 8, 16, 31], "layers of --plan to benchmark")
+    impls: list[str] = option(
+        list(IMPLS),
+        "implementations to time (each in its own try block)",
+        nargs="+",
+        choices=IMPLS,
+    )
+    mgpu_block_k: int | None = option(
+        None, "Mosaic GPU forward key block (64 or 128; default: the kernel's)"
+    )
+    batch: int = option(1, "batch size B")
+    heads: int = option(32, "query heads H")
+    kv_heads: int = option(8, "KV heads Hkv (GQA when < H)")
+    head_dim: int = option(128, "head dimension D")
+    dtype: str = option("bf16", "q/k/v dtype", choices=["bf16", "f32"])
+    iters: int = option(10, "timed calls (the median is reported)")
+    warmup: int = option(3, "untimed calls first (compilation)")
+    block_q: int = option(128, "Triton forward query block")
+    block_k: int = option(64, "Triton forward key block")
+    block_q_dq: int | None = option(None, "backward dq pass: query block" + _KERNEL_CHOICE)
+    block_k_dq: int | None = option(None, "backward dq pass: key block" + _KERNEL_CHOICE)
+    block_q_dkv: int | None = option(None, "backward dk/dv pass: query block" + _KERNEL_CHOICE)
+    block_k_dkv: int | None = option(None, "backward dk/dv pass: key block" + _KERNEL_CHOICE)
+    num_warps: int | None = option(None, "Triton warps, forward" + _KERNEL_CHOICE)
+    num_stages: int | None = option(None, "Triton pipeline stages, forward" + _KERNEL_CHOICE)
+    num_warps_bwd: int | None = option(None, "Triton warps, backward" + _KERNEL_CHOICE)
+    num_stages_bwd: int | None = option(None, "Triton pipeline stages, backward" + _KERNEL_CHOICE)
+    no_bwd: bool = option(False, "forward only", action="store_true")
+    breakdown: bool = option(False, "also time each Mosaic GPU kernel (fwd, dq, dk/dv) alone")
+    profile_dir: str | None = option(
+        None,
+        "with --breakdown: also trace each Mosaic GPU kernel once with its "
+        "in-kernel profiler, traces here, summaries in the JSON",
+    )
+    interpret: bool = option(False, "Pallas interpret mode (CPU smoke)")
+    out: str | None = option(None, "write the JSON here")
 
 
-def _cudnn(windows, s: int, hkv: int):
-    """One cuDNN call per distinct window; GQA kept when a window covers whole KV groups."""
-    import jax
-    import jax.numpy as jnp
-
-    h = len(windows)
-    g = h // hkv
-    parts = []
-    for w in sorted(set(windows), key=list(windows).index):
-        idx = np.asarray([i for i, x in enumerate(windows) if x == w])
-        kvs, per_kv = np.unique(idx // g, return_counts=True)
-        if len(set(per_kv.tolist())) != 1 or per_kv[0] != g:
-            kvs = idx // g  # partial groups: one K/V copy per query head (plain MHA)
-        parts.append((w, idx, kvs))
-    inv = np.argsort(np.concatenate([idx for _, idx, _ in parts]))
-
-    def attn(q, k, v):
-        outs = []
-        for w, idx, kvs in parts:
-            lw = None if w >= s else (w - 1, 0)
-            outs.append(
-                jax.nn.dot_product_attention(
-                    q[:, :, idx],
-                    k[:, :, kvs],
-                    v[:, :, kvs],
-                    is_causal=True,
-                    local_window_size=lw,
-                    implementation="cudnn",
-                )
-            )
-        return jnp.concatenate(outs, axis=2)[:, :, inv]
-
-    kept = sum(len(idx) * _kept((w,), (0,), s) for w, idx, _ in parts)
-    return attn, kept, f"cudnn_{len(parts)}call" + ("s" if len(parts) > 1 else "")
-
-
-def _tokamax(windows, s: int):
-    """tokamax's Mosaic GPU flash attention with a per-head k_start (windows; no sinks)."""
-    import jax.numpy as jnp
-    from tokamax._src.ops.attention import api as tk_api
-    from tokamax._src.ops.attention import base as tk_base
-
-    try:  # tokamax reads absl flags; ours are not theirs
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS(sys.argv[:1], known_only=True)
-    except ImportError:  # pragma: no cover
-        pass
-    impl = tk_api.IMPLEMENTATIONS["mosaic_gpu"]
-    i = np.arange(s)
-    k_start = np.stack([np.maximum(0, i - min(w, s) + 1) for w in windows])  # [H, T]
-    k_start = jnp.asarray(k_start[None], jnp.int32)
-
-    def attn(q, k, v):
-        return impl(q, k, v, mask=tk_base.Mask(k_start=k_start, is_causal=True))
-
-    kept = sum(_kept((w,), (0,), s) for w in windows)
-    return attn, kept, "tokamax_mosaic_gpu"
-
-
-def _mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
-    """Each Mosaic GPU kernel timed alone: ms and TFLOP/s on its own matmul work (forward
-    2 matmuls = 4 D kept, dq 3 = 6 D kept, dk/dv 4 = 8 D kept). With --profile-dir, each kernel
-    also runs once under Mosaic GPU's in-kernel profiler and its trace is summarised
-    (`trace_summary`)."""
-    import os
-    import tempfile
-
-    import jax
-
-    from moa_jax.pallas_kernels.moa_prefill_mgpu import kernel_stages
-
-    opts = {} if args.mgpu_block_k is None else dict(block_k=args.mgpu_block_k)
-    d, b = q.shape[-1], q.shape[0]
-    out = {}
-    for name, fn in kernel_stages(q, k, v, do, windows=windows, sinks=sinks, **opts).items():
-        ms = _time(fn, args.warmup, args.iters)
-        mm = {"fwd": 4.0, "dq": 6.0, "dkv": 8.0}[name] * d * b * kept
-        out[name] = dict(ms=ms, tflops=mm / ms / 1e9)
-    if args.profile_dir:
-        os.makedirs(args.profile_dir, exist_ok=True)
-        for name in ("fwd", "dq", "dkv"):
-            trace_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=args.profile_dir)
-            fn = kernel_stages(
-                q, k, v, do, windows=windows, sinks=sinks, profile_dir=trace_dir, **opts
-            )[name]
-            jax.block_until_ready(fn())
-            jax.effects_barrier()  # the trace is written by a callback
-            traces = sorted(f for f in os.listdir(trace_dir) if f.endswith("-trace.json"))
-            out[name]["profile"] = trace_summary(os.path.join(trace_dir, traces[-1]))
-    return out
-
-
-def trace_summary(path: str, warpgroups: int = 3) -> dict:
-    """A Mosaic GPU profiler trace (Chrome JSON: B/E events per warpgroup per CTA) reduced to,
-    per warpgroup role (compute = all but the last warpgroup, memory = the last), each named
-    scope's share of the role's busy time and its mean duration in ns."""
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    by_tid: dict[int, list[dict]] = {}
-    for e in events:
-        by_tid.setdefault(e["tid"], []).append(e)
-    totals: dict[str, dict[str, list[float]]] = {"compute": {}, "memory": {}}
-    span = {"compute": 0.0, "memory": 0.0}
-    for tid, evs in by_tid.items():
-        role = "memory" if (tid - 1) % warpgroups == warpgroups - 1 else "compute"
-        evs.sort(key=lambda e: e["ts"])
-        span[role] += evs[-1]["ts"] - evs[0]["ts"]
-        open_: dict[str, float] = {}
-        for e in evs:
-            if e["ph"] == "B":
-                open_[e["name"]] = e["ts"]
-            elif e["name"] in open_:
-                totals[role].setdefault(e["name"], []).append(e["ts"] - open_.pop(e["name"]))
-    return {
-        role: {
-            name: dict(share=sum(ds) / span[role], mean_ns=1e3 * sum(ds) / len(ds), count=len(ds))
-            for name, ds in sorted(scopes.items())
-        }
-        for role, scopes in totals.items()
-        if span[role] > 0
-    }
-
-
-def _fwd_bwd(attn: Callable):
-    import jax
-
-    def run(q, k, v, do):
-        out, vjp = jax.vjp(attn, q, k, v)
-        return vjp(do)
-
-    return jax.jit(run)
-
-
-def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
+def bench_one(kind: str, s: int, args: AttentionBenchConfig, rows: list[dict], plan=None):
+    """Appends the rows of one head configuration at sequence length `s`: every
+    implementation of `args.impls`, forward and (unless `no_bwd`) forward + backward."""
     import jax
     import jax.numpy as jnp
 
@@ -298,7 +121,7 @@ def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
     k = jax.random.normal(ks[1], (b, s, hkv, d), dtype)
     v = jax.random.normal(ks[2], (b, s, hkv, d), dtype)
     do = jax.random.normal(ks[3], (b, s, h, d), dtype)
-    kept = _kept(windows, sinks, s)
+    kept = kept_entries(windows, sinks, s)
     base = dict(
         config=kind,
         seq_len=s,
@@ -316,19 +139,19 @@ def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
     for impl in args.impls:
         try:
             if impl in ("moa-mgpu", "moa-triton"):
-                fn = _ours("mgpu" if impl == "moa-mgpu" else "gpu", windows, sinks, args)
+                fn = moa_impl("mgpu" if impl == "moa-mgpu" else "gpu", windows, sinks, args)
                 n_kept, name = kept, impl
             elif impl == "cudnn":
-                fn, n_kept, name = _cudnn(windows, s, hkv)
+                fn, n_kept, name = cudnn_impl(windows, s, hkv)
             elif impl == "tokamax":
-                fn, n_kept, name = _tokamax(windows, s)
+                fn, n_kept, name = tokamax_impl(windows, s)
             else:
                 raise ValueError(f"unknown implementation {impl!r}")
             passes = [("fwd", jax.jit(fn), (q, k, v), 1.0)]
             if not args.no_bwd:
-                passes.append(("fwdbwd", _fwd_bwd(fn), (q, k, v, do), 3.5))
+                passes.append(("fwdbwd", fwd_bwd(fn), (q, k, v, do), 3.5))
             for pass_, f, xs, mult in passes:
-                ms = _time(lambda: f(*xs), args.warmup, args.iters)
+                ms = median_ms(lambda: f(*xs), args.warmup, args.iters)
                 flops = mult * 4.0 * d * b * n_kept
                 case_rows.append(
                     dict(
@@ -341,10 +164,10 @@ def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
                     )
                 )
             if impl == "moa-mgpu" and args.breakdown:
-                case_rows[-1]["kernels"] = _mgpu_breakdown(q, k, v, do, windows, sinks, kept, args)
+                case_rows[-1]["kernels"] = mgpu_breakdown(q, k, v, do, windows, sinks, kept, args)
         except Exception as e:  # noqa: BLE001
             msg = f"{type(e).__name__}: {str(e)[:400]}"
-            print(f"FAILED {impl} {kind} S={s}: {msg}", file=sys.stderr, flush=True)
+            logger.warning("FAILED %s %s S=%d: %s", impl, kind, s, msg)
             case_rows.append(dict(base, impl=impl, error=msg))
     for pass_ in ("fwd", "fwdbwd"):
         done = [r for r in case_rows if r.get("pass_") == pass_]
@@ -353,133 +176,24 @@ def bench_one(kind: str, s: int, args, rows: list[dict], plan=None):
             if peers:
                 r["time_vs_fastest_peer"] = r["ms"] / min(peers)
     for r in case_rows:
-        print(json.dumps({k: v for k, v in r.items() if k not in ("windows", "sinks")}), flush=True)
+        logger.info(json.dumps({k: v for k, v in r.items() if k not in ("windows", "sinks")}))
     rows.extend(case_rows)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default in --help."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `AttentionBenchConfig`, with this module's docstring as the epilog."""
+    parser = config_parser(AttentionBenchConfig, PROG, __doc__.split("\n\n")[0])
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    return parser
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m moa_jax.bench.attention",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=_HelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = build_parser()
+    args = parse_config(
+        AttentionBenchConfig, argv, prog=PROG, description=parser.description, parser=parser
     )
-    p.add_argument(
-        "--seq-lens",
-        type=int,
-        nargs="+",
-        default=[4096, 16384, 32768],
-        help="sequence lengths S, one row set each",
-    )
-    p.add_argument(
-        "--configs",
-        nargs="+",
-        default=["dense", "mix1024-7168", "mix1024-7168+sinks", "het50"],
-        metavar="CONFIG",
-        help="head configurations: dense, window<W>, mix<A>-<B>[+sinks], het50, "
-        "het25 (below); plan-L<l> are added for each --plan-layers",
-    )
-    p.add_argument(
-        "--plan",
-        default=None,
-        help="a plan file (ours or the MoA reference's JSON) for plan-L<l> configs",
-    )
-    p.add_argument(
-        "--plan-layers",
-        type=int,
-        nargs="*",
-        default=[0, 8, 16, 31],
-        help="layers of --plan to benchmark",
-    )
-    p.add_argument(
-        "--impls",
-        nargs="+",
-        default=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
-        choices=["moa-mgpu", "moa-triton", "cudnn", "tokamax"],
-        help="implementations to time (each in its own try block)",
-    )
-    p.add_argument(
-        "--mgpu-block-k",
-        type=int,
-        default=None,
-        help="Mosaic GPU forward key block (64 or 128; default: the kernel's)",
-    )
-    p.add_argument("--batch", type=int, default=1, help="batch size B")
-    p.add_argument("--heads", type=int, default=32, help="query heads H")
-    p.add_argument("--kv-heads", type=int, default=8, help="KV heads Hkv (GQA when < H)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dimension D")
-    p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="q/k/v dtype")
-    p.add_argument("--iters", type=int, default=10, help="timed calls (the median is reported)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation)")
-    p.add_argument("--block-q", type=int, default=128, help="Triton forward query block")
-    p.add_argument("--block-k", type=int, default=64, help="Triton forward key block")
-    p.add_argument(
-        "--block-q-dq",
-        type=int,
-        default=None,
-        help="backward dq pass: query block (default: the kernel's choice)",
-    )
-    p.add_argument(
-        "--block-k-dq",
-        type=int,
-        default=None,
-        help="backward dq pass: key block (default: the kernel's choice)",
-    )
-    p.add_argument(
-        "--block-q-dkv",
-        type=int,
-        default=None,
-        help="backward dk/dv pass: query block (default: the kernel's choice)",
-    )
-    p.add_argument(
-        "--block-k-dkv",
-        type=int,
-        default=None,
-        help="backward dk/dv pass: key block (default: the kernel's choice)",
-    )
-    p.add_argument(
-        "--num-warps",
-        type=int,
-        default=None,
-        help="Triton warps, forward (default: the kernel's choice)",
-    )
-    p.add_argument(
-        "--num-stages",
-        type=int,
-        default=None,
-        help="Triton pipeline stages, forward (default: the kernel's choice)",
-    )
-    p.add_argument(
-        "--num-warps-bwd",
-        type=int,
-        default=None,
-        help="Triton warps, backward (default: the kernel's choice)",
-    )
-    p.add_argument(
-        "--num-stages-bwd",
-        type=int,
-        default=None,
-        help="Triton pipeline stages, backward (default: the kernel's choice)",
-    )
-    p.add_argument("--no-bwd", action="store_true", help="forward only")
-    p.add_argument(
-        "--breakdown",
-        action="store_true",
-        help="also time each Mosaic GPU kernel (fwd, dq, dk/dv) alone",
-    )
-    p.add_argument(
-        "--profile-dir",
-        default=None,
-        help="with --breakdown: also trace each Mosaic GPU kernel once with its "
-        "in-kernel profiler, traces here, summaries in the JSON",
-    )
-    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke)")
-    p.add_argument("--out", default=None, help="write the JSON here")
-    args = p.parse_args(argv)
 
     import jax
 
@@ -496,7 +210,7 @@ def main(argv=None) -> int:
             try:
                 bench_one(kind, s, args, rows, plan)
             except Exception as e:  # noqa: BLE001
-                print(f"FAILED {kind} S={s}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                logger.warning("FAILED %s S=%d: %s: %s", kind, s, type(e).__name__, e)
                 rows.append(dict(config=kind, seq_len=s, error=f"{type(e).__name__}: {e}"))
     dev = jax.devices()[0]
     report = dict(
@@ -505,7 +219,7 @@ def main(argv=None) -> int:
         platform=dev.platform,
         jax=jax.__version__,
         python=platform.python_version(),
-        args=vars(args),
+        args=dataclasses.asdict(args),
         rows=rows,
     )
     if args.out:
@@ -516,6 +230,7 @@ def main(argv=None) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (the command's printed answer)."""
     lines = [
         "| S | config | Hkv | kv dens. | pass | impl | ms | TFLOP/s | time vs fastest peer |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -536,4 +251,4 @@ def format_table(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

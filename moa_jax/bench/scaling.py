@@ -31,12 +31,13 @@ The JSON (`--out`) holds every row with device kind, shapes and date; the table 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
+import logging
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,188 +45,73 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moa_jax.bench.decode import GIB, LLAMA3_8B, TINY, _guard, _memory_stats
+from moa_jax.bench.batch_search import guard
+from moa_jax.bench.scaling_workers import profile_worker, train_worker
+from moa_jax.cli import config_parser, option, parse_config, run, setup_logging
 
+logger = logging.getLogger("moa_jax.bench.scaling")  # not __name__: '__main__' under python -m
+PROG = "python -m moa_jax.bench.scaling"
 PARTS = ("train", "profile", "decode")
 
 
-# ------------------------------------------------------------------------------ workers
-def _model_config(args):
-    from moa_jax.config import ModelConfig
+@dataclasses.dataclass
+class ScalingConfig:
+    """The device counts and parts to run and each part's shapes; None entries take their
+    `--tiny`-dependent default in `resolved()`. `worker` and `worker_out` are set by the
+    driver for its worker processes."""
 
-    d = dict(TINY if args.tiny else LLAMA3_8B)
-    if args.layers:
-        d["num_layers"] = args.layers
-    return ModelConfig(**d)
+    devices: list[int] = option(
+        [1, 2, 4, 8],
+        "device counts to measure (worker: the count of this process)",
+        nargs="+",
+    )
+    parts: list[str] = option(list(PARTS), "parts to run", nargs="+", choices=PARTS)
+    layouts: list[str] = option(
+        ["data", "tensor"],
+        "decode meshes: (n,1,1) and/or (1,1,n)",
+        nargs="+",
+        choices=("data", "tensor"),
+    )
+    layers: int | None = option(None, "override the layer count")
+    prefix: int | None = option(None, "train: L (default 8192)")
+    tail: int | None = option(None, "train: S (default 50)")
+    top_k: int | None = option(None, "train: K (default 2048)")
+    rows_per_device: int = option(1, "train: rows per device")
+    remat: bool = option(True, "train: recompute each layer in the backward pass (default on)")
+    train_steps: int = option(3, "train: timed steps")
+    profile_length: int | None = option(None, "profile: calibration length N (default 8192)")
+    profile_steps: int = option(2, "profile: timed steps")
+    answer_tokens: int | None = option(None, "profile: answer tokens per item (default 64)")
+    decode_context: int | None = option(None, "decode: C (default 32768)")
+    decode_batches: list[str] | None = option(
+        None,
+        "decode: batches (bench.decode --batches; default 1 max, --tiny: 2 4)",
+        nargs="+",
+    )
+    decode_steps: int | None = option(None, "decode: steps per call")
+    moa_density: float = option(0.5, "decode: MoA KV density")
+    timeout: float = option(900.0, "seconds per process")
+    tiny: bool = option(False, "CPU smoke run: the tiny model and short sequences")
+    out: str | None = option(None, "write the JSON report here")
+    worker: str | None = option(None, argparse.SUPPRESS, choices=("train", "profile"))
+    worker_out: str | None = option(None, argparse.SUPPRESS)
 
-
-def _mesh(data: int, fsdp: int, tensor: int):
-    import jax
-
-    from moa_jax.parallel import MeshConfig, make_mesh
-
-    n = data * fsdp * tensor
-    devices = jax.devices()
-    if len(devices) < n:
-        raise RuntimeError(
-            f"mesh ({data}, {fsdp}, {tensor}) needs {n} devices, this process sees {len(devices)}"
+    def resolved(self) -> ScalingConfig:
+        """This config with every None default filled in (smaller ones with `tiny`)."""
+        t = self.tiny
+        return dataclasses.replace(
+            self,
+            prefix=self.prefix or (64 if t else 8192),
+            tail=self.tail or (8 if t else 50),
+            top_k=self.top_k or (16 if t else 2048),
+            profile_length=self.profile_length or (128 if t else 8192),
+            answer_tokens=self.answer_tokens or (8 if t else 64),
+            decode_context=self.decode_context or (40 if t else 32768),
+            decode_steps=self.decode_steps or (2 if t else 50),
+            decode_batches=self.decode_batches or (["2", "4"] if t else ["1", "max"]),
         )
-    return make_mesh(MeshConfig(data, fsdp, tensor), devices[:n])
 
 
-def _where() -> dict:
-    import jax
-
-    return dict(device=jax.devices()[0].device_kind, jax=jax.__version__)
-
-
-def _timed(fn, warmup: int, iters: int) -> float:
-    """Median seconds of fn() (which blocks until its results are ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def train_worker(n: int, args) -> dict:
-    """One continued-pretraining measurement on n devices (see the module docstring)."""
-    import jax
-    import numpy as np
-
-    from moa_jax.bench.decode import make_weights
-    from moa_jax.parallel import mesh_context, param_shardings
-    from moa_jax.train.loop import (
-        TrainConfig,
-        attention_entries,
-        batch_shardings,
-        get_train_step,
-        make_attention,
-        make_optimizer,
-        opt_state_shardings,
-        peak_flops,
-        replicated,
-        train_flops_per_sequence,
-    )
-
-    mc = _model_config(args)
-    rows = args.rows_per_device * n
-    seq = args.prefix + args.tail
-    cfg = TrainConfig(
-        model="random",
-        dtype="bfloat16",
-        param_dtype="float32",
-        attention="recycled",
-        prefix_len=args.prefix,
-        tail_len=args.tail,
-        top_k=args.top_k,
-        batch_size=rows,
-        steps=args.train_steps + 1,
-        lr=1e-5,
-        warmup_steps=0,
-        mesh_data=1,
-        mesh_fsdp=n,
-        mesh_tensor=1,
-        remat=args.remat,
-    )
-    mesh = _mesh(1, n, 1)
-    row: dict[str, Any] = dict(
-        part="train",
-        devices=n,
-        mesh=dict(mesh.shape),
-        rows=rows,
-        seq_len=seq,
-        top_k=args.top_k,
-        remat=args.remat,
-        **_where(),
-    )
-    attention = make_attention(cfg, mc)
-    graphdef, params = make_weights(mc, param_dtype="float32", dtype="bfloat16", mesh=mesh)
-    p_sh = param_shardings(params, mesh)
-    optimizer = make_optimizer(cfg)
-    o_sh = opt_state_shardings(jax.eval_shape(optimizer.init, params), params, p_sh, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(params)
-    rng = jax.device_put(jax.random.PRNGKey(0), replicated(mesh))
-    shape = (1, rows, seq)
-    b_sh = batch_shardings(mesh, shape, lead=1)
-    toks = np.random.default_rng(0).integers(0, mc.vocab_size, (1, rows, seq + 1), np.int32)
-    batch = {
-        "inputs": toks[..., :-1],
-        "targets": toks[..., 1:],
-        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), shape),
-        "loss_mask": np.ones(shape, np.float32),
-    }
-    batch = {k: jax.device_put(np.ascontiguousarray(v), b_sh) for k, v in batch.items()}
-    step = get_train_step(graphdef, attention, cfg, mesh, p_sh, o_sh, shape)
-    state = {"params": params, "opt": opt_state, "rng": rng}
-    del params, opt_state
-
-    def one():
-        with mesh_context(mesh):
-            p, o, r, m = step(state["params"], state["opt"], state["rng"], batch)
-        state.update(params=p, opt=o, rng=r)
-        return float(jax.device_get(m["loss"]))
-
-    t0 = time.perf_counter()
-    loss0 = one()  # compiles
-    row["first_step_s"] = time.perf_counter() - t0
-    dt = _timed(one, 0, args.train_steps)
-    flops = rows * train_flops_per_sequence(
-        mc, seq, attention_entries(attention, seq, mc.num_heads)
-    )
-    peak = peak_flops(cfg)
-    st = _memory_stats(list(mesh.devices.flat))
-    row.update(
-        status="ok",
-        step_s=dt,
-        tokens_per_s=rows * seq / dt,
-        tokens_per_s_per_device=rows * seq / dt / n,
-        loss_first=loss0,
-        peak_gib_per_device=st.get("peak_bytes_in_use", 0) / GIB or None,
-        mfu=flops / dt / (peak * n) if peak else None,
-    )
-    if not np.isfinite(loss0):
-        raise FloatingPointError(f"loss is {loss0}")
-    return row
-
-
-def profile_worker(n: int, args) -> dict:
-    """Influence profiling of n synthetic items per step on n devices."""
-    from flax import nnx
-
-    from moa_jax.bench.decode import make_weights
-    from moa_jax.bench.profile import synthetic_items, time_profile
-
-    mc = _model_config(args)
-    mesh = _mesh(n, 1, 1)
-    length = args.profile_length
-    items = synthetic_items(mc.vocab_size, length, n * (args.profile_steps + 1), args.answer_tokens)
-    graphdef, state = make_weights(mc, mesh=mesh)
-    model = nnx.merge(graphdef, state)
-    row: dict[str, Any] = dict(
-        part="profile",
-        devices=n,
-        mesh=dict(mesh.shape),
-        length=length,
-        items_per_step=n,
-        **_where(),
-    )
-    t = time_profile(model, items, length, n, mesh=mesh)
-    row.update(
-        status="ok",
-        items=t["steady_items"],
-        first_step_s=t["first_batch_s"],
-        seconds_per_item=t["seconds_per_item"],
-        items_per_s=t["steady_items"] / max(t["steady_s"], 1e-9),
-        peak_gib_per_device=t["peak_gib"],
-    )
-    return row
-
-
-# ------------------------------------------------------------------------------ driver
 def _env(n: int, gpu: bool) -> dict[str, str]:
     env = dict(os.environ)
     flags = [
@@ -247,7 +133,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]
     return p.returncode, (p.stdout[-2000:] + p.stderr[-4000:])
 
 
-def _worker_cmd(part: str, n: int, args, out: Path) -> list[str]:
+def _worker_cmd(part: str, n: int, args: ScalingConfig, out: Path) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -283,7 +169,7 @@ def _worker_cmd(part: str, n: int, args, out: Path) -> list[str]:
     return cmd
 
 
-def _decode_cmd(n: int, layout: str, args, out: Path) -> list[str]:
+def _decode_cmd(n: int, layout: str, args: ScalingConfig, out: Path) -> list[str]:
     mesh = f"{n},1,1" if layout == "data" else f"1,1,{n}"
     cmd = [
         sys.executable,
@@ -334,6 +220,7 @@ def efficiency(rows: list[dict], part: str, key: str, per_device: bool) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (the command's printed answer)."""
     lines = [
         "| part | devices | mesh | figure | per device | peak GiB/device | MFU | "
         "efficiency | status |",
@@ -369,90 +256,23 @@ def format_table(rows: list[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m moa_jax.bench.scaling",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    p.add_argument(
-        "--devices",
-        type=int,
-        nargs="+",
-        default=[1, 2, 4, 8],
-        help="device counts to measure (worker: the count of this process)",
-    )
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument(
-        "--layouts",
-        nargs="+",
-        choices=("data", "tensor"),
-        default=["data", "tensor"],
-        help="decode meshes: (n,1,1) and/or (1,1,n)",
-    )
-    p.add_argument("--layers", type=int, default=None, help="override the layer count")
-    p.add_argument("--prefix", type=int, default=None, help="train: L (default 8192)")
-    p.add_argument("--tail", type=int, default=None, help="train: S (default 50)")
-    p.add_argument("--top-k", type=int, default=None, help="train: K (default 2048)")
-    p.add_argument("--rows-per-device", type=int, default=1, help="train: rows per device")
-    p.add_argument(
-        "--remat",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="train: recompute each layer in the backward pass (default on)",
-    )
-    p.add_argument("--train-steps", type=int, default=3, help="train: timed steps")
-    p.add_argument(
-        "--profile-length",
-        type=int,
-        default=None,
-        help="profile: calibration length N (default 8192)",
-    )
-    p.add_argument("--profile-steps", type=int, default=2, help="profile: timed steps")
-    p.add_argument(
-        "--answer-tokens",
-        type=int,
-        default=None,
-        help="profile: answer tokens per item (default 64)",
-    )
-    p.add_argument("--decode-context", type=int, default=None, help="decode: C (default 32768)")
-    p.add_argument(
-        "--decode-batches",
-        nargs="+",
-        default=None,
-        help="decode: batches (bench.decode --batches; default 1 max, --tiny: 2 4)",
-    )
-    p.add_argument("--decode-steps", type=int, default=None, help="decode: steps per call")
-    p.add_argument("--moa-density", type=float, default=0.5, help="decode: MoA KV density")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
-    p.add_argument(
-        "--tiny", action="store_true", help="CPU smoke run: the tiny model and short sequences"
-    )
-    p.add_argument("--out", default=None, help="write the JSON report here")
-    p.add_argument("--worker", choices=("train", "profile"), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
-    return p
+    """The flags of `ScalingConfig`, with this module's docstring as the help's epilog."""
+    parser = config_parser(ScalingConfig, PROG, __doc__.split("\n\n")[0])
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    return parser
 
 
-def _defaults(args):
-    t = args.tiny
-    args.prefix = args.prefix or (64 if t else 8192)
-    args.tail = args.tail or (8 if t else 50)
-    args.top_k = args.top_k or (16 if t else 2048)
-    args.profile_length = args.profile_length or (128 if t else 8192)
-    args.answer_tokens = args.answer_tokens or (8 if t else 64)
-    args.decode_context = args.decode_context or (40 if t else 32768)
-    args.decode_steps = args.decode_steps or (2 if t else 50)
-    args.decode_batches = args.decode_batches or (["2", "4"] if t else ["1", "max"])
-    return args
-
-
-def main(argv=None) -> int:
-    args = _defaults(build_parser().parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    parser = build_parser()
+    args = parse_config(
+        ScalingConfig, argv, prog=PROG, description=parser.description, parser=parser
+    ).resolved()
     if args.worker:
         n = args.devices[0]
         fn = train_worker if args.worker == "train" else profile_worker
-        row = _guard(lambda: fn(n, args), dict(part=args.worker, devices=n))
+        row = guard(lambda: fn(n, args), dict(part=args.worker, devices=n))
         Path(args.worker_out).write_text(json.dumps(row, default=str))
         return 0
     gpu = shutil.which("nvidia-smi") is not None and "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -460,7 +280,7 @@ def main(argv=None) -> int:
         date=datetime.date.today().isoformat(),
         python=platform.python_version(),
         argv=sys.argv[1:] if argv is None else list(argv),
-        args=vars(args),
+        args=dataclasses.asdict(args),
         rows=[],
     )
     rows = report["rows"]
@@ -502,17 +322,12 @@ def main(argv=None) -> int:
                             )
                     else:
                         rows.append(dict(base, **json.loads(out.read_text())))
-                    print(
-                        json.dumps(
-                            {k: v for k, v in rows[-1].items() if k != "error"}, default=str
-                        ),
-                        flush=True,
+                    logger.info(
+                        json.dumps({k: v for k, v in rows[-1].items() if k != "error"}, default=str)
                     )
                     if rows[-1].get("status") not in ("ok", None):
-                        print(
-                            f"  {rows[-1]['status']}: {rows[-1].get('error', '')[-600:]}",
-                            file=sys.stderr,
-                            flush=True,
+                        logger.warning(
+                            "  %s: %s", rows[-1]["status"], rows[-1].get("error", "")[-600:]
                         )
                     save()
     efficiency(rows, "train", "tokens_per_s_per_device", True)
@@ -526,4 +341,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

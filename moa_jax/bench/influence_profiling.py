@@ -1,9 +1,10 @@
 """Influence-profiling throughput: the profile stage of `python -m moa_jax.profile` at scale.
 
-    python -m moa_jax.bench.profile                          # Llama-3-8B shapes, 50 items at 8k
-    python -m moa_jax.bench.profile --shape smollm2-135m --length 2048 4096 8192 \
-        --batch-size 4 --q-chunk 256 --remat --dtype float32 --estimator answer   # gpu.yaml's stage
-    python -m moa_jax.bench.profile --shape tiny --length 512 --items 4     # CPU smoke run
+    python -m moa_jax.bench.influence_profiling      # Llama-3-8B shapes, 50 items at 8k
+    python -m moa_jax.bench.influence_profiling --shape smollm2-135m --length 2048 4096 \
+        8192 --batch-size 4 --q-chunk 256 --remat --dtype float32 --estimator answer
+                                                     # gpu.yaml's stage
+    python -m moa_jax.bench.influence_profiling --shape tiny --length 512 --items 4  # CPU smoke
 
 A model of the given shapes with random bf16 weights (made on the device), `--items` synthetic
 calibration items of `--length` tokens whose last `--answer-tokens` are the answer, profiled by
@@ -27,22 +28,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moa_jax.bench.decode import GIB, LLAMA3_8B, TINY, _memory_stats
+from moa_jax.bench.device_memory import GIB, memory_stats
+from moa_jax.bench.random_model import SHAPES, make_weights, model_shape
+from moa_jax.cli import config_parser, option, parse_config, run, setup_logging
 from moa_jax.search.estimators import ESTIMATORS, ROWS_ONLY_ESTIMATORS
 
-# SmolLM2-135M-Instruct (the default preset's GGUF metadata)
-SMOLLM2_135M = dict(
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    rope_theta=100000.0,
-    max_position_embeddings=8192,
-)
-SHAPES = {"llama3-8b": LLAMA3_8B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}
+PROG = "python -m moa_jax.bench.influence_profiling"
 
 
 @dataclasses.dataclass
@@ -99,7 +90,7 @@ def time_profile(
     if not np.isfinite(prof.diag if prof.token else prof.answer).all():
         raise FloatingPointError("non-finite influence")
     devices = list(mesh.devices.flat) if mesh is not None else None
-    st = _memory_stats(devices)
+    st = memory_stats(devices)
     per_item = dt / max(prof.count, 1)
     return dict(
         first_batch_s=round(first_s, 2),
@@ -110,56 +101,45 @@ def time_profile(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m moa_jax.bench.profile",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--shape",
-        choices=sorted(SHAPES),
-        default="llama3-8b",
-        help="model shapes (random bf16 weights)",
-    )
-    p.add_argument("--layers", type=int, default=None, help="override the layer count")
-    p.add_argument(
-        "--length",
-        type=int,
-        nargs="+",
-        default=[8192],
-        help="profile length(s) N, each with --items items",
-    )
-    p.add_argument("--items", type=int, default=50, help="calibration items profiled")
-    p.add_argument("--batch-size", type=int, default=1, help="items per forward + backward")
-    p.add_argument("--answer-tokens", type=int, default=128, help="answer tokens per item")
-    p.add_argument("--q-chunk", type=int, default=None, help="influence rows per step (auto)")
-    p.add_argument("--remat", action="store_true", help="recompute activations per layer")
-    p.add_argument("--dtype", default="bfloat16", help="weights and compute dtype")
-    p.add_argument(
-        "--estimator",
-        choices=tuple(ESTIMATORS),
-        default="block",
-        help="'window' also scores the rule grid's windows; "
+@dataclasses.dataclass
+class InfluenceBenchConfig:
+    """The model shape, the calibration items and the profile's settings."""
+
+    shape: str = option("llama3-8b", "model shapes (random bf16 weights)", choices=sorted(SHAPES))
+    layers: int | None = option(None, "override the layer count")
+    length: list[int] = option([8192], "profile length(s) N, each with --items items", nargs="+")
+    items: int = option(50, "calibration items profiled")
+    batch_size: int = option(1, "items per forward + backward")
+    answer_tokens: int = option(128, "answer tokens per item")
+    q_chunk: int | None = option(None, "influence rows per step (auto)")
+    remat: bool = option(False, "recompute activations per layer")
+    dtype: str = option("bfloat16", "weights and compute dtype")
+    estimator: str = option(
+        "block",
+        "'window' also scores the rule grid's windows; "
         + ", ".join(f"'{e}'" for e in ROWS_ONLY_ESTIMATORS)
         + " profile the answer rows alone on the fastest exact attention kernel "
         "(as the CLI does)",
+        choices=tuple(ESTIMATORS),
     )
-    p.add_argument("--sink", type=int, default=64, help="sink tokens of the rule grid")
-    p.add_argument("--out", default=None, help="JSON file for the result row")
-    args = p.parse_args(argv)
+    sink: int = option(64, "sink tokens of the rule grid")
+    out: str | None = option(None, "JSON file for the result row")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    parser = config_parser(InfluenceBenchConfig, PROG, __doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    args = parse_config(InfluenceBenchConfig, argv, prog=PROG, description=__doc__, parser=parser)
 
     import datetime
 
     import jax
     from flax import nnx
 
-    from moa_jax.bench.decode import make_weights
     from moa_jax.config import ModelConfig
 
-    shape = dict(SHAPES[args.shape])
-    if args.layers:
-        shape["num_layers"] = args.layers
+    shape = model_shape(args.shape, args.layers)
     cfg = ModelConfig(**shape)
     graphdef, state = make_weights(cfg, param_dtype=args.dtype, dtype=args.dtype)
     model = nnx.merge(graphdef, state)
@@ -222,4 +202,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))
