@@ -53,41 +53,35 @@ def variants(config: DecodeConfig) -> list[Variant]:
 
 
 def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
-    """The `AttentionBackend` of a JAX variant for caches of `cache_len` slots."""
-    from moa_jax.models.attention import DenseAttention
-    from moa_jax.models.moa_attention import MoAAttention
-    from moa_jax.models.recycled import (
-        FullCacheAttention,
-        H2OAttention,
-        RecycleConfig,
-        RecycledAttention,
-        StreamingAttention,
-    )
+    """The `AttentionBackend` of a JAX variant for caches of `cache_len` slots, built by the
+    method registry (`moa_jax.methods`) with the library's kernels (impl 'native')."""
+    from moa_jax.methods import AttentionConfig, build_attention
 
-    interpret = config.interpret or None
-    kw = dict(
-        kernel_backend=config.kernel_backend,
-        interpret=interpret,
-        block=config.block,
-        num_splits=config.num_splits,
-    )
     m, p = variant.method, variant.params
-    if m == "dense":
-        return DenseAttention()
-    if m == "dense-kernel":
-        return FullCacheAttention(**kw)
+    options: dict[str, str] = {}
+    plan = None
     if m == "moa":
-        plan = moa_plan(p["plan"], cfg, cache_len).validate(cfg)
-        return MoAAttention(plan, kernel_backend=config.kernel_backend, interpret=interpret)
-    if m == "streaming":
-        return StreamingAttention(p["k"], **kw)
-    if m == "h2o":
-        return H2OAttention(p["k"], **kw)
+        plan = moa_plan(p["plan"], cfg, cache_len)
+    elif m in ("streaming", "h2o", "recycled"):
+        options[f"{m}.k"] = str(p["k"])
     if m == "recycled":
         if "threshold" in p:
-            return RecycledAttention(RecycleConfig(p["k"], p["check"], p["threshold"]), **kw)
-        return RecycledAttention(RecycleConfig(p["k"], p["stride"]), **kw)
-    raise ValueError(f"no JAX backend for method {m!r}")
+            options.update(
+                {"recycled.s": str(p["check"]), "recycled.threshold": str(p["threshold"])}
+            )
+        else:
+            options["recycled.s"] = str(p["stride"])
+    ac = AttentionConfig(
+        config=cfg,
+        plan=plan,
+        impl="native",
+        kernel_backend=config.kernel_backend,
+        interpret=config.interpret or None,
+        block=config.block,
+        num_splits=config.num_splits,
+        options=options,
+    )
+    return build_attention(m, ac, cache_len)
 
 
 def moa_plan(spec: str, cfg, cache_len: int):
