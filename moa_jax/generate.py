@@ -345,7 +345,7 @@ def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> Attent
     if recycle is None:
         return attention
     from moa_jax.models.moa_attention import MoAAttention
-    from moa_jax.models.recycled import RecycleConfig, RecycledAttention
+    from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 
     if not isinstance(recycle, RecycleConfig):
         raise TypeError(f"recycle must be a RecycleConfig, got {type(recycle).__name__}")
@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     recycle = None
     if args.recycle_k is not None:
-        from moa_jax.models.recycled import RecycleConfig
+        from moa_jax.models.recycled_attention import RecycleConfig
 
         if args.plan is not None:
             raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")

@@ -138,13 +138,9 @@ class Variant:
 
 def variants(args, cfg) -> list[Variant]:
     from moa_jax.models.attention import DenseAttention
-    from moa_jax.models.recycled import (
-        FullCacheAttention,
-        H2OAttention,
-        RecycleConfig,
-        RecycledAttention,
-        StreamingAttention,
-    )
+    from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
+    from moa_jax.models.head_major_attention import FullCacheAttention
+    from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 
     kw = dict(
         kernel_backend=args.kernel_backend,
@@ -228,11 +224,11 @@ def fill_cache(cache, context: int, key):
     import jax.numpy as jnp
 
     from moa_jax.models.kv_cache import DenseKVCache, SpanKVCache
-    from moa_jax.models.recycled import (
+    from moa_jax.models.eviction_attention import streaming_positions
+    from moa_jax.pallas_kernels.recycled_cache import (
         HeadMajorKVCache,
         RecycledKVCache,
         SelectedKVCache,
-        streaming_positions,
     )
 
     k1, k2, k3, k4 = jax.random.split(key, 4)

@@ -235,7 +235,7 @@ def _decode_k(ctx: MethodContext, method: str, length: int) -> int:
 
 
 def _recycled(ctx: MethodContext, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled import RecycleConfig, RecycledAttention
+    from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 
     stride = ctx.option("recycled", "s", "10")
     cfg = RecycleConfig(
@@ -247,7 +247,7 @@ def _recycled(ctx: MethodContext, length: int) -> AttentionBackend:
 
 
 def _streaming(ctx: MethodContext, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled import StreamingAttention
+    from moa_jax.models.eviction_attention import StreamingAttention
 
     return StreamingAttention(
         _decode_k(ctx, "streaming", length),
@@ -257,7 +257,7 @@ def _streaming(ctx: MethodContext, length: int) -> AttentionBackend:
 
 
 def _h2o(ctx: MethodContext, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled import H2OAttention
+    from moa_jax.models.eviction_attention import H2OAttention
 
     return H2OAttention(_decode_k(ctx, "h2o", length), kernel_backend=_kernel_backend(ctx))
 
