@@ -185,7 +185,7 @@ def generate(
         A prompt that does not fit is an error, never a silent truncation.
       on_token: called with the int [B] tokens of every step as they are produced (streaming).
       mesh: shard params (by `moa_jax.parallel` rules), the batch and the KV cache on this mesh.
-      recycle: a `moa_jax.models.recycled.RecycleConfig`: Recycled Attention decoding; the
+      recycle: a `moa_jax.models.recycled_attention.RecycleConfig`: Recycled Attention decoding; the
         prefill is `attention`'s (dense, or a `MoAAttention`'s plan: MoA prefill, recycled
         decode). See `recycled_backend`.
       scan_layers: run the decoder layers as one `lax.scan` (backends with `layer_uniform`:
@@ -345,7 +345,7 @@ def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> Attent
     if recycle is None:
         return attention
     from moa_jax.models.moa_attention import MoAAttention
-    from moa_jax.models.recycled import RecycleConfig, RecycledAttention
+    from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 
     if not isinstance(recycle, RecycleConfig):
         raise TypeError(f"recycle must be a RecycleConfig, got {type(recycle).__name__}")
@@ -474,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     recycle = None
     if args.recycle_k is not None:
-        from moa_jax.models.recycled import RecycleConfig
+        from moa_jax.models.recycled_attention import RecycleConfig
 
         if args.plan is not None:
             raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")

@@ -18,11 +18,11 @@ Built in:
 - `uniform`: StreamingLLM-style: every head the same window plus `sink` sink tokens, with the
   decode-cache size matched to the MoA plan's at each length when a plan is given (option
   `uniform.match=heads` matches the mean span over query heads instead), else `density`.
-- `recycled`: Recycled Attention decoding (`moa_jax.models.recycled`): dense prefill (or the
-  plan's, option `recycled.prefill=plan`), then a recycled cache of K tokens per layer and KV
-  head refreshed by a full step every S decode steps. K = length / 8 and S = 10 by default
-  (the paper's LM setting); options `recycled.k`, `recycled.s`, `recycled.threshold` (dynamic
-  schedule, S then being the check interval).
+- `recycled`: Recycled Attention decoding (`moa_jax.models.recycled_attention`): dense
+  prefill (or the plan's, option `recycled.prefill=plan`), then a recycled cache of K tokens
+  per layer and KV head refreshed by a full step every S decode steps. K = length / 8 and
+  S = 10 by default (the paper's LM setting); options `recycled.k`, `recycled.s`,
+  `recycled.threshold` (dynamic schedule, S then being the check interval).
 - `streaming` (StreamingLLM decoding: 4 sinks + the K - 4 most recent tokens) and `h2o` (K/2
   heavy hitters + K/2 recent tokens), the recycled paper's baselines: dense prefill, K-token
   decode; K = length / 8 by default (`streaming.k`, `streaming.sink`, `h2o.k`).
@@ -289,7 +289,7 @@ def _dense_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) ->
 
 
 def _dense_kernel_build(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled import FullCacheAttention
+    from moa_jax.models.head_major_attention import FullCacheAttention
 
     return FullCacheAttention(**ac.decode_kernel_options)
 
@@ -323,7 +323,7 @@ def _decode_k(ac: AttentionConfig, method: str, length: int) -> int:
 
 
 def _recycled(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled import RecycleConfig, RecycledAttention
+    from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 
     stride = ac.option("recycled", "s", "10")
     rc = RecycleConfig(
@@ -355,7 +355,7 @@ def _recycled_train(
 
 
 def _streaming(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled import StreamingAttention
+    from moa_jax.models.eviction_attention import StreamingAttention
 
     return StreamingAttention(
         _decode_k(ac, "streaming", length),
@@ -365,7 +365,7 @@ def _streaming(ac: AttentionConfig, length: int) -> AttentionBackend:
 
 
 def _h2o(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled import H2OAttention
+    from moa_jax.models.eviction_attention import H2OAttention
 
     return H2OAttention(_decode_k(ac, "h2o", length), **ac.decode_kernel_options)
 

@@ -14,12 +14,8 @@ from moa_jax.generate import generate, main as generate_main, recycled_backend
 from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
-from moa_jax.models.recycled import (
-    H2OAttention,
-    RecycleConfig,
-    RecycledAttention,
-    StreamingAttention,
-)
+from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
+from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 from moa_jax.plan import Plan
 

@@ -17,11 +17,11 @@ def fill_cache(cache, context: int, key):
     import jax.numpy as jnp
 
     from moa_jax.models.kv_cache import DenseKVCache, SpanKVCache
-    from moa_jax.models.recycled import (
+    from moa_jax.models.eviction_attention import streaming_positions
+    from moa_jax.pallas_kernels.recycled_cache import (
         HeadMajorKVCache,
         RecycledKVCache,
         SelectedKVCache,
-        streaming_positions,
     )
 
     k1, k2, k3, k4 = jax.random.split(key, 4)

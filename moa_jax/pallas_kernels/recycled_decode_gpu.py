@@ -27,6 +27,8 @@ Kernels:
   scratch; on full steps the query positions come in by scalar prefetch and the index maps stop
   at the query's last block (later steps re-point at it, which Mosaic does not re-fetch).
 - `decode_reference`: the jnp oracle.
+
+The caches these kernels read (dense, recycled, K-slot) are in `recycled_cache`.
 """
 
 from __future__ import annotations

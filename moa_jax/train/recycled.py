@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.recycled import select_top_k
+from moa_jax.models.recycled_attention import select_top_k
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 
 _KINDS = ("full", "recycled")

@@ -1,0 +1,184 @@
+"""The shared base of the backends over head-major caches (`pallas_kernels.recycled_cache`):
+Recycled Attention (`recycled_attention`), StreamingLLM and H2O (`eviction_attention`), and
+`FullCacheAttention`, dense decoding through the same cache and kernel.
+
+`HeadMajorBackend` holds their kernel options and runs every Pallas call they make on the
+backend's mesh (rows over data x fsdp, KV heads over tensor, `head_sharding`): the prompt's
+prefill (dense or a MoA plan's windows), the full step over a full cache and the step over K
+gathered slots plus the current token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from moa_jax.models.attention import AttentionBackend
+from moa_jax.pallas_kernels.head_sharding import same_kernel_on_mesh, sparse_attention_on_mesh
+from moa_jax.pallas_kernels.recycled_cache import HeadMajorKVCache, default_block, write_chunk
+from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
+from moa_jax.plan import Plan
+
+
+def chunk_info(
+    q: jax.Array, positions: jax.Array, lengths: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(start [B], lengths [B], last position [B], rows [B]) of a prefill chunk q [B, T, H, D]."""
+    b, t = q.shape[:2]
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    start = positions[:, 0].astype(jnp.int32)
+    return start, lengths, start + lengths - 1, jnp.arange(b)
+
+
+def is_prefill(q: jax.Array, lengths: jax.Array | None) -> bool:
+    # A one-token call without `lengths` is a decode step (generate passes lengths to prefill).
+    return q.shape[1] > 1 or lengths is not None
+
+
+def slot_after(slot: jax.Array, out: jax.Array) -> jax.Array:
+    """`slot` unchanged, but computed from `out`: a cache write at `slot` then depends on the
+    attention that read the cache, so XLA orders the write after the read and updates the
+    buffer in place; without the dependence it copies the whole buffer every step. (Zero for
+    finite outputs; a NaN output would shift the slot by one, but then the step is lost.)"""
+    return slot + (out.reshape(-1)[0] * 0 != 0).astype(slot.dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadMajorBackend(AttentionBackend):
+    """Keyword-only options of the head-major-cache backends (recycled, dense kernel,
+    StreamingLLM, H2O), and their kernel calls.
+
+    Args:
+      prefill_plan: optional MoA `Plan` for the prompt's prefill (block-sparse kernel); the full
+        cache stays dense, and the seed selection scores the whole prompt.
+      prefill_length: length at which the plan is resolved (None: the cache's max_len).
+      kernel_backend: 'auto' | 'gpu' | 'tpu' | 'reference' (the jnp oracles throughout).
+      interpret: Pallas interpret mode (None: automatic, True off the kernel's platform).
+      block: cache padding granularity in tokens (None: 128 on TPU, 64 elsewhere).
+      num_splits: GPU split-K factor of the decode kernels (None: automatic).
+      prefill_block_q, prefill_block_k: prefill kernel blocks (None: defaults).
+      mesh: device mesh: the kernels run under `shard_map`, rows over data x fsdp and KV heads
+        over tensor (`head_sharding`); set by `generate(mesh=...)`.
+    """
+
+    prefill_plan: Plan | None = None
+    prefill_length: int | None = None
+    kernel_backend: str = "auto"
+    interpret: bool | None = None
+    block: int | None = None
+    num_splits: int | None = None
+    prefill_block_q: int | None = None
+    prefill_block_k: int | None = None
+    mesh: Mesh | None = None
+
+    @property
+    def cache_block(self) -> int:
+        """The cache padding granularity in tokens."""
+        return self.block or default_block()
+
+    def prefill_windows(
+        self, layer: int, h: int, t: int, max_len: int
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-query-head (windows, sinks) of the prompt's prefill: dense, or the plan's."""
+        if self.prefill_plan is None:
+            return (max(t, 1),) * h, (0,) * h
+        plan = self.prefill_plan
+        if plan.num_heads != h:
+            raise ValueError(f"prefill plan has {plan.num_heads} heads, the model {h}")
+        return (plan.layer_windows(self.prefill_length or max_len, layer), plan.layer_sinks(layer))
+
+    def prefill_attention(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, layer: int, max_len: int
+    ) -> jax.Array:
+        """Causal attention of a prompt at positions [0, T) (q [B, T, H, D], k/v [B, T, Hkv, D]):
+        dense or the plan's windows."""
+        h, t = q.shape[2], q.shape[1]
+        windows, sinks = self.prefill_windows(layer, h, t, max_len)
+        return sparse_attention_on_mesh(
+            q,
+            k,
+            v,
+            self.mesh,
+            windows=windows,
+            sinks=sinks,
+            backend=self.kernel_backend,
+            interpret=self.interpret,
+            block_q=self.prefill_block_q,
+            block_k=self.prefill_block_k,
+        )
+
+    def _kernel_kw(self) -> dict:
+        return dict(
+            backend=self.kernel_backend, interpret=self.interpret, num_splits=self.num_splits
+        )
+
+    def full_step(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        q_positions: jax.Array,
+        scores: str | None,
+    ):
+        """`full_step_decode` (q [B, H, D], a full cache k/v [B, Hkv, N, D]) on the mesh."""
+        fn = functools.partial(full_step_decode, scores=scores, **self._kernel_kw())
+        return same_kernel_on_mesh(
+            fn, self.mesh, (q, k, v, q_positions), (1, 1, 1, None), 1, k.shape[1]
+        )
+
+    def gathered_step(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        pos: jax.Array,
+        q_positions: jax.Array,
+        k_new: jax.Array,
+        v_new: jax.Array,
+        scores: str | None = None,
+    ):
+        """`recycled_decode` (q [B, H, D], K gathered slots k/v [B, Hkv, Kp, D] at positions
+        pos [B, Hkv, Kp], the current token k_new/v_new [B, Hkv, D]) on the mesh."""
+        fn = functools.partial(recycled_decode, scores=scores, **self._kernel_kw())
+        return same_kernel_on_mesh(
+            fn,
+            self.mesh,
+            (q, k, v, pos, q_positions, k_new, v_new),
+            (1, 1, 1, 1, None, 1, 1),
+            1,
+            k.shape[1],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FullCacheAttention(HeadMajorBackend):
+    """Dense decoding with the full-step kernel (no selection) over a head-major dense cache:
+    the dense baseline of this machinery (options: `HeadMajorBackend`)."""
+
+    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
+        return tuple(
+            HeadMajorKVCache.zeros(
+                batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, self.cache_block
+            )
+            for _ in range(cfg.num_layers)
+        )
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+        if cache is None:
+            return self.prefill_attention(q, k, v, layer, q.shape[1]), None
+        if is_prefill(q, lengths):
+            out = self.prefill_attention(q, k, v, layer, cache.max_len)
+            start = positions[:, 0].astype(jnp.int32)
+            return out, dataclasses.replace(
+                cache, k=write_chunk(cache.k, k, start), v=write_chunk(cache.v, v, start)
+            )
+        pos = positions[:, 0].astype(jnp.int32)
+        rows = jnp.arange(q.shape[0])
+        ck = cache.k.at[rows, :, pos].set(k[:, 0].astype(cache.k.dtype))
+        cv = cache.v.at[rows, :, pos].set(v[:, 0].astype(cache.v.dtype))
+        out = self.full_step(q[:, 0], ck, cv, pos, None)
+        return out[:, None], dataclasses.replace(cache, k=ck, v=cv)
