@@ -247,7 +247,7 @@ def test_train_yaml_list_for_a_number(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ profile
 def _profile(argv):
-    from moa_jax.profile import main
+    from moa_jax.profile.__main__ import main
 
     return run(main, argv)
 
