@@ -116,7 +116,7 @@ class EvalConfig:
         action="append",
         metavar="METHOD.KEY=VALUE",
     )
-    fast: bool = option(False, "small sizes for CI (see above)", action="store_true")
+    fast: bool = option(False, f"small sizes for CI: unset ones from {FAST}", action="store_true")
     out: Path = option(Path("eval_results"), "output directory", type=Path)
     no_plots: bool = option(False, "skip the PNG files", action="store_true")
     merge: list[str] | None = option(
