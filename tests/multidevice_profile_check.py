@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from moa_jax.plan import Plan
-from moa_jax.profile import main
+from moa_jax.profile.__main__ import main
 
 assert jax.device_count() == 8, jax.devices()
 corpus, scratch = sys.argv[1], Path(sys.argv[2])

@@ -65,7 +65,7 @@ def _one_line_error(capsys, code: int, want_code: int, *needles: str) -> str:
 
 # ------------------------------------------------------------------------------------ generate
 def _generate(argv):
-    from moa_jax.generate import main
+    from moa_jax.generate.__main__ import main
 
     return run(main, argv)
 
@@ -219,7 +219,7 @@ def test_bad_yaml_config_is_a_usage_error(tmp_path, capsys, yaml_text, words):
 
 def test_yaml_single_value_for_a_repeatable_flag(tmp_path, monkeypatch):
     """`prompt: text` is one prompt, not one per character."""
-    import moa_jax.generate as gen
+    import moa_jax.generate.__main__ as gen
 
     class Stop(Exception):
         pass
@@ -247,7 +247,7 @@ def test_train_yaml_list_for_a_number(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ profile
 def _profile(argv):
-    from moa_jax.profile import main
+    from moa_jax.profile.__main__ import main
 
     return run(main, argv)
 

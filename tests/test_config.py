@@ -119,3 +119,37 @@ def test_no_transformers_advisory_on_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "PyTorch was not found" not in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize("command", ["profile", "eval", "train"])
+def test_config_files_load(command):
+    """Every configs/<command>/*.yaml parses into its command's typed config, each key as
+    written (lists and numbers keep their values; eval's comma lists resolve to lists)."""
+    from pathlib import Path
+
+    import yaml
+
+    from moa_jax.cli import parse_config
+
+    root = Path(__file__).resolve().parents[1] / "configs" / command
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for path in files:
+        argv = ["--config", str(path)]
+        values = yaml.safe_load(path.read_text())
+        if command == "profile":
+            from moa_jax.profile import ProfileConfig
+
+            config = parse_config(ProfileConfig, argv, prog="p", description="")
+        elif command == "eval":
+            from moa_jax.eval.__main__ import EvalConfig
+
+            config = parse_config(EvalConfig, argv, prog="e", description="").resolved()
+            assert all(isinstance(getattr(config, k), list) for k in ("tasks", "lengths"))
+            values = {k: v for k, v in values.items() if k not in ("tasks", "methods", "out")}
+        else:
+            from moa_jax.train.loop import parse_config as train_config
+
+            config = train_config(argv)
+        for key, value in values.items():
+            assert getattr(config, key) == value, (path, key)

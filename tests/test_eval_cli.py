@@ -190,7 +190,7 @@ def test_cli_decode_methods_and_merge(tmp_path):
     res = json.loads((renamed / "results.json").read_text())
     assert {r["method"] for r in res["records"]} == {"dense", "recycled-32", "h2o-b"}
     assert res["methods"]["recycled-32"]["kv_density"]["512"] == pytest.approx(32 / 512)
-    from moa_jax.eval.__main__ import _merge_spec
+    from moa_jax.eval.merge import _merge_spec
 
     assert _merge_spec("runs/a=b") == (Path("runs/a=b"), {})  # '=' in a path, no colon
     assert _merge_spec("r:moa=x,uniform=u") == (Path("r"), {"moa": "x", "uniform": "u"})

@@ -14,7 +14,9 @@ import yaml
 from moa_jax.config import ModelConfig
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
 from moa_jax.plan import Plan
-from moa_jax.profile import FAST, _build_parser, main
+from moa_jax.cli import parse_config
+from moa_jax.profile import FAST, ProfileConfig
+from moa_jax.profile.__main__ import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "tests" / "data" / "pride_and_prejudice_opening.txt").read_text()
@@ -207,7 +209,7 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
 def test_uniform_estimate_of_an_unprofiled_window_is_unknown():
     """Profiles reused at another --density lack the new uniform window: its 'window' estimate
     is None (reported as unknown) instead of an error after search and validation."""
-    from moa_jax.profile import _window_estimate
+    from moa_jax.profile.outputs import _window_estimate
     from moa_jax.search.profile import InfluenceProfile
 
     prof = InfluenceProfile.zeros(2, 3, 256, sink=64, windows=[64, 128])
@@ -268,19 +270,30 @@ def test_validation_backends_agree(run_dir):
 
 
 def test_yaml_presets_are_valid_flags():
-    parser = _build_parser()
-    valid = {a.dest for a in parser._actions}
+    import dataclasses
+
+    valid = {f.name for f in dataclasses.fields(ProfileConfig)}
     presets = sorted((ROOT / "configs" / "profile").glob("*.yaml"))
     assert {p.stem for p in presets} >= {"default", "fast"}
     for path in presets:
         values = yaml.safe_load(path.read_text())
         assert set(values) <= valid, (path, set(values) - valid)
+        config = parse_config(ProfileConfig, ["--config", str(path)], prog="p", description="")
+        for k, v in values.items():
+            assert getattr(config, k) == v, (path, k)
     fast = yaml.safe_load((ROOT / "configs" / "profile" / "fast.yaml").read_text())
     for k, v in FAST.items():
         assert fast[k] == v, k
     defaults = yaml.safe_load((ROOT / "configs" / "profile" / "default.yaml").read_text())
     for k, v in defaults.items():
-        assert parser.get_default(k) == v, k
+        assert getattr(ProfileConfig(), k) == v, k
+
+
+def test_fast_replaces_only_the_built_in_defaults():
+    config = ProfileConfig(fast=True, lengths=[256, 384]).resolved()
+    assert config.lengths == [256, 384]  # explicit values win
+    assert config.items == FAST["items"] and config.validation_length == FAST["validation_length"]
+    assert ProfileConfig().resolved() == ProfileConfig()
 
 
 def test_help_runs():

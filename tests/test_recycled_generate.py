@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moa_jax.generate import generate, main as generate_main, recycled_backend
+from moa_jax.generate import generate, recycled_backend
+from moa_jax.generate.__main__ import main as generate_main
 from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention

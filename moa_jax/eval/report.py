@@ -213,6 +213,59 @@ def depth_table(records: Sequence[dict[str, Any]], task: str) -> dict[str, Any]:
     }
 
 
+def write_report(payload: dict[str, Any], out: Path, plots: bool = True) -> str:
+    """Writes results.json, results.md and the plots into `out`; returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    # MoA's claim is against one uniform window at the same memory: those differences too
+    payload = {**payload, "paired_vs_uniform": paired_deltas(payload["records"], "uniform")}
+    write_json(out / "results.json", payload)
+    s, env, rows = payload["settings"], payload["environment"], payload["summary"]
+    deltas = [d for d in payload["paired_vs_dense"]]
+    vs_uniform = [d for d in payload["paired_vs_uniform"] if d["method"] != "dense"]
+    skipped = [
+        f"- {m}: {info['reason']}"
+        for m, info in payload["methods"].items()
+        if not info["available"]
+    ]
+    info = (
+        f"{env['date']}, {env['device']}, jax {env['jax']} ({env['attention_impl']} "
+        f"attention), {s['num_items']} items per cell, seed {s['seed']}, corpus "
+        f"{s['corpus']}, {env['wall_seconds'] / 60:.1f} min."
+    )
+    md = [
+        f"# moa_jax.eval: {s['model']}",
+        "",
+        info,
+        "",
+        pivot_table(rows),
+        "",
+        detail_table(rows),
+        "",
+    ]
+    if deltas:
+        md += [
+            "Paired differences to dense on the same items (mean +- standard error):",
+            "",
+            paired_table(deltas),
+            "",
+        ]
+    if vs_uniform:
+        md += [
+            "Paired differences to the uniform window on the same items:",
+            "",
+            paired_table(vs_uniform),
+            "",
+        ]
+    if skipped:
+        md += ["Methods not run:", *skipped, ""]
+    text = "\n".join(md)
+    atomic_write_text(out / "results.md", text)
+    if plots:
+        plot_vs_length(rows, out / "accuracy_vs_length.png")
+        plot_depth_heatmaps(payload["records"], out / "needle_heatmap.png")
+    return text
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     atomic_write_text(path, json.dumps(payload, indent=1, default=_jsonable) + "\n")
     return path

@@ -2,18 +2,14 @@
 
 Prompts of different lengths are right-padded: row b's prompt sits at positions [0, len_b), its
 first generated token at len_b. Causal masking alone keeps padding invisible to real tokens, and
-decode steps overwrite the padded cache slots in order.
+decode steps overwrite the padded cache slots in order. The command line is `__main__.py`:
 
     python -m moa_jax.generate --model smollm2-135m --prompt "Why is the sky blue?"
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-import sys
-import time
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -28,7 +24,6 @@ from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.parallel import (
     batch_sharding,
     cache_shardings,
-    initialize_distributed,
     mesh_context,
     param_shardings,
 )
@@ -370,85 +365,6 @@ def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> Attent
     )
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m moa_jax.generate",
-        description="Generate text with a Llama model: dense, with a MoA plan, or with Recycled "
-        "Attention decoding (--recycle-k).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--model", default="smollm2-135m", help="preset name, HF directory or .gguf file"
-    )
-    p.add_argument(
-        "--prompt", action="append", default=None, help="prompt text; repeat for a batch"
-    )
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling")
-    p.add_argument("--dtype", default="float32", help="compute dtype (float32 | bfloat16)")
-    p.add_argument("--param-dtype", default="float32", help="parameter dtype")
-    p.add_argument(
-        "--plan",
-        default=None,
-        help="MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
-        "'streaming:WINDOW[:SINK]'; default: plain dense attention",
-    )
-    p.add_argument(
-        "--recycle-k",
-        type=int,
-        default=None,
-        help="Recycled Attention decoding with this many recycled tokens per layer "
-        "and KV head (default: off)",
-    )
-    p.add_argument(
-        "--recycle-stride",
-        type=int,
-        default=10,
-        help="full attention every S decode steps (with --recycle-threshold: the "
-        "query check interval); 0 = never refresh (SnapKV)",
-    )
-    p.add_argument(
-        "--recycle-threshold",
-        type=float,
-        default=None,
-        help="dynamic schedule: refresh a layer when the cosine of its query with the "
-        "last full step's is at or below this (e.g. 0.85)",
-    )
-    p.add_argument(
-        "--prefill-plan",
-        default=None,
-        help="with --recycle-k: MoA plan (same forms as --plan) for the prefill",
-    )
-    p.add_argument(
-        "--max-cache-len",
-        type=int,
-        default=None,
-        help="KV cache capacity in tokens (default: prompt + new tokens)",
-    )
-    p.add_argument(
-        "--beyond-context",
-        action="store_true",
-        help="allow prompt + new tokens beyond the model's trained context "
-        "(max_position_embeddings)",
-    )
-    p.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="feed the prompt as raw text even if the model has a chat template",
-    )
-    p.add_argument(
-        "--mesh",
-        default=None,
-        metavar="DATA,FSDP,TENSOR",
-        help="shard params, batch and KV cache on a device mesh (moa_jax.parallel), "
-        "e.g. 1,1,8 (tensor parallel) or -1,1,1; default: one device",
-    )
-    return p
-
-
 def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
     """Token ids for `text`, through the tokenizer's chat template when it has one and `chat`."""
     if chat and getattr(tokenizer, "chat_template", None):
@@ -457,120 +373,3 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool) -> list[int]:
         )
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
     return list(tokenizer.encode(text))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from moa_jax.cli import enable_compilation_cache, parse_args
-
-    args = parse_args(_build_parser(), argv)
-    from moa_jax.models.registry import load_config, load_model
-
-    # Several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
-    # TPU pod, SLURM, Open MPI): every process runs the same command; process 0 prints.
-    initialize_distributed()
-    enable_compilation_cache()
-    lead = jax.process_index() == 0
-    log = functools.partial(print, file=sys.stderr) if lead else (lambda *a, **k: None)
-
-    recycle = None
-    if args.recycle_k is not None:
-        from moa_jax.models.recycled_attention import RecycleConfig
-
-        if args.plan is not None:
-            raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")
-        try:
-            recycle = RecycleConfig(
-                args.recycle_k, args.recycle_stride or None, args.recycle_threshold
-            )
-        except ValueError as e:
-            raise SystemExit(f"bad Recycled Attention flags: {e}") from None
-        args.plan = args.prefill_plan
-    elif args.prefill_plan is not None or args.recycle_threshold is not None:
-        raise SystemExit("--prefill-plan and --recycle-threshold need --recycle-k")
-    prompts_text = args.prompt or ["Write one sentence about the sea."]
-    if any(not t.strip() for t in prompts_text):
-        raise ValueError("--prompt is empty")
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
-    # cheap checks first: the plan against the model's config, before the weights are read
-    cfg = load_config(args.model)
-    plan = None
-    if args.plan is not None:
-        from moa_jax.plan import Plan
-
-        plan = Plan.from_spec(args.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
-    if tokenizer is None:
-        raise SystemExit(f"model {args.model!r} has no tokenizer; pass token ids via the API")
-    log(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s")
-    prompts = [encode_prompt(tokenizer, t, not args.no_chat_template) for t in prompts_text]
-    longest = max(len(p) for p in prompts) + args.max_new_tokens
-    if longest > cfg.max_position_embeddings and not args.beyond_context:
-        raise ValueError(
-            f"prompt ({max(len(p) for p in prompts)} tokens) + --max-new-tokens "
-            f"({args.max_new_tokens}) = {longest} exceeds the model's context of "
-            f"{cfg.max_position_embeddings} tokens; shorten them, or pass --beyond-context"
-        )
-    attention: AttentionBackend = DenseAttention()
-    if plan is not None:
-        from moa_jax.models.moa_attention import MoAAttention
-
-        attention = MoAAttention(plan)
-        # the length generate() resolves the plan at: the cache (padded prompt + new tokens)
-        n = args.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + args.max_new_tokens
-        log(plan.summary(n))
-
-    stream: list[int] = []
-    printed = [0]
-
-    def on_token(tok):
-        # Streams the first row only; the full batch is printed at the end.
-        stream.append(int(np.asarray(tok)[0]))
-        text = tokenizer.decode(stream, skip_special_tokens=True)
-        sys.stdout.write(text[printed[0] :])
-        sys.stdout.flush()
-        printed[0] = len(text)
-
-    mesh = None
-    if args.mesh:
-        from moa_jax.parallel import MeshConfig, make_mesh
-
-        mesh = make_mesh(MeshConfig.parse(args.mesh))
-    t0 = time.perf_counter()
-    out = generate(
-        model,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        sampling=sampling,
-        key=jax.random.key(args.seed),
-        max_cache_len=args.max_cache_len,
-        attention=attention,
-        recycle=recycle,
-        mesh=mesh,
-        on_token=on_token if len(prompts) == 1 and lead else None,
-    )
-    jax.effects_barrier()
-    dt = time.perf_counter() - t0
-    if not lead:
-        return 0
-    if len(prompts) == 1:
-        print()
-    else:
-        for text, row in zip(prompts_text, out.rows()):
-            print(f"### {text}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
-    n = int(out.lengths.sum())
-    log(f"{n} tokens in {dt:.1f}s (incl. compilation): {n / dt:.1f} tok/s")
-    return 0
-
-
-def cli() -> int:
-    """The `moa-jax-generate` console script: `main` with the CLIs' one-line errors."""
-    from moa_jax.cli import run
-
-    return run(main)
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

@@ -1,0 +1,224 @@
+"""`python -m moa_jax.generate` (the `moa-jax-generate` script): generate text with a Llama model,
+dense, with a MoA plan, or with Recycled Attention decoding (`--recycle-k`).
+
+    python -m moa_jax.generate --model smollm2-135m --prompt "Why is the sky blue?"
+    python -m moa_jax.generate --plan plan.json --prompt "..." --prompt "..."   # a batch
+
+The generated text is the command's output (stdout; one prompt streams as it is produced);
+progress goes to the `moa_jax` log on stderr, from process 0 only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Sequence
+
+import jax
+import numpy as np
+
+from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
+from moa_jax.generate import encode_prompt, generate, pad_prompts
+from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.parallel import initialize_distributed
+from moa_jax.sampling import SamplingConfig
+
+if TYPE_CHECKING:
+    from moa_jax.models.recycled_attention import RecycleConfig
+    from moa_jax.plan import Plan
+
+logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
+
+PROG = "python -m moa_jax.generate"
+DESCRIPTION = (
+    "Generate text with a Llama model: dense, with a MoA plan, or with Recycled Attention "
+    "decoding (--recycle-k)."
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """The flags of `python -m moa_jax.generate` (and the keys of its YAML configs)."""
+
+    model: str = option("smollm2-135m", "preset name, HF directory or .gguf file")
+    prompt: list[str] | None = option(None, "prompt text; repeat for a batch", action="append")
+    max_new_tokens: int = option(64, "tokens generated per prompt")
+    temperature: float = option(0.0, "0 = greedy")
+    top_k: int = option(0, "0 = off")
+    top_p: float = option(1.0, "1.0 = off")
+    seed: int = option(0, "PRNG seed for sampling")
+    dtype: str = option("float32", "compute dtype (float32 | bfloat16)")
+    param_dtype: str = option("float32", "parameter dtype")
+    plan: str | None = option(
+        None,
+        "MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
+        "'streaming:WINDOW[:SINK]'; default: plain dense attention",
+    )
+    recycle_k: int | None = option(
+        None,
+        "Recycled Attention decoding with this many recycled tokens per layer "
+        "and KV head (default: off)",
+    )
+    recycle_stride: int = option(
+        10,
+        "full attention every S decode steps (with --recycle-threshold: the "
+        "query check interval); 0 = never refresh (SnapKV)",
+    )
+    recycle_threshold: float | None = option(
+        None,
+        "dynamic schedule: refresh a layer when the cosine of its query with the "
+        "last full step's is at or below this (e.g. 0.85)",
+    )
+    prefill_plan: str | None = option(
+        None, "with --recycle-k: MoA plan (same forms as --plan) for the prefill"
+    )
+    max_cache_len: int | None = option(
+        None, "KV cache capacity in tokens (default: prompt + new tokens)"
+    )
+    beyond_context: bool = option(
+        False,
+        "allow prompt + new tokens beyond the model's trained context (max_position_embeddings)",
+        action="store_true",
+    )
+    no_chat_template: bool = option(
+        False,
+        "feed the prompt as raw text even if the model has a chat template",
+        action="store_true",
+    )
+    mesh: str | None = option(
+        None,
+        "shard params, batch and KV cache on a device mesh (moa_jax.parallel), "
+        "e.g. 1,1,8 (tensor parallel) or -1,1,1; default: one device",
+        metavar="DATA,FSDP,TENSOR",
+    )
+
+
+def recycle_and_plan(config: GenerateConfig) -> tuple[RecycleConfig | None, str | None]:
+    """(Recycled Attention's config or None, the plan spec: --plan, or with --recycle-k the
+    prefill's --prefill-plan); flags that do not go together are a usage error."""
+    if config.recycle_k is None:
+        if config.prefill_plan is not None or config.recycle_threshold is not None:
+            raise SystemExit("--prefill-plan and --recycle-threshold need --recycle-k")
+        return None, config.plan
+    from moa_jax.models.recycled_attention import RecycleConfig
+
+    if config.plan is not None:
+        raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")
+    try:
+        recycle = RecycleConfig(
+            config.recycle_k, config.recycle_stride or None, config.recycle_threshold
+        )
+    except ValueError as e:
+        raise SystemExit(f"bad Recycled Attention flags: {e}") from None
+    return recycle, config.prefill_plan
+
+
+def attention_backend(plan: Plan | None) -> AttentionBackend:
+    """The attention backend of the (prefill) plan: dense without one, else MoA; `generate`
+    adds Recycled Attention decoding (`recycle=`)."""
+    attention: AttentionBackend = DenseAttention()
+    if plan is not None:
+        from moa_jax.models.moa_attention import MoAAttention
+
+        attention = MoAAttention(plan)
+    return attention
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = parse_config(GenerateConfig, argv, prog=PROG, description=DESCRIPTION)
+    from moa_jax.models.registry import load_config, load_model
+
+    # Several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
+    # TPU pod, SLURM, Open MPI): every process runs the same command; process 0 prints and
+    # logs (the others' info messages go nowhere).
+    initialize_distributed()
+    enable_compilation_cache()
+    lead = jax.process_index() == 0
+    if lead:
+        setup_logging()
+
+    recycle, plan_spec = recycle_and_plan(config)
+    prompts_text = config.prompt or ["Write one sentence about the sea."]
+    if any(not t.strip() for t in prompts_text):
+        raise ValueError("--prompt is empty")
+    if config.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    sampling = SamplingConfig(config.temperature, config.top_k, config.top_p)
+    # cheap checks first: the plan against the model's config, before the weights are read
+    cfg = load_config(config.model)
+    plan = None
+    if plan_spec is not None:
+        from moa_jax.plan import Plan
+
+        plan = Plan.from_spec(plan_spec, cfg.num_layers, cfg.num_heads).validate(cfg)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(config.model, dtype=config.dtype, param_dtype=config.param_dtype)
+    if tokenizer is None:
+        raise SystemExit(f"model {config.model!r} has no tokenizer; pass token ids via the API")
+    logger.info(f"loaded {config.model} in {time.perf_counter() - t0:.1f}s")
+    prompts = [encode_prompt(tokenizer, t, not config.no_chat_template) for t in prompts_text]
+    longest = max(len(p) for p in prompts) + config.max_new_tokens
+    if longest > cfg.max_position_embeddings and not config.beyond_context:
+        raise ValueError(
+            f"prompt ({max(len(p) for p in prompts)} tokens) + --max-new-tokens "
+            f"({config.max_new_tokens}) = {longest} exceeds the model's context of "
+            f"{cfg.max_position_embeddings} tokens; shorten them, or pass --beyond-context"
+        )
+    attention = attention_backend(plan)
+    if plan is not None:
+        # the length generate() resolves the plan at: the cache (padded prompt + new tokens)
+        n = config.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + config.max_new_tokens
+        logger.info(plan.summary(n))
+
+    stream: list[int] = []
+    printed = [0]
+
+    def on_token(tok):
+        # Streams the first row only; the full batch is printed at the end.
+        stream.append(int(np.asarray(tok)[0]))
+        text = tokenizer.decode(stream, skip_special_tokens=True)
+        sys.stdout.write(text[printed[0] :])
+        sys.stdout.flush()
+        printed[0] = len(text)
+
+    mesh = None
+    if config.mesh:
+        from moa_jax.parallel import MeshConfig, make_mesh
+
+        mesh = make_mesh(MeshConfig.parse(config.mesh))
+    t0 = time.perf_counter()
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        sampling=sampling,
+        key=jax.random.key(config.seed),
+        max_cache_len=config.max_cache_len,
+        attention=attention,
+        recycle=recycle,
+        mesh=mesh,
+        on_token=on_token if len(prompts) == 1 and lead else None,
+    )
+    jax.effects_barrier()
+    dt = time.perf_counter() - t0
+    if not lead:
+        return 0
+    if len(prompts) == 1:
+        print()
+    else:
+        for text, row in zip(prompts_text, out.rows()):
+            print(f"### {text}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
+    n = int(out.lengths.sum())
+    logger.info(f"{n} tokens in {dt:.1f}s (incl. compilation): {n / dt:.1f} tok/s")
+    return 0
+
+
+def cli() -> int:
+    """The `moa-jax-generate` console script: `main` with the CLIs' one-line errors."""
+    return run(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
