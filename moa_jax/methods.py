@@ -338,7 +338,7 @@ def _recycled(ac: AttentionConfig, length: int) -> AttentionBackend:
         if ac.plan is None:
             raise ValueError("recycled.prefill=plan needs a plan")
         return RecycledAttention(
-            rc, prefill_plan=ac.plan.validate(ac.config), **ac.decode_kernel_options
+            rc, prefill=ac.backend_for_plan(ac.plan, length), **ac.decode_kernel_options
         )
     return RecycledAttention(rc, **ac.decode_kernel_options)
 

@@ -52,7 +52,8 @@ def test_options_reach_the_backend():
 def test_recycled_prefill_plan():
     plan = _plan()
     ac = AttentionConfig(config=CFG, plan=plan, impl="native", options={"recycled.prefill": "plan"})
-    assert build_attention("recycled", ac, 128).prefill_plan == plan
+    rec = build_attention("recycled", ac, 128)
+    assert rec.prefill.plan == plan and rec.prefill.length == 128
     with pytest.raises(ValueError, match="recycled.prefill"):
         build_attention(
             "recycled", AttentionConfig(config=CFG, options={"recycled.prefill": "x"}), 128

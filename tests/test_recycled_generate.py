@@ -220,8 +220,8 @@ def test_recycle_argument_and_cli_flags():
     b = recycled_backend(
         MoAAttention(Plan.uniform(2, 4, window=8), block_q=16), RecycleConfig(k=8, stride=4)
     )
-    assert isinstance(b, RecycledAttention) and b.prefill_plan is not None
-    assert b.prefill_block_q == 16
+    assert isinstance(b, RecycledAttention) and b.prefill.plan == Plan.uniform(2, 4, window=8)
+    assert b.prefill.block_q == 16
     assert recycled_backend(DenseAttention(), None) == DenseAttention()
     with pytest.raises(ValueError, match="composes with"):
         recycled_backend(StreamingAttention(8), RecycleConfig(k=8, stride=4))

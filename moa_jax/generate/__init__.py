@@ -335,8 +335,8 @@ def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> Att
 
 def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> AttentionBackend:
     """`attention` with Recycled Attention decoding when `recycle` (a RecycleConfig) is given:
-    a dense backend becomes `RecycledAttention(recycle)`, a `MoAAttention` becomes one whose
-    prefill uses the MoA plan (and kernel options) while the full cache stays dense."""
+    a dense backend becomes `RecycledAttention(recycle)`, a `MoAAttention` becomes its prefill
+    part (the MoA plan's windows for the prompt) while the full cache stays dense."""
     if recycle is None:
         return attention
     from moa_jax.models.moa_attention import MoAAttention
@@ -346,19 +346,12 @@ def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> Attent
         raise TypeError(f"recycle must be a RecycleConfig, got {type(recycle).__name__}")
     if isinstance(attention, DenseAttention):
         return RecycledAttention(recycle)
-    if isinstance(attention, MoAAttention):
-        if attention.windows is not None:
-            raise ValueError(
-                "recycle= with a MoAAttention of explicit windows is not supported; pass the plan"
-            )
+    if isinstance(attention, MoAAttention):  # the prefill part; the decode kernels' options
         return RecycledAttention(
             recycle,
-            prefill_plan=attention.plan,
-            prefill_length=attention.length,
+            prefill=attention,
             kernel_backend=attention.kernel_backend,
             interpret=attention.interpret,
-            prefill_block_q=attention.block_q,
-            prefill_block_k=attention.block_k,
         )
     raise ValueError(
         f"recycle= composes with DenseAttention or MoAAttention, not {type(attention).__name__}"

@@ -4,8 +4,8 @@
 - `H2OAttention(k)`: H2O, K/2 heavy hitters by accumulated attention + K/2 recent tokens.
 
 Both keep a `pallas_kernels.recycled_cache.SelectedKVCache` of K gathered slots per layer and KV
-head (no full cache), prefill with full causal attention (or `prefill_plan`), and decode with
-the recycled step over the K slots plus the current token (options:
+head (no full cache), prefill with full causal attention (or the `prefill` part's plan), and
+decode with the recycled step over the K slots plus the current token (options:
 `head_major_attention.HeadMajorBackend`).
 """
 
@@ -48,10 +48,10 @@ def _gather_chunk(k: jax.Array, idx: jax.Array, start: jax.Array) -> jax.Array:
 class StreamingAttention(HeadMajorBackend):
     """StreamingLLM decoding: `sink` sinks + the K - sink most recent tokens per layer.
 
-    The prompt is prefilled with full causal attention (or `prefill_plan`) and then only the
-    sinks and the most recent tokens are kept; a decode step attends over the K cached tokens
-    plus the current one (as the recycled partial step does), then writes the current token
-    over the oldest recent one. Options: `HeadMajorBackend`.
+    The prompt is prefilled with full causal attention (or the `prefill` part's plan) and then
+    only the sinks and the most recent tokens are kept; a decode step attends over the K cached
+    tokens plus the current one (as the recycled partial step does), then writes the current
+    token over the oldest recent one. Options: `HeadMajorBackend`.
     """
 
     k: int
@@ -64,8 +64,7 @@ class StreamingAttention(HeadMajorBackend):
             )
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        if self.prefill_plan is not None:
-            self.prefill_plan.validate(cfg)
+        self.validate_prefill(cfg)
         return tuple(
             SelectedKVCache.zeros(
                 batch, max_len, cfg.num_kv_heads, cfg.head_dim, self.k, dtype, self.cache_block
@@ -178,8 +177,7 @@ class H2OAttention(HeadMajorBackend):
             raise ValueError(f"H2OAttention needs k >= 2, got {self.k}")
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        if self.prefill_plan is not None:
-            self.prefill_plan.validate(cfg)
+        self.validate_prefill(cfg)
         return tuple(
             SelectedKVCache.zeros(
                 batch,

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.pallas_kernels.head_sharding import same_kernel_on_mesh, sparse_attention_on_mesh
 from moa_jax.pallas_kernels.recycled_cache import HeadMajorKVCache, default_block, write_chunk
 from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
-from moa_jax.plan import Plan
 
 
 def chunk_info(
@@ -53,27 +54,29 @@ class HeadMajorBackend(AttentionBackend):
     StreamingLLM, H2O), and their kernel calls.
 
     Args:
-      prefill_plan: optional MoA `Plan` for the prompt's prefill (block-sparse kernel); the full
-        cache stays dense, and the seed selection scores the whole prompt.
-      prefill_length: length at which the plan is resolved (None: the cache's max_len).
+      prefill: the prefill part: a `MoAAttention` whose plan windows the prompt's prefill uses
+        (its resolution length, or the cache's max_len; its kernel blocks), or None for full
+        causal attention. The full cache stays dense, and the seed selection scores the whole
+        prompt.
       kernel_backend: 'auto' | 'gpu' | 'tpu' | 'reference' (the jnp oracles throughout).
       interpret: Pallas interpret mode (None: automatic, True off the kernel's platform).
       block: cache padding granularity in tokens (None: 128 on TPU, 64 elsewhere).
       num_splits: GPU split-K factor of the decode kernels (None: automatic).
-      prefill_block_q, prefill_block_k: prefill kernel blocks (None: defaults).
       mesh: device mesh: the kernels run under `shard_map`, rows over data x fsdp and KV heads
         over tensor (`head_sharding`); set by `generate(mesh=...)`.
     """
 
-    prefill_plan: Plan | None = None
-    prefill_length: int | None = None
+    prefill: MoAAttention | None = None
     kernel_backend: str = "auto"
     interpret: bool | None = None
     block: int | None = None
     num_splits: int | None = None
-    prefill_block_q: int | None = None
-    prefill_block_k: int | None = None
     mesh: Mesh | None = None
+
+    def validate_prefill(self, cfg: ModelConfig) -> None:
+        """Raises ValueError when the prefill plan does not match the model `cfg`."""
+        if self.prefill is not None:
+            self.prefill.plan.validate(cfg)
 
     @property
     def cache_block(self) -> int:
@@ -84,12 +87,12 @@ class HeadMajorBackend(AttentionBackend):
         self, layer: int, h: int, t: int, max_len: int
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-query-head (windows, sinks) of the prompt's prefill: dense, or the plan's."""
-        if self.prefill_plan is None:
+        if self.prefill is None:
             return (max(t, 1),) * h, (0,) * h
-        plan = self.prefill_plan
+        plan = self.prefill.plan
         if plan.num_heads != h:
             raise ValueError(f"prefill plan has {plan.num_heads} heads, the model {h}")
-        return (plan.layer_windows(self.prefill_length or max_len, layer), plan.layer_sinks(layer))
+        return self.prefill.layer_windows(layer, max_len), plan.layer_sinks(layer)
 
     def prefill_attention(
         self, q: jax.Array, k: jax.Array, v: jax.Array, layer: int, max_len: int
@@ -107,8 +110,8 @@ class HeadMajorBackend(AttentionBackend):
             sinks=sinks,
             backend=self.kernel_backend,
             interpret=self.interpret,
-            block_q=self.prefill_block_q,
-            block_k=self.prefill_block_k,
+            block_q=None if self.prefill is None else self.prefill.block_q,
+            block_k=None if self.prefill is None else self.prefill.block_k,
         )
 
     def _kernel_kw(self) -> dict:

@@ -5,7 +5,7 @@
 evicted) and the recycled cache C_p of exactly K entries per KV head, kept as indices into C_f
 plus a gathered copy of their keys and values (so partial steps read K contiguous slots). It
 prefills with full causal attention, or with a MoA `Plan` through the block-sparse kernel when
-`prefill_plan` is given (options: `head_major_attention.HeadMajorBackend`). The K-slot
+`prefill` is given (options: `head_major_attention.HeadMajorBackend`). The K-slot
 baselines it is compared with are in `eviction_attention`.
 
 Recycled Attention, as implemented (METHODS.md "Recycled Attention"):
@@ -175,8 +175,7 @@ class RecycledAttention(HeadMajorBackend):
         return self.config.mode == "dynamic" and self.config.pre_rope_query
 
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16):
-        if self.prefill_plan is not None:
-            self.prefill_plan.validate(cfg)
+        self.validate_prefill(cfg)
         return tuple(
             RecycledKVCache.zeros(
                 batch,
