@@ -21,12 +21,12 @@ import numpy as np
 
 from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
 from moa_jax.generate import encode_prompt, generate, pad_prompts
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import AttentionBackend
 from moa_jax.parallel import initialize_distributed
 from moa_jax.sampling import SamplingConfig
 
 if TYPE_CHECKING:
-    from moa_jax.models.recycled_attention import RecycleConfig
+    from moa_jax.config import ModelConfig
     from moa_jax.plan import Plan
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
@@ -95,35 +95,46 @@ class GenerateConfig:
     )
 
 
-def recycle_and_plan(config: GenerateConfig) -> tuple[RecycleConfig | None, str | None]:
-    """(Recycled Attention's config or None, the plan spec: --plan, or with --recycle-k the
-    prefill's --prefill-plan); flags that do not go together are a usage error."""
+def plan_spec(config: GenerateConfig) -> str | None:
+    """The plan spec (--plan, or with --recycle-k the prefill's --prefill-plan); flags that do
+    not go together, or Recycled Attention settings that cannot work, are a usage error."""
     if config.recycle_k is None:
         if config.prefill_plan is not None or config.recycle_threshold is not None:
             raise SystemExit("--prefill-plan and --recycle-threshold need --recycle-k")
-        return None, config.plan
+        return config.plan
     from moa_jax.models.recycled_attention import RecycleConfig
 
     if config.plan is not None:
         raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")
     try:
-        recycle = RecycleConfig(
-            config.recycle_k, config.recycle_stride or None, config.recycle_threshold
-        )
+        RecycleConfig(config.recycle_k, config.recycle_stride or None, config.recycle_threshold)
     except ValueError as e:
         raise SystemExit(f"bad Recycled Attention flags: {e}") from None
-    return recycle, config.prefill_plan
+    return config.prefill_plan
 
 
-def attention_backend(plan: Plan | None) -> AttentionBackend:
-    """The attention backend of the (prefill) plan: dense without one, else MoA; `generate`
-    adds Recycled Attention decoding (`recycle=`)."""
-    attention: AttentionBackend = DenseAttention()
-    if plan is not None:
-        from moa_jax.models.moa_attention import MoAAttention
+def attention_backend(
+    config: GenerateConfig, cfg: ModelConfig, plan: Plan | None, length: int
+) -> AttentionBackend:
+    """The run's attention, from the method registry (`moa_jax.methods`): Recycled Attention
+    decoding (--recycle-k; its prefill part the plan's, else dense), the MoA plan (--plan), or
+    dense; `length` is the cache length the plan is resolved at."""
+    from moa_jax.methods import AttentionConfig, build_attention
 
-        attention = MoAAttention(plan)
-    return attention
+    options: dict[str, str] = {}
+    if config.recycle_k is not None:
+        method = "recycled"
+        options = {
+            "recycled.k": str(config.recycle_k),
+            "recycled.s": str(config.recycle_stride or None),
+            "recycled.prefill": "dense" if plan is None else "plan",
+        }
+        if config.recycle_threshold is not None:
+            options["recycled.threshold"] = str(config.recycle_threshold)
+    else:
+        method = "dense" if plan is None else "moa"
+    ac = AttentionConfig(config=cfg, plan=plan, impl="native", options=options)
+    return build_attention(method, ac, length)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lead:
         setup_logging()
 
-    recycle, plan_spec = recycle_and_plan(config)
+    spec = plan_spec(config)
     prompts_text = config.prompt or ["Write one sentence about the sea."]
     if any(not t.strip() for t in prompts_text):
         raise ValueError("--prompt is empty")
@@ -149,10 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # cheap checks first: the plan against the model's config, before the weights are read
     cfg = load_config(config.model)
     plan = None
-    if plan_spec is not None:
+    if spec is not None:
         from moa_jax.plan import Plan
 
-        plan = Plan.from_spec(plan_spec, cfg.num_layers, cfg.num_heads).validate(cfg)
+        plan = Plan.from_spec(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, param_dtype=config.param_dtype)
     if tokenizer is None:
@@ -166,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"({config.max_new_tokens}) = {longest} exceeds the model's context of "
             f"{cfg.max_position_embeddings} tokens; shorten them, or pass --beyond-context"
         )
-    attention = attention_backend(plan)
+    # the length generate() resolves a plan at: the cache (padded prompt + new tokens)
+    n = config.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + config.max_new_tokens
+    attention = attention_backend(config, cfg, plan, n)
     if plan is not None:
-        # the length generate() resolves the plan at: the cache (padded prompt + new tokens)
-        n = config.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + config.max_new_tokens
         logger.info(plan.summary(n))
 
     stream: list[int] = []
@@ -197,7 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         key=jax.random.key(config.seed),
         max_cache_len=config.max_cache_len,
         attention=attention,
-        recycle=recycle,
         mesh=mesh,
         on_token=on_token if len(prompts) == 1 and lead else None,
     )
