@@ -432,7 +432,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from moa_jax.plan import Plan
     from moa_jax.search import calibration as cal
     from moa_jax.search.optimize import SearchProblem, epsilon_sweep, pareto_front
-    from moa_jax.search.profile import InfluenceProfile, make_batches, profile_items
+    from moa_jax.search.answer_loss import make_batches
+    from moa_jax.search.influence_profile import InfluenceProfile
+    from moa_jax.search.sensitivity import profile_items
     from moa_jax.search.rules import scaled_grid
     from moa_jax.search.validate import measure_plans, pick_best
 

@@ -76,7 +76,7 @@ def time_profile(
     token: bool = True,
 ) -> dict[str, Any]:
     """Profiles the first batch (compiles) then the rest; returns timings and peak memory."""
-    from moa_jax.search.profile import profile_items
+    from moa_jax.search.sensitivity import profile_items
 
     kw = dict(
         batch_size=batch_size,
