@@ -47,7 +47,8 @@ from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
 
-log = logging.getLogger(__name__)
+# by its module name: under `python -m` __name__ is '__main__', outside the moa_jax logger
+log = logging.getLogger("moa_jax.eval.heads")
 
 
 @functools.partial(

@@ -284,7 +284,7 @@ class Llama(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array,
         cache: Sequence[Any] | None = None,
-        attention: AttentionBackend = DenseAttention(),
+        attention: LayerAttention = DenseAttention(),
         logits_at: jax.Array | None = None,
         lengths: jax.Array | None = None,
         *,
@@ -297,7 +297,7 @@ class Llama(nnx.Module):
           tokens: int [B, T].
           positions: int [B, T], absolute positions (contiguous per row).
           cache: one cache per layer (from `attention.init_cache`) or None.
-          attention: the attention backend.
+          attention: the attention backend, or one per layer (`hidden_states`).
           logits_at: optional int [B]; if given, logits only at tokens[b, logits_at[b]].
           lengths: optional int [B], valid tokens per row of a right-padded chunk (passed on to
             the attention backend so ring caches skip the padding).
