@@ -11,7 +11,7 @@ from moa_jax.corpora import Document
 from moa_jax.generate import generate
 from moa_jax.models.registry import load_model
 from moa_jax.search import calibration as cal
-from moa_jax.search.profile import make_batches
+from moa_jax.search.answer_loss import make_batches
 
 
 @pytest.fixture(scope="module")

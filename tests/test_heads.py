@@ -45,7 +45,8 @@ def test_needle_mass_is_attention_probability_on_the_marked_keys():
             return super().__call__(q, k, v, **kw)
 
     pos = jnp.broadcast_to(jnp.arange(n), (2, n))
-    layer.self_attn(x, pos, rope_inv_freq(cfg), (rows, w, jnp.asarray(marked)), Capture(), 0)
+    capture = Capture(rows=rows, row_w=w, key_mask=jnp.asarray(marked))
+    layer.self_attn(x, pos, rope_inv_freq(cfg), None, capture, 0)
     q, k = captured["qk"]
     g = cfg.num_heads // cfg.num_kv_heads
     logits = jnp.einsum("bqhd,bshd->bhqs", q, jnp.repeat(k, g, 2)) * cfg.head_dim**-0.5

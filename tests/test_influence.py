@@ -4,6 +4,7 @@ diagonal reductions, chunking invariance and the rule-loss estimators."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,23 +14,27 @@ from flax import nnx
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.llama import forward, init_random
-from moa_jax.models.masked_attention import MaskedAttention
+from moa_jax.models.llama import Llama, init_random, stack_layers
+from moa_jax.models.masked_attention import MaskedAttention, chunked_attention
 from moa_jax.pallas_kernels.reference import window_sink_mask
-from moa_jax.search.profile import (
-    InfluenceAttention,
-    InfluenceProfile,
-    answer_grads,
-    answer_rows,
+from moa_jax.search.answer_loss import (
+    Batch,
     answer_losses,
+    answer_nll,
+    make_batches,
+    row_positions,
+)
+from moa_jax.search.influence import answer_tap, attention_with_influence
+from moa_jax.search.influence_profile import InfluenceProfile
+from moa_jax.search.rules import scaled_grid
+from moa_jax.search.sensitivity import (
+    InfluenceAttention,
+    answer_rows,
     influence_dense,
     layer_influence,
-    make_batches,
     profile_batch,
     profile_items,
 )
-from moa_jax.search.influence import answer_tap, attention_with_influence
-from moa_jax.search.rules import scaled_grid
 
 T = 128
 ANSWER_START = 100
@@ -51,9 +56,13 @@ class Item:
     answer_start: int
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("bias",), meta_fields=())
 @dataclasses.dataclass(frozen=True)
 class BiasedAttention(AttentionBackend):
-    """Dense causal attention plus an additive logit bias [H, T, T] per layer (the cache arg)."""
+    """Dense causal attention plus one layer's additive logit bias [H, T, T]."""
+
+    bias: jax.Array
+    layer_uniform = True
 
     def init_cache(self, *a, **k):
         raise NotImplementedError
@@ -62,9 +71,47 @@ class BiasedAttention(AttentionBackend):
         b, t, h, d = q.shape
         g = h // k.shape[2]
         k, v = jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)
-        logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * d**-0.5 + cache[None]
+        logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * d**-0.5 + self.bias[None]
         logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e30)
         return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(logits, -1), v), None
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=("perturbation",), meta_fields=("q_chunk",)
+)
+@dataclasses.dataclass(frozen=True)
+class PerturbedAttention(AttentionBackend):
+    """Dense causal attention plus one layer's perturbation [B, T, H, D] (zeros) of its output,
+    so the loss's gradient with respect to it is that layer's dL/dO; its second output is the
+    layer's (q, k, v), to recompute A afterwards."""
+
+    perturbation: jax.Array
+    q_chunk: int = 512
+
+    def init_cache(self, *a, **k):
+        raise NotImplementedError
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+        out = chunked_attention(q, k, v, positions, q_chunk=self.q_chunk, checkpoint=True)
+        return (out.astype(jnp.float32) + self.perturbation).astype(q.dtype), (q, k, v)
+
+
+def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512):
+    """Answer losses [B], dL/dO per layer ([B, N, H, D] each) and (q, k, v) per layer, all in
+    memory at once (`profile_batch` reduces them as it goes)."""
+    cfg = model.config
+    b, n = batch.shape
+    tokens, *tgt = batch.arrays()
+    zeros = (jnp.zeros((b, n, cfg.num_heads, cfg.head_dim), jnp.float32),) * cfg.num_layers
+
+    def f(perturbations):
+        attention = tuple(PerturbedAttention(p, q_chunk) for p in perturbations)
+        hidden, qkv = model.hidden_states(tokens, row_positions(b, n), attention=attention)
+        per_item = answer_nll(model, hidden, *tgt)
+        return per_item.sum(), (per_item, qkv)
+
+    dout, (losses, qkv) = jax.grad(f, has_aux=True)(zeros)
+    return np.asarray(losses), dout, qkv
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +128,14 @@ def setup():
     return model, tokens, batch, losses, dout, qkv
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _biased_logits(graphdef, state, tokens, biases):
+    attention = tuple(BiasedAttention(b) for b in biases)
+    return nnx.merge(graphdef, state)(tokens, jnp.arange(T)[None], attention=attention)[0]
+
+
 def _loss_with_bias(model, tokens, biases):
-    graphdef, state = nnx.split(model)
-    logits, _ = forward(
-        graphdef,
-        state,
-        jnp.asarray([tokens]),
-        jnp.arange(T)[None],
-        cache=tuple(biases),
-        attention=BiasedAttention(),
-    )
+    logits = _biased_logits(*nnx.split(model), jnp.asarray([tokens]), tuple(biases))
     lp = jax.nn.log_softmax(logits[0], -1)
     pos = np.arange(ANSWER_START - 1, T - 1)
     return float(-lp[pos, np.asarray(tokens)[ANSWER_START:]].mean())
@@ -500,14 +545,8 @@ def test_answer_rows_pass_on_the_pallas_kernel():
         att = InfluenceAttention(sink=8, q_chunk=32, answer=True, token=False, kernel=kernel)
 
         def f(pa, pm, pc, q, k, v):
-            return att(
-                q,
-                k,
-                v,
-                layer=0,
-                positions=positions,
-                cache=(pa, pm, pc, rows, weights, tokens, targets),
-            )[0]
+            layer = att.with_probes((pa, pm, pc), (rows, weights, tokens, targets))
+            return layer(q, k, v, layer=0, positions=positions, cache=None)[0]
 
         out, vjp = jax.vjp(f, *[jnp.zeros((h, n))] * 3, q, k, v)
         return (out,) + vjp(dout)
@@ -688,22 +727,23 @@ def test_masked_attention_backend_matches_mask(setup):
     assert got[0] == pytest.approx(want, rel=1e-5)
 
 
-def test_trunk_scan_matches_layer_loop():
-    """`trunk(scan=True)` (one scanned layer, stacked states) = the unrolled layer loop."""
-    from moa_jax.search.profile import _positions, trunk
-
+def test_hidden_states_scan_matches_layer_loop():
+    """`Llama.hidden_states` with a layer stack (one scanned layer, stacked states) = the
+    unrolled layer loop, with and without remat (and the loop with remat)."""
     model = init_random(CFG, seed=3)
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, 128, (2, 64)), jnp.int32)
-    pos = _positions(2, 64)
-    want, _ = trunk(model, tokens, pos, MaskedAttention())
-    for remat in (False, True):
-        got, aux = trunk(model, tokens, pos, MaskedAttention(), remat=remat, scan=True)
+    pos = row_positions(2, 64)
+    want, _ = model.hidden_states(tokens, pos, attention=MaskedAttention())
+    for remat, stack in ((False, stack_layers(model)), (True, stack_layers(model)), (True, None)):
+        got, _ = model.hidden_states(
+            tokens, pos, attention=MaskedAttention(), remat=remat, layer_stack=stack
+        )
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_short_last_batch_is_filled_and_compiles_once():
     """A short last batch gets zero-weight rows: one program per length, the same profile."""
-    from moa_jax.search import profile as sp
+    from moa_jax.search import sensitivity as sp
 
     batches = make_batches([Item([5] * 40, 30)] * 5, 64, 2, pad_id=0, fill=True)
     assert [b.shape for b in batches] == [(2, 64)] * 3 and [b.rows for b in batches] == [2, 2, 1]

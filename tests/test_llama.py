@@ -3,6 +3,10 @@
 Logit parity with transformers' LlamaForCausalLM on loaded weights is in test_weights.py.
 """
 
+import dataclasses
+import functools
+
+import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -12,8 +16,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.attention import DenseAttention
-from moa_jax.models.llama import forward, init_random, rope_inv_freq
+from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.llama import forward, init_random, rope_inv_freq, stack_layers
 
 from conftest import tiny_config
 
@@ -105,3 +109,63 @@ def test_tied_embeddings_have_no_head():
     logits, _ = forward(*nnx.split(model), tokens, jnp.arange(4)[None])
     h = model.embed_tokens.embedding[...]
     assert logits.shape == (1, 4, cfg.vocab_size) and h.shape == (cfg.vocab_size, cfg.hidden_size)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("scale",), meta_fields=())
+@dataclasses.dataclass(frozen=True)
+class ScaledAttention(AttentionBackend):
+    """Dense attention times one layer's scale [H] (per-layer data held as a field)."""
+
+    scale: jax.Array
+    layer_uniform = True
+
+    def init_cache(self, *a, **k):
+        raise NotImplementedError
+
+    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+        out, _ = DenseAttention()(q, k, v, layer=layer, positions=positions, cache=None)
+        return out * self.scale[:, None], jnp.sum(out)
+
+
+def test_forward_pieces_compose_to_call():
+    """embed, layer i, logits (everywhere or at chosen rows) give `__call__`'s logits."""
+    cfg = tiny_config()
+    model = init_random(cfg, seed=4)
+    tokens = jnp.asarray(np.random.RandomState(3).randint(0, cfg.vocab_size, (2, 12)))
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    full, cache = model(tokens, pos)
+    assert cache is None
+    x = model.embed(tokens)
+    for i in range(cfg.num_layers):
+        x, out = model.layer(i, x, pos, DenseAttention())
+        assert out is None
+    np.testing.assert_allclose(model.logits(x), full, atol=1e-6)
+    at = jnp.asarray([[0, 5, 11], [3, 3, 7]])
+    picked = model.logits(x, at=at)
+    assert picked.shape == (2, 3, cfg.vocab_size) and picked.dtype == jnp.float32
+    np.testing.assert_allclose(picked, full[jnp.arange(2)[:, None], at], atol=1e-6)
+    np.testing.assert_allclose(model.logits(x, at=at[:, 1]), full[jnp.arange(2), at[:, 1]])
+
+
+def test_per_layer_backends_in_the_loop_and_the_scan():
+    """A tuple of per-layer backends (arrays as fields): layer i runs the i-th, in the layer
+    loop and in the scan over stacked layers alike; their second outputs come back per layer."""
+    cfg = tiny_config()
+    model = init_random(cfg, seed=5)
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 10)))
+    pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    scales = jnp.asarray(np.random.RandomState(5).uniform(0.5, 2.0, (cfg.num_layers, 4)))
+    per_layer = tuple(ScaledAttention(s) for s in scales)
+    loop, outs = model.hidden_states(tokens, pos, attention=per_layer)
+    scan, stacked = model.hidden_states(
+        tokens, pos, attention=per_layer, layer_stack=stack_layers(model)
+    )
+    np.testing.assert_allclose(scan, loop, rtol=1e-5, atol=1e-5)
+    assert len(outs) == cfg.num_layers and stacked.shape == (cfg.num_layers,)
+    np.testing.assert_allclose(stacked, jnp.stack(outs), rtol=1e-5)
+    x = model.embed(tokens)
+    for i in range(cfg.num_layers):
+        x, _ = model.layer(i, x, pos, per_layer[i])
+    np.testing.assert_allclose(x, loop, rtol=1e-6, atol=1e-6)
+    plain, _ = model.hidden_states(tokens, pos)
+    assert not np.allclose(loop, plain, atol=1e-3)  # the scales were applied

@@ -119,7 +119,7 @@ def test_cli_rerun_uses_caches(run_dir, monkeypatch):
         raise AssertionError("should have been cached")
 
     monkeypatch.setattr("moa_jax.generate.generate", boom)
-    monkeypatch.setattr("moa_jax.search.profile.profile_items", boom)
+    monkeypatch.setattr("moa_jax.search.sensitivity.profile_items", boom)
     assert main(argv + ["--no-validate"]) == 0
     plan = Plan.load(out / "plan" / "plan.json")
     assert "validation" not in plan.metadata
@@ -132,7 +132,7 @@ def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypat
     profiles; its estimates are the profiles' rule sums."""
     import shutil
 
-    from moa_jax.search.profile import InfluenceProfile
+    from moa_jax.search.influence_profile import InfluenceProfile
     from moa_jax.search.rules import scaled_grid
 
     out, argv = run_dir
@@ -156,7 +156,7 @@ def test_window_estimator_profiles_its_windows_once(run_dir, tmp_path, monkeypat
         assert prof.answer is not None and 0 < prof.answer.sum() < prof.diag.sum()
     assert set(report["estimated_loss"]) == {"256", "384"}
     monkeypatch.setattr(
-        "moa_jax.search.profile.profile_items",
+        "moa_jax.search.sensitivity.profile_items",
         lambda *a, **k: pytest.fail("should have been cached"),
     )
     for est in ("window", "token", "answer"):
@@ -172,7 +172,7 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
     import dataclasses
     import shutil
 
-    from moa_jax.search.profile import InfluenceProfile
+    from moa_jax.search.influence_profile import InfluenceProfile
 
     out, argv = run_dir
     pdir = tmp_path / "plan" / "profiles"
@@ -210,7 +210,7 @@ def test_uniform_estimate_of_an_unprofiled_window_is_unknown():
     """Profiles reused at another --density lack the new uniform window: its 'window' estimate
     is None (reported as unknown) instead of an error after search and validation."""
     from moa_jax.profile.outputs import _window_estimate
-    from moa_jax.search.profile import InfluenceProfile
+    from moa_jax.search.influence_profile import InfluenceProfile
 
     prof = InfluenceProfile.zeros(2, 3, 256, sink=64, windows=[64, 128])
     prof.rules[:] = 1.0
@@ -234,7 +234,7 @@ def test_kv_cache_budget_bounds_the_cache(run_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should have been cached")
 
-    monkeypatch.setattr("moa_jax.search.profile.profile_items", boom)
+    monkeypatch.setattr("moa_jax.search.sensitivity.profile_items", boom)
     assert main(argv + ["--no-validate", "--budget-on", "kv-cache"]) == 0
     plan = Plan.load(tmp_path / "plan" / "plan.json")
     meta = plan.metadata
@@ -248,7 +248,7 @@ def test_validation_backends_agree(run_dir):
     """The masked oracle used on CPU and the MoA backend (Pallas kernel, interpret mode here)
     measure the same answer loss for the searched plan."""
     from moa_jax.models.registry import load_model
-    from moa_jax.search.profile import make_batches
+    from moa_jax.search.answer_loss import make_batches
     from moa_jax.search.validate import measure_plans, pick_best
 
     out, _ = run_dir

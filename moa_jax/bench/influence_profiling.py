@@ -7,14 +7,14 @@
     python -m moa_jax.bench.influence_profiling --shape tiny --length 512 --items 4  # CPU smoke
 
 A model of the given shapes with random bf16 weights (made on the device), `--items` synthetic
-calibration items of `--length` tokens whose last `--answer-tokens` are the answer, profiled by
-`moa_jax.search.profile.profile_items` exactly as the CLI does (one jitted forward + backward per
-batch of `--batch-size` items, every layer's and head's influence from it). Reported: the first
-batch's time (compilation included), the time of all items after it, seconds per item, the
-whole stage (their sum), peak device memory; one row per length and their total. With
-`--estimator window` the profile also scores the rule grid's windows, with `--estimator answer`
-it also sums the answer rows' influence, as the CLI does with those estimators (`scaled_grid`
-over the given lengths). JSON to `--out`, a line per length to stdout.
+calibration items of `--length` tokens whose last `--answer-tokens` are the answer, profiled
+by `moa_jax.search.sensitivity.profile_items` exactly as the CLI does (one jitted forward +
+backward per batch of `--batch-size` items, every layer's and head's influence from it).
+Reported: the first batch's time (compilation included), the time of all items after it,
+seconds per item, the whole stage (their sum), peak device memory; one row per length and their
+total. With `--estimator window` the profile also scores the rule grid's windows, with
+`--estimator answer` it also sums the answer rows' influence, as the CLI does with those
+estimators (`scaled_grid` over the given lengths). JSON to `--out`, a line per length to stdout.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def time_profile(
     token: bool = True,
 ) -> dict[str, Any]:
     """Profiles the first batch (compiles) then the rest; returns timings and peak memory."""
-    from moa_jax.search.profile import profile_items
+    from moa_jax.search.sensitivity import profile_items
 
     kw = dict(
         batch_size=batch_size,

@@ -17,7 +17,7 @@ is recorded as such. Parts (`--parts`):
            layer rematerialised in the backward pass (`--no-remat` keeps activations).
            Reported: tokens/s, tokens/s per device, step time, peak memory per device, MFU, and
            scaling efficiency (tokens/s per device over that of the smallest count that ran).
-  profile  MoA's influence profiling (`moa_jax.search.profile.profile_items`, the work of
+  profile  MoA's influence profiling (`moa_jax.search.sensitivity.profile_items`, the work of
            `python -m moa_jax.profile`) at `--profile-length` (8192) on synthetic calibration
            items, `n` items per step sharded over the data axis (mesh (n, 1, 1)): seconds per
            item, peak memory per device, efficiency.

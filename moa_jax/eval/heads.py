@@ -32,7 +32,7 @@ import argparse
 import dataclasses
 import functools
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,25 +42,36 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.cli import atomic_write_text
+from moa_jax.cli import atomic_write_text, config_parser, option, parse_config, setup_logging
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
 
+# by its module name: under `python -m` __name__ is '__main__', outside the moa_jax logger
+log = logging.getLogger("moa_jax.eval.heads")
 
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("rows", "row_w", "key_mask"),
+    meta_fields=("q_chunk",),
+)
 @dataclasses.dataclass(frozen=True)
 class NeedleMassAttention(AttentionBackend):
     """Dense causal attention that also returns, per query head, the attention mass the query
-    rows `rows` [B, A] (weights `row_w` [B, A]) put on the keys `key_mask` [B, N] (bool): the
-    layer's `cache` argument is (rows, row_w, key_mask); the returned "cache" is mass [B, H]."""
+    rows `rows` int [B, A] (weights `row_w` [B, A]) put on the keys `key_mask` bool [B, N]:
+    its second output (where a cache would be) is mass [B, H]."""
 
     q_chunk: int = 512
+    rows: jax.Array | None = None
+    row_w: jax.Array | None = None
+    key_mask: jax.Array | None = None
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
         raise NotImplementedError("NeedleMassAttention scores whole sequences (no KV cache)")
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
-        rows, row_w, key_mask = cache
+        rows, row_w, key_mask = self.rows, self.row_w, self.key_mask
         out = chunked_attention(q, k, v, positions, q_chunk=self.q_chunk)
         b, n, h, d = q.shape
         g = h // k.shape[2]
@@ -76,14 +87,13 @@ class NeedleMassAttention(AttentionBackend):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
 def _needle_mass(graphdef, state, tokens, rows, row_w, key_mask, *, attention):
-    from moa_jax.search.profile import trunk
-
+    """Mass [B, L, H] of every layer (`NeedleMassAttention` `attention` given the arrays)."""
     model = nnx.merge(graphdef, state)
     b, n = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    args = [(rows, row_w, key_mask)] * model.config.num_layers
-    _, masses = trunk(model, tokens, positions, attention, args)
-    return jnp.stack(masses, axis=1)  # [B, L, H]
+    attention = dataclasses.replace(attention, rows=rows, row_w=row_w, key_mask=key_mask)
+    _, masses = model.hidden_states(tokens, positions, attention=attention)
+    return jnp.stack(masses, axis=1)
 
 
 def _find(seq: Sequence[int], sub: Sequence[int]) -> list[int]:
@@ -261,92 +271,86 @@ def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -
     return "heads.png"
 
 
+@dataclasses.dataclass
+class HeadsConfig:
+    """`python -m moa_jax.eval.heads`: the flags (and YAML keys) of the command."""
+
+    model: str = option("smollm2-135m", "preset, HF directory or .gguf")
+    lengths: list[int] = option([2048, 4096, 8192], "passkey item lengths", nargs="+")
+    num_items: int = option(20, "passkey items per length")
+    seed: int = option(1000, "item seed (keep it apart from the evaluation's seed, 0)")
+    corpus: str = option("shakespeare", "haystack text")
+    density: float = option(0.5, "oracle plan's KV-cache density")
+    dense_fraction: float = option(0.25, "share of KV groups the oracle keeps dense")
+    sink: int = option(64, "sink tokens of the oracle plan")
+    plan: str | None = option(None, "a plan to compare with the scores")
+    profile_dir: str | None = option(None, "profile .npz files to compare")
+    scores: str | None = option(
+        None, "reuse the scores of an earlier run's heads.json instead of measuring"
+    )
+    top: int = option(20, "top heads compared")
+    out: str = option("heads", "output directory")
+    progress: bool = option(True, "show progress bars")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m moa_jax.eval.heads",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="smollm2-135m", help="preset, HF directory or .gguf")
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
-    p.add_argument("--num-items", type=int, default=20, help="passkey items per length")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=1000,
-        help="item seed (keep it apart from the evaluation's, default 0)",
-    )
-    p.add_argument("--corpus", default="shakespeare", help="haystack text")
-    p.add_argument("--density", type=float, default=0.5, help="oracle plan's KV-cache density")
-    p.add_argument(
-        "--dense-fraction",
-        type=float,
-        default=0.25,
-        help="share of KV groups the oracle keeps dense",
-    )
-    p.add_argument("--sink", type=int, default=64)
-    p.add_argument("--plan", default=None, help="a plan to compare with the scores")
-    p.add_argument("--profile-dir", default=None, help="profile .npz files to compare")
-    p.add_argument(
-        "--scores",
-        default=None,
-        help="reuse the scores of an earlier run's heads.json instead of measuring",
-    )
-    p.add_argument("--top", type=int, default=20, help="top heads compared")
-    p.add_argument("--out", default="heads", help="output directory")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    prog = "python -m moa_jax.eval.heads"
+    parser = config_parser(HeadsConfig, prog, __doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the docstring's layout
+    cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__, parser=parser)
+    setup_logging()
 
     from moa_jax.methods import load_plan
     from moa_jax.models.registry import load_model
-    from moa_jax.search.profile import InfluenceProfile
+    from moa_jax.search.influence_profile import InfluenceProfile
 
-    plan = load_plan(args.plan) if args.plan else None
+    plan = load_plan(cfg.plan) if cfg.plan else None
     profiles = {}
-    if args.profile_dir:
-        for f in sorted(Path(args.profile_dir).glob("*.npz")):
+    if cfg.profile_dir:
+        for f in sorted(Path(cfg.profile_dir).glob("*.npz")):
             prof = InfluenceProfile.load(f)
             profiles[prof.length] = prof
-    model, tok = load_model(args.model)
+    model, tok = load_model(cfg.model)
     if plan is not None:
         plan.validate(model.config)
-    out = Path(args.out)
-    if args.scores:
-        earlier = json.loads(Path(args.scores).read_text())
+    out = Path(cfg.out)
+    lengths, num_items = cfg.lengths, cfg.num_items
+    if cfg.scores:
+        earlier = json.loads(Path(cfg.scores).read_text())
         scores = {int(k): np.asarray(v)[None] for k, v in earlier["scores"].items()}
-        args.lengths, args.num_items = sorted(scores), earlier["num_items"]
+        lengths, num_items = sorted(scores), earlier["num_items"]
     else:
         scores = needle_scores(
             model,
             tok,
-            args.lengths,
-            args.num_items,
-            seed=args.seed,
-            corpus=args.corpus,
-            progress=not args.no_progress,
+            lengths,
+            num_items,
+            seed=cfg.seed,
+            corpus=cfg.corpus,
+            progress=cfg.progress,
         )
     out.mkdir(parents=True, exist_ok=True)
     mean = np.mean([s.mean(0) for s in scores.values()], axis=0)  # [L, H]
     oracle = oracle_plan(
         mean,
         model.config.num_kv_heads,
-        args.density,
-        dense_fraction=args.dense_fraction,
-        sink=args.sink,
+        cfg.density,
+        dense_fraction=cfg.dense_fraction,
+        sink=cfg.sink,
     )
     oracle.save(out / "oracle_plan.json")
-    n = max(args.lengths)
+    n = max(lengths)
     report = {
-        "lengths": args.lengths,
-        "num_items": args.num_items,
-        "seed": args.seed,
+        "lengths": lengths,
+        "num_items": num_items,
+        "seed": cfg.seed,
         "scores": {str(k): v.mean(0).tolist() for k, v in scores.items()},
-        "compare": compare(mean, plan, profiles, n, args.top),
+        "compare": compare(mean, plan, profiles, n, cfg.top),
         "oracle": {
-            "density": args.density,
-            "dense_fraction": args.dense_fraction,
+            "density": cfg.density,
+            "dense_fraction": cfg.dense_fraction,
             "kv_cache_density": {
-                str(k): oracle.kv_cache_density(k, model.config.num_kv_heads) for k in args.lengths
+                str(k): oracle.kv_cache_density(k, model.config.num_kv_heads) for k in lengths
             },
         },
         "figure": _plot(out, scores, plan, n),
@@ -360,10 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k, v in c.items():
         if k != "top_heads" and not isinstance(v, list):
             print(f"  {k}: {v}")
-    print(
-        f"wrote {out / 'heads.json'}, {out / 'heads.png'}, {out / 'oracle_plan.json'}",
-        file=sys.stderr,
-    )
+    log.info("wrote %s, %s, %s", out / "heads.json", out / "heads.png", out / "oracle_plan.json")
     return 0
 
 

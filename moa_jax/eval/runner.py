@@ -30,7 +30,7 @@ from moa_jax.methods import Method, AttentionConfig
 from moa_jax.eval.tasks import Item, Task, TaskContext
 from moa_jax.generate import generate
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.llama import Llama, rope_inv_freq
+from moa_jax.models.llama import Llama
 
 
 def _round_up(x: int, m: int) -> int:
@@ -49,22 +49,15 @@ def target_logprobs(
 ):
     """Log-probabilities of `targets` predicted at positions `at`, and whether each is the argmax.
 
-    tokens int [B, T] (positions [0, T), no cache); at, targets int [B, A]. Mirrors
-    `Llama.__call__` but applies the LM head only at the A positions (a T x vocab logit matrix
-    is otherwise the largest tensor of a long forward pass). Returns (logp [B, A], hit [B, A]).
+    tokens int [B, T] (positions [0, T), no cache); at, targets int [B, A]. The LM head runs
+    at the A positions only (`Llama.logits(at=)`). Returns (logp [B, A], hit [B, A]).
     """
     model: Llama = nnx.merge(graphdef, state)
-    cfg = model.config
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    inv_freq = rope_inv_freq(cfg)
-    x = model.embed_tokens(tokens)
-    for i, layer in enumerate(model.layers):
-        x, _ = layer(x, positions, inv_freq, None, attention, i)
-    x = model.norm(x)
-    h = jnp.take_along_axis(x, at[:, :, None], axis=1)
-    logits = model.embed_tokens.attend(h) if cfg.tie_word_embeddings else model.lm_head(h)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    hidden, _ = model.hidden_states(tokens, positions, attention=attention)
+    logits = model.logits(hidden, at=at)
+    logp = jax.nn.log_softmax(logits, axis=-1)
     tgt = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[:, :, 0]
     return tgt, jnp.argmax(logits, axis=-1) == targets
 

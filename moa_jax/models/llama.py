@@ -10,7 +10,17 @@ holds one layer instead of L (XLA's GPU compiler took 195 s for SmolLM2's 30 unr
 the profiling pass and 67-89 s for each generate program).
 
 Attention is delegated to an `AttentionBackend` (`moa_jax.models.attention`), which also owns the
-KV cache layout. `forward` is the pure, jitted entry point over (graphdef, state).
+KV cache layout. The one forward API, used by generate, train, search and eval:
+
+  Llama.embed(tokens) -> x [B, T, E]
+  Llama.layer(i, x, positions, attention, cache) -> (x, layer i's new cache)   (one layer)
+  Llama.hidden_states(tokens, positions, cache, attention) -> (x before the final norm, caches)
+  Llama.logits(x, at=None) -> float32 logits, at every position or only at `at`
+  Llama.__call__ = hidden_states + logits; `forward` is its pure, jitted form over
+  (graphdef, state).
+
+A caller with per-layer data other than a cache (a profile's probes, a plan's window arrays)
+gives each layer its own backend holding them (a tuple of backends), never the `cache` slot.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.parallel import constrain
 
 _INIT = nnx.initializers.normal(stddev=0.02)
+HIDDEN = ("batch", "seq", "activation_embed")  # logical axes of the hidden states
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -169,25 +180,124 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, False, rngs, dtype, param_dtype)
 
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, E] (compute dtype) of tokens int [B, T]."""
+        return constrain(self.embed_tokens(tokens), HIDDEN)
+
+    def layer(
+        self,
+        i: int,
+        x: jax.Array,
+        positions: jax.Array,
+        attention: AttentionBackend,
+        cache: Any = None,
+        lengths: jax.Array | None = None,
+        *,
+        remat: bool = False,
+    ) -> tuple[jax.Array, Any]:
+        """Decoder layer i: x [B, T, E] -> (x [B, T, E], the backend's second output: layer i's
+        new cache, or None without one).
+
+        `attention` is called as layer i's attention with this layer's `cache`; per-layer data
+        other than a cache (a profile's probes, a plan's window arrays) are fields of the
+        backend given for this layer. `remat`: recompute the layer's activations in the
+        backward pass (`nnx.remat`), without a cache only.
+        """
+        layer = self.layers[i]
+        inv_freq = rope_inv_freq(self.config)
+        if remat:
+            if cache is not None:
+                raise ValueError("remat is for training (no cache); decoding keeps no activations")
+
+            def run(layer, x):
+                return layer(x, positions, inv_freq, None, attention, i, lengths)
+
+            x, out = nnx.remat(run)(layer, x)
+        else:
+            x, out = layer(x, positions, inv_freq, cache, attention, i, lengths)
+        return constrain(x, HIDDEN), out
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Sequence[Any] | None = None,
+        attention: LayerAttention = DenseAttention(),
+        lengths: jax.Array | None = None,
+        *,
+        remat: bool = False,
+        layer_stack: "LayerStack | None" = None,
+    ) -> tuple[jax.Array, Any]:
+        """The decoder layers over the embedded tokens: see `__call__` for the arguments.
+
+        `attention`: one backend for every layer, or a tuple with one backend per layer
+        (backends holding that layer's arrays as fields; with `layer_stack` they must be
+        pytrees of one structure: their arrays are stacked over layers for the scan).
+        Returns (the last layer's output [B, T, E] before the final norm, each layer's
+        second backend output: a tuple over layers, or one pytree stacked over layers [L, ...]
+        with `layer_stack`).
+        """
+        if remat and cache is not None:
+            raise ValueError("remat is for training (no cache); decoding keeps no activations")
+        x = self.embed(tokens)
+        if layer_stack is not None:
+            inv_freq = rope_inv_freq(self.config)
+            return scan_layers(
+                layer_stack, x, positions, inv_freq, attention, cache, lengths, remat=remat
+            )
+        outs = []
+        for i in range(len(self.layers)):
+            x, out = self.layer(
+                i,
+                x,
+                positions,
+                attention[i] if isinstance(attention, tuple) else attention,
+                None if cache is None else cache[i],
+                lengths,
+                remat=remat,
+            )
+            outs.append(out)
+        return x, tuple(outs)
+
+    def logits(self, hidden: jax.Array, at: jax.Array | None = None) -> jax.Array:
+        """float32 logits of the last layer's output hidden [B, T, E] (the final norm, then the
+        LM head): [B, T, V]; with `at` int [B] only at hidden[b, at[b]]: [B, V]; with `at`
+        int [B, A] at hidden[b, at[b, a]]: [B, A, V] (a T x V logit matrix is otherwise the
+        largest tensor of a long forward pass)."""
+        x = self.norm(hidden)
+        if at is not None:
+            idx = at[:, None] if at.ndim == 1 else at
+            x = jnp.take_along_axis(x, idx[:, :, None], axis=1)
+            if at.ndim == 1:
+                x = x[:, 0]
+        if self.config.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        logits = constrain(
+            logits, ("batch",) + ("seq",) * (logits.ndim - 2) + ("activation_vocab",)
+        )
+        return logits.astype(jnp.float32)
+
     def __call__(
         self,
         tokens: jax.Array,
         positions: jax.Array,
         cache: Sequence[Any] | None = None,
-        attention: AttentionBackend = DenseAttention(),
+        attention: LayerAttention = DenseAttention(),
         logits_at: jax.Array | None = None,
         lengths: jax.Array | None = None,
         *,
         remat: bool = False,
         layer_stack: "LayerStack | None" = None,
     ):
-        """Runs the model.
+        """Runs the model: `hidden_states`, then `logits`.
 
         Args:
           tokens: int [B, T].
           positions: int [B, T], absolute positions (contiguous per row).
           cache: one cache per layer (from `attention.init_cache`) or None.
-          attention: the attention backend.
+          attention: the attention backend, or one per layer (`hidden_states`).
           logits_at: optional int [B]; if given, logits only at tokens[b, logits_at[b]].
           lengths: optional int [B], valid tokens per row of a right-padded chunk (passed on to
             the attention backend so ring caches skip the padding).
@@ -201,53 +311,15 @@ class Llama(nnx.Module):
           (logits float32 [B, T, V] or [B, V], new cache tuple (stacked with `layer_stack`) or
           None).
         """
-        cfg = self.config
-        inv_freq = rope_inv_freq(cfg)
-        hidden = ("batch", "seq", "activation_embed")
-        x = constrain(self.embed_tokens(tokens), hidden)
-        if remat and cache is not None:
-            raise ValueError("remat is for training (no cache); decoding keeps no activations")
-        if layer_stack is not None:
-            x, stacked_cache = scan_layers(
-                layer_stack, x, positions, inv_freq, attention, cache, lengths, remat=remat
-            )
-            new_cache = None if cache is None else stacked_cache
-        else:
-            caches = []
-            for i, layer in enumerate(self.layers):
-                if remat:
-
-                    def run(layer, x, i=i):
-                        return layer(x, positions, inv_freq, None, attention, i, lengths)[0]
-
-                    x, c = nnx.remat(run)(layer, x), None
-                else:
-                    x, c = layer(
-                        x,
-                        positions,
-                        inv_freq,
-                        None if cache is None else cache[i],
-                        attention,
-                        i,
-                        lengths,
-                    )
-                x = constrain(x, hidden)
-                caches.append(c)
-            new_cache = None if cache is None else tuple(caches)
-        x = self.norm(x)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
-        if cfg.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        logits = constrain(
-            logits, ("batch",) + ("seq",) * (logits.ndim - 2) + ("activation_vocab",)
+        x, new_cache = self.hidden_states(
+            tokens, positions, cache, attention, lengths, remat=remat, layer_stack=layer_stack
         )
-        return logits.astype(jnp.float32), new_cache
+        return self.logits(x, logits_at), None if cache is None else new_cache
 
 
 LayerStack = tuple[nnx.GraphDef, nnx.State]
+# one backend for every layer, or one per layer (`Llama.hidden_states`)
+LayerAttention = AttentionBackend | tuple[AttentionBackend, ...]
 
 
 def stack_layers(model: Llama) -> LayerStack:
@@ -261,34 +333,43 @@ def scan_layers(
     stack: LayerStack,
     x: jax.Array,
     positions: jax.Array,
-    inv_freq: jax.Array,
-    attention: AttentionBackend,
-    layer_args: Any = None,
+    inv_freq: np.ndarray,
+    attention: LayerAttention,
+    cache: Any = None,
     lengths: jax.Array | None = None,
     *,
     remat: bool = False,
 ) -> tuple[jax.Array, Any]:
-    """The decoder layers as one `lax.scan`: x [B, T, E] through every layer of `stack`.
+    """The decoder layers as one `lax.scan`: x [B, T, E] through every layer of `stack`
+    (`rope_inv_freq` of the model's config as `inv_freq`).
 
-    `layer_args`: each layer's cache (or the backend's per-layer input), a pytree with leaves
-    stacked over layers [L, ...], or None. Returns (x [B, T, E], the backend's per-layer outputs
-    stacked the same way). `remat` recomputes each layer in the backward pass. Only for backends
-    with `layer_uniform` (the scanned layer runs as layer 0).
+    `attention`: one backend for every layer, or a tuple of per-layer backends (pytrees of one
+    structure, whose arrays are stacked over layers and scanned). `cache`: each layer's cache,
+    a pytree with leaves stacked over layers [L, ...], or None. Returns (x [B, T, E], the
+    backend's per-layer second outputs stacked the same way). `remat` recomputes each layer in
+    the backward pass. Only for backends with `layer_uniform` (the scanned layer runs as layer
+    0).
     """
-    if not attention.layer_uniform:
+    per_layer = isinstance(attention, tuple)
+    first = attention[0] if per_layer else attention
+    if not first.layer_uniform:
         raise ValueError(
-            f"{type(attention).__name__} gives layers their own masks or cache "
+            f"{type(first).__name__} gives layers their own masks or cache "
             f"shapes; its layers cannot run as one scan"
         )
     gd, stacked = stack
-    hidden = ("batch", "seq", "activation_embed")
+    layer_attention = jax.tree.map(lambda *a: jnp.stack(a), *attention) if per_layer else None
 
     def body(x, xs):
-        st, arg = xs
-        y, out = nnx.merge(gd, st)(x, positions, inv_freq, arg, attention, 0, lengths)
-        return constrain(y, hidden), out
+        st, att, c = xs
+        y, out = nnx.merge(gd, st)(
+            x, positions, inv_freq, c, att if per_layer else attention, 0, lengths
+        )
+        return constrain(y, HIDDEN), out
 
-    return jax.lax.scan(jax.checkpoint(body) if remat else body, x, (stacked, layer_args))
+    return jax.lax.scan(
+        jax.checkpoint(body) if remat else body, x, (stacked, layer_attention, cache)
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))

@@ -14,7 +14,7 @@ Steps (see moa_jax/search/*.py for the method):
    the answer plus, on the same scale, the attention those rows put on earlier places of the
    tokens they predict that it drops (--estimator answer-copy, the default: the attention runs
    on the fastest exact kernel and only the answer rows are recomputed; see
-   moa_jax/search/profile.py for the others).
+   moa_jax/search/influence_profile.py for the others).
 3. candidate rules alpha + beta * N scaled to the profile lengths; a HiGHS MILP per objective
    under the density budget at every length (the KV-cache size, --budget-on kv-cache, the
    default; or the paper's band on the mean over query heads, --budget-on heads), at most two

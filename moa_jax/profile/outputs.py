@@ -17,7 +17,7 @@ from moa_jax.search.estimators import ESTIMATORS
 if TYPE_CHECKING:
     from moa_jax.plan import Plan
     from moa_jax.profile import ProfileConfig
-    from moa_jax.search.profile import InfluenceProfile
+    from moa_jax.search.influence_profile import InfluenceProfile
     from moa_jax.search.rules import RuleGrid
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from moa_jax.plan import Plan
     from moa_jax.profile import ProfileConfig
     from moa_jax.search.optimize import SearchProblem, Solution
-    from moa_jax.search.profile import InfluenceProfile
+    from moa_jax.search.influence_profile import InfluenceProfile
     from moa_jax.search.rules import RuleGrid
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def profile(
     """Influence profiles (jax.grad) at each profile length, saved per length in `pdir` and
     resumed from there; a cached profile without the sums `--estimator` needs is profiled
     again, keeping the sums it had."""
-    from moa_jax.search.profile import InfluenceProfile, profile_items
+    from moa_jax.search.influence_profile import InfluenceProfile
+    from moa_jax.search.sensitivity import profile_items
 
     if mesh is not None:
         logger.info(f"profiling on a {dict(mesh.shape)} mesh of {mesh.devices.size} devices")
@@ -327,7 +328,7 @@ def validate(
     baseline and the spread candidates on the held-out items; with --no-validate nothing is
     measured and the candidate with the lowest summed (per-length normalised) estimate wins."""
     from moa_jax.plan import Plan
-    from moa_jax.search.profile import make_batches
+    from moa_jax.search.answer_loss import make_batches
     from moa_jax.search.validate import measure_plans, pick_best
 
     cfg = model.config

@@ -6,7 +6,7 @@ item is
 
     <chat template>[user] {document excerpt}\n\n{instruction} [assistant] {model's greedy answer}
 
-and its loss is the mean cross-entropy on the answer tokens only (`profile.make_batches`).
+and its loss is the mean cross-entropy on the answer tokens only (`answer_loss.make_batches`).
 
 Construction (choices made here, documented and tested):
 - Each length level N gets `count` items; the prompt is sized so that prompt + answer <= N

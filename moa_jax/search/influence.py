@@ -34,7 +34,7 @@ and, given candidate windows w_1..w_R (`windows`),
 
 all summed over the batch. So `jax.grad` of a model's answer loss with respect to zero probes
 in every layer gives every layer's and head's influence from one jitted forward + backward
-(`moa_jax.search.profile.profile_batch`), with memory O(B x H x q_chunk x N) per layer at a
+(`moa_jax.search.sensitivity.profile_batch`), with memory O(B x H x q_chunk x N) per layer at a
 time: no N x N matrix is ever stored.
 
 Causal skipping: query chunks are split into `key_groups` consecutive groups, one `lax.scan`

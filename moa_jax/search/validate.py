@@ -5,14 +5,14 @@ loss on held-out items at a length longer than any it profiled. Here the loss is
 answer-only cross-entropy as in calibration, on held-out documents, at `length`.
 
 Backends:
-- 'masked' (CPU default): query-chunked attention under `window_sink_mask`, one decoder layer
-  per compiled call with that layer's windows and sinks passed as arrays, so every layer of every
-  plan of one length shares one compiled program.
+- 'masked' (CPU default): query-chunked attention under `window_sink_mask`, the decoder layers
+  as one scan whose layers each get their windows and sinks as arrays (`WindowArgAttention`),
+  so every plan of one length shares one compiled program.
 - 'moa': `MoAAttention` (the Pallas block-sparse kernel that serves the plan); one compilation
   per plan. The default on GPU and TPU.
 
 Public API:
-  WindowArgAttention(q_chunk)            backend taking per-layer (windows, sinks) arrays
+  WindowArgAttention(q_chunk, windows, sinks)  one layer's window + sink attention (arrays)
   plan_losses(model, batches, plan, length, backend='auto') -> float [items]
   measure_plans(model, batches, plans: {name: Plan}, length, ...) -> {name: float [items]}
   pick_best(losses: {name: per-item}) -> name
@@ -21,34 +21,59 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.llama import Llama
+from moa_jax.models.llama import Llama, stack_layers
+from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
-from moa_jax.search.profile import Batch, LayerRunner, answer_losses, chunked_attention
+from moa_jax.search.answer_loss import Batch, answer_losses, answer_nll, row_positions
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=("windows", "sinks"), meta_fields=("q_chunk",)
+)
 @dataclasses.dataclass(frozen=True)
 class WindowArgAttention(AttentionBackend):
-    """Window + sink attention whose per-layer `cache` argument is (windows [H], sinks [H])."""
+    """One layer's window + sink attention, its windows and sinks int [H] given as arrays (a
+    pytree: the layers run as one scan over their stacked backends, and a new plan's arrays
+    need no new compilation)."""
 
     q_chunk: int = 512
+    windows: jax.Array | None = None
+    sinks: jax.Array | None = None
+    layer_uniform = True  # the layer's windows are its own fields; `layer` is not read
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
         raise NotImplementedError("WindowArgAttention scores whole sequences (no KV cache)")
 
     def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
-        windows, sinks = cache
         out = chunked_attention(
-            q, k, v, positions, windows=windows, sinks=sinks, q_chunk=self.q_chunk
+            q, k, v, positions, windows=self.windows, sinks=self.sinks, q_chunk=self.q_chunk
         )
         return out, None
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "q_chunk"))
+def _window_losses(graphdef, state, windows, sinks, tokens, tgt_pos, tgt_ids, tgt_w, *, q_chunk):
+    """Per-item answer loss [B] with layer i's heads attending under windows[i], sinks[i]
+    (int [L, H] each)."""
+    model = nnx.merge(graphdef, state)
+    attention = tuple(WindowArgAttention(q_chunk, w, s) for w, s in zip(windows, sinks))
+    hidden, _ = model.hidden_states(
+        tokens,
+        row_positions(*tokens.shape),
+        attention=attention,
+        layer_stack=stack_layers(model),
+    )
+    return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
 
 
 def _resolve_backend(backend: str) -> str:
@@ -74,12 +99,15 @@ def plan_losses(
         from moa_jax.models.moa_attention import MoAAttention
 
         return answer_losses(model, batches, MoAAttention(plan, length=length))
-    runner = LayerRunner(model)
+    graphdef, state = nnx.split(model)
     windows = jnp.asarray(plan.resolve(length), jnp.int32)
     sinks = jnp.asarray(plan.sink_array(), jnp.int32)
-    args = [(windows[i], sinks[i]) for i in range(plan.num_layers)]
-    attention = WindowArgAttention(int(q_chunk))
-    out = [runner.losses(b, attention, args) for b in batches]
+    out = [
+        np.asarray(
+            _window_losses(graphdef, state, windows, sinks, *b.arrays(), q_chunk=int(q_chunk))
+        )
+        for b in batches
+    ]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
