@@ -16,6 +16,7 @@ are padded to the cell length), so each method compiles once per cell.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from typing import Any, Callable, Sequence
@@ -31,6 +32,8 @@ from moa_jax.eval.tasks import Item, Task, TaskContext
 from moa_jax.generate import generate
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.llama import Llama
+
+logger = logging.getLogger(__name__)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -135,7 +138,7 @@ class Runner:
         *,
         nll: str = "auto",
         progress: bool = True,
-        log: Callable[[str], Any] | None = print,
+        log: Callable[[str], Any] | None = logger.info,
     ):
         if nll not in ("auto", "all", "none"):
             raise ValueError(f"nll must be auto | all | none, got {nll!r}")
