@@ -214,7 +214,7 @@ def test_lr_schedule_equals_the_formula(schedule, warmup_steps, min_lr_ratio):
             min_lr_ratio=min_lr_ratio,
             steps=steps,
         )
-        tol = 2 * np.finfo(np.float32).eps * lr
+        tol = 2 * float(np.finfo(np.float32).eps) * lr
         counts = jnp.arange(steps + 3, dtype=jnp.int32)
         want = np.asarray(_lr_formula(cfg, counts))
         got = np.asarray(lr_schedule(cfg)(counts))
