@@ -146,6 +146,8 @@ def setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    # Importing orbax (absl) puts a handler on the root logger: propagating would print twice.
+    root.propagate = False
 
 
 class _StderrHandler(logging.StreamHandler):

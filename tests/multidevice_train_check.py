@@ -13,7 +13,9 @@ import jax
 import numpy as np
 
 from moa_jax.train.checkpoint import Checkpointer
-from moa_jax.train.loop import TrainConfig, make_optimizer, train
+from moa_jax.train.config import TrainConfig
+from moa_jax.train.loop import train
+from moa_jax.train.optimizer import make_optimizer
 
 assert jax.device_count() == 8, jax.devices()
 corpus, scratch = sys.argv[1], Path(sys.argv[2])
@@ -70,7 +72,7 @@ from flax import nnx
 
 from moa_jax.models.registry import load_model
 from moa_jax.parallel import MeshConfig, make_mesh, param_shardings
-from moa_jax.train.loop import opt_state_shardings
+from moa_jax.train.step import opt_state_shardings
 
 mesh = make_mesh(MeshConfig(2, 2, 2))
 _, params = nnx.split(load_model("tiny-random")[0])

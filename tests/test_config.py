@@ -148,7 +148,7 @@ def test_config_files_load(command):
             assert all(isinstance(getattr(config, k), list) for k in ("tasks", "lengths"))
             values = {k: v for k, v in values.items() if k not in ("tasks", "methods", "out")}
         else:
-            from moa_jax.train.loop import parse_config as train_config
+            from moa_jax.train.config import parse_config as train_config
 
             config = train_config(argv)
         for key, value in values.items():

@@ -16,17 +16,10 @@ from flax import nnx
 
 from moa_jax.models.registry import load_model
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
-from moa_jax.train.loop import (
-    TrainConfig,
-    _train_step_fn,
-    loss_sums,
-    lr_schedule,
-    main,
-    make_optimizer,
-    parse_config,
-    train,
-    validate_config,
-)
+from moa_jax.train.config import TrainConfig, parse_config, validate_config
+from moa_jax.train.loop import main, train
+from moa_jax.train.optimizer import lr_schedule, make_optimizer
+from moa_jax.train.step import loss_sums, train_step_fn
 from moa_jax.train.recycled import TrainDenseAttention
 
 TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
@@ -95,7 +88,7 @@ def _state(dtype="float32", **kw):
 
 def test_loss_decreases_on_a_repeated_batch():
     graphdef, params, opt, opt_state, _ = _state()
-    step = jax.jit(_train_step_fn(graphdef, TrainDenseAttention(), opt))
+    step = jax.jit(train_step_fn(graphdef, TrainDenseAttention(), opt))
     batch = _split(_batch(None), 1)
     rng = jax.random.PRNGKey(0)
     losses = []
@@ -113,7 +106,7 @@ def test_gradient_accumulation_equals_a_bigger_batch():
     graphdef, params, _, _, _ = _state()
     opt = optax.sgd(1.0)
     opt_state = opt.init(params)
-    step = jax.jit(_train_step_fn(graphdef, TrainDenseAttention(), opt))
+    step = jax.jit(train_step_fn(graphdef, TrainDenseAttention(), opt))
     batch = _batch(None, mask_some=True)
     rng = jax.random.PRNGKey(0)
     p1, _, _, m1 = step(params, opt_state, rng, _split(batch, 1))
@@ -138,8 +131,8 @@ def test_remat_gives_the_same_step_and_recomputes():
     batch = _split(_batch(None, seq=24), 1)
     rng = jax.random.PRNGKey(0)
     for attention in (TrainDenseAttention(), RecycledTrainAttention.paper(16, 8, 6)):
-        plain = _train_step_fn(graphdef, attention, opt)
-        remat = _train_step_fn(graphdef, attention, opt, remat=True)
+        plain = train_step_fn(graphdef, attention, opt)
+        remat = train_step_fn(graphdef, attention, opt, remat=True)
         p1, _, _, m1 = jax.jit(plain)(params, opt_state, rng, batch)
         p2, _, _, m2 = jax.jit(remat)(params, opt_state, rng, batch)
         np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
@@ -163,7 +156,7 @@ def test_remat_gives_the_same_step_and_recomputes():
 def test_bf16_compute_keeps_f32_master_weights():
     graphdef, params, opt, opt_state, _ = _state("bfloat16")
     g32, p32, _, _, _ = _state("float32")
-    step = jax.jit(_train_step_fn(graphdef, TrainDenseAttention(), opt))
+    step = jax.jit(train_step_fn(graphdef, TrainDenseAttention(), opt))
     batch = _batch(None)
     new, new_opt, _, m = step(params, opt_state, jax.random.PRNGKey(0), _split(batch, 1))
     assert {x.dtype for x in jax.tree.leaves(new)} == {jnp.dtype(jnp.float32)}
@@ -188,6 +181,46 @@ def test_lr_schedule():
     np.testing.assert_allclose(got[-1], 0.1, atol=1e-6)
     cos = lr_schedule(dataclasses.replace(cfg, schedule="cosine", min_lr_ratio=0.1))
     assert float(cos(4)) == pytest.approx(1.0) and float(cos(14)) == pytest.approx(0.1)
+
+
+def _lr_formula(cfg: TrainConfig, count: jax.Array) -> jax.Array:
+    """The hand-written schedule that `lr_schedule` replaced (the oracle): count c < warmup
+    gives lr * (c + 1) / warmup, then cosine / linear decay to lr * min_lr_ratio at count
+    `steps`, or constant."""
+    peak, warm, total, floor = cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+    c = jnp.asarray(count, jnp.float32)
+    warm_lr = peak * jnp.minimum(1.0, (c + 1.0) / max(warm, 1))
+    frac = jnp.clip((c - warm) / max(total - warm, 1), 0.0, 1.0)
+    if cfg.schedule == "cosine":
+        decay = floor + (1 - floor) * 0.5 * (1 + jnp.cos(jnp.pi * frac))
+    elif cfg.schedule == "linear":
+        decay = 1 - (1 - floor) * frac
+    else:
+        decay = jnp.ones_like(frac)
+    return jnp.where(c < warm, warm_lr, peak * decay)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup_steps", [0, 1, 5, 2000])
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.1, 1.0])
+def test_lr_schedule_equals_the_formula(schedule, warmup_steps, min_lr_ratio):
+    """The optax schedules give the learning rate of the formula at every step (and past the
+    end, and when the warm-up is longer than the run), within two float32 ulps of the peak."""
+    for steps, lr in ((1, 1.0), (14, 3e-4), (120, 1e-2), (5000, 2e-5)):
+        cfg = TrainConfig(
+            lr=lr,
+            schedule=schedule,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            steps=steps,
+        )
+        tol = 2 * float(np.finfo(np.float32).eps) * lr
+        counts = jnp.arange(steps + 3, dtype=jnp.int32)
+        want = np.asarray(_lr_formula(cfg, counts))
+        got = np.asarray(lr_schedule(cfg)(counts))
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol, err_msg=str(cfg))
+        for c in {0, min(warmup_steps, steps), steps - 1}:  # as the loop logs it: a Python int
+            assert float(lr_schedule(cfg)(c)) == pytest.approx(float(want[c]), abs=tol)
 
 
 def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):

@@ -52,17 +52,15 @@ def train_worker(n: int, args: ScalingConfig) -> dict:
     import numpy as np
 
     from moa_jax.parallel import mesh_context, param_shardings
-    from moa_jax.train.loop import (
-        TrainConfig,
-        attention_entries,
+    from moa_jax.train.attention import make_attention
+    from moa_jax.train.config import TrainConfig
+    from moa_jax.train.metrics import attention_entries, peak_flops, train_flops_per_sequence
+    from moa_jax.train.optimizer import make_optimizer
+    from moa_jax.train.step import (
         batch_shardings,
         get_train_step,
-        make_attention,
-        make_optimizer,
         opt_state_shardings,
-        peak_flops,
         replicated,
-        train_flops_per_sequence,
     )
 
     mc = model_config("tiny" if args.tiny else "llama3-8b", args.layers)
