@@ -77,13 +77,22 @@ def _field_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def config_parser(cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+def config_parser(
+    cls: type, prog: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
     """An argparse parser with one `--kebab-case` flag per field of the dataclass `cls`.
 
     bool fields get `--flag/--no-flag`; list fields take several values; a field's metadata
     may set `choices`, `nargs`, `type`, `metavar`, `action` (then the field type is not used).
+    A description or epilog with line breaks (a module docstring) keeps its layout.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    raw = epilog is not None or "\n" in description
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter,
+    )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
@@ -122,19 +131,26 @@ def parse_config(
     *,
     prog: str,
     description: str,
-    parser: argparse.ArgumentParser | None = None,
+    epilog: str | None = None,
 ) -> ConfigT:
     """A `cls` instance from argv: `--config FILE.yaml` supplies values, flags override them.
 
     Unknown YAML keys, values of the wrong type and choices not offered are usage errors that
-    name the key. `parser` (from `config_parser(cls, ...)`) lets a command add flags that are
-    not config fields (there should be none; it is for positional arguments).
+    name the key. `--help` shows `description`, the flags and `epilog`
+    (`help_from_doc(__doc__)` gives both from a module docstring).
     """
-    parser = parser or config_parser(cls, prog, description)
+    parser = config_parser(cls, prog, description, epilog)
     ns = vars(parse_args(parser, argv))
     ns.pop("config", None)
     ns.pop("debug", None)  # read by `run`
     return cls(**ns)
+
+
+def help_from_doc(doc: str) -> dict[str, str]:
+    """`description` (the first paragraph) and `epilog` (the rest) of a module docstring, as
+    keyword arguments of `parse_config`."""
+    head, _, rest = doc.strip().partition("\n\n")
+    return {"description": head, "epilog": rest}
 
 
 def setup_logging(verbose: bool = False) -> None:

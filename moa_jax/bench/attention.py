@@ -27,7 +27,6 @@ kernel on its own mask), and each implementation's time relative to the fastest 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -44,7 +43,7 @@ from moa_jax.bench.attention_impls import (
     tokamax_impl,
 )
 from moa_jax.bench.head_configs import case_windows, kept_entries, kv_density
-from moa_jax.cli import config_parser, option, parse_config, run, setup_logging
+from moa_jax.cli import help_from_doc, option, parse_config, run, setup_logging
 
 logger = logging.getLogger("moa_jax.bench.attention")  # not __name__: '__main__' under python -m
 PROG = "python -m moa_jax.bench.attention"
@@ -180,20 +179,9 @@ def bench_one(kind: str, s: int, args: AttentionBenchConfig, rows: list[dict], p
     rows.extend(case_rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of `AttentionBenchConfig`, with this module's docstring as the epilog."""
-    parser = config_parser(AttentionBenchConfig, PROG, __doc__.split("\n\n")[0])
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = __doc__.split("\n\n", 1)[1]
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = build_parser()
-    args = parse_config(
-        AttentionBenchConfig, argv, prog=PROG, description=parser.description, parser=parser
-    )
+    args = parse_config(AttentionBenchConfig, argv, prog=PROG, **help_from_doc(__doc__))
 
     import jax
 

@@ -60,7 +60,6 @@ lower bound), all at the mean position of the timed steps; the step time over th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -79,7 +78,7 @@ from moa_jax.bench.decode_report import format_table, plot_throughput, summarize
 from moa_jax.bench.decode_variants import HF_LABEL, Variant, make_backend, variants
 from moa_jax.bench.device_memory import GIB, copy_bandwidth, memory_stats
 from moa_jax.bench.random_model import make_weights, model_config
-from moa_jax.cli import config_parser, parse_config, run, setup_logging
+from moa_jax.cli import help_from_doc, parse_config, run, setup_logging
 
 logger = logging.getLogger("moa_jax.bench.decode")  # not __name__: '__main__' under python -m
 PROG = "python -m moa_jax.bench.decode"
@@ -286,24 +285,13 @@ def run_jax(
             )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of `DecodeConfig`, with this module's docstring as the help's epilog."""
-    parser = config_parser(DecodeConfig, PROG, __doc__.split("\n\n")[0])
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = __doc__.split("\n\n", 1)[1]
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = build_parser()
-    config = parse_config(
-        DecodeConfig, argv, prog=PROG, description=parser.description, parser=parser
-    ).resolved()
+    config = parse_config(DecodeConfig, argv, prog=PROG, **help_from_doc(__doc__)).resolved()
     if "hf" in config.method and "max" in config.batches:
-        parser.error("--batches max is not available for --method hf: give batch sizes")
+        raise SystemExit("--batches max is not available for --method hf: give batch sizes")
     if "hf" in config.method and config.mesh:
-        parser.error("--mesh is for the JAX methods; run hf without it")
+        raise SystemExit("--mesh is for the JAX methods; run hf without it")
     rows: list[dict] = []
     cfg = model_config("tiny" if config.tiny else "llama3-8b", config.layers)
     nbytes = int(config.bandwidth_gib * GIB)

@@ -19,7 +19,6 @@ estimators (`scaled_grid` over the given lengths). JSON to `--out`, a line per l
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -30,7 +29,7 @@ import numpy as np
 
 from moa_jax.bench.device_memory import GIB, memory_stats
 from moa_jax.bench.random_model import SHAPES, make_weights, model_shape
-from moa_jax.cli import config_parser, option, parse_config, run, setup_logging
+from moa_jax.cli import option, parse_config, run, setup_logging
 from moa_jax.search.estimators import ESTIMATORS, ROWS_ONLY_ESTIMATORS
 
 PROG = "python -m moa_jax.bench.influence_profiling"
@@ -128,9 +127,7 @@ class InfluenceBenchConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
-    parser = config_parser(InfluenceBenchConfig, PROG, __doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    args = parse_config(InfluenceBenchConfig, argv, prog=PROG, description=__doc__, parser=parser)
+    args = parse_config(InfluenceBenchConfig, argv, prog=PROG, description=__doc__)
 
     import datetime
 

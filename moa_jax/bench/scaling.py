@@ -47,7 +47,7 @@ from typing import Any
 
 from moa_jax.bench.batch_search import guard
 from moa_jax.bench.scaling_workers import profile_worker, train_worker
-from moa_jax.cli import config_parser, option, parse_config, run, setup_logging
+from moa_jax.cli import help_from_doc, option, parse_config, run, setup_logging
 
 logger = logging.getLogger("moa_jax.bench.scaling")  # not __name__: '__main__' under python -m
 PROG = "python -m moa_jax.bench.scaling"
@@ -255,20 +255,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The flags of `ScalingConfig`, with this module's docstring as the help's epilog."""
-    parser = config_parser(ScalingConfig, PROG, __doc__.split("\n\n")[0])
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = __doc__.split("\n\n", 1)[1]
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    parser = build_parser()
-    args = parse_config(
-        ScalingConfig, argv, prog=PROG, description=parser.description, parser=parser
-    ).resolved()
+    args = parse_config(ScalingConfig, argv, prog=PROG, **help_from_doc(__doc__)).resolved()
     if args.worker:
         n = args.devices[0]
         fn = train_worker if args.worker == "train" else profile_worker

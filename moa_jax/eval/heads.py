@@ -28,7 +28,6 @@ Outputs: heads.json, heads.png (scores, the plan's spans), oracle_plan.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -42,7 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.cli import atomic_write_text, config_parser, option, parse_config, setup_logging
+from moa_jax.cli import atomic_write_text, option, parse_config, setup_logging
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
@@ -295,9 +294,7 @@ class HeadsConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m moa_jax.eval.heads"
-    parser = config_parser(HeadsConfig, prog, __doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the docstring's layout
-    cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__, parser=parser)
+    cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__)
     setup_logging()
 
     from moa_jax.methods import load_plan
