@@ -107,7 +107,8 @@ class MoASchedule:
       block: cache block in slots (segments are padded to it; the kernels walk it).
       max_len: the longest sequence the cache serves (prompt + new tokens).
       shards: head groups the slots are packed in (the mesh's `tensor` size, or 1).
-      slots: slots of the whole buffer (a multiple of `shards`).
+      slots: slots of the whole buffer, a multiple of `shards` (default: the largest group of
+        segments times `shards`).
       segments, offsets: per KV head segment size and first slot (derived).
     """
 
@@ -118,8 +119,8 @@ class MoASchedule:
     rings: tuple[int, ...]
     block: int
     max_len: int
-    shards: int
-    slots: int
+    shards: int = 1
+    slots: int | None = None
     segments: tuple[int, ...] = dataclasses.field(init=False)
     offsets: tuple[int, ...] = dataclasses.field(init=False)
 
@@ -145,22 +146,15 @@ class MoASchedule:
             raise ValueError(f"windows must be >= 1 token, got min {min(windows)}")
         if num_kv_heads % shards:
             raise ValueError(f"{num_kv_heads} KV heads do not split into {shards} shards")
-        group = h // num_kv_heads
         sink = min(max(sinks, default=0), int(max_len))
         rings = tuple(
-            max(
-                1,
-                min(-(-max(windows[g * group : (g + 1) * group]) // block) * block, max_len - sink),
-            )
-            for g in range(num_kv_heads)
+            max(1, min(-(-w // block) * block, max_len - sink))
+            for w in _group_max(windows, num_kv_heads)
         )
-        sizes = _segment_sizes(sink, rings, block)
-        per = num_kv_heads // shards
-        slots = shards * max(sum(sizes[i * per : (i + 1) * per]) for i in range(shards))
-        return cls(windows, sinks, num_kv_heads, sink, rings, block, max_len, shards, slots)
+        return cls(windows, sinks, num_kv_heads, sink, rings, block, max_len, shards)
 
     def __post_init__(self):
-        for name in ("num_kv_heads", "sink_slots", "block", "max_len", "shards", "slots"):
+        for name in ("num_kv_heads", "sink_slots", "block", "max_len", "shards"):
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("windows", "sinks", "rings"):
             object.__setattr__(self, name, _ints(getattr(self, name)))
@@ -172,9 +166,13 @@ class MoASchedule:
                 f"{h} query heads, {len(self.rings)} rings, {hkv} KV heads and {self.shards} "
                 "shards do not fit together"
             )
-        sizes = _segment_sizes(self.sink_slots, self.rings, self.block)
-        per, stretch = hkv // self.shards, self.slots // self.shards
+        sizes = tuple(-(-(self.sink_slots + r) // self.block) * self.block for r in self.rings)
+        per = hkv // self.shards
         groups = [sizes[i * per : (i + 1) * per] for i in range(self.shards)]
+        if self.slots is None:
+            object.__setattr__(self, "slots", self.shards * max(sum(g) for g in groups))
+        object.__setattr__(self, "slots", int(self.slots))
+        stretch = self.slots // self.shards
         if self.slots % self.shards or max(sum(g) for g in groups) > stretch:
             raise ValueError(f"{self.slots} slots in {self.shards} shards do not hold {sizes}")
         offsets = [
@@ -182,14 +180,11 @@ class MoASchedule:
         ]
         object.__setattr__(self, "segments", sizes)
         object.__setattr__(self, "offsets", tuple(offsets))
-        group = h // hkv
-        for g, ring in enumerate(self.rings):
-            heads = slice(g * group, (g + 1) * group)
-            need = max(self.windows[heads])
+        needs = zip(self.rings, _group_max(self.windows, hkv), _group_max(self.sinks, hkv))
+        for g, (ring, need, sink) in enumerate(needs):
             # a ring capped at max_len - sink holds everything
             if need > ring and ring < self.max_len - self.sink_slots:
                 raise ValueError(f"KV head {g}: window {need} exceeds its ring of {ring} slots")
-            sink = max(self.sinks[heads])
             if sink > self.sink_slots and self.sink_slots < self.max_len:
                 raise ValueError(
                     f"KV head {g}: sink {sink} exceeds the cache's {self.sink_slots} sink slots"
@@ -267,5 +262,7 @@ class MoASchedule:
         )
 
 
-def _segment_sizes(sink: int, rings: Sequence[int], block: int) -> tuple[int, ...]:
-    return tuple(-(-(sink + r) // block) * block for r in rings)
+def _group_max(x: Sequence[int], num_kv_heads: int) -> tuple[int, ...]:
+    """The largest of a per-query-head value among each KV head's query heads."""
+    group = len(x) // num_kv_heads
+    return tuple(max(x[g * group : (g + 1) * group]) for g in range(num_kv_heads))
