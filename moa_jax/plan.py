@@ -46,7 +46,9 @@ Files
   parameters and a metadata dict.
 
 Plans are frozen dataclasses of tuples, hashable, so they can be static `jit` arguments (the
-metadata dict is excluded from hashing and equality).
+metadata dict is excluded from hashing and equality). `Plan.schedule(N, layer, num_kv_heads)`
+resolves one layer into the `MoASchedule` (windows, sinks, ring sizes, cache layout, decode work
+list) that the span cache and the decode kernels share.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from moa_jax.pallas_kernels.moa_schedule import MoASchedule
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "moa-jax-plan"
@@ -182,6 +186,29 @@ class Plan:
 
     def layer_sinks(self, layer: int) -> tuple[int, ...]:
         return tuple(int(s) for s in self.sinks[layer])
+
+    def schedule(
+        self,
+        n: int,
+        layer: int,
+        num_kv_heads: int,
+        *,
+        max_len: int | None = None,
+        block: int = 64,
+        shards: int = 1,
+    ) -> MoASchedule:
+        """One layer resolved at length n as the static value the span cache and the decode
+        kernels share: windows and sinks per query head, ring per KV head, cache layout and
+        kernel tables, for sequences of up to `max_len` tokens (default n), the cache in
+        `block`-slot blocks packed for `shards` head groups (see `MoASchedule`)."""
+        return MoASchedule.build(
+            self.layer_windows(n, layer),
+            self.layer_sinks(layer),
+            num_kv_heads,
+            int(n if max_len is None else max_len),
+            block=block,
+            shards=shards,
+        )
 
     # -------------------------------------------------------------- densities
     def kept_kv(self, n: int) -> np.ndarray:

@@ -97,7 +97,10 @@ for mc in MESHES:
     out = generate(model, prompts, max_new_tokens=8, stop_ids=(), attention=moa, mesh=mesh)
     np.testing.assert_array_equal(out.tokens, ref_moa_tokens)
     span = on_mesh.init_cache(cfg, 8, 40, jnp.float32)[0]  # packed per device for decoding
-    assert span.shards == mc.tensor and span.k.shape[1] % mc.tensor == 0, (span.shards, mc)
+    assert span.schedule.shards == mc.tensor and span.k.shape[1] % mc.tensor == 0, (
+        span.schedule.shards,
+        mc,
+    )
     # the memory check before allocation counts each device's shard of the cache
     whole = _cache_bytes_per_device(DenseAttention(), cfg, 8, 40, jnp.float32)
     mine = _cache_bytes_per_device(DenseAttention(), cfg, 8, 40, jnp.float32, mesh)

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from moa_jax.models.kv_cache import SpanKVCache
 from moa_jax.pallas_kernels import sparse_attention
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
 from moa_jax.pallas_kernels.moa_decode_gpu import span_decode
+from moa_jax.pallas_kernels.moa_schedule import MoASchedule
 from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 
@@ -169,7 +170,8 @@ def test_span_decode_sweep(n):
         k = jnp.asarray(rng.randn(b, max_len, hkv, d), dt)
         v = jnp.asarray(rng.randn(b, max_len, hkv, d), dt)
         q = jnp.asarray(rng.randn(b, h, d), dt)
-        cache = SpanKVCache.zeros(b, windows, hkv, sink, max_len, head_dim=d, dtype=dt, block=16)
+        sched = MoASchedule.build(windows, sinks, hkv, max_len, block=16)
+        cache = SpanKVCache.zeros(b, sched, head_dim=d, dtype=dt)
         cache = cache.write(k, v, jnp.zeros(b, jnp.int32), jnp.asarray(lengths))
         qpos = jnp.asarray(lengths - 1)
         kpos = jnp.arange(max_len)
@@ -181,9 +183,7 @@ def test_span_decode_sweep(n):
             kpos[None] < jnp.asarray(lengths)[:, None],
         )
         want = mha_reference(q[:, None], k, v, mask)[:, 0]
-        out = span_decode(
-            q, cache, qpos, windows=windows, sinks=sinks, backend=backend, interpret=True
-        )
+        out = span_decode(q, cache, qpos, backend=backend, interpret=True)
         np.testing.assert_allclose(
             np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol
         )

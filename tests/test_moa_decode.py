@@ -1,12 +1,15 @@
 """MoA decode attention over a span cache: Pallas kernel (interpret mode) vs the jnp oracle vs
 dense attention with the equivalent per-head mask over the whole sequence."""
 
+import dataclasses
+
 import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.models.kv_cache import SpanKVCache
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
 from moa_jax.pallas_kernels.moa_decode_gpu import span_decode, span_decode_reference
+from moa_jax.pallas_kernels.moa_schedule import MoASchedule
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 
 
@@ -21,7 +24,8 @@ def _case(seed, hkv, group, d, dtype, max_len=150, sink=None):
     k = jnp.asarray(rng.randn(b, max_len, hkv, d), dtype)
     v = jnp.asarray(rng.randn(b, max_len, hkv, d), dtype)
     q = jnp.asarray(rng.randn(b, h, d), dtype)
-    cache = SpanKVCache.zeros(b, windows, hkv, sink, max_len, head_dim=d, dtype=dtype, block=16)
+    sched = MoASchedule.build(windows, sinks, hkv, max_len, block=16)
+    cache = SpanKVCache.zeros(b, sched, head_dim=d, dtype=dtype)
     cache = cache.write(k, v, jnp.zeros(b, jnp.int32), jnp.asarray(lengths))
     qpos = jnp.asarray(lengths - 1)
     # Dense equivalent: the whole sequence with the per-head window+sink mask.
@@ -41,7 +45,7 @@ def _case(seed, hkv, group, d, dtype, max_len=150, sink=None):
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
 def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
     q, cache, qpos, windows, sinks, dense = _case(hkv * 10 + group, hkv, group, d, dtype)
-    ref = span_decode_reference(q, cache, qpos, windows, sinks)
+    ref = span_decode_reference(q, cache, qpos)
     np.testing.assert_allclose(
         np.asarray(ref, np.float32), np.asarray(dense, np.float32), atol=tol, rtol=tol
     )
@@ -52,7 +56,7 @@ def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
         dict(backend="tpu"),
     ]
     for kw in runs:
-        out = span_decode(q, cache, qpos, windows=windows, sinks=sinks, interpret=True, **kw)
+        out = span_decode(q, cache, qpos, interpret=True, **kw)
         assert out.shape == q.shape and out.dtype == q.dtype
         np.testing.assert_allclose(
             np.asarray(out, np.float32),
@@ -64,7 +68,8 @@ def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
 
 
 def test_split_segments_balances_uneven_segments():
-    from moa_jax.pallas_kernels.split_k import default_splits, split_segments
+    from moa_jax.pallas_kernels.moa_schedule import split_segments
+    from moa_jax.pallas_kernels.split_k import default_splits
 
     # Equal segments: 264 programs wanted, at least 4 blocks per split.
     assert default_splits(1, 8, 512) == 33
@@ -92,21 +97,23 @@ def test_split_segments_balances_uneven_segments():
 
 def test_rows_that_see_nothing_are_zero():
     q, cache, qpos, windows, sinks, _ = _case(0, 1, 2, 64, jnp.float32, sink=0)
-    empty = SpanKVCache.zeros(3, windows, 1, 0, 150, head_dim=64, dtype=jnp.float32, block=16)
+    empty = SpanKVCache.zeros(3, cache.schedule, head_dim=64, dtype=jnp.float32)
     for backend in ("gpu", "tpu"):
-        out = span_decode(
-            q, empty, qpos, windows=windows, sinks=sinks, interpret=True, backend=backend
-        )
+        out = span_decode(q, empty, qpos, interpret=True, backend=backend)
         assert np.all(np.asarray(out) == 0)
 
 
 def test_window_larger_than_ring_is_an_error():
-    cache = SpanKVCache.zeros(1, (16, 16), 1, 0, 1000, head_dim=64, dtype=jnp.float32, block=16)
-    q = jnp.zeros((1, 2, 64))
+    sched = MoASchedule.build((16, 16), (0, 0), 1, 1000, block=16)
     with pytest.raises(ValueError, match="window 100 exceeds its ring of 16"):
-        span_decode(q, cache, jnp.zeros(1, jnp.int32), windows=(16, 100), sinks=(0, 0))
+        dataclasses.replace(sched, windows=(16, 100))
+    with pytest.raises(ValueError, match="sink 8 exceeds the cache's 0 sink slots"):
+        dataclasses.replace(sched, sinks=(0, 8))
+    q = jnp.zeros((1, 2, 64))
+    one_head = MoASchedule.build((16,), (0,), 1, 1000, block=16)
+    cache = SpanKVCache.zeros(1, one_head, head_dim=64, dtype=jnp.float32)
     with pytest.raises(ValueError, match="one window and sink per query head"):
-        span_decode(q, cache, jnp.zeros(1, jnp.int32), windows=(16,), sinks=(0,))
+        span_decode(q, cache, jnp.zeros(1, jnp.int32))
 
 
 @pytest.mark.gpu
@@ -123,15 +130,13 @@ def test_compiled_kernel_on_device(hkv, group, d, dtype, tol):
     q, cache, qpos, windows, sinks, dense = _case(
         7 * hkv + group, hkv, group, d, dtype, max_len=3000, sink=64
     )
-    ref = span_decode_reference(q, cache, qpos, windows, sinks)
+    ref = span_decode_reference(q, cache, qpos)
     np.testing.assert_allclose(
         np.asarray(ref, np.float32), np.asarray(dense, np.float32), atol=tol, rtol=tol
     )
     splits = (1, 4, None) if platform == "gpu" else (None,)
     for s in splits:
-        out = span_decode(
-            q, cache, qpos, windows=windows, sinks=sinks, interpret=False, per_split=s
-        )
+        out = span_decode(q, cache, qpos, interpret=False, per_split=s)
         np.testing.assert_allclose(
             np.asarray(out, np.float32),
             np.asarray(ref, np.float32),
@@ -153,17 +158,18 @@ def test_cache_packed_for_head_shards_decodes_per_shard():
     v = jnp.asarray(rng.randn(b, n, hkv, d), jnp.float32)
     q = jnp.asarray(rng.randn(b, h, d), jnp.float32)
     lengths = jnp.asarray([300, 123])
-    full = SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, dtype=jnp.float32, block=16)
+    sched = MoASchedule.build(windows, sinks, hkv, n, block=16)
+    full = SpanKVCache.zeros(b, sched, head_dim=d, dtype=jnp.float32)
     packed = SpanKVCache.zeros(
-        b, windows, hkv, 8, n, head_dim=d, dtype=jnp.float32, block=16, shards=2
+        b, MoASchedule.build(windows, sinks, hkv, n, block=16, shards=2), d, jnp.float32
     )
     assert packed.k.shape[1] % 2 == 0 and packed.k.shape[1] >= full.k.shape[1]
     start = jnp.zeros(b, jnp.int32)
     full, packed = (c.write(k, v, start, lengths) for c in (full, packed))
     qpos = lengths - 1
-    ref = span_decode_reference(q, full, qpos, windows, sinks)
+    ref = span_decode_reference(q, full, qpos)
     np.testing.assert_allclose(
-        np.asarray(span_decode_reference(q, packed, qpos, windows, sinks)),
+        np.asarray(span_decode_reference(q, packed, qpos)),
         np.asarray(ref),
         atol=2e-5,
         rtol=2e-5,
@@ -173,20 +179,14 @@ def test_cache_packed_for_head_shards_decodes_per_shard():
         sl = slice(i * half, (i + 1) * half)
         local = packed.shard(i, packed.k[:, sl], packed.v[:, sl], packed.pos[:, sl])
         heads = slice(i * h // 2, (i + 1) * h // 2)
-        out = span_decode(
-            q[:, heads],
-            local,
-            qpos,
-            windows=windows[heads],
-            sinks=sinks[heads],
-            interpret=True,
-            backend="gpu",
-        )
+        assert local.schedule.windows == windows[heads]
+        assert local.schedule.sinks == sinks[heads]
+        out = span_decode(q[:, heads], local, qpos, interpret=True, backend="gpu")
         np.testing.assert_allclose(
             np.asarray(out), np.asarray(ref[:, heads]), atol=2e-5, rtol=2e-5, err_msg=f"shard {i}"
         )
     with pytest.raises(ValueError, match="4 KV heads do not split into 3 shards"):
-        SpanKVCache.zeros(b, windows, hkv, 8, n, head_dim=d, shards=3)
+        MoASchedule.build(windows, sinks, hkv, n, shards=3)
 
 
 def test_kernel_lowers_for_cuda():
@@ -196,7 +196,8 @@ def test_kernel_lowers_for_cuda():
     from moa_jax.pallas_kernels.moa_decode_gpu import _span_decode_pallas
 
     windows = (4096, 512) * 16
-    cache = SpanKVCache.zeros(2, windows, 8, 64, 8192, head_dim=128, dtype=jnp.bfloat16)
+    sched = MoASchedule.build(windows, (64,) * 32, 8, 8192)
+    cache = SpanKVCache.zeros(2, sched, head_dim=128, dtype=jnp.bfloat16)
     q = jnp.zeros((2, 32, 128), jnp.bfloat16)
     qp = jnp.zeros((2,), jnp.int32)
 
@@ -205,8 +206,6 @@ def test_kernel_lowers_for_cuda():
             q,
             cache,
             qp,
-            windows=windows,
-            sinks=(64,) * 32,
             scale=None,
             per_split=4,
             interpret=False,

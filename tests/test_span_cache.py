@@ -1,4 +1,5 @@
-"""SpanKVCache: layout, memory formula, chunked writes equal token-by-token appends."""
+"""SpanKVCache and its MoASchedule: layout, memory formula, chunked writes equal token-by-token
+appends."""
 
 import numpy as np
 import jax
@@ -6,30 +7,51 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moa_jax.models.kv_cache import DenseKVCache, SpanKVCache, span_cache_layout
+from moa_jax.models.kv_cache import DenseKVCache
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+from moa_jax.pallas_kernels.moa_schedule import MoASchedule
+from moa_jax.plan import Plan
 
 
 def test_layout_and_memory_formula():
     windows = [100, 30, 500, 64]  # 4 query heads, 2 KV heads -> rings 128 and 512
-    sink, rings = span_cache_layout(windows, 2, sink=64, max_len=4096)
-    assert (sink, rings) == (64, (128, 512))
-    c = SpanKVCache.zeros(3, windows, 2, 64, 4096, head_dim=32, dtype=jnp.bfloat16)
+    sched = MoASchedule.build(windows, [64] * 4, 2, max_len=4096)
+    assert (sched.sink_slots, sched.rings) == (64, (128, 512))
+    c = SpanKVCache.zeros(3, sched, head_dim=32, dtype=jnp.bfloat16)
     m = (64 + 128) + (64 + 512)
     assert c.k.shape == (3, m, 32) and c.pos.shape == (3, m)
+    assert sched.segments == (64 + 128, 64 + 512) and sched.offsets == (0, 64 + 128)
     assert c.nbytes() == 3 * m * (2 * 32 * 2 + 4)
     dense = DenseKVCache.nbytes(3, 4096, 2, 32, num_layers=1)
     assert c.nbytes() < dense / 4
     # Rings are capped by what max_len needs, then padded to the block in the buffer.
-    sink, rings = span_cache_layout([10**9, 5], 2, sink=4, max_len=100, block=64)
-    assert rings == (96, 64)
-    assert SpanKVCache.segment_sizes(4, rings, 64) == (128, 128)
+    sched = MoASchedule.build([10**9, 5], [4, 0], 2, max_len=100, block=64)
+    assert sched.sink_slots == 4 and sched.rings == (96, 64)
+    assert sched.segments == (128, 128)
 
 
 def test_layout_errors():
     with pytest.raises(ValueError, match="do not divide"):
-        span_cache_layout([1, 2, 3], 2, 0, 10)
+        MoASchedule.build([1, 2, 3], [0] * 3, 2, 10)
     with pytest.raises(ValueError, match="windows must be >= 1"):
-        span_cache_layout([0, 2], 2, 0, 10)
+        MoASchedule.build([0, 2], [0] * 2, 2, 10)
+
+
+def test_plan_schedule_is_the_resolved_layer():
+    """`Plan.schedule` resolves one layer once: its windows are `resolve`'s, its sinks the
+    plan's, the ring of each KV head its group's largest window; equal plans give equal
+    (hashable) schedules."""
+    plan = Plan.from_windows([[5, 40, 300, 7], [1, 2, 3, 4]], [[4, 0, 2, 1], [0, 0, 0, 0]])
+    sched = plan.schedule(200, 0, 2, block=16)
+    assert sched.windows == tuple(plan.resolve(200)[0]) == (5, 40, 200, 7)
+    assert sched.sinks == (4, 0, 2, 1) and sched.sink_slots == 4
+    assert sched.rings == (48, 196) and sched.max_len == 200
+    assert sched == plan.schedule(200, 0, 2, block=16)
+    assert hash(sched) == hash(plan.schedule(200, 0, 2, block=16))
+    assert plan.schedule(100, 0, 2, max_len=200, block=16).windows == (5, 40, 100, 7)
+    packed = plan.schedule(200, 0, 2, block=16, shards=2)
+    assert packed.slots == 2 * max(packed.segments) and packed.offsets == (0, packed.slots // 2)
+    assert packed.shard(1).windows == (200, 7) and packed.shard(1).rings == (196,)
 
 
 def _one_by_one(cache, k, v, lengths):
@@ -54,9 +76,8 @@ def _one_by_one(cache, k, v, lengths):
 def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
     rng = np.random.RandomState(seed)
     windows = rng.randint(1, 40, hkv * group).tolist()
-    cache = SpanKVCache.zeros(
-        2, windows, hkv, sink, max_len, head_dim=4, dtype=jnp.float32, block=8
-    )
+    sched = MoASchedule.build(windows, [sink] * len(windows), hkv, max_len, block=8)
+    cache = SpanKVCache.zeros(2, sched, head_dim=4, dtype=jnp.float32)
     lengths = rng.randint(1, max_len + 1, 2)
     t = int(lengths.max())
     k = jnp.asarray(rng.randn(2, t, hkv, 4), jnp.float32)
@@ -80,13 +101,14 @@ def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
         )
     np.testing.assert_array_equal(two.pos, chunk.pos)
     # Each KV head holds exactly its sinks and its ring's worth of the newest positions.
-    sizes = SpanKVCache.segment_sizes(chunk.sink, chunk.rings, chunk.block)
+    sizes = sched.segments
     for b in range(2):
-        for g, off in enumerate(chunk.offsets):
+        for g, off in enumerate(sched.offsets):
             held = sorted(int(p) for p in np.asarray(chunk.pos[b, off : off + sizes[g]]) if p >= 0)
             n = int(lengths[b])
             want = sorted(
-                set(range(min(chunk.sink, n))) | set(range(max(chunk.sink, n - chunk.rings[g]), n))
+                set(range(min(sched.sink_slots, n)))
+                | set(range(max(sched.sink_slots, n - sched.rings[g]), n))
             )
             assert held == want
             for p in held:  # and the right key sits next to each position

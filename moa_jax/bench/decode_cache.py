@@ -16,7 +16,8 @@ def fill_cache(cache, context: int, key):
     import jax
     import jax.numpy as jnp
 
-    from moa_jax.models.kv_cache import DenseKVCache, SpanKVCache
+    from moa_jax.models.kv_cache import DenseKVCache
+    from moa_jax.pallas_kernels.moa_cache import SpanKVCache
     from moa_jax.models.eviction_attention import streaming_positions
     from moa_jax.pallas_kernels.recycled_cache import (
         HeadMajorKVCache,

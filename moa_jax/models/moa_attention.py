@@ -1,20 +1,22 @@
 """MoA attention backend: per-head sliding windows plus sinks from a `Plan`.
 
-- No cache (prefill for scoring, training, profiling): the block-sparse Pallas kernel
-  (`moa_jax.pallas_kernels.sparse_attention`) with the layer's resolved windows and sinks. The
-  tokens of a call are taken to sit at positions [0, T) (as `forward` gives them without a cache),
-  since sinks are absolute positions.
-- With a cache (`generate`): a `SpanKVCache` per layer that keeps, for each KV head, only the sink
-  tokens and a ring of the largest window of its query group. A multi-token call is the prompt's
-  prefill (positions [0, T), an empty cache): the block-sparse kernel, then the chunk write that
-  keeps each head's sinks and last span (skipping right padding through `lengths`). A one-token
-  call is a decode step: append, then the split-K span decode kernel
-  (`moa_jax.pallas_kernels.moa_decode_gpu.span_decode`).
+Each layer's plan is resolved once into a `MoASchedule` (`schedule`: windows and sinks per query
+head, the span cache's layout, the decode kernels' tables), which is passed on:
 
-Windows are resolved once per backend (static): at `length` if given, else at the length of the
-call (T without a cache, the cache's max_len with one, i.e. prompt + new tokens as in the
-reference), so prefill and decode use the same windows and the decode cache footprint equals the
-prefill window.
+- No cache (prefill for scoring, training, profiling): the block-sparse Pallas kernel
+  (`moa_jax.pallas_kernels.sparse_attention`) with the schedule's windows and sinks. The tokens of
+  a call are taken to sit at positions [0, T) (as `forward` gives them without a cache), since
+  sinks are absolute positions.
+- With a cache (`generate`): a `SpanKVCache` per layer laid out by the schedule, which it carries:
+  for each KV head only the sink tokens and a ring of the largest window of its query group. A
+  multi-token call is the prompt's prefill (positions [0, T), an empty cache): the block-sparse
+  kernel, then the chunk write that keeps each head's sinks and last span (skipping right padding
+  through `lengths`). A one-token call is a decode step: append, then the split-K span decode
+  kernel (`moa_jax.pallas_kernels.moa_decode_gpu.span_decode`), which reads the cache's schedule.
+
+Windows are resolved at `length` if given, else at the length of the call (T without a cache,
+the cache's max_len with one, i.e. prompt + new tokens as in the reference), so prefill and
+decode use the same windows and the decode cache footprint equals the prefill window.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.kv_cache import SpanKVCache
 from moa_jax.pallas_kernels.head_sharding import (
     head_shards,
     span_decode_on_mesh,
     sparse_attention_on_mesh,
 )
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+from moa_jax.pallas_kernels.moa_schedule import MoASchedule
 from moa_jax.plan import Plan
 
 
@@ -76,25 +79,39 @@ class MoAAttention(AttentionBackend):
             return self.windows[layer]
         return self.plan.layer_windows(self.length or n, layer)
 
+    def schedule(self, layer: int, max_len: int, num_kv_heads: int, shards: int = 1) -> MoASchedule:
+        """Layer `layer`'s schedule for sequences of up to max_len tokens (resolved at `length`
+        if set, else at max_len)."""
+        # Mosaic TPU blocks need 128 lanes; 64 is the reference's granularity elsewhere.
+        block = 128 if jax.default_backend() == "tpu" else 64
+        if self.windows is not None:
+            return MoASchedule.build(
+                self.windows[layer],
+                self.plan.layer_sinks(layer),
+                num_kv_heads,
+                max_len,
+                block=block,
+                shards=shards,
+            )
+        return self.plan.schedule(
+            self.length or max_len,
+            layer,
+            num_kv_heads,
+            max_len=max_len,
+            block=block,
+            shards=shards,
+        )
+
     def resolves_dense(self, n: int) -> bool:
         """Whether every head of every layer keeps all of a length-n input (window >= n)."""
         return all(min(self.layer_windows(layer, n)) >= n for layer in range(self.plan.shape[0]))
 
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16):
         self.plan.validate(cfg)
-        # Mosaic TPU blocks need 128 lanes; 64 is the reference's granularity elsewhere.
-        block = 128 if jax.default_backend() == "tpu" else 64
+        shards = head_shards(self.mesh, cfg.num_kv_heads)
         return tuple(
             SpanKVCache.zeros(
-                batch,
-                self.layer_windows(layer, max_len),
-                cfg.num_kv_heads,
-                max(self.plan.layer_sinks(layer)),
-                max_len,
-                cfg.head_dim,
-                dtype,
-                block,
-                shards=head_shards(self.mesh, cfg.num_kv_heads),
+                batch, self.schedule(layer, max_len, cfg.num_kv_heads, shards), cfg.head_dim, dtype
             )
             for layer in range(cfg.num_layers)
         )
@@ -103,9 +120,10 @@ class MoAAttention(AttentionBackend):
         h = q.shape[2]
         if h != self.plan.num_heads:
             raise ValueError(f"plan has {self.plan.num_heads} heads, the model {h}")
-        sinks = self.plan.layer_sinks(layer)
-        n = q.shape[1] if cache is None else cache.max_len
-        windows = self.layer_windows(layer, n)
+        if cache is None:
+            sched = self.schedule(layer, q.shape[1], k.shape[2])
+        else:
+            sched = cache.schedule
         if cache is not None and q.shape[1] == 1:
             cache = cache.write(k, v, positions[:, 0], lengths)
             out = span_decode_on_mesh(
@@ -113,8 +131,6 @@ class MoAAttention(AttentionBackend):
                 cache,
                 positions[:, 0],
                 self.mesh,
-                windows=windows,
-                sinks=sinks,
                 backend="gpu" if self.kernel_backend == "mgpu" else self.kernel_backend,
                 interpret=self.interpret,
             )
@@ -124,8 +140,8 @@ class MoAAttention(AttentionBackend):
             k,
             v,
             self.mesh,
-            windows=windows,
-            sinks=sinks,
+            windows=sched.windows,
+            sinks=sched.sinks,
             backend=self.kernel_backend,
             interpret=self.interpret,
             block_q=self.block_q,

@@ -23,6 +23,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
 
@@ -147,35 +149,28 @@ def same_kernel_on_mesh(
 
 
 def span_decode_on_mesh(
-    q: jax.Array,
-    cache: Any,
-    q_positions: jax.Array,
-    mesh: Mesh | None,
-    *,
-    windows: Sequence[int],
-    sinks: Sequence[int],
-    **kw: Any,
+    q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, mesh: Mesh | None, **kw: Any
 ) -> jax.Array:
     """`span_decode` (q [B, H, D], a `SpanKVCache`) with each device's rows and heads. The cache
-    must be packed for the mesh's head split (`SpanKVCache.zeros(shards=...)`); one that is not
-    runs as a single call (XLA gathers its operands)."""
+    must be packed for the mesh's head split (a `MoASchedule` built with `shards=`); one that is
+    not runs as a single call (XLA gathers its operands)."""
     from moa_jax.pallas_kernels.moa_decode_gpu import span_decode
 
-    h, hkv = q.shape[1], cache.num_kv_heads
-    windows, sinks = tuple(windows), tuple(sinks)
-    if mesh is None or cache.shards != head_shards(mesh, hkv):
-        return span_decode(q, cache, q_positions, windows=windows, sinks=sinks, **kw)
+    sched = cache.schedule
+    if mesh is None or sched.shards != head_shards(mesh, sched.num_kv_heads):
+        return span_decode(q, cache, q_positions, **kw)
 
     def kernel(i: int, t: int):
-        heads = slice(i * h // t, (i + 1) * h // t)
-        w, s = windows[heads], sinks[heads]
-        rings = cache.rings[i * hkv // t : (i + 1) * hkv // t]
-
         def run(q, k, v, pos, qp):
-            return span_decode(q, cache.shard(i, k, v, pos), qp, windows=w, sinks=s, **kw)
+            return span_decode(q, cache.shard(i, k, v, pos), qp, **kw)
 
-        return (w, s, rings), run
+        return sched.shard(i), run
 
     return shard_heads(
-        kernel, mesh, (q, cache.k, cache.v, cache.pos, q_positions), (1, 1, 1, 1, None), 1, hkv
+        kernel,
+        mesh,
+        (q, cache.k, cache.v, cache.pos, q_positions),
+        (1, 1, 1, 1, None),
+        1,
+        sched.num_kv_heads,
     )

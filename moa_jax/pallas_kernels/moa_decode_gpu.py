@@ -1,12 +1,13 @@
 """MoA decode attention over a `SpanKVCache`: one query token per row, per-head windows + sinks.
 
-Each KV head's segment of the flat cache holds its sink tokens and a ring of its group's largest
-window (`moa_jax.models.kv_cache.SpanKVCache`); a query head attends to the slots of its KV head
-whose stored position p satisfies `p <= i and (i - p < windows[h] or p < sinks[h])`. Slot order
-is irrelevant (keys carry RoPE already), so there is no causal mask or rotation in the kernel.
+The cache's `MoASchedule` (`moa_schedule.py`) gives everything static: each KV head's segment of
+the flat cache holds its sink tokens and a ring of its group's largest window, and a query head h
+attends to the slots of its KV head whose stored position p satisfies
+`p <= i and (i - p < windows[h] or p < sinks[h])`. Slot order is irrelevant (keys carry RoPE
+already), so there is no causal mask or rotation in the kernel.
 
-Kernel (Pallas, Triton backend), split-K flash decoding over a static work list
-(`split_k.split_segments`): the KV heads' segments differ in length (a dense head's whole
+Kernel (Pallas, Triton backend), split-K flash decoding over the schedule's static work list
+(`MoASchedule.work_list`): the KV heads' segments differ in length (a dense head's whole
 sequence beside short windows), so each is cut into items of about the same number of blocks
 and the grid is (row, item); one program walks its item's blocks with an online softmax and
 writes an unnormalised partial result, and each KV head's items are merged in jnp. The query
@@ -18,62 +19,40 @@ read as scalars.
 from __future__ import annotations
 
 import functools
-import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
-from moa_jax.models.kv_cache import SpanKVCache
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
 from moa_jax.pallas_kernels.reference import mha_reference, visible
-from moa_jax.pallas_kernels.split_k import SegmentSplits, flash_blocks, split_segments
-
-_LOG2E = math.log2(math.e)
+from moa_jax.pallas_kernels.split_k import flash_blocks
 
 
-def _check(q: jax.Array, cache: SpanKVCache, windows: Sequence[int], sinks: Sequence[int]):
+def _check(q: jax.Array, cache: SpanKVCache):
     b, h, d = q.shape
-    hkv = cache.num_kv_heads
-    if h % hkv:
-        raise ValueError(f"{h} query heads do not divide into the cache's {hkv} KV heads")
+    sched = cache.schedule
+    if h != sched.num_heads:
+        raise ValueError(
+            f"need one window and sink per query head ({h}); the cache's schedule has "
+            f"{sched.num_heads}"
+        )
     if cache.k.shape[0] != b or cache.k.shape[2] != d:
         raise ValueError(f"q {q.shape} does not match the cache keys {cache.k.shape}")
-    if len(windows) != h or len(sinks) != h:
-        raise ValueError(
-            f"need one window and sink per query head ({h}), got {len(windows)} and {len(sinks)}"
-        )
-    group = h // hkv
-    for g, ring in enumerate(cache.rings):
-        need = max(windows[g * group : (g + 1) * group])
-        if not cache.holds_window(g, need):
-            raise ValueError(f"KV head {g}: window {need} exceeds its ring of {ring} slots")
-        if max(sinks[g * group : (g + 1) * group]) > cache.sink and cache.sink < cache.max_len:
-            raise ValueError(
-                f"KV head {g}: sink {max(sinks[g * group : (g + 1) * group])} "
-                f"exceeds the cache's {cache.sink} sink slots"
-            )
 
 
 def span_decode_reference(
-    q: jax.Array,
-    cache: SpanKVCache,
-    q_positions: jax.Array,
-    windows: Sequence[int],
-    sinks: Sequence[int],
-    scale: float | None = None,
+    q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, scale: float | None = None
 ) -> jax.Array:
     """The jnp oracle. q [B, H, D] at positions q_positions [B]; returns [B, H, D]."""
     b, h, d = q.shape
-    group = h // cache.num_kv_heads
+    sched = cache.schedule
     p = cache.pos[:, None, None, :]  # [B, 1, 1, M]
     qp = q_positions[:, None, None, None]
-    w = jnp.asarray(windows, jnp.int32)[None, :, None, None]
-    s = jnp.asarray(sinks, jnp.int32)[None, :, None, None]
-    own = (jnp.asarray(cache.slot_heads())[None, :] == (jnp.arange(h) // group)[:, None])[
-        None, :, None, :
-    ]  # [1, H, 1, M]
+    w = jnp.asarray(sched.windows, jnp.int32)[None, :, None, None]
+    s = jnp.asarray(sched.sinks, jnp.int32)[None, :, None, None]
+    heads = jnp.asarray(sched.slot_layout()[0])
+    own = (heads[None, :] == (jnp.arange(h) // sched.group)[:, None])[None, :, None, :]
     mask = own & (p >= 0) & visible(qp, p, w, s)
     out = mha_reference(q[:, None], cache.k[:, :, None], cache.v[:, :, None], mask, scale=scale)
     return out[:, 0]
@@ -116,36 +95,18 @@ def _decode_kernel(
     l_ref[b, it, :] = l_i
 
 
-def _segment_splits(cache: SpanKVCache, batch: int, per_split: int | None) -> SegmentSplits:
-    """The work list over the cache's segments (one per KV head, in slot order; a cache packed
-    for head shards has padding between groups, which no item visits)."""
-    sizes = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, cache.block))
-    return split_segments(
-        sizes // cache.block, batch, per_split, offsets=np.asarray(cache.offsets) // cache.block
-    )
-
-
-@functools.partial(
-    jax.jit, static_argnames=("windows", "sinks", "scale", "per_split", "interpret", "num_warps")
-)
-def _span_decode_pallas(
-    q, cache, q_positions, *, windows, sinks, scale, per_split, interpret, num_warps
-):
+@functools.partial(jax.jit, static_argnames=("scale", "per_split", "interpret", "num_warps"))
+def _span_decode_pallas(q, cache, q_positions, *, scale, per_split, interpret, num_warps):
     b, h, d = q.shape
-    hkv = cache.num_kv_heads
-    group = h // hkv
+    sched = cache.schedule
+    hkv, group = sched.num_kv_heads, sched.group
     gp = max(16, 1 << (group - 1).bit_length())
-    work = _segment_splits(cache, b, per_split)
+    work = sched.work_list(b, per_split)
     items = work.num_items
-
-    def per_group(x, fill):
-        t = np.full((hkv, gp), fill, np.int32)
-        t[:, :group] = np.asarray(x, np.int32).reshape(hkv, group)
-        return jnp.asarray(t)
-
+    windows, sinks = sched.group_tables(gp)
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
     kernel = functools.partial(
-        _decode_kernel, bk=cache.block, scale=d**-0.5 if scale is None else scale
+        _decode_kernel, bk=sched.block, scale=d**-0.5 if scale is None else scale
     )
     out_shape = [
         jax.ShapeDtypeStruct((b, items, gp, d), jnp.float32),
@@ -168,8 +129,8 @@ def _span_decode_pallas(
         jnp.asarray(work.segment),
         jnp.asarray(work.start),
         jnp.asarray(work.count),
-        per_group(windows, 0),
-        per_group(sinks, 0),
+        jnp.asarray(windows),
+        jnp.asarray(sinks),
         q_positions.astype(jnp.int32),
         qg,
         cache.k,
@@ -195,8 +156,6 @@ def span_decode(
     cache: SpanKVCache,
     q_positions: jax.Array,
     *,
-    windows: Sequence[int],
-    sinks: Sequence[int],
     backend: str = "auto",
     interpret: bool | None = None,
     per_split: int | None = None,
@@ -208,19 +167,18 @@ def span_decode(
     Args:
       q: [B, H, D], the new token's queries (after RoPE) at positions q_positions int [B]; the
         token itself must already be written to the cache.
-      cache: the layer's `SpanKVCache`.
-      windows, sinks: static per-query-head window (tokens, sinks excluded) and sink counts.
+      cache: the layer's `SpanKVCache`; its schedule holds the per-query-head windows and sinks.
       backend: 'auto' (by platform: the Mosaic TPU kernel on TPU, else the Triton kernel, in
         interpret mode off its platform), 'gpu', 'tpu' or 'reference' (the jnp oracle).
-      per_split: split-K work per program in cache blocks (default: `split_segments`'s,
-        enough programs to fill the GPU, the long segments cut to the short ones' length).
+      per_split: split-K work per program in cache blocks (default: `split_segments`'s via
+        `MoASchedule.work_list`: enough programs to fill the GPU, the long segments cut to the
+        short ones' length).
     Returns:
       [B, H, D] in q's dtype.
     """
-    windows, sinks = tuple(int(w) for w in windows), tuple(int(s) for s in sinks)
-    _check(q, cache, windows, sinks)
+    _check(q, cache)
     if backend == "reference":
-        return span_decode_reference(q, cache, q_positions, windows, sinks, scale)
+        return span_decode_reference(q, cache, q_positions, scale)
     if backend not in ("auto", "gpu", "tpu"):
         raise ValueError(f"backend must be 'auto', 'gpu', 'tpu' or 'reference', got {backend!r}")
     platform = jax.default_backend()
@@ -231,15 +189,11 @@ def span_decode(
     if backend == "tpu":
         from moa_jax.pallas_kernels.moa_decode_tpu import span_decode_tpu
 
-        return span_decode_tpu(
-            q, cache, q_positions, windows=windows, sinks=sinks, scale=scale, interpret=interpret
-        )
+        return span_decode_tpu(q, cache, q_positions, scale=scale, interpret=interpret)
     return _span_decode_pallas(
         q,
         cache,
         q_positions,
-        windows=windows,
-        sinks=sinks,
         scale=scale,
         per_split=per_split,
         interpret=interpret,

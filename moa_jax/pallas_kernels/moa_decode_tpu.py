@@ -1,11 +1,13 @@
-"""MoA span-cache decode attention for TPU (Mosaic): `decode.span_decode` with backend 'tpu'.
+"""MoA span-cache decode attention for TPU (Mosaic): `moa_decode_gpu.span_decode` with backend
+'tpu'.
 
 Grid (row, KV head, block): the last axis walks the KV head's segment one `block` of slots at a
 time, sequentially, with the online-softmax state in VMEM scratch; the segment's first block and
-block count come in through scalar prefetch, so the index maps fetch only that head's blocks
-(steps past a short segment re-point at its last block, which Mosaic does not re-fetch, and
-skip the compute). The query heads of a KV group form the rows of one matmul (padded to 8).
-Tested in interpret mode on CPU; the cache block must be a multiple of 128 on real TPUs.
+block count (from the cache's `MoASchedule`) come in through scalar prefetch, so the index maps
+fetch only that head's blocks (steps past a short segment re-point at its last block, which
+Mosaic does not re-fetch, and skip the compute). The query heads of a KV group form the rows of
+one matmul (padded to 8). Tested in interpret mode on CPU; the cache block must be a multiple of
+128 on real TPUs.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moa_jax.models.kv_cache import SpanKVCache
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
 from moa_jax.pallas_kernels.reference import visible
 
 _LOG2E = math.log2(math.e)
@@ -82,24 +83,25 @@ def _kernel(
         o_ref[...] = (acc_scr[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("windows", "sinks", "scale", "interpret"))
-def span_decode_tpu(q, cache: SpanKVCache, q_positions, *, windows, sinks, scale, interpret):
-    """q [B, H, D] -> [B, H, D]; see `decode.span_decode`."""
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def span_decode_tpu(
+    q: jax.Array,
+    cache: SpanKVCache,
+    q_positions: jax.Array,
+    *,
+    scale: float | None,
+    interpret: bool,
+) -> jax.Array:
+    """q [B, H, D] -> [B, H, D]; see `moa_decode_gpu.span_decode`."""
     b, h, d = q.shape
-    hkv = cache.num_kv_heads
-    group = h // hkv
+    sched = cache.schedule
+    hkv, group = sched.num_kv_heads, sched.group
     gp = max(8, -(-group // 8) * 8)
-    bk = cache.block
-    nblk = np.asarray(SpanKVCache.segment_sizes(cache.sink, cache.rings, bk)) // bk
-    start = np.asarray(cache.offsets) // bk
+    bk = sched.block
+    nblk, start = sched.segment_blocks, sched.block_offsets
     steps = int(nblk.max())
     scale = d**-0.5 if scale is None else scale
-
-    def per_group(x):
-        t = np.zeros((hkv, gp, 1), np.int32)
-        t[:, :group, 0] = np.asarray(x, np.int32).reshape(hkv, group)
-        return jnp.asarray(t)
-
+    windows, sinks = sched.group_tables(gp)
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
 
     def kv_map(bi, g, i, start_ref, nblk_ref, qpos_ref):
@@ -140,8 +142,8 @@ def span_decode_tpu(q, cache: SpanKVCache, q_positions, *, windows, sinks, scale
         jnp.asarray(nblk, jnp.int32),
         q_positions.astype(jnp.int32),
         qg,
-        per_group(windows),
-        per_group(sinks),
+        jnp.asarray(windows[..., None]),
+        jnp.asarray(sinks[..., None]),
         cache.k,
         cache.v,
         cache.pos[:, None, :],

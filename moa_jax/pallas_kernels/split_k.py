@@ -2,19 +2,17 @@
 cache; `recycled_decode_gpu.py`, the full and gathered caches): one program walks key blocks
 [lo, hi) of its split with an online softmax in base 2 and writes unnormalised partials (acc,
 max, sum), which the wrapper merges across splits. Equal-length segments split evenly
-(`default_splits`); segments of different lengths become a static work list (`split_segments`).
+(`default_splits`); the MoA span cache's segments of different lengths follow the static work
+list of its schedule (`moa_schedule.MoASchedule.work_list`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 LOG2E = math.log2(math.e)
@@ -25,71 +23,6 @@ def default_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
     SMs twice, each split keeping at least 4 blocks of work."""
     want = -(-264 // (batch * num_kv_heads))
     return int(max(1, min(want, max_blocks // 4 or 1)))
-
-
-@dataclasses.dataclass(frozen=True)
-class SegmentSplits:
-    """A static split-K work list over segments of different lengths (numpy, made outside jit).
-
-    Item i walks blocks [start[i], start[i] + count[i]) (absolute block indices) of segment
-    segment[i]; items are ordered by segment. `table` [S, C] lists each segment's items,
-    padded with the out-of-range id I (the merge gathers them with a fill value)."""
-
-    segment: np.ndarray
-    start: np.ndarray
-    count: np.ndarray
-    table: np.ndarray
-
-    @property
-    def num_items(self) -> int:
-        return len(self.segment)
-
-
-def split_segments(
-    blocks: Sequence[int],
-    batch: int,
-    per_split: int | None = None,
-    offsets: Sequence[int] | None = None,
-    programs: int = 264,
-    min_blocks: int = 4,
-) -> SegmentSplits:
-    """Cuts segments of `blocks[s]` blocks, segment s starting at block `offsets[s]` (default:
-    laid out one after another), into work items of about `per_split` blocks, so every program
-    of a launch does about the same work however uneven the segments are (a MoA span cache:
-    dense heads' segments beside short windows).
-
-    Default `per_split`: the work of a row batch spread over `programs` programs (a GPU's
-    ~132 SMs twice), but no more than the shortest segment (so a long segment becomes several
-    items of the short ones' length) and no less than `min_blocks`. A segment of n blocks
-    becomes round(n / per_split) (at least 1) items of near-equal length.
-    """
-    blocks = [int(x) for x in blocks]
-    if min(blocks) < 1:
-        raise ValueError(f"every segment needs at least one block, got {blocks}")
-    if per_split is None:
-        per_split = -(-batch * sum(blocks) // programs)
-        per_split = max(min_blocks, min(per_split, min(blocks)))
-    per_split = max(1, int(per_split))
-    if offsets is None:
-        offsets = np.cumsum([0] + blocks[:-1])
-    segment, start, count, rows = [], [], [], []
-    for s, n in enumerate(blocks):
-        k = min(n, max(1, int(n / per_split + 0.5)))
-        base, extra = divmod(n, k)
-        rows.append(list(range(len(segment), len(segment) + k)))
-        at = int(offsets[s])
-        for j in range(k):
-            c = base + (j < extra)
-            segment.append(s)
-            start.append(at)
-            count.append(c)
-            at += c
-    width = max(len(r) for r in rows)
-    table = np.full((len(blocks), width), len(segment), np.int32)
-    for s, r in enumerate(rows):
-        table[s, : len(r)] = r
-    as32 = functools.partial(np.asarray, dtype=np.int32)
-    return SegmentSplits(as32(segment), as32(start), as32(count), table)
 
 
 def flash_blocks(
