@@ -30,7 +30,7 @@ LOGICAL_RULES: Mapping[str, Any] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "seq": None,
-    "kv_slots": "tensor",  # a head-sharded MoA span cache's slots (SpanKVCache.shards)
+    "kv_slots": "tensor",  # a head-sharded MoA span cache's slots (MoASchedule.shards)
     "head_dim": None,
     "activation_embed": None,  # hidden states: rows split, features whole (Megatron style)
     "activation_vocab": "tensor",
