@@ -370,6 +370,26 @@ def _h2o(ac: AttentionConfig, length: int) -> AttentionBackend:
     return H2OAttention(_decode_k(ac, "h2o", length), **ac.decode_kernel_options)
 
 
+def _decode_method(
+    name: str,
+    description: str,
+    build: Callable[[AttentionConfig, int], AttentionBackend],
+    cache: str,
+    train: Callable[[AttentionConfig, TrainAttentionConfig, int], AttentionBackend] | None = None,
+) -> Method:
+    """A decode-time method over K cached tokens per layer and KV head (option `<name>.k`):
+    its KV density is the K / length it reads per step."""
+    return Method(
+        name,
+        description,
+        build,
+        kv_density=lambda ac, n: min(1.0, _decode_k(ac, name, n) / n),
+        decode_only=True,
+        cache=cache,
+        train=train,
+    )
+
+
 def _needs_plan(ac: AttentionConfig) -> str | None:
     return None if ac.plan is not None else "needs --plan FILE"
 
@@ -406,31 +426,25 @@ for _m in (
         kv_density=lambda ac, n: _uniform(ac, n).kv_density(n),
         cache="SpanKVCache",
     ),
-    Method(
+    _decode_method(
         "recycled",
         "Recycled Attention decoding: dense prefill, K = L/8 recycled tokens, full step "
         "every S = 10",
         _recycled,
-        kv_density=lambda ac, n: min(1.0, _decode_k(ac, "recycled", n) / n),
-        decode_only=True,
-        cache="RecycledKVCache",
+        "RecycledKVCache",
         train=_recycled_train,
     ),
-    Method(
+    _decode_method(
         "streaming",
         "StreamingLLM decoding: dense prefill, 4 sinks + K - 4 recent tokens, K = L/8",
         _streaming,
-        kv_density=lambda ac, n: min(1.0, _decode_k(ac, "streaming", n) / n),
-        decode_only=True,
-        cache="SelectedKVCache",
+        "SelectedKVCache",
     ),
-    Method(
+    _decode_method(
         "h2o",
         "H2O decoding: dense prefill, K/2 heavy hitters + K/2 recent tokens, K = L/8",
         _h2o,
-        kv_density=lambda ac, n: min(1.0, _decode_k(ac, "h2o", n) / n),
-        decode_only=True,
-        cache="SelectedKVCache",
+        "SelectedKVCache",
     ),
 ):
     register_method(_m)
