@@ -61,17 +61,31 @@ class WindowArgAttention(AttentionBackend):
         return out, None
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "q_chunk"))
-def _window_losses(graphdef, state, windows, sinks, tokens, tgt_pos, tgt_ids, tgt_w, *, q_chunk):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layer_graphdef", "q_chunk"))
+def _window_losses(
+    graphdef,
+    state,
+    layer_graphdef,
+    layer_state,
+    windows,
+    sinks,
+    tokens,
+    tgt_pos,
+    tgt_ids,
+    tgt_w,
+    *,
+    q_chunk,
+):
     """Per-item answer loss [B] with layer i's heads attending under windows[i], sinks[i]
-    (int [L, H] each)."""
+    (int [L, H] each); the layers run as one scan over `stack_layers(model)`, made once by the
+    caller (stacking copies the weights)."""
     model = nnx.merge(graphdef, state)
     attention = tuple(WindowArgAttention(q_chunk, w, s) for w, s in zip(windows, sinks))
     hidden, _ = model.hidden_states(
         tokens,
         row_positions(*tokens.shape),
         attention=attention,
-        layer_stack=stack_layers(model),
+        layer_stack=(layer_graphdef, layer_state),
     )
     return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
 
@@ -100,11 +114,21 @@ def plan_losses(
 
         return answer_losses(model, batches, MoAAttention(plan, length=length))
     graphdef, state = nnx.split(model)
+    layer_graphdef, layer_state = stack_layers(model)
     windows = jnp.asarray(plan.resolve(length), jnp.int32)
     sinks = jnp.asarray(plan.sink_array(), jnp.int32)
     out = [
         np.asarray(
-            _window_losses(graphdef, state, windows, sinks, *b.arrays(), q_chunk=int(q_chunk))
+            _window_losses(
+                graphdef,
+                state,
+                layer_graphdef,
+                layer_state,
+                windows,
+                sinks,
+                *b.arrays(),
+                q_chunk=int(q_chunk),
+            )
         )
         for b in batches
     ]
