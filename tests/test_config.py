@@ -89,7 +89,7 @@ def test_compilation_cache_on_accelerators_only(monkeypatch, tmp_path):
     """CLIs keep compiled programs under $MOA_JAX_CACHE/xla on an accelerator, not on the CPU."""
     import jax
 
-    from moa_jax.cli import enable_compilation_cache
+    from moa_jax.runtime import enable_compilation_cache
 
     monkeypatch.setenv("MOA_JAX_CACHE", str(tmp_path))
     old = jax.config.jax_compilation_cache_dir

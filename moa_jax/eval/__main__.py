@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
+from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.runtime import enable_compilation_cache
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
 

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moa_jax.cli import atomic_write_text
 from moa_jax.eval.tasks import TASKS
+from moa_jax.files import atomic_write_text
 
 _METRICS = ("acc", "digit_acc", "recall", "nll", "tf_acc")
 

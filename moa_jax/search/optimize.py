@@ -52,10 +52,11 @@ import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 from tqdm.auto import tqdm
 
+from moa_jax.errors import UserError
 from moa_jax.plan import kv_group_max_mean
 
 
-class InfeasibleBudgetError(ValueError):
+class InfeasibleBudgetError(UserError, ValueError):
     """No assignment of rules meets the density band (and the per-layer rule limit)."""
 
 

@@ -21,10 +21,12 @@ from typing import Any
 
 import jax
 
+from moa_jax.errors import UserError
+
 _REQUIRED_META = ("step", "data")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or restored."""
 
 

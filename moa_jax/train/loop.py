@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from moa_jax.cli import enable_compilation_cache, setup_logging
+from moa_jax.cli import setup_logging
 from moa_jax.parallel import (
     MeshConfig,
     initialize_distributed,
@@ -58,6 +58,7 @@ from moa_jax.parallel import (
     mesh_context,
     param_shardings,
 )
+from moa_jax.runtime import enable_compilation_cache
 from moa_jax.train.attention import eval_attentions, make_attention
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
 from moa_jax.train.config import (
