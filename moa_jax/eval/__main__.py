@@ -213,8 +213,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     `results.json` after each) and returns the final payload."""
     import jax
 
-    from moa_jax.eval import Runner, TaskContext, resolve_methods, resolve_tasks
-    from moa_jax.methods import AttentionConfig, load_plan
+    from moa_jax.eval import Runner, TaskContext, resolve_tasks
+    from moa_jax.methods import AttentionConfig, load_plan, resolve_methods
     from moa_jax.eval.report import write_json
     from moa_jax.models.registry import load_config, load_model
 

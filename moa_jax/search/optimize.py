@@ -412,9 +412,3 @@ def epsilon_sweep(
             bar.update(max(0, intervals ** (k - 1) - len(list(itertools.product(*grids)))))
     bar.close()
     return sols
-
-
-def uniform_choice(problem: SearchProblem, rule: int) -> np.ndarray:
-    """Every head on one rule (for baselines)."""
-    L, H, _ = problem.shape
-    return np.full((L, H), int(rule), np.int64)
