@@ -31,6 +31,8 @@ class CheckpointError(UserError, RuntimeError):
 
 
 def _ocp():
+    # imported on first use: orbax (with tensorstore) would add seconds to every start of
+    # `python -m moa_jax.train`, --help and flag errors included
     import orbax.checkpoint as ocp
 
     # orbax logs every save and restore at INFO / WARNING through absl; keep the console clean.
