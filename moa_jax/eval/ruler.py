@@ -120,13 +120,16 @@ class RulerTask(Task):
         return items
 
 
-def _needle_prompt(source: str, needles: list[str], depths: list[float], question: str):
-    """The builder of a needle prompt: the first `u` characters of `source` with the needles."""
+def _needle_draft(
+    source: str, needles: list[str], depths: list[float], question: str, **fields: Any
+) -> Draft:
+    """A needle item: the first `u` characters of the book text `source` with the needles at
+    their depths, then the question; `fields` are the rest of the `Draft`."""
 
     def build(u: int) -> str:
         return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
 
-    return build
+    return Draft(build=build, units=len(source), **fields)
 
 
 def _distinct_numbers(rng: np.random.Generator, n: int) -> list[str]:
@@ -156,9 +159,11 @@ class MultiKeyNeedle(RulerTask):
             f"\n\nWhat is the special magic number for {keys[q]} mentioned in the "
             "text above? Answer with the number only."
         )
-        return Draft(
-            build=_needle_prompt(source, needles, depths, question),
-            units=len(source),
+        return _needle_draft(
+            source,
+            needles,
+            depths,
+            question,
             prefix=f"The special magic number for {keys[q]} mentioned in the text is ",
             answer=nums[q],
             targets=(nums[q],),
@@ -192,9 +197,11 @@ class MultiValueNeedle(RulerTask):
             f"\n\nWhat are all the special magic numbers for {key} mentioned in the "
             "text above? Answer with the numbers only."
         )
-        return Draft(
-            build=_needle_prompt(source, needles, depths, question),
-            units=len(source),
+        return _needle_draft(
+            source,
+            needles,
+            depths,
+            question,
             prefix=f"The special magic numbers for {key} mentioned in the text are:",
             answer=" " + ", ".join(nums),
             targets=tuple(nums),
