@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
+from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.runtime import enable_compilation_cache
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
 
@@ -212,8 +213,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     `results.json` after each) and returns the final payload."""
     import jax
 
-    from moa_jax.eval import Runner, TaskContext, resolve_methods, resolve_tasks
-    from moa_jax.methods import AttentionConfig, load_plan
+    from moa_jax.eval import Runner, TaskContext, resolve_tasks
+    from moa_jax.methods import AttentionConfig, load_plan, resolve_methods
     from moa_jax.eval.report import write_json
     from moa_jax.models.registry import load_config, load_model
 

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Sequence
 import jax
 import numpy as np
 
-from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
+from moa_jax.cli import option, parse_config, run, setup_logging
 from moa_jax.generate import encode_prompt, generate, pad_prompts
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.parallel import initialize_distributed
+from moa_jax.runtime import enable_compilation_cache
 from moa_jax.sampling import SamplingConfig
 
 if TYPE_CHECKING:
