@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.pallas_kernels import masks, moa_prefill_mgpu, sparse_attention
-from moa_jax.pallas_kernels.moa_prefill_mgpu_bwd import dkv_tables
+from moa_jax.pallas_kernels import sparse_attention
+from moa_jax.pallas_kernels.prefill import mosaic_gpu as moa_prefill_mgpu
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_bwd import dkv_tables
 from moa_jax.pallas_kernels.reference import window_sink_attention
 
 
@@ -36,9 +38,7 @@ from moa_jax.pallas_kernels.reference import window_sink_attention
 def test_dkv_tables_cover_every_visible_tile_once(case):
     """Each (KV head, 128-key block) lists every (query head of its group, 64-row query block)
     that sees a key of the block exactly once, the tiles needing the element mask first."""
-    spec = masks.MaskSpec(
-        case["windows"], case["sinks"], case["t"], case["s"], case["off"], 64, 128
-    )
+    spec = MaskSpec(case["windows"], case["sinks"], case["t"], case["s"], case["off"], 64, 128)
     hkv = case["hkv"]
     entries, npart, num = dkv_tables(spec, hkv)
     dense = spec.dense_mask()  # [H, T, S]

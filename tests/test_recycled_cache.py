@@ -18,7 +18,7 @@ from moa_jax.models.recycled_attention import (
     max_pool_scores,
     select_top_k,
 )
-from moa_jax.pallas_kernels.recycled_cache import RecycledKVCache, SelectedKVCache
+from moa_jax.pallas_kernels.caches.head_major import RecycledKVCache, SelectedKVCache
 
 HKV, GROUP, D = 2, 2, 16
 H = HKV * GROUP

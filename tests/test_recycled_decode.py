@@ -5,7 +5,7 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.pallas_kernels.recycled_decode_gpu import (
+from moa_jax.pallas_kernels.decode.head_major_triton import (
     decode_reference,
     full_step_decode,
     recycled_decode,
@@ -190,8 +190,8 @@ def test_kernels_lower_for_device_platforms(platform):
     Llama-3-8B head shapes, in every mode, so no primitive lacks a lowering rule."""
     import jax
 
-    from moa_jax.pallas_kernels.recycled_decode_gpu import _gpu_partials
-    from moa_jax.pallas_kernels.recycled_decode_tpu import tpu_partials
+    from moa_jax.pallas_kernels.decode.head_major_triton import _gpu_partials
+    from moa_jax.pallas_kernels.decode.head_major_tpu import tpu_partials
 
     b, hkv, group, n, d = 2, 8, 4, 4096, 128
     q = jnp.zeros((b, hkv * group, d), jnp.bfloat16)

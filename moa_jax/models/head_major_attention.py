@@ -20,9 +20,9 @@ from jax.sharding import Mesh
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.moa_attention import MoAAttention
-from moa_jax.pallas_kernels.head_sharding import same_kernel_on_mesh, sparse_attention_on_mesh
-from moa_jax.pallas_kernels.recycled_cache import HeadMajorKVCache, default_block, write_chunk
-from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
+from moa_jax.pallas_kernels.sharding import same_kernel_on_mesh, sparse_attention_on_mesh
+from moa_jax.pallas_kernels.caches.head_major import HeadMajorKVCache, default_block, write_chunk
+from moa_jax.pallas_kernels.decode.head_major_triton import full_step_decode, recycled_decode
 
 
 def chunk_info(

@@ -88,7 +88,7 @@ def sparse_attention(
         if platform == "tpu":
             backend = "tpu"
         else:
-            from moa_jax.pallas_kernels import moa_prefill_mgpu
+            from moa_jax.pallas_kernels.prefill import mosaic_gpu as moa_prefill_mgpu
 
             mgpu = (
                 interpret is not True
@@ -122,7 +122,7 @@ def sparse_attention(
         )
 
     if backend == "mgpu":
-        from moa_jax.pallas_kernels.moa_prefill_mgpu import sparse_attention_mgpu
+        from moa_jax.pallas_kernels.prefill.mosaic_gpu import sparse_attention_mgpu
 
         if interpret:
             raise ValueError("the Mosaic GPU kernel has no interpret mode here; use 'gpu'")
@@ -142,7 +142,7 @@ def sparse_attention(
         return (out, lse) if return_lse else out
 
     if backend == "tpu":
-        from moa_jax.pallas_kernels.moa_prefill_tpu import sparse_attention_tpu
+        from moa_jax.pallas_kernels.prefill.tpu import sparse_attention_tpu
 
         # splash computes on whole 128-lane key blocks (and its backward on 128-row query
         # blocks): short sequences are padded up to one block, never given a smaller one
@@ -162,7 +162,7 @@ def sparse_attention(
             **kernel_options,
         )
     else:
-        from moa_jax.pallas_kernels.moa_prefill_gpu import sparse_attention_gpu
+        from moa_jax.pallas_kernels.prefill.triton import sparse_attention_gpu
 
         wide = jnp.dtype(q.dtype).itemsize >= 4  # f32 tiles: halve them (shared memory)
         out, lse = sparse_attention_gpu(

@@ -1,6 +1,6 @@
 """MoA decode attention over a `SpanKVCache`: one query token per row, per-head windows + sinks.
 
-The cache's `MoASchedule` (`moa_schedule.py`) gives everything static: each KV head's segment of
+The cache's `MoASchedule` (`caches/schedule.py`) gives everything static: each KV head's segment of
 the flat cache holds its sink tokens and a ring of its group's largest window, and a query head h
 attends to the slots of its KV head whose stored position p satisfies
 `p <= i and (i - p < windows[h] or p < sinks[h])`. Slot order is irrelevant (keys carry RoPE
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
 from moa_jax.pallas_kernels.reference import mha_reference, visible
-from moa_jax.pallas_kernels.split_k import flash_blocks
+from moa_jax.pallas_kernels.decode.split_k import flash_blocks
 
 
 def _check(q: jax.Array, cache: SpanKVCache):
@@ -115,7 +115,7 @@ def _span_decode_pallas(q, cache, q_positions, *, scale, per_split, interpret, n
     ]
     params = None
     if not interpret:
-        from moa_jax.pallas_kernels.moa_prefill_gpu import _compiler_params
+        from moa_jax.pallas_kernels.prefill.triton import _compiler_params
 
         params = _compiler_params(num_warps, 2)
     o, m, l = pl.pallas_call(
@@ -187,7 +187,7 @@ def span_decode(
     if interpret is None:
         interpret = platform != {"gpu": "gpu", "tpu": "tpu"}[backend]
     if backend == "tpu":
-        from moa_jax.pallas_kernels.moa_decode_tpu import span_decode_tpu
+        from moa_jax.pallas_kernels.decode.span_tpu import span_decode_tpu
 
         return span_decode_tpu(q, cache, q_positions, scale=scale, interpret=interpret)
     return _span_decode_pallas(

@@ -23,12 +23,12 @@ Kernels:
 - GPU (Pallas, Triton backend): split-K flash decoding, one program per (row, KV head, split);
   the query heads of a KV group are the rows of one matmul (padded to 16 for the tensor cores),
   so each K/V block is read once for its group; the splits are merged in jnp.
-- TPU (Mosaic, `recycled_decode_tpu.py`): grid (row, KV head, block) with the online softmax in VMEM
+- TPU (Mosaic, `head_major_tpu.py`): grid (row, KV head, block) with the online softmax in VMEM
   scratch; on full steps the query positions come in by scalar prefetch and the index maps stop
   at the query's last block (later steps re-point at it, which Mosaic does not re-fetch).
 - `decode_reference`: the jnp oracle.
 
-The caches these kernels read (dense, recycled, K-slot) are in `recycled_cache`.
+The caches these kernels read (dense, recycled, K-slot) are in `caches/head_major.py`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels.split_k import LOG2E, default_splits, flash_blocks
+from moa_jax.pallas_kernels.decode.split_k import LOG2E, default_splits, flash_blocks
 
 _SCORE_MODES = (None, "max", "sum")
 
@@ -158,7 +158,7 @@ def _gpu_partials(
         out_shape.append(jax.ShapeDtypeStruct((b, hkv, gp, n), jnp.float32))
     params = None
     if not interpret:
-        from moa_jax.pallas_kernels.moa_prefill_gpu import _compiler_params
+        from moa_jax.pallas_kernels.prefill.triton import _compiler_params
 
         params = _compiler_params(num_warps, 2)
     args = [q_positions.astype(jnp.int32), qg, k, v] + ([] if pos is None else [pos])
@@ -282,7 +282,7 @@ def _decode(
         interpret = platform != backend
     n = k.shape[2]
     if backend == "tpu":
-        from moa_jax.pallas_kernels.recycled_decode_tpu import tpu_partials
+        from moa_jax.pallas_kernels.decode.head_major_tpu import tpu_partials
 
         bk = _pick_block(n, block_k, 512)
         o, m, l, logits = tpu_partials(

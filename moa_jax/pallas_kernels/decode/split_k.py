@@ -1,9 +1,9 @@
-"""Split-K flash decoding shared by the GPU decode kernels (`moa_decode_gpu.py`, the MoA span
-cache; `recycled_decode_gpu.py`, the full and gathered caches): one program walks key blocks
+"""Split-K flash decoding shared by the GPU decode kernels (`span_triton.py`, the MoA span
+cache; `head_major_triton.py`, the full and gathered caches): one program walks key blocks
 [lo, hi) of its split with an online softmax in base 2 and writes unnormalised partials (acc,
 max, sum), which the wrapper merges across splits. Equal-length segments split evenly
 (`default_splits`); the MoA span cache's segments of different lengths follow the static work
-list of its schedule (`moa_schedule.MoASchedule.work_list`).
+list of its schedule (`MoASchedule.work_list`, `caches/schedule.py`).
 """
 
 from __future__ import annotations

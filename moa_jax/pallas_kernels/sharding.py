@@ -23,7 +23,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -154,7 +154,7 @@ def span_decode_on_mesh(
     """`span_decode` (q [B, H, D], a `SpanKVCache`) with each device's rows and heads. The cache
     must be packed for the mesh's head split (a `MoASchedule` built with `shards=`); one that is
     not runs as a single call (XLA gathers its operands)."""
-    from moa_jax.pallas_kernels.moa_decode_gpu import span_decode
+    from moa_jax.pallas_kernels.decode.span_triton import span_decode
 
     sched = cache.schedule
     if mesh is None or sched.shards != head_shards(mesh, sched.num_kv_heads):

@@ -1,5 +1,5 @@
-"""The backward kernels of the Mosaic GPU prefill attention (see moa_prefill_mgpu): dq over the
-forward schedule, and dk/dv with one CTA per (KV head, 128 keys) over the (query head, query
+"""The backward kernels of the Mosaic GPU prefill attention (see mosaic_gpu.py): dq over the
+forward block tables, and dk/dv with one CTA per (KV head, 128 keys) over the (query head, query
 block) tiles of `dkv_tables`."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import masks
-from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_common import (
     LOG2E,
     MgpuConfig,
     acc_zeros,
@@ -42,7 +42,7 @@ def _col_vec(ref):
 
 
 def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
-    """dq [B, Tp, H, Dp] (scaled) over the forward-style schedule of cfg.dq."""
+    """dq [B, Tp, H, Dp] (scaled) over the forward-style block tables of cfg.dq."""
     spec = cfg.dq
     B, Tp, H, D = q.shape
     sch, nq, kmax, bq, bk, group, c, q_offset, kv_len, has_kvlen = row_tiles(cfg, spec, H)
@@ -193,13 +193,13 @@ def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     )(*tables, q, k, v, do, lse2, delta)
 
 
-def dkv_tables(spec: masks.MaskSpec, num_kv_heads: int):
+def dkv_tables(spec: MaskSpec, num_kv_heads: int):
     """Per (KV head, key block) the (query head, query block) tiles to stream, masked first.
 
     Returns (entries [Hkv * nk, Emax] int32 with entry = head * nq + query block,
     num_partial [Hkv * nk], num [Hkv * nk]); rows padded with a repeat of a valid entry.
     """
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     H, nk = spec.num_heads, spec.num_k_blocks
     nq = spec.num_q_blocks
     group = H // num_kv_heads

@@ -3,16 +3,16 @@
 Forward: one program per (work item, batch row), a work item being one (query head, query block);
 work items run heaviest first (longest key-block lists), a static longest-processing-time order
 that keeps the GPU busy when dense and short-window heads are mixed. A program walks only its
-scheduled key blocks (`masks.schedule`): first the partial blocks with the element mask, then the
+tabled key blocks (`block_tables`): first the partial blocks with the element mask, then the
 full blocks without it, with an online softmax in base 2. K/V are read at their KV head
 (`h // group`), never repeated.
 
 Backward (`jax.custom_vjp`, FlashAttention-2 style, recomputing the probabilities from the saved
-log-sum-exp): a dq kernel over the forward schedule and a dk/dv kernel over the transposed schedule,
+log-sum-exp): a dq kernel over the forward block tables and a dk/dv kernel over the transposed ones,
 one program per (KV head, key block) looping over the query heads of its group (each with its own
 window) so dk/dv accumulate in registers and are written once.
 
-All schedule tables are int32 arrays read by the kernels as scalars (Triton has no scalar
+All block tables are int32 arrays read by the kernels as scalars (Triton has no scalar
 prefetch); the grid is static. Padding of T/S to the block sizes and of D to a power of two
 happens in the wrapper.
 """
@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import flash_vjp, masks
+from moa_jax.pallas_kernels.prefill import flash_vjp
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, cdiv, kernel_tables
 from moa_jax.pallas_kernels.reference import visible
 
 try:  # jax >= 0.4.3x: pallas.triton; name changed over versions.
@@ -49,9 +50,9 @@ _LN2 = math.log(2.0)
 class KernelConfig:
     """Static configuration of one sparse attention call (hashable)."""
 
-    fwd: masks.MaskSpec  # forward schedule (block_q, block_k)
-    dq: masks.MaskSpec  # dq schedule
-    dkv: masks.MaskSpec  # dk/dv (transposed) schedule
+    fwd: MaskSpec  # forward block tables (block_q, block_k)
+    dq: MaskSpec  # dq block tables
+    dkv: MaskSpec  # dk/dv (transposed) block tables
     num_kv_heads: int
     scale: float
     has_kv_lengths: bool
@@ -165,7 +166,7 @@ def _fwd_kernel(
 
 def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
     spec = cfg.fwd
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     B, Tp, H, D = q.shape
     nq = spec.num_q_blocks
     kernel = functools.partial(
@@ -182,8 +183,7 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
         poison=poison,
     )
     tables = [
-        jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+        jnp.asarray(t) for t in kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
     ] + [kv_lengths.astype(jnp.int32)]
     out_shape = [
         jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
@@ -362,13 +362,12 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     nw = cfg.num_warps_bwd or (4 if D <= 64 else 8)
     cp = None if cfg.interpret else _compiler_params(nw, cfg.num_stages_bwd)
 
-    # dq over the forward-style schedule of cfg.dq.
+    # dq over the forward-style block tables of cfg.dq.
     spec = cfg.dq
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     nq = spec.num_q_blocks
     tables = [
-        jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+        jnp.asarray(t) for t in kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
     ] + [kvl]
     dq = pl.pallas_call(
         functools.partial(
@@ -390,14 +389,14 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
         name="moa_sparse_dq",
     )(*tables, q, k, v, do, lse, delta)
 
-    # dk/dv over the transposed schedule of cfg.dkv, one program per (KV head, key block).
+    # dk/dv over the transposed block tables of cfg.dkv, one program per (KV head, key block).
     spec = cfg.dkv
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     nk = spec.num_k_blocks
     per_kv = sch.q_num.reshape(Hkv, group, nk).sum(axis=1)
     tables = [
         jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.q_blocks, sch.q_num_partial, sch.q_num, work=per_kv)
+        for t in kernel_tables(spec, sch.q_blocks, sch.q_num_partial, sch.q_num, work=per_kv)
     ] + [kvl]
     dk, dv = pl.pallas_call(
         functools.partial(
@@ -460,10 +459,10 @@ def sparse_attention_gpu(
     for x in (block_q, block_k, bq_dq, bk_dq, bq_dkv, bk_dkv):
         if x & (x - 1) or x < 1:
             raise ValueError(f"block sizes must be powers of two, got {x}")
-    Tp = masks.cdiv(T, qb) * qb
-    Sp = masks.cdiv(S, kb) * kb
+    Tp = cdiv(T, qb) * qb
+    Sp = cdiv(S, kb) * kb
     Dp = max(16, 1 << (D - 1).bit_length())
-    mk = lambda bq, bk: masks.MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
+    mk = lambda bq, bk: MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
     cfg = KernelConfig(
         fwd=mk(block_q, block_k),
         dq=mk(bq_dq, bk_dq),

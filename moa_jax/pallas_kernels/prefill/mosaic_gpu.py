@@ -1,6 +1,6 @@
 """Block-sparse flash attention with per-head windows and sinks: Pallas, Mosaic GPU (Hopper).
 
-The same schedule as the Triton kernel (`masks.schedule`: per (head, query block) the key blocks
+The same block tables as the Triton kernel (`block_tables`: per (head, query block) the key blocks
 to visit, partial blocks first), run the FlashAttention-3 way on sm90:
 
 forward  one CTA per (query head, 128 query rows), heaviest items first. Two compute warpgroups
@@ -9,18 +9,18 @@ forward  one CTA per (query head, 128 query rows), heaviest items first. Two com
          memory, P from registers); the two compute warpgroups ping-pong on a schedule barrier so
          that one's softmax overlaps the other's matmuls. Only partial blocks pay the element
          mask. K/V are read at the query head's KV head, never repeated.
-dq       the forward schedule again (query rows own the CTA; K/V streamed): S, dP and dQ by
+dq       the forward block tables again (query rows own the CTA; K/V streamed): S, dP and dQ by
          wgmma, P recomputed once from the saved log-sum-exp.
 dk/dv    one CTA per (KV head, 128 keys): each compute warpgroup keeps 64 rows of K and V in
          shared memory and accumulates dK and dV in registers over the streamed (query head,
          query block) tiles of every query head of its KV group (each head with its own window),
          so dK/dV are written once, already summed over the group. P is recomputed once per tile.
 
-Schedule tables are int32 arrays in global memory read as scalars; grids are static. The
+Block tables are int32 arrays in global memory read as scalars; grids are static. The
 wrapper pads T and S to 128 and D to a multiple of 64. bf16 / f16 only (f32 stays on Triton).
 
 This module holds the entry point, its tuning options and the custom VJP; the kernels are in
-moa_prefill_mgpu_fwd and moa_prefill_mgpu_bwd, what they share in moa_prefill_mgpu_common.
+mosaic_gpu_fwd.py and mosaic_gpu_bwd.py, what they share in mosaic_gpu_common.py.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moa_jax.pallas_kernels import flash_vjp, masks
-from moa_jax.pallas_kernels.moa_prefill_mgpu_bwd import dkv_call, dq_call
-from moa_jax.pallas_kernels.moa_prefill_mgpu_common import LOG2E, MgpuConfig, plgpu
-from moa_jax.pallas_kernels.moa_prefill_mgpu_fwd import fwd_call
+from moa_jax.pallas_kernels.prefill import flash_vjp
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, cdiv
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_bwd import dkv_call, dq_call
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_common import LOG2E, MgpuConfig, plgpu
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_fwd import fwd_call
 
 _WG_ROWS = 64  # rows per compute warpgroup (one wgmma M tile)
 _TILE = 128  # T and S padding: the CTA tile of every kernel
@@ -117,10 +118,10 @@ def _prepare(
         if x not in (64, 128):
             raise ValueError(f"{name} must be 64 or 128, got {x}")
     scale = float(D**-0.5 if scale is None else scale)
-    Tp = masks.cdiv(T, _TILE) * _TILE
-    Sp = masks.cdiv(S, _TILE) * _TILE
+    Tp = cdiv(T, _TILE) * _TILE
+    Sp = cdiv(S, _TILE) * _TILE
     Dp = _pad_dim(D)
-    mk = lambda bq, bk: masks.MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
+    mk = lambda bq, bk: MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
     cfg = MgpuConfig(
         fwd=mk(2 * _WG_ROWS, block_k),
         dq=mk(2 * _WG_ROWS, block_k_dq),
