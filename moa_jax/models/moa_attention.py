@@ -131,7 +131,7 @@ class MoAAttention(AttentionBackend):
                 cache,
                 positions[:, 0],
                 self.mesh,
-                backend="gpu" if self.kernel_backend == "mgpu" else self.kernel_backend,
+                backend=self.kernel_backend,
                 interpret=self.interpret,
             )
             return out[:, None], cache

@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.dispatch import span_decode, sparse_attention
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -123,8 +124,6 @@ def sparse_attention_on_mesh(
 ) -> jax.Array:
     """`sparse_attention` (q [B, T, H, D], k/v [B, S, Hkv, D]) with each device's rows and heads,
     each head with its own window and sinks; kw: `sparse_attention`'s other options."""
-    from moa_jax.pallas_kernels import sparse_attention
-
     h = q.shape[2]
     windows, sinks = tuple(windows), tuple(sinks)
 
@@ -154,8 +153,6 @@ def span_decode_on_mesh(
     """`span_decode` (q [B, H, D], a `SpanKVCache`) with each device's rows and heads. The cache
     must be packed for the mesh's head split (a `MoASchedule` built with `shards=`); one that is
     not runs as a single call (XLA gathers its operands)."""
-    from moa_jax.pallas_kernels.decode.span_triton import span_decode
-
     sched = cache.schedule
     if mesh is None or sched.shards != head_shards(mesh, sched.num_kv_heads):
         return span_decode(q, cache, q_positions, **kw)

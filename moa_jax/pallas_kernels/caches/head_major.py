@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moa_jax.pallas_kernels.heuristics import cache_block
+
 KV_AXES = ("batch", "kv_heads", "seq", "head_dim")
 SLOT_AXES = ("batch", "kv_heads", "seq")
 
@@ -33,8 +35,8 @@ def round_up(x: int, m: int) -> int:
 
 
 def default_block() -> int:
-    """Cache padding granularity (and kernel block bound): 128 lanes on TPU, 64 elsewhere."""
-    return 128 if jax.default_backend() == "tpu" else 64
+    """Cache padding granularity (and kernel block bound): `heuristics.cache_block`."""
+    return cache_block()
 
 
 def gather_slots(buf: jax.Array, idx: jax.Array) -> jax.Array:

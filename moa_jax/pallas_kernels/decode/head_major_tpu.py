@@ -22,6 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from moa_jax.pallas_kernels.heuristics import padded_group_tpu
+
 _LOG2E = math.log2(math.e)
 
 
@@ -88,7 +90,7 @@ def tpu_partials(q, k, v, q_positions, pos, *, bk, scale, write_logits, interpre
     b, h, d = q.shape
     _, hkv, n, _ = k.shape
     group = h // hkv
-    gp = max(8, -(-group // 8) * 8)
+    gp = padded_group_tpu(group)
     steps = n // bk
     has_pos = pos is not None
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))

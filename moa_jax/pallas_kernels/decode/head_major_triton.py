@@ -26,7 +26,9 @@ Kernels:
 - TPU (Mosaic, `head_major_tpu.py`): grid (row, KV head, block) with the online softmax in VMEM
   scratch; on full steps the query positions come in by scalar prefetch and the index maps stop
   at the query's last block (later steps re-point at it, which Mosaic does not re-fetch).
-- `decode_reference`: the jnp oracle.
+- `head_major_decode_reference` (`reference.py`): the jnp oracle.
+
+The entry points, `full_step_decode` and `recycled_decode`, are in `dispatch.py`.
 
 The caches these kernels read (dense, recycled, K-slot) are in `caches/head_major.py`.
 """
@@ -34,64 +36,15 @@ The caches these kernels read (dense, recycled, K-slot) are in `caches/head_majo
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels.decode.split_k import LOG2E, default_splits, flash_blocks
-
-_SCORE_MODES = (None, "max", "sum")
-
-
-# ------------------------------------------------------------------------------ oracle
-def decode_reference(
-    q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, scores=None, scale=None
-):
-    """The jnp oracle (float32). See `full_step_decode` / `recycled_decode` for the arguments.
-
-    Returns out [B, H, D] (q's dtype), or with `scores`: (out, scores [B, Hkv, N],
-    new_scores [B, Hkv] or None).
-    """
-    b, h, d = q.shape
-    _, hkv, n, _ = k.shape
-    group = h // hkv
-    scale = d**-0.5 if scale is None else scale
-    if pos is None:
-        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, hkv, n))
-    qp = q_positions.astype(jnp.int32)[:, None, None]
-    vis = (pos >= 0) & (pos <= qp)  # [B, Hkv, N]
-    qg = q.reshape(b, hkv, group, d).astype(jnp.float32)
-    logits = (
-        jnp.einsum("bkgd,bknd->bkgn", qg, k.astype(jnp.float32), precision=lax.Precision.HIGHEST)
-        * scale
-    )
-    logits = jnp.where(vis[:, :, None], logits, -jnp.inf)
-    vals = v.astype(jnp.float32)
-    if k_new is not None:
-        ln = (
-            jnp.einsum(
-                "bkgd,bkd->bkg", qg, k_new.astype(jnp.float32), precision=lax.Precision.HIGHEST
-            )
-            * scale
-        )
-        logits = jnp.concatenate([logits, ln[..., None]], axis=-1)
-        vals = jnp.concatenate([vals, v_new.astype(jnp.float32)[:, :, None]], axis=2)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(m == -jnp.inf, 0.0, m)
-    p = jnp.exp(logits - m)
-    den = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(den > 0, den, 1.0)
-    out = jnp.einsum("bkgn,bknd->bkgd", p, vals, precision=lax.Precision.HIGHEST)
-    out = out.reshape(b, h, d).astype(q.dtype)
-    if scores is None:
-        return out
-    agg = jnp.max(p, axis=2) if scores == "max" else jnp.sum(p, axis=2)
-    if k_new is None:
-        return out, agg, None
-    return out, agg[..., :n], agg[..., n]
+from moa_jax.pallas_kernels.decode.split_k import LOG2E, flash_blocks
+from moa_jax.pallas_kernels.heuristics import DECODE_NUM_STAGES, padded_group_gpu
+from moa_jax.pallas_kernels.prefill.triton import compiler_params
 
 
 # ------------------------------------------------------------------------------ GPU kernel
@@ -130,13 +83,13 @@ def _kernel(
 @functools.partial(
     jax.jit, static_argnames=("bk", "num_splits", "scale", "write_logits", "interpret", "num_warps")
 )
-def _gpu_partials(
+def head_major_partials(
     q, k, v, q_positions, pos, *, bk, num_splits, scale, write_logits, interpret, num_warps
 ):
     b, h, d = q.shape
     _, hkv, n, _ = k.shape
     group = h // hkv
-    gp = max(16, 1 << (group - 1).bit_length())
+    gp = padded_group_gpu(group)
     nblocks = n // bk
     per_split = -(-nblocks // num_splits)
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))
@@ -156,11 +109,7 @@ def _gpu_partials(
     ]
     if write_logits:
         out_shape.append(jax.ShapeDtypeStruct((b, hkv, gp, n), jnp.float32))
-    params = None
-    if not interpret:
-        from moa_jax.pallas_kernels.prefill.triton import _compiler_params
-
-        params = _compiler_params(num_warps, 2)
+    params = None if interpret else compiler_params(num_warps, DECODE_NUM_STAGES)
     args = [q_positions.astype(jnp.int32), qg, k, v] + ([] if pos is None else [pos])
     res = pl.pallas_call(
         kernel,
@@ -175,8 +124,9 @@ def _gpu_partials(
 
 
 # ------------------------------------------------------------------------------ epilogue
-def _merge(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores):
-    """Merges split partials (log2 domain) and the new token; normalises the logits."""
+def merge_partials(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores):
+    """Merges split partials (log2 domain; the Triton and the TPU kernel's) and the new token;
+    normalises the logits."""
     b, h, d = q.shape
     hkv = o.shape[1]
     group = h // hkv
@@ -214,200 +164,3 @@ def _merge(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores):
     if k_new is not None:
         new_sc = red(jnp.where(den > 0, jnp.exp2(s_new - lse2), 0.0), axis=2)
     return out, red(p, axis=2), new_sc
-
-
-# ------------------------------------------------------------------------------ dispatch
-def _check(q, k, v, q_positions, pos, k_new, v_new, scores):
-    b, h, d = q.shape
-    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"q {q.shape} needs k, v [B, Hkv, N, D]; got {k.shape}, {v.shape}")
-    hkv, n = k.shape[1], k.shape[2]
-    if h % hkv:
-        raise ValueError(f"{h} query heads do not divide into {hkv} KV heads")
-    if q_positions.shape != (b,):
-        raise ValueError(f"q_positions must be [B]={b}, got {q_positions.shape}")
-    if pos is not None and pos.shape != (b, hkv, n):
-        raise ValueError(f"pos must be [B, Hkv, N]={(b, hkv, n)}, got {pos.shape}")
-    if (k_new is None) != (v_new is None):
-        raise ValueError("k_new and v_new go together")
-    if k_new is not None and (k_new.shape != (b, hkv, d) or v_new.shape != (b, hkv, d)):
-        raise ValueError(
-            f"k_new, v_new must be [B, Hkv, D]={(b, hkv, d)}, got {k_new.shape}, {v_new.shape}"
-        )
-    if scores not in _SCORE_MODES:
-        raise ValueError(f"scores must be one of {_SCORE_MODES}, got {scores!r}")
-
-
-def _pick_block(n: int, requested: int | None, cap: int) -> int:
-    if requested is not None:
-        if n % requested:
-            raise ValueError(f"block_k {requested} does not divide the {n} slots")
-        return int(requested)
-    bk = math.gcd(n, cap)
-    if bk < 8:
-        raise ValueError(f"{n} slots: pad the buffer to a multiple of 16 (got block {bk})")
-    return bk
-
-
-def _decode(
-    q,
-    k,
-    v,
-    q_positions,
-    *,
-    pos,
-    k_new,
-    v_new,
-    scores,
-    backend,
-    interpret,
-    num_splits,
-    block_k,
-    scale,
-    num_warps,
-):
-    _check(q, k, v, q_positions, pos, k_new, v_new, scores)
-    q_positions = q_positions.astype(jnp.int32)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    if backend == "reference":
-        return decode_reference(
-            q, k, v, q_positions, pos=pos, k_new=k_new, v_new=v_new, scores=scores, scale=scale
-        )
-    if backend not in ("auto", "gpu", "tpu"):
-        raise ValueError(f"backend must be 'auto', 'gpu', 'tpu' or 'reference', got {backend!r}")
-    platform = jax.default_backend()
-    if backend == "auto":
-        backend = "tpu" if platform == "tpu" else "gpu"
-    if interpret is None:
-        interpret = platform != backend
-    n = k.shape[2]
-    if backend == "tpu":
-        from moa_jax.pallas_kernels.decode.head_major_tpu import tpu_partials
-
-        bk = _pick_block(n, block_k, 512)
-        o, m, l, logits = tpu_partials(
-            q,
-            k,
-            v,
-            q_positions,
-            pos,
-            bk=bk,
-            scale=scale,
-            write_logits=scores is not None,
-            interpret=interpret,
-        )
-    else:
-        bk = _pick_block(n, block_k, 64)
-        nblocks = n // bk
-        splits = num_splits or default_splits(q.shape[0], k.shape[1], nblocks)
-        o, m, l, logits = _gpu_partials(
-            q,
-            k,
-            v,
-            q_positions,
-            pos,
-            bk=bk,
-            num_splits=int(max(1, min(splits, nblocks))),
-            scale=scale,
-            write_logits=scores is not None,
-            interpret=bool(interpret),
-            num_warps=num_warps,
-        )
-    return _merge(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores)
-
-
-def full_step_decode(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    q_positions: jax.Array,
-    *,
-    scores: str | None = "max",
-    backend: str = "auto",
-    interpret: bool | None = None,
-    num_splits: int | None = None,
-    block_k: int | None = None,
-    scale: float | None = None,
-    num_warps: int = 4,
-):
-    """A full decode step over the full cache, with the selection scores from the same pass.
-
-    Args:
-      q: [B, H, D] queries (after RoPE) at q_positions int [B].
-      k, v: [B, Hkv, N, D]; slot j holds position j (the current token already written).
-      scores: 'max' (default: max over the query heads of a KV group of the fp32 softmax
-        probabilities), 'sum', or None (attention only).
-      backend: 'auto' (TPU kernel on TPU, else the Triton kernel; interpret mode off their
-        platform), 'gpu', 'tpu' or 'reference' (the jnp oracle).
-      num_splits: GPU split-K factor (default: enough programs to fill the GPU).
-      block_k: slots per block (must divide N; default gcd(N, 64) on GPU, gcd(N, 512) on TPU).
-    Returns:
-      out [B, H, D] in q's dtype, or (out, scores float32 [B, Hkv, N]); invisible slots score 0.
-    """
-    res = _decode(
-        q,
-        k,
-        v,
-        q_positions,
-        pos=None,
-        k_new=None,
-        v_new=None,
-        scores=scores,
-        backend=backend,
-        interpret=interpret,
-        num_splits=num_splits,
-        block_k=block_k,
-        scale=scale,
-        num_warps=num_warps,
-    )
-    return res if scores is None else res[:2]
-
-
-def recycled_decode(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    pos: jax.Array,
-    q_positions: jax.Array,
-    k_new: jax.Array | None = None,
-    v_new: jax.Array | None = None,
-    *,
-    scores: str | None = None,
-    backend: str = "auto",
-    interpret: bool | None = None,
-    num_splits: int | None = None,
-    block_k: int | None = None,
-    scale: float | None = None,
-    num_warps: int = 4,
-):
-    """Decode attention over a gathered K-slot buffer plus the current token.
-
-    Args:
-      q: [B, H, D] at q_positions int [B].
-      k, v: [B, Hkv, N, D] gathered keys (after RoPE, any slot order) and values.
-      pos: int [B, Hkv, N], each slot's position, -1 for an empty slot.
-      k_new, v_new: optional [B, Hkv, D], the current token, attended as one more key.
-      scores: None (default), 'max' or 'sum' over the group of the probabilities.
-      backend, interpret, num_splits, block_k, scale: as in `full_step_decode`.
-    Returns:
-      out [B, H, D], or (out, slot scores [B, Hkv, N], new-token score [B, Hkv] or None).
-    """
-    return _decode(
-        q,
-        k,
-        v,
-        q_positions,
-        pos=pos.astype(jnp.int32),
-        k_new=k_new,
-        v_new=v_new,
-        scores=scores,
-        backend=backend,
-        interpret=interpret,
-        num_splits=num_splits,
-        block_k=block_k,
-        scale=scale,
-        num_warps=num_warps,
-    )
-
-
-__all__ = ["decode_reference", "full_step_decode", "recycled_decode"]

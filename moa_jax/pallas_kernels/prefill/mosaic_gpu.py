@@ -31,6 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moa_jax.pallas_kernels.heuristics import MGPU_BLOCK_K, MGPU_DEFAULTS, MGPU_MAX_HEAD_DIM
 from moa_jax.pallas_kernels.prefill import flash_vjp
 from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, cdiv
 from moa_jax.pallas_kernels.prefill.mosaic_gpu_bwd import dkv_call, dq_call
@@ -63,7 +64,7 @@ def supported(dtype, head_dim: int) -> bool:
     D <= 128 (the dk/dv kernel's shared memory: K, V and a 3-deep ring of query tiles)."""
     return (
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and _pad_dim(head_dim) <= 128
+        and _pad_dim(head_dim) <= MGPU_MAX_HEAD_DIM
     )
 
 
@@ -97,15 +98,15 @@ def _prepare(
     kv_lengths=None,
     scale=None,
     *,
-    block_k: int = 128,
-    block_k_dq: int = 128,
-    num_stages: int = 2,
-    num_stages_dq: int = 2,
-    num_stages_dkv: int = 3,
+    block_k: int = MGPU_DEFAULTS["block_k"],
+    block_k_dq: int = MGPU_DEFAULTS["block_k_dq"],
+    num_stages: int = MGPU_DEFAULTS["num_stages"],
+    num_stages_dq: int = MGPU_DEFAULTS["num_stages_dq"],
+    num_stages_dkv: int = MGPU_DEFAULTS["num_stages_dkv"],
     profile_dir: str = "",
 ):
-    """The static config and the padded operands of one call (the tuning defaults live here:
-    the fastest on an H200 at D = 128, docs/benchmarks.md)."""
+    """The static config and the padded operands of one call (tuning defaults:
+    `heuristics.MGPU_DEFAULTS`)."""
     if plgpu is None:
         raise RuntimeError("this jax has no Pallas Mosaic GPU backend")
     B, T, H, D = q.shape
@@ -115,8 +116,8 @@ def _prepare(
             f"the Mosaic GPU kernel takes bf16/f16 with head_dim <= 128, got {q.dtype} and {D}"
         )
     for name, x in (("block_k", block_k), ("block_k_dq", block_k_dq)):
-        if x not in (64, 128):
-            raise ValueError(f"{name} must be 64 or 128, got {x}")
+        if x not in MGPU_BLOCK_K:
+            raise ValueError(f"{name} must be one of {MGPU_BLOCK_K}, got {x}")
     scale = float(D**-0.5 if scale is None else scale)
     Tp = cdiv(T, _TILE) * _TILE
     Sp = cdiv(S, _TILE) * _TILE

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from moa_jax.pallas_kernels.heuristics import TRITON_DKV_BLOCK_Q, TRITON_PREFILL_STAGES
 from moa_jax.pallas_kernels.prefill import flash_vjp
 from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, cdiv, kernel_tables
 from moa_jax.pallas_kernels.reference import visible
@@ -63,7 +64,8 @@ class KernelConfig:
     num_stages_bwd: int = 2
 
 
-def _compiler_params(num_warps, num_stages):
+def compiler_params(num_warps, num_stages):
+    """Triton compiler parameters (None where this jax has no Triton backend)."""
     if _CompilerParams is None:
         return None
     return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -203,7 +205,7 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
         grid=(H * nq, B),
         out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=None if cfg.interpret else _compiler_params(nw, cfg.num_stages),
+        compiler_params=None if cfg.interpret else compiler_params(nw, cfg.num_stages),
         interpret=cfg.interpret,
         name="moa_sparse_fwd",
     )(*args)
@@ -360,7 +362,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     delta = flash_vjp.backward_delta(out, do, lse, dlse)
     kvl = kv_lengths.astype(jnp.int32)
     nw = cfg.num_warps_bwd or (4 if D <= 64 else 8)
-    cp = None if cfg.interpret else _compiler_params(nw, cfg.num_stages_bwd)
+    cp = None if cfg.interpret else compiler_params(nw, cfg.num_stages_bwd)
 
     # dq over the forward-style block tables of cfg.dq.
     spec = cfg.dq
@@ -441,9 +443,9 @@ def sparse_attention_gpu(
     block_k_dkv=None,
     interpret=False,
     num_warps=None,
-    num_stages=2,
+    num_stages=TRITON_PREFILL_STAGES,
     num_warps_bwd=None,
-    num_stages_bwd=2,
+    num_stages_bwd=TRITON_PREFILL_STAGES,
     poison=False,
 ):
     """Pallas/Triton per-head window + sink attention. Returns (out [B,T,H,D], lse [B,H,T])."""
@@ -452,7 +454,7 @@ def sparse_attention_gpu(
     scale = float(D**-0.5 if scale is None else scale)
     bq_dq = block_q_dq or block_q
     bk_dq = block_k_dq or block_k
-    bq_dkv = block_q_dkv or min(block_q, 64)  # dk/dv streams q and dO tiles: keep them small
+    bq_dkv = block_q_dkv or min(block_q, TRITON_DKV_BLOCK_Q)
     bk_dkv = block_k_dkv or block_k
     qb = max(block_q, bq_dq, bq_dkv)
     kb = max(block_k, bk_dq, bk_dkv)
