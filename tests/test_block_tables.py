@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, head_groups
 

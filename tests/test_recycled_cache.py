@@ -2,9 +2,9 @@
 simulations of the rules in METHODS.md (selection, pointer eviction, fixed / dynamic / no
 refresh), plus the StreamingLLM and H2O baselines of the same machinery."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moa_jax.models.eviction_attention import (

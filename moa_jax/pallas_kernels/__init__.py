@@ -31,8 +31,8 @@ from moa_jax.pallas_kernels.dispatch import (
     BACKENDS,
     full_step_decode,
     recycled_decode,
-    sparse_attention,
     span_decode,
+    sparse_attention,
 )
 from moa_jax.pallas_kernels.reference import (
     causal_mask,
@@ -43,6 +43,7 @@ from moa_jax.pallas_kernels.reference import (
     window_sink_mask,
 )
 from moa_jax.pallas_kernels.sharding import (
+    HeadSharding,
     head_shards,
     same_kernel_on_mesh,
     shard_heads,
@@ -54,6 +55,7 @@ __all__ = [
     "BACKENDS",
     "DenseKVCache",
     "HeadMajorKVCache",
+    "HeadSharding",
     "MoASchedule",
     "RecycledKVCache",
     "SelectedKVCache",

@@ -9,7 +9,7 @@ static work list of its schedule (`MoASchedule.work_list`, `caches/schedule.py`)
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from moa_jax.pallas_kernels.heuristics import TRITON_DKV_BLOCK_Q, TRITON_PREFILL_STAGES
 from moa_jax.pallas_kernels.prefill import flash_vjp
 from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, cdiv, kernel_tables
+from moa_jax.pallas_kernels.prefill.flash_vjp import BackwardRefs
 from moa_jax.pallas_kernels.reference import visible
 
 try:  # jax >= 0.4.3x: pallas.triton; name changed over versions.
@@ -213,21 +214,7 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
 
 # ------------------------------------------------------------------------------ dq kernel
 def _dq_kernel(
-    order_ref,
-    win_ref,
-    sink_ref,
-    blocks_ref,
-    npart_ref,
-    num_ref,
-    kvlen_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dq_ref,
-    *,
+    *refs,
     nq,
     kmax,
     bq,
@@ -238,29 +225,30 @@ def _dq_kernel(
     scale,
     has_kvlen,
 ):
-    item = order_ref[pl.program_id(0)]
+    r, (dq_ref,) = BackwardRefs.split(refs)
+    item = r.order[pl.program_id(0)]
     b = pl.program_id(1)
     h = item // nq
     m = item % nq
     kvh = h // group
-    w = win_ref[h]
-    s_ = sink_ref[h]
-    kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
-    q = q_ref[b, pl.ds(m * bq, bq), h, :]
-    do = do_ref[b, pl.ds(m * bq, bq), h, :]
-    lse = lse_ref[b, h, pl.ds(m * bq, bq)]
+    w = r.win[h]
+    s_ = r.sink[h]
+    kv_valid = jnp.minimum(r.kvlen[b], kv_len) if has_kvlen else kv_len
+    q = r.q[b, pl.ds(m * bq, bq), h, :]
+    do = r.do[b, pl.ds(m * bq, bq), h, :]
+    lse = r.lse[b, h, pl.ds(m * bq, bq)]
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
-    delta = delta_ref[b, h, pl.ds(m * bq, bq)]
+    delta = r.delta[b, h, pl.ds(m * bq, bq)]
     base = item * kmax
-    npart = npart_ref[item]
-    num = num_ref[item]
+    npart = r.npart[item]
+    num = r.num[item]
     c = scale * _LOG2E
     rows = q_offset + m * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
 
     def body(i, dq, masked):
-        n = blocks_ref[base + i]
-        k = k_ref[b, pl.ds(n * bk, bk), kvh, :]
-        v = v_ref[b, pl.ds(n * bk, bk), kvh, :]
+        n = r.blocks[base + i]
+        k = r.k[b, pl.ds(n * bk, bk), kvh, :]
+        v = r.v[b, pl.ds(n * bk, bk), kvh, :]
         sc = _dot(q, k) * c
         if masked:
             cols = n * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
@@ -281,22 +269,7 @@ def _dq_kernel(
 
 # ---------------------------------------------------------------------------- dk/dv kernel
 def _dkv_kernel(
-    order_ref,
-    win_ref,
-    sink_ref,
-    blocks_ref,
-    npart_ref,
-    num_ref,
-    kvlen_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dk_ref,
-    dv_ref,
-    *,
+    *refs,
     nk,
     qmax,
     bq,
@@ -307,34 +280,35 @@ def _dkv_kernel(
     scale,
     has_kvlen,
 ):
-    item = order_ref[pl.program_id(0)]
+    r, (dk_ref, dv_ref) = BackwardRefs.split(refs)
+    item = r.order[pl.program_id(0)]
     b = pl.program_id(1)
     kvh = item // nk
     n = item % nk
-    kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
-    k = k_ref[b, pl.ds(n * bk, bk), kvh, :]
-    v = v_ref[b, pl.ds(n * bk, bk), kvh, :]
+    kv_valid = jnp.minimum(r.kvlen[b], kv_len) if has_kvlen else kv_len
+    k = r.k[b, pl.ds(n * bk, bk), kvh, :]
+    v = r.v[b, pl.ds(n * bk, bk), kvh, :]
     c = scale * _LOG2E
     cols = n * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     for g in range(group):
         h = kvh * group + g
-        w = win_ref[h]
-        s_ = sink_ref[h]
+        w = r.win[h]
+        s_ = r.sink[h]
         hn = h * nk + n
         base = hn * qmax
-        npart = npart_ref[hn]
-        num = num_ref[hn]
+        npart = r.npart[hn]
+        num = r.num[hn]
 
         def body(i, carry, masked, h=h, w=w, s_=s_, base=base):
             dk, dv = carry
-            mq = blocks_ref[base + i]
-            q = q_ref[b, pl.ds(mq * bq, bq), h, :]
-            do = do_ref[b, pl.ds(mq * bq, bq), h, :]
-            lse = lse_ref[b, h, pl.ds(mq * bq, bq)]
+            mq = r.blocks[base + i]
+            q = r.q[b, pl.ds(mq * bq, bq), h, :]
+            do = r.do[b, pl.ds(mq * bq, bq), h, :]
+            lse = r.lse[b, h, pl.ds(mq * bq, bq)]
             lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
-            delta = delta_ref[b, h, pl.ds(mq * bq, bq)]
+            delta = r.delta[b, h, pl.ds(mq * bq, bq)]
             sc = _dot(q, k) * c
             if masked:
                 rows = q_offset + mq * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
