@@ -42,6 +42,18 @@ def triton_prefill_blocks(
     )
 
 
+def triton_prefill_warps(head_dim: int) -> int:
+    """Warps of the Triton prefill kernels: 4 up to D = 64, 8 beyond (the [block, D] tiles and
+    their accumulators grow with D; more warps keep each thread's registers in bounds)."""
+    return 4 if head_dim <= 64 else 8
+
+
+def triton_head_dim(head_dim: int) -> int:
+    """Head dim the Triton prefill pads to: a power of two (Triton block shapes) of at least 16
+    (the smallest tensor-core K)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 # The Triton dk/dv kernel streams query and dO tiles past resident K/V: small query tiles keep
 # the streamed working set in shared memory.
 TRITON_DKV_BLOCK_Q = 64

@@ -28,7 +28,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels.heuristics import TRITON_DKV_BLOCK_Q, TRITON_PREFILL_STAGES
+from moa_jax.pallas_kernels.heuristics import (
+    TRITON_DKV_BLOCK_Q,
+    TRITON_PREFILL_STAGES,
+    triton_head_dim,
+    triton_prefill_warps,
+)
 from moa_jax.pallas_kernels.prefill import flash_vjp
 from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, cdiv, kernel_tables
 from moa_jax.pallas_kernels.prefill.flash_vjp import BackwardRefs
@@ -200,7 +205,7 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
             jnp.full((B, H, Tp), jnp.nan, jnp.float32),
         ]
         aliases = {len(args) - 2: 0, len(args) - 1: 1}
-    nw = cfg.num_warps or (4 if D <= 64 else 8)
+    nw = cfg.num_warps or triton_prefill_warps(D)
     return pl.pallas_call(
         kernel,
         grid=(H * nq, B),
@@ -335,7 +340,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     group = H // Hkv
     delta = flash_vjp.backward_delta(out, do, lse, dlse)
     kvl = kv_lengths.astype(jnp.int32)
-    nw = cfg.num_warps_bwd or (4 if D <= 64 else 8)
+    nw = cfg.num_warps_bwd or triton_prefill_warps(D)
     cp = None if cfg.interpret else compiler_params(nw, cfg.num_stages_bwd)
 
     # dq over the forward-style block tables of cfg.dq.
@@ -437,7 +442,7 @@ def sparse_attention_gpu(
             raise ValueError(f"block sizes must be powers of two, got {x}")
     Tp = cdiv(T, qb) * qb
     Sp = cdiv(S, kb) * kb
-    Dp = max(16, 1 << (D - 1).bit_length())
+    Dp = triton_head_dim(D)
     mk = lambda bq, bk: MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
     cfg = KernelConfig(
         fwd=mk(block_q, block_k),
