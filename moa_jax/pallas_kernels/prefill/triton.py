@@ -334,6 +334,19 @@ def _dkv_kernel(
     dv_ref[b, pl.ds(n * bk, bk), kvh, :] = dv.astype(dv_ref.dtype)
 
 
+def _pass_statics(cfg: KernelConfig, spec: MaskSpec, group: int) -> dict:
+    """The static arguments the dq and dk/dv kernels share (one backward pass's `spec`)."""
+    return dict(
+        bq=spec.block_q,
+        bk=spec.block_k,
+        group=group,
+        q_offset=spec.q_offset,
+        kv_len=spec.kv_len,
+        scale=cfg.scale,
+        has_kvlen=cfg.has_kv_lengths,
+    )
+
+
 def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     B, Tp, H, D = q.shape
     Hkv = k.shape[2]
@@ -355,13 +368,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
             _dq_kernel,
             nq=nq,
             kmax=sch.max_kv_blocks,
-            bq=spec.block_q,
-            bk=spec.block_k,
-            group=group,
-            q_offset=spec.q_offset,
-            kv_len=spec.kv_len,
-            scale=cfg.scale,
-            has_kvlen=cfg.has_kv_lengths,
+            **_pass_statics(cfg, spec, group),
         ),
         grid=(H * nq, B),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -384,13 +391,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
             _dkv_kernel,
             nk=nk,
             qmax=sch.max_q_blocks,
-            bq=spec.block_q,
-            bk=spec.block_k,
-            group=group,
-            q_offset=spec.q_offset,
-            kv_len=spec.kv_len,
-            scale=cfg.scale,
-            has_kvlen=cfg.has_kv_lengths,
+            **_pass_statics(cfg, spec, group),
         ),
         grid=(Hkv * nk, B),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
