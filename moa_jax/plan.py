@@ -62,7 +62,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from moa_jax.files import atomic_write_text
-from moa_jax.pallas_kernels.moa_schedule import MoASchedule
+from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "moa-jax-plan"

@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from moa_jax.pallas_kernels import sparse_attention
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
-from moa_jax.pallas_kernels.moa_decode_gpu import span_decode
-from moa_jax.pallas_kernels.moa_schedule import MoASchedule
-from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels import span_decode
+from moa_jax.pallas_kernels.caches.schedule import MoASchedule
+from moa_jax.pallas_kernels import full_step_decode, recycled_decode
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 
 DTYPES = {"f32": (jnp.float32, 2e-5), "bf16": (jnp.bfloat16, 2e-2)}

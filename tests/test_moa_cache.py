@@ -1,15 +1,16 @@
 """SpanKVCache and its MoASchedule: layout, memory formula, chunked writes equal token-by-token
 appends."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from moa_jax.models.kv_cache import DenseKVCache
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
-from moa_jax.pallas_kernels.moa_schedule import MoASchedule
+from moa_jax.pallas_kernels.caches.dense import DenseKVCache
+from moa_jax.pallas_kernels.caches.schedule import MoASchedule
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
 from moa_jax.plan import Plan
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
-from moa_jax.pallas_kernels.moa_decode_gpu import span_decode, span_decode_reference
-from moa_jax.pallas_kernels.moa_schedule import MoASchedule
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels import span_decode, span_decode_reference
+from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 
 
@@ -68,8 +68,8 @@ def test_kernel_matches_oracle_and_dense(hkv, group, d, dtype, tol):
 
 
 def test_split_segments_balances_uneven_segments():
-    from moa_jax.pallas_kernels.moa_schedule import split_segments
-    from moa_jax.pallas_kernels.split_k import default_splits
+    from moa_jax.pallas_kernels.caches.schedule import split_segments
+    from moa_jax.pallas_kernels.heuristics import default_splits
 
     # Equal segments: 264 programs wanted, at least 4 blocks per split.
     assert default_splits(1, 8, 512) == 33
@@ -193,7 +193,7 @@ def test_kernel_lowers_for_cuda():
     """Without a GPU: the Triton kernel lowers to Triton IR at Llama-3-8B head shapes."""
     import jax
 
-    from moa_jax.pallas_kernels.moa_decode_gpu import _span_decode_pallas
+    from moa_jax.pallas_kernels.decode.span_triton import span_decode_triton
 
     windows = (4096, 512) * 16
     sched = MoASchedule.build(windows, (64,) * 32, 8, 8192)
@@ -202,7 +202,7 @@ def test_kernel_lowers_for_cuda():
     qp = jnp.zeros((2,), jnp.int32)
 
     def f(q, cache, qp):
-        return _span_decode_pallas(
+        return span_decode_triton(
             q,
             cache,
             qp,

@@ -8,7 +8,7 @@ from flax import nnx
 
 from moa_jax.generate import generate
 from moa_jax.models.attention import DenseAttention
-from moa_jax.models.kv_cache import DenseKVCache
+from moa_jax.pallas_kernels.caches.dense import DenseKVCache
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.plan import Plan

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from moa_jax.pallas_kernels import sparse_attention
-from moa_jax.pallas_kernels.moa_prefill_gpu import sparse_attention_gpu
+from moa_jax.pallas_kernels.prefill.triton import sparse_attention_gpu
 from moa_jax.pallas_kernels.reference import window_sink_attention
 
 _seed = [0]

@@ -6,6 +6,7 @@ oracle gradient's max magnitude, over GQA 1/3/4, ragged kv lengths, query offset
 windows beyond T, sinks beyond the window and head dims 64 / 128 / 96 (padded).
 """
 
+import logging
 import re
 
 import numpy as np
@@ -13,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.pallas_kernels import masks, moa_prefill_mgpu, sparse_attention
-from moa_jax.pallas_kernels.moa_prefill_mgpu_bwd import dkv_tables
+from moa_jax.pallas_kernels import dispatch, sparse_attention
+from moa_jax.pallas_kernels.prefill import mosaic_gpu as moa_prefill_mgpu
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_bwd import dkv_tables
 from moa_jax.pallas_kernels.reference import window_sink_attention
 
 
@@ -36,9 +39,7 @@ from moa_jax.pallas_kernels.reference import window_sink_attention
 def test_dkv_tables_cover_every_visible_tile_once(case):
     """Each (KV head, 128-key block) lists every (query head of its group, 64-row query block)
     that sees a key of the block exactly once, the tiles needing the element mask first."""
-    spec = masks.MaskSpec(
-        case["windows"], case["sinks"], case["t"], case["s"], case["off"], 64, 128
-    )
+    spec = MaskSpec(case["windows"], case["sinks"], case["t"], case["s"], case["off"], 64, 128)
     hkv = case["hkv"]
     entries, npart, num = dkv_tables(spec, hkv)
     dense = spec.dense_mask()  # [H, T, S]
@@ -65,14 +66,18 @@ def test_dkv_tables_cover_every_visible_tile_once(case):
                 assert set(entries[item, num[item] :].tolist()) <= {got[-1]}
 
 
-def test_cpu_dispatch_keeps_triton_and_mgpu_says_why():
+def test_cpu_dispatch_keeps_triton_and_mgpu_says_why(caplog, monkeypatch):
+    monkeypatch.setattr(dispatch, "_logged", set())  # each reason is logged once a process
     q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
     k = v = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
     assert not moa_prefill_mgpu.available()  # CPU
     out = sparse_attention(q, k, v, windows=(8, 2), sink=0, num_warps=4)  # auto -> Triton
     assert out.shape == q.shape
-    with pytest.raises(ValueError, match="no interpret mode"):
-        sparse_attention(q, k, v, windows=(8, 2), sink=0, backend="mgpu")
+    with caplog.at_level(logging.INFO, logger="moa_jax.pallas_kernels.dispatch"):
+        got = sparse_attention(q, k, v, windows=(8, 2), sink=1, backend="mgpu")
+    assert "no interpret mode" in caplog.text  # falls back to Triton, and says why
+    want = sparse_attention(q, k, v, windows=(8, 2), sink=1, backend="gpu")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
     assert moa_prefill_mgpu.supported(jnp.bfloat16, 96) and not moa_prefill_mgpu.supported(
         jnp.float32, 64
     )

@@ -9,9 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
+from moa_jax.pallas_kernels import HeadSharding
 from moa_jax.parallel import MeshConfig, logical_to_spec, make_mesh
 
 CHECK = Path(__file__).with_name("multidevice_check.py")
@@ -159,3 +164,25 @@ def test_two_process_generate_cli_prints_the_one_process_text(smollm2, tmp_path)
     assert "### Name a fruit." in one.stdout
     assert text(outs[0][0]) == one.stdout
     assert text(outs[1][0]) == ""
+
+
+def test_head_sharding_specs():
+    """A kernel's `HeadSharding` (where its heads are) gives the shard_map specs: rows over
+    data x fsdp when they divide, heads over tensor when it divides the KV heads."""
+    mesh = AbstractMesh((2, 1, 2), ("data", "fsdp", "tensor"))
+    q = jax.ShapeDtypeStruct((4, 8, 8, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((4, 8, 4, 16), jnp.float32)
+    prefill = HeadSharding((2, 2, 2), 2, num_kv_heads=4)
+    split = P(("data", "fsdp"), None, "tensor", None)
+    assert prefill.shards(mesh) == 2
+    assert prefill.in_specs(mesh, (q, k, k)) == (split,) * 3
+    assert prefill.out_specs(mesh, 4, q) == split
+    assert [s.shape for s in prefill.local_shapes(mesh, (q, k, k))] == [
+        (2, 8, 4, 16),
+        (2, 8, 2, 16),
+        (2, 8, 2, 16),
+    ]
+    odd = HeadSharding((1, None), (1, 2), num_kv_heads=3)  # 3 KV heads, 3 rows: replicated
+    rows = (jax.ShapeDtypeStruct((3, 8, 2), jnp.float32), jax.ShapeDtypeStruct((3,), jnp.int32))
+    assert odd.shards(mesh) == 1
+    assert odd.in_specs(mesh, rows) == (P(None, None, None), P(None))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from moa_jax.config import ModelConfig
-from moa_jax.pallas_kernels.masks import MaskSpec
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec
 from moa_jax.plan import Plan, kept_entries
 
 REF_DIR = Path("/work/shared/reference_plans")

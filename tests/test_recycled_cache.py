@@ -2,9 +2,9 @@
 simulations of the rules in METHODS.md (selection, pointer eviction, fixed / dynamic / no
 refresh), plus the StreamingLLM and H2O baselines of the same machinery."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moa_jax.models.eviction_attention import (
@@ -18,7 +18,7 @@ from moa_jax.models.recycled_attention import (
     max_pool_scores,
     select_top_k,
 )
-from moa_jax.pallas_kernels.recycled_cache import RecycledKVCache, SelectedKVCache
+from moa_jax.pallas_kernels.caches.head_major import RecycledKVCache, SelectedKVCache
 
 HKV, GROUP, D = 2, 2, 16
 H = HKV * GROUP

@@ -5,9 +5,9 @@ import numpy as np
 import jax.numpy as jnp
 import pytest
 
-from moa_jax.pallas_kernels.recycled_decode_gpu import (
-    decode_reference,
+from moa_jax.pallas_kernels import (
     full_step_decode,
+    head_major_decode_reference,
     recycled_decode,
 )
 from moa_jax.pallas_kernels.reference import mha_reference
@@ -89,7 +89,7 @@ def test_gathered_with_new_token(hkv, group, d, scores):
     pos[0, 0] = -1  # a head with only the new token
     pos = jnp.asarray(pos)
     qpos = jnp.asarray([300, 301])
-    ref = decode_reference(q, k, v, qpos, pos=pos, k_new=kn, v_new=vn, scores=scores)
+    ref = head_major_decode_reference(q, k, v, qpos, pos=pos, k_new=kn, v_new=vn, scores=scores)
     # Oracle check: the new token appended as one more slot of plain masked attention.
     k2 = jnp.concatenate([k, kn[:, :, None]], 2)
     v2 = jnp.concatenate([v, vn[:, :, None]], 2)
@@ -190,8 +190,8 @@ def test_kernels_lower_for_device_platforms(platform):
     Llama-3-8B head shapes, in every mode, so no primitive lacks a lowering rule."""
     import jax
 
-    from moa_jax.pallas_kernels.recycled_decode_gpu import _gpu_partials
-    from moa_jax.pallas_kernels.recycled_decode_tpu import tpu_partials
+    from moa_jax.pallas_kernels.decode.head_major_triton import head_major_partials
+    from moa_jax.pallas_kernels.decode.head_major_tpu import tpu_partials
 
     b, hkv, group, n, d = 2, 8, 4, 4096, 128
     q = jnp.zeros((b, hkv * group, d), jnp.bfloat16)
@@ -202,7 +202,7 @@ def test_kernels_lower_for_device_platforms(platform):
             if platform == "cuda":
 
                 def f(q, k, qp, pos):
-                    return _gpu_partials(
+                    return head_major_partials(
                         q,
                         k,
                         k,

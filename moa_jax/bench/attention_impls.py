@@ -149,7 +149,7 @@ def mgpu_breakdown(q, k, v, do, windows, sinks, kept: int, args) -> dict:
     # jax loads on first use: the bench CLIs import this module before parsing flags (--help)
     import jax
 
-    from moa_jax.pallas_kernels.moa_prefill_mgpu import kernel_stages
+    from moa_jax.pallas_kernels.prefill.mosaic_gpu import kernel_stages
 
     opts = {} if args.mgpu_block_k is None else dict(block_k=args.mgpu_block_k)
     d, b = q.shape[-1], q.shape[0]

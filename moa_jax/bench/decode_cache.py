@@ -16,10 +16,10 @@ def fill_cache(cache, context: int, key):
     import jax
     import jax.numpy as jnp
 
-    from moa_jax.models.kv_cache import DenseKVCache
-    from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+    from moa_jax.pallas_kernels.caches.dense import DenseKVCache
+    from moa_jax.pallas_kernels.caches.span import SpanKVCache
     from moa_jax.models.eviction_attention import streaming_positions
-    from moa_jax.pallas_kernels.recycled_cache import (
+    from moa_jax.pallas_kernels.caches.head_major import (
         HeadMajorKVCache,
         RecycledKVCache,
         SelectedKVCache,

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.kv_cache import DenseKVCache
+from moa_jax.pallas_kernels.caches.dense import DenseKVCache
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 
 

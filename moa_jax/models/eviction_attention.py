@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moa_jax.models.head_major_attention import HeadMajorBackend, chunk_info, is_prefill, slot_after
-from moa_jax.pallas_kernels.recycled_cache import SelectedKVCache, gather_slots, round_up
+from moa_jax.pallas_kernels.caches.head_major import SelectedKVCache, gather_slots, round_up
 from moa_jax.pallas_kernels.reference import visible
 from moa_jax.plan import STREAMINGLLM_SINK
 

@@ -20,9 +20,9 @@ from jax.sharding import Mesh
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.moa_attention import MoAAttention
-from moa_jax.pallas_kernels.head_sharding import same_kernel_on_mesh, sparse_attention_on_mesh
-from moa_jax.pallas_kernels.recycled_cache import HeadMajorKVCache, default_block, write_chunk
-from moa_jax.pallas_kernels.recycled_decode_gpu import full_step_decode, recycled_decode
+from moa_jax.pallas_kernels.sharding import same_kernel_on_mesh, sparse_attention_on_mesh
+from moa_jax.pallas_kernels.caches.head_major import HeadMajorKVCache, default_block, write_chunk
+from moa_jax.pallas_kernels.dispatch import full_step_decode, recycled_decode
 
 
 def chunk_info(
@@ -58,7 +58,7 @@ class HeadMajorBackend(AttentionBackend):
         (its resolution length, or the cache's max_len; its kernel blocks), or None for full
         causal attention. The full cache stays dense, and the seed selection scores the whole
         prompt.
-      kernel_backend: 'auto' | 'gpu' | 'tpu' | 'reference' (the jnp oracles throughout).
+      kernel_backend: 'auto' | 'mgpu' | 'gpu' | 'tpu' | 'reference' (`pallas_kernels.dispatch`).
       interpret: Pallas interpret mode (None: automatic, True off the kernel's platform).
       block: cache padding granularity in tokens (None: 128 on TPU, 64 elsewhere).
       num_splits: GPU split-K factor of the decode kernels (None: automatic).

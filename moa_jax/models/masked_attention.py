@@ -20,7 +20,7 @@ import numpy as np
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.kv_cache import DenseKVCache
+from moa_jax.pallas_kernels.caches.dense import DenseKVCache
 from moa_jax.pallas_kernels.reference import (
     causal_mask,
     mha_reference,

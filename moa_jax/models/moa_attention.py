@@ -12,7 +12,7 @@ head, the span cache's layout, the decode kernels' tables), which is passed on:
   multi-token call is the prompt's prefill (positions [0, T), an empty cache): the block-sparse
   kernel, then the chunk write that keeps each head's sinks and last span (skipping right padding
   through `lengths`). A one-token call is a decode step: append, then the split-K span decode
-  kernel (`moa_jax.pallas_kernels.moa_decode_gpu.span_decode`), which reads the cache's schedule.
+  kernel (`moa_jax.pallas_kernels.span_decode`), which reads the cache's schedule.
 
 Windows are resolved at `length` if given, else at the length of the call (T without a cache,
 the cache's max_len with one, i.e. prompt + new tokens as in the reference), so prefill and
@@ -30,13 +30,13 @@ from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.pallas_kernels.head_sharding import (
+from moa_jax.pallas_kernels.sharding import (
     head_shards,
     span_decode_on_mesh,
     sparse_attention_on_mesh,
 )
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
-from moa_jax.pallas_kernels.moa_schedule import MoASchedule
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 from moa_jax.plan import Plan
 
 
@@ -131,7 +131,7 @@ class MoAAttention(AttentionBackend):
                 cache,
                 positions[:, 0],
                 self.mesh,
-                backend="gpu" if self.kernel_backend == "mgpu" else self.kernel_backend,
+                backend=self.kernel_backend,
                 interpret=self.interpret,
             )
             return out[:, None], cache

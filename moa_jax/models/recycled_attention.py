@@ -58,7 +58,7 @@ from jax import lax
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.head_major_attention import HeadMajorBackend, chunk_info, is_prefill, slot_after
-from moa_jax.pallas_kernels.recycled_cache import RecycledKVCache, gather_slots, write_chunk
+from moa_jax.pallas_kernels.caches.head_major import RecycledKVCache, gather_slots, write_chunk
 
 
 # ------------------------------------------------------------------------------ config

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
 
 _NEG_INF = -1e30
 _EXACT = jax.lax.Precision.HIGHEST  # true f32 products (GPUs default to TF32)
@@ -133,3 +136,67 @@ def window_sink_attention(
     valid = None if kv_lengths is None else kpos[None, :] < jnp.asarray(kv_lengths)[:, None]
     mask = window_sink_mask(qpos, kpos, jnp.asarray(windows), jnp.asarray(sinks), valid)
     return mha_reference(q, k, v, mask, scale=scale, return_lse=return_lse)
+
+
+def span_decode_reference(
+    q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, scale: float | None = None
+) -> jax.Array:
+    """The jnp oracle. q [B, H, D] at positions q_positions [B]; returns [B, H, D]."""
+    b, h, d = q.shape
+    sched = cache.schedule
+    p = cache.pos[:, None, None, :]  # [B, 1, 1, M]
+    qp = q_positions[:, None, None, None]
+    w = jnp.asarray(sched.windows, jnp.int32)[None, :, None, None]
+    s = jnp.asarray(sched.sinks, jnp.int32)[None, :, None, None]
+    heads = jnp.asarray(sched.slot_layout()[0])
+    own = (heads[None, :] == (jnp.arange(h) // sched.group)[:, None])[None, :, None, :]
+    mask = own & (p >= 0) & visible(qp, p, w, s)
+    out = mha_reference(q[:, None], cache.k[:, :, None], cache.v[:, :, None], mask, scale=scale)
+    return out[:, 0]
+
+
+def head_major_decode_reference(
+    q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, scores=None, scale=None
+):
+    """The jnp oracle (float32). See `full_step_decode` / `recycled_decode` for the arguments.
+
+    Returns out [B, H, D] (q's dtype), or with `scores`: (out, scores [B, Hkv, N],
+    new_scores [B, Hkv] or None).
+    """
+    b, h, d = q.shape
+    _, hkv, n, _ = k.shape
+    group = h // hkv
+    scale = d**-0.5 if scale is None else scale
+    if pos is None:
+        pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, hkv, n))
+    qp = q_positions.astype(jnp.int32)[:, None, None]
+    vis = (pos >= 0) & (pos <= qp)  # [B, Hkv, N]
+    qg = q.reshape(b, hkv, group, d).astype(jnp.float32)
+    logits = (
+        jnp.einsum("bkgd,bknd->bkgn", qg, k.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+        * scale
+    )
+    logits = jnp.where(vis[:, :, None], logits, -jnp.inf)
+    vals = v.astype(jnp.float32)
+    if k_new is not None:
+        ln = (
+            jnp.einsum(
+                "bkgd,bkd->bkg", qg, k_new.astype(jnp.float32), precision=lax.Precision.HIGHEST
+            )
+            * scale
+        )
+        logits = jnp.concatenate([logits, ln[..., None]], axis=-1)
+        vals = jnp.concatenate([vals, v_new.astype(jnp.float32)[:, :, None]], axis=2)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(m == -jnp.inf, 0.0, m)
+    p = jnp.exp(logits - m)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1.0)
+    out = jnp.einsum("bkgn,bknd->bkgd", p, vals, precision=lax.Precision.HIGHEST)
+    out = out.reshape(b, h, d).astype(q.dtype)
+    if scores is None:
+        return out
+    agg = jnp.max(p, axis=2) if scores == "max" else jnp.sum(p, axis=2)
+    if k_new is None:
+        return out, agg, None
+    return out, agg[..., :n], agg[..., n]

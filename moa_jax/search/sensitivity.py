@@ -161,7 +161,7 @@ class InfluenceAttention(AttentionBackend):
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "jnp"
         if kernel == "pallas":  # (interpret mode off GPU / TPU)
-            from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
+            from moa_jax.pallas_kernels.sharding import sparse_attention_on_mesh
 
             h, n = q.shape[2], k.shape[1]
             # bfloat16 operands: the kernel's float32 (HIGHEST precision) backward took 603 ms

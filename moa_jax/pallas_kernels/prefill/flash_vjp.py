@@ -4,7 +4,8 @@ and the backward's per-row delta."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,3 +75,29 @@ def flash_attention(fwd_call: Callable, bwd_call: Callable) -> Callable:
     attention = jax.custom_vjp(attention, nondiff_argnums=(4,))
     attention.defvjp(fwd, bwd)
     return attention
+
+
+class BackwardRefs(NamedTuple):
+    """The operands every backward kernel (Triton and Mosaic GPU, dq and dk/dv) takes first, in
+    this order: the scalar tables of its pass (`block_tables.kernel_tables`: work order, windows,
+    sinks, blocks, partial counts, counts), the kv lengths, then q, k, v, dO, lse and delta."""
+
+    order: Any
+    win: Any
+    sink: Any
+    blocks: Any
+    npart: Any
+    num: Any
+    kvlen: Any
+    q: Any
+    k: Any
+    v: Any
+    do: Any
+    lse: Any
+    delta: Any
+
+    @classmethod
+    def split(cls, refs: tuple) -> tuple[BackwardRefs, tuple]:
+        """(the shared operands, the kernel's own refs after them: outputs and scratch)."""
+        n = len(cls._fields)
+        return cls(*refs[:n]), tuple(refs[n:])

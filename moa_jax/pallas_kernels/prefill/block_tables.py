@@ -1,11 +1,11 @@
-"""Block-sparse schedules for per-head sliding windows plus sinks, computed in numpy.
+"""Block tables for per-head sliding windows plus sinks, computed in numpy.
 
 The mask (see `reference.window_sink_mask`): query head h at position i sees key j iff
 `j <= i and (i - j < w[h] or j < sink[h])`. Queries sit at positions [q_offset, q_offset + T),
 keys at [0, S).
 
 A `MaskSpec` (small, hashable: windows, sinks, lengths, offset, block sizes) describes one call;
-`schedule(spec)` turns it into a `BlockSchedule` of static-shaped int32 tables, cached per spec:
+`block_tables(spec)` turns it into `BlockTables` of static-shaped int32 tables, cached per spec:
 
 forward / dq (for every head h and query block m):
   `kv_blocks[h, m, :]` the key blocks to visit, **partial blocks first, then full ones**, padded to
@@ -104,7 +104,7 @@ class MaskSpec:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class BlockSchedule:
+class BlockTables:
     """The int32 tables of a `MaskSpec` (see module docstring)."""
 
     spec: MaskSpec
@@ -160,8 +160,8 @@ def _classify(spec: MaskSpec, h: int, m: np.ndarray, n: np.ndarray):
 
 
 @functools.lru_cache(maxsize=256)
-def schedule(spec: MaskSpec) -> BlockSchedule:
-    """Builds (and caches) the forward and transposed block schedules of `spec`."""
+def block_tables(spec: MaskSpec) -> BlockTables:
+    """Builds (and caches) the forward and transposed block tables of `spec`."""
     H, nq, nk = spec.num_heads, spec.num_q_blocks, spec.num_k_blocks
     bq, bk = spec.block_q, spec.block_k
     m = np.arange(nq)
@@ -211,7 +211,7 @@ def schedule(spec: MaskSpec) -> BlockSchedule:
     q_blocks, q_np, q_n = _transpose(H, nk, hs, ms, ns, fs)
     for arr in (kv_blocks, kv_np, kv_n, q_blocks, q_np, q_n):
         arr.setflags(write=False)
-    return BlockSchedule(spec, kv_blocks, kv_np, kv_n, q_blocks, q_np, q_n)
+    return BlockTables(spec, kv_blocks, kv_np, kv_n, q_blocks, q_np, q_n)
 
 
 def _transpose(H, nk, hs, ms, ns, fs):

@@ -6,16 +6,19 @@ rows and heads instead. Query heads and their KV heads are split contiguously ov
 axis, so a GQA group never straddles two devices, and a head's static window and sinks travel
 with it: device i runs the kernel built for heads [i H/t, (i+1) H/t), chosen by `lax.switch` on
 its axis index (devices whose head slices have the same static settings share one branch, so a
-uniform plan compiles one kernel).
+uniform plan compiles one kernel). A kernel states where its heads are with a `HeadSharding`;
+`shard_heads` turns that into the `shard_map` specs, so any per-head kernel runs on a mesh.
 
 Used by the backends (`MoAAttention(mesh=...)`); `generate(mesh=...)` hands its mesh over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.dispatch import span_decode, sparse_attention
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -37,13 +41,67 @@ def head_shards(mesh: Mesh | None, num_kv_heads: int) -> int:
     return t if num_kv_heads % t == 0 else 1
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadSharding:
+    """Where the heads are in a per-head kernel's operands and outputs (batch rows at axis 0),
+    the static information `shard_heads` needs to split one call over a mesh (as splash
+    attention's kernel carries its sharding spec and its caller shard_maps it).
+
+    Attributes:
+      in_head_axes: per operand, the axis of its heads (query or KV), None if it has none.
+      out_head_axes: the heads axis of the output, or of each output of a tuple.
+      num_kv_heads: KV heads of the call (the split must keep GQA groups whole).
+    """
+
+    in_head_axes: tuple[int | None, ...]
+    out_head_axes: int | tuple[int, ...]
+    num_kv_heads: int
+
+    def shards(self, mesh: Mesh | None) -> int:
+        """How many ways the heads split on `mesh`."""
+        return head_shards(mesh, self.num_kv_heads)
+
+    def _batch_spec(self, mesh: Mesh, batch: int) -> tuple[str, ...] | None:
+        names = tuple(a for a in BATCH_AXES if a in mesh.shape)
+        rows = math.prod(mesh.shape[a] for a in names)
+        return names if batch % rows == 0 else None
+
+    def _spec(self, mesh: Mesh, batch: int, ndim: int, head_axis: int | None) -> P:
+        bspec = self._batch_spec(mesh, batch)
+        hspec = HEAD_AXIS if self.shards(mesh) > 1 else None
+        return P(*[bspec if d == 0 else hspec if d == head_axis else None for d in range(ndim)])
+
+    def in_specs(self, mesh: Mesh, args: Sequence[jax.Array]) -> tuple[P, ...]:
+        batch = args[0].shape[0]
+        return tuple(self._spec(mesh, batch, x.ndim, h) for x, h in zip(args, self.in_head_axes))
+
+    def out_specs(self, mesh: Mesh, batch: int, out_shape: Any) -> P | tuple[P, ...]:
+        if not isinstance(out_shape, (tuple, list)):
+            return self._spec(mesh, batch, len(out_shape.shape), self.out_head_axes)
+        axes = self.out_head_axes
+        axes = (axes,) * len(out_shape) if isinstance(axes, int) else tuple(axes)
+        return tuple(self._spec(mesh, batch, len(o.shape), a) for o, a in zip(out_shape, axes))
+
+    def local_shapes(self, mesh: Mesh, args: Sequence[jax.Array]) -> list[jax.ShapeDtypeStruct]:
+        """Each operand's per-device block."""
+        batch = args[0].shape[0]
+        rows = math.prod(mesh.shape[a] for a in self._batch_spec(mesh, batch) or ())
+        t = self.shards(mesh)
+        out = []
+        for x, h in zip(args, self.in_head_axes):
+            shape = list(x.shape)
+            shape[0] //= rows
+            if h is not None:
+                shape[h] //= t
+            out.append(jax.ShapeDtypeStruct(tuple(shape), x.dtype))
+        return out
+
+
 def shard_heads(
     make: Callable[[int, int], tuple[Hashable, Callable[..., Any]]],
     mesh: Mesh | None,
     args: Sequence[jax.Array],
-    head_axes: Sequence[int | None],
-    out_head_axes: int | Sequence[int],
-    num_kv_heads: int,
+    sharding: HeadSharding,
 ) -> Any:
     """Runs a per-head kernel on every device's share of batch rows and heads.
 
@@ -52,21 +110,11 @@ def shard_heads(
         blocks); equal keys mean equal kernels (one compiled branch).
       mesh: the device mesh; None runs make(0, 1) on the whole arrays.
       args: arrays whose axis 0 is the batch.
-      head_axes: per argument, the axis of its heads (query or KV), None if it has none.
-      out_head_axes: the heads axis of the output (or of each output of a tuple), batch at 0.
-      num_kv_heads: KV heads of the call (the split must keep GQA groups whole).
+      sharding: where the kernel's heads are (`HeadSharding`).
     """
     if mesh is None or mesh.size == 1:
         return make(0, 1)[1](*args)
-    t = head_shards(mesh, num_kv_heads)
-    batch = args[0].shape[0]
-    rows = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
-    bspec = tuple(a for a in BATCH_AXES if a in mesh.shape) if batch % rows == 0 else None
-    hspec = HEAD_AXIS if t > 1 else None
-
-    def spec(ndim: int, head_axis: int | None) -> P:
-        return P(*[bspec if d == 0 else hspec if d == head_axis else None for d in range(ndim)])
-
+    t = sharding.shards(mesh)
     keys, branches, index = [], [], []
     for i in range(t):
         key, fn = make(i, t)
@@ -81,34 +129,14 @@ def shard_heads(
         which = jnp.asarray(index, jnp.int32)[lax.axis_index(HEAD_AXIS)]
         return lax.switch(which, branches, *local)
 
-    out_shape = jax.eval_shape(
-        branches[0],
-        *[_local_shape(x, rows if bspec else None, h, t) for x, h in zip(args, head_axes)],
-    )
-    if isinstance(out_shape, (tuple, list)):
-        axes = (
-            (out_head_axes,) * len(out_shape)
-            if isinstance(out_head_axes, int)
-            else tuple(out_head_axes)
-        )
-        out_specs = tuple(spec(len(o.shape), a) for o, a in zip(out_shape, axes))
-    else:
-        out_specs = spec(len(out_shape.shape), out_head_axes)
-    in_specs = tuple(spec(x.ndim, h) for x, h in zip(args, head_axes))
-    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
-        *args
-    )
-
-
-def _local_shape(
-    x: jax.Array, rows: int | None, head_axis: int | None, t: int
-) -> jax.ShapeDtypeStruct:
-    shape = list(x.shape)
-    if rows:
-        shape[0] //= rows
-    if head_axis is not None:
-        shape[head_axis] //= t
-    return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+    out_shape = jax.eval_shape(branches[0], *sharding.local_shapes(mesh, args))
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=sharding.in_specs(mesh, args),
+        out_specs=sharding.out_specs(mesh, args[0].shape[0], out_shape),
+        check_vma=False,
+    )(*args)
 
 
 def sparse_attention_on_mesh(
@@ -123,8 +151,6 @@ def sparse_attention_on_mesh(
 ) -> jax.Array:
     """`sparse_attention` (q [B, T, H, D], k/v [B, S, Hkv, D]) with each device's rows and heads,
     each head with its own window and sinks; kw: `sparse_attention`'s other options."""
-    from moa_jax.pallas_kernels import sparse_attention
-
     h = q.shape[2]
     windows, sinks = tuple(windows), tuple(sinks)
 
@@ -133,7 +159,7 @@ def sparse_attention_on_mesh(
         w, s = windows[heads], sinks[heads]
         return (w, s), functools.partial(sparse_attention, windows=w, sink=s, **kw)
 
-    return shard_heads(kernel, mesh, (q, k, v), (2, 2, 2), 2, k.shape[2])
+    return shard_heads(kernel, mesh, (q, k, v), HeadSharding((2, 2, 2), 2, k.shape[2]))
 
 
 def same_kernel_on_mesh(
@@ -145,7 +171,8 @@ def same_kernel_on_mesh(
     num_kv_heads: int,
 ) -> Any:
     """`shard_heads` for a kernel with no per-head static settings (the decode kernels)."""
-    return shard_heads(lambda i, t: (None, fn), mesh, args, head_axes, out_head_axes, num_kv_heads)
+    sharding = HeadSharding(tuple(head_axes), out_head_axes, num_kv_heads)
+    return shard_heads(lambda i, t: (None, fn), mesh, args, sharding)
 
 
 def span_decode_on_mesh(
@@ -154,8 +181,6 @@ def span_decode_on_mesh(
     """`span_decode` (q [B, H, D], a `SpanKVCache`) with each device's rows and heads. The cache
     must be packed for the mesh's head split (a `MoASchedule` built with `shards=`); one that is
     not runs as a single call (XLA gathers its operands)."""
-    from moa_jax.pallas_kernels.moa_decode_gpu import span_decode
-
     sched = cache.schedule
     if mesh is None or sched.shards != head_shards(mesh, sched.num_kv_heads):
         return span_decode(q, cache, q_positions, **kw)
@@ -170,7 +195,5 @@ def span_decode_on_mesh(
         kernel,
         mesh,
         (q, cache.k, cache.v, cache.pos, q_positions),
-        (1, 1, 1, 1, None),
-        1,
-        sched.num_kv_heads,
+        HeadSharding((1, 1, 1, 1, None), 1, sched.num_kv_heads),
     )

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
+
+from moa_jax.pallas_kernels.heuristics import GPU_PROGRAMS, SPAN_MIN_BLOCKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +50,8 @@ def split_segments(
     batch: int,
     per_split: int | None = None,
     offsets: Sequence[int] | None = None,
-    programs: int = 264,
-    min_blocks: int = 4,
+    programs: int = GPU_PROGRAMS,
+    min_blocks: int = SPAN_MIN_BLOCKS,
 ) -> SegmentSplits:
     """Cuts segments of `blocks[s]` blocks, segment s starting at block `offsets[s]` (default:
     laid out one after another), into work items of about `per_split` blocks, so every program

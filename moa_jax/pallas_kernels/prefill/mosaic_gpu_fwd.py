@@ -1,6 +1,6 @@
 """The forward kernel of the Mosaic GPU prefill attention: one CTA per (query head, 128 query
 rows), two compute warpgroups of 64 rows ping-ponging on the tensor cores, a memory warpgroup
-streaming the scheduled K/V blocks (see moa_prefill_mgpu)."""
+streaming the scheduled K/V blocks (see mosaic_gpu.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_common import (
     MgpuConfig,
     acc_zeros,
     bcast,

@@ -1,6 +1,6 @@
 """Block-sparse flash attention with per-head windows and sinks: Pallas, Mosaic GPU (Hopper).
 
-The same schedule as the Triton kernel (`masks.schedule`: per (head, query block) the key blocks
+The same block tables as the Triton kernel (`block_tables`: per (head, query block) the key blocks
 to visit, partial blocks first), run the FlashAttention-3 way on sm90:
 
 forward  one CTA per (query head, 128 query rows), heaviest items first. Two compute warpgroups
@@ -9,18 +9,18 @@ forward  one CTA per (query head, 128 query rows), heaviest items first. Two com
          memory, P from registers); the two compute warpgroups ping-pong on a schedule barrier so
          that one's softmax overlaps the other's matmuls. Only partial blocks pay the element
          mask. K/V are read at the query head's KV head, never repeated.
-dq       the forward schedule again (query rows own the CTA; K/V streamed): S, dP and dQ by
+dq       the forward block tables again (query rows own the CTA; K/V streamed): S, dP and dQ by
          wgmma, P recomputed once from the saved log-sum-exp.
 dk/dv    one CTA per (KV head, 128 keys): each compute warpgroup keeps 64 rows of K and V in
          shared memory and accumulates dK and dV in registers over the streamed (query head,
          query block) tiles of every query head of its KV group (each head with its own window),
          so dK/dV are written once, already summed over the group. P is recomputed once per tile.
 
-Schedule tables are int32 arrays in global memory read as scalars; grids are static. The
+Block tables are int32 arrays in global memory read as scalars; grids are static. The
 wrapper pads T and S to 128 and D to a multiple of 64. bf16 / f16 only (f32 stays on Triton).
 
 This module holds the entry point, its tuning options and the custom VJP; the kernels are in
-moa_prefill_mgpu_fwd and moa_prefill_mgpu_bwd, what they share in moa_prefill_mgpu_common.
+mosaic_gpu_fwd.py and mosaic_gpu_bwd.py, what they share in mosaic_gpu_common.py.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moa_jax.pallas_kernels import flash_vjp, masks
-from moa_jax.pallas_kernels.moa_prefill_mgpu_bwd import dkv_call, dq_call
-from moa_jax.pallas_kernels.moa_prefill_mgpu_common import LOG2E, MgpuConfig, plgpu
-from moa_jax.pallas_kernels.moa_prefill_mgpu_fwd import fwd_call
+from moa_jax.pallas_kernels.heuristics import MGPU_BLOCK_K, MGPU_DEFAULTS, MGPU_MAX_HEAD_DIM
+from moa_jax.pallas_kernels.prefill import flash_vjp
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, cdiv
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_bwd import dkv_call, dq_call
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_common import LOG2E, MgpuConfig, plgpu
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_fwd import fwd_call
 
 _WG_ROWS = 64  # rows per compute warpgroup (one wgmma M tile)
 _TILE = 128  # T and S padding: the CTA tile of every kernel
@@ -62,7 +64,7 @@ def supported(dtype, head_dim: int) -> bool:
     D <= 128 (the dk/dv kernel's shared memory: K, V and a 3-deep ring of query tiles)."""
     return (
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        and _pad_dim(head_dim) <= 128
+        and _pad_dim(head_dim) <= MGPU_MAX_HEAD_DIM
     )
 
 
@@ -96,15 +98,15 @@ def _prepare(
     kv_lengths=None,
     scale=None,
     *,
-    block_k: int = 128,
-    block_k_dq: int = 128,
-    num_stages: int = 2,
-    num_stages_dq: int = 2,
-    num_stages_dkv: int = 3,
+    block_k: int = MGPU_DEFAULTS["block_k"],
+    block_k_dq: int = MGPU_DEFAULTS["block_k_dq"],
+    num_stages: int = MGPU_DEFAULTS["num_stages"],
+    num_stages_dq: int = MGPU_DEFAULTS["num_stages_dq"],
+    num_stages_dkv: int = MGPU_DEFAULTS["num_stages_dkv"],
     profile_dir: str = "",
 ):
-    """The static config and the padded operands of one call (the tuning defaults live here:
-    the fastest on an H200 at D = 128, docs/benchmarks.md)."""
+    """The static config and the padded operands of one call (tuning defaults:
+    `heuristics.MGPU_DEFAULTS`)."""
     if plgpu is None:
         raise RuntimeError("this jax has no Pallas Mosaic GPU backend")
     B, T, H, D = q.shape
@@ -114,13 +116,13 @@ def _prepare(
             f"the Mosaic GPU kernel takes bf16/f16 with head_dim <= 128, got {q.dtype} and {D}"
         )
     for name, x in (("block_k", block_k), ("block_k_dq", block_k_dq)):
-        if x not in (64, 128):
-            raise ValueError(f"{name} must be 64 or 128, got {x}")
+        if x not in MGPU_BLOCK_K:
+            raise ValueError(f"{name} must be one of {MGPU_BLOCK_K}, got {x}")
     scale = float(D**-0.5 if scale is None else scale)
-    Tp = masks.cdiv(T, _TILE) * _TILE
-    Sp = masks.cdiv(S, _TILE) * _TILE
+    Tp = cdiv(T, _TILE) * _TILE
+    Sp = cdiv(S, _TILE) * _TILE
     Dp = _pad_dim(D)
-    mk = lambda bq, bk: masks.MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
+    mk = lambda bq, bk: MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
     cfg = MgpuConfig(
         fwd=mk(2 * _WG_ROWS, block_k),
         dq=mk(2 * _WG_ROWS, block_k_dq),

@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from moa_jax.pallas_kernels.masks import MaskSpec, head_groups, schedule
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, head_groups
 
 
 def _brute_blocks(spec: MaskSpec) -> np.ndarray:
@@ -24,7 +25,7 @@ def _brute_blocks(spec: MaskSpec) -> np.ndarray:
 
 
 def _check(spec: MaskSpec):
-    sch = schedule(spec)
+    sch = block_tables(spec)
     expect = _brute_blocks(spec)
     np.testing.assert_array_equal(sch.block_mask(), expect)
     # Partial blocks come first, lists hold no duplicates, padding repeats a valid index.
@@ -81,8 +82,8 @@ def test_schedule_random(w, sink, t, extra, bq, bk):
 def test_work_proportional_to_kept():
     """A short window visits O(N * w / block^2) blocks, not O(N^2 / block^2)."""
     n, b = 16384, 128
-    dense = schedule(MaskSpec((n,), (0,), n, n, 0, b, b))
-    local = schedule(MaskSpec((1024,), (64,), n, n, 0, b, b))
+    dense = block_tables(MaskSpec((n,), (0,), n, n, 0, b, b))
+    local = block_tables(MaskSpec((1024,), (64,), n, n, 0, b, b))
     nb = n // b
     assert dense.visited_blocks == nb * (nb + 1) // 2
     assert local.visited_blocks <= nb * (1024 // b + 2)

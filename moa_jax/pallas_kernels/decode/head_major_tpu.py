@@ -1,4 +1,4 @@
-"""Mosaic TPU kernel of `recycled_decode_gpu`'s full-step and gathered decode (backend 'tpu').
+"""Mosaic TPU kernel of `head_major_triton`'s full-step and gathered decode (backend 'tpu').
 
 Grid (row, KV head, block): the last axis walks the KV head's N slots one block at a time,
 sequentially, with the online-softmax state in VMEM scratch. The query heads of a KV group are
@@ -8,7 +8,7 @@ come in by scalar prefetch: the K/V index maps stop at the block holding the que
 full step reads only the live part of the cache. Outputs are the unnormalised accumulator and
 the (m, l) pair in the log2 domain, merged with the new token by the shared jnp epilogue, and,
 when asked, the fp32 logits of every slot. Tested in interpret mode on CPU; on real TPUs the
-block must be a multiple of 128 (the caches of `recycled_cache` pad to it).
+block must be a multiple of 128 (the caches of `caches/head_major.py` pad to it).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from moa_jax.pallas_kernels.heuristics import padded_group_tpu
 
 _LOG2E = math.log2(math.e)
 
@@ -88,7 +90,7 @@ def tpu_partials(q, k, v, q_positions, pos, *, bk, scale, write_logits, interpre
     b, h, d = q.shape
     _, hkv, n, _ = k.shape
     group = h // hkv
-    gp = max(8, -(-group // 8) * 8)
+    gp = padded_group_tpu(group)
     steps = n // bk
     has_pos = pos is not None
     qg = jnp.zeros((b, hkv, gp, d), q.dtype).at[:, :, :group].set(q.reshape(b, hkv, group, d))

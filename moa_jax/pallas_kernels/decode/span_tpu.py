@@ -1,4 +1,4 @@
-"""MoA span-cache decode attention for TPU (Mosaic): `moa_decode_gpu.span_decode` with backend
+"""MoA span-cache decode attention for TPU (Mosaic): `span_decode` with backend
 'tpu'.
 
 Grid (row, KV head, block): the last axis walks the KV head's segment one `block` of slots at a
@@ -21,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.heuristics import padded_group_tpu
 from moa_jax.pallas_kernels.reference import visible
 
 _LOG2E = math.log2(math.e)
@@ -92,11 +93,11 @@ def span_decode_tpu(
     scale: float | None,
     interpret: bool,
 ) -> jax.Array:
-    """q [B, H, D] -> [B, H, D]; see `moa_decode_gpu.span_decode`."""
+    """q [B, H, D] -> [B, H, D]; see `dispatch.span_decode`."""
     b, h, d = q.shape
     sched = cache.schedule
     hkv, group = sched.num_kv_heads, sched.group
-    gp = max(8, -(-group // 8) * 8)
+    gp = padded_group_tpu(group)
     bk = sched.block
     nblk, start = sched.segment_blocks, sched.block_offsets
     steps = int(nblk.max())

@@ -1,5 +1,5 @@
-"""What the Mosaic GPU prefill kernels (moa_prefill_mgpu_fwd, moa_prefill_mgpu_bwd) share: the
-static config, shared-memory and register layouts, the element mask, the reads of the schedule
+"""What the Mosaic GPU prefill kernels (mosaic_gpu_fwd.py, mosaic_gpu_bwd.py) share: the
+static config, shared-memory and register layouts, the element mask, the reads of the block
 tables and the memory warpgroup that streams scheduled K/V blocks."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import masks
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, kernel_tables
 from moa_jax.pallas_kernels.reference import visible
 
 try:
@@ -26,9 +26,9 @@ LOG2E = math.log2(math.e)
 class MgpuConfig:
     """Static configuration of one call (hashable)."""
 
-    fwd: masks.MaskSpec  # block_q = 128 (two warpgroups), block_k = forward key block
-    dq: masks.MaskSpec  # block_q = 128, block_k = dq key block
-    dkv: masks.MaskSpec  # block_q = 64 (streamed query tile), block_k = 128 (two warpgroups)
+    fwd: MaskSpec  # block_q = 128 (two warpgroups), block_k = forward key block
+    dq: MaskSpec  # block_q = 128, block_k = dq key block
+    dkv: MaskSpec  # block_q = 64 (streamed query tile), block_k = 128 (two warpgroups)
     num_kv_heads: int
     scale: float
     has_kv_lengths: bool
@@ -102,10 +102,10 @@ def acc_zeros(shape):
     return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
 
-def table_operands(spec: masks.MaskSpec, blocks, num_partial, num, kv_lengths) -> list:
-    """The scalar tables every kernel here takes first: `masks.kernel_tables` (work order,
+def table_operands(spec: MaskSpec, blocks, num_partial, num, kv_lengths) -> list:
+    """The scalar tables every kernel here takes first: `kernel_tables` (work order,
     windows, sinks, blocks, num_partial, num) and kv_lengths int32 [B]."""
-    return [jnp.asarray(t) for t in masks.kernel_tables(spec, blocks, num_partial, num)] + [
+    return [jnp.asarray(t) for t in kernel_tables(spec, blocks, num_partial, num)] + [
         kv_lengths.astype(jnp.int32)
     ]
 
@@ -149,11 +149,11 @@ def stream_kv(
         plgpu.copy_gmem_to_smem(v_ref.at[sl], v_smem.at[slot], v_ready.at[slot])
 
 
-def row_tiles(cfg: MgpuConfig, spec: masks.MaskSpec, num_heads: int):
+def row_tiles(cfg: MgpuConfig, spec: MaskSpec, num_heads: int):
     """Statics of a kernel whose CTAs own 2 x 64 query rows and stream scheduled key blocks:
-    (schedule, query tiles, most blocks per tile, rows per warpgroup, key block, GQA group,
+    (block tables, query tiles, most blocks per tile, rows per warpgroup, key block, GQA group,
     log2-scaled logit scale, query offset, key length, ragged kv lengths?)."""
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     return (
         sch,
         spec.num_q_blocks,

@@ -1,7 +1,7 @@
 """TPU prefill: jax's splash attention driven with per-head window + sink masks.
 
 Splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`, Mosaic TPU) takes one mask
-per head and builds a block-sparse schedule from it. With several distinct masks in one call it
+per head and builds block-sparse tables from it. With several distinct masks in one call it
 stops shrinking its grid and loads partial-block masks from memory (DESIGN.md), so heads are
 grouped by equal (window, sink) and splash is called once per group, each with a single
 *computable* mask (`WindowSinkMask`) that it evaluates inside the kernel from iotas:
@@ -15,7 +15,7 @@ otherwise the group's K/V heads are gathered (a copy of Hg x S x D, since splash
 one K/V per query head). Per-row padding (`kv_lengths`) uses splash's segment ids (padding keys get
 another segment). Rows that see no key at all (only possible with padding) are zeroed here with
 lse -inf, as in the oracle. The log-sum-exp comes from splash's residuals and is not differentiable
-(the output is: splash's own backward kernels, on the same block-sparse schedule); a call with
+(the output is: splash's own backward kernels, on the same block-sparse tables); a call with
 `return_lse=True` runs splash with residuals, which splash does not differentiate.
 """
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moa_jax.pallas_kernels import masks as masks_lib
+from moa_jax.pallas_kernels.prefill.block_tables import cdiv, head_groups
 from moa_jax.pallas_kernels.reference import visible
 
 try:
@@ -157,8 +157,8 @@ def sparse_attention_tpu(
     S, Hkv = k.shape[1], k.shape[2]
     g = H // Hkv
     scale = float(D**-0.5 if scale is None else scale)
-    Tp = masks_lib.cdiv(T, block_q) * block_q
-    Sp = masks_lib.cdiv(S, block_k) * block_k
+    Tp = cdiv(T, block_q) * block_q
+    Sp = cdiv(S, block_k) * block_k
     qs, k = _prescale(q, k, scale, exact=return_lse)
     qs = jnp.pad(qs, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
     kp = jnp.pad(k, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
@@ -170,7 +170,7 @@ def sparse_attention_tpu(
         q_seg = jnp.zeros((B, Tp), jnp.int32)
     out = jnp.zeros((B, Tp, H, D), q.dtype)
     lse = jnp.full((B, H, Tp), -jnp.inf, jnp.float32)
-    for (w, s), heads in masks_lib.head_groups(windows, sinks).items():
+    for (w, s), heads in head_groups(windows, sinks).items():
         heads = np.asarray(heads)
         kv_heads = np.unique(heads // g)
         mqa = len(kv_heads) == 1

@@ -1,6 +1,6 @@
 """MoA decode attention over a `SpanKVCache`: one query token per row, per-head windows + sinks.
 
-The cache's `MoASchedule` (`moa_schedule.py`) gives everything static: each KV head's segment of
+The cache's `MoASchedule` (`caches/schedule.py`) gives everything static: each KV head's segment of
 the flat cache holds its sink tokens and a ring of its group's largest window, and a query head h
 attends to the slots of its KV head whose stored position p satisfies
 `p <= i and (i - p < windows[h] or p < sinks[h])`. Slot order is irrelevant (keys carry RoPE
@@ -13,7 +13,8 @@ and the grid is (row, item); one program walks its item's blocks with an online 
 writes an unnormalised partial result, and each KV head's items are merged in jnp. The query
 heads of a KV group are processed together (padded to 16 rows for the tensor cores), so each
 K/V block is read once for its whole group. The work list is precomputed outside the kernel and
-read as scalars.
+read as scalars. The entry point, `span_decode`, is in `dispatch.py`; the oracle,
+`span_decode_reference`, in `reference.py`.
 """
 
 from __future__ import annotations
@@ -24,38 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels.moa_cache import SpanKVCache
-from moa_jax.pallas_kernels.reference import mha_reference, visible
-from moa_jax.pallas_kernels.split_k import flash_blocks
-
-
-def _check(q: jax.Array, cache: SpanKVCache):
-    b, h, d = q.shape
-    sched = cache.schedule
-    if h != sched.num_heads:
-        raise ValueError(
-            f"need one window and sink per query head ({h}); the cache's schedule has "
-            f"{sched.num_heads}"
-        )
-    if cache.k.shape[0] != b or cache.k.shape[2] != d:
-        raise ValueError(f"q {q.shape} does not match the cache keys {cache.k.shape}")
-
-
-def span_decode_reference(
-    q: jax.Array, cache: SpanKVCache, q_positions: jax.Array, scale: float | None = None
-) -> jax.Array:
-    """The jnp oracle. q [B, H, D] at positions q_positions [B]; returns [B, H, D]."""
-    b, h, d = q.shape
-    sched = cache.schedule
-    p = cache.pos[:, None, None, :]  # [B, 1, 1, M]
-    qp = q_positions[:, None, None, None]
-    w = jnp.asarray(sched.windows, jnp.int32)[None, :, None, None]
-    s = jnp.asarray(sched.sinks, jnp.int32)[None, :, None, None]
-    heads = jnp.asarray(sched.slot_layout()[0])
-    own = (heads[None, :] == (jnp.arange(h) // sched.group)[:, None])[None, :, None, :]
-    mask = own & (p >= 0) & visible(qp, p, w, s)
-    out = mha_reference(q[:, None], cache.k[:, :, None], cache.v[:, :, None], mask, scale=scale)
-    return out[:, 0]
+from moa_jax.pallas_kernels.decode.split_k import flash_blocks
+from moa_jax.pallas_kernels.heuristics import DECODE_NUM_STAGES, padded_group_gpu
+from moa_jax.pallas_kernels.prefill.triton import compiler_params
+from moa_jax.pallas_kernels.reference import visible
 
 
 def _decode_kernel(
@@ -96,11 +69,12 @@ def _decode_kernel(
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "per_split", "interpret", "num_warps"))
-def _span_decode_pallas(q, cache, q_positions, *, scale, per_split, interpret, num_warps):
+def span_decode_triton(q, cache, q_positions, *, scale, per_split, interpret, num_warps):
+    """The Triton kernel: q [B, H, D] at q_positions [B] over `cache` -> [B, H, D]."""
     b, h, d = q.shape
     sched = cache.schedule
     hkv, group = sched.num_kv_heads, sched.group
-    gp = max(16, 1 << (group - 1).bit_length())
+    gp = padded_group_gpu(group)
     work = sched.work_list(b, per_split)
     items = work.num_items
     windows, sinks = sched.group_tables(gp)
@@ -113,11 +87,7 @@ def _span_decode_pallas(q, cache, q_positions, *, scale, per_split, interpret, n
         jax.ShapeDtypeStruct((b, items, gp), jnp.float32),
         jax.ShapeDtypeStruct((b, items, gp), jnp.float32),
     ]
-    params = None
-    if not interpret:
-        from moa_jax.pallas_kernels.moa_prefill_gpu import _compiler_params
-
-        params = _compiler_params(num_warps, 2)
+    params = None if interpret else compiler_params(num_warps, DECODE_NUM_STAGES)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(b, items),
@@ -149,53 +119,3 @@ def _span_decode_pallas(q, cache, q_positions, *, scale, per_split, interpret, n
     den = jnp.sum(l * wgt, axis=2)
     out = num / jnp.where(den > 0, den, 1.0)[..., None]
     return out[:, :, :group].reshape(b, h, d).astype(q.dtype)
-
-
-def span_decode(
-    q: jax.Array,
-    cache: SpanKVCache,
-    q_positions: jax.Array,
-    *,
-    backend: str = "auto",
-    interpret: bool | None = None,
-    per_split: int | None = None,
-    scale: float | None = None,
-    num_warps: int = 4,
-) -> jax.Array:
-    """Decode attention of one token per row over a MoA span cache.
-
-    Args:
-      q: [B, H, D], the new token's queries (after RoPE) at positions q_positions int [B]; the
-        token itself must already be written to the cache.
-      cache: the layer's `SpanKVCache`; its schedule holds the per-query-head windows and sinks.
-      backend: 'auto' (by platform: the Mosaic TPU kernel on TPU, else the Triton kernel, in
-        interpret mode off its platform), 'gpu', 'tpu' or 'reference' (the jnp oracle).
-      per_split: split-K work per program in cache blocks (default: `split_segments`'s via
-        `MoASchedule.work_list`: enough programs to fill the GPU, the long segments cut to the
-        short ones' length).
-    Returns:
-      [B, H, D] in q's dtype.
-    """
-    _check(q, cache)
-    if backend == "reference":
-        return span_decode_reference(q, cache, q_positions, scale)
-    if backend not in ("auto", "gpu", "tpu"):
-        raise ValueError(f"backend must be 'auto', 'gpu', 'tpu' or 'reference', got {backend!r}")
-    platform = jax.default_backend()
-    if backend == "auto":
-        backend = "tpu" if platform == "tpu" else "gpu"
-    if interpret is None:
-        interpret = platform != {"gpu": "gpu", "tpu": "tpu"}[backend]
-    if backend == "tpu":
-        from moa_jax.pallas_kernels.moa_decode_tpu import span_decode_tpu
-
-        return span_decode_tpu(q, cache, q_positions, scale=scale, interpret=interpret)
-    return _span_decode_pallas(
-        q,
-        cache,
-        q_positions,
-        scale=scale,
-        per_split=per_split,
-        interpret=interpret,
-        num_warps=num_warps,
-    )

@@ -1,8 +1,8 @@
 """The dense KV cache: a pytree with static shapes, one per layer.
 
 `DenseKVCache` holds keys (after RoPE) and values at their absolute positions, slot j holds token
-j. Memory: 2 * B * S * Hkv * D * itemsize bytes per layer. (MoA's span cache lives with the
-kernels that read it: `moa_jax.pallas_kernels.moa_cache.SpanKVCache`.)
+j. Memory: 2 * B * S * Hkv * D * itemsize bytes per layer. (MoA's span cache is `SpanKVCache`
+in `span.py`; the head-major caches are in `head_major.py`.)
 """
 
 from __future__ import annotations

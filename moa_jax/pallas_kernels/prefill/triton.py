@@ -3,16 +3,16 @@
 Forward: one program per (work item, batch row), a work item being one (query head, query block);
 work items run heaviest first (longest key-block lists), a static longest-processing-time order
 that keeps the GPU busy when dense and short-window heads are mixed. A program walks only its
-scheduled key blocks (`masks.schedule`): first the partial blocks with the element mask, then the
+tabled key blocks (`block_tables`): first the partial blocks with the element mask, then the
 full blocks without it, with an online softmax in base 2. K/V are read at their KV head
 (`h // group`), never repeated.
 
 Backward (`jax.custom_vjp`, FlashAttention-2 style, recomputing the probabilities from the saved
-log-sum-exp): a dq kernel over the forward schedule and a dk/dv kernel over the transposed schedule,
+log-sum-exp): a dq kernel over the forward block tables and a dk/dv kernel over the transposed ones,
 one program per (KV head, key block) looping over the query heads of its group (each with its own
 window) so dk/dv accumulate in registers and are written once.
 
-All schedule tables are int32 arrays read by the kernels as scalars (Triton has no scalar
+All block tables are int32 arrays read by the kernels as scalars (Triton has no scalar
 prefetch); the grid is static. Padding of T/S to the block sizes and of D to a power of two
 happens in the wrapper.
 """
@@ -28,7 +28,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import flash_vjp, masks
+from moa_jax.pallas_kernels.heuristics import (
+    TRITON_DKV_BLOCK_Q,
+    TRITON_PREFILL_STAGES,
+    triton_head_dim,
+    triton_prefill_warps,
+)
+from moa_jax.pallas_kernels.prefill import flash_vjp
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables, cdiv, kernel_tables
+from moa_jax.pallas_kernels.prefill.flash_vjp import BackwardRefs
 from moa_jax.pallas_kernels.reference import visible
 
 try:  # jax >= 0.4.3x: pallas.triton; name changed over versions.
@@ -49,9 +57,9 @@ _LN2 = math.log(2.0)
 class KernelConfig:
     """Static configuration of one sparse attention call (hashable)."""
 
-    fwd: masks.MaskSpec  # forward schedule (block_q, block_k)
-    dq: masks.MaskSpec  # dq schedule
-    dkv: masks.MaskSpec  # dk/dv (transposed) schedule
+    fwd: MaskSpec  # forward block tables (block_q, block_k)
+    dq: MaskSpec  # dq block tables
+    dkv: MaskSpec  # dk/dv (transposed) block tables
     num_kv_heads: int
     scale: float
     has_kv_lengths: bool
@@ -62,7 +70,8 @@ class KernelConfig:
     num_stages_bwd: int = 2
 
 
-def _compiler_params(num_warps, num_stages):
+def compiler_params(num_warps, num_stages):
+    """Triton compiler parameters (None where this jax has no Triton backend)."""
     if _CompilerParams is None:
         return None
     return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -165,7 +174,7 @@ def _fwd_kernel(
 
 def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
     spec = cfg.fwd
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     B, Tp, H, D = q.shape
     nq = spec.num_q_blocks
     kernel = functools.partial(
@@ -182,8 +191,7 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
         poison=poison,
     )
     tables = [
-        jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+        jnp.asarray(t) for t in kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
     ] + [kv_lengths.astype(jnp.int32)]
     out_shape = [
         jax.ShapeDtypeStruct((B, Tp, H, D), q.dtype),
@@ -197,13 +205,13 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
             jnp.full((B, H, Tp), jnp.nan, jnp.float32),
         ]
         aliases = {len(args) - 2: 0, len(args) - 1: 1}
-    nw = cfg.num_warps or (4 if D <= 64 else 8)
+    nw = cfg.num_warps or triton_prefill_warps(D)
     return pl.pallas_call(
         kernel,
         grid=(H * nq, B),
         out_shape=out_shape,
         input_output_aliases=aliases,
-        compiler_params=None if cfg.interpret else _compiler_params(nw, cfg.num_stages),
+        compiler_params=None if cfg.interpret else compiler_params(nw, cfg.num_stages),
         interpret=cfg.interpret,
         name="moa_sparse_fwd",
     )(*args)
@@ -211,21 +219,7 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
 
 # ------------------------------------------------------------------------------ dq kernel
 def _dq_kernel(
-    order_ref,
-    win_ref,
-    sink_ref,
-    blocks_ref,
-    npart_ref,
-    num_ref,
-    kvlen_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dq_ref,
-    *,
+    *refs,
     nq,
     kmax,
     bq,
@@ -236,29 +230,30 @@ def _dq_kernel(
     scale,
     has_kvlen,
 ):
-    item = order_ref[pl.program_id(0)]
+    r, (dq_ref,) = BackwardRefs.split(refs)
+    item = r.order[pl.program_id(0)]
     b = pl.program_id(1)
     h = item // nq
     m = item % nq
     kvh = h // group
-    w = win_ref[h]
-    s_ = sink_ref[h]
-    kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
-    q = q_ref[b, pl.ds(m * bq, bq), h, :]
-    do = do_ref[b, pl.ds(m * bq, bq), h, :]
-    lse = lse_ref[b, h, pl.ds(m * bq, bq)]
+    w = r.win[h]
+    s_ = r.sink[h]
+    kv_valid = jnp.minimum(r.kvlen[b], kv_len) if has_kvlen else kv_len
+    q = r.q[b, pl.ds(m * bq, bq), h, :]
+    do = r.do[b, pl.ds(m * bq, bq), h, :]
+    lse = r.lse[b, h, pl.ds(m * bq, bq)]
     lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
-    delta = delta_ref[b, h, pl.ds(m * bq, bq)]
+    delta = r.delta[b, h, pl.ds(m * bq, bq)]
     base = item * kmax
-    npart = npart_ref[item]
-    num = num_ref[item]
+    npart = r.npart[item]
+    num = r.num[item]
     c = scale * _LOG2E
     rows = q_offset + m * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
 
     def body(i, dq, masked):
-        n = blocks_ref[base + i]
-        k = k_ref[b, pl.ds(n * bk, bk), kvh, :]
-        v = v_ref[b, pl.ds(n * bk, bk), kvh, :]
+        n = r.blocks[base + i]
+        k = r.k[b, pl.ds(n * bk, bk), kvh, :]
+        v = r.v[b, pl.ds(n * bk, bk), kvh, :]
         sc = _dot(q, k) * c
         if masked:
             cols = n * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
@@ -279,22 +274,7 @@ def _dq_kernel(
 
 # ---------------------------------------------------------------------------- dk/dv kernel
 def _dkv_kernel(
-    order_ref,
-    win_ref,
-    sink_ref,
-    blocks_ref,
-    npart_ref,
-    num_ref,
-    kvlen_ref,
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dk_ref,
-    dv_ref,
-    *,
+    *refs,
     nk,
     qmax,
     bq,
@@ -305,34 +285,35 @@ def _dkv_kernel(
     scale,
     has_kvlen,
 ):
-    item = order_ref[pl.program_id(0)]
+    r, (dk_ref, dv_ref) = BackwardRefs.split(refs)
+    item = r.order[pl.program_id(0)]
     b = pl.program_id(1)
     kvh = item // nk
     n = item % nk
-    kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
-    k = k_ref[b, pl.ds(n * bk, bk), kvh, :]
-    v = v_ref[b, pl.ds(n * bk, bk), kvh, :]
+    kv_valid = jnp.minimum(r.kvlen[b], kv_len) if has_kvlen else kv_len
+    k = r.k[b, pl.ds(n * bk, bk), kvh, :]
+    v = r.v[b, pl.ds(n * bk, bk), kvh, :]
     c = scale * _LOG2E
     cols = n * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
     for g in range(group):
         h = kvh * group + g
-        w = win_ref[h]
-        s_ = sink_ref[h]
+        w = r.win[h]
+        s_ = r.sink[h]
         hn = h * nk + n
         base = hn * qmax
-        npart = npart_ref[hn]
-        num = num_ref[hn]
+        npart = r.npart[hn]
+        num = r.num[hn]
 
         def body(i, carry, masked, h=h, w=w, s_=s_, base=base):
             dk, dv = carry
-            mq = blocks_ref[base + i]
-            q = q_ref[b, pl.ds(mq * bq, bq), h, :]
-            do = do_ref[b, pl.ds(mq * bq, bq), h, :]
-            lse = lse_ref[b, h, pl.ds(mq * bq, bq)]
+            mq = r.blocks[base + i]
+            q = r.q[b, pl.ds(mq * bq, bq), h, :]
+            do = r.do[b, pl.ds(mq * bq, bq), h, :]
+            lse = r.lse[b, h, pl.ds(mq * bq, bq)]
             lse2 = jnp.where(lse == -jnp.inf, jnp.inf, lse * _LOG2E)
-            delta = delta_ref[b, h, pl.ds(mq * bq, bq)]
+            delta = r.delta[b, h, pl.ds(mq * bq, bq)]
             sc = _dot(q, k) * c
             if masked:
                 rows = q_offset + mq * bq + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
@@ -353,35 +334,41 @@ def _dkv_kernel(
     dv_ref[b, pl.ds(n * bk, bk), kvh, :] = dv.astype(dv_ref.dtype)
 
 
+def _pass_statics(cfg: KernelConfig, spec: MaskSpec, group: int) -> dict:
+    """The static arguments the dq and dk/dv kernels share (one backward pass's `spec`)."""
+    return dict(
+        bq=spec.block_q,
+        bk=spec.block_k,
+        group=group,
+        q_offset=spec.q_offset,
+        kv_len=spec.kv_len,
+        scale=cfg.scale,
+        has_kvlen=cfg.has_kv_lengths,
+    )
+
+
 def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
     B, Tp, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
     delta = flash_vjp.backward_delta(out, do, lse, dlse)
     kvl = kv_lengths.astype(jnp.int32)
-    nw = cfg.num_warps_bwd or (4 if D <= 64 else 8)
-    cp = None if cfg.interpret else _compiler_params(nw, cfg.num_stages_bwd)
+    nw = cfg.num_warps_bwd or triton_prefill_warps(D)
+    cp = None if cfg.interpret else compiler_params(nw, cfg.num_stages_bwd)
 
-    # dq over the forward-style schedule of cfg.dq.
+    # dq over the forward-style block tables of cfg.dq.
     spec = cfg.dq
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     nq = spec.num_q_blocks
     tables = [
-        jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
+        jnp.asarray(t) for t in kernel_tables(spec, sch.kv_blocks, sch.kv_num_partial, sch.kv_num)
     ] + [kvl]
     dq = pl.pallas_call(
         functools.partial(
             _dq_kernel,
             nq=nq,
             kmax=sch.max_kv_blocks,
-            bq=spec.block_q,
-            bk=spec.block_k,
-            group=group,
-            q_offset=spec.q_offset,
-            kv_len=spec.kv_len,
-            scale=cfg.scale,
-            has_kvlen=cfg.has_kv_lengths,
+            **_pass_statics(cfg, spec, group),
         ),
         grid=(H * nq, B),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -390,27 +377,21 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
         name="moa_sparse_dq",
     )(*tables, q, k, v, do, lse, delta)
 
-    # dk/dv over the transposed schedule of cfg.dkv, one program per (KV head, key block).
+    # dk/dv over the transposed block tables of cfg.dkv, one program per (KV head, key block).
     spec = cfg.dkv
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     nk = spec.num_k_blocks
     per_kv = sch.q_num.reshape(Hkv, group, nk).sum(axis=1)
     tables = [
         jnp.asarray(t)
-        for t in masks.kernel_tables(spec, sch.q_blocks, sch.q_num_partial, sch.q_num, work=per_kv)
+        for t in kernel_tables(spec, sch.q_blocks, sch.q_num_partial, sch.q_num, work=per_kv)
     ] + [kvl]
     dk, dv = pl.pallas_call(
         functools.partial(
             _dkv_kernel,
             nk=nk,
             qmax=sch.max_q_blocks,
-            bq=spec.block_q,
-            bk=spec.block_k,
-            group=group,
-            q_offset=spec.q_offset,
-            kv_len=spec.kv_len,
-            scale=cfg.scale,
-            has_kvlen=cfg.has_kv_lengths,
+            **_pass_statics(cfg, spec, group),
         ),
         grid=(Hkv * nk, B),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -442,9 +423,9 @@ def sparse_attention_gpu(
     block_k_dkv=None,
     interpret=False,
     num_warps=None,
-    num_stages=2,
+    num_stages=TRITON_PREFILL_STAGES,
     num_warps_bwd=None,
-    num_stages_bwd=2,
+    num_stages_bwd=TRITON_PREFILL_STAGES,
     poison=False,
 ):
     """Pallas/Triton per-head window + sink attention. Returns (out [B,T,H,D], lse [B,H,T])."""
@@ -453,17 +434,17 @@ def sparse_attention_gpu(
     scale = float(D**-0.5 if scale is None else scale)
     bq_dq = block_q_dq or block_q
     bk_dq = block_k_dq or block_k
-    bq_dkv = block_q_dkv or min(block_q, 64)  # dk/dv streams q and dO tiles: keep them small
+    bq_dkv = block_q_dkv or min(block_q, TRITON_DKV_BLOCK_Q)
     bk_dkv = block_k_dkv or block_k
     qb = max(block_q, bq_dq, bq_dkv)
     kb = max(block_k, bk_dq, bk_dkv)
     for x in (block_q, block_k, bq_dq, bk_dq, bq_dkv, bk_dkv):
         if x & (x - 1) or x < 1:
             raise ValueError(f"block sizes must be powers of two, got {x}")
-    Tp = masks.cdiv(T, qb) * qb
-    Sp = masks.cdiv(S, kb) * kb
-    Dp = max(16, 1 << (D - 1).bit_length())
-    mk = lambda bq, bk: masks.MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
+    Tp = cdiv(T, qb) * qb
+    Sp = cdiv(S, kb) * kb
+    Dp = triton_head_dim(D)
+    mk = lambda bq, bk: MaskSpec(windows, sinks, T, S, q_offset, bq, bk)  # noqa: E731
     cfg = KernelConfig(
         fwd=mk(block_q, block_k),
         dq=mk(bq_dq, bk_dq),

@@ -1,5 +1,5 @@
-"""The backward kernels of the Mosaic GPU prefill attention (see moa_prefill_mgpu): dq over the
-forward schedule, and dk/dv with one CTA per (KV head, 128 keys) over the (query head, query
+"""The backward kernels of the Mosaic GPU prefill attention (see mosaic_gpu.py): dq over the
+forward block tables, and dk/dv with one CTA per (KV head, 128 keys) over the (query head, query
 block) tiles of `dkv_tables`."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from moa_jax.pallas_kernels import masks
-from moa_jax.pallas_kernels.moa_prefill_mgpu_common import (
+from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec, block_tables
+from moa_jax.pallas_kernels.prefill.flash_vjp import BackwardRefs
+from moa_jax.pallas_kernels.prefill.mosaic_gpu_common import (
     LOG2E,
     MgpuConfig,
     acc_zeros,
@@ -42,7 +43,7 @@ def _col_vec(ref):
 
 
 def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
-    """dq [B, Tp, H, Dp] (scaled) over the forward-style schedule of cfg.dq."""
+    """dq [B, Tp, H, Dp] (scaled) over the forward-style block tables of cfg.dq."""
     spec = cfg.dq
     B, Tp, H, D = q.shape
     sch, nq, kmax, bq, bk, group, c, q_offset, kv_len, has_kvlen = row_tiles(cfg, spec, H)
@@ -50,33 +51,13 @@ def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     dtype = q.dtype
 
     def kernel(
-        order_ref,
-        win_ref,
-        sink_ref,
-        blocks_ref,
-        npart_ref,
-        num_ref,
-        kvlen_ref,
-        q_ref,
-        k_ref,
-        v_ref,
-        do_ref,
-        lse_ref,
-        delta_ref,
-        dq_ref,
-        q_smem2,
-        do_smem2,
-        lse_smem2,
-        delta_smem2,
-        k_smem,
-        v_smem,
-        row_ready,
-        k_ready,
-        v_ready,
-        k_free,
-        v_free,
+        *refs,
     ):
-        b, item, h, m, num, npart = work_item(order_ref, num_ref, npart_ref, nq, has_kvlen)
+        r, own = BackwardRefs.split(refs)
+        dq_ref = own[0]
+        q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem = own[1:7]
+        row_ready, k_ready, v_ready, k_free, v_free = own[7:]
+        b, item, h, m, num, npart = work_item(r.order, r.num, r.npart, nq, has_kvlen)
         kvh = div(h, group)
         base = item * kmax
         wg = lax.axis_index("wg")
@@ -87,17 +68,17 @@ def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             q_s, do_s = q_smem2.at[wg], do_smem2.at[wg]
             row0 = m * (2 * bq) + wg * bq
             rs = (b, pl.ds(row0, bq), h)
-            plgpu.copy_gmem_to_smem(q_ref.at[rs], q_s, row_ready.at[wg])
-            plgpu.copy_gmem_to_smem(do_ref.at[rs], do_s, row_ready.at[wg])
+            plgpu.copy_gmem_to_smem(r.q.at[rs], q_s, row_ready.at[wg])
+            plgpu.copy_gmem_to_smem(r.do.at[rs], do_s, row_ready.at[wg])
             plgpu.copy_gmem_to_smem(
-                lse_ref.at[b, h, pl.ds(row0, bq)], lse_smem2.at[wg], row_ready.at[wg]
+                r.lse.at[b, h, pl.ds(row0, bq)], lse_smem2.at[wg], row_ready.at[wg]
             )
             plgpu.copy_gmem_to_smem(
-                delta_ref.at[b, h, pl.ds(row0, bq)], delta_smem2.at[wg], row_ready.at[wg]
+                r.delta.at[b, h, pl.ds(row0, bq)], delta_smem2.at[wg], row_ready.at[wg]
             )
-            w = win_ref[h]
-            s_ = sink_ref[h]
-            kv_valid = valid_kv_len(kvlen_ref, b, kv_len, has_kvlen)
+            w = r.win[h]
+            s_ = r.sink[h]
+            kv_valid = valid_kv_len(r.kvlen, b, kv_len, has_kvlen)
             plgpu.barrier_wait(row_ready.at[wg])
             lse = _row_vec(lse_smem2.at[wg])
             dlt = _row_vec(delta_smem2.at[wg])
@@ -114,9 +95,7 @@ def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                     s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
                 with jax.named_scope("p"):
                     if masked:
-                        s = mask_block(
-                            s, q_offset + row0, blocks_ref[base + i] * bk, w, s_, kv_valid
-                        )
+                        s = mask_block(s, q_offset + row0, r.blocks[base + i] * bk, w, s_, kv_valid)
                     p = jnp.exp2(s * c - bcast(lse, s.shape, 0))
                 plgpu.barrier_wait(v_ready.at[slot])
 
@@ -151,15 +130,15 @@ def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             plgpu.set_max_registers(40, action="decrease")
 
             stream_kv(
-                k_ref,
-                v_ref,
+                r.k,
+                r.v,
                 k_smem,
                 v_smem,
                 k_ready,
                 v_ready,
                 k_free,
                 v_free,
-                blocks_ref,
+                r.blocks,
                 base,
                 num,
                 b,
@@ -193,13 +172,13 @@ def dq_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     )(*tables, q, k, v, do, lse2, delta)
 
 
-def dkv_tables(spec: masks.MaskSpec, num_kv_heads: int):
+def dkv_tables(spec: MaskSpec, num_kv_heads: int):
     """Per (KV head, key block) the (query head, query block) tiles to stream, masked first.
 
     Returns (entries [Hkv * nk, Emax] int32 with entry = head * nq + query block,
     num_partial [Hkv * nk], num [Hkv * nk]); rows padded with a repeat of a valid entry.
     """
-    sch = masks.schedule(spec)
+    sch = block_tables(spec)
     H, nk = spec.num_heads, spec.num_k_blocks
     nq = spec.num_q_blocks
     group = H // num_kv_heads
@@ -243,32 +222,13 @@ def dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
     dtype = q.dtype
 
     def kernel(
-        order_ref,
-        win_ref,
-        sink_ref,
-        ent_ref,
-        npart_ref,
-        num_ref,
-        kvlen_ref,
-        q_ref,
-        k_ref,
-        v_ref,
-        do_ref,
-        lse_ref,
-        delta_ref,
-        dk_ref,
-        dv_ref,
-        k_smem2,
-        v_smem2,
-        q_smem,
-        do_smem,
-        lse_smem,
-        delta_smem,
-        kv_ready,
-        tile_ready,
-        tile_free,
+        *refs,
     ):
-        b, item, kvh, n, num, npart = work_item(order_ref, num_ref, npart_ref, nk, has_kvlen)
+        r, own = BackwardRefs.split(refs)
+        dk_ref, dv_ref = own[:2]
+        k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem = own[2:8]
+        kv_ready, tile_ready, tile_free = own[8:]
+        b, item, kvh, n, num, npart = work_item(r.order, r.num, r.npart, nk, has_kvlen)
         base = item * emax
         wg = lax.axis_index("wg")
 
@@ -278,9 +238,9 @@ def dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             k_s, v_s = k_smem2.at[wg], v_smem2.at[wg]
             col0 = n * (2 * bk) + wg * bk
             ks = (b, pl.ds(col0, bk), kvh)
-            plgpu.copy_gmem_to_smem(k_ref.at[ks], k_s, kv_ready.at[wg])
-            plgpu.copy_gmem_to_smem(v_ref.at[ks], v_s, kv_ready.at[wg])
-            kv_valid = valid_kv_len(kvlen_ref, b, kv_len, has_kvlen)
+            plgpu.copy_gmem_to_smem(r.k.at[ks], k_s, kv_ready.at[wg])
+            plgpu.copy_gmem_to_smem(r.v.at[ks], v_s, kv_ready.at[wg])
+            kv_valid = valid_kv_len(r.kvlen, b, kv_len, has_kvlen)
             plgpu.barrier_wait(kv_ready.at[wg])
 
             def step(i, carry, masked):
@@ -295,12 +255,10 @@ def dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                 with jax.named_scope("s"):
                     st = pl.run_scoped(kq, plgpu.ACC((bk, bq), jnp.float32))  # [keys, queries]
                 if masked:
-                    e = ent_ref[base + i]
+                    e = r.blocks[base + i]
                     h = div(e, nq)
                     row0 = q_offset + rem(e, nq) * bq
-                    st = mask_block(
-                        st, row0, col0, win_ref[h], sink_ref[h], kv_valid, keys_first=True
-                    )
+                    st = mask_block(st, row0, col0, r.win[h], r.sink[h], kv_valid, keys_first=True)
                 lse = _col_vec(lse_smem.at[slot])
                 pt = jnp.exp2(st * c - bcast(lse, st.shape, 1))
 
@@ -344,7 +302,7 @@ def dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
             @pl.loop(0, num)
             def _(i):
                 slot = rem(i, stages)
-                e = ent_ref[base + i]
+                e = r.blocks[base + i]
                 h = div(e, nq)
                 r0 = rem(e, nq) * bq
 
@@ -353,13 +311,13 @@ def dkv_call(cfg: MgpuConfig, q, k, v, do, lse2, delta, kv_lengths):
                     plgpu.barrier_wait(tile_free.at[slot])
 
                 rs = (b, pl.ds(r0, bq), h)
-                plgpu.copy_gmem_to_smem(q_ref.at[rs], q_smem.at[slot], tile_ready.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[rs], do_smem.at[slot], tile_ready.at[slot])
+                plgpu.copy_gmem_to_smem(r.q.at[rs], q_smem.at[slot], tile_ready.at[slot])
+                plgpu.copy_gmem_to_smem(r.do.at[rs], do_smem.at[slot], tile_ready.at[slot])
                 plgpu.copy_gmem_to_smem(
-                    lse_ref.at[b, h, pl.ds(r0, bq)], lse_smem.at[slot], tile_ready.at[slot]
+                    r.lse.at[b, h, pl.ds(r0, bq)], lse_smem.at[slot], tile_ready.at[slot]
                 )
                 plgpu.copy_gmem_to_smem(
-                    delta_ref.at[b, h, pl.ds(r0, bq)], delta_smem.at[slot], tile_ready.at[slot]
+                    r.delta.at[b, h, pl.ds(r0, bq)], delta_smem.at[slot], tile_ready.at[slot]
                 )
 
     tables = table_operands(spec, entries, npart_t, num_t, kv_lengths)

@@ -1,8 +1,8 @@
 """MoA's span KV cache: per KV head only its sink tokens and a ring of its group's largest window.
 
-The layout is a `MoASchedule`'s (`moa_schedule.py`), which the cache carries as static metadata,
-so the decode kernels (`moa_decode_gpu.py`, `moa_decode_tpu.py`) read the same schedule the cache
-was built from.
+The layout is a `MoASchedule`'s (`schedule.py`), which the cache carries as static metadata, so
+the decode kernels (`decode/span_triton.py`, `decode/span_tpu.py`) read the same schedule the
+cache was built from.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moa_jax.pallas_kernels.moa_schedule import MoASchedule
+from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 
 
 @functools.partial(

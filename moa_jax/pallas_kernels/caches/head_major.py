@@ -1,4 +1,4 @@
-"""Head-major KV caches read by the recycled decode kernels (`recycled_decode_gpu`).
+"""Head-major KV caches read by the head-major decode kernels (`decode/head_major_triton.py`).
 
 All three keep each KV head's slots contiguous, k, v [B, Hkv, N, D], with N rounded up to the
 kernel block (`default_block`):
@@ -24,19 +24,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moa_jax.pallas_kernels.masks import cdiv
+from moa_jax.pallas_kernels.heuristics import cache_block
 
 KV_AXES = ("batch", "kv_heads", "seq", "head_dim")
 SLOT_AXES = ("batch", "kv_heads", "seq")
 
 
 def round_up(x: int, m: int) -> int:
-    return cdiv(int(x), m) * m
+    return -(-int(x) // m) * m
 
 
 def default_block() -> int:
-    """Cache padding granularity (and kernel block bound): 128 lanes on TPU, 64 elsewhere."""
-    return 128 if jax.default_backend() == "tpu" else 64
+    """Cache padding granularity (and kernel block bound): `heuristics.cache_block`."""
+    return cache_block()
 
 
 def gather_slots(buf: jax.Array, idx: jax.Array) -> jax.Array:

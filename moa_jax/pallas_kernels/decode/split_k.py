@@ -1,28 +1,21 @@
-"""Split-K flash decoding shared by the GPU decode kernels (`moa_decode_gpu.py`, the MoA span
-cache; `recycled_decode_gpu.py`, the full and gathered caches): one program walks key blocks
+"""Split-K flash decoding shared by the GPU decode kernels (`span_triton.py`, the MoA span
+cache; `head_major_triton.py`, the full and gathered caches): one program walks key blocks
 [lo, hi) of its split with an online softmax in base 2 and writes unnormalised partials (acc,
 max, sum), which the wrapper merges across splits. Equal-length segments split evenly
-(`default_splits`); the MoA span cache's segments of different lengths follow the static work
-list of its schedule (`moa_schedule.MoASchedule.work_list`).
+(`heuristics.default_splits`); the MoA span cache's segments of different lengths follow the
+static work list of its schedule (`MoASchedule.work_list`, `caches/schedule.py`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 LOG2E = math.log2(math.e)
-
-
-def default_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
-    """Splits per (row, KV head) of equal-length segments: enough programs to fill a GPU's ~132
-    SMs twice, each split keeping at least 4 blocks of work."""
-    want = -(-264 // (batch * num_kv_heads))
-    return int(max(1, min(want, max_blocks // 4 or 1)))
 
 
 def flash_blocks(

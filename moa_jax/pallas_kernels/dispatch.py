@@ -1,0 +1,612 @@
+"""One dispatcher per kernel operation, each over a table of implementations in fallback order.
+
+Operations: prefill (`sparse_attention`), span decode over a MoA `SpanKVCache` (`span_decode`)
+and head-major decode over the dense / recycled / K-slot caches (`full_step_decode`,
+`recycled_decode`). Every operation takes `backend=` with the same names:
+
+  'mgpu' (Mosaic GPU, sm90+), 'gpu' (Triton), 'tpu' (Mosaic TPU / splash), 'reference' (jnp),
+  or 'auto'.
+
+An operation's `IMPLEMENTATIONS` table lists its implementations in that order. A request runs
+the first implementation, from the requested one down the table, that supports the case
+(platform, dtype, head dim, block sizes, interpret mode); when it is not the requested one, the
+reason is logged once (`logging` at INFO). So 'mgpu' runs the Mosaic GPU prefill where it can
+and the Triton kernels elsewhere (decode has no Mosaic GPU kernel), and the jnp reference,
+last in every table, runs any case. 'auto' walks the whole table but takes on a GPU or TPU only
+that platform's kernels (and the reference), and on a machine with neither the first kernel
+that runs in interpret mode (Triton).
+
+Platform and interpret defaults come from one helper (`resolve_interpret`): interpret mode when
+asked for, else exactly when the kernel's platform is not this machine's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moa_jax.pallas_kernels import heuristics, reference
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.decode import head_major_tpu, head_major_triton, span_tpu, span_triton
+from moa_jax.pallas_kernels.prefill import mosaic_gpu, tpu, triton
+
+logger = logging.getLogger(__name__)
+
+# Every name a caller may pass, the implementations in fallback order after 'auto'.
+BACKENDS = ("auto", "mgpu", "gpu", "tpu", "reference")
+_ORDER = BACKENDS[1:]
+
+
+# ------------------------------------------------------------------------------ platform
+def platform() -> str:
+    """This machine's kernel platform: 'gpu', 'tpu' or 'cpu' (no Pallas compiler)."""
+    p = jax.default_backend()
+    return "gpu" if p in ("gpu", "cuda", "rocm") else p if p == "tpu" else "cpu"
+
+
+def resolve_interpret(
+    kernel_platform: str | None, interpret: bool | None, here: str | None = None
+) -> bool:
+    """Interpret mode of a kernel compiled for `kernel_platform`: as requested, else on
+    whenever this machine (`here`, default `platform()`) is not that platform."""
+    if interpret is not None:
+        return bool(interpret)
+    return kernel_platform is not None and (here or platform()) != kernel_platform
+
+
+# ------------------------------------------------------------------------------ tables
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """What implementations decide on: this machine, the inputs and the requested mode."""
+
+    platform: str
+    dtype: Any
+    head_dim: int
+    interpret: bool | None = None
+    block_k: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One kernel of an operation.
+
+    Attributes:
+      name: the `backend=` name that asks for it.
+      platform: the platform its kernel compiles for ('gpu', 'tpu'); None for jnp code.
+      run: the operation on this kernel (keyword arguments of the operation's dispatcher, plus
+        `interpret` resolved).
+      interpretable: whether the kernel has a Pallas interpret mode (runs on any machine).
+      check: case -> why this kernel cannot run it (None: it can), beyond platform and mode.
+      options: the kernel options it takes (others are dropped when it runs as a fallback).
+      compiles_here: whether this machine compiles the kernel (default: it is `platform`), and
+        `needs`, what it needs otherwise (for the log).
+    """
+
+    name: str
+    platform: str | None
+    run: Callable[..., Any]
+    interpretable: bool = True
+    check: Callable[[Case], str | None] | None = None
+    options: frozenset[str] = frozenset()
+    compiles_here: Callable[[], bool] | None = None
+    needs: str = ""
+
+    def unsupported(self, case: Case, auto: bool) -> str | None:
+        """Why this implementation does not run `case` (None: it does)."""
+        if self.platform is None:
+            return None
+        on_kernel_machine = case.platform in ("gpu", "tpu")
+        if auto and on_kernel_machine and self.platform != case.platform:
+            return f"'auto' runs {case.platform} kernels on a {case.platform}"
+        interpret = resolve_interpret(self.platform, case.interpret, case.platform)
+        if interpret and not self.interpretable:
+            return f"it has no interpret mode (this is a {case.platform})"
+        why = self.check(case) if self.check is not None else None
+        if why is None and not interpret:
+            here = self.compiles_here() if self.compiles_here else case.platform == self.platform
+            if not here:
+                why = f"it needs {self.needs or 'a ' + self.platform} (this is a {case.platform})"
+        return why
+
+
+_logged: set[tuple[str, str, str]] = set()
+
+
+def _log_once(op: str, backend: str, reason: str) -> None:
+    key = (op, backend, reason)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("%s: %s", op, reason)
+
+
+def select(
+    op: str, table: Mapping[str, Implementation], backend: str, case: Case
+) -> Implementation:
+    """The implementation of `op` that runs `case` for `backend` (see the module docstring)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    auto = backend == "auto"
+    first = 0 if auto else _ORDER.index(backend)
+    skipped = []
+    if not auto and backend not in table:
+        skipped.append(f"no {backend!r} kernel")
+    for name in _ORDER[first:]:
+        impl = table.get(name)
+        if impl is None:
+            continue
+        why = impl.unsupported(case, auto)
+        if why is None:
+            if skipped and not auto:
+                why = "; ".join(skipped)
+                _log_once(op, backend, f"{backend!r} requested, {name!r} runs ({why})")
+            elif skipped:
+                logger.debug("%s: 'auto' runs %r (%s)", op, name, "; ".join(skipped))
+            return impl
+        skipped.append(f"{name}: {why}")
+    raise ValueError(f"{op}: no implementation runs this case ({'; '.join(skipped)})")
+
+
+def _options(impl: Implementation, backend: str, options: dict) -> dict:
+    """Kernel options for `impl`: all of them when it is the one requested (an unknown option
+    is an error there), only those it takes when it runs for 'auto' or as a fallback."""
+    if impl.name == backend:
+        return options
+    dropped = sorted(set(options) - impl.options)
+    if dropped:
+        logger.debug("%s does not take %s: dropped", impl.name, dropped)
+    return {k: v for k, v in options.items() if k in impl.options}
+
+
+# ------------------------------------------------------------------------------ prefill
+def _prefill_mgpu(q, k, v, *, block_q, block_k, interpret, return_lse, **kw):
+    del block_q, interpret, return_lse  # fixed query tiles; no interpret mode; lse always
+    if block_k is not None:
+        kw["block_k"] = int(block_k)
+    return mosaic_gpu.sparse_attention_mgpu(q, k, v, **kw)
+
+
+def _prefill_triton(q, k, v, *, block_q, block_k, interpret, return_lse, **kw):
+    del return_lse  # the kernel always returns the lse
+    bq, bk = heuristics.triton_prefill_blocks(q.dtype, q.shape[1], k.shape[1], block_q, block_k)
+    return triton.sparse_attention_gpu(q, k, v, block_q=bq, block_k=bk, interpret=interpret, **kw)
+
+
+def _prefill_tpu(q, k, v, *, block_q, block_k, interpret, return_lse, **kw):
+    bq, bk = heuristics.tpu_prefill_blocks(q.shape[1], k.shape[1], block_q, block_k)
+    return tpu.sparse_attention_tpu(
+        q, k, v, block_q=bq, block_k=bk, interpret=interpret, return_lse=return_lse, **kw
+    )
+
+
+def _prefill_reference(q, k, v, *, windows, sinks, return_lse, **kw):
+    res = reference.window_sink_attention(
+        q,
+        k,
+        v,
+        windows,
+        sinks,
+        q_offset=kw["q_offset"],
+        kv_lengths=kw["kv_lengths"],
+        scale=kw["scale"],
+        return_lse=return_lse,
+    )
+    return res if return_lse else (res, None)
+
+
+def _mgpu_check(case: Case) -> str | None:
+    if case.block_k not in (None, *heuristics.MGPU_BLOCK_K):
+        return f"block_k {case.block_k} is not one of {heuristics.MGPU_BLOCK_K}"
+    if not mosaic_gpu.supported(case.dtype, case.head_dim):
+        return (
+            f"it takes bf16/f16 with head_dim <= {heuristics.MGPU_MAX_HEAD_DIM}, not "
+            f"{jnp.dtype(case.dtype)} and {case.head_dim}"
+        )
+    return None
+
+
+PREFILL_IMPLEMENTATIONS: dict[str, Implementation] = {
+    "mgpu": Implementation(
+        "mgpu",
+        "gpu",
+        _prefill_mgpu,
+        interpretable=False,
+        check=_mgpu_check,
+        options=frozenset(("block_k_dq", "num_stages", "num_stages_dq", "num_stages_dkv")),
+        compiles_here=lambda: mosaic_gpu.available(),
+        needs="an NVIDIA GPU of compute capability >= 9.0",
+    ),
+    "gpu": Implementation(
+        "gpu",
+        "gpu",
+        _prefill_triton,
+        options=frozenset(
+            (
+                "block_q_dq",
+                "block_k_dq",
+                "block_q_dkv",
+                "block_k_dkv",
+                "num_warps",
+                "num_stages",
+                "num_warps_bwd",
+                "num_stages_bwd",
+            )
+        ),
+    ),
+    "tpu": Implementation("tpu", "tpu", _prefill_tpu),
+    "reference": Implementation("reference", None, _prefill_reference),
+}
+
+
+def sparse_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    windows: Sequence[int],
+    sink: int | Sequence[int] = 0,
+    q_offset: int = 0,
+    kv_lengths: jax.Array | None = None,
+    backend: str = "auto",
+    interpret: bool | None = None,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    return_lse: bool = False,
+    scale: float | None = None,
+    **kernel_options,
+):
+    """Causal attention with a sliding window and sinks per query head (prefill, training).
+
+    Semantics (`reference.window_sink_mask`): query head h at absolute position i attends key j
+    iff `j <= i and (i - j < windows[h] or j < sink[h])`, and `j < kv_lengths[b]` when given.
+    Queries sit at positions [q_offset, q_offset + T), keys at [0, S).
+
+    Args:
+      q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H a multiple of Hkv (GQA: heads of one KV group
+        may have different windows; K/V are never repeated).
+      windows: static per-query-head window lengths in tokens (>= 1; >= S means dense).
+      sink: sink tokens, one int for all heads or one per query head (static).
+      q_offset: static position of the first query (queries at [q_offset, q_offset + T)).
+      kv_lengths: optional int [B], valid keys per row (keys j >= kv_lengths[b] are padding).
+      backend: 'auto', 'mgpu' (Mosaic GPU: sm90+, bf16/f16, D <= 128, block_k 64 or 128),
+        'gpu' (Triton), 'tpu' (splash attention) or 'reference' (the jnp oracle), in that
+        fallback order (module docstring). 'auto' on a TPU runs splash, on a GPU the Mosaic GPU
+        kernel where it can and else Triton, and elsewhere the Triton kernel in interpret mode.
+      interpret: run the Pallas kernel in interpret mode (default: off its platform).
+      block_q, block_k: forward block sizes (powers of two; clamped to the sequence lengths;
+        `heuristics.py` has the defaults). The Mosaic GPU kernel's query tiles are fixed.
+      return_lse: also return the log-sum-exp [B, H, T] (float32; -inf for rows with no key).
+      scale: logit scale, default 1/sqrt(D).
+      kernel_options: implementation options (Triton: block_q_dq, block_k_dq, block_q_dkv,
+        block_k_dkv, num_warps, num_stages, num_warps_bwd, num_stages_bwd; Mosaic GPU:
+        block_k_dq, num_stages, num_stages_dq, num_stages_dkv). When another implementation
+        than the requested one runs, the options it does not take are dropped.
+    Returns:
+      out [B, T, H, D] in q's dtype (and lse). Differentiable with respect to q, k, v.
+    """
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
+    windows = tuple(int(w) for w in windows)
+    if len(windows) != H:
+        raise ValueError(f"{len(windows)} windows for {H} query heads")
+    sinks = (
+        (int(sink),) * H
+        if isinstance(sink, (int,)) or getattr(sink, "ndim", 1) == 0
+        else tuple(int(s) for s in sink)
+    )
+    if len(sinks) != H:
+        raise ValueError(f"{len(sinks)} sinks for {H} query heads")
+    case = Case(platform(), q.dtype, D, interpret, block_k)
+    impl = select("prefill", PREFILL_IMPLEMENTATIONS, backend, case)
+    out, lse = impl.run(
+        q,
+        k,
+        v,
+        windows=windows,
+        sinks=sinks,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        interpret=resolve_interpret(impl.platform, interpret),
+        return_lse=return_lse,
+        **_options(impl, backend, kernel_options),
+    )
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------ span decode
+def _span_triton(q, cache, q_positions, *, scale, interpret, per_split, num_warps):
+    return span_triton.span_decode_triton(
+        q,
+        cache,
+        q_positions,
+        scale=scale,
+        per_split=per_split,
+        interpret=interpret,
+        num_warps=num_warps,
+    )
+
+
+def _span_tpu(q, cache, q_positions, *, scale, interpret, per_split, num_warps):
+    del per_split, num_warps  # the TPU kernel walks whole segments with its own grid
+    return span_tpu.span_decode_tpu(q, cache, q_positions, scale=scale, interpret=interpret)
+
+
+def _span_reference(q, cache, q_positions, *, scale, interpret, per_split, num_warps):
+    return reference.span_decode_reference(q, cache, q_positions, scale)
+
+
+SPAN_DECODE_IMPLEMENTATIONS: dict[str, Implementation] = {
+    "gpu": Implementation("gpu", "gpu", _span_triton),
+    "tpu": Implementation("tpu", "tpu", _span_tpu),
+    "reference": Implementation("reference", None, _span_reference),
+}
+
+
+def _check_span(q: jax.Array, cache: SpanKVCache):
+    b, h, d = q.shape
+    sched = cache.schedule
+    if h != sched.num_heads:
+        raise ValueError(
+            f"need one window and sink per query head ({h}); the cache's schedule has "
+            f"{sched.num_heads}"
+        )
+    if cache.k.shape[0] != b or cache.k.shape[2] != d:
+        raise ValueError(f"q {q.shape} does not match the cache keys {cache.k.shape}")
+
+
+def span_decode(
+    q: jax.Array,
+    cache: SpanKVCache,
+    q_positions: jax.Array,
+    *,
+    backend: str = "auto",
+    interpret: bool | None = None,
+    per_split: int | None = None,
+    scale: float | None = None,
+    num_warps: int = heuristics.DECODE_NUM_WARPS,
+) -> jax.Array:
+    """Decode attention of one token per row over a MoA span cache.
+
+    Args:
+      q: [B, H, D], the new token's queries (after RoPE) at positions q_positions int [B]; the
+        token itself must already be written to the cache.
+      cache: the layer's `SpanKVCache`; its schedule holds the per-query-head windows and sinks.
+      backend: 'auto', 'mgpu', 'gpu', 'tpu' or 'reference' (module docstring: 'mgpu' has no
+        decode kernel and runs Triton).
+      per_split: split-K work per program in cache blocks (default: `split_segments`'s via
+        `MoASchedule.work_list`: enough programs to fill the GPU, the long segments cut to the
+        short ones' length). Triton only.
+    Returns:
+      [B, H, D] in q's dtype.
+    """
+    _check_span(q, cache)
+    case = Case(platform(), q.dtype, q.shape[-1], interpret)
+    impl = select("span decode", SPAN_DECODE_IMPLEMENTATIONS, backend, case)
+    return impl.run(
+        q,
+        cache,
+        q_positions,
+        scale=scale,
+        interpret=resolve_interpret(impl.platform, interpret),
+        per_split=per_split,
+        num_warps=num_warps,
+    )
+
+
+# ------------------------------------------------------------------------------ head-major decode
+_SCORE_MODES = (None, "max", "sum")
+
+
+def _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores):
+    b, h, d = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"q {q.shape} needs k, v [B, Hkv, N, D]; got {k.shape}, {v.shape}")
+    hkv, n = k.shape[1], k.shape[2]
+    if h % hkv:
+        raise ValueError(f"{h} query heads do not divide into {hkv} KV heads")
+    if q_positions.shape != (b,):
+        raise ValueError(f"q_positions must be [B]={b}, got {q_positions.shape}")
+    if pos is not None and pos.shape != (b, hkv, n):
+        raise ValueError(f"pos must be [B, Hkv, N]={(b, hkv, n)}, got {pos.shape}")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new go together")
+    if k_new is not None and (k_new.shape != (b, hkv, d) or v_new.shape != (b, hkv, d)):
+        raise ValueError(
+            f"k_new, v_new must be [B, Hkv, D]={(b, hkv, d)}, got {k_new.shape}, {v_new.shape}"
+        )
+    if scores not in _SCORE_MODES:
+        raise ValueError(f"scores must be one of {_SCORE_MODES}, got {scores!r}")
+
+
+def _head_major_triton(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, interpret, **kw):
+    n = k.shape[2]
+    bk = heuristics.head_major_block(n, kw["block_k"], "gpu")
+    nblocks = n // bk
+    splits = kw["num_splits"] or heuristics.default_splits(q.shape[0], k.shape[1], nblocks)
+    o, m, l, logits = head_major_triton.head_major_partials(
+        q,
+        k,
+        v,
+        q_positions,
+        pos,
+        bk=bk,
+        num_splits=int(max(1, min(splits, nblocks))),
+        scale=scale,
+        write_logits=scores is not None,
+        interpret=bool(interpret),
+        num_warps=kw["num_warps"],
+    )
+    return head_major_triton.merge_partials(
+        q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores
+    )
+
+
+def _head_major_tpu(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, interpret, **kw):
+    bk = heuristics.head_major_block(k.shape[2], kw["block_k"], "tpu")
+    o, m, l, logits = head_major_tpu.tpu_partials(
+        q,
+        k,
+        v,
+        q_positions,
+        pos,
+        bk=bk,
+        scale=scale,
+        write_logits=scores is not None,
+        interpret=interpret,
+    )
+    return head_major_triton.merge_partials(
+        q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores
+    )
+
+
+def _head_major_reference(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, **kw):
+    return reference.head_major_decode_reference(
+        q, k, v, q_positions, pos=pos, k_new=k_new, v_new=v_new, scores=scores, scale=scale
+    )
+
+
+HEAD_MAJOR_DECODE_IMPLEMENTATIONS: dict[str, Implementation] = {
+    "gpu": Implementation("gpu", "gpu", _head_major_triton),
+    "tpu": Implementation("tpu", "tpu", _head_major_tpu),
+    "reference": Implementation("reference", None, _head_major_reference),
+}
+
+
+def _head_major_decode(
+    q,
+    k,
+    v,
+    q_positions,
+    *,
+    pos,
+    k_new,
+    v_new,
+    scores,
+    backend,
+    interpret,
+    num_splits,
+    block_k,
+    scale,
+    num_warps,
+):
+    _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores)
+    case = Case(platform(), q.dtype, q.shape[-1], interpret, block_k)
+    impl = select("head-major decode", HEAD_MAJOR_DECODE_IMPLEMENTATIONS, backend, case)
+    return impl.run(
+        q,
+        k,
+        v,
+        q_positions.astype(jnp.int32),
+        pos=pos,
+        k_new=k_new,
+        v_new=v_new,
+        scores=scores,
+        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+        interpret=resolve_interpret(impl.platform, interpret),
+        num_splits=num_splits,
+        block_k=block_k,
+        num_warps=num_warps,
+    )
+
+
+def full_step_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    *,
+    scores: str | None = "max",
+    backend: str = "auto",
+    interpret: bool | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    scale: float | None = None,
+    num_warps: int = heuristics.DECODE_NUM_WARPS,
+):
+    """A full decode step over the full cache, with the selection scores from the same pass.
+
+    Args:
+      q: [B, H, D] queries (after RoPE) at q_positions int [B].
+      k, v: [B, Hkv, N, D]; slot j holds position j (the current token already written).
+      scores: 'max' (default: max over the query heads of a KV group of the fp32 softmax
+        probabilities), 'sum', or None (attention only).
+      backend: 'auto', 'mgpu', 'gpu', 'tpu' or 'reference' (module docstring: 'mgpu' has no
+        decode kernel and runs Triton).
+      num_splits: GPU split-K factor (default: enough programs to fill the GPU).
+      block_k: slots per block (must divide N; default gcd(N, 64) on GPU, gcd(N, 512) on TPU).
+    Returns:
+      out [B, H, D] in q's dtype, or (out, scores float32 [B, Hkv, N]); invisible slots score 0.
+    """
+    res = _head_major_decode(
+        q,
+        k,
+        v,
+        q_positions,
+        pos=None,
+        k_new=None,
+        v_new=None,
+        scores=scores,
+        backend=backend,
+        interpret=interpret,
+        num_splits=num_splits,
+        block_k=block_k,
+        scale=scale,
+        num_warps=num_warps,
+    )
+    return res if scores is None else res[:2]
+
+
+def recycled_decode(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    pos: jax.Array,
+    q_positions: jax.Array,
+    k_new: jax.Array | None = None,
+    v_new: jax.Array | None = None,
+    *,
+    scores: str | None = None,
+    backend: str = "auto",
+    interpret: bool | None = None,
+    num_splits: int | None = None,
+    block_k: int | None = None,
+    scale: float | None = None,
+    num_warps: int = heuristics.DECODE_NUM_WARPS,
+):
+    """Decode attention over a gathered K-slot buffer plus the current token.
+
+    Args:
+      q: [B, H, D] at q_positions int [B].
+      k, v: [B, Hkv, N, D] gathered keys (after RoPE, any slot order) and values.
+      pos: int [B, Hkv, N], each slot's position, -1 for an empty slot.
+      k_new, v_new: optional [B, Hkv, D], the current token, attended as one more key.
+      scores: None (default), 'max' or 'sum' over the group of the probabilities.
+      backend, interpret, num_splits, block_k, scale: as in `full_step_decode`.
+    Returns:
+      out [B, H, D], or (out, slot scores [B, Hkv, N], new-token score [B, Hkv] or None).
+    """
+    return _head_major_decode(
+        q,
+        k,
+        v,
+        q_positions,
+        pos=pos.astype(jnp.int32),
+        k_new=k_new,
+        v_new=v_new,
+        scores=scores,
+        backend=backend,
+        interpret=interpret,
+        num_splits=num_splits,
+        block_k=block_k,
+        scale=scale,
+        num_warps=num_warps,
+    )

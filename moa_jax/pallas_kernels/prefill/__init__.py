@@ -1,0 +1,3 @@
+"""Prefill kernels (whole prompts, training): Triton, Mosaic GPU, TPU splash, and the block
+tables they share.
+"""
