@@ -7,10 +7,17 @@ import pytest
 from moa_jax.methods import (
     METHODS,
     AttentionConfig,
+    H2OOptions,
+    MoAOptions,
+    RecycledOptions,
+    StreamingOptions,
     TrainAttentionConfig,
+    UniformOptions,
     build_attention,
     build_train_attention,
+    parse_method_options,
 )
+from moa_jax.models.attention import DenseAttention
 from moa_jax.models.registry import TINY_RANDOM_CONFIG as CFG
 from moa_jax.plan import Plan
 
@@ -88,3 +95,48 @@ def test_mesh_is_set_on_every_kernel_backend():
     ac = AttentionConfig(config=CFG, plan=_plan(), impl="native", mesh=mesh)
     for name in ("moa", "recycled", "streaming", "h2o", "dense-kernel"):
         assert build_attention(name, ac, 128).mesh is mesh, name
+
+
+def test_options_are_typed_and_parsed_once():
+    opts = parse_method_options(
+        ["recycled.k=16", "recycled.s=none", "uniform.match=heads", "moa.dense_when_full=false"]
+    )
+    assert opts["recycled"] == RecycledOptions(k=16, stride=None)
+    assert opts["uniform"] == UniformOptions(match="heads")
+    assert opts["moa"] == MoAOptions(dense_when_full=False)
+    assert parse_method_options(["k=8"], default_method="h2o") == {"h2o": H2OOptions(k=8)}
+    assert RecycledOptions(stride=0).stride is None  # 0: never refresh
+    ac = AttentionConfig(config=CFG, options={"streaming": StreamingOptions(k=12, sink=2)})
+    assert ac.options_for("streaming").k == 12 and ac.options_for("h2o") == H2OOptions()
+    text = AttentionConfig(config=CFG, options={"streaming.k": "12", "streaming.sink": "2"})
+    assert text.options == ac.options
+
+
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ("recycled.k=abc", r"recycled\.k='abc': expected an integer"),
+        ("recycled.kk=3", r"unknown option recycled\.kk .*k, stride, threshold, prefill"),
+        ("recycled.prefill=x", r"recycled\.prefill='x': expected one of dense, plan"),
+        ("recycled.threshold=0.9", r"options of 'recycled': .*check interval"),
+        ("uniform.density=2", r"options of 'uniform': density must be in"),
+        ("magic.k=1", "unknown method 'magic'"),
+        ("dense.k=1", r"unknown option dense\.k \(options of 'dense': none\)"),
+        ("k=1", "METHOD.KEY=VALUE"),
+    ],
+)
+def test_option_errors_name_the_option(entry, match):
+    settings = [entry] if entry != "recycled.threshold=0.9" else [entry, "recycled.s=none"]
+    with pytest.raises(ValueError, match=match):
+        parse_method_options(settings)
+
+
+def test_moa_builder_runs_dense_where_the_plan_keeps_everything():
+    full = Plan.uniform(CFG.num_layers, CFG.num_heads, window=4096, sink=0)
+    ac = AttentionConfig(config=CFG, plan=full, impl="native")
+    with pytest.warns(UserWarning, match="keeps every token at 128"):
+        assert build_attention("moa", ac, 128) == DenseAttention()
+    kept = AttentionConfig(
+        config=CFG, plan=full, impl="native", options={"moa": MoAOptions(dense_when_full=False)}
+    )
+    assert type(build_attention("moa", kept, 128)).__name__ == "MoAAttention"

@@ -97,6 +97,4 @@ def moa_plan(spec: str, cfg, cache_len: int):
             raise ValueError(f"--moa-densities takes 0.5 or 0.25, got {density}")
         w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads, dense_groups=True)
         return Plan.from_windows([list(w)] * cfg.num_layers, [list(s)] * cfg.num_layers)
-    if Path(spec).is_file():
-        return Plan.load(spec)
-    return Plan.from_spec(spec, cfg.num_layers, cfg.num_heads)
+    return Plan.load(spec, cfg.num_layers, cfg.num_heads)

@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if spec is not None:
         from moa_jax.plan import Plan
 
-        plan = Plan.from_spec(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
+        plan = Plan.load(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype, param_dtype=config.param_dtype)
     if tokenizer is None:

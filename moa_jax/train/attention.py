@@ -17,6 +17,7 @@ import dataclasses
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import AttentionBackend
+from moa_jax.plan import Plan
 from moa_jax.train.config import TrainConfig
 
 
@@ -49,10 +50,8 @@ def make_attention(
 
 def load_plan(cfg: TrainConfig, mc: ModelConfig):
     """The MoA plan of the config, checked against the model."""
-    from moa_jax.plan import Plan
-
     try:
-        return Plan.from_spec(cfg.plan, mc.num_layers, mc.num_heads).validate(mc)
+        return Plan.load(cfg.plan, mc.num_layers, mc.num_heads).validate(mc)
     except FileNotFoundError as e:
         raise ValueError(f"plan {cfg.plan!r}: {e}") from None
 
