@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 
 from moa_jax.cli import option
+from moa_jax.methods import METHODS as REGISTRY
 
-JAX_METHODS = ("dense", "dense-kernel", "moa", "streaming", "recycled", "h2o")
-METHODS = JAX_METHODS + ("hf",)
+# the registry's methods (`moa_jax.methods`) and the Hugging Face baseline
+METHODS = (*REGISTRY, "hf")
 
 
 def parse_batch(s: str) -> int | str:
@@ -33,7 +34,8 @@ class DecodeConfig:
 
     method: list[str] | None = option(
         None,
-        "methods to run (default: dense dense-kernel moa streaming recycled)",
+        "methods to run: any registered attention method (moa_jax.methods) or hf "
+        "(default: dense dense-kernel moa streaming recycled)",
         nargs="+",
         choices=METHODS,
     )
