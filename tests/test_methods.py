@@ -1,5 +1,9 @@
 """The attention-method registry (`moa_jax.methods`): every command's one way to build a backend."""
 
+import dataclasses
+import json
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -8,6 +12,8 @@ from moa_jax.methods import (
     METHODS,
     AttentionConfig,
     H2OOptions,
+    Method,
+    MethodOptions,
     MoAOptions,
     RecycledOptions,
     StreamingOptions,
@@ -16,10 +22,17 @@ from moa_jax.methods import (
     build_attention,
     build_train_attention,
     parse_method_options,
+    register_method,
 )
+from moa_jax.eval.__main__ import main as eval_main
+from moa_jax.generate.__main__ import main as generate_main
 from moa_jax.models.attention import DenseAttention
 from moa_jax.models.registry import TINY_RANDOM_CONFIG as CFG
 from moa_jax.plan import Plan
+from moa_jax.train.config import ATTENTIONS
+from moa_jax.train.config import parse_config as parse_train_config
+
+DATA_DIR = Path(__file__).parent / "data"
 
 
 def _plan() -> Plan:
@@ -140,3 +153,76 @@ def test_moa_builder_runs_dense_where_the_plan_keeps_everything():
         config=CFG, plan=full, impl="native", options={"moa": MoAOptions(dense_when_full=False)}
     )
     assert type(build_attention("moa", kept, 128)).__name__ == "MoAAttention"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlidingOptions(MethodOptions):
+    window: int = 1024
+    sink: int = 4
+
+
+@pytest.fixture
+def sliding():
+    """A method registered by the test (docs/architecture.md, "Add a method"); the builds it
+    saw, as (typed options, length)."""
+    seen = []
+
+    def build(ac, n):
+        o = ac.options_for("sliding")
+        seen.append((o, n))
+        plan = Plan.uniform(ac.config.num_layers, ac.config.num_heads, o.window, o.sink)
+        return ac.backend_for_plan(plan, n)
+
+    register_method(
+        Method(
+            "sliding",
+            "one sliding window + sinks for every head",
+            build,
+            kv_density=lambda ac, n: min(1.0, ac.options_for("sliding").window / n),
+            cache="SpanKVCache",
+            options=SlidingOptions,
+        )
+    )
+    yield seen
+    del METHODS["sliding"]
+
+
+def test_a_registered_method_is_reachable_from_generate_and_eval(sliding, tmp_path, capsys):
+    assert (
+        generate_main(
+            [
+                "--model",
+                "tiny-random",
+                "--method",
+                "sliding",
+                "--method-opt",
+                "window=24",
+                "--method-opt",
+                "sliding.sink=2",
+                "--max-new-tokens",
+                "2",
+                "--prompt",
+                "hi",
+            ]
+        )
+        == 0
+    )
+    assert sliding[-1][0] == SlidingOptions(window=24, sink=2)
+    with pytest.raises(ValueError, match=r"sliding\.window='x': expected an integer"):
+        generate_main(["--model", "tiny-random", "--method", "sliding", "--method-opt", "window=x"])
+    out = tmp_path / "eval"
+    argv = ["--model", "tiny-random", "--fast", "--corpus", str(DATA_DIR), "--lengths", "512"]
+    argv += ["--tasks", "retrieval", "--no-progress", "--no-plots", "--out", str(out)]
+    assert eval_main(argv + ["--method", "sliding", "--method-opt", "sliding.window=32"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {r["method"] for r in res["records"]} == {"sliding"}
+    assert res["methods"]["sliding"]["kv_density"]["512"] == pytest.approx(32 / 512)
+    assert (SlidingOptions(window=32), 512) in sliding
+    with pytest.raises(SystemExit, match=r"unknown option sliding\.size .*window, sink"):
+        eval_main(argv + ["--method", "sliding", "--method-opt", "sliding.size=3"])
+
+
+def test_train_method_flag_is_the_attention():
+    cfg = parse_train_config(["--method", "recycled", "--prefix-len", "8", "--tail-len", "8"])
+    assert cfg.attention == "recycled" and cfg.method is None
+    assert "moa" in ATTENTIONS and "h2o" not in ATTENTIONS  # the trainable methods

@@ -155,13 +155,13 @@ class EvalConfig:
         sizes = {
             k: FAST.get(k, default) if self.fast else default
             for k, default in DEFAULTS.items()
-            if getattr(self, k) is None
+            if getattr(self, k) is None and not (k == "methods" and self.method)
         }
         c = dataclasses.replace(self, **sizes)
         c = dataclasses.replace(
             c,
             tasks=_csv(c.tasks),
-            methods=_csv(c.methods) + [m for m in _csv(c.method or []) if m not in _csv(c.methods)],
+            methods=list(dict.fromkeys(_csv(c.methods or []) + _csv(",".join(c.method or [])))),
             method=None,
             lengths=[int(v) for v in _csv(c.lengths)],
             depths=[float(v) for v in _csv(c.depths)],
