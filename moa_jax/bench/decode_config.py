@@ -39,6 +39,13 @@ class DecodeConfig:
         nargs="+",
         choices=METHODS,
     )
+    method_opt: list[str] = option(
+        [],
+        "an option of a method (repeatable), e.g. uniform.density=0.25; the variant flags "
+        "below (--recycle-k ...) set recycled / streaming / h2o's",
+        action="append",
+        metavar="METHOD.KEY=VALUE",
+    )
     contexts: list[int] | None = option(
         None, "prompt lengths C (default 32768 65536; --tiny: 40)", nargs="+"
     )

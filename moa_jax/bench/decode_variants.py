@@ -16,6 +16,7 @@ from moa_jax.methods import (
     RecycledOptions,
     StreamingOptions,
     build_attention,
+    parse_method_options,
 )
 from moa_jax.plan import Plan
 
@@ -94,7 +95,7 @@ def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
         interpret=config.interpret or None,
         block=config.block,
         num_splits=config.num_splits,
-        options=variant_options(variant),
+        options={**parse_method_options(config.method_opt), **variant_options(variant)},
     )
     return build_attention(variant.method, ac, cache_len)
 

@@ -32,7 +32,7 @@ from moa_jax.eval import Runner, TaskContext, resolve_tasks
 from moa_jax.eval.merge import merge_results
 from moa_jax.eval.report import depth_table, paired_deltas, summarize, write_json, write_report
 from moa_jax.methods import AttentionConfig, MethodOptions, parse_method_options, resolve_methods
-from moa_jax.models.registry import load_config, load_model
+from moa_jax.models import registry
 from moa_jax.plan import Plan
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
@@ -242,7 +242,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     # cheap checks first: the plan against the model's config, before the weights are read
-    cfg = load_config(config.model)
+    cfg = registry.load_config(config.model)
     plan = None
     if config.plan:
         try:
@@ -250,7 +250,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         except ValueError as e:
             raise SystemExit(f"--plan {config.plan}: {e}") from None
     t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=config.dtype, param_dtype=config.dtype)
+    model, tokenizer = registry.load_model(
+        config.model, dtype=config.dtype, param_dtype=config.dtype
+    )
     if tokenizer is None:
         raise SystemExit(f"model {config.model!r} has no tokenizer; the tasks need one")
     logger.info(

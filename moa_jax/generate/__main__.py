@@ -35,7 +35,7 @@ from moa_jax.methods import (
 )
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.recycled_attention import RecycleConfig
-from moa_jax.models.registry import load_config, load_model
+from moa_jax.models import registry
 from moa_jax.parallel import MeshConfig, initialize_distributed, make_mesh
 from moa_jax.plan import Plan
 from moa_jax.sampling import SamplingConfig
@@ -205,12 +205,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p)
     # cheap checks first: the plan against the model's config, before the weights are read
-    cfg = load_config(config.model)
+    cfg = registry.load_config(config.model)
     plan = None
     if spec is not None:
         plan = Plan.load(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=config.dtype, param_dtype=config.param_dtype)
+    model, tokenizer = registry.load_model(
+        config.model, dtype=config.dtype, param_dtype=config.param_dtype
+    )
     if tokenizer is None:
         raise SystemExit(f"model {config.model!r} has no tokenizer; pass token ids via the API")
     logger.info(f"loaded {config.model} in {time.perf_counter() - t0:.1f}s")
