@@ -338,18 +338,14 @@ class AttentionConfig:
     options: Mapping[str, MethodOptions] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        opts = self.options
-        if not isinstance(opts, Mapping) or any(
-            not isinstance(v, MethodOptions) for v in opts.values()
-        ):
-            opts = {
-                **{k: v for k, v in dict(opts).items() if isinstance(v, MethodOptions)},
-                **parse_method_options(
-                    opts
-                    if not isinstance(opts, Mapping)
-                    else {k: v for k, v in opts.items() if not isinstance(v, MethodOptions)}
-                ),
-            }
+        given = self.options
+        if isinstance(given, Mapping):
+            opts = {k: v for k, v in given.items() if isinstance(v, MethodOptions)}
+            text = {k: v for k, v in given.items() if not isinstance(v, MethodOptions)}
+        else:  # --method-opt entries
+            opts, text = {}, list(given)
+        if text:
+            opts.update(parse_method_options(text))
         for name, o in opts.items():
             want = METHODS[name].options if name in METHODS else MethodOptions
             if not isinstance(o, want):

@@ -226,9 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     # the length generate() resolves a plan at: the cache (padded prompt + new tokens)
     n = config.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + config.max_new_tokens
-    attention = attention_backend(config, cfg, plan, n)
     if plan is not None:
         logger.info(plan.summary(n))
+    attention = attention_backend(config, cfg, plan, n)
 
     stream: list[int] = []
     printed = [0]

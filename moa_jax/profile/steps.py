@@ -16,12 +16,12 @@ import numpy as np
 from moa_jax.corpora import cache_dir
 from moa_jax.plan import Plan
 from moa_jax.search import calibration as cal
+from moa_jax.search import sensitivity
 from moa_jax.search.answer_loss import make_batches
 from moa_jax.search.estimators import FAST_PATH_ESTIMATORS, ROWS_ONLY_ESTIMATORS
 from moa_jax.search.influence_profile import InfluenceProfile
 from moa_jax.search.optimize import SearchProblem, Solution, epsilon_sweep, pareto_front
 from moa_jax.search.rules import RuleGrid
-from moa_jax.search.sensitivity import profile_items
 from moa_jax.search.validate import measure_plans, pick_best
 
 if TYPE_CHECKING:  # a type only: the package imports this module
@@ -227,7 +227,7 @@ def profile(
         if prof is not None and prof.count >= len(calib.items[n]):
             logger.info(f"N={n}: profile loaded from {path}")
         else:
-            prof = profile_items(
+            prof = sensitivity.profile_items(
                 model,
                 calib.items[n],
                 n,
