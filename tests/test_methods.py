@@ -226,3 +226,15 @@ def test_train_method_flag_is_the_attention():
     cfg = parse_train_config(["--method", "recycled", "--prefix-len", "8", "--tail-len", "8"])
     assert cfg.attention == "recycled" and cfg.method is None
     assert "moa" in ATTENTIONS and "h2o" not in ATTENTIONS  # the trainable methods
+
+
+def test_generate_method_errors_come_before_the_weights(monkeypatch):
+    from moa_jax.models import registry
+
+    monkeypatch.setattr(registry, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(ValueError, match="--method moa cannot run: needs --plan"):
+        generate_main(["--model", "tiny-random", "--method", "moa"])
+    with pytest.raises(ValueError, match=r"unknown option dense\.k"):
+        generate_main(["--model", "tiny-random", "--method-opt", "k=3"])
+    with pytest.raises(SystemExit, match="for \\['h2o'\\], but the method is 'recycled'"):
+        generate_main(["--model", "tiny-random", "--recycle-k", "16", "--method-opt", "h2o.k=3"])

@@ -209,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = None
     if spec is not None:
         plan = Plan.load(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
+    why = METHODS[method].unavailable(AttentionConfig(config=cfg, plan=plan))
+    if why is not None:
+        raise ValueError(f"--method {method} cannot run: {why}")
     t0 = time.perf_counter()
     model, tokenizer = registry.load_model(
         config.model, dtype=config.dtype, param_dtype=config.param_dtype
