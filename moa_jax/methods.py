@@ -497,6 +497,9 @@ def build_train_attention(
     m = _method(method)
     if m.train is None:
         raise ValueError(f"method {m.name!r} has no training form; trainable: {trainable()}")
+    why = m.requires(ac) if m.requires is not None else None
+    if why is not None:
+        raise ValueError(f"method {m.name!r} cannot run: {why}")
     backend = m.train(ac, tc, int(seq_len))
     return backend.on_mesh(ac.mesh) if ac.mesh is not None else backend
 

@@ -87,6 +87,8 @@ def test_unavailable_and_unknown_methods_are_errors():
         build_attention("magic", AttentionConfig(config=CFG), 128)
     with pytest.raises(ValueError, match="no training form"):
         build_train_attention("h2o", AttentionConfig(config=CFG), TrainAttentionConfig(), 64)
+    with pytest.raises(ValueError, match="needs --plan"):
+        build_train_attention("moa", AttentionConfig(config=CFG), TrainAttentionConfig(), 64)
 
 
 def test_train_forms():
