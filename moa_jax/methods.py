@@ -350,7 +350,7 @@ class AttentionConfig:
             want = METHODS[name].options if name in METHODS else MethodOptions
             if not isinstance(o, want):
                 raise TypeError(f"options of {name!r} must be {want.__name__}, got {o!r}")
-        object.__setattr__(self, "options", types.MappingProxyType(dict(opts)))
+        object.__setattr__(self, "options", dict(opts))
 
     def options_for(self, method: str) -> Any:
         """The typed options of `method`: the run's, else the method's defaults."""
