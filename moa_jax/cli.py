@@ -1,7 +1,8 @@
 """Shared CLI plumbing: one typed config per command (a dataclass whose fields are the flags and
 the YAML keys: `option`, `parse_config`), YAML config files whose keys are the command's own
 flags, logging set up once (`setup_logging`), and one error path for every command (`run`): a
-user's mistake is one line on stderr and a non-zero exit."""
+user's mistake (`moa_jax.errors.UserError` and the standard errors a user causes) is one line on
+stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import os
 import sys
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import yaml
+
+from moa_jax.errors import UserError
 
 
 def parse_args(
@@ -212,33 +216,9 @@ def _typed(parser: argparse.ArgumentParser, source: Path, values: dict) -> dict:
     return out
 
 
-def enable_compilation_cache() -> None:
-    """Keeps compiled XLA programs in `$MOA_JAX_CACHE/xla` when running on an accelerator.
-
-    XLA's GPU compiler is slow on whole-model programs (tens of seconds to minutes each), and a
-    search, its evaluations and a re-run with other flags compile the same programs again. On
-    the CPU compiles are short and the cache is left off. `MOA_JAX_NO_COMPILE_CACHE=1` turns it
-    off everywhere. Call it after `moa_jax.parallel.initialize_distributed` (it reads the
-    backend).
-    """
-    import jax
-
-    if os.environ.get("MOA_JAX_NO_COMPILE_CACHE") or jax.default_backend() == "cpu":
-        return
-    if jax.config.jax_compilation_cache_dir:  # the user's own setting wins
-        return
-    from moa_jax.downloads import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from moa_jax.downloads import DownloadError
-    from moa_jax.train.checkpoint import CheckpointError
-
-    # ValueError covers bad values, mismatches and limits (WeightsError, InfeasibleBudgetError,
-    # json.JSONDecodeError are ValueErrors); OSError bad, missing or unwritable paths.
-    return (ValueError, OSError, yaml.YAMLError, CheckpointError, DownloadError)
+# ValueError covers bad values, mismatches and limits (WeightsError, json.JSONDecodeError are
+# ValueErrors); OSError bad, missing or unwritable paths.
+_USER_ERRORS = (UserError, ValueError, OSError, yaml.YAMLError)
 
 
 def one_line(e: BaseException) -> str:
@@ -249,15 +229,14 @@ def one_line(e: BaseException) -> str:
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Runs a command's `main(argv)` with the one error path of every moa-jax CLI.
 
-    A user error (a bad file or value, a mismatch, a length beyond a limit: ValueError, OSError,
-    CheckpointError, YAML errors, a `SystemExit` with a message) prints `error: <one line>` on
-    stderr and returns 2; a failed download or an out-of-memory on the device returns 1.
+    A user error (a `moa_jax.errors.UserError`, and the standard ones a user causes: a bad value,
+    mismatch or limit (ValueError), a bad, missing or unwritable path (OSError), a YAML error, a
+    `SystemExit` with a message) prints `error: <one line>` on stderr and returns 2, or the
+    error's `exit_code` (1 for a failed download); an out-of-memory on the device returns 1.
     Warnings print as `warning: <message>`. `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead,
     with the traceback, and leaves warnings as Python formats them. Python API callers
     get the exceptions themselves; only the command line goes through here.
     """
-    import warnings
-
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("MOA_JAX_DEBUG"))
     if not debug:  # warnings as one line too, without the source line Python adds
@@ -277,11 +256,9 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     except Exception as e:  # noqa: BLE001 - sorted below; anything else keeps its traceback
         if debug:
             raise
-        from moa_jax.downloads import DownloadError
-
-        if isinstance(e, _user_errors()):
+        if isinstance(e, _USER_ERRORS):
             print(f"error: {one_line(e)}", file=sys.stderr)
-            return 1 if isinstance(e, DownloadError) else 2
+            return e.exit_code if isinstance(e, UserError) else 2
         if "RESOURCE_EXHAUSTED" in str(e):
             first = next((ln for ln in str(e).splitlines() if "RESOURCE_EXHAUSTED" in ln), "")
             print(
@@ -291,16 +268,3 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
             )
             return 1
         raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Writes `text` to a temporary file beside `path`, then renames it over `path`: a reader
-    (or a run that is killed half-way) never sees a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -16,8 +16,12 @@ with a `text` column, or plain .txt files, one document per file).
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
+import io
 import logging
+import lzma
 import os
 import subprocess
 import tarfile
@@ -119,8 +123,6 @@ def _fetch_austen_deb() -> Path:
 
 def _deb_member(deb: Path, suffixes: tuple[str, ...]) -> dict[str, bytes]:
     """Files of a .deb's data archive whose names end in `suffixes` (ar + tar, no dpkg)."""
-    import io
-
     blob = deb.read_bytes()
     if not blob.startswith(b"!<arch>\n"):
         raise ValueError(f"{deb} is not a Debian package (no ar header)")
@@ -149,15 +151,12 @@ def _read_r_lazyload(rdx: bytes, rdb: bytes) -> dict[str, object]:
     is a 4-byte big-endian length and the compressed serialisation (zlib, or with
     compressed = 2 / 3 a type byte: '2' bzip2, 'X' xz, 'Z' zlib, '0' stored).
     """
-    try:
+    try:  # imported here, on the 'austen' corpus's first load: rdata pulls in pandas and xarray
         import rdata
     except ImportError as e:
         raise ImportError(
             "the 'austen' corpus needs the PyPI package rdata (pip install rdata)"
         ) from e
-    import bz2
-    import gzip
-    import lzma
 
     def parse(raw: bytes):
         with warnings.catch_warnings():
@@ -209,7 +208,7 @@ BUILTIN: dict[str, Callable[[], list[Document]]] = {"shakespeare": _shakespeare,
 
 
 def _local(path: Path, text_field: str) -> list[Document]:
-    import datasets
+    import datasets  # imported here, for local corpora only: it takes seconds (pyarrow, pandas)
 
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())

@@ -18,11 +18,16 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from moa_jax.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class DownloadError(RuntimeError):
-    """A fetch failed (no network, package gone) or a file does not match its pinned hash."""
+class DownloadError(UserError, RuntimeError):
+    """A fetch failed (no network, package gone) or a file does not match its pinned hash; the
+    command exits 1, since a retry may succeed."""
+
+    exit_code = 1
 
 
 def cache_dir() -> Path:

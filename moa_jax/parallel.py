@@ -162,14 +162,6 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = LOG
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] = LOGICAL_RULES):
-    """Places the model's parameters on `mesh` by the logical rules (returns the same model)."""
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state, param_shardings(state, mesh, rules))
-    nnx.update(model, state)
-    return model
-
-
 def batch_sharding(
     mesh: Mesh, shape: Sequence[int], rules: Mapping[str, Any] = LOGICAL_RULES
 ) -> NamedSharding:

@@ -63,6 +63,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from moa_jax.files import atomic_write_text
 from moa_jax.pallas_kernels.moa_schedule import MoASchedule
 
 SCHEMA_VERSION = 1
@@ -393,8 +394,6 @@ class Plan:
         return plan
 
     def save(self, path: str | Path) -> Path:
-        from moa_jax.cli import atomic_write_text
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")

@@ -19,10 +19,14 @@ import numpy as np
 import pytest
 
 from moa_jax.cli import run
+from moa_jax.downloads import DownloadError
+from moa_jax.errors import ConfigError, PlanError, UserError
 from moa_jax.models.llama import init_random
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
 from moa_jax.models.hf_weights import save_hf
 from moa_jax.plan import Plan
+from moa_jax.search.optimize import InfeasibleBudgetError
+from moa_jax.train.checkpoint import CheckpointError
 
 from conftest import tiny_config
 
@@ -341,6 +345,26 @@ def test_train_missing_corpus_leaves_no_folder(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------- Python API
+@pytest.mark.parametrize(
+    "error, want_code",
+    [
+        (ConfigError("bad option\nsecond line"), 2),
+        (PlanError("plan does not fit"), 2),
+        (CheckpointError("checkpoint truncated"), 2),
+        (InfeasibleBudgetError("no rule meets the band"), 2),
+        (DownloadError("no network"), 1),
+    ],
+)
+def test_user_errors_are_one_line_with_their_exit_code(capsys, error, want_code):
+    """Every `UserError` is one `error:` line; a failed download exits 1 (a retry may work)."""
+    assert isinstance(error, UserError)
+
+    def main(argv):
+        raise error
+
+    _one_line_error(capsys, run(main, []), want_code, str(error).split()[0])
+
+
 def test_api_errors_name_the_problem():
     from moa_jax.generate import generate
     from moa_jax.pallas_kernels import sparse_attention

@@ -95,7 +95,7 @@ def test_build_items_model_aligned_and_cached(tiny, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should not generate")
 
-    monkeypatch.setattr("moa_jax.generate.generate", boom)
+    monkeypatch.setattr(cal, "generate", boom)
     again = cal.build_items(
         model, tok, docs, counts, answer_tokens=12, cache_file=cache, progress=False
     )

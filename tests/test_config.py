@@ -85,11 +85,29 @@ def test_parse_dtype():
         parse_dtype("float33")
 
 
+def test_atomic_writes_replace_whole_files_and_leave_no_temporaries(tmp_path, monkeypatch):
+    from moa_jax import files
+
+    path = files.atomic_write_text(tmp_path / "a.json", "first ü\n")
+    assert path.read_text(encoding="utf-8") == "first ü\n"
+    files.atomic_write_bytes(path, b"second")
+    assert path.read_bytes() == b"second"
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(files.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write_text(path, "third")
+    assert path.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
 def test_compilation_cache_on_accelerators_only(monkeypatch, tmp_path):
     """CLIs keep compiled programs under $MOA_JAX_CACHE/xla on an accelerator, not on the CPU."""
     import jax
 
-    from moa_jax.cli import enable_compilation_cache
+    from moa_jax.runtime import enable_compilation_cache
 
     monkeypatch.setenv("MOA_JAX_CACHE", str(tmp_path))
     old = jax.config.jax_compilation_cache_dir

@@ -14,17 +14,7 @@ import numpy as np
 import pytest
 
 from moa_jax.corpora import Document
-from moa_jax.eval import (
-    GROUPS,
-    METHODS,
-    TASKS,
-    MaskedAttention,
-    AttentionConfig,
-    TaskContext,
-    resolve_methods,
-    resolve_tasks,
-    uniform_plan,
-)
+from moa_jax.eval import GROUPS, TASKS, TaskContext, resolve_tasks
 from moa_jax.eval.tasks import (
     digit_accuracy,
     extract_numbers,
@@ -34,9 +24,18 @@ from moa_jax.eval.tasks import (
     recall,
     score_number,
 )
+from moa_jax.methods import (
+    METHODS,
+    AttentionConfig,
+    MaskedAttention,
+    Method,
+    UniformOptions,
+    register_method,
+    resolve_methods,
+    uniform_plan,
+)
 from moa_jax.models.tokenizer import byte_level_tokenizer
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference, window_sink_mask
-from moa_jax.methods import Method, UniformOptions, register_method
 from moa_jax.plan import Plan
 
 from conftest import tiny_config

@@ -118,7 +118,7 @@ def test_cli_rerun_uses_caches(run_dir, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should have been cached")
 
-    monkeypatch.setattr("moa_jax.generate.generate", boom)
+    monkeypatch.setattr("moa_jax.search.calibration.generate", boom)
     monkeypatch.setattr("moa_jax.search.sensitivity.profile_items", boom)
     assert main(argv + ["--no-validate"]) == 0
     plan = Plan.load(out / "plan" / "plan.json")

@@ -109,6 +109,7 @@ class AttentionBenchConfig:
 def bench_one(kind: str, s: int, args: AttentionBenchConfig, rows: list[dict], plan=None):
     """Appends the rows of one head configuration at sequence length `s`: every
     implementation of `args.impls`, forward and (unless `no_bwd`) forward + backward."""
+    # jax loads here and in `main`, after the flags: `--help` does not wait for it
     import jax
     import jax.numpy as jnp
 
@@ -183,13 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_config(AttentionBenchConfig, argv, prog=PROG, **help_from_doc(__doc__))
 
+    # jax (and moa_jax.plan, which loads it) only after the flags: `--help` does not wait for it
     import jax
+
+    from moa_jax.plan import Plan
 
     plan = None
     configs = list(args.configs)
     if args.plan:
-        from moa_jax.plan import Plan
-
         plan = Plan.load(args.plan)
         configs += [f"plan-L{layer}" for layer in args.plan_layers]
     rows: list[dict] = []

@@ -11,6 +11,7 @@ GIB = float(1 << 30)
 def memory_stats(devices=None) -> dict:
     """The allocator's statistics; over several devices the largest use and peak and the
     smallest limit (what bounds a program sharded over all of them)."""
+    # jax loads on first use: the bench CLIs import this module before parsing flags (--help)
     import jax
 
     out: dict = {}
@@ -31,6 +32,7 @@ def copy_bandwidth(nbytes: int, iters: int = 10, warmup: int = 3) -> float:
     """Bytes per second of `x + 1` over a bf16 array of nbytes (read + write counted), from the
     fastest of `iters` calls after `warmup`: single calls vary by up to 30% on a GPU whose
     clocks are still rising, and the floor should use what the memory can do."""
+    # jax loads on first use: the bench CLIs import this module before parsing flags (--help)
     import jax
     import jax.numpy as jnp
 

@@ -71,6 +71,7 @@ def case_windows(kind: str, s: int, h: int, hkv: int, plan=None):
 
 def kept_entries(windows, sinks, s: int) -> int:
     """Entries of the S x S causal mask that the heads keep, summed over heads."""
+    # the kernels load jax: the bench CLIs import this module before parsing flags (--help)
     from moa_jax.pallas_kernels.masks import MaskSpec
 
     return MaskSpec(windows, sinks, s, s).kept_entries()

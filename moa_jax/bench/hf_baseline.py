@@ -17,6 +17,7 @@ from moa_jax.bench.device_memory import GIB
 def hf_setup(nbytes: int) -> tuple[dict, float]:
     """(report fields: torch and transformers versions, torch's copy bandwidth, the CUDA
     device; that bandwidth in bytes/s, NaN without CUDA). ImportError without them."""
+    # torch and transformers on call: torch is optional (the test extra), and both are slow to load
     import torch
     import transformers
 
@@ -31,6 +32,7 @@ def hf_setup(nbytes: int) -> tuple[dict, float]:
 def bench_hf(cfg, context: int, batch: int, config: DecodeConfig, bandwidth: float) -> dict:
     """One HF measurement (see `moa_jax.bench.decode`): ms/step from the first to the last
     generated token, the prefill left out."""
+    # torch and transformers on call: torch is optional (the test extra), and both are slow to load
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList
 
@@ -131,6 +133,7 @@ def bench_hf(cfg, context: int, batch: int, config: DecodeConfig, bandwidth: flo
 
 def torch_copy_bandwidth(nbytes: int, iters: int = 10, warmup: int = 3) -> float:
     """`device_memory.copy_bandwidth` measured through torch (for the HF rows)."""
+    # torch and transformers on call: torch is optional (the test extra), and both are slow to load
     import torch
 
     if not torch.cuda.is_available():

@@ -20,6 +20,7 @@ estimators (`scaled_grid` over the given lengths). JSON to `--out`, a line per l
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def time_profile(
     token: bool = True,
 ) -> dict[str, Any]:
     """Profiles the first batch (compiles) then the rest; returns timings and peak memory."""
+    # moa_jax.search.sensitivity loads jax: imported on call, so that `--help` does not wait
     from moa_jax.search.sensitivity import profile_items
 
     kw = dict(
@@ -129,12 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     args = parse_config(InfluenceBenchConfig, argv, prog=PROG, description=__doc__)
 
-    import datetime
-
+    # jax (and the modules that load it) only after the flags: `--help` does not wait for it
     import jax
     from flax import nnx
 
     from moa_jax.config import ModelConfig
+    from moa_jax.search.rules import scaled_grid
 
     shape = model_shape(args.shape, args.layers)
     cfg = ModelConfig(**shape)
@@ -144,8 +146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for length in args.length:
         windows: list[int] = []
         if args.estimator == "window":
-            from moa_jax.search.rules import scaled_grid
-
             windows = sorted(
                 {int(w) for w in scaled_grid(args.length, sink=args.sink).windows(length)}
             )

@@ -15,6 +15,7 @@ import tempfile
 from typing import Any, Callable
 
 import jax
+from jax.profiler import ProfileData
 
 _CPU_THREADS = ("tf_XLAPjRtCpuClient", "tf_XLAEigen")
 _SKIP = ("ThreadpoolListener", "SlinkyThreadPool", "ThunkExecutor", "end: ")
@@ -22,8 +23,6 @@ _SKIP = ("ThreadpoolListener", "SlinkyThreadPool", "ThunkExecutor", "end: ")
 
 def _device_events(path: str):
     """(name, duration ns) of every kernel event in the trace file."""
-    from jax.profiler import ProfileData
-
     data = ProfileData.from_file(path)
     device = [p for p in data.planes if p.name.startswith("/device:")]
     if device:

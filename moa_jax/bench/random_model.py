@@ -52,6 +52,7 @@ def model_shape(name: str, layers: int | None = None) -> dict:
 
 def model_config(name: str, layers: int | None = None):
     """The `ModelConfig` of a named shape (`SHAPES`), `layers` layers if given."""
+    # moa_jax.config loads jax: the bench CLIs import this module before parsing flags (--help)
     from moa_jax.config import ModelConfig
 
     return ModelConfig(**model_shape(name, layers))
@@ -67,17 +68,17 @@ def make_weights(
     whole model's initialiser compiles for minutes at 8B shapes, while the values do not matter
     here.
     """
+    # jax loads on first use: the bench CLIs import this module before parsing flags (--help)
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from moa_jax.models.llama import abstract_model
+    from moa_jax.parallel import param_shardings
 
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
     leaves, treedef = jax.tree_util.tree_flatten(abstract)
     if mesh is not None:
-        from moa_jax.parallel import param_shardings
-
         shardings = jax.tree_util.tree_leaves(param_shardings(abstract, mesh))
     else:
         shardings = [None] * len(leaves)

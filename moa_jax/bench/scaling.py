@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from moa_jax.bench.batch_search import guard
-from moa_jax.bench.scaling_workers import profile_worker, train_worker
 from moa_jax.cli import help_from_doc, option, parse_config, run, setup_logging
 
 logger = logging.getLogger("moa_jax.bench.scaling")  # not __name__: '__main__' under python -m
@@ -259,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_config(ScalingConfig, argv, prog=PROG, **help_from_doc(__doc__)).resolved()
     if args.worker:
+        # the workers load jax and the model: the driver process (and `--help`) does not
+        from moa_jax.bench.scaling_workers import profile_worker, train_worker
+
         n = args.devices[0]
         fn = train_worker if args.worker == "train" else profile_worker
         row = guard(lambda: fn(n, args), dict(part=args.worker, devices=n))

@@ -7,18 +7,25 @@ import statistics
 import time
 from typing import TYPE_CHECKING, Any
 
+import jax
+import numpy as np
+from flax import nnx
+
 from moa_jax.bench.device_memory import GIB, memory_stats
+from moa_jax.bench.influence_profiling import synthetic_items, time_profile
 from moa_jax.bench.random_model import make_weights, model_config
+from moa_jax.parallel import MeshConfig, make_mesh, mesh_context, param_shardings
+from moa_jax.train.attention import make_attention
+from moa_jax.train.config import TrainConfig
+from moa_jax.train.metrics import attention_entries, peak_flops, train_flops_per_sequence
+from moa_jax.train.optimizer import make_optimizer
+from moa_jax.train.step import batch_shardings, get_train_step, opt_state_shardings, replicated
 
 if TYPE_CHECKING:
     from moa_jax.bench.scaling import ScalingConfig
 
 
 def _mesh(data: int, fsdp: int, tensor: int):
-    import jax
-
-    from moa_jax.parallel import MeshConfig, make_mesh
-
     n = data * fsdp * tensor
     devices = jax.devices()
     if len(devices) < n:
@@ -29,8 +36,6 @@ def _mesh(data: int, fsdp: int, tensor: int):
 
 
 def _where() -> dict:
-    import jax
-
     return dict(device=jax.devices()[0].device_kind, jax=jax.__version__)
 
 
@@ -48,21 +53,6 @@ def _timed(fn, warmup: int, iters: int) -> float:
 
 def train_worker(n: int, args: ScalingConfig) -> dict:
     """One continued-pretraining measurement on n devices (see the module docstring)."""
-    import jax
-    import numpy as np
-
-    from moa_jax.parallel import mesh_context, param_shardings
-    from moa_jax.train.attention import make_attention
-    from moa_jax.train.config import TrainConfig
-    from moa_jax.train.metrics import attention_entries, peak_flops, train_flops_per_sequence
-    from moa_jax.train.optimizer import make_optimizer
-    from moa_jax.train.step import (
-        batch_shardings,
-        get_train_step,
-        opt_state_shardings,
-        replicated,
-    )
-
     mc = model_config("tiny" if args.tiny else "llama3-8b", args.layers)
     rows = args.rows_per_device * n
     seq = args.prefix + args.tail
@@ -146,10 +136,6 @@ def train_worker(n: int, args: ScalingConfig) -> dict:
 
 def profile_worker(n: int, args: ScalingConfig) -> dict:
     """Influence profiling of n synthetic items per step on n devices."""
-    from flax import nnx
-
-    from moa_jax.bench.influence_profiling import synthetic_items, time_profile
-
     mc = model_config("tiny" if args.tiny else "llama3-8b", args.layers)
     mesh = _mesh(n, 1, 1)
     length = args.profile_length

@@ -11,20 +11,10 @@ recycled (Recycled Attention), streaming (StreamingLLM) and h2o.
 
 Public API:
   TASKS, GROUPS, resolve_tasks, Item, TaskContext      tasks.py
-  METHODS, register_method, resolve_methods, Method, AttentionConfig, MaskedAttention
   Runner                                               runner.py
   summarize, pivot_table, detail_table                 report.py
 """
 
-from moa_jax.methods import (
-    METHODS,
-    MaskedAttention,
-    Method,
-    AttentionConfig,
-    register_method,
-    resolve_methods,
-    uniform_plan,
-)
 from moa_jax.eval.needle import Passkey
 from moa_jax.eval.perplexity import TailPerplexity
 from moa_jax.eval.retrieval import LineRetrieval
@@ -56,13 +46,6 @@ __all__ = [
     "Item",
     "Task",
     "TaskContext",
-    "METHODS",
-    "register_method",
-    "resolve_methods",
-    "Method",
-    "AttentionConfig",
-    "MaskedAttention",
-    "uniform_plan",
     "Runner",
     "summarize",
     "pivot_table",

@@ -27,13 +27,14 @@ from typing import Any, Sequence
 
 import jax
 
-from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
+from moa_jax.cli import option, parse_config, run, setup_logging
 from moa_jax.eval import Runner, TaskContext, resolve_tasks
 from moa_jax.eval.merge import merge_results
 from moa_jax.eval.report import depth_table, paired_deltas, summarize, write_json, write_report
 from moa_jax.methods import AttentionConfig, MethodOptions, parse_method_options, resolve_methods
 from moa_jax.models import registry
 from moa_jax.plan import Plan
+from moa_jax.runtime import enable_compilation_cache
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
 

@@ -41,7 +41,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.cli import atomic_write_text, option, parse_config, setup_logging
+from moa_jax.cli import option, parse_config, setup_logging
+from moa_jax.files import atomic_write_text
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan

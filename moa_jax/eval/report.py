@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from moa_jax.cli import atomic_write_text
 from moa_jax.eval.tasks import TASKS
+from moa_jax.files import atomic_write_text
 
 _METRICS = ("acc", "digit_acc", "recall", "nll", "tf_acc")
 
@@ -286,6 +286,7 @@ def _jsonable(x: Any) -> Any:
 # ----------------------------------------------------------------------------- plots
 def plot_vs_length(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     """One panel per task: its primary metric against context length, a line per method."""
+    # imported here: matplotlib takes a second or more, and only the plots need it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -331,6 +332,7 @@ def plot_depth_heatmaps(
     records: Sequence[dict[str, Any]], path: Path, tasks: Sequence[str] = ("needle", "retrieval")
 ) -> Path | None:
     """Depth x length heatmaps of the primary metric: a row per task, a column per method."""
+    # imported here: matplotlib takes a second or more, and only the plots need it
     import matplotlib
 
     matplotlib.use("Agg")

@@ -21,8 +21,11 @@ continuation is the answer itself.
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import re
 import string
+from typing import Any, Callable
 
 import numpy as np
 
@@ -52,112 +55,158 @@ FILLER = (
 )
 
 
-class MultiKeyNeedle(Task):
-    name = "mk_needle"
+@dataclasses.dataclass
+class Draft:
+    """One RULER item before its prompt is fitted to the token budget.
+
+    Attributes:
+      build: the prompt holding the first `u` units of its source (characters of text, or rare
+        words of a list); the task's builder fits the largest `u` within the budget.
+      units: the most units the source has.
+      prefix, answer, targets, depth, meta: as the `Item`'s.
+      units_key: when set, `meta[units_key]` records the fitted `u`.
+    """
+
+    build: Callable[[int], str]
+    units: int
+    prefix: str
+    answer: str
+    targets: tuple[str, ...]
+    depth: float | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    units_key: str | None = None
+
+
+class RulerTask(Task):
+    """A RULER task: each item is a `Draft` from its own random generator, fitted to the budget.
+
+    Subclasses write `draft` (and `sizes` for settings shared by every item of a length) and
+    `score`.
+    """
+
     family = "ruler"
+
+    def sizes(self, ctx: TaskContext, budget: int) -> Any:
+        """Settings shared by every item of one budget (passed to `draft`)."""
+        return None
+
+    @abc.abstractmethod
+    def draft(self, ctx: TaskContext, rng: np.random.Generator, budget: int, sizes: Any) -> Draft:
+        """The item drawn from `rng` for a `budget`-token prompt."""
+
+    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
+        budget = self.budget(length)
+        sizes = self.sizes(ctx, budget)
+        items = []
+        for i in range(num_items):
+            d = self.draft(ctx, item_rng(seed, self.name, length, i), budget, sizes)
+            u, prompt = fit_units(
+                d.build, lambda p, prefix=d.prefix: ctx.count(p, prefix), budget, hi=d.units
+            )
+            meta = {**d.meta, d.units_key: u} if d.units_key else d.meta
+            items.append(
+                Item(
+                    task=self.name,
+                    length=length,
+                    index=i,
+                    prompt=prompt,
+                    answer_prefix=d.prefix,
+                    answer=d.answer,
+                    targets=d.targets,
+                    depth=d.depth,
+                    meta=meta,
+                )
+            )
+        return items
+
+
+def _needle_draft(
+    source: str, needles: list[str], depths: list[float], question: str, **fields: Any
+) -> Draft:
+    """A needle item: the first `u` characters of the book text `source` with the needles at
+    their depths, then the question; `fields` are the rest of the `Draft`."""
+
+    def build(u: int) -> str:
+        return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
+
+    return Draft(build=build, units=len(source), **fields)
+
+
+def _distinct_numbers(rng: np.random.Generator, n: int) -> list[str]:
+    """`n` different random 5-digit numbers."""
+    nums: list[str] = []
+    for _ in range(n):
+        nums.append(random_number(rng, 5, exclude=nums))
+    return nums
+
+
+class MultiKeyNeedle(RulerTask):
+    name = "mk_needle"
     max_new_tokens = 12
     primary = "acc"
     metrics = ("acc", "digit_acc")
     description = "RULER multi-key NIAH: 4 keyed numbers in book text, ask for one key"
     num_keys = 4
 
-    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
-        budget = self.budget(length)
-        items = []
-        for i in range(num_items):
-            rng = item_rng(seed, self.name, length, i)
-            keys = random_keys(rng, self.num_keys if budget >= 1024 else 2)
-            nums: list[str] = []
-            for _ in keys:
-                nums.append(random_number(rng, 5, exclude=nums))
-            depths = rng.uniform(0.0, 1.0, size=len(keys)).tolist()
-            q = int(rng.integers(len(keys)))
-            needles = [
-                f"One of the special magic numbers for {k} is: {n}." for k, n in zip(keys, nums)
-            ]
-            source, title = ctx.book_text(rng, budget * 8)
-            question = (
-                f"\n\nWhat is the special magic number for {keys[q]} mentioned in the "
-                "text above? Answer with the number only."
-            )
-            prefix = f"The special magic number for {keys[q]} mentioned in the text is "
-
-            def build(u, source=source, needles=needles, depths=depths, question=question):
-                return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
-
-            _, prompt = fit_units(
-                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(source)
-            )
-            items.append(
-                Item(
-                    task=self.name,
-                    length=length,
-                    index=i,
-                    prompt=prompt,
-                    answer_prefix=prefix,
-                    answer=nums[q],
-                    targets=(nums[q],),
-                    depth=depths[q],
-                    meta={
-                        "document": title,
-                        "key": keys[q],
-                        "distractors": [n for j, n in enumerate(nums) if j != q],
-                    },
-                )
-            )
-        return items
+    def draft(self, ctx: TaskContext, rng: np.random.Generator, budget: int, sizes: Any) -> Draft:
+        keys = random_keys(rng, self.num_keys if budget >= 1024 else 2)
+        nums = _distinct_numbers(rng, len(keys))
+        depths = rng.uniform(0.0, 1.0, size=len(keys)).tolist()
+        q = int(rng.integers(len(keys)))
+        needles = [f"One of the special magic numbers for {k} is: {n}." for k, n in zip(keys, nums)]
+        source, title = ctx.book_text(rng, budget * 8)
+        question = (
+            f"\n\nWhat is the special magic number for {keys[q]} mentioned in the "
+            "text above? Answer with the number only."
+        )
+        return _needle_draft(
+            source,
+            needles,
+            depths,
+            question,
+            prefix=f"The special magic number for {keys[q]} mentioned in the text is ",
+            answer=nums[q],
+            targets=(nums[q],),
+            depth=depths[q],
+            meta={
+                "document": title,
+                "key": keys[q],
+                "distractors": [n for j, n in enumerate(nums) if j != q],
+            },
+        )
 
     def score(self, item: Item, text: str) -> dict[str, float]:
         return score_number(text, item.targets[0])
 
 
-class MultiValueNeedle(Task):
+class MultiValueNeedle(RulerTask):
     name = "mv_needle"
-    family = "ruler"
     max_new_tokens = 40
     primary = "recall"
     metrics = ("recall",)
     description = "RULER multi-value NIAH: one key with 4 numbers in book text, ask for all"
     num_values = 4
 
-    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
-        budget = self.budget(length)
-        items = []
-        for i in range(num_items):
-            rng = item_rng(seed, self.name, length, i)
-            key = random_keys(rng, 1)[0]
-            nums: list[str] = []
-            for _ in range(self.num_values if budget >= 1024 else 2):
-                nums.append(random_number(rng, 5, exclude=nums))
-            depths = np.sort(rng.uniform(0.0, 1.0, size=len(nums))).tolist()
-            needles = [f"One of the special magic numbers for {key} is: {n}." for n in nums]
-            source, title = ctx.book_text(rng, budget * 8)
-            question = (
-                f"\n\nWhat are all the special magic numbers for {key} mentioned in the "
-                "text above? Answer with the numbers only."
-            )
-            prefix = f"The special magic numbers for {key} mentioned in the text are:"
-
-            def build(u, source=source, needles=needles, depths=depths, question=question):
-                return NEEDLE_INSTRUCTION + insert_at_depths(source[:u], needles, depths) + question
-
-            _, prompt = fit_units(
-                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(source)
-            )
-            items.append(
-                Item(
-                    task=self.name,
-                    length=length,
-                    index=i,
-                    prompt=prompt,
-                    answer_prefix=prefix,
-                    answer=" " + ", ".join(nums),
-                    targets=tuple(nums),
-                    depth=None,
-                    meta={"document": title, "key": key, "depths": depths},
-                )
-            )
-        return items
+    def draft(self, ctx: TaskContext, rng: np.random.Generator, budget: int, sizes: Any) -> Draft:
+        key = random_keys(rng, 1)[0]
+        nums = _distinct_numbers(rng, self.num_values if budget >= 1024 else 2)
+        depths = np.sort(rng.uniform(0.0, 1.0, size=len(nums))).tolist()
+        needles = [f"One of the special magic numbers for {key} is: {n}." for n in nums]
+        source, title = ctx.book_text(rng, budget * 8)
+        question = (
+            f"\n\nWhat are all the special magic numbers for {key} mentioned in the "
+            "text above? Answer with the numbers only."
+        )
+        return _needle_draft(
+            source,
+            needles,
+            depths,
+            question,
+            prefix=f"The special magic numbers for {key} mentioned in the text are:",
+            answer=" " + ", ".join(nums),
+            targets=tuple(nums),
+            meta={"document": title, "key": key, "depths": depths},
+        )
 
     def score(self, item: Item, text: str) -> dict[str, float]:
         return {"recall": recall(extract_numbers(text), item.targets)}
@@ -166,57 +215,42 @@ class MultiValueNeedle(Task):
 _VAR = re.compile(r"\b[A-Z]{5}\b")
 
 
-class VariableTracking(Task):
+class VariableTracking(RulerTask):
     name = "var_track"
-    family = "ruler"
     max_new_tokens = 32
     primary = "recall"
     metrics = ("recall",)
     description = "RULER variable tracking: a chain of 5 assignments in filler text"
     hops = 4
 
-    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
-        budget = self.budget(length)
-        items = []
-        for i in range(num_items):
-            rng = item_rng(seed, self.name, length, i)
-            names: list[str] = []
-            while len(names) < self.hops + 1:
-                n = "".join(rng.choice(list(string.ascii_uppercase), size=5))
-                if n not in names:
-                    names.append(n)
-            value = random_number(rng, 5)
-            chain = [f"VAR {names[0]} = {value}."] + [
-                f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(self.hops)
-            ]
-            depths = np.sort(rng.uniform(0.0, 1.0, size=len(chain))).tolist()
-            question = (
-                f"\n\nWhich variables are assigned the value {value}, directly or "
-                "through other variables, in the text above? List their names."
-            )
-            prefix = f"The variables that hold the value {value} are:"
-            filler = FILLER * (budget * 8 // len(FILLER) + 1)
+    def draft(self, ctx: TaskContext, rng: np.random.Generator, budget: int, sizes: Any) -> Draft:
+        names: list[str] = []
+        while len(names) < self.hops + 1:
+            n = "".join(rng.choice(list(string.ascii_uppercase), size=5))
+            if n not in names:
+                names.append(n)
+        value = random_number(rng, 5)
+        chain = [f"VAR {names[0]} = {value}."] + [
+            f"VAR {names[j + 1]} = VAR {names[j]}." for j in range(self.hops)
+        ]
+        depths = np.sort(rng.uniform(0.0, 1.0, size=len(chain))).tolist()
+        question = (
+            f"\n\nWhich variables are assigned the value {value}, directly or "
+            "through other variables, in the text above? List their names."
+        )
+        filler = FILLER * (budget * 8 // len(FILLER) + 1)
 
-            def build(u, filler=filler, chain=chain, depths=depths, question=question):
-                return VT_INSTRUCTION + insert_at_depths(filler[:u], chain, depths) + question
+        def build(u: int) -> str:
+            return VT_INSTRUCTION + insert_at_depths(filler[:u], chain, depths) + question
 
-            _, prompt = fit_units(
-                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(filler)
-            )
-            items.append(
-                Item(
-                    task=self.name,
-                    length=length,
-                    index=i,
-                    prompt=prompt,
-                    answer_prefix=prefix,
-                    answer=" " + ", ".join(names),
-                    targets=tuple(names),
-                    depth=None,
-                    meta={"value": value, "depths": depths},
-                )
-            )
-        return items
+        return Draft(
+            build=build,
+            units=len(filler),
+            prefix=f"The variables that hold the value {value} are:",
+            answer=" " + ", ".join(names),
+            targets=tuple(names),
+            meta={"value": value, "depths": depths},
+        )
 
     def score(self, item: Item, text: str) -> dict[str, float]:
         return {"recall": recall(_VAR.findall(text), item.targets)}
@@ -225,15 +259,15 @@ class VariableTracking(Task):
 _WORD = re.compile(r"[a-z]+")
 
 
-class CommonWords(Task):
+class CommonWords(RulerTask):
     name = "common_words"
-    family = "ruler"
     max_new_tokens = 64
     primary = "recall"
     metrics = ("recall",)
     description = "RULER common-words extraction: the most frequent words of a numbered list"
 
-    def _sizes(self, ctx: TaskContext, budget: int) -> tuple[int, int, int]:
+    def sizes(self, ctx: TaskContext, budget: int) -> tuple[int, int, int]:
+        """(number of common words, times each common word appears, times each rare one does)."""
         sample = " ".join(f"{j + 100}. {w}" for j, w in enumerate(WORDS[:50]))
         per_entry = max(1.0, len(ctx.encode(sample)) / 50)
         entries = budget / per_entry
@@ -242,48 +276,42 @@ class CommonWords(Task):
         freq_rare = max(1, min(3, freq_common // 4))
         return n_common, freq_common, freq_rare
 
-    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
-        budget = self.budget(length)
-        n_common, f_common, f_rare = self._sizes(ctx, budget)
-        items = []
-        for i in range(num_items):
-            rng = item_rng(seed, self.name, length, i)
-            vocab = [WORDS[j] for j in rng.permutation(len(WORDS))]
-            vocab += [f"{a}{b}" for a, b in zip(vocab, vocab[1:] + vocab[:1])]  # more types
-            common, rare = vocab[:n_common], vocab[n_common:]
-            order_seed = int(rng.integers(2**31))
-            question = (
-                f"\n\nWhat are the {n_common} most common words in the list above? "
-                "Answer with the words only."
-            )
-            prefix = f"The {n_common} most common words in the list are:"
+    def draft(self, ctx: TaskContext, rng: np.random.Generator, budget: int, sizes: Any) -> Draft:
+        n_common, f_common, f_rare = sizes
+        vocab = [WORDS[j] for j in rng.permutation(len(WORDS))]
+        vocab += [f"{a}{b}" for a, b in zip(vocab, vocab[1:] + vocab[:1])]  # more types
+        common, rare = vocab[:n_common], vocab[n_common:]
+        order_seed = int(rng.integers(2**31))
+        question = (
+            f"\n\nWhat are the {n_common} most common words in the list above? "
+            "Answer with the words only."
+        )
 
-            def build(u, common=common, rare=rare, order_seed=order_seed, question=question):
-                words = common * f_common + rare[:u] * f_rare
-                perm = np.random.default_rng(order_seed).permutation(len(words))
-                listing = " ".join(f"{j + 1}. {words[p]}" for j, p in enumerate(perm))
-                return "Below is a numbered list of words.\n\n" + listing + question
+        def build(u: int) -> str:
+            words = common * f_common + rare[:u] * f_rare
+            perm = np.random.default_rng(order_seed).permutation(len(words))
+            listing = " ".join(f"{j + 1}. {words[p]}" for j, p in enumerate(perm))
+            return "Below is a numbered list of words.\n\n" + listing + question
 
-            u, prompt = fit_units(
-                build, lambda p, prefix=prefix: ctx.count(p, prefix), budget, hi=len(rare)
-            )
-            items.append(
-                Item(
-                    task=self.name,
-                    length=length,
-                    index=i,
-                    prompt=prompt,
-                    answer_prefix=prefix,
-                    answer=" " + ", ".join(common),
-                    targets=tuple(common),
-                    depth=None,
-                    meta={"freq_common": f_common, "freq_rare": f_rare, "rare_words": u},
-                )
-            )
-        return items
+        return Draft(
+            build=build,
+            units=len(rare),
+            prefix=f"The {n_common} most common words in the list are:",
+            answer=" " + ", ".join(common),
+            targets=tuple(common),
+            meta={"freq_common": f_common, "freq_rare": f_rare},
+            units_key="rare_words",
+        )
 
     def score(self, item: Item, text: str) -> dict[str, float]:
         return {"recall": recall(_WORD.findall(text.lower()), item.targets)}
 
 
-__all__ = ["MultiKeyNeedle", "MultiValueNeedle", "VariableTracking", "CommonWords"]
+__all__ = [
+    "Draft",
+    "RulerTask",
+    "MultiKeyNeedle",
+    "MultiValueNeedle",
+    "VariableTracking",
+    "CommonWords",
+]

@@ -33,6 +33,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from moa_jax.corpora import load_corpus
+from moa_jax.generate import encode_prompt
+
 # Common English words for record keys, variable-free vocabularies and distractors.
 WORDS = tuple(
     """
@@ -151,8 +154,6 @@ class TaskContext:
     @property
     def docs(self) -> list[Any]:
         if self._docs is None:
-            from moa_jax.corpora import load_corpus
-
             docs = [d for d in load_corpus(self.corpus) if d.text.strip()]
             if not docs:
                 raise ValueError(f"corpus {self.corpus!r} has no text")
@@ -186,8 +187,6 @@ class TaskContext:
 
     def prompt_ids(self, prompt: str, answer_prefix: str = "") -> list[int]:
         """The token ids fed to the model: chat-wrapped prompt + the forced answer prefix."""
-        from moa_jax.generate import encode_prompt
-
         ids = encode_prompt(self.tokenizer, prompt, self.chat)
         return ids + (self.encode(answer_prefix) if answer_prefix else [])
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
+from moa_jax.cli import option, parse_config, run, setup_logging
 from moa_jax.config import ModelConfig
 from moa_jax.generate import encode_prompt, generate, pad_prompts
 from moa_jax.methods import (
@@ -38,6 +38,7 @@ from moa_jax.models.recycled_attention import RecycleConfig
 from moa_jax.models import registry
 from moa_jax.parallel import MeshConfig, initialize_distributed, make_mesh
 from moa_jax.plan import Plan
+from moa_jax.runtime import enable_compilation_cache
 from moa_jax.sampling import SamplingConfig
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`

@@ -6,6 +6,7 @@ from typing import Sequence
 
 from moa_jax import cli
 from moa_jax.profile import ProfileConfig, run
+from moa_jax.runtime import enable_compilation_cache
 
 PROG = "python -m moa_jax.profile"
 DESCRIPTION = (
@@ -18,7 +19,7 @@ DESCRIPTION = (
 def main(argv: Sequence[str] | None = None) -> int:
     config = cli.parse_config(ProfileConfig, argv, prog=PROG, description=DESCRIPTION)
     cli.setup_logging()
-    cli.enable_compilation_cache()
+    enable_compilation_cache()
     run(config)
     return 0
 

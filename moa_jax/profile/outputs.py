@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from moa_jax.cli import atomic_write_text
+from moa_jax.files import atomic_write_text
 from moa_jax.plan import Plan
 from moa_jax.profile.steps import Calibration, Search, model_config_dict
 from moa_jax.search.estimators import ESTIMATORS

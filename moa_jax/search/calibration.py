@@ -52,6 +52,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from moa_jax.generate import generate
+from moa_jax.models.masked_attention import MaskedAttention
+
 FORMAT_VERSION = 1
 
 DEFAULT_TASKS = (
@@ -378,46 +381,17 @@ def build_items(
     Returns:
       {N: [CalibrationItem, ...]} in index order.
     """
-    from moa_jax.generate import generate
-    from moa_jax.models.masked_attention import MaskedAttention
-
     counts = {int(n): int(c) for n, c in counts.items() if int(c) > 0}
     builder = PromptBuilder(tokenizer, chat=chat)
-    overhead = builder.overhead(tasks)
-    if recall_fraction > 0:  # the longest recall question, plus a little tokenizer slack
-        longest = (
-            f"What does the {max(RECALL_HOLDERS, key=len)} "
-            f"{max(RECALL_CONTAINERS, key=len)} hold? Answer in a few words."
-        )
-        overhead = max(overhead, builder.overhead([longest]) + 4)
-    budgets = {}
-    for n in counts:
-        budgets[n] = n - overhead - answer_tokens
-        if budgets[n] < 16:
-            raise ValueError(
-                f"length {n} leaves only {budgets[n]} document tokens after the "
-                f"prompt ({overhead}) and the answer ({answer_tokens}); use longer "
-                f"lengths or fewer answer tokens"
-            )
+    budgets = _document_budgets(builder, counts, tasks, recall_fraction, answer_tokens)
     # Character lengths are a cheap proxy to avoid tokenizing every document up front.
     approx = [len(d.text) // 3 for d in docs]
     specs = plan_items(approx, counts, budgets, tasks, recall_fraction)
 
-    done: dict[tuple[int, int], CalibrationItem] = {}
     cache_file = Path(cache_file) if cache_file else None
-    if cache_file is not None and cache_file.exists():
-        for line in cache_file.read_text().splitlines():
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by an interrupted run
-                continue
-            done[(int(d["length"]), int(d["index"]))] = CalibrationItem.from_json(d)
+    done = _cached_items(cache_file)
     todo = [s for s in specs if (s.length, s.index) not in done]
-    uses: dict[int, int] = {}
-    part = {}  # how many earlier items used the same document
-    for s in specs:
-        part[(s.length, s.index)] = uses.get(s.doc, 0)
-        uses[s.doc] = uses.get(s.doc, 0) + 1
+    part = _document_parts(specs)
     stop_ids = tuple(model.config.eos_token_ids) or None
     doc_ids: dict[int, list[int]] = {}
     bar = tqdm(
@@ -435,24 +409,15 @@ def build_items(
         attention = MaskedAttention(q_chunk=q_chunk)
         for start in range(0, len(group), batch_size):
             batch = group[start : start + batch_size]
-            prompts, instructions = [], []
             for s in batch:
                 if s.doc not in doc_ids:
                     doc_ids[s.doc] = _encode_long(tokenizer, docs[s.doc].text)
-                if recall:
-                    p, instruction = builder.build_recall(
-                        doc_ids[s.doc],
-                        budgets[length],
-                        random.Random(f"{seed}-{s.length}-{s.index}"),
-                        part[(s.length, s.index)],
-                    )
-                else:
-                    p = builder.build(
-                        doc_ids[s.doc], s.task, budgets[length], part[(s.length, s.index)]
-                    )
-                    instruction = s.task
-                prompts.append(p)
-                instructions.append(instruction)
+            made = [
+                _prompt(builder, doc_ids[s.doc], s, budgets[length], part, recall, seed)
+                for s in batch
+            ]
+            prompts = [p for p, _ in made]
+            instructions = [instruction for _, instruction in made]
             new = min(answer_tokens, RECALL_ANSWER_TOKENS) if recall else answer_tokens
             # a short last batch repeats its last prompt: one batch shape, one compiled program
             # per group (a GPU compile of the generate loop takes tens of seconds)
@@ -482,6 +447,77 @@ def build_items(
     for s in specs:
         result.setdefault(s.length, []).append(done[(s.length, s.index)])
     return result
+
+
+def _document_budgets(
+    builder: PromptBuilder,
+    counts: Mapping[int, int],
+    tasks: Sequence[str],
+    recall_fraction: float,
+    answer_tokens: int,
+) -> dict[int, int]:
+    """{length level: document tokens its prompts hold}: the level less the longest prompt
+    around the document and the answer."""
+    overhead = builder.overhead(tasks)
+    if recall_fraction > 0:  # the longest recall question, plus a little tokenizer slack
+        longest = (
+            f"What does the {max(RECALL_HOLDERS, key=len)} "
+            f"{max(RECALL_CONTAINERS, key=len)} hold? Answer in a few words."
+        )
+        overhead = max(overhead, builder.overhead([longest]) + 4)
+    budgets = {}
+    for n in counts:
+        budgets[n] = n - overhead - answer_tokens
+        if budgets[n] < 16:
+            raise ValueError(
+                f"length {n} leaves only {budgets[n]} document tokens after the "
+                f"prompt ({overhead}) and the answer ({answer_tokens}); use longer "
+                f"lengths or fewer answer tokens"
+            )
+    return budgets
+
+
+def _cached_items(cache_file: Path | None) -> dict[tuple[int, int], CalibrationItem]:
+    """{(length, index): item} of the items a cache file holds (none if there is no file)."""
+    done: dict[tuple[int, int], CalibrationItem] = {}
+    if cache_file is not None and cache_file.exists():
+        for line in cache_file.read_text().splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by an interrupted run
+                continue
+            done[(int(d["length"]), int(d["index"]))] = CalibrationItem.from_json(d)
+    return done
+
+
+def _document_parts(specs: Sequence[ItemSpec]) -> dict[tuple[int, int], int]:
+    """{(length, index): how many earlier items used the same document}."""
+    uses: dict[int, int] = {}
+    part = {}
+    for s in specs:
+        part[(s.length, s.index)] = uses.get(s.doc, 0)
+        uses[s.doc] = uses.get(s.doc, 0) + 1
+    return part
+
+
+def _prompt(
+    builder: PromptBuilder,
+    doc_ids: Sequence[int],
+    s: ItemSpec,
+    budget: int,
+    part: Mapping[tuple[int, int], int],
+    recall: bool,
+    seed: int,
+) -> tuple[list[int], str]:
+    """The prompt of one item and its instruction (a recall question, or the task)."""
+    if recall:
+        return builder.build_recall(
+            doc_ids,
+            budget,
+            random.Random(f"{seed}-{s.length}-{s.index}"),
+            part[(s.length, s.index)],
+        )
+    return builder.build(doc_ids, s.task, budget, part[(s.length, s.index)]), s.task
 
 
 def describe(

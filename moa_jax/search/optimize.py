@@ -52,10 +52,11 @@ import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 from tqdm.auto import tqdm
 
+from moa_jax.errors import UserError
 from moa_jax.plan import kv_group_max_mean
 
 
-class InfeasibleBudgetError(ValueError):
+class InfeasibleBudgetError(UserError, ValueError):
     """No assignment of rules meets the density band (and the per-layer rule limit)."""
 
 
@@ -411,9 +412,3 @@ def epsilon_sweep(
             bar.update(max(0, intervals ** (k - 1) - len(list(itertools.product(*grids)))))
     bar.close()
     return sols
-
-
-def uniform_choice(problem: SearchProblem, rule: int) -> np.ndarray:
-    """Every head on one rule (for baselines)."""
-    L, H, _ = problem.shape
-    return np.full((L, H), int(rule), np.int64)

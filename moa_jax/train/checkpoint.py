@@ -21,14 +21,18 @@ from typing import Any
 
 import jax
 
+from moa_jax.errors import UserError
+
 _REQUIRED_META = ("step", "data")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or restored."""
 
 
 def _ocp():
+    # imported on first use: orbax (with tensorstore) would add seconds to every start of
+    # `python -m moa_jax.train`, --help and flag errors included
     import orbax.checkpoint as ocp
 
     # orbax logs every save and restore at INFO / WARNING through absl; keep the console clean.

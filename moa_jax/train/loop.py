@@ -49,8 +49,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from moa_jax.cli import enable_compilation_cache, setup_logging
+from moa_jax.cli import setup_logging
+from moa_jax.config import ModelConfig
+from moa_jax.models.hf_weights import save_hf
+from moa_jax.models.registry import load_model
 from moa_jax.parallel import (
     MeshConfig,
     initialize_distributed,
@@ -58,6 +64,7 @@ from moa_jax.parallel import (
     mesh_context,
     param_shardings,
 )
+from moa_jax.runtime import enable_compilation_cache
 from moa_jax.train.attention import eval_attentions, make_attention
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
 from moa_jax.train.config import (
@@ -69,6 +76,7 @@ from moa_jax.train.config import (
 )
 from moa_jax.train.data import (
     BatchIterator,
+    PackedData,
     eval_rows,
     load_documents,
     pack,
@@ -103,8 +111,6 @@ def export_hf(
     graphdef, params, path: str | Path, *, dtype: str | None = None, tokenizer: Any = None
 ) -> Path:
     """Writes the params as an HF Llama directory (`weights.save_hf`)."""
-    from moa_jax.models.hf_weights import save_hf
-
     model = nnx.merge(graphdef, jax.device_get(params))
     save_hf(model, path, dtype=dtype, tokenizer=tokenizer)
     return Path(path)
@@ -112,11 +118,6 @@ def export_hf(
 
 def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainResult:
     """Runs (or resumes) a training run; see the module docstring."""
-    from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from moa_jax.models.registry import load_model
-
     validate_config(cfg)
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
@@ -125,11 +126,67 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     check_batch_divides(cfg, mesh)
     # the run folder is made once the corpus and the model have loaded (a bad input leaves
     # none); an existing run's checkpoints are checked first, without creating anything
-    ckpt = None
-    if (out / "checkpoints").is_dir():
-        ckpt = Checkpointer(
-            out / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing
+    ckpt, latest = _existing_checkpoints(cfg, out)
+
+    seq_len = cfg.effective_seq_len()
+    # Data first: a missing corpus fails before the model is loaded.
+    train_docs, eval_docs = _documents(cfg)
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    mc = model.config
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model!r} comes without a tokenizer; training needs one")
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        ckpt = _checkpointer(cfg, out)
+    if seq_len > mc.max_position_embeddings:
+        warnings.warn(
+            f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+            f"{mc.max_position_embeddings}",
+            stacklevel=2,
         )
+    data = _pack_data(cfg, mc, tokenizer, train_docs, eval_docs, seq_len)
+
+    attention = make_attention(cfg, mc)
+    methods = eval_attentions(cfg, mc)
+    tail = cfg.tail_len if cfg.attention == "recycled" else 0
+
+    state = _initial_state(cfg, model, mesh, ckpt, latest, data.it)
+    del model
+    loop = _Loop(cfg, mc, mesh, out, ckpt, data, state, attention, methods, tail)
+    interrupted = loop.run()
+    params = loop.state.params
+
+    if not interrupted and cfg.export_hf:
+        if jax.process_count() > 1:  # every process takes part in the gather
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if loop.lead:
+            export_hf(
+                state.graphdef,
+                params,
+                cfg.export_hf,
+                dtype=cfg.export_dtype or cfg.param_dtype,
+                tokenizer=tokenizer,
+            )
+            loop.log("exported HF checkpoint to %s", cfg.export_hf)
+    if loop.lead:
+        summary = summarize(out, cfg)
+        if not interrupted:
+            (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    else:
+        summary = {}
+    return TrainResult(out, loop.losses, loop.step, interrupted, loop.evals, summary)
+
+
+def _checkpointer(cfg: TrainConfig, out: Path) -> Checkpointer:
+    return Checkpointer(
+        out / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing
+    )
+
+
+def _existing_checkpoints(cfg: TrainConfig, out: Path) -> tuple[Checkpointer | None, int | None]:
+    """The checkpointer of a run folder that holds checkpoints (None if it holds none) and its
+    latest step; an error when they are there without `--resume`, or resume another config."""
+    ckpt = _checkpointer(cfg, out) if (out / "checkpoints").is_dir() else None
     latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None and not cfg.resume:
         raise ValueError(
@@ -138,9 +195,11 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
         )
     if cfg.resume and latest is not None and (out / "config.json").is_file():
         check_resume_config(json.loads((out / "config.json").read_text()), cfg, out)
+    return ckpt, latest
 
-    seq_len = cfg.effective_seq_len()
-    # Data first: a missing corpus fails before the model is loaded.
+
+def _documents(cfg: TrainConfig) -> tuple[list[Any], list[Any]]:
+    """The training documents and the evaluation ones (held out, or `eval_corpus`)."""
     docs = load_documents(cfg.corpus, text_field=cfg.text_field, max_documents=cfg.max_documents)
     train_docs, held = split_documents(docs, cfg.heldout_docs, cfg.data_seed)
     eval_docs = (
@@ -150,22 +209,29 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     )
     if cfg.eval_sequences and not eval_docs:
         raise ValueError("eval_sequences > 0 needs heldout_docs > 0 or an eval_corpus")
+    return train_docs, eval_docs
 
-    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    mc = model.config
-    if tokenizer is None:
-        raise ValueError(f"model {cfg.model!r} comes without a tokenizer; training needs one")
-    out.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:
-        ckpt = Checkpointer(
-            out / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing
-        )
-    if seq_len > mc.max_position_embeddings:
-        warnings.warn(
-            f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-            f"{mc.max_position_embeddings}",
-            stacklevel=2,
-        )
+
+@dataclasses.dataclass
+class _Data:
+    """A run's tokenised data: the training rows and their batch iterator, the evaluation rows."""
+
+    train_docs: list[Any]
+    train: PackedData
+    it: BatchIterator
+    eval: PackedData | None
+    rows: np.ndarray
+
+
+def _pack_data(
+    cfg: TrainConfig,
+    mc: ModelConfig,
+    tokenizer: Any,
+    train_docs: list[Any],
+    eval_docs: list[Any],
+    seq_len: int,
+) -> _Data:
+    """Tokenises and packs the documents into rows of `seq_len + 1` tokens."""
     eos = (
         tokenizer.eos_token_id
         if tokenizer.eos_token_id is not None
@@ -187,13 +253,34 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
                 f"no evaluation rows: every evaluation document is shorter than "
                 f"{seq_len + 1} tokens"
             )
+    return _Data(train_docs, train_data, it, eval_data, rows)
 
-    attention = make_attention(cfg, mc)
-    methods = eval_attentions(cfg, mc)
-    tail = cfg.tail_len if cfg.attention == "recycled" else 0
 
+@dataclasses.dataclass
+class _State:
+    """What the steps update (params, optimizer state, PRNG key), where it lives, and the step
+    it is at."""
+
+    graphdef: Any
+    params: Any
+    opt_state: Any
+    rng: Any
+    param_shardings: Any
+    opt_shardings: Any
+    start: int
+
+
+def _initial_state(
+    cfg: TrainConfig,
+    model: nnx.Module,
+    mesh: Any,
+    ckpt: Checkpointer,
+    latest: int | None,
+    it: BatchIterator,
+) -> _State:
+    """The model's params and a fresh optimizer state placed on the mesh, or, with `--resume`,
+    the latest checkpoint's (the data iterator is moved to its position)."""
     graphdef, params = nnx.split(model)
-    del model
     p_sh = param_shardings(params, mesh)
     params = jax.device_put(params, p_sh)
     optimizer = make_optimizer(cfg)
@@ -213,161 +300,200 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
             ) from None
     elif cfg.resume:
         logger.warning("--resume: no checkpoint in %s, starting from step 0", ckpt.directory)
-    lead = jax.process_index() == 0  # multi-process runs: one writer, one log
-    if lead:
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    log = logger.info if lead else (lambda *a: None)
-    metrics = MetricsFile(out / "metrics.jsonl", write=lead, resume_from=start if start else None)
-    ebs = cfg.eval_batch_size or cfg.micro_batch
-    entries = attention_entries(attention, seq_len, mc.num_heads)
-    flops_step = cfg.batch_size * train_flops_per_sequence(mc, seq_len, entries)
-    peak = peak_flops(cfg)
-    tokens_step = cfg.batch_size * seq_len
-    schedule = lr_schedule(cfg)
-    step_jit = get_train_step(
-        graphdef, attention, cfg, mesh, p_sh, o_sh, (cfg.grad_accum, cfg.micro_batch, seq_len)
-    )
+    return _State(graphdef, params, opt_state, rng, p_sh, o_sh, start)
 
-    def step_fn(*args):
-        with mesh_context(mesh):  # the model's activation constraints see the mesh
-            return step_jit(*args)
 
-    info = {
-        "event": "start",
-        "step": start,
-        "devices": len(mesh.devices.flat),
-        "mesh": dict(mesh.shape),
-        "device_kind": jax.devices()[0].device_kind,
-        "train_rows": len(train_data),
-        "train_documents": len(train_docs),
-        "dropped_documents": train_data.dropped_documents,
-        "train_tokens": int(train_data.tokens.size),
-        "eval_rows": len(rows),
-        "attention": repr(attention)[:300],
-        "attention_entries_per_head": entries,
-        "flops_per_step": flops_step,
-        "peak_flops_per_device": peak,
-        "time": time.time(),
-    }
-    metrics.write(info)
+class _Loop:
+    """The steps of one run, with their metrics, evaluations and checkpoints.
 
-    evals: list[dict[str, Any]] = []
+    Multi-process runs have one writer and one log: the lead process (index 0).
+    """
 
-    def run_eval(step: int) -> None:
-        if eval_data is None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        mc: ModelConfig,
+        mesh: Any,
+        out: Path,
+        ckpt: Checkpointer,
+        data: _Data,
+        state: _State,
+        attention: Any,
+        methods: Any,
+        tail: int,
+    ):
+        self.cfg, self.mesh, self.ckpt, self.data, self.state = cfg, mesh, ckpt, data, state
+        self.methods, self.tail = methods, tail
+        self.lead = jax.process_index() == 0
+        if self.lead:
+            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+        self.log = logger.info if self.lead else (lambda *a: None)
+        start = state.start
+        self.metrics = MetricsFile(
+            out / "metrics.jsonl", write=self.lead, resume_from=start if start else None
+        )
+        seq_len = cfg.effective_seq_len()
+        entries = attention_entries(attention, seq_len, mc.num_heads)
+        self.flops_step = cfg.batch_size * train_flops_per_sequence(mc, seq_len, entries)
+        self.peak = peak_flops(cfg)
+        self.tokens_step = cfg.batch_size * seq_len
+        self.schedule = lr_schedule(cfg)
+        self.step_jit = get_train_step(
+            state.graphdef,
+            attention,
+            cfg,
+            mesh,
+            state.param_shardings,
+            state.opt_shardings,
+            (cfg.grad_accum, cfg.micro_batch, seq_len),
+        )
+        self.metrics.write(
+            {
+                "event": "start",
+                "step": start,
+                "devices": len(mesh.devices.flat),
+                "mesh": dict(mesh.shape),
+                "device_kind": jax.devices()[0].device_kind,
+                "train_rows": len(data.train),
+                "train_documents": len(data.train_docs),
+                "dropped_documents": data.train.dropped_documents,
+                "train_tokens": int(data.train.tokens.size),
+                "eval_rows": len(data.rows),
+                "attention": repr(attention)[:300],
+                "attention_entries_per_head": entries,
+                "flops_per_step": self.flops_step,
+                "peak_flops_per_device": self.peak,
+                "time": time.time(),
+            }
+        )
+        self.losses: dict[int, float] = {}
+        self.evals: list[dict[str, Any]] = []
+        self.step = start
+
+    def run(self) -> bool:
+        """Evaluates before training (a fresh run), runs the steps up to `steps` (or
+        `stop_after`), evaluating every `eval_every` and at the end. True if it stopped early."""
+        cfg, start = self.cfg, self.state.start
+        if start == 0:
+            self.evaluate(0)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc="train",
+            disable=not (cfg.progress and self.lead),
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        interrupted = False
+        try:
+            # log lines go through tqdm.write, above the bar
+            with logging_redirect_tqdm(loggers=[logging.getLogger("moa_jax")], tqdm_class=tqdm):
+                for step in range(start + 1, cfg.steps + 1):
+                    self.step = step
+                    rec = self.train_step(step)
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{rec['loss']:.4f}",
+                        lr=f"{rec['lr']:.2e}",
+                        tok_s=f"{rec['tokens_per_s']:.0f}",
+                    )
+                    self.after_step(step, rec)
+                    if cfg.stop_after and step >= cfg.stop_after and step < cfg.steps:
+                        interrupted = True
+                        break
+                    if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                        self.evaluate(step)
+                if not interrupted and start < cfg.steps:
+                    self.evaluate(cfg.steps)
+        finally:
+            bar.close()
+            self.ckpt.close()
+            self.metrics.close()
+        return interrupted
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """Runs one step on the next batch and writes its metrics record."""
+        s, cfg = self.state, self.cfg
+        batch = next(self.data.it).reshape(cfg.grad_accum, cfg.micro_batch)
+        t0 = time.perf_counter()
+        batch = put_batch(batch, self.mesh, 1)
+        with mesh_context(self.mesh):  # the model's activation constraints see the mesh
+            s.params, s.opt_state, s.rng, m = self.step_jit(s.params, s.opt_state, s.rng, batch)
+        m = jax.device_get(m)
+        dt = time.perf_counter() - t0
+        loss = float(m["loss"])
+        self.losses[step] = loss
+        rec = {
+            "event": "train",
+            "step": step,
+            "loss": loss,
+            "grad_norm": float(m["grad_norm"]),
+            "lr": float(self.schedule(step - 1)),
+            "tokens": int(m["tokens"]),
+            "step_time_s": dt,
+            "tokens_per_s": self.tokens_step / dt,
+            "epoch": self.data.it.epoch,
+        }
+        if self.peak:
+            rec["mfu"] = self.flops_step / dt / (self.peak * len(self.mesh.devices.flat))
+        self.metrics.write(rec)
+        return rec
+
+    def after_step(self, step: int, rec: dict[str, Any]) -> None:
+        """Logs every `log_every` steps, stops on a non-finite loss, checkpoints every
+        `checkpoint_every` steps and at the last."""
+        cfg, loss = self.cfg, rec["loss"]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            self.log(
+                f"step {step}: loss {loss:.4f} lr {rec['lr']:.3e} grad_norm "
+                f"{rec['grad_norm']:.3f} tokens/s {rec['tokens_per_s']:.0f}"
+                + (f" mfu {rec['mfu']:.3f}" if self.peak else "")
+            )
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}")
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+            s = self.state
+            self.ckpt.save(
+                step,
+                {"params": s.params, "opt_state": s.opt_state, "rng": s.rng},
+                {
+                    "data": self.data.it.state(),
+                    "config": dataclasses.asdict(cfg),
+                    "time": time.time(),
+                },
+            )
+
+    def evaluate(self, step: int) -> None:
+        """Held-out perplexity of the current params with every evaluation attention."""
+        d, s = self.data, self.state
+        if d.eval is None:
             return
         t0 = time.perf_counter()
-        with mesh_context(mesh):
-            res = evaluate(graphdef, params, eval_data, rows, methods, tail, ebs, mesh, p_sh)
+        with mesh_context(self.mesh):
+            res = evaluate(
+                s.graphdef,
+                s.params,
+                d.eval,
+                d.rows,
+                self.methods,
+                self.tail,
+                self.cfg.eval_batch_size or self.cfg.micro_batch,
+                self.mesh,
+                s.param_shardings,
+            )
         rec = {
             "event": "eval",
             "step": step,
             "eval": res,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        metrics.write(rec)
-        evals.append(rec)
+        self.metrics.write(rec)
+        self.evals.append(rec)
         line = " ".join(
-            f"{k}: ppl {v['ppl']:.3f}" + (f" tail {v['ppl_tail']:.3f}" if tail else "")
+            f"{k}: ppl {v['ppl']:.3f}" + (f" tail {v['ppl_tail']:.3f}" if self.tail else "")
             for k, v in res.items()
         )
-        log("eval step %d: %s", step, line)
-
-    if start == 0:
-        run_eval(0)
-    losses: dict[int, float] = {}
-    interrupted = False
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc="train",
-        disable=not (cfg.progress and lead),
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )
-    step = start
-    try:
-        # log lines go through tqdm.write, above the bar
-        with logging_redirect_tqdm(loggers=[logging.getLogger("moa_jax")], tqdm_class=tqdm):
-            for step in range(start + 1, cfg.steps + 1):
-                batch = next(it).reshape(cfg.grad_accum, cfg.micro_batch)
-                t0 = time.perf_counter()
-                params, opt_state, rng, m = step_fn(
-                    params, opt_state, rng, put_batch(batch, mesh, 1)
-                )
-                m = jax.device_get(m)
-                dt = time.perf_counter() - t0
-                loss = float(m["loss"])
-                losses[step] = loss
-                rec = {
-                    "event": "train",
-                    "step": step,
-                    "loss": loss,
-                    "grad_norm": float(m["grad_norm"]),
-                    "lr": float(schedule(step - 1)),
-                    "tokens": int(m["tokens"]),
-                    "step_time_s": dt,
-                    "tokens_per_s": tokens_step / dt,
-                    "epoch": it.epoch,
-                }
-                if peak:
-                    rec["mfu"] = flops_step / dt / (peak * len(mesh.devices.flat))
-                metrics.write(rec)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}"
-                )
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    log(
-                        f"step {step}: loss {loss:.4f} lr {rec['lr']:.3e} grad_norm "
-                        f"{rec['grad_norm']:.3f} tokens/s {rec['tokens_per_s']:.0f}"
-                        + (f" mfu {rec['mfu']:.3f}" if peak else "")
-                    )
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss} at step {step}")
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                    ckpt.save(
-                        step,
-                        {"params": params, "opt_state": opt_state, "rng": rng},
-                        {
-                            "data": it.state(),
-                            "config": dataclasses.asdict(cfg),
-                            "time": time.time(),
-                        },
-                    )
-                if cfg.stop_after and step >= cfg.stop_after and step < cfg.steps:
-                    interrupted = True
-                    break
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    run_eval(step)
-            if not interrupted and start < cfg.steps:
-                run_eval(cfg.steps)
-    finally:
-        bar.close()
-        ckpt.close()
-        metrics.close()
-
-    if not interrupted and cfg.export_hf:
-        if jax.process_count() > 1:  # every process takes part in the gather
-            from jax.experimental import multihost_utils
-
-            params = multihost_utils.process_allgather(params, tiled=True)
-        if lead:
-            export_hf(
-                graphdef,
-                params,
-                cfg.export_hf,
-                dtype=cfg.export_dtype or cfg.param_dtype,
-                tokenizer=tokenizer,
-            )
-            log("exported HF checkpoint to %s", cfg.export_hf)
-    if lead:
-        summary = summarize(out, cfg)
-        if not interrupted:
-            (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    else:
-        summary = {}
-    return TrainResult(out, losses, step, interrupted, evals, summary)
+        self.log("eval step %d: %s", step, line)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

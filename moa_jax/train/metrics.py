@@ -10,8 +10,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from moa_jax.cli import atomic_write_text
 from moa_jax.config import ModelConfig
+from moa_jax.files import atomic_write_text
 from moa_jax.models.attention import AttentionBackend
 from moa_jax.train.config import TrainConfig
 
