@@ -61,6 +61,7 @@ import jax
 from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
+from moa_jax.errors import ConfigError
 from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.head_major_attention import FullCacheAttention
@@ -139,8 +140,8 @@ class MethodOptions:
 
     @classmethod
     def parse(cls, method: str, settings: Mapping[str, str]) -> MethodOptions:
-        """The options from {KEY: VALUE text}; a ValueError names the bad option
-        ('METHOD.KEY') and says what it takes."""
+        """The options from {KEY: VALUE text}; a `ConfigError` (a ValueError) names the bad
+        option ('METHOD.KEY') and says what it takes."""
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for key, text in settings.items():
@@ -151,11 +152,11 @@ class MethodOptions:
             try:
                 values[name] = _parse_value(str(text), hints[name])
             except ValueError as e:
-                raise ValueError(f"option {method}.{key}={text!r}: {e}") from None
+                raise ConfigError(f"option {method}.{key}={text!r}: {e}") from None
         try:
             return cls(**values)
         except ValueError as e:
-            raise ValueError(f"options of {method!r}: {e}") from None
+            raise ConfigError(f"options of {method!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +274,7 @@ def split_method_options(
             method, name = default_method, key
         if not sep or not method or not name:
             want = "METHOD.KEY=VALUE" + (" or KEY=VALUE" if default_method else "")
-            raise ValueError(f"--method-opt wants {want}, got {entry!r}")
+            raise ConfigError(f"--method-opt wants {want}, got {entry!r}")
         out.setdefault(method, {})[name] = value.strip()
     return out
 
@@ -297,7 +298,7 @@ def parse_method_options(
     out = {}
     for name, kv in nested.items():
         if name not in METHODS:
-            raise ValueError(
+            raise ConfigError(
                 f"--method-opt for unknown method {name!r}; methods: {sorted(METHODS)}"
             )
         out[name] = METHODS[name].options.parse(name, kv)

@@ -63,6 +63,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from moa_jax.errors import PlanError
 from moa_jax.files import atomic_write_text
 from moa_jax.pallas_kernels.moa_schedule import MoASchedule
 
@@ -409,7 +410,7 @@ class Plan:
         text = str(spec)
         if text == "dense" or text.startswith("streaming:"):
             if num_layers is None or num_heads is None:
-                raise ValueError(f"plan spec {text!r} needs the model's layer and head counts")
+                raise PlanError(f"plan spec {text!r} needs the model's layer and head counts")
             if text == "dense":
                 return cls.dense(num_layers, num_heads)
             parts = text.split(":")[1:]
@@ -417,7 +418,7 @@ class Plan:
                 window = int(parts[0])
                 sink = int(parts[1]) if len(parts) > 1 else STREAMINGLLM_SINK
             except (ValueError, IndexError):
-                raise ValueError(
+                raise PlanError(
                     f"bad plan spec {text!r}; expected streaming:WINDOW[:SINK]"
                 ) from None
             return cls.uniform(
@@ -429,15 +430,15 @@ class Plan:
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
+            raise PlanError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"plan file {path} must hold a JSON object, not a {type(d).__name__}")
+            raise PlanError(f"plan file {path} must hold a JSON object, not a {type(d).__name__}")
         try:
             if "schema_version" not in d and "alphas" in d:
                 return cls.from_moa_json(path)
             return cls.from_dict(d)
         except (ValueError, TypeError, KeyError, IndexError) as e:
-            raise ValueError(f"plan file {path}: {e}") from None
+            raise PlanError(f"plan file {path}: {e}") from None
 
     def summary(self, n: int) -> str:
         w = self.resolve(n)

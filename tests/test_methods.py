@@ -24,6 +24,7 @@ from moa_jax.methods import (
     parse_method_options,
     register_method,
 )
+from moa_jax.errors import ConfigError, PlanError
 from moa_jax.eval.__main__ import main as eval_main
 from moa_jax.generate.__main__ import main as generate_main
 from moa_jax.models.attention import DenseAttention
@@ -240,3 +241,11 @@ def test_generate_method_errors_come_before_the_weights(monkeypatch):
         generate_main(["--model", "tiny-random", "--method-opt", "k=3"])
     with pytest.raises(SystemExit, match="for \\['h2o'\\], but the method is 'recycled'"):
         generate_main(["--model", "tiny-random", "--recycle-k", "16", "--method-opt", "h2o.k=3"])
+
+
+def test_option_and_plan_errors_are_user_errors():
+    with pytest.raises(ConfigError):
+        parse_method_options(["recycled.k=abc"])
+    with pytest.raises(PlanError, match="needs the model's layer and head counts"):
+        Plan.load("dense")
+    assert Plan.load("streaming:16:2", 2, 4) == Plan.uniform(2, 4, window=16, sink=2)
