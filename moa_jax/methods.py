@@ -10,33 +10,36 @@ cache type (`init_cache`; `Method.cache` names it). Training forms of the method
 loop all build their backends here; search-internal backends (influence probes, needle mass)
 are not methods and live with the search.
 
-Built in:
+Every method names a typed options class (`Method.options`, a `MethodOptions` dataclass);
+commands parse `--method-opt METHOD.KEY=VALUE` (and their alias flags such as `--recycle-k`)
+into it once, with `parse_method_options`, and the builders read the typed values with
+`AttentionConfig.options_for(name)`.
+
+Built in (options in brackets):
 - `dense`: full causal attention (jnp oracle over a position-indexed cache).
 - `dense-kernel`: dense decoding through the head-major cache and the Pallas decode kernel.
-- `moa`: the per-head elastic plan (`AttentionConfig.plan`: our JSON or the reference
-  `moa_alpha_beta.json`), resolved at the given length.
-- `uniform`: StreamingLLM-style: every head the same window plus `sink` sink tokens, with the
-  decode-cache size matched to the MoA plan's at each length when a plan is given (option
-  `uniform.match=heads` matches the mean span over query heads instead), else `density`.
-- `recycled`: Recycled Attention decoding (`moa_jax.models.recycled_attention`): dense
-  prefill (or the plan's, option `recycled.prefill=plan`), then a recycled cache of K tokens
-  per layer and KV head refreshed by a full step every S decode steps. K = length / 8 and
-  S = 10 by default (the paper's LM setting); options `recycled.k`, `recycled.s`,
-  `recycled.threshold` (dynamic schedule, S then being the check interval).
-- `streaming` (StreamingLLM decoding: 4 sinks + the K - 4 most recent tokens) and `h2o` (K/2
-  heavy hitters + K/2 recent tokens), the recycled paper's baselines: dense prefill, K-token
-  decode; K = length / 8 by default (`streaming.k`, `streaming.sink`, `h2o.k`).
+- `moa` (`MoAOptions`): the per-head elastic plan (`AttentionConfig.plan`, from `Plan.load`:
+  our JSON, the reference `moa_alpha_beta.json`, 'dense' or 'streaming:W[:S]'), resolved at
+  the given length; dense attention, with a warning, where the plan keeps every token
+  (`dense_when_full`).
+- `uniform` (`UniformOptions`): StreamingLLM-style: every head the same window plus `sink`
+  sink tokens, with the decode-cache size matched to the MoA plan's at each length when a plan
+  is given (`match=heads` matches the mean span over query heads instead), else `density`.
+- `recycled` (`RecycledOptions`): Recycled Attention decoding
+  (`moa_jax.models.recycled_attention`): dense prefill (or the plan's, `prefill=plan`), then a
+  recycled cache of `k` tokens per layer and KV head refreshed by a full step every `stride`
+  decode steps. K = length / 8 and S = 10 by default (the paper's LM setting); `threshold`
+  selects the dynamic schedule, S then being the check interval.
+- `streaming` (`StreamingOptions`: StreamingLLM decoding, `sink` = 4 sinks + the K - 4 most
+  recent tokens) and `h2o` (`H2OOptions`: K/2 heavy hitters + K/2 recent tokens), the
+  recycled paper's baselines: dense prefill, K-token decode; K = length / 8 by default.
 
 Decode-time methods (`Method.decode_only`) leave the prompt's prefill dense: the evaluation
 teacher-forces their answer NLL through their decode path, and their reported density is the KV
 read per decode step, K / length.
 
-Plugging a method in (settings come from `AttentionConfig.options`, on the evaluation's command
-line `--method-opt METHOD.KEY=VALUE`):
-
-    register_method(Method(
-        "mine", "my sparse decoding", lambda ac, n: MyAttention(k=ac.option("mine", "k",
-        n // 8, int)), kv_density=lambda ac, n: 1 / 8, decode_only=True))
+Adding a method is one module with its backend and options plus one `register_method` call;
+docs/architecture.md ("Add a method") walks through it.
 
 Implementations (`AttentionConfig.impl`):
 - 'masked' (the default on CPU): `MaskedAttention` (`moa_jax.models.masked_attention`), exact
@@ -48,34 +51,28 @@ Implementations (`AttentionConfig.impl`):
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
-from typing import Any, Callable, Mapping
+import types
+import typing
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import jax
 from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
+from moa_jax.errors import ConfigError
 from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
+from moa_jax.models.head_major_attention import FullCacheAttention
 from moa_jax.models.masked_attention import MaskedAttention
+from moa_jax.models.moa_attention import MoAAttention
+from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 from moa_jax.plan import Plan
+from moa_jax.train.recycled import RecycledTrainAttention, TrainDenseAttention
 
 
 # ----------------------------------------------------------------------------- plans
-def load_plan(path: str | Path) -> Plan:
-    """A plan file: moa-jax's own JSON (`Plan.save`) or the reference `{"alphas", "betas"}`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"plan file {path} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if isinstance(d, dict) and "schema_version" not in d and "alphas" in d and "betas" in d:
-        return Plan.from_moa_json(path)
-    return Plan.from_dict(d)
-
-
 def uniform_plan(cfg: ModelConfig, length: int, density: float, sink: int) -> Plan:
     """Every head: `sink` sinks + a window, keeping round(density * length) KV at `length`."""
     if not 0.0 < density <= 1.0:
@@ -91,6 +88,223 @@ def uniform_plan(cfg: ModelConfig, length: int, density: float, sink: int) -> Pl
     )
 
 
+# ----------------------------------------------------------------------------- options
+_NONE = ("none", "None", "null")
+_TRUE, _FALSE = ("1", "true", "True", "yes", "on"), ("0", "false", "False", "no", "off")
+
+
+def _parse_value(text: str, kind: Any) -> Any:
+    """`text` as a value of the annotated type `kind`; ValueError saying what was expected."""
+    text = text.strip()
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if type(None) in args and text in _NONE:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner)
+    if typing.get_origin(kind) is Literal:
+        if text not in args:
+            raise ValueError(f"expected one of {', '.join(map(str, args))}")
+        return text
+    if kind is bool:
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ValueError("expected true or false")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError("expected an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if kind is str:
+        return text
+    raise TypeError(f"options of type {kind} cannot be read from text")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodOptions:
+    """Typed settings of one method, read once from text (`--method-opt METHOD.KEY=VALUE`, or a
+    command's alias flags) by `parse`; a subclass lists its fields with annotated types (int,
+    float, bool, str, Literal[...] choices, `X | None` where 'none' is a value) and checks its
+    values in `__post_init__`. `ALIASES` maps extra key names to fields."""
+
+    ALIASES: ClassVar[Mapping[str, str]] = {}
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def parse(cls, method: str, settings: Mapping[str, str]) -> MethodOptions:
+        """The options from {KEY: VALUE text}; a `ConfigError` (a ValueError) names the bad
+        option ('METHOD.KEY') and says what it takes."""
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for key, text in settings.items():
+            name = cls.ALIASES.get(key, key)
+            if name not in hints or name == "ALIASES":
+                known = ", ".join(cls.keys()) or "none"
+                raise ValueError(f"unknown option {method}.{key} (options of {method!r}: {known})")
+            try:
+                values[name] = _parse_value(str(text), hints[name])
+            except ValueError as e:
+                raise ConfigError(f"option {method}.{key}={text!r}: {e}") from None
+        try:
+            return cls(**values)
+        except ValueError as e:
+            raise ConfigError(f"options of {method!r}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions(MethodOptions):
+    """A method without settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MoAOptions(MethodOptions):
+    """`moa`: the plan comes from `AttentionConfig.plan` (`--plan`).
+
+    Args:
+      dense_when_full: where the plan keeps every token at the length asked for, build dense
+        attention (the span cache and block-sparse kernels would only add work) and warn;
+        False builds the plan's kernels all the same (the benchmarks time them).
+    """
+
+    dense_when_full: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class UniformOptions(MethodOptions):
+    """`uniform`: one window + `sink` sinks for every head.
+
+    Args:
+      density: KV density when no plan is given to match.
+      sink: sink tokens.
+      match: with a plan, match its decode-cache density ('cache': equal memory; with GQA a
+        KV head keeps its query heads' largest span) or its mean span over query heads
+        ('heads').
+    """
+
+    density: float = 0.5
+    sink: int = 64
+    match: Literal["cache", "heads"] = "cache"
+
+    def __post_init__(self):
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+
+
+def _check_k(k: int | None) -> None:
+    if k is not None and k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecycledOptions(MethodOptions):
+    """`recycled`: Recycled Attention decoding.
+
+    Args:
+      k: recycled tokens per layer and KV head (None: length / 8, at least 8).
+      stride: a full step every `stride` decode steps (with `threshold`: the query check
+        interval); None or 0: never refresh (SnapKV). Key alias `s`.
+      threshold: dynamic schedule: refresh a layer when the cosine of its query with the last
+        full step's is at or below this.
+      prefill: 'dense', or 'plan' (the MoA plan's windows for the prompt).
+    """
+
+    ALIASES: ClassVar[Mapping[str, str]] = {"s": "stride"}
+
+    k: int | None = None
+    stride: int | None = 10
+    threshold: float | None = None
+    prefill: Literal["dense", "plan"] = "dense"
+
+    def __post_init__(self):
+        _check_k(self.k)
+        if self.stride is not None and self.stride < 0:
+            raise ValueError(f"stride must be >= 0 (0: never refresh), got {self.stride}")
+        if self.stride == 0:
+            object.__setattr__(self, "stride", None)
+        if self.threshold is not None and self.stride is None:
+            raise ValueError("the dynamic schedule (threshold) needs a check interval: stride")
+        if self.prefill not in ("dense", "plan"):
+            raise ValueError(f"prefill must be 'dense' or 'plan', got {self.prefill!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingOptions(MethodOptions):
+    """`streaming`: K cached tokens, `sink` of them the first (None: K = length / 8)."""
+
+    k: int | None = None
+    sink: int = 4
+
+    def __post_init__(self):
+        _check_k(self.k)
+        if self.sink < 0:
+            raise ValueError(f"sink must be >= 0, got {self.sink}")
+
+
+@dataclasses.dataclass(frozen=True)
+class H2OOptions(MethodOptions):
+    """`h2o`: K cached tokens, K/2 heavy hitters + K/2 recent (None: K = length / 8)."""
+
+    k: int | None = None
+
+    def __post_init__(self):
+        _check_k(self.k)
+
+
+def split_method_options(
+    entries: Sequence[str], default_method: str | None = None
+) -> dict[str, dict[str, str]]:
+    """`--method-opt` entries 'METHOD.KEY=VALUE' (or 'KEY=VALUE' for `default_method`, a
+    command's one --method) as {METHOD: {KEY: VALUE}}; a malformed entry is a ValueError."""
+    out: dict[str, dict[str, str]] = {}
+    for entry in entries:
+        key, sep, value = str(entry).partition("=")
+        key = key.strip()
+        method, dot, name = key.rpartition(".")
+        if not dot and default_method is not None:
+            method, name = default_method, key
+        if not sep or not method or not name:
+            want = "METHOD.KEY=VALUE" + (" or KEY=VALUE" if default_method else "")
+            raise ConfigError(f"--method-opt wants {want}, got {entry!r}")
+        out.setdefault(method, {})[name] = value.strip()
+    return out
+
+
+def parse_method_options(
+    settings: Mapping[str, Mapping[str, str]] | Mapping[str, str] | Sequence[str],
+    default_method: str | None = None,
+) -> dict[str, MethodOptions]:
+    """Typed options per method name from text: `--method-opt` entries, {'METHOD.KEY': VALUE}
+    or {METHOD: {KEY: VALUE}}. Parsed here once; errors name the option."""
+    if isinstance(settings, Mapping):
+        nested: dict[str, dict[str, str]] = {}
+        for key, value in settings.items():
+            if isinstance(value, Mapping):
+                nested.setdefault(key, {}).update({k: str(v) for k, v in value.items()})
+            else:
+                for m, kv in split_method_options([f"{key}={value}"], default_method).items():
+                    nested.setdefault(m, {}).update(kv)
+    else:
+        nested = split_method_options(settings, default_method)
+    out = {}
+    for name, kv in nested.items():
+        if name not in METHODS:
+            raise ConfigError(
+                f"--method-opt for unknown method {name!r}; methods: {sorted(METHODS)}"
+            )
+        out[name] = METHODS[name].options.parse(name, kv)
+    return out
+
+
 # ----------------------------------------------------------------------------- configs
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
@@ -98,9 +312,8 @@ class AttentionConfig:
 
     Args:
       config: the model's config.
-      plan: the MoA plan, or None.
-      density: KV density of `uniform` when there is no plan to match.
-      sink: sink tokens of `uniform`.
+      plan: the MoA plan (`Plan.load`), or None; `moa` runs it, `uniform` matches its density,
+        `recycled` prefills with it (option prefill=plan).
       impl: 'auto' | 'masked' | 'native' (see the module docstring).
       q_chunk: query chunk of the masked implementation.
       kernel_backend: Pallas backend of the native kernels: 'auto' | 'gpu' | 'mgpu' | 'tpu' |
@@ -109,14 +322,13 @@ class AttentionConfig:
       block: cache padding granularity of the head-major caches (None: the default).
       num_splits: GPU split-K factor of the decode kernels (None: automatic).
       mesh: device mesh the backend's kernels run on (None: one device).
-      options: method-specific settings as 'method.key' -> string (the evaluation's
-        `--method-opt`), e.g. {'recycled.k': '2048', 'recycled.s': '10'}; `option()` reads them.
+      options: typed settings per method name (`MethodOptions`: `RecycledOptions(k=2048)` ...);
+        a method without an entry runs with its defaults. Text settings ({'recycled.k':
+        '2048'} or `--method-opt` entries) are parsed here, once (`parse_method_options`).
     """
 
     config: ModelConfig
     plan: Plan | None = None
-    density: float = 0.5
-    sink: int = 64
     impl: str = "auto"
     q_chunk: int = 512
     kernel_backend: str = "auto"
@@ -124,12 +336,27 @@ class AttentionConfig:
     block: int | None = None
     num_splits: int | None = None
     mesh: Mesh | None = None
-    options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, MethodOptions] = dataclasses.field(default_factory=dict)
 
-    def option(self, method: str, key: str, default: Any = None, cast: Callable = str) -> Any:
-        """`options['<method>.<key>']` converted with `cast`, or `default` when unset."""
-        raw = self.options.get(f"{method}.{key}")
-        return default if raw is None else cast(raw)
+    def __post_init__(self):
+        given = self.options
+        if isinstance(given, Mapping):
+            opts = {k: v for k, v in given.items() if isinstance(v, MethodOptions)}
+            text = {k: v for k, v in given.items() if not isinstance(v, MethodOptions)}
+        else:  # --method-opt entries
+            opts, text = {}, list(given)
+        if text:
+            opts.update(parse_method_options(text))
+        for name, o in opts.items():
+            want = METHODS[name].options if name in METHODS else MethodOptions
+            if not isinstance(o, want):
+                raise TypeError(f"options of {name!r} must be {want.__name__}, got {o!r}")
+        object.__setattr__(self, "options", dict(opts))
+
+    def options_for(self, method: str) -> Any:
+        """The typed options of `method`: the run's, else the method's defaults."""
+        got = self.options.get(method)
+        return got if got is not None else METHODS[method].options()
 
     @property
     def resolved_impl(self) -> str:
@@ -156,8 +383,6 @@ class AttentionConfig:
         plan.validate(self.config)
         if self.resolved_impl == "masked":
             return MaskedAttention.for_plan(plan, length, self.q_chunk)
-        from moa_jax.models.moa_attention import MoAAttention
-
         return MoAAttention(
             plan, length=length, kernel_backend=self.kernel_backend, interpret=self.interpret
         )
@@ -198,13 +423,15 @@ class Method:
       name, description: shown in tables and results.json.
       build: (AttentionConfig, length) -> the inference backend (prefill part + decode part) for
         prompts + generations of up to `length` tokens; None if the method has no
-        implementation yet.
+        implementation yet. It reads its settings with `ac.options_for(name)`.
       kv_density: (AttentionConfig, length) -> kept KV / length (for reports).
       requires: (AttentionConfig) -> None when the method can run, else the reason it cannot.
       decode_only: the method changes decoding only (dense prefill).
       cache: the decode part's cache type, by name (documentation and reports).
       train: (AttentionConfig, TrainAttentionConfig, seq_len) -> the training backend; None when
         the method has no training form.
+      options: the method's `MethodOptions` type (`--method-opt METHOD.KEY=VALUE` parses into
+        it; `NoOptions` when it has no settings).
     """
 
     name: str
@@ -215,6 +442,7 @@ class Method:
     decode_only: bool = False
     cache: str = ""
     train: Callable[[AttentionConfig, TrainAttentionConfig, int], AttentionBackend] | None = None
+    options: type[MethodOptions] = NoOptions
 
     def unavailable(self, ac: AttentionConfig) -> str | None:
         if self.build is None:
@@ -269,10 +497,17 @@ def build_train_attention(
     `TrainAttentionConfig`); ValueError when the method has no training form."""
     m = _method(method)
     if m.train is None:
-        trainable = sorted(n for n, x in METHODS.items() if x.train is not None)
-        raise ValueError(f"method {m.name!r} has no training form; trainable: {trainable}")
+        raise ValueError(f"method {m.name!r} has no training form; trainable: {trainable()}")
+    why = m.requires(ac) if m.requires is not None else None
+    if why is not None:
+        raise ValueError(f"method {m.name!r} cannot run: {why}")
     backend = m.train(ac, tc, int(seq_len))
     return backend.on_mesh(ac.mesh) if ac.mesh is not None else backend
+
+
+def trainable() -> list[str]:
+    """The registered methods with a training form."""
+    return sorted(n for n, x in METHODS.items() if x.train is not None)
 
 
 # ----------------------------------------------------------------------------- built in
@@ -283,58 +518,63 @@ def _dense_build(ac: AttentionConfig, length: int) -> AttentionBackend:
 
 
 def _dense_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> AttentionBackend:
-    from moa_jax.train.recycled import TrainDenseAttention
-
     return TrainDenseAttention(tc.impl, segments=tc.segments)
 
 
 def _dense_kernel_build(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.head_major_attention import FullCacheAttention
-
     return FullCacheAttention(**ac.decode_kernel_options)
 
 
-def _moa_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> AttentionBackend:
-    from moa_jax.models.moa_attention import MoAAttention
+def _moa_build(ac: AttentionConfig, length: int) -> AttentionBackend:
+    """The plan at `length`; dense attention (with a warning) where it keeps every token and
+    the native kernels would run (option `dense_when_full`)."""
+    backend = ac.backend_for_plan(ac.plan, length)
+    if (
+        ac.options_for("moa").dense_when_full
+        and isinstance(backend, MoAAttention)
+        and backend.resolves_dense(length)
+    ):
+        warnings.warn(
+            f"the MoA plan keeps every token at {length} tokens (prompt + new tokens): "
+            "running dense attention",
+            stacklevel=3,
+        )
+        return DenseAttention()
+    return backend
 
+
+def _moa_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> AttentionBackend:
     return MoAAttention(ac.plan, length=seq_len, kernel_backend=ac.kernel_backend)
 
 
 def _uniform_density(ac: AttentionConfig, length: int) -> float:
-    """The plan's decode-cache density (`uniform.match=cache`, the default: equal memory; with
-    GQA a KV head keeps its query heads' largest span) or its mean span over query heads
-    (`uniform.match=heads`); `density` without a plan."""
+    """The plan's decode-cache density (`match='cache'`, the default: equal memory) or its
+    mean span over query heads (`match='heads'`); the option `density` without a plan."""
+    o = ac.options_for("uniform")
     if ac.plan is None:
-        return ac.density
-    match = ac.option("uniform", "match", "cache")
-    if match == "cache":
+        return o.density
+    if o.match == "cache":
         return ac.plan.kv_cache_density(length, ac.config.num_kv_heads)
-    if match == "heads":
-        return ac.plan.kv_density(length)
-    raise ValueError(f"uniform.match must be 'cache' or 'heads', got {match!r}")
+    return ac.plan.kv_density(length)
 
 
 def _uniform(ac: AttentionConfig, length: int) -> Plan:
-    return uniform_plan(ac.config, length, _uniform_density(ac, length), ac.sink)
+    return uniform_plan(
+        ac.config, length, _uniform_density(ac, length), ac.options_for("uniform").sink
+    )
 
 
 def _decode_k(ac: AttentionConfig, method: str, length: int) -> int:
-    return ac.option(method, "k", max(8, length // 8), int)
+    k = ac.options_for(method).k
+    return max(8, length // 8) if k is None else k
 
 
 def _recycled(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
-
-    stride = ac.option("recycled", "s", "10")
+    o = ac.options_for("recycled")
     rc = RecycleConfig(
-        k=_decode_k(ac, "recycled", length),
-        stride=None if stride in ("none", "None") else int(stride),
-        dynamic_threshold=ac.option("recycled", "threshold", None, float),
+        k=_decode_k(ac, "recycled", length), stride=o.stride, dynamic_threshold=o.threshold
     )
-    prefill = ac.option("recycled", "prefill", "dense")
-    if prefill not in ("dense", "plan"):
-        raise ValueError(f"recycled.prefill must be 'dense' or 'plan', got {prefill!r}")
-    if prefill == "plan":
+    if o.prefill == "plan":
         if ac.plan is None:
             raise ValueError("recycled.prefill=plan needs a plan")
         return RecycledAttention(
@@ -346,8 +586,6 @@ def _recycled(ac: AttentionConfig, length: int) -> AttentionBackend:
 def _recycled_train(
     ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int
 ) -> AttentionBackend:
-    from moa_jax.train.recycled import RecycledTrainAttention
-
     kw = dict(pool_kernel=tc.pool_kernel, decode_eviction=tc.decode_eviction, impl=tc.impl)
     if tc.stride:
         return RecycledTrainAttention.strided(tc.prefix_len, tc.tail_len, tc.stride, tc.top_k, **kw)
@@ -355,18 +593,14 @@ def _recycled_train(
 
 
 def _streaming(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.eviction_attention import StreamingAttention
-
     return StreamingAttention(
         _decode_k(ac, "streaming", length),
-        sink=ac.option("streaming", "sink", 4, int),
+        sink=ac.options_for("streaming").sink,
         **ac.decode_kernel_options,
     )
 
 
 def _h2o(ac: AttentionConfig, length: int) -> AttentionBackend:
-    from moa_jax.models.eviction_attention import H2OAttention
-
     return H2OAttention(_decode_k(ac, "h2o", length), **ac.decode_kernel_options)
 
 
@@ -375,6 +609,7 @@ def _decode_method(
     description: str,
     build: Callable[[AttentionConfig, int], AttentionBackend],
     cache: str,
+    options: type[MethodOptions],
     train: Callable[[AttentionConfig, TrainAttentionConfig, int], AttentionBackend] | None = None,
 ) -> Method:
     """A decode-time method over K cached tokens per layer and KV head (option `<name>.k`):
@@ -387,6 +622,7 @@ def _decode_method(
         decode_only=True,
         cache=cache,
         train=train,
+        options=options,
     )
 
 
@@ -413,11 +649,12 @@ for _m in (
     Method(
         "moa",
         "MoA per-head elastic windows + sinks from the plan",
-        lambda ac, n: ac.backend_for_plan(ac.plan, n),
+        _moa_build,
         kv_density=lambda ac, n: ac.plan.kv_density(n),
         requires=_needs_plan,
         cache="SpanKVCache",
         train=_moa_train,
+        options=MoAOptions,
     ),
     Method(
         "uniform",
@@ -425,6 +662,7 @@ for _m in (
         lambda ac, n: ac.backend_for_plan(_uniform(ac, n), n),
         kv_density=lambda ac, n: _uniform(ac, n).kv_density(n),
         cache="SpanKVCache",
+        options=UniformOptions,
     ),
     _decode_method(
         "recycled",
@@ -432,6 +670,7 @@ for _m in (
         "every S = 10",
         _recycled,
         "RecycledKVCache",
+        RecycledOptions,
         train=_recycled_train,
     ),
     _decode_method(
@@ -439,12 +678,14 @@ for _m in (
         "StreamingLLM decoding: dense prefill, 4 sinks + K - 4 recent tokens, K = L/8",
         _streaming,
         "SelectedKVCache",
+        StreamingOptions,
     ),
     _decode_method(
         "h2o",
         "H2O decoding: dense prefill, K/2 heavy hitters + K/2 recent tokens, K = L/8",
         _h2o,
         "SelectedKVCache",
+        H2OOptions,
     ),
 ):
     register_method(_m)

@@ -42,8 +42,10 @@ Files
   ([layer][query head]), loaded unchanged. It carries no sink count: the reference's MoA plans use
   64 sinks, its StreamingLLM plans (same format, every head alpha 0, beta 0.5) keep 4; the loader
   picks 4 when the file name contains "streamingllm" and 64 otherwise, unless `sink=` is given.
-- `Plan.save(path)` / `Plan.load(path)`: our own JSON with `schema_version`, sinks, resolution
-  parameters and a metadata dict.
+- `Plan.save(path)`: our own JSON with `schema_version`, sinks, resolution parameters and a
+  metadata dict.
+- `Plan.load(spec)`: the one loader every command calls: either file format, or the
+  command-line specs 'dense' and 'streaming:WINDOW[:SINK]'.
 
 Plans are frozen dataclasses of tuples, hashable, so they can be static `jit` arguments (the
 metadata dict is excluded from hashing and equality). `Plan.schedule(N, layer, num_kv_heads)`
@@ -61,6 +63,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from moa_jax.errors import PlanError
 from moa_jax.files import atomic_write_text
 from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 
@@ -397,43 +400,45 @@ class Plan:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
-        """Loads our JSON (schema_version) or, if the file has none, a reference MoA plan."""
-        path = Path(path)
+    def load(
+        cls, spec: str | Path, num_layers: int | None = None, num_heads: int | None = None
+    ) -> "Plan":
+        """The one plan loader: a plan file (our JSON with `schema_version`, or the reference
+        `{"alphas", "betas"}`) or a spec: 'dense' (every head keeps every token) or
+        'streaming:WINDOW[:SINK]' (one window for every head, StreamingLLM-style; sink default
+        4). The specs build a plan of `num_layers` x `num_heads` heads, which they then need."""
+        text = str(spec)
+        if text == "dense" or text.startswith("streaming:"):
+            if num_layers is None or num_heads is None:
+                raise PlanError(f"plan spec {text!r} needs the model's layer and head counts")
+            if text == "dense":
+                return cls.dense(num_layers, num_heads)
+            parts = text.split(":")[1:]
+            try:
+                window = int(parts[0])
+                sink = int(parts[1]) if len(parts) > 1 else STREAMINGLLM_SINK
+            except (ValueError, IndexError):
+                raise PlanError(
+                    f"bad plan spec {text!r}; expected streaming:WINDOW[:SINK]"
+                ) from None
+            return cls.uniform(
+                num_layers, num_heads, window=window, sink=sink, metadata={"source": "streamingllm"}
+            )
+        path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"no plan file at {path}")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
+            raise PlanError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"plan file {path} must hold a JSON object, not a {type(d).__name__}")
+            raise PlanError(f"plan file {path} must hold a JSON object, not a {type(d).__name__}")
         try:
             if "schema_version" not in d and "alphas" in d:
                 return cls.from_moa_json(path)
             return cls.from_dict(d)
         except (ValueError, TypeError, KeyError, IndexError) as e:
-            raise ValueError(f"plan file {path}: {e}") from None
-
-    @classmethod
-    def from_spec(cls, spec: str, num_layers: int, num_heads: int) -> "Plan":
-        """A plan from a command-line spec: 'dense', 'streaming:WINDOW[:SINK]' (one window for
-        every head, StreamingLLM-style; sink default 4) or a plan file path."""
-        if spec == "dense":
-            return cls.dense(num_layers, num_heads)
-        if spec.startswith("streaming:"):
-            parts = spec.split(":")[1:]
-            try:
-                window = int(parts[0])
-                sink = int(parts[1]) if len(parts) > 1 else STREAMINGLLM_SINK
-            except (ValueError, IndexError):
-                raise ValueError(
-                    f"bad plan spec {spec!r}; expected streaming:WINDOW[:SINK]"
-                ) from None
-            return cls.uniform(
-                num_layers, num_heads, window=window, sink=sink, metadata={"source": "streamingllm"}
-            )
-        return cls.load(spec)
+            raise PlanError(f"plan file {path}: {e}") from None
 
     def summary(self, n: int) -> str:
         w = self.resolve(n)

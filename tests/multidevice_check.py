@@ -19,7 +19,7 @@ from moa_jax.models.attention import DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
-from moa_jax.models.recycled_attention import RecycleConfig
+from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 from moa_jax.plan import Plan
 from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, mesh_context, param_shardings
 
@@ -54,7 +54,14 @@ def moa_loss(state, tokens, attention):
 ref_moa, ref_grad = jax.value_and_grad(moa_loss)(s, tokens, moa)
 ref_moa_tokens = generate(model, prompts, max_new_tokens=8, stop_ids=(), attention=moa).tokens
 decoders = {
-    "recycled": dict(attention=moa, recycle=RecycleConfig(k=8, stride=3)),
+    "recycled": dict(
+        attention=RecycledAttention(
+            RecycleConfig(k=8, stride=3),
+            prefill=moa,
+            kernel_backend=moa.kernel_backend,
+            interpret=moa.interpret,
+        )
+    ),
     "streaming": dict(attention=StreamingAttention(k=8)),
     "h2o": dict(attention=H2OAttention(k=8)),
 }

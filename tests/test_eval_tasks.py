@@ -28,7 +28,9 @@ from moa_jax.methods import (
     METHODS,
     AttentionConfig,
     MaskedAttention,
-    load_plan,
+    Method,
+    UniformOptions,
+    register_method,
     resolve_methods,
     uniform_plan,
 )
@@ -202,7 +204,9 @@ def test_resolve_tasks_and_groups():
 # ----------------------------------------------------------------------------- methods
 def test_method_registry_and_uniform_density():
     cfg = tiny_config()
-    ctx = AttentionConfig(config=cfg, density=0.5, sink=16, impl="masked")
+    ctx = AttentionConfig(
+        config=cfg, impl="masked", options={"uniform": UniformOptions(density=0.5, sink=16)}
+    )
     assert METHODS["moa"].unavailable(ctx) == "needs --plan FILE"
     for name in ("dense", "uniform", "recycled", "streaming", "h2o"):
         assert METHODS[name].unavailable(ctx) is None
@@ -213,7 +217,6 @@ def test_method_registry_and_uniform_density():
         512,
     )
     assert (rec.config.k, rec.config.stride, rec.kernel_backend) == (64, 4, "reference")
-    from moa_jax.methods import Method, register_method
 
     with pytest.raises(ValueError, match="already registered"):
         register_method(Method("dense", "again", None))
@@ -232,7 +235,7 @@ def test_method_registry_and_uniform_density():
         betas=[[0.0, 0.25, 0.5, 1.0]] * cfg.num_layers,
         sinks=64,
     )
-    pctx = AttentionConfig(config=cfg, plan=plan, sink=64, impl="masked")
+    pctx = AttentionConfig(config=cfg, plan=plan, impl="masked")
     hctx = dataclasses.replace(pctx, options={"uniform.match": "heads"})
     assert METHODS["moa"].unavailable(pctx) is None
     for n in (1024, 2048):
@@ -254,12 +257,12 @@ def test_method_registry_and_uniform_density():
 def test_load_plan_both_formats(tmp_path):
     ref = tmp_path / "x.moa.json"
     ref.write_text(json.dumps({"alphas": [[1024, 0]] * 2, "betas": [[0.0, 0.5]] * 2}))
-    p = load_plan(ref)
+    p = Plan.load(ref)
     assert p.shape == (2, 2) and p.sinks[0][0] == 64
     ours = Plan.uniform(2, 4, window=32, sink=4).save(tmp_path / "plan.json")
-    assert load_plan(ours).resolve(128).tolist() == [[32] * 4] * 2
+    assert Plan.load(ours).resolve(128).tolist() == [[32] * 4] * 2
     with pytest.raises(FileNotFoundError):
-        load_plan(tmp_path / "missing.json")
+        Plan.load(tmp_path / "missing.json")
 
 
 def _qkv(b=2, t=96, h=4, hkv=2, d=16, seed=0):

@@ -1,12 +1,15 @@
 """generate() with a MoA plan: block-sparse prefill + span-cache decode equals step-by-step full
 recomputation under the same per-head masks; dense and uniform plans run on the same path."""
 
+import warnings
+
 import numpy as np
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from moa_jax.generate import generate
+from moa_jax.methods import AttentionConfig, build_attention
 from moa_jax.models.attention import DenseAttention
 from moa_jax.pallas_kernels.caches.dense import DenseKVCache
 from moa_jax.models.llama import forward, init_random
@@ -58,42 +61,34 @@ def test_tiny_model_batch_of_ragged_prompts():
 
 
 def test_dense_plan_equals_dense_attention():
+    """The MoA builder runs a plan that keeps every token as dense attention, with a warning;
+    generate with the plan's kernels gives the same tokens."""
     cfg = tiny_config()
     model = init_random(cfg, seed=6)
     rng = np.random.RandomState(2)
     prompts = [rng.randint(4, 128, n).tolist() for n in (7, 30)]
-    moa = MoAAttention(Plan.dense(cfg.num_layers, cfg.num_heads), block_q=16, block_k=16)
+    plan = Plan.dense(cfg.num_layers, cfg.num_heads)
+    ac = AttentionConfig(config=cfg, plan=plan, impl="native")
     with pytest.warns(UserWarning, match="keeps every token at 74 tokens"):  # 64-bucket + 10
-        a = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=moa)
+        assert build_attention("moa", ac, 74) == DenseAttention()
+    moa = MoAAttention(plan, block_q=16, block_k=16)
+    a = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=moa)
     b = generate(model, prompts, max_new_tokens=10, stop_ids=(), attention=DenseAttention())
     assert a.rows() == b.rows()
 
 
-def test_plan_that_keeps_everything_at_this_length_runs_dense(monkeypatch):
-    """A 60-token window plan on a 40-token cache resolves dense: generate runs the dense
-    backend (no span cache) and warns; on a longer cache it stays MoA, silently."""
-    import warnings
-
-    import moa_jax.generate as gen
-
+def test_plan_that_keeps_everything_at_this_length_runs_dense():
+    """A 60-token window plan at a 40-token length resolves dense: the MoA builder returns the
+    dense backend (no span cache) and warns; at a longer length it stays MoA, silently."""
     cfg = tiny_config()
-    model = init_random(cfg, seed=6)
-    moa = MoAAttention(Plan.uniform(cfg.num_layers, cfg.num_heads, window=60, sink=4))
-    assert moa.resolves_dense(40) and not moa.resolves_dense(200)
-    seen = []
-    real = gen._generate_jit
-    monkeypatch.setattr(
-        gen, "_generate_jit", lambda *a, **k: seen.append(k["attention"]) or real(*a, **k)
-    )
+    plan = Plan.uniform(cfg.num_layers, cfg.num_heads, window=60, sink=4)
+    assert MoAAttention(plan).resolves_dense(40) and not MoAAttention(plan).resolves_dense(200)
+    ac = AttentionConfig(config=cfg, plan=plan, impl="native")
     with pytest.warns(UserWarning, match="running dense attention"):
-        generate(model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa, max_cache_len=64)
-    assert isinstance(seen[-1], DenseAttention)
+        assert isinstance(build_attention("moa", ac, 64), DenseAttention)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        generate(
-            model, [[5, 6, 7]], max_new_tokens=4, stop_ids=(), attention=moa, max_cache_len=200
-        )
-    assert seen[-1] is moa
+        assert isinstance(build_attention("moa", ac, 200), MoAAttention)
 
 
 def test_uniform_plan_cache_is_smaller():

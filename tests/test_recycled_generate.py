@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moa_jax.generate import generate, recycled_backend
+from moa_jax.generate import generate
+from moa_jax.generate.__main__ import GenerateConfig, attention_backend, method_choice
 from moa_jax.generate.__main__ import main as generate_main
 from moa_jax.models.attention import AttentionBackend, DenseAttention
 from moa_jax.models.llama import forward, init_random
@@ -192,7 +193,7 @@ def test_moa_prefill_then_recycled_decode_equals_its_oracle(model, runs):
     plan = _sparse_plan(model.config, 0)
     moa = MoAAttention(plan, length=CACHE_LEN, kernel_backend="reference")
     prompts = runs.prompts[1:]
-    out = _run(model, prompts, moa, recycle=RecycleConfig(k=NEW, stride=None))
+    out = _run(model, prompts, _recycled(moa, RecycleConfig(k=NEW, stride=None)))
     for p, row in zip(prompts, out):
         assert row == recompute_greedy(model, p, NEW, SnapKVRecompute(len(p), NEW, plan=plan))
     assert out != runs("never")[1:]  # the MoA prefill changes the outcome
@@ -205,34 +206,46 @@ def test_pallas_kernels_in_generate_equal_the_oracles(model, runs):
     cfg = RecycleConfig(k=NEW, stride=3)
     prompts = runs.prompts[:2]
     kern = _run(
-        model, prompts, MoAAttention(plan, length=CACHE_LEN, block_q=16, block_k=16), recycle=cfg
+        model, prompts, _recycled(MoAAttention(plan, length=CACHE_LEN, block_q=16, block_k=16), cfg)
     )
     ref = _run(
         model,
         prompts,
-        MoAAttention(plan, length=CACHE_LEN, kernel_backend="reference"),
-        recycle=cfg,
+        _recycled(MoAAttention(plan, length=CACHE_LEN, kernel_backend="reference"), cfg),
     )
     assert kern == ref
 
 
-def test_recycle_argument_and_cli_flags():
-    b = recycled_backend(
-        MoAAttention(Plan.uniform(2, 4, window=8), block_q=16), RecycleConfig(k=8, stride=4)
+def _recycled(moa: MoAAttention, rc: RecycleConfig) -> RecycledAttention:
+    """MoA prefill + recycled decode, the decode kernels on the prefill's backend."""
+    return RecycledAttention(
+        rc, prefill=moa, kernel_backend=moa.kernel_backend, interpret=moa.interpret
     )
+
+
+def test_cli_recycle_flags():
+    cfg = tiny_config()
+    config = GenerateConfig(recycle_k=8, recycle_stride=4, prefill_plan="dense")
+    assert method_choice(config) == (
+        "recycled",
+        {"k": "8", "stride": "4", "prefill": "plan"},
+        "dense",
+    )
+    b = attention_backend(config, cfg, Plan.uniform(2, 4, window=8), 64)
     assert isinstance(b, RecycledAttention) and b.prefill.plan == Plan.uniform(2, 4, window=8)
-    assert b.prefill.block_q == 16
-    assert recycled_backend(DenseAttention(), None) == DenseAttention()
-    with pytest.raises(ValueError, match="composes with"):
-        recycled_backend(StreamingAttention(8), RecycleConfig(k=8, stride=4))
-    with pytest.raises(TypeError):
-        recycled_backend(DenseAttention(), 8)
+    assert (b.config.k, b.config.stride) == (8, 4)
+    same = GenerateConfig(method="recycled", method_opt=["k=8", "recycled.s=4"])
+    assert attention_backend(same, cfg, None, 64).config == RecycleConfig(k=8, stride=4)
     with pytest.raises(SystemExit, match="--prefill-plan"):
         generate_main(["--recycle-k", "8", "--plan", "dense"])
     with pytest.raises(SystemExit, match="need --recycle-k"):
         generate_main(["--prefill-plan", "dense"])
     with pytest.raises(SystemExit, match="S <= K"):
         generate_main(["--recycle-k", "8", "--recycle-stride", "9"])
+    with pytest.raises(SystemExit, match="not for --method h2o"):
+        generate_main(["--recycle-k", "8", "--method", "h2o"])
+    with pytest.raises(ValueError, match=r"recycled\.k='x': expected an integer"):
+        generate_main(["--method", "recycled", "--method-opt", "k=x"])
 
 
 @pytest.mark.gpu

@@ -32,6 +32,8 @@ Methods (`--method`, several allowed):
   recycled     Recycled Attention, one run per `--recycle-stride` S (fixed schedule), plus the
                dynamic schedule per `--recycle-threshold` (check every `--recycle-check` steps)
   h2o          H2O, K/2 heavy hitters + K/2 recent
+  (others)     any other registered method (`moa_jax.methods`, e.g. uniform), with its
+               options from `--method-opt METHOD.KEY=VALUE`
   hf           HF transformers `LlamaForCausalLM` (sdpa, `generate`, greedy): ms/step = time
                from the first to the last of `--steps`+1 new tokens / `--steps` (a logits
                processor stamps each step, so the prefill is left out); needs torch
@@ -71,14 +73,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 from moa_jax.bench.batch_search import batch_multiple, guard, largest_batch, sweep
 from moa_jax.bench.decode_cache import kv_read_bytes, make_caches
 from moa_jax.bench.decode_config import DecodeConfig
 from moa_jax.bench.decode_report import format_table, plot_throughput, summarize
 from moa_jax.bench.decode_variants import HF_LABEL, Variant, make_backend, variants
 from moa_jax.bench.device_memory import GIB, copy_bandwidth, memory_stats
+from moa_jax.bench.hf_baseline import bench_hf, hf_setup
+from moa_jax.bench.kernel_times import format_kernel_times, kernel_times
 from moa_jax.bench.random_model import make_weights, model_config
 from moa_jax.cli import help_from_doc, parse_config, run, setup_logging
+from moa_jax.methods import parse_method_options
+from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, mesh_context
 
 logger = logging.getLogger("moa_jax.bench.decode")  # not __name__: '__main__' under python -m
 PROG = "python -m moa_jax.bench.decode"
@@ -97,12 +107,6 @@ def bench_jax(
 ) -> dict:
     """One measurement (see the module docstring); on `mesh` the weights (`state`) must
     already be sharded, and the caches and the loop are sharded by the library's rules."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from moa_jax.parallel import batch_sharding, mesh_context
-
     n = config.steps
     cache_len = config.cache_len(context)
     attention = make_backend(variant, cfg, config, cache_len)
@@ -172,8 +176,6 @@ def bench_jax(
             times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3 / n
     if config.kernel_profile:
-        from moa_jax.bench.kernel_times import format_kernel_times, kernel_times
-
         out = []
 
         def call(fn=compiled, args=(state, tok, pos, caches)):
@@ -219,8 +221,6 @@ def run_hf(
 ) -> None:
     """The HF rows of every context (run before JAX allocates device memory); without torch
     or transformers one error row."""
-    from moa_jax.bench.hf_baseline import bench_hf, hf_setup
-
     try:
         fields, bandwidth = hf_setup(nbytes)
     except ImportError as e:
@@ -249,10 +249,6 @@ def run_jax(
     log: Callable[[dict], None],
 ) -> None:
     """The rows of every JAX variant and context, on one set of random weights."""
-    import jax
-
-    from moa_jax.parallel import MeshConfig, make_mesh
-
     if config.compile_cache:
         jax.config.update("jax_compilation_cache_dir", config.compile_cache)
     mesh = make_mesh(MeshConfig.parse(config.mesh)) if config.mesh else None
@@ -288,6 +284,7 @@ def run_jax(
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(DecodeConfig, argv, prog=PROG, **help_from_doc(__doc__)).resolved()
+    parse_method_options(config.method_opt)  # a bad --method-opt fails before any run
     if "hf" in config.method and "max" in config.batches:
         raise SystemExit("--batches max is not available for --method hf: give batch sizes")
     if "hf" in config.method and config.mesh:

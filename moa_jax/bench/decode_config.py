@@ -6,9 +6,10 @@ import argparse
 import dataclasses
 
 from moa_jax.cli import option
+from moa_jax.methods import METHODS as REGISTRY
 
-JAX_METHODS = ("dense", "dense-kernel", "moa", "streaming", "recycled", "h2o")
-METHODS = JAX_METHODS + ("hf",)
+# the registry's methods (`moa_jax.methods`) and the Hugging Face baseline
+METHODS = (*REGISTRY, "hf")
 
 
 def parse_batch(s: str) -> int | str:
@@ -33,9 +34,17 @@ class DecodeConfig:
 
     method: list[str] | None = option(
         None,
-        "methods to run (default: dense dense-kernel moa streaming recycled)",
+        "methods to run: any registered attention method (moa_jax.methods) or hf "
+        "(default: dense dense-kernel moa streaming recycled)",
         nargs="+",
         choices=METHODS,
+    )
+    method_opt: list[str] = option(
+        [],
+        "an option of a method (repeatable), e.g. uniform.density=0.25; the variant flags "
+        "below (--recycle-k ...) set recycled / streaming / h2o's",
+        action="append",
+        metavar="METHOD.KEY=VALUE",
     )
     contexts: list[int] | None = option(
         None, "prompt lengths C (default 32768 65536; --tiny: 40)", nargs="+"

@@ -83,7 +83,7 @@ def summarize(rows: list[dict]) -> dict:
 def plot_throughput(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Bar chart of tokens/s per method at batch 1 and at its best batch (highest tokens/s),
     one panel per context (the figure beside the JSON report)."""
-    import matplotlib
+    import matplotlib  # here: importing matplotlib takes a second, and only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

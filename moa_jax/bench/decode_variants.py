@@ -7,6 +7,18 @@ import dataclasses
 from pathlib import Path
 
 from moa_jax.bench.decode_config import DecodeConfig
+from moa_jax.bench.head_configs import plan_windows
+from moa_jax.methods import (
+    AttentionConfig,
+    H2OOptions,
+    MethodOptions,
+    MoAOptions,
+    RecycledOptions,
+    StreamingOptions,
+    build_attention,
+    parse_method_options,
+)
+from moa_jax.plan import Plan
 
 HF_LABEL = "hf transformers sdpa"
 
@@ -26,9 +38,7 @@ def variants(config: DecodeConfig) -> list[Variant]:
     k = config.recycle_k
     out: list[Variant] = []
     for m in config.method:
-        if m in ("dense", "dense-kernel"):
-            out.append(Variant(m, m))
-        elif m == "moa":
+        if m == "moa":
             specs = [f"het:{d}" for d in config.moa_densities] + list(config.plan or ())
             for spec in specs:
                 name = spec if spec.startswith(("het:", "streaming:")) else Path(spec).stem
@@ -49,28 +59,34 @@ def variants(config: DecodeConfig) -> list[Variant]:
                 )
         elif m == "hf":
             out.append(Variant(m, HF_LABEL))
+        else:  # another registered method, with its default options
+            out.append(Variant(m, m))
     return out
+
+
+def variant_options(variant: Variant) -> dict[str, MethodOptions]:
+    """The typed method options of a JAX variant (its `params`); a plan is timed with its
+    kernels even where it keeps every token."""
+    m, p = variant.method, variant.params
+    if m == "moa":
+        return {m: MoAOptions(dense_when_full=False)}
+    if m == "recycled":
+        if "threshold" in p:
+            opts = RecycledOptions(k=p["k"], stride=p["check"], threshold=p["threshold"])
+        else:
+            opts = RecycledOptions(k=p["k"], stride=p["stride"])
+        return {m: opts}
+    if m == "streaming":
+        return {m: StreamingOptions(k=p["k"])}
+    if m == "h2o":
+        return {m: H2OOptions(k=p["k"])}
+    return {}
 
 
 def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
     """The `AttentionBackend` of a JAX variant for caches of `cache_len` slots, built by the
     method registry (`moa_jax.methods`) with the library's kernels (impl 'native')."""
-    from moa_jax.methods import AttentionConfig, build_attention
-
-    m, p = variant.method, variant.params
-    options: dict[str, str] = {}
-    plan = None
-    if m == "moa":
-        plan = moa_plan(p["plan"], cfg, cache_len)
-    elif m in ("streaming", "h2o", "recycled"):
-        options[f"{m}.k"] = str(p["k"])
-    if m == "recycled":
-        if "threshold" in p:
-            options.update(
-                {"recycled.s": str(p["check"]), "recycled.threshold": str(p["threshold"])}
-            )
-        else:
-            options["recycled.s"] = str(p["stride"])
+    plan = moa_plan(variant.params["plan"], cfg, cache_len) if variant.method == "moa" else None
     ac = AttentionConfig(
         config=cfg,
         plan=plan,
@@ -79,17 +95,14 @@ def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
         interpret=config.interpret or None,
         block=config.block,
         num_splits=config.num_splits,
-        options=options,
+        options={**parse_method_options(config.method_opt), **variant_options(variant)},
     )
-    return build_attention(m, ac, cache_len)
+    return build_attention(variant.method, ac, cache_len)
 
 
 def moa_plan(spec: str, cfg, cache_len: int):
     """The `Plan` of a `--moa-densities` entry ('het:0.5', 'het:0.25': synthetic, whole dense
     KV groups, windows for `cache_len`), a plan file or a plan spec ('streaming:W[:S]')."""
-    from moa_jax.bench.head_configs import plan_windows
-    from moa_jax.plan import Plan
-
     if spec.startswith("het:"):
         density = float(spec[4:])
         kind = {0.5: "het50", 0.25: "het25"}.get(density)
@@ -97,6 +110,4 @@ def moa_plan(spec: str, cfg, cache_len: int):
             raise ValueError(f"--moa-densities takes 0.5 or 0.25, got {density}")
         w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads, dense_groups=True)
         return Plan.from_windows([list(w)] * cfg.num_layers, [list(s)] * cfg.num_layers)
-    if Path(spec).is_file():
-        return Plan.load(spec)
-    return Plan.from_spec(spec, cfg.num_layers, cfg.num_heads)
+    return Plan.load(spec, cfg.num_layers, cfg.num_heads)

@@ -19,12 +19,21 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import os
 import platform
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+
 from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.eval import Runner, TaskContext, resolve_tasks
+from moa_jax.eval.merge import merge_results
+from moa_jax.eval.report import depth_table, paired_deltas, summarize, write_json, write_report
+from moa_jax.methods import AttentionConfig, MethodOptions, parse_method_options, resolve_methods
+from moa_jax.models import registry
+from moa_jax.plan import Plan
 from moa_jax.runtime import enable_compilation_cache
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
@@ -67,18 +76,28 @@ class EvalConfig:
     )
     methods: str | list[str] | None = option(
         None,
-        "comma list of dense, uniform, moa, recycled, streaming, h2o; default "
-        f"{DEFAULTS['methods']} (unavailable ones are listed and skipped)",
+        "comma list of dense, uniform, moa, recycled, streaming, h2o (any registered "
+        f"method); default {DEFAULTS['methods']} (unavailable ones are listed and skipped)",
         type=None,
+    )
+    method: list[str] | None = option(
+        None,
+        "a method to run (repeatable, or a comma list), added to --methods",
+        action="append",
+        metavar="NAME",
     )
     lengths: str | int | list[int] | None = option(
         None, f"comma list of context lengths in tokens; default {DEFAULTS['lengths']}", type=None
     )
     plan: str | None = option(
-        None, "MoA plan JSON (moa-jax format or the reference moa_alpha_beta.json)"
+        None,
+        "MoA plan: a JSON file (moa-jax format or the reference moa_alpha_beta.json), "
+        "'dense' or 'streaming:WINDOW[:SINK]'",
     )
-    density: float = option(0.5, "KV density of 'uniform' when no --plan is given to match")
-    sink: int = option(64, "sink tokens of 'uniform'")
+    density: float = option(
+        0.5, "KV density of 'uniform' when no --plan is given to match (uniform.density)"
+    )
+    sink: int = option(64, "sink tokens of 'uniform' (uniform.sink)")
     num_items: int | None = option(
         None, f"items per (task, length) cell; default {DEFAULTS['num_items']}"
     )
@@ -113,7 +132,8 @@ class EvalConfig:
     q_chunk: int = option(512, "query chunk of the masked impl")
     method_opt: list[str] = option(
         [],
-        "a method-specific setting (repeatable), e.g. recycled.k=2048",
+        "a method's typed option (repeatable), e.g. recycled.k=2048, recycled.stride=none, "
+        "uniform.match=heads (`moa_jax.methods`: each method's options type)",
         action="append",
         metavar="METHOD.KEY=VALUE",
     )
@@ -136,13 +156,14 @@ class EvalConfig:
         sizes = {
             k: FAST.get(k, default) if self.fast else default
             for k, default in DEFAULTS.items()
-            if getattr(self, k) is None
+            if getattr(self, k) is None and not (k == "methods" and self.method)
         }
         c = dataclasses.replace(self, **sizes)
         c = dataclasses.replace(
             c,
             tasks=_csv(c.tasks),
-            methods=_csv(c.methods),
+            methods=list(dict.fromkeys(_csv(c.methods or []) + _csv(",".join(c.method or [])))),
+            method=None,
             lengths=[int(v) for v in _csv(c.lengths)],
             depths=[float(v) for v in _csv(c.depths)],
         )
@@ -150,8 +171,17 @@ class EvalConfig:
             raise SystemExit(f"--lengths must be >= 64 tokens, got {c.lengths}")
         if c.num_items < 1:
             raise SystemExit("--num-items must be >= 1")
-        c.method_options()
+        try:
+            c.typed_method_options()
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         return c
+
+    def typed_method_options(self) -> dict[str, MethodOptions]:
+        """Every method's typed options: --density and --sink as `uniform`'s, then
+        --method-opt (which wins); ValueError naming a bad option."""
+        text = {"uniform.density": str(self.density), "uniform.sink": str(self.sink)}
+        return parse_method_options({**text, **self.method_options()})
 
     def method_options(self) -> dict[str, str]:
         """--method-opt's METHOD.KEY=VALUE settings as {"METHOD.KEY": "VALUE"}."""
@@ -166,27 +196,23 @@ class EvalConfig:
 
     def settings(self) -> dict[str, Any]:
         """The config as results.json's "settings" (JSON values, --method-opt as a mapping)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method"
+        }
         out["out"] = str(self.out)
         out["method_opt"] = self.method_options()
         return out
 
 
 def _device() -> str:
-    import jax
-
     d = jax.devices()[0]
     kind = getattr(d, "device_kind", d.platform)
     if d.platform == "cpu":
-        import os
-
         return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return f"{kind} x{jax.device_count()}"
 
 
 def _payload(settings, env, result, plan, plan_path, t0, partial):
-    from moa_jax.eval.report import depth_table, paired_deltas, summarize
-
     rows = summarize(result["records"], result["methods"])
     payload = {
         "settings": settings,
@@ -211,29 +237,23 @@ def _payload(settings, env, result, plan, plan_path, t0, partial):
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Runs a resolved config (`EvalConfig.resolved`): loads the model, runs every cell (saving
     `results.json` after each) and returns the final payload."""
-    import jax
-
-    from moa_jax.eval import Runner, TaskContext, resolve_tasks
-    from moa_jax.methods import AttentionConfig, load_plan, resolve_methods
-    from moa_jax.eval.report import write_json
-    from moa_jax.models.registry import load_config, load_model
-
     try:
         tasks = resolve_tasks(config.tasks)
         methods = resolve_methods(config.methods)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     # cheap checks first: the plan against the model's config, before the weights are read
-    cfg = load_config(config.model)
+    cfg = registry.load_config(config.model)
     plan = None
     if config.plan:
-        plan = load_plan(config.plan)
         try:
-            plan.validate(cfg)
+            plan = Plan.load(config.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
         except ValueError as e:
             raise SystemExit(f"--plan {config.plan}: {e}") from None
     t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=config.dtype, param_dtype=config.dtype)
+    model, tokenizer = registry.load_model(
+        config.model, dtype=config.dtype, param_dtype=config.dtype
+    )
     if tokenizer is None:
         raise SystemExit(f"model {config.model!r} has no tokenizer; the tasks need one")
     logger.info(
@@ -248,11 +268,9 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     mctx = AttentionConfig(
         config=cfg,
         plan=plan,
-        density=config.density,
-        sink=config.sink,
         impl=config.attention_impl,
         q_chunk=config.q_chunk,
-        options=config.method_options(),
+        options=config.typed_method_options(),
     )
     tctx = TaskContext(
         tokenizer,
@@ -303,13 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     enable_compilation_cache()
     if config.merge:
-        from moa_jax.eval.merge import merge_results
-
         payload = merge_results(config.merge)
     else:
         payload = run_eval(config)
-    from moa_jax.eval.report import write_report
-
     text = write_report(payload, config.out, plots=not config.no_plots)
     print(text.split("\n", 3)[3])
     logger.info(

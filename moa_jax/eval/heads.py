@@ -298,11 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__)
     setup_logging()
 
-    from moa_jax.methods import load_plan
     from moa_jax.models.registry import load_model
     from moa_jax.search.influence_profile import InfluenceProfile
 
-    plan = load_plan(cfg.plan) if cfg.plan else None
+    plan = Plan.load(cfg.plan) if cfg.plan else None
     profiles = {}
     if cfg.profile_dir:
         for f in sorted(Path(cfg.profile_dir).glob("*.npz")):

@@ -10,7 +10,6 @@ decode steps overwrite the padded cache slots in order. The command line is `__m
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -164,7 +163,6 @@ def generate(
     max_cache_len: int | None = None,
     on_token: Callable[[np.ndarray], Any] | None = None,
     mesh: Mesh | None = None,
-    recycle: Any | None = None,
     scan_layers: bool = False,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens for each prompt.
@@ -175,14 +173,12 @@ def generate(
       sampling: greedy by default; temperature / top-k / top-p otherwise (then `key` is required).
       stop_ids: tokens that end a row (default: the config's eos ids).
       pad_id: filler after a row stops (default: the config's pad id, else 0).
-      attention: attention backend (dense by default).
+      attention: attention backend (dense by default); `moa_jax.methods.build_attention` builds
+        any registered method's (MoA plans, Recycled Attention decoding, ...).
       max_cache_len: cache capacity in tokens; default the padded prompt length + max_new_tokens.
         A prompt that does not fit is an error, never a silent truncation.
       on_token: called with the int [B] tokens of every step as they are produced (streaming).
       mesh: shard params (by `moa_jax.parallel` rules), the batch and the KV cache on this mesh.
-      recycle: a `moa_jax.models.recycled_attention.RecycleConfig`: Recycled Attention decoding; the
-        prefill is `attention`'s (dense, or a `MoAAttention`'s plan: MoA prefill, recycled
-        decode). See `recycled_backend`.
       scan_layers: run the decoder layers as one `lax.scan` (backends with `layer_uniform`:
         dense attention; no mesh). The program then compiles one layer instead of L, far
         faster (XLA's GPU compiler took 67-89 s for each 30-layer SmolLM2 generate program),
@@ -215,7 +211,6 @@ def generate(
         )
     # Prefill writes the padded prompt block; it must fit too.
     cache_len = max(cache_len, tokens.shape[1])
-    attention = recycled_backend(_dense_if_plan_keeps_all(attention, cache_len), recycle)
     if scan_layers and (mesh is not None or not attention.layer_uniform):
         raise ValueError(
             "scan_layers needs a backend that treats every layer alike (dense "
@@ -315,46 +310,6 @@ def _check_cache_fits(
         f"{need / 2**30:.1f} GiB, more than the device's free "
         f"{(limit - in_use) / 2**30:.1f} GiB allows ({CACHE_MEMORY_SHARE:.0%} of it); the "
         f"largest batch that fits is {fit_batch}, or at batch {batch} about {fit_len} tokens"
-    )
-
-
-def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> AttentionBackend:
-    """A MoA plan that keeps every token at this cache length is dense attention: run the dense
-    path (the span cache and block-sparse kernels would only add work) and say so."""
-    from moa_jax.models.moa_attention import MoAAttention
-
-    if isinstance(attention, MoAAttention) and attention.resolves_dense(cache_len):
-        warnings.warn(
-            f"the MoA plan keeps every token at {cache_len} tokens (prompt + new "
-            f"tokens): running dense attention",
-            stacklevel=3,
-        )
-        return DenseAttention()
-    return attention
-
-
-def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> AttentionBackend:
-    """`attention` with Recycled Attention decoding when `recycle` (a RecycleConfig) is given:
-    a dense backend becomes `RecycledAttention(recycle)`, a `MoAAttention` becomes its prefill
-    part (the MoA plan's windows for the prompt) while the full cache stays dense."""
-    if recycle is None:
-        return attention
-    from moa_jax.models.moa_attention import MoAAttention
-    from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
-
-    if not isinstance(recycle, RecycleConfig):
-        raise TypeError(f"recycle must be a RecycleConfig, got {type(recycle).__name__}")
-    if isinstance(attention, DenseAttention):
-        return RecycledAttention(recycle)
-    if isinstance(attention, MoAAttention):  # the prefill part; the decode kernels' options
-        return RecycledAttention(
-            recycle,
-            prefill=attention,
-            kernel_backend=attention.kernel_backend,
-            interpret=attention.interpret,
-        )
-    raise ValueError(
-        f"recycle= composes with DenseAttention or MoAAttention, not {type(attention).__name__}"
     )
 
 

@@ -1,11 +1,15 @@
-"""`python -m moa_jax.generate` (the `moa-jax-generate` script): generate text with a Llama model,
-dense, with a MoA plan, or with Recycled Attention decoding (`--recycle-k`).
+"""`python -m moa_jax.generate` (the `moa-jax-generate` script): generate text with a Llama model
+and any registered attention method (`--method`, `moa_jax.methods`): dense, a MoA plan, Recycled
+Attention decoding, StreamingLLM, H2O ...
 
     python -m moa_jax.generate --model smollm2-135m --prompt "Why is the sky blue?"
     python -m moa_jax.generate --plan plan.json --prompt "..." --prompt "..."   # a batch
+    python -m moa_jax.generate --method recycled --method-opt k=2048 --method-opt stride=10
 
-The generated text is the command's output (stdout; one prompt streams as it is produced);
-progress goes to the `moa_jax` log on stderr, from process 0 only.
+`--plan` alone means `--method moa`, `--recycle-k` means `--method recycled` (with
+`--recycle-stride`, `--recycle-threshold` and `--prefill-plan` as its options). The generated
+text is the command's output (stdout; one prompt streams as it is produced); progress goes to
+the `moa_jax` log on stderr, from process 0 only.
 """
 
 from __future__ import annotations
@@ -14,28 +18,35 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
 from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.config import ModelConfig
 from moa_jax.generate import encode_prompt, generate, pad_prompts
+from moa_jax.methods import (
+    METHODS,
+    AttentionConfig,
+    build_attention,
+    parse_method_options,
+    split_method_options,
+)
 from moa_jax.models.attention import AttentionBackend
-from moa_jax.parallel import initialize_distributed
+from moa_jax.models.recycled_attention import RecycleConfig
+from moa_jax.models import registry
+from moa_jax.parallel import MeshConfig, initialize_distributed, make_mesh
+from moa_jax.plan import Plan
 from moa_jax.runtime import enable_compilation_cache
 from moa_jax.sampling import SamplingConfig
-
-if TYPE_CHECKING:
-    from moa_jax.config import ModelConfig
-    from moa_jax.plan import Plan
 
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
 
 PROG = "python -m moa_jax.generate"
 DESCRIPTION = (
-    "Generate text with a Llama model: dense, with a MoA plan, or with Recycled Attention "
-    "decoding (--recycle-k)."
+    "Generate text with a Llama model and an attention method (--method): dense, a MoA plan "
+    "(--plan), Recycled Attention decoding (--recycle-k), StreamingLLM, H2O ..."
 )
 
 
@@ -52,28 +63,42 @@ class GenerateConfig:
     seed: int = option(0, "PRNG seed for sampling")
     dtype: str = option("float32", "compute dtype (float32 | bfloat16)")
     param_dtype: str = option("float32", "parameter dtype")
+    method: str | None = option(
+        None,
+        "attention method (moa_jax.methods: dense, dense-kernel, moa, uniform, recycled, "
+        "streaming, h2o or a registered one); default: moa with --plan, recycled with "
+        "--recycle-k, else dense",
+        metavar="NAME",
+    )
+    method_opt: list[str] = option(
+        [],
+        "an option of the method (repeatable), e.g. k=2048 or recycled.stride=none",
+        action="append",
+        metavar="[METHOD.]KEY=VALUE",
+    )
     plan: str | None = option(
         None,
         "MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
-        "'streaming:WINDOW[:SINK]'; default: plain dense attention",
+        "'streaming:WINDOW[:SINK]' (alone: --method moa); default: plain dense attention",
     )
     recycle_k: int | None = option(
         None,
         "Recycled Attention decoding with this many recycled tokens per layer "
-        "and KV head (default: off)",
+        "and KV head (--method recycled --method-opt k=K; default: off)",
     )
-    recycle_stride: int = option(
-        10,
+    recycle_stride: int | None = option(
+        None,
         "full attention every S decode steps (with --recycle-threshold: the "
-        "query check interval); 0 = never refresh (SnapKV)",
+        "query check interval); 0 = never refresh (SnapKV); default 10 (recycled.stride)",
     )
     recycle_threshold: float | None = option(
         None,
         "dynamic schedule: refresh a layer when the cosine of its query with the "
-        "last full step's is at or below this (e.g. 0.85)",
+        "last full step's is at or below this (e.g. 0.85) (recycled.threshold)",
     )
     prefill_plan: str | None = option(
-        None, "with --recycle-k: MoA plan (same forms as --plan) for the prefill"
+        None,
+        "with --recycle-k: MoA plan (same forms as --plan) for the prefill (recycled.prefill=plan)",
     )
     max_cache_len: int | None = option(
         None, "KV cache capacity in tokens (default: prompt + new tokens)"
@@ -96,51 +121,72 @@ class GenerateConfig:
     )
 
 
-def plan_spec(config: GenerateConfig) -> str | None:
-    """The plan spec (--plan, or with --recycle-k the prefill's --prefill-plan); flags that do
-    not go together, or Recycled Attention settings that cannot work, are a usage error."""
-    if config.recycle_k is None:
-        if config.prefill_plan is not None or config.recycle_threshold is not None:
-            raise SystemExit("--prefill-plan and --recycle-threshold need --recycle-k")
-        return config.plan
-    from moa_jax.models.recycled_attention import RecycleConfig
-
-    if config.plan is not None:
-        raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")
+def method_choice(config: GenerateConfig) -> tuple[str, dict[str, str], str | None]:
+    """(method name, its options as text, plan spec) from --method, the alias flags (--plan,
+    --recycle-k, --recycle-stride, --recycle-threshold, --prefill-plan) and --method-opt,
+    which wins over the aliases. Flags that do not go together, or Recycled Attention settings
+    that cannot work, are a usage error."""
+    recycled = config.recycle_k is not None or config.method == "recycled"
+    method = config.method or (
+        "recycled" if recycled else "moa" if config.plan is not None else "dense"
+    )
+    if config.recycle_k is not None and method != "recycled":
+        raise SystemExit(f"--recycle-k is Recycled Attention's K: not for --method {method}")
+    if method not in METHODS:
+        raise SystemExit(f"unknown --method {method!r}; methods: {sorted(METHODS)}")
+    options: dict[str, str] = {}
+    spec = config.plan
+    if not recycled:
+        if (
+            config.prefill_plan is not None
+            or config.recycle_threshold is not None
+            or config.recycle_stride is not None
+        ):
+            raise SystemExit(
+                "--prefill-plan, --recycle-stride and --recycle-threshold need --recycle-k "
+                "(or --method recycled)"
+            )
+    else:
+        if config.plan is not None and config.recycle_k is not None:
+            raise SystemExit("--plan with --recycle-k: use --prefill-plan for a MoA prefill")
+        if config.recycle_k is not None:
+            try:
+                stride = 10 if config.recycle_stride is None else config.recycle_stride
+                RecycleConfig(config.recycle_k, stride or None, config.recycle_threshold)
+            except ValueError as e:
+                raise SystemExit(f"bad Recycled Attention flags: {e}") from None
+            options["k"] = str(config.recycle_k)
+        if config.recycle_stride is not None:
+            options["stride"] = str(config.recycle_stride)
+        if config.recycle_threshold is not None:
+            options["threshold"] = str(config.recycle_threshold)
+        spec = config.prefill_plan if config.prefill_plan is not None else config.plan
+        if spec is not None:
+            options["prefill"] = "plan"
     try:
-        RecycleConfig(config.recycle_k, config.recycle_stride or None, config.recycle_threshold)
+        given = split_method_options(config.method_opt, default_method=method)
     except ValueError as e:
-        raise SystemExit(f"bad Recycled Attention flags: {e}") from None
-    return config.prefill_plan
+        raise SystemExit(str(e)) from None
+    others = sorted(set(given) - {method})
+    if others:
+        raise SystemExit(f"--method-opt for {others}, but the method is {method!r}")
+    extra = given.get(method, {})
+    return method, {**options, **extra}, spec
 
 
 def attention_backend(
     config: GenerateConfig, cfg: ModelConfig, plan: Plan | None, length: int
 ) -> AttentionBackend:
-    """The run's attention, from the method registry (`moa_jax.methods`): Recycled Attention
-    decoding (--recycle-k; its prefill part the plan's, else dense), the MoA plan (--plan), or
-    dense; `length` is the cache length the plan is resolved at."""
-    from moa_jax.methods import AttentionConfig, build_attention
-
-    options: dict[str, str] = {}
-    if config.recycle_k is not None:
-        method = "recycled"
-        options = {
-            "recycled.k": str(config.recycle_k),
-            "recycled.s": str(config.recycle_stride or None),
-            "recycled.prefill": "dense" if plan is None else "plan",
-        }
-        if config.recycle_threshold is not None:
-            options["recycled.threshold"] = str(config.recycle_threshold)
-    else:
-        method = "dense" if plan is None else "moa"
+    """The run's attention from the method registry (`moa_jax.methods`), its options parsed
+    here once; `length` is the cache length a plan is resolved at."""
+    method, settings, _ = method_choice(config)
+    options = parse_method_options({method: settings})
     ac = AttentionConfig(config=cfg, plan=plan, impl="native", options=options)
     return build_attention(method, ac, length)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_config(GenerateConfig, argv, prog=PROG, description=DESCRIPTION)
-    from moa_jax.models.registry import load_config, load_model
 
     # Several processes (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, or a
     # TPU pod, SLURM, Open MPI): every process runs the same command; process 0 prints and
@@ -151,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if lead:
         setup_logging()
 
-    spec = plan_spec(config)
+    method, settings, spec = method_choice(config)
+    parse_method_options({method: settings})  # a bad option fails before the weights load
     prompts_text = config.prompt or ["Write one sentence about the sea."]
     if any(not t.strip() for t in prompts_text):
         raise ValueError("--prompt is empty")
@@ -159,14 +206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p)
     # cheap checks first: the plan against the model's config, before the weights are read
-    cfg = load_config(config.model)
+    cfg = registry.load_config(config.model)
     plan = None
     if spec is not None:
-        from moa_jax.plan import Plan
-
-        plan = Plan.from_spec(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
+        plan = Plan.load(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
+    why = METHODS[method].unavailable(AttentionConfig(config=cfg, plan=plan))
+    if why is not None:
+        raise ValueError(f"--method {method} cannot run: {why}")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(config.model, dtype=config.dtype, param_dtype=config.param_dtype)
+    model, tokenizer = registry.load_model(
+        config.model, dtype=config.dtype, param_dtype=config.param_dtype
+    )
     if tokenizer is None:
         raise SystemExit(f"model {config.model!r} has no tokenizer; pass token ids via the API")
     logger.info(f"loaded {config.model} in {time.perf_counter() - t0:.1f}s")
@@ -180,9 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     # the length generate() resolves a plan at: the cache (padded prompt + new tokens)
     n = config.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + config.max_new_tokens
-    attention = attention_backend(config, cfg, plan, n)
     if plan is not None:
         logger.info(plan.summary(n))
+    attention = attention_backend(config, cfg, plan, n)
 
     stream: list[int] = []
     printed = [0]
@@ -197,8 +247,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     mesh = None
     if config.mesh:
-        from moa_jax.parallel import MeshConfig, make_mesh
-
         mesh = make_mesh(MeshConfig.parse(config.mesh))
     t0 = time.perf_counter()
     out = generate(

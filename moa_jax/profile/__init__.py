@@ -35,8 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from moa_jax.cli import option
+from moa_jax.corpora import load_corpus
+from moa_jax.models.registry import load_model
+from moa_jax.parallel import MeshConfig, make_mesh
+from moa_jax.profile import outputs, steps
 from moa_jax.search.estimators import ESTIMATORS
+from moa_jax.search.rules import scaled_grid
 
 logger = logging.getLogger(__name__)
 
@@ -203,13 +210,6 @@ def _model_slug(name: str) -> str:
 
 def run(config: ProfileConfig) -> dict[str, Any]:
     """The whole pipeline; returns the report dict (also written to report.json)."""
-    import jax
-
-    from moa_jax.corpora import load_corpus
-    from moa_jax.models.registry import load_model
-    from moa_jax.profile import outputs, steps
-    from moa_jax.search.rules import scaled_grid
-
     config = config.resolved()
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -228,8 +228,6 @@ def run(config: ProfileConfig) -> dict[str, Any]:
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
     mesh = None
     if config.mesh:
-        from moa_jax.parallel import MeshConfig, make_mesh
-
         mesh = make_mesh(MeshConfig.parse(config.mesh))
     # the folder is made once the corpus and the model have loaded (a bad input leaves none)
     docs = load_corpus(config.corpus, text_field=config.text_field)

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from moa_jax.files import atomic_write_text
+from moa_jax.plan import Plan
 from moa_jax.profile.steps import Calibration, Search, model_config_dict
 from moa_jax.search.estimators import ESTIMATORS
+from moa_jax.search.influence_profile import InfluenceProfile
+from moa_jax.search.rules import RuleGrid
 
-if TYPE_CHECKING:
-    from moa_jax.plan import Plan
+if TYPE_CHECKING:  # a type only: the package imports this module
     from moa_jax.profile import ProfileConfig
-    from moa_jax.search.influence_profile import InfluenceProfile
-    from moa_jax.search.rules import RuleGrid
 
 
 def _window_estimate(profile, window: int, estimator: str) -> float | None:
@@ -185,7 +185,7 @@ def plots(
     val_n,
     dens_val,
 ) -> list[str]:
-    import matplotlib
+    import matplotlib  # here: importing matplotlib takes a second, and only the figures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,14 +13,19 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from moa_jax.corpora import cache_dir
+from moa_jax.plan import Plan
+from moa_jax.search import calibration as cal
+from moa_jax.search import sensitivity
+from moa_jax.search.answer_loss import make_batches
 from moa_jax.search.estimators import FAST_PATH_ESTIMATORS, ROWS_ONLY_ESTIMATORS
+from moa_jax.search.influence_profile import InfluenceProfile
+from moa_jax.search.optimize import SearchProblem, Solution, epsilon_sweep, pareto_front
+from moa_jax.search.rules import RuleGrid
+from moa_jax.search.validate import measure_plans, pick_best
 
-if TYPE_CHECKING:
-    from moa_jax.plan import Plan
+if TYPE_CHECKING:  # a type only: the package imports this module
     from moa_jax.profile import ProfileConfig
-    from moa_jax.search.optimize import SearchProblem, Solution
-    from moa_jax.search.influence_profile import InfluenceProfile
-    from moa_jax.search.rules import RuleGrid
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +80,6 @@ def calibrate(
 ) -> Calibration:
     """Calibration items at every profile length and held-out items at the validation length:
     long documents with the dense model's own greedy answers, cached on disk (resumable)."""
-    from moa_jax.corpora import cache_dir
-    from moa_jax.search import calibration as cal
 
     progress = not config.no_progress
     # held-out documents are set aside even with --no-validate, so the calibration set (and
@@ -152,7 +155,6 @@ def calibrate(
 # --------------------------------------------------------------------------------- profiling
 def uniform_baseline(config: ProfileConfig, cfg, grid: RuleGrid) -> Plan:
     """One rule for every head at the budget density (alpha 0, beta d) with the run's sinks."""
-    from moa_jax.plan import Plan
 
     return Plan(
         alphas=np.zeros((cfg.num_layers, cfg.num_heads)).tolist(),
@@ -177,8 +179,6 @@ def profile(
     """Influence profiles (jax.grad) at each profile length, saved per length in `pdir` and
     resumed from there; a cached profile without the sums `--estimator` needs is profiled
     again, keeping the sums it had."""
-    from moa_jax.search.influence_profile import InfluenceProfile
-    from moa_jax.search.sensitivity import profile_items
 
     if mesh is not None:
         logger.info(f"profiling on a {dict(mesh.shape)} mesh of {mesh.devices.size} devices")
@@ -227,7 +227,7 @@ def profile(
         if prof is not None and prof.count >= len(calib.items[n]):
             logger.info(f"N={n}: profile loaded from {path}")
         else:
-            prof = profile_items(
+            prof = sensitivity.profile_items(
                 model,
                 calib.items[n],
                 n,
@@ -276,7 +276,6 @@ def search(
 ) -> Search:
     """A HiGHS MILP per objective under the density budget, epsilon-constraint sweep, the
     non-dominated set; every candidate's plan is written to `cdir`."""
-    from moa_jax.search.optimize import SearchProblem, epsilon_sweep, pareto_front
 
     dlen = (
         config.density_lengths if config.density_lengths is not None else [config.validation_length]
@@ -327,9 +326,6 @@ def validate(
     """(measured answer losses by name, the chosen candidate): the dense model, the uniform
     baseline and the spread candidates on the held-out items; with --no-validate nothing is
     measured and the candidate with the lowest summed (per-length normalised) estimate wins."""
-    from moa_jax.plan import Plan
-    from moa_jax.search.answer_loss import make_batches
-    from moa_jax.search.validate import measure_plans, pick_best
 
     cfg = model.config
     measured: dict[str, np.ndarray] = {}

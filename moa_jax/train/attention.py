@@ -7,8 +7,11 @@
   rows of `prefix_len + tail_len` tokens, the last `tail_len` see the `top_k` tokens selected per
   layer and KV head plus the tail. `refresh_stride > 0` uses the decoder's fixed schedule instead
   (a full row every `refresh_stride` tail tokens).
-- `moa`: an MoA plan (`plan`: a file or `streaming:W:S`) through `MoAAttention`, i.e. the
-  block-sparse Pallas kernel with its custom backward.
+- `moa`: an MoA plan (`plan`: a file, 'dense' or `streaming:W:S`, read by `Plan.load`) through
+  `MoAAttention`, i.e. the block-sparse Pallas kernel with its custom backward.
+
+`--method NAME` is the same as `--attention NAME`; any registered method with a training form
+(`Method.train`) can be chosen.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 from moa_jax.config import ModelConfig
+from moa_jax.methods import AttentionConfig, TrainAttentionConfig, build_train_attention
 from moa_jax.models.attention import AttentionBackend
+from moa_jax.plan import Plan
 from moa_jax.train.config import TrainConfig
 
 
@@ -30,8 +35,6 @@ def make_attention(
 ) -> AttentionBackend:
     """The training attention for model `mc` (or an evaluation variant with another K /
     stride), built by the method registry (`moa_jax.methods.build_train_attention`)."""
-    from moa_jax.methods import AttentionConfig, TrainAttentionConfig, build_train_attention
-
     tc = TrainAttentionConfig(
         impl=cfg.attention_impl,
         segments=cfg.packing == "segments",
@@ -49,10 +52,8 @@ def make_attention(
 
 def load_plan(cfg: TrainConfig, mc: ModelConfig):
     """The MoA plan of the config, checked against the model."""
-    from moa_jax.plan import Plan
-
     try:
-        return Plan.from_spec(cfg.plan, mc.num_layers, mc.num_heads).validate(mc)
+        return Plan.load(cfg.plan, mc.num_layers, mc.num_heads).validate(mc)
     except FileNotFoundError as e:
         raise ValueError(f"plan {cfg.plan!r}: {e}") from None
 

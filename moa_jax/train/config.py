@@ -22,9 +22,11 @@ from jax.sharding import Mesh
 from moa_jax.cli import option
 from moa_jax.cli import parse_config as parse_typed_config
 from moa_jax.config import parse_dtype
+from moa_jax.methods import trainable
 from moa_jax.train.data import PACKINGS
 
-ATTENTIONS = ("dense", "recycled", "moa")
+# the registered methods with a training form (`moa_jax.methods`)
+ATTENTIONS = tuple(trainable())
 SCHEDULES = ("cosine", "linear", "constant")
 
 PROG = "python -m moa_jax.train"
@@ -43,7 +45,13 @@ class TrainConfig:
     dtype: str = option("float32", "compute dtype (bfloat16 for mixed precision)")
     param_dtype: str = option("float32", "dtype of the master weights and optimizer state")
     # --- attention ---
-    attention: str = option("dense", f"training attention: {' | '.join(ATTENTIONS)}")
+    attention: str = option(
+        "dense",
+        f"training attention: a method with a training form ({' | '.join(ATTENTIONS)})",
+    )
+    method: str | None = option(
+        None, "the same as --attention (the name every command takes); sets attention"
+    )
     attention_impl: str = option(
         "auto",
         "kernel of full causal blocks: auto | reference | xla | "
@@ -184,7 +192,12 @@ RESUME_KEYS = (
 
 def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """TrainConfig from argv (`--config FILE.yaml` plus flags); unknown YAML keys are an error."""
-    return parse_typed_config(TrainConfig, argv, prog=PROG, description=DESCRIPTION)
+    cfg = parse_typed_config(TrainConfig, argv, prog=PROG, description=DESCRIPTION)
+    if cfg.method is not None:
+        if cfg.method != cfg.attention and cfg.attention != "dense":
+            raise ValueError(f"--method {cfg.method} and attention {cfg.attention} disagree")
+        cfg = dataclasses.replace(cfg, attention=cfg.method, method=None)
+    return cfg
 
 
 def validate_config(cfg: TrainConfig) -> None:
@@ -195,7 +208,8 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(msg)
 
     need(
-        cfg.attention in ATTENTIONS, f"attention must be one of {ATTENTIONS}, got {cfg.attention!r}"
+        cfg.attention in trainable(),
+        f"attention must be one of {tuple(trainable())}, got {cfg.attention!r}",
     )
     need(cfg.packing in PACKINGS, f"packing must be one of {PACKINGS}, got {cfg.packing!r}")
     need(cfg.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
