@@ -12,7 +12,7 @@ from flax import nnx
 
 from moa_jax.generate import generate, recycled_backend
 from moa_jax.generate.__main__ import main as generate_main
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
@@ -116,7 +116,7 @@ def test_dynamic_extremes_equal_fixed_schedules(runs):
 
 # ------------------------------------------------------------------------------ SnapKV oracle
 @dataclasses.dataclass(frozen=True)
-class SnapKVRecompute(AttentionBackend):
+class SnapKVRecompute(Attention):
     """Oracle without a cache: the whole sequence recomputed, one row whose prompt is
     prompt_len tokens. Prompt queries attend causally (or under the plan's windows); a
     generated query at position i attends to the K prompt tokens that the last prompt token's
@@ -128,10 +128,7 @@ class SnapKVRecompute(AttentionBackend):
     pool: int = 7
     plan: Plan | None = None
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         b, t, h, d = q.shape
         hkv = k.shape[2]
         g = h // hkv
@@ -161,7 +158,7 @@ class SnapKVRecompute(AttentionBackend):
         gen = (pos[None, :] >= n0) & (pos[None, :] <= pos[:, None])  # [T, S]
         gen_mask = jnp.repeat(sel | gen[None, None], g, axis=1)  # [B, H, T, S]
         mask = jnp.where((pos >= n0)[None, None, :, None], gen_mask, prompt_mask)
-        return mha_reference(q, k, v, mask), None
+        return mha_reference(q, k, v, mask)
 
 
 def recompute_greedy(model, prompt, n, oracle):
@@ -220,8 +217,8 @@ def test_recycle_argument_and_cli_flags():
     b = recycled_backend(
         MoAAttention(Plan.uniform(2, 4, window=8), block_q=16), RecycleConfig(k=8, stride=4)
     )
-    assert isinstance(b, RecycledAttention) and b.prefill.plan == Plan.uniform(2, 4, window=8)
-    assert b.prefill.block_q == 16
+    assert isinstance(b, RecycledAttention) and b.prefill_moa.plan == Plan.uniform(2, 4, window=8)
+    assert b.prefill_moa.block_q == 16
     assert recycled_backend(DenseAttention(), None) == DenseAttention()
     with pytest.raises(ValueError, match="composes with"):
         recycled_backend(StreamingAttention(8), RecycleConfig(k=8, stride=4))

@@ -149,6 +149,7 @@ def test_remat_gives_the_same_step_and_recomputes():
             jnp.zeros((1, 1), jnp.int32),
             DenseAttention().init_cache(model.config, 1, 4),
             DenseAttention(),
+            mode="prefill",
             remat=True,
         )
 

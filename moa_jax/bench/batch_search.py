@@ -123,7 +123,7 @@ def largest_batch(
 
     def nbytes(b):
         shapes = jax.eval_shape(lambda: attention.init_cache(cfg, b, cache_len, jnp.bfloat16))
-        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+        return sum(c.nbytes for c in shapes)
 
     per_row = (nbytes(2) - nbytes(1)) * (1 + 1 / cfg.num_layers)
     free = st["bytes_limit"] - st.get("bytes_in_use", 0) - GIB

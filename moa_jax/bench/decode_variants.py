@@ -53,7 +53,7 @@ def variants(config: DecodeConfig) -> list[Variant]:
 
 
 def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
-    """The `AttentionBackend` of a JAX variant for caches of `cache_len` slots, built by the
+    """The `Attention` of a JAX variant for caches of `cache_len` slots, built by the
     method registry (`moa_jax.methods`) with the library's kernels (impl 'native')."""
     from moa_jax.methods import AttentionConfig, build_attention
 

@@ -42,7 +42,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.cli import atomic_write_text, option, parse_config, setup_logging
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
 
@@ -56,22 +56,21 @@ log = logging.getLogger("moa_jax.eval.heads")
     meta_fields=("q_chunk",),
 )
 @dataclasses.dataclass(frozen=True)
-class NeedleMassAttention(AttentionBackend):
+class NeedleMassAttention(Attention):
     """Dense causal attention that also returns, per query head, the attention mass the query
     rows `rows` int [B, A] (weights `row_w` [B, A]) put on the keys `key_mask` bool [B, N]:
-    its second output (where a cache would be) is mass [B, H]."""
+    its `probe` is mass [B, H]."""
 
     q_chunk: int = 512
     rows: jax.Array | None = None
     row_w: jax.Array | None = None
     key_mask: jax.Array | None = None
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError("NeedleMassAttention scores whole sequences (no KV cache)")
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        return chunked_attention(q, k, v, positions, q_chunk=self.q_chunk)
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+    def probe(self, q, k, v, *, layer, positions):
         rows, row_w, key_mask = self.rows, self.row_w, self.key_mask
-        out = chunked_attention(q, k, v, positions, q_chunk=self.q_chunk)
         b, n, h, d = q.shape
         g = h // k.shape[2]
         qa = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)
@@ -81,7 +80,7 @@ class NeedleMassAttention(AttentionBackend):
         probs = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1)
         mass = jnp.sum(jnp.where(key_mask[:, None, None, :], probs, 0.0), axis=-1)  # [B,H,A]
         mass = (mass * row_w[:, None, :]).sum(-1) / jnp.maximum(row_w.sum(-1), 1.0)[:, None]
-        return out, mass
+        return mass
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.parallel import (
     batch_sharding,
@@ -98,6 +98,7 @@ def _generate_impl(
         attention,
         logits_at=lengths - 1,
         lengths=lengths,
+        mode="prefill",
         layer_stack=stack,
     )
     key, sub = jax.random.split(key)
@@ -120,6 +121,7 @@ def _generate_impl(
             cache,
             attention,
             logits_at=jnp.zeros_like(pos),
+            mode="decode",
             layer_stack=stack,
         )
         key, sub = jax.random.split(key)
@@ -160,7 +162,7 @@ def generate(
     key: jax.Array | None = None,
     stop_ids: Sequence[int] | None = None,
     pad_id: int | None = None,
-    attention: AttentionBackend = DenseAttention(),
+    attention: Attention = DenseAttention(),
     max_cache_len: int | None = None,
     on_token: Callable[[np.ndarray], Any] | None = None,
     mesh: Mesh | None = None,
@@ -272,15 +274,13 @@ CACHE_MEMORY_SHARE = 0.8
 
 
 def _cache_bytes_per_device(
-    attention: AttentionBackend, cfg, batch: int, cache_len: int, dtype, mesh=None
+    attention: Attention, cfg, batch: int, cache_len: int, dtype, mesh=None
 ) -> int:
     """Bytes of the backend's KV cache on one device (its shard of every leaf on `mesh`)."""
     shapes = jax.eval_shape(lambda: attention.init_cache(cfg, batch, cache_len, dtype))
-    leaves = jax.tree.leaves(shapes)
     if mesh is None:
-        return sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)
-    from moa_jax.parallel import cache_shardings
-
+        return sum(c.nbytes for c in shapes)
+    leaves = jax.tree.leaves(shapes)
     shards = jax.tree.leaves(cache_shardings(shapes, mesh))
     return sum(
         int(np.prod(sh.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
@@ -289,7 +289,7 @@ def _cache_bytes_per_device(
 
 
 def _check_cache_fits(
-    attention: AttentionBackend, cfg, batch: int, cache_len: int, dtype, mesh=None
+    attention: Attention, cfg, batch: int, cache_len: int, dtype, mesh=None
 ) -> None:
     """Raises before allocation when the backend's KV cache (each device's shard of it on a
     mesh) cannot fit in the free memory of the fullest device, naming the largest batch (and
@@ -318,7 +318,7 @@ def _check_cache_fits(
     )
 
 
-def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> AttentionBackend:
+def _dense_if_plan_keeps_all(attention: Attention, cache_len: int) -> Attention:
     """A MoA plan that keeps every token at this cache length is dense attention: run the dense
     path (the span cache and block-sparse kernels would only add work) and say so."""
     from moa_jax.models.moa_attention import MoAAttention
@@ -333,7 +333,7 @@ def _dense_if_plan_keeps_all(attention: AttentionBackend, cache_len: int) -> Att
     return attention
 
 
-def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> AttentionBackend:
+def recycled_backend(attention: Attention, recycle: Any | None) -> Attention:
     """`attention` with Recycled Attention decoding when `recycle` (a RecycleConfig) is given:
     a dense backend becomes `RecycledAttention(recycle)`, a `MoAAttention` becomes its prefill
     part (the MoA plan's windows for the prompt) while the full cache stays dense."""
@@ -349,7 +349,7 @@ def recycled_backend(attention: AttentionBackend, recycle: Any | None) -> Attent
     if isinstance(attention, MoAAttention):  # the prefill part; the decode kernels' options
         return RecycledAttention(
             recycle,
-            prefill=attention,
+            prefill_moa=attention,
             kernel_backend=attention.kernel_backend,
             interpret=attention.interpret,
         )

@@ -21,7 +21,7 @@ import numpy as np
 
 from moa_jax.cli import enable_compilation_cache, option, parse_config, run, setup_logging
 from moa_jax.generate import encode_prompt, generate, pad_prompts
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.parallel import initialize_distributed
 from moa_jax.sampling import SamplingConfig
 
@@ -115,7 +115,7 @@ def plan_spec(config: GenerateConfig) -> str | None:
 
 def attention_backend(
     config: GenerateConfig, cfg: ModelConfig, plan: Plan | None, length: int
-) -> AttentionBackend:
+) -> Attention:
     """The run's attention, from the method registry (`moa_jax.methods`): Recycled Attention
     decoding (--recycle-k; its prefill part the plan's, else dense), the MoA plan (--plan), or
     dense; `length` is the cache length the plan is resolved at."""

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama
 
 
@@ -120,7 +120,7 @@ def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attentio
 def answer_losses(
     model: Llama,
     batches: Sequence[Batch],
-    attention: AttentionBackend,
+    attention: Attention,
     progress: bool = False,
     desc: str = "answer loss",
 ) -> np.ndarray:

@@ -61,7 +61,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.search.answer_loss import Batch, answer_nll, make_batches, row_positions
@@ -85,7 +85,7 @@ from moa_jax.search.influence_profile import BLOCK, InfluenceProfile
     ),
 )
 @dataclasses.dataclass(frozen=True)
-class InfluenceAttention(AttentionBackend):
+class InfluenceAttention(Attention):
     """Dense causal attention with zero probes whose gradients are the layer's influence sums.
 
     The configuration fields are static; each layer's backend (`with_probes`) holds that
@@ -133,10 +133,7 @@ class InfluenceAttention(AttentionBackend):
         """This backend for one layer: its zero probes and the answer rows (class docstring)."""
         return dataclasses.replace(self, probes=tuple(probes), rows=tuple(rows))
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError("InfluenceAttention is for single forward/backward passes")
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         if self.probes is None:
             raise ValueError("InfluenceAttention runs a layer given its probes (`with_probes`)")
         if self.token:
@@ -152,9 +149,9 @@ class InfluenceAttention(AttentionBackend):
                 self.key_groups,
                 self.windows,
             )
-            return out, None
+            return out
         out = self._dense(q, k, v, positions)
-        return answer_tap(out, q, k, v, *self.probes, *self.rows, self.sink), None
+        return answer_tap(out, q, k, v, *self.probes, *self.rows, self.sink)
 
     def _dense(self, q, k, v, positions):
         kernel = self.kernel

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
@@ -41,7 +41,7 @@ from moa_jax.search.answer_loss import Batch, answer_losses, answer_nll, row_pos
     jax.tree_util.register_dataclass, data_fields=("windows", "sinks"), meta_fields=("q_chunk",)
 )
 @dataclasses.dataclass(frozen=True)
-class WindowArgAttention(AttentionBackend):
+class WindowArgAttention(Attention):
     """One layer's window + sink attention, its windows and sinks int [H] given as arrays (a
     pytree: the layers run as one scan over their stacked backends, and a new plan's arrays
     need no new compilation)."""
@@ -51,14 +51,10 @@ class WindowArgAttention(AttentionBackend):
     sinks: jax.Array | None = None
     layer_uniform = True  # the layer's windows are its own fields; `layer` is not read
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError("WindowArgAttention scores whole sequences (no KV cache)")
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
-        out = chunked_attention(
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        return chunked_attention(
             q, k, v, positions, windows=self.windows, sinks=self.sinks, q_chunk=self.q_chunk
         )
-        return out, None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layer_graphdef", "q_chunk"))

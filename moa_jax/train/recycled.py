@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.recycled_attention import select_top_k
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 
@@ -111,7 +111,7 @@ def segment_ids_from_positions(positions: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainDenseAttention(AttentionBackend):
+class TrainDenseAttention(Attention):
     """Full causal attention for training and evaluation without a cache.
 
     Args:
@@ -128,16 +128,9 @@ class TrainDenseAttention(AttentionBackend):
         if self.impl not in _IMPLS:
             raise ValueError(f"attention impl must be one of {_IMPLS}, got {self.impl!r}")
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError(
-            "TrainDenseAttention is for training (no cache); use DenseAttention to generate"
-        )
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is not None:
-            raise ValueError("TrainDenseAttention takes no cache (training / scoring only)")
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         if not self.segments:
-            return causal_attention(q, k, v, self.impl), None
+            return causal_attention(q, k, v, self.impl)
         seg = segment_ids_from_positions(positions)
         idx = jnp.arange(q.shape[1], dtype=jnp.int32)
         mask = (idx[None, None, :, None] >= idx[None, None, None, :]) & (
@@ -145,8 +138,8 @@ class TrainDenseAttention(AttentionBackend):
         )
         impl = _resolve_impl(self.impl, q.dtype)
         if impl in ("reference", "pallas"):
-            return mha_reference(q, k, v, mask), None
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), None
+            return mha_reference(q, k, v, mask)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
     def attention_entries(self, seq_len: int) -> int:
         """(query, key) pairs per head of one sequence (for FLOP counts; no packing)."""
@@ -197,7 +190,7 @@ def selection_scores(q_row: jax.Array, k: jax.Array, scale: float | None = None)
 
 
 @dataclasses.dataclass(frozen=True)
-class RecycledTrainAttention(AttentionBackend):
+class RecycledTrainAttention(Attention):
     """Recycled Attention for training and teacher-forced scoring (no cache); see the module
     docstring.
 
@@ -268,12 +261,6 @@ class RecycledTrainAttention(AttentionBackend):
     def recycled_rows(self) -> int:
         return sum(n for kind, n in self.blocks if kind == "recycled")
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError(
-            "RecycledTrainAttention is the training-time form (no cache); "
-            "decode with the recycled-attention decoding backend"
-        )
-
     def attention_entries(self, seq_len: int | None = None) -> int:
         """(query, key) pairs per head of one sequence (for FLOP counts)."""
         total, start = 0, 0
@@ -290,12 +277,7 @@ class RecycledTrainAttention(AttentionBackend):
             start += n
         return total
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is not None:
-            raise ValueError(
-                "RecycledTrainAttention is training-only (cache=None); use the "
-                "recycled decoding backend to generate"
-            )
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         t = q.shape[1]
         if t != self.seq_len:
             raise ValueError(
@@ -314,7 +296,7 @@ class RecycledTrainAttention(AttentionBackend):
             else:
                 outs.append(self._recycled_block(q, k, v, start, end))
             start = end
-        return jnp.concatenate(outs, axis=1), None
+        return jnp.concatenate(outs, axis=1)
 
     def _recycled_block(self, q, k, v, start: int, end: int) -> jax.Array:
         n, r = end - start, start - 1  # rows of the block; the selecting row
@@ -414,7 +396,7 @@ def recycled_attention_reference(
 
 
 @dataclasses.dataclass(frozen=True)
-class RecycledOracleAttention(AttentionBackend):
+class RecycledOracleAttention(Attention):
     """`recycled_attention_reference` as a backend (for model-level tests of
     `RecycledTrainAttention`; O(T^2) memory)."""
 
@@ -426,12 +408,7 @@ class RecycledOracleAttention(AttentionBackend):
     def __post_init__(self):
         object.__setattr__(self, "blocks", _normalise_blocks(self.blocks))
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError("training-only oracle")
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is not None:
-            raise ValueError("RecycledOracleAttention takes no cache")
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         return recycled_attention_reference(
             q, k, v, self.blocks, self.top_k, self.pool_kernel, self.decode_eviction
-        ), None
+        )

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.parallel import logical_to_spec
 from moa_jax.train.config import TrainConfig
 from moa_jax.train.data import Batch
@@ -32,7 +32,7 @@ def loss_sums(
     graphdef: nnx.GraphDef,
     params: Any,
     batch: dict[str, jax.Array],
-    attention: AttentionBackend,
+    attention: Attention,
     tail: int = 0,
     remat: bool = False,
 ) -> dict[str, jax.Array]:
@@ -52,7 +52,7 @@ def loss_sums(
 
 def train_step_fn(
     graphdef: nnx.GraphDef,
-    attention: AttentionBackend,
+    attention: Attention,
     optimizer: optax.GradientTransformation,
     remat: bool = False,
 ):
@@ -120,7 +120,7 @@ def put_batch(batch: Batch, mesh: Mesh, lead: int) -> dict[str, jax.Array]:
 
 def get_train_step(
     graphdef: nnx.GraphDef,
-    attention: AttentionBackend,
+    attention: Attention,
     cfg: TrainConfig,
     mesh: Mesh,
     p_sh: Any,
