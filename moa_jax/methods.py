@@ -57,7 +57,9 @@ from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import Attention, DenseAttention
+from moa_jax.models.dense_attention import TrainDenseAttention
 from moa_jax.models.masked_attention import MaskedAttention
+from moa_jax.models.recycled_train_attention import RecycledTrainAttention
 from moa_jax.plan import Plan
 
 
@@ -283,8 +285,6 @@ def _dense_build(ac: AttentionConfig, length: int) -> Attention:
 
 
 def _dense_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> Attention:
-    from moa_jax.train.recycled import TrainDenseAttention
-
     return TrainDenseAttention(tc.impl, segments=tc.segments)
 
 
@@ -344,8 +344,6 @@ def _recycled(ac: AttentionConfig, length: int) -> Attention:
 
 
 def _recycled_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> Attention:
-    from moa_jax.train.recycled import RecycledTrainAttention
-
     kw = dict(pool_kernel=tc.pool_kernel, decode_eviction=tc.decode_eviction, impl=tc.impl)
     if tc.stride:
         return RecycledTrainAttention.strided(tc.prefix_len, tc.tail_len, tc.stride, tc.top_k, **kw)

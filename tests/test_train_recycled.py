@@ -9,13 +9,12 @@ from flax import nnx
 
 from moa_jax.models.llama import init_random
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
-from moa_jax.train.recycled import (
+from moa_jax.models.dense_attention import TrainDenseAttention, segment_ids_from_positions
+from moa_jax.models.recycled_train_attention import (
     RecycledOracleAttention,
     RecycledTrainAttention,
-    TrainDenseAttention,
     recycled_attention_reference,
     recycled_mask_reference,
-    segment_ids_from_positions,
 )
 
 
