@@ -111,6 +111,8 @@ def largest_batch(
     """Largest batch whose caches (plus one layer's copy while they are filled, and 1 GiB for
     the loop's temporaries) fit in the device memory not yet in use; on `mesh` the caches
     spread over every device and the batch is a multiple of the data x fsdp size."""
+    # Imported here: `moa_jax.bench.decode` imports this module at its top, and its command line
+    # (--help, the config checks) runs without loading JAX.
     import jax
     import jax.numpy as jnp
 

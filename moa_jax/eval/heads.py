@@ -41,10 +41,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.cli import atomic_write_text, option, parse_config, setup_logging
+from moa_jax.cli import atomic_write_text, option, parse_config, run, setup_logging
+from moa_jax.eval.needle import Passkey
+from moa_jax.eval.tasks import TaskContext
+from moa_jax.methods import load_plan
 from moa_jax.models.attention import Attention
 from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.models.registry import load_model
 from moa_jax.plan import Plan
+from moa_jax.search.influence_profile import InfluenceProfile
 
 # by its module name: under `python -m` __name__ is '__main__', outside the moa_jax logger
 log = logging.getLogger("moa_jax.eval.heads")
@@ -112,9 +117,6 @@ def needle_scores(
     progress: bool = True,
 ) -> dict[int, np.ndarray]:
     """{length: retrieval score float [items, L, H]} on passkey items (see module docstring)."""
-    from moa_jax.eval.needle import Passkey
-    from moa_jax.eval.tasks import TaskContext
-
     task = Passkey()
     ctx = TaskContext(tokenizer, chat=chat, corpus=corpus)
     graphdef, state = nnx.split(model)
@@ -242,6 +244,7 @@ def compare(
 
 
 def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -> str:
+    # Imported here: matplotlib takes about a second to load and only the figure needs it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,11 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m moa_jax.eval.heads"
     cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__)
     setup_logging()
-
-    from moa_jax.methods import load_plan
-    from moa_jax.models.registry import load_model
-    from moa_jax.search.influence_profile import InfluenceProfile
-
     plan = load_plan(cfg.plan) if cfg.plan else None
     profiles = {}
     if cfg.profile_dir:
@@ -365,6 +363,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from moa_jax.cli import run as _run
-
-    raise SystemExit(_run(main))
+    raise SystemExit(run(main))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from moa_jax.models.attention import Attention, DenseAttention
@@ -251,8 +252,6 @@ def generate(
             scan_layers=scan_layers,
         )
     if not out.is_fully_addressable:  # a mesh over several processes: every one gets all
-        from jax.experimental import multihost_utils
-
         out, n = multihost_utils.process_allgather((out, n), tiled=True)
     return GenerateOutput(np.asarray(out), np.asarray(n))
 

@@ -64,6 +64,8 @@ from tqdm.auto import tqdm
 from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
+from moa_jax.parallel import batch_sharding, param_shardings
 from moa_jax.search.answer_loss import Batch, answer_nll, make_batches, row_positions
 from moa_jax.search.influence import answer_tap, attention_with_influence, influence_rows
 from moa_jax.search.influence_profile import BLOCK, InfluenceProfile
@@ -158,8 +160,6 @@ class InfluenceAttention(Attention):
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "jnp"
         if kernel == "pallas":  # (interpret mode off GPU / TPU)
-            from moa_jax.pallas_kernels.head_sharding import sparse_attention_on_mesh
-
             h, n = q.shape[2], k.shape[1]
             # bfloat16 operands: the kernel's float32 (HIGHEST precision) backward took 603 ms
             # against 13 ms for SmolLM2's shapes at 8k, batch 4, on an H200
@@ -258,8 +258,6 @@ def _split(model: Llama, mesh=None):
     """(graphdef, state) of the model, the state sharded over `mesh` when given."""
     graphdef, state = nnx.split(model)
     if mesh is not None:
-        from moa_jax.parallel import param_shardings
-
         state = jax.device_put(state, param_shardings(state, mesh))
     return graphdef, state
 
@@ -331,8 +329,6 @@ def _profile_split(
         qc -= block
     arrays = batch.arrays()
     if mesh is not None:
-        from moa_jax.parallel import batch_sharding
-
         arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
     attention = InfluenceAttention(
         sink=sink,

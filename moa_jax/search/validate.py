@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.plan import Plan
 from moa_jax.search.answer_loss import Batch, answer_losses, answer_nll, row_positions
 
@@ -106,8 +107,6 @@ def plan_losses(
     """Per-item answer loss with `plan` resolved at `length` (dense: `Plan.dense`)."""
     plan.validate(model.config)
     if _resolve_backend(backend) == "moa":
-        from moa_jax.models.moa_attention import MoAAttention
-
         return answer_losses(model, batches, MoAAttention(plan, length=length))
     graphdef, state = nnx.split(model)
     layer_graphdef, layer_state = stack_layers(model)
