@@ -95,7 +95,7 @@ def _needle_mass(graphdef, state, tokens, rows, row_w, key_mask, *, attention):
     b, n = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     attention = dataclasses.replace(attention, rows=rows, row_w=row_w, key_mask=key_mask)
-    _, masses = model.hidden_states(tokens, positions, attention=attention)
+    _, masses = model.hidden_states(tokens, positions, attention=attention, mode="stateless")
     return jnp.stack(masses, axis=1)
 
 

@@ -58,7 +58,7 @@ def target_logprobs(
     model: Llama = nnx.merge(graphdef, state)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = model.hidden_states(tokens, positions, attention=attention)
+    hidden, _ = model.hidden_states(tokens, positions, attention=attention, mode="stateless")
     logits = model.logits(hidden, at=at)
     logp = jax.nn.log_softmax(logits, axis=-1)
     tgt = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[:, :, 0]

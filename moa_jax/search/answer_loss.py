@@ -113,7 +113,9 @@ def answer_nll(
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
 def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention):
     model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden_states(tokens, row_positions(*tokens.shape), attention=attention)
+    hidden, _ = model.hidden_states(
+        tokens, row_positions(*tokens.shape), attention=attention, mode="stateless"
+    )
     return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
 
 

@@ -235,6 +235,7 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
             tokens,
             row_positions(b, t),
             attention=per_layer,
+            mode="stateless",
             remat=remat,
             layer_stack=stack_layers(model),
         )

@@ -82,6 +82,7 @@ def _window_losses(
         tokens,
         row_positions(*tokens.shape),
         attention=attention,
+        mode="stateless",
         layer_stack=(layer_graphdef, layer_state),
     )
     return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)

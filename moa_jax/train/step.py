@@ -39,7 +39,9 @@ def loss_sums(
     """Summed next-token NLL and token counts of a batch ([B, T] arrays); `tail` > 0 also sums
     over the last `tail` positions only; `remat` recomputes layers in the backward pass."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], None, attention, remat=remat)
+    logits, _ = model(
+        batch["inputs"], batch["positions"], None, attention, mode="stateless", remat=remat
+    )
     logz = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     nll = (logz - tgt) * batch["loss_mask"]
