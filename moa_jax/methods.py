@@ -2,7 +2,7 @@
 
 A method is a name plus a builder: `build_attention(name, AttentionConfig(...), length)` returns
 the backend for prompts + generations of up to `length` tokens, already placed on
-`AttentionConfig.mesh` (every backend honours the mesh the same way: `AttentionBackend.on_mesh`).
+`AttentionConfig.mesh` (every backend honours the mesh the same way: `Attention.on_mesh`).
 Each backend has a prefill part (how a prompt chunk is attended: the jnp oracle, the Pallas
 block-sparse kernel with a MoA plan's windows, or exact masks) and a decode part that owns its
 cache type (`init_cache`; `Method.cache` names it). Training forms of the methods are built by
@@ -62,14 +62,15 @@ from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
 from moa_jax.errors import ConfigError
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import Attention, DenseAttention
+from moa_jax.models.dense_attention import TrainDenseAttention
 from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.head_major_attention import FullCacheAttention
 from moa_jax.models.masked_attention import MaskedAttention
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
+from moa_jax.models.recycled_train_attention import RecycledTrainAttention
 from moa_jax.plan import Plan
-from moa_jax.train.recycled import RecycledTrainAttention, TrainDenseAttention
 
 
 # ----------------------------------------------------------------------------- plans
@@ -378,7 +379,7 @@ class AttentionConfig:
             num_splits=self.num_splits,
         )
 
-    def backend_for_plan(self, plan: Plan, length: int) -> AttentionBackend:
+    def backend_for_plan(self, plan: Plan, length: int) -> Attention:
         """`plan` resolved at `length`: exact masks (masked) or the MoA kernels (native)."""
         plan.validate(self.config)
         if self.resolved_impl == "masked":
@@ -436,12 +437,12 @@ class Method:
 
     name: str
     description: str
-    build: Callable[[AttentionConfig, int], AttentionBackend] | None
+    build: Callable[[AttentionConfig, int], Attention] | None
     kv_density: Callable[[AttentionConfig, int], float] | None = None
     requires: Callable[[AttentionConfig], str | None] | None = None
     decode_only: bool = False
     cache: str = ""
-    train: Callable[[AttentionConfig, TrainAttentionConfig, int], AttentionBackend] | None = None
+    train: Callable[[AttentionConfig, TrainAttentionConfig, int], Attention] | None = None
     options: type[MethodOptions] = NoOptions
 
     def unavailable(self, ac: AttentionConfig) -> str | None:
@@ -477,7 +478,7 @@ def _method(name: str | Method) -> Method:
     return resolve_methods([name])[0]
 
 
-def build_attention(method: str | Method, ac: AttentionConfig, length: int) -> AttentionBackend:
+def build_attention(method: str | Method, ac: AttentionConfig, length: int) -> Attention:
     """The inference backend of `method` for up to `length` tokens, on `ac.mesh`.
 
     Raises ValueError naming the reason when the method cannot run with `ac`.
@@ -492,7 +493,7 @@ def build_attention(method: str | Method, ac: AttentionConfig, length: int) -> A
 
 def build_train_attention(
     method: str | Method, ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int
-) -> AttentionBackend:
+) -> Attention:
     """The training backend of `method` for rows of `seq_len` tokens (see
     `TrainAttentionConfig`); ValueError when the method has no training form."""
     m = _method(method)
@@ -511,21 +512,21 @@ def trainable() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- built in
-def _dense_build(ac: AttentionConfig, length: int) -> AttentionBackend:
+def _dense_build(ac: AttentionConfig, length: int) -> Attention:
     if ac.resolved_impl == "masked":
         return MaskedAttention(q_chunk=ac.q_chunk)
     return DenseAttention()
 
 
-def _dense_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> AttentionBackend:
+def _dense_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> Attention:
     return TrainDenseAttention(tc.impl, segments=tc.segments)
 
 
-def _dense_kernel_build(ac: AttentionConfig, length: int) -> AttentionBackend:
+def _dense_kernel_build(ac: AttentionConfig, length: int) -> Attention:
     return FullCacheAttention(**ac.decode_kernel_options)
 
 
-def _moa_build(ac: AttentionConfig, length: int) -> AttentionBackend:
+def _moa_build(ac: AttentionConfig, length: int) -> Attention:
     """The plan at `length`; dense attention (with a warning) where it keeps every token and
     the native kernels would run (option `dense_when_full`)."""
     backend = ac.backend_for_plan(ac.plan, length)
@@ -543,7 +544,7 @@ def _moa_build(ac: AttentionConfig, length: int) -> AttentionBackend:
     return backend
 
 
-def _moa_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> AttentionBackend:
+def _moa_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> Attention:
     return MoAAttention(ac.plan, length=seq_len, kernel_backend=ac.kernel_backend)
 
 
@@ -569,7 +570,7 @@ def _decode_k(ac: AttentionConfig, method: str, length: int) -> int:
     return max(8, length // 8) if k is None else k
 
 
-def _recycled(ac: AttentionConfig, length: int) -> AttentionBackend:
+def _recycled(ac: AttentionConfig, length: int) -> Attention:
     o = ac.options_for("recycled")
     rc = RecycleConfig(
         k=_decode_k(ac, "recycled", length), stride=o.stride, dynamic_threshold=o.threshold
@@ -578,21 +579,19 @@ def _recycled(ac: AttentionConfig, length: int) -> AttentionBackend:
         if ac.plan is None:
             raise ValueError("recycled.prefill=plan needs a plan")
         return RecycledAttention(
-            rc, prefill=ac.backend_for_plan(ac.plan, length), **ac.decode_kernel_options
+            rc, prefill_moa=ac.backend_for_plan(ac.plan, length), **ac.decode_kernel_options
         )
     return RecycledAttention(rc, **ac.decode_kernel_options)
 
 
-def _recycled_train(
-    ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int
-) -> AttentionBackend:
+def _recycled_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> Attention:
     kw = dict(pool_kernel=tc.pool_kernel, decode_eviction=tc.decode_eviction, impl=tc.impl)
     if tc.stride:
         return RecycledTrainAttention.strided(tc.prefix_len, tc.tail_len, tc.stride, tc.top_k, **kw)
     return RecycledTrainAttention.paper(tc.prefix_len, tc.tail_len, tc.top_k, **kw)
 
 
-def _streaming(ac: AttentionConfig, length: int) -> AttentionBackend:
+def _streaming(ac: AttentionConfig, length: int) -> Attention:
     return StreamingAttention(
         _decode_k(ac, "streaming", length),
         sink=ac.options_for("streaming").sink,
@@ -600,17 +599,17 @@ def _streaming(ac: AttentionConfig, length: int) -> AttentionBackend:
     )
 
 
-def _h2o(ac: AttentionConfig, length: int) -> AttentionBackend:
+def _h2o(ac: AttentionConfig, length: int) -> Attention:
     return H2OAttention(_decode_k(ac, "h2o", length), **ac.decode_kernel_options)
 
 
 def _decode_method(
     name: str,
     description: str,
-    build: Callable[[AttentionConfig, int], AttentionBackend],
+    build: Callable[[AttentionConfig, int], Attention],
     cache: str,
     options: type[MethodOptions],
-    train: Callable[[AttentionConfig, TrainAttentionConfig, int], AttentionBackend] | None = None,
+    train: Callable[[AttentionConfig, TrainAttentionConfig, int], Attention] | None = None,
 ) -> Method:
     """A decode-time method over K cached tokens per layer and KV head (option `<name>.k`):
     its KV density is the K / length it reads per step."""

@@ -57,7 +57,7 @@ decoders = {
     "recycled": dict(
         attention=RecycledAttention(
             RecycleConfig(k=8, stride=3),
-            prefill=moa,
+            prefill_moa=moa,
             kernel_backend=moa.kernel_backend,
             interpret=moa.interpret,
         )

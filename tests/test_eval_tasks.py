@@ -285,14 +285,16 @@ def test_masked_attention_matches_reference(windows):
         mask = window_sink_mask(pos, pos, jnp.asarray(windows[0]), jnp.asarray(sinks[0]))
     want = mha_reference(q, k, v, mask)
     att = MaskedAttention(windows=windows, sinks=sinks, q_chunk=16)
-    call = jax.jit(lambda q, k, v, pos, cache: att(q, k, v, layer=0, positions=pos, cache=cache))
-    got, _ = call(q, k, v, pos, None)
+    got = jax.jit(lambda q, k, v, pos: att(q, k, v, layer=0, positions=pos))(q, k, v, pos)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # Through a cache: prefill (fast path), a continued chunk (general path), decode steps.
     cfg = tiny_config(num_layers=1)
     cache = att.init_cache(cfg, b, t + 8, jnp.float32)[0]
     steps = [(0, 80), (80, 92)] + [(i, i + 1) for i in range(92, t)]
+    prefill = jax.jit(lambda *a: att.prefill(*a[:3], layer=0, positions=a[3], cache=a[4]))
+    decode = jax.jit(lambda *a: att.decode_step(*a[:3], layer=0, positions=a[3], cache=a[4]))
     for s, e in steps:
+        call = prefill if e - s > 1 else decode
         out, cache = call(q[:, s:e], k[:, s:e], v[:, s:e], pos[:, s:e], cache)
         np.testing.assert_allclose(out, want[:, s:e], atol=1e-5, err_msg=f"tokens {s}:{e}")
 

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, init_random, stack_layers
 from moa_jax.models.masked_attention import MaskedAttention, chunked_attention
 from moa_jax.pallas_kernels.reference import window_sink_mask
@@ -58,42 +58,39 @@ class Item:
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("bias",), meta_fields=())
 @dataclasses.dataclass(frozen=True)
-class BiasedAttention(AttentionBackend):
+class BiasedAttention(Attention):
     """Dense causal attention plus one layer's additive logit bias [H, T, T]."""
 
     bias: jax.Array
     layer_uniform = True
 
-    def init_cache(self, *a, **k):
-        raise NotImplementedError
-
-    def __call__(self, q, k, v, *, layer, positions, cache):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         b, t, h, d = q.shape
         g = h // k.shape[2]
         k, v = jnp.repeat(k, g, 2), jnp.repeat(v, g, 2)
         logits = jnp.einsum("bqhd,bshd->bhqs", q, k) * d**-0.5 + self.bias[None]
         logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e30)
-        return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(logits, -1), v), None
+        return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(logits, -1), v)
 
 
 @functools.partial(
     jax.tree_util.register_dataclass, data_fields=("perturbation",), meta_fields=("q_chunk",)
 )
 @dataclasses.dataclass(frozen=True)
-class PerturbedAttention(AttentionBackend):
+class PerturbedAttention(Attention):
     """Dense causal attention plus one layer's perturbation [B, T, H, D] (zeros) of its output,
-    so the loss's gradient with respect to it is that layer's dL/dO; its second output is the
+    so the loss's gradient with respect to it is that layer's dL/dO; its probe is the
     layer's (q, k, v), to recompute A afterwards."""
 
     perturbation: jax.Array
     q_chunk: int = 512
 
-    def init_cache(self, *a, **k):
-        raise NotImplementedError
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         out = chunked_attention(q, k, v, positions, q_chunk=self.q_chunk, checkpoint=True)
-        return (out.astype(jnp.float32) + self.perturbation).astype(q.dtype), (q, k, v)
+        return (out.astype(jnp.float32) + self.perturbation).astype(q.dtype)
+
+    def probe(self, q, k, v, *, layer, positions):
+        return q, k, v
 
 
 def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512):
@@ -546,7 +543,7 @@ def test_answer_rows_pass_on_the_pallas_kernel():
 
         def f(pa, pm, pc, q, k, v):
             layer = att.with_probes((pa, pm, pc), (rows, weights, tokens, targets))
-            return layer(q, k, v, layer=0, positions=positions, cache=None)[0]
+            return layer(q, k, v, layer=0, positions=positions)
 
         out, vjp = jax.vjp(f, *[jnp.zeros((h, n))] * 3, q, k, v)
         return (out,) + vjp(dout)

@@ -16,7 +16,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.llama import forward, init_random, rope_inv_freq, stack_layers
 
 from conftest import tiny_config
@@ -65,8 +65,8 @@ def test_chunked_prefill_with_cache_equals_full_forward():
     full, _ = forward(g, s, tokens, pos)
     att = DenseAttention()
     cache = att.init_cache(cfg, b, 32, jnp.float32)
-    first, cache = forward(g, s, tokens[:, :10], pos[:, :10], cache, attention=att)
-    second, cache = forward(g, s, tokens[:, 10:], pos[:, 10:], cache, attention=att)
+    first, cache = forward(g, s, tokens[:, :10], pos[:, :10], cache, attention=att, mode="prefill")
+    second, cache = forward(g, s, tokens[:, 10:], pos[:, 10:], cache, attention=att, mode="prefill")
     np.testing.assert_allclose(np.concatenate([first, second], 1), full, atol=2e-5, rtol=1e-5)
     # The cache holds exactly the t written tokens; the rest is untouched.
     assert np.abs(np.asarray(cache[0].k[:, t:])).max() == 0
@@ -113,18 +113,17 @@ def test_tied_embeddings_have_no_head():
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=("scale",), meta_fields=())
 @dataclasses.dataclass(frozen=True)
-class ScaledAttention(AttentionBackend):
+class ScaledAttention(Attention):
     """Dense attention times one layer's scale [H] (per-layer data held as a field)."""
 
     scale: jax.Array
     layer_uniform = True
 
-    def init_cache(self, *a, **k):
-        raise NotImplementedError
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        return DenseAttention()(q, k, v, layer=layer, positions=positions) * self.scale[:, None]
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        out, _ = DenseAttention()(q, k, v, layer=layer, positions=positions, cache=None)
-        return out * self.scale[:, None], jnp.sum(out)
+    def probe(self, q, k, v, *, layer, positions):
+        return jnp.sum(DenseAttention()(q, k, v, layer=layer, positions=positions))
 
 
 def test_forward_pieces_compose_to_call():
@@ -149,7 +148,7 @@ def test_forward_pieces_compose_to_call():
 
 def test_per_layer_backends_in_the_loop_and_the_scan():
     """A tuple of per-layer backends (arrays as fields): layer i runs the i-th, in the layer
-    loop and in the scan over stacked layers alike; their second outputs come back per layer."""
+    loop and in the scan over stacked layers alike; their probes come back per layer."""
     cfg = tiny_config()
     model = init_random(cfg, seed=5)
     tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 10)))
@@ -169,3 +168,26 @@ def test_per_layer_backends_in_the_loop_and_the_scan():
     np.testing.assert_allclose(x, loop, rtol=1e-6, atol=1e-6)
     plain, _ = model.hidden_states(tokens, pos)
     assert not np.allclose(loop, plain, atol=1e-3)  # the scales were applied
+
+
+def test_mode_must_fit_the_cache_and_the_backend():
+    """The mode is explicit: a cache in stateless mode, a cached mode without a cache, a
+    stateless-only backend in a cached mode, or a decode step of several tokens are errors."""
+    cfg = tiny_config()
+    model = init_random(cfg, seed=6)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(4), (1, 4))
+    att = DenseAttention()
+    cache = att.init_cache(cfg, 1, 8, jnp.float32)
+    with pytest.raises(ValueError, match="stateless mode"):
+        model(tokens, pos, cache, att)
+    with pytest.raises(ValueError, match="needs a cache"):
+        model(tokens, pos, None, att, mode="decode")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model(tokens, pos, cache, att, mode="train")
+    with pytest.raises(ValueError, match="keeps no cache"):
+        model(tokens, pos, cache, ScaledAttention(jnp.ones(4)), mode="prefill")
+    with pytest.raises(ValueError, match="one token per row"):
+        model(tokens, pos, cache, att, mode="decode")
+    logits, cache = model(tokens, pos, cache, att, mode="prefill")
+    assert logits.shape == (1, 4, cfg.vocab_size) and cache is not None

@@ -74,7 +74,7 @@ def test_recycled_prefill_plan():
     plan = _plan()
     ac = AttentionConfig(config=CFG, plan=plan, impl="native", options={"recycled.prefill": "plan"})
     rec = build_attention("recycled", ac, 128)
-    assert rec.prefill.plan == plan and rec.prefill.length == 128
+    assert rec.prefill_moa.plan == plan and rec.prefill_moa.length == 128
     with pytest.raises(ValueError, match="recycled.prefill"):
         build_attention(
             "recycled", AttentionConfig(config=CFG, options={"recycled.prefill": "x"}), 128

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
@@ -17,20 +17,17 @@ from conftest import tiny_config
 
 
 @dataclasses.dataclass(frozen=True)
-class OracleWindowAttention(AttentionBackend):
+class OracleWindowAttention(Attention):
     """The jnp oracle with fixed per-layer windows/sinks (no kernel involved)."""
 
     windows: tuple
     sinks: tuple
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError
-
-    def __call__(self, q, k, v, *, layer, positions, cache):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         mask = window_sink_mask(
             positions, positions, jnp.asarray(self.windows[layer]), jnp.asarray(self.sinks[layer])
         )
-        return mha_reference(q, k, v, mask), None
+        return mha_reference(q, k, v, mask)
 
 
 def _setup(t=72, b=2, **over):
@@ -80,10 +77,12 @@ def test_elastic_plan_resolved_at_length_and_decode_matches_prefill():
     moa = MoAAttention(plan, length=n, block_q=16, block_k=16)
     full, _ = forward(g, s, tokens, pos, attention=moa)
     cache = moa.init_cache(cfg, 1, n, jnp.float32)
-    first, cache = forward(g, s, tokens[:, :25], pos[:, :25], cache, attention=moa)
+    first, cache = forward(g, s, tokens[:, :25], pos[:, :25], cache, attention=moa, mode="prefill")
     outs = [first]
     for i in range(25, 40):
-        o, cache = forward(g, s, tokens[:, i : i + 1], pos[:, i : i + 1], cache, attention=moa)
+        o, cache = forward(
+            g, s, tokens[:, i : i + 1], pos[:, i : i + 1], cache, attention=moa, mode="decode"
+        )
         outs.append(o)
     np.testing.assert_allclose(np.concatenate(outs, 1), np.asarray(full), atol=1e-4, rtol=1e-4)
 

@@ -22,9 +22,9 @@ def test_layout_and_memory_formula():
     m = (64 + 128) + (64 + 512)
     assert c.k.shape == (3, m, 32) and c.pos.shape == (3, m)
     assert sched.segments == (64 + 128, 64 + 512) and sched.offsets == (0, 64 + 128)
-    assert c.nbytes() == 3 * m * (2 * 32 * 2 + 4)
-    dense = DenseKVCache.nbytes(3, 4096, 2, 32, num_layers=1)
-    assert c.nbytes() < dense / 4
+    assert c.nbytes == 3 * m * (2 * 32 * 2 + 4)
+    dense = DenseKVCache.zeros(3, 4096, 2, 32).nbytes
+    assert c.nbytes < dense / 4
     # Rings are capped by what max_len needs, then padded to the block in the buffer.
     sched = MoASchedule.build([10**9, 5], [4, 0], 2, max_len=100, block=64)
     assert sched.sink_slots == 4 and sched.rings == (96, 64)

@@ -11,7 +11,6 @@ from flax import nnx
 from moa_jax.generate import generate
 from moa_jax.methods import AttentionConfig, build_attention
 from moa_jax.models.attention import DenseAttention
-from moa_jax.pallas_kernels.caches.dense import DenseKVCache
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.plan import Plan
@@ -95,10 +94,8 @@ def test_uniform_plan_cache_is_smaller():
     cfg = tiny_config()
     plan = Plan.uniform(cfg.num_layers, cfg.num_heads, window=60, sink=4)
     caches = MoAAttention(plan).init_cache(cfg, 2, 1024, jnp.float32)
-    span_bytes = sum(c.nbytes() for c in caches)
-    dense_bytes = DenseKVCache.nbytes(
-        2, 1024, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers, jnp.float32
-    )
+    span_bytes = sum(c.nbytes for c in caches)
+    dense_bytes = sum(c.nbytes for c in DenseAttention().init_cache(cfg, 2, 1024, jnp.float32))
     # Per KV head: roundup64(4 + 64) = 128 slots instead of 1024 (plus 4 bytes of position).
     assert span_bytes == cfg.num_layers * 2 * cfg.num_kv_heads * 128 * (2 * cfg.head_dim * 4 + 4)
     assert span_bytes < dense_bytes / 7

@@ -146,10 +146,14 @@ def _drive(backend, lengths, t_pad, steps, seed, cache_len=64, drift=False):
 
     @jax.jit
     def call(q_, k_, v_, pos, cache, qpre, lengths=None):
-        extra = {} if lengths is None else {"lengths": lengths}
-        if getattr(backend, "wants_pre_rope_query", False):
-            extra["q_pre_rope"] = qpre
-        return backend(q_, k_, v_, layer=0, positions=pos, cache=cache, **extra)
+        qpre = qpre if backend.wants_pre_rope_query else None
+        if lengths is None:
+            return backend.decode_step(
+                q_, k_, v_, layer=0, positions=pos, cache=cache, q_pre_rope=qpre
+            )
+        return backend.prefill(
+            q_, k_, v_, layer=0, positions=pos, cache=cache, lengths=lengths, q_pre_rope=qpre
+        )
 
     pos = jnp.broadcast_to(jnp.arange(t_pad, dtype=jnp.int32), (b, t_pad))
     # Prompt tokens beyond lengths[b] are padding (their values are never visible).
@@ -256,7 +260,7 @@ def test_pre_rope_query_is_required_when_asked():
     cache = backend.init_cache(Cfg, 1, 16, jnp.float32)[0]
     x = jnp.zeros((1, 4, H, D))
     with pytest.raises(ValueError, match="q_pre_rope"):
-        backend(
+        backend.prefill(
             x,
             x[:, :, :HKV],
             x[:, :, :HKV],
@@ -315,11 +319,9 @@ def test_cache_memory_and_sharding_axes():
     c = RecycledKVCache.zeros(2, 100, HKV, D, top_k=20, dtype=jnp.bfloat16, block=16)
     lp, kp = 112, 32
     assert c.k.shape == (2, HKV, lp, D) and c.kp.shape == (2, HKV, kp, D)
-    assert c.nbytes() == (
-        2 * 2 * HKV * (lp + kp) * D * 2 + 2 * HKV * kp * 4 + 2 * 4 + 4 + 2 * D * 4
-    )
+    assert c.nbytes == (2 * 2 * HKV * (lp + kp) * D * 2 + 2 * HKV * kp * 4 + 2 * 4 + 4 + 2 * D * 4)
     s = SelectedKVCache.zeros(2, 100, HKV, D, top_k=20, dtype=jnp.bfloat16, block=16)
-    assert s.acc is None and s.nbytes() == 2 * 2 * HKV * kp * D * 2 + 2 * HKV * kp * 4
+    assert s.acc is None and s.nbytes == 2 * 2 * HKV * kp * D * 2 + 2 * HKV * kp * 4
     mesh = make_mesh()
     for cache in (c, s, SelectedKVCache.zeros(1, 8, HKV, D, 4, block=16, with_scores=True)):
         sh = cache_shardings((cache,), mesh)[0]
@@ -448,10 +450,10 @@ for name, plain in backends.items():
     outs = []
     for be in (plain, plain.on_mesh(mesh)):
         cache = be.init_cache(Cfg, B, 32, jnp.float32)[0]
-        _, cache = be(q[:, :T], k[:, :T], v[:, :T], layer=0, positions=pos, cache=cache,
-                      lengths=lengths)
-        step = lambda c: be(q[:, T:], k[:, T:], v[:, T:], layer=0, positions=lengths[:, None],
-                            cache=c)
+        _, cache = be.prefill(q[:, :T], k[:, :T], v[:, :T], layer=0, positions=pos,
+                              cache=cache, lengths=lengths)
+        step = lambda c: be.decode_step(q[:, T:], k[:, T:], v[:, T:], layer=0,
+                                        positions=lengths[:, None], cache=c)
         jaxpr = jax.make_jaxpr(step)(cache).jaxpr
         assert "pallas_call" in str(jaxpr), name
         if be.mesh is not None:  # no Pallas call left for XLA to gather the inputs of

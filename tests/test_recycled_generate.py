@@ -13,7 +13,7 @@ from flax import nnx
 from moa_jax.generate import generate
 from moa_jax.generate.__main__ import GenerateConfig, attention_backend, method_choice
 from moa_jax.generate.__main__ import main as generate_main
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
@@ -117,7 +117,7 @@ def test_dynamic_extremes_equal_fixed_schedules(runs):
 
 # ------------------------------------------------------------------------------ SnapKV oracle
 @dataclasses.dataclass(frozen=True)
-class SnapKVRecompute(AttentionBackend):
+class SnapKVRecompute(Attention):
     """Oracle without a cache: the whole sequence recomputed, one row whose prompt is
     prompt_len tokens. Prompt queries attend causally (or under the plan's windows); a
     generated query at position i attends to the K prompt tokens that the last prompt token's
@@ -129,10 +129,7 @@ class SnapKVRecompute(AttentionBackend):
     pool: int = 7
     plan: Plan | None = None
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         b, t, h, d = q.shape
         hkv = k.shape[2]
         g = h // hkv
@@ -162,7 +159,7 @@ class SnapKVRecompute(AttentionBackend):
         gen = (pos[None, :] >= n0) & (pos[None, :] <= pos[:, None])  # [T, S]
         gen_mask = jnp.repeat(sel | gen[None, None], g, axis=1)  # [B, H, T, S]
         mask = jnp.where((pos >= n0)[None, None, :, None], gen_mask, prompt_mask)
-        return mha_reference(q, k, v, mask), None
+        return mha_reference(q, k, v, mask)
 
 
 def recompute_greedy(model, prompt, n, oracle):
@@ -219,7 +216,7 @@ def test_pallas_kernels_in_generate_equal_the_oracles(model, runs):
 def _recycled(moa: MoAAttention, rc: RecycleConfig) -> RecycledAttention:
     """MoA prefill + recycled decode, the decode kernels on the prefill's backend."""
     return RecycledAttention(
-        rc, prefill=moa, kernel_backend=moa.kernel_backend, interpret=moa.interpret
+        rc, prefill_moa=moa, kernel_backend=moa.kernel_backend, interpret=moa.interpret
     )
 
 
@@ -232,7 +229,7 @@ def test_cli_recycle_flags():
         "dense",
     )
     b = attention_backend(config, cfg, Plan.uniform(2, 4, window=8), 64)
-    assert isinstance(b, RecycledAttention) and b.prefill.plan == Plan.uniform(2, 4, window=8)
+    assert isinstance(b, RecycledAttention) and b.prefill_moa.plan == Plan.uniform(2, 4, window=8)
     assert (b.config.k, b.config.stride) == (8, 4)
     same = GenerateConfig(method="recycled", method_opt=["k=8", "recycled.s=4"])
     assert attention_backend(same, cfg, None, 64).config == RecycleConfig(k=8, stride=4)

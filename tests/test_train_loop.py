@@ -20,7 +20,7 @@ from moa_jax.train.config import TrainConfig, parse_config, validate_config
 from moa_jax.train.loop import main, train
 from moa_jax.train.optimizer import lr_schedule, make_optimizer
 from moa_jax.train.step import loss_sums, train_step_fn
-from moa_jax.train.recycled import TrainDenseAttention
+from moa_jax.models.dense_attention import TrainDenseAttention
 
 TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
 CHECK = Path(__file__).with_name("multidevice_train_check.py")
@@ -123,7 +123,7 @@ def test_remat_gives_the_same_step_and_recomputes():
     with lr 1), and the backward pass holds `remat` regions only when asked."""
     import optax
 
-    from moa_jax.train.recycled import RecycledTrainAttention
+    from moa_jax.models.recycled_train_attention import RecycledTrainAttention
 
     graphdef, params, _, _, _ = _state()
     opt = optax.sgd(1.0)
@@ -149,6 +149,7 @@ def test_remat_gives_the_same_step_and_recomputes():
             jnp.zeros((1, 1), jnp.int32),
             DenseAttention().init_cache(model.config, 1, 4),
             DenseAttention(),
+            mode="prefill",
             remat=True,
         )
 

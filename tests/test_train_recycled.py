@@ -9,13 +9,12 @@ from flax import nnx
 
 from moa_jax.models.llama import init_random
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
-from moa_jax.train.recycled import (
+from moa_jax.models.dense_attention import TrainDenseAttention, segment_ids_from_positions
+from moa_jax.models.recycled_train_attention import (
     RecycledOracleAttention,
     RecycledTrainAttention,
-    TrainDenseAttention,
     recycled_attention_reference,
     recycled_mask_reference,
-    segment_ids_from_positions,
 )
 
 
@@ -42,7 +41,7 @@ MORE_SCHEDULES = [
 
 def _call(backend, q, k, v):
     pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
-    return backend(q, k, v, layer=0, positions=pos, cache=None)[0]
+    return backend(q, k, v, layer=0, positions=pos)
 
 
 @pytest.mark.parametrize(
@@ -169,7 +168,7 @@ def test_segment_mask_from_position_resets():
     mask = (idx[None, :, None] >= idx[None, None, :]) & (seg[:, :, None] == seg[:, None, :])
     out, ref = jax.jit(
         lambda q, k, v: (
-            TrainDenseAttention(segments=True)(q, k, v, layer=0, positions=pos, cache=None)[0],
+            TrainDenseAttention(segments=True)(q, k, v, layer=0, positions=pos),
             mha_reference(q, k, v, jnp.asarray(mask)[:, None]),
         )
     )(q, k, v)
@@ -190,12 +189,7 @@ def test_bad_schedules_and_calls():
         RecycledTrainAttention.paper(8, 4, top_k=2, decode_eviction=True)
     with pytest.raises(ValueError, match="covers 20 tokens but the sequence has 24"):
         _call(RecycledTrainAttention.paper(16, 4, top_k=2), q, k, v)
-    with pytest.raises(ValueError, match="training-only"):
-        RecycledTrainAttention.paper(16, 8, top_k=2)(
-            q, k, v, layer=0, positions=None, cache=object()
-        )
-    with pytest.raises(NotImplementedError):
-        RecycledTrainAttention.paper(16, 8, top_k=2).init_cache(tiny_config(), 1, 8)
+    assert not hasattr(RecycledTrainAttention.paper(16, 8, top_k=2), "init_cache")
 
 
 @pytest.mark.gpu

@@ -111,6 +111,8 @@ def largest_batch(
     """Largest batch whose caches (plus one layer's copy while they are filled, and 1 GiB for
     the loop's temporaries) fit in the device memory not yet in use; on `mesh` the caches
     spread over every device and the batch is a multiple of the data x fsdp size."""
+    # Imported here: `moa_jax.bench.decode` imports this module at its top, and its command line
+    # (--help, the config checks) runs without loading JAX.
     import jax
     import jax.numpy as jnp
 
@@ -123,7 +125,7 @@ def largest_batch(
 
     def nbytes(b):
         shapes = jax.eval_shape(lambda: attention.init_cache(cfg, b, cache_len, jnp.bfloat16))
-        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+        return sum(c.nbytes for c in shapes)
 
     per_row = (nbytes(2) - nbytes(1)) * (1 + 1 / cfg.num_layers)
     free = st["bytes_limit"] - st.get("bytes_in_use", 0) - GIB

@@ -121,7 +121,7 @@ def bench_jax(
         **variant.params,
     )
     caches = make_caches(attention, cfg, batch, cache_len, context, context + batch, mesh)
-    kv_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(caches))
+    kv_bytes = sum(c.nbytes for c in caches)
     w_leaves = jax.tree_util.tree_leaves(state)
     w_bytes = sum(x.nbytes for x in w_leaves)
     embed = cfg.vocab_size * cfg.hidden_size * 2
@@ -133,7 +133,12 @@ def bench_jax(
         def body(_, carry):
             tok, pos, caches = carry
             logits, caches = model(
-                tok[:, None], pos[:, None], caches, attention, logits_at=jnp.zeros_like(pos)
+                tok[:, None],
+                pos[:, None],
+                caches,
+                attention,
+                logits_at=jnp.zeros_like(pos),
+                mode="decode",
             )
             return jnp.argmax(logits, -1).astype(jnp.int32), pos + 1, caches
 

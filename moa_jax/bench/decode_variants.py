@@ -84,7 +84,7 @@ def variant_options(variant: Variant) -> dict[str, MethodOptions]:
 
 
 def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
-    """The `AttentionBackend` of a JAX variant for caches of `cache_len` slots, built by the
+    """The `Attention` of a JAX variant for caches of `cache_len` slots, built by the
     method registry (`moa_jax.methods`) with the library's kernels (impl 'native')."""
     plan = moa_plan(variant.params["plan"], cfg, cache_len) if variant.method == "moa" else None
     ac = AttentionConfig(

@@ -41,11 +41,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.cli import option, parse_config, setup_logging
+from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.eval.needle import Passkey
+from moa_jax.eval.tasks import TaskContext
 from moa_jax.files import atomic_write_text
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.models.registry import load_model
 from moa_jax.plan import Plan
+from moa_jax.search.influence_profile import InfluenceProfile
 
 # by its module name: under `python -m` __name__ is '__main__', outside the moa_jax logger
 log = logging.getLogger("moa_jax.eval.heads")
@@ -57,22 +61,21 @@ log = logging.getLogger("moa_jax.eval.heads")
     meta_fields=("q_chunk",),
 )
 @dataclasses.dataclass(frozen=True)
-class NeedleMassAttention(AttentionBackend):
+class NeedleMassAttention(Attention):
     """Dense causal attention that also returns, per query head, the attention mass the query
     rows `rows` int [B, A] (weights `row_w` [B, A]) put on the keys `key_mask` bool [B, N]:
-    its second output (where a cache would be) is mass [B, H]."""
+    its `probe` is mass [B, H]."""
 
     q_chunk: int = 512
     rows: jax.Array | None = None
     row_w: jax.Array | None = None
     key_mask: jax.Array | None = None
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError("NeedleMassAttention scores whole sequences (no KV cache)")
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        return chunked_attention(q, k, v, positions, q_chunk=self.q_chunk)
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+    def probe(self, q, k, v, *, layer, positions):
         rows, row_w, key_mask = self.rows, self.row_w, self.key_mask
-        out = chunked_attention(q, k, v, positions, q_chunk=self.q_chunk)
         b, n, h, d = q.shape
         g = h // k.shape[2]
         qa = jnp.take_along_axis(q, rows[:, :, None, None], axis=1).astype(jnp.float32)
@@ -82,7 +85,7 @@ class NeedleMassAttention(AttentionBackend):
         probs = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1)
         mass = jnp.sum(jnp.where(key_mask[:, None, None, :], probs, 0.0), axis=-1)  # [B,H,A]
         mass = (mass * row_w[:, None, :]).sum(-1) / jnp.maximum(row_w.sum(-1), 1.0)[:, None]
-        return out, mass
+        return mass
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
@@ -92,7 +95,7 @@ def _needle_mass(graphdef, state, tokens, rows, row_w, key_mask, *, attention):
     b, n = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     attention = dataclasses.replace(attention, rows=rows, row_w=row_w, key_mask=key_mask)
-    _, masses = model.hidden_states(tokens, positions, attention=attention)
+    _, masses = model.hidden_states(tokens, positions, attention=attention, mode="stateless")
     return jnp.stack(masses, axis=1)
 
 
@@ -114,9 +117,6 @@ def needle_scores(
     progress: bool = True,
 ) -> dict[int, np.ndarray]:
     """{length: retrieval score float [items, L, H]} on passkey items (see module docstring)."""
-    from moa_jax.eval.needle import Passkey
-    from moa_jax.eval.tasks import TaskContext
-
     task = Passkey()
     ctx = TaskContext(tokenizer, chat=chat, corpus=corpus)
     graphdef, state = nnx.split(model)
@@ -244,6 +244,7 @@ def compare(
 
 
 def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -> str:
+    # Imported here: matplotlib takes about a second to load and only the figure needs it.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,10 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m moa_jax.eval.heads"
     cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__)
     setup_logging()
-
-    from moa_jax.models.registry import load_model
-    from moa_jax.search.influence_profile import InfluenceProfile
-
     plan = Plan.load(cfg.plan) if cfg.plan else None
     profiles = {}
     if cfg.profile_dir:
@@ -366,6 +363,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from moa_jax.cli import run as _run
-
-    raise SystemExit(_run(main))
+    raise SystemExit(run(main))

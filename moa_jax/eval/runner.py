@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from moa_jax.methods import Method, AttentionConfig
 from moa_jax.eval.tasks import Item, Task, TaskContext
 from moa_jax.generate import generate
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def target_logprobs(
     at: jax.Array,
     targets: jax.Array,
     *,
-    attention: AttentionBackend,
+    attention: Attention,
 ):
     """Log-probabilities of `targets` predicted at positions `at`, and whether each is the argmax.
 
@@ -58,7 +58,7 @@ def target_logprobs(
     model: Llama = nnx.merge(graphdef, state)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden, _ = model.hidden_states(tokens, positions, attention=attention)
+    hidden, _ = model.hidden_states(tokens, positions, attention=attention, mode="stateless")
     logits = model.logits(hidden, at=at)
     logp = jax.nn.log_softmax(logits, axis=-1)
     tgt = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[:, :, 0]
@@ -73,7 +73,7 @@ def decode_logprobs(
     lengths: jax.Array,
     forced: jax.Array,
     *,
-    attention: AttentionBackend,
+    attention: Attention,
     cache_len: int,
 ):
     """Teacher forcing through the backend's cache: prefill `tokens` (right-padded, `lengths`
@@ -89,7 +89,7 @@ def decode_logprobs(
     cache = attention.init_cache(model.config, b, cache_len, model.dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, cache = model(
-        tokens, positions, cache, attention, logits_at=lengths - 1, lengths=lengths
+        tokens, positions, cache, attention, logits_at=lengths - 1, lengths=lengths, mode="prefill"
     )
 
     def score(logits, target):
@@ -103,7 +103,12 @@ def decode_logprobs(
         cache, pos = carry
         tok = forced[:, j]
         logits, cache = model(
-            tok[:, None], pos[:, None], cache, attention, logits_at=jnp.zeros_like(pos)
+            tok[:, None],
+            pos[:, None],
+            cache,
+            attention,
+            logits_at=jnp.zeros_like(pos),
+            mode="decode",
         )
         return (cache, pos + 1), score(logits, forced[:, j + 1])
 
@@ -154,7 +159,7 @@ class Runner:
         return task.kind == "lm" or self.nll == "all" or (self.nll == "auto" and task.nll)
 
     def _decode_logprobs(
-        self, context: Sequence[int], targets: Sequence[int], slots: int, backend: AttentionBackend
+        self, context: Sequence[int], targets: Sequence[int], slots: int, backend: Attention
     ):
         t = _round_up(len(context), 64)
         tokens = np.full((1, t), self.pad_id, np.int32)
@@ -180,7 +185,7 @@ class Runner:
         targets: Sequence[int],
         pad_len: int,
         slots: int,
-        backend: AttentionBackend,
+        backend: Attention,
     ):
         tokens = np.full((1, max(pad_len, _round_up(len(ids), 64))), self.pad_id, np.int32)
         tokens[0, : len(ids)] = ids
@@ -199,7 +204,7 @@ class Runner:
         return np.asarray(logp)[0, :n], np.asarray(hit)[0, :n]
 
     def run_item(
-        self, task: Task, item: Item, backend: AttentionBackend, decode_only: bool = False
+        self, task: Task, item: Item, backend: Attention, decode_only: bool = False
     ) -> dict[str, Any]:
         """Scores one item with one backend; `decode_only` teacher-forces through decoding."""
         rec: dict[str, Any] = {}

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.parallel import (
     batch_sharding,
@@ -97,6 +98,7 @@ def _generate_impl(
         attention,
         logits_at=lengths - 1,
         lengths=lengths,
+        mode="prefill",
         layer_stack=stack,
     )
     key, sub = jax.random.split(key)
@@ -119,6 +121,7 @@ def _generate_impl(
             cache,
             attention,
             logits_at=jnp.zeros_like(pos),
+            mode="decode",
             layer_stack=stack,
         )
         key, sub = jax.random.split(key)
@@ -159,7 +162,7 @@ def generate(
     key: jax.Array | None = None,
     stop_ids: Sequence[int] | None = None,
     pad_id: int | None = None,
-    attention: AttentionBackend = DenseAttention(),
+    attention: Attention = DenseAttention(),
     max_cache_len: int | None = None,
     on_token: Callable[[np.ndarray], Any] | None = None,
     mesh: Mesh | None = None,
@@ -244,8 +247,6 @@ def generate(
             scan_layers=scan_layers,
         )
     if not out.is_fully_addressable:  # a mesh over several processes: every one gets all
-        from jax.experimental import multihost_utils
-
         out, n = multihost_utils.process_allgather((out, n), tiled=True)
     return GenerateOutput(np.asarray(out), np.asarray(n))
 
@@ -267,15 +268,13 @@ CACHE_MEMORY_SHARE = 0.8
 
 
 def _cache_bytes_per_device(
-    attention: AttentionBackend, cfg, batch: int, cache_len: int, dtype, mesh=None
+    attention: Attention, cfg, batch: int, cache_len: int, dtype, mesh=None
 ) -> int:
     """Bytes of the backend's KV cache on one device (its shard of every leaf on `mesh`)."""
     shapes = jax.eval_shape(lambda: attention.init_cache(cfg, batch, cache_len, dtype))
-    leaves = jax.tree.leaves(shapes)
     if mesh is None:
-        return sum(x.size * jnp.dtype(x.dtype).itemsize for x in leaves)
-    from moa_jax.parallel import cache_shardings
-
+        return sum(c.nbytes for c in shapes)
+    leaves = jax.tree.leaves(shapes)
     shards = jax.tree.leaves(cache_shardings(shapes, mesh))
     return sum(
         int(np.prod(sh.shard_shape(x.shape))) * jnp.dtype(x.dtype).itemsize
@@ -284,7 +283,7 @@ def _cache_bytes_per_device(
 
 
 def _check_cache_fits(
-    attention: AttentionBackend, cfg, batch: int, cache_len: int, dtype, mesh=None
+    attention: Attention, cfg, batch: int, cache_len: int, dtype, mesh=None
 ) -> None:
     """Raises before allocation when the backend's KV cache (each device's shard of it on a
     mesh) cannot fit in the free memory of the fullest device, naming the largest batch (and

@@ -33,9 +33,9 @@ from moa_jax.methods import (
     parse_method_options,
     split_method_options,
 )
-from moa_jax.models.attention import AttentionBackend
-from moa_jax.models.recycled_attention import RecycleConfig
 from moa_jax.models import registry
+from moa_jax.models.attention import Attention
+from moa_jax.models.recycled_attention import RecycleConfig
 from moa_jax.parallel import MeshConfig, initialize_distributed, make_mesh
 from moa_jax.plan import Plan
 from moa_jax.runtime import enable_compilation_cache
@@ -176,7 +176,7 @@ def method_choice(config: GenerateConfig) -> tuple[str, dict[str, str], str | No
 
 def attention_backend(
     config: GenerateConfig, cfg: ModelConfig, plan: Plan | None, length: int
-) -> AttentionBackend:
+) -> Attention:
     """The run's attention from the method registry (`moa_jax.methods`), its options parsed
     here once; `length` is the cache length a plan is resolved at."""
     method, settings, _ = method_choice(config)

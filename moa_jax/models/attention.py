@@ -1,15 +1,24 @@
-"""Pluggable attention backends.
+"""Attention layers: the stateless role and the cached role.
 
-Every attention layer of the model calls one backend object:
+Every attention layer of the model calls one attention object, in one of three modes chosen by
+the caller (`moa_jax.models.llama.Llama`'s `mode`, MaxText's model_mode):
 
-    out, new_cache = backend(q, k, v, layer=i, positions=positions, cache=cache)
+    'stateless':  out = attention(q, k, v, layer=i, positions=positions)
+    'prefill':    out, cache = attention.prefill(q, k, v, layer=i, positions=positions,
+                                                 cache=cache, lengths=lengths)
+    'decode':     out, cache = attention.decode_step(q, k, v, layer=i, positions=positions,
+                                                     cache=cache)
 
-with q [B, T, H, D], k/v [B, T, Hkv, D] (after RoPE), positions int [B, T] (absolute, contiguous
-per row) and `cache` the layer's cache pytree or None (no cache: attend within the given tokens).
-A right-padded chunk (generate's prefill) also passes `lengths=` int [B], the valid tokens per
-row; caches whose slots are not simply positions (ring buffers) must not store the padding.
-Backends are frozen dataclasses, so they are hashable and travel as static `jit` arguments; the
-sparse backends (MoA plans, recycled attention) implement the same two methods.
+with q [B, T, H, D], k/v [B, T, Hkv, D] (after RoPE; T = 1 for a decode step), positions int
+[B, T] (absolute, contiguous per row) and `cache` the layer's cache pytree (one per layer, from
+`init_cache`). Stateless attention (training, search, scoring, a prefill without a cache)
+attends within the given tokens; `Attention` is that role. `CachedAttention` adds the cache:
+the prompt's prefill (a right-padded chunk: `lengths` int [B] gives the valid tokens per row, so
+caches whose slots are not simply positions, ring buffers, do not store the padding) and the
+one-token decode step. A backend that wants the queries before RoPE (`wants_pre_rope_query`)
+also gets them as `q_pre_rope=` [B, T, H, D] in the cached calls.
+
+Backends are frozen dataclasses, so they are hashable and travel as static `jit` arguments.
 """
 
 from __future__ import annotations
@@ -25,15 +34,11 @@ from moa_jax.config import ModelConfig
 from moa_jax.pallas_kernels.caches.dense import DenseKVCache
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 
+MODES = ("stateless", "prefill", "decode")
 
-class AttentionBackend(abc.ABC):
-    """Interface of an attention backend (see module docstring)."""
 
-    @abc.abstractmethod
-    def init_cache(
-        self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16
-    ) -> tuple[Any, ...]:
-        """Returns one empty cache per layer for `batch` rows of up to `max_len` tokens."""
+class Attention(abc.ABC):
+    """Stateless attention: the tokens of a call attend among themselves (module docstring)."""
 
     @abc.abstractmethod
     def __call__(
@@ -44,15 +49,23 @@ class AttentionBackend(abc.ABC):
         *,
         layer: int,
         positions: jax.Array,
-        cache: Any | None,
         lengths: jax.Array | None = None,
-    ) -> tuple[jax.Array, Any | None]:
-        """Attends q to k/v (and the cache); returns out [B, T, H, D] and the updated cache."""
+    ) -> jax.Array:
+        """Causal attention of q to k/v of the same tokens; returns out [B, T, H, D]."""
+
+    def probe(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int, positions: jax.Array
+    ) -> Any:
+        """What the backend reports of layer `layer` besides its output, returned per layer by
+        `Llama.hidden_states` in stateless mode (e.g. the attention mass some rows put on some
+        keys); None by default."""
+        return None
 
     @property
     def wants_pre_rope_query(self) -> bool:
-        """True when the backend's `__call__` takes `q_pre_rope=` (the queries before RoPE, [B, T,
-        H, D]) and the model should pass them (Recycled Attention's dynamic refresh rule)."""
+        """True when the backend's cached calls take `q_pre_rope=` (the queries before RoPE,
+        [B, T, H, D]) and the model should pass them (Recycled Attention's dynamic refresh
+        rule)."""
         return False
 
     @property
@@ -62,10 +75,10 @@ class AttentionBackend(abc.ABC):
         (`moa_jax.models.llama.scan_layers`)."""
         return False
 
-    def on_mesh(self, mesh: Any) -> "AttentionBackend":
+    def on_mesh(self, mesh: Any) -> Attention:
         """This backend for arrays laid out on `mesh`. Backends that run Pallas kernels have a
-        `mesh` field, set here, and run them under `shard_map` (`head_sharding`); jnp backends
-        are partitioned by XLA and return themselves."""
+        `mesh` field, set here, and run them under `shard_map` (`pallas_kernels.sharding`); jnp
+        backends are partitioned by XLA and return themselves."""
         if dataclasses.is_dataclass(self) and any(
             f.name == "mesh" for f in dataclasses.fields(self)
         ):
@@ -73,8 +86,50 @@ class AttentionBackend(abc.ABC):
         return self
 
 
+class CachedAttention(Attention):
+    """Attention with a KV cache: `init_cache`, the prompt's `prefill` and the one-token
+    `decode_step` (module docstring), besides the stateless call."""
+
+    @abc.abstractmethod
+    def init_cache(
+        self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16
+    ) -> tuple[Any, ...]:
+        """Returns one empty cache per layer for `batch` rows of up to `max_len` tokens."""
+
+    @abc.abstractmethod
+    def prefill(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        layer: int,
+        positions: jax.Array,
+        cache: Any,
+        lengths: jax.Array | None = None,
+        q_pre_rope: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """The prompt's tokens (q [B, T, H, D]) into the cache; returns out [B, T, H, D] and the
+        updated cache."""
+
+    @abc.abstractmethod
+    def decode_step(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        *,
+        layer: int,
+        positions: jax.Array,
+        cache: Any,
+        q_pre_rope: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        """One new token per row (q [B, 1, H, D]) against the cache; returns out [B, 1, H, D]
+        and the updated cache."""
+
+
 @dataclasses.dataclass(frozen=True)
-class DenseAttention(AttentionBackend):
+class DenseAttention(CachedAttention):
     """Full causal attention over a dense cache, computed by the jnp reference in float32."""
 
     layer_uniform = True
@@ -85,11 +140,18 @@ class DenseAttention(AttentionBackend):
             for _ in range(cfg.num_layers)
         )
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        return mha_reference(q, k, v, causal_mask(positions, positions))
+
+    def _cached(self, q, k, v, positions, cache):
         # Slot j holds position j, so padding written here is overwritten in order by decoding
         # and never visible to a real query (causal mask): `lengths` is not needed.
-        if cache is None:
-            return mha_reference(q, k, v, causal_mask(positions, positions)), None
         cache = cache.write(k, v, positions[:, 0])
         mask = causal_mask(positions, jnp.arange(cache.max_len, dtype=positions.dtype))
         return mha_reference(q, cache.k, cache.v, mask), cache
+
+    def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
+        return self._cached(q, k, v, positions, cache)
+
+    def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
+        return self._cached(q, k, v, positions, cache)

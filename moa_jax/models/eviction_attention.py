@@ -3,8 +3,8 @@
 - `StreamingAttention(k, sink=4)`: StreamingLLM, 4 sinks + the K - 4 most recent tokens.
 - `H2OAttention(k)`: H2O, K/2 heavy hitters by accumulated attention + K/2 recent tokens.
 
-Both keep a `pallas_kernels.recycled_cache.SelectedKVCache` of K gathered slots per layer and KV
-head (no full cache), prefill with full causal attention (or the `prefill` part's plan), and
+Both keep a `pallas_kernels.SelectedKVCache` of K gathered slots per layer and KV
+head (no full cache), prefill with full causal attention (or the `prefill_moa` plan), and
 decode with the recycled step over the K slots plus the current token (options:
 `head_major_attention.HeadMajorBackend`).
 """
@@ -17,26 +17,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moa_jax.models.head_major_attention import HeadMajorBackend, chunk_info, is_prefill, slot_after
-from moa_jax.pallas_kernels.caches.head_major import SelectedKVCache, gather_slots, round_up
+from moa_jax.models.head_major_attention import HeadMajorBackend, chunk_info, slot_after
+from moa_jax.pallas_kernels.caches.head_major import (
+    SelectedKVCache,
+    gather_slots,
+    round_up,
+    streaming_positions,
+)
 from moa_jax.pallas_kernels.reference import visible
 from moa_jax.plan import STREAMINGLLM_SINK
 
 
 # ------------------------------------------------------------------------------ StreamingLLM
-def streaming_positions(last: jax.Array, top_k: int, sink: int, slots: int) -> jax.Array:
-    """int32 [B, slots]: the position each slot holds after tokens [0, last] were written one by
-    one (slot p for p < sink, else sink + (p - sink) % (top_k - sink)); -1 for empty slots."""
-    ring = top_k - sink
-    j = jnp.arange(slots, dtype=jnp.int32)[None, :]
-    last = last[:, None]
-    i = j - sink
-    ring_pos = sink + i + ring * jnp.floor_divide(last - sink - i, ring)
-    p = jnp.where(j < sink, j, ring_pos)
-    ok = (j < top_k) & (p <= last) & ((j < sink) | (p >= sink))
-    return jnp.where(ok, p, -1).astype(jnp.int32)
-
-
 def _gather_chunk(k: jax.Array, idx: jax.Array, start: jax.Array) -> jax.Array:
     """k [B, T, Hkv, D] (positions start + t), idx [B, Hkv, M] -> [B, Hkv, M, D]."""
     t = k.shape[1]
@@ -48,7 +40,7 @@ def _gather_chunk(k: jax.Array, idx: jax.Array, start: jax.Array) -> jax.Array:
 class StreamingAttention(HeadMajorBackend):
     """StreamingLLM decoding: `sink` sinks + the K - sink most recent tokens per layer.
 
-    The prompt is prefilled with full causal attention (or the `prefill` part's plan) and then
+    The prompt is prefilled with full causal attention (or the `prefill_moa` plan) and then
     only the sinks and the most recent tokens are kept; a decode step attends over the K cached
     tokens plus the current one (as the recycled partial step does), then writes the current
     token over the oldest recent one. Options: `HeadMajorBackend`.
@@ -72,23 +64,23 @@ class StreamingAttention(HeadMajorBackend):
             for _ in range(cfg.num_layers)
         )
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is None:
-            return self.prefill_attention(q, k, v, layer, q.shape[1]), None
+    def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
         hkv = k.shape[2]
         slots = cache.kp.shape[2]
-        if is_prefill(q, lengths):
-            out = self.prefill_attention(q, k, v, layer, cache.max_len)
-            start, lengths, last, _ = chunk_info(q, positions, lengths)
-            idx = streaming_positions(last, cache.top_k, self.sink, slots)
-            idx = jnp.broadcast_to(idx[:, None], (q.shape[0], hkv, slots))
-            # The prefill chunk starts the sequence (positions [0, T)).
-            return out, dataclasses.replace(
-                cache,
-                kp=_gather_chunk(k, idx, start).astype(cache.kp.dtype),
-                vp=_gather_chunk(v, idx, start).astype(cache.vp.dtype),
-                idx=idx,
-            )
+        out = self.prefill_attention(q, k, v, layer, cache.max_len)
+        start, lengths, last, _ = chunk_info(q, positions, lengths)
+        idx = streaming_positions(last, cache.top_k, self.sink, slots)
+        idx = jnp.broadcast_to(idx[:, None], (q.shape[0], hkv, slots))
+        # The prefill chunk starts the sequence (positions [0, T)).
+        return out, dataclasses.replace(
+            cache,
+            kp=_gather_chunk(k, idx, start).astype(cache.kp.dtype),
+            vp=_gather_chunk(v, idx, start).astype(cache.vp.dtype),
+            idx=idx,
+        )
+
+    def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
+        hkv = k.shape[2]
         q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]
         pos = positions[:, 0].astype(jnp.int32)
         out = self.gathered_step(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0)
@@ -192,11 +184,10 @@ class H2OAttention(HeadMajorBackend):
             for _ in range(cfg.num_layers)
         )
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is None:
-            return self.prefill_attention(q, k, v, layer, q.shape[1]), None
-        if is_prefill(q, lengths):
-            return self._prefill(q, k, v, layer, positions, cache, lengths)
+    def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
+        return self._prefill(q, k, v, layer, positions, cache, lengths)
+
+    def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
         return self._decode(q, k, v, positions, cache)
 
     def _prefill(self, q, k, v, layer, positions, cache, lengths):

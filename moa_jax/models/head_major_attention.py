@@ -1,11 +1,11 @@
-"""The shared base of the backends over head-major caches (`pallas_kernels.recycled_cache`):
+"""The shared base of the backends over head-major caches (`pallas_kernels.caches.head_major`):
 Recycled Attention (`recycled_attention`), StreamingLLM and H2O (`eviction_attention`), and
 `FullCacheAttention`, dense decoding through the same cache and kernel.
 
 `HeadMajorBackend` holds their kernel options and runs every Pallas call they make on the
-backend's mesh (rows over data x fsdp, KV heads over tensor, `head_sharding`): the prompt's
-prefill (dense or a MoA plan's windows), the full step over a full cache and the step over K
-gathered slots plus the current token.
+backend's mesh (rows over data x fsdp, KV heads over tensor, `pallas_kernels.sharding`): the
+prompt's prefill (dense or a MoA plan's windows), the full step over a full cache and the step
+over K gathered slots plus the current token.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import CachedAttention
 from moa_jax.models.moa_attention import MoAAttention
-from moa_jax.pallas_kernels.sharding import same_kernel_on_mesh, sparse_attention_on_mesh
-from moa_jax.pallas_kernels.caches.head_major import HeadMajorKVCache, default_block, write_chunk
+from moa_jax.pallas_kernels.caches.head_major import HeadMajorKVCache, default_block
 from moa_jax.pallas_kernels.dispatch import full_step_decode, recycled_decode
+from moa_jax.pallas_kernels.sharding import same_kernel_on_mesh, sparse_attention_on_mesh
 
 
 def chunk_info(
@@ -35,11 +35,6 @@ def chunk_info(
     return start, lengths, start + lengths - 1, jnp.arange(b)
 
 
-def is_prefill(q: jax.Array, lengths: jax.Array | None) -> bool:
-    # A one-token call without `lengths` is a decode step (generate passes lengths to prefill).
-    return q.shape[1] > 1 or lengths is not None
-
-
 def slot_after(slot: jax.Array, out: jax.Array) -> jax.Array:
     """`slot` unchanged, but computed from `out`: a cache write at `slot` then depends on the
     attention that read the cache, so XLA orders the write after the read and updates the
@@ -49,12 +44,12 @@ def slot_after(slot: jax.Array, out: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class HeadMajorBackend(AttentionBackend):
+class HeadMajorBackend(CachedAttention):
     """Keyword-only options of the head-major-cache backends (recycled, dense kernel,
     StreamingLLM, H2O), and their kernel calls.
 
     Args:
-      prefill: the prefill part: a `MoAAttention` whose plan windows the prompt's prefill uses
+      prefill_moa: a `MoAAttention` whose plan windows the prompt's prefill uses
         (its resolution length, or the cache's max_len; its kernel blocks), or None for full
         causal attention. The full cache stays dense, and the seed selection scores the whole
         prompt.
@@ -63,10 +58,10 @@ class HeadMajorBackend(AttentionBackend):
       block: cache padding granularity in tokens (None: 128 on TPU, 64 elsewhere).
       num_splits: GPU split-K factor of the decode kernels (None: automatic).
       mesh: device mesh: the kernels run under `shard_map`, rows over data x fsdp and KV heads
-        over tensor (`head_sharding`); set by `generate(mesh=...)`.
+        over tensor (`pallas_kernels.sharding`); set by `generate(mesh=...)`.
     """
 
-    prefill: MoAAttention | None = None
+    prefill_moa: MoAAttention | None = None
     kernel_backend: str = "auto"
     interpret: bool | None = None
     block: int | None = None
@@ -75,8 +70,8 @@ class HeadMajorBackend(AttentionBackend):
 
     def validate_prefill(self, cfg: ModelConfig) -> None:
         """Raises ValueError when the prefill plan does not match the model `cfg`."""
-        if self.prefill is not None:
-            self.prefill.plan.validate(cfg)
+        if self.prefill_moa is not None:
+            self.prefill_moa.plan.validate(cfg)
 
     @property
     def cache_block(self) -> int:
@@ -87,12 +82,12 @@ class HeadMajorBackend(AttentionBackend):
         self, layer: int, h: int, t: int, max_len: int
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Per-query-head (windows, sinks) of the prompt's prefill: dense, or the plan's."""
-        if self.prefill is None:
+        if self.prefill_moa is None:
             return (max(t, 1),) * h, (0,) * h
-        plan = self.prefill.plan
+        plan = self.prefill_moa.plan
         if plan.num_heads != h:
             raise ValueError(f"prefill plan has {plan.num_heads} heads, the model {h}")
-        return self.prefill.layer_windows(layer, max_len), plan.layer_sinks(layer)
+        return self.prefill_moa.layer_windows(layer, max_len), plan.layer_sinks(layer)
 
     def prefill_attention(
         self, q: jax.Array, k: jax.Array, v: jax.Array, layer: int, max_len: int
@@ -110,9 +105,14 @@ class HeadMajorBackend(AttentionBackend):
             sinks=sinks,
             backend=self.kernel_backend,
             interpret=self.interpret,
-            block_q=None if self.prefill is None else self.prefill.block_q,
-            block_k=None if self.prefill is None else self.prefill.block_k,
+            block_q=None if self.prefill_moa is None else self.prefill_moa.block_q,
+            block_k=None if self.prefill_moa is None else self.prefill_moa.block_k,
         )
+
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        """Stateless: the prompt's prefill attention (dense or the plan's windows) over the
+        call's tokens at positions [0, T)."""
+        return self.prefill_attention(q, k, v, layer, q.shape[1])
 
     def _kernel_kw(self) -> dict:
         return dict(
@@ -170,15 +170,11 @@ class FullCacheAttention(HeadMajorBackend):
             for _ in range(cfg.num_layers)
         )
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is None:
-            return self.prefill_attention(q, k, v, layer, q.shape[1]), None
-        if is_prefill(q, lengths):
-            out = self.prefill_attention(q, k, v, layer, cache.max_len)
-            start = positions[:, 0].astype(jnp.int32)
-            return out, dataclasses.replace(
-                cache, k=write_chunk(cache.k, k, start), v=write_chunk(cache.v, v, start)
-            )
+    def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
+        out = self.prefill_attention(q, k, v, layer, cache.max_len)
+        return out, cache.write(k, v, positions[:, 0].astype(jnp.int32), lengths)
+
+    def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
         pos = positions[:, 0].astype(jnp.int32)
         rows = jnp.arange(q.shape[0])
         ck = cache.k.at[rows, :, pos].set(k[:, 0].astype(cache.k.dtype))

@@ -4,17 +4,21 @@ Module and parameter names mirror HF transformers' `LlamaForCausalLM` (`embed_to
 `layers[i].self_attn.q_proj`, ...), so weight conversion is a table of per-tensor transforms
 (`moa_jax.models.weights`). Layers are a Python list: MoA gives every layer its own spans and
 cache shapes, so layers are not uniform. Where the backend treats every layer alike
-(`AttentionBackend.layer_uniform`: dense attention, the profile's influence attention),
+(`Attention.layer_uniform`: dense attention, the profile's influence attention),
 `scan_layers` runs them as one `lax.scan` over their stacked states, and the compiled program
 holds one layer instead of L (XLA's GPU compiler took 195 s for SmolLM2's 30 unrolled layers of
 the profiling pass and 67-89 s for each generate program).
 
-Attention is delegated to an `AttentionBackend` (`moa_jax.models.attention`), which also owns the
-KV cache layout. The one forward API, used by generate, train, search and eval:
+Attention is delegated to an attention object (`moa_jax.models.attention`): an `Attention` for
+the stateless mode, a `CachedAttention` (which also owns the KV cache layout) for the cached
+ones. Every call names its mode: 'stateless' (no cache: training, search, scoring), 'prefill'
+(the prompt into the cache) or 'decode' (one token per row against the cache). The one forward
+API, used by generate, train, search and eval:
 
   Llama.embed(tokens) -> x [B, T, E]
-  Llama.layer(i, x, positions, attention, cache) -> (x, layer i's new cache)   (one layer)
-  Llama.hidden_states(tokens, positions, cache, attention) -> (x before the final norm, caches)
+  Llama.layer(i, x, positions, attention, cache, mode=) -> (x, layer i's new cache)  (one layer)
+  Llama.hidden_states(tokens, positions, cache, attention, mode=) -> (x before the final norm,
+    caches)
   Llama.logits(x, at=None) -> float32 logits, at every position or only at `at`
   Llama.__call__ = hidden_states + logits; `forward` is its pure, jitted form over
   (graphdef, state).
@@ -35,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from moa_jax.config import ModelConfig, parse_dtype
-from moa_jax.models.attention import AttentionBackend, DenseAttention
+from moa_jax.models.attention import MODES, Attention, CachedAttention, DenseAttention
 from moa_jax.parallel import constrain
 
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -102,19 +106,35 @@ class LlamaAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
 
     def __call__(
-        self, x, positions, inv_freq, cache, attention: AttentionBackend, layer: int, lengths=None
+        self,
+        x,
+        positions,
+        inv_freq,
+        cache,
+        attention: Attention,
+        layer: int,
+        lengths=None,
+        mode: str = "stateless",
     ):
         bsz, t, _ = x.shape
         q = self.q_proj(x).reshape(bsz, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
-        extra = {} if lengths is None else {"lengths": lengths}
-        if attention.wants_pre_rope_query:
-            extra["q_pre_rope"] = q  # e.g. Recycled Attention's dynamic schedule
+        # e.g. Recycled Attention's dynamic schedule compares the queries before RoPE
+        q_pre = q if attention.wants_pre_rope_query else None
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        out, cache = attention(q, k, v, layer=layer, positions=positions, cache=cache, **extra)
-        return self.o_proj(out.reshape(bsz, t, -1).astype(x.dtype)), cache
+        kw = dict(layer=layer, positions=positions)
+        if mode == "stateless":
+            out = attention(q, k, v, lengths=lengths, **kw)
+            second = attention.probe(q, k, v, **kw)
+        elif mode == "prefill":
+            out, second = attention.prefill(
+                q, k, v, cache=cache, lengths=lengths, q_pre_rope=q_pre, **kw
+            )
+        else:
+            out, second = attention.decode_step(q, k, v, cache=cache, q_pre_rope=q_pre, **kw)
+        return self.o_proj(out.reshape(bsz, t, -1).astype(x.dtype)), second
 
 
 class LlamaMLP(nnx.Module):
@@ -136,9 +156,11 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = LlamaMLP(cfg, rngs, dtype, param_dtype)
 
-    def __call__(self, x, positions, inv_freq, cache, attention, layer, lengths=None):
+    def __call__(
+        self, x, positions, inv_freq, cache, attention, layer, lengths=None, mode="stateless"
+    ):
         a, cache = self.self_attn(
-            self.input_layernorm(x), positions, inv_freq, cache, attention, layer, lengths
+            self.input_layernorm(x), positions, inv_freq, cache, attention, layer, lengths, mode
         )
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
@@ -189,32 +211,33 @@ class Llama(nnx.Module):
         i: int,
         x: jax.Array,
         positions: jax.Array,
-        attention: AttentionBackend,
+        attention: Attention,
         cache: Any = None,
         lengths: jax.Array | None = None,
         *,
+        mode: str = "stateless",
         remat: bool = False,
     ) -> tuple[jax.Array, Any]:
-        """Decoder layer i: x [B, T, E] -> (x [B, T, E], the backend's second output: layer i's
-        new cache, or None without one).
+        """Decoder layer i: x [B, T, E] -> (x [B, T, E], layer i's new cache in the cached
+        modes, the backend's `probe` in stateless mode).
 
-        `attention` is called as layer i's attention with this layer's `cache`; per-layer data
-        other than a cache (a profile's probes, a plan's window arrays) are fields of the
-        backend given for this layer. `remat`: recompute the layer's activations in the
-        backward pass (`nnx.remat`), without a cache only.
+        `attention` is called as layer i's attention in `mode` ('stateless', 'prefill' or
+        'decode', `check_mode`) with this layer's `cache`; per-layer data other than a cache (a
+        profile's probes, a plan's window arrays) are fields of the backend given for this
+        layer. `remat`: recompute the layer's activations in the backward pass (`nnx.remat`),
+        stateless mode only.
         """
+        check_mode(mode, attention, cache, remat)
         layer = self.layers[i]
         inv_freq = rope_inv_freq(self.config)
         if remat:
-            if cache is not None:
-                raise ValueError("remat is for training (no cache); decoding keeps no activations")
 
             def run(layer, x):
-                return layer(x, positions, inv_freq, None, attention, i, lengths)
+                return layer(x, positions, inv_freq, None, attention, i, lengths, mode)
 
             x, out = nnx.remat(run)(layer, x)
         else:
-            x, out = layer(x, positions, inv_freq, cache, attention, i, lengths)
+            x, out = layer(x, positions, inv_freq, cache, attention, i, lengths, mode)
         return constrain(x, HIDDEN), out
 
     def hidden_states(
@@ -225,8 +248,9 @@ class Llama(nnx.Module):
         attention: LayerAttention = DenseAttention(),
         lengths: jax.Array | None = None,
         *,
+        mode: str = "stateless",
         remat: bool = False,
-        layer_stack: "LayerStack | None" = None,
+        layer_stack: LayerStack | None = None,
     ) -> tuple[jax.Array, Any]:
         """The decoder layers over the embedded tokens: see `__call__` for the arguments.
 
@@ -234,16 +258,25 @@ class Llama(nnx.Module):
         (backends holding that layer's arrays as fields; with `layer_stack` they must be
         pytrees of one structure: their arrays are stacked over layers for the scan).
         Returns (the last layer's output [B, T, E] before the final norm, each layer's
-        second backend output: a tuple over layers, or one pytree stacked over layers [L, ...]
+        second output (`layer`): a tuple over layers, or one pytree stacked over layers [L, ...]
         with `layer_stack`).
         """
-        if remat and cache is not None:
-            raise ValueError("remat is for training (no cache); decoding keeps no activations")
+        check_mode(mode, attention[0] if isinstance(attention, tuple) else attention, cache, remat)
+        if mode == "decode" and tokens.shape[1] != 1:
+            raise ValueError(f"a decode step takes one token per row, got {tokens.shape[1]}")
         x = self.embed(tokens)
         if layer_stack is not None:
             inv_freq = rope_inv_freq(self.config)
             return scan_layers(
-                layer_stack, x, positions, inv_freq, attention, cache, lengths, remat=remat
+                layer_stack,
+                x,
+                positions,
+                inv_freq,
+                attention,
+                cache,
+                lengths,
+                mode=mode,
+                remat=remat,
             )
         outs = []
         for i in range(len(self.layers)):
@@ -254,6 +287,7 @@ class Llama(nnx.Module):
                 attention[i] if isinstance(attention, tuple) else attention,
                 None if cache is None else cache[i],
                 lengths,
+                mode=mode,
                 remat=remat,
             )
             outs.append(out)
@@ -288,38 +322,71 @@ class Llama(nnx.Module):
         logits_at: jax.Array | None = None,
         lengths: jax.Array | None = None,
         *,
+        mode: str = "stateless",
         remat: bool = False,
-        layer_stack: "LayerStack | None" = None,
+        layer_stack: LayerStack | None = None,
     ):
         """Runs the model: `hidden_states`, then `logits`.
 
         Args:
           tokens: int [B, T].
           positions: int [B, T], absolute positions (contiguous per row).
-          cache: one cache per layer (from `attention.init_cache`) or None.
+          cache: one cache per layer (from `attention.init_cache`) in the cached modes, None in
+            stateless mode.
           attention: the attention backend, or one per layer (`hidden_states`).
           logits_at: optional int [B]; if given, logits only at tokens[b, logits_at[b]].
           lengths: optional int [B], valid tokens per row of a right-padded chunk (passed on to
             the attention backend so ring caches skip the padding).
+          mode: 'stateless' (no cache), 'prefill' (the prompt into the cache) or 'decode'
+            (one token per row, T = 1, against the cache); see `check_mode`.
           remat: recompute each layer's activations in the backward pass instead of keeping
             them (`nnx.remat`; training at long lengths: memory for about a third more
-            compute). Without a cache only.
+            compute). Stateless mode only.
           layer_stack: `stack_layers(self)`: run the layers as one scan (`scan_layers`); the
             cache is then one pytree with leaves stacked over layers [L, ...], and so is the
             returned cache.
         Returns:
           (logits float32 [B, T, V] or [B, V], new cache tuple (stacked with `layer_stack`) or
-          None).
+          None in stateless mode).
         """
         x, new_cache = self.hidden_states(
-            tokens, positions, cache, attention, lengths, remat=remat, layer_stack=layer_stack
+            tokens,
+            positions,
+            cache,
+            attention,
+            lengths,
+            mode=mode,
+            remat=remat,
+            layer_stack=layer_stack,
         )
-        return self.logits(x, logits_at), None if cache is None else new_cache
+        return self.logits(x, logits_at), None if mode == "stateless" else new_cache
 
 
 LayerStack = tuple[nnx.GraphDef, nnx.State]
 # one backend for every layer, or one per layer (`Llama.hidden_states`)
-LayerAttention = AttentionBackend | tuple[AttentionBackend, ...]
+LayerAttention = Attention | tuple[Attention, ...]
+
+
+def check_mode(mode: str, attention: Attention, cache: Any, remat: bool = False) -> None:
+    """Raises ValueError unless `mode` is one of 'stateless', 'prefill' or 'decode' and fits:
+    stateless without a cache, the cached modes with a cache and a `CachedAttention`, and
+    `remat` only stateless."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "stateless":
+        if cache is not None:
+            raise ValueError(
+                "a cache was given in stateless mode: pass mode='prefill' or mode='decode' "
+                "to use it, or no cache"
+            )
+        return
+    if cache is None:
+        raise ValueError(f"mode {mode!r} needs a cache (from attention.init_cache)")
+    if not isinstance(attention, CachedAttention):
+        name = type(attention).__name__
+        raise ValueError(f"{name} keeps no cache: it runs in stateless mode only")
+    if remat:
+        raise ValueError("remat is for training (stateless mode); decoding keeps no activations")
 
 
 def stack_layers(model: Llama) -> LayerStack:
@@ -338,6 +405,7 @@ def scan_layers(
     cache: Any = None,
     lengths: jax.Array | None = None,
     *,
+    mode: str = "stateless",
     remat: bool = False,
 ) -> tuple[jax.Array, Any]:
     """The decoder layers as one `lax.scan`: x [B, T, E] through every layer of `stack`
@@ -345,10 +413,10 @@ def scan_layers(
 
     `attention`: one backend for every layer, or a tuple of per-layer backends (pytrees of one
     structure, whose arrays are stacked over layers and scanned). `cache`: each layer's cache,
-    a pytree with leaves stacked over layers [L, ...], or None. Returns (x [B, T, E], the
-    backend's per-layer second outputs stacked the same way). `remat` recomputes each layer in
-    the backward pass. Only for backends with `layer_uniform` (the scanned layer runs as layer
-    0).
+    a pytree with leaves stacked over layers [L, ...], or None in stateless `mode`. Returns
+    (x [B, T, E], the per-layer second outputs (`Llama.layer`) stacked the same way). `remat`
+    recomputes each layer in the backward pass. Only for backends with `layer_uniform` (the
+    scanned layer runs as layer 0).
     """
     per_layer = isinstance(attention, tuple)
     first = attention[0] if per_layer else attention
@@ -363,7 +431,7 @@ def scan_layers(
     def body(x, xs):
         st, att, c = xs
         y, out = nnx.merge(gd, st)(
-            x, positions, inv_freq, c, att if per_layer else attention, 0, lengths
+            x, positions, inv_freq, c, att if per_layer else attention, 0, lengths, mode
         )
         return constrain(y, HIDDEN), out
 
@@ -372,7 +440,7 @@ def scan_layers(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "mode"))
 def forward(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -380,13 +448,14 @@ def forward(
     positions: jax.Array,
     cache: Sequence[Any] | None = None,
     *,
-    attention: AttentionBackend = DenseAttention(),
+    attention: Attention = DenseAttention(),
     logits_at: jax.Array | None = None,
     lengths: jax.Array | None = None,
+    mode: str = "stateless",
 ):
     """Pure jitted forward over a split model: see `Llama.__call__`."""
     model = nnx.merge(graphdef, state)
-    return model(tokens, positions, cache, attention, logits_at, lengths)
+    return model(tokens, positions, cache, attention, logits_at, lengths, mode=mode)
 
 
 def init_random(

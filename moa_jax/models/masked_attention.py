@@ -5,7 +5,7 @@ query chunk x keys per layer.
 - `chunked_attention`: T tokens over themselves (forward passes: causal and window skipping;
   `checkpoint=True`: rematerialised chunks for a bounded backward pass, used by profiling).
 - `cache_attention`: queries over a whole `DenseKVCache`, masked by absolute position.
-- `MaskedAttention`: the `AttentionBackend` over both, used to generate the calibration answers,
+- `MaskedAttention`: the `CachedAttention` over both, used to generate the calibration answers,
   to validate candidate plans and by the evaluation's 'masked' implementation.
 """
 
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import CachedAttention
 from moa_jax.pallas_kernels.caches.dense import DenseKVCache
 from moa_jax.pallas_kernels.reference import (
     causal_mask,
@@ -163,14 +163,14 @@ def _prefill_chunks(q, k, v, windows, sinks, q_chunk: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedAttention(AttentionBackend):
+class MaskedAttention(CachedAttention):
     """Dense causal, or fixed per-head window + sink attention, computed exactly (jnp) in query
     chunks.
 
-    Without a cache, the tokens of a call sit at positions [0, T). With a (dense) cache, a
-    multi-token call whose rows all start at position 0 (a prefill, as `generate` does it) takes
-    the chunked fast path over the new tokens; other calls (decode, continued prefill) attend
-    over the whole cache under the position mask.
+    Stateless, the tokens of a call sit at positions [0, T). With a (dense) cache, a `prefill`
+    whose rows all start at position 0 (as `generate` does it) takes the chunked fast path over
+    the new tokens; a continued prefill and `decode_step` attend over the whole cache under the
+    position mask.
 
     Args:
       windows: [layers][heads] window per query head in tokens (None: dense causal).
@@ -210,24 +210,34 @@ class MaskedAttention(AttentionBackend):
             for _ in range(cfg.num_layers)
         )
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        # Slot j holds position j: right padding is overwritten by decoding and never visible to
-        # a real query (causal mask), so `lengths` is not needed.
+    def _layer_checked(self, layer: int, q: jax.Array):
         windows, sinks = self._layer(layer)
         if windows is not None and len(windows) != q.shape[2]:
             raise ValueError(f"{len(windows)} windows for {q.shape[2]} query heads")
-        if cache is None:
-            return _prefill_chunks(q, k, v, windows, sinks, self.q_chunk), None
+        return windows, sinks
+
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        windows, sinks = self._layer_checked(layer, q)
+        return _prefill_chunks(q, k, v, windows, sinks, self.q_chunk)
+
+    # Slot j holds position j: right padding is overwritten by decoding and never visible to a
+    # real query (causal mask), so `lengths` is not needed.
+    def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
+        windows, sinks = self._layer_checked(layer, q)
         cache = cache.write(k, v, positions[:, 0])
-        if q.shape[1] == 1:
-            return cache_attention(
-                q, cache, positions, windows=windows, sinks=sinks, q_chunk=self.q_chunk
-            ), cache
         out = jax.lax.cond(
             jnp.all(positions[:, 0] == 0),
             lambda: _prefill_chunks(q, k, v, windows, sinks, self.q_chunk),
             lambda: cache_attention(
                 q, cache, positions, windows=windows, sinks=sinks, q_chunk=self.q_chunk
             ),
+        )
+        return out, cache
+
+    def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
+        windows, sinks = self._layer_checked(layer, q)
+        cache = cache.write(k, v, positions[:, 0])
+        out = cache_attention(
+            q, cache, positions, windows=windows, sinks=sinks, q_chunk=self.q_chunk
         )
         return out, cache

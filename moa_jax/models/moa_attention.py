@@ -3,16 +3,16 @@
 Each layer's plan is resolved once into a `MoASchedule` (`schedule`: windows and sinks per query
 head, the span cache's layout, the decode kernels' tables), which is passed on:
 
-- No cache (prefill for scoring, training, profiling): the block-sparse Pallas kernel
+- Stateless (scoring, training, profiling): the block-sparse Pallas kernel
   (`moa_jax.pallas_kernels.sparse_attention`) with the schedule's windows and sinks. The tokens of
   a call are taken to sit at positions [0, T) (as `forward` gives them without a cache), since
   sinks are absolute positions.
-- With a cache (`generate`): a `SpanKVCache` per layer laid out by the schedule, which it carries:
-  for each KV head only the sink tokens and a ring of the largest window of its query group. A
-  multi-token call is the prompt's prefill (positions [0, T), an empty cache): the block-sparse
-  kernel, then the chunk write that keeps each head's sinks and last span (skipping right padding
-  through `lengths`). A one-token call is a decode step: append, then the split-K span decode
-  kernel (`moa_jax.pallas_kernels.span_decode`), which reads the cache's schedule.
+- Cached (`generate`): a `SpanKVCache` per layer laid out by the schedule, which it carries: for
+  each KV head only the sink tokens and a ring of the largest window of its query group.
+  `prefill` (positions [0, T), an empty cache) runs the block-sparse kernel, then the chunk
+  write that keeps each head's sinks and last span (skipping right padding through `lengths`).
+  `decode_step` appends the token, then runs the split-K span decode kernel
+  (`moa_jax.pallas_kernels.span_decode`), which reads the cache's schedule.
 
 Windows are resolved at `length` if given, else at the length of the call (T without a cache,
 the cache's max_len with one, i.e. prompt + new tokens as in the reference), so prefill and
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import CachedAttention
 from moa_jax.pallas_kernels.sharding import (
     head_shards,
     span_decode_on_mesh,
@@ -41,7 +41,7 @@ from moa_jax.plan import Plan
 
 
 @dataclasses.dataclass(frozen=True)
-class MoAAttention(AttentionBackend):
+class MoAAttention(CachedAttention):
     """Args:
     plan: the compression plan ([layers][query heads] rules and sinks).
     length: input length N at which the plan is resolved (None: the call's length).
@@ -52,7 +52,7 @@ class MoAAttention(AttentionBackend):
     interpret: Pallas interpret mode (None: automatic, True on CPU).
     mesh: device mesh: the prefill and decode kernels run under `shard_map`, rows over
       data x fsdp and heads over tensor, each device with its heads' windows, and the span
-      cache is packed by device (`head_sharding`); set by `generate(mesh=...)`.
+      cache is packed by device (`pallas_kernels.sharding`); set by `generate(mesh=...)`.
     """
 
     plan: Plan
@@ -116,26 +116,13 @@ class MoAAttention(AttentionBackend):
             for layer in range(cfg.num_layers)
         )
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
+    def _check_heads(self, q: jax.Array) -> None:
         h = q.shape[2]
         if h != self.plan.num_heads:
             raise ValueError(f"plan has {self.plan.num_heads} heads, the model {h}")
-        if cache is None:
-            sched = self.schedule(layer, q.shape[1], k.shape[2])
-        else:
-            sched = cache.schedule
-        if cache is not None and q.shape[1] == 1:
-            cache = cache.write(k, v, positions[:, 0], lengths)
-            out = span_decode_on_mesh(
-                q[:, 0],
-                cache,
-                positions[:, 0],
-                self.mesh,
-                backend=self.kernel_backend,
-                interpret=self.interpret,
-            )
-            return out[:, None], cache
-        out = sparse_attention_on_mesh(
+
+    def _sparse(self, q, k, v, sched: MoASchedule) -> jax.Array:
+        return sparse_attention_on_mesh(
             q,
             k,
             v,
@@ -147,6 +134,25 @@ class MoAAttention(AttentionBackend):
             block_q=self.block_q,
             block_k=self.block_k,
         )
-        if cache is not None:
-            cache = cache.write(k, v, positions[:, 0], lengths)
-        return out, cache
+
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        self._check_heads(q)
+        return self._sparse(q, k, v, self.schedule(layer, q.shape[1], k.shape[2]))
+
+    def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
+        self._check_heads(q)
+        out = self._sparse(q, k, v, cache.schedule)
+        return out, cache.write(k, v, positions[:, 0], lengths)
+
+    def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
+        self._check_heads(q)
+        cache = cache.write(k, v, positions[:, 0])
+        out = span_decode_on_mesh(
+            q[:, 0],
+            cache,
+            positions[:, 0],
+            self.mesh,
+            backend=self.kernel_backend,
+            interpret=self.interpret,
+        )
+        return out[:, None], cache

@@ -1,11 +1,11 @@
 """Recycled Attention decoding (Xu, Goyal, Choi 2024): the config, the selection and the backend.
 
 `RecycledAttention(RecycleConfig(k, stride, dynamic_threshold))` keeps two caches per layer
-(`pallas_kernels.recycled_cache.RecycledKVCache`): the full cache C_f (every token, never
+(`pallas_kernels.RecycledKVCache`): the full cache C_f (every token, never
 evicted) and the recycled cache C_p of exactly K entries per KV head, kept as indices into C_f
 plus a gathered copy of their keys and values (so partial steps read K contiguous slots). It
 prefills with full causal attention, or with a MoA `Plan` through the block-sparse kernel when
-`prefill` is given (options: `head_major_attention.HeadMajorBackend`). The K-slot
+`prefill_moa` is given (options: `head_major_attention.HeadMajorBackend`). The K-slot
 baselines it is compared with are in `eviction_attention`.
 
 Recycled Attention, as implemented (METHODS.md "Recycled Attention"):
@@ -25,7 +25,7 @@ Recycled Attention, as implemented (METHODS.md "Recycled Attention"):
   tokens generated since the last refresh are never evicted (needs S <= K). The token is also
   written to C_f, whose entries are never recomputed.
 - Full step: attend over all of C_f and rebuild C_p (and reset the pointer) from the same pass's
-  probabilities (`pallas_kernels.recycled_decode_gpu.full_step_decode` returns both).
+  probabilities (`pallas_kernels.full_step_decode` returns both).
 - Schedule, per layer inside the decode `lax.while_loop`: each layer's cache carries a decode
   step counter (the prefill is step 0), the pointer and the head-averaged query of its last full
   step, and `lax.cond` picks the full or the partial branch at run time, so a partial step never
@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.head_major_attention import HeadMajorBackend, chunk_info, is_prefill, slot_after
+from moa_jax.models.head_major_attention import HeadMajorBackend, chunk_info, slot_after
 from moa_jax.pallas_kernels.caches.head_major import RecycledKVCache, gather_slots, write_chunk
 
 
@@ -197,16 +197,19 @@ class RecycledAttention(HeadMajorBackend):
             return _head_mean(q_pre)
         return _head_mean(q)
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
-        if self.wants_pre_rope_query and q_pre_rope is None and cache is not None:
+    def _check_pre_rope(self, q_pre_rope):
+        if self.wants_pre_rope_query and q_pre_rope is None:
             raise ValueError(
                 "RecycleConfig(pre_rope_query=True) needs the model to pass "
                 "q_pre_rope= (moa_jax.models.llama does)"
             )
-        if cache is None:
-            return self.prefill_attention(q, k, v, layer, q.shape[1]), None
-        if is_prefill(q, lengths):
-            return self._prefill(q, k, v, layer, positions, cache, lengths, q_pre_rope)
+
+    def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
+        self._check_pre_rope(q_pre_rope)
+        return self._prefill(q, k, v, layer, positions, cache, lengths, q_pre_rope)
+
+    def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
+        self._check_pre_rope(q_pre_rope)
         return self._decode(q, k, v, positions, cache, q_pre_rope)
 
     def _prefill(self, q, k, v, layer, positions, cache, lengths, q_pre):

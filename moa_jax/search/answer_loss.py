@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama
 
 
@@ -113,14 +113,16 @@ def answer_nll(
 @functools.partial(jax.jit, static_argnames=("graphdef", "attention"))
 def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention):
     model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden_states(tokens, row_positions(*tokens.shape), attention=attention)
+    hidden, _ = model.hidden_states(
+        tokens, row_positions(*tokens.shape), attention=attention, mode="stateless"
+    )
     return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
 
 
 def answer_losses(
     model: Llama,
     batches: Sequence[Batch],
-    attention: AttentionBackend,
+    attention: Attention,
     progress: bool = False,
     desc: str = "answer loss",
 ) -> np.ndarray:

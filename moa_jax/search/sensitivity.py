@@ -61,9 +61,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.pallas_kernels.sharding import sparse_attention_on_mesh
+from moa_jax.parallel import batch_sharding, param_shardings
 from moa_jax.search.answer_loss import Batch, answer_nll, make_batches, row_positions
 from moa_jax.search.influence import answer_tap, attention_with_influence, influence_rows
 from moa_jax.search.influence_profile import BLOCK, InfluenceProfile
@@ -85,7 +87,7 @@ from moa_jax.search.influence_profile import BLOCK, InfluenceProfile
     ),
 )
 @dataclasses.dataclass(frozen=True)
-class InfluenceAttention(AttentionBackend):
+class InfluenceAttention(Attention):
     """Dense causal attention with zero probes whose gradients are the layer's influence sums.
 
     The configuration fields are static; each layer's backend (`with_probes`) holds that
@@ -133,10 +135,7 @@ class InfluenceAttention(AttentionBackend):
         """This backend for one layer: its zero probes and the answer rows (class docstring)."""
         return dataclasses.replace(self, probes=tuple(probes), rows=tuple(rows))
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError("InfluenceAttention is for single forward/backward passes")
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         if self.probes is None:
             raise ValueError("InfluenceAttention runs a layer given its probes (`with_probes`)")
         if self.token:
@@ -152,17 +151,15 @@ class InfluenceAttention(AttentionBackend):
                 self.key_groups,
                 self.windows,
             )
-            return out, None
+            return out
         out = self._dense(q, k, v, positions)
-        return answer_tap(out, q, k, v, *self.probes, *self.rows, self.sink), None
+        return answer_tap(out, q, k, v, *self.probes, *self.rows, self.sink)
 
     def _dense(self, q, k, v, positions):
         kernel = self.kernel
         if kernel == "auto":
             kernel = "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "jnp"
         if kernel == "pallas":  # (interpret mode off GPU / TPU)
-            from moa_jax.pallas_kernels.sharding import sparse_attention_on_mesh
-
             h, n = q.shape[2], k.shape[1]
             # bfloat16 operands: the kernel's float32 (HIGHEST precision) backward took 603 ms
             # against 13 ms for SmolLM2's shapes at 8k, batch 4, on an H200
@@ -238,6 +235,7 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
             tokens,
             row_positions(b, t),
             attention=per_layer,
+            mode="stateless",
             remat=remat,
             layer_stack=stack_layers(model),
         )
@@ -261,8 +259,6 @@ def _split(model: Llama, mesh=None):
     """(graphdef, state) of the model, the state sharded over `mesh` when given."""
     graphdef, state = nnx.split(model)
     if mesh is not None:
-        from moa_jax.parallel import param_shardings
-
         state = jax.device_put(state, param_shardings(state, mesh))
     return graphdef, state
 
@@ -334,8 +330,6 @@ def _profile_split(
         qc -= block
     arrays = batch.arrays()
     if mesh is not None:
-        from moa_jax.parallel import batch_sharding
-
         arrays = [jax.device_put(x, batch_sharding(mesh, x.shape)) for x in arrays]
     attention = InfluenceAttention(
         sink=sink,

@@ -30,9 +30,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
+from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.plan import Plan
 from moa_jax.search.answer_loss import Batch, answer_losses, answer_nll, row_positions
 
@@ -41,7 +42,7 @@ from moa_jax.search.answer_loss import Batch, answer_losses, answer_nll, row_pos
     jax.tree_util.register_dataclass, data_fields=("windows", "sinks"), meta_fields=("q_chunk",)
 )
 @dataclasses.dataclass(frozen=True)
-class WindowArgAttention(AttentionBackend):
+class WindowArgAttention(Attention):
     """One layer's window + sink attention, its windows and sinks int [H] given as arrays (a
     pytree: the layers run as one scan over their stacked backends, and a new plan's arrays
     need no new compilation)."""
@@ -51,14 +52,10 @@ class WindowArgAttention(AttentionBackend):
     sinks: jax.Array | None = None
     layer_uniform = True  # the layer's windows are its own fields; `layer` is not read
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.float32):
-        raise NotImplementedError("WindowArgAttention scores whole sequences (no KV cache)")
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None, **_):
-        out = chunked_attention(
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
+        return chunked_attention(
             q, k, v, positions, windows=self.windows, sinks=self.sinks, q_chunk=self.q_chunk
         )
-        return out, None
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "layer_graphdef", "q_chunk"))
@@ -85,6 +82,7 @@ def _window_losses(
         tokens,
         row_positions(*tokens.shape),
         attention=attention,
+        mode="stateless",
         layer_stack=(layer_graphdef, layer_state),
     )
     return answer_nll(model, hidden, tgt_pos, tgt_ids, tgt_w)
@@ -110,8 +108,6 @@ def plan_losses(
     """Per-item answer loss with `plan` resolved at `length` (dense: `Plan.dense`)."""
     plan.validate(model.config)
     if _resolve_backend(backend) == "moa":
-        from moa_jax.models.moa_attention import MoAAttention
-
         return answer_losses(model, batches, MoAAttention(plan, length=length))
     graphdef, state = nnx.split(model)
     layer_graphdef, layer_state = stack_layers(model)

@@ -20,7 +20,7 @@ import dataclasses
 
 from moa_jax.config import ModelConfig
 from moa_jax.methods import AttentionConfig, TrainAttentionConfig, build_train_attention
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.plan import Plan
 from moa_jax.train.config import TrainConfig
 
@@ -32,7 +32,7 @@ def make_attention(
     top_k: int | None = None,
     stride: int | None = None,
     decode_eviction: bool | None = None,
-) -> AttentionBackend:
+) -> Attention:
     """The training attention for model `mc` (or an evaluation variant with another K /
     stride), built by the method registry (`moa_jax.methods.build_train_attention`)."""
     tc = TrainAttentionConfig(
@@ -58,11 +58,11 @@ def load_plan(cfg: TrainConfig, mc: ModelConfig):
         raise ValueError(f"plan {cfg.plan!r}: {e}") from None
 
 
-def eval_attentions(cfg: TrainConfig, mc: ModelConfig) -> dict[str, AttentionBackend]:
+def eval_attentions(cfg: TrainConfig, mc: ModelConfig) -> dict[str, Attention]:
     """Evaluation methods: the training attention (recycled: one per eval stride, at eval_top_k;
     with the decoder's eviction when `eval_decode_eviction` and the blocks fit in K) and dense
     attention."""
-    out: dict[str, AttentionBackend] = {}
+    out: dict[str, Attention] = {}
     if cfg.attention == "recycled":
         k = cfg.eval_top_k or cfg.top_k
         for s in cfg.eval_strides:

@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.train.data import PackedData
 from moa_jax.train.step import BATCH_KEYS, batch_shardings, loss_sums, put_batch, replicated
 
@@ -19,7 +19,7 @@ _JIT_CACHE: dict[Any, Any] = {}
 
 def get_eval_step(
     graphdef: nnx.GraphDef,
-    attention: AttentionBackend,
+    attention: Attention,
     tail: int,
     mesh: Mesh,
     p_sh: Any,
@@ -43,7 +43,7 @@ def evaluate(
     params: Any,
     data: PackedData,
     rows: np.ndarray,
-    methods: dict[str, AttentionBackend],
+    methods: dict[str, Attention],
     tail: int,
     batch_size: int,
     mesh: Mesh,

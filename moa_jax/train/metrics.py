@@ -12,7 +12,7 @@ import numpy as np
 
 from moa_jax.config import ModelConfig
 from moa_jax.files import atomic_write_text
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.train.config import TrainConfig
 
 # Peak dense bf16 matmul throughput by device kind, for MFU (FLOP/s).
@@ -50,7 +50,7 @@ def train_flops_per_sequence(mc: ModelConfig, seq_len: int, attention_entries: i
     )
 
 
-def attention_entries(attention: AttentionBackend, seq_len: int, num_heads: int) -> int:
+def attention_entries(attention: Attention, seq_len: int, num_heads: int) -> int:
     """Kept (query, key) pairs per head of one sequence (mean over heads for MoA plans)."""
     fn = getattr(attention, "attention_entries", None)
     if fn is not None:

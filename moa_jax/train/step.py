@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
 from moa_jax.parallel import logical_to_spec
 from moa_jax.train.config import TrainConfig
 from moa_jax.train.data import Batch
@@ -32,14 +32,16 @@ def loss_sums(
     graphdef: nnx.GraphDef,
     params: Any,
     batch: dict[str, jax.Array],
-    attention: AttentionBackend,
+    attention: Attention,
     tail: int = 0,
     remat: bool = False,
 ) -> dict[str, jax.Array]:
     """Summed next-token NLL and token counts of a batch ([B, T] arrays); `tail` > 0 also sums
     over the last `tail` positions only; `remat` recomputes layers in the backward pass."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], batch["positions"], None, attention, remat=remat)
+    logits, _ = model(
+        batch["inputs"], batch["positions"], None, attention, mode="stateless", remat=remat
+    )
     logz = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     nll = (logz - tgt) * batch["loss_mask"]
@@ -52,7 +54,7 @@ def loss_sums(
 
 def train_step_fn(
     graphdef: nnx.GraphDef,
-    attention: AttentionBackend,
+    attention: Attention,
     optimizer: optax.GradientTransformation,
     remat: bool = False,
 ):
@@ -120,7 +122,7 @@ def put_batch(batch: Batch, mesh: Mesh, lead: int) -> dict[str, jax.Array]:
 
 def get_train_step(
     graphdef: nnx.GraphDef,
-    attention: AttentionBackend,
+    attention: Attention,
     cfg: TrainConfig,
     mesh: Mesh,
     p_sh: Any,

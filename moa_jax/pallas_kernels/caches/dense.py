@@ -12,11 +12,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from moa_jax.pallas_kernels.caches.protocol import random_like, tree_nbytes
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DenseKVCache:
-    """One layer's dense cache. k, v: [B, S, Hkv, D]; slot j holds the token at position j."""
+    """One layer's dense cache. k, v: [B, S, Hkv, D]; slot j holds the token at position j.
+    A `moa_jax.pallas_kernels.caches.protocol.KVCache`."""
 
     k: jax.Array
     v: jax.Array
@@ -37,7 +40,9 @@ class DenseKVCache:
     def max_len(self) -> int:
         return self.k.shape[1]
 
-    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> "DenseKVCache":
+    def write(
+        self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
+    ) -> "DenseKVCache":
         """Writes T new tokens per row at slots [start[b], start[b] + T).
 
         Args:
@@ -45,6 +50,8 @@ class DenseKVCache:
           start: int [B], the position of each row's first new token. Callers guarantee
             start + T <= max_len (checked on the host by `generate`), since XLA clamps
             out-of-range slices instead of failing.
+          lengths: not needed: padding lands in the slots of the positions after a row's last
+            valid token, which decoding overwrites in order before any query can see them.
         """
 
         def put(buf, new, s):
@@ -52,16 +59,12 @@ class DenseKVCache:
 
         return DenseKVCache(jax.vmap(put)(self.k, k, start), jax.vmap(put)(self.v, v, start))
 
-    @staticmethod
-    def nbytes(
-        batch: int,
-        max_len: int,
-        num_kv_heads: int,
-        head_dim: int,
-        num_layers: int,
-        dtype=jnp.bfloat16,
-    ) -> int:
-        """Total bytes of a model's dense cache."""
-        return (
-            2 * batch * max_len * num_kv_heads * head_dim * num_layers * jnp.dtype(dtype).itemsize
-        )
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this cache: 2 * B * S * Hkv * D * itemsize."""
+        return tree_nbytes(self)
+
+    def filled(self, context: int, key: jax.Array) -> "DenseKVCache":
+        """Random keys and values in every slot (the slots past `context` are never read)."""
+        k1, k2, _, _ = jax.random.split(key, 4)
+        return DenseKVCache(random_like(k1, self.k), random_like(k2, self.v))

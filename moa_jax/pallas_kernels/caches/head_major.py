@@ -12,6 +12,9 @@ kernel block (`default_block`):
 
 A cache's K (`top_k`, static) is the one its backend reads at every step; the backend's config
 only sizes the cache (`init_cache`). Slots [K, Kp) are block padding and always empty (-1).
+Each is a `caches.protocol.KVCache`: `write` puts a chunk's tokens into the full cache (slot j
+holds position j) and into every gathered slot that holds one of their positions; which
+positions the gathered slots hold is the backend's choice.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moa_jax.pallas_kernels.caches.protocol import random_like, tree_nbytes
 from moa_jax.pallas_kernels.heuristics import cache_block
 
 KV_AXES = ("batch", "kv_heads", "seq", "head_dim")
@@ -54,8 +58,45 @@ def write_chunk(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
     return jax.vmap(put)(buf, new, start)
 
 
-def _nbytes(cache: Any) -> int:
-    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(cache)))
+def refresh_slots(
+    buf: jax.Array,
+    idx: jax.Array,
+    new: jax.Array,
+    start: jax.Array,
+    lengths: jax.Array | None = None,
+) -> jax.Array:
+    """Gathered slots buf [B, Hkv, M, D] holding positions idx int [B, Hkv, M] (-1 empty), with
+    the slots whose position is one of the valid chunk tokens new [B, T, Hkv, D] (positions
+    [start[b], start[b] + lengths[b])) set to that token."""
+    b, t = new.shape[:2]
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+    local = idx - start[:, None, None]
+    take = (idx >= 0) & (local >= 0) & (local < lengths[:, None, None])
+    got = gather_slots(jnp.swapaxes(new, 1, 2), jnp.clip(local, 0, t - 1)).astype(buf.dtype)
+    return jnp.where(take[..., None], got, buf)
+
+
+def streaming_positions(last: jax.Array, top_k: int, sink: int, slots: int) -> jax.Array:
+    """int32 [B, slots]: the position each slot of a StreamingLLM cache (`sink` sinks, then a
+    ring of top_k - sink recent tokens) holds after tokens [0, last] were written one by one
+    (slot p for p < sink, else sink + (p - sink) % (top_k - sink)); -1 for empty slots."""
+    ring = top_k - sink
+    j = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    last = last[:, None]
+    i = j - sink
+    ring_pos = sink + i + ring * jnp.floor_divide(last - sink - i, ring)
+    p = jnp.where(j < sink, j, ring_pos)
+    ok = (j < top_k) & (p <= last) & ((j < sink) | (p >= sink))
+    return jnp.where(ok, p, -1).astype(jnp.int32)
+
+
+def _random_selection(key: jax.Array, shape: tuple[int, ...], top_k: int, context: int):
+    """int32 [B, Hkv, slots] (shape): min(top_k, context) random distinct positions of
+    [0, context) per row and KV head, then -1."""
+    b, hkv, slots = shape
+    kk = min(top_k, context)
+    idx = lax.top_k(jax.random.uniform(key, (b, hkv, context)), kk)[1].astype(jnp.int32)
+    return jnp.pad(idx, ((0, 0), (0, 0), (0, slots - kk)), constant_values=-1)
 
 
 @functools.partial(
@@ -85,8 +126,23 @@ class HeadMajorKVCache:
     def logical_axes(self) -> "HeadMajorKVCache":
         return dataclasses.replace(self, k=KV_AXES, v=KV_AXES)
 
+    @property
     def nbytes(self) -> int:
-        return _nbytes(self)
+        return tree_nbytes(self)
+
+    def write(
+        self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
+    ) -> "HeadMajorKVCache":
+        """Writes k, v [B, T, Hkv, D] at slots [start[b], start[b] + T) (padding included:
+        decoding overwrites it in order before any query can see it)."""
+        return dataclasses.replace(
+            self, k=write_chunk(self.k, k, start), v=write_chunk(self.v, v, start)
+        )
+
+    def filled(self, context: int, key: jax.Array) -> "HeadMajorKVCache":
+        """Random keys and values in every slot (the slots past `context` are never read)."""
+        k1, k2, _, _ = jax.random.split(key, 4)
+        return dataclasses.replace(self, k=random_like(k1, self.k), v=random_like(k2, self.v))
 
 
 @functools.partial(
@@ -159,8 +215,38 @@ class RecycledKVCache:
             ref_q=("batch", "head_dim"),
         )
 
+    @property
     def nbytes(self) -> int:
-        return _nbytes(self)
+        return tree_nbytes(self)
+
+    def write(
+        self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
+    ) -> "RecycledKVCache":
+        """Writes k, v [B, T, Hkv, D] into C_f at slots [start[b], start[b] + T), and into the
+        C_p entries that hold one of the valid tokens' positions."""
+        return dataclasses.replace(
+            self,
+            k=write_chunk(self.k, k, start),
+            v=write_chunk(self.v, v, start),
+            kp=refresh_slots(self.kp, self.idx, k, start, lengths),
+            vp=refresh_slots(self.vp, self.idx, v, start, lengths),
+        )
+
+    def filled(self, context: int, key: jax.Array) -> "RecycledKVCache":
+        """Random C_f, C_p a random selection of K of the `context` positions gathered from
+        it, and a random last-refresh query."""
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        ck, cv = random_like(k1, self.k), random_like(k2, self.v)
+        idx = _random_selection(k3, self.idx.shape, self.top_k, context)
+        return dataclasses.replace(
+            self,
+            k=ck,
+            v=cv,
+            idx=idx,
+            kp=gather_slots(ck, idx),
+            vp=gather_slots(cv, idx),
+            ref_q=jax.random.normal(k4, self.ref_q.shape, jnp.float32),
+        )
 
     def selected(self) -> jax.Array:
         """int32 [B, Hkv, K]: positions held by the live C_p entries (-1 empty)."""
@@ -220,8 +306,38 @@ class SelectedKVCache:
             acc=None if self.acc is None else SLOT_AXES,
         )
 
+    @property
     def nbytes(self) -> int:
-        return _nbytes(self)
+        return tree_nbytes(self)
+
+    def write(
+        self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
+    ) -> "SelectedKVCache":
+        """Writes k, v [B, T, Hkv, D] (positions [start[b], start[b] + T)) into the slots that
+        hold one of the valid tokens' positions."""
+        return dataclasses.replace(
+            self,
+            kp=refresh_slots(self.kp, self.idx, k, start, lengths),
+            vp=refresh_slots(self.vp, self.idx, v, start, lengths),
+        )
+
+    def filled(self, context: int, key: jax.Array, sink: int = 4) -> "SelectedKVCache":
+        """Random keys and values; the slots hold StreamingLLM's positions after `context`
+        tokens (`sink` sinks, StreamingLLM's 4 by default) when the cache keeps no scores,
+        else a random selection of K positions with random accumulated attention (H2O)."""
+        k1, k2, k3, k4 = jax.random.split(key, 4)
+        b, hkv, slots = self.idx.shape
+        if self.acc is None:
+            last = jnp.full((b,), context - 1, jnp.int32)
+            idx = streaming_positions(last, self.top_k, sink, slots)
+            idx = jnp.broadcast_to(idx[:, None], (b, hkv, slots))
+            acc = None
+        else:
+            idx = _random_selection(k3, self.idx.shape, self.top_k, context)
+            acc = jnp.where(idx >= 0, jax.random.uniform(k4, idx.shape), -jnp.inf)
+        return dataclasses.replace(
+            self, kp=random_like(k1, self.kp), vp=random_like(k2, self.vp), idx=idx, acc=acc
+        )
 
     def selected(self) -> jax.Array:
         """int32 [B, Hkv, K]: positions held by the live slots (-1 empty)."""

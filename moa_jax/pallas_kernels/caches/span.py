@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from moa_jax.pallas_kernels.caches.protocol import random_like, tree_nbytes
 from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 
 
@@ -21,7 +22,8 @@ from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 )
 @dataclasses.dataclass
 class SpanKVCache:
-    """One layer's MoA cache over the flat slot layout of `schedule`.
+    """One layer's MoA cache over the flat slot layout of `schedule` (a
+    `caches.protocol.KVCache`).
 
     Slot contents: k, v [B, M, D] (keys after RoPE, so slot order does not matter) and pos int32
     [B, M], the absolute position held, -1 for an empty slot; M = schedule.slots. Position
@@ -131,5 +133,16 @@ class SpanKVCache:
             pos=self.pos.at[rows, slot].set(jnp.broadcast_to(p, slot.shape), **put),
         )
 
+    @property
     def nbytes(self) -> int:
-        return int(self.k.nbytes + self.v.nbytes + self.pos.nbytes)
+        """Bytes of this cache: B * M * (2 * D * itemsize + 4)."""
+        return tree_nbytes(self)
+
+    def filled(self, context: int, key: jax.Array) -> "SpanKVCache":
+        """The slots a prompt of `context` tokens fills (each head's sinks and last span), with
+        random keys and values."""
+        b, _, d = self.k.shape
+        k1, k2, _, _ = jax.random.split(key, 4)
+        one = jnp.zeros((b, 1, self.num_kv_heads, d), self.k.dtype)
+        c = self.write(one, one, jnp.zeros((b,), jnp.int32), jnp.full((b,), context, jnp.int32))
+        return dataclasses.replace(c, k=random_like(k1, c.k), v=random_like(k2, c.v))

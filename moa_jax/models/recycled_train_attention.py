@@ -1,4 +1,4 @@
-"""Training-time attention backends: Recycled Attention for continued pretraining, and dense.
+"""Recycled Attention for continued pretraining: the training-time (stateless) form.
 
 Recycled Attention (Xu, Goyal, Choi, arXiv 2411.05787) decodes with two kinds of steps: *full*
 steps attend to every earlier token and their attention probabilities pick, per layer and KV head,
@@ -60,97 +60,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moa_jax.models.attention import AttentionBackend
+from moa_jax.models.attention import Attention
+from moa_jax.models.dense_attention import ATTENTION_IMPLS, causal_attention
 from moa_jax.models.recycled_attention import select_top_k
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 
 _KINDS = ("full", "recycled")
-_IMPLS = ("auto", "reference", "xla", "cudnn", "pallas")
-
-
-def _resolve_impl(impl: str, dtype: Any) -> str:
-    if impl not in _IMPLS:
-        raise ValueError(f"attention impl must be one of {_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if jax.default_backend() in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (
-        jnp.dtype(jnp.bfloat16),
-        jnp.dtype(jnp.float16),
-    ):
-        return "cudnn"
-    return "reference"
-
-
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str = "auto") -> jax.Array:
-    """Causal attention of q [B, T, H, D] over k, v [B, T, Hkv, D] (same positions).
-
-    impl: 'reference' (jnp, float32 softmax), 'xla' / 'cudnn' (`jax.nn.dot_product_attention`;
-    cuDNN needs bf16/fp16 inputs), 'pallas' (the project's block-sparse flash kernel
-    `sparse_attention` with every window dense, fwd + bwd), 'auto' (cuDNN on GPU for half
-    inputs, else the reference).
-    """
-    impl = _resolve_impl(impl, q.dtype)
-    if impl == "reference":
-        pos = jnp.arange(q.shape[1], dtype=jnp.int32)[None]
-        return mha_reference(q, k, v, causal_mask(pos, pos[0]))
-    if impl == "pallas":
-        from moa_jax.pallas_kernels import sparse_attention
-
-        return sparse_attention(q, k, v, windows=(q.shape[1],) * q.shape[2], sink=0)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-
-
-def segment_ids_from_positions(positions: jax.Array) -> jax.Array:
-    """Segment ids [B, T]: a new segment starts wherever positions[t] != positions[t-1] + 1
-    (positions reset at a packed document's start)."""
-    starts = jnp.concatenate(
-        [jnp.ones_like(positions[:, :1], dtype=bool), positions[:, 1:] != positions[:, :-1] + 1],
-        axis=1,
-    )
-    return jnp.cumsum(starts.astype(jnp.int32), axis=1)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainDenseAttention(AttentionBackend):
-    """Full causal attention for training and evaluation without a cache.
-
-    Args:
-      impl: see `causal_attention` ('auto': cuDNN on GPU in bf16/fp16, else the jnp reference).
-      segments: also mask attention across packed documents, whose boundaries are read from
-        `positions` (a reset, see `segment_ids_from_positions`); uses an explicit mask (XLA's
-        attention when impl is 'xla' / 'cudnn', else the jnp reference).
-    """
-
-    impl: str = "auto"
-    segments: bool = False
-
-    def __post_init__(self):
-        if self.impl not in _IMPLS:
-            raise ValueError(f"attention impl must be one of {_IMPLS}, got {self.impl!r}")
-
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError(
-            "TrainDenseAttention is for training (no cache); use DenseAttention to generate"
-        )
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is not None:
-            raise ValueError("TrainDenseAttention takes no cache (training / scoring only)")
-        if not self.segments:
-            return causal_attention(q, k, v, self.impl), None
-        seg = segment_ids_from_positions(positions)
-        idx = jnp.arange(q.shape[1], dtype=jnp.int32)
-        mask = (idx[None, None, :, None] >= idx[None, None, None, :]) & (
-            seg[:, None, :, None] == seg[:, None, None, :]
-        )
-        impl = _resolve_impl(self.impl, q.dtype)
-        if impl in ("reference", "pallas"):
-            return mha_reference(q, k, v, mask), None
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla"), None
-
-    def attention_entries(self, seq_len: int) -> int:
-        """(query, key) pairs per head of one sequence (for FLOP counts; no packing)."""
-        return seq_len * (seq_len + 1) // 2
 
 
 def _normalise_blocks(blocks: Sequence[Sequence[Any]]) -> tuple[tuple[str, int], ...]:
@@ -197,7 +112,7 @@ def selection_scores(q_row: jax.Array, k: jax.Array, scale: float | None = None)
 
 
 @dataclasses.dataclass(frozen=True)
-class RecycledTrainAttention(AttentionBackend):
+class RecycledTrainAttention(Attention):
     """Recycled Attention for training and teacher-forced scoring (no cache); see the module
     docstring.
 
@@ -224,8 +139,8 @@ class RecycledTrainAttention(AttentionBackend):
         object.__setattr__(self, "top_k", int(self.top_k))
         if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd and >= 1, got {self.pool_kernel}")
-        if self.impl not in _IMPLS:
-            raise ValueError(f"attention impl must be one of {_IMPLS}, got {self.impl!r}")
+        if self.impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {self.impl!r}")
         if self.decode_eviction:
             longest = max((n for kind, n in self.blocks if kind == "recycled"), default=0)
             if longest > self.top_k:
@@ -268,12 +183,6 @@ class RecycledTrainAttention(AttentionBackend):
     def recycled_rows(self) -> int:
         return sum(n for kind, n in self.blocks if kind == "recycled")
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError(
-            "RecycledTrainAttention is the training-time form (no cache); "
-            "decode with the recycled-attention decoding backend"
-        )
-
     def attention_entries(self, seq_len: int | None = None) -> int:
         """(query, key) pairs per head of one sequence (for FLOP counts)."""
         total, start = 0, 0
@@ -290,12 +199,7 @@ class RecycledTrainAttention(AttentionBackend):
             start += n
         return total
 
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is not None:
-            raise ValueError(
-                "RecycledTrainAttention is training-only (cache=None); use the "
-                "recycled decoding backend to generate"
-            )
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         t = q.shape[1]
         if t != self.seq_len:
             raise ValueError(
@@ -314,7 +218,7 @@ class RecycledTrainAttention(AttentionBackend):
             else:
                 outs.append(self._recycled_block(q, k, v, start, end))
             start = end
-        return jnp.concatenate(outs, axis=1), None
+        return jnp.concatenate(outs, axis=1)
 
     def _recycled_block(self, q, k, v, start: int, end: int) -> jax.Array:
         n, r = end - start, start - 1  # rows of the block; the selecting row
@@ -414,7 +318,7 @@ def recycled_attention_reference(
 
 
 @dataclasses.dataclass(frozen=True)
-class RecycledOracleAttention(AttentionBackend):
+class RecycledOracleAttention(Attention):
     """`recycled_attention_reference` as a backend (for model-level tests of
     `RecycledTrainAttention`; O(T^2) memory)."""
 
@@ -426,12 +330,7 @@ class RecycledOracleAttention(AttentionBackend):
     def __post_init__(self):
         object.__setattr__(self, "blocks", _normalise_blocks(self.blocks))
 
-    def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
-        raise NotImplementedError("training-only oracle")
-
-    def __call__(self, q, k, v, *, layer, positions, cache, lengths=None):
-        if cache is not None:
-            raise ValueError("RecycledOracleAttention takes no cache")
+    def __call__(self, q, k, v, *, layer, positions, lengths=None):
         return recycled_attention_reference(
             q, k, v, self.blocks, self.top_k, self.pool_kernel, self.decode_eviction
-        ), None
+        )
