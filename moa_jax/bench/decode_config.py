@@ -7,6 +7,7 @@ import dataclasses
 
 from moa_jax.cli import option
 from moa_jax.methods import METHODS as REGISTRY
+from moa_jax.pallas_kernels import BACKENDS
 
 # the registry's methods (`moa_jax.methods`) and the Hugging Face baseline
 METHODS = (*REGISTRY, "hf")
@@ -84,7 +85,7 @@ class DecodeConfig:
         nargs="+",
     )
     kernel_backend: str = option(
-        "auto", "Pallas kernel backend", choices=["auto", "gpu", "tpu", "reference"]
+        "auto", "Pallas kernel backend (moa_jax.pallas_kernels.BACKENDS)", choices=list(BACKENDS)
     )
     interpret: bool = option(False, "Pallas interpret mode")
     block: int | None = option(None, "cache block of the recycled caches (default 64; 128 on TPU)")

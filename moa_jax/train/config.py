@@ -23,6 +23,7 @@ from moa_jax.cli import option
 from moa_jax.cli import parse_config as parse_typed_config
 from moa_jax.config import parse_dtype
 from moa_jax.methods import trainable
+from moa_jax.pallas_kernels import BACKENDS
 from moa_jax.train.data import PACKINGS
 
 # the registered methods with a training form (`moa_jax.methods`)
@@ -73,7 +74,9 @@ class TrainConfig:
     )
     plan: str | None = option(None, "moa: plan file or 'dense' / 'streaming:WINDOW[:SINK]'")
     kernel_backend: str = option(
-        "auto", "moa: sparse kernel backend auto | gpu | mgpu | tpu | reference"
+        "auto",
+        "moa: Pallas kernel backend (falls back in order where one cannot run)",
+        choices=list(BACKENDS),
     )
     # --- data ---
     corpus: str = option("shakespeare", "built-in corpus name or local json/jsonl/parquet/txt path")
