@@ -12,6 +12,16 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from moa_jax.pallas_kernels.moa_cache import SpanKVCache
+from moa_jax.pallas_kernels.moa_decode_gpu import span_decode, span_decode_reference
+from moa_jax.pallas_kernels.moa_schedule import MoASchedule
+from moa_jax.pallas_kernels.recycled_decode_gpu import (
+    decode_reference,
+    full_step_decode,
+    recycled_decode,
+)
+from moa_jax.pallas_kernels.reference import mha_reference, window_sink_attention, window_sink_mask
+
 _BACKENDS = ("auto", "gpu", "mgpu", "tpu", "reference")
 _MGPU_OPTIONS = ("block_k_dq", "num_stages", "num_stages_dq", "num_stages_dkv")
 
@@ -182,4 +192,16 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["sparse_attention"]
+__all__ = [
+    "MoASchedule",
+    "SpanKVCache",
+    "decode_reference",
+    "full_step_decode",
+    "mha_reference",
+    "recycled_decode",
+    "sparse_attention",
+    "span_decode",
+    "span_decode_reference",
+    "window_sink_attention",
+    "window_sink_mask",
+]
