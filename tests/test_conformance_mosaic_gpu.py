@@ -1,18 +1,21 @@
-"""The Mosaic GPU prefill kernel (`backend='mgpu'`, sm90+) on the conformance suite. It has no
+"""The Mosaic GPU kernels (`backend='mgpu'`, sm90+) on the conformance suite. They have no
 interpret mode: every test here needs a Hopper GPU (`python -m pytest -m gpu
-tests/test_conformance_mosaic_gpu.py`)."""
+tests/test_conformance_mosaic_gpu.py`). Decode has no Mosaic GPU kernel: 'mgpu' runs the next
+implementation in the dispatcher's order (the Triton kernel), which these classes check too."""
 
 from __future__ import annotations
 
 import pytest
-from kernel_conformance import PrefillSuite, on_hopper
+from kernel_conformance import HeadMajorDecodeSuite, PrefillSuite, SpanDecodeSuite, on_hopper
+
+_ON_HOPPER = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not on_hopper(), reason="needs an sm90+ GPU"),
+]
 
 
 class TestPrefillMosaicGPU(PrefillSuite):
-    pytestmark = [
-        pytest.mark.gpu,
-        pytest.mark.skipif(not on_hopper(), reason="needs an sm90+ GPU"),
-    ]
+    pytestmark = _ON_HOPPER
     backend = "mgpu"
     interpret = False
     # its lse is checked as a bf16 kernel's, whatever the case asks of others
@@ -32,3 +35,16 @@ class TestPrefillMosaicGPU(PrefillSuite):
 
     def grad_runs(self, case):
         return self.block_runs(case)
+
+
+class TestSpanDecodeMosaicGPU(SpanDecodeSuite):
+    pytestmark = _ON_HOPPER
+    backend = "mgpu"
+    interpret = False
+    tolerance_overrides = {"f32": dict(out=1e-4)}
+
+
+class TestHeadMajorDecodeMosaicGPU(HeadMajorDecodeSuite):
+    pytestmark = _ON_HOPPER
+    backend = "mgpu"
+    interpret = False
