@@ -19,7 +19,7 @@ _ON_GPU = [
 
 class TestPrefillTriton(PrefillSuite):
     backend = "gpu"
-    sweep_examples = 12
+    sweep_examples = 8
     sweep_blocks = (16, 32)
     forward_options = dict(poison=True)  # output buffers start as NaN: an unwritten block fails
     # the TPU kernel's own cases (splash runs them by default)
@@ -64,7 +64,7 @@ class TestPrefillTritonGPU(TestPrefillTriton):
 
 class TestSpanDecodeTriton(SpanDecodeSuite):
     backend = "gpu"
-    sweep_examples = 3
+    sweep_examples = 2
 
     def runs(self, case):  # split-K: one block per program, three, and the default
         return [dict(per_split=1), dict(per_split=3), {}]
