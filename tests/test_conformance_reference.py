@@ -1,0 +1,41 @@
+"""The jnp references (`backend='reference'`) on the conformance suite, and the argument checks
+every backend shares."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+from kernel_conformance import HeadMajorDecodeSuite, PrefillSuite, SpanDecodeSuite
+
+from moa_jax.pallas_kernels import sparse_attention
+
+
+class TestPrefillReference(PrefillSuite):
+    backend = "reference"
+    # the prefill reference is the oracle itself: the default run checks how the arguments reach
+    # it; its gradients (the oracle's, twice) run under -m slow
+    slow_cases = frozenset(
+        {"grad_gqa3", "grad_offset_padding_lse", "grad_bf16_d128_backward_blocks", "grad_t100",
+         "grad_t40"}
+    )  # fmt: skip
+
+    def unsupported(self, case):
+        if case.slow:
+            return "the grid sweeps the kernels' tilings; the reference has none"
+        return super().unsupported(case)
+
+
+class TestSpanDecodeReference(SpanDecodeSuite):
+    backend = "reference"
+    interpret = None
+
+
+class TestHeadMajorDecodeReference(HeadMajorDecodeSuite):
+    backend = "reference"
+    interpret = None
+
+
+def test_unknown_backend_is_an_error():
+    q = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="backend"):
+        sparse_attention(q, q, q, windows=(8, 2), sink=0, backend="cuda")
