@@ -5,6 +5,8 @@ dispatch to it. Its outputs and gradients are checked by the conformance suite
 import logging
 import re
 
+import numpy as np
+
 import jax
 import jax.numpy as jnp
 import pytest
