@@ -5,8 +5,11 @@ implementation in the dispatcher's order (the Triton kernel), which these classe
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import pytest
 from kernel_conformance import HeadMajorDecodeSuite, PrefillSuite, SpanDecodeSuite, on_hopper
+
+from moa_jax.pallas_kernels import dispatch
 
 _ON_HOPPER = [
     pytest.mark.gpu,
@@ -32,6 +35,13 @@ class TestPrefillMosaicGPU(PrefillSuite):
 
     def block_runs(self, case):
         return [dict(block_k=128), dict(block_k=64)]
+
+    @pytest.mark.parametrize("block_k", [64, 128])
+    def test_dispatch_runs_the_mosaic_gpu_kernel(self, block_k):
+        # A fallback would pass every case above on the Triton kernel: the cases must be this one's.
+        case = dispatch.Case(dispatch.platform(), jnp.bfloat16, 128, None, block_k)
+        impl = dispatch.select("prefill", dispatch.PREFILL_IMPLEMENTATIONS, "mgpu", case)
+        assert impl.name == "mgpu"
 
     def grad_runs(self, case):
         return self.block_runs(case)

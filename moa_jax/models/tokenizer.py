@@ -74,6 +74,7 @@ def tokenizer_from_gguf_metadata(
     Returns:
       a `transformers.PreTrainedTokenizerFast`.
     """
+    # imported on use: transformers takes seconds to import, and only tokenizers need it
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.get("tokenizer.ggml.model")
@@ -170,6 +171,7 @@ _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.js
 
 def load_hf_tokenizer(path: str | Path) -> Any:
     """`AutoTokenizer.from_pretrained(path)` if the directory has tokenizer files, else None."""
+    # imported on use: transformers takes seconds to import, and only tokenizers need it
     from transformers import AutoTokenizer
 
     directory = Path(path)
