@@ -9,10 +9,11 @@ transformers 4.x shape with top-level `rope_theta`/`rope_scaling` and the 5.x sh
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -120,7 +121,7 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from an HF Llama `config.json` dict (transformers 4.x or 5.x layout)."""
         required = (
             "vocab_size",
@@ -174,7 +175,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_hf_json(cls, path: str | Path) -> "ModelConfig":
+    def from_hf_json(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no HF config.json at {path}")

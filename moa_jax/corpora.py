@@ -28,8 +28,8 @@ import tarfile
 import tempfile
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from moa_jax.downloads import DownloadError, cache_dir, pip_fetch, sha256_of
 

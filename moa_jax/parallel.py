@@ -13,12 +13,14 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -64,7 +66,7 @@ class MeshConfig:
     tensor: int = 1
 
     @classmethod
-    def parse(cls, text: str) -> "MeshConfig":
+    def parse(cls, text: str) -> MeshConfig:
         """'DATA,FSDP,TENSOR' (command lines), e.g. '2,2,2' or '-1,1,2'."""
         try:
             data, fsdp, tensor = (int(x) for x in text.split(","))

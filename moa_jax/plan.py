@@ -58,8 +58,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -241,7 +242,7 @@ class Plan:
         return d if per_head else float(d.mean())
 
     # ------------------------------------------------------------ validation
-    def validate(self, cfg) -> "Plan":
+    def validate(self, cfg) -> Plan:
         """Checks the plan against a `ModelConfig`; raises ValueError naming the mismatch."""
         errors = []
         if self.num_layers != cfg.num_layers:
@@ -264,7 +265,7 @@ class Plan:
         window: int,
         sink: int = 0,
         metadata: Mapping[str, Any] | None = None,
-    ) -> "Plan":
+    ) -> Plan:
         """Every head: a window of exactly `window` tokens plus `sink` sinks, at every length."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
@@ -281,7 +282,7 @@ class Plan:
     @classmethod
     def dense(
         cls, num_layers: int, num_heads: int, metadata: Mapping[str, Any] | None = None
-    ) -> "Plan":
+    ) -> Plan:
         """Every head dense (span = N, no sinks): the model's own attention."""
         shape = (num_layers, num_heads)
         return cls(
@@ -299,7 +300,7 @@ class Plan:
         windows: Sequence[Sequence[int]],
         sinks: Any = 0,
         metadata: Mapping[str, Any] | None = None,
-    ) -> "Plan":
+    ) -> Plan:
         """Fixed per-head windows (beta 0): resolve(N) gives exactly these (capped at N)."""
         w = np.asarray(windows, np.int64)
         s = np.broadcast_to(np.asarray(sinks, np.int64), w.shape)
@@ -318,7 +319,7 @@ class Plan:
     @classmethod
     def from_moa_json(
         cls, path: str | Path, *, sink: int | None = None, metadata: Mapping[str, Any] | None = None
-    ) -> "Plan":
+    ) -> Plan:
         """Loads a reference `moa_alpha_beta.json` ({"alphas": [[..]], "betas": [[..]]})."""
         path = Path(path)
         try:
@@ -367,7 +368,7 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         version = d.get("schema_version")
         if version is None:
             if "alphas" in d and "betas" in d and "sinks" not in d:
@@ -402,7 +403,7 @@ class Plan:
     @classmethod
     def load(
         cls, spec: str | Path, num_layers: int | None = None, num_heads: int | None = None
-    ) -> "Plan":
+    ) -> Plan:
         """The one plan loader: a plan file (our JSON with `schema_version`, or the reference
         `{"alphas", "betas"}`) or a spec: 'dense' (every head keeps every token) or
         'streaming:WINDOW[:SINK]' (one window for every head, StreamingLLM-style; sink default
@@ -473,13 +474,3 @@ def kept_entries(windows: Any, sinks: Any, n: int) -> np.ndarray:
     m = n - w  # rows whose window leaves keys 0 .. i - w uncovered
     sink = np.where(m <= s, m * (m + 1) // 2, s * (s + 1) // 2 + (m - s) * s)
     return win + sink
-
-
-def kept_entries_blocks(windows: Any, sinks: Any, t: int, q_offset: int = 0) -> np.ndarray:
-    """Kept entries for t queries at positions [q_offset, q_offset + t) over keys
-    [0, q_offset + t)."""
-    n = q_offset + t
-    total = kept_entries(windows, sinks, n)
-    if q_offset:
-        total = total - kept_entries(windows, sinks, q_offset)
-    return total

@@ -43,8 +43,8 @@ from moa_jax.pallas_kernels import (
     full_step_decode,
     mha_reference,
     recycled_decode,
-    sparse_attention,
     span_decode,
+    sparse_attention,
     window_sink_mask,
 )
 

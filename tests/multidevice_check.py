@@ -8,20 +8,20 @@ kernels (rows and KV heads split).
 
 import sys
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moa_jax.config import ModelConfig
 from moa_jax.generate import _cache_bytes_per_device, generate
 from moa_jax.models.attention import DenseAttention
+from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.llama import forward, init_random
 from moa_jax.models.moa_attention import MoAAttention
-from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
-from moa_jax.plan import Plan
 from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, mesh_context, param_shardings
+from moa_jax.plan import Plan
 
 assert jax.device_count() == 8, jax.devices()
 cfg = ModelConfig(

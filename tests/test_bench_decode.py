@@ -90,9 +90,8 @@ def test_tiny_hf_method(tmp_path):
 
 
 def test_flags_from_a_yaml_config(tmp_path):
-    from moa_jax.cli import parse_config
-
     from moa_jax.bench.decode_config import DecodeConfig
+    from moa_jax.cli import parse_config
 
     path = tmp_path / "decode.yaml"
     path.write_text("method: [dense, moa]\nbatches: [1, max]\ntiny: true\nsteps: 2\n")

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
-from kernel_conformance import HeadMajorDecodeSuite, PrefillSuite, SpanDecodeSuite, on_hopper
 
 from moa_jax.pallas_kernels import dispatch
+
+from kernel_conformance import HeadMajorDecodeSuite, PrefillSuite, SpanDecodeSuite, on_hopper
 
 _ON_HOPPER = [
     pytest.mark.gpu,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import pytest
-from kernel_conformance import HeadMajorDecodeSuite, PrefillSuite, SpanDecodeSuite
 
 from moa_jax.pallas_kernels import sparse_attention
+
+from kernel_conformance import HeadMajorDecodeSuite, PrefillSuite, SpanDecodeSuite
 
 
 class TestPrefillReference(PrefillSuite):

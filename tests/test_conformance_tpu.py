@@ -5,6 +5,7 @@ marker of the accelerator tests)."""
 from __future__ import annotations
 
 import pytest
+
 from kernel_conformance import (
     HeadMajorDecodeSuite,
     PrefillSuite,

@@ -4,6 +4,7 @@ machine, compiled on a GPU (`-m gpu`)."""
 from __future__ import annotations
 
 import pytest
+
 from kernel_conformance import (
     HeadMajorDecodeSuite,
     PrefillSuite,

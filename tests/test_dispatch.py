@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 
 from moa_jax.generate import generate
 from moa_jax.methods import AttentionConfig, build_attention
 from moa_jax.models.llama import init_random
 from moa_jax.pallas_kernels import dispatch, sparse_attention
+
+from conftest import tiny_config
 
 DECODE_METHODS = ("recycled", "dense-kernel", "streaming", "h2o")
 

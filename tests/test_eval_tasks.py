@@ -4,7 +4,6 @@ methods and the masked attention backend exact against the reference."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 

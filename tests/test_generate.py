@@ -1,8 +1,8 @@
 """generate(): greedy equals full recomputation, batching, stopping, sampling, bad input, HF."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -157,6 +157,7 @@ def test_pad_prompts_buckets():
 def test_greedy_matches_transformers_generate(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from moa_jax.models.hf_weights import load_hf
 
     hf_cfg = LlamaConfig(

@@ -11,8 +11,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from moa_jax.models.tokenizer import byte_alphabet, tokenizer_from_gguf_metadata
 from moa_jax.models.gguf_weights import load_gguf, unpermute_qk
+from moa_jax.models.tokenizer import byte_alphabet, tokenizer_from_gguf_metadata
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

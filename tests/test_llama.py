@@ -7,8 +7,8 @@ import dataclasses
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import torch
 from flax import nnx

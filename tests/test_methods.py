@@ -8,6 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from moa_jax.errors import ConfigError, PlanError
+from moa_jax.eval.__main__ import main as eval_main
+from moa_jax.generate.__main__ import main as generate_main
 from moa_jax.methods import (
     METHODS,
     AttentionConfig,
@@ -24,9 +27,6 @@ from moa_jax.methods import (
     parse_method_options,
     register_method,
 )
-from moa_jax.errors import ConfigError, PlanError
-from moa_jax.eval.__main__ import main as eval_main
-from moa_jax.generate.__main__ import main as generate_main
 from moa_jax.models.attention import DenseAttention
 from moa_jax.models.registry import TINY_RANDOM_CONFIG as CFG
 from moa_jax.plan import Plan

@@ -2,8 +2,8 @@
 
 import dataclasses
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 

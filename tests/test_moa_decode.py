@@ -4,8 +4,8 @@ conformance suite (tests/test_conformance_*.py)."""
 
 import dataclasses
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moa_jax.pallas_kernels import MoASchedule, SpanKVCache, span_decode, span_decode_reference

@@ -3,8 +3,8 @@ recomputation under the same per-head masks; dense and uniform plans run on the 
 
 import warnings
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 

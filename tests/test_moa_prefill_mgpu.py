@@ -5,10 +5,9 @@ dispatch to it. Its outputs and gradients are checked by the conformance suite
 import logging
 import re
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from moa_jax.pallas_kernels import dispatch, sparse_attention

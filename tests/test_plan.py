@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from moa_jax.config import ModelConfig
 from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from moa_jax.cli import parse_config
 from moa_jax.config import ModelConfig
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
 from moa_jax.plan import Plan
-from moa_jax.cli import parse_config
 from moa_jax.profile import FAST, ProfileConfig
 from moa_jax.profile.__main__ import main
 

@@ -28,8 +28,8 @@ def test_kernels_lower_for_device_platforms(platform):
     Llama-3-8B head shapes, in every mode, so no primitive lacks a lowering rule."""
     import jax
 
-    from moa_jax.pallas_kernels.decode.head_major_triton import head_major_partials
     from moa_jax.pallas_kernels.decode.head_major_tpu import tpu_partials
+    from moa_jax.pallas_kernels.decode.head_major_triton import head_major_partials
 
     b, hkv, group, n, d = 2, 8, 4, 4096, 128
     q = jnp.zeros((b, hkv * group, d), jnp.bfloat16)

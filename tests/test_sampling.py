@@ -1,8 +1,8 @@
 """Sampling filters: the support of top-k / top-p draws."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moa_jax.sampling import SamplingConfig, sample
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from moa_jax.models.registry import smollm2_gguf_path
 from moa_jax.models.hf_weights import save_hf
+from moa_jax.models.registry import smollm2_gguf_path
 
 TEXT = (Path(__file__).parent / "data" / "pride_and_prejudice_opening.txt").read_text()
 N_PPL = 1024

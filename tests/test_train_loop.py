@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moa_jax.models.dense_attention import TrainDenseAttention
 from moa_jax.models.registry import load_model
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
 from moa_jax.train.config import TrainConfig, parse_config, validate_config
 from moa_jax.train.loop import main, train
 from moa_jax.train.optimizer import lr_schedule, make_optimizer
 from moa_jax.train.step import loss_sums, train_step_fn
-from moa_jax.models.dense_attention import TrainDenseAttention
 
 TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
 CHECK = Path(__file__).with_name("multidevice_train_check.py")

@@ -4,18 +4,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
 from flax import nnx
 
-from moa_jax.models.llama import init_random
-from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 from moa_jax.models.dense_attention import TrainDenseAttention, segment_ids_from_positions
+from moa_jax.models.llama import init_random
 from moa_jax.models.recycled_train_attention import (
     RecycledOracleAttention,
     RecycledTrainAttention,
     recycled_attention_reference,
     recycled_mask_reference,
 )
+from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
+
+from conftest import tiny_config
 
 
 def _qkv(seed=0, b=2, t=24, h=4, hkv=2, d=8):

@@ -13,8 +13,8 @@ from safetensors.numpy import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from moa_jax.config import parse_dtype
-from moa_jax.models.registry import TINY_RANDOM_CONFIG, list_presets, load_model
 from moa_jax.models.hf_weights import load_hf, save_hf
+from moa_jax.models.registry import TINY_RANDOM_CONFIG, list_presets, load_model
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError, param_table
 
 LLAMA3_ROPE = {

@@ -4,7 +4,7 @@ bisection of the boundary, and the largest batch estimated from the caches' shap
 from __future__ import annotations
 
 import gc
-from typing import Callable
+from collections.abc import Callable
 
 from moa_jax.bench.decode_config import DecodeConfig
 from moa_jax.bench.decode_variants import Variant, make_backend

@@ -23,8 +23,9 @@ import dataclasses
 import datetime
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -12,7 +12,8 @@ import collections
 import glob
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.profiler import ProfileData

@@ -25,7 +25,8 @@ import abc
 import dataclasses
 import re
 import string
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -19,7 +19,8 @@ import functools
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.methods import Method, AttentionConfig
 from moa_jax.eval.tasks import Item, Task, TaskContext
 from moa_jax.generate import generate
+from moa_jax.methods import AttentionConfig, Method
 from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama
 

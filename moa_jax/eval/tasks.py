@@ -29,7 +29,8 @@ import bisect
 import dataclasses
 import re
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -10,7 +10,8 @@ decode steps overwrite the padded cache slots in order. The command line is `__m
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

@@ -12,7 +12,8 @@ query chunk x keys per layer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -183,7 +184,7 @@ class MaskedAttention(CachedAttention):
     q_chunk: int = 512
 
     @classmethod
-    def for_plan(cls, plan: Any, length: int, q_chunk: int = 512) -> "MaskedAttention":
+    def for_plan(cls, plan: Any, length: int, q_chunk: int = 512) -> MaskedAttention:
         """The plan's windows resolved at `length`, and its sinks."""
         w = tuple(tuple(int(x) for x in row) for row in plan.resolve(length))
         s = tuple(tuple(int(x) for x in row) for row in plan.sinks)

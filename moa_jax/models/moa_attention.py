@@ -30,13 +30,13 @@ from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import CachedAttention
+from moa_jax.pallas_kernels.caches.schedule import MoASchedule
+from moa_jax.pallas_kernels.caches.span import SpanKVCache
 from moa_jax.pallas_kernels.sharding import (
     head_shards,
     span_decode_on_mesh,
     sparse_attention_on_mesh,
 )
-from moa_jax.pallas_kernels.caches.span import SpanKVCache
-from moa_jax.pallas_kernels.caches.schedule import MoASchedule
 from moa_jax.plan import Plan
 
 

@@ -179,10 +179,6 @@ class RecycledTrainAttention(Attention):
     def prefix_len(self) -> int:
         return self.blocks[0][1]
 
-    @property
-    def recycled_rows(self) -> int:
-        return sum(n for kind, n in self.blocks if kind == "recycled")
-
     def attention_entries(self, seq_len: int | None = None) -> int:
         """(query, key) pairs per head of one sequence (for FLOP counts)."""
         total, start = 0, 0

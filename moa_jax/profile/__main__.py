@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from moa_jax import cli
 from moa_jax.profile import ProfileConfig, run

@@ -46,8 +46,9 @@ import hashlib
 import json
 import random
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -152,7 +153,7 @@ class CalibrationItem:
         }
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "CalibrationItem":
+    def from_json(cls, d: Mapping[str, Any]) -> CalibrationItem:
         return cls(
             tuple(int(t) for t in d["tokens"]),
             int(d["answer_start"]),

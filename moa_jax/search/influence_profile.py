@@ -43,8 +43,8 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -122,7 +122,7 @@ class InfluenceProfile:
         windows: Sequence[int] = (),
         answer: bool = False,
         token: bool = True,
-    ) -> "InfluenceProfile":
+    ) -> InfluenceProfile:
         nb = length // block
         return cls(
             length,
@@ -146,7 +146,7 @@ class InfluenceProfile:
         answer=None,
         answer_max=None,
         copy=None,
-    ) -> "InfluenceProfile":
+    ) -> InfluenceProfile:
         """This profile plus the sums of `count` more items (a batch's `profile_batch`
         outputs, or another profile's)."""
         for name, more in (("answer", answer), ("answer_max", answer_max), ("copy", copy)):
@@ -181,7 +181,7 @@ class InfluenceProfile:
     def mean_diag(self) -> np.ndarray:
         return self._need_token().diag / max(self.count, 1)
 
-    def _need_token(self) -> "InfluenceProfile":
+    def _need_token(self) -> InfluenceProfile:
         if self.diag is None:
             raise ValueError(
                 f"the profile at N={self.length} has the answer rows' sums only; "
@@ -193,7 +193,7 @@ class InfluenceProfile:
     def dense_loss(self) -> float:
         return self.loss_sum / max(self.count, 1)
 
-    def merge(self, other: "InfluenceProfile") -> "InfluenceProfile":
+    def merge(self, other: InfluenceProfile) -> InfluenceProfile:
         """Sum of two partial profiles (e.g. from different hosts or resumed runs)."""
         if (self.length, self.sink, self.block, self.heads_shape) != (
             other.length,
@@ -245,7 +245,7 @@ class InfluenceProfile:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "InfluenceProfile":
+    def load(cls, path: str | Path) -> InfluenceProfile:
         with np.load(path) as z:
             extra = {
                 k: z[k] for k in ("windows", "rules", "answer", "answer_max", "copy") if k in z

@@ -45,7 +45,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -119,7 +120,7 @@ class SearchProblem:
         estimator: str = "token",
         kv_group: int = 1,
         budget_on: str = "heads",
-    ) -> "SearchProblem":
+    ) -> SearchProblem:
         """From a `RuleGrid` and `InfluenceProfile`s; densities at the profile lengths and at
         `density_lengths`."""
         losses = {n: p.rule_losses(grid, estimator) for n, p in profiles.items()}
@@ -169,7 +170,7 @@ class Solution:
     def key(self) -> bytes:
         return np.asarray(self.choice, np.int16).tobytes()
 
-    def dominates(self, other: "Solution", tol: float = 1e-12) -> bool:
+    def dominates(self, other: Solution, tol: float = 1e-12) -> bool:
         ks = self.objectives.keys()
         le = all(self.objectives[k] <= other.objectives[k] + tol for k in ks)
         lt = any(self.objectives[k] < other.objectives[k] - tol for k in ks)

@@ -27,7 +27,8 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -127,7 +128,7 @@ class RuleGrid:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "RuleGrid":
+    def from_dict(cls, d: Mapping[str, Any]) -> RuleGrid:
         return cls(
             alphas=d["alphas"],
             betas=d["betas"],

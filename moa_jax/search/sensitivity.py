@@ -53,7 +53,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -131,7 +132,7 @@ class InfluenceAttention(Attention):
 
     def with_probes(
         self, probes: tuple[jax.Array, ...], rows: tuple[jax.Array, ...]
-    ) -> "InfluenceAttention":
+    ) -> InfluenceAttention:
         """This backend for one layer: its zero probes and the answer rows (class docstring)."""
         return dataclasses.replace(self, probes=tuple(probes), rows=tuple(rows))
 

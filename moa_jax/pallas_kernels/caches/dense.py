@@ -27,11 +27,11 @@ class DenseKVCache:
     @classmethod
     def zeros(
         cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.bfloat16
-    ) -> "DenseKVCache":
+    ) -> DenseKVCache:
         shape = (batch, max_len, num_kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    def logical_axes(self) -> "DenseKVCache":
+    def logical_axes(self) -> DenseKVCache:
         """Logical axis names of each leaf (see `moa_jax.parallel`)."""
         axes = ("batch", "seq", "kv_heads", "head_dim")
         return DenseKVCache(axes, axes)
@@ -42,7 +42,7 @@ class DenseKVCache:
 
     def write(
         self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
-    ) -> "DenseKVCache":
+    ) -> DenseKVCache:
         """Writes T new tokens per row at slots [start[b], start[b] + T).
 
         Args:
@@ -64,7 +64,7 @@ class DenseKVCache:
         """Bytes of this cache: 2 * B * S * Hkv * D * itemsize."""
         return tree_nbytes(self)
 
-    def filled(self, context: int, key: jax.Array) -> "DenseKVCache":
+    def filled(self, context: int, key: jax.Array) -> DenseKVCache:
         """Random keys and values in every slot (the slots past `context` are never read)."""
         k1, k2, _, _ = jax.random.split(key, 4)
         return DenseKVCache(random_like(k1, self.k), random_like(k2, self.v))

@@ -119,11 +119,11 @@ class HeadMajorKVCache:
         head_dim: int,
         dtype: Any = jnp.bfloat16,
         block: int = 64,
-    ) -> "HeadMajorKVCache":
+    ) -> HeadMajorKVCache:
         shape = (batch, num_kv_heads, round_up(max_len, block), head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), int(max_len))
 
-    def logical_axes(self) -> "HeadMajorKVCache":
+    def logical_axes(self) -> HeadMajorKVCache:
         return dataclasses.replace(self, k=KV_AXES, v=KV_AXES)
 
     @property
@@ -132,14 +132,14 @@ class HeadMajorKVCache:
 
     def write(
         self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
-    ) -> "HeadMajorKVCache":
+    ) -> HeadMajorKVCache:
         """Writes k, v [B, T, Hkv, D] at slots [start[b], start[b] + T) (padding included:
         decoding overwrites it in order before any query can see it)."""
         return dataclasses.replace(
             self, k=write_chunk(self.k, k, start), v=write_chunk(self.v, v, start)
         )
 
-    def filled(self, context: int, key: jax.Array) -> "HeadMajorKVCache":
+    def filled(self, context: int, key: jax.Array) -> HeadMajorKVCache:
         """Random keys and values in every slot (the slots past `context` are never read)."""
         k1, k2, _, _ = jax.random.split(key, 4)
         return dataclasses.replace(self, k=random_like(k1, self.k), v=random_like(k2, self.v))
@@ -186,7 +186,7 @@ class RecycledKVCache:
         top_k: int,
         dtype: Any = jnp.bfloat16,
         block: int = 64,
-    ) -> "RecycledKVCache":
+    ) -> RecycledKVCache:
         full = HeadMajorKVCache.zeros(batch, max_len, num_kv_heads, head_dim, dtype, block)
         sel = SelectedKVCache.zeros(batch, max_len, num_kv_heads, head_dim, top_k, dtype, block)
         return cls(
@@ -202,7 +202,7 @@ class RecycledKVCache:
             int(max_len),
         )
 
-    def logical_axes(self) -> "RecycledKVCache":
+    def logical_axes(self) -> RecycledKVCache:
         return dataclasses.replace(
             self,
             k=KV_AXES,
@@ -221,7 +221,7 @@ class RecycledKVCache:
 
     def write(
         self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
-    ) -> "RecycledKVCache":
+    ) -> RecycledKVCache:
         """Writes k, v [B, T, Hkv, D] into C_f at slots [start[b], start[b] + T), and into the
         C_p entries that hold one of the valid tokens' positions."""
         return dataclasses.replace(
@@ -232,7 +232,7 @@ class RecycledKVCache:
             vp=refresh_slots(self.vp, self.idx, v, start, lengths),
         )
 
-    def filled(self, context: int, key: jax.Array) -> "RecycledKVCache":
+    def filled(self, context: int, key: jax.Array) -> RecycledKVCache:
         """Random C_f, C_p a random selection of K of the `context` positions gathered from
         it, and a random last-refresh query."""
         k1, k2, k3, k4 = jax.random.split(key, 4)
@@ -285,7 +285,7 @@ class SelectedKVCache:
         dtype: Any = jnp.bfloat16,
         block: int = 64,
         with_scores: bool = False,
-    ) -> "SelectedKVCache":
+    ) -> SelectedKVCache:
         sel = (batch, num_kv_heads, round_up(top_k, block), head_dim)
         acc = jnp.full(sel[:3], -jnp.inf, jnp.float32) if with_scores else None
         return cls(
@@ -297,7 +297,7 @@ class SelectedKVCache:
             int(max_len),
         )
 
-    def logical_axes(self) -> "SelectedKVCache":
+    def logical_axes(self) -> SelectedKVCache:
         return dataclasses.replace(
             self,
             kp=KV_AXES,
@@ -312,7 +312,7 @@ class SelectedKVCache:
 
     def write(
         self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
-    ) -> "SelectedKVCache":
+    ) -> SelectedKVCache:
         """Writes k, v [B, T, Hkv, D] (positions [start[b], start[b] + T)) into the slots that
         hold one of the valid tokens' positions."""
         return dataclasses.replace(
@@ -321,7 +321,7 @@ class SelectedKVCache:
             vp=refresh_slots(self.vp, self.idx, v, start, lengths),
         )
 
-    def filled(self, context: int, key: jax.Array, sink: int = 4) -> "SelectedKVCache":
+    def filled(self, context: int, key: jax.Array, sink: int = 4) -> SelectedKVCache:
         """Random keys and values; the slots hold StreamingLLM's positions after `context`
         tokens (`sink` sinks, StreamingLLM's 4 by default) when the cache keeps no scores,
         else a random selection of K positions with random accumulated attention (H2O)."""

@@ -136,7 +136,7 @@ class MoASchedule:
         *,
         block: int = 64,
         shards: int = 1,
-    ) -> "MoASchedule":
+    ) -> MoASchedule:
         """The schedule of per-query-head windows and sinks for sequences of up to max_len
         tokens: every KV head keeps the largest sink count of the layer and a ring of its
         query group's largest window, rounded up to `block` and capped at what max_len needs."""
@@ -201,7 +201,7 @@ class MoASchedule:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
 
-    def shard(self, i: int) -> "MoASchedule":
+    def shard(self, i: int) -> MoASchedule:
         """Shard i's own schedule: its query and KV heads over its stretch of slots."""
         per, heads = self.num_kv_heads // self.shards, self.num_heads // self.shards
         return MoASchedule(

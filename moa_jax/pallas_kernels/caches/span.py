@@ -43,7 +43,7 @@ class SpanKVCache:
     @classmethod
     def zeros(
         cls, batch: int, schedule: MoASchedule, head_dim: int, dtype=jnp.bfloat16
-    ) -> "SpanKVCache":
+    ) -> SpanKVCache:
         """An empty cache laid out by `schedule`."""
         shape = (batch, schedule.slots, head_dim)
         return cls(
@@ -57,11 +57,11 @@ class SpanKVCache:
     def num_kv_heads(self) -> int:
         return self.schedule.num_kv_heads
 
-    def shard(self, i: int, k: jax.Array, v: jax.Array, pos: jax.Array) -> "SpanKVCache":
+    def shard(self, i: int, k: jax.Array, v: jax.Array, pos: jax.Array) -> SpanKVCache:
         """Shard i's own cache, over its slots k, v [B, M / shards, D] and pos."""
         return SpanKVCache(k, v, pos, self.schedule.shard(i))
 
-    def logical_axes(self) -> "SpanKVCache":
+    def logical_axes(self) -> SpanKVCache:
         """Logical axis names of each leaf (see `moa_jax.parallel`)."""
         slots = "kv_slots" if self.schedule.shards > 1 else "seq"  # packed by head groups
         return dataclasses.replace(
@@ -73,7 +73,7 @@ class SpanKVCache:
 
     def write(
         self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
-    ) -> "SpanKVCache":
+    ) -> SpanKVCache:
         """Writes a chunk of tokens at positions [start[b], start[b] + T), the first lengths[b]
         of them valid (the rest is padding and is not written).
 
@@ -114,7 +114,7 @@ class SpanKVCache:
             pos=jnp.where(take, p, self.pos),
         )
 
-    def _append(self, k: jax.Array, v: jax.Array, position: jax.Array) -> "SpanKVCache":
+    def _append(self, k: jax.Array, v: jax.Array, position: jax.Array) -> SpanKVCache:
         """One token per row ([B, Hkv, D] at position [B]) by an in-place scatter."""
         sink = self.schedule.sink_slots
         offsets = jnp.asarray(self.schedule.offsets, jnp.int32)
@@ -138,7 +138,7 @@ class SpanKVCache:
         """Bytes of this cache: B * M * (2 * D * itemsize + 4)."""
         return tree_nbytes(self)
 
-    def filled(self, context: int, key: jax.Array) -> "SpanKVCache":
+    def filled(self, context: int, key: jax.Array) -> SpanKVCache:
         """The slots a prompt of `context` tokens fills (each head's sinks and last span), with
         random keys and values."""
         b, _, d = self.k.shape
