@@ -133,14 +133,7 @@ def bench_jax(
 
         def body(_, carry):
             tok, pos, caches = carry
-            logits, caches = model(
-                tok[:, None],
-                pos[:, None],
-                caches,
-                attention,
-                logits_at=jnp.zeros_like(pos),
-                mode="decode",
-            )
+            logits, caches = model.decode_token(tok, pos, caches, attention)
             return jnp.argmax(logits, -1).astype(jnp.int32), pos + 1, caches
 
         return jax.lax.fori_loop(0, n, body, (tok, pos, caches))

@@ -11,16 +11,11 @@ passkey digits when asked for (`--nll all`).
 
 from __future__ import annotations
 
-from moa_jax.eval.tasks import (
-    Item,
-    Task,
-    TaskContext,
-    fit_units,
-    insert_at_depths,
-    item_rng,
-    random_number,
-    score_number,
-)
+from typing import Any
+
+import numpy as np
+
+from moa_jax.eval.tasks import NumberTask, TaskContext, fit_units, insert_at_depths, random_number
 
 INSTRUCTION = (
     "There is a pass key hidden inside a lot of irrelevant text. Find it and "
@@ -31,46 +26,29 @@ QUESTION = "\n\nWhat is the pass key? Answer with the number only."
 PREFIX = "The pass key is "
 
 
-class Passkey(Task):
+class Passkey(NumberTask):
     name = "needle"
     family = "needle"
-    max_new_tokens = 12
     nll = False
-    primary = "acc"
-    metrics = ("acc", "digit_acc")
     description = "passkey hidden at a depth of real book text"
 
-    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
-        budget = self.budget(length)
-        items = []
-        for i in range(num_items):
-            rng = item_rng(seed, self.name, length, i)
-            depth = ctx.depths[i % len(ctx.depths)]
-            key = random_number(rng, 5)
-            source, title = ctx.book_text(rng, budget * 8)
-            needle = NEEDLE.format(key=key)
+    def draw(
+        self, ctx: TaskContext, rng: np.random.Generator, budget: int, index: int, sizes: Any
+    ) -> dict[str, Any]:
+        depth = ctx.depths[index % len(ctx.depths)]
+        key = random_number(rng, 5)
+        source, title = ctx.book_text(rng, budget * 8)
+        needle = NEEDLE.format(key=key)
 
-            def build(u: int, source=source, needle=needle, depth=depth):
-                hay = insert_at_depths(source[:u], [needle], [depth])
-                return INSTRUCTION + hay + QUESTION
+        def build(u: int) -> str:
+            return INSTRUCTION + insert_at_depths(source[:u], [needle], [depth]) + QUESTION
 
-            n_chars, prompt = fit_units(
-                build, lambda p: ctx.count(p, PREFIX), budget, hi=len(source)
-            )
-            items.append(
-                Item(
-                    task=self.name,
-                    length=length,
-                    index=i,
-                    prompt=prompt,
-                    answer_prefix=PREFIX,
-                    answer=key,
-                    targets=(key,),
-                    depth=depth,
-                    meta={"document": title, "haystack_chars": n_chars},
-                )
-            )
-        return items
-
-    def score(self, item: Item, text: str) -> dict[str, float]:
-        return score_number(text, item.targets[0])
+        n_chars, prompt = fit_units(build, lambda p: ctx.count(p, PREFIX), budget, hi=len(source))
+        return {
+            "prompt": prompt,
+            "answer_prefix": PREFIX,
+            "answer": key,
+            "targets": (key,),
+            "depth": depth,
+            "meta": {"document": title, "haystack_chars": n_chars},
+        }

@@ -65,20 +65,27 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
+def _markdown(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table: the header cells `head`, then one line per row of cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
 def pivot_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: methods as rows, (task metric @ length) as columns, primary values."""
     cols = list(dict.fromkeys((r["task"], r["primary"], r["length"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     val = {(r["task"], r["length"], r["method"]): r for r in rows}
     head = ["method"] + [f"{t} {p} @{_length_label(n)}" for t, p, n in cols]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for m in methods:
         cells = [m]
         for t, _, n in cols:
             r = val.get((t, n, m))
             cells.append(_fmt(r["value"] if r else None, 2))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return _markdown(head, body)
 
 
 def detail_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -96,28 +103,23 @@ def detail_table(rows: Sequence[dict[str, Any]]) -> str:
         "answer tf-acc",
         "seconds",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["task"],
-                    str(r["length"]),
-                    r["method"],
-                    _fmt(r.get("kv_density"), 2),
-                    str(r["n"]),
-                    str(r["primary"]),
-                    _fmt(r.get("value")),
-                    _fmt(r.get("digit_acc")),
-                    _fmt(r.get("nll")) if r["primary"] != "ppl" else "-",
-                    _fmt(r.get("tf_acc")),
-                    f"{r['seconds']:.0f}",
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+    body = [
+        [
+            r["task"],
+            str(r["length"]),
+            r["method"],
+            _fmt(r.get("kv_density"), 2),
+            str(r["n"]),
+            str(r["primary"]),
+            _fmt(r.get("value")),
+            _fmt(r.get("digit_acc")),
+            _fmt(r.get("nll")) if r["primary"] != "ppl" else "-",
+            _fmt(r.get("tf_acc")),
+            f"{r['seconds']:.0f}",
+        ]
+        for r in rows
+    ]
+    return _markdown(head, body)
 
 
 def paired_deltas(
@@ -173,29 +175,17 @@ def paired_table(deltas: Sequence[dict[str, Any]]) -> str:
         "delta primary (vs baseline)",
         "delta NLL (answer, or log ppl)",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def pm(r, name):
         if f"delta_{name}" not in r:
             return "-"
         return f"{r[f'delta_{name}']:+.3f} +- {_fmt(r[f'se_{name}'])}"
 
-    for r in deltas:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["task"],
-                    str(r["length"]),
-                    r["method"],
-                    str(r["n"]),
-                    pm(r, "primary"),
-                    pm(r, "nll"),
-                ]
-            )
-            + " |"
-        )
-    return "\n".join(lines)
+    body = [
+        [r["task"], str(r["length"]), r["method"], str(r["n"]), pm(r, "primary"), pm(r, "nll")]
+        for r in deltas
+    ]
+    return _markdown(head, body)
 
 
 def depth_table(records: Sequence[dict[str, Any]], task: str) -> dict[str, Any]:

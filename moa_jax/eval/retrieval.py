@@ -13,16 +13,11 @@ accuracy, missing digits wrong) and, teacher-forced, the mean NLL of the gold di
 
 from __future__ import annotations
 
-from moa_jax.eval.tasks import (
-    Item,
-    Task,
-    TaskContext,
-    fit_units,
-    item_rng,
-    random_keys,
-    random_number,
-    score_number,
-)
+from typing import Any
+
+import numpy as np
+
+from moa_jax.eval.tasks import NumberTask, TaskContext, fit_units, random_keys, random_number
 
 HEADER = (
     "Below is a record of lines to remember. Each line starts with 'line <key>' and ends "
@@ -36,52 +31,38 @@ QUESTION = (
 PREFIX = "The <REGISTER_CONTENT> in line {key} is <"
 
 
-class LineRetrieval(Task):
+class LineRetrieval(NumberTask):
     name = "retrieval"
     family = "retrieval"
-    max_new_tokens = 12
     nll = True
-    primary = "acc"
-    metrics = ("acc", "digit_acc")
     description = "LongEval lines: 'line <key>: REGISTER_CONTENT is <n>', ask one line's number"
 
-    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
-        budget = self.budget(length)
-        items = []
-        for i in range(num_items):
-            rng = item_rng(seed, self.name, length, i)
-            depth = ctx.depths[i % len(ctx.depths)]
-            # More lines than can ever fit (a line is >= 8 tokens with any tokenizer we use).
-            n_max = max(2, budget // 8)
-            keys = random_keys(rng, n_max)
-            nums: list[str] = []
-            for _ in range(n_max):
-                nums.append(random_number(rng, 5))
-            lines = [f"line {k}: REGISTER_CONTENT is <{n}>" for k, n in zip(keys, nums)]
+    def draw(
+        self, ctx: TaskContext, rng: np.random.Generator, budget: int, index: int, sizes: Any
+    ) -> dict[str, Any]:
+        depth = ctx.depths[index % len(ctx.depths)]
+        # More lines than can ever fit (a line is >= 8 tokens with any tokenizer we use).
+        n_max = max(2, budget // 8)
+        keys = random_keys(rng, n_max)
+        nums: list[str] = []
+        for _ in range(n_max):
+            nums.append(random_number(rng, 5))
+        lines = [f"line {k}: REGISTER_CONTENT is <{n}>" for k, n in zip(keys, nums)]
 
-            def build(u: int, lines=lines, keys=keys, depth=depth):
-                u = max(u, 1)
-                q = int(round(depth * (u - 1)))
-                prompt = HEADER + "\n".join(lines[:u]) + "\n\n" + QUESTION.format(key=keys[q])
-                return prompt, PREFIX.format(key=keys[q]), q, u
+        def build(u: int):
+            u = max(u, 1)
+            q = int(round(depth * (u - 1)))
+            prompt = HEADER + "\n".join(lines[:u]) + "\n\n" + QUESTION.format(key=keys[q])
+            return prompt, PREFIX.format(key=keys[q]), q, u
 
-            _, (prompt, prefix, q, u) = fit_units(
-                build, lambda b: ctx.count(b[0], b[1]), budget, hi=n_max, lo=1
-            )
-            items.append(
-                Item(
-                    task=self.name,
-                    length=length,
-                    index=i,
-                    prompt=prompt,
-                    answer_prefix=prefix,
-                    answer=nums[q],
-                    targets=(nums[q],),
-                    depth=depth,
-                    meta={"num_lines": u, "line": q, "key": keys[q]},
-                )
-            )
-        return items
-
-    def score(self, item: Item, text: str) -> dict[str, float]:
-        return score_number(text, item.targets[0])
+        _, (prompt, prefix, q, u) = fit_units(
+            build, lambda b: ctx.count(b[0], b[1]), budget, hi=n_max, lo=1
+        )
+        return {
+            "prompt": prompt,
+            "answer_prefix": prefix,
+            "answer": nums[q],
+            "targets": (nums[q],),
+            "depth": depth,
+            "meta": {"num_lines": u, "line": q, "key": keys[q]},
+        }

@@ -32,13 +32,12 @@ import numpy as np
 
 from moa_jax.eval.tasks import (
     WORDS,
+    DrawnTask,
     Item,
-    Task,
     TaskContext,
     extract_numbers,
     fit_units,
     insert_at_depths,
-    item_rng,
     random_keys,
     random_number,
     recall,
@@ -78,7 +77,7 @@ class Draft:
     units_key: str | None = None
 
 
-class RulerTask(Task):
+class RulerTask(DrawnTask):
     """A RULER task: each item is a `Draft` from its own random generator, fitted to the budget.
 
     Subclasses write `draft` (and `sizes` for settings shared by every item of a length) and
@@ -87,38 +86,23 @@ class RulerTask(Task):
 
     family = "ruler"
 
-    def sizes(self, ctx: TaskContext, budget: int) -> Any:
-        """Settings shared by every item of one budget (passed to `draft`)."""
-        return None
-
     @abc.abstractmethod
     def draft(self, ctx: TaskContext, rng: np.random.Generator, budget: int, sizes: Any) -> Draft:
         """The item drawn from `rng` for a `budget`-token prompt."""
 
-    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
-        budget = self.budget(length)
-        sizes = self.sizes(ctx, budget)
-        items = []
-        for i in range(num_items):
-            d = self.draft(ctx, item_rng(seed, self.name, length, i), budget, sizes)
-            u, prompt = fit_units(
-                d.build, lambda p, prefix=d.prefix: ctx.count(p, prefix), budget, hi=d.units
-            )
-            meta = {**d.meta, d.units_key: u} if d.units_key else d.meta
-            items.append(
-                Item(
-                    task=self.name,
-                    length=length,
-                    index=i,
-                    prompt=prompt,
-                    answer_prefix=d.prefix,
-                    answer=d.answer,
-                    targets=d.targets,
-                    depth=d.depth,
-                    meta=meta,
-                )
-            )
-        return items
+    def draw(
+        self, ctx: TaskContext, rng: np.random.Generator, budget: int, index: int, sizes: Any
+    ) -> dict[str, Any]:
+        d = self.draft(ctx, rng, budget, sizes)
+        u, prompt = fit_units(d.build, lambda p: ctx.count(p, d.prefix), budget, hi=d.units)
+        return {
+            "prompt": prompt,
+            "answer_prefix": d.prefix,
+            "answer": d.answer,
+            "targets": d.targets,
+            "depth": d.depth,
+            "meta": {**d.meta, d.units_key: u} if d.units_key else d.meta,
+        }
 
 
 def _needle_draft(

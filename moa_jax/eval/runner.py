@@ -103,14 +103,7 @@ def decode_logprobs(
     def step(carry, j):
         cache, pos = carry
         tok = forced[:, j]
-        logits, cache = model(
-            tok[:, None],
-            pos[:, None],
-            cache,
-            attention,
-            logits_at=jnp.zeros_like(pos),
-            mode="decode",
-        )
+        logits, cache = model.decode_token(tok, pos, cache, attention)
         return (cache, pos + 1), score(logits, forced[:, j + 1])
 
     first = score(logits, forced[:, 0])

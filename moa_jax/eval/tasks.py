@@ -361,6 +361,50 @@ class Task(abc.ABC):
         return f"<task {self.name}>"
 
 
+class DrawnTask(Task):
+    """A generate task whose item i is drawn from its own generator (`item_rng`) by `draw`.
+
+    Subclasses write `draw` (and `sizes` for settings shared by every item of a length) and
+    `score`.
+    """
+
+    def sizes(self, ctx: TaskContext, budget: int) -> Any:
+        """Settings shared by every item of one budget (passed to `draw`)."""
+        return None
+
+    @abc.abstractmethod
+    def draw(
+        self, ctx: TaskContext, rng: np.random.Generator, budget: int, index: int, sizes: Any
+    ) -> dict[str, Any]:
+        """The `Item` fields (prompt, answer_prefix, answer, targets, depth, meta) of item
+        `index`, drawn from `rng`, its prompt fitted to `budget` tokens."""
+
+    def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
+        budget = self.budget(length)
+        sizes = self.sizes(ctx, budget)
+        return [
+            Item(
+                task=self.name,
+                length=length,
+                index=i,
+                **self.draw(ctx, item_rng(seed, self.name, length, i), budget, i, sizes),
+            )
+            for i in range(num_items)
+        ]
+
+
+class NumberTask(DrawnTask):
+    """A drawn task whose answer is one number, at the depth `ctx.depths[index % len]`: scores
+    `acc` and `digit_acc` of the first number produced."""
+
+    max_new_tokens = 12
+    primary = "acc"
+    metrics = ("acc", "digit_acc")
+
+    def score(self, item: Item, text: str) -> dict[str, float]:
+        return score_number(text, item.targets[0])
+
+
 TASKS: dict[str, Task] = {}
 GROUPS: dict[str, tuple[str, ...]] = {}
 

@@ -116,15 +116,7 @@ def _generate_impl(
 
     def body(carry):
         i, tok, pos, done, n_gen, out, cache, key = carry
-        logits, cache = model(
-            tok[:, None],
-            pos[:, None],
-            cache,
-            attention,
-            logits_at=jnp.zeros_like(pos),
-            mode="decode",
-            layer_stack=stack,
-        )
+        logits, cache = model.decode_token(tok, pos, cache, attention, stack)
         key, sub = jax.random.split(key)
         nxt = jnp.where(done, pad_id, sample(logits, sub, sampling))
         out = out.at[:, i].set(nxt)

@@ -362,6 +362,26 @@ class Llama(nnx.Module):
         )
         return self.logits(x, logits_at), None if mode == "stateless" else new_cache
 
+    def decode_token(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: Any,
+        attention: LayerAttention,
+        layer_stack: LayerStack | None = None,
+    ):
+        """One token per row, tokens int [B] at positions int [B], against `cache` (decode
+        mode); returns (logits float32 [B, V], the new cache)."""
+        return self(
+            tokens[:, None],
+            positions[:, None],
+            cache,
+            attention,
+            logits_at=jnp.zeros_like(positions),
+            mode="decode",
+            layer_stack=layer_stack,
+        )
+
 
 LayerStack = tuple[nnx.GraphDef, nnx.State]
 # one backend for every layer, or one per layer (`Llama.hidden_states`)

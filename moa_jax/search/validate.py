@@ -109,23 +109,12 @@ def plan_losses(
     plan.validate(model.config)
     if _resolve_backend(backend) == "moa":
         return answer_losses(model, batches, MoAAttention(plan, length=length))
-    graphdef, state = nnx.split(model)
-    layer_graphdef, layer_state = stack_layers(model)
+    # (graphdef, state, layer_graphdef, layer_state) of `_window_losses`
+    split = (*nnx.split(model), *stack_layers(model))
     windows = jnp.asarray(plan.resolve(length), jnp.int32)
     sinks = jnp.asarray(plan.sink_array(), jnp.int32)
     out = [
-        np.asarray(
-            _window_losses(
-                graphdef,
-                state,
-                layer_graphdef,
-                layer_state,
-                windows,
-                sinks,
-                *b.arrays(),
-                q_chunk=int(q_chunk),
-            )
-        )
+        np.asarray(_window_losses(*split, windows, sinks, *b.arrays(), q_chunk=int(q_chunk)))
         for b in batches
     ]
     return np.concatenate(out) if out else np.zeros((0,), np.float32)

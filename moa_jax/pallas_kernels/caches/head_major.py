@@ -145,13 +145,58 @@ class HeadMajorKVCache:
         return dataclasses.replace(self, k=random_like(k1, self.k), v=random_like(k2, self.v))
 
 
+class _GatheredSlots:
+    """What `RecycledKVCache` and `SelectedKVCache` share: gathered slots kp, vp
+    [B, Hkv, Kp, D] holding the positions idx int32 [B, Hkv, Kp] (-1 empty; slots [top_k, Kp)
+    are padding), with Kp = top_k rounded up to the cache block."""
+
+    @classmethod
+    def zeros(
+        cls,
+        batch: int,
+        max_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        top_k: int,
+        dtype: Any = jnp.bfloat16,
+        block: int = 64,
+        **options: Any,
+    ):
+        """An empty cache; options are the class's own (`SelectedKVCache`: with_scores)."""
+        shape = (batch, num_kv_heads, round_up(top_k, block), head_dim)
+        slots = {
+            "kp": jnp.zeros(shape, dtype),
+            "vp": jnp.zeros(shape, dtype),
+            "idx": jnp.full(shape[:3], -1, jnp.int32),
+        }
+        return cls.around_slots(slots, int(top_k), int(max_len), block, **options)
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def slot_writes(
+        self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None
+    ) -> dict[str, jax.Array]:
+        """kp, vp with the slots that hold one of the valid tokens' positions of k, v
+        [B, T, Hkv, D] (positions [start[b], start[b] + lengths[b])) set to those tokens."""
+        return {
+            "kp": refresh_slots(self.kp, self.idx, k, start, lengths),
+            "vp": refresh_slots(self.vp, self.idx, v, start, lengths),
+        }
+
+    def selected(self) -> jax.Array:
+        """int32 [B, Hkv, K]: positions held by the live slots (-1 empty)."""
+        return self.idx[..., : self.top_k]
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=("k", "v", "kp", "vp", "idx", "ptr", "step", "ref_q"),
     meta_fields=("top_k", "max_len"),
 )
 @dataclasses.dataclass
-class RecycledKVCache:
+class RecycledKVCache(_GatheredSlots):
     """One layer's Recycled Attention state.
 
     k, v: [B, Hkv, Lp, D] the full cache C_f, head-major, slot j holds position j.
@@ -177,29 +222,22 @@ class RecycledKVCache:
     max_len: int
 
     @classmethod
-    def zeros(
-        cls,
-        batch: int,
-        max_len: int,
-        num_kv_heads: int,
-        head_dim: int,
-        top_k: int,
-        dtype: Any = jnp.bfloat16,
-        block: int = 64,
+    def around_slots(
+        cls, slots: dict[str, jax.Array], top_k: int, max_len: int, block: int
     ) -> RecycledKVCache:
+        """An empty cache around the empty C_p slots (kp, vp, idx)."""
+        batch, num_kv_heads, _, head_dim = slots["kp"].shape
+        dtype = slots["kp"].dtype
         full = HeadMajorKVCache.zeros(batch, max_len, num_kv_heads, head_dim, dtype, block)
-        sel = SelectedKVCache.zeros(batch, max_len, num_kv_heads, head_dim, top_k, dtype, block)
         return cls(
-            full.k,
-            full.v,
-            sel.kp,
-            sel.vp,
-            sel.idx,
-            jnp.zeros((batch,), jnp.int32),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((batch, head_dim), jnp.float32),
-            int(top_k),
-            int(max_len),
+            k=full.k,
+            v=full.v,
+            **slots,
+            ptr=jnp.zeros((batch,), jnp.int32),
+            step=jnp.zeros((), jnp.int32),
+            ref_q=jnp.zeros((batch, head_dim), jnp.float32),
+            top_k=top_k,
+            max_len=max_len,
         )
 
     def logical_axes(self) -> RecycledKVCache:
@@ -215,10 +253,6 @@ class RecycledKVCache:
             ref_q=("batch", "head_dim"),
         )
 
-    @property
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
-
     def write(
         self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
     ) -> RecycledKVCache:
@@ -228,8 +262,7 @@ class RecycledKVCache:
             self,
             k=write_chunk(self.k, k, start),
             v=write_chunk(self.v, v, start),
-            kp=refresh_slots(self.kp, self.idx, k, start, lengths),
-            vp=refresh_slots(self.vp, self.idx, v, start, lengths),
+            **self.slot_writes(k, v, start, lengths),
         )
 
     def filled(self, context: int, key: jax.Array) -> RecycledKVCache:
@@ -248,10 +281,6 @@ class RecycledKVCache:
             ref_q=jax.random.normal(k4, self.ref_q.shape, jnp.float32),
         )
 
-    def selected(self) -> jax.Array:
-        """int32 [B, Hkv, K]: positions held by the live C_p entries (-1 empty)."""
-        return self.idx[..., : self.top_k]
-
 
 @functools.partial(
     jax.tree_util.register_dataclass,
@@ -259,7 +288,7 @@ class RecycledKVCache:
     meta_fields=("top_k", "max_len"),
 )
 @dataclasses.dataclass
-class SelectedKVCache:
+class SelectedKVCache(_GatheredSlots):
     """One layer's K-slot cache of the eviction baselines (StreamingLLM, H2O): no full cache.
 
     kp, vp: [B, Hkv, Kp, D]; idx: int32 [B, Hkv, Kp] position per slot (-1 empty; slots
@@ -275,27 +304,18 @@ class SelectedKVCache:
     max_len: int
 
     @classmethod
-    def zeros(
+    def around_slots(
         cls,
-        batch: int,
-        max_len: int,
-        num_kv_heads: int,
-        head_dim: int,
+        slots: dict[str, jax.Array],
         top_k: int,
-        dtype: Any = jnp.bfloat16,
-        block: int = 64,
+        max_len: int,
+        block: int,
         with_scores: bool = False,
     ) -> SelectedKVCache:
-        sel = (batch, num_kv_heads, round_up(top_k, block), head_dim)
-        acc = jnp.full(sel[:3], -jnp.inf, jnp.float32) if with_scores else None
-        return cls(
-            jnp.zeros(sel, dtype),
-            jnp.zeros(sel, dtype),
-            jnp.full(sel[:3], -1, jnp.int32),
-            acc,
-            int(top_k),
-            int(max_len),
-        )
+        """An empty cache of the empty slots (kp, vp, idx), keeping scores when with_scores."""
+        idx = slots["idx"]
+        acc = jnp.full(idx.shape, -jnp.inf, jnp.float32) if with_scores else None
+        return cls(**slots, acc=acc, top_k=top_k, max_len=max_len)
 
     def logical_axes(self) -> SelectedKVCache:
         return dataclasses.replace(
@@ -306,20 +326,12 @@ class SelectedKVCache:
             acc=None if self.acc is None else SLOT_AXES,
         )
 
-    @property
-    def nbytes(self) -> int:
-        return tree_nbytes(self)
-
     def write(
         self, k: jax.Array, v: jax.Array, start: jax.Array, lengths: jax.Array | None = None
     ) -> SelectedKVCache:
         """Writes k, v [B, T, Hkv, D] (positions [start[b], start[b] + T)) into the slots that
         hold one of the valid tokens' positions."""
-        return dataclasses.replace(
-            self,
-            kp=refresh_slots(self.kp, self.idx, k, start, lengths),
-            vp=refresh_slots(self.vp, self.idx, v, start, lengths),
-        )
+        return dataclasses.replace(self, **self.slot_writes(k, v, start, lengths))
 
     def filled(self, context: int, key: jax.Array, sink: int = 4) -> SelectedKVCache:
         """Random keys and values; the slots hold StreamingLLM's positions after `context`
@@ -338,7 +350,3 @@ class SelectedKVCache:
         return dataclasses.replace(
             self, kp=random_like(k1, self.kp), vp=random_like(k2, self.vp), idx=idx, acc=acc
         )
-
-    def selected(self) -> jax.Array:
-        """int32 [B, Hkv, K]: positions held by the live slots (-1 empty)."""
-        return self.idx[..., : self.top_k]

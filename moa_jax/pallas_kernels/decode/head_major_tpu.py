@@ -27,6 +27,39 @@ from moa_jax.pallas_kernels.heuristics import padded_group_tpu
 _LOG2E = math.log2(math.e)
 
 
+def reset_state(m_scr, l_scr, acc_scr) -> None:
+    """Empty online-softmax state: running max m_scr [Gp, 1] -inf, sum l_scr [Gp, 1] and
+    accumulator acc_scr [Gp, D] zero."""
+    m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+
+def block_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """q [Gp, D], k [bk, D] -> float32 [Gp, bk] logits in the log2 domain (scale * log2(e))."""
+    return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (
+        scale * _LOG2E
+    )
+
+
+def update_state(sc: jax.Array, v_ref, m_scr, l_scr, acc_scr) -> None:
+    """Folds one block, log2-domain logits sc [Gp, bk] (-inf masked) and values v_ref [bk, D],
+    into the online-softmax state m_scr, l_scr [Gp, 1], acc_scr [Gp, D]."""
+    m_prev = m_scr[...]
+    m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_prev - m_use)
+    pr = jnp.exp2(sc - m_use)
+    l_scr[...] = alpha * l_scr[...] + jnp.sum(pr, axis=1, keepdims=True)
+    acc_scr[...] = alpha * acc_scr[...] + lax.dot_general(
+        pr.astype(v_ref.dtype),
+        v_ref[...],
+        (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    m_scr[...] = m_new
+
+
 def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logits):
     if has_pos:
         pos_ref, refs = refs[0], refs[1:]
@@ -41,9 +74,7 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logi
 
     @pl.when(i == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        reset_state(m_scr, l_scr, acc_scr)
 
     def _step():
         q = q_ref[...]  # [Gp, D]
@@ -52,25 +83,11 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logi
             p = pos_ref[...]  # [1, bk]
         else:
             p = i * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (
-            scale * _LOG2E
-        )
+        sc = block_logits(q, k, scale)
         sc = jnp.where((p >= 0) & (p <= qp), sc, -jnp.inf)
         if write_logits:
             lg_ref[...] = sc
-        m_prev = m_scr[...]  # [Gp, 1]
-        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_prev - m_use)
-        pr = jnp.exp2(sc - m_use)
-        l_scr[...] = alpha * l_scr[...] + jnp.sum(pr, axis=1, keepdims=True)
-        acc_scr[...] = alpha * acc_scr[...] + lax.dot_general(
-            pr.astype(v_ref.dtype),
-            v_ref[...],
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        m_scr[...] = m_new
+        update_state(sc, v_ref, m_scr, l_scr, acc_scr)
 
     if has_pos:
         _step()

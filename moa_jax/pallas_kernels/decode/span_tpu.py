@@ -13,19 +13,16 @@ one matmul (padded to 8). Tested in interpret mode on CPU; the cache block must 
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.decode.head_major_tpu import block_logits, reset_state, update_state
 from moa_jax.pallas_kernels.heuristics import padded_group_tpu
 from moa_jax.pallas_kernels.reference import visible
-
-_LOG2E = math.log2(math.e)
 
 
 def _kernel(
@@ -49,9 +46,7 @@ def _kernel(
 
     @pl.when(i == 0)
     def _init():
-        m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, jnp.float32)
-        l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-        acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        reset_state(m_scr, l_scr, acc_scr)
 
     @pl.when(i < nblk_ref[g])
     def _step():
@@ -59,24 +54,10 @@ def _kernel(
         k = k_ref[...]  # [bk, D]
         p = pos_ref[...]  # [1, bk]
         qp = qpos_ref[b]
-        sc = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * (
-            scale * _LOG2E
-        )
+        sc = block_logits(q, k, scale)
         vis = (p >= 0) & visible(qp, p, win_ref[...], sink_ref[...])
         sc = jnp.where(vis, sc, -jnp.inf)
-        m_prev = m_scr[...]  # [Gp, 1]
-        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp2(m_prev - m_use)
-        pr = jnp.exp2(sc - m_use)
-        l_scr[...] = alpha * l_scr[...] + jnp.sum(pr, axis=1, keepdims=True)
-        acc_scr[...] = alpha * acc_scr[...] + lax.dot_general(
-            pr.astype(v_ref.dtype),
-            v_ref[...],
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
-        m_scr[...] = m_new
+        update_state(sc, v_ref, m_scr, l_scr, acc_scr)
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _finish():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +91,38 @@ def _visible(rows, cols, w, s, kv_valid):
     return visible(rows, cols, w, s) & (cols < kv_valid)
 
 
+class _Statics(NamedTuple):
+    """The static arguments every kernel takes: block sizes, the query heads per KV head, the
+    mask's query offset and key count, the softmax scale, whether kv lengths are given."""
+
+    bq: int
+    bk: int
+    group: int
+    q_offset: int
+    kv_len: int
+    scale: float
+    has_kvlen: bool
+
+
+def _query_block(order_ref, win_ref, sink_ref, kvlen_ref, nq: int, st: _Statics):
+    """This program's work item of a query-block grid (item of order_ref, row): (item, row b,
+    query head h, query block m, KV head, h's window and sinks, the row's valid key count)."""
+    item = order_ref[pl.program_id(0)]
+    b = pl.program_id(1)
+    h = item // nq
+    kv_valid = jnp.minimum(kvlen_ref[b], st.kv_len) if st.has_kvlen else st.kv_len
+    return item, b, h, item % nq, h // st.group, win_ref[h], sink_ref[h], kv_valid
+
+
+def _block_loop(body, npart: int, num: int, has_kvlen: bool, carry):
+    """carry after body(i, carry, masked) for the blocks i in [0, num) of a block table whose
+    first npart blocks are partial (masked); with kv lengths any block may be cut, so all are."""
+    if has_kvlen:
+        return lax.fori_loop(0, num, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(0, npart, functools.partial(body, masked=True), carry)
+    return lax.fori_loop(npart, num, functools.partial(body, masked=False), carry)
+
+
 # --------------------------------------------------------------------------- forward kernel
 def _fwd_kernel(
     order_ref,
@@ -105,26 +138,16 @@ def _fwd_kernel(
     *rest,
     nq,
     kmax,
-    bq,
-    bk,
-    group,
-    q_offset,
-    kv_len,
-    scale,
-    has_kvlen,
+    st: _Statics,
     poison,
 ):
     if poison:
         rest = rest[2:]
     o_ref, lse_ref = rest
-    item = order_ref[pl.program_id(0)]
-    b = pl.program_id(1)
-    h = item // nq
-    m = item % nq
-    kvh = h // group
-    w = win_ref[h]
-    s_ = sink_ref[h]
-    kv_valid = jnp.minimum(kvlen_ref[b], kv_len) if has_kvlen else kv_len
+    bq, bk, _, q_offset, _, scale, has_kvlen = st
+    item, b, h, m, kvh, w, s_, kv_valid = _query_block(
+        order_ref, win_ref, sink_ref, kvlen_ref, nq, st
+    )
     q = q_ref[b, pl.ds(m * bq, bq), h, :]
     d = q.shape[-1]
     base = item * kmax
@@ -158,12 +181,7 @@ def _fwd_kernel(
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    if has_kvlen:
-        carry = lax.fori_loop(0, num, functools.partial(body, masked=True), carry)
-    else:
-        carry = lax.fori_loop(0, npart, functools.partial(body, masked=True), carry)
-        carry = lax.fori_loop(npart, num, functools.partial(body, masked=False), carry)
-    acc, m_i, l_i = carry
+    acc, m_i, l_i = _block_loop(body, npart, num, has_kvlen, carry)
     ok = l_i > 0
     l_safe = jnp.where(ok, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -181,13 +199,7 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
         _fwd_kernel,
         nq=nq,
         kmax=sch.max_kv_blocks,
-        bq=spec.block_q,
-        bk=spec.block_k,
-        group=H // cfg.num_kv_heads,
-        q_offset=spec.q_offset,
-        kv_len=spec.kv_len,
-        scale=cfg.scale,
-        has_kvlen=cfg.has_kv_lengths,
+        st=_pass_statics(cfg, spec, H // cfg.num_kv_heads),
         poison=poison,
     )
     tables = [
@@ -218,27 +230,10 @@ def _fwd_call(cfg: KernelConfig, q, k, v, kv_lengths, poison=False):
 
 
 # ------------------------------------------------------------------------------ dq kernel
-def _dq_kernel(
-    *refs,
-    nq,
-    kmax,
-    bq,
-    bk,
-    group,
-    q_offset,
-    kv_len,
-    scale,
-    has_kvlen,
-):
+def _dq_kernel(*refs, nq, kmax, st: _Statics):
     r, (dq_ref,) = BackwardRefs.split(refs)
-    item = r.order[pl.program_id(0)]
-    b = pl.program_id(1)
-    h = item // nq
-    m = item % nq
-    kvh = h // group
-    w = r.win[h]
-    s_ = r.sink[h]
-    kv_valid = jnp.minimum(r.kvlen[b], kv_len) if has_kvlen else kv_len
+    bq, bk, _, q_offset, _, scale, has_kvlen = st
+    item, b, h, m, kvh, w, s_, kv_valid = _query_block(r.order, r.win, r.sink, r.kvlen, nq, st)
     q = r.q[b, pl.ds(m * bq, bq), h, :]
     do = r.do[b, pl.ds(m * bq, bq), h, :]
     lse = r.lse[b, h, pl.ds(m * bq, bq)]
@@ -264,28 +259,14 @@ def _dq_kernel(
         return dq + _dot(ds.astype(k.dtype), k, ((1,), (0,)))
 
     dq = jnp.zeros(q.shape, jnp.float32)
-    if has_kvlen:
-        dq = lax.fori_loop(0, num, functools.partial(body, masked=True), dq)
-    else:
-        dq = lax.fori_loop(0, npart, functools.partial(body, masked=True), dq)
-        dq = lax.fori_loop(npart, num, functools.partial(body, masked=False), dq)
+    dq = _block_loop(body, npart, num, has_kvlen, dq)
     dq_ref[b, pl.ds(m * bq, bq), h, :] = (dq * scale).astype(dq_ref.dtype)
 
 
 # ---------------------------------------------------------------------------- dk/dv kernel
-def _dkv_kernel(
-    *refs,
-    nk,
-    qmax,
-    bq,
-    bk,
-    group,
-    q_offset,
-    kv_len,
-    scale,
-    has_kvlen,
-):
+def _dkv_kernel(*refs, nk, qmax, st: _Statics):
     r, (dk_ref, dv_ref) = BackwardRefs.split(refs)
+    bq, bk, group, q_offset, kv_len, scale, has_kvlen = st
     item = r.order[pl.program_id(0)]
     b = pl.program_id(1)
     kvh = item // nk
@@ -325,18 +306,14 @@ def _dkv_kernel(
             dk = dk + _dot(ds.astype(q.dtype), q, ((0,), (0,)))
             return dk, dv
 
-        if has_kvlen:
-            dk, dv = lax.fori_loop(0, num, functools.partial(body, masked=True), (dk, dv))
-        else:
-            dk, dv = lax.fori_loop(0, npart, functools.partial(body, masked=True), (dk, dv))
-            dk, dv = lax.fori_loop(npart, num, functools.partial(body, masked=False), (dk, dv))
+        dk, dv = _block_loop(body, npart, num, has_kvlen, (dk, dv))
     dk_ref[b, pl.ds(n * bk, bk), kvh, :] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[b, pl.ds(n * bk, bk), kvh, :] = dv.astype(dv_ref.dtype)
 
 
-def _pass_statics(cfg: KernelConfig, spec: MaskSpec, group: int) -> dict:
-    """The static arguments the dq and dk/dv kernels share (one backward pass's `spec`)."""
-    return dict(
+def _pass_statics(cfg: KernelConfig, spec: MaskSpec, group: int) -> _Statics:
+    """The static arguments of one pass (forward, dq or dk/dv) over `spec`'s block tables."""
+    return _Statics(
         bq=spec.block_q,
         bk=spec.block_k,
         group=group,
@@ -368,7 +345,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
             _dq_kernel,
             nq=nq,
             kmax=sch.max_kv_blocks,
-            **_pass_statics(cfg, spec, group),
+            st=_pass_statics(cfg, spec, group),
         ),
         grid=(H * nq, B),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -391,7 +368,7 @@ def _bwd_call(cfg: KernelConfig, q, k, v, kv_lengths, out, lse, do, dlse):
             _dkv_kernel,
             nk=nk,
             qmax=sch.max_q_blocks,
-            **_pass_statics(cfg, spec, group),
+            st=_pass_statics(cfg, spec, group),
         ),
         grid=(Hkv * nk, B),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
