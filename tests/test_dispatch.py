@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moa_jax.bench import program_hashes
 from moa_jax.generate import generate
 from moa_jax.methods import AttentionConfig, build_attention
 from moa_jax.models.llama import init_random
-from moa_jax.pallas_kernels import dispatch, sparse_attention
+from moa_jax.pallas_kernels import dispatch, full_step_decode, sparse_attention
 
 from conftest import tiny_config
 
@@ -105,3 +106,25 @@ def test_fallback_drops_options_the_kernel_does_not_take():
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(TypeError):
         sparse_attention(q, k, v, backend="gpu", num_stages_dkv=3, **kw)
+
+
+def test_lowering_for_a_gpu_picks_its_compiled_kernels():
+    q, k = jnp.zeros((1, 4, 64)), jnp.zeros((1, 2, 128, 64))
+
+    def step(q, k):
+        return full_step_decode(q, k, k, jnp.zeros(1, jnp.int32), backend="gpu", interpret=False)
+
+    assert "pallas_call" not in str(jax.make_jaxpr(step)(q, k))  # CPU: the reference runs
+    with dispatch.lowering_for("gpu"):  # a new function: jit reuses the trace of `step`
+        assert "pallas_call" in str(jax.make_jaxpr(lambda q, k: step(q, k))(q, k))
+    with pytest.raises(ValueError, match="'gpu' or 'tpu'"):
+        with dispatch.lowering_for("cuda"):
+            pass
+
+
+def test_program_hashes_are_stable_and_name_every_program(capsys):
+    assert program_hashes.main([]) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert len(first) == 6 and len({line.split()[0] for line in first}) == 6
+    assert program_hashes.main([]) == 0
+    assert capsys.readouterr().out.splitlines() == first

@@ -22,9 +22,11 @@ asked for, else exactly when the kernel's platform is not this machine's.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,10 +45,33 @@ _ORDER = BACKENDS[1:]
 
 
 # ------------------------------------------------------------------------------ platform
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target", default=None)
+
+
 def platform() -> str:
-    """This machine's kernel platform: 'gpu', 'tpu' or 'cpu' (no Pallas compiler)."""
+    """The kernel platform traced for: 'gpu', 'tpu' or 'cpu' (no Pallas compiler); this
+    machine's, or the one `lowering_for` names."""
+    target = _TARGET.get()
+    if target is not None:
+        return target
     p = jax.default_backend()
     return "gpu" if p in ("gpu", "cuda", "rocm") else p if p == "tpu" else "cpu"
+
+
+@contextlib.contextmanager
+def lowering_for(target: str) -> Iterator[None]:
+    """Inside, the dispatchers choose as on a `target` machine ('gpu' or 'tpu'): its compiled
+    kernels, never interpret mode. For lowering a program for that platform from another one
+    (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`); the Mosaic GPU kernel still
+    needs an sm90+ GPU here to be chosen. It acts when a function is traced: a jitted function
+    traced before, with the same arguments, keeps the kernels of that trace."""
+    if target not in ("gpu", "tpu"):
+        raise ValueError(f"lowering_for takes 'gpu' or 'tpu', got {target!r}")
+    token = _TARGET.set(target)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
 
 
 def resolve_interpret(
