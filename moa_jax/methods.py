@@ -149,7 +149,7 @@ class MethodOptions:
             name = cls.ALIASES.get(key, key)
             if name not in hints or name == "ALIASES":
                 known = ", ".join(cls.keys()) or "none"
-                raise ValueError(f"unknown option {method}.{key} (options of {method!r}: {known})")
+                raise ConfigError(f"unknown option {method}.{key} (options of {method!r}: {known})")
             try:
                 values[name] = _parse_value(str(text), hints[name])
             except ValueError as e:
