@@ -8,8 +8,8 @@ Backends:
 - 'masked' (CPU default): query-chunked attention under `window_sink_mask`, the decoder layers
   as one scan whose layers each get their windows and sinks as arrays (`WindowArgAttention`),
   so every plan of one length shares one compiled program.
-- 'moa': `MoAAttention` (the Pallas block-sparse kernel that serves the plan); one compilation
-  per plan. The default on GPU and TPU.
+- 'moa': the `moa` method (`moa_jax.methods`: `MoAAttention`, the Pallas block-sparse kernel
+  that serves the plan); one compilation per plan. The default on GPU and TPU.
 
 Public API:
   WindowArgAttention(q_chunk, windows, sinks)  one layer's window + sink attention (arrays)
@@ -30,10 +30,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from moa_jax.methods import AttentionConfig, MoAOptions, build_attention
 from moa_jax.models.attention import Attention
 from moa_jax.models.llama import Llama, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
-from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.plan import Plan
 from moa_jax.search.answer_loss import Batch, answer_losses, answer_nll, row_positions
 
@@ -108,7 +108,14 @@ def plan_losses(
     """Per-item answer loss with `plan` resolved at `length` (dense: `Plan.dense`)."""
     plan.validate(model.config)
     if _resolve_backend(backend) == "moa":
-        return answer_losses(model, batches, MoAAttention(plan, length=length))
+        # the `moa` method of every command, its kernels even where the plan keeps every token
+        ac = AttentionConfig(
+            config=model.config,
+            plan=plan,
+            impl="native",
+            options={"moa": MoAOptions(dense_when_full=False)},
+        )
+        return answer_losses(model, batches, build_attention("moa", ac, length))
     # (graphdef, state, layer_graphdef, layer_state) of `_window_losses`
     split = (*nnx.split(model), *stack_layers(model))
     windows = jnp.asarray(plan.resolve(length), jnp.int32)
