@@ -191,7 +191,7 @@ def bench_jax(
             format_kernel_times(row["kernel_profile"]),
         )
     live = context + n * (config.warmup + config.iters / 2)
-    kv_read = kv_read_bytes(variant, caches, cfg, batch, live, 2)
+    kv_read = kv_read_bytes(attention, caches, cfg, batch, live, 2)
     st = memory_stats(devices)
     floor_ms = (w_read + kv_read) / bandwidth * 1e3
     row.update(

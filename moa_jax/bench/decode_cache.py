@@ -4,10 +4,6 @@ prefill (`make_caches`), and the K/V bytes a decode step of each method reads
 
 from __future__ import annotations
 
-import numpy as np
-
-from moa_jax.bench.decode_variants import Variant
-
 
 def fill_cache(cache, context: int, key):
     """A layer cache as a prompt of `context` tokens leaves it (random K/V, valid state): the
@@ -15,24 +11,11 @@ def fill_cache(cache, context: int, key):
     return cache.filled(context, key)
 
 
-def kv_read_bytes(variant: Variant, caches, cfg, batch: int, live: float, itemsize: int) -> float:
-    """K/V bytes (all layers and rows) that a decode step of the method must read."""
-    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize * cfg.num_layers * batch
-    m = variant.method
-    if m in ("dense", "dense-kernel", "hf"):
-        return per_token * live
-    if m == "moa":
-        slots = sum(float(np.asarray(c.pos >= 0).sum()) for c in caches)  # all rows, layers
-        return 2 * cfg.head_dim * itemsize * slots
-    k = variant.params["k"]
-    if m in ("streaming", "h2o"):
-        return per_token * (k + 1)
-    if m == "recycled":
-        s = variant.params.get("stride")
-        if s is None or "threshold" in variant.params:
-            return per_token * (k + 1)
-        return per_token * (live + (s - 1) * (k + 1)) / s
-    raise ValueError(m)
+def kv_read_bytes(attention, caches, cfg, batch: int, live: float, itemsize: int) -> float:
+    """K/V bytes (all layers and rows) that a decode step must read: what the backend says each
+    layer reads (`CachedAttention.decode_kv_tokens`) with `live` tokens in every row."""
+    per_token = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize * batch
+    return per_token * sum(attention.decode_kv_tokens(c, live) for c in caches)
 
 
 def make_caches(

@@ -127,6 +127,12 @@ class CachedAttention(Attention):
         """One new token per row (q [B, 1, H, D]) against the cache; returns out [B, 1, H, D]
         and the updated cache."""
 
+    def decode_kv_tokens(self, cache: Any, live: float) -> float:
+        """Mean KV tokens a decode step reads per row and KV head from one layer's `cache`
+        when the rows hold `live` tokens (the memory-traffic floor of the decode benchmark).
+        Every token, unless the backend keeps fewer."""
+        return float(live)
+
 
 @dataclasses.dataclass(frozen=True)
 class DenseAttention(CachedAttention):

@@ -79,6 +79,9 @@ class StreamingAttention(HeadMajorBackend):
             idx=idx,
         )
 
+    def decode_kv_tokens(self, cache: SelectedKVCache, live: float) -> float:
+        return float(cache.top_k + 1)  # the K kept slots and the new token
+
     def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
         hkv = k.shape[2]
         q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]
@@ -186,6 +189,9 @@ class H2OAttention(HeadMajorBackend):
 
     def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
         return self._prefill(q, k, v, layer, positions, cache, lengths)
+
+    def decode_kv_tokens(self, cache: SelectedKVCache, live: float) -> float:
+        return float(cache.top_k + 1)  # the K kept slots and the new token
 
     def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
         return self._decode(q, k, v, positions, cache)

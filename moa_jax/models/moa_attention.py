@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from moa_jax.config import ModelConfig
@@ -143,6 +144,11 @@ class MoAAttention(CachedAttention):
         self._check_heads(q)
         out = self._sparse(q, k, v, cache.schedule)
         return out, cache.write(k, v, positions[:, 0], lengths)
+
+    def decode_kv_tokens(self, cache: SpanKVCache, live: float) -> float:
+        # the filled slots: each KV head's sinks and ring, never more than its span
+        rows, heads = cache.pos.shape[0], cache.num_kv_heads
+        return float(np.asarray(cache.pos >= 0).sum()) / (rows * heads)
 
     def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
         self._check_heads(q)

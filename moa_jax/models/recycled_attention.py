@@ -208,6 +208,13 @@ class RecycledAttention(HeadMajorBackend):
         self._check_pre_rope(q_pre_rope)
         return self._prefill(q, k, v, layer, positions, cache, lengths, q_pre_rope)
 
+    def decode_kv_tokens(self, cache: RecycledKVCache, live: float) -> float:
+        # K + 1 keys on a partial step; the fixed schedule's full step every S reads them all
+        k, stride = cache.top_k, self.config.stride
+        if self.config.mode != "fixed":
+            return float(k + 1)
+        return (live + (stride - 1) * (k + 1)) / stride
+
     def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
         self._check_pre_rope(q_pre_rope)
         return self._decode(q, k, v, positions, cache, q_pre_rope)
