@@ -59,3 +59,20 @@ def test_every_cache_follows_the_protocol(name):
         for x, y in zip(jax.tree_util.tree_leaves(written), leaves)
         if x.dtype == jnp.float32
     ) or name in ("streaming", "h2o")  # their empty slots hold no position yet
+
+
+def test_decode_kv_tokens_is_what_each_backend_keeps():
+    live, context = 30.0, 20
+    read = {
+        name: backend.decode_kv_tokens(
+            backend.init_cache(CFG, 2, 40, jnp.float32)[0].filled(context, jax.random.key(0)),
+            live,
+        )
+        for name, backend in BACKENDS.items()
+    }
+    assert read["dense"] == read["masked"] == read["full"] == live
+    assert read["streaming"] == read["h2o"] == 6 + 1  # K slots and the new token
+    assert read["recycled"] == (live + (2 - 1) * (6 + 1)) / 2  # a full step every S = 2
+    # MoA: each KV head's filled slots, at least its 2 sinks and 12-token window (the ring is
+    # padded to the kernel's block), at most the 20-token prompt
+    assert 2 + 12 <= read["moa"] <= context
