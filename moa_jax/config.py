@@ -1,23 +1,22 @@
 """Configuration dataclasses.
 
-`ModelConfig` describes a Llama-family model. It is built from an HF `config.json` (both the
-transformers 4.x shape with top-level `rope_theta`/`rope_scaling` and the 5.x shape with
-`rope_parameters`) or from GGUF metadata (see `moa_jax.models.hf_weights`,
-`moa_jax.models.gguf_weights`).
+`ModelConfig` describes a model of the Llama family (Llama, Mistral, Qwen2, Qwen3): the shared
+decoder's sizes plus the few switches in which the families differ. It is built from an HF
+`config.json` by the family's module (`moa_jax.models.families`) or from GGUF metadata
+(`moa_jax.models.gguf_weights`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ACTIVATIONS = ("silu",)
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -49,24 +48,67 @@ def parse_dtype(name: str | Any) -> jnp.dtype:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling. `rope_type` is 'default', 'linear' or 'llama3'."""
+    """RoPE frequency scaling, as transformers' `rope_parameters` give it.
+
+    `rope_type`: 'default', 'linear' (positions divided by `factor`), 'llama3' (Llama 3.1's
+    band-wise scaling: `factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`) or 'yarn' (YaRN: `factor`, `beta_fast`, `beta_slow`,
+    `original_max_position_embeddings`, `truncate`, and the cos/sin scale `attention_factor`,
+    from `mscale` / `mscale_all_dim` when not given).
+    """
 
     rope_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
     def __post_init__(self):
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
-                f"unsupported rope_type {self.rope_type!r}; moa-jax supports {SUPPORTED_ROPE_TYPES}"
+                f"unsupported rope_type {self.rope_type!r}; moa-jax supports "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            x = float(getattr(self, name))
+            if not (math.isfinite(x) and x > 0):
+                raise ValueError(f"rope scaling {name} must be a positive finite number, got {x}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"llama3 rope scaling needs high_freq_factor > low_freq_factor, got "
+                f"{self.high_freq_factor} and {self.low_freq_factor}"
+            )
+        if int(self.original_max_position_embeddings) <= 0:
+            raise ValueError(
+                "rope scaling original_max_position_embeddings must be positive, got "
+                f"{self.original_max_position_embeddings}"
             )
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Llama architecture hyper-parameters (hashable, so it can be a static jit argument)."""
+    """Architecture of a Llama-family model (hashable, so it can be a static jit argument).
+
+    Every family runs the one decoder (`moa_jax.models.decoder`); these fields say where a
+    family departs from Llama:
+      family: 'llama' | 'mistral' | 'qwen2' | 'qwen3' (checkpoint export, plans, reports).
+      qkv_bias / o_bias: biases on the q, k, v projections / on the output projection (Llama's
+        `attention_bias` sets both; Qwen2 has q, k, v only).
+      mlp_bias: biases on the MLP projections.
+      qk_norm: an RMSNorm over each head's query and key before the rotary embedding (Qwen3).
+      sliding_window: the model's own causal window in tokens (a query sees itself and the
+        `sliding_window - 1` tokens before it), None for full attention (Mistral, Qwen2 with
+        `use_sliding_window`).
+      window_layers: the layers the window applies to (None: every layer; Qwen2's
+        `max_window_layers` exempts the first layers).
+      hidden_act: the MLP's activation; only 'silu' is implemented and anything else is refused.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -80,8 +122,14 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 8192
-    attention_bias: bool = False
+    family: str = "llama"
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    window_layers: tuple[int, ...] | None = None
+    hidden_act: str = "silu"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -114,115 +162,55 @@ class ModelConfig:
                 f"ModelConfig.max_position_embeddings must be positive, got "
                 f"{self.max_position_embeddings}"
             )
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"ModelConfig.family must be one of {', '.join(FAMILIES)}, got {self.family!r}"
+            )
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; moa-jax's decoder runs "
+                f"{', '.join(SUPPORTED_ACTIVATIONS)}"
+            )
+        if self.sliding_window is not None and int(self.sliding_window) <= 0:
+            raise ValueError(
+                f"ModelConfig.sliding_window must be positive or None, got {self.sliding_window}"
+            )
+        if self.window_layers is not None:
+            layers = tuple(int(i) for i in self.window_layers)
+            bad = [i for i in layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(
+                    f"ModelConfig.window_layers {bad} are not layers of a "
+                    f"{self.num_layers}-layer model"
+                )
+            object.__setattr__(self, "window_layers", tuple(sorted(set(layers))))
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
 
-    @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Builds a config from an HF Llama `config.json` dict (transformers 4.x or 5.x layout)."""
-        required = (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        )
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ValueError(f"HF config is missing required keys {missing}")
-        heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        # transformers 5.x nests theta and scaling in `rope_parameters`; 4.x keeps them top level.
-        rope = dict(d.get("rope_parameters") or {})
-        scaling = d.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-        params = {**scaling, **rope}
-        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-        rope_scaling = RopeScaling(
-            rope_type=rope_type,
-            factor=float(params.get("factor", 1.0)),
-            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                params.get(
-                    "original_max_position_embeddings", d.get("max_position_embeddings", 8192)
-                )
-            ),
-        )
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        return cls(
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rope_theta=float(theta),
-            rope_scaling=rope_scaling,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=tuple(int(e) for e in eos_ids),
-            pad_token_id=d.get("pad_token_id"),
-        )
+    def model_window(self, layer: int) -> int | None:
+        """The model's own window at `layer` (tokens a query sees, itself included), or None
+        where the layer attends to the whole context."""
+        if self.sliding_window is None:
+            return None
+        if self.window_layers is not None and layer not in self.window_layers:
+            return None
+        return int(self.sliding_window)
 
-    @classmethod
-    def from_hf_json(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no HF config.json at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_hf_dict(d)
+    @property
+    def has_model_window(self) -> bool:
+        """Whether any layer has the model's own sliding window."""
+        return any(self.model_window(i) is not None for i in range(self.num_layers))
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The HF `config.json` dict (transformers 4.x keys, which 5.x also reads)."""
-        rs = self.rope_scaling
-        d: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
+    @property
+    def shape_summary(self) -> dict[str, int | str]:
+        """What a plan records of the model it was searched on (family and attention shape)."""
+        return {
+            "family": self.family,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_ids)
-            if len(self.eos_token_ids) != 1
-            else self.eos_token_ids[0],
-            "pad_token_id": self.pad_token_id,
         }
-        if rs.rope_type != "default":
-            d["rope_scaling"] = {
-                "rope_type": rs.rope_type,
-                "factor": rs.factor,
-                **(
-                    {
-                        "low_freq_factor": rs.low_freq_factor,
-                        "high_freq_factor": rs.high_freq_factor,
-                        "original_max_position_embeddings": rs.original_max_position_embeddings,
-                    }
-                    if rs.rope_type == "llama3"
-                    else {}
-                ),
-            }
-        return d

@@ -144,7 +144,8 @@ def logical_to_spec(
 
 
 def param_logical_axes(path: Sequence[Any]) -> tuple[str | None, ...]:
-    """Logical axes of a Llama parameter from its nnx state path."""
+    """Logical axes of a model parameter from its nnx state path (every family names its
+    parameters alike)."""
     name = ".".join(str(p) for p in path)
     for pattern, axes in _PARAM_AXES:
         if re.search(pattern, name):

@@ -35,7 +35,7 @@ def our_logits() -> Callable[[Any, np.ndarray], np.ndarray]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from moa_jax.models.llama import forward
+    from moa_jax.models.causal_lm import forward
 
     def run(model, tokens: np.ndarray) -> np.ndarray:
         graphdef, state = nnx.split(model)

@@ -1,10 +1,13 @@
-"""ModelConfig parsing from both HF config.json layouts, and dtype names."""
+"""ModelConfig parsing from both HF config.json layouts, the families' dialects, and dtype names."""
 
 import jax.numpy as jnp
 import pytest
 from transformers import LlamaConfig
 
-from moa_jax.config import ModelConfig, RopeScaling, parse_dtype
+from moa_jax.config import RopeScaling, parse_dtype
+from moa_jax.models.families import HFConfigError, config_from_hf, config_to_hf
+from moa_jax.models.hf_weights import hf_model_config
+from moa_jax.models.weights import WeightsError, WeightsNotFoundError
 
 LLAMA3_SCALING = {
     "rope_type": "llama3",
@@ -34,7 +37,7 @@ def _legacy_dict():
 
 
 def test_legacy_layout():
-    cfg = ModelConfig.from_hf_dict(_legacy_dict())
+    cfg = config_from_hf(_legacy_dict())
     assert cfg.head_dim == 16 and cfg.num_kv_heads == 2 and cfg.group_size == 2
     assert cfg.rope_theta == 500000.0
     assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)
@@ -44,37 +47,41 @@ def test_legacy_layout():
 def test_transformers5_layout_matches_legacy():
     # transformers 5.x normalises into `rope_parameters`; both must give the same config.
     d = LlamaConfig(**_legacy_dict()).to_dict()
-    assert ModelConfig.from_hf_dict(d) == ModelConfig.from_hf_dict(_legacy_dict())
+    assert config_from_hf(d) == config_from_hf(_legacy_dict())
 
 
 def test_round_trip_through_hf_dict():
-    cfg = ModelConfig.from_hf_dict(_legacy_dict())
-    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
-    assert ModelConfig.from_hf_dict(LlamaConfig(**cfg.to_hf_dict()).to_dict()) == cfg
+    cfg = config_from_hf(_legacy_dict())
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    assert config_from_hf(LlamaConfig(**config_to_hf(cfg)).to_dict()) == cfg
 
 
 def test_explicit_head_dim():
     d = _legacy_dict() | {"head_dim": 32}
-    assert ModelConfig.from_hf_dict(d).head_dim == 32
+    assert config_from_hf(d).head_dim == 32
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match="missing required keys.*vocab_size"):
-        ModelConfig.from_hf_dict({k: v for k, v in _legacy_dict().items() if k != "vocab_size"})
+    with pytest.raises(HFConfigError, match="missing required key.*vocab_size"):
+        config_from_hf({k: v for k, v in _legacy_dict().items() if k != "vocab_size"})
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        ModelConfig.from_hf_dict(_legacy_dict() | {"num_key_value_heads": 3})
-    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
-        ModelConfig.from_hf_dict(
-            _legacy_dict() | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
-        )
+        config_from_hf(_legacy_dict() | {"num_key_value_heads": 3})
+    with pytest.raises(HFConfigError, match="unsupported rope_type 'dynamic'"):
+        config_from_hf(_legacy_dict() | {"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}})
+    with pytest.raises(HFConfigError, match="hidden_act 'gelu' is not supported"):
+        config_from_hf(_legacy_dict() | {"hidden_act": "gelu"})
+    with pytest.raises(HFConfigError, match="model_type 'gemma' is not supported.*llama, mistral"):
+        config_from_hf(_legacy_dict() | {"model_type": "gemma"})
+    with pytest.raises(HFConfigError, match="must hold a JSON object"):
+        config_from_hf([1, 2])
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        ModelConfig.from_hf_json(tmp_path / "config.json")
+    with pytest.raises(WeightsNotFoundError, match="config.json"):
+        hf_model_config(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        ModelConfig.from_hf_json(tmp_path / "config.json")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        hf_model_config(tmp_path)
 
 
 def test_parse_dtype():

@@ -12,7 +12,7 @@ import pytest
 from moa_jax.bench import program_hashes
 from moa_jax.generate import generate
 from moa_jax.methods import AttentionConfig, build_attention
-from moa_jax.models.llama import init_random
+from moa_jax.models.registry import init_random
 from moa_jax.pallas_kernels import dispatch, full_step_decode, sparse_attention
 
 from conftest import tiny_config

@@ -351,7 +351,7 @@ def test_teacher_forcing_through_decoding_matches_forward():
     from flax import nnx
 
     from moa_jax.eval.runner import decode_logprobs, target_logprobs
-    from moa_jax.models.llama import init_random
+    from moa_jax.models.registry import init_random
     from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
 
     cfg = tiny_config()

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from moa_jax.generate import generate, pad_prompts
-from moa_jax.models.llama import forward, init_random
+from moa_jax.models.causal_lm import forward
+from moa_jax.models.registry import init_random
 from moa_jax.sampling import SamplingConfig
 
 from conftest import tiny_config

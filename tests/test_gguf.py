@@ -162,7 +162,7 @@ def test_gguf_logits_match_hf(tmp_path, make_hf_llama, our_logits, hf_logits, qt
         2,
         16,
     )
-    assert cfg.tie_word_embeddings == tied and not cfg.attention_bias
+    assert cfg.tie_word_embeddings == tied and not cfg.qkv_bias
     assert (cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id) == (1, (2,), 0)
     assert cfg.rope_scaling.rope_type == "default" and cfg.rope_theta == 10000.0
     ours = our_logits(model, IDS)
@@ -221,7 +221,7 @@ def test_gguf_linear_rope_and_bias(tmp_path, make_hf_llama, our_logits, hf_logit
     )
     write_gguf(tmp_path / "m.gguf", hf, linear_rope=2.0)
     model, _ = load_gguf(tmp_path / "m.gguf")
-    assert model.config.rope_scaling.rope_type == "linear" and model.config.attention_bias
+    assert model.config.rope_scaling.rope_type == "linear" and model.config.o_bias
     np.testing.assert_allclose(our_logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=0)
 
 

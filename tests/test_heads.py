@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from moa_jax.eval.heads import NeedleMassAttention, _needle_mass, compare, oracle_plan
-from moa_jax.models.llama import init_random, rope_inv_freq
+from moa_jax.models.registry import init_random
+from moa_jax.models.rotary import rotary_table
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
 
 
@@ -46,7 +47,7 @@ def test_needle_mass_is_attention_probability_on_the_marked_keys():
 
     pos = jnp.broadcast_to(jnp.arange(n), (2, n))
     capture = Capture(rows=rows, row_w=w, key_mask=jnp.asarray(marked))
-    layer.self_attn(x, pos, rope_inv_freq(cfg), None, capture, 0)
+    layer.self_attn(x, pos, rotary_table(cfg), None, capture, 0)
     q, k = captured["qk"]
     g = cfg.num_heads // cfg.num_kv_heads
     logits = jnp.einsum("bqhd,bshd->bhqs", q, jnp.repeat(k, g, 2)) * cfg.head_dim**-0.5

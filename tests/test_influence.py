@@ -14,7 +14,8 @@ from flax import nnx
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import Attention
-from moa_jax.models.llama import Llama, init_random, stack_layers
+from moa_jax.models.causal_lm import stack_layers
+from moa_jax.models.registry import init_random
 from moa_jax.models.masked_attention import MaskedAttention, chunked_attention
 from moa_jax.pallas_kernels.reference import window_sink_mask
 from moa_jax.search.answer_loss import (
@@ -93,7 +94,7 @@ class PerturbedAttention(Attention):
         return q, k, v
 
 
-def answer_grads(model: Llama, batch: Batch, *, q_chunk: int = 512):
+def answer_grads(model: CausalLM, batch: Batch, *, q_chunk: int = 512):
     """Answer losses [B], dL/dO per layer ([B, N, H, D] each) and (q, k, v) per layer, all in
     memory at once (`profile_batch` reduces them as it goes)."""
     cfg = model.config
@@ -725,7 +726,7 @@ def test_masked_attention_backend_matches_mask(setup):
 
 
 def test_hidden_states_scan_matches_layer_loop():
-    """`Llama.hidden_states` with a layer stack (one scanned layer, stacked states) = the
+    """`CausalLM.hidden_states` with a layer stack (one scanned layer, stacked states) = the
     unrolled layer loop, with and without remat (and the loop with remat)."""
     model = init_random(CFG, seed=3)
     tokens = jnp.asarray(np.random.default_rng(2).integers(1, 128, (2, 64)), jnp.int32)

@@ -17,7 +17,10 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import Attention, DenseAttention
-from moa_jax.models.llama import forward, init_random, rope_inv_freq, stack_layers
+from moa_jax.models.families import config_from_hf
+from moa_jax.models.causal_lm import forward, stack_layers
+from moa_jax.models.registry import init_random
+from moa_jax.models.rotary import rotary_table
 
 from conftest import tiny_config
 
@@ -44,14 +47,14 @@ def test_rope_frequencies_match_transformers(scaling):
         rope_scaling=scaling,
         max_position_embeddings=4096,
     )
-    cfg = ModelConfig.from_hf_dict(hf.to_dict())
+    cfg = config_from_hf(hf.to_dict())
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "default":
         expected = 1.0 / (500000.0 ** (np.arange(0, 128, 2) / 128))
     else:
         expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
         expected = expected.numpy()
-    np.testing.assert_allclose(rope_inv_freq(cfg), expected, rtol=1e-6)
+    np.testing.assert_allclose(rotary_table(cfg).inv_freq, expected, rtol=1e-6)
 
 
 def test_chunked_prefill_with_cache_equals_full_forward():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from moa_jax.models.dense_attention import TrainDenseAttention, segment_ids_from_positions
-from moa_jax.models.llama import init_random
+from moa_jax.models.registry import init_random
 from moa_jax.models.recycled_train_attention import (
     RecycledOracleAttention,
     RecycledTrainAttention,

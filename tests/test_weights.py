@@ -13,6 +13,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from moa_jax.config import parse_dtype
+from moa_jax.models.families import config_from_hf
 from moa_jax.models.hf_weights import load_hf, save_hf
 from moa_jax.models.registry import TINY_RANDOM_CONFIG, list_presets, load_model
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError, param_table
@@ -112,7 +113,7 @@ def test_param_table_covers_hf_names(make_hf_llama):
     hf = make_hf_llama(**CONFIGS["tied_bias"])
     from moa_jax.config import ModelConfig
 
-    table = param_table(ModelConfig.from_hf_dict(hf.config.to_dict()))
+    table = param_table(config_from_hf(hf.config.to_dict()))
     assert set(table) == set(hf.state_dict()) - {"lm_head.weight"}
     spec = table["model.layers.1.self_attn.q_proj.weight"]
     assert spec.path == ("layers", 1, "self_attn", "q_proj", "kernel") and spec.transpose
@@ -142,10 +143,14 @@ def test_error_missing_dir_and_config(tmp_path, saved):
         load_hf(saved)
 
 
-def test_error_not_a_llama_config(saved):
+def test_error_unsupported_family_config(saved):
     cfg = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma"}))
+    with pytest.raises(WeightsError, match="model_type 'gemma' is not supported; moa-jax loads"):
+        load_hf(saved)
+    # a Qwen2 config over Llama weights: the family's q/k/v biases are missing
     (saved / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
-    with pytest.raises(WeightsError, match="model_type 'qwen2' is not supported"):
+    with pytest.raises(WeightsError, match="missing tensor.*q_proj.bias"):
         load_hf(saved)
     (saved / "config.json").write_text("{broken")
     with pytest.raises(WeightsError, match="not valid JSON"):

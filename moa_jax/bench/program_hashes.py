@@ -48,7 +48,7 @@ def program_hashes() -> dict[str, str]:
 
     from moa_jax.config import ModelConfig
     from moa_jax.methods import AttentionConfig, build_attention
-    from moa_jax.models.llama import init_random
+    from moa_jax.models.registry import init_random
     from moa_jax.pallas_kernels import dispatch, sparse_attention
     from moa_jax.pallas_kernels.prefill.mosaic_gpu import sparse_attention_mgpu
     from moa_jax.plan import Plan

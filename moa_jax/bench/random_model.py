@@ -73,7 +73,7 @@ def make_weights(
     import jax.numpy as jnp
     from flax import nnx
 
-    from moa_jax.models.llama import abstract_model
+    from moa_jax.models.registry import abstract_model
     from moa_jax.parallel import param_shardings
 
     graphdef, abstract = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))

@@ -32,7 +32,7 @@ from moa_jax.eval.tasks import Item, Task, TaskContext
 from moa_jax.generate import generate
 from moa_jax.methods import AttentionConfig, Method
 from moa_jax.models.attention import Attention
-from moa_jax.models.llama import Llama
+from moa_jax.models.causal_lm import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +54,9 @@ def target_logprobs(
     """Log-probabilities of `targets` predicted at positions `at`, and whether each is the argmax.
 
     tokens int [B, T] (positions [0, T), no cache); at, targets int [B, A]. The LM head runs
-    at the A positions only (`Llama.logits(at=)`). Returns (logp [B, A], hit [B, A]).
+    at the A positions only (`CausalLM.logits(at=)`). Returns (logp [B, A], hit [B, A]).
     """
-    model: Llama = nnx.merge(graphdef, state)
+    model: CausalLM = nnx.merge(graphdef, state)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hidden, _ = model.hidden_states(tokens, positions, attention=attention, mode="stateless")
@@ -85,7 +85,7 @@ def decode_logprobs(
     `target_logprobs`. For methods whose decoding differs from their prefill (recycled, H2O,
     StreamingLLM decoding) this measures the decode path; for masks it equals a forward pass.
     """
-    model: Llama = nnx.merge(graphdef, state)
+    model: CausalLM = nnx.merge(graphdef, state)
     b, t = tokens.shape
     cache = attention.init_cache(model.config, b, cache_len, model.dtype)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -130,7 +130,7 @@ class Runner:
 
     def __init__(
         self,
-        model: Llama,
+        model: CausalLM,
         tokenizer: Any,
         task_ctx: TaskContext,
         method_ctx: AttentionConfig,

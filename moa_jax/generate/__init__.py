@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from moa_jax.models.attention import Attention, DenseAttention
-from moa_jax.models.llama import Llama, stack_layers
+from moa_jax.models.causal_lm import CausalLM, stack_layers
 from moa_jax.parallel import (
     batch_sharding,
     cache_shardings,
@@ -81,7 +81,7 @@ def _generate_impl(
     mesh,
     scan_layers=False,
 ):
-    model: Llama = nnx.merge(graphdef, state)
+    model: CausalLM = nnx.merge(graphdef, state)
     cfg = model.config
     b, t = tokens.shape
     cache = attention.init_cache(cfg, b, cache_len, model.dtype)
@@ -147,7 +147,7 @@ _generate_jit = jax.jit(
 
 
 def generate(
-    model: Llama,
+    model: CausalLM,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 64,
@@ -164,7 +164,7 @@ def generate(
     """Generates up to `max_new_tokens` tokens for each prompt.
 
     Args:
-      model: the Llama.
+      model: the model (any supported family).
       prompts: token id lists, of any lengths.
       sampling: greedy by default; temperature / top-k / top-p otherwise (then `key` is required).
       stop_ids: tokens that end a row (default: the config's eos ids).

@@ -1,7 +1,7 @@
 """Attention layers: the stateless role and the cached role.
 
 Every attention layer of the model calls one attention object, in one of three modes chosen by
-the caller (`moa_jax.models.llama.Llama`'s `mode`, MaxText's model_mode):
+the caller (`moa_jax.models.causal_lm.CausalLM`'s `mode`, MaxText's model_mode):
 
     'stateless':  out = attention(q, k, v, layer=i, positions=positions)
     'prefill':    out, cache = attention.prefill(q, k, v, layer=i, positions=positions,
@@ -57,7 +57,7 @@ class Attention(abc.ABC):
         self, q: jax.Array, k: jax.Array, v: jax.Array, *, layer: int, positions: jax.Array
     ) -> Any:
         """What the backend reports of layer `layer` besides its output, returned per layer by
-        `Llama.hidden_states` in stateless mode (e.g. the attention mass some rows put on some
+        `CausalLM.hidden_states` in stateless mode (e.g. the attention mass some rows put on some
         keys); None by default."""
         return None
 
@@ -72,7 +72,16 @@ class Attention(abc.ABC):
     def layer_uniform(self) -> bool:
         """True when the backend treats every layer alike (it ignores `layer`) and every layer's
         cache has one shape, so the decoder layers can run as one `lax.scan`
-        (`moa_jax.models.llama.scan_layers`)."""
+        (`moa_jax.models.decoder.scan_layers`)."""
+        return False
+
+    @property
+    def applies_model_window(self) -> bool:
+        """True when the backend applies the model's own sliding window
+        (`ModelConfig.model_window`, Mistral's and Qwen2's `sliding_window`) where the model
+        has one: the backends `moa_jax.methods.build_attention` makes for such a model. The
+        decoder refuses any other backend on a windowed layer when the context is longer than
+        the window (`causal_lm.check_model_window`)."""
         return False
 
     def on_mesh(self, mesh: Any) -> Attention:

@@ -1,11 +1,13 @@
-"""llama.cpp GGUF files -> `Llama`: dequantised weights, config from the header, tokenizer.
+"""llama.cpp GGUF files -> the model: dequantised weights, config from the header, tokenizer.
 
-GGUF tensor names come from `gguf`'s own table for the LLAMA architecture (`gguf.TensorNameMap`,
-the one llama.cpp's converter uses); the tensors are dequantised, put in HF layout (llama.cpp's
-q/k row permutation undone) and assembled through `weights.param_table`.
+Architectures 'llama' (Llama, and Mistral, which llama.cpp writes as 'llama'), 'qwen2' and
+'qwen3'. GGUF tensor names come from `gguf`'s own table for the architecture
+(`gguf.TensorNameMap`, the one llama.cpp's converter uses); the tensors are dequantised, put in
+HF layout (llama.cpp's q/k row permutation of 'llama' files undone; the Qwen files are not
+permuted) and assembled through `weights.param_table`.
 
 Public API:
-  load_gguf(path, *, dtype, param_dtype) -> (Llama, tokenizer | None)
+  load_gguf(path, *, dtype, param_dtype) -> (CausalLM, tokenizer | None)
   gguf_model_config(path) -> ModelConfig
   gguf_config(meta, tensor_shapes, rope_freqs=None) -> ModelConfig
   gguf_metadata(reader) -> dict
@@ -24,7 +26,8 @@ import gguf
 import numpy as np
 
 from moa_jax.config import ModelConfig, RopeScaling
-from moa_jax.models.llama import Llama, rope_inv_freq
+from moa_jax.models.causal_lm import CausalLM
+from moa_jax.models.rotary import rotary_table
 from moa_jax.models.tokenizer import tokenizer_from_gguf_metadata
 from moa_jax.models.weights import (
     WeightsError,
@@ -38,11 +41,23 @@ from moa_jax.models.weights import (
 _ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 
 
+# GGUF architecture -> (family, gguf's MODEL_ARCH)
+_ARCHS = {
+    "llama": ("llama", gguf.MODEL_ARCH.LLAMA),
+    "qwen2": ("qwen2", gguf.MODEL_ARCH.QWEN2),
+    "qwen3": ("qwen3", gguf.MODEL_ARCH.QWEN3),
+}
+
+
 def _gguf_names(cfg: ModelConfig) -> dict[str, str]:
-    """HF name -> GGUF name of every tensor a llama GGUF of `cfg`'s depth may hold (biases and
-    an untied output projection included, so that a file's extra tensors are named in errors)."""
-    full = dataclasses.replace(cfg, attention_bias=True, mlp_bias=True, tie_word_embeddings=False)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_layers)
+    """HF name -> GGUF name of every tensor a GGUF of `cfg`'s family and depth may hold (biases
+    and an untied output projection included, so that a file's extra tensors are named in
+    errors)."""
+    full = dataclasses.replace(
+        cfg, qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=False
+    )
+    arch = next(a for fam, a in _ARCHS.values() if fam == cfg.family)
+    names = gguf.get_tensor_name_map(arch, cfg.num_layers)
     return {hf: names.get_name(hf, try_suffixes=(".weight", ".bias")) for hf in param_table(full)}
 
 
@@ -139,7 +154,7 @@ def _fit_llama3_scaling(
         rope_theta=theta,
         rope_scaling=scaling,
     )
-    if not np.allclose(rope_inv_freq(probe), inv / factors, rtol=1e-4):
+    if not np.allclose(rotary_table(probe).inv_freq, inv / factors, rtol=1e-4):
         raise WeightsError("rope_freqs cannot be expressed as llama3 RoPE scaling")
     return scaling
 
@@ -157,8 +172,11 @@ def gguf_config(
       rope_freqs: the `rope_freqs.weight` tensor if the file has one (llama3 scaling).
     """
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise WeightsError(f"unsupported GGUF architecture {arch!r}: moa-jax reads 'llama'")
+    if arch not in _ARCHS:
+        raise WeightsError(
+            f"unsupported GGUF architecture {arch!r}: moa-jax reads {', '.join(_ARCHS)}"
+        )
+    family = _ARCHS[arch][0]
 
     def key(name: str, default: Any = None, required: bool = False) -> Any:
         full = name.format(arch=arch)  # a gguf.Keys template, e.g. '{arch}.context_length'
@@ -218,8 +236,11 @@ def gguf_config(
         rms_norm_eps=float(key(gguf.Keys.Attention.LAYERNORM_RMS_EPS, 1e-5)),
         tie_word_embeddings="output.weight" not in tensor_shapes,
         max_position_embeddings=context,
-        attention_bias="blk.0.attn_q.bias" in tensor_shapes,
+        family=family,
+        qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
+        o_bias="blk.0.attn_output.bias" in tensor_shapes,
         mlp_bias="blk.0.ffn_up.bias" in tensor_shapes,
+        qk_norm=family == "qwen3",
         bos_token_id=token_id("bos_token_id"),
         eos_token_ids=tuple(dict.fromkeys(eos)),
         pad_token_id=token_id("padding_token_id"),
@@ -269,11 +290,11 @@ def gguf_model_config(path: str | Path) -> ModelConfig:
 
 def load_gguf(
     path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "float32"
-) -> tuple[Llama, Any]:
+) -> tuple[CausalLM, Any]:
     """Loads a llama.cpp GGUF file: dequantised weights and its tokenizer.
 
     Args:
-      path: a `.gguf` file of architecture 'llama' (any type `gguf.quants.dequantize` handles).
+      path: a `.gguf` file of architecture 'llama', 'qwen2' or 'qwen3' (any type `gguf.quants.dequantize` handles).
       dtype: compute dtype; param_dtype: storage dtype the dequantised weights are cast to.
     Returns:
       (model, tokenizer): tokenizer is a `transformers.PreTrainedTokenizerFast`, or None if the
@@ -291,9 +312,9 @@ def load_gguf(
     def get(hf_name: str) -> np.ndarray:
         name = hf_to_gguf[hf_name]
         arr = dequant(name)
-        if ".attn_q." in name:
+        if cfg.family == "llama" and ".attn_q." in name:
             arr = unpermute_qk(arr, cfg.num_heads)
-        elif ".attn_k." in name:
+        elif cfg.family == "llama" and ".attn_k." in name:
             arr = unpermute_qk(arr, cfg.num_kv_heads)
         return arr
 

@@ -1,10 +1,11 @@
-"""HF Llama checkpoints (`config.json` + safetensors, sharded or not) <-> `Llama`.
+"""HF checkpoints of the supported families (`config.json` + safetensors, sharded or not) <->
+the model.
 
 Tensors are read and written by the `safetensors` package's numpy loaders (bf16 as ml_dtypes'
 bfloat16) and mapped through `weights.param_table`.
 
 Public API:
-  load_hf(path, *, dtype, param_dtype) -> Llama
+  load_hf(path, *, dtype, param_dtype) -> CausalLM
   hf_model_config(directory) -> ModelConfig
   hf_state_dict(model, *, dtype=None) -> {hf_name: np.ndarray}
   save_hf(model, path, *, dtype=None, tokenizer=None, max_shard_bytes=None)
@@ -23,7 +24,8 @@ from safetensors import SafetensorError, deserialize, safe_open
 from safetensors.numpy import save_file
 
 from moa_jax.config import ModelConfig, parse_dtype
-from moa_jax.models.llama import Llama
+from moa_jax.models.causal_lm import CausalLM
+from moa_jax.models.families import HFConfigError, config_from_hf, config_to_hf
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError, assemble, hf_spec
 
 # safetensors' numpy loader has no fp8 dtypes; these are read from its raw deserializer.
@@ -90,8 +92,10 @@ def _open_safetensors(directory: Path) -> dict[str, _SafetensorsFile]:
     return where
 
 
-def load_hf(path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "float32") -> Llama:
-    """Loads an HF Llama checkpoint directory (`config.json` + safetensors, sharded or not).
+def load_hf(
+    path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "float32"
+) -> CausalLM:
+    """Loads an HF checkpoint directory of a supported family (`config.json` + safetensors, sharded or not).
 
     Args:
       path: directory with `config.json` and `model.safetensors` or
@@ -99,7 +103,7 @@ def load_hf(path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "flo
       dtype: compute dtype of the model.
       param_dtype: storage dtype the weights are cast to.
     Returns:
-      the `Llama` model with the checkpoint's weights.
+      the model with the checkpoint's weights.
     Raises:
       WeightsNotFoundError: missing directory, config or safetensors files.
       WeightsError: corrupt/truncated files, missing/unexpected tensors, shape mismatches.
@@ -118,10 +122,10 @@ def load_hf(path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "flo
 
 
 def hf_model_config(directory: str | Path) -> ModelConfig:
-    """The architecture of an HF Llama checkpoint directory, from its `config.json`.
+    """The architecture of an HF checkpoint directory, from its `config.json`.
 
     Raises WeightsNotFoundError (no directory or config.json) or WeightsError (invalid JSON,
-    not a Llama, missing or invalid values).
+    a family or feature moa-jax does not run, missing or invalid values).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -133,21 +137,13 @@ def hf_model_config(directory: str | Path) -> ModelConfig:
         hf_cfg = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise WeightsError(f"{config_path} is not valid JSON: {e}") from None
-    model_type = hf_cfg.get("model_type", "llama")
-    if model_type != "llama":
-        raise WeightsError(
-            f"{config_path}: model_type {model_type!r} is not supported; moa-jax "
-            f"loads Llama checkpoints (model_type 'llama')"
-        )
-    if not isinstance(hf_cfg, dict):
-        raise WeightsError(f"{config_path} must hold a JSON object")
     try:
-        return ModelConfig.from_hf_dict(hf_cfg)
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{config_path}: {e}") from None
+        return config_from_hf(hf_cfg, str(config_path))
+    except HFConfigError as e:
+        raise WeightsError(str(e)) from None
 
 
-def hf_state_dict(model: Llama, *, dtype: Any = None) -> dict[str, np.ndarray]:
+def hf_state_dict(model: CausalLM, *, dtype: Any = None) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named numpy arrays in HF layout (cast to `dtype` if given)."""
     target = None if dtype is None else np.dtype(parse_dtype(dtype))
     out = {}
@@ -165,14 +161,15 @@ _TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "
 
 
 def save_hf(
-    model: Llama,
+    model: CausalLM,
     path: str | Path,
     *,
     dtype: Any = None,
     tokenizer: Any = None,
     max_shard_bytes: int | None = None,
 ) -> None:
-    """Writes an HF Llama checkpoint that `transformers.LlamaForCausalLM.from_pretrained` loads.
+    """Writes an HF checkpoint that the family's transformers class (`LlamaForCausalLM`,
+    `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`) loads with `from_pretrained`.
 
     Args:
       model: the model to save.
@@ -185,7 +182,7 @@ def save_hf(
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model, dtype=dtype)
-    hf_cfg = model.config.to_hf_dict()
+    hf_cfg = config_to_hf(model.config)
     dtype_name = next(iter(tensors.values())).dtype.name
     hf_cfg["torch_dtype"] = _TORCH_DTYPE_NAMES.get(dtype_name, "float32")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

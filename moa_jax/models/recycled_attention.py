@@ -201,7 +201,7 @@ class RecycledAttention(HeadMajorBackend):
         if self.wants_pre_rope_query and q_pre_rope is None:
             raise ValueError(
                 "RecycleConfig(pre_rope_query=True) needs the model to pass "
-                "q_pre_rope= (moa_jax.models.llama does)"
+                "q_pre_rope= (the decoder, moa_jax.models.decoder, does)"
             )
 
     def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):

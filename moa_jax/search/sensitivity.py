@@ -63,7 +63,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from moa_jax.models.attention import Attention
-from moa_jax.models.llama import Llama, stack_layers
+from moa_jax.models.causal_lm import CausalLM, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.pallas_kernels.sharding import sparse_attention_on_mesh
 from moa_jax.parallel import batch_sharding, param_shardings
@@ -256,7 +256,7 @@ def _profile_step(graphdef, state, tokens, tgt_pos, tgt_ids, tgt_w, *, attention
     return BatchSums(per_item, *grads)
 
 
-def _split(model: Llama, mesh=None):
+def _split(model: CausalLM, mesh=None):
     """(graphdef, state) of the model, the state sharded over `mesh` when given."""
     graphdef, state = nnx.split(model)
     if mesh is not None:
@@ -265,7 +265,7 @@ def _split(model: Llama, mesh=None):
 
 
 def profile_batch(
-    model: Llama,
+    model: CausalLM,
     batch: Batch,
     *,
     sink: int = 64,
@@ -405,7 +405,7 @@ def auto_q_chunk(
 
 
 def profile_items(
-    model: Llama,
+    model: CausalLM,
     items: Sequence[Any],
     length: int,
     *,

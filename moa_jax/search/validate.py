@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from moa_jax.methods import AttentionConfig, MoAOptions, build_attention
 from moa_jax.models.attention import Attention
-from moa_jax.models.llama import Llama, stack_layers
+from moa_jax.models.causal_lm import CausalLM, stack_layers
 from moa_jax.models.masked_attention import chunked_attention
 from moa_jax.plan import Plan
 from moa_jax.search.answer_loss import Batch, answer_losses, answer_nll, row_positions
@@ -97,7 +97,7 @@ def _resolve_backend(backend: str) -> str:
 
 
 def plan_losses(
-    model: Llama,
+    model: CausalLM,
     batches: Sequence[Batch],
     plan: Plan,
     length: int,
@@ -128,7 +128,7 @@ def plan_losses(
 
 
 def measure_plans(
-    model: Llama,
+    model: CausalLM,
     batches: Sequence[Batch],
     plans: Mapping[str, Plan],
     length: int,

@@ -1,7 +1,11 @@
-"""Llama in Flax NNX: RMSNorm, RoPE (default / linear / llama3 scaling), GQA, SwiGLU.
+"""The decoder every supported family runs (Llama, Mistral, Qwen2, Qwen3), in Flax NNX.
 
-Module and parameter names mirror HF transformers' `LlamaForCausalLM` (`embed_tokens`,
-`layers[i].self_attn.q_proj`, ...), so weight conversion is a table of per-tensor transforms
+RMSNorm, rotary embeddings (`moa_jax.models.rotary`), grouped-query attention and a SwiGLU MLP;
+the families differ only in switches of `ModelConfig` (biases, a per-head q/k norm, the
+model's own sliding window, rope scaling), read from their checkpoints by
+`moa_jax.models.families`. Module and parameter names mirror HF transformers'
+`LlamaForCausalLM` (`embed_tokens`, `layers[i].self_attn.q_proj`, ..., Qwen3's
+`self_attn.q_norm`), so weight conversion is one table of per-tensor transforms
 (`moa_jax.models.weights`). Layers are a Python list: MoA gives every layer its own spans and
 cache shapes, so layers are not uniform. Where the backend treats every layer alike
 (`Attention.layer_uniform`: dense attention, the profile's influence attention),
@@ -9,28 +13,12 @@ cache shapes, so layers are not uniform. Where the backend treats every layer al
 holds one layer instead of L (XLA's GPU compiler took 195 s for SmolLM2's 30 unrolled layers of
 the profiling pass and 67-89 s for each generate program).
 
-Attention is delegated to an attention object (`moa_jax.models.attention`): an `Attention` for
-the stateless mode, a `CachedAttention` (which also owns the KV cache layout) for the cached
-ones. Every call names its mode: 'stateless' (no cache: training, search, scoring), 'prefill'
-(the prompt into the cache) or 'decode' (one token per row against the cache). The one forward
-API, used by generate, train, search and eval:
-
-  Llama.embed(tokens) -> x [B, T, E]
-  Llama.layer(i, x, positions, attention, cache, mode=) -> (x, layer i's new cache)  (one layer)
-  Llama.hidden_states(tokens, positions, cache, attention, mode=) -> (x before the final norm,
-    caches)
-  Llama.logits(x, at=None) -> float32 logits, at every position or only at `at`
-  Llama.__call__ = hidden_states + logits; `forward` is its pure, jitted form over
-  (graphdef, state).
-
-A caller with per-layer data other than a cache (a profile's probes, a plan's window arrays)
-gives each layer its own backend holding them (a tuple of backends), never the `cache` slot.
+`DecoderLM` implements the causal-LM interface (`moa_jax.models.causal_lm.CausalLM`) that
+every command uses; nothing outside `moa_jax.models` names it.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,42 +28,18 @@ import numpy as np
 from flax import nnx
 
 from moa_jax.config import ModelConfig, parse_dtype
-from moa_jax.models.attention import MODES, Attention, CachedAttention, DenseAttention
-from moa_jax.parallel import constrain
+from moa_jax.models.attention import Attention, DenseAttention
+from moa_jax.models.causal_lm import (
+    HIDDEN,
+    LayerAttention,
+    LayerStack,
+    check_mode,
+    check_model_window,
+)
+from moa_jax.models.rotary import RotaryTable, apply_rope, rotary_table
+from moa_jax.parallel import constrain, param_logical_axes
 
 _INIT = nnx.initializers.normal(stddev=0.02)
-HIDDEN = ("batch", "seq", "activation_embed")  # logical axes of the hidden states
-
-
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse RoPE frequencies [head_dim // 2] (float64 numpy), with the config's scaling."""
-    d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    rs = cfg.rope_scaling
-    if rs.rope_type == "linear":
-        inv = inv / rs.factor
-    elif rs.rope_type == "llama3":
-        old = rs.original_max_position_embeddings
-        low_wavelen = old / rs.low_freq_factor
-        high_wavelen = old / rs.high_freq_factor
-        wavelen = 2 * math.pi / inv
-        scaled = np.where(wavelen > low_wavelen, inv / rs.factor, inv)
-        smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        inv = np.where(medium, smoothed, scaled)
-    return inv
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates x [B, T, N, D] by positions [B, T] (HF's rotate-half layout)."""
-    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
-    xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -96,21 +60,29 @@ def _linear(i: int, o: int, bias: bool, rngs: nnx.Rngs, dtype, param_dtype) -> n
     )
 
 
-class LlamaAttention(nnx.Module):
+class DecoderAttention(nnx.Module):
+    """q, k, v projections (optional biases), Qwen3's per-head q/k RMSNorm, RoPE, the attention
+    backend, the output projection."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype):
         h, hkv, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        b = cfg.attention_bias
+        b = cfg.qkv_bias
         self.q_proj = _linear(e, h * d, b, rngs, dtype, param_dtype)
         self.k_proj = _linear(e, hkv * d, b, rngs, dtype, param_dtype)
         self.v_proj = _linear(e, hkv * d, b, rngs, dtype, param_dtype)
-        self.o_proj = _linear(h * d, e, b, rngs, dtype, param_dtype)
+        self.o_proj = _linear(h * d, e, cfg.o_bias, rngs, dtype, param_dtype)
+        if cfg.qk_norm:
+            kw = dict(param_dtype=param_dtype, dtype=dtype)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, **kw)
+        self.qk_norm = cfg.qk_norm
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
 
     def __call__(
         self,
         x,
         positions,
-        inv_freq,
+        rope: RotaryTable,
         cache,
         attention: Attention,
         layer: int,
@@ -121,10 +93,12 @@ class LlamaAttention(nnx.Module):
         q = self.q_proj(x).reshape(bsz, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(bsz, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         # e.g. Recycled Attention's dynamic schedule compares the queries before RoPE
         q_pre = q if attention.wants_pre_rope_query else None
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, positions, rope)
+        k = apply_rope(k, positions, rope)
         kw = dict(layer=layer, positions=positions)
         if mode == "stateless":
             out = attention(q, k, v, lengths=lengths, **kw)
@@ -138,7 +112,7 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(out.reshape(bsz, t, -1).astype(x.dtype)), second
 
 
-class LlamaMLP(nnx.Module):
+class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype):
         e, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         self.gate_proj = _linear(e, f, b, rngs, dtype, param_dtype)
@@ -149,26 +123,24 @@ class LlamaMLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LlamaDecoderLayer(nnx.Module):
+class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype, param_dtype):
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = LlamaAttention(cfg, rngs, dtype, param_dtype)
+        self.self_attn = DecoderAttention(cfg, rngs, dtype, param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = LlamaMLP(cfg, rngs, dtype, param_dtype)
+        self.mlp = MLP(cfg, rngs, dtype, param_dtype)
 
-    def __call__(
-        self, x, positions, inv_freq, cache, attention, layer, lengths=None, mode="stateless"
-    ):
+    def __call__(self, x, positions, rope, cache, attention, layer, lengths=None, mode="stateless"):
         a, cache = self.self_attn(
-            self.input_layernorm(x), positions, inv_freq, cache, attention, layer, lengths, mode
+            self.input_layernorm(x), positions, rope, cache, attention, layer, lengths, mode
         )
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
-class Llama(nnx.Module):
-    """Llama causal LM.
+class DecoderLM(nnx.Module):
+    """The causal LM of every supported family (implements `causal_lm.CausalLM`).
 
     Args:
       cfg: architecture.
@@ -197,7 +169,7 @@ class Llama(nnx.Module):
             rngs=rngs,
         )
         self.layers = nnx.List(
-            [LlamaDecoderLayer(cfg, rngs, dtype, param_dtype) for _ in range(cfg.num_layers)]
+            [DecoderLayer(cfg, rngs, dtype, param_dtype) for _ in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, dtype=dtype)
         if not cfg.tie_word_embeddings:
@@ -229,16 +201,17 @@ class Llama(nnx.Module):
         stateless mode only.
         """
         check_mode(mode, attention, cache, remat)
+        check_model_window(self.config, i, attention, cache, x.shape[1])
         layer = self.layers[i]
-        inv_freq = rope_inv_freq(self.config)
+        rope = rotary_table(self.config)
         if remat:
 
             def run(layer, x):
-                return layer(x, positions, inv_freq, None, attention, i, lengths, mode)
+                return layer(x, positions, rope, None, attention, i, lengths, mode)
 
             x, out = nnx.remat(run)(layer, x)
         else:
-            x, out = layer(x, positions, inv_freq, cache, attention, i, lengths, mode)
+            x, out = layer(x, positions, rope, cache, attention, i, lengths, mode)
         return constrain(x, HIDDEN), out
 
     def hidden_states(
@@ -267,12 +240,14 @@ class Llama(nnx.Module):
             raise ValueError(f"a decode step takes one token per row, got {tokens.shape[1]}")
         x = self.embed(tokens)
         if layer_stack is not None:
-            inv_freq = rope_inv_freq(self.config)
+            for i in range(self.config.num_layers):
+                layer_att = attention[i] if isinstance(attention, tuple) else attention
+                check_model_window(self.config, i, layer_att, None, x.shape[1])
             return scan_layers(
                 layer_stack,
                 x,
                 positions,
-                inv_freq,
+                rotary_table(self.config),
                 attention,
                 cache,
                 lengths,
@@ -382,46 +357,19 @@ class Llama(nnx.Module):
             layer_stack=layer_stack,
         )
 
-
-LayerStack = tuple[nnx.GraphDef, nnx.State]
-# one backend for every layer, or one per layer (`Llama.hidden_states`)
-LayerAttention = Attention | tuple[Attention, ...]
-
-
-def check_mode(mode: str, attention: Attention, cache: Any, remat: bool = False) -> None:
-    """Raises ValueError unless `mode` is one of 'stateless', 'prefill' or 'decode' and fits:
-    stateless without a cache, the cached modes with a cache and a `CachedAttention`, and
-    `remat` only stateless."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "stateless":
-        if cache is not None:
-            raise ValueError(
-                "a cache was given in stateless mode: pass mode='prefill' or mode='decode' "
-                "to use it, or no cache"
-            )
-        return
-    if cache is None:
-        raise ValueError(f"mode {mode!r} needs a cache (from attention.init_cache)")
-    if not isinstance(attention, CachedAttention):
-        name = type(attention).__name__
-        raise ValueError(f"{name} keeps no cache: it runs in stateless mode only")
-    if remat:
-        raise ValueError("remat is for training (stateless mode); decoding keeps no activations")
-
-
-def stack_layers(model: Llama) -> LayerStack:
-    """(one decoder layer's graphdef, every layer's state stacked on a leading [L] axis), for
-    `scan_layers`. Under `jit`, make it once outside a decode loop (it copies the weights)."""
-    splits = [nnx.split(layer) for layer in model.layers]
-    return splits[0][0], jax.tree.map(lambda *leaves: jnp.stack(leaves), *[st for _, st in splits])
+    def param_logical_axes(self) -> dict[tuple[Any, ...], tuple[str | None, ...]]:
+        """{parameter path: logical axis names} (`moa_jax.parallel.LOGICAL_RULES`)."""
+        return {
+            tuple(path): param_logical_axes(tuple(path))
+            for path, _ in nnx.to_flat_state(nnx.state(self, nnx.Param))
+        }
 
 
 def scan_layers(
     stack: LayerStack,
     x: jax.Array,
     positions: jax.Array,
-    inv_freq: np.ndarray,
+    rope: RotaryTable,
     attention: LayerAttention,
     cache: Any = None,
     lengths: jax.Array | None = None,
@@ -430,12 +378,12 @@ def scan_layers(
     remat: bool = False,
 ) -> tuple[jax.Array, Any]:
     """The decoder layers as one `lax.scan`: x [B, T, E] through every layer of `stack`
-    (`rope_inv_freq` of the model's config as `inv_freq`).
+    (`rotary_table` of the model's config as `rope`).
 
     `attention`: one backend for every layer, or a tuple of per-layer backends (pytrees of one
     structure, whose arrays are stacked over layers and scanned). `cache`: each layer's cache,
     a pytree with leaves stacked over layers [L, ...], or None in stateless `mode`. Returns
-    (x [B, T, E], the per-layer second outputs (`Llama.layer`) stacked the same way). `remat`
+    (x [B, T, E], the per-layer second outputs (`DecoderLM.layer`) stacked the same way). `remat`
     recomputes each layer in the backward pass. Only for backends with `layer_uniform` (the
     scanned layer runs as layer 0).
     """
@@ -452,7 +400,7 @@ def scan_layers(
     def body(x, xs):
         st, att, c = xs
         y, out = nnx.merge(gd, st)(
-            x, positions, inv_freq, c, att if per_layer else attention, 0, lengths, mode
+            x, positions, rope, c, att if per_layer else attention, 0, lengths, mode
         )
         return constrain(y, HIDDEN), out
 
@@ -461,35 +409,17 @@ def scan_layers(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attention", "mode"))
-def forward(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    tokens: jax.Array,
-    positions: jax.Array,
-    cache: Sequence[Any] | None = None,
-    *,
-    attention: Attention = DenseAttention(),
-    logits_at: jax.Array | None = None,
-    lengths: jax.Array | None = None,
-    mode: str = "stateless",
-):
-    """Pure jitted forward over a split model: see `Llama.__call__`."""
-    model = nnx.merge(graphdef, state)
-    return model(tokens, positions, cache, attention, logits_at, lengths, mode=mode)
-
-
 def init_random(
     cfg: ModelConfig, seed: int = 0, *, dtype: Any = "float32", param_dtype: Any = "float32"
-) -> Llama:
+) -> DecoderLM:
     """A randomly initialised model (tests, benchmarks on real shapes)."""
-    return Llama(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
+    return DecoderLM(cfg, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype)
 
 
 def abstract_model(
     cfg: ModelConfig, *, dtype: Any = "float32", param_dtype: Any = "float32"
-) -> Llama:
+) -> DecoderLM:
     """The model with `jax.ShapeDtypeStruct` leaves: allocates nothing, for loaders to fill."""
     return nnx.eval_shape(
-        lambda: Llama(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        lambda: DecoderLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     )
