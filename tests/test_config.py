@@ -62,7 +62,7 @@ def test_explicit_head_dim():
 
 
 def test_bad_configs():
-    with pytest.raises(HFConfigError, match="missing required key.*vocab_size"):
+    with pytest.raises(HFConfigError, match="missing required keys.*vocab_size"):
         config_from_hf({k: v for k, v in _legacy_dict().items() if k != "vocab_size"})
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         config_from_hf(_legacy_dict() | {"num_key_value_heads": 3})

@@ -135,7 +135,7 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     )
     missing = [k for k in required if d.get(k) is None]
     if missing:
-        raise HFConfigError(f"{source} is missing required key(s) {missing}")
+        raise HFConfigError(f"{source} is missing required keys {missing}")
     try:
         heads = int(d["num_attention_heads"])
         head_dim = d.get("head_dim") or int(d["hidden_size"]) // max(heads, 1)
