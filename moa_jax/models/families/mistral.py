@@ -34,4 +34,5 @@ FAMILY = Family(
     differs="the config's sliding_window is the model's own window (v0.1: 4096)",
     read_hf=read_hf,
     write_hf=write_hf,
+    hf_defaults={"max_position_embeddings": 131072, "num_key_value_heads": 8},
 )
