@@ -1,5 +1,6 @@
-"""GGUF -> moa_jax Llama: files written by `gguf.GGUFWriter` from random HF Llamas, the way
-llama.cpp's converter lays them out (q/k rows permuted per head, reversed dimension order)."""
+"""GGUF -> moa_jax: files written by `gguf.GGUFWriter` from random HF models, the way llama.cpp's
+converter lays them out (reversed dimension order; q/k rows permuted per head for 'llama' files,
+Mistral's included, not for 'qwen2' / 'qwen3')."""
 
 from __future__ import annotations
 
@@ -25,16 +26,11 @@ TEMPLATE = (
 )
 IDS = np.random.default_rng(1).integers(0, VOCAB, size=(2, 20))
 
-_BLOCK = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
+# GGUF architecture -> gguf's tensor-name table
+_TENSOR_ARCH = {
+    "llama": gguf.MODEL_ARCH.LLAMA,
+    "qwen2": gguf.MODEL_ARCH.QWEN2,
+    "qwen3": gguf.MODEL_ARCH.QWEN3,
 }
 
 
@@ -45,19 +41,6 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
         .swapaxes(1, 2)
         .reshape(w.shape)
     )
-
-
-def gguf_name(hf_name: str) -> str:
-    top = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if hf_name in top:
-        return top[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_BLOCK[module]}.{kind}"
 
 
 def write_gguf(
@@ -74,8 +57,14 @@ def write_gguf(
     yarn: bool = False,
     add_bos: bool = False,
 ) -> None:
-    """Writes `hf` (a LlamaForCausalLM) as llama.cpp would; 2-D weights stored as `qtype`."""
+    """Writes `hf` (an HF Llama, Mistral, Qwen2 or Qwen3 model) as llama.cpp would, under GGUF
+    architecture `arch`; 2-D weights stored as `qtype`. Tensor names come from gguf's table for
+    the architecture (Llama's for an architecture without one); q/k rows are permuted except in
+    'qwen2' / 'qwen3' files."""
     c = hf.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    names = gguf.get_tensor_name_map(_TENSOR_ARCH.get(arch, gguf.MODEL_ARCH.LLAMA), 64)
+    permute = arch not in _TENSOR_ARCH or arch == "llama"
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -85,7 +74,10 @@ def write_gguf(
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.head_dim)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     if linear_rope is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(linear_rope)
@@ -106,11 +98,11 @@ def write_gguf(
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         arr = t.float().numpy()
-        if ".q_proj." in name:
+        if permute and ".q_proj." in name:
             arr = llama_cpp_permute(arr, c.num_attention_heads)
-        elif ".k_proj." in name:
+        elif permute and ".k_proj." in name:
             arr = llama_cpp_permute(arr, c.num_key_value_heads)
-        g = gguf_name(name)
+        g = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if g in drop:
             continue
         if arr.ndim == 2 and qtype != Q.F32:
@@ -223,6 +215,50 @@ def test_gguf_linear_rope_and_bias(tmp_path, make_hf_llama, our_logits, hf_logit
     model, _ = load_gguf(tmp_path / "m.gguf")
     assert model.config.rope_scaling.rope_type == "linear" and model.config.o_bias
     np.testing.assert_allclose(our_logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("qwen2", dict(tie_word_embeddings=True)),
+        ("qwen2", dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=48)),
+        ("qwen3", dict(hidden_size=48, head_dim=32)),
+        ("qwen3", dict(tie_word_embeddings=True, attention_bias=True)),
+    ],
+    ids=["qwen2-tied", "qwen2-gqa3", "qwen3-head_dim", "qwen3-bias-tied"],
+)
+def test_gguf_qwen_logits_match_hf(tmp_path, our_logits, hf_logits, family, overrides):
+    """'qwen2' / 'qwen3' GGUFs: gguf's own tensor names, q/k rows not permuted (llama.cpp
+    rotates Qwen's q/k in HF's rotate-half layout), biases and q/k norms from the tensors."""
+    from test_families import assert_logits_close, make_hf
+
+    hf = make_hf(family, vocab_size=VOCAB, **overrides)
+    write_gguf(tmp_path / "m.gguf", hf, arch=family)
+    model, _ = load_gguf(tmp_path / "m.gguf")
+    cfg, c = model.config, hf.config
+    assert cfg.family == family and cfg.qk_norm == (family == "qwen3")
+    assert cfg.tie_word_embeddings == c.tie_word_embeddings
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+    )
+    bias = family == "qwen2" or c.attention_bias
+    assert (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == (bias, bias and family == "qwen3", False)
+    assert cfg.rms_norm_eps == pytest.approx(c.rms_norm_eps)
+    assert_logits_close(our_logits(model, IDS), hf_logits(hf, IDS))
+
+
+def test_gguf_mistral_written_as_llama(tmp_path, our_logits, hf_logits):
+    """llama.cpp writes Mistral as architecture 'llama' (q/k permuted); it loads as a Llama,
+    an explicit head_dim (not hidden / heads) included."""
+    from test_families import assert_logits_close, make_hf
+
+    hf = make_hf("mistral", vocab_size=VOCAB, head_dim=32, sliding_window=None)
+    write_gguf(tmp_path / "m.gguf", hf, arch="llama")
+    model, _ = load_gguf(tmp_path / "m.gguf")
+    assert model.config.family == "llama" and model.config.head_dim == 32
+    assert_logits_close(our_logits(model, IDS), hf_logits(hf, IDS))
 
 
 # --------------------------------------------------------------------------------- tokenizer

@@ -59,9 +59,9 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
 
-def _rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling]:
+def _rope(d: Mapping[str, Any], max_positions: int) -> tuple[float, RopeScaling]:
     """(theta, scaling) from transformers 5.x `rope_parameters` or 4.x `rope_theta` +
-    `rope_scaling`."""
+    `rope_scaling`; `max_positions`: the config's max_position_embeddings."""
     rope = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     for name, value in (("rope_parameters", rope), ("rope_scaling", scaling)):
@@ -75,16 +75,14 @@ def _rope(d: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if float(partial) != 1.0:
         raise HFConfigError(f"partial_rotary_factor={partial} (partial RoPE) is not supported")
-    original = params.get("original_max_position_embeddings") or d.get(
-        "original_max_position_embeddings", d.get("max_position_embeddings", 8192)
+    original = (
+        params.get("original_max_position_embeddings")
+        or d.get("original_max_position_embeddings")
+        or max_positions
     )
     factor = params.get("factor")
     if factor is None:
-        factor = (
-            float(d.get("max_position_embeddings", original)) / float(original)
-            if rope_type == "yarn"
-            else 1.0
-        )
+        factor = float(max_positions) / float(original) if rope_type == "yarn" else 1.0
 
     def opt(key: str, default: Any) -> Any:
         value = params.get(key)
@@ -136,10 +134,17 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     missing = [k for k in required if d.get(k) is None]
     if missing:
         raise HFConfigError(f"{source} is missing required keys {missing}")
+
+    def given(key: str) -> Any:
+        """d[key]; where the key is left out, what the family's transformers config class
+        assumes (None: derived below, as transformers derives it from a null value)."""
+        return d[key] if key in d else fam.hf_defaults.get(key)
+
     try:
         heads = int(d["num_attention_heads"])
-        head_dim = d.get("head_dim") or int(d["hidden_size"]) // max(heads, 1)
-        theta, scaling = _rope(d)
+        head_dim = given("head_dim") or int(d["hidden_size"]) // max(heads, 1)
+        max_positions = int(given("max_position_embeddings") or 8192)
+        theta, scaling = _rope(d, max_positions)
         act = d.get("hidden_act", d.get("hidden_activation", "silu"))
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
@@ -149,15 +154,13 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
             intermediate_size=int(d["intermediate_size"]),
             num_layers=int(d["num_hidden_layers"]),
             num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
+            num_kv_heads=int(given("num_key_value_heads") or heads),
             head_dim=int(head_dim),
             rope_theta=theta,
             rope_scaling=scaling,
-            rms_norm_eps=float(
-                d.get("rms_norm_eps", 1e-6 if fam.name.startswith("qwen") else 1e-5)
-            ),
+            rms_norm_eps=float(d.get("rms_norm_eps") or 1e-6),  # transformers' default
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            max_position_embeddings=int(d.get("max_position_embeddings", 8192)),
+            max_position_embeddings=max_positions,
             hidden_act=str(act),
             bos_token_id=None if d.get("bos_token_id") is None else int(d["bos_token_id"]),
             eos_token_ids=tuple(int(e) for e in eos_ids),

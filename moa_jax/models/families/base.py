@@ -25,6 +25,9 @@ class Family:
       differs: what differs from Llama, in a few words (README, `--help`).
       read_hf: HF config dict -> the family's `ModelConfig` fields (biases, q/k norm, window).
       write_hf: `ModelConfig` -> the family's `config.json` keys.
+      hf_defaults: what the transformers config class assumes for keys a `config.json` leaves
+        out, where that differs from Llama's (`num_key_value_heads`: the number of query heads,
+        `head_dim`: hidden / heads), e.g. Qwen3's head_dim 128.
     """
 
     name: str
@@ -34,6 +37,7 @@ class Family:
     differs: str
     read_hf: Callable[[Mapping[str, Any]], dict[str, Any]]
     write_hf: Callable[[ModelConfig], dict[str, Any]]
+    hf_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def layer_windows(d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

@@ -29,4 +29,5 @@ FAMILY = Family(
     differs="the reference layout; llama3 / linear / YaRN rope scaling",
     read_hf=read_hf,
     write_hf=write_hf,
+    hf_defaults={"max_position_embeddings": 2048},
 )

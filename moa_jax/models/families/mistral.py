@@ -16,7 +16,8 @@ def read_hf(d: Mapping[str, Any]) -> dict[str, Any]:
             "layer_types (alternating window and full layers, Ministral) are not supported "
             "for model_type 'mistral'"
         )
-    window = d.get("sliding_window")
+    # MistralConfig's default window where config.json leaves the key out; null means none
+    window = d["sliding_window"] if "sliding_window" in d else 4096
     return {"sliding_window": None if window is None else int(window)}
 
 
@@ -34,4 +35,5 @@ FAMILY = Family(
     differs="the config's sliding_window is the model's own window (v0.1: 4096)",
     read_hf=read_hf,
     write_hf=write_hf,
+    hf_defaults={"max_position_embeddings": 131072, "num_key_value_heads": 8},
 )

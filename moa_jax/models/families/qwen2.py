@@ -28,4 +28,5 @@ FAMILY = Family(
     differs="bias on q, k, v (not o); optional window from max_window_layers on",
     read_hf=read_hf,
     write_hf=write_hf,
+    hf_defaults={"max_position_embeddings": 32768, "num_key_value_heads": 32},
 )

@@ -34,4 +34,5 @@ FAMILY = Family(
     differs="RMSNorm per head on q and k before RoPE; head_dim independent of hidden size",
     read_hf=read_hf,
     write_hf=write_hf,
+    hf_defaults={"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
 )
