@@ -16,11 +16,11 @@ from flax import nnx
 from moa_jax.config import ModelConfig
 from moa_jax.generate import _cache_bytes_per_device, generate
 from moa_jax.models.attention import DenseAttention
-from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.causal_lm import forward
-from moa_jax.models.registry import init_random
+from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
+from moa_jax.models.registry import init_random
 from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, mesh_context, param_shardings
 from moa_jax.plan import Plan
 

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 
 from moa_jax.config import ModelConfig
-from moa_jax.models.registry import init_random
 from moa_jax.models.moa_attention import MoAAttention
+from moa_jax.models.registry import init_random
 from moa_jax.plan import Plan
 
 CFG = ModelConfig(

@@ -22,8 +22,7 @@ from moa_jax.cli import run
 from moa_jax.downloads import DownloadError
 from moa_jax.errors import ConfigError, PlanError, UserError
 from moa_jax.models.hf_weights import save_hf
-from moa_jax.models.registry import init_random
-from moa_jax.models.registry import TINY_RANDOM_CONFIG
+from moa_jax.models.registry import TINY_RANDOM_CONFIG, init_random
 from moa_jax.plan import Plan
 from moa_jax.search.optimize import InfeasibleBudgetError
 from moa_jax.train.checkpoint import CheckpointError

@@ -351,8 +351,8 @@ def test_teacher_forcing_through_decoding_matches_forward():
     from flax import nnx
 
     from moa_jax.eval.runner import decode_logprobs, target_logprobs
-    from moa_jax.models.registry import init_random
     from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
+    from moa_jax.models.registry import init_random
 
     cfg = tiny_config()
     graphdef, state = nnx.split(init_random(cfg, seed=1))

@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 
 from moa_jax.eval.heads import NeedleMassAttention, _needle_mass, compare, oracle_plan
-from moa_jax.models.registry import init_random
+from moa_jax.models.registry import TINY_RANDOM_CONFIG, init_random
 from moa_jax.models.rotary import rotary_table
-from moa_jax.models.registry import TINY_RANDOM_CONFIG
 
 
 def test_needle_mass_is_attention_probability_on_the_marked_keys():

@@ -14,9 +14,9 @@ from flax import nnx
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.attention import Attention
-from moa_jax.models.causal_lm import stack_layers
-from moa_jax.models.registry import init_random
+from moa_jax.models.causal_lm import CausalLM, stack_layers
 from moa_jax.models.masked_attention import MaskedAttention, chunked_attention
+from moa_jax.models.registry import init_random
 from moa_jax.pallas_kernels.reference import window_sink_mask
 from moa_jax.search.answer_loss import (
     Batch,

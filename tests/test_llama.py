@@ -15,10 +15,9 @@ from flax import nnx
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from moa_jax.config import ModelConfig
 from moa_jax.models.attention import Attention, DenseAttention
-from moa_jax.models.families import config_from_hf
 from moa_jax.models.causal_lm import forward, stack_layers
+from moa_jax.models.families import config_from_hf
 from moa_jax.models.registry import init_random
 from moa_jax.models.rotary import rotary_table
 

@@ -9,8 +9,8 @@ from flax import nnx
 
 from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.causal_lm import forward
-from moa_jax.models.registry import init_random
 from moa_jax.models.moa_attention import MoAAttention
+from moa_jax.models.registry import init_random
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 from moa_jax.plan import Plan
 

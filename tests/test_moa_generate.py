@@ -12,8 +12,8 @@ from moa_jax.generate import generate
 from moa_jax.methods import AttentionConfig, build_attention
 from moa_jax.models.attention import DenseAttention
 from moa_jax.models.causal_lm import forward
-from moa_jax.models.registry import init_random
 from moa_jax.models.moa_attention import MoAAttention
+from moa_jax.models.registry import init_random
 from moa_jax.plan import Plan
 
 from conftest import tiny_config

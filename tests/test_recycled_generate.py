@@ -14,11 +14,11 @@ from moa_jax.generate import generate
 from moa_jax.generate.__main__ import GenerateConfig, attention_backend, method_choice
 from moa_jax.generate.__main__ import main as generate_main
 from moa_jax.models.attention import Attention, DenseAttention
-from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.causal_lm import forward
-from moa_jax.models.registry import init_random
+from moa_jax.models.eviction_attention import H2OAttention, StreamingAttention
 from moa_jax.models.moa_attention import MoAAttention
 from moa_jax.models.recycled_attention import RecycleConfig, RecycledAttention
+from moa_jax.models.registry import init_random
 from moa_jax.pallas_kernels.reference import mha_reference, window_sink_mask
 from moa_jax.plan import Plan
 

@@ -7,13 +7,13 @@ import pytest
 from flax import nnx
 
 from moa_jax.models.dense_attention import TrainDenseAttention, segment_ids_from_positions
-from moa_jax.models.registry import init_random
 from moa_jax.models.recycled_train_attention import (
     RecycledOracleAttention,
     RecycledTrainAttention,
     recycled_attention_reference,
     recycled_mask_reference,
 )
+from moa_jax.models.registry import init_random
 from moa_jax.pallas_kernels.reference import causal_mask, mha_reference
 
 from conftest import tiny_config

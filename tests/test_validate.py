@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from moa_jax.models.registry import init_random
 from moa_jax.models.masked_attention import MaskedAttention
+from moa_jax.models.registry import init_random
 from moa_jax.plan import Plan
 from moa_jax.search.answer_loss import answer_losses, make_batches
 from moa_jax.search.validate import _window_losses, pick_best, plan_losses

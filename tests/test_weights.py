@@ -111,7 +111,6 @@ def test_save_hf_bf16_and_tokenizer(make_hf_llama, tmp_path, our_logits):
 
 def test_param_table_covers_hf_names(make_hf_llama):
     hf = make_hf_llama(**CONFIGS["tied_bias"])
-    from moa_jax.config import ModelConfig
 
     table = param_table(config_from_hf(hf.config.to_dict()))
     assert set(table) == set(hf.state_dict()) - {"lm_head.weight"}

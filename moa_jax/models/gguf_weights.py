@@ -294,7 +294,8 @@ def load_gguf(
     """Loads a llama.cpp GGUF file: dequantised weights and its tokenizer.
 
     Args:
-      path: a `.gguf` file of architecture 'llama', 'qwen2' or 'qwen3' (any type `gguf.quants.dequantize` handles).
+      path: a `.gguf` file of architecture 'llama', 'qwen2' or 'qwen3' (any type
+        `gguf.quants.dequantize` handles).
       dtype: compute dtype; param_dtype: storage dtype the dequantised weights are cast to.
     Returns:
       (model, tokenizer): tokenizer is a `transformers.PreTrainedTokenizerFast`, or None if the

@@ -92,10 +92,9 @@ def _open_safetensors(directory: Path) -> dict[str, _SafetensorsFile]:
     return where
 
 
-def load_hf(
-    path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "float32"
-) -> CausalLM:
-    """Loads an HF checkpoint directory of a supported family (`config.json` + safetensors, sharded or not).
+def load_hf(path: str | Path, *, dtype: Any = "float32", param_dtype: Any = "float32") -> CausalLM:
+    """Loads an HF checkpoint directory of a supported family (`config.json` + safetensors,
+    sharded or not).
 
     Args:
       path: directory with `config.json` and `model.safetensors` or

@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 
 from moa_jax.config import ModelConfig
 from moa_jax.downloads import DownloadError, cache_dir, locked, pip_fetch, sha256_of
-from moa_jax.models.gguf_weights import gguf_model_config, load_gguf
-from moa_jax.models.hf_weights import hf_model_config, load_hf
 from moa_jax.models.causal_lm import CausalLM
 from moa_jax.models.decoder import abstract_model, init_random
+from moa_jax.models.gguf_weights import gguf_model_config, load_gguf
+from moa_jax.models.hf_weights import hf_model_config, load_hf
 from moa_jax.models.tokenizer import byte_level_tokenizer, load_hf_tokenizer
 from moa_jax.models.weights import WeightsError, WeightsNotFoundError
 
