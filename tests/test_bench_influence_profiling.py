@@ -3,6 +3,8 @@ profile."""
 
 import json
 
+import pytest
+
 from moa_jax.bench.influence_profiling import main
 
 
@@ -33,3 +35,27 @@ def test_cli_runs_tiny(tmp_path):
     assert row["estimator"] == "answer"
     assert row["steady_items"] == 2 and row["items"] == 3
     assert row["seconds_per_item"] > 0 and row["profile_stage_s"] >= row["first_batch_s"]
+
+
+def test_remat_on_oom_profiles_again_with_remat(tmp_path, monkeypatch):
+    from moa_jax.bench import influence_profiling as bench
+
+    calls = []
+    real = bench.time_profile
+
+    def oom_without_remat(*args, remat=False, **kw):
+        calls.append(remat)
+        if not remat:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return real(*args, remat=remat, **kw)
+
+    monkeypatch.setattr(bench, "time_profile", oom_without_remat)
+    out = tmp_path / "p.json"
+    argv = ["--shape", "tiny", "--length", "128", "--items", "2", "--answer-tokens", "16"]
+    argv += ["--dtype", "float32", "--estimator", "answer", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        bench.main(argv)
+    assert main([*argv, "--remat-on-oom"]) == 0
+    assert calls == [False, False, True]
+    row = json.loads(out.read_text())
+    assert row["remat"] is True and row["remat_after_oom"] >= 0 and row["steady_items"] == 1

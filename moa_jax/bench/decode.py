@@ -11,6 +11,19 @@ counts).
 
 Model: Llama-3-8B shapes by default (32 layers, 32 heads over 8 KV heads, head_dim 128, hidden
 4096, FFN 14336, vocab 128256), random bf16 weights made on the device (`--layers` shrinks it).
+`--shape` picks another preset of `moa_jax.bench.random_model`: llama3.1-8b, mistral-7b,
+qwen2.5-7b (28 heads over 4 KV heads, q/k/v biases), qwen3-8b (36 layers, q/k norms), with
+their published configs' switches. MoA at KV density 0.5 against the dense kernel at 32k, each
+at the largest batch that fits, for one preset:
+
+    python -m moa_jax.bench.decode --shape qwen2.5-7b --method dense-kernel moa \
+        --moa-densities 0.5 --contexts 32768 --batches max --steps 50 --out qwen.json
+
+`--tiny --shape NAME --narrow` runs a preset's structure (its family switches, layers, heads
+and KV heads) at CPU-sized widths: the presets' smoke run (`tests/test_bench_presets.py`).
+`--trace-only` traces each run's programs on the abstract model instead (no weights, caches
+or compilation): a check, on a CPU, that a full-size preset, plan and method go through, with
+the cache sizes and the largest batch an 80 GB GPU would take.
 
 What one measurement is: for a method, a context length C and a batch B, the KV caches are made
 as a prompt of C tokens would leave them (random keys and values; MoA span caches hold each
@@ -95,6 +108,65 @@ logger = logging.getLogger("moa_jax.bench.decode")  # not __name__: '__main__' u
 PROG = "python -m moa_jax.bench.decode"
 
 
+def decode_loop(graphdef, attention, steps: int) -> Callable:
+    """(state, tok, pos, caches) -> (tok, pos, caches) after `steps` greedy decode steps of the
+    whole model (one token per row per step): the program one measurement times."""
+
+    def run(state, tok, pos, caches):
+        model = nnx.merge(graphdef, state)
+
+        def body(_, carry):
+            tok, pos, caches = carry
+            logits, caches = model.decode_token(tok, pos, caches, attention)
+            return jnp.argmax(logits, -1).astype(jnp.int32), pos + 1, caches
+
+        return jax.lax.fori_loop(0, steps, body, (tok, pos, caches))
+
+    return run
+
+
+def trace_jax(variant: Variant, cfg, context: int, batch: int, config: DecodeConfig) -> dict:
+    """One measurement's programs traced, not run: the caches' fill and the decode loop on the
+    abstract model (`jax.eval_shape`: nothing allocated or compiled, so a full-size shape traces
+    on a CPU). The row has the caches' and weights' sizes and, for an 80 GB GPU at a memory
+    fraction of 0.92, the largest batch that `--batches max` would estimate."""
+    from moa_jax.models.registry import abstract_model
+
+    t0 = time.perf_counter()
+    cache_len = config.cache_len(context)
+    attention = make_backend(variant, cfg, config, cache_len)
+    graphdef, state = nnx.split(abstract_model(cfg, dtype="bfloat16", param_dtype="bfloat16"))
+
+    def filled(key):
+        made = attention.init_cache(cfg, batch, cache_len, jnp.bfloat16)
+        return tuple(c.filled(context, k) for c, k in zip(made, jax.random.split(key, len(made))))
+
+    caches = jax.eval_shape(filled, jax.random.key(0))
+    tok = pos = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    out = jax.eval_shape(decode_loop(graphdef, attention, config.steps), state, tok, pos, caches)
+    if jax.tree_util.tree_structure(out[2]) != jax.tree_util.tree_structure(caches):
+        raise RuntimeError("the decode loop returned caches of another structure")
+
+    def nbytes(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+    kv_bytes, w_bytes = nbytes(caches), nbytes(state)
+    h100 = dict(bytes_limit=int(0.92 * 79.2 * GIB), bytes_in_use=w_bytes)
+    return dict(
+        method=variant.method,
+        variant=variant.label,
+        context=context,
+        batch=batch,
+        steps=config.steps,
+        **variant.params,
+        status="traced",
+        trace_s=time.perf_counter() - t0,
+        kv_cache_gib=kv_bytes / GIB,
+        weights_gib=w_bytes / GIB,
+        max_batch_80gb=largest_batch(variant, cfg, context, config, stats=h100),
+    )
+
+
 def bench_jax(
     variant: Variant,
     cfg,
@@ -128,16 +200,7 @@ def bench_jax(
     embed = cfg.vocab_size * cfg.hidden_size * 2
     w_read = w_bytes - (0 if cfg.tie_word_embeddings else embed)
 
-    def run(state, tok, pos, caches):
-        model = nnx.merge(graphdef, state)
-
-        def body(_, carry):
-            tok, pos, caches = carry
-            logits, caches = model.decode_token(tok, pos, caches, attention)
-            return jnp.argmax(logits, -1).astype(jnp.int32), pos + 1, caches
-
-        return jax.lax.fori_loop(0, n, body, (tok, pos, caches))
-
+    run = decode_loop(graphdef, attention, n)
     tok = jnp.zeros((batch,), jnp.int32)
     pos = jnp.full((batch,), context, jnp.int32)
     jit_kw: dict[str, Any] = dict(donate_argnums=(3,))
@@ -289,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     if "hf" in config.method and config.mesh:
         raise SystemExit("--mesh is for the JAX methods; run hf without it")
     rows: list[dict] = []
-    cfg = model_config("tiny" if config.tiny else "llama3-8b", config.layers)
+    cfg = model_config(config.shape, config.layers, narrow=config.narrow)
+    if "hf" in config.method and cfg.family != "llama" and not config.trace_only:
+        raise SystemExit(
+            f"--method hf times LlamaForCausalLM; --shape {config.shape} is a {cfg.family} model"
+        )
     nbytes = int(config.bandwidth_gib * GIB)
     report: dict[str, Any] = dict(
         date=datetime.date.today().isoformat(),
@@ -313,9 +380,23 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("  %s: %s", row["status"], row["error"])
         save()  # after every run, so a run cut short still leaves its results
 
+    jax_variants = [v for v in variants(config) if v.method != "hf"]
+    if config.trace_only:
+        batch = next((b for b in config.batches if b != "max"), 1)
+        report.update(jax=jax.__version__, platform=jax.devices()[0].platform)
+        for var in jax_variants:
+            for c in config.contexts:
+                log(trace_jax(var, cfg, c, batch, config))
+        save()
+        for r in rows:
+            print(
+                f"traced {config.shape} {r['variant']} C={r['context']} B={r['batch']}: KV "
+                f"{r['kv_cache_gib']:.2f} GiB, weights {r['weights_gib']:.2f} GiB, largest "
+                f"batch on an 80 GB GPU {r['max_batch_80gb']} ({r['trace_s']:.1f} s)"
+            )
+        return 0
     if "hf" in config.method:
         run_hf(config, cfg, nbytes, report, rows, log)
-    jax_variants = [v for v in variants(config) if v.method != "hf"]
     if jax_variants:
         run_jax(jax_variants, config, cfg, nbytes, report, log)
     save()

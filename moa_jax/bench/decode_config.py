@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from moa_jax.bench.random_model import SHAPE_NAMES
 from moa_jax.cli import option
 from moa_jax.methods import METHODS as REGISTRY
 from moa_jax.pallas_kernels import BACKENDS
@@ -61,7 +62,18 @@ class DecodeConfig:
     steps: int | None = option(None, "decode steps per timed call (default 100; --tiny: 4)")
     warmup: int = option(1, "untimed calls first")
     iters: int = option(3, "timed calls (the median is reported)")
+    shape: str | None = option(
+        None,
+        "model shapes, random bf16 weights (moa_jax.bench.random_model; default llama3-8b, "
+        "--tiny: tiny)",
+        choices=SHAPE_NAMES,
+    )
     layers: int | None = option(None, "override the layer count")
+    narrow: bool = option(
+        False,
+        "the shape at CPU-sized widths, its structure kept (family switches, layers, heads, KV "
+        "heads; head_dim 16, FFN 128, vocab 256): with --tiny, a smoke run of a full-size preset",
+    )
     recycle_k: int | None = option(
         None, "K of streaming / h2o / recycled (default 4096; --tiny: 16)"
     )
@@ -99,7 +111,16 @@ class DecodeConfig:
     bandwidth_gib: float | None = option(
         None, "size of the copy-bandwidth probe (default 2 GiB; --tiny 0.01)"
     )
-    tiny: bool = option(False, "CPU smoke run: a 2-layer tiny model, small shapes, interpret mode")
+    tiny: bool = option(
+        False,
+        "CPU smoke run: small contexts and batches, interpret mode, and the 2-layer tiny model "
+        "unless --shape names another",
+    )
+    trace_only: bool = option(
+        False,
+        "trace each run's decode loop on the abstract model and caches instead of running it "
+        "(nothing allocated or compiled: checks a shape, plan and method on any machine)",
+    )
     mesh: str | None = option(
         None,
         "decode on a device mesh (moa_jax.parallel): rows over data x fsdp, "
@@ -117,6 +138,7 @@ class DecodeConfig:
         t = self.tiny
         c = dataclasses.replace(
             self,
+            shape=self.shape or ("tiny" if t else "llama3-8b"),
             method=(
                 ["dense", "dense-kernel", "moa", "streaming", "recycled"]
                 if self.method is None

@@ -5,8 +5,15 @@
         8192 --batch-size 4 --q-chunk 256 --remat --dtype float32 --estimator answer
                                                      # gpu.yaml's stage
     python -m moa_jax.bench.influence_profiling --shape tiny --length 512 --items 4  # CPU smoke
+    python -m moa_jax.bench.influence_profiling --shape qwen3-8b --estimator answer-copy \
+        --remat-on-oom                               # another family's 8B model, 50 x 8k
+    python -m moa_jax.bench.influence_profiling --shape qwen3-8b --narrow --length 128 \
+        --items 2 --answer-tokens 16 --dtype float32 # its CPU smoke run (36 layers, narrow)
 
-A model of the given shapes with random bf16 weights (made on the device), `--items` synthetic
+`--shape` names any preset of `moa_jax.bench.random_model` (llama3-8b, llama3.1-8b, mistral-7b,
+qwen2.5-7b, qwen3-8b, smollm2-135m, tiny), each with its family's switches (Qwen2's q/k/v
+biases, Qwen3's q/k norms, Llama 3.1's rope scaling). A model of the given shapes with random
+bf16 weights (made on the device), `--items` synthetic
 calibration items of `--length` tokens whose last `--answer-tokens` are the answer, profiled
 by `moa_jax.search.sensitivity.profile_items` exactly as the CLI does (one jitted forward +
 backward per batch of `--batch-size` items, every layer's and head's influence from it).
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import time
 from collections.abc import Sequence
@@ -30,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from moa_jax.bench.device_memory import GIB, memory_stats
-from moa_jax.bench.random_model import SHAPES, make_weights, model_shape
+from moa_jax.bench.random_model import SHAPE_NAMES, make_weights, model_config, model_shape
 from moa_jax.cli import option, parse_config, run, setup_logging
 from moa_jax.search.estimators import ESTIMATORS, ROWS_ONLY_ESTIMATORS
 
@@ -107,14 +115,29 @@ def time_profile(
 class InfluenceBenchConfig:
     """The model shape, the calibration items and the profile's settings."""
 
-    shape: str = option("llama3-8b", "model shapes (random bf16 weights)", choices=sorted(SHAPES))
+    shape: str = option(
+        "llama3-8b",
+        "model shapes, random weights (moa_jax.bench.random_model: Llama 3 / 3.1, Mistral, "
+        "Qwen2.5, Qwen3 presets)",
+        choices=SHAPE_NAMES,
+    )
     layers: int | None = option(None, "override the layer count")
+    narrow: bool = option(
+        False,
+        "the shape at CPU-sized widths, its structure kept (family switches, layers, heads, KV "
+        "heads; head_dim 16, FFN 128, vocab 256): a smoke run of a full-size preset",
+    )
     length: list[int] = option([8192], "profile length(s) N, each with --items items", nargs="+")
     items: int = option(50, "calibration items profiled")
     batch_size: int = option(1, "items per forward + backward")
     answer_tokens: int = option(128, "answer tokens per item")
     q_chunk: int | None = option(None, "influence rows per step (auto)")
     remat: bool = option(False, "recompute activations per layer")
+    remat_on_oom: bool = option(
+        False,
+        "if a length's first batch runs out of device memory without --remat, profile that "
+        "length again with it (the row says so: remat_after_oom)",
+    )
     dtype: str = option("bfloat16", "weights and compute dtype")
     estimator: str = option(
         "block",
@@ -136,11 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     from flax import nnx
 
-    from moa_jax.config import ModelConfig
+    from moa_jax.bench.batch_search import is_oom
     from moa_jax.search.rules import scaled_grid
 
-    shape = model_shape(args.shape, args.layers)
-    cfg = ModelConfig(**shape)
+    shape = model_shape(args.shape, args.layers, narrow=args.narrow)
+    cfg = model_config(args.shape, args.layers, narrow=args.narrow)
     graphdef, state = make_weights(cfg, param_dtype=args.dtype, dtype=args.dtype)
     model = nnx.merge(graphdef, state)
     rows = []
@@ -154,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = dict(
             bench="profile",
             shape=args.shape,
+            family=cfg.family,
+            narrow=args.narrow,
             config=shape,
             length=length,
             items=args.items,
@@ -168,19 +193,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             date=datetime.date.today().isoformat(),
         )
         rows_only = args.estimator in ROWS_ONLY_ESTIMATORS  # the answer-rows pass
-        row.update(
-            time_profile(
+
+        def timed(remat, items=items, length=length, windows=windows, rows_only=rows_only):
+            return time_profile(
                 model,
                 items,
                 length,
                 args.batch_size,
-                remat=args.remat,
+                remat=remat,
                 q_chunk=args.q_chunk,
                 windows=windows,
                 answer=rows_only,
                 token=not rows_only,
             )
-        )
+
+        t0 = time.perf_counter()
+        try:
+            row.update(timed(args.remat))
+        except Exception as e:  # noqa: BLE001
+            if args.remat or not args.remat_on_oom or not is_oom(e):
+                raise
+            gc.collect()
+            oom_s = round(time.perf_counter() - t0, 2)
+            print(
+                f"profile {args.shape} N={length}: out of memory without --remat after "
+                f"{oom_s} s; again with it",
+                flush=True,
+            )
+            row.update(timed(True), remat=True, remat_after_oom=oom_s)
         row["profile_stage_s"] = round(row["first_batch_s"] + row["steady_s"], 2)
         print(
             f"profile {args.shape} N={length}: {args.items} items in "
