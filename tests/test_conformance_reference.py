@@ -17,7 +17,8 @@ class TestPrefillReference(PrefillSuite):
     # it; its gradients (the oracle's, twice) run under -m slow
     slow_cases = frozenset(
         {"grad_gqa3", "grad_offset_padding_lse", "grad_bf16_d128_backward_blocks", "grad_t100",
-         "grad_t40"}
+         "grad_t40", "grad_gqa7_h14_offset_padding_lse", "grad_gqa7_h28_bf16",
+         "grad_gqa7_h14_default_blocks_bf16", "gqa4_h32_d128_bf16"}
     )  # fmt: skip
 
     def unsupported(self, case):
