@@ -89,6 +89,12 @@ def sweep_settings(n: int):
     )
 
 
+def sweep_groups(n: int, *groups: int) -> tuple[int, ...]:
+    """The GQA groups a sweep of n examples draws: `groups`, and under -m slow also 7 (a group
+    that is not a power of two, Qwen2.5-7B's), which the case tables cover in the default run."""
+    return groups + ((7,) if n >= 100 else ())
+
+
 _examples_run = [0]
 
 
@@ -233,6 +239,23 @@ PREFILL_CASES = [
              forward=False, grad=True,
              options=(("block_q_dq", 16), ("block_k_dq", 32), ("block_q_dkv", 32),
                       ("block_k_dkv", 16))),
+    # ---- GQA 7 (Qwen2.5-7B: 28 query heads over 4 KV heads, D 128): a group that is not a
+    # power of two; windows and sinks differ within each KV group
+    _prefill(name="gqa7_h14_d128", b=1, t=100, s=100, h=14, hkv=2, d=128,
+             windows=(1, 5, 16, 40, 100, 200, 33, 7, 7, 64, 1, 1000, 50, 20),
+             sinks=(0, 64, 3, 0, 17, 0, 4, 0, 4, 0, 64, 0, 1, 2), blocks=((32, 16),)),
+    _prefill(name="gqa7_h28_bf16_offset_padding", b=2, t=40, s=130, h=28, hkv=4, d=128,
+             dtype="bf16", q_offset=90, kv_lengths=(130, 71),
+             windows=(1, 7, 50, 130, 20, 3, 999) * 4, sinks=(0, 64, 10, 0, 4, 64, 0) * 4,
+             blocks=((32, 16),)),
+    _prefill(name="grad_gqa7_h14_offset_padding_lse", b=2, t=48, s=112, h=14, hkv=2, d=128,
+             q_offset=64, kv_lengths=(112, 80),
+             windows=(1, 30, 112, 9, 64, 17, 2, 5, 5, 200, 1, 40, 40, 3),
+             sinks=(3, 0, 0, 64, 16, 0, 1, 0, 64, 0, 0, 16, 16, 2),
+             blocks=((32, 16),), forward=False, grad=True, grad_lse=True),
+    _prefill(name="grad_gqa7_h28_bf16", b=1, t=64, s=64, h=28, hkv=4, d=128, dtype="bf16",
+             windows=(1, 16, 64, 40, 3, 100, 8) * 4, sinks=(64, 0, 0, 4, 1, 0, 16) * 4,
+             blocks=((32, 32),), forward=False, grad=True),
     # ---- the implementation's own block sizes
     _prefill(name="default_blocks", b=1, t=200, s=200, h=4, hkv=2, d=64,
              windows=(3, 50, 128, 200), sinks=(64, 0, 2, 0)),
@@ -255,6 +278,17 @@ PREFILL_CASES = [
                  tolerances=dict(lse=1e-4, lse_rtol=0.0, out=1e-2))
         for d in (128, 32)
     ],
+    # GQA 7 and Llama-3.1-8B / Qwen3-8B / Mistral-7B heads (32 over 8, D 128) at the
+    # implementation's own tiles
+    _prefill(name="gqa7_h28_default_blocks_padding", b=2, t=130, s=130, h=28, hkv=4, d=128,
+             kv_lengths=(130, 45), windows=(1, 40, 40, 130, 7, 200, 16) * 4,
+             sinks=(0, 16, 16, 64, 0, 0, 4) * 4),
+    _prefill(name="grad_gqa7_h14_default_blocks_bf16", b=1, t=100, s=100, h=14, hkv=2,
+             d=128, dtype="bf16", windows=(1, 40, 40, 200, 7, 64, 16) * 2,
+             sinks=(0, 16, 16, 64, 0, 0, 4) * 2, forward=False, grad=True),
+    _prefill(name="gqa4_h32_d128_bf16", b=1, t=64, s=64, h=32, hkv=8, d=128, dtype="bf16",
+             windows=(1, 8, 64, 16, 33, 4096, 2, 40) * 4, sinks=(0, 4, 0, 64, 0, 1, 16, 0) * 4,
+             grad=True),
     # 40: shorter than one 128-wide tile
     *[
         _prefill(name=f"grad_t{t}", b=1, t=t, s=t, h=4, hkv=2, d=64, windows=(1, 40, 40, 200),
@@ -278,6 +312,15 @@ PREFILL_CASES = [
                                    sinks=(0, 0, 300, 4, 100, 0, 64, 1, 0))),
             ("long_2048", dict(b=1, t=2048, s=2048, h=4, hkv=4, d=128,
                                windows=(2048, 1024, 256, 2048), sinks=(0, 64, 64, 0))),
+            # Qwen2.5-7B heads (GQA 7), ragged rows and a query offset
+            ("long_gqa7_h28", dict(b=2, t=700, s=1212, h=28, hkv=4, d=128, q_offset=512,
+                                   kv_lengths=(1212, 901),
+                                   windows=(1, 64, 100, 1212, 333, 2000, 7) * 4,
+                                   sinks=(64, 0, 4, 0, 64, 0, 1) * 4)),
+            # Llama-3.1-8B / Qwen3-8B / Mistral-7B heads (32 over 8)
+            ("long_gqa4_h32", dict(b=1, t=1500, s=1500, h=32, hkv=8, d=128,
+                                   windows=(1500, 256, 1, 1000, 17, 64, 4096, 512) * 4,
+                                   sinks=(0, 64, 64, 3, 0, 8, 0, 64) * 4)),
         ]
     ],
 ]  # fmt: skip
@@ -298,18 +341,18 @@ def _grid_case(dtype: str, group: int, d: int, t: int) -> PrefillCase:
 PREFILL_GRID = [
     _grid_case(dt, g, d, t)
     for dt in ("f32", "bf16")
-    for g in (1, 3, 4)
+    for g in (1, 3, 4, 7)
     for d in (64, 128)
     for t in (63, 129, 256)
 ]
 
 
 @st.composite
-def prefill_cases(draw, max_t: int = 96):
-    """Random shapes, windows from 1 to beyond the sequence, sinks, GQA 1 to 4, query offsets,
+def prefill_cases(draw, max_t: int = 96, groups: tuple[int, ...] = (1, 2, 3, 4)):
+    """Random shapes, windows from 1 to beyond the sequence, sinks, GQA `groups`, query offsets,
     ragged lengths, float32 and bfloat16."""
     hkv = draw(st.integers(1, 2))
-    h = hkv * draw(st.sampled_from([1, 2, 3, 4]))
+    h = hkv * draw(st.sampled_from(groups))
     t = draw(st.integers(1, max_t))
     off = draw(st.integers(0, 40))
     s = t + off
@@ -448,7 +491,7 @@ class PrefillSuite(Suite):
         )
 
         @sweep_settings(n)
-        @given(case=prefill_cases(self.sweep_max_t), blocks=blocks)
+        @given(case=prefill_cases(self.sweep_max_t, sweep_groups(n, 1, 2, 3, 4)), blocks=blocks)
         def check(case, blocks):
             fresh_caches(n)
             if self.unsupported(case):
@@ -526,15 +569,18 @@ SPAN_CASES = [
     *[
         SpanCase(name=f"hkv{hkv}_group{g}_d{d}_{dt}", hkv=hkv, group=g, d=d, dtype=dt,
                  seed=hkv * 10 + g)
-        for hkv, g, d in [(2, 1, 64), (1, 3, 64), (2, 4, 128)]
+        for hkv, g, d in [(2, 1, 64), (1, 3, 64), (2, 4, 128), (2, 7, 128), (8, 4, 128)]
         for dt in ("f32", "bf16")
     ],
+    # Qwen2.5-7B heads (28 over 4): sinks up to 16, short rows of a few blocks
+    SpanCase(name="hkv4_group7_d128_bf16_sinks", hkv=4, group=7, d=128, dtype="bf16",
+             max_len=100, sink=16, seed=47),
     SpanCase(name="empty_cache", hkv=1, group=2, d=64, sink=0, empty=True),
     # GPU-sized: 3000 slots, ragged rows, 1 to many splits
     *[
         SpanCase(name=f"long_hkv{hkv}_group{g}_d{d}_{dt}", hkv=hkv, group=g, d=d, dtype=dt,
                  max_len=3000, sink=64, seed=7 * hkv + g, large=True)
-        for hkv, g, d in [(2, 4, 128), (1, 3, 64)]
+        for hkv, g, d in [(2, 4, 128), (1, 3, 64), (4, 7, 128), (8, 4, 128)]
         for dt in ("f32", "bf16")
     ],
 ]  # fmt: skip
@@ -574,7 +620,7 @@ class SpanDecodeSuite(Suite):
         @sweep_settings(n)
         @given(
             hkv=st.integers(1, 2),
-            group=st.sampled_from([1, 2, 3, 4]),
+            group=st.sampled_from(sweep_groups(n, 1, 2, 3, 4)),
             max_len=st.integers(1, 130),
             dtype=st.sampled_from(sorted(DTYPES)),
             seed=st.integers(0, 2**16),
@@ -679,27 +725,34 @@ HEAD_MAJOR_CASES = [
     *[
         HeadMajorCase(name=f"full_hkv{hkv}_group{g}_d{d}_{dt}", kind="full", b=3, hkv=hkv,
                       group=g, n=48, d=d, dtype=dt, q_positions=(0, 21, 47), seed=hkv * 7 + g)
-        for hkv, g, d, dt in [(2, 1, 32, "f32"), (1, 3, 16, "bf16"), (2, 4, 32, "f32")]
+        for hkv, g, d, dt in [(2, 1, 32, "f32"), (1, 3, 16, "bf16"), (2, 4, 32, "f32"),
+                              (2, 7, 128, "f32"), (4, 7, 128, "bf16"), (8, 4, 128, "bf16")]
     ],
     *[
         HeadMajorCase(name=f"gathered_new_{s}_hkv{hkv}_group{g}", kind="gathered", b=2, hkv=hkv,
                       group=g, n=32, d=d, q_positions=(300, 301), scores=s, new=True,
                       lone_new=True, seed=hkv + 10 * g)
-        for hkv, g, d, s in [(2, 2, 16, "max"), (1, 4, 32, "sum")]
+        for hkv, g, d, s in [(2, 2, 16, "max"), (1, 4, 32, "sum"), (2, 7, 128, "max"),
+                             (4, 7, 128, "sum"), (8, 4, 128, "max")]
     ],
+    HeadMajorCase(name="gathered_bf16_hkv4_group7_future_slots", kind="gathered", b=2, hkv=4,
+                  group=7, n=64, d=128, dtype="bf16", q_positions=(60, 95), scores=None,
+                  empty=0.5, pos_max=90, block_k=32, seed=17),
     # some slots lie after the query (invisible)
     HeadMajorCase(name="gathered_bf16_future_slots", kind="gathered", b=2, hkv=2, group=2, n=64,
                   d=32, dtype="bf16", q_positions=(60, 95), scores=None, empty=0.5, pos_max=90,
                   block_k=32, seed=5),
     HeadMajorCase(name="gathered_empty", kind="gathered", b=2, hkv=1, group=2, n=16, d=16,
                   q_positions=(0, 0), empty=1.0, block_k=None),
-    # GPU-sized: Llama-3-8B heads over 4096 slots
+    # GPU-sized: Llama-3-8B heads (8 KV heads, group 4) and Qwen2.5-7B heads (4 KV heads,
+    # group 7) over 4096 slots
     *[
-        HeadMajorCase(name=f"long_{kind}_{s}_{dt}", kind=kind, b=2, hkv=8, group=4, n=4096,
-                      d=128, dtype=dt, q_positions=qp, scores=s, new=kind == "gathered",
+        HeadMajorCase(name=f"long_{kind}_{s}_{dt}{tag}", kind=kind, b=2, hkv=hkv, group=g,
+                      n=4096, d=128, dtype=dt, q_positions=qp, scores=s, new=kind == "gathered",
                       empty=0.1, pos_max=5000, block_k=None, large=True,
                       tolerances=dict(out=1e-4 if dt == "f32" else 2e-2, scores=1e-3,
                                       scores_rtol=2e-2))
+        for tag, hkv, g in [("", 8, 4), ("_group7", 4, 7)]
         for dt in ("bf16", "f32")
         for kind, s, qp in [("full", "max", (1000, 4095)), ("gathered", None, (2000, 5095)),
                             ("gathered", "sum", (2000, 5095))]
@@ -770,7 +823,7 @@ class HeadMajorDecodeSuite(Suite):
         @sweep_settings(n)
         @given(
             hkv=st.integers(1, 2),
-            group=st.sampled_from([1, 2, 4]),
+            group=st.sampled_from(sweep_groups(n, 1, 2, 4)),
             n_slots=st.integers(1, 5).map(lambda m: 16 * m),
             dtype=st.sampled_from(sorted(DTYPES)),
             seed=st.integers(0, 2**16),
