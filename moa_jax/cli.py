@@ -58,6 +58,14 @@ def parse_args(
 
 ConfigT = TypeVar("ConfigT")
 
+MODEL_HELP = (
+    "a preset (smollm2-135m, tiny-random), an HF checkpoint directory of a supported family "
+    "(llama, mistral, qwen2, qwen3: config.json, safetensors and the tokenizer files) or a "
+    ".gguf file"
+)
+"""The help of every command's --model (`moa_jax.models.registry.load_model` takes these;
+the families are `moa_jax.config.FAMILIES`)."""
+
 
 def option(default: Any, help: str, **argparse_kw: Any) -> Any:
     """A config dataclass field that is also a flag: `help` for `--help`; `argparse_kw` (e.g.

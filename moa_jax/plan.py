@@ -47,6 +47,15 @@ Files
 - `Plan.load(spec)`: the one loader every command calls: either file format, or the
   command-line specs 'dense' and 'streaming:WINDOW[:SINK]'.
 
+The model a plan is for
+-----------------------
+A plan the profile writes records the model it was searched on: `metadata.model_family` and
+`metadata.model_shape` (`ModelConfig.shape_summary`: family, num_layers, num_heads,
+num_kv_heads, head_dim; `model_metadata(cfg)` gives both). `Plan.validate(cfg)`, which every
+command calls against the model's config (`registry.load_config`, before the weights load),
+refuses a plan recorded for another family or shape in one line naming both; plans without
+these keys (the reference plans, older plans) are checked on their layer and head counts.
+
 Plans are frozen dataclasses of tuples, hashable, so they can be static `jit` arguments (the
 metadata dict is excluded from hashing and equality). `Plan.schedule(N, layer, num_kv_heads)`
 resolves one layer into the `MoASchedule` (windows, sinks, ring sizes, cache layout, decode work
@@ -104,8 +113,10 @@ class Plan:
       sinks: int [L][H] sink tokens per head (inside the span, see module docstring).
       granularity: span rounding in tokens (reference: 64).
       min_span: smallest span before rounding (reference: 128).
-      metadata: free-form dict (model name, source, density budget, profile lengths, ...);
-        not part of equality or the hash.
+      metadata: free-form dict (model name, source, density budget, profile lengths, the
+        model family and shape it was searched for, ...); not part of equality or the hash.
+      origin: the file the plan was loaded from (`Plan.load`), for messages; not saved, not
+        part of equality or the hash.
     """
 
     alphas: tuple[tuple[float, ...], ...]
@@ -114,6 +125,7 @@ class Plan:
     granularity: int = 64
     min_span: int = 128
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+    origin: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         alphas = _as_2d_tuple(self.alphas, float, "alphas")
@@ -242,8 +254,56 @@ class Plan:
         return d if per_head else float(d.mean())
 
     # ------------------------------------------------------------ validation
+    def searched_for(self) -> dict[str, Any] | None:
+        """The model family and shape the plan records it was searched for
+        (`metadata.model_shape`, with `metadata.model_family`), or None for a plan that
+        records neither (reference plans, older plans). A malformed record is a PlanError."""
+        shape = self.metadata.get("model_shape")
+        family = self.metadata.get("model_family")
+        if shape is None and family is None:
+            return None
+        out: dict[str, Any] = {}
+        if shape is not None:
+            if not isinstance(shape, Mapping):
+                raise PlanError(
+                    f"{self._label()}: metadata.model_shape must be an object, got {shape!r}"
+                )
+            for key, val in shape.items():
+                if key == "family":
+                    out[key] = str(val)
+                    continue
+                try:
+                    out[key] = int(val)
+                except (TypeError, ValueError):
+                    raise PlanError(
+                        f"{self._label()}: metadata.model_shape.{key} must be an integer, "
+                        f"got {val!r}"
+                    ) from None
+        if family is not None:
+            if "family" in out and out["family"] != str(family):
+                raise PlanError(
+                    f"{self._label()}: metadata.model_family {family!r} contradicts "
+                    f"metadata.model_shape.family {out['family']!r}"
+                )
+            out["family"] = str(family)
+        return out
+
     def validate(self, cfg) -> Plan:
-        """Checks the plan against a `ModelConfig`; raises ValueError naming the mismatch."""
+        """Checks the plan against a `ModelConfig` (cheap: every command calls it with the
+        config of `registry.load_config`, before the weights load).
+
+        A plan that records the model it was searched for (`searched_for`) must be for the
+        same family and shape (`ModelConfig.shape_summary`); any plan must have the model's
+        layer and query-head counts. Raises PlanError (a ValueError) in one line naming the
+        plan, what it is for and the model."""
+        recorded = self.searched_for()
+        if recorded is not None:
+            model = cfg.shape_summary
+            if any(recorded[k] != model[k] for k in recorded if k in model):
+                raise PlanError(
+                    f"{self._label()} was searched for {describe_shape({**model, **recorded})} "
+                    f"but the model is {describe_shape(model)}"
+                )
         errors = []
         if self.num_layers != cfg.num_layers:
             errors.append(f"plan has {self.num_layers} layers but the model has {cfg.num_layers}")
@@ -252,9 +312,17 @@ class Plan:
                 f"plan has {self.num_heads} query heads per layer but the model has {cfg.num_heads}"
             )
         if errors:
-            name = self.metadata.get("model") or self.metadata.get("source") or "plan"
-            raise ValueError(f"{name} does not fit the model: " + "; ".join(errors))
+            raise PlanError(f"{self._label()} does not fit the model: " + "; ".join(errors))
         return self
+
+    def _label(self) -> str:
+        """How messages name the plan: its file, else its source, with the model it names."""
+        where = self.origin or self.metadata.get("source")
+        model = self.metadata.get("model")
+        label = f"plan {where}" if where else "plan"
+        if model and str(model) != str(where):
+            label += f" (for {model})"
+        return label
 
     # ---------------------------------------------------------- constructors
     @classmethod
@@ -436,10 +504,12 @@ class Plan:
             raise PlanError(f"plan file {path} must hold a JSON object, not a {type(d).__name__}")
         try:
             if "schema_version" not in d and "alphas" in d:
-                return cls.from_moa_json(path)
-            return cls.from_dict(d)
+                plan = cls.from_moa_json(path)
+            else:
+                plan = cls.from_dict(d)
         except (ValueError, TypeError, KeyError, IndexError) as e:
             raise PlanError(f"plan file {path}: {e}") from None
+        return dataclasses.replace(plan, origin=str(path))
 
     def summary(self, n: int) -> str:
         w = self.resolve(n)
@@ -448,6 +518,25 @@ class Plan:
             f"{int(w.max())} (mean {w.mean():.0f}), kv density {self.kv_density(n):.3f}, "
             f"attention density {self.attention_density(n):.3f}"
         )
+
+
+def model_metadata(cfg) -> dict[str, Any]:
+    """What a plan records of the model it is searched for (`Plan.searched_for`, checked by
+    `Plan.validate`): `model_family` and `model_shape` (`ModelConfig.shape_summary`)."""
+    return {"model_family": cfg.family, "model_shape": dict(cfg.shape_summary)}
+
+
+def describe_shape(shape: Mapping[str, Any]) -> str:
+    """A model shape (`ModelConfig.shape_summary`) in words: 'qwen2 28 layers x 28 heads
+    (4 KV heads, head_dim 128)'."""
+    text = f"{shape.get('family', '?')} {shape.get('num_layers', '?')} layers x "
+    text += f"{shape.get('num_heads', '?')} heads"
+    extra = []
+    if "num_kv_heads" in shape:
+        extra.append(f"{shape['num_kv_heads']} KV heads")
+    if "head_dim" in shape:
+        extra.append(f"head_dim {shape['head_dim']}")
+    return text + (f" ({', '.join(extra)})" if extra else "")
 
 
 def kv_group_max_mean(per_head: Any, num_kv_heads: int) -> float:

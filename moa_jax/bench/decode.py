@@ -95,7 +95,7 @@ from moa_jax.bench.batch_search import batch_multiple, guard, largest_batch, swe
 from moa_jax.bench.decode_cache import kv_read_bytes, make_caches
 from moa_jax.bench.decode_config import DecodeConfig
 from moa_jax.bench.decode_report import format_table, plot_throughput, summarize
-from moa_jax.bench.decode_variants import HF_LABEL, Variant, make_backend, variants
+from moa_jax.bench.decode_variants import HF_LABEL, Variant, check_plans, make_backend, variants
 from moa_jax.bench.device_memory import GIB, copy_bandwidth, memory_stats
 from moa_jax.bench.hf_baseline import bench_hf, hf_setup
 from moa_jax.bench.kernel_times import format_kernel_times, kernel_times
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"--method hf times LlamaForCausalLM; --shape {config.shape} is a {cfg.family} model"
         )
+    check_plans(config, cfg)  # a plan for another model fails before any weights are made
     nbytes = int(config.bandwidth_gib * GIB)
     report: dict[str, Any] = dict(
         date=datetime.date.today().isoformat(),

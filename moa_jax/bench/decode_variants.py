@@ -100,6 +100,16 @@ def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
     return build_attention(variant.method, ac, cache_len)
 
 
+def check_plans(config: DecodeConfig, cfg) -> None:
+    """Every plan file or spec of the `moa` variants loaded and checked against the model's
+    config (`Plan.validate`: the family and shape a plan records, its layer and head counts)
+    before any weights are made: a plan for another model is a PlanError, not an error row."""
+    for v in variants(config):
+        spec = v.params.get("plan") if v.method == "moa" else None
+        if spec is not None and not spec.startswith("het:"):
+            moa_plan(spec, cfg, 0)
+
+
 def moa_plan(spec: str, cfg, cache_len: int):
     """The `Plan` of a `--moa-densities` entry ('het:0.5', 'het:0.25': synthetic, whole dense
     KV groups, windows for `cache_len`), a plan file or a plan spec ('streaming:W[:S]')."""
@@ -110,4 +120,4 @@ def moa_plan(spec: str, cfg, cache_len: int):
             raise ValueError(f"--moa-densities takes 0.5 or 0.25, got {density}")
         w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads, dense_groups=True)
         return Plan.from_windows([list(w)] * cfg.num_layers, [list(s)] * cfg.num_layers)
-    return Plan.load(spec, cfg.num_layers, cfg.num_heads)
+    return Plan.load(spec, cfg.num_layers, cfg.num_heads).validate(cfg)

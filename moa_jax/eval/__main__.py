@@ -28,7 +28,8 @@ from typing import Any
 
 import jax
 
-from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.cli import MODEL_HELP, option, parse_config, run, setup_logging
+from moa_jax.errors import PlanError
 from moa_jax.eval import Runner, TaskContext, resolve_tasks
 from moa_jax.eval.merge import merge_results
 from moa_jax.eval.report import depth_table, paired_deltas, summarize, write_json, write_report
@@ -70,7 +71,7 @@ class EvalConfig:
     and makes those four lists.
     """
 
-    model: str = option("smollm2-135m", "preset, HF directory or .gguf file")
+    model: str = option("smollm2-135m", MODEL_HELP)
     dtype: str = option("float32", "compute dtype (float32 | bfloat16)")
     tasks: str | list[str] | None = option(
         None, f"comma list of tasks / groups (all, ruler); default {DEFAULTS['tasks']}", type=None
@@ -249,8 +250,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if config.plan:
         try:
             plan = Plan.load(config.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
-        except ValueError as e:
-            raise SystemExit(f"--plan {config.plan}: {e}") from None
+        except ValueError as e:  # a PlanError names the plan (and the model) itself
+            raise SystemExit(
+                str(e) if isinstance(e, PlanError) else f"--plan {config.plan}: {e}"
+            ) from None
     t0 = time.perf_counter()
     model, tokenizer = registry.load_model(
         config.model, dtype=config.dtype, param_dtype=config.dtype

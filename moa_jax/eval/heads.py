@@ -42,14 +42,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.cli import MODEL_HELP, option, parse_config, run, setup_logging
 from moa_jax.eval.needle import Passkey
 from moa_jax.eval.tasks import TaskContext
 from moa_jax.files import atomic_write_text
 from moa_jax.models.attention import Attention
 from moa_jax.models.masked_attention import chunked_attention
-from moa_jax.models.registry import load_model
-from moa_jax.plan import Plan
+from moa_jax.models.registry import load_config, load_model
+from moa_jax.plan import Plan, model_metadata
 from moa_jax.search.influence_profile import InfluenceProfile
 
 # by its module name: under `python -m` __name__ is '__main__', outside the moa_jax logger
@@ -277,7 +277,7 @@ def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -
 class HeadsConfig:
     """`python -m moa_jax.eval.heads`: the flags (and YAML keys) of the command."""
 
-    model: str = option("smollm2-135m", "preset, HF directory or .gguf")
+    model: str = option("smollm2-135m", MODEL_HELP)
     lengths: list[int] = option([2048, 4096, 8192], "passkey item lengths", nargs="+")
     num_items: int = option(20, "passkey items per length")
     seed: int = option(1000, "item seed (keep it apart from the evaluation's seed, 0)")
@@ -299,15 +299,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m moa_jax.eval.heads"
     cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__)
     setup_logging()
-    plan = Plan.load(cfg.plan) if cfg.plan else None
+    plan = None
+    if cfg.plan:  # the plan against the model's config, before the weights load
+        mc = load_config(cfg.model)
+        plan = Plan.load(cfg.plan, mc.num_layers, mc.num_heads).validate(mc)
     profiles = {}
     if cfg.profile_dir:
         for f in sorted(Path(cfg.profile_dir).glob("*.npz")):
             prof = InfluenceProfile.load(f)
             profiles[prof.length] = prof
     model, tok = load_model(cfg.model)
-    if plan is not None:
-        plan.validate(model.config)
     out = Path(cfg.out)
     lengths, num_items = cfg.lengths, cfg.num_items
     if cfg.scores:
@@ -332,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.density,
         dense_fraction=cfg.dense_fraction,
         sink=cfg.sink,
+    )
+    oracle = dataclasses.replace(
+        oracle, metadata={**oracle.metadata, "model": cfg.model, **model_metadata(model.config)}
     )
     oracle.save(out / "oracle_plan.json")
     n = max(lengths)

@@ -1,8 +1,9 @@
-"""`python -m moa_jax.generate` (the `moa-jax-generate` script): generate text with a Llama model
-and any registered attention method (`--method`, `moa_jax.methods`): dense, a MoA plan, Recycled
-Attention decoding, StreamingLLM, H2O ...
+"""`python -m moa_jax.generate` (the `moa-jax-generate` script): generate text with a Llama-family
+model (Llama, Mistral, Qwen2, Qwen3) and any registered attention method (`--method`,
+`moa_jax.methods`): dense, a MoA plan, Recycled Attention decoding, StreamingLLM, H2O ...
 
     python -m moa_jax.generate --model smollm2-135m --prompt "Why is the sky blue?"
+    python -m moa_jax.generate --model path/to/Qwen2.5-0.5B-Instruct --prompt "..."  # HF dir
     python -m moa_jax.generate --plan plan.json --prompt "..." --prompt "..."   # a batch
     python -m moa_jax.generate --method recycled --method-opt k=2048 --method-opt stride=10
 
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.cli import MODEL_HELP, option, parse_config, run, setup_logging
 from moa_jax.config import ModelConfig
 from moa_jax.generate import encode_prompt, generate, pad_prompts
 from moa_jax.methods import (
@@ -45,8 +46,9 @@ logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python 
 
 PROG = "python -m moa_jax.generate"
 DESCRIPTION = (
-    "Generate text with a Llama model and an attention method (--method): dense, a MoA plan "
-    "(--plan), Recycled Attention decoding (--recycle-k), StreamingLLM, H2O ..."
+    "Generate text with a Llama-family model (Llama, Mistral, Qwen2, Qwen3: a preset, an HF "
+    "checkpoint directory or a .gguf file) and an attention method (--method): dense, a MoA "
+    "plan (--plan), Recycled Attention decoding (--recycle-k), StreamingLLM, H2O ..."
 )
 
 
@@ -54,7 +56,7 @@ DESCRIPTION = (
 class GenerateConfig:
     """The flags of `python -m moa_jax.generate` (and the keys of its YAML configs)."""
 
-    model: str = option("smollm2-135m", "preset name, HF directory or .gguf file")
+    model: str = option("smollm2-135m", MODEL_HELP)
     prompt: list[str] | None = option(None, "prompt text; repeat for a batch", action="append")
     max_new_tokens: int = option(64, "tokens generated per prompt")
     temperature: float = option(0.0, "0 = greedy")
@@ -78,7 +80,8 @@ class GenerateConfig:
     )
     plan: str | None = option(
         None,
-        "MoA plan: a plan JSON (ours or the MoA reference format), 'dense', or "
+        "MoA plan: a plan JSON (ours or the MoA reference format; one that records the model "
+        "family and shape it was searched for must match --model's), 'dense', or "
         "'streaming:WINDOW[:SINK]' (alone: --method moa); default: plain dense attention",
     )
     recycle_k: int | None = option(

@@ -22,8 +22,9 @@ Steps (see moa_jax/search/*.py for the method):
 4. validation: answer loss on held-out documents at the validation length for the dense model,
    a uniform window + 64 sinks of the budget density, and the candidates; the best candidate
    becomes the plan.
-Outputs in --out: plan.json (moa_jax.plan.Plan), report.json, spans.png (layers x heads span
-heatmap), loss_vs_density.png, candidates/*.json, profiles/*.npz.
+Outputs in --out: plan.json (moa_jax.plan.Plan; its metadata records the model family and shape
+it was searched for, which every command that takes the plan checks), report.json, spans.png
+(layers x heads span heatmap), loss_vs_density.png, candidates/*.json, profiles/*.npz.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 
 import jax
 
-from moa_jax.cli import option
+from moa_jax.cli import MODEL_HELP, option
 from moa_jax.corpora import load_corpus
 from moa_jax.models.registry import load_model
 from moa_jax.parallel import MeshConfig, make_mesh
@@ -64,7 +65,7 @@ class ProfileConfig:
     """The flags of `python -m moa_jax.profile` (and the keys of its YAML configs)."""
 
     # model and data
-    model: str = option("smollm2-135m", "preset name, HF checkpoint directory or .gguf file")
+    model: str = option("smollm2-135m", MODEL_HELP)
     dtype: str = option("float32", "compute dtype")
     corpus: str = option(
         "shakespeare", "built-in corpus name or a local json/jsonl/parquet/txt file or directory"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moa_jax.files import atomic_write_text
-from moa_jax.plan import Plan
+from moa_jax.plan import Plan, model_metadata
 from moa_jax.profile.steps import Calibration, Search, model_config_dict
 from moa_jax.search.estimators import ESTIMATORS
 from moa_jax.search.influence_profile import InfluenceProfile
@@ -79,6 +79,7 @@ def write_outputs(
     density_cache = {n: plans[best].kv_cache_density(n, cfg.num_kv_heads) for n in report_lengths}
     meta = {
         "model": config.model,
+        **model_metadata(cfg),
         "model_config": model_config_dict(cfg),
         "dtype": config.dtype,
         "created_by": "moa_jax.profile",

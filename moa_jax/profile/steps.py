@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moa_jax.corpora import cache_dir
-from moa_jax.plan import Plan
+from moa_jax.plan import Plan, model_metadata
 from moa_jax.search import calibration as cal
 from moa_jax.search import sensitivity
 from moa_jax.search.answer_loss import make_batches
@@ -308,7 +308,8 @@ def search(
     # candidates to measure: spread along the front (sorted by the longest length's estimate)
     by_long = sorted(names, key=lambda nm: cands[nm].objectives[lengths[-1]])
     chosen_set = [by_long[i] for i in _spread(len(by_long), max(1, config.max_candidates))]
-    plans = {nm: grid.plan(cands[nm].choice, metadata={"candidate": nm}) for nm in names}
+    meta = model_metadata(cfg)
+    plans = {nm: grid.plan(cands[nm].choice, metadata={"candidate": nm, **meta}) for nm in names}
     cdir.mkdir(exist_ok=True)
     for nm in names:
         plans[nm].save(cdir / f"{nm}.json")

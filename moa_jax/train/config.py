@@ -19,7 +19,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from moa_jax.cli import option
+from moa_jax.cli import MODEL_HELP, option
 from moa_jax.cli import parse_config as parse_typed_config
 from moa_jax.config import parse_dtype
 from moa_jax.methods import trainable
@@ -42,7 +42,7 @@ class TrainConfig:
     """Every field is a CLI flag and a YAML key (see the module docstring)."""
 
     # --- model ---
-    model: str = option("tiny-random", "preset name, HF checkpoint directory or .gguf file")
+    model: str = option("tiny-random", MODEL_HELP)
     dtype: str = option("float32", "compute dtype (bfloat16 for mixed precision)")
     param_dtype: str = option("float32", "dtype of the master weights and optimizer state")
     # --- attention ---

@@ -56,7 +56,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from moa_jax.cli import setup_logging
 from moa_jax.config import ModelConfig
 from moa_jax.models.hf_weights import save_hf
-from moa_jax.models.registry import load_model
+from moa_jax.models.registry import load_config, load_model
 from moa_jax.parallel import (
     MeshConfig,
     initialize_distributed,
@@ -65,7 +65,7 @@ from moa_jax.parallel import (
     param_shardings,
 )
 from moa_jax.runtime import enable_compilation_cache
-from moa_jax.train.attention import eval_attentions, make_attention
+from moa_jax.train.attention import eval_attentions, load_plan, make_attention
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
 from moa_jax.train.config import (
     TrainConfig,
@@ -129,6 +129,8 @@ def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainRes
     ckpt, latest = _existing_checkpoints(cfg, out)
 
     seq_len = cfg.effective_seq_len()
+    if cfg.attention == "moa":  # the plan against the model's config, before the weights load
+        load_plan(cfg, load_config(cfg.model))
     # Data first: a missing corpus fails before the model is loaded.
     train_docs, eval_docs = _documents(cfg)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
