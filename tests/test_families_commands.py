@@ -450,3 +450,28 @@ def test_shipped_plans_record_their_model(path):
     plan = Plan.load(ROOT / path)
     assert plan.searched_for() == SMOLLM2_SHAPE
     assert plan.shape == (SMOLLM2_SHAPE["num_layers"], SMOLLM2_SHAPE["num_heads"])
+
+
+def test_bench_decode_narrow_checks_a_plan_against_the_full_shape(tmp_path):
+    """`bench.decode --narrow` times the shape at head_dim 16: a plan searched for the full
+    shape is checked against it and runs without its record; another family is refused."""
+    from moa_jax.bench.decode_config import DecodeConfig
+    from moa_jax.bench.decode_variants import check_plans, moa_plan
+    from moa_jax.bench.random_model import model_config
+
+    full, narrow = model_config("qwen2.5-7b"), model_config("qwen2.5-7b", narrow=True)
+    L, H = full.num_layers, full.num_heads
+    path = Plan.uniform(L, H, window=64, metadata=model_metadata(full)).save(tmp_path / "q.json")
+    config = DecodeConfig(
+        shape="qwen2.5-7b", narrow=True, tiny=True, method=["moa"], moa_densities=[],
+        plan=[str(path)],
+    ).resolved()  # fmt: skip
+    check_plans(config, narrow)
+    plan = moa_plan(str(path), narrow, 128, config)
+    assert plan.searched_for() is None and plan.validate(narrow) is plan
+    with pytest.raises(PlanError, match="head_dim 128\\) but the model is qwen2 .*head_dim 16"):
+        moa_plan(str(path), narrow, 128)  # without --narrow's config: the shapes differ
+    llama = dataclasses.replace(full, family="llama", qkv_bias=False)
+    other = Plan.uniform(L, H, window=64, metadata=model_metadata(llama)).save(tmp_path / "l.json")
+    with pytest.raises(PlanError, match="searched for llama 28 layers .* model is qwen2"):
+        check_plans(dataclasses.replace(config, plan=[str(other)]), narrow)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from moa_jax.bench.decode_config import DecodeConfig
 from moa_jax.bench.head_configs import plan_windows
+from moa_jax.bench.random_model import model_config
 from moa_jax.methods import (
     AttentionConfig,
     H2OOptions,
@@ -86,7 +87,9 @@ def variant_options(variant: Variant) -> dict[str, MethodOptions]:
 def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
     """The `Attention` of a JAX variant for caches of `cache_len` slots, built by the
     method registry (`moa_jax.methods`) with the library's kernels (impl 'native')."""
-    plan = moa_plan(variant.params["plan"], cfg, cache_len) if variant.method == "moa" else None
+    plan = None
+    if variant.method == "moa":
+        plan = moa_plan(variant.params["plan"], cfg, cache_len, config)
     ac = AttentionConfig(
         config=cfg,
         plan=plan,
@@ -107,12 +110,15 @@ def check_plans(config: DecodeConfig, cfg) -> None:
     for v in variants(config):
         spec = v.params.get("plan") if v.method == "moa" else None
         if spec is not None and not spec.startswith("het:"):
-            moa_plan(spec, cfg, 0)
+            moa_plan(spec, cfg, 0, config)
 
 
-def moa_plan(spec: str, cfg, cache_len: int):
+def moa_plan(spec: str, cfg, cache_len: int, config: DecodeConfig | None = None):
     """The `Plan` of a `--moa-densities` entry ('het:0.5', 'het:0.25': synthetic, whole dense
-    KV groups, windows for `cache_len`), a plan file or a plan spec ('streaming:W[:S]')."""
+    KV groups, windows for `cache_len`), a plan file or a plan spec ('streaming:W[:S]'),
+    checked against the model (`Plan.validate`). With `config.narrow` the timed model is the
+    shape at CPU widths (another head_dim): a plan file is checked against the full shape and
+    runs without its record of the model it was searched for."""
     if spec.startswith("het:"):
         density = float(spec[4:])
         kind = {0.5: "het50", 0.25: "het25"}.get(density)
@@ -120,4 +126,11 @@ def moa_plan(spec: str, cfg, cache_len: int):
             raise ValueError(f"--moa-densities takes 0.5 or 0.25, got {density}")
         w, s = plan_windows(kind, cache_len, cfg.num_heads, cfg.num_kv_heads, dense_groups=True)
         return Plan.from_windows([list(w)] * cfg.num_layers, [list(s)] * cfg.num_layers)
-    return Plan.load(spec, cfg.num_layers, cfg.num_heads).validate(cfg)
+    plan = Plan.load(spec, cfg.num_layers, cfg.num_heads)
+    if config is None or not config.narrow:
+        return plan.validate(cfg)
+    plan.validate(model_config(config.shape, config.layers))
+    record = ("model_family", "model_shape")
+    return dataclasses.replace(
+        plan, metadata={k: v for k, v in plan.metadata.items() if k not in record}
+    )
