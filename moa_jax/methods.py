@@ -34,6 +34,15 @@ Built in (options in brackets):
   recent tokens) and `h2o` (`H2OOptions`: K/2 heavy hitters + K/2 recent tokens), the
   recycled paper's baselines: dense prefill, K-token decode; K = length / 8 by default.
 
+The model's own sliding window (`ModelConfig.model_window`: Mistral, Qwen2 with
+`use_sliding_window`) composes with every method and is never widened: `AttentionConfig`
+composes its plan with it once (`Plan.within_model_window`: on a windowed layer every head has
+sink 0 and window min(w', W)), `dense` on a windowed model is the dense plan composed the same
+way (the masked path, or the MoA span kernels with a span cache of W slots: Mistral's rolling
+buffer), `uniform` composes its plan, and the head-major backends (`dense-kernel`, `recycled`,
+`streaming`, `h2o`) get the per-layer windows (`model_windows`), which their prefill and decode
+kernels apply. Every backend built here for a windowed model reports `applies_model_window`.
+
 Decode-time methods (`Method.decode_only`) leave the prompt's prefill dense: the evaluation
 teacher-forces their answer NLL through their decode path, and their reported density is the KV
 read per decode step, K / length.
@@ -172,7 +181,9 @@ class MoAOptions(MethodOptions):
     Args:
       dense_when_full: where the plan keeps every token at the length asked for, build dense
         attention (the span cache and block-sparse kernels would only add work) and warn;
-        False builds the plan's kernels all the same (the benchmarks time them).
+        False builds the plan's kernels all the same (the benchmarks time them). Never on a
+        model with its own sliding window: the composed plan (`Plan.within_model_window`)
+        runs, which applies the window at any cache length.
     """
 
     dense_when_full: bool = True
@@ -314,7 +325,8 @@ class AttentionConfig:
     Args:
       config: the model's config.
       plan: the MoA plan (`Plan.load`), or None; `moa` runs it, `uniform` matches its density,
-        `recycled` prefills with it (option prefill=plan).
+        `recycled` prefills with it (option prefill=plan). Composed here with the model's own
+        sliding window, if it has one (`Plan.within_model_window`).
       impl: 'auto' | 'masked' | 'native' (see the module docstring).
       q_chunk: query chunk of the masked implementation.
       kernel_backend: Pallas backend of the native kernels: 'auto' | 'gpu' | 'mgpu' | 'tpu' |
@@ -353,6 +365,22 @@ class AttentionConfig:
             if not isinstance(o, want):
                 raise TypeError(f"options of {name!r} must be {want.__name__}, got {o!r}")
         object.__setattr__(self, "options", dict(opts))
+        if self.plan is not None and self.plan.num_layers == self.config.num_layers:
+            # (a plan of another shape is refused by `Plan.validate` when a backend is built)
+            object.__setattr__(self, "plan", self.plan.within_model_window(self.config))
+
+    @property
+    def model_windows(self) -> tuple[int | None, ...] | None:
+        """Per layer the model's own sliding window (None where a layer has none), or None when
+        the model has no window."""
+        cfg = self.config
+        if not cfg.has_model_window:
+            return None
+        return tuple(cfg.model_window(i) for i in range(cfg.num_layers))
+
+    def compose(self, plan: Plan) -> Plan:
+        """`plan` composed with the model's own sliding window (`Plan.within_model_window`)."""
+        return plan.within_model_window(self.config)
 
     def options_for(self, method: str) -> Any:
         """The typed options of `method`: the run's, else the method's defaults."""
@@ -377,11 +405,14 @@ class AttentionConfig:
             interpret=self.interpret,
             block=self.block,
             num_splits=self.num_splits,
+            model_windows=self.model_windows,
         )
 
     def backend_for_plan(self, plan: Plan, length: int) -> Attention:
-        """`plan` resolved at `length`: exact masks (masked) or the MoA kernels (native)."""
+        """`plan` (composed with the model's window) resolved at `length`: exact masks
+        (masked) or the MoA kernels (native)."""
         plan.validate(self.config)
+        plan = self.compose(plan)
         if self.resolved_impl == "masked":
             return MaskedAttention.for_plan(plan, length, self.q_chunk)
         return MoAAttention(
@@ -503,6 +534,13 @@ def build_train_attention(
     if why is not None:
         raise ValueError(f"method {m.name!r} cannot run: {why}")
     backend = m.train(ac, tc, int(seq_len))
+    windows = [w for w in (ac.model_windows or ()) if w is not None]
+    if windows and not backend.applies_model_window and int(seq_len) > min(windows):
+        raise ValueError(
+            f"method {m.name!r}'s training form does not apply this {ac.config.family} "
+            f"model's own sliding window of {min(windows)} tokens: train on rows of at most "
+            f"{min(windows)} tokens"
+        )
     return backend.on_mesh(ac.mesh) if ac.mesh is not None else backend
 
 
@@ -512,10 +550,32 @@ def trainable() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- built in
+def _dense_plan(ac: AttentionConfig) -> Plan:
+    """The dense plan composed with the model's own sliding window."""
+    cfg = ac.config
+    return ac.compose(Plan.dense(cfg.num_layers, cfg.num_heads))
+
+
 def _dense_build(ac: AttentionConfig, length: int) -> Attention:
+    if ac.config.has_model_window:
+        # the model's own attention is the dense plan composed with its window; a layer
+        # without one stays dense at any length (masked: resolved at the longest position the
+        # model takes; MoA kernels: resolved at each call's length)
+        plan = _dense_plan(ac)
+        if ac.resolved_impl == "masked":
+            n = max(int(length), ac.config.max_position_embeddings)
+            return MaskedAttention.for_plan(plan, n, ac.q_chunk)
+        return MoAAttention(plan, kernel_backend=ac.kernel_backend, interpret=ac.interpret)
     if ac.resolved_impl == "masked":
         return MaskedAttention(q_chunk=ac.q_chunk)
     return DenseAttention()
+
+
+def _dense_density(ac: AttentionConfig, length: int) -> float:
+    """1, or the windowed model's own kept KV / length (its rolling buffer)."""
+    if not ac.config.has_model_window:
+        return 1.0
+    return _dense_plan(ac).kv_density(length)
 
 
 def _dense_train(ac: AttentionConfig, tc: TrainAttentionConfig, seq_len: int) -> Attention:
@@ -528,11 +588,13 @@ def _dense_kernel_build(ac: AttentionConfig, length: int) -> Attention:
 
 def _moa_build(ac: AttentionConfig, length: int) -> Attention:
     """The plan at `length`; dense attention (with a warning) where it keeps every token and
-    the native kernels would run (option `dense_when_full`)."""
+    the native kernels would run (option `dense_when_full`), unless the model has its own
+    window (`DenseAttention` does not apply it)."""
     backend = ac.backend_for_plan(ac.plan, length)
     if (
         ac.options_for("moa").dense_when_full
         and isinstance(backend, MoAAttention)
+        and not backend.applies_model_window
         and backend.resolves_dense(length)
     ):
         warnings.warn(
@@ -560,8 +622,10 @@ def _uniform_density(ac: AttentionConfig, length: int) -> float:
 
 
 def _uniform(ac: AttentionConfig, length: int) -> Plan:
-    return uniform_plan(
-        ac.config, length, _uniform_density(ac, length), ac.options_for("uniform").sink
+    return ac.compose(
+        uniform_plan(
+            ac.config, length, _uniform_density(ac, length), ac.options_for("uniform").sink
+        )
     )
 
 
@@ -634,7 +698,7 @@ for _m in (
         "dense",
         "full causal attention",
         _dense_build,
-        kv_density=lambda ac, n: 1.0,
+        kv_density=_dense_density,
         cache="DenseKVCache",
         train=_dense_train,
     ),

@@ -28,6 +28,26 @@ block-aligned there; ours slides per token, with the same number of keys per que
 query is past the first window.) With `granularity=1, min_span=0` the span is used as is (rounded
 up to an integer). `w` is always in [1, N]; `w == N` means dense.
 
+The model's own sliding window
+------------------------------
+A model may attend within its own sliding window (`ModelConfig.model_window(layer)`: Mistral's
+and Qwen2's `sliding_window`, W tokens a query sees, itself included). A plan never widens it:
+on a layer with model window W every head runs with
+
+    sink = 0   and   window = min(w', W)
+
+where w' is the window the head's span resolves to with its sinks counted as 0 (the span's C
+cache slots all go to the ring: w' = N if C >= N, else max(C, 1)). The plan's sink tokens sit at
+the start of the sequence, outside the model's window once the sequence passes W, so their
+slots go to the ring instead; the head then sees at most the smaller of its span and the
+model's window. `Plan.within_model_window(cfg)` is the plan composed with the model's windows
+(a per-layer cap, `model_windows`, part of equality and hashing but not of the saved JSON);
+`resolve`, `sink_array` / `layer_sinks` and everything derived from them (densities, the
+schedule, hence the span cache and the kernels) apply it. A layer without a model window is
+unchanged. `moa_jax.methods.AttentionConfig` composes its plan once, so every method runs the
+composed plan; the `dense` method on a windowed model is the dense plan composed the same way
+(window min(N, W): the span cache keeps W slots, Mistral's rolling buffer).
+
 Densities (METHODS.md)
 ----------------------
 - `kv_density(N)`: kept KV / N, the decode cache footprint at length N; for one head
@@ -117,6 +137,10 @@ class Plan:
         model family and shape it was searched for, ...); not part of equality or the hash.
       origin: the file the plan was loaded from (`Plan.load`), for messages; not saved, not
         part of equality or the hash.
+      model_windows: None for the plan on its own; for the plan composed with a model's own
+        sliding windows (`within_model_window`, module docstring), per layer the model's
+        window (None where a layer has none). Part of equality and the hash, not of the saved
+        JSON.
     """
 
     alphas: tuple[tuple[float, ...], ...]
@@ -126,6 +150,7 @@ class Plan:
     min_span: int = 128
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
     origin: str | None = dataclasses.field(default=None, compare=False, hash=False, repr=False)
+    model_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self):
         alphas = _as_2d_tuple(self.alphas, float, "alphas")
@@ -146,6 +171,15 @@ class Plan:
             raise ValueError("sink counts must be >= 0")
         if any(not math.isfinite(v) for row in alphas + betas for v in row):
             raise ValueError("alphas and betas must be finite")
+        if self.model_windows is not None:
+            caps = tuple(None if w is None else int(w) for w in self.model_windows)
+            if len(caps) != len(alphas):
+                raise ValueError(f"{len(caps)} model windows for a plan of {len(alphas)} layers")
+            if any(w is not None and w < 1 for w in caps):
+                raise ValueError(f"model windows must be >= 1 or None, got {caps}")
+            object.__setattr__(
+                self, "model_windows", None if all(w is None for w in caps) else caps
+            )
         for layer, (ra, rb) in enumerate(zip(alphas, betas)):
             for head, (a, b) in enumerate(zip(ra, rb)):
                 if b <= 0 and a + b < 0:  # alpha + beta * N < 0 for every N >= 1
@@ -168,8 +202,42 @@ class Plan:
         return (self.num_layers, self.num_heads)
 
     def sink_array(self) -> np.ndarray:
-        """int [L, H] sink counts."""
-        return np.asarray(self.sinks, dtype=np.int64)
+        """int [L, H] sink counts the heads run with: 0 on a layer with a model window
+        (`within_model_window`)."""
+        s = np.asarray(self.sinks, dtype=np.int64)
+        if self.model_windows is not None:
+            s = np.where(self._capped()[:, None], 0, s)
+        return s
+
+    # ------------------------------------------------------------ model window
+    def within_model_window(self, cfg) -> Plan:
+        """This plan composed with the model's own sliding windows (`ModelConfig.model_window`):
+        on a windowed layer every head runs with sink 0 and window min(w', W) (module
+        docstring). A model without a window gives the plan without caps."""
+        caps = tuple(cfg.model_window(layer) for layer in range(cfg.num_layers))
+        if all(w is None for w in caps):
+            return (
+                self
+                if self.model_windows is None
+                else dataclasses.replace(self, model_windows=None)
+            )
+        if cfg.num_layers != self.num_layers:
+            raise ValueError(
+                f"plan has {self.num_layers} layers but the model has {cfg.num_layers}"
+            )
+        return dataclasses.replace(self, model_windows=caps)
+
+    def _capped(self) -> np.ndarray:
+        """bool [L]: layers with a model window."""
+        caps = self.model_windows or (None,) * self.num_layers
+        return np.asarray([w is not None for w in caps])
+
+    def _cap_windows(self, win: np.ndarray, n: int) -> np.ndarray:
+        """win [L, H] capped at each layer's model window."""
+        if self.model_windows is None:
+            return win
+        cap = np.asarray([n if w is None else w for w in self.model_windows], np.int64)
+        return np.minimum(win, cap[:, None])
 
     # --------------------------------------------------------------- resolve
     def spans(self, n: int) -> np.ndarray:
@@ -183,7 +251,8 @@ class Plan:
     ) -> np.ndarray:
         """int64 [L, H] kernel windows (tokens, in [1, n]; n means dense) at input length n.
 
-        See the module docstring for the exact span -> (window, sink) mapping.
+        See the module docstring for the exact span -> (window, sink) mapping, and for the cap
+        on a layer with a model window (`within_model_window`).
         """
         n = int(n)
         if n < 1:
@@ -195,14 +264,16 @@ class Plan:
         span = np.ceil(np.round(span, 6)).astype(np.int64)
         cache = g * -(-np.maximum(span, lo) // g)
         win = np.maximum(cache - self.sink_array(), 1)
-        return np.where(cache >= n, n, np.minimum(win, n)).astype(np.int64)
+        win = np.where(cache >= n, n, np.minimum(win, n))
+        return self._cap_windows(win, n).astype(np.int64)
 
     def layer_windows(self, n: int, layer: int) -> tuple[int, ...]:
         """The windows of one layer at length n as a hashable tuple (a static kernel argument)."""
         return tuple(int(w) for w in self.resolve(n)[layer])
 
     def layer_sinks(self, layer: int) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.sinks[layer])
+        """The sinks of one layer's heads as a hashable tuple (0 under a model window)."""
+        return tuple(int(s) for s in self.sink_array()[layer])
 
     def schedule(
         self,

@@ -7,6 +7,13 @@ Both keep a `pallas_kernels.SelectedKVCache` of K gathered slots per layer and K
 head (no full cache), prefill with full causal attention (or the `prefill_moa` plan), and
 decode with the recycled step over the K slots plus the current token (options:
 `head_major_attention.HeadMajorBackend`).
+
+On a layer with the model's own sliding window W (`HeadMajorBackend.model_windows`) the
+prefill and every step see only positions inside the window (q_pos - W < j); StreamingLLM keeps
+no sinks there (they fall outside the window, as a plan's do: `Plan.within_model_window`), so
+its K slots are the K most recent tokens, and H2O keeps from the prompt only tokens inside
+the window and evicts slots that have left it before any other (they can never be seen
+again).
 """
 
 from __future__ import annotations
@@ -64,12 +71,16 @@ class StreamingAttention(HeadMajorBackend):
             for _ in range(cfg.num_layers)
         )
 
+    def layer_sink(self, layer: int) -> int:
+        """Sinks kept at `layer`: none under a model window (module docstring)."""
+        return 0 if self.layer_window(layer) is not None else self.sink
+
     def prefill(self, q, k, v, *, layer, positions, cache, lengths=None, q_pre_rope=None):
         hkv = k.shape[2]
         slots = cache.kp.shape[2]
         out = self.prefill_attention(q, k, v, layer, cache.max_len)
         start, lengths, last, _ = chunk_info(q, positions, lengths)
-        idx = streaming_positions(last, cache.top_k, self.sink, slots)
+        idx = streaming_positions(last, cache.top_k, self.layer_sink(layer), slots)
         idx = jnp.broadcast_to(idx[:, None], (q.shape[0], hkv, slots))
         # The prefill chunk starts the sequence (positions [0, T)).
         return out, dataclasses.replace(
@@ -86,12 +97,11 @@ class StreamingAttention(HeadMajorBackend):
         hkv = k.shape[2]
         q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]
         pos = positions[:, 0].astype(jnp.int32)
-        out = self.gathered_step(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0)
+        out = self.gathered_step(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0, layer=layer)
         kp, vp, idx = cache.kp, cache.vp, cache.idx
-        ring = cache.top_k - self.sink
-        slot = slot_after(
-            jnp.where(pos < self.sink, pos, self.sink + jnp.remainder(pos - self.sink, ring)), out
-        )
+        sink = self.layer_sink(layer)
+        ring = cache.top_k - sink
+        slot = slot_after(jnp.where(pos < sink, pos, sink + jnp.remainder(pos - sink, ring)), out)
         rows = jnp.arange(q.shape[0])
         return out[:, None], dataclasses.replace(
             cache,
@@ -194,7 +204,7 @@ class H2OAttention(HeadMajorBackend):
         return float(cache.top_k + 1)  # the K kept slots and the new token
 
     def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
-        return self._decode(q, k, v, positions, cache)
+        return self._decode(q, k, v, layer, positions, cache)
 
     def _prefill(self, q, k, v, layer, positions, cache, lengths):
         out = self.prefill_attention(q, k, v, layer, cache.max_len)
@@ -204,6 +214,9 @@ class H2OAttention(HeadMajorBackend):
         acc = prompt_attention_sums(q, k, lengths, windows, sinks, chunk=self.score_chunk)
         j = start[:, None, None] + jnp.arange(t)[None, None, :]  # positions of the chunk
         valid = j <= last[:, None, None]
+        w = self.layer_window(layer)
+        if w is not None:  # only what the next query still sees
+            valid = valid & (j > last[:, None, None] + 1 - w)
         recent = valid & (j > last[:, None, None] - _h2o_recent(cache.top_k))
         key = jnp.where(recent, jnp.inf, jnp.where(valid, acc, -jnp.inf))
         kk = min(cache.top_k, t)
@@ -223,20 +236,22 @@ class H2OAttention(HeadMajorBackend):
             acc=sel_acc,
         )
 
-    def _decode(self, q, k, v, positions, cache):
+    def _decode(self, q, k, v, layer, positions, cache):
         q0, k0, v0 = q[:, 0], k[:, 0], v[:, 0]
         pos = positions[:, 0].astype(jnp.int32)
         out, sc, new_sc = self.gathered_step(
-            q0, cache.kp, cache.vp, cache.idx, pos, k0, v0, scores="sum"
+            q0, cache.kp, cache.vp, cache.idx, pos, k0, v0, scores="sum", layer=layer
         )
         kp, vp = cache.kp, cache.vp
         acc = cache.acc + sc
         idx = cache.idx
         live = jnp.arange(idx.shape[-1])[None, None, :] < cache.top_k
         recent = idx > (pos[:, None, None] - _h2o_recent(cache.top_k))
-        key = jnp.where(
-            ~live, jnp.inf, jnp.where(idx < 0, -jnp.inf, jnp.where(recent, jnp.inf, acc))
-        )
+        empty = idx < 0
+        w = self.layer_window(layer)
+        if w is not None:  # slots the next query cannot see go first, as empty ones
+            empty = empty | (idx <= pos[:, None, None] + 1 - w)
+        key = jnp.where(~live, jnp.inf, jnp.where(empty, -jnp.inf, jnp.where(recent, jnp.inf, acc)))
         slot = slot_after(jnp.argmin(key, axis=-1).astype(jnp.int32), out)  # [B, Hkv]
         b, hkv = slot.shape
         rb, hb = jnp.arange(b)[:, None], jnp.arange(hkv)[None, :]

@@ -6,6 +6,13 @@ Recycled Attention (`recycled_attention`), StreamingLLM and H2O (`eviction_atten
 backend's mesh (rows over data x fsdp, KV heads over tensor, `pallas_kernels.sharding`): the
 prompt's prefill (dense or a MoA plan's windows), the full step over a full cache and the step
 over K gathered slots plus the current token.
+
+The model's own sliding window (`ModelConfig.model_window`, field `model_windows`, set by
+`moa_jax.methods` for a windowed model) is applied by every one of these calls on a windowed
+layer: the prefill sees at most the last W tokens (the plan's windows capped at W, no sinks,
+as `Plan.within_model_window`), and the decode kernels' `window` argument keeps the full step
+to the last W positions (q_pos - W < j <= q_pos) and the gathered step to its slots inside
+that range.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ class HeadMajorBackend(CachedAttention):
       num_splits: GPU split-K factor of the decode kernels (None: automatic).
       mesh: device mesh: the kernels run under `shard_map`, rows over data x fsdp and KV heads
         over tensor (`pallas_kernels.sharding`); set by `generate(mesh=...)`.
+      model_windows: per layer the model's own sliding window (`ModelConfig.model_window`,
+        None where a layer has none), applied by prefill and decode (module docstring); None:
+        the model has no window (`moa_jax.methods` sets it from the config).
     """
 
     prefill_moa: MoAAttention | None = None
@@ -67,11 +77,28 @@ class HeadMajorBackend(CachedAttention):
     block: int | None = None
     num_splits: int | None = None
     mesh: Mesh | None = None
+    model_windows: tuple[int | None, ...] | None = None
+
+    @property
+    def applies_model_window(self) -> bool:
+        return self.model_windows is not None
+
+    def layer_window(self, layer: int) -> int | None:
+        """The model's own window at `layer` (None: none)."""
+        return None if self.model_windows is None else self.model_windows[layer]
 
     def validate_prefill(self, cfg: ModelConfig) -> None:
-        """Raises ValueError when the prefill plan does not match the model `cfg`."""
+        """Raises ValueError when the prefill plan or the model windows do not match the model
+        `cfg`."""
         if self.prefill_moa is not None:
             self.prefill_moa.plan.validate(cfg)
+        if self.model_windows is not None:
+            want = tuple(cfg.model_window(i) for i in range(cfg.num_layers))
+            if tuple(self.model_windows) != want:
+                raise ValueError(
+                    f"{type(self).__name__} was built for model windows {self.model_windows}, "
+                    f"the model has {want}"
+                )
 
     @property
     def cache_block(self) -> int:
@@ -81,13 +108,20 @@ class HeadMajorBackend(CachedAttention):
     def prefill_windows(
         self, layer: int, h: int, t: int, max_len: int
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Per-query-head (windows, sinks) of the prompt's prefill: dense, or the plan's."""
+        """Per-query-head (windows, sinks) of the prompt's prefill: dense, or the plan's;
+        on a layer with a model window W, windows capped at W and no sinks."""
         if self.prefill_moa is None:
-            return (max(t, 1),) * h, (0,) * h
-        plan = self.prefill_moa.plan
-        if plan.num_heads != h:
-            raise ValueError(f"prefill plan has {plan.num_heads} heads, the model {h}")
-        return self.prefill_moa.layer_windows(layer, max_len), plan.layer_sinks(layer)
+            windows, sinks = (max(t, 1),) * h, (0,) * h
+        else:
+            plan = self.prefill_moa.plan
+            if plan.num_heads != h:
+                raise ValueError(f"prefill plan has {plan.num_heads} heads, the model {h}")
+            windows = self.prefill_moa.layer_windows(layer, max_len)
+            sinks = plan.layer_sinks(layer)
+        w = self.layer_window(layer)
+        if w is None:
+            return windows, sinks
+        return tuple(min(x, w) for x in windows), (0,) * h
 
     def prefill_attention(
         self, q: jax.Array, k: jax.Array, v: jax.Array, layer: int, max_len: int
@@ -126,9 +160,13 @@ class HeadMajorBackend(CachedAttention):
         v: jax.Array,
         q_positions: jax.Array,
         scores: str | None,
+        layer: int,
     ):
-        """`full_step_decode` (q [B, H, D], a full cache k/v [B, Hkv, N, D]) on the mesh."""
-        fn = functools.partial(full_step_decode, scores=scores, **self._kernel_kw())
+        """`full_step_decode` (q [B, H, D], a full cache k/v [B, Hkv, N, D]) on the mesh, within
+        layer `layer`'s model window."""
+        fn = functools.partial(
+            full_step_decode, scores=scores, window=self.layer_window(layer), **self._kernel_kw()
+        )
         return same_kernel_on_mesh(
             fn, self.mesh, (q, k, v, q_positions), (1, 1, 1, None), 1, k.shape[1]
         )
@@ -143,10 +181,15 @@ class HeadMajorBackend(CachedAttention):
         k_new: jax.Array,
         v_new: jax.Array,
         scores: str | None = None,
+        *,
+        layer: int,
     ):
         """`recycled_decode` (q [B, H, D], K gathered slots k/v [B, Hkv, Kp, D] at positions
-        pos [B, Hkv, Kp], the current token k_new/v_new [B, Hkv, D]) on the mesh."""
-        fn = functools.partial(recycled_decode, scores=scores, **self._kernel_kw())
+        pos [B, Hkv, Kp], the current token k_new/v_new [B, Hkv, D]) on the mesh, within layer
+        `layer`'s model window."""
+        fn = functools.partial(
+            recycled_decode, scores=scores, window=self.layer_window(layer), **self._kernel_kw()
+        )
         return same_kernel_on_mesh(
             fn,
             self.mesh,
@@ -163,6 +206,7 @@ class FullCacheAttention(HeadMajorBackend):
     the dense baseline of this machinery (options: `HeadMajorBackend`)."""
 
     def init_cache(self, cfg, batch, max_len, dtype=jnp.bfloat16):
+        self.validate_prefill(cfg)
         return tuple(
             HeadMajorKVCache.zeros(
                 batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype, self.cache_block
@@ -179,5 +223,5 @@ class FullCacheAttention(HeadMajorBackend):
         rows = jnp.arange(q.shape[0])
         ck = cache.k.at[rows, :, pos].set(k[:, 0].astype(cache.k.dtype))
         cv = cache.v.at[rows, :, pos].set(v[:, 0].astype(cache.v.dtype))
-        out = self.full_step(q[:, 0], ck, cv, pos, None)
+        out = self.full_step(q[:, 0], ck, cv, pos, None, layer)
         return out[:, None], dataclasses.replace(cache, k=ck, v=cv)

@@ -177,18 +177,27 @@ class MaskedAttention(CachedAttention):
       windows: [layers][heads] window per query head in tokens (None: dense causal).
       sinks: [layers][heads] sink tokens per head (None: none).
       q_chunk: queries per chunk.
+      model_window: the windows and sinks are a plan composed with the model's own sliding
+        window (`Plan.within_model_window`): the backend applies it (`applies_model_window`).
     """
 
     windows: tuple[tuple[int, ...], ...] | None = None
     sinks: tuple[tuple[int, ...], ...] | None = None
     q_chunk: int = 512
+    model_window: bool = False
 
     @classmethod
     def for_plan(cls, plan: Any, length: int, q_chunk: int = 512) -> MaskedAttention:
-        """The plan's windows resolved at `length`, and its sinks."""
+        """The plan's windows resolved at `length`, and its sinks (both composed with the
+        model's window when the plan is, `Plan.within_model_window`)."""
         w = tuple(tuple(int(x) for x in row) for row in plan.resolve(length))
-        s = tuple(tuple(int(x) for x in row) for row in plan.sinks)
-        return cls(windows=w, sinks=s, q_chunk=q_chunk)
+        s = tuple(tuple(int(x) for x in row) for row in plan.sink_array())
+        composed = getattr(plan, "model_windows", None) is not None
+        return cls(windows=w, sinks=s, q_chunk=q_chunk, model_window=composed)
+
+    @property
+    def applies_model_window(self) -> bool:
+        return self.model_window and self.windows is not None
 
     @property
     def layer_uniform(self) -> bool:

@@ -103,12 +103,23 @@ class MoAAttention(CachedAttention):
             shards=shards,
         )
 
+    @property
+    def applies_model_window(self) -> bool:
+        """True when the plan is composed with the model's own sliding window
+        (`Plan.within_model_window`) and its windows are not overridden."""
+        return self.plan.model_windows is not None and self.windows is None
+
     def resolves_dense(self, n: int) -> bool:
         """Whether every head of every layer keeps all of a length-n input (window >= n)."""
         return all(min(self.layer_windows(layer, n)) >= n for layer in range(self.plan.shape[0]))
 
     def init_cache(self, cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.bfloat16):
         self.plan.validate(cfg)
+        if self.plan.model_windows is not None and self.plan.within_model_window(cfg) != self.plan:
+            raise ValueError(
+                f"the plan is composed with model windows {self.plan.model_windows}, which "
+                "are not this model's"
+            )
         shards = head_shards(self.mesh, cfg.num_kv_heads)
         return tuple(
             SpanKVCache.zeros(

@@ -42,6 +42,10 @@ Recycled Attention, as implemented (METHODS.md "Recycled Attention"):
     observation window and the same pooling); after K new tokens the pointer wraps and the
     oldest generated token goes first.
 - Exact limits (tested): S = 1 equals dense decoding; K >= final length equals dense decoding.
+- The model's own sliding window W (`HeadMajorBackend.model_windows`): the prefill and the full
+  step see the last W positions only, the partial step only its entries inside them, and a
+  selection takes only positions the next query can still see (q_pos + 1 - W < j): with
+  K >= W + S it equals the model's windowed dense decoding.
 
 Memory per layer (`RecycledKVCache.nbytes`): the full cache 2 * B * Hkv * Lp * D * itemsize
 plus 2 * B * Hkv * Kp * D * itemsize for C_p and 4 * B * Hkv * Kp for its positions (Lp, Kp:
@@ -217,7 +221,17 @@ class RecycledAttention(HeadMajorBackend):
 
     def decode_step(self, q, k, v, *, layer, positions, cache, q_pre_rope=None):
         self._check_pre_rope(q_pre_rope)
-        return self._decode(q, k, v, positions, cache, q_pre_rope)
+        return self._decode(q, k, v, layer, positions, cache, q_pre_rope)
+
+    def _selectable(self, layer: int, n: int, pos: jax.Array) -> jax.Array:
+        """bool [B, 1, n]: full-cache slots a selection at query position pos [B] may take:
+        written ones (j <= pos) that the next query still sees within the model window."""
+        j = jnp.arange(n)[None, None]
+        ok = j <= pos[:, None, None]
+        w = self.layer_window(layer)
+        if w is not None:
+            ok = ok & (j > pos[:, None, None] + 1 - w)
+        return ok
 
     def _prefill(self, q, k, v, layer, positions, cache, lengths, q_pre):
         out = self.prefill_attention(q, k, v, layer, cache.max_len)
@@ -225,8 +239,8 @@ class RecycledAttention(HeadMajorBackend):
         ck, cv = write_chunk(cache.k, k, start), write_chunk(cache.v, v, start)
         cache = dataclasses.replace(cache, k=ck, v=cv)
         q_last = q[rows, lengths - 1]  # [B, H, D]
-        _, probs = self.full_step(q_last, ck, cv, last, "max")
-        valid = jnp.arange(probs.shape[-1])[None, None] <= last[:, None, None]
+        _, probs = self.full_step(q_last, ck, cv, last, "max", layer)
+        valid = self._selectable(layer, probs.shape[-1], last)
         idx = select_top_k(probs, valid, cache.top_k, self.config.pool, cache.kp.shape[2])
         kp, vp = gather_slots(ck, idx), gather_slots(cv, idx)
         summ = self._query_summary(q_last, None if q_pre is None else q_pre[rows, lengths - 1])
@@ -240,7 +254,7 @@ class RecycledAttention(HeadMajorBackend):
             ref_q=cache.ref_q if summ is None else summ,
         )
 
-    def _decode(self, q, k, v, positions, cache, q_pre):
+    def _decode(self, q, k, v, layer, positions, cache, q_pre):
         # Layout for XLA: the lax.cond returns C_p untouched on partial steps (its attention only
         # reads it) and the current token is written at the pointer after the cond, by a
         # scatter that drops the write on refreshed rows and depends on the attention output
@@ -257,14 +271,14 @@ class RecycledAttention(HeadMajorBackend):
         sel = (cache.kp, cache.vp, cache.idx, cache.ref_q)
 
         def partial_branch():
-            out = self.gathered_step(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0)
+            out = self.gathered_step(q0, cache.kp, cache.vp, cache.idx, pos, k0, v0, layer=layer)
             return (out,) + sel
 
         def full_branch(need):
-            out, probs = self.full_step(q0, ck, cv, pos, "max")
+            out, probs = self.full_step(q0, ck, cv, pos, "max", layer)
             idx = select_top_k(
                 probs,
-                jnp.arange(probs.shape[-1])[None, None] <= pos[:, None, None],
+                self._selectable(layer, probs.shape[-1], pos),
                 cache.top_k,
                 cfg.pool,
                 cache.kp.shape[2],
@@ -276,7 +290,7 @@ class RecycledAttention(HeadMajorBackend):
             # re-gathering it from C_f (rather than reading C_p here) reproduces it exactly.
             idx = jnp.where(need[:, None, None], idx, cache.idx)
             kp, vp = gather_slots(ck, idx), gather_slots(cv, idx)
-            out_p = self.gathered_step(q0, kp, vp, idx, pos, k0, v0)
+            out_p = self.gathered_step(q0, kp, vp, idx, pos, k0, v0, layer=layer)
             return (
                 jnp.where(need[:, None, None], out, out_p),
                 kp,

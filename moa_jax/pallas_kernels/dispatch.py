@@ -431,7 +431,7 @@ def span_decode(
 _SCORE_MODES = (None, "max", "sum")
 
 
-def _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores):
+def _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores, window=None):
     b, h, d = q.shape
     if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
         raise ValueError(f"q {q.shape} needs k, v [B, Hkv, N, D]; got {k.shape}, {v.shape}")
@@ -450,9 +450,13 @@ def _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores):
         )
     if scores not in _SCORE_MODES:
         raise ValueError(f"scores must be one of {_SCORE_MODES}, got {scores!r}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
 
 
-def _head_major_triton(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, interpret, **kw):
+def _head_major_triton(
+    q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, interpret, window, **kw
+):
     n = k.shape[2]
     bk = heuristics.head_major_block(n, kw["block_k"], "gpu")
     nblocks = n // bk
@@ -469,13 +473,16 @@ def _head_major_triton(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale
         write_logits=scores is not None,
         interpret=bool(interpret),
         num_warps=kw["num_warps"],
+        window=window,
     )
     return head_major_triton.merge_partials(
-        q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores
+        q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores, window
     )
 
 
-def _head_major_tpu(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, interpret, **kw):
+def _head_major_tpu(
+    q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, interpret, window, **kw
+):
     bk = heuristics.head_major_block(k.shape[2], kw["block_k"], "tpu")
     o, m, l, logits = head_major_tpu.tpu_partials(
         q,
@@ -487,15 +494,25 @@ def _head_major_tpu(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, i
         scale=scale,
         write_logits=scores is not None,
         interpret=interpret,
+        window=window,
     )
     return head_major_triton.merge_partials(
-        q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores
+        q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores, window
     )
 
 
-def _head_major_reference(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, **kw):
+def _head_major_reference(q, k, v, q_positions, *, pos, k_new, v_new, scores, scale, window, **kw):
     return reference.head_major_decode_reference(
-        q, k, v, q_positions, pos=pos, k_new=k_new, v_new=v_new, scores=scores, scale=scale
+        q,
+        k,
+        v,
+        q_positions,
+        pos=pos,
+        k_new=k_new,
+        v_new=v_new,
+        scores=scores,
+        scale=scale,
+        window=window,
     )
 
 
@@ -522,8 +539,10 @@ def _head_major_decode(
     block_k,
     scale,
     num_warps,
+    window,
 ):
-    _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores)
+    window = None if window is None else int(window)  # static: a kernel parameter
+    _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores, window)
     case = Case(platform(), q.dtype, q.shape[-1], interpret, block_k)
     impl = select("head-major decode", HEAD_MAJOR_DECODE_IMPLEMENTATIONS, backend, case)
     return impl.run(
@@ -540,6 +559,7 @@ def _head_major_decode(
         num_splits=num_splits,
         block_k=block_k,
         num_warps=num_warps,
+        window=window,
     )
 
 
@@ -556,6 +576,7 @@ def full_step_decode(
     block_k: int | None = None,
     scale: float | None = None,
     num_warps: int = heuristics.DECODE_NUM_WARPS,
+    window: int | None = None,
 ):
     """A full decode step over the full cache, with the selection scores from the same pass.
 
@@ -568,6 +589,9 @@ def full_step_decode(
         decode kernel and runs Triton).
       num_splits: GPU split-K factor (default: enough programs to fill the GPU).
       block_k: slots per block (must divide N; default gcd(N, 64) on GPU, gcd(N, 512) on TPU).
+      window: static; the model's own sliding window: only slots j with
+        q_position - window < j <= q_position are visible, and the kernels skip the blocks
+        before it (None, the default: every slot up to q_position).
     Returns:
       out [B, H, D] in q's dtype, or (out, scores float32 [B, Hkv, N]); invisible slots score 0.
     """
@@ -586,6 +610,7 @@ def full_step_decode(
         block_k=block_k,
         scale=scale,
         num_warps=num_warps,
+        window=window,
     )
     return res if scores is None else res[:2]
 
@@ -606,6 +631,7 @@ def recycled_decode(
     block_k: int | None = None,
     scale: float | None = None,
     num_warps: int = heuristics.DECODE_NUM_WARPS,
+    window: int | None = None,
 ):
     """Decode attention over a gathered K-slot buffer plus the current token.
 
@@ -616,6 +642,8 @@ def recycled_decode(
       k_new, v_new: optional [B, Hkv, D], the current token, attended as one more key.
       scores: None (default), 'max' or 'sum' over the group of the probabilities.
       backend, interpret, num_splits, block_k, scale: as in `full_step_decode`.
+      window: static; only slots with q_position - window < pos are visible (the current token
+        always is); None (the default): no limit.
     Returns:
       out [B, H, D], or (out, slot scores [B, Hkv, N], new-token score [B, Hkv] or None).
     """
@@ -634,4 +662,5 @@ def recycled_decode(
         block_k=block_k,
         scale=scale,
         num_warps=num_warps,
+        window=window,
     )

@@ -156,9 +156,10 @@ def span_decode_reference(
 
 
 def head_major_decode_reference(
-    q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, scores=None, scale=None
+    q, k, v, q_positions, *, pos=None, k_new=None, v_new=None, scores=None, scale=None, window=None
 ):
-    """The jnp oracle (float32). See `full_step_decode` / `recycled_decode` for the arguments.
+    """The jnp oracle (float32). See `full_step_decode` / `recycled_decode` for the arguments
+    (`window`: a slot is visible only when q_position - its position < window; None: no limit).
 
     Returns out [B, H, D] (q's dtype), or with `scores`: (out, scores [B, Hkv, N],
     new_scores [B, Hkv] or None).
@@ -171,6 +172,8 @@ def head_major_decode_reference(
         pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, hkv, n))
     qp = q_positions.astype(jnp.int32)[:, None, None]
     vis = (pos >= 0) & (pos <= qp)  # [B, Hkv, N]
+    if window is not None:
+        vis = vis & (qp - pos < window)
     qg = q.reshape(b, hkv, group, d).astype(jnp.float32)
     logits = (
         jnp.einsum("bkgd,bknd->bkgn", qg, k.astype(jnp.float32), precision=lax.Precision.HIGHEST)

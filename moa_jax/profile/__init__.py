@@ -43,6 +43,7 @@ from moa_jax.corpora import load_corpus
 from moa_jax.models.registry import load_model
 from moa_jax.parallel import MeshConfig, make_mesh
 from moa_jax.profile import outputs, steps
+from moa_jax.search import sensitivity
 from moa_jax.search.estimators import ESTIMATORS
 from moa_jax.search.rules import scaled_grid
 
@@ -240,6 +241,10 @@ def run(config: ProfileConfig) -> dict[str, Any]:
     cfg = model.config
     timings["load_model"] = time.perf_counter() - t0
     longest = max(lengths + [config.validation_length])
+    try:  # before the calibration's answers are generated
+        sensitivity.refuse_model_window(cfg, max([longest, *(config.density_lengths or [])]))
+    except ValueError as e:
+        raise SystemExit(f"moa_jax.profile: {e}") from None
     if cfg.max_position_embeddings and longest > cfg.max_position_embeddings:
         context = cfg.max_position_embeddings
         logger.warning(f"length {longest} exceeds the model's context {context}")

@@ -36,7 +36,15 @@ layer). Items of one length are batched; the batch can be sharded over a mesh (`
 sums go into an `InfluenceProfile` (`moa_jax.search.influence_profile`), which turns them into
 rule-loss estimates.
 
+The model's own sliding window (`ModelConfig.model_window`: Mistral, Qwen2 with
+`use_sliding_window`) is not modelled: the profile differentiates dense causal attention and
+its estimates keep the plan's sinks, which a windowed layer drops (`Plan.within_model_window`).
+So the profile refuses a length longer than the model's window (`refuse_model_window`, one
+line naming the reason); at lengths within the window the model's attention is dense causal
+and the profile is exact, and the plans it finds are composed with the window where they run.
+
 Public API:
+  refuse_model_window(cfg, length)  ValueError when the model's own window binds at `length`
   InfluenceAttention(sink, block, q_chunk, windows, ...)  backend whose probes' gradients are
                                                            the influence
   profile_batch(model, batch, ...) -> BatchSums (losses [B], blocks [L, H, nb, nb],
@@ -70,6 +78,21 @@ from moa_jax.parallel import batch_sharding, param_shardings
 from moa_jax.search.answer_loss import Batch, answer_nll, make_batches, row_positions
 from moa_jax.search.influence import answer_tap, attention_with_influence, influence_rows
 from moa_jax.search.influence_profile import BLOCK, InfluenceProfile
+
+
+def refuse_model_window(cfg, length: int) -> None:
+    """Raises ValueError, in one line naming the reason, when the model has its own sliding
+    window (`ModelConfig.model_window`) shorter than `length`: the influence profile models
+    dense causal attention with the plan's sinks, not the model's window (module docstring)."""
+    windows = {cfg.model_window(i) for i in range(cfg.num_layers)} - {None}
+    if windows and int(length) > min(windows):
+        w = min(windows)
+        raise ValueError(
+            f"the influence profile does not model this {cfg.family} model's own sliding "
+            f"window of {w} tokens (it differentiates dense causal attention and keeps the "
+            f"plan's sinks, which the window drops): profile, validate and budget at lengths "
+            f"<= {w}, not {int(length)}"
+        )
 
 
 @functools.partial(
@@ -443,6 +466,7 @@ def profile_items(
       on_batch: called with the running profile after every batch (checkpointing).
     """
     cfg = model.config
+    refuse_model_window(cfg, length)
     if length % BLOCK:
         raise ValueError(f"profile length {length} must be a multiple of {BLOCK}")
     if pad_id is None:

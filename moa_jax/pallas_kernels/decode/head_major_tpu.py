@@ -60,7 +60,12 @@ def update_state(sc: jax.Array, v_ref, m_scr, l_scr, acc_scr) -> None:
     m_scr[...] = m_new
 
 
-def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logits):
+def _first_block(qp, bk: int, window: int):
+    """The block holding the first position a query at qp sees within `window`."""
+    return lax.div(jnp.maximum(qp - window + 1, 0), bk)
+
+
+def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logits, window=None):
     if has_pos:
         pos_ref, refs = refs[0], refs[1:]
     o_ref, m_ref, l_ref = refs[:3]
@@ -84,15 +89,20 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logi
         else:
             p = i * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         sc = block_logits(q, k, scale)
-        sc = jnp.where((p >= 0) & (p <= qp), sc, -jnp.inf)
+        vis = (p >= 0) & (p <= qp)
+        if window is not None:
+            vis = vis & (qp - p < window)
+        sc = jnp.where(vis, sc, -jnp.inf)
         if write_logits:
             lg_ref[...] = sc
         update_state(sc, v_ref, m_scr, l_scr, acc_scr)
 
     if has_pos:
         _step()
-    else:
+    elif window is None:
         pl.when(i <= lax.div(qp, bk))(_step)  # positions are >= 0: truncation
+    else:  # the blocks of the window only
+        pl.when((i <= lax.div(qp, bk)) & (i >= _first_block(qp, bk, window)))(_step)
 
     @pl.when(i == pl.num_programs(2) - 1)
     def _finish():
@@ -101,9 +111,11 @@ def _kernel(qpos_ref, q_ref, k_ref, v_ref, *refs, bk, scale, has_pos, write_logi
         l_ref[...] = l_scr[...]
 
 
-@functools.partial(jax.jit, static_argnames=("bk", "scale", "write_logits", "interpret"))
-def tpu_partials(q, k, v, q_positions, pos, *, bk, scale, write_logits, interpret):
-    """Returns (acc [B, Hkv, 1, Gp, D], m, l [B, Hkv, 1, Gp], logits [B, Hkv, G, N] or None)."""
+@functools.partial(jax.jit, static_argnames=("bk", "scale", "write_logits", "interpret", "window"))
+def tpu_partials(q, k, v, q_positions, pos, *, bk, scale, write_logits, interpret, window=None):
+    """Returns (acc [B, Hkv, 1, Gp, D], m, l [B, Hkv, 1, Gp], logits [B, Hkv, G, N] or None).
+    `window`: slots at q_position - window or before are invisible (None: no limit); a full
+    step walks (and fetches) only the window's blocks."""
     b, h, d = q.shape
     _, hkv, n, _ = k.shape
     group = h // hkv
@@ -116,10 +128,16 @@ def tpu_partials(q, k, v, q_positions, pos, *, bk, scale, write_logits, interpre
 
         def kv_map(bi, g, i, qpos_ref):
             return bi, g, i, 0
-    else:
+    elif window is None:
 
         def kv_map(bi, g, i, qpos_ref):
             return bi, g, jnp.minimum(i, lax.div(qpos_ref[bi], bk)), 0
+    else:
+
+        def kv_map(bi, g, i, qpos_ref):
+            qp = qpos_ref[bi]
+            first = _first_block(qp, bk, window)
+            return bi, g, jnp.maximum(jnp.minimum(i, lax.div(qp, bk)), first), 0
 
     in_specs = [
         pl.BlockSpec((None, None, gp, d), lambda bi, g, i, *_: (bi, g, 0, 0)),
@@ -155,7 +173,14 @@ def tpu_partials(q, k, v, q_positions, pos, *, bk, scale, write_logits, interpre
         ],
     )
     res = pl.pallas_call(
-        functools.partial(_kernel, bk=bk, scale=scale, has_pos=has_pos, write_logits=write_logits),
+        functools.partial(
+            _kernel,
+            bk=bk,
+            scale=scale,
+            has_pos=has_pos,
+            write_logits=write_logits,
+            window=window,
+        ),
         grid_spec=grid_spec,
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(

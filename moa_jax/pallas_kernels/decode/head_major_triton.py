@@ -10,6 +10,10 @@ out head-major so that each KV head's slots are contiguous. Two modes share one 
   0 <= pos <= q_position. The current token (`k_new`, `v_new` [B, Hkv, D]) is attended to as
   one extra key without being written to the buffer first (the caller decides where it goes).
 
+Both take an optional static `window` (the model's own sliding window, `ModelConfig.model_window`):
+a slot is then visible only when q_position - its position < window; a full step also skips the
+blocks before the window. Without it (the default) the kernels are unchanged.
+
 Both optionally return attention *scores* per KV head and slot: the fp32 softmax probabilities
 of the query heads of a KV group over everything the query attended to (slots and the new
 token), reduced over the group by max (Recycled Attention's selection) or sum (H2O's
@@ -49,7 +53,18 @@ from moa_jax.pallas_kernels.prefill.triton import compiler_params
 
 # ------------------------------------------------------------------------------ GPU kernel
 def _kernel(
-    qpos_ref, q_ref, k_ref, v_ref, *refs, bk, per_split, nblocks, scale, has_pos, write_logits
+    qpos_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    *refs,
+    bk,
+    per_split,
+    nblocks,
+    scale,
+    has_pos,
+    write_logits,
+    window=None,
 ):
     if has_pos:
         pos_ref, refs = refs[0], refs[1:]
@@ -61,6 +76,8 @@ def _kernel(
     hi = jnp.minimum(lo + per_split, nblocks)
     if not has_pos:  # slot = position: blocks past the query hold nothing visible
         hi = jnp.minimum(hi, qp // bk + 1)
+        if window is not None:  # nor do the blocks before the window
+            lo = jnp.maximum(lo, jnp.maximum(qp - window + 1, 0) // bk)
     q = q_ref[b, g, :, :]  # [Gp, D]
 
     def load(i):
@@ -69,7 +86,10 @@ def _kernel(
             p = pos_ref[b, g, sl][None, :]
         else:
             p = (i * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
-        return k_ref[b, g, sl, :], v_ref[b, g, sl, :], (p >= 0) & (p <= qp)
+        vis = (p >= 0) & (p <= qp)
+        if window is not None:
+            vis = vis & (qp - p < window)
+        return k_ref[b, g, sl, :], v_ref[b, g, sl, :], vis
 
     def keep_logits(i, sc):
         lg_ref[b, g, :, pl.ds(i * bk, bk)] = sc
@@ -81,10 +101,31 @@ def _kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("bk", "num_splits", "scale", "write_logits", "interpret", "num_warps")
+    jax.jit,
+    static_argnames=(
+        "bk",
+        "num_splits",
+        "scale",
+        "write_logits",
+        "interpret",
+        "num_warps",
+        "window",
+    ),
 )
 def head_major_partials(
-    q, k, v, q_positions, pos, *, bk, num_splits, scale, write_logits, interpret, num_warps
+    q,
+    k,
+    v,
+    q_positions,
+    pos,
+    *,
+    bk,
+    num_splits,
+    scale,
+    write_logits,
+    interpret,
+    num_warps,
+    window=None,
 ):
     b, h, d = q.shape
     _, hkv, n, _ = k.shape
@@ -101,6 +142,7 @@ def head_major_partials(
         scale=scale,
         has_pos=pos is not None,
         write_logits=write_logits,
+        window=window,
     )
     out_shape = [
         jax.ShapeDtypeStruct((b, hkv, num_splits, gp, d), jnp.float32),
@@ -124,9 +166,9 @@ def head_major_partials(
 
 
 # ------------------------------------------------------------------------------ epilogue
-def merge_partials(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores):
+def merge_partials(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, scores, window=None):
     """Merges split partials (log2 domain; the Triton and the TPU kernel's) and the new token;
-    normalises the logits."""
+    normalises the logits (slots outside `window`, when given, score 0)."""
     b, h, d = q.shape
     hkv = o.shape[1]
     group = h // hkv
@@ -157,6 +199,9 @@ def merge_partials(q, o, m, l, logits, q_positions, pos, k_new, v_new, scale, sc
         )
     else:
         vis = (pos >= 0) & (pos <= q_positions[:, None, None])
+    if window is not None:
+        p_ = jnp.arange(n, dtype=jnp.int32)[None, None] if pos is None else pos
+        vis = vis & (q_positions[:, None, None] - p_ < window)
     lse2 = m_use + jnp.log2(safe)  # [B, Hkv, G]
     p = jnp.where(vis[:, :, None], jnp.exp2(logits - lse2[..., None]), 0.0)
     red = jnp.max if scores == "max" else jnp.sum
