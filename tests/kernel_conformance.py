@@ -183,7 +183,7 @@ class PrefillCase:
     plain: bool = False  # also the output without return_lse
     options: tuple[tuple[str, Any], ...] = ()  # Triton backward block sizes
     tolerances: dict[str, float] | None = None
-    large: bool = False  # GPU-sized: minutes in interpret mode
+    large: bool = False  # GPU-sized (long, or a model's head counts): compiled runs only
     slow: bool = False
     seed: int | None = None
 
@@ -244,7 +244,7 @@ PREFILL_CASES = [
     _prefill(name="gqa7_h14_d128", b=1, t=100, s=100, h=14, hkv=2, d=128,
              windows=(1, 5, 16, 40, 100, 200, 33, 7, 7, 64, 1, 1000, 50, 20),
              sinks=(0, 64, 3, 0, 17, 0, 4, 0, 4, 0, 64, 0, 1, 2), blocks=((32, 16),)),
-    _prefill(name="gqa7_h28_bf16_offset_padding", b=2, t=40, s=130, h=28, hkv=4, d=128,
+    _prefill(name="gqa7_h28_bf16_offset_padding", large=True, b=2, t=40, s=130, h=28, hkv=4, d=128,
              dtype="bf16", q_offset=90, kv_lengths=(130, 71),
              windows=(1, 7, 50, 130, 20, 3, 999) * 4, sinks=(0, 64, 10, 0, 4, 64, 0) * 4,
              blocks=((32, 16),)),
@@ -253,7 +253,8 @@ PREFILL_CASES = [
              windows=(1, 30, 112, 9, 64, 17, 2, 5, 5, 200, 1, 40, 40, 3),
              sinks=(3, 0, 0, 64, 16, 0, 1, 0, 64, 0, 0, 16, 16, 2),
              blocks=((32, 16),), forward=False, grad=True, grad_lse=True),
-    _prefill(name="grad_gqa7_h28_bf16", b=1, t=64, s=64, h=28, hkv=4, d=128, dtype="bf16",
+    _prefill(name="grad_gqa7_h28_bf16", large=True,
+             b=1, t=64, s=64, h=28, hkv=4, d=128, dtype="bf16",
              windows=(1, 16, 64, 40, 3, 100, 8) * 4, sinks=(64, 0, 0, 4, 1, 0, 16) * 4,
              blocks=((32, 32),), forward=False, grad=True),
     # ---- the implementation's own block sizes
@@ -280,13 +281,15 @@ PREFILL_CASES = [
     ],
     # GQA 7 and Llama-3.1-8B / Qwen3-8B / Mistral-7B heads (32 over 8, D 128) at the
     # implementation's own tiles
-    _prefill(name="gqa7_h28_default_blocks_padding", b=2, t=130, s=130, h=28, hkv=4, d=128,
+    _prefill(name="gqa7_h28_default_blocks_padding", large=True,
+             b=2, t=130, s=130, h=28, hkv=4, d=128,
              kv_lengths=(130, 45), windows=(1, 40, 40, 130, 7, 200, 16) * 4,
              sinks=(0, 16, 16, 64, 0, 0, 4) * 4),
-    _prefill(name="grad_gqa7_h14_default_blocks_bf16", b=1, t=100, s=100, h=14, hkv=2,
+    _prefill(name="grad_gqa7_h14_default_blocks_bf16", large=True, b=1, t=100, s=100, h=14, hkv=2,
              d=128, dtype="bf16", windows=(1, 40, 40, 200, 7, 64, 16) * 2,
              sinks=(0, 16, 16, 64, 0, 0, 4) * 2, forward=False, grad=True),
-    _prefill(name="gqa4_h32_d128_bf16", b=1, t=64, s=64, h=32, hkv=8, d=128, dtype="bf16",
+    _prefill(name="gqa4_h32_d128_bf16", large=True,
+             b=1, t=64, s=64, h=32, hkv=8, d=128, dtype="bf16",
              windows=(1, 8, 64, 16, 33, 4096, 2, 40) * 4, sinks=(0, 4, 0, 64, 0, 1, 16, 0) * 4,
              grad=True),
     # 40: shorter than one 128-wide tile
@@ -389,7 +392,7 @@ class PrefillSuite(Suite):
 
     def unsupported(self, case: PrefillCase) -> str | None:
         if case.large and self.interpret is not False:
-            return "GPU-sized: minutes off the accelerator"
+            return "GPU-sized: compiled runs only (slow in interpret mode)"
         return None
 
     def table(self, test):
@@ -569,11 +572,16 @@ SPAN_CASES = [
     *[
         SpanCase(name=f"hkv{hkv}_group{g}_d{d}_{dt}", hkv=hkv, group=g, d=d, dtype=dt,
                  seed=hkv * 10 + g)
-        for hkv, g, d in [(2, 1, 64), (1, 3, 64), (2, 4, 128), (2, 7, 128), (8, 4, 128)]
+        for hkv, g, d in [(2, 1, 64), (1, 3, 64), (2, 4, 128), (2, 7, 128)]
+        for dt in ("f32", "bf16")
+    ],
+    *[
+        SpanCase(name=f"hkv8_group4_d128_{dt}", hkv=8, group=4, d=128, dtype=dt, seed=84,
+                 large=True)
         for dt in ("f32", "bf16")
     ],
     # Qwen2.5-7B heads (28 over 4): sinks up to 16, short rows of a few blocks
-    SpanCase(name="hkv4_group7_d128_bf16_sinks", hkv=4, group=7, d=128, dtype="bf16",
+    SpanCase(name="hkv4_group7_d128_bf16_sinks", large=True, hkv=4, group=7, d=128, dtype="bf16",
              max_len=100, sink=16, seed=47),
     SpanCase(name="empty_cache", hkv=1, group=2, d=64, sink=0, empty=True),
     # GPU-sized: 3000 slots, ragged rows, 1 to many splits
@@ -591,7 +599,7 @@ class SpanDecodeSuite(Suite):
 
     def unsupported(self, case: SpanCase) -> str | None:
         if case.large and self.interpret is not False:
-            return "GPU-sized: minutes off the accelerator"
+            return "GPU-sized: compiled runs only (slow in interpret mode)"
         return None
 
     def table(self, test):
@@ -724,18 +732,20 @@ def head_major_oracle(q, k, v, pos, qpos, kn=None, vn=None, scores=None):
 HEAD_MAJOR_CASES = [
     *[
         HeadMajorCase(name=f"full_hkv{hkv}_group{g}_d{d}_{dt}", kind="full", b=3, hkv=hkv,
-                      group=g, n=48, d=d, dtype=dt, q_positions=(0, 21, 47), seed=hkv * 7 + g)
+                      group=g, n=48, d=d, dtype=dt, q_positions=(0, 21, 47), seed=hkv * 7 + g,
+                      large=hkv * g >= 28)
         for hkv, g, d, dt in [(2, 1, 32, "f32"), (1, 3, 16, "bf16"), (2, 4, 32, "f32"),
                               (2, 7, 128, "f32"), (4, 7, 128, "bf16"), (8, 4, 128, "bf16")]
     ],
     *[
         HeadMajorCase(name=f"gathered_new_{s}_hkv{hkv}_group{g}", kind="gathered", b=2, hkv=hkv,
                       group=g, n=32, d=d, q_positions=(300, 301), scores=s, new=True,
-                      lone_new=True, seed=hkv + 10 * g)
+                      lone_new=True, seed=hkv + 10 * g, large=hkv * g >= 28)
         for hkv, g, d, s in [(2, 2, 16, "max"), (1, 4, 32, "sum"), (2, 7, 128, "max"),
                              (4, 7, 128, "sum"), (8, 4, 128, "max")]
     ],
-    HeadMajorCase(name="gathered_bf16_hkv4_group7_future_slots", kind="gathered", b=2, hkv=4,
+    HeadMajorCase(name="gathered_bf16_hkv4_group7_future_slots", large=True,
+                  kind="gathered", b=2, hkv=4,
                   group=7, n=64, d=128, dtype="bf16", q_positions=(60, 95), scores=None,
                   empty=0.5, pos_max=90, block_k=32, seed=17),
     # some slots lie after the query (invisible)
@@ -765,7 +775,7 @@ class HeadMajorDecodeSuite(Suite):
 
     def unsupported(self, case: HeadMajorCase) -> str | None:
         if case.large and self.interpret is not False:
-            return "GPU-sized: minutes off the accelerator"
+            return "GPU-sized: compiled runs only (slow in interpret mode)"
         return None
 
     def table(self, test):

@@ -102,6 +102,7 @@ from moa_jax.bench.kernel_times import format_kernel_times, kernel_times
 from moa_jax.bench.random_model import make_weights, model_config
 from moa_jax.cli import help_from_doc, parse_config, run, setup_logging
 from moa_jax.methods import parse_method_options
+from moa_jax.models import registry
 from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, mesh_context
 
 logger = logging.getLogger("moa_jax.bench.decode")  # not __name__: '__main__' under python -m
@@ -130,7 +131,7 @@ def trace_jax(variant: Variant, cfg, context: int, batch: int, config: DecodeCon
     abstract model (`jax.eval_shape`: nothing allocated or compiled, so a full-size shape traces
     on a CPU). The row has the caches' and weights' sizes and, for an 80 GB GPU at a memory
     fraction of 0.92, the largest batch that `--batches max` would estimate."""
-    from moa_jax.models.registry import abstract_model
+    abstract_model = registry.abstract_model
 
     t0 = time.perf_counter()
     cache_len = config.cache_len(context)

@@ -206,6 +206,7 @@ def model_shape(name: str, layers: int | None = None, *, narrow: bool = False) -
 
 def param_count(cfg) -> int:
     """Parameters of a model of `cfg` (from its abstract model: nothing allocated)."""
+    # jax loads on first use: the bench CLIs import this module before parsing flags (--help)
     import jax
     from flax import nnx
 
