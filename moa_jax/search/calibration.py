@@ -524,10 +524,12 @@ def _prompt(
 def describe(
     items: Mapping[int, Sequence[CalibrationItem]],
     tokenizer: Any = None,
-    file=sys.stderr,
+    file: Any = None,
     show: int = 1,
 ) -> None:
-    """Prints counts, answer lengths and (with a tokenizer) a sample answer per level."""
+    """Prints counts, answer lengths and (with a tokenizer) a sample answer per level to `file`
+    (default: `sys.stderr` at the time of the call)."""
+    file = sys.stderr if file is None else file
     for n, its in sorted(items.items()):
         ans = np.array([len(it.answer) for it in its])
         print(
