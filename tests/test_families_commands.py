@@ -131,8 +131,8 @@ def checkpoint(family_root) -> Callable[[str], Path]:
     family's tiny random model."""
 
     def make(family: str) -> Path:
-        from moa_jax.models.decoder import init_random
         from moa_jax.models.hf_weights import save_hf
+        from moa_jax.models.registry import init_random
         from moa_jax.models.tokenizer import byte_level_tokenizer
 
         def write(d: Path) -> None:
