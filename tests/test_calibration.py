@@ -171,9 +171,10 @@ def test_plan_items_interleaves_recall_items():
 
 def test_recall_item_hides_facts_and_asks_one():
     import random
+    import zlib
 
-    def encode(text):  # a word-level "tokenizer": word -> small id
-        return [hash(w) % 997 + 3 for w in text.split()]
+    def encode(text):  # a word-level "tokenizer": word -> id (crc32: the same in every process)
+        return [zlib.crc32(w.encode()) % 99991 + 3 for w in text.split()]
 
     vocab = {}
     for h in cal.RECALL_HOLDERS:
