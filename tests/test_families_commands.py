@@ -27,17 +27,13 @@ from moa_jax.downloads import locked
 from moa_jax.errors import PlanError
 from moa_jax.plan import Plan, describe_shape, model_metadata
 
+from conftest import tiny_config
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "tests" / "data" / "pride_and_prejudice_opening.txt").read_text()
 
-_BASE = ModelConfig(
+_BASE = tiny_config(
     vocab_size=320,  # the byte-level tokenizer's 259 ids, rounded up
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
     max_position_embeddings=1024,
     bos_token_id=1,
     eos_token_ids=(2,),

@@ -22,6 +22,8 @@ from moa_jax.pallas_kernels import full_step_decode, recycled_decode
 from moa_jax.pallas_kernels.reference import head_major_decode_reference, window_sink_mask
 from moa_jax.plan import Plan
 
+from conftest import tiny_config
+
 W = 8  # the model's window
 SEQ = 32  # 4 x the window
 PROMPT = 20  # > the window
@@ -29,24 +31,15 @@ NEW = 24
 
 
 def _config(family: str) -> ModelConfig:
-    base = dict(
+    extra = dict(qkv_bias=True, window_layers=(1,)) if family == "qwen2" else {}
+    return tiny_config(
         vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        rope_theta=10000.0,
         max_position_embeddings=256,
         eos_token_ids=(),
-        pad_token_id=0,
         family=family,
         sliding_window=W,
+        **extra,
     )
-    if family == "qwen2":
-        base.update(qkv_bias=True, window_layers=(1,))
-    return ModelConfig(**base)
 
 
 FAMILIES = ("mistral", "qwen2")
