@@ -21,3 +21,19 @@ class ConfigError(UserError, ValueError):
 
 class PlanError(UserError, ValueError):
     """A plan file or spec cannot be read, or does not fit the model it is used with."""
+
+
+class ArrayError(UserError, ValueError):
+    """An array argument of a public function (token ids, q/k/v, a cache, positions) has the wrong
+    shape, dtype or values; the message names the argument."""
+
+
+class ModelConfigError(UserError, ValueError):
+    """A model's configuration (an HF `config.json`, GGUF metadata, a `ModelConfig`) is malformed
+    or asks for something the family's decoder does not do."""
+
+
+class DivergenceError(UserError, RuntimeError):
+    """A training run's loss or gradients became non-finite; the last good checkpoint is kept."""
+
+    exit_code = 1
