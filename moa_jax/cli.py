@@ -7,20 +7,24 @@ stderr and a non-zero exit."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 import types
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
-from moa_jax.errors import UserError
+from moa_jax.domains import Domain, field_domain
+from moa_jax.errors import ConfigError, UserError
 
 
 def parse_args(
@@ -67,15 +71,40 @@ MODEL_HELP = (
 the families are `moa_jax.config.FAMILIES`)."""
 
 
-def option(default: Any, help: str, **argparse_kw: Any) -> Any:
-    """A config dataclass field that is also a flag: `help` for `--help`; `argparse_kw` (e.g.
-    `choices=`, `nargs=`, `type=`) go to `add_argument`. Tuples and lists are copied per
+def option(default: Any, help: str, domain: Domain | None = None, **argparse_kw: Any) -> Any:
+    """A config dataclass field that is also a flag: `help` for `--help`; `domain` the values
+    it takes (`moa_jax.domains`: checked for the flag, the YAML key and the dataclass alike;
+    default: any value of the field's type, `choices=` as a `Choice`); `argparse_kw` (e.g.
+    `nargs=`, `type=`, `metavar=`) go to `add_argument`. Tuples and lists are copied per
     instance."""
+    meta = {"help": help, **argparse_kw}
+    if domain is not None:
+        meta["domain"] = domain
     if isinstance(default, (list, tuple)):
-        return dataclasses.field(
-            default_factory=lambda: list(default), metadata={"help": help, **argparse_kw}
-        )
-    return dataclasses.field(default=default, metadata={"help": help, **argparse_kw})
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class _DomainType:
+    """argparse's `type` for a field with a domain: the flag's text through `Domain.parse`."""
+
+    def __init__(self, domain: Domain):
+        self.domain = domain
+        self.__name__ = domain.kind.__name__
+
+    def __call__(self, text: str) -> Any:
+        try:
+            return self.domain.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `ConfigError` line (`run` prints it, exit 2)
+    instead of the usage text and a second line."""
+
+    def error(self, message: str) -> typing.NoReturn:  # type: ignore[override]
+        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def _field_type(hint: Any) -> tuple[Any, bool]:
@@ -100,7 +129,7 @@ def config_parser(
     A description or epilog with line breaks (a module docstring) keeps its layout.
     """
     raw = epilog is not None or "\n" in description
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description=description,
         epilog=epilog,
@@ -119,6 +148,8 @@ def config_parser(
             else f.default
         )
         typ, many = _field_type(hints[f.name])
+        domain, _, _ = field_domain(f, hints[f.name])
+        kw.pop("domain", None)
         if "action" in kw:
             parser.add_argument(*flags, dest=f.name, default=default, help=help_, **kw)
         elif typ is bool:
@@ -130,6 +161,8 @@ def config_parser(
                 help=help_,
             )
         else:
+            if domain is not None and domain.kind is not str:
+                kw.setdefault("type", _DomainType(domain))
             kw.setdefault("type", typ if typ in (int, float) else str)
             if many:
                 kw.setdefault("nargs", "*")
@@ -209,14 +242,16 @@ def _typed(parser: argparse.ArgumentParser, source: Path, values: dict) -> dict:
             many = a.nargs in ("+", "*") or isinstance(a.nargs, int)
             if isinstance(val, dict) or (isinstance(val, list) and not many):
                 parser.error(f"{where} takes one value, got {val!r}")
+            items = val if isinstance(val, list) else [val]
             try:
-                val = (
-                    [a.type(v) for v in (val if isinstance(val, list) else [val])]
-                    if many
-                    else a.type(val)
-                )
+                items = [_yaml_value(a.type, v) for v in items]
             except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
-                parser.error(f"{where}: {val!r} is not a valid value ({e})")
+                parser.error(
+                    f"{where}: {e}"
+                    if isinstance(a.type, _DomainType)
+                    else f"{where}: {val!r} is not a valid value ({e})"
+                )
+            val = items if many else items[0]
         if a.choices is not None and val is not None:
             for v in val if isinstance(val, list) else [val]:
                 if v not in a.choices:
@@ -225,9 +260,44 @@ def _typed(parser: argparse.ArgumentParser, source: Path, values: dict) -> dict:
     return out
 
 
+def _yaml_value(convert: Callable[[str], Any], value: Any) -> Any:
+    """A YAML value as the flag would take it: text through the flag's `type`; a YAML number
+    or boolean checked against the field's domain as is (never through `str`, so `true` is not
+    the number 1 and 2.5 is not the integer 2)."""
+    if isinstance(value, str):
+        return convert(value)
+    if isinstance(convert, _DomainType):
+        return convert.domain.check(value)
+    if isinstance(value, (dict, list)):
+        raise ValueError(f"takes one value, got {value!r}")
+    return convert(value)
+
+
 # ValueError covers bad values, mismatches and limits (WeightsError, json.JSONDecodeError are
 # ValueErrors); OSError bad, missing or unwritable paths.
 _USER_ERRORS = (UserError, ValueError, OSError, yaml.YAMLError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), raised where SIGINT raises `KeyboardInterrupt`,
+    so a command stops the same way for both: a training run writes its checkpoint first."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM raises `Terminated` in the main thread (elsewhere: unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(e: BaseException) -> str:
@@ -242,7 +312,8 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     mismatch or limit (ValueError), a bad, missing or unwritable path (OSError), a YAML error, a
     `SystemExit` with a message) prints `error: <one line>` on stderr and returns 2, or the
     error's `exit_code` (1 for a failed download); an out-of-memory on the device returns 1.
-    Warnings print as `warning: <message>`. `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead,
+    SIGINT prints `interrupted` and returns 130, SIGTERM `terminated` and 143 (both reach the
+    command as a `KeyboardInterrupt`, so it stops the same way for either). Warnings print as `warning: <message>`. `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead,
     with the traceback, and leaves warnings as Python formats them. Python API callers
     get the exceptions themselves; only the command line goes through here.
     """
@@ -251,17 +322,19 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     if not debug:  # warnings as one line too, without the source line Python adds
         warnings.formatwarning = lambda message, *_a, **_k: f"warning: {message}\n"
     try:
-        return main(argv)
+        with sigterm_as_interrupt():
+            return main(argv)
     except SystemExit as e:
         if debug or e.code is None or isinstance(e.code, int):
             raise
         print(f"error: {one_line(Exception(e.code))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             raise
-        print("interrupted", file=sys.stderr)
-        return 130
+        terminated = isinstance(e, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as e:  # noqa: BLE001 - sorted below; anything else keeps its traceback
         if debug:
             raise

@@ -28,6 +28,8 @@ _DTYPES = {
     "f16": jnp.float16,
     "fp16": jnp.float16,
 }
+DTYPE_NAMES = tuple(_DTYPES)
+"""The dtype names commands take (`--dtype`, `--param-dtype`)."""
 
 
 def parse_dtype(name: str | Any) -> jnp.dtype:

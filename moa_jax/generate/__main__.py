@@ -25,7 +25,8 @@ import jax
 import numpy as np
 
 from moa_jax.cli import MODEL_HELP, option, parse_config, run, setup_logging
-from moa_jax.config import ModelConfig
+from moa_jax.config import DTYPE_NAMES, ModelConfig
+from moa_jax.domains import FRACTION, NON_NEGATIVE, POSITIVE, TEXT, Choice, Float, Int, Options
 from moa_jax.generate import encode_prompt, generate, pad_prompts
 from moa_jax.methods import (
     METHODS,
@@ -53,28 +54,32 @@ DESCRIPTION = (
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Options):
     """The flags of `python -m moa_jax.generate` (and the keys of its YAML configs)."""
 
-    model: str = option("smollm2-135m", MODEL_HELP)
-    prompt: list[str] | None = option(None, "prompt text; repeat for a batch", action="append")
-    max_new_tokens: int = option(64, "tokens generated per prompt")
-    temperature: float = option(0.0, "0 = greedy")
-    top_k: int = option(0, "0 = off")
-    top_p: float = option(1.0, "1.0 = off")
-    seed: int = option(0, "PRNG seed for sampling")
-    dtype: str = option("float32", "compute dtype (float32 | bfloat16)")
-    param_dtype: str = option("float32", "parameter dtype")
+    model: str = option("smollm2-135m", MODEL_HELP, TEXT)
+    prompt: list[str] | None = option(
+        None, "prompt text; repeat for a batch", TEXT, action="append"
+    )
+    max_new_tokens: int = option(64, "tokens generated per prompt", POSITIVE)
+    temperature: float = option(0.0, "0 = greedy", Float(0.0))
+    top_k: int = option(0, "0 = off", NON_NEGATIVE)
+    top_p: float = option(1.0, "1.0 = off", FRACTION)
+    seed: int = option(0, "PRNG seed for sampling", Int(0, 2**32 - 1))
+    dtype: str = option("float32", "compute dtype (float32 | bfloat16)", Choice(*DTYPE_NAMES))
+    param_dtype: str = option("float32", "parameter dtype", Choice(*DTYPE_NAMES))
     method: str | None = option(
         None,
         "attention method (moa_jax.methods: dense, dense-kernel, moa, uniform, recycled, "
         "streaming, h2o or a registered one); default: moa with --plan, recycled with "
         "--recycle-k, else dense",
+        TEXT,
         metavar="NAME",
     )
     method_opt: list[str] = option(
         [],
         "an option of the method (repeatable), e.g. k=2048 or recycled.stride=none",
+        TEXT,
         action="append",
         metavar="[METHOD.]KEY=VALUE",
     )
@@ -83,28 +88,33 @@ class GenerateConfig:
         "MoA plan: a plan JSON (ours or the MoA reference format; one that records the model "
         "family and shape it was searched for must match --model's), 'dense', or "
         "'streaming:WINDOW[:SINK]' (alone: --method moa); default: plain dense attention",
+        TEXT,
     )
     recycle_k: int | None = option(
         None,
         "Recycled Attention decoding with this many recycled tokens per layer "
         "and KV head (--method recycled --method-opt k=K; default: off)",
+        POSITIVE,
     )
     recycle_stride: int | None = option(
         None,
         "full attention every S decode steps (with --recycle-threshold: the "
         "query check interval); 0 = never refresh (SnapKV); default 10 (recycled.stride)",
+        NON_NEGATIVE,
     )
     recycle_threshold: float | None = option(
         None,
         "dynamic schedule: refresh a layer when the cosine of its query with the "
         "last full step's is at or below this (e.g. 0.85) (recycled.threshold)",
+        Float(-1.0, 1.0),
     )
     prefill_plan: str | None = option(
         None,
         "with --recycle-k: MoA plan (same forms as --plan) for the prefill (recycled.prefill=plan)",
+        TEXT,
     )
     max_cache_len: int | None = option(
-        None, "KV cache capacity in tokens (default: prompt + new tokens)"
+        None, "KV cache capacity in tokens (default: prompt + new tokens)", POSITIVE
     )
     beyond_context: bool = option(
         False,
@@ -120,6 +130,7 @@ class GenerateConfig:
         None,
         "shard params, batch and KV cache on a device mesh (moa_jax.parallel), "
         "e.g. 1,1,8 (tensor parallel) or -1,1,1; default: one device",
+        TEXT,
         metavar="DATA,FSDP,TENSOR",
     )
 
