@@ -147,8 +147,13 @@ def test_error_unsupported_family_config(saved):
     (saved / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma"}))
     with pytest.raises(WeightsError, match="model_type 'gemma' is not supported; moa-jax loads"):
         load_hf(saved)
-    # a Qwen2 config over Llama weights: the family's q/k/v biases are missing
+    # Llama's bias keys are unknown to a Qwen2 config
     (saved / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2"}))
+    with pytest.raises(WeightsError, match=r"unknown key\(s\) \['attention_bias', 'mlp_bias'\]"):
+        load_hf(saved)
+    # a Qwen2 config over Llama weights: the family's q/k/v biases are missing
+    qwen2 = {k: v for k, v in cfg.items() if k not in ("attention_bias", "mlp_bias")}
+    (saved / "config.json").write_text(json.dumps({**qwen2, "model_type": "qwen2"}))
     with pytest.raises(WeightsError, match="missing tensor.*q_proj.bias"):
         load_hf(saved)
     (saved / "config.json").write_text("{broken")

@@ -133,9 +133,9 @@ def hf_model_config(directory: str | Path) -> ModelConfig:
     if not config_path.is_file():
         raise WeightsNotFoundError(f"no config.json in {directory}")
     try:
-        hf_cfg = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{config_path} is not valid JSON: {e}") from None
+        hf_cfg = json.loads(config_path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{config_path} is not valid JSON (UTF-8): {e}") from None
     try:
         return config_from_hf(hf_cfg, str(config_path))
     except HFConfigError as e:

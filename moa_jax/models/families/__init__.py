@@ -27,6 +27,7 @@ from typing import Any
 from moa_jax.config import ModelConfig, RopeScaling
 from moa_jax.models.families import llama, mistral, qwen2, qwen3
 from moa_jax.models.families.base import Family, HFConfigError
+from moa_jax.models.families.schema import check_hf_config
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)
@@ -124,6 +125,7 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
             f"{', '.join(supported_model_types())} checkpoints (Llama 1-3.2, Mistral, "
             f"Qwen2/2.5, Qwen3 dense)"
         )
+    check_hf_config(d, fam.hf_keys, source)
     required = (
         "vocab_size",
         "hidden_size",

@@ -7,9 +7,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from moa_jax.config import ModelConfig
+from moa_jax.errors import ModelConfigError
 
 
-class HFConfigError(ValueError):
+class HFConfigError(ModelConfigError):
     """An HF `config.json` that moa-jax cannot run as written."""
 
 
@@ -28,6 +29,8 @@ class Family:
       hf_defaults: what the transformers config class assumes for keys a `config.json` leaves
         out, where that differs from Llama's (`num_key_value_heads`: the number of query heads,
         `head_dim`: hidden / heads), e.g. Qwen3's head_dim 128.
+      hf_keys: the `config.json` keys the family reads besides the common ones
+        (`schema.COMMON_KEYS`), with their domains; any other key is refused.
     """
 
     name: str
@@ -38,6 +41,7 @@ class Family:
     read_hf: Callable[[Mapping[str, Any]], dict[str, Any]]
     write_hf: Callable[[ModelConfig], dict[str, Any]]
     hf_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    hf_keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def layer_windows(d: Mapping[str, Any], num_layers: int) -> dict[str, Any]:

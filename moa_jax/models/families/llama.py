@@ -8,6 +8,7 @@ from typing import Any
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.families.base import Family
+from moa_jax.models.families.schema import BOOL
 
 
 def read_hf(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -30,4 +31,5 @@ FAMILY = Family(
     read_hf=read_hf,
     write_hf=write_hf,
     hf_defaults={"max_position_embeddings": 2048},
+    hf_keys={"attention_bias": BOOL, "mlp_bias": BOOL},
 )

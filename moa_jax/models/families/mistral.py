@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from moa_jax.config import ModelConfig
+from moa_jax.domains import POSITIVE
 from moa_jax.models.families.base import Family, HFConfigError
 
 
@@ -36,4 +37,5 @@ FAMILY = Family(
     read_hf=read_hf,
     write_hf=write_hf,
     hf_defaults={"max_position_embeddings": 131072, "num_key_value_heads": 8},
+    hf_keys={"sliding_window": POSITIVE, "layer_types": None},
 )

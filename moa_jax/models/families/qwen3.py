@@ -8,6 +8,7 @@ from typing import Any
 
 from moa_jax.config import ModelConfig
 from moa_jax.models.families.base import Family, layer_windows, window_hf
+from moa_jax.models.families.schema import BOOL, WINDOW_KEYS
 
 
 def read_hf(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,4 +36,5 @@ FAMILY = Family(
     read_hf=read_hf,
     write_hf=write_hf,
     hf_defaults={"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
+    hf_keys={"attention_bias": BOOL, **WINDOW_KEYS},
 )
