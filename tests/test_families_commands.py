@@ -85,7 +85,7 @@ PROFILE_ARGS = [
 
 def _shared_root(tmp_path_factory) -> Path:
     """The run's temporary directory common to its xdist workers (each worker's basetemp is
-    `pytest-N/popen-gwK`), or this session's own without xdist."""
+    `pytest-N/popen-gwK`), or pytest's own basetemp without xdist."""
     base = tmp_path_factory.getbasetemp()
     return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 

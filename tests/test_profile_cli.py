@@ -207,8 +207,8 @@ def test_estimators_profile_again_for_the_sums_they_lack(run_dir, tmp_path):
 
 
 def test_uniform_estimate_of_an_unprofiled_window_is_unknown():
-    """Profiles reused at another --density lack the new uniform window: its 'window' estimate
-    is None (reported as unknown) instead of an error after search and validation."""
+    """Profiles reused at another --density lack that density's uniform window: its 'window'
+    estimate is None (reported as unknown) instead of an error after search and validation."""
     from moa_jax.profile.outputs import _window_estimate
     from moa_jax.search.influence_profile import InfluenceProfile
 

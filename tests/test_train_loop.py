@@ -185,7 +185,7 @@ def test_lr_schedule():
 
 
 def _lr_formula(cfg: TrainConfig, count: jax.Array) -> jax.Array:
-    """The hand-written schedule that `lr_schedule` replaced (the oracle): count c < warmup
+    """The schedule written out by hand (the oracle for `lr_schedule`): count c < warmup
     gives lr * (c + 1) / warmup, then cosine / linear decay to lr * min_lr_ratio at count
     `steps`, or constant."""
     peak, warm, total, floor = cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio

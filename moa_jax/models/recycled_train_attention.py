@@ -18,8 +18,8 @@ The schedule is a static tuple of blocks of query rows, `(("full", L), ("recycle
 
 `paper(L, S, K)` is one full block and one recycled block; `strided(L, n, stride, K)` is the
 decoder's fixed schedule over n tokens after a prefill of L (decode step t = 1..n is full when
-t % stride == 0), which generalises the recipe block-wise (the issue's form: a full-attention query
-block selects the keys that the following query block reuses). `stride=1` is dense attention and
+t % stride == 0), which generalises the recipe block-wise (a full-attention query block selects
+the keys that the following query block reuses). `stride=1` is dense attention and
 `K >= L + n` is dense too; both limits are tested.
 
 Selection (METHODS.md, Recycled Attention decoding): the selecting row's softmax probabilities in
