@@ -86,13 +86,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moa_jax.domains import NON_NEGATIVE, POSITIVE, Choice, Domain, Float
 from moa_jax.errors import PlanError
 from moa_jax.files import atomic_write_text
 from moa_jax.pallas_kernels.caches.schedule import MoASchedule
@@ -103,25 +103,69 @@ REFERENCE_SINK = 64
 STREAMINGLLM_SINK = 4
 
 
-def _as_2d_tuple(x: Any, cast, name: str) -> tuple[tuple, ...]:
-    rows = tuple(tuple(cast(v) for v in row) for row in x)
-    if not rows:
-        raise ValueError(f"plan {name} is empty")
+_NUMBER = Float()
+_COUNT = NON_NEGATIVE
+
+
+def _cell(value: Any, domain: Domain, where: str) -> Any:
+    try:
+        return domain.check(value.item() if isinstance(value, np.generic) else value)
+    except ValueError as e:
+        raise PlanError(f"plan {where} {e}") from None
+
+
+def _rows(x: Any, name: str) -> list:
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
+    if isinstance(x, (str, bytes, Mapping)) or not isinstance(x, Sequence):
+        raise PlanError(f"plan {name} must be a list of rows [layer][head], got {x!r:.60}")
+    return list(x)
+
+
+def _as_2d_tuple(x: Any, domain: Domain, name: str) -> tuple[tuple, ...]:
+    """`x` as a [layer][head] tuple of tuples, every entry in `domain`; `PlanError` naming the
+    entry otherwise."""
+    rows = []
+    for i, row in enumerate(_rows(x, name)):
+        row = _rows(row, f"{name}[{i}]")
+        rows.append(tuple(_cell(v, domain, f"{name}[{i}][{j}]") for j, v in enumerate(row)))
+    if not rows or not rows[0]:
+        raise PlanError(f"plan {name} is empty")
     widths = {len(r) for r in rows}
     if len(widths) != 1:
-        raise ValueError(f"plan {name} is ragged: rows of lengths {sorted(widths)}")
+        raise PlanError(f"plan {name} is ragged: rows of lengths {sorted(widths)}")
+    return tuple(rows)
+
+
+def _broadcast_2d(x: Any, shape: tuple[int, int], domain: Domain, name: str) -> tuple[tuple, ...]:
+    """`x` (one value, one per head, or [layer][head]) broadcast to `shape`."""
+    if isinstance(x, np.ndarray):
+        x = x.tolist()
+    if not isinstance(x, (list, tuple)):
+        x = [[_cell(x, domain, name)] * shape[1]] * shape[0]
+    elif x and not isinstance(x[0], (list, tuple, np.ndarray)) and len(x) == shape[1]:
+        x = [list(x)] * shape[0]
+    rows = _as_2d_tuple(x, domain, name)
+    if (len(rows), len(rows[0])) != shape:
+        raise PlanError(f"plan {name} has shape {(len(rows), len(rows[0]))}, expected {shape}")
     return rows
 
 
-def _broadcast_2d(x: Any, shape: tuple[int, int], cast, name: str) -> tuple[tuple, ...]:
-    arr = np.asarray(x)
-    if arr.ndim == 0:
-        arr = np.full(shape, arr)
-    elif arr.ndim == 1 and arr.shape[0] == shape[1]:
-        arr = np.broadcast_to(arr, shape)
-    if arr.shape != shape:
-        raise ValueError(f"plan {name} has shape {arr.shape}, expected {shape}")
-    return tuple(tuple(cast(v) for v in row) for row in arr.tolist())
+PLAN_KEYS: dict[str, Domain | None] = {
+    "format": Choice(FORMAT_NAME),
+    "schema_version": POSITIVE,
+    "num_layers": POSITIVE,
+    "num_heads": POSITIVE,
+    "granularity": POSITIVE,
+    "min_span": NON_NEGATIVE,
+    "alphas": None,  # [layer][head] arrays: checked entry by entry
+    "betas": None,
+    "sinks": None,
+    "metadata": None,
+}
+"""The keys of a plan file in our format, with their domains (`Plan.from_dict`)."""
+REFERENCE_KEYS = ("alphas", "betas")
+"""The keys of a reference MoA plan file (`Plan.from_moa_json`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,24 +197,18 @@ class Plan:
     model_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self):
-        alphas = _as_2d_tuple(self.alphas, float, "alphas")
+        alphas = _as_2d_tuple(self.alphas, _NUMBER, "alphas")
         shape = (len(alphas), len(alphas[0]))
-        betas = _broadcast_2d(self.betas, shape, float, "betas")
-        sinks = _broadcast_2d(self.sinks, shape, int, "sinks")
+        betas = _broadcast_2d(self.betas, shape, _NUMBER, "betas")
+        sinks = _broadcast_2d(self.sinks, shape, _COUNT, "sinks")
         object.__setattr__(self, "alphas", alphas)
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "sinks", sinks)
+        if self.metadata is not None and not isinstance(self.metadata, Mapping):
+            raise PlanError(f"plan metadata must be an object, got {self.metadata!r:.60}")
         object.__setattr__(self, "metadata", dict(self.metadata or {}))
-        if int(self.granularity) < 1:
-            raise ValueError(f"granularity must be >= 1, got {self.granularity}")
-        if int(self.min_span) < 0:
-            raise ValueError(f"min_span must be >= 0, got {self.min_span}")
-        object.__setattr__(self, "granularity", int(self.granularity))
-        object.__setattr__(self, "min_span", int(self.min_span))
-        if any(s < 0 for row in sinks for s in row):
-            raise ValueError("sink counts must be >= 0")
-        if any(not math.isfinite(v) for row in alphas + betas for v in row):
-            raise ValueError("alphas and betas must be finite")
+        object.__setattr__(self, "granularity", _cell(self.granularity, POSITIVE, "granularity"))
+        object.__setattr__(self, "min_span", _cell(self.min_span, _COUNT, "min_span"))
         if self.model_windows is not None:
             caps = tuple(None if w is None else int(w) for w in self.model_windows)
             if len(caps) != len(alphas):
@@ -406,8 +444,8 @@ class Plan:
         metadata: Mapping[str, Any] | None = None,
     ) -> Plan:
         """Every head: a window of exactly `window` tokens plus `sink` sinks, at every length."""
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        _cell(window, POSITIVE, "window")
+        _cell(sink, NON_NEGATIVE, "sink")
         shape = (num_layers, num_heads)
         return cls(
             alphas=np.full(shape, float(window + sink)).tolist(),
@@ -461,17 +499,21 @@ class Plan:
     ) -> Plan:
         """Loads a reference `moa_alpha_beta.json` ({"alphas": [[..]], "betas": [[..]]})."""
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        d = _read_json(path)
         if not isinstance(d, dict) or "alphas" not in d or "betas" not in d:
-            raise ValueError(f"{path} is not a MoA plan: expected keys 'alphas' and 'betas'")
+            raise PlanError(f"{path} is not a MoA plan: expected keys 'alphas' and 'betas'")
+        unknown = sorted(set(d) - set(REFERENCE_KEYS))
+        if unknown:
+            raise PlanError(
+                f"{path}: unknown key(s) {unknown} in a reference MoA plan (alphas, betas)"
+            )
+        if sink is not None:
+            _cell(sink, NON_NEGATIVE, "sink")
         streaming = "streamingllm" in path.name.lower()
         if sink is None:
             sink = STREAMINGLLM_SINK if streaming else REFERENCE_SINK
-        alphas = _as_2d_tuple(d["alphas"], float, "alphas")
-        betas = _as_2d_tuple(d["betas"], float, "betas")
+        alphas = _as_2d_tuple(d["alphas"], _NUMBER, "alphas")
+        betas = _as_2d_tuple(d["betas"], _NUMBER, "betas")
         if (len(alphas), len(alphas[0])) != (len(betas), len(betas[0])):
             raise ValueError(
                 f"{path}: alphas are {len(alphas)}x{len(alphas[0])} but betas are "
@@ -508,30 +550,43 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        """A plan from our JSON format (`to_dict`): the keys of `PLAN_KEYS` only, each in its
+        domain; `PlanError` naming the key otherwise (an unknown key is a typo or a newer
+        format, never ignored)."""
+        if not isinstance(d, Mapping):
+            raise PlanError(f"a plan must be a JSON object, not {type(d).__name__}")
         version = d.get("schema_version")
         if version is None:
             if "alphas" in d and "betas" in d and "sinks" not in d:
-                raise ValueError("this looks like a reference MoA plan: use Plan.from_moa_json")
-            raise ValueError("plan JSON has no schema_version")
-        if int(version) > SCHEMA_VERSION:
-            raise ValueError(
-                f"plan schema_version {version} is newer than this moa-jax "
-                f"understands ({SCHEMA_VERSION})"
+                raise PlanError("this looks like a reference MoA plan: use Plan.from_moa_json")
+            raise PlanError("plan JSON has no schema_version")
+        unknown = sorted(set(d) - set(PLAN_KEYS))
+        if unknown:
+            raise PlanError(
+                f"plan JSON has unknown key(s) {unknown}; a plan holds {', '.join(PLAN_KEYS)}"
+            )
+        for key, domain in PLAN_KEYS.items():
+            if domain is not None and key in d:
+                _cell(d[key], domain, key)
+        if version > SCHEMA_VERSION:
+            raise PlanError(
+                f"plan schema_version {version} is newer than this moa-jax understands "
+                f"({SCHEMA_VERSION})"
             )
         missing = [k for k in ("alphas", "betas", "sinks") if k not in d]
         if missing:
-            raise ValueError(f"plan JSON is missing {missing}")
+            raise PlanError(f"plan JSON is missing {missing}")
         plan = cls(
             alphas=d["alphas"],
             betas=d["betas"],
             sinks=d["sinks"],
-            granularity=int(d.get("granularity", 64)),
-            min_span=int(d.get("min_span", 128)),
+            granularity=d.get("granularity", 64),
+            min_span=d.get("min_span", 128),
             metadata=d.get("metadata") or {},
         )
         for key, val in (("num_layers", plan.num_layers), ("num_heads", plan.num_heads)):
-            if key in d and int(d[key]) != val:
-                raise ValueError(f"plan JSON says {key}={d[key]} but its arrays have {val}")
+            if key in d and d[key] != val:
+                raise PlanError(f"plan JSON says {key}={d[key]} but its arrays have {val}")
         return plan
 
     def save(self, path: str | Path) -> Path:
@@ -554,23 +609,25 @@ class Plan:
             if text == "dense":
                 return cls.dense(num_layers, num_heads)
             parts = text.split(":")[1:]
-            try:
-                window = int(parts[0])
-                sink = int(parts[1]) if len(parts) > 1 else STREAMINGLLM_SINK
-            except (ValueError, IndexError):
-                raise PlanError(
-                    f"bad plan spec {text!r}; expected streaming:WINDOW[:SINK]"
-                ) from None
+            if len(parts) not in (1, 2):
+                raise PlanError(f"bad plan spec {text!r}; expected streaming:WINDOW[:SINK]")
+            fields = [("WINDOW", POSITIVE), ("SINK", NON_NEGATIVE)]
+            values = []
+            for (name, domain), part in zip(fields, parts):
+                try:
+                    values.append(domain.parse(part))
+                except ValueError as e:
+                    raise PlanError(
+                        f"bad plan spec {text!r}: {name} {e}; expected streaming:WINDOW[:SINK]"
+                    ) from None
+            window, sink = values if len(values) == 2 else (values[0], STREAMINGLLM_SINK)
             return cls.uniform(
                 num_layers, num_heads, window=window, sink=sink, metadata={"source": "streamingllm"}
             )
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"no plan file at {path}")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise PlanError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
+        d = _read_json(path)
         if not isinstance(d, dict):
             raise PlanError(f"plan file {path} must hold a JSON object, not a {type(d).__name__}")
         try:
@@ -578,7 +635,7 @@ class Plan:
                 plan = cls.from_moa_json(path)
             else:
                 plan = cls.from_dict(d)
-        except (ValueError, TypeError, KeyError, IndexError) as e:
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
             raise PlanError(f"plan file {path}: {e}") from None
         return dataclasses.replace(plan, origin=str(path))
 
@@ -589,6 +646,13 @@ class Plan:
             f"{int(w.max())} (mean {w.mean():.0f}), kv density {self.kv_density(n):.3f}, "
             f"attention density {self.attention_density(n):.3f}"
         )
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PlanError(f"plan file {path} is not valid JSON (truncated?): {e}") from None
 
 
 def model_metadata(cfg) -> dict[str, Any]:
