@@ -49,7 +49,10 @@ def parse_args(
     if pre.config is not None:
         if not pre.config.is_file():
             parser.error(f"config file {pre.config} does not exist")
-        values = yaml.safe_load(pre.config.read_text()) or {}
+        try:
+            values = yaml.safe_load(pre.config.read_bytes().decode("utf-8")) or {}
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            parser.error(f"config file {pre.config} is not valid YAML: {one_line(e)}")
         if not isinstance(values, dict):
             parser.error(f"config file {pre.config} must hold a mapping of flag: value")
         valid = {a.dest for a in parser._actions} - {"help", "config", "debug"}
