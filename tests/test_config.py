@@ -178,3 +178,47 @@ def test_config_files_load(command):
             config = train_config(argv)
         for key, value in values.items():
             assert getattr(config, key) == value, (path, key)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"hidden_sizee": 64}, "unknown key(s) ['hidden_sizee']"),
+        ({"sliding_window": 16}, "unknown key(s) ['sliding_window'] for model_type 'llama'"),
+        ({"hidden_size": "64"}, "hidden_size must be an integer >= 1, got '64'"),
+        ({"num_hidden_layers": 2.0}, "num_hidden_layers must be an integer >= 1, got 2.0"),
+        ({"vocab_size": -3}, "vocab_size must be an integer >= 1, got -3"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0, got nan"),
+        ({"tie_word_embeddings": 1}, "tie_word_embeddings must be true or false, got 1"),
+        ({"eos_token_id": [2, "x"]}, "eos_token_id must be a token id or a list of token ids"),
+        ({"quantization_config": {"bits": 4}}, "quantized checkpoints are not supported"),
+        ({"num_local_experts": 8}, "mixture-of-experts models are not supported"),
+        ({"rope_interleaved": True}, "rope_interleaved must be one of False"),
+        ({"rope_scaling": {"rope_type": "llama3", "factr": 8.0}}, "rope_scaling: unknown key(s)"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": -2}}, "factor must be a finite number"),
+        ({"rope_scaling": [1, 2]}, "rope_scaling must be an object"),
+    ],
+)
+def test_hf_config_schema_refuses_naming_the_key(change, words):
+    d = {**_legacy_dict(), **change}
+    with pytest.raises(HFConfigError) as e:
+        config_from_hf(d, "m/config.json")
+    assert "m/config.json" in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_hf_config_schema_takes_the_keys_real_checkpoints_carry():
+    """Metadata keys of real config.json files (transformers' own, SmolLM2's) are read as
+    nothing; null is "not set"."""
+    extra = {
+        "_name_or_path": "x",
+        "transformers_version": "4.44.0",
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
+        "is_llama_config": True,
+        "rope_interleaved": False,
+        "pad_token_id": None,
+    }
+    assert config_from_hf({**_legacy_dict(), **extra}) == config_from_hf(_legacy_dict())

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moa_jax.config import ModelConfig
+from moa_jax.errors import PlanError
 from moa_jax.pallas_kernels.prefill.block_tables import MaskSpec
 from moa_jax.plan import Plan, kept_entries
 
@@ -195,3 +196,46 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "x.json").write_text('{"foo": 1}')
     with pytest.raises(ValueError, match="not a MoA plan"):
         Plan.from_moa_json(tmp_path / "x.json")
+
+
+def _plan_dict() -> dict:
+    return Plan.uniform(2, 3, window=8, sink=2).to_dict()
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"sinkz": 4}, "unknown key(s) ['sinkz']"),
+        ({"format": "other-plan"}, "format must be one of moa-jax-plan, got 'other-plan'"),
+        ({"schema_version": "1"}, "schema_version must be an integer >= 1, got '1'"),
+        ({"granularity": 0}, "granularity must be an integer >= 1, got 0"),
+        ({"min_span": 1.5}, "min_span must be an integer >= 0, got 1.5"),
+        ({"sinks": float("inf")}, "sinks must be an integer >= 0, got inf"),
+        ({"sinks": [[1, 2, 2.5], [0, 0, 0]]}, "sinks[0][2] must be an integer >= 0, got 2.5"),
+        ({"alphas": [[1.0, "x", 1.0], [1.0, 1.0, 1.0]]}, "alphas[0][1] must be a finite number"),
+        ({"betas": [[0.0, 0.0, float("nan")], [0, 0, 0]]}, "betas[0][2] must be a finite number"),
+        ({"alphas": "12"}, "alphas must be a list of rows"),
+        ({"alphas": [[1.0, 2.0], [1.0]]}, "alphas is ragged"),
+        ({"metadata": [1]}, "metadata must be an object"),
+        ({"num_heads": 4}, "num_heads=4 but its arrays have 3"),
+    ],
+)
+def test_plan_schema_refuses_naming_the_field(tmp_path, change, words):
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({**_plan_dict(), **change}))
+    with pytest.raises(PlanError) as e:
+        Plan.load(path)
+    assert str(path) in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_reference_plan_with_unknown_keys_or_bad_entries_is_refused(tmp_path):
+    path = tmp_path / "m.moa.json"
+    path.write_text(json.dumps({"alphas": [[1.0]], "betas": [[0.5]], "sink": 4}))
+    with pytest.raises(PlanError, match=r"unknown key\(s\) \['sink'\]"):
+        Plan.load(path)
+    path.write_text('{"alphas": [[Infinity]], "betas": [[0.5]]}')
+    with pytest.raises(PlanError, match=r"alphas\[0\]\[0\] must be a finite number"):
+        Plan.load(path)
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.load(path)
