@@ -636,6 +636,8 @@ class Plan:
             else:
                 plan = cls.from_dict(d)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
+            if str(path) in str(e):
+                raise
             raise PlanError(f"plan file {path}: {e}") from None
         return dataclasses.replace(plan, origin=str(path))
 
