@@ -358,25 +358,85 @@ def _api_cases() -> list[tuple[str, Callable[[], Any], str]]:
     kv = jnp.zeros((1, 8, 2, 16))
     w = (4, 4, 4, 4)
     cases = [
-        ("generate pad_id outside vocab", lambda: generate(model, [[5]], max_new_tokens=2, pad_id=vocab + 88), "pad_id"),
-        ("generate id outside vocab", lambda: generate(model, [[5, vocab]], max_new_tokens=2), "token ids"),
+        (
+            "generate pad_id outside vocab",
+            lambda: generate(model, [[5]], max_new_tokens=2, pad_id=vocab + 88),
+            "pad_id",
+        ),
+        (
+            "generate id outside vocab",
+            lambda: generate(model, [[5, vocab]], max_new_tokens=2),
+            "token ids",
+        ),
         ("generate negative id", lambda: generate(model, [[-1, 5]], max_new_tokens=2), "token ids"),
-        ("generate float ids", lambda: generate(model, jnp.array([[1.5, 2.0]]), max_new_tokens=2), "ids"),
-        ("generate max_new_tokens -1", lambda: generate(model, [[5]], max_new_tokens=-1), "max_new_tokens"),
+        (
+            "generate float ids",
+            lambda: generate(model, jnp.array([[1.5, 2.0]]), max_new_tokens=2),
+            "ids",
+        ),
+        (
+            "generate max_new_tokens -1",
+            lambda: generate(model, [[5]], max_new_tokens=-1),
+            "max_new_tokens",
+        ),
         ("sampling temperature nan", lambda: SamplingConfig(temperature=math.nan), "temperature"),
         ("sampling top_p inf", lambda: SamplingConfig(top_p=math.inf), "top_p"),
         ("sampling top_k float", lambda: SamplingConfig(top_k=2.5), "top_k"),
-        ("sparse_attention head_dim", lambda: sparse_attention(q, jnp.zeros((1, 8, 2, 32)), jnp.zeros((1, 8, 2, 32)), windows=w), "head_dim"),
-        ("sparse_attention batch", lambda: sparse_attention(q, jnp.zeros((2, 8, 2, 16)), jnp.zeros((2, 8, 2, 16)), windows=w), "batch"),
-        ("sparse_attention k/v lengths", lambda: sparse_attention(q, kv, jnp.zeros((1, 6, 2, 16)), windows=w), "v"),
-        ("sparse_attention window 0 (reference)", lambda: sparse_attention(q, kv, kv, windows=(0, 4, 4, 4), backend="reference"), "window"),
-        ("sparse_attention window -3", lambda: sparse_attention(q, kv, kv, windows=(-3, 4, 4, 4)), "window"),
-        ("sparse_attention sink -1", lambda: sparse_attention(q, kv, kv, windows=w, sink=-1), "sink"),
-        ("sparse_attention q_offset -2", lambda: sparse_attention(q, kv, kv, windows=w, q_offset=-2), "q_offset"),
+        (
+            "sparse_attention head_dim",
+            lambda: sparse_attention(
+                q, jnp.zeros((1, 8, 2, 32)), jnp.zeros((1, 8, 2, 32)), windows=w
+            ),
+            "head_dim",
+        ),
+        (
+            "sparse_attention batch",
+            lambda: sparse_attention(
+                q, jnp.zeros((2, 8, 2, 16)), jnp.zeros((2, 8, 2, 16)), windows=w
+            ),
+            "batch",
+        ),
+        (
+            "sparse_attention k/v lengths",
+            lambda: sparse_attention(q, kv, jnp.zeros((1, 6, 2, 16)), windows=w),
+            "v",
+        ),
+        (
+            "sparse_attention window 0 (reference)",
+            lambda: sparse_attention(q, kv, kv, windows=(0, 4, 4, 4), backend="reference"),
+            "window",
+        ),
+        (
+            "sparse_attention window -3",
+            lambda: sparse_attention(q, kv, kv, windows=(-3, 4, 4, 4)),
+            "window",
+        ),
+        (
+            "sparse_attention sink -1",
+            lambda: sparse_attention(q, kv, kv, windows=w, sink=-1),
+            "sink",
+        ),
+        (
+            "sparse_attention q_offset -2",
+            lambda: sparse_attention(q, kv, kv, windows=w, q_offset=-2),
+            "q_offset",
+        ),
         ("sparse_attention rank", lambda: sparse_attention(q[0], kv, kv, windows=w), "q"),
-        ("sparse_attention int q", lambda: sparse_attention(q.astype(jnp.int32), kv, kv, windows=w), "dtype"),
-        ("Plan.from_dict unknown key", lambda: Plan.from_dict({**Plan.dense(1, 1).to_dict(), "x": 1}), "x"),
-        ("Plan.from_dict sinks inf", lambda: Plan.from_dict({**Plan.dense(1, 1).to_dict(), "sinks": math.inf}), "sinks"),
+        (
+            "sparse_attention int q",
+            lambda: sparse_attention(q.astype(jnp.int32), kv, kv, windows=w),
+            "dtype",
+        ),
+        (
+            "Plan.from_dict unknown key",
+            lambda: Plan.from_dict({**Plan.dense(1, 1).to_dict(), "x": 1}),
+            "x",
+        ),
+        (
+            "Plan.from_dict sinks inf",
+            lambda: Plan.from_dict({**Plan.dense(1, 1).to_dict(), "sinks": math.inf}),
+            "sinks",
+        ),
         ("Plan.uniform window 0", lambda: Plan.uniform(1, 1, window=0), "window"),
     ]
     return cases
