@@ -164,7 +164,7 @@ def config_parser(
                 help=help_,
             )
         else:
-            if domain is not None and domain.kind is not str:
+            if domain is not None:
                 kw.setdefault("type", _DomainType(domain))
             kw.setdefault("type", typ if typ in (int, float) else str)
             if many:
