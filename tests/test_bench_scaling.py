@@ -134,7 +134,7 @@ def test_a_failing_part_is_a_row_not_a_crash(tmp_path):
         (["--train-steps", "0"], ["--train-steps"]),
         (["--decode-context", "0"], ["--decode-context"]),
         (["--decode-batches", "0"], ["--decode-batches", "'max'"]),
-        (["--decode-batches", "max", "max"], ["--decode-batches", "once"]),
+        (["--decode-batches", "max", "max"], ["--decode-batches", "differ"]),
         (["--moa-density", "0.3"], ["--moa-density", "0.5, 0.25"]),
         (["--timeout", "0"], ["--timeout", "> 0"]),
         (["--worker", "train"], ["--worker", "--worker-out"]),
@@ -149,12 +149,12 @@ def test_bad_options_are_refused_before_any_process(argv, needles, tmp_path, cap
 
 
 def test_values_given_are_kept_and_defaults_filled():
-    given = scaling.ScalingConfig(tiny=True, prefix=32, top_k=8, decode_batches=["1"]).resolved()
-    assert (given.prefix, given.top_k, given.tail, given.decode_batches) == (32, 8, 8, ["1"])
+    given = scaling.ScalingConfig(tiny=True, prefix=32, top_k=8, decode_batches=[1]).resolved()
+    assert (given.prefix, given.top_k, given.tail, given.decode_batches) == (32, 8, 8, [1])
     full = scaling.ScalingConfig().resolved()
     assert (full.prefix, full.top_k, full.profile_length, full.decode_batches) == (
         8192,
         2048,
         8192,
-        ["1", "max"],
+        [1, "max"],
     )

@@ -3,7 +3,6 @@ with its declared domain (`moa_jax.domains`)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from typing import Any
 
@@ -43,30 +42,21 @@ VARIANT_KEYS = {
 DISTINCT_POSITIVE = Int(1, distinct=True, min_items=1)
 
 
-def batch_entry(value: Any) -> int | str:
-    """A `--batches` entry (flag text or a YAML value): an integer >= 1 or 'max'."""
-    if value == "max":
-        return value
-    try:
-        return POSITIVE.parse(value) if isinstance(value, str) else POSITIVE.check(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"a batch is an integer >= 1 or 'max', got {value!r}"
-        ) from None
+@dataclasses.dataclass(frozen=True)
+class BatchDomain(Domain):
+    """Batch sizes: integers >= 1, or 'max' (the estimated largest batch that fits)."""
+
+    def describe(self) -> str:
+        return "an integer >= 1 or 'max'"
+
+    def parse(self, text: str) -> int | str:
+        return "max" if text.strip() == "max" else super().parse(text)
+
+    def check(self, value: Any) -> int | str:
+        return "max" if value == "max" else super().check(value)
 
 
-def check_batches(flag: str, values: list | None) -> None:
-    """`values` (None: the default) are distinct `batch_entry`s; a `ConfigError` naming `flag`."""
-    if values is None:
-        return
-    try:
-        entries = [batch_entry(v) for v in values]
-    except argparse.ArgumentTypeError as e:
-        raise ConfigError(f"{flag}: {e}") from None
-    if not entries:
-        raise ConfigError(f"{flag} needs at least one batch")
-    if len(set(entries)) != len(entries):
-        raise ConfigError(f"{flag} takes each batch once, got {' '.join(map(str, values))}")
+BATCHES = BatchDomain(int, lo=1, distinct=True, min_items=1)
 
 
 def mesh_ok(text: str | None) -> bool:
@@ -116,7 +106,7 @@ class DecodeConfig(Options):
         None,
         "batch sizes tried in order until OOM; 'max' = the estimated largest "
         "that fits (default 1 2 4 ... 256; --tiny: 1 2)",
-        type=batch_entry,
+        BATCHES,
         nargs="+",
     )
     refine: bool = option(False, "bisect between the largest batch that fit and the first OOM")
@@ -229,7 +219,6 @@ class DecodeConfig(Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_batches("--batches", self.batches)
         check_variant_options(self.method_opt)
 
     def resolved(self) -> DecodeConfig:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from moa_jax.bench.batch_search import guard
-from moa_jax.bench.decode_config import DISTINCT_POSITIVE, MOA_DENSITIES, check_batches
+from moa_jax.bench.decode_config import BATCHES, DISTINCT_POSITIVE, MOA_DENSITIES
 from moa_jax.bench.preflight import check_out
 from moa_jax.cli import help_from_doc, option, parse_config, run, setup_logging
 from moa_jax.domains import POSITIVE, TEXT, Choice, Domain, Float, Options, Relation
@@ -95,11 +95,10 @@ class ScalingConfig(Options):
         None, "profile: answer tokens per item, < N (default 64; --tiny: 8)", POSITIVE
     )
     decode_context: int | None = option(None, "decode: C (default 32768; --tiny: 40)", POSITIVE)
-    decode_batches: list[str] | None = option(
+    decode_batches: list[int | str] | None = option(
         None,
-        "decode: batches, integers >= 1 or max (bench.decode --batches; default 1 max, "
-        "--tiny: 2 4)",
-        TEXT,
+        "decode: batches (bench.decode --batches; default 1 max, --tiny: 2 4)",
+        BATCHES,
         nargs="+",
     )
     decode_steps: int | None = option(
@@ -136,10 +135,6 @@ class ScalingConfig(Options):
         ),
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_batches("--decode-batches", self.decode_batches)
-
     def resolved(self) -> ScalingConfig:
         """This config with every None default filled in (smaller ones with `tiny`)."""
         t = self.tiny
@@ -156,7 +151,7 @@ class ScalingConfig(Options):
             answer_tokens=pick(self.answer_tokens, 64, 8),
             decode_context=pick(self.decode_context, 32768, 40),
             decode_steps=pick(self.decode_steps, 50, 2),
-            decode_batches=pick(self.decode_batches, ["1", "max"], ["2", "4"]),
+            decode_batches=pick(self.decode_batches, [1, "max"], [2, 4]),
         )
 
 
@@ -231,7 +226,7 @@ def _decode_cmd(n: int, layout: str, args: ScalingConfig, out: Path) -> list[str
         "--contexts",
         str(args.decode_context),
         "--batches",
-        *args.decode_batches,
+        *map(str, args.decode_batches),
         "--steps",
         str(args.decode_steps),
         "--mesh",
