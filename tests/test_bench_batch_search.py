@@ -11,6 +11,7 @@ from moa_jax.bench.decode_variants import variants
 from moa_jax.bench.device_memory import GIB
 from moa_jax.bench.random_model import model_config
 from moa_jax.cli import parse_config
+from moa_jax.errors import ConfigError, PlanError
 
 
 def _fake_runner(fits, seen):
@@ -82,5 +83,23 @@ def test_largest_batch_estimate_from_cache_shapes():
     assert largest_batch(var, cfg, 40, args, stats) == int(gib // per_row)
     with pytest.raises(RuntimeError, match="memory limit"):
         largest_batch(var, cfg, 40, args, {})
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--batches max"):
         main(["--tiny", "--method", "hf", "--batches", "1", "max"])
+
+
+def test_a_users_mistake_is_not_a_row():
+    """`guard` records what fails at run time (out of memory, a crash) as a row; a bad option
+    or a plan that does not fit stops the command instead."""
+    base = dict(batch=1)
+
+    def fails(e):
+        def fn():
+            raise e
+
+        return fn
+
+    assert guard(fails(RuntimeError("RESOURCE_EXHAUSTED")), base)["status"] == "oom"
+    assert guard(fails(ValueError("a shape")), base)["status"] == "error"
+    for e in (ConfigError("--steps"), PlanError("plan")):
+        with pytest.raises(type(e)):
+            guard(fails(e), base)

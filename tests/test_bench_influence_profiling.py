@@ -4,8 +4,10 @@ profile."""
 import json
 
 import pytest
+from test_bad_input import _one_line_error
 
 from moa_jax.bench.influence_profiling import main
+from moa_jax.cli import run
 
 
 def test_cli_runs_tiny(tmp_path):
@@ -59,3 +61,26 @@ def test_remat_on_oom_profiles_again_with_remat(tmp_path, monkeypatch):
     assert calls == [False, False, True]
     row = json.loads(out.read_text())
     assert row["remat"] is True and row["remat_after_oom"] >= 0 and row["steady_items"] == 1
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["--length", "100"], ["--length", "multiple of 64"]),
+        (["--length", "128", "128"], ["--length", "differ"]),
+        (["--items", "1"], ["--items", "--batch-size"]),
+        (["--items", "4", "--batch-size", "4"], ["--items", "--batch-size"]),
+        (["--answer-tokens", "128"], ["--answer-tokens", "--length"]),
+        (["--answer-tokens", "0"], ["--answer-tokens"]),
+        (["--q-chunk", "10"], ["--q-chunk"]),
+        (["--sink", "-1"], ["--sink"]),
+        (["--dtype", "float64"], ["--dtype"]),
+        (["--estimator", "exact"], ["--estimator"]),
+        (["--layers", "0"], ["--layers"]),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(argv, needles, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    argv = ["--shape", "tiny", "--length", "128", "--items", "3", *argv, "--out", str(out)]
+    _one_line_error(capsys, run(main, argv), 2, *needles)
+    assert not out.exists()

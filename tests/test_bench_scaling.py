@@ -4,8 +4,10 @@ rows, scaling efficiency, and a failing part recorded instead of stopping the ru
 import json
 
 import pytest
+from test_bad_input import _one_line_error
 
 from moa_jax.bench import scaling
+from moa_jax.cli import run
 
 
 def test_efficiency_and_table_from_rows():
@@ -116,3 +118,43 @@ def test_a_failing_part_is_a_row_not_a_crash(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["devices"] for r in rows] == [1, 2]
     assert all(r["status"] == "error" and "timed out" in r["error"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    "argv,needles",
+    [
+        (["--devices", "0"], ["--devices", ">= 1"]),
+        (["--devices", "2", "2"], ["--devices", "differ"]),
+        (["--parts", "infer"], ["--parts", "infer"]),
+        (["--layouts"], ["--layouts"]),
+        (["--prefix", "0"], ["--prefix"]),
+        (["--top-k", "100", "--prefix", "64"], ["--top-k", "--prefix"]),
+        (["--top-k", "100"], ["--top-k", "--prefix"]),  # --tiny's prefix is 64
+        (["--answer-tokens", "128", "--profile-length", "128"], ["--answer-tokens"]),
+        (["--train-steps", "0"], ["--train-steps"]),
+        (["--decode-context", "0"], ["--decode-context"]),
+        (["--decode-batches", "0"], ["--decode-batches", "'max'"]),
+        (["--decode-batches", "max", "max"], ["--decode-batches", "differ"]),
+        (["--moa-density", "0.3"], ["--moa-density", "0.5, 0.25"]),
+        (["--timeout", "0"], ["--timeout", "> 0"]),
+        (["--worker", "train"], ["--worker", "--worker-out"]),
+    ],
+)
+def test_bad_options_are_refused_before_any_process(argv, needles, tmp_path, capsys):
+    """A value the parts could not run with is one error line, not a report of failed rows."""
+    out = tmp_path / "s.json"
+    code = run(scaling.main, ["--tiny", *argv, "--out", str(out)])
+    _one_line_error(capsys, code, 2, *needles)
+    assert not out.exists()
+
+
+def test_values_given_are_kept_and_defaults_filled():
+    given = scaling.ScalingConfig(tiny=True, prefix=32, top_k=8, decode_batches=[1]).resolved()
+    assert (given.prefix, given.top_k, given.tail, given.decode_batches) == (32, 8, 8, [1])
+    full = scaling.ScalingConfig().resolved()
+    assert (full.prefix, full.top_k, full.profile_length, full.decode_batches) == (
+        8192,
+        2048,
+        8192,
+        [1, "max"],
+    )

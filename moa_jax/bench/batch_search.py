@@ -9,6 +9,7 @@ from collections.abc import Callable
 from moa_jax.bench.decode_config import DecodeConfig
 from moa_jax.bench.decode_variants import Variant, make_backend
 from moa_jax.bench.device_memory import GIB, memory_stats
+from moa_jax.errors import UserError
 
 
 def is_oom(e: BaseException) -> bool:
@@ -29,9 +30,12 @@ def is_oom(e: BaseException) -> bool:
 
 def guard(fn: Callable[[], dict], base: dict) -> dict:
     """`fn()`'s row, or `base` with status 'oom' or 'error' and the error's first 400
-    characters if it raises."""
+    characters if it raises; a user's mistake (`UserError`: a bad option, a plan that does not
+    fit) is not a row, it stops the command."""
     try:
         return fn()
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         status = "oom" if is_oom(e) else "error"
         return dict(base, status=status, error=f"{type(e).__name__}: {str(e)[:400]}")

@@ -5,6 +5,9 @@ JAX, and HF transformers' `LlamaForCausalLM` (sdpa), on the same shapes and devi
         --recycle-k 4096 --recycle-stride 10 50 --out decode.json
     python -m moa_jax.bench.decode --tiny          # CPU smoke run (Pallas interpret mode)
 
+A timed run needs a GPU or TPU: on a machine without one, only `--tiny` and `--trace-only` run
+(elsewhere the command stops with one line before any work).
+
 On several devices, `--mesh DATA,FSDP,TENSOR` shards rows over data x fsdp and heads over tensor
 (weights, caches and the decode loop; `python -m moa_jax.bench.scaling` runs it over device
 counts).
@@ -99,9 +102,10 @@ from moa_jax.bench.decode_variants import HF_LABEL, Variant, check_plans, make_b
 from moa_jax.bench.device_memory import GIB, copy_bandwidth, memory_stats
 from moa_jax.bench.hf_baseline import bench_hf, hf_setup
 from moa_jax.bench.kernel_times import format_kernel_times, kernel_times
+from moa_jax.bench.preflight import check_out, cpu_only
 from moa_jax.bench.random_model import make_weights, model_config
 from moa_jax.cli import help_from_doc, parse_config, run, setup_logging
-from moa_jax.methods import parse_method_options
+from moa_jax.errors import ConfigError, UserError
 from moa_jax.models import registry
 from moa_jax.parallel import MeshConfig, batch_sharding, make_mesh, mesh_context
 
@@ -344,21 +348,56 @@ def run_jax(
             )
 
 
+def check_device(config: DecodeConfig) -> None:
+    """A timed run (not `--tiny`, not `--trace-only`) needs a GPU or TPU: on a CPU it is a
+    `ConfigError` before any work. With `--method hf` torch says whether there is a GPU: JAX
+    must not take the device's memory before HF's rows."""
+    if config.tiny or config.trace_only:
+        return
+    accelerated = None
+    if "hf" in config.method:
+        try:
+            import torch
+        except ImportError:  # hf's row records the missing torch; JAX may start now
+            pass
+        else:
+            accelerated = torch.cuda.is_available()
+    if accelerated is None:
+        accelerated = not cpu_only()
+    if not accelerated:
+        raise ConfigError(
+            "bench.decode times GPU/TPU programs; on a CPU pass --tiny for a smoke run "
+            "(or --trace-only to trace the programs)"
+        )
+
+
+def check_backends(jax_variants: list[Variant], cfg, config: DecodeConfig) -> None:
+    """Every JAX variant's backend built once per context (no arrays made), so that options
+    that cannot work stop the command before any run, not as an error row."""
+    for var in jax_variants:
+        for c in config.contexts:
+            try:
+                make_backend(var, cfg, config, config.cache_len(c))
+            except UserError:
+                raise
+            except ValueError as e:
+                raise ConfigError(f"--method {var.method} ({var.label}, C={c}): {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     config = parse_config(DecodeConfig, argv, prog=PROG, **help_from_doc(__doc__)).resolved()
-    parse_method_options(config.method_opt)  # a bad --method-opt fails before any run
-    if "hf" in config.method and "max" in config.batches:
-        raise SystemExit("--batches max is not available for --method hf: give batch sizes")
-    if "hf" in config.method and config.mesh:
-        raise SystemExit("--mesh is for the JAX methods; run hf without it")
+    check_device(config)
+    check_out("--out", config.out)
     rows: list[dict] = []
     cfg = model_config(config.shape, config.layers, narrow=config.narrow)
     if "hf" in config.method and cfg.family != "llama" and not config.trace_only:
-        raise SystemExit(
+        raise ConfigError(
             f"--method hf times LlamaForCausalLM; --shape {config.shape} is a {cfg.family} model"
         )
     check_plans(config, cfg)  # a plan for another model fails before any weights are made
+    jax_variants = [v for v in variants(config) if v.method != "hf"]
+    check_backends(jax_variants, cfg, config)
     nbytes = int(config.bandwidth_gib * GIB)
     report: dict[str, Any] = dict(
         date=datetime.date.today().isoformat(),
@@ -382,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("  %s: %s", row["status"], row["error"])
         save()  # after every run, so a run cut short still leaves its results
 
-    jax_variants = [v for v in variants(config) if v.method != "hf"]
     if config.trace_only:
         batch = next((b for b in config.batches if b != "max"), 1)
         report.update(jax=jax.__version__, platform=jax.devices()[0].platform)

@@ -65,22 +65,26 @@ def variants(config: DecodeConfig) -> list[Variant]:
     return out
 
 
-def variant_options(variant: Variant) -> dict[str, MethodOptions]:
-    """The typed method options of a JAX variant (its `params`); a plan is timed with its
-    kernels even where it keeps every token."""
+def variant_options(
+    variant: Variant, given: dict[str, MethodOptions] | None = None
+) -> dict[str, MethodOptions]:
+    """The typed method options of a JAX variant: its `params` (K, stride, threshold) over the
+    method's `given` options (`--method-opt`); a plan is timed with its kernels even where it
+    keeps every token."""
     m, p = variant.method, variant.params
+    base = (given or {}).get(m)
     if m == "moa":
-        return {m: MoAOptions(dense_when_full=False)}
+        return {m: dataclasses.replace(base or MoAOptions(), dense_when_full=False)}
     if m == "recycled":
         if "threshold" in p:
-            opts = RecycledOptions(k=p["k"], stride=p["check"], threshold=p["threshold"])
+            fields = dict(k=p["k"], stride=p["check"], threshold=p["threshold"])
         else:
-            opts = RecycledOptions(k=p["k"], stride=p["stride"])
-        return {m: opts}
+            fields = dict(k=p["k"], stride=p["stride"])
+        return {m: dataclasses.replace(base or RecycledOptions(), **fields)}
     if m == "streaming":
-        return {m: StreamingOptions(k=p["k"])}
+        return {m: dataclasses.replace(base or StreamingOptions(), k=p["k"])}
     if m == "h2o":
-        return {m: H2OOptions(k=p["k"])}
+        return {m: dataclasses.replace(base or H2OOptions(), k=p["k"])}
     return {}
 
 
@@ -90,6 +94,7 @@ def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
     plan = None
     if variant.method == "moa":
         plan = moa_plan(variant.params["plan"], cfg, cache_len, config)
+    given = parse_method_options(config.method_opt)
     ac = AttentionConfig(
         config=cfg,
         plan=plan,
@@ -98,7 +103,7 @@ def make_backend(variant: Variant, cfg, config: DecodeConfig, cache_len: int):
         interpret=config.interpret or None,
         block=config.block,
         num_splits=config.num_splits,
-        options={**parse_method_options(config.method_opt), **variant_options(variant)},
+        options={**given, **variant_options(variant, given)},
     )
     return build_attention(variant.method, ac, cache_len)
 

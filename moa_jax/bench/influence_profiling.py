@@ -40,7 +40,9 @@ import numpy as np
 from moa_jax.bench.device_memory import GIB, memory_stats
 from moa_jax.bench.random_model import SHAPE_NAMES, make_weights, model_config, model_shape
 from moa_jax.cli import option, parse_config, run, setup_logging
+from moa_jax.domains import NON_NEGATIVE, POSITIVE, TEXT, Choice, Int, Options, Relation
 from moa_jax.search.estimators import ESTIMATORS, ROWS_ONLY_ESTIMATORS
+from moa_jax.search.influence_profile import BLOCK
 
 PROG = "python -m moa_jax.bench.influence_profiling"
 
@@ -111,44 +113,77 @@ def time_profile(
     )
 
 
+PROFILE_LENGTH = Int(BLOCK, multiple_of=BLOCK, distinct=True, min_items=1)
+"""Profile lengths: whole blocks of the influence."""
+DTYPES = Choice("bfloat16", "float32", "float16")
+"""The weights and compute dtypes (names of `moa_jax.config.DTYPE_NAMES`, which loads jax)."""
+
+
 @dataclasses.dataclass
-class InfluenceBenchConfig:
+class InfluenceBenchConfig(Options):
     """The model shape, the calibration items and the profile's settings."""
 
     shape: str = option(
         "llama3-8b",
         "model shapes, random weights (moa_jax.bench.random_model: Llama 3 / 3.1, Mistral, "
         "Qwen2.5, Qwen3 presets)",
-        choices=SHAPE_NAMES,
+        Choice(*SHAPE_NAMES),
     )
-    layers: int | None = option(None, "override the layer count")
+    layers: int | None = option(None, "override the layer count", POSITIVE)
     narrow: bool = option(
         False,
         "the shape at CPU-sized widths, its structure kept (family switches, layers, heads, KV "
         "heads; head_dim 16, FFN 128, vocab 256): a smoke run of a full-size preset",
     )
-    length: list[int] = option([8192], "profile length(s) N, each with --items items", nargs="+")
-    items: int = option(50, "calibration items profiled")
-    batch_size: int = option(1, "items per forward + backward")
-    answer_tokens: int = option(128, "answer tokens per item")
-    q_chunk: int | None = option(None, "influence rows per step (auto)")
+    length: list[int] = option(
+        [8192],
+        f"profile length(s) N, multiples of {BLOCK}, each with --items items",
+        PROFILE_LENGTH,
+        nargs="+",
+    )
+    items: int = option(
+        50,
+        "calibration items profiled, more than --batch-size (the first batch compiles)",
+        POSITIVE,
+    )
+    batch_size: int = option(1, "items per forward + backward", POSITIVE)
+    answer_tokens: int = option(128, "answer tokens per item, fewer than each --length", POSITIVE)
+    q_chunk: int | None = option(
+        None,
+        f"influence rows per step, a multiple of {BLOCK} (the largest such multiple that "
+        "divides N runs; default: automatic)",
+        Int(BLOCK, multiple_of=BLOCK),
+    )
     remat: bool = option(False, "recompute activations per layer")
     remat_on_oom: bool = option(
         False,
         "if a length's first batch runs out of device memory without --remat, profile that "
         "length again with it (the row says so: remat_after_oom)",
     )
-    dtype: str = option("bfloat16", "weights and compute dtype")
+    dtype: str = option("bfloat16", "weights and compute dtype", DTYPES)
     estimator: str = option(
         "block",
         "'window' also scores the rule grid's windows; "
         + ", ".join(f"'{e}'" for e in ROWS_ONLY_ESTIMATORS)
         + " profile the answer rows alone on the fastest exact attention kernel "
         "(as the CLI does)",
-        choices=tuple(ESTIMATORS),
+        Choice(*ESTIMATORS),
     )
-    sink: int = option(64, "sink tokens of the rule grid")
-    out: str | None = option(None, "JSON file for the result row")
+    sink: int = option(64, "sink tokens of the rule grid", NON_NEGATIVE)
+    out: str | None = option(None, "JSON file for the result row", TEXT)
+
+    relations = (
+        Relation(
+            ("items", "batch_size"),
+            lambda c: c.items > c.batch_size,
+            "--items must be more than --batch-size (the first batch compiles, the rest is timed)",
+        ),
+        Relation(
+            ("answer_tokens", "length"),
+            lambda c: c.answer_tokens < min(c.length),
+            "--answer-tokens must be fewer than every --length",
+        ),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

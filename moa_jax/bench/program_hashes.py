@@ -21,12 +21,13 @@ import sys
 from collections.abc import Sequence
 
 from moa_jax.cli import help_from_doc, option, parse_config, run
+from moa_jax.domains import Options
 
 PROG = "python -m moa_jax.bench.program_hashes"
 
 
 @dataclasses.dataclass(frozen=True)
-class ProgramHashConfig:
+class ProgramHashConfig(Options):
     """The flags of `python -m moa_jax.bench.program_hashes`."""
 
     json: bool = option(False, "print one JSON object instead of lines")

@@ -46,7 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from moa_jax.bench.batch_search import guard
+from moa_jax.bench.decode_config import BATCHES, DISTINCT_POSITIVE, MOA_DENSITIES
+from moa_jax.bench.preflight import check_out
 from moa_jax.cli import help_from_doc, option, parse_config, run, setup_logging
+from moa_jax.domains import POSITIVE, TEXT, Choice, Domain, Float, Options, Relation
 
 logger = logging.getLogger("moa_jax.bench.scaling")  # not __name__: '__main__' under python -m
 PROG = "python -m moa_jax.bench.scaling"
@@ -54,60 +57,101 @@ PARTS = ("train", "profile", "decode")
 
 
 @dataclasses.dataclass
-class ScalingConfig:
+class ScalingConfig(Options):
     """The device counts and parts to run and each part's shapes; None entries take their
-    `--tiny`-dependent default in `resolved()`. `worker` and `worker_out` are set by the
-    driver for its worker processes."""
+    `--tiny`-dependent default in `resolved()` (a value given is kept as given). `worker` and
+    `worker_out` are set by the driver for its worker processes."""
 
     devices: list[int] = option(
         [1, 2, 4, 8],
         "device counts to measure (worker: the count of this process)",
+        DISTINCT_POSITIVE,
         nargs="+",
     )
-    parts: list[str] = option(list(PARTS), "parts to run", nargs="+", choices=PARTS)
+    parts: list[str] = option(
+        list(PARTS),
+        "parts to run",
+        Domain(str, choices=PARTS, distinct=True, min_items=1),
+        nargs="+",
+    )
     layouts: list[str] = option(
         ["data", "tensor"],
         "decode meshes: (n,1,1) and/or (1,1,n)",
+        Domain(str, choices=("data", "tensor"), distinct=True, min_items=1),
         nargs="+",
-        choices=("data", "tensor"),
     )
-    layers: int | None = option(None, "override the layer count")
-    prefix: int | None = option(None, "train: L (default 8192)")
-    tail: int | None = option(None, "train: S (default 50)")
-    top_k: int | None = option(None, "train: K (default 2048)")
-    rows_per_device: int = option(1, "train: rows per device")
+    layers: int | None = option(None, "override the layer count", POSITIVE)
+    prefix: int | None = option(None, "train: L (default 8192; --tiny: 64)", POSITIVE)
+    tail: int | None = option(None, "train: S (default 50; --tiny: 8)", POSITIVE)
+    top_k: int | None = option(None, "train: K <= L (default 2048; --tiny: 16)", POSITIVE)
+    rows_per_device: int = option(1, "train: rows per device", POSITIVE)
     remat: bool = option(True, "train: recompute each layer in the backward pass (default on)")
-    train_steps: int = option(3, "train: timed steps")
-    profile_length: int | None = option(None, "profile: calibration length N (default 8192)")
-    profile_steps: int = option(2, "profile: timed steps")
-    answer_tokens: int | None = option(None, "profile: answer tokens per item (default 64)")
-    decode_context: int | None = option(None, "decode: C (default 32768)")
-    decode_batches: list[str] | None = option(
+    train_steps: int = option(3, "train: timed steps", POSITIVE)
+    profile_length: int | None = option(
+        None, "profile: calibration length N (default 8192; --tiny: 128)", POSITIVE
+    )
+    profile_steps: int = option(2, "profile: timed steps", POSITIVE)
+    answer_tokens: int | None = option(
+        None, "profile: answer tokens per item, < N (default 64; --tiny: 8)", POSITIVE
+    )
+    decode_context: int | None = option(None, "decode: C (default 32768; --tiny: 40)", POSITIVE)
+    decode_batches: list[int | str] | None = option(
         None,
         "decode: batches (bench.decode --batches; default 1 max, --tiny: 2 4)",
+        BATCHES,
         nargs="+",
     )
-    decode_steps: int | None = option(None, "decode: steps per call")
-    moa_density: float = option(0.5, "decode: MoA KV density")
-    timeout: float = option(900.0, "seconds per process")
+    decode_steps: int | None = option(
+        None, "decode: steps per call (default 50; --tiny: 2)", POSITIVE
+    )
+    moa_density: float = option(
+        0.5, "decode: MoA KV density (bench.decode --moa-densities)", Choice(*MOA_DENSITIES)
+    )
+    timeout: float = option(900.0, "seconds per process", Float(0.0, lo_open=True))
     tiny: bool = option(False, "CPU smoke run: the tiny model and short sequences")
-    out: str | None = option(None, "write the JSON report here")
-    worker: str | None = option(None, argparse.SUPPRESS, choices=("train", "profile"))
-    worker_out: str | None = option(None, argparse.SUPPRESS)
+    out: str | None = option(None, "write the JSON report here", TEXT)
+    worker: str | None = option(None, argparse.SUPPRESS, Choice("train", "profile"))
+    worker_out: str | None = option(None, argparse.SUPPRESS, TEXT)
+
+    relations = (
+        Relation(
+            ("top_k", "prefix"),
+            lambda c: c.top_k is None or c.prefix is None or c.top_k <= c.prefix,
+            "--top-k must be at most --prefix (K of the L prefix tokens)",
+        ),
+        Relation(
+            ("answer_tokens", "profile_length"),
+            lambda c: (
+                c.answer_tokens is None
+                or c.profile_length is None
+                or c.answer_tokens < c.profile_length
+            ),
+            "--answer-tokens must be smaller than --profile-length",
+        ),
+        Relation(
+            ("worker", "worker_out"),
+            lambda c: (c.worker is None) == (c.worker_out is None),
+            "--worker and --worker-out go together (the driver sets them)",
+        ),
+    )
 
     def resolved(self) -> ScalingConfig:
         """This config with every None default filled in (smaller ones with `tiny`)."""
         t = self.tiny
+
+        def pick(value, default, tiny_default):
+            return value if value is not None else tiny_default if t else default
+
         return dataclasses.replace(
             self,
-            prefix=self.prefix or (64 if t else 8192),
-            tail=self.tail or (8 if t else 50),
-            top_k=self.top_k or (16 if t else 2048),
-            profile_length=self.profile_length or (128 if t else 8192),
-            answer_tokens=self.answer_tokens or (8 if t else 64),
-            decode_context=self.decode_context or (40 if t else 32768),
-            decode_steps=self.decode_steps or (2 if t else 50),
-            decode_batches=self.decode_batches or (["2", "4"] if t else ["1", "max"]),
+            prefix=pick(self.prefix, 8192, 64),
+            tail=pick(self.tail, 50, 8),
+            top_k=pick(self.top_k, 2048, 16),
+            profile_length=pick(self.profile_length, 8192, 128),
+            answer_tokens=pick(self.answer_tokens, 64, 8),
+            decode_context=pick(self.decode_context, 32768, 40),
+            decode_steps=pick(self.decode_steps, 50, 2),
+            decode_batches=pick(self.decode_batches, [1, "max"], [2, 4]),
         )
 
 
@@ -182,11 +226,9 @@ def _decode_cmd(n: int, layout: str, args: ScalingConfig, out: Path) -> list[str
         "--contexts",
         str(args.decode_context),
         "--batches",
-        *args.decode_batches,
+        *map(str, args.decode_batches),
         "--steps",
         str(args.decode_steps),
-        "--iters",
-        "2",
         "--mesh",
         mesh,
         "--out",
@@ -194,8 +236,7 @@ def _decode_cmd(n: int, layout: str, args: ScalingConfig, out: Path) -> list[str
     ]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
-    if args.tiny:
-        cmd.append("--tiny")
+    cmd += ["--tiny"] if args.tiny else ["--iters", "2"]
     return cmd
 
 
@@ -266,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         row = guard(lambda: fn(n, args), dict(part=args.worker, devices=n))
         Path(args.worker_out).write_text(json.dumps(row, default=str))
         return 0
+    check_out("--out", args.out)
     gpu = shutil.which("nvidia-smi") is not None and "CUDA_VISIBLE_DEVICES" not in os.environ
     report: dict[str, Any] = dict(
         date=datetime.date.today().isoformat(),
