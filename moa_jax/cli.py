@@ -316,9 +316,10 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     `SystemExit` with a message) prints `error: <one line>` on stderr and returns 2, or the
     error's `exit_code` (1 for a failed download); an out-of-memory on the device returns 1.
     SIGINT prints `interrupted` and returns 130, SIGTERM `terminated` and 143 (both reach the
-    command as a `KeyboardInterrupt`, so it stops the same way for either). Warnings print as `warning: <message>`. `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead,
-    with the traceback, and leaves warnings as Python formats them. Python API callers
-    get the exceptions themselves; only the command line goes through here.
+    command as a `KeyboardInterrupt`, so it stops the same way for either). Warnings print as
+    `warning: <message>`. `--debug` (or `MOA_JAX_DEBUG=1`) re-raises instead, with the
+    traceback, and leaves warnings as Python formats them. Python API callers get the
+    exceptions themselves; only the command line goes through here.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or bool(os.environ.get("MOA_JAX_DEBUG"))
