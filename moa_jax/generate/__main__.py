@@ -3,6 +3,9 @@ model (Llama, Mistral, Qwen2, Qwen3) and any registered attention method (`--met
 `moa_jax.methods`): dense, a MoA plan, Recycled Attention decoding, StreamingLLM, H2O ...
 
     python -m moa_jax.generate --model smollm2-135m --prompt "Why is the sky blue?"
+    python -m moa_jax.generate --plan plan.json --prompt-file chapter.txt   # a long prompt
+    (cat chapter.txt; echo "Summarise the chapter above.") | python -m moa_jax.generate \
+        --plan plan.json --prompt-file -                                    # from stdin
     python -m moa_jax.generate --model path/to/Qwen2.5-0.5B-Instruct --prompt "..."  # HF dir
     python -m moa_jax.generate --plan plan.json --prompt "..." --prompt "..."   # a batch
     python -m moa_jax.generate --method recycled --method-opt k=2048 --method-opt stride=10
@@ -10,7 +13,17 @@ model (Llama, Mistral, Qwen2, Qwen3) and any registered attention method (`--met
 `--plan` alone means `--method moa`, `--recycle-k` means `--method recycled` (with
 `--recycle-stride`, `--recycle-threshold` and `--prefill-plan` as its options). The generated
 text is the command's output (stdout; one prompt streams as it is produced); progress goes to
-the `moa_jax` log on stderr, from process 0 only.
+the `moa_jax` log on stderr, from process 0 only. After generating, two lines on stderr say what
+the method kept and how fast it decoded:
+
+    KV cache: 3,552 of 7,104 tokens per sequence (0.50 of dense), 24.4 MiB vs 48.8 MiB
+    64 tokens in 97.0s: first token after 71.5s (compilation + prefill), then 405.3 ms/token ...
+
+The KV tokens are the method's kept KV per sequence (its KV density, `moa_jax.methods`: for a
+plan the mean over heads, for StreamingLLM, H2O and Recycled Attention the K tokens a decode
+step reads) at the cache length (the prompt padded to 64 tokens, plus the new tokens); the bytes
+are its cache's allocation for one sequence, against a dense cache's. The time per token is
+the host clock between the first and the last generated token: the decode loop alone.
 """
 
 from __future__ import annotations
@@ -19,7 +32,10 @@ import dataclasses
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import jax
 import numpy as np
@@ -27,7 +43,8 @@ import numpy as np
 from moa_jax.cli import MODEL_HELP, option, parse_config, run, setup_logging
 from moa_jax.config import DTYPE_NAMES, ModelConfig
 from moa_jax.domains import FRACTION, NON_NEGATIVE, POSITIVE, TEXT, Choice, Float, Int, Options
-from moa_jax.generate import encode_prompt, generate, pad_prompts
+from moa_jax.errors import ConfigError
+from moa_jax.generate import _cache_bytes_per_device, encode_prompt, generate, pad_prompts
 from moa_jax.methods import (
     METHODS,
     AttentionConfig,
@@ -36,7 +53,7 @@ from moa_jax.methods import (
     split_method_options,
 )
 from moa_jax.models import registry
-from moa_jax.models.attention import Attention
+from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.recycled_attention import RecycleConfig
 from moa_jax.parallel import MeshConfig, initialize_distributed, make_mesh
 from moa_jax.plan import Plan
@@ -60,6 +77,15 @@ class GenerateConfig(Options):
     model: str = option("smollm2-135m", MODEL_HELP, TEXT)
     prompt: list[str] | None = option(
         None, "prompt text; repeat for a batch", TEXT, action="append"
+    )
+    prompt_file: list[str] | None = option(
+        None,
+        "a UTF-8 text file whose whole content is one prompt (trailing line breaks dropped, as "
+        "$(cat FILE) does); '-' reads standard input; repeat for a batch. With --prompt, one "
+        "batch: the --prompt texts first, then the files",
+        TEXT,
+        action="append",
+        metavar="PATH",
     )
     max_new_tokens: int = option(64, "tokens generated per prompt", POSITIVE)
     temperature: float = option(0.0, "0 = greedy", Float(0.0))
@@ -188,15 +214,149 @@ def method_choice(config: GenerateConfig) -> tuple[str, dict[str, str], str | No
     return method, {**options, **extra}, spec
 
 
+def attention_config(
+    config: GenerateConfig, cfg: ModelConfig, plan: Plan | None
+) -> tuple[str, AttentionConfig]:
+    """(method name, the `AttentionConfig` its backend is built from), the method's options
+    parsed here once."""
+    method, settings, _ = method_choice(config)
+    options = parse_method_options({method: settings})
+    return method, AttentionConfig(config=cfg, plan=plan, impl="native", options=options)
+
+
 def attention_backend(
     config: GenerateConfig, cfg: ModelConfig, plan: Plan | None, length: int
 ) -> Attention:
-    """The run's attention from the method registry (`moa_jax.methods`), its options parsed
-    here once; `length` is the cache length a plan is resolved at."""
-    method, settings, _ = method_choice(config)
-    options = parse_method_options({method: settings})
-    ac = AttentionConfig(config=cfg, plan=plan, impl="native", options=options)
+    """The run's attention from the method registry (`moa_jax.methods`); `length` is the cache
+    length a plan is resolved at."""
+    method, ac = attention_config(config, cfg, plan)
     return build_attention(method, ac, length)
+
+
+# ------------------------------------------------------------------------------ prompts
+DEFAULT_PROMPT = "Write one sentence about the sea."
+STDIN = "-"
+
+
+def _utf8(text: str, flag: str) -> str:
+    """`text` if it is valid UTF-8 text; else (a command-line argument whose bytes Python kept
+    as surrogate escapes) a `ConfigError` naming `flag` and the first bad byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise ConfigError(f"{flag} is not UTF-8 text ({bad} at character {e.start})") from None
+    return text
+
+
+def read_prompt_file(path: str, stdin: BinaryIO | None = None) -> str:
+    """One prompt: the whole of the file `path` ('-': `stdin`, default the standard input) as
+    UTF-8 text, without a byte-order mark or trailing line breaks. A missing, unreadable, empty
+    or non-UTF-8 file, or a directory, is a `ConfigError` naming the flag and the file."""
+    label = "--prompt-file - (standard input)" if path == STDIN else f"--prompt-file {path}"
+    if path == STDIN:
+        data = (stdin or sys.stdin.buffer).read()
+    elif Path(path).is_dir():
+        raise ConfigError(f"{label} is a directory, not a text file")
+    else:
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"{label}: no such file") from None
+        except OSError as e:
+            raise ConfigError(f"{label} cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{label} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        raise ConfigError(f"{label} is empty" + (" (only whitespace)" if text else ""))
+    return text
+
+
+def prompt_texts(config: GenerateConfig, stdin: BinaryIO | None = None) -> list[str]:
+    """The batch: the --prompt texts, then the --prompt-file contents (`read_prompt_file`);
+    `DEFAULT_PROMPT` when neither is given."""
+    texts = [_utf8(t, "--prompt") for t in config.prompt or []]
+    if any(not t.strip() for t in texts):
+        raise ConfigError("--prompt is empty")
+    files = config.prompt_file or []
+    if files.count(STDIN) > 1:
+        raise ConfigError("--prompt-file - is given twice: the standard input is one prompt")
+    texts += [read_prompt_file(_utf8(f, "--prompt-file"), stdin) for f in files]
+    return texts or [DEFAULT_PROMPT]
+
+
+# ------------------------------------------------------------------------------ reports
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def kv_cache_line(
+    method: str, ac: AttentionConfig, attention: Attention, length: int, dtype: Any
+) -> str:
+    """What the method keeps of one sequence's KV at the cache length `length` (module
+    docstring): its kept KV tokens (`Method.kv_density`) and its cache's bytes, against dense."""
+    cfg = ac.config
+    nbytes = _cache_bytes_per_device(attention, cfg, 1, length, dtype)
+    dense = _cache_bytes_per_device(DenseAttention(), cfg, 1, length, dtype)
+    m = METHODS[method]
+    if m.kv_density is None:
+        return f"KV cache: {_size(nbytes)} per sequence vs {_size(dense)} dense"
+    density = m.kv_density(ac, length)
+    kept = round(density * length)
+    if m.decode_only and nbytes >= dense:  # the full cache is kept; decode steps read part
+        return (
+            f"KV cache: all {length:,} tokens per sequence kept ({_size(nbytes)} vs "
+            f"{_size(dense)} dense); decode steps between full ones read {kept:,} of them "
+            f"({density:.2f} of dense)"
+        )
+    if density >= 1.0:
+        return f"KV cache: {length:,} tokens per sequence (dense), {_size(nbytes)}"
+    return (
+        f"KV cache: {kept:,} of {length:,} tokens per sequence ({density:.2f} of dense), "
+        f"{_size(nbytes)} vs {_size(dense)}"
+    )
+
+
+class TokenClock:
+    """`generate`'s `on_token` callback that notes the host time of every step's tokens and
+    passes them on to `then` (the streaming printer, or None)."""
+
+    def __init__(self, then=None):
+        self.times: list[float] = []
+        self.then = then
+
+    def __call__(self, tok) -> None:
+        self.times.append(time.perf_counter())
+        if self.then is not None:
+            self.then(tok)
+
+    def line(self, start: float, end: float, tokens: int, batch: int) -> str:
+        """The timing line of a run from `start` to `end` (host clock) that generated `tokens`
+        for `batch` sequences: the whole, the wait for the first tokens (compilation and
+        prefill) and the decode loop's time per step (per token of each sequence)."""
+        total = end - start
+        head = f"{tokens:,} tokens in {total:.1f}s"
+        if not self.times:
+            return f"{head} (incl. compilation): {tokens / total:.1f} tok/s"
+        first = self.times[0] - start
+        steps = len(self.times) - 1
+        if steps == 0:
+            return f"{head}: compilation + prefill (no decode step)"
+        per = 1e3 * (self.times[-1] - self.times[0]) / steps
+        each = "ms/token" if batch == 1 else f"ms per step of {batch} tokens"
+        return (
+            f"{head}: first token after {first:.1f}s (compilation + prefill), then "
+            f"{per:.1f} {each} (decode loop, {steps} step{'s' if steps > 1 else ''})"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,11 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     method, settings, spec = method_choice(config)
     parse_method_options({method: settings})  # a bad option fails before the weights load
-    prompts_text = config.prompt or ["Write one sentence about the sea."]
-    if any(not t.strip() for t in prompts_text):
-        raise ValueError("--prompt is empty")
-    if config.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
+    prompts_text = prompt_texts(config)
     sampling = SamplingConfig(config.temperature, config.top_k, config.top_p)
     # cheap checks first: the plan against the model's config, before the weights are read
     cfg = registry.load_config(config.model)
@@ -246,7 +402,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = config.max_cache_len or pad_prompts(prompts, 0)[0].shape[1] + config.max_new_tokens
     if plan is not None:
         logger.info(plan.summary(n))
-    attention = attention_backend(config, cfg, plan, n)
+    method, ac = attention_config(config, cfg, plan)
+    attention = build_attention(method, ac, n)
+    if METHODS[method].decode_only and METHODS[method].kv_density(ac, n) >= 1.0:
+        warnings.warn(
+            f"--method {method}: its K tokens cover all {n} tokens (prompt + new tokens), "
+            "so every decode step reads the whole cache",
+            stacklevel=2,
+        )
 
     stream: list[int] = []
     printed = [0]
@@ -259,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         printed[0] = len(text)
 
+    # the step times come from the token callback: on process 0, and for a batch only in a
+    # one-process run (every process of a mesh runs the same program)
+    clock = TokenClock(on_token if len(prompts) == 1 else None)
+    timed = lead and (len(prompts) == 1 or jax.process_count() == 1)
     mesh = None
     if config.mesh:
         mesh = make_mesh(MeshConfig.parse(config.mesh))
@@ -272,10 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_cache_len=config.max_cache_len,
         attention=attention,
         mesh=mesh,
-        on_token=on_token if len(prompts) == 1 and lead else None,
+        on_token=clock if timed else None,
     )
     jax.effects_barrier()
-    dt = time.perf_counter() - t0
+    end = time.perf_counter()
     if not lead:
         return 0
     if len(prompts) == 1:
@@ -283,8 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         for text, row in zip(prompts_text, out.rows()):
             print(f"### {text}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
-    n = int(out.lengths.sum())
-    logger.info(f"{n} tokens in {dt:.1f}s (incl. compilation): {n / dt:.1f} tok/s")
+    logger.info(kv_cache_line(method, ac, attention, n, model.dtype))
+    logger.info(clock.line(t0, end, int(out.lengths.sum()), len(prompts)))
     return 0
 
 
