@@ -187,42 +187,176 @@ def plots(
     val_n,
     dens_val,
 ) -> list[str]:
+    """Writes spans.png (`plot_spans`) and loss_vs_density.png (`plot_loss_vs_density`) into
+    `out`; returns their names."""
+    plot_spans(out / "spans.png", plan, heatmap_n, chosen, budget)
+    plot_loss_vs_density(
+        out / "loss_vs_density.png",
+        plan,
+        problem,
+        grid,
+        candidates,
+        front_names,
+        chosen,
+        measured,
+        budget,
+        val_n,
+        dens_val,
+    )
+    return ["spans.png", "loss_vs_density.png"]
+
+
+def _pyplot():
     import matplotlib  # here: importing matplotlib takes a second, and only the figures need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    # spans heatmap
-    kept = plan.kept_kv(heatmap_n)
-    fig, ax = plt.subplots(
-        figsize=(max(4, plan.num_heads * 0.6 + 2), max(3, plan.num_layers * 0.25 + 1.5))
+    return plt
+
+
+_BUDGET_ON = {"kv-cache": "KV-cache size", "heads": "mean over query heads"}
+
+
+def budget_text(plan, budget: float) -> str:
+    """The plan's density budget in words, from its metadata (`write_outputs`): 'budget: KV
+    density <= 0.5 of the KV-cache size at N = 1024, 2048, 3072, 4096'."""
+    b = plan.metadata.get("budget") or {}
+    text = f"budget: KV density <= {budget:g}"
+    if b.get("on") in _BUDGET_ON:
+        text += f" of the {_BUDGET_ON[b['on']]}"
+    lengths = b.get("density_lengths")
+    if lengths:
+        text += " at N = " + ", ".join(str(n) for n in lengths)
+    return text
+
+
+def spans_title(plan, n: int, chosen: str, budget: float) -> str:
+    """spans.png's title: the model, the plan (its candidate name), its KV density at `n` and
+    the budget it was searched under (`budget_text`)."""
+    model = plan.metadata.get("model", "model ?")
+    return (
+        f"{model}, plan {chosen}: kept KV per head at N={n} "
+        f"(KV density {plan.kv_density(n):.3f})\n{budget_text(plan, budget)}"
     )
-    im = ax.imshow(kept / heatmap_n, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+
+
+def _cell_fontsize(fig, ax, rows: int, cols: int, chars: int) -> float | None:
+    """Font size (points) at which a `chars`-character label fits a cell of the `rows` x `cols`
+    image in `ax`, at most 9; None when it would be under 4 (too small to read)."""
+    box = ax.get_window_extent(fig.canvas.get_renderer())
+    cell_h = box.height / rows * 72 / fig.dpi
+    cell_w = box.width / cols * 72 / fig.dpi
+    size = min(9.0, 0.6 * cell_h, 0.9 * cell_w / max(chars, 1) / 0.6)
+    return size if size >= 4 else None
+
+
+def plot_spans(path: Path, plan, n: int, chosen: str, budget: float):
+    """Heatmap of the tokens each head (columns) of each layer (rows) keeps at length `n`,
+    coloured by kept / n; the counts are written in the cells where they fit. Returns the
+    (closed) figure."""
+    plt = _pyplot()
+    kept = plan.kept_kv(n)
+    layers, heads = kept.shape
+    fig, ax = plt.subplots(
+        figsize=(min(16, max(5.5, heads * 0.55 + 2.5)), min(14, max(4, layers * 0.28 + 2)))
+    )
+    im = ax.imshow(kept / n, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
-    ax.set_title(f"kept KV / N at N={heatmap_n} (mean {plan.kv_density(heatmap_n):.3f})")
-    if plan.num_layers * plan.num_heads <= 400:
-        for (l, h), v in np.ndenumerate(kept):
+    if heads <= 48:
+        ax.set_xticks(range(heads))
+    if layers <= 48:
+        ax.set_yticks(range(layers))
+    ax.tick_params(labelsize=7)
+    ax.set_title(spans_title(plan, n, chosen, budget), fontsize=9)
+    fig.colorbar(im, ax=ax, label="kept KV / N")
+    fig.tight_layout()
+    labels = np.where(kept >= n, "all", kept.astype(str))
+    size = _cell_fontsize(fig, ax, layers, heads, max(len(t) for t in labels.flat))
+    if size is not None:
+        for (layer, head), text in np.ndenumerate(labels):
+            dark = kept[layer, head] < 0.6 * n
             ax.text(
-                h,
-                l,
-                f"{v}" if v < heatmap_n else "all",
+                head,
+                layer,
+                text,
                 ha="center",
                 va="center",
-                fontsize=5,
-                color="w" if v < 0.6 * heatmap_n else "k",
+                fontsize=size,
+                color="w" if dark else "k",
             )
-    fig.colorbar(im, ax=ax, label="density")
-    fig.tight_layout()
-    fig.savefig(out / "spans.png", dpi=130)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
-    written.append("spans.png")
+    return fig
 
-    # estimated loss vs density per profile length (+ measured at validation length)
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+_COLOURS = ("C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9")  # C3 (red): the chosen plan
+
+
+def _candidate_styles(candidates, front_names, chosen) -> dict[str, dict[str, Any]]:
+    """Per candidate a marker, a colour and a legend label ('c1 (Pareto)'), the chosen one a
+    large red star: the same in every panel."""
+    styles = {}
+    others = [nm for nm in candidates if nm != chosen]
+    for i, name in enumerate(others):
+        kind = "Pareto, validated" if name in front_names else "dominated"
+        styles[name] = dict(
+            marker=_MARKERS[i % len(_MARKERS)],
+            color=_COLOURS[i % len(_COLOURS)],
+            ms=7,
+            mec="k",
+            mew=0.5,
+            ls="none",
+            label=f"{name} ({kind})",
+        )
+    styles[chosen] = dict(
+        marker="*",
+        color="C3",
+        ms=16,
+        mec="k",
+        mew=0.8,
+        ls="none",
+        zorder=3,
+        label=f"{chosen} (chosen plan)",
+    )
+    return styles
+
+
+def loss_title(plan, chosen: str, budget: float) -> str:
+    """loss_vs_density.png's title: the model, the chosen plan and the budget."""
+    model = plan.metadata.get("model", "model ?")
+    return (
+        f"{model}: estimated loss of each MILP candidate vs its KV density; chosen plan "
+        f"{chosen}\n{budget_text(plan, budget)}"
+    )
+
+
+def plot_loss_vs_density(
+    path: Path,
+    plan,
+    problem,
+    grid,
+    candidates,
+    front_names,
+    chosen,
+    measured,
+    budget,
+    val_n,
+    dens_val,
+):
+    """One panel per profile length: each candidate's estimated loss increase against its KV
+    density, beside one rule for all heads; with `measured`, a last panel of the held-out
+    answer loss at `val_n` (candidates, dense and the uniform window). One legend for the
+    figure. Returns the (closed) figure."""
+    plt = _pyplot()
+    styles = _candidate_styles(candidates, front_names, chosen)
     lengths = problem.lengths
     ncol = len(lengths) + (1 if measured else 0)
-    fig, axes = plt.subplots(1, ncol, figsize=(4.2 * ncol, 3.6), squeeze=False)
+    fig, axes = plt.subplots(
+        1, ncol, figsize=(4.2 * ncol, 4.4), squeeze=False, layout="constrained"
+    )
     for ax, n in zip(axes[0], lengths):
         dens = grid.kv_density(n)
         uni = problem.losses[n].sum(axis=(0, 1))
@@ -236,61 +370,36 @@ def plots(
             color="0.6",
             label="one rule for all heads",
         )
-        labelled = set()
         for name, sol in candidates.items():
-            kind = (
-                "chosen plan"
-                if name == chosen
-                else "Pareto candidate"
-                if name in front_names
-                else "dominated MILP solution"
-            )
-            mark = {"chosen plan": "*", "Pareto candidate": "o"}.get(kind, "x")
-            ax.plot(
-                sol.densities[n],
-                max(sol.objectives[n], floor),
-                mark,
-                ms=16 if mark == "*" else 6,
-                color="C3" if name == chosen else "C0",
-                mec="k" if mark == "*" else None,
-                zorder=3 if mark == "*" else 2,
-                label=None if kind in labelled else kind,
-            )
-            labelled.add(kind)
+            ax.plot(sol.densities[n], max(sol.objectives[n], floor), **styles[name])
         ax.axvline(budget, color="k", lw=0.6, ls="--", label=f"density budget {budget:g}")
         ax.set_yscale("log")
         ax.set_xlabel(f"KV density at N={n}")
         ax.set_ylabel("estimated loss increase")
-        ax.set_title(f"N={n}")
-    axes[0][0].legend(fontsize=7)
+        ax.set_title(f"profile length N={n}", fontsize=9)
     if measured:
         ax = axes[0][-1]
+        baselines = {
+            "dense": dict(marker="s", color="k", label="dense"),
+            "uniform": dict(marker="D", color="0.5", label="uniform window + sinks"),
+        }
         for name, losses in measured.items():
-            d = dens_val.get(name, 1.0)
-            color = "C3" if name == chosen else ("k" if name in ("dense", "uniform") else "C0")
-            ax.plot(
-                d,
-                float(np.mean(losses)),
-                "*" if name == chosen else "o",
-                color=color,
-                ms=16 if name == chosen else 6,
-                mec="k" if name == chosen else None,
-            )
-            ax.annotate(
-                name,
-                (d, float(np.mean(losses))),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+            style = styles.get(name) or {"ls": "none", "ms": 7, **baselines.get(name, {})}
+            ax.plot(dens_val.get(name, 1.0), float(np.mean(losses)), **style)
         ax.set_xlabel(f"KV density at N={val_n}")
         ax.set_ylabel("measured answer loss (held out)")
-        ax.set_title(f"validation N={val_n}")
-    fig.tight_layout()
-    fig.savefig(out / "loss_vs_density.png", dpi=130)
+        ax.set_title(f"validation N={val_n}", fontsize=9)
+    fig.suptitle(loss_title(plan, chosen, budget), fontsize=10)
+    seen: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    fig.legend(
+        seen.values(), seen.keys(), loc="outside lower center", ncol=min(len(seen), 4), fontsize=8
+    )
+    fig.savefig(path, dpi=130)
     plt.close(fig)
-    written.append("loss_vs_density.png")
-    return written
+    return fig
 
 
 def print_summary(report: dict[str, Any], lengths: Sequence[int], val_n: int, measured) -> None:
