@@ -84,7 +84,8 @@ def test_stdin_and_batches(tmp_path, monkeypatch):
 
 
 def _refusals(tmp_path):
-    """(argv, stdin bytes, words of the error line) of prompts generate refuses."""
+    """(argv, the standard input (bytes, "closed" or None), words of the error line) of the
+    prompts generate refuses."""
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "blank.txt").write_bytes(b" \n\n")
     (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
@@ -92,6 +93,8 @@ def _refusals(tmp_path):
     missing = tmp_path / "missing.txt"
     return [
         (["--prompt-file", str(missing)], None, f"--prompt-file {missing}: no such file"),
+        # a file name that is not UTF-8 is a name like any other, shown escaped
+        (["--prompt-file", str(tmp_path / "nop\udce9.txt")], None, "nop\\xe9.txt: no such file"),
         (["--prompt-file", str(tmp_path / "folder")], None, "folder is a directory"),
         (["--prompt-file", str(tmp_path / "empty.txt")], None, "empty.txt is empty"),
         (["--prompt-file", str(tmp_path / "blank.txt")], None, "blank.txt is empty"),
@@ -103,13 +106,14 @@ def _refusals(tmp_path):
         (["--prompt-file", "-"], b"", "--prompt-file - (standard input) is empty"),
         (["--prompt-file", "-"], b"\xff", "(standard input) is not UTF-8 text (byte 0xff"),
         (["--prompt-file", "-", "--prompt-file", "-"], b"x", "--prompt-file - is given twice"),
+        (["--prompt-file", "-"], "closed", "(standard input): there is no standard input"),
         # bytes that are not UTF-8 on the command line reach Python as surrogate escapes
         (["--prompt", "caf\udce9"], None, "--prompt is not UTF-8 text (byte 0xe9 at character 3)"),
         (["--prompt-file", ""], None, "--prompt-file"),
     ]
 
 
-@pytest.mark.parametrize("i", range(10))
+@pytest.mark.parametrize("i", range(12))
 def test_bad_prompts_are_refused_before_the_weights_load(tmp_path, capsys, monkeypatch, i):
     import moa_jax.models.registry as reg
 
@@ -117,7 +121,9 @@ def test_bad_prompts_are_refused_before_the_weights_load(tmp_path, capsys, monke
     before = sorted(tmp_path.rglob("*"))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(reg, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
-    if stdin is not None:
+    if stdin == "closed":
+        monkeypatch.setattr("sys.stdin", None)
+    elif stdin is not None:
         monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     _one_line_error(capsys, run(gen.main, TINY + argv), 2, words)
     assert sorted(tmp_path.rglob("*")) == before  # nothing written

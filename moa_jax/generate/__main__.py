@@ -261,9 +261,13 @@ def read_prompt_file(path: str, stdin: BinaryIO | None = None) -> str:
     """One prompt: the whole of the file `path` ('-': `stdin`, default the standard input) as
     UTF-8 text, without a byte-order mark or trailing line breaks. A missing, unreadable, empty
     or non-UTF-8 file, or a directory, is a `ConfigError` naming the flag and the file."""
-    label = "--prompt-file - (standard input)" if path == STDIN else f"--prompt-file {path}"
+    shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    label = "--prompt-file - (standard input)" if path == STDIN else f"--prompt-file {shown}"
     if path == STDIN:
-        data = (stdin or sys.stdin.buffer).read()
+        stdin = stdin or getattr(sys.stdin, "buffer", None)
+        if stdin is None:  # the process was started with its standard input closed
+            raise ConfigError(f"{label}: there is no standard input")
+        data = stdin.read()
     elif Path(path).is_dir():
         raise ConfigError(f"{label} is a directory, not a text file")
     else:
@@ -294,7 +298,7 @@ def prompt_texts(config: GenerateConfig, stdin: BinaryIO | None = None) -> list[
     files = config.prompt_file or []
     if files.count(STDIN) > 1:
         raise ConfigError("--prompt-file - is given twice: the standard input is one prompt")
-    texts += [read_prompt_file(_utf8(f, "--prompt-file"), stdin) for f in files]
+    texts += [read_prompt_file(f, stdin) for f in files]
     return texts or [DEFAULT_PROMPT]
 
 
