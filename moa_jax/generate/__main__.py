@@ -415,7 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info(plan.summary(n))
     method, ac = attention_config(config, cfg, plan)
     attention = build_attention(method, ac, n)
-    if METHODS[method].decode_only and METHODS[method].kv_density(ac, n) >= 1.0:
+    m = METHODS[method]
+    if m.decode_only and m.kv_density is not None and m.kv_density(ac, n) >= 1.0:
         warnings.warn(
             f"--method {method}: its K tokens cover all {n} tokens (prompt + new tokens), "
             "so every decode step reads the whole cache",
