@@ -255,7 +255,7 @@ def _profile(argv):
     "extra,words",
     [
         (["--model", "no-such-preset"], "unknown model"),
-        (["--lengths", "1000"], "multiples of 64"),
+        (["--lengths", "1000"], "multiple of 64"),
         (["--density", "1.5"], "--density"),
         (["--items", "0"], "--items"),
         (["--corpus", "/nonexistent/corpus.jsonl"], "corpus"),

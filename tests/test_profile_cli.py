@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import yaml
 
-from moa_jax.cli import parse_config
+from moa_jax.cli import parse_config, run
 from moa_jax.config import ModelConfig
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
 from moa_jax.plan import Plan
-from moa_jax.profile import FAST, ProfileConfig
+from moa_jax.profile import DEFAULTS, FAST, ProfileConfig
 from moa_jax.profile.__main__ import main
+
+from test_bad_input import _one_line_error
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = (ROOT / "tests" / "data" / "pride_and_prejudice_opening.txt").read_text()
@@ -289,11 +291,11 @@ def test_yaml_presets_are_valid_flags():
         assert getattr(ProfileConfig(), k) == v, k
 
 
-def test_fast_replaces_only_the_built_in_defaults():
-    config = ProfileConfig(fast=True, lengths=[256, 384]).resolved()
+def test_fast_fills_only_the_unset_options():
+    config = ProfileConfig(fast=True, lengths=[256, 384])
     assert config.lengths == [256, 384]  # explicit values win
     assert config.items == FAST["items"] and config.validation_length == FAST["validation_length"]
-    assert ProfileConfig().resolved() == ProfileConfig()
+    assert ProfileConfig().lengths == DEFAULTS["lengths"]
 
 
 def test_help_runs():
@@ -370,3 +372,99 @@ def test_bad_mesh_is_an_error(corpus, tmp_path):
                 str(tmp_path),
             ]
         )
+
+
+# ------------------------------------------------------------------------------- refusals
+def _refuse(tmp_path, capsys, argv, *words) -> str:
+    """Runs the command as `python -m` does; asserts exit 2, one error line with `words` and
+    nothing written (neither --out nor the calibration cache)."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    code = run(
+        main,
+        ["--model", "tiny-random", "--out", str(out), "--calibration-cache", str(cache)]
+        + ["--no-progress", *argv],
+    )
+    line = _one_line_error(capsys, code, 2, *words)
+    assert not out.exists() and not cache.exists(), "a refused run wrote something"
+    return line
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--lengths", "512", "512"], ["--lengths", "512 twice"]),
+        (["--lengths", "0"], ["--lengths", "multiple of 64"]),
+        (["--lengths", "96"], ["--lengths", "multiple of 64"]),
+        (["--items", "1", "2"], ["--items", "one per --lengths value"]),
+        (["--lengths", "512", "1024"], ["--items", "its default"]),
+        (["--items", "0"], ["--items", ">= 1"]),
+        (["--band", "2"], ["--band", "[0, 1]"]),
+        (["--density", "0"], ["--density", "(0, 1]"]),
+        (["--density", "nan"], ["--density", "finite"]),
+        (["--sink", "512", "--lengths", "512", "--items", "1"], ["--sink", "smaller"]),
+        (["--batch-size", "0"], ["--batch-size", ">= 1"]),
+        (["--milp-gap", "-1"], ["--milp-gap", ">= 0"]),
+        (["--milp-time-limit", "0"], ["--milp-time-limit", "> 0"]),
+        (["--max-candidates", "0"], ["--max-candidates"]),
+        (["--q-chunk", "0"], ["--q-chunk"]),
+        (["--attn-chunk", "0"], ["--attn-chunk"]),
+        (["--heatmap-length", "0"], ["--heatmap-length"]),
+        (["--extend-length", "1024"], ["--extend-length", "longest"]),
+        (["--validation-length", "100"], ["--validation-length", "multiple of 64"]),
+        (["--validation-items", "0"], ["--validation-items"]),
+        (["--answer-tokens", "0"], ["--answer-tokens"]),
+        (["--recall-fraction", "1.5"], ["--recall-fraction"]),
+        (["--eps-intervals", "-1"], ["--eps-intervals"]),
+        (["--max-rules-per-layer", "0"], ["--max-rules-per-layer"]),
+        (["--density-lengths", "0"], ["--density-lengths"]),
+        (["--seed", "-1"], ["--seed"]),
+        (["--dtype", "f64"], ["--dtype", "float32"]),
+        (["--estimator", "nope"], ["--estimator", "answer-copy"]),
+        (["--budget-on", "nope"], ["--budget-on", "kv-cache"]),
+        (["--validate-backend", "nope"], ["--validate-backend", "masked"]),
+        (["--corpus", " "], ["--corpus", "non-empty"]),
+        (["--fast", "--density", "0.01"], ["density band", "--density"]),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, words):
+    monkeypatch.setattr("moa_jax.profile.load_model", lambda *a, **k: pytest.fail("loaded"))
+    _refuse(tmp_path, capsys, argv, *words)
+
+
+def test_bad_yaml_value_names_the_key(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("batch_size: 0\n")
+    _refuse(tmp_path, capsys, ["--config", str(tmp_path / "p.yaml")], "batch_size", ">= 1")
+
+
+@pytest.mark.parametrize(
+    "name,text,words",
+    [
+        ("one.jsonl", '{"text": "a single document"}\n', ["holds 1 document", "at least 2"]),
+        ("bad.jsonl", '{"text": "a"}\n{"text"\n', ["bad.jsonl: line 2 is not JSON"]),
+        ("field.jsonl", '{"body": "a"}\n', ["field.jsonl: line 1 has no 'text' field"]),
+    ],
+)
+def test_bad_corpus_is_refused_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, name, text, words
+):
+    monkeypatch.setattr("moa_jax.profile.load_model", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / name).write_text(text)
+    _refuse(tmp_path, capsys, ["--fast", "--corpus", str(tmp_path / name)], *words)
+
+
+def test_lengths_without_room_for_a_document_are_refused(corpus, tmp_path, capsys):
+    """The prompt around the document and the answer must leave it room at every length
+    (the tokenizer counts the prompt: checked once the model has loaded, before calibration)."""
+    argv = ["--corpus", str(corpus), "--lengths", "256", "--items", "1"]
+    argv += ["--validation-length", "256", "--answer-tokens", "250"]
+    _refuse(tmp_path, capsys, argv, "length 256 leaves only", "answer")
+
+
+def test_given_values_are_never_replaced_by_fast():
+    config = parse_config(
+        ProfileConfig, ["--fast", "--validation-length", "4096"], prog="p", description=""
+    )
+    assert config.validation_length == 4096  # the built-in default, given: kept
+    assert config.lengths == FAST["lengths"] and config.items == FAST["items"]
+    assert ProfileConfig(fast=True, answer_tokens=64).answer_tokens == 64
+    assert ProfileConfig() == ProfileConfig(**DEFAULTS)

@@ -34,22 +34,45 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
 from moa_jax.cli import MODEL_HELP, option
+from moa_jax.config import DTYPE_NAMES
 from moa_jax.corpora import load_corpus
-from moa_jax.models.registry import load_model
+from moa_jax.domains import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    TEXT,
+    Choice,
+    Float,
+    Int,
+    Options,
+    Relation,
+)
+from moa_jax.errors import ConfigError
+from moa_jax.models.registry import load_config, load_model
 from moa_jax.parallel import MeshConfig, make_mesh
 from moa_jax.profile import outputs, steps
-from moa_jax.search import sensitivity
 from moa_jax.search.estimators import ESTIMATORS
 from moa_jax.search.rules import scaled_grid
 
 logger = logging.getLogger(__name__)
 
-FAST = dict(
+DEFAULTS: dict[str, Any] = dict(
+    lengths=[1024, 2048, 3072],
+    items=[3, 3, 1],
+    validation_length=4096,
+    validation_items=1,
+    answer_tokens=64,
+    eps_intervals=2,
+    max_candidates=2,
+)
+"""The built-in values of the options --fast changes (None until set; these without --fast)."""
+FAST: dict[str, Any] = dict(
     lengths=[512, 1024, 2048],
     items=[1],
     validation_length=3072,
@@ -60,44 +83,72 @@ FAST = dict(
 )
 """What --fast changes (configs/profile/fast.yaml spells out the same values)."""
 
+LENGTH = Int(64, multiple_of=64)
+"""A profile or validation length: whole 64-token blocks (the influence kernel's block)."""
+
+
+def _sized(help_: str, key: str) -> str:
+    """The help of an option --fast changes, with both of its defaults."""
+
+    def words(v: Any) -> str:
+        return " ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+    return f"{help_} (default: {words(DEFAULTS[key])}; with --fast: {words(FAST[key])})"
+
 
 @dataclasses.dataclass(frozen=True)
-class ProfileConfig:
-    """The flags of `python -m moa_jax.profile` (and the keys of its YAML configs)."""
+class ProfileConfig(Options):
+    """The flags of `python -m moa_jax.profile` (and the keys of its YAML configs).
+
+    The options --fast changes (`DEFAULTS`, `FAST`) are None until set: a config fills the
+    unset ones from FAST with --fast, else from DEFAULTS, so a value given by a flag, a YAML
+    key or the Python caller is never replaced.
+    """
 
     # model and data
-    model: str = option("smollm2-135m", MODEL_HELP)
-    dtype: str = option("float32", "compute dtype")
+    model: str = option("smollm2-135m", MODEL_HELP, TEXT)
+    dtype: str = option("float32", "compute dtype", Choice(*DTYPE_NAMES))
     corpus: str = option(
-        "shakespeare", "built-in corpus name or a local json/jsonl/parquet/txt file or directory"
+        "shakespeare",
+        "built-in corpus name or a local json/jsonl/parquet/txt file or directory",
+        TEXT,
     )
-    text_field: str = option("text", "text column of a json/parquet corpus")
+    text_field: str = option("text", "text column of a json/parquet corpus", TEXT)
     no_chat_template: bool = option(
         False, "plain 'document + instruction + Answer:' prompts", action="store_true"
     )
-    answer_tokens: int = option(64, "max new tokens of each dense-model answer (the loss targets)")
+    answer_tokens: int | None = option(
+        None,
+        _sized("max new tokens of each dense-model answer (the loss targets)", "answer_tokens"),
+        POSITIVE,
+    )
     recall_fraction: float = option(
         0.0,
         "share of calibration (and held-out) items that are synthetic recall "
         "items: facts 'The <colour> <box> holds <object>.' hidden in the "
         "document and a question about one; the dense model's own answer is "
         "the target. Puts long-range retrieval into the influence profile",
+        PROBABILITY,
     )
-    seed: int = option(0, "document shuffling seed")
+    seed: int = option(0, "document shuffling seed", NON_NEGATIVE)
     calibration_cache: str | None = option(
-        None, "directory of cached calibration sets (default: $MOA_JAX_CACHE/calibration)"
+        None, "directory of cached calibration sets (default: $MOA_JAX_CACHE/calibration)", TEXT
     )
     # search
-    lengths: list[int] = option(
-        [1024, 2048, 3072], "profile lengths N (one objective each; multiples of 64)", nargs="+"
+    lengths: list[int] | None = option(
+        None,
+        _sized("profile lengths N (one objective each; multiples of 64)", "lengths"),
+        dataclasses.replace(LENGTH, distinct=True, min_items=1),
+        nargs="+",
     )
-    items: list[int] = option(
-        [3, 3, 1],
-        "calibration items per profile length (one value for all, or one each)",
+    items: list[int] | None = option(
+        None,
+        _sized("calibration items per profile length (one value for all, or one each)", "items"),
+        Int(1, min_items=1),
         nargs="+",
     )
     density: float = option(
-        0.5, "KV density budget d: mean kept KV / N over all heads, in [band*d, d]"
+        0.5, "KV density budget d: mean kept KV / N over all heads, in [band*d, d]", FRACTION
     )
     budget_on: str = option(
         "kv-cache",
@@ -105,18 +156,22 @@ class ProfileConfig:
         "each KV head keeps its query heads' largest span, so this is decode "
         "memory), or the mean over query heads (the paper; with GQA the cache "
         "then grows past the budget)",
-        choices=("heads", "kv-cache"),
+        Choice("heads", "kv-cache"),
     )
-    band: float = option(0.9, "lower end of the band as a fraction of d")
+    band: float = option(
+        0.9, "lower end of the band as a fraction of d (0: no lower end)", PROBABILITY
+    )
     density_lengths: list[int] | None = option(
         None,
-        "extra lengths where the band must hold (default: the validation length)",
+        "extra lengths where the band must hold (default: the validation length; none given: "
+        "the profile lengths only)",
+        Int(1, distinct=True),
         nargs="*",
     )
-    max_rules_per_layer: int = option(2, "distinct rules a layer's heads may use")
-    sink: int = option(64, "sink tokens inside every span")
+    max_rules_per_layer: int = option(2, "distinct rules a layer's heads may use", POSITIVE)
+    sink: int = option(64, "sink tokens inside every span", NON_NEGATIVE)
     extend_length: int | None = option(
-        None, "longest length rules must stay valid at (grid filter; default 2*max N)"
+        None, "longest length rules must stay valid at (grid filter; default 2*max N)", POSITIVE
     )
     estimator: str = option(
         "answer-copy",
@@ -127,25 +182,41 @@ class ProfileConfig:
         "(copy), answer + copy on one scale (answer-copy), the reference's "
         "64x64 blocks (block), or the signed first-order loss change of "
         "dropping the whole window with rows renormalised (window)",
-        choices=tuple(ESTIMATORS),
+        Choice(*ESTIMATORS),
     )
-    eps_intervals: int = option(
-        2, "epsilon-constraint points per secondary objective (reference: 4)"
+    eps_intervals: int | None = option(
+        None,
+        _sized(
+            "epsilon-constraint points per secondary objective (0: the single-objective "
+            "solutions only; reference: 4)",
+            "eps_intervals",
+        ),
+        NON_NEGATIVE,
     )
     milp_time_limit: float = option(
-        30.0, "seconds per MILP (the best solution found so far is used)"
+        30.0,
+        "seconds per MILP (the best solution found so far is used)",
+        Float(0.0, lo_open=True),
     )
-    milp_gap: float = option(1e-2, "relative MIP gap")
+    milp_gap: float = option(1e-2, "relative MIP gap", Float(0.0))
     # validation
-    validation_length: int = option(
-        4096, "length of the held-out items the candidates are measured at"
+    validation_length: int | None = option(
+        None,
+        _sized("length of the held-out items the candidates are measured at", "validation_length"),
+        LENGTH,
     )
-    validation_items: int = option(1, "held-out items measured")
-    max_candidates: int = option(2, "Pareto candidates measured (spread over the front)")
+    validation_items: int | None = option(
+        None, _sized("held-out items measured", "validation_items"), POSITIVE
+    )
+    max_candidates: int | None = option(
+        None,
+        _sized("Pareto candidates measured (spread over the front)", "max_candidates"),
+        POSITIVE,
+    )
     validate_backend: str = option(
         "auto",
         "masked: chunked jnp oracle (CPU); moa: the Pallas MoA backend",
-        choices=("auto", "masked", "moa"),
+        Choice("auto", "masked", "moa"),
     )
     no_validate: bool = option(
         False,
@@ -153,8 +224,8 @@ class ProfileConfig:
         action="store_true",
     )
     # compute
-    batch_size: int = option(1, "items per forward/backward")
-    q_chunk: int | None = option(None, "influence rows per step (auto)")
+    batch_size: int = option(1, "items per forward/backward", POSITIVE)
+    q_chunk: int | None = option(None, "influence rows per step (auto)", POSITIVE)
     remat: bool = option(
         False,
         "recompute each layer's activations in the profiling backward pass "
@@ -167,42 +238,66 @@ class ProfileConfig:
         "takes the remaining devices; batches split over data x fsdp (make "
         "--batch-size a multiple), heads and MLP over tensor. Default: one "
         "device",
+        TEXT,
         metavar="DATA,FSDP,TENSOR",
     )
     attn_chunk: int = option(
-        512, "query chunk of the memory-light attention used by profiling/validation"
+        512, "query chunk of the memory-light attention used by profiling/validation", POSITIVE
     )
     # output
-    out: str | None = option(None, "output directory (default runs/profile/<model>)")
+    out: str | None = option(None, "output directory (default runs/profile/<model>)", TEXT)
     heatmap_length: int | None = option(
-        None, "N of the span heatmap (default: the validation length)"
+        None, "N of the span heatmap (default: the validation length)", POSITIVE
     )
     fast: bool = option(
-        False, f"small end-to-end run (overrides defaults: {FAST})", action="store_true"
+        False,
+        f"small end-to-end run: the options of {sorted(FAST)} that are not given take --fast's "
+        "values",
+        action="store_true",
     )
     no_progress: bool = option(False, "no progress bars", action="store_true")
 
-    def resolved(self) -> ProfileConfig:
-        """With --fast, FAST's values where this config has the built-in defaults (YAML keys
-        and explicit flags that differ from them win)."""
-        if not self.fast:
-            return self
-        base = ProfileConfig()
-        return dataclasses.replace(
-            self,
-            **{
-                k: list(v) if isinstance(v, list) else v
-                for k, v in FAST.items()
-                if getattr(self, k) == getattr(base, k)
-            },
-        )
+    relations: ClassVar[tuple[Relation, ...]] = (
+        Relation(
+            ("items", "lengths"),
+            lambda c: len(c.items) in (1, len(c.lengths)),
+            "--items takes one value, or one per --lengths value (its default, "
+            f"{' '.join(map(str, DEFAULTS['items']))}, is one per default length)",
+        ),
+        Relation(
+            ("sink", "lengths", "validation_length"),
+            lambda c: c.sink < min([*c.lengths, c.validation_length]),
+            "--sink must be smaller than every profile and validation length (--lengths, "
+            "--validation-length)",
+        ),
+        Relation(
+            ("extend_length", "lengths"),
+            lambda c: c.extend_length is None or c.extend_length >= max(c.lengths),
+            "--extend-length must be at least the longest --lengths value",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        preset = {**DEFAULTS, **FAST} if self.fast else DEFAULTS
+        for key, value in preset.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, list(value) if isinstance(value, list) else value)
+        super().__post_init__()
+
+    def item_counts(self) -> dict[int, int]:
+        """Calibration items per profile length, the lengths in increasing order."""
+        counts = self.items * len(self.lengths) if len(self.items) == 1 else self.items
+        return dict(sorted(zip(self.lengths, counts)))
+
+    def band_lengths(self) -> list[int]:
+        """The lengths (besides the profile lengths) where the density band must hold."""
+        if self.density_lengths is None:
+            return [self.validation_length]
+        return list(self.density_lengths)
 
     def as_dict(self) -> dict[str, Any]:
         """The config as JSON values (report.json's "args")."""
-        return {
-            f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v
-            for f in dataclasses.fields(self)
-        }
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _model_slug(name: str) -> str:
@@ -211,55 +306,42 @@ def _model_slug(name: str) -> str:
 
 
 def run(config: ProfileConfig) -> dict[str, Any]:
-    """The whole pipeline; returns the report dict (also written to report.json)."""
-    config = config.resolved()
+    """The whole pipeline; returns the report dict (also written to report.json).
+
+    Every check that needs no model run (the lengths against the model, the density band
+    against the rule grid, the corpus, the prompts' room at every length) comes before the
+    calibration; the output folder is made after it, before the first profile is saved."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    lengths = sorted(int(n) for n in config.lengths)
-    for n in lengths + [config.validation_length]:
-        if n % 64:
-            raise SystemExit(f"lengths must be multiples of 64, got {n}")
-    counts = steps.item_counts(config.lengths, config.items)
-    counts = {n: counts[n] for n in lengths}
-    if not 0 < config.density <= 1:
-        raise ValueError(f"--density must be in (0, 1], got {config.density}")
-    if any(c < 1 for c in counts.values()):
-        raise ValueError(f"--items must be >= 1, got {config.items}")
+    lengths = sorted(config.lengths)
+    counts = config.item_counts()
     out = Path(config.out or Path("runs") / "profile" / _model_slug(config.model))
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a directory")
-    mesh = None
-    if config.mesh:
-        mesh = make_mesh(MeshConfig.parse(config.mesh))
-    # the folder is made once the corpus and the model have loaded (a bad input leaves none)
+    mesh = make_mesh(MeshConfig.parse(config.mesh)) if config.mesh else None
+    grid = scaled_grid(lengths, config.extend_length, sink=config.sink)
+    steps.check_model(config, load_config(config.model), grid, lengths)
     docs = load_corpus(config.corpus, text_field=config.text_field)
+    steps.check_corpus(config, docs)
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(config.model, dtype=config.dtype)
     if tokenizer is None:
-        raise SystemExit(f"model {config.model!r} has no tokenizer; calibration needs one")
+        raise ConfigError(f"model {config.model!r} has no tokenizer; calibration needs one")
     cfg = model.config
     timings["load_model"] = time.perf_counter() - t0
-    longest = max(lengths + [config.validation_length])
-    try:  # before the calibration's answers are generated
-        sensitivity.refuse_model_window(cfg, max([longest, *(config.density_lengths or [])]))
-    except ValueError as e:
-        raise SystemExit(f"moa_jax.profile: {e}") from None
-    if cfg.max_position_embeddings and longest > cfg.max_position_embeddings:
-        context = cfg.max_position_embeddings
-        logger.warning(f"length {longest} exceeds the model's context {context}")
+    steps.check_prompts(config, tokenizer, counts)
     logger.info(
         f"model {config.model}: {cfg.num_layers} layers x {cfg.num_heads} heads "
         f"({cfg.num_kv_heads} KV heads), jax backend {jax.default_backend()}"
     )
-    out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     calib = steps.calibrate(config, model, tokenizer, docs, counts)
     timings["calibration"] = time.perf_counter() - t0
 
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    grid = scaled_grid(lengths, config.extend_length, sink=config.sink)
     uniform = steps.uniform_baseline(config, cfg, grid)
     profiles = steps.profile(config, model, calib, grid, uniform, lengths, out / "profiles", mesh)
     timings["profile"] = time.perf_counter() - t0

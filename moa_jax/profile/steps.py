@@ -15,13 +15,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from moa_jax.corpora import cache_dir
+from moa_jax.errors import ConfigError
 from moa_jax.plan import Plan, model_metadata
 from moa_jax.search import calibration as cal
 from moa_jax.search import sensitivity
 from moa_jax.search.answer_loss import make_batches
 from moa_jax.search.estimators import FAST_PATH_ESTIMATORS, ROWS_ONLY_ESTIMATORS
 from moa_jax.search.influence_profile import InfluenceProfile
-from moa_jax.search.optimize import SearchProblem, Solution, epsilon_sweep, pareto_front
+from moa_jax.search.optimize import (
+    SearchProblem,
+    Solution,
+    check_budget,
+    epsilon_sweep,
+    pareto_front,
+)
 from moa_jax.search.rules import RuleGrid
 from moa_jax.search.validate import measure_plans, pick_best
 
@@ -31,15 +38,44 @@ if TYPE_CHECKING:  # a type only: the package imports this module
 logger = logging.getLogger(__name__)
 
 
-def item_counts(lengths: Sequence[int], items: Sequence[int]) -> dict[int, int]:
-    """Calibration items per profile length: `--items` gives one count for all or one each."""
-    if len(items) == 1:
-        return {int(n): int(items[0]) for n in lengths}
-    if len(items) != len(lengths):
-        raise SystemExit(
-            f"--items takes one value or one per length ({len(lengths)}), got {len(items)}"
+def check_model(config: ProfileConfig, cfg, grid: RuleGrid, lengths: Sequence[int]) -> None:
+    """The checks on the model's config (`ModelConfig`), before its weights load: a model with a
+    sliding window of its own profiles within it; the density band must be reachable with the
+    rule grid at every density length (the MILP's first check, here before any profiling).
+    Lengths beyond the model's trained context are a warning."""
+    longest = max([*lengths, config.validation_length])
+    try:
+        sensitivity.refuse_model_window(cfg, max([longest, *config.band_lengths()]))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.max_position_embeddings and longest > cfg.max_position_embeddings:
+        logger.warning(
+            f"length {longest} exceeds the model's context {cfg.max_position_embeddings}"
         )
-    return {int(n): int(c) for n, c in zip(lengths, items)}
+    zeros = np.zeros((cfg.num_layers, cfg.num_heads, len(grid)))
+    check_budget(search_problem(config, cfg, grid, {n: zeros for n in lengths}))
+
+
+def check_corpus(config: ProfileConfig, docs: Sequence[Any]) -> None:
+    """Calibration holds documents out for validation: the corpus needs two at least."""
+    if len(docs) < 2:
+        raise ConfigError(
+            f"--corpus {config.corpus} holds {len(docs)} document; calibration holds one out "
+            f"for validation and needs at least 2"
+        )
+
+
+def check_prompts(config: ProfileConfig, tokenizer, counts: dict[int, int]) -> None:
+    """Every calibration and validation length leaves room for a document after the prompt
+    and the answer (--answer-tokens)."""
+    builder = cal.PromptBuilder(tokenizer, chat=not config.no_chat_template)
+    cal.document_budgets(
+        builder,
+        {**counts, config.validation_length: config.validation_items},
+        cal.DEFAULT_TASKS,
+        config.recall_fraction,
+        config.answer_tokens,
+    )
 
 
 def model_config_dict(cfg) -> dict[str, Any]:
@@ -251,6 +287,23 @@ def profile(
 
 
 # ------------------------------------------------------------------------------ optimisation
+def search_problem(
+    config: ProfileConfig, cfg, grid: RuleGrid, losses: dict[int, np.ndarray]
+) -> SearchProblem:
+    """The MILP's data: estimated losses {N: [L, H, R]} per profile length, the rules'
+    densities at the profile lengths and the band lengths, the budget options."""
+    dlen = sorted(set(losses) | set(config.band_lengths()))
+    return SearchProblem(
+        losses,
+        {n: grid.kv_density(n) for n in dlen},
+        config.density,
+        config.band,
+        config.max_rules_per_layer,
+        cfg.num_heads // cfg.num_kv_heads,
+        config.budget_on,
+    )
+
+
 @dataclasses.dataclass
 class Search:
     """problem: the MILP's data; candidates: the non-dominated solutions by name (c0, c1, ...);
@@ -278,20 +331,8 @@ def search(
     """A HiGHS MILP per objective under the density budget, epsilon-constraint sweep, the
     non-dominated set; every candidate's plan is written to `cdir`."""
 
-    dlen = (
-        config.density_lengths if config.density_lengths is not None else [config.validation_length]
-    )
-    problem = SearchProblem.from_profiles(
-        grid,
-        profiles,
-        config.density,
-        density_lengths=dlen,
-        band=config.band,
-        max_rules_per_layer=config.max_rules_per_layer,
-        estimator=config.estimator,
-        kv_group=cfg.num_heads // cfg.num_kv_heads,
-        budget_on=config.budget_on,
-    )
+    losses = {n: p.rule_losses(grid, config.estimator) for n, p in profiles.items()}
+    problem = search_problem(config, cfg, grid, losses)
     logger.info(grid.describe(sorted(problem.densities)))
     sols = epsilon_sweep(
         problem,

@@ -384,7 +384,7 @@ def build_items(
     """
     counts = {int(n): int(c) for n, c in counts.items() if int(c) > 0}
     builder = PromptBuilder(tokenizer, chat=chat)
-    budgets = _document_budgets(builder, counts, tasks, recall_fraction, answer_tokens)
+    budgets = document_budgets(builder, counts, tasks, recall_fraction, answer_tokens)
     # Character lengths are a cheap proxy to avoid tokenizing every document up front.
     approx = [len(d.text) // 3 for d in docs]
     specs = plan_items(approx, counts, budgets, tasks, recall_fraction)
@@ -450,7 +450,7 @@ def build_items(
     return result
 
 
-def _document_budgets(
+def document_budgets(
     builder: PromptBuilder,
     counts: Mapping[int, int],
     tasks: Sequence[str],
