@@ -169,7 +169,7 @@ def test_config_files_load(command):
         elif command == "eval":
             from moa_jax.eval.__main__ import EvalConfig
 
-            config = parse_config(EvalConfig, argv, prog="e", description="").resolved()
+            config = parse_config(EvalConfig, argv, prog="e", description="")
             assert all(isinstance(getattr(config, k), list) for k in ("tasks", "lengths"))
             values = {k: v for k, v in values.items() if k not in ("tasks", "methods", "out")}
         else:

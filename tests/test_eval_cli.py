@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moa_jax.cli import run
 from moa_jax.eval.__main__ import main
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
 from moa_jax.plan import Plan
+
+from test_bad_input import _one_line_error
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -117,12 +120,12 @@ def test_cli_plan_yaml_and_same_items(tmp_path):
 
 
 def test_cli_rejects_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="unknown task"):
+    with pytest.raises(ValueError, match="unknown task"):
         main(["--model", "tiny-random", "--tasks", "nope", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown method"):
         main(["--model", "tiny-random", "--methods", "magic", "--out", str(tmp_path)])
     bad = Plan.uniform(3, 4, window=8).save(tmp_path / "bad.json")
-    with pytest.raises(SystemExit, match="layers"):
+    with pytest.raises(ValueError, match="layers"):
         main(
             [
                 "--model",
@@ -136,6 +139,122 @@ def test_cli_rejects_bad_input(tmp_path):
                 str(tmp_path),
             ]
         )
+
+
+# ------------------------------------------------------------------------------- refusals
+def _refuse(tmp_path, capsys, argv, *words) -> str:
+    """Runs the command as `python -m` does; asserts exit 2, one error line with `words` and
+    no --out folder."""
+    out = tmp_path / "ev"
+    code = run(main, ["--model", "tiny-random", "--out", str(out), "--no-progress", *argv])
+    line = _one_line_error(capsys, code, 2, *words)
+    assert not out.exists(), "a refused run left its output folder"
+    return line
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--density", "0"], ["--density", "(0, 1]"]),
+        (["--num-items", "0"], ["--num-items", ">= 1"]),
+        (["--depths", "1.5"], ["--depths", "[0, 1]"]),
+        (["--depths", "0.5,0.5"], ["--depths", "0.5 twice"]),
+        (["--lengths", "512,512"], ["--lengths", "512 twice"]),
+        (["--lengths", "512", "512"], ["--lengths", "512 twice"]),
+        (["--lengths", "32"], ["--lengths", ">= 64"]),
+        (["--lengths", "64", "--tasks", "common_words"], ["--lengths", "common_words"]),
+        (["--ppl-tail", "0"], ["--ppl-tail", ">= 1"]),
+        (["--ppl-tail", "512", "--lengths", "512"], ["--ppl-tail", "shortest --lengths"]),
+        (["--q-chunk", "0"], ["--q-chunk"]),
+        (["--seed", "-1"], ["--seed"]),
+        (["--nll", "some"], ["--nll", "auto, all, none"]),
+        (["--attention-impl", "x"], ["--attention-impl", "masked"]),
+        (["--dtype", "f64"], ["--dtype"]),
+        (["--tasks", "nope"], ["--tasks", "unknown task 'nope'"]),
+        (["--tasks", "retrieval,"], ["--tasks", "non-empty"]),
+        (["--method", " "], ["--method", "non-empty"]),
+        (["--methods", "magic"], ["--methods", "unknown method"]),
+        (["--method", "dense,magic"], ["--methods", "magic"]),
+        (["--method-opt", "foo"], ["--method-opt", "METHOD.KEY=VALUE"]),
+        (["--method-opt", "recycled.k=0"], ["recycled", "k must be >= 1"]),
+        (["--methods", "recycled", "--method-opt", "recycled.prefill=plan"], ["needs a plan"]),
+        (["--out", " "], ["--out", "non-empty"]),
+    ],
+)
+def test_bad_options_are_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, argv, words):
+    import moa_jax.models.registry as registry
+
+    monkeypatch.setattr(registry, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    _refuse(tmp_path, capsys, ["--fast", *argv], *words)
+
+
+@pytest.mark.parametrize(
+    "yaml_text,words",
+    [
+        ("lengths: 0\n", ["lengths", ">= 64"]),
+        ("depths: [0.5, 2]\n", ["depths", "[0, 1]"]),
+        ("methods: [dense, magic]\n", ["--methods", "magic"]),
+    ],
+)
+def test_bad_yaml_values_name_the_key(tmp_path, capsys, yaml_text, words):
+    (tmp_path / "e.yaml").write_text(yaml_text)
+    _refuse(tmp_path, capsys, ["--config", str(tmp_path / "e.yaml")], *words)
+
+
+def test_list_options_take_values_comma_lists_and_yaml_forms(tmp_path):
+    from moa_jax.cli import parse_config
+    from moa_jax.eval.__main__ import DEFAULTS, FAST, EvalConfig
+
+    def parse(*argv):
+        return parse_config(EvalConfig, list(argv), prog="e", description="")
+
+    assert parse("--lengths", "512,1024").lengths == [512, 1024]
+    assert parse("--lengths", "512", "1024,2048").lengths == [512, 1024, 2048]
+    c = parse("--methods", "dense", "--method", "h2o,streaming", "--method", "recycled")
+    assert c.methods == ["dense", "h2o", "streaming", "recycled"]
+    (tmp_path / "e.yaml").write_text("lengths: 512\ntasks: retrieval,needle\ndepths: [0, 1]\n")
+    c = parse("--config", str(tmp_path / "e.yaml"), "--fast")
+    assert (c.lengths, c.tasks, c.depths) == ([512], ["retrieval", "needle"], [0.0, 1.0])
+    assert (c.num_items, c.ppl_tail) == (FAST["num_items"], FAST["ppl_tail"])
+    c = parse("--fast", "--num-items", str(DEFAULTS["num_items"]))
+    assert c.num_items == DEFAULTS["num_items"]  # given, so --fast keeps it
+    assert parse().methods == DEFAULTS["methods"] and parse("--method", "h2o").methods == ["h2o"]
+
+
+def test_bad_corpus_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import moa_jax.models.registry as registry
+
+    monkeypatch.setattr(registry, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"text": "a"}\n[1]\n')
+    argv = ["--fast", "--tasks", "needle", "--corpus", str(bad)]
+    _refuse(tmp_path, capsys, argv, "c.jsonl: line 2 is an array")
+
+
+def test_items_are_made_before_the_output_folder(tmp_path, capsys, monkeypatch):
+    """Every cell's items are made before the first cell runs and before --out exists: a task
+    that cannot make its items at some length stops the run with nothing written."""
+    from moa_jax.eval import TASKS
+
+    perplexity = TASKS["perplexity"]
+    made = perplexity.make_items
+
+    def make_items(ctx, length, num_items, seed):
+        if length == 1024:  # the second length: the first length's cells have not run
+            raise ValueError(f"corpus too short for {length} tokens")
+        return made(ctx, length, num_items, seed)
+
+    monkeypatch.setattr(perplexity, "make_items", make_items)
+    argv = ["--fast", "--tasks", "perplexity", "--methods", "dense", "--corpus", str(DATA_DIR)]
+    _refuse(tmp_path, capsys, argv, "too short for 1024 tokens")
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    code = run(main, ["--model", "tiny-random", "--fast", "--out", str(out)])
+    _one_line_error(capsys, code, 2, "--out", "is a file")
+    assert out.read_text() == "x"
 
 
 def test_cli_decode_methods_and_merge(tmp_path):

@@ -221,7 +221,7 @@ def test_a_registered_method_is_reachable_from_generate_and_eval(sliding, tmp_pa
     assert {r["method"] for r in res["records"]} == {"sliding"}
     assert res["methods"]["sliding"]["kv_density"]["512"] == pytest.approx(32 / 512)
     assert (SlidingOptions(window=32), 512) in sliding
-    with pytest.raises(SystemExit, match=r"unknown option sliding\.size .*window, sink"):
+    with pytest.raises(ValueError, match=r"unknown option sliding\.size .*window, sink"):
         eval_main(argv + ["--method", "sliding", "--method-opt", "sliding.size=3"])
 
 

@@ -11,11 +11,12 @@ prints a table (method x task x length), and writes `results.json`, `results.md`
     python -m moa_jax.eval --merge runs/dense_uniform runs/moa --out runs/all  # combine runs
 
 `--fast` shrinks every unset size (lengths 512,1024, 2 items, 2 depths, 16-token perplexity
-tail); explicit flags and YAML keys still win.
+tail); explicit flags and YAML keys still win. List options take values or comma lists.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import logging
@@ -24,16 +25,36 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 
 from moa_jax.cli import MODEL_HELP, option, parse_config, run, setup_logging
-from moa_jax.errors import PlanError
-from moa_jax.eval import Runner, TaskContext, resolve_tasks
+from moa_jax.config import DTYPE_NAMES, ModelConfig
+from moa_jax.corpora import load_corpus
+from moa_jax.domains import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    TEXT,
+    Choice,
+    Domain,
+    Float,
+    Int,
+    Options,
+    Relation,
+)
+from moa_jax.errors import ConfigError, PlanError
+from moa_jax.eval import Runner, Task, TaskContext, resolve_tasks
 from moa_jax.eval.merge import merge_results
 from moa_jax.eval.report import depth_table, paired_deltas, summarize, write_json, write_report
-from moa_jax.methods import AttentionConfig, MethodOptions, parse_method_options, resolve_methods
+from moa_jax.methods import (
+    AttentionConfig,
+    Method,
+    MethodOptions,
+    parse_method_options,
+    resolve_methods,
+)
 from moa_jax.models import registry
 from moa_jax.plan import Plan
 from moa_jax.runtime import enable_compilation_cache
@@ -41,86 +62,147 @@ from moa_jax.runtime import enable_compilation_cache
 logger = logging.getLogger(__package__)  # __name__ is '__main__' under `python -m`
 
 DEFAULTS: dict[str, Any] = {
-    "tasks": "retrieval,needle,ruler,perplexity",
-    "methods": "dense,uniform,moa,recycled",
-    "lengths": "2048,4096",
+    "tasks": ["retrieval", "needle", "ruler", "perplexity"],
+    "methods": ["dense", "uniform", "moa", "recycled"],
+    "lengths": [2048, 4096],
     "num_items": 5,
-    "depths": "0,0.25,0.5,0.75,1",
+    "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
     "ppl_tail": 128,
 }
+"""The values of the options that are None until set (tasks, methods, sizes)."""
 FAST: dict[str, Any] = {
-    "lengths": "512,1024",
+    "lengths": [512, 1024],
     "num_items": 2,
-    "depths": "0.25,0.75",
+    "depths": [0.25, 0.75],
     "ppl_tail": 16,
 }
+"""What --fast changes of DEFAULTS."""
 
 
-def _csv(x: Any) -> list[str]:
-    if isinstance(x, (list, tuple)):
-        return [str(v).strip() for v in x if str(v).strip()]
-    return [v.strip() for v in str(x).split(",") if v.strip()]
+class CommaList:
+    """argparse `type` of a list option that also takes comma lists: '512,1024' is two items,
+    each through the option's domain (`Domain.parse`); a YAML number is one item. Each value
+    becomes a list, which the config flattens."""
+
+    def __init__(self, domain: Domain):
+        self.domain = domain
+        self.__name__ = domain.kind.__name__
+
+    def __call__(self, value: Any) -> list[Any]:
+        try:
+            if isinstance(value, str):
+                return [self.domain.parse(v.strip()) for v in value.split(",")]
+            return [self.domain.check(value)]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _comma_list(default: Any, help_: str, domain: Domain, **kw: Any) -> Any:
+    """An `option` whose flag takes values (or comma lists of them) and whose YAML key takes a
+    list, a comma list or one value."""
+    kw.setdefault("nargs", "+")
+    return option(default, help_, domain, type=CommaList(domain), **kw)
+
+
+def _words(values: list[Any]) -> str:
+    return ",".join(map(str, values))
+
+
+_LISTS = ("tasks", "methods", "method", "lengths", "depths")
+
+
+def _items(values: list[Any] | tuple[Any, ...]) -> list[Any]:
+    """A list option's items: the lists a flag's comma lists became flattened, a comma text
+    (--method's, whose YAML values reach the config as given) split."""
+    out: list[Any] = []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            out += _items(v)
+        elif isinstance(v, str):
+            out += [x.strip() for x in v.split(",")]
+        else:
+            out.append(v)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Options):
     """The flags of `python -m moa_jax.eval` (and the keys of its YAML configs).
 
-    tasks, methods, lengths and depths are comma lists on the command line, comma lists or YAML
-    lists in a file; `resolved` fills the unset sizes (from FAST with --fast, else DEFAULTS)
-    and makes those four lists.
+    tasks, methods, method, lengths and depths are lists: on the command line values or comma
+    lists (`--lengths 2048,4096`, `--lengths 2048 4096`), in a file a YAML list, a comma list or
+    one value. Unset (None) sizes, tasks and methods take FAST's values with --fast, else
+    DEFAULTS's, when the config is made: a value given is never replaced.
     """
 
-    model: str = option("smollm2-135m", MODEL_HELP)
-    dtype: str = option("float32", "compute dtype (float32 | bfloat16)")
-    tasks: str | list[str] | None = option(
-        None, f"comma list of tasks / groups (all, ruler); default {DEFAULTS['tasks']}", type=None
-    )
-    methods: str | list[str] | None = option(
+    model: str = option("smollm2-135m", MODEL_HELP, TEXT)
+    dtype: str = option("float32", "compute dtype (float32 | bfloat16)", Choice(*DTYPE_NAMES))
+    tasks: list[str] | None = _comma_list(
         None,
-        "comma list of dense, uniform, moa, recycled, streaming, h2o (any registered "
-        f"method); default {DEFAULTS['methods']} (unavailable ones are listed and skipped)",
-        type=None,
+        f"tasks / groups (all, ruler); default {_words(DEFAULTS['tasks'])}",
+        Domain(str, nonempty=True, min_items=1),
     )
+    methods: list[str] | None = _comma_list(
+        None,
+        "dense, uniform, moa, recycled, streaming, h2o (any registered method); default "
+        f"{_words(DEFAULTS['methods'])} (unavailable ones are listed and skipped)",
+        Domain(str, nonempty=True, min_items=1),
+    )
+    # repeatable: argparse's append takes no YAML list through a `type`, so its comma texts
+    # are split by the config (`_items`)
     method: list[str] | None = option(
         None,
         "a method to run (repeatable, or a comma list), added to --methods",
+        TEXT,
         action="append",
         metavar="NAME",
     )
-    lengths: str | int | list[int] | None = option(
-        None, f"comma list of context lengths in tokens; default {DEFAULTS['lengths']}", type=None
+    lengths: list[int] | None = _comma_list(
+        None,
+        f"context lengths in tokens; default {_words(DEFAULTS['lengths'])} "
+        f"(--fast: {_words(FAST['lengths'])})",
+        Int(64, distinct=True, min_items=1),
     )
     plan: str | None = option(
         None,
         "MoA plan: a JSON file (moa-jax format or the reference moa_alpha_beta.json), "
         "'dense' or 'streaming:WINDOW[:SINK]'",
+        TEXT,
     )
     density: float = option(
-        0.5, "KV density of 'uniform' when no --plan is given to match (uniform.density)"
+        0.5,
+        "KV density of 'uniform' when no --plan is given to match (uniform.density)",
+        FRACTION,
     )
-    sink: int = option(64, "sink tokens of 'uniform' (uniform.sink)")
+    sink: int = option(64, "sink tokens of 'uniform' (uniform.sink)", NON_NEGATIVE)
     num_items: int | None = option(
-        None, f"items per (task, length) cell; default {DEFAULTS['num_items']}"
-    )
-    seed: int = option(0, "seed of the items")
-    depths: str | float | list[float] | None = option(
         None,
-        f"needle / queried-line depths in [0, 1], cycled over items; default {DEFAULTS['depths']}",
-        type=None,
+        f"items per (task, length) cell; default {DEFAULTS['num_items']} "
+        f"(--fast: {FAST['num_items']})",
+        POSITIVE,
+    )
+    seed: int = option(0, "seed of the items", NON_NEGATIVE)
+    depths: list[float] | None = _comma_list(
+        None,
+        "needle / queried-line depths in [0, 1], cycled over items; default "
+        f"{_words(DEFAULTS['depths'])} (--fast: {_words(FAST['depths'])})",
+        Float(0.0, 1.0, distinct=True, min_items=1),
     )
     corpus: str = option(
         "austen",
         "book text for haystacks and perplexity: austen, shakespeare or a local file / directory",
+        TEXT,
     )
     ppl_tail: int | None = option(
         None,
-        f"tokens scored at the end of each perplexity window; default {DEFAULTS['ppl_tail']}",
+        f"tokens scored at the end of each perplexity window (fewer than the shortest length); "
+        f"default {DEFAULTS['ppl_tail']} (--fast: {FAST['ppl_tail']})",
+        POSITIVE,
     )
     nll: str = option(
         "auto",
         "teacher-forced answer NLL: each task's default (retrieval), all generation tasks, or none",
-        choices=("auto", "all", "none"),
+        Choice("auto", "all", "none"),
     )
     no_chat: bool = option(
         False, "raw prompts even if the tokenizer has a chat template", action="store_true"
@@ -129,70 +211,89 @@ class EvalConfig:
         "auto",
         "masked = exact jnp masks in query chunks (CPU default); native = the "
         "library's backends and Pallas kernels (GPU/TPU default)",
-        choices=("auto", "masked", "native"),
+        Choice("auto", "masked", "native"),
     )
-    q_chunk: int = option(512, "query chunk of the masked impl")
+    q_chunk: int = option(512, "query chunk of the masked impl", POSITIVE)
     method_opt: list[str] = option(
         [],
         "a method's typed option (repeatable), e.g. recycled.k=2048, recycled.stride=none, "
         "uniform.match=heads (`moa_jax.methods`: each method's options type)",
+        TEXT,
         action="append",
         metavar="METHOD.KEY=VALUE",
     )
     fast: bool = option(False, f"small sizes for CI: unset ones from {FAST}", action="store_true")
-    out: Path = option(Path("eval_results"), "output directory", type=Path)
+    out: str = option("eval_results", "output directory", TEXT)
     no_plots: bool = option(False, "skip the PNG files", action="store_true")
     merge: list[str] | None = option(
         None,
         "run nothing: merge earlier runs' results.json (directories or files) "
         "into --out, e.g. methods evaluated at different times on the same "
         "items; ':moa=moa-token' renames a run's methods (two plans' 'moa')",
+        Domain(str, nonempty=True, min_items=1),
         nargs="+",
         metavar="RUN[:OLD=NEW,...]",
     )
     no_progress: bool = option(False, "no progress bars", action="store_true")
 
-    def resolved(self) -> EvalConfig:
-        """Unset sizes from FAST (with --fast) or DEFAULTS; tasks, methods, lengths and depths
-        as lists. Bad sizes and a malformed --method-opt are usage errors."""
-        sizes = {
-            k: FAST.get(k, default) if self.fast else default
-            for k, default in DEFAULTS.items()
-            if getattr(self, k) is None and not (k == "methods" and self.method)
-        }
-        c = dataclasses.replace(self, **sizes)
-        c = dataclasses.replace(
-            c,
-            tasks=_csv(c.tasks),
-            methods=list(dict.fromkeys(_csv(c.methods or []) + _csv(",".join(c.method or [])))),
-            method=None,
-            lengths=[int(v) for v in _csv(c.lengths)],
-            depths=[float(v) for v in _csv(c.depths)],
-        )
-        if not c.lengths or min(c.lengths) < 64:
-            raise SystemExit(f"--lengths must be >= 64 tokens, got {c.lengths}")
-        if c.num_items < 1:
-            raise SystemExit("--num-items must be >= 1")
+    relations: ClassVar[tuple[Relation, ...]] = (
+        Relation(
+            ("ppl_tail", "lengths", "tasks"),
+            lambda c: c.ppl_tail < min(c.lengths) or all(t.kind != "lm" for t in c.task_list()),
+            "--ppl-tail must be smaller than the shortest --lengths value (perplexity scores "
+            "the last --ppl-tail tokens of each window)",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for key in _LISTS:
+            value = getattr(self, key)
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, key, _items(value))
+        preset = {**DEFAULTS, **FAST} if self.fast else DEFAULTS
+        for key, value in preset.items():
+            if getattr(self, key) is None and not (key == "methods" and self.method):
+                object.__setattr__(self, key, list(value) if isinstance(value, list) else value)
+        if self.method:
+            methods = [*(self.methods or []), *self.method]
+            object.__setattr__(self, "methods", list(dict.fromkeys(methods)))
+        super().__post_init__()
+        self.method_list()
+        for task in self.task_list():
+            for n in self.lengths:
+                try:
+                    task.budget(n)
+                except ValueError as e:
+                    raise ConfigError(f"--lengths: {e}") from None
+        self.typed_method_options()
+
+    def task_list(self) -> list[Task]:
+        """The tasks --tasks names (groups expanded); ConfigError naming an unknown one."""
         try:
-            c.typed_method_options()
+            return resolve_tasks(self.tasks)
         except ValueError as e:
-            raise SystemExit(str(e)) from None
-        return c
+            raise ConfigError(f"--tasks: {e}") from None
+
+    def method_list(self) -> list[Method]:
+        """The methods of --methods and --method; ConfigError naming an unknown one."""
+        try:
+            return resolve_methods(self.methods)
+        except ValueError as e:
+            raise ConfigError(f"--methods: {e}") from None
 
     def typed_method_options(self) -> dict[str, MethodOptions]:
         """Every method's typed options: --density and --sink as `uniform`'s, then
-        --method-opt (which wins); ValueError naming a bad option."""
+        --method-opt (which wins); ConfigError naming a bad option."""
         text = {"uniform.density": str(self.density), "uniform.sink": str(self.sink)}
         return parse_method_options({**text, **self.method_options()})
 
     def method_options(self) -> dict[str, str]:
         """--method-opt's METHOD.KEY=VALUE settings as {"METHOD.KEY": "VALUE"}."""
         opts = {}
-        given = _csv(self.method_opt) if isinstance(self.method_opt, str) else self.method_opt
-        for kv in given:
-            key, sep, value = str(kv).partition("=")
+        for kv in self.method_opt:
+            key, sep, value = kv.partition("=")
             if not sep or "." not in key:
-                raise SystemExit(f"--method-opt wants METHOD.KEY=VALUE, got {kv!r}")
+                raise ConfigError(f"--method-opt wants METHOD.KEY=VALUE, got {kv!r}")
             opts[key.strip()] = value.strip()
         return opts
 
@@ -201,7 +302,6 @@ class EvalConfig:
         out = {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method"
         }
-        out["out"] = str(self.out)
         out["method_opt"] = self.method_options()
         return out
 
@@ -236,34 +336,29 @@ def _payload(settings, env, result, plan, plan_path, t0, partial):
     return payload
 
 
-def run_eval(config: EvalConfig) -> dict[str, Any]:
-    """Runs a resolved config (`EvalConfig.resolved`): loads the model, runs every cell (saving
-    `results.json` after each) and returns the final payload."""
+def _load_plan(config: EvalConfig, cfg: ModelConfig) -> Plan | None:
+    """--plan, checked against the model's config."""
+    if not config.plan:
+        return None
     try:
-        tasks = resolve_tasks(config.tasks)
-        methods = resolve_methods(config.methods)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    # cheap checks first: the plan against the model's config, before the weights are read
+        return Plan.load(config.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
+    except ValueError as e:  # a PlanError names the plan (and the model) itself
+        raise PlanError(
+            str(e) if isinstance(e, PlanError) else f"--plan {config.plan}: {e}"
+        ) from None
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Runs a config: checks what needs no model run (the plan against the model's config,
+    every method's backend at every length, the corpus, every cell's items), then loads the
+    model, creates --out and runs every cell (saving `results.json` after each); returns the
+    final payload."""
+    tasks, methods = config.task_list(), config.method_list()
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
     cfg = registry.load_config(config.model)
-    plan = None
-    if config.plan:
-        try:
-            plan = Plan.load(config.plan, cfg.num_layers, cfg.num_heads).validate(cfg)
-        except ValueError as e:  # a PlanError names the plan (and the model) itself
-            raise SystemExit(
-                str(e) if isinstance(e, PlanError) else f"--plan {config.plan}: {e}"
-            ) from None
-    t0 = time.perf_counter()
-    model, tokenizer = registry.load_model(
-        config.model, dtype=config.dtype, param_dtype=config.dtype
-    )
-    if tokenizer is None:
-        raise SystemExit(f"model {config.model!r} has no tokenizer; the tasks need one")
-    logger.info(
-        f"loaded {config.model} in {time.perf_counter() - t0:.1f}s "
-        f"({cfg.num_layers} layers, {cfg.num_heads} heads)"
-    )
+    plan = _load_plan(config, cfg)
     too_long = [n for n in config.lengths if n > cfg.max_position_embeddings]
     if too_long:
         logger.warning(
@@ -276,6 +371,23 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         q_chunk=config.q_chunk,
         options=config.typed_method_options(),
     )
+    for m in methods:  # a method that cannot run is skipped; one that can must build
+        if m.unavailable(mctx) is None:
+            for n in config.lengths:
+                m.build(mctx, n)
+    docs = None
+    if any(t.uses_corpus for t in tasks):
+        docs = load_corpus(config.corpus)
+    t0 = time.perf_counter()
+    model, tokenizer = registry.load_model(
+        config.model, dtype=config.dtype, param_dtype=config.dtype
+    )
+    if tokenizer is None:
+        raise ConfigError(f"model {config.model!r} has no tokenizer; the tasks need one")
+    logger.info(
+        f"loaded {config.model} in {time.perf_counter() - t0:.1f}s "
+        f"({cfg.num_layers} layers, {cfg.num_heads} heads)"
+    )
     tctx = TaskContext(
         tokenizer,
         chat=not config.no_chat,
@@ -283,6 +395,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         depths=config.depths,
         max_length=max(config.lengths),
         ppl_tail=config.ppl_tail,
+        docs=docs,
     )
     runner = Runner(
         model,
@@ -293,7 +406,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         progress=not config.no_progress,
         log=logger.info,
     )
-    config.out.mkdir(parents=True, exist_ok=True)
+    items = runner.make_items(tasks, config.lengths, config.num_items, config.seed)
+    out.mkdir(parents=True, exist_ok=True)
     settings = config.settings()
     env = {
         "date": datetime.date.today().isoformat(),
@@ -311,24 +425,23 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         config.num_items,
         config.seed,
         on_cell=lambda r: write_json(
-            config.out / "results.json", _payload(settings, env, r, plan, config.plan, t0, True)
+            out / "results.json", _payload(settings, env, r, plan, config.plan, t0, True)
         ),
+        items=items,
     )
     return _payload(settings, env, result, plan, config.plan, t0, False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     description = __doc__.split("\n\n")[0]
-    config = parse_config(
-        EvalConfig, argv, prog="python -m moa_jax.eval", description=description
-    ).resolved()
+    config = parse_config(EvalConfig, argv, prog="python -m moa_jax.eval", description=description)
     setup_logging()
     enable_compilation_cache()
     if config.merge:
         payload = merge_results(config.merge)
     else:
         payload = run_eval(config)
-    text = write_report(payload, config.out, plots=not config.no_plots)
+    text = write_report(payload, Path(config.out), plots=not config.no_plots)
     print(text.split("\n", 3)[3])
     logger.info(
         f"wrote {config.out}/results.json, results.md and plots "

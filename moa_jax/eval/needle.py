@@ -28,6 +28,7 @@ PREFIX = "The pass key is "
 
 class Passkey(NumberTask):
     name = "needle"
+    uses_corpus = True
     family = "needle"
     nll = False
     description = "passkey hidden at a depth of real book text"

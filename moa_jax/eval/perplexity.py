@@ -17,6 +17,7 @@ from moa_jax.eval.tasks import Item, Task, TaskContext, item_rng
 
 class TailPerplexity(Task):
     name = "perplexity"
+    uses_corpus = True
     family = "perplexity"
     kind = "lm"
     max_new_tokens = 0

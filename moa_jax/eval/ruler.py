@@ -127,6 +127,7 @@ def _distinct_numbers(rng: np.random.Generator, n: int) -> list[str]:
 
 class MultiKeyNeedle(RulerTask):
     name = "mk_needle"
+    uses_corpus = True
     max_new_tokens = 12
     primary = "acc"
     metrics = ("acc", "digit_acc")
@@ -166,6 +167,7 @@ class MultiKeyNeedle(RulerTask):
 
 class MultiValueNeedle(RulerTask):
     name = "mv_needle"
+    uses_corpus = True
     max_new_tokens = 40
     primary = "recall"
     metrics = ("recall",)

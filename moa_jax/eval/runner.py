@@ -252,6 +252,20 @@ class Runner:
         return rec
 
     # ------------------------------------------------------------------ loop
+    def make_items(
+        self, tasks: Sequence[Task], lengths: Sequence[int], num_items: int, seed: int
+    ) -> dict[tuple[int, str], tuple[list[Item], float]]:
+        """Every cell's items and the seconds making them took, by (length, task name). Made
+        before any model runs (`run` takes them), a task that cannot make its items (a length
+        too short for it, a corpus too small) stops the run before it writes anything."""
+        cells = {}
+        for length in lengths:
+            for task in tasks:
+                t0 = time.perf_counter()
+                items = task.make_items(self.task_ctx, length, num_items, seed)
+                cells[(length, task.name)] = (items, time.perf_counter() - t0)
+        return cells
+
     def run(
         self,
         tasks: Sequence[Task],
@@ -260,13 +274,16 @@ class Runner:
         num_items: int,
         seed: int,
         on_cell: Callable[[dict[str, Any]], Any] | None = None,
+        items: dict[tuple[int, str], tuple[list[Item], float]] | None = None,
     ) -> dict[str, Any]:
         """Returns {'records': [...], 'items': [...], 'methods': {...}}.
 
         Cells run length by length (all tasks at the first length, then the next), so that an
         interrupted run has complete lengths; `on_cell(partial result)` is called after each
-        (task, length, method) cell, e.g. to save progress.
+        (task, length, method) cell, e.g. to save progress. `items`: the cells' items from
+        `make_items` (default: made here first).
         """
+        cells = self.make_items(tasks, lengths, num_items, seed) if items is None else items
         mctx = self.method_ctx
         usable, method_info = [], {}
         for m in methods:
@@ -290,14 +307,12 @@ class Runner:
         result = {"records": records, "items": items_out, "methods": method_info}
         for length in lengths:
             for task in tasks:
-                t0 = time.perf_counter()
-                items = task.make_items(self.task_ctx, length, num_items, seed)
-                gen_s = time.perf_counter() - t0
-                items_out += [it.to_dict() for it in items]
+                cell_items, gen_s = cells[(length, task.name)]
+                items_out += [it.to_dict() for it in cell_items]
                 for m in usable:
                     backend = m.build(mctx, length)
                     bar = tqdm(
-                        items,
+                        cell_items,
                         desc=f"{task.name} L={length} {m.name}",
                         unit="item",
                         disable=not self.progress,

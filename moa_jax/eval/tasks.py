@@ -333,6 +333,7 @@ class Task(abc.ABC):
       nll: teacher-force the gold answer and report its NLL by default.
       primary: the headline metric ('acc', 'recall' or 'ppl').
       metrics: per-item metrics this task's scorer returns (besides 'nll').
+      uses_corpus: its items are made of the context's book text (`TaskContext.docs`).
     """
 
     name: str = ""
@@ -343,6 +344,7 @@ class Task(abc.ABC):
     primary: str = "acc"
     metrics: tuple[str, ...] = ("acc",)
     description: str = ""
+    uses_corpus: bool = False
 
     @abc.abstractmethod
     def make_items(self, ctx: TaskContext, length: int, num_items: int, seed: int) -> list[Item]:
