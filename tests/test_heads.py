@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from moa_jax.cli import run
 from moa_jax.eval.heads import NeedleMassAttention, _needle_mass, compare, oracle_plan
 from moa_jax.models.registry import TINY_RANDOM_CONFIG, init_random
 from moa_jax.models.rotary import rotary_table
+from moa_jax.plan import Plan
+
+from test_bad_input import _one_line_error
 
 
 def test_needle_mass_is_attention_probability_on_the_marked_keys():
@@ -73,3 +79,81 @@ def test_oracle_plan_keeps_top_groups_dense_at_the_cache_budget():
     rep = compare(scores, plan, {}, 4096, top=2)
     assert {(h["layer"], h["head"]) for h in rep["top_heads"]} == {(2, 5), (4, 0)}
     assert rep["plan_top_kept_ge_0.9"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def _heads(tmp_path, capsys, monkeypatch, argv, *words) -> str:
+    """`python -m moa_jax.eval.heads` refusing `argv` before the weights load: exit 2, one
+    error line with `words`, no --out folder."""
+    import moa_jax.eval.heads as heads
+
+    monkeypatch.setattr(heads, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    out = tmp_path / "heads"
+    code = run(heads.main, ["--model", "tiny-random", "--out", str(out), "--no-progress", *argv])
+    line = _one_line_error(capsys, code, 2, *words)
+    assert not out.exists(), "a refused run left its output folder"
+    return line
+
+
+def _scores_file(tmp_path, shape=(2, 4), **extra) -> str:
+    rng = np.random.default_rng(0)
+    report = {"scores": {"256": rng.random(shape).tolist()}, "num_items": 3, "seed": 7, **extra}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--lengths", "512", "512"], ["--lengths", "512 twice"]),
+        (["--lengths", "32"], ["--lengths", ">= 64"]),
+        (["--num-items", "0"], ["--num-items", ">= 1"]),
+        (["--density", "0"], ["--density", "(0, 1]"]),
+        (["--dense-fraction", "1"], ["--dense-fraction", "[0, 1)"]),
+        (["--dense-fraction", "0.9"], ["--dense-fraction", "--density", "4 of 4 kv groups"]),
+        (["--sink", "-1"], ["--sink", ">= 0"]),
+        (["--seed", "-1"], ["--seed", ">= 0"]),
+        (["--top", "0"], ["--top", ">= 1"]),
+        (["--top", "9"], ["--top 9", "8 heads"]),
+        (["--corpus", ""], ["--corpus", "non-empty"]),
+    ],
+)
+def test_cli_refuses_bad_options(tmp_path, capsys, monkeypatch, argv, words):
+    _heads(tmp_path, capsys, monkeypatch, argv, *words)
+
+
+def test_cli_refuses_bad_inputs(tmp_path, capsys, monkeypatch):
+    scores = _scores_file(tmp_path)
+    argv = ["--scores", scores, "--lengths", "512"]
+    _heads(tmp_path, capsys, monkeypatch, argv, "--lengths", "not with --scores")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"scores": {}}')
+    _heads(tmp_path, capsys, monkeypatch, ["--scores", str(bad)], "--scores", "not a heads.json")
+    other = _scores_file(tmp_path, shape=(3, 4))
+    _heads(tmp_path, capsys, monkeypatch, ["--scores", other], "--scores", "2 layers x 4 heads")
+    _heads(
+        tmp_path,
+        capsys,
+        monkeypatch,
+        ["--profile-dir", str(tmp_path / "none")],
+        "--profile-dir",
+        "no .npz",
+    )
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"title": "no text"}\n')
+    _heads(tmp_path, capsys, monkeypatch, ["--corpus", str(corpus)], "c.jsonl: line 1", "'text'")
+
+
+def test_cli_reuses_earlier_scores_without_the_weights(tmp_path, capsys, monkeypatch):
+    import moa_jax.eval.heads as heads
+
+    monkeypatch.setattr(heads, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    out = tmp_path / "heads"
+    argv = ["--model", "tiny-random", "--scores", _scores_file(tmp_path), "--out", str(out)]
+    assert heads.main(argv + ["--density", "0.75", "--dense-fraction", "0.5"]) == 0
+    report = json.loads((out / "heads.json").read_text())
+    assert (report["lengths"], report["num_items"], report["seed"]) == ([256], 3, 7)
+    assert len(report["compare"]["top_heads"]) == 8  # the default 20, capped at 2 x 4 heads
+    oracle = Plan.load(out / "oracle_plan.json")
+    assert oracle.shape == (2, 4) and oracle.metadata["dense_kv_groups"] == 2

@@ -34,7 +34,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from moa_jax.cli import MODEL_HELP, option, parse_config, run, setup_logging
+from moa_jax.cli import MODEL_HELP, one_line, option, parse_config, run, setup_logging
+from moa_jax.corpora import Document, load_corpus
+from moa_jax.domains import FRACTION, NON_NEGATIVE, POSITIVE, TEXT, Float, Int, Options, Relation
+from moa_jax.errors import ConfigError
 from moa_jax.eval.needle import Passkey
 from moa_jax.eval.tasks import TaskContext
 from moa_jax.files import atomic_write_text
@@ -113,13 +116,15 @@ def needle_scores(
     *,
     seed: int = 1000,
     corpus: str = "shakespeare",
+    docs: Sequence[Document] | None = None,
     chat: bool = True,
     q_chunk: int = 512,
     progress: bool = True,
 ) -> dict[int, np.ndarray]:
-    """{length: retrieval score float [items, L, H]} on passkey items (see module docstring)."""
+    """{length: retrieval score float [items, L, H]} on passkey items (see module docstring)
+    whose haystacks are book text from `corpus` (`docs`: its documents, already loaded)."""
     task = Passkey()
-    ctx = TaskContext(tokenizer, chat=chat, corpus=corpus)
+    ctx = TaskContext(tokenizer, chat=chat, corpus=corpus, docs=docs)
     graphdef, state = nnx.split(model)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     attention = NeedleMassAttention(q_chunk=q_chunk)
@@ -157,6 +162,18 @@ def needle_scores(
     return out
 
 
+def dense_groups(groups: int, density: float, dense_fraction: float) -> int:
+    """How many of `groups` KV groups the oracle plan keeps dense: `dense_fraction` of them,
+    rounded; ValueError when they alone pass the KV-cache density or leave no group sparse."""
+    n_dense = int(round(dense_fraction * groups))
+    if not 0 < density <= 1 or n_dense >= groups or n_dense / groups > density:
+        raise ValueError(
+            f"dense fraction {dense_fraction} ({n_dense} of {groups} KV groups dense) does not "
+            f"fit density {density}"
+        )
+    return n_dense
+
+
 def oracle_plan(
     scores: np.ndarray,
     num_kv_heads: int,
@@ -174,9 +191,7 @@ def oracle_plan(
     layers, heads = scores.shape
     group = heads // num_kv_heads
     g = scores.reshape(layers, num_kv_heads, group).max(-1)
-    n_dense = int(round(dense_fraction * g.size))
-    if not 0 < density <= 1 or n_dense >= g.size or n_dense / g.size > density:
-        raise ValueError(f"dense fraction {dense_fraction} does not fit density {density}")
+    n_dense = dense_groups(g.size, density, dense_fraction)
     dense = np.zeros(g.size, bool)
     dense[np.argsort(-g.reshape(-1), kind="stable")[:n_dense]] = True
     dense = dense.reshape(layers, num_kv_heads)
@@ -273,83 +288,184 @@ def _plot(out: Path, scores: dict[int, np.ndarray], plan: Plan | None, n: int) -
     return "heads.png"
 
 
-@dataclasses.dataclass
-class HeadsConfig:
+DEFAULTS: dict[str, Any] = {
+    "lengths": [2048, 4096, 8192],
+    "num_items": 20,
+    "seed": 1000,
+    "corpus": "shakespeare",
+}
+"""The options of the measurement (unset: these values); an earlier run's scores (--scores)
+come with their own, so none of them goes with --scores."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsConfig(Options):
     """`python -m moa_jax.eval.heads`: the flags (and YAML keys) of the command."""
 
-    model: str = option("smollm2-135m", MODEL_HELP)
-    lengths: list[int] = option([2048, 4096, 8192], "passkey item lengths", nargs="+")
-    num_items: int = option(20, "passkey items per length")
-    seed: int = option(1000, "item seed (keep it apart from the evaluation's seed, 0)")
-    corpus: str = option("shakespeare", "haystack text")
-    density: float = option(0.5, "oracle plan's KV-cache density")
-    dense_fraction: float = option(0.25, "share of KV groups the oracle keeps dense")
-    sink: int = option(64, "sink tokens of the oracle plan")
-    plan: str | None = option(None, "a plan to compare with the scores")
-    profile_dir: str | None = option(None, "profile .npz files to compare")
-    scores: str | None = option(
-        None, "reuse the scores of an earlier run's heads.json instead of measuring"
+    model: str = option("smollm2-135m", MODEL_HELP, TEXT)
+    lengths: list[int] | None = option(
+        None,
+        "passkey item lengths (default 2048 4096 8192)",
+        Int(64, distinct=True, min_items=1),
+        nargs="+",
     )
-    top: int = option(20, "top heads compared")
-    out: str = option("heads", "output directory")
+    num_items: int | None = option(None, "passkey items per length (default 20)", POSITIVE)
+    seed: int | None = option(
+        None, "item seed (default 1000, apart from the evaluation's seed, 0)", NON_NEGATIVE
+    )
+    corpus: str | None = option(None, "haystack text (default shakespeare)", TEXT)
+    density: float = option(0.5, "oracle plan's KV-cache density", FRACTION)
+    dense_fraction: float = option(
+        0.25, "share of KV groups the oracle keeps dense", Float(0.0, 1.0, hi_open=True)
+    )
+    sink: int = option(64, "sink tokens of the oracle plan", NON_NEGATIVE)
+    plan: str | None = option(None, "a plan to compare with the scores", TEXT)
+    profile_dir: str | None = option(None, "profile .npz files to compare", TEXT)
+    scores: str | None = option(
+        None, "reuse the scores of an earlier run's heads.json instead of measuring", TEXT
+    )
+    top: int | None = option(
+        None,
+        "top heads compared, at most the model's layers x heads (default: 20, or all of a "
+        "smaller model's)",
+        POSITIVE,
+    )
+    out: str = option("heads", "output directory", TEXT)
     progress: bool = option(True, "show progress bars")
+
+    relations: ClassVar[tuple[Relation, ...]] = (
+        Relation(
+            ("scores", *DEFAULTS),
+            lambda c: c.scores is None or all(getattr(c, k) is None for k in DEFAULTS),
+            "--lengths, --num-items, --seed and --corpus set up a measurement: not with "
+            "--scores (its file holds the lengths, items and seed it was measured with)",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.scores is None:
+            for key, value in DEFAULTS.items():
+                if getattr(self, key) is None:
+                    object.__setattr__(self, key, list(value) if isinstance(value, list) else value)
+        super().__post_init__()
+
+
+def _read_profiles(directory: str, shape: tuple[int, int]) -> dict[int, InfluenceProfile]:
+    """{length: profile} of a profile run's .npz files, each of the model's [layers, heads]."""
+    path = Path(directory)
+    files = sorted(path.glob("*.npz")) if path.is_dir() else []
+    if not files:
+        raise ConfigError(f"--profile-dir {directory}: no such directory, or no .npz files in it")
+    profiles = {}
+    for f in files:
+        try:
+            prof = InfluenceProfile.load(f)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"--profile-dir: {f} is not an influence profile ({e})") from None
+        if prof.heads_shape != shape:
+            raise ConfigError(
+                f"--profile-dir: {f} profiles {prof.heads_shape[0]} layers x "
+                f"{prof.heads_shape[1]} heads, the model has {shape[0]} x {shape[1]}"
+            )
+        profiles[prof.length] = prof
+    return profiles
+
+
+def _read_scores(path: str, shape: tuple[int, int]) -> tuple[dict[int, np.ndarray], int, int]:
+    """(scores {length: [1, L, H]}, items, seed) of an earlier run's heads.json."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--scores {path}: {one_line(e)}") from None
+    keys = ("scores", "num_items", "seed")
+    if not isinstance(earlier, dict) or not set(keys) <= set(earlier):
+        raise ConfigError(f"--scores {path}: not a heads.json (it needs {', '.join(keys)})")
+    try:
+        scores = {int(k): np.asarray(v, np.float64)[None] for k, v in earlier["scores"].items()}
+        num_items, seed = int(earlier["num_items"]), int(earlier["seed"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--scores {path}: malformed heads.json ({one_line(e)})") from None
+    bad = [n for n, v in scores.items() if v.shape[1:] != shape]
+    if not scores or bad:
+        raise ConfigError(
+            f"--scores {path}: no scores of the model's {shape[0]} layers x {shape[1]} heads"
+            + (f" at length {bad[0]}" if bad else "")
+        )
+    return scores, num_items, seed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m moa_jax.eval.heads"
     cfg = parse_config(HeadsConfig, argv, prog=prog, description=__doc__)
     setup_logging()
-    plan = None
-    if cfg.plan:  # the plan against the model's config, before the weights load
-        mc = load_config(cfg.model)
-        plan = Plan.load(cfg.plan, mc.num_layers, mc.num_heads).validate(mc)
-    profiles = {}
-    if cfg.profile_dir:
-        for f in sorted(Path(cfg.profile_dir).glob("*.npz")):
-            prof = InfluenceProfile.load(f)
-            profiles[prof.length] = prof
-    model, tok = load_model(cfg.model)
     out = Path(cfg.out)
-    lengths, num_items = cfg.lengths, cfg.num_items
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file, not a directory")
+    # what needs no model run first: the plan, the profiles, the scores against the config
+    mc = load_config(cfg.model)
+    shape = (mc.num_layers, mc.num_heads)
+    plan = None
+    if cfg.plan:
+        plan = Plan.load(cfg.plan, mc.num_layers, mc.num_heads).validate(mc)
+    try:
+        dense_groups(mc.num_layers * mc.num_kv_heads, cfg.density, cfg.dense_fraction)
+    except ValueError as e:
+        raise ConfigError(f"--dense-fraction, --density: {e}") from None
+    top = min(20, mc.num_layers * mc.num_heads) if cfg.top is None else cfg.top
+    if top > mc.num_layers * mc.num_heads:
+        raise ConfigError(
+            f"--top {top} is more than the model's {mc.num_layers * mc.num_heads} heads"
+        )
+    profiles = _read_profiles(cfg.profile_dir, shape) if cfg.profile_dir else {}
     if cfg.scores:
-        earlier = json.loads(Path(cfg.scores).read_text())
-        scores = {int(k): np.asarray(v)[None] for k, v in earlier["scores"].items()}
-        lengths, num_items = sorted(scores), earlier["num_items"]
+        scores, num_items, seed = _read_scores(cfg.scores, shape)
+        lengths = sorted(scores)
     else:
+        lengths, num_items, seed = cfg.lengths, cfg.num_items, cfg.seed
+        too_long = [n for n in lengths if n > mc.max_position_embeddings]
+        if too_long:
+            log.warning(
+                f"lengths {too_long} exceed the model's context ({mc.max_position_embeddings})"
+            )
+        docs = load_corpus(cfg.corpus)
+        model, tok = load_model(cfg.model)
+        if tok is None:
+            raise ConfigError(f"model {cfg.model!r} has no tokenizer; the passkey items need one")
         scores = needle_scores(
             model,
             tok,
             lengths,
             num_items,
-            seed=cfg.seed,
+            seed=seed,
             corpus=cfg.corpus,
+            docs=docs,
             progress=cfg.progress,
         )
-    out.mkdir(parents=True, exist_ok=True)
     mean = np.mean([s.mean(0) for s in scores.values()], axis=0)  # [L, H]
     oracle = oracle_plan(
         mean,
-        model.config.num_kv_heads,
+        mc.num_kv_heads,
         cfg.density,
         dense_fraction=cfg.dense_fraction,
         sink=cfg.sink,
     )
     oracle = dataclasses.replace(
-        oracle, metadata={**oracle.metadata, "model": cfg.model, **model_metadata(model.config)}
+        oracle, metadata={**oracle.metadata, "model": cfg.model, **model_metadata(mc)}
     )
+    out.mkdir(parents=True, exist_ok=True)
     oracle.save(out / "oracle_plan.json")
     n = max(lengths)
     report = {
         "lengths": lengths,
         "num_items": num_items,
-        "seed": cfg.seed,
+        "seed": seed,
         "scores": {str(k): v.mean(0).tolist() for k, v in scores.items()},
-        "compare": compare(mean, plan, profiles, n, cfg.top),
+        "compare": compare(mean, plan, profiles, n, top),
         "oracle": {
             "density": cfg.density,
             "dense_fraction": cfg.dense_fraction,
             "kv_cache_density": {
-                str(k): oracle.kv_cache_density(k, model.config.num_kv_heads) for k in lengths
+                str(k): oracle.kv_cache_density(k, mc.num_kv_heads) for k in lengths
             },
         },
         "figure": _plot(out, scores, plan, n),
