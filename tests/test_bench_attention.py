@@ -5,12 +5,13 @@ and its reading of Mosaic GPU profiler traces (`moa_jax.bench.attention_impls`).
 import json
 
 import pytest
-from test_bad_input import _one_line_error
 
 from moa_jax.bench import attention
 from moa_jax.bench.attention_impls import trace_summary
 from moa_jax.cli import parse_config, run
 from moa_jax.plan import Plan
+
+from test_bad_input import _one_line_error
 
 
 def test_help_and_yaml_config(tmp_path, capsys):

@@ -8,11 +8,12 @@ import sys
 import types
 
 import pytest
-from test_bad_input import _one_line_error
 
 from moa_jax.bench import decode as bench
 from moa_jax.bench.decode_config import DecodeConfig
 from moa_jax.cli import run
+
+from test_bad_input import _one_line_error
 
 
 def test_help(capsys):

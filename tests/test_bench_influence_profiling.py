@@ -4,10 +4,11 @@ profile."""
 import json
 
 import pytest
-from test_bad_input import _one_line_error
 
 from moa_jax.bench.influence_profiling import main
 from moa_jax.cli import run
+
+from test_bad_input import _one_line_error
 
 
 def test_cli_runs_tiny(tmp_path):

@@ -4,10 +4,11 @@ rows, scaling efficiency, and a failing part recorded instead of stopping the ru
 import json
 
 import pytest
-from test_bad_input import _one_line_error
 
 from moa_jax.bench import scaling
 from moa_jax.cli import run
+
+from test_bad_input import _one_line_error
 
 
 def test_efficiency_and_table_from_rows():

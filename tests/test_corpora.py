@@ -96,3 +96,19 @@ def test_missing_and_empty_corpus_directories(tmp_path):
     _write(tmp_path / "d" / "a.txt", " \n")
     with pytest.raises(CorpusError, match="holds no non-empty documents"):
         load_corpus(str(tmp_path / "d"))
+
+
+def test_a_saved_hf_dataset_is_a_corpus(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"text": ["first doc", "", "second doc"], "title": ["a", "b", "c"]}
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    docs = load_corpus(str(tmp_path / "ds"))
+    assert [(d.title, d.text) for d in docs] == [("a", "first doc"), ("c", "second doc")]
+    with pytest.raises(CorpusError, match="has no 'body' column"):
+        load_corpus(str(tmp_path / "ds"), text_field="body")
+    datasets.DatasetDict({"test": ds, "validation": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(CorpusError, match="no 'train' split"):
+        load_corpus(str(tmp_path / "dd"))

@@ -14,6 +14,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moa_jax.domains import Domain
+from moa_jax.models.hf_weights import save_hf
+from moa_jax.models.registry import init_random
+from moa_jax.plan import PLAN_KEYS, Plan
+
 from boundary import (
     COMMANDS,
     bad_lists,
@@ -27,14 +35,6 @@ from boundary import (
     refuses,
     yaml_text,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from moa_jax.domains import Domain
-from moa_jax.models.hf_weights import save_hf
-from moa_jax.models.registry import init_random
-from moa_jax.plan import PLAN_KEYS, Plan
-
 from conftest import tiny_config
 
 BY_NAME = {c.name: c for c in COMMANDS}

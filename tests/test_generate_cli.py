@@ -10,12 +10,13 @@ import warnings
 
 import numpy as np
 import pytest
-from test_bad_input import _one_line_error
 
 import moa_jax.generate.__main__ as gen
 from moa_jax.cli import run
 from moa_jax.models.registry import TINY_RANDOM_CONFIG
 from moa_jax.plan import Plan
+
+from test_bad_input import _one_line_error
 
 TINY = ["--model", "tiny-random", "--max-new-tokens", "2"]
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a fortune"
