@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moa_jax.errors import ConfigError
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ACTIVATIONS = ("silu",)
@@ -32,20 +34,23 @@ DTYPE_NAMES = tuple(_DTYPES)
 """The dtype names commands take (`--dtype`, `--param-dtype`)."""
 
 
-def parse_dtype(name: str | Any) -> jnp.dtype:
-    """Maps a dtype name ('float32', 'bf16', ...) or a dtype to a `jnp.dtype`; clear error
-    otherwise."""
-    if not isinstance(name, str):
+def parse_dtype(name: str | Any, arg: str = "dtype") -> jnp.dtype:
+    """Maps a dtype name ('float32', 'bf16', ...) or a floating dtype to a `jnp.dtype`; a
+    `ConfigError` naming `arg` (the option, e.g. 'load_model: param_dtype') otherwise."""
+    if isinstance(name, str):
         try:
-            return jnp.dtype(name)
-        except TypeError as e:
-            raise ValueError(f"not a dtype: {name!r}") from e
+            return jnp.dtype(_DTYPES[name.lower()])
+        except KeyError:
+            raise ConfigError(
+                f"{arg}: unknown dtype name {name!r}; expected one of {sorted(set(_DTYPES))}"
+            ) from None
     try:
-        return jnp.dtype(_DTYPES[name.lower()])
-    except KeyError:
-        raise ValueError(
-            f"unknown dtype name {name!r}; expected one of {sorted(set(_DTYPES))}"
-        ) from None
+        dtype = jnp.dtype(name)
+    except TypeError:
+        raise ConfigError(f"{arg}: not a dtype: {name!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ConfigError(f"{arg} must be a floating dtype, got {dtype}")
+    return dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from moa_jax.errors import check_float, check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -20,12 +22,13 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        """Raises `ConfigError` naming the field: temperature a finite number >= 0, top_k an int
+        >= 0, top_p a number in (0, 1]; stores them as float, int and float."""
+        t = check_float("SamplingConfig.temperature", self.temperature, at_least=0)
+        object.__setattr__(self, "temperature", t)
+        object.__setattr__(self, "top_k", check_int("SamplingConfig.top_k", self.top_k, at_least=0))
+        p = check_float("SamplingConfig.top_p", self.top_p, above=0, at_most=1)
+        object.__setattr__(self, "top_p", p)
 
     @property
     def greedy(self) -> bool:

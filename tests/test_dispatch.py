@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moa_jax.bench import program_hashes
+from moa_jax.errors import ConfigError
 from moa_jax.generate import generate
 from moa_jax.methods import AttentionConfig, build_attention
 from moa_jax.models.registry import init_random
@@ -97,14 +98,15 @@ def test_one_interpret_default():
 
 
 def test_fallback_drops_options_the_kernel_does_not_take():
-    """Mosaic GPU options reach Triton only when Triton was not asked for by name."""
+    """Mosaic GPU options reach Triton only when Triton was not asked for by name (asked for
+    by name, an option it does not take is an error)."""
     q = jax.random.normal(jax.random.PRNGKey(0), (1, 32, 2, 16), jnp.float32)
     k = v = q[:, :, :1]
     kw = dict(windows=(8, 32), sink=2)
     got = sparse_attention(q, k, v, backend="mgpu", num_stages_dkv=3, **kw)
     want = sparse_attention(q, k, v, backend="gpu", **kw)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError, match=r"the 'gpu' kernel does not take .*num_stages_dkv"):
         sparse_attention(q, k, v, backend="gpu", num_stages_dkv=3, **kw)
 
 

@@ -12,7 +12,8 @@ PACKAGE = Path(moa_jax.__file__).parent
 
 # Bottom to top; a module may import its own top-level package or one of a lower rank.
 RANKS = {
-    **dict.fromkeys(["errors", "files", "config", "sampling", "parallel"], 0),
+    "errors": -1,  # below every layer: the user-error classes and the option checks
+    **dict.fromkeys(["files", "config", "sampling", "parallel"], 0),
     **dict.fromkeys(["downloads", "cli"], 1),
     **dict.fromkeys(["corpora", "runtime"], 2),
     "pallas_kernels": 3,

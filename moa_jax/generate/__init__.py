@@ -20,7 +20,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from moa_jax.models.attention import Attention, DenseAttention
+from moa_jax.errors import ArrayError, ConfigError, check_flag, check_int
+from moa_jax.models.attention import Attention, CachedAttention, DenseAttention
 from moa_jax.models.causal_lm import CausalLM, stack_layers
 from moa_jax.parallel import (
     batch_sharding,
@@ -52,11 +53,11 @@ def pad_prompts(
 
     Returns tokens int32 [B, T] and lengths int32 [B].
     """
-    if not prompts:
-        raise ValueError("no prompts given")
+    if not len(prompts):
+        raise ArrayError("pad_prompts: no prompts given")
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() < 1:
-        raise ValueError("every prompt needs at least one token")
+        raise ArrayError("pad_prompts: every prompt needs at least one token")
     t = int(-(-lengths.max() // bucket) * bucket)
     tokens = np.full((len(prompts), t), pad_id, np.int32)
     for i, p in enumerate(prompts):
@@ -146,6 +147,113 @@ _generate_jit = jax.jit(
 )
 
 
+def _prompt_rows(prompts: Any, vocab_size: int) -> list[np.ndarray]:
+    """The prompts as int arrays, each 1-d, non-empty and within the vocabulary (one host read
+    of a prompt given as an array), or ArrayError naming the prompt."""
+    want = "a list of token id lists or an int [B, T] array"
+    if hasattr(prompts, "shape"):
+        prompts = np.asarray(prompts)
+        if prompts.ndim != 2:
+            raise ArrayError(
+                f"generate: prompts must be {want}, got a {prompts.ndim}-d array; pass one "
+                "prompt as [ids]"
+            )
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__len__"):
+        raise ArrayError(f"generate: prompts must be {want}, got {type(prompts).__name__}")
+    if not len(prompts):
+        raise ArrayError("generate: no prompts given (prompts is empty)")
+    rows = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise ArrayError(
+                f"generate: prompts[{i}] is a string; encode it to token ids first "
+                "(moa_jax.generate.encode_prompt)"
+            )
+        if isinstance(p, (list, tuple)) and any(isinstance(t, (bool, np.bool_)) for t in p):
+            raise ArrayError(f"generate: prompts[{i}] holds booleans, not token ids")
+        a = np.asarray(p)
+        if a.ndim != 1:
+            got = f"shape {a.shape}" if a.ndim else f"{p!r:.40} ({type(p).__name__})"
+            raise ArrayError(
+                f"generate: prompts[{i}] must be a 1-d list of token ids, got {got}; prompts is "
+                f"{want} (one prompt: [ids])"
+            )
+        if a.dtype.kind not in "iu" and a.size:
+            raise ArrayError(f"generate: prompts[{i}] must hold int token ids, got {a.dtype}")
+        if not a.size:
+            raise ArrayError(
+                f"generate: prompts[{i}] is empty; every prompt needs at least one token"
+            )
+        if a.min() < 0 or a.max() >= vocab_size:
+            bad = a.min() if a.min() < 0 else a.max()
+            raise ArrayError(
+                f"generate: prompt token ids must be in [0, {vocab_size}) (the model's "
+                f"vocab_size), got {bad} in prompts[{i}]"
+            )
+        rows.append(a)
+    return rows
+
+
+def _check_generate_args(
+    cfg,
+    prompts,
+    max_new_tokens,
+    sampling,
+    key,
+    stop_ids,
+    pad_id,
+    attention,
+    max_cache_len,
+    on_token,
+    scan_layers,
+) -> tuple[list[np.ndarray], int, tuple[int, ...], int, int | None]:
+    """`generate`'s checks, on host values before anything is traced; returns (prompt rows,
+    max_new_tokens, stop_ids, pad_id, max_cache_len) with the config's defaults filled in."""
+    vocab = cfg.vocab_size
+    max_new_tokens = check_int("generate: max_new_tokens", max_new_tokens, at_least=1)
+    if not isinstance(sampling, SamplingConfig):
+        raise ConfigError(
+            f"generate: sampling must be a SamplingConfig, got {type(sampling).__name__}"
+        )
+    if key is None and not sampling.greedy:
+        raise ConfigError("generate: sampling with temperature > 0 needs an explicit PRNG `key`")
+    if key is not None and not (
+        hasattr(key, "dtype")
+        and (
+            (jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ())
+            or (key.dtype == jnp.uint32 and key.shape == (2,))
+        )
+    ):
+        raise ArrayError(
+            "generate: key must be one PRNG key (jax.random.key(seed)), got "
+            + (f"{key.dtype} {list(key.shape)}" if hasattr(key, "dtype") else type(key).__name__)
+        )
+    rows = _prompt_rows(prompts, vocab)
+    name = "generate: pad_id"
+    if pad_id is None:
+        pad_id, name = cfg.pad_token_id or 0, "generate: pad_id (the config's pad_token_id)"
+    pad_id = check_int(name, pad_id, at_least=0, below=vocab)
+    name = "generate: stop_ids"
+    if stop_ids is None:
+        stop_ids, name = cfg.eos_token_ids, "generate: stop_ids (the config's eos_token_ids)"
+    if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
+        raise ConfigError(f"{name} must be a sequence of token ids, got {stop_ids!r}")
+    stop_ids = tuple(
+        check_int(f"{name}[{i}]", t, at_least=0, below=vocab) for i, t in enumerate(stop_ids)
+    )
+    if not isinstance(attention, CachedAttention):
+        raise ConfigError(
+            "generate: attention must be a CachedAttention (a backend with a KV cache; "
+            f"moa_jax.methods.build_attention builds one), got {type(attention).__name__}"
+        )
+    if max_cache_len is not None:
+        max_cache_len = check_int("generate: max_cache_len", max_cache_len, at_least=1)
+    if on_token is not None and not callable(on_token):
+        raise ConfigError(f"generate: on_token must be callable, got {type(on_token).__name__}")
+    check_flag("generate: scan_layers", scan_layers)
+    return rows, max_new_tokens, stop_ids, pad_id, max_cache_len
+
+
 def generate(
     model: CausalLM,
     prompts: Sequence[Sequence[int]],
@@ -165,10 +273,13 @@ def generate(
 
     Args:
       model: the model (any supported family).
-      prompts: token id lists, of any lengths.
+      prompts: token id lists (or an int [B, T] array, one prompt per row) of any lengths >= 1,
+        ids in [0, vocab_size).
       sampling: greedy by default; temperature / top-k / top-p otherwise (then `key` is required).
-      stop_ids: tokens that end a row (default: the config's eos ids).
-      pad_id: filler after a row stops (default: the config's pad id, else 0).
+      max_new_tokens: an int >= 1.
+      stop_ids: tokens that end a row (default: the config's eos ids), in [0, vocab_size).
+      pad_id: filler after a row stops (default: the config's pad id, else 0), in
+        [0, vocab_size).
       attention: attention backend (dense by default); `moa_jax.methods.build_attention` builds
         any registered method's (MoA plans, Recycled Attention decoding, ...).
       max_cache_len: cache capacity in tokens; default the padded prompt length + max_new_tokens.
@@ -182,22 +293,26 @@ def generate(
         short ones where compilation dominates (calibration answers).
     Returns:
       GenerateOutput with tokens [B, max_new_tokens] and lengths [B].
+    Raises:
+      ArrayError: prompts or key malformed (not token id lists, empty, ids outside the
+        vocabulary); ConfigError: an option out of its domain (the message names it);
+        ValueError: a prompt that does not fit the cache, a cache that does not fit the device.
     """
     cfg = model.config
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not sampling.greedy and key is None:
-        raise ValueError("sampling with temperature > 0 needs an explicit PRNG `key`")
-    if pad_id is None:
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
-    stop_ids = tuple(cfg.eos_token_ids if stop_ids is None else stop_ids)
+    prompts, max_new_tokens, stop_ids, pad_id, max_cache_len = _check_generate_args(
+        cfg,
+        prompts,
+        max_new_tokens,
+        sampling,
+        key,
+        stop_ids,
+        pad_id,
+        attention,
+        max_cache_len,
+        on_token,
+        scan_layers,
+    )
     tokens, lengths = pad_prompts(prompts, pad_id)
-    bad = np.asarray([t for p in prompts for t in p])
-    if bad.size and (bad.min() < 0 or bad.max() >= cfg.vocab_size):
-        raise ValueError(
-            f"prompt token ids must be in [0, {cfg.vocab_size}); "
-            f"got range [{bad.min()}, {bad.max()}]"
-        )
     needed = int(lengths.max()) + max_new_tokens
     cache_len = max_cache_len or tokens.shape[1] + max_new_tokens
     if needed > cache_len:

@@ -34,6 +34,7 @@ import jax
 from flax import nnx
 
 from moa_jax.config import ModelConfig
+from moa_jax.errors import check_int_array
 from moa_jax.models.attention import MODES, Attention, CachedAttention, DenseAttention
 
 HIDDEN = ("batch", "seq", "activation_embed")  # logical axes of the hidden states
@@ -125,6 +126,19 @@ def check_mode(mode: str, attention: Attention, cache: Any, remat: bool = False)
         raise ValueError(f"{name} keeps no cache: it runs in stateless mode only")
     if remat:
         raise ValueError("remat is for training (stateless mode); decoding keeps no activations")
+
+
+def check_tokens(
+    op: str, tokens: Any, positions: Any, lengths: Any = None, *, one_per_row: bool = False
+) -> None:
+    """Raises `ArrayError` naming the argument unless tokens and positions are int [B, T] of
+    one shape (int [B] with `one_per_row`: `decode_token`) and lengths, when given, int [B].
+    Shapes and dtypes only: under `jit` it costs nothing per call."""
+    doc, any_shape = ("[B]", (None,)) if one_per_row else ("[B, T]", (None, None))
+    check_int_array(f"{op}: tokens", tokens, any_shape, doc)
+    check_int_array(f"{op}: positions", positions, tuple(tokens.shape), f"{doc} (tokens' shape)")
+    if lengths is not None:
+        check_int_array(f"{op}: lengths", lengths, tuple(tokens.shape[:1]), "[B]")
 
 
 def check_model_window(

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moa_jax.config import ModelConfig, parse_dtype
+from moa_jax.errors import check_int_array
 from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.causal_lm import (
     HIDDEN,
@@ -34,6 +35,7 @@ from moa_jax.models.causal_lm import (
     LayerStack,
     check_mode,
     check_model_window,
+    check_tokens,
 )
 from moa_jax.models.rotary import RotaryTable, apply_rope, rotary_table
 from moa_jax.parallel import constrain, param_logical_axes
@@ -234,6 +236,7 @@ class DecoderLM(nnx.Module):
         second output (`layer`): a tuple over layers, or one pytree stacked over layers [L, ...]
         with `layer_stack`).
         """
+        check_tokens("DecoderLM", tokens, positions, lengths)
         check_mode(mode, attention[0] if isinstance(attention, tuple) else attention, cache, remat)
         if mode == "decode" and tokens.shape[1] != 1:
             raise ValueError(f"a decode step takes one token per row, got {tokens.shape[1]}")
@@ -273,6 +276,9 @@ class DecoderLM(nnx.Module):
         LM head): [B, T, V]; with `at` int [B] only at hidden[b, at[b]]: [B, V]; with `at`
         int [B, A] at hidden[b, at[b, a]]: [B, A, V] (a T x V logit matrix is otherwise the
         largest tensor of a long forward pass)."""
+        if at is not None:
+            rows = (hidden.shape[0],) + (None,) * (getattr(at, "ndim", 1) == 2)
+            check_int_array("DecoderLM.logits: at", at, rows, "[B] or [B, A]")
         x = self.norm(hidden)
         if at is not None:
             idx = at[:, None] if at.ndim == 1 else at
@@ -346,6 +352,7 @@ class DecoderLM(nnx.Module):
     ):
         """One token per row, tokens int [B] at positions int [B], against `cache` (decode
         mode); returns (logits float32 [B, V], the new cache)."""
+        check_tokens("DecoderLM.decode_token", tokens, positions, one_per_row=True)
         return self(
             tokens[:, None],
             positions[:, None],

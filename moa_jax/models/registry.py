@@ -27,8 +27,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from moa_jax.config import ModelConfig
+from moa_jax.config import ModelConfig, parse_dtype
 from moa_jax.downloads import DownloadError, cache_dir, locked, pip_fetch, sha256_of
+from moa_jax.errors import ConfigError
 from moa_jax.models.causal_lm import CausalLM
 from moa_jax.models.decoder import abstract_model, init_random
 from moa_jax.models.gguf_weights import gguf_model_config, load_gguf
@@ -162,25 +163,42 @@ def load_config(name_or_path: str | os.PathLike) -> ModelConfig:
     """The `ModelConfig` of what `load_model` would load, without reading the weights (a
     GGUF's header, an HF directory's `config.json`): for checks before the expensive load.
     Raises as `load_model` does."""
-    key = os.fspath(name_or_path)
+    key = _model_key("load_config", name_or_path)
     if key == "tiny-random":
         return TINY_RANDOM_CONFIG
     if key == "smollm2-135m":
         return gguf_model_config(smollm2_gguf_path())
-    path = _model_path(key)
+    path = _model_path("load_config", key)
     return hf_model_config(path) if path.is_dir() else gguf_model_config(path)
 
 
-def _model_path(key: str) -> Path:
-    """An existing HF directory or .gguf file, or the error `load_model` gives."""
+def _model_key(op: str, name_or_path: Any) -> str:
+    try:
+        return os.fspath(name_or_path)
+    except TypeError:
+        raise ConfigError(
+            f"{op}: name_or_path must be a preset name or a path, got "
+            f"{type(name_or_path).__name__}; presets: {', '.join(list_presets())}"
+        ) from None
+
+
+def _model_path(op: str, key: str) -> Path:
+    """An HF checkpoint directory (with config.json) or a .gguf file; otherwise one error naming
+    the argument and what it takes: WeightsNotFoundError for a path that is not there (or a
+    directory without config.json), WeightsError for a file that is not a .gguf, ConfigError
+    for a name that is not a preset."""
     path = Path(key).expanduser()
+    takes = (
+        f"name_or_path takes a preset ({', '.join(list_presets())}), an HF checkpoint "
+        "directory with config.json or a .gguf file"
+    )
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise WeightsNotFoundError(f"{op}: {key} is a directory with no config.json; {takes}")
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise WeightsError(
-                f"{path} is a file but not a .gguf; pass a .gguf file or an HF checkpoint directory"
-            )
+            raise WeightsError(f"{op}: {key} is a file but not a .gguf; {takes}")
         return path
     looks_like_path = (
         os.sep in key
@@ -188,10 +206,9 @@ def _model_path(key: str) -> Path:
         or key.lower().endswith((".gguf", ".safetensors"))
     )
     if looks_like_path:
-        raise WeightsNotFoundError(f"no such file or directory: {key}")
-    raise ValueError(
-        f"unknown model {key!r}: not a preset and not an existing path; known "
-        f"presets: {', '.join(list_presets())}"
+        raise WeightsNotFoundError(f"{op}: no such file or directory: {key}; {takes}")
+    raise ConfigError(
+        f"{op}: unknown model {key!r}: not a preset and not an existing path; {takes}"
     )
 
 
@@ -208,13 +225,17 @@ def load_model(
       (model, tokenizer): the tokenizer is an HF tokenizer, or None when an HF directory has
       no tokenizer files.
     Raises:
-      ValueError: unknown preset name (the message lists the presets).
-      WeightsNotFoundError: a path that does not exist.
+      ConfigError: a name that is not a preset (the message lists the presets), a dtype that is
+        not a floating dtype (name).
+      WeightsNotFoundError: a path that does not exist, a directory without config.json.
+      WeightsError: a file that is not a .gguf, a checkpoint that cannot be read.
     """
-    key = os.fspath(name_or_path)
+    parse_dtype(dtype, "load_model: dtype")  # before any download or read
+    parse_dtype(param_dtype, "load_model: param_dtype")
+    key = _model_key("load_model", name_or_path)
     if key in _PRESETS:
         return _PRESETS[key].load(dtype, param_dtype)
-    path = _model_path(key)
+    path = _model_path("load_model", key)
     if path.is_dir():
         return load_hf(path, dtype=dtype, param_dtype=param_dtype), load_hf_tokenizer(path)
     return load_gguf(path, dtype=dtype, param_dtype=param_dtype)

@@ -32,8 +32,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moa_jax.errors import (
+    ArrayError,
+    ConfigError,
+    check_choice,
+    check_flag,
+    check_float,
+    check_int,
+    check_int_array,
+    check_power_of_two,
+)
 from moa_jax.pallas_kernels import heuristics, reference
 from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.checks import (
+    HEAD_MAJOR_LAYOUT,
+    PREFILL_LAYOUT,
+    SPAN_LAYOUT,
+    array_shape,
+    check_qkv,
+    one_float_dtype,
+    per_head,
+    same_size,
+)
 from moa_jax.pallas_kernels.decode import head_major_tpu, head_major_triton, span_tpu, span_triton
 from moa_jax.pallas_kernels.prefill import mosaic_gpu, tpu, triton
 
@@ -66,7 +86,7 @@ def lowering_for(target: str) -> Iterator[None]:
     needs an sm90+ GPU here to be chosen. It acts when a function is traced: a jitted function
     traced before, with the same arguments, keeps the kernels of that trace."""
     if target not in ("gpu", "tpu"):
-        raise ValueError(f"lowering_for takes 'gpu' or 'tpu', got {target!r}")
+        raise ConfigError(f"lowering_for: target takes 'gpu' or 'tpu', got {target!r}")
     token = _TARGET.set(target)
     try:
         yield
@@ -177,14 +197,44 @@ def select(
 
 
 def _options(impl: Implementation, backend: str, options: dict) -> dict:
-    """Kernel options for `impl`: all of them when it is the one requested (an unknown option
+    """Kernel options for `impl`: all of them when it is the one requested (one it does not take
     is an error there), only those it takes when it runs for 'auto' or as a fallback."""
     if impl.name == backend:
+        extra = sorted(set(options) - impl.options)
+        if extra:
+            raise ConfigError(
+                f"sparse_attention: the {backend!r} kernel does not take the kernel options "
+                f"{extra} (it takes {sorted(impl.options)})"
+            )
         return options
     dropped = sorted(set(options) - impl.options)
     if dropped:
         logger.debug("%s does not take %s: dropped", impl.name, dropped)
     return {k: v for k, v in options.items() if k in impl.options}
+
+
+# ------------------------------------------------------------------------------ argument checks
+# Every operation checks its arguments first, before an implementation is chosen, so every
+# backend refuses the same inputs (`checks.py`): shapes, dtypes and static values only (the
+# abstract values `jit` traces with), so a check costs nothing per call of a jitted function.
+
+
+def _check_options(op: str, backend: Any, interpret: Any, scale: Any, **sizes: Any) -> None:
+    """The options every operation takes; `sizes`: block sizes (powers of two) or counts
+    (num_warps: a power of two; num_splits, per_split: >= 1), None for the default."""
+    check_choice(f"{op}: backend", backend, BACKENDS)
+    check_flag(f"{op}: interpret", interpret, optional=True)
+    if scale is not None:
+        check_float(f"{op}: scale", scale, above=0)
+    for name, value in sizes.items():
+        if value is None:
+            continue
+        if name.startswith(("block_", "num_warps")):
+            check_power_of_two(f"{op}: {name}", value)
+        elif name == "poison":
+            check_flag(f"{op}: {name}", value)
+        else:  # num_splits, per_split, num_stages*
+            check_int(f"{op}: {name}", value, at_least=1)
 
 
 # ------------------------------------------------------------------------------ prefill
@@ -259,12 +309,55 @@ PREFILL_IMPLEMENTATIONS: dict[str, Implementation] = {
                 "num_stages",
                 "num_warps_bwd",
                 "num_stages_bwd",
+                "poison",  # a test hook: output buffers start as NaN
             )
         ),
     ),
     "tpu": Implementation("tpu", "tpu", _prefill_tpu),
-    "reference": Implementation("reference", None, _prefill_reference),
 }
+# every kernel option of some prefill kernel; the jnp reference has no tiling and ignores them
+_PREFILL_OPTIONS = frozenset().union(*(i.options for i in PREFILL_IMPLEMENTATIONS.values()))
+PREFILL_IMPLEMENTATIONS["reference"] = Implementation(
+    "reference", None, _prefill_reference, options=_PREFILL_OPTIONS
+)
+
+
+def check_prefill_args(
+    op: str,
+    q: Any,
+    k: Any,
+    v: Any,
+    /,
+    *,
+    windows: Any,
+    sink: Any = 0,
+    q_offset: Any = 0,
+    kv_lengths: Any = None,
+    backend: Any = "auto",
+    interpret: Any = None,
+    block_q: Any = None,
+    block_k: Any = None,
+    return_lse: Any = False,
+    scale: Any = None,
+    **options: Any,
+) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """`sparse_attention`'s checks of its arguments (`op`: the function named in messages);
+    returns (windows, sinks, q_offset) as ints."""
+    b, _, h, *_ = check_qkv(op, q, k, v, PREFILL_LAYOUT)  # q's shape, then k's
+    one_float_dtype(op, q=q, k=k, v=v)
+    if kv_lengths is not None:
+        check_int_array(f"{op}: kv_lengths", kv_lengths, (b,), "[B]")
+    windows = per_head(op, "windows", "windows", windows, h, 1, one_for_all=False)
+    sinks = per_head(op, "sink", "sinks", sink, h, 0, one_for_all=True)
+    q_offset = check_int(f"{op}: q_offset", q_offset, at_least=0)
+    check_flag(f"{op}: return_lse", return_lse)
+    unknown = sorted(set(options) - _PREFILL_OPTIONS)
+    if unknown:
+        raise ConfigError(
+            f"{op}: unknown kernel options {unknown}; the kernels take {sorted(_PREFILL_OPTIONS)}"
+        )
+    _check_options(op, backend, interpret, scale, block_q=block_q, block_k=block_k, **options)
+    return windows, sinks, q_offset
 
 
 def sparse_attention(
@@ -309,25 +402,35 @@ def sparse_attention(
       kernel_options: implementation options (Triton: block_q_dq, block_k_dq, block_q_dkv,
         block_k_dkv, num_warps, num_stages, num_warps_bwd, num_stages_bwd; Mosaic GPU:
         block_k_dq, num_stages, num_stages_dq, num_stages_dkv). When another implementation
-        than the requested one runs, the options it does not take are dropped.
+        than the requested one runs, the options it does not take are dropped; the requested
+        one refuses them, and the jnp reference ignores them all.
     Returns:
       out [B, T, H, D] in q's dtype (and lse). Differentiable with respect to q, k, v.
+    Raises:
+      ArrayError: q, k, v not floats of one dtype and the shapes above (non-empty axes), or
+        kv_lengths not int [B]; ConfigError: an option out of its domain (windows and sinks
+        static ints, one per query head, >= 1 and >= 0; q_offset an int >= 0; scale a finite
+        number > 0; block sizes and num_warps powers of two; a backend or kernel option that
+        does not exist). Checked before an implementation is chosen, the same for every backend.
     """
-    B, T, H, D = q.shape
-    Hkv = k.shape[2]
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of KV heads ({Hkv})")
-    windows = tuple(int(w) for w in windows)
-    if len(windows) != H:
-        raise ValueError(f"{len(windows)} windows for {H} query heads")
-    sinks = (
-        (int(sink),) * H
-        if isinstance(sink, (int,)) or getattr(sink, "ndim", 1) == 0
-        else tuple(int(s) for s in sink)
+    windows, sinks, q_offset = check_prefill_args(
+        "sparse_attention",
+        q,
+        k,
+        v,
+        windows=windows,
+        sink=sink,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
+        backend=backend,
+        interpret=interpret,
+        block_q=block_q,
+        block_k=block_k,
+        return_lse=return_lse,
+        scale=scale,
+        **kernel_options,
     )
-    if len(sinks) != H:
-        raise ValueError(f"{len(sinks)} sinks for {H} query heads")
-    case = Case(platform(), q.dtype, D, interpret, block_k)
+    case = Case(platform(), q.dtype, q.shape[3], interpret, block_k)
     impl = select("prefill", PREFILL_IMPLEMENTATIONS, backend, case)
     out, lse = impl.run(
         q,
@@ -376,16 +479,27 @@ SPAN_DECODE_IMPLEMENTATIONS: dict[str, Implementation] = {
 }
 
 
-def _check_span(q: jax.Array, cache: SpanKVCache):
-    b, h, d = q.shape
-    sched = cache.schedule
-    if h != sched.num_heads:
-        raise ValueError(
-            f"need one window and sink per query head ({h}); the cache's schedule has "
-            f"{sched.num_heads}"
+def _check_span_args(q, cache, q_positions, backend, interpret, per_split, scale, num_warps):
+    """`span_decode`'s checks."""
+    op, layout = "span_decode", SPAN_LAYOUT
+    b, h, d = array_shape(op, "q", q, 3, layout)
+    if not isinstance(cache, SpanKVCache):
+        raise ArrayError(f"{op}: cache must be a SpanKVCache, got {type(cache).__name__}")
+    kshape = array_shape(op, "cache.k", cache.k, 3, layout)
+    vshape = array_shape(op, "cache.v", cache.v, 3, layout)
+    if vshape != kshape:
+        raise ArrayError(f"{op}: cache.v has shape {vshape} but cache.k has {kshape} ({layout})")
+    same_size(op, "cache.k", "batch", kshape[0], "q", b, layout)
+    same_size(op, "cache.k", "head_dim", kshape[2], "q", d, layout)
+    check_int_array(f"{op}: cache.pos", cache.pos, kshape[:2], "[B, M]")
+    if h != cache.schedule.num_heads:
+        raise ArrayError(
+            f"{op}: q has {h} query heads but the cache's schedule has windows and sinks for "
+            f"{cache.schedule.num_heads} ({layout})"
         )
-    if cache.k.shape[0] != b or cache.k.shape[2] != d:
-        raise ValueError(f"q {q.shape} does not match the cache keys {cache.k.shape}")
+    one_float_dtype(op, q=q, **{"cache.k": cache.k, "cache.v": cache.v})
+    check_int_array(f"{op}: q_positions", q_positions, (b,), "[B]")
+    _check_options(op, backend, interpret, scale, per_split=per_split, num_warps=num_warps)
 
 
 def span_decode(
@@ -412,8 +526,11 @@ def span_decode(
         short ones' length). Triton only.
     Returns:
       [B, H, D] in q's dtype.
+    Raises:
+      ArrayError / ConfigError naming the argument, as `sparse_attention` (q, cache.k, cache.v
+      floats of one dtype, cache.pos and q_positions int, per_split >= 1).
     """
-    _check_span(q, cache)
+    _check_span_args(q, cache, q_positions, backend, interpret, per_split, scale, num_warps)
     case = Case(platform(), q.dtype, q.shape[-1], interpret)
     impl = select("span decode", SPAN_DECODE_IMPLEMENTATIONS, backend, case)
     return impl.run(
@@ -431,27 +548,46 @@ def span_decode(
 _SCORE_MODES = (None, "max", "sum")
 
 
-def _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores, window=None):
-    b, h, d = q.shape
-    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d:
-        raise ValueError(f"q {q.shape} needs k, v [B, Hkv, N, D]; got {k.shape}, {v.shape}")
-    hkv, n = k.shape[1], k.shape[2]
-    if h % hkv:
-        raise ValueError(f"{h} query heads do not divide into {hkv} KV heads")
-    if q_positions.shape != (b,):
-        raise ValueError(f"q_positions must be [B]={b}, got {q_positions.shape}")
-    if pos is not None and pos.shape != (b, hkv, n):
-        raise ValueError(f"pos must be [B, Hkv, N]={(b, hkv, n)}, got {pos.shape}")
+def _check_head_major_args(
+    op,
+    q,
+    k,
+    v,
+    q_positions,
+    pos,
+    k_new,
+    v_new,
+    scores,
+    backend,
+    interpret,
+    num_splits,
+    block_k,
+    scale,
+    num_warps,
+    window,
+) -> int | None:
+    """`full_step_decode`'s and `recycled_decode`'s checks; returns the window as an int."""
+    b, _, d, _, hkv, n, _ = check_qkv(op, q, k, v, HEAD_MAJOR_LAYOUT, decode=True)
+    check_int_array(f"{op}: q_positions", q_positions, (b,), "[B]")
+    if pos is not None:
+        check_int_array(f"{op}: pos", pos, (b, hkv, n), "[B, Hkv, N]")
     if (k_new is None) != (v_new is None):
-        raise ValueError("k_new and v_new go together")
-    if k_new is not None and (k_new.shape != (b, hkv, d) or v_new.shape != (b, hkv, d)):
-        raise ValueError(
-            f"k_new, v_new must be [B, Hkv, D]={(b, hkv, d)}, got {k_new.shape}, {v_new.shape}"
-        )
-    if scores not in _SCORE_MODES:
-        raise ValueError(f"scores must be one of {_SCORE_MODES}, got {scores!r}")
-    if window is not None and window < 1:
-        raise ValueError(f"window must be >= 1 or None, got {window}")
+        raise ArrayError(f"{op}: k_new and v_new go together, got only one of them")
+    new = {} if k_new is None else {"k_new": k_new, "v_new": v_new}
+    for name, x in new.items():
+        if array_shape(op, name, x, 3, HEAD_MAJOR_LAYOUT) != (b, hkv, d):
+            raise ArrayError(
+                f"{op}: {name} must be [B, Hkv, D] = {[b, hkv, d]}, got shape {tuple(x.shape)}"
+            )
+    one_float_dtype(op, q=q, k=k, v=v, **new)
+    check_choice(f"{op}: scores", scores, _SCORE_MODES)
+    if block_k is not None:
+        bk = check_int(f"{op}: block_k", block_k, at_least=1)
+        if n % bk:
+            raise ConfigError(f"{op}: block_k {bk} does not divide the cache's {n} slots (N)")
+        check_power_of_two(f"{op}: block_k", bk)
+    _check_options(op, backend, interpret, scale, num_splits=num_splits, num_warps=num_warps)
+    return None if window is None else check_int(f"{op}: window", window, at_least=1)
 
 
 def _head_major_triton(
@@ -524,6 +660,7 @@ HEAD_MAJOR_DECODE_IMPLEMENTATIONS: dict[str, Implementation] = {
 
 
 def _head_major_decode(
+    op,
     q,
     k,
     v,
@@ -541,8 +678,24 @@ def _head_major_decode(
     num_warps,
     window,
 ):
-    window = None if window is None else int(window)  # static: a kernel parameter
-    _check_head_major(q, k, v, q_positions, pos, k_new, v_new, scores, window)
+    window = _check_head_major_args(
+        op,
+        q,
+        k,
+        v,
+        q_positions,
+        pos,
+        k_new,
+        v_new,
+        scores,
+        backend,
+        interpret,
+        num_splits,
+        block_k,
+        scale,
+        num_warps,
+        window,
+    )
     case = Case(platform(), q.dtype, q.shape[-1], interpret, block_k)
     impl = select("head-major decode", HEAD_MAJOR_DECODE_IMPLEMENTATIONS, backend, case)
     return impl.run(
@@ -550,7 +703,7 @@ def _head_major_decode(
         k,
         v,
         q_positions.astype(jnp.int32),
-        pos=pos,
+        pos=None if pos is None else pos.astype(jnp.int32),
         k_new=k_new,
         v_new=v_new,
         scores=scores,
@@ -594,8 +747,12 @@ def full_step_decode(
         before it (None, the default: every slot up to q_position).
     Returns:
       out [B, H, D] in q's dtype, or (out, scores float32 [B, Hkv, N]); invisible slots score 0.
+    Raises:
+      ArrayError / ConfigError naming the argument, as `sparse_attention` (q, k, v floats of one
+      dtype, q_positions int [B]; window an int >= 1; block_k a power of two dividing N).
     """
     res = _head_major_decode(
+        "full_step_decode",
         q,
         k,
         v,
@@ -646,13 +803,19 @@ def recycled_decode(
         always is); None (the default): no limit.
     Returns:
       out [B, H, D], or (out, slot scores [B, Hkv, N], new-token score [B, Hkv] or None).
+    Raises:
+      ArrayError / ConfigError naming the argument, as `full_step_decode` (pos int [B, Hkv, N];
+      k_new, v_new together, of q's dtype).
     """
+    if pos is None:
+        raise ArrayError("recycled_decode: pos is required (int [B, Hkv, N], -1 for an empty slot)")
     return _head_major_decode(
+        "recycled_decode",
         q,
         k,
         v,
         q_positions,
-        pos=pos.astype(jnp.int32),
+        pos=pos,
         k_new=k_new,
         v_new=v_new,
         scores=scores,

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moa_jax.pallas_kernels.caches.span import SpanKVCache
+from moa_jax.pallas_kernels.checks import PREFILL_LAYOUT, check_qkv
 
 _NEG_INF = -1e30
 _EXACT = jax.lax.Precision.HIGHEST  # true f32 products (GPUs default to TF32)
@@ -88,12 +89,7 @@ def mha_reference(
     Returns:
       out [B, T, H, D] in q's dtype (and lse).
     """
-    b, t, h, d = q.shape
-    _, s, hkv, _ = k.shape
-    if h % hkv:
-        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({hkv})")
-    if k.shape != v.shape[:3] + (k.shape[3],) or v.shape[:3] != (b, s, hkv):
-        raise ValueError(f"k {k.shape} and v {v.shape} do not match")
+    b, t, h, d, _, s, hkv, _ = check_qkv("mha_reference", q, k, v, PREFILL_LAYOUT, nonempty=False)
     g = h // hkv
     scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, t, hkv, g, d).astype(jnp.float32)

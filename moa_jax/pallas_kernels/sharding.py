@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from moa_jax.pallas_kernels.caches.span import SpanKVCache
-from moa_jax.pallas_kernels.dispatch import span_decode, sparse_attention
+from moa_jax.pallas_kernels.dispatch import check_prefill_args, span_decode, sparse_attention
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -152,7 +152,10 @@ def sparse_attention_on_mesh(
     """`sparse_attention` (q [B, T, H, D], k/v [B, S, Hkv, D]) with each device's rows and heads,
     each head with its own window and sinks; kw: `sparse_attention`'s other options."""
     h = q.shape[2]
-    windows, sinks = tuple(windows), tuple(sinks)
+    # the whole arrays and every head's window and sinks, before they are split per device
+    windows, sinks, _ = check_prefill_args(
+        "sparse_attention_on_mesh", q, k, v, windows=windows, sink=sinks, **kw
+    )
 
     def kernel(i: int, t: int):
         heads = slice(i * h // t, (i + 1) * h // t)
