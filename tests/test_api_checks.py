@@ -247,7 +247,8 @@ DECODE_CASES = [
     ("span_q_rank", _sd(q=Q), ArrayError, "span_decode: q must be a 3-d array"),
     ("span_cache_type", _sd(cache=(QD, QD)), ArrayError, "cache must be a SpanKVCache"),
     ("span_heads", _sd(q=np.zeros((B, 4, D), F32)), ArrayError,
-     "span_decode: q has 4 query heads but the cache's schedule has windows and sinks for 2"),
+     "span_decode: q has 4 query heads but the cache's schedule has 2; it needs one window and "
+     "sink per query head"),
     ("span_v_shape", _sd(cache=_cache(v=np.zeros((B, 8, D), F32))), ArrayError,
      "cache.v has shape"),
     ("span_batch", _sd(cache=_cache(np.zeros((2, 16, D), F32), np.zeros((2, 16, D), F32),

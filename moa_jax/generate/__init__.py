@@ -237,7 +237,9 @@ def _check_generate_args(
     if stop_ids is None:
         stop_ids, name = cfg.eos_token_ids, "generate: stop_ids (the config's eos_token_ids)"
     if isinstance(stop_ids, (str, bytes)) or not hasattr(stop_ids, "__iter__"):
-        raise ConfigError(f"{name} must be a sequence of token ids, got {stop_ids!r}")
+        raise ConfigError(
+            f"{name} must be a sequence of token ids, got {stop_ids!r} ({type(stop_ids).__name__})"
+        )
     stop_ids = tuple(
         check_int(f"{name}[{i}]", t, at_least=0, below=vocab) for i, t in enumerate(stop_ids)
     )

@@ -494,8 +494,8 @@ def _check_span_args(q, cache, q_positions, backend, interpret, per_split, scale
     check_int_array(f"{op}: cache.pos", cache.pos, kshape[:2], "[B, M]")
     if h != cache.schedule.num_heads:
         raise ArrayError(
-            f"{op}: q has {h} query heads but the cache's schedule has windows and sinks for "
-            f"{cache.schedule.num_heads} ({layout})"
+            f"{op}: q has {h} query heads but the cache's schedule has {cache.schedule.num_heads}; "
+            f"it needs one window and sink per query head ({layout})"
         )
     one_float_dtype(op, q=q, **{"cache.k": cache.k, "cache.v": cache.v})
     check_int_array(f"{op}: q_positions", q_positions, (b,), "[B]")
