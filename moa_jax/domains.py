@@ -17,6 +17,10 @@ allows it (the option's "automatic" value).
 
 Relations between options (`sink <= span`, `batch_size % grad_accum == 0`) are `Relation`s in a
 config class's `relations` tuple, checked after the fields.
+
+The public Python functions check their arguments with the same domains: `checked(name, value,
+domain)` for an option value (`ConfigError` naming the argument), `check_int_array` for an int
+array argument's dtype and shape (`ArrayError`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from moa_jax.errors import ConfigError
+from moa_jax.errors import ArrayError, ConfigError
 
 _KINDS = (int, float, str, bool)
 
@@ -215,6 +219,9 @@ NON_NEGATIVE = Int(0)
 FRACTION = Float(0.0, 1.0, lo_open=True)
 """A fraction in (0, 1]: a density, a share of a budget."""
 PROBABILITY = Float(0.0, 1.0)
+FLAG = Domain(bool)
+POWER_OF_TWO = Int(1, power_of_two=True)
+"""A block size, a warp count."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,3 +300,34 @@ class Options:
 
     def __post_init__(self) -> None:
         checked_fields(self, self.relations)
+
+
+# ------------------------------------------------------------------ public functions' arguments
+def checked(name: str, value: Any, domain: Domain, *, optional: bool = False) -> Any:
+    """A public function's argument `value` in `domain` (None passes when `optional`),
+    normalised as `Domain.check` does; else `ConfigError` naming it (`name`, e.g.
+    'sparse_attention: windows[2]'), in one line. A traced value (under `jit`) is not a number:
+    these arguments are static."""
+    if value is None and optional:
+        return None
+    try:
+        return domain.check(value)
+    except ValueError as e:
+        raise ConfigError(f"{name} {' '.join(str(e).split())}") from None
+
+
+def check_int_array(name: str, x: Any, shape: tuple[int | None, ...], doc: str) -> None:
+    """`x` is an int array of `shape` (None: any size on that axis), `doc` its layout ('[B]');
+    else `ArrayError` naming it. Reads the shape and dtype only, so a traced array passes and
+    a jitted call pays nothing."""
+    got_shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if (
+        got_shape is not None
+        and getattr(dtype, "kind", "") in ("i", "u")
+        and len(got_shape) == len(shape)
+        and all(w is None or w == g for g, w in zip(got_shape, shape))
+    ):
+        return
+    want = doc if None in shape else f"{doc} = {list(shape)}"
+    got = type(x).__name__ if got_shape is None else f"{dtype} {list(got_shape)}"
+    raise ArrayError(f"{name} must be int {want}, got {got}")

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moa_jax.errors import check_float, check_int
+from moa_jax.domains import FRACTION, NON_NEGATIVE, Float, checked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +22,16 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        """Raises `ConfigError` naming the field: temperature a finite number >= 0, top_k an int
-        >= 0, top_p a number in (0, 1]; stores them as float, int and float."""
-        t = check_float("SamplingConfig.temperature", self.temperature, at_least=0)
-        object.__setattr__(self, "temperature", t)
-        object.__setattr__(self, "top_k", check_int("SamplingConfig.top_k", self.top_k, at_least=0))
-        p = check_float("SamplingConfig.top_p", self.top_p, above=0, at_most=1)
-        object.__setattr__(self, "top_p", p)
+        """Raises `ConfigError` naming the field: temperature a finite number >= 0, top_k an
+        integer >= 0, top_p a finite number in (0, 1]; stores them as float, int and float."""
+        for name, domain in (
+            ("temperature", Float(0.0)),
+            ("top_k", NON_NEGATIVE),
+            ("top_p", FRACTION),
+        ):
+            object.__setattr__(
+                self, name, checked(f"SamplingConfig.{name}", getattr(self, name), domain)
+            )
 
     @property
     def greedy(self) -> bool:

@@ -108,11 +108,11 @@ def test_bad_input(model, prompts):
         generate(model, [[5, 500]], max_new_tokens=2)
     with pytest.raises(ValueError, match="needs an explicit PRNG"):
         generate(model, prompts, sampling=SamplingConfig(temperature=0.7))
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         generate(model, prompts, max_new_tokens=0)
     with pytest.raises(ValueError, match="no prompts"):
         generate(model, [], max_new_tokens=2)
-    with pytest.raises(ValueError, match="top_p must be in"):
+    with pytest.raises(ValueError, match=r"top_p must be a finite number in \(0, 1\]"):
         SamplingConfig(temperature=1.0, top_p=0.0)
 
 

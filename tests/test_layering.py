@@ -12,7 +12,8 @@ PACKAGE = Path(moa_jax.__file__).parent
 
 # Bottom to top; a module may import its own top-level package or one of a lower rank.
 RANKS = {
-    "errors": -1,  # below every layer: the user-error classes and the option checks
+    "errors": -2,  # below every layer: the user-error classes
+    "domains": -1,  # the declared domains of option values, and the argument checks
     **dict.fromkeys(["files", "config", "sampling", "parallel"], 0),
     **dict.fromkeys(["downloads", "cli"], 1),
     **dict.fromkeys(["corpora", "runtime"], 2),

@@ -20,7 +20,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from moa_jax.errors import ArrayError, ConfigError, check_flag, check_int
+from moa_jax.domains import FLAG, POSITIVE, Int, checked
+from moa_jax.errors import ArrayError, ConfigError
 from moa_jax.models.attention import Attention, CachedAttention, DenseAttention
 from moa_jax.models.causal_lm import CausalLM, stack_layers
 from moa_jax.parallel import (
@@ -210,7 +211,7 @@ def _check_generate_args(
     """`generate`'s checks, on host values before anything is traced; returns (prompt rows,
     max_new_tokens, stop_ids, pad_id, max_cache_len) with the config's defaults filled in."""
     vocab = cfg.vocab_size
-    max_new_tokens = check_int("generate: max_new_tokens", max_new_tokens, at_least=1)
+    max_new_tokens = checked("generate: max_new_tokens", max_new_tokens, POSITIVE)
     if not isinstance(sampling, SamplingConfig):
         raise ConfigError(
             f"generate: sampling must be a SamplingConfig, got {type(sampling).__name__}"
@@ -232,7 +233,8 @@ def _check_generate_args(
     name = "generate: pad_id"
     if pad_id is None:
         pad_id, name = cfg.pad_token_id or 0, "generate: pad_id (the config's pad_token_id)"
-    pad_id = check_int(name, pad_id, at_least=0, below=vocab)
+    token_id = Int(0, vocab - 1)
+    pad_id = checked(name, pad_id, token_id)
     name = "generate: stop_ids"
     if stop_ids is None:
         stop_ids, name = cfg.eos_token_ids, "generate: stop_ids (the config's eos_token_ids)"
@@ -240,19 +242,16 @@ def _check_generate_args(
         raise ConfigError(
             f"{name} must be a sequence of token ids, got {stop_ids!r} ({type(stop_ids).__name__})"
         )
-    stop_ids = tuple(
-        check_int(f"{name}[{i}]", t, at_least=0, below=vocab) for i, t in enumerate(stop_ids)
-    )
+    stop_ids = tuple(checked(f"{name}[{i}]", t, token_id) for i, t in enumerate(stop_ids))
     if not isinstance(attention, CachedAttention):
         raise ConfigError(
             "generate: attention must be a CachedAttention (a backend with a KV cache; "
             f"moa_jax.methods.build_attention builds one), got {type(attention).__name__}"
         )
-    if max_cache_len is not None:
-        max_cache_len = check_int("generate: max_cache_len", max_cache_len, at_least=1)
+    max_cache_len = checked("generate: max_cache_len", max_cache_len, POSITIVE, optional=True)
     if on_token is not None and not callable(on_token):
         raise ConfigError(f"generate: on_token must be callable, got {type(on_token).__name__}")
-    check_flag("generate: scan_layers", scan_layers)
+    checked("generate: scan_layers", scan_layers, FLAG)
     return rows, max_new_tokens, stop_ids, pad_id, max_cache_len
 
 

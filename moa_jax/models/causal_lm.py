@@ -34,7 +34,7 @@ import jax
 from flax import nnx
 
 from moa_jax.config import ModelConfig
-from moa_jax.errors import check_int_array
+from moa_jax.domains import check_int_array
 from moa_jax.models.attention import MODES, Attention, CachedAttention, DenseAttention
 
 HIDDEN = ("batch", "seq", "activation_embed")  # logical axes of the hidden states

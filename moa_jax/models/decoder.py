@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moa_jax.config import ModelConfig, parse_dtype
-from moa_jax.errors import check_int_array
+from moa_jax.domains import check_int_array
 from moa_jax.models.attention import Attention, DenseAttention
 from moa_jax.models.causal_lm import (
     HIDDEN,

@@ -1,8 +1,8 @@
 """The argument checks of the kernel operations (`dispatch.py`) and the jnp oracle
 (`reference.mha_reference`): shapes, dtypes and static values only, so under `jit` they run
 once, when the function is traced. An array that does not fit raises `ArrayError`, an option
-`ConfigError` (`moa_jax.errors.check_int`, ...); the message names the argument and, for
-arrays, the layout."""
+`ConfigError` (`moa_jax.domains.checked`); the message names the argument and, for arrays, the
+layout."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from moa_jax.errors import ArrayError, ConfigError, check_int
+from moa_jax.domains import Int, checked
+from moa_jax.errors import ArrayError, ConfigError
 
 PREFILL_LAYOUT = "q [B, T, H, D], k and v [B, S, Hkv, D]"
 SPAN_LAYOUT = "q [B, H, D], cache.k and cache.v [B, M, D]"
@@ -82,7 +83,7 @@ def per_head(
     head), or ConfigError naming `name` (`noun`: the plural for the message)."""
     scalar = isinstance(x, (str, bytes)) or getattr(x, "ndim", 1) == 0 or not hasattr(x, "__iter__")
     if scalar and one_for_all:
-        return (check_int(f"{op}: {name}", x, at_least=at_least),) * heads
+        return (checked(f"{op}: {name}", x, Int(at_least)),) * heads
     if scalar:
         raise ConfigError(
             f"{op}: {name} must be a sequence of one int per query head ({heads}), got "
@@ -94,6 +95,4 @@ def per_head(
             f"{op}: {name} gives {len(values)} {noun} for {heads} query heads; it takes one per "
             "query head"
         )
-    return tuple(
-        check_int(f"{op}: {name}[{i}]", w, at_least=at_least) for i, w in enumerate(values)
-    )
+    return tuple(checked(f"{op}: {name}[{i}]", w, Int(at_least)) for i, w in enumerate(values))

@@ -32,16 +32,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moa_jax.errors import (
-    ArrayError,
-    ConfigError,
-    check_choice,
-    check_flag,
-    check_float,
-    check_int,
+from moa_jax.domains import (
+    FLAG,
+    NON_NEGATIVE,
+    POSITIVE,
+    POWER_OF_TWO,
+    Choice,
+    Float,
     check_int_array,
-    check_power_of_two,
+    checked,
 )
+from moa_jax.errors import ArrayError, ConfigError
 from moa_jax.pallas_kernels import heuristics, reference
 from moa_jax.pallas_kernels.caches.span import SpanKVCache
 from moa_jax.pallas_kernels.checks import (
@@ -219,22 +220,24 @@ def _options(impl: Implementation, backend: str, options: dict) -> dict:
 # abstract values `jit` traces with), so a check costs nothing per call of a jitted function.
 
 
+_SCALE = Float(0.0, lo_open=True)
+
+
 def _check_options(op: str, backend: Any, interpret: Any, scale: Any, **sizes: Any) -> None:
-    """The options every operation takes; `sizes`: block sizes (powers of two) or counts
-    (num_warps: a power of two; num_splits, per_split: >= 1), None for the default."""
-    check_choice(f"{op}: backend", backend, BACKENDS)
-    check_flag(f"{op}: interpret", interpret, optional=True)
-    if scale is not None:
-        check_float(f"{op}: scale", scale, above=0)
+    """The options every operation takes; `sizes`: block sizes and num_warps (powers of two),
+    num_splits, per_split and num_stages (>= 1), poison (a flag), None for the default."""
+    checked(f"{op}: backend", backend, Choice(*BACKENDS))
+    checked(f"{op}: interpret", interpret, FLAG, optional=True)
+    checked(f"{op}: scale", scale, _SCALE, optional=True)
     for name, value in sizes.items():
-        if value is None:
-            continue
-        if name.startswith(("block_", "num_warps")):
-            check_power_of_two(f"{op}: {name}", value)
-        elif name == "poison":
-            check_flag(f"{op}: {name}", value)
-        else:  # num_splits, per_split, num_stages*
-            check_int(f"{op}: {name}", value, at_least=1)
+        domain = (
+            POWER_OF_TWO
+            if name.startswith(("block_", "num_warps"))
+            else FLAG
+            if name == "poison"
+            else POSITIVE
+        )
+        checked(f"{op}: {name}", value, domain, optional=True)
 
 
 # ------------------------------------------------------------------------------ prefill
@@ -349,8 +352,8 @@ def check_prefill_args(
         check_int_array(f"{op}: kv_lengths", kv_lengths, (b,), "[B]")
     windows = per_head(op, "windows", "windows", windows, h, 1, one_for_all=False)
     sinks = per_head(op, "sink", "sinks", sink, h, 0, one_for_all=True)
-    q_offset = check_int(f"{op}: q_offset", q_offset, at_least=0)
-    check_flag(f"{op}: return_lse", return_lse)
+    q_offset = checked(f"{op}: q_offset", q_offset, NON_NEGATIVE)
+    checked(f"{op}: return_lse", return_lse, FLAG)
     unknown = sorted(set(options) - _PREFILL_OPTIONS)
     if unknown:
         raise ConfigError(
@@ -545,7 +548,7 @@ def span_decode(
 
 
 # ------------------------------------------------------------------------------ head-major decode
-_SCORE_MODES = (None, "max", "sum")
+_SCORES = Choice("max", "sum")  # or None
 
 
 def _check_head_major_args(
@@ -580,14 +583,14 @@ def _check_head_major_args(
                 f"{op}: {name} must be [B, Hkv, D] = {[b, hkv, d]}, got shape {tuple(x.shape)}"
             )
     one_float_dtype(op, q=q, k=k, v=v, **new)
-    check_choice(f"{op}: scores", scores, _SCORE_MODES)
+    checked(f"{op}: scores", scores, _SCORES, optional=True)
     if block_k is not None:
-        bk = check_int(f"{op}: block_k", block_k, at_least=1)
+        bk = checked(f"{op}: block_k", block_k, POSITIVE)
         if n % bk:
             raise ConfigError(f"{op}: block_k {bk} does not divide the cache's {n} slots (N)")
-        check_power_of_two(f"{op}: block_k", bk)
+        checked(f"{op}: block_k", bk, POWER_OF_TWO)
     _check_options(op, backend, interpret, scale, num_splits=num_splits, num_warps=num_warps)
-    return None if window is None else check_int(f"{op}: window", window, at_least=1)
+    return checked(f"{op}: window", window, POSITIVE, optional=True)
 
 
 def _head_major_triton(
