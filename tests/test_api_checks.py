@@ -124,7 +124,7 @@ PREFILL_CASES = [
     ("kv_heads", _sa(k=np.zeros((B, T, 3, D), F32), v=np.zeros((B, T, 3, D), F32)),
      ArrayError, "k has 3 KV heads, which do not divide the 2 query heads of q (query heads must "
      "be a multiple of KV heads"),
-    ("q_int", _sa(q=Q.astype(I32)), ArrayError, "q must hold floats"),
+    ("q_int", _sa(q=Q.astype(I32)), ArrayError, "q must have a floating dtype"),
     ("k_dtype", _sa(k=KV.astype(BF16), v=KV.astype(BF16)), ArrayError,
      "k is bfloat16 but q is float32"),
     ("kv_lengths_dtype", _sa(kv_lengths=np.ones((B,), F32)), ArrayError,
@@ -553,7 +553,7 @@ PREFILL_SLOTS = {
                    set_arg("kv_lengths"), ArrayError, "sparse_attention: kv_lengths"),
     "q_rank": _array_slot(lambda kw: kw["shapes"]["q"].pop(), "q must be a 4-d"),
     "q_empty": _array_slot(_resize("q", axis=1, size=0), "q must be a 4-d"),
-    "q_int": _array_slot(_retype("q", dtype=I32), "q must hold floats"),
+    "q_int": _array_slot(_retype("q", dtype=I32), "q must have a floating dtype"),
     "kv_dtype": _array_slot(_retype("k", "v", dtype=BF16), "k is bfloat16 but q is"),
     "kv_batch": _array_slot(_resize("k", "v", axis=0, size=B + 1), "k has batch"),
     "kv_head_dim": _array_slot(_resize("k", "v", axis=3, size=D + 2), "k has head_dim"),
@@ -619,7 +619,12 @@ def _decode_slots(op):
             ArrayError,
             f"{op}: q must be",
         ),
-        "q_int": (st.just(QD.astype(I32)), set_arg("q"), ArrayError, f"{op}: q must hold floats"),
+        "q_int": (
+            st.just(QD.astype(I32)),
+            set_arg("q"),
+            ArrayError,
+            f"{op}: q must have a floating dtype",
+        ),
     }
     if op == "span_decode":
         return common | {

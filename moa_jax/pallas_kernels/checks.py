@@ -66,7 +66,7 @@ def one_float_dtype(op: str, **arrays: Any) -> None:
     for name, x in arrays.items():
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ArrayError(
-                f"{op}: {name} must hold floats (float32, bfloat16, ...), got {x.dtype}"
+                f"{op}: {name} must have a floating dtype (float32, bfloat16, ...), got {x.dtype}"
             )
     for name, x in rest:
         if x.dtype != x0.dtype:
