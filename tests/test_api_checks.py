@@ -5,14 +5,14 @@ one to three bad arguments at once and asserts the error names one of them.
 
 The checks run before anything is computed (the kernels' on abstract shapes, `generate`'s on host
 values before its jitted loop), so the inputs here are tiny NumPy arrays and nothing compiles.
-The fuzz draws `MOA_JAX_FUZZ_EXAMPLES` examples per entry point (default 25) and 1000 under
-`-m slow`.
+The fuzz draws its bad values from the options' own domains (`boundary.bad_values`, as
+tests/test_fuzz_cli.py does for the commands): 25 examples per entry point, 1000 in the `slow`
+copies, `MOA_JAX_FUZZ_EXAMPLES` when set.
 """
 
 from __future__ import annotations
 
 import inspect
-import os
 from unittest import mock
 
 import jax
@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import moa_jax.generate as gen
 from moa_jax.config import parse_dtype
+from moa_jax.domains import FLAG, FRACTION, NON_NEGATIVE, POSITIVE, POWER_OF_TWO, Choice, Float, Int
 from moa_jax.errors import ArrayError, ConfigError, UserError
 from moa_jax.generate import generate
 from moa_jax.models.attention import Attention
@@ -41,12 +42,12 @@ from moa_jax.pallas_kernels import (
 )
 from moa_jax.sampling import SamplingConfig
 
+from boundary import bad_values, examples
 from conftest import tiny_config
 
-FUZZ_EXAMPLES = int(os.environ.get("MOA_JAX_FUZZ_EXAMPLES") or 25)
 FUZZ_COUNTS = [
-    pytest.param(FUZZ_EXAMPLES, id=f"{FUZZ_EXAMPLES}ex"),
-    pytest.param(1000, id="1000ex", marks=pytest.mark.slow),
+    pytest.param(examples(25), id="default"),
+    pytest.param(examples(1000), id="many", marks=pytest.mark.slow),
 ]
 F32, BF16, I32 = np.float32, jnp.bfloat16, np.int32
 NAN, INF = float("nan"), float("inf")
@@ -423,31 +424,9 @@ def fuzz_settings(n: int):
     )
 
 
-def bad_ints(at_least: int, below: int | None = None):
-    """Values an integer domain [at_least, below) refuses: ints outside it, any float (3.0
-    too), bools, strings, None, a tuple."""
-    return st.one_of(
-        st.integers(max_value=at_least - 1),
-        st.integers(min_value=below) if below is not None else st.nothing(),
-        st.integers(-(2**62), at_least - 1).map(np.int64),
-        st.floats(),
-        st.sampled_from([NAN, INF, -INF, True, False, np.float32(NAN), "4", None, (4,)]),
-    )
-
-
-bad_pow2 = st.one_of(
-    st.integers(max_value=0),
-    st.integers(3, 4096).filter(lambda x: x & (x - 1)),
-    st.floats(),
-    st.sampled_from([NAN, True, "64"]),
-)
-bad_positive = st.one_of(
-    st.floats(max_value=0), st.sampled_from([NAN, INF, -INF, True, False, "1", 0, -2])
-)
-bad_flag = st.one_of(st.integers(), st.floats(), st.sampled_from(["yes", "", ()]))
-bad_backend = st.one_of(
-    st.text(max_size=8).filter(lambda s: s not in BACKENDS), st.sampled_from([None, 3, ("gpu",)])
-)
+SCALE, TEMPERATURE = Float(0.0, lo_open=True), Float(0.0)
+bad_pow2 = st.one_of(bad_values(POWER_OF_TWO), st.integers(3, 4096).filter(lambda x: x & (x - 1)))
+bad_scalars = st.one_of(st.integers(), st.floats(), st.text(max_size=4), st.none())
 
 
 def per_head_of(bad_value, heads: int):
@@ -527,24 +506,29 @@ POW2_OPTIONS = sorted(o for o in KNOWN_PREFILL_OPTIONS if o.startswith(("block_"
 STAGES_OPTIONS = sorted(o for o in KNOWN_PREFILL_OPTIONS if o.startswith("num_stages"))
 
 PREFILL_SLOTS = {
-    "windows": (st.one_of(per_head_of(bad_ints(1), H), bad_ints(1)), set_arg("windows"),
+    "windows": (st.one_of(per_head_of(bad_values(POSITIVE), H), bad_scalars), set_arg("windows"),
                 ConfigError, "sparse_attention: windows"),
-    "sink": (st.one_of(per_head_of(bad_ints(0), H), bad_ints(0).filter(lambda x: x is not None)),
+    "sink": (st.one_of(per_head_of(bad_values(NON_NEGATIVE), H),
+                     bad_values(NON_NEGATIVE).filter(lambda x: not isinstance(x, list))),
              set_arg("sink"), ConfigError, "sparse_attention: sink"),
-    "q_offset": (bad_ints(0), set_arg("q_offset"), ConfigError, "sparse_attention: q_offset"),
-    "scale": (bad_positive, set_arg("scale"), ConfigError, "sparse_attention: scale"),
+    "q_offset": (bad_values(NON_NEGATIVE), set_arg("q_offset"), ConfigError,
+                 "sparse_attention: q_offset"),
+    "scale": (bad_values(SCALE), set_arg("scale"), ConfigError, "sparse_attention: scale"),
     "block_q": (bad_pow2, set_arg("block_q"), ConfigError, "sparse_attention: block_q"),
     "block_k": (bad_pow2, set_arg("block_k"), ConfigError, "sparse_attention: block_k"),
-    "backend": (bad_backend, set_arg("backend"), ConfigError, "sparse_attention: backend"),
-    "interpret": (bad_flag, set_arg("interpret"), ConfigError, "sparse_attention: interpret"),
-    "return_lse": (bad_flag, set_arg("return_lse"), ConfigError, "sparse_attention: return_lse"),
+    "backend": (bad_values(Choice(*BACKENDS)), set_arg("backend"), ConfigError,
+                "sparse_attention: backend"),
+    "interpret": (bad_values(FLAG), set_arg("interpret"), ConfigError,
+                  "sparse_attention: interpret"),
+    "return_lse": (bad_values(FLAG), set_arg("return_lse"), ConfigError,
+                   "sparse_attention: return_lse"),
     "option": (st.from_regex(r"[a-z_]{1,12}", fullmatch=True).filter(
                    lambda s: s not in KNOWN_PREFILL_OPTIONS | PREFILL_PARAMS),
                lambda kw, name: kw.__setitem__(name, 1), ConfigError, "unknown kernel options"),
     "option_value": (
         st.one_of(
             st.tuples(st.sampled_from(POW2_OPTIONS), bad_pow2),
-            st.tuples(st.sampled_from(STAGES_OPTIONS), bad_ints(1).filter(lambda x: x is not None)),
+            st.tuples(st.sampled_from(STAGES_OPTIONS), bad_values(POSITIVE)),
         ),
         lambda kw, nv: kw.__setitem__(*nv), ConfigError, lambda nv: f"sparse_attention: {nv[0]}",
     ),
@@ -609,10 +593,15 @@ def _decode_slots(op):
             ArrayError,
             f"{op}: q_positions",
         ),
-        "scale": (bad_positive, set_arg("scale"), ConfigError, f"{op}: scale"),
+        "scale": (bad_values(SCALE), set_arg("scale"), ConfigError, f"{op}: scale"),
         "num_warps": (bad_pow2, set_arg("num_warps"), ConfigError, f"{op}: num_warps"),
-        "backend": (bad_backend, set_arg("backend"), ConfigError, f"{op}: backend"),
-        "interpret": (bad_flag, set_arg("interpret"), ConfigError, f"{op}: interpret"),
+        "backend": (
+            bad_values(Choice(*BACKENDS)),
+            set_arg("backend"),
+            ConfigError,
+            f"{op}: backend",
+        ),
+        "interpret": (bad_values(FLAG), set_arg("interpret"), ConfigError, f"{op}: interpret"),
         "q_rank": (
             st.sampled_from([QD[0], QD[..., None], Q, QD.tolist()]),
             set_arg("q"),
@@ -628,7 +617,7 @@ def _decode_slots(op):
     }
     if op == "span_decode":
         return common | {
-            "per_split": (bad_ints(1).filter(lambda x: x is not None), set_arg("per_split"),
+            "per_split": (bad_values(POSITIVE), set_arg("per_split"),
                           ConfigError, "span_decode: per_split"),
             "heads": (st.sampled_from([1, 3, 4]).map(lambda h: np.zeros((B, h, D), F32)),
                       set_arg("q"), ArrayError, "span_decode: q has"),
@@ -643,9 +632,9 @@ def _decode_slots(op):
     slots = common | {
         "scores": (st.one_of(st.text(max_size=5), st.sampled_from([1, "MAX", ()])),
                    set_arg("scores"), ConfigError, f"{op}: scores"),
-        "window": (bad_ints(1).filter(lambda x: x is not None), set_arg("window"), ConfigError,
+        "window": (bad_values(POSITIVE), set_arg("window"), ConfigError,
                    f"{op}: window"),
-        "num_splits": (bad_ints(1).filter(lambda x: x is not None), set_arg("num_splits"),
+        "num_splits": (bad_values(POSITIVE), set_arg("num_splits"),
                        ConfigError, f"{op}: num_splits"),
         "block_k": (st.one_of(bad_pow2, st.sampled_from([32, 64, 1024])), set_arg("block_k"),
                     ConfigError, f"{op}: block_k"),
@@ -677,6 +666,7 @@ def test_decode_fuzz(n, op, backend):
 
 
 VOCAB = tiny_config().vocab_size
+TOKEN_ID = Int(0, VOCAB - 1)
 bad_ids = st.one_of(st.integers(-(2**62), -1), st.integers(VOCAB, 2**62))
 
 
@@ -699,22 +689,22 @@ GENERATE_SLOTS = {
                     set_arg("prompts"), ArrayError, "generate: prompts[1]"),
     "prompts": (st.sampled_from([[], "abc", 5, [5, 6], np.array([5, 6]), np.zeros((1, 2, 2), I32)]),
                 set_arg("prompts"), ArrayError, "prompts"),
-    "pad_id": (bad_ints(0, VOCAB).filter(lambda x: x is not None), set_arg("pad_id"),
+    "pad_id": (bad_values(TOKEN_ID), set_arg("pad_id"),
                ConfigError, "generate: pad_id"),
-    "stop_ids": (st.one_of(bad_ints(0, VOCAB).map(lambda t: (3, t)),
+    "stop_ids": (st.one_of(bad_values(TOKEN_ID).map(lambda t: (3, t)),
                            st.sampled_from([3, "3", 3.0])),
                  set_arg("stop_ids"), ConfigError, "generate: stop_ids"),
-    "max_new_tokens": (bad_ints(1), set_arg("max_new_tokens"), ConfigError,
+    "max_new_tokens": (bad_values(POSITIVE), set_arg("max_new_tokens"), ConfigError,
                        "generate: max_new_tokens"),
-    "max_cache_len": (bad_ints(1).filter(lambda x: x is not None), set_arg("max_cache_len"),
+    "max_cache_len": (bad_values(POSITIVE), set_arg("max_cache_len"),
                       ConfigError, "generate: max_cache_len"),
-    "temperature": (st.one_of(st.floats(max_value=-1e-9), st.sampled_from([NAN, INF, -INF, "1"])),
+    "temperature": (bad_values(TEMPERATURE),
                     lambda kw, x: kw.update(sampling=dict(temperature=x)), ConfigError,
                     "SamplingConfig.temperature"),
-    "top_k": (bad_ints(0).filter(lambda x: x is not None),
+    "top_k": (bad_values(NON_NEGATIVE),
               lambda kw, x: kw.update(sampling=dict(temperature=1.0, top_k=x)), ConfigError,
               "SamplingConfig.top_k"),
-    "top_p": (st.one_of(st.floats().filter(lambda x: not 0 < x <= 1), st.sampled_from([True, "1"])),
+    "top_p": (bad_values(FRACTION),
               lambda kw, x: kw.update(sampling=dict(temperature=1.0, top_p=x)), ConfigError,
               "SamplingConfig.top_p"),
     "key": (st.sampled_from([None, 3, np.zeros(3, np.uint32), np.zeros((2, 2), np.uint32)]),
