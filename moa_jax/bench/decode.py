@@ -357,7 +357,7 @@ def check_device(config: DecodeConfig) -> None:
     accelerated = None
     if "hf" in config.method:
         try:
-            import torch
+            import torch  # imported here: only --method hf needs torch
         except ImportError:  # hf's row records the missing torch; JAX may start now
             pass
         else:
