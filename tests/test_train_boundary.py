@@ -78,6 +78,8 @@ def _refused(tmp_path, monkeypatch, capsys, argv, *needles) -> str:
         (["--top-k", "-1"], "--top-k"),
         (RECYCLED + ["--tail-len", "0"], "--tail-len"),
         (RECYCLED + ["--seq-len", "20"], "--seq-len"),
+        (RECYCLED + ["--top-k", "9"], "--top-k"),
+        (RECYCLED + ["--eval-top-k", "9"], "--eval-top-k"),
         (RECYCLED + ["--refresh-stride", "-1"], "--refresh-stride"),
         (RECYCLED + ["--pool-kernel", "4"], "--pool-kernel"),
         (RECYCLED + ["--pool-kernel", "0"], "--pool-kernel"),

@@ -90,6 +90,11 @@ RELATIONS = (
         "--attention recycled needs --prefix-len, --tail-len and --top-k >= 1",
     ),
     Relation(
+        ("attention", "top_k", "eval_top_k", "prefix_len"),
+        lambda c: c.training_attention != "recycled" or max(c.top_k, c.eval_top_k) <= c.prefix_len,
+        "--top-k and --eval-top-k must be at most --prefix-len (K of the L prefix tokens)",
+    ),
+    Relation(
         ("attention", "seq_len", "prefix_len", "tail_len"),
         lambda c: c.training_attention != "recycled" or c.seq_len in (0, c.prefix_len + c.tail_len),
         "--seq-len must be 0 or --prefix-len + --tail-len with --attention recycled (leave it 0)",

@@ -516,7 +516,7 @@ class _Loop:
             self.ckpt.wait()
         if self.saved:
             self.log(
-                "stopped after step %d: its checkpoint in %s is kept; --resume continues from it",
+                "stopped after step %d; its checkpoint is in %s (--resume continues from it)",
                 self.step,
                 self.ckpt_dir,
             )
