@@ -22,7 +22,7 @@ from flax import nnx
 from test_bad_input import _one_line_error
 from train_signal_check import install
 
-from moa_jax.cli import run
+from moa_jax.cli import Terminated, run
 from moa_jax.errors import ConfigError
 from moa_jax.models.registry import load_model
 from moa_jax.train import loop
@@ -30,6 +30,7 @@ from moa_jax.train.checkpoint import Checkpointer
 from moa_jax.train.config import TrainConfig, parse_config
 from moa_jax.train.loop import main
 from moa_jax.train.optimizer import make_optimizer
+from moa_jax.train.signals import StopSignals
 
 TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
 SIGNAL_CHECK = Path(__file__).with_name("train_signal_check.py")
@@ -284,3 +285,21 @@ def test_a_partial_checkpoint_is_not_resumed(tmp_path, reference):
     losses, state = reference
     assert _losses(out) == losses
     _assert_same_state(_final_state(out, 6), state)
+
+
+def test_a_second_signal_stops_at_once_except_inside_a_write():
+    """The first signal is a request; a second one raises at once, or, inside `shielded` (a
+    checkpoint save or wait), right after it. The handlers before are restored."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals() as signals:
+        signal.raise_signal(signal.SIGTERM)
+        assert signals.requested() is Terminated
+        finished = False
+        with pytest.raises(KeyboardInterrupt):
+            with signals.shielded():
+                signal.raise_signal(signal.SIGINT)
+                finished = True
+        assert finished
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
