@@ -19,7 +19,6 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_bad_input import _one_line_error
 from train_signal_check import install
 
 from moa_jax.cli import Terminated, run
@@ -31,6 +30,8 @@ from moa_jax.train.config import TrainConfig, parse_config
 from moa_jax.train.loop import main
 from moa_jax.train.optimizer import make_optimizer
 from moa_jax.train.signals import StopSignals
+
+from test_bad_input import _one_line_error
 
 TEXT = Path(__file__).with_name("data") / "pride_and_prejudice_opening.txt"
 SIGNAL_CHECK = Path(__file__).with_name("train_signal_check.py")
@@ -154,6 +155,8 @@ def test_checks_that_need_the_model_or_the_corpus(tmp_path, monkeypatch, capsys)
     empty.mkdir()
     _refused(tmp_path, monkeypatch, capsys, BASE + ["--corpus", str(empty)], str(empty))
     (empty / "a.txt").write_text("")
+    _refused(tmp_path, monkeypatch, capsys, BASE + ["--corpus", str(empty)], str(empty))
+    (empty / "a.txt").write_text("short")
     _refused(tmp_path, monkeypatch, capsys, BASE + ["--corpus", str(empty)], "no training rows")
     argv = BASE + ["--attention", "moa", "--plan", "streaming:x"]
     _refused(tmp_path, monkeypatch, capsys, argv, "plan")
