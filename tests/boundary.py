@@ -62,7 +62,13 @@ COMMANDS = [
     Command("profile", "moa_jax.profile.__main__:main", "moa_jax.profile:ProfileConfig", TINY),
     Command("eval", "moa_jax.eval.__main__:main", "moa_jax.eval.__main__:EvalConfig", TINY),
     Command("eval.heads", "moa_jax.eval.heads:main", "moa_jax.eval.heads:HeadsConfig", TINY),
-    Command("train", "moa_jax.train.loop:main", "moa_jax.train.config:TrainConfig", TINY),
+    # train: a dense run needs its row length (--seq-len; recycled derives it)
+    Command(
+        "train",
+        "moa_jax.train.loop:main",
+        "moa_jax.train.config:TrainConfig",
+        TINY + ("--seq-len", "16"),
+    ),
     Command(
         "bench.attention",
         "moa_jax.bench.attention:main",

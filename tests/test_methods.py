@@ -226,7 +226,8 @@ def test_a_registered_method_is_reachable_from_generate_and_eval(sliding, tmp_pa
 
 
 def test_train_method_flag_is_the_attention():
-    cfg = parse_train_config(["--method", "recycled", "--prefix-len", "8", "--tail-len", "8"])
+    argv = ["--method", "recycled", "--prefix-len", "8", "--tail-len", "8", "--top-k", "4"]
+    cfg = parse_train_config(argv)
     assert cfg.attention == "recycled" and cfg.method is None
     assert "moa" in ATTENTIONS and "h2o" not in ATTENTIONS  # the trainable methods
 

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moa_jax.cli import run
 from moa_jax.errors import ConfigError
 from moa_jax.models.dense_attention import TrainDenseAttention
 from moa_jax.models.registry import load_model
 from moa_jax.train.checkpoint import Checkpointer, CheckpointError
-from moa_jax.train.config import TrainConfig, parse_config, validate_config
+from moa_jax.train.config import TrainConfig, parse_config
 from moa_jax.train.loop import main, train
 from moa_jax.train.optimizer import lr_schedule, make_optimizer
 from moa_jax.train.step import loss_sums, train_step_fn
@@ -176,7 +177,7 @@ def test_bf16_compute_keeps_f32_master_weights():
 
 
 def test_lr_schedule():
-    cfg = TrainConfig(lr=1.0, warmup_steps=4, steps=14, schedule="linear")
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, steps=14, schedule="linear", seq_len=16)
     s = lr_schedule(cfg)
     got = [float(s(c)) for c in range(14)]
     np.testing.assert_allclose(got[:5], [0.25, 0.5, 0.75, 1.0, 1.0])
@@ -215,6 +216,7 @@ def test_lr_schedule_equals_the_formula(schedule, warmup_steps, min_lr_ratio):
             warmup_steps=warmup_steps,
             min_lr_ratio=min_lr_ratio,
             steps=steps,
+            seq_len=16,
         )
         tol = 2 * float(np.finfo(np.float32).eps) * lr
         counts = jnp.arange(steps + 3, dtype=jnp.int32)
@@ -296,20 +298,8 @@ def test_cli_resume_retention_export_and_corruption(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="checkpoint .*4 is corrupt"):
         train(dataclasses.replace(b, stop_after=0, resume=True))
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "--config",
-                str(cfg_yaml),
-                "--out-dir",
-                str(tmp_path / "b"),
-                "--resume",
-                "--export-hf",
-                str(tmp_path / "hf2"),
-            ]
-        )
-        == 2
-    )
+    argv = ["--config", str(cfg_yaml), "--out-dir", str(tmp_path / "b"), "--resume"]
+    assert run(main, argv + ["--export-hf", str(tmp_path / "hf2")]) == 2
     assert "corrupt" in capsys.readouterr().err
 
 
@@ -321,24 +311,20 @@ def test_bad_inputs(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="no such file or directory"):
         train(recycled_config(tmp_path, corpus=str(tmp_path / "nope.jsonl")))
-    assert (
-        main(
-            ["--corpus", str(tmp_path / "nope"), "--seq-len", "8", "--out-dir", str(tmp_path / "x")]
-        )
-        == 2
-    )
+    argv = ["--corpus", str(tmp_path / "nope"), "--seq-len", "8", "--out-dir", str(tmp_path / "x")]
+    assert run(main, argv) == 2
     assert "no such file or directory" in capsys.readouterr().err
 
     for kw, msg in [
-        (dict(batch_size=6, grad_accum=4), "not a multiple of grad_accum"),
+        (dict(batch_size=6, grad_accum=4), "multiple of --grad-accum"),
         (dict(attention="dense"), "--seq-len must be >= 1"),
-        (dict(seq_len=33), "prefix_len \\+ tail_len"),
-        (dict(attention="dense", seq_len=8, schedule="exp"), "schedule must be one of"),
-        (dict(attention="moa", seq_len=32), "needs a plan"),
-        (dict(packing="segments"), "packing 'segments'"),
+        (dict(seq_len=33), "--prefix-len \\+ --tail-len"),
+        (dict(attention="dense", seq_len=8, schedule="exp"), "--schedule .* must be one of"),
+        (dict(attention="moa", seq_len=32), "needs --plan"),
+        (dict(packing="segments"), "--packing segments"),
     ]:
-        with pytest.raises(ValueError, match=msg):
-            validate_config(recycled_config(tmp_path, **kw))
+        with pytest.raises(ConfigError, match=msg):
+            recycled_config(tmp_path, **kw)
 
 
 def test_moa_plan_training_runs(tmp_path):

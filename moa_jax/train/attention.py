@@ -73,5 +73,8 @@ def eval_attentions(cfg: TrainConfig, mc: ModelConfig) -> dict[str, Attention]:
     elif cfg.attention == "moa":
         out["moa"] = make_attention(cfg, mc)
     # evaluation rows are chunk-packed: no document masks
-    out["dense"] = make_attention(dataclasses.replace(cfg, attention="dense", packing="chunk"), mc)
+    dense = dataclasses.replace(
+        cfg, attention="dense", packing="chunk", plan=None, seq_len=cfg.effective_seq_len()
+    )
+    out["dense"] = make_attention(dense, mc)
     return out

@@ -30,6 +30,17 @@ What one run does (`train`):
 7. Exports the final weights to an HF directory (`export_hf`) that
    `transformers.LlamaForCausalLM.from_pretrained` loads.
 
+Before anything is written, every input is checked: the options (`TrainConfig`'s domains and
+relations), the mesh, the run folder's checkpoints against `--resume`, the model's config (rows
+within its context), the plan, the corpus (readable, non-empty) and the rows it gives (at least a
+batch of them). A run that fails a check leaves no folder behind.
+
+A step whose loss, gradient norm or updated weights are not finite stops the run with a
+`DivergenceError` (exit 1) before anything of that step is saved: the last checkpoint stays the
+latest, and `--resume` continues from it. SIGINT and SIGTERM stop the run after the step in
+progress, with a checkpoint of that step (`moa_jax.train.signals`); `--resume` continues from it
+as if the run had not stopped.
+
 The training attention is chosen in `moa_jax.train.attention`.
 """
 
@@ -41,7 +52,7 @@ import logging
 import math
 import sys
 import time
-import warnings
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +66,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from moa_jax.cli import setup_logging
 from moa_jax.config import ModelConfig
+from moa_jax.errors import ConfigError, DivergenceError
 from moa_jax.models.hf_weights import save_hf
 from moa_jax.models.registry import load_config, load_model
 from moa_jax.parallel import (
@@ -72,7 +84,6 @@ from moa_jax.train.config import (
     check_batch_divides,
     check_resume_config,
     parse_config,
-    validate_config,
 )
 from moa_jax.train.data import (
     BatchIterator,
@@ -92,6 +103,7 @@ from moa_jax.train.metrics import (
     train_flops_per_sequence,
 )
 from moa_jax.train.optimizer import lr_schedule, make_optimizer
+from moa_jax.train.signals import StopSignals
 from moa_jax.train.step import get_train_step, opt_state_shardings, put_batch, replicated
 
 logger = logging.getLogger(__name__)
@@ -118,40 +130,32 @@ def export_hf(
 
 def train(cfg: TrainConfig, *, devices: Sequence[Any] | None = None) -> TrainResult:
     """Runs (or resumes) a training run; see the module docstring."""
-    validate_config(cfg)
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out-dir {out} is a file, not a directory")
     mesh = make_mesh(MeshConfig(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor), devices)
     check_batch_divides(cfg, mesh)
-    # the run folder is made once the corpus and the model have loaded (a bad input leaves
-    # none); an existing run's checkpoints are checked first, without creating anything
+    # The cheap checks first, then the data and the weights; the run folder is made only once
+    # all of them have passed (an existing run's checkpoints are read without writing).
     ckpt, latest = _existing_checkpoints(cfg, out)
-
     seq_len = cfg.effective_seq_len()
+    model_config = load_config(cfg.model)
+    _check_context(cfg, model_config, seq_len)
     if cfg.attention == "moa":  # the plan against the model's config, before the weights load
-        load_plan(cfg, load_config(cfg.model))
-    # Data first: a missing corpus fails before the model is loaded.
+        load_plan(cfg, model_config)
     train_docs, eval_docs = _documents(cfg)
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     mc = model.config
     if tokenizer is None:
         raise ValueError(f"model {cfg.model!r} comes without a tokenizer; training needs one")
-    out.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:
-        ckpt = _checkpointer(cfg, out)
-    if seq_len > mc.max_position_embeddings:
-        warnings.warn(
-            f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-            f"{mc.max_position_embeddings}",
-            stacklevel=2,
-        )
     data = _pack_data(cfg, mc, tokenizer, train_docs, eval_docs, seq_len)
-
     attention = make_attention(cfg, mc)
     methods = eval_attentions(cfg, mc)
     tail = cfg.tail_len if cfg.attention == "recycled" else 0
 
+    out.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        ckpt = _checkpointer(cfg, out)
     state = _initial_state(cfg, model, mesh, ckpt, latest, data.it)
     del model
     loop = _Loop(cfg, mc, mesh, out, ckpt, data, state, attention, methods, tail)
@@ -187,17 +191,34 @@ def _checkpointer(cfg: TrainConfig, out: Path) -> Checkpointer:
 
 def _existing_checkpoints(cfg: TrainConfig, out: Path) -> tuple[Checkpointer | None, int | None]:
     """The checkpointer of a run folder that holds checkpoints (None if it holds none) and its
-    latest step; an error when they are there without `--resume`, or resume another config."""
+    latest step. An error when they are there without `--resume`, when `--resume` finds none,
+    or when they are another config's run."""
     ckpt = _checkpointer(cfg, out) if (out / "checkpoints").is_dir() else None
     latest = ckpt.latest_step() if ckpt is not None else None
     if latest is not None and not cfg.resume:
-        raise ValueError(
+        raise ConfigError(
             f"{out} already holds checkpoints (latest step {latest}); pass "
             "--resume to continue that run, or choose another --out-dir"
         )
-    if cfg.resume and latest is not None and (out / "config.json").is_file():
+    if cfg.resume and latest is None:
+        raise ConfigError(
+            f"--resume: {out / 'checkpoints'} holds no checkpoint to continue from; leave out "
+            "--resume to start a new run there"
+        )
+    if cfg.resume and (out / "config.json").is_file():
         check_resume_config(json.loads((out / "config.json").read_text()), cfg, out)
     return ckpt, latest
+
+
+def _check_context(cfg: TrainConfig, mc: ModelConfig, seq_len: int) -> None:
+    """Rows within the model's trained context, unless `--beyond-context`."""
+    if seq_len > mc.max_position_embeddings and not cfg.beyond_context:
+        given = "--seq-len" if cfg.seq_len else "--prefix-len + --tail-len"
+        raise ConfigError(
+            f"rows of {seq_len} tokens ({given}) exceed the context of {cfg.model} "
+            f"({mc.max_position_embeddings} tokens, max_position_embeddings); use shorter rows "
+            "or pass --beyond-context"
+        )
 
 
 def _documents(cfg: TrainConfig) -> tuple[list[Any], list[Any]]:
@@ -209,8 +230,6 @@ def _documents(cfg: TrainConfig) -> tuple[list[Any], list[Any]]:
         if cfg.eval_corpus and cfg.eval_sequences
         else held
     )
-    if cfg.eval_sequences and not eval_docs:
-        raise ValueError("eval_sequences > 0 needs heldout_docs > 0 or an eval_corpus")
     return train_docs, eval_docs
 
 
@@ -246,6 +265,12 @@ def _pack_data(
             f"{mc.vocab_size}: the tokenizer does not match the model"
         )
     it = BatchIterator(train_data, cfg.batch_size, seed=cfg.data_seed)
+    if len(train_data) < cfg.batch_size:
+        raise ConfigError(
+            f"the corpus gives {len(train_data)} training rows of {seq_len + 1} tokens, fewer "
+            f"than --batch-size {cfg.batch_size}; use a smaller --batch-size or --seq-len, "
+            "or more text"
+        )
     eval_data, rows = None, np.zeros((0,), np.int64)
     if cfg.eval_sequences:
         eval_data = pack(tokenize_documents(eval_docs, tokenizer), seq_len, "chunk", eos)
@@ -300,8 +325,6 @@ def _initial_state(
             raise CheckpointError(
                 f"checkpoint step {start} in {ckpt.directory} has no valid data position: {e}"
             ) from None
-    elif cfg.resume:
-        logger.warning("--resume: no checkpoint in %s, starting from step 0", ckpt.directory)
     return _State(graphdef, params, opt_state, rng, p_sh, o_sh, start)
 
 
@@ -326,6 +349,8 @@ class _Loop:
     ):
         self.cfg, self.mesh, self.ckpt, self.data, self.state = cfg, mesh, ckpt, data, state
         self.methods, self.tail = methods, tail
+        self.ckpt_dir = out / "checkpoints"  # as the user named it, for messages
+        self.signals = StopSignals()
         self.lead = jax.process_index() == 0
         if self.lead:
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
@@ -371,13 +396,13 @@ class _Loop:
         self.losses: dict[int, float] = {}
         self.evals: list[dict[str, Any]] = []
         self.step = start
+        self.saved = start  # the step of the latest checkpoint (0: none)
 
     def run(self) -> bool:
         """Evaluates before training (a fresh run), runs the steps up to `steps` (or
-        `stop_after`), evaluating every `eval_every` and at the end. True if it stopped early."""
+        `stop_after`), evaluating every `eval_every` and at the end. True if it stopped early
+        (`stop_after`); SIGINT / SIGTERM stop it after a checkpoint (`stop_if_asked`)."""
         cfg, start = self.cfg, self.state.start
-        if start == 0:
-            self.evaluate(0)
         bar = tqdm(
             total=cfg.steps,
             initial=start,
@@ -387,9 +412,12 @@ class _Loop:
             file=sys.stderr,
         )
         interrupted = False
-        try:
-            # log lines go through tqdm.write, above the bar
-            with logging_redirect_tqdm(loggers=[logging.getLogger("moa_jax")], tqdm_class=tqdm):
+        # log lines go through tqdm.write, above the bar
+        redirect = logging_redirect_tqdm(loggers=[logging.getLogger("moa_jax")], tqdm_class=tqdm)
+        with self.signals, redirect:
+            try:
+                if start == 0:
+                    self.evaluate(0)
                 for step in range(start + 1, cfg.steps + 1):
                     self.step = step
                     rec = self.train_step(step)
@@ -400,17 +428,18 @@ class _Loop:
                         tok_s=f"{rec['tokens_per_s']:.0f}",
                     )
                     self.after_step(step, rec)
-                    if cfg.stop_after and step >= cfg.stop_after and step < cfg.steps:
+                    if cfg.stop_after and step >= cfg.stop_after:
                         interrupted = True
                         break
                     if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                         self.evaluate(step)
                 if not interrupted and start < cfg.steps:
                     self.evaluate(cfg.steps)
-        finally:
-            bar.close()
-            self.ckpt.close()
-            self.metrics.close()
+            finally:
+                bar.close()
+                self.metrics.close()
+                with self.signals.shielded():
+                    self.ckpt.close()
         return interrupted
 
     def train_step(self, step: int) -> dict[str, Any]:
@@ -435,6 +464,7 @@ class _Loop:
             "step_time_s": dt,
             "tokens_per_s": self.tokens_step / dt,
             "epoch": self.data.it.epoch,
+            "weights_finite": bool(m["weights_finite"]),
         }
         if self.peak:
             rec["mfu"] = self.flops_step / dt / (self.peak * len(self.mesh.devices.flat))
@@ -442,31 +472,72 @@ class _Loop:
         return rec
 
     def after_step(self, step: int, rec: dict[str, Any]) -> None:
-        """Logs every `log_every` steps, stops on a non-finite loss, checkpoints every
-        `checkpoint_every` steps and at the last."""
+        """Stops on a diverged step (before anything of it is saved), logs every `log_every`
+        steps, checkpoints every `checkpoint_every` steps and at the last, and stops here when
+        a signal asked to."""
         cfg, loss = self.cfg, rec["loss"]
+        why = _divergence(rec)
+        if why is not None:
+            self.diverged(step, why)
         if step % cfg.log_every == 0 or step == cfg.steps:
             self.log(
                 f"step {step}: loss {loss:.4f} lr {rec['lr']:.3e} grad_norm "
                 f"{rec['grad_norm']:.3f} tokens/s {rec['tokens_per_s']:.0f}"
                 + (f" mfu {rec['mfu']:.3f}" if self.peak else "")
             )
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-            s = self.state
+            self.save(step)
+        self.stop_if_asked()
+
+    def save(self, step: int) -> None:
+        """Checkpoints the state after `step` (written in the background when async)."""
+        s = self.state
+        with self.signals.shielded():
             self.ckpt.save(
                 step,
                 {"params": s.params, "opt_state": s.opt_state, "rng": s.rng},
                 {
                     "data": self.data.it.state(),
-                    "config": dataclasses.asdict(cfg),
+                    "config": dataclasses.asdict(self.cfg),
                     "time": time.time(),
                 },
             )
+        self.saved = step
+
+    def stop_if_asked(self) -> None:
+        """After SIGINT / SIGTERM: checkpoints the last completed step (unless it is saved),
+        waits for the write and raises the signal's `KeyboardInterrupt`."""
+        kind = self.signals.requested()
+        if kind is None:
+            return
+        if self.step > self.saved:
+            self.save(self.step)
+        with self.signals.shielded():
+            self.ckpt.wait()
+        if self.saved:
+            self.log(
+                "stopped after step %d; its checkpoint is in %s (--resume continues from it)",
+                self.step,
+                self.ckpt_dir,
+            )
+        raise kind()
+
+    def diverged(self, step: int, why: str) -> typing.NoReturn:
+        """Raises `DivergenceError` naming the step and the last checkpoint (written first)."""
+        with self.signals.shielded():
+            self.ckpt.wait()
+        last = self.ckpt.latest_step()
+        kept = (
+            f"the last good checkpoint (step {last}) is kept in {self.ckpt_dir}; --resume "
+            "continues from it"
+            if last is not None
+            else "no checkpoint was saved before it"
+        )
+        raise DivergenceError(f"training diverged at step {step}: {why}; {kept}")
 
     def evaluate(self, step: int) -> None:
-        """Held-out perplexity of the current params with every evaluation attention."""
+        """Held-out perplexity of the current params with every evaluation attention (then
+        stops if a signal asked to)."""
         d, s = self.data, self.state
         if d.eval is None:
             return
@@ -496,19 +567,28 @@ class _Loop:
             for k, v in res.items()
         )
         self.log("eval step %d: %s", step, line)
+        self.stop_if_asked()
+
+
+def _divergence(rec: dict[str, Any]) -> str | None:
+    """Why a step's metrics record shows a diverged run (None: it does not)."""
+    for key, name in (("loss", "loss"), ("grad_norm", "the gradient norm")):
+        if not math.isfinite(rec[key]):
+            return f"{name} is {rec[key]}"
+    if not rec["weights_finite"]:
+        return "the updated weights are not finite"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m moa_jax.train`: prints the run's summary (JSON) on stdout; 2 on a user error."""
+    """`python -m moa_jax.train`: prints the run's summary (JSON) on stdout. Run it through
+    `moa_jax.cli.run` (as `python -m` does): a user error is one line and exit 2, a diverged
+    run exit 1, SIGINT / SIGTERM 130 / 143 after a checkpoint."""
     setup_logging()
     cfg = parse_config(argv)
-    try:
-        initialize_distributed()
-        enable_compilation_cache()
-        result = train(cfg)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    initialize_distributed()
+    enable_compilation_cache()
+    result = train(cfg)
     s = result.summary
     if s:  # the lead process's
         print(json.dumps({k: s[k] for k in s if k not in ("eval_before", "eval_after")}))

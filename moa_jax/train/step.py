@@ -61,8 +61,9 @@ def train_step_fn(
     """`step(params, opt_state, rng, batch) -> (params, opt_state, rng, metrics)` (not jitted).
 
     The batch arrays are [grad_accum, micro_batch, T]; the loss is normalised by the token count
-    of the whole batch, so accumulation equals one bigger batch. metrics: loss, grad_norm,
-    tokens.
+    of the whole batch, so accumulation equals one bigger batch. metrics (scalars): loss,
+    grad_norm, tokens, weights_finite (whether every updated parameter is finite: a step can
+    turn finite weights into inf / NaN with a finite loss and gradient).
     """
 
     def step(params, opt_state, rng, batch):
@@ -83,9 +84,20 @@ def train_step_fn(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         rng, _ = jax.random.split(rng)
-        return params, opt_state, rng, {"loss": nll / n, "grad_norm": grad_norm, "tokens": n}
+        metrics = {
+            "loss": nll / n,
+            "grad_norm": grad_norm,
+            "tokens": n,
+            "weights_finite": all_finite(params),
+        }
+        return params, opt_state, rng, metrics
 
     return step
+
+
+def all_finite(tree: Any) -> jax.Array:
+    """A bool scalar: every element of every array of `tree` is finite."""
+    return jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]).all()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
