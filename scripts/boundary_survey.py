@@ -41,6 +41,8 @@ COMMANDS = {
     "bench.decode": "moa_jax.bench.decode:main",
 }
 TINY = ["--model", "tiny-random"]
+BASE = {"train": [*TINY, "--seq-len", "16"]}
+"""The argv a command's cases start from, where it needs more than the model."""
 
 # (flag, value, words the error must name) per command: values of the kinds users get wrong:
 # out of range, NaN / inf, wrong type, zero where zero means nothing, repeats, bad choices
@@ -89,7 +91,7 @@ OPTION_CASES: dict[str, list[tuple[str, str, str]]] = {
         ("--answer-tokens", "0", "--answer-tokens"),
         ("--recall-fraction", "1.5", "--recall-fraction"),
         ("--max-rules-per-layer", "0", "--max-rules-per-layer"),
-        ("--eps-intervals", "0", "--eps-intervals"),
+        ("--eps-intervals", "-1", "--eps-intervals"),
         ("--milp-time-limit", "-5", "--milp-time-limit"),
         ("--milp-gap", "nan", "--milp-gap"),
         ("--validation-items", "0", "--validation-items"),
@@ -290,20 +292,25 @@ def _files(root: Path) -> dict[str, Path]:
 
 
 def _file_cases(files: dict[str, Path]) -> list[tuple[str, list[str], str]]:
+    def base(cmd: str, model: bool = True) -> list[str]:
+        argv = BASE.get(cmd, TINY)
+        return argv if model else [a for a in argv if a not in TINY]
+
     cases = []
     for name in [n for n in files if n.startswith("plan_")]:
         for cmd, extra in (("generate", []), ("eval", []), ("train", ["--method", "moa"])):
-            cases.append((cmd, ["--plan", str(files[name]), *extra], name))
+            cases.append((cmd, [*base(cmd), "--plan", str(files[name]), *extra], name))
     for name in [n for n in files if n.startswith("yaml_")]:
         for cmd in COMMANDS:
             cases.append((cmd, ["--config", str(files[name])], name))
     for name in [n for n in files if n.startswith("corpus_")]:
         for cmd in ("profile", "eval", "train"):
             extra = ["--tasks", "perplexity"] if cmd == "eval" else []
-            cases.append((cmd, ["--corpus", str(files[name]), *extra], name))
+            cases.append((cmd, [*base(cmd), "--corpus", str(files[name]), *extra], name))
     for name in [n for n in files if n.startswith("cfg_")]:
         for cmd in ("generate", "profile", "eval", "train"):
-            cases.append((cmd, ["--model", str(files[name])], "config.json"))
+            argv = [*base(cmd, model=False), "--model", str(files[name])]
+            cases.append((cmd, argv, "config.json"))
     return cases
 
 
@@ -471,7 +478,7 @@ def main() -> int:
         files = _files(root / "files")
         cases = []
         for cmd, rows in OPTION_CASES.items():
-            base = [] if cmd.startswith("bench") else TINY
+            base = [] if cmd.startswith("bench") else BASE.get(cmd, TINY)
             cases += [(cmd, [*base, flag, *value.split()], words) for flag, value, words in rows]
         for cmd, rows in YAML_CASES.items():
             for i, (key, text, words) in enumerate(rows):
