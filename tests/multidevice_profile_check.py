@@ -1,7 +1,8 @@
 """Run by test_profile_cli.py with 8 forced CPU devices: `python -m moa_jax.profile` on meshes
 (8,1,1), (2,2,2), (1,1,8) gives the same influence profiles and the same plan as on one device.
 
-argv: corpus directory, scratch directory. Prints one 'OK <mesh>' line per matching mesh.
+argv: corpus directory, scratch directory, then the meshes (default: those three). Prints one
+'OK <mesh>' line per matching mesh.
 """
 
 import sys
@@ -59,7 +60,7 @@ def run(name, mesh=None):
 
 ref_plan, ref_prof = run("one")
 assert set(ref_prof) == {"256", "384"}, ref_prof.keys()
-for mesh in ("8,1,1", "2,2,2", "1,1,8"):
+for mesh in sys.argv[3:] or ("8,1,1", "2,2,2", "1,1,8"):
     plan, prof = run("mesh_" + mesh.replace(",", "_"), mesh)
     for n, arrays in ref_prof.items():
         for key, ref in arrays.items():

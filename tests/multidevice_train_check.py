@@ -1,8 +1,9 @@
 """Run by test_train_loop.py with 8 forced CPU devices: sharded training equals one device.
 
-argv: corpus directory, scratch directory. Prints one 'OK <mesh>' line per mesh whose losses and
-final parameters match the single-device run, after checking that params and AdamW moments are
-really sharded; also checks the clear error for a batch that does not divide the mesh.
+argv: corpus directory, scratch directory, then meshes as DATA,FSDP,TENSOR (default: 8,1,1
+2,2,2 1,1,8). Prints one 'OK <mesh>' line per mesh whose losses and final parameters match the
+single-device run, after checking that params and AdamW moments are really sharded; also checks
+the clear error for a batch that does not divide the mesh.
 """
 
 import dataclasses
@@ -55,7 +56,8 @@ ref = train(
 )
 ref_state = final_state(scratch / "one" / "checkpoints")
 
-for data, fsdp, tensor in ((8, 1, 1), (2, 2, 2), (1, 1, 8)):
+meshes = [tuple(map(int, a.split(","))) for a in sys.argv[3:]]
+for data, fsdp, tensor in meshes or ((8, 1, 1), (2, 2, 2), (1, 1, 8)):
     name = f"mesh_{data}_{fsdp}_{tensor}"
     cfg = dataclasses.replace(
         base, out_dir=str(scratch / name), mesh_data=data, mesh_fsdp=fsdp, mesh_tensor=tensor

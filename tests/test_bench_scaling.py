@@ -45,22 +45,30 @@ def test_efficiency_and_table_from_rows():
     assert "| train | 4 | 1,4,1 | 360 tok/s | 90 |" in table and "| oom |" in table
 
 
-def test_tiny_run_on_forced_devices(tmp_path, capsys):
+# One process per (part, device count, layout), each importing jax and compiling its model
+# (~10 s on a CPU core): the default run measures 2 devices on the tensor layout (3 processes),
+# -m slow 1 and 2 devices on both layouts (7).
+@pytest.mark.parametrize(
+    "devices, layouts",
+    [
+        pytest.param([2], ["tensor"], id="2-tensor"),
+        pytest.param([1, 2], ["data", "tensor"], id="1,2-data,tensor", marks=pytest.mark.slow),
+    ],
+)
+def test_tiny_run_on_forced_devices(tmp_path, capsys, devices, layouts):
     out = tmp_path / "scaling.json"
     assert (
         scaling.main(
             [
                 "--tiny",
                 "--devices",
-                "1",
-                "2",
+                *map(str, devices),
                 "--parts",
                 "train",
                 "profile",
                 "decode",
                 "--layouts",
-                "data",
-                "tensor",
+                *layouts,
                 "--decode-batches",
                 "2",
                 "--out",
@@ -73,22 +81,19 @@ def test_tiny_run_on_forced_devices(tmp_path, capsys):
     rows = rep["rows"]
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     train = {r["devices"]: r for r in rows if r["part"] == "train"}
-    assert set(train) == {1, 2}
+    assert set(train) == set(devices)
     assert train[2]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1} and train[2]["rows"] == 2
-    assert train[1]["scaling_efficiency"] == 1.0 and train[2]["scaling_efficiency"] > 0
+    assert train[devices[0]]["scaling_efficiency"] == 1.0 and train[2]["scaling_efficiency"] > 0
     for r in train.values():
         assert r["tokens_per_s"] > 0 and r["seq_len"] == 64 + 8
     prof = {r["devices"]: r for r in rows if r["part"] == "profile"}
     assert prof[2]["items"] == 2 * 2 and prof[2]["seconds_per_item"] > 0
     dec = [r for r in rows if r["part"] == "decode"]
-    assert sorted((r["devices"], r["layout"], r["variant"]) for r in dec) == [
-        (1, "data", "dense-kernel"),
-        (1, "data", "moa het:0.5"),
-        (2, "data", "dense-kernel"),
-        (2, "data", "moa het:0.5"),
-        (2, "tensor", "dense-kernel"),
-        (2, "tensor", "moa het:0.5"),
-    ]
+    runs = [(1, "data")] if 1 in devices else []  # one device: one mesh
+    runs += [(2, layout) for layout in layouts]
+    assert sorted((r["devices"], r["layout"], r["variant"]) for r in dec) == sorted(
+        (n, layout, v) for n, layout in runs for v in ("dense-kernel", "moa het:0.5")
+    )
     for r in dec:
         axis = "data" if r["layout"] == "data" else "tensor"
         assert r["mesh"][axis] == r["devices"] and r["tokens_per_s"] > 0

@@ -37,6 +37,13 @@ from moa_jax.search.sensitivity import (
     profile_items,
 )
 
+# The checks call these compiled: eagerly, every op of their loops and vjps dispatches (and
+# compiles for its shapes) on its own, several times slower on the CPU.
+influence_dense = jax.jit(influence_dense)
+layer_influence = jax.jit(
+    layer_influence, static_argnames=("sink", "block", "q_chunk", "key_groups")
+)
+
 T = 128
 ANSWER_START = 100
 CFG = ModelConfig(
@@ -108,7 +115,7 @@ def answer_grads(model: CausalLM, batch: Batch, *, q_chunk: int = 512):
         per_item = answer_nll(model, hidden, *tgt)
         return per_item.sum(), (per_item, qkv)
 
-    dout, (losses, qkv) = jax.grad(f, has_aux=True)(zeros)
+    dout, (losses, qkv) = jax.jit(jax.grad(f, has_aux=True))(zeros)
     return np.asarray(losses), dout, qkv
 
 
@@ -329,12 +336,16 @@ def test_attention_with_influence_value_and_gradients(h, hkv, n, qc, groups, dty
 
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(
-        np.asarray(ours(q, k, v, *probes), np.float32), np.asarray(ref(q, k, v)), **tol
+        np.asarray(jax.jit(ours)(q, k, v, *probes), np.float32), np.asarray(ref(q, k, v)), **tol
     )
-    want = jax.grad(lambda *a: jnp.sum(ref(*a) * w.astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(
-        lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * w.astype(jnp.float32)),
-        argnums=(0, 1, 2, 3, 4, 5),
+    want = jax.jit(
+        jax.grad(lambda *a: jnp.sum(ref(*a) * w.astype(jnp.float32)), argnums=(0, 1, 2))
+    )(q, k, v)
+    got = jax.jit(
+        jax.grad(
+            lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * w.astype(jnp.float32)),
+            argnums=(0, 1, 2, 3, 4, 5),
+        )
     )(q, k, v, *probes)
     for a, b in zip(got[:3], want):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), **tol)
@@ -379,24 +390,26 @@ def test_window_rule_estimate_is_exact_for_a_loss_linear_in_attention(qc, groups
     v = jnp.asarray(rng.normal(size=(2, n, hkv, d)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
     probes = (jnp.zeros((h, n // 16, n // 16)), jnp.zeros((h, n)), jnp.zeros((h, len(windows))))
-    got = jax.grad(
-        lambda pr: jnp.sum(
-            attention_with_influence(
-                q,
-                k,
-                v,
-                probes[0],
-                probes[1],
-                pr,
-                jnp.zeros((h, 0)),
-                jnp.zeros((2, 0)),
-                sink,
-                16,
-                qc,
-                groups,
-                windows,
+    got = jax.jit(
+        jax.grad(
+            lambda pr: jnp.sum(
+                attention_with_influence(
+                    q,
+                    k,
+                    v,
+                    probes[0],
+                    probes[1],
+                    pr,
+                    jnp.zeros((h, 0)),
+                    jnp.zeros((2, 0)),
+                    sink,
+                    16,
+                    qc,
+                    groups,
+                    windows,
+                )
+                * w
             )
-            * w
         )
     )(probes[2])
     qq, kk = np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), 2, 2)
@@ -549,6 +562,7 @@ def test_answer_rows_pass_on_the_pallas_kernel():
         out, vjp = jax.vjp(f, *[jnp.zeros((h, n))] * 3, q, k, v)
         return (out,) + vjp(dout)
 
+    run = jax.jit(run, static_argnums=0)
     for want, got in zip(run("jnp"), run("pallas")):
         assert got.dtype == want.dtype == jnp.float32
         scale = float(jnp.abs(want).max())
@@ -589,20 +603,21 @@ def test_answer_tap_matches_the_every_row_backward(sink):
             2,
         )
 
-    want = jax.vjp(every_row, jnp.zeros((h, n)))[1](dout)[0]
+    want = jax.jit(lambda: jax.vjp(every_row, jnp.zeros((h, n)))[1](dout)[0])()
 
     def tapped(pa, pm, pc, q, k, v):
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return answer_tap(out, q, k, v, pa, pm, pc, rows, weights, tokens, targets, sink)
 
-    _, vjp = jax.vjp(tapped, *[jnp.zeros((h, n))] * 3, q, k, v)
-    got, got_max, got_copy, dq, dk, dv = vjp(dout)
+    got, got_max, got_copy, dq, dk, dv = jax.jit(
+        lambda: jax.vjp(tapped, *[jnp.zeros((h, n))] * 3, q, k, v)[1](dout)
+    )()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(jnp.abs(want).max()))
     plain = jax.grad(
         lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True) * dout),
         argnums=(0, 1, 2),
     )
-    for x, y in zip((dq, dk, dv), plain(q, k, v)):
+    for x, y in zip((dq, dk, dv), jax.jit(plain)(q, k, v)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     e = np.abs(np.asarray(influence_dense(q, k, v, dout)))  # [B, H, N, N]
     want_max = np.zeros((h, n))

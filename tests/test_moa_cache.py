@@ -55,26 +55,45 @@ def test_plan_schedule_is_the_resolved_layer():
     assert packed.shard(1).windows == (200, 7) and packed.shard(1).rings == (196,)
 
 
+# Compiled once per cache layout: eagerly, each of their ops compiles for every new layout.
+_write = jax.jit(SpanKVCache.write)
+
+
+@jax.jit
+def _append_where(cache, k, v, i, ok):
+    """cache with token i of k, v [B, 1, Hkv, D] appended in the rows where ok [B] holds."""
+    b = k.shape[0]
+    new = cache.write(k, v, jnp.full((b,), i, jnp.int32))
+    return jax.tree.map(
+        lambda a, o: jnp.where(ok.reshape((b,) + (1,) * (a.ndim - 1)), a, o), new, cache
+    )
+
+
 def _one_by_one(cache, k, v, lengths):
-    b, t = k.shape[:2]
-    for i in range(t):
-        new = cache.write(k[:, i : i + 1], v[:, i : i + 1], jnp.full((b,), i, jnp.int32))
-        ok = jnp.asarray(i < lengths)
-        cache = jax.tree.map(
-            lambda a, o: jnp.where(ok.reshape((b,) + (1,) * (a.ndim - 1)), a, o), new, cache
-        )
+    k, v = np.asarray(k), np.asarray(v)
+    for i in range(k.shape[1]):
+        cache = _append_where(cache, k[:, i : i + 1], v[:, i : i + 1], i, i < lengths)
     return cache
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    hkv=st.integers(1, 3),
-    group=st.integers(1, 3),
-    sink=st.sampled_from([0, 1, 4, 9]),
-    max_len=st.integers(2, 70),
-    seed=st.integers(0, 10**6),
+# Each example compiles the writes for its own layout (~1.5 s on a CPU core): the default run
+# draws 10 layouts, -m slow 100.
+@pytest.mark.parametrize(
+    "n", [pytest.param(10, id="10ex"), pytest.param(100, id="100ex", marks=pytest.mark.slow)]
 )
-def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
+def test_chunk_write_equals_appends(n):
+    settings(max_examples=n, deadline=None)(
+        given(
+            hkv=st.integers(1, 3),
+            group=st.integers(1, 3),
+            sink=st.sampled_from([0, 1, 4, 9]),
+            max_len=st.integers(2, 70),
+            seed=st.integers(0, 10**6),
+        )(_check_chunk_write)
+    )()
+
+
+def _check_chunk_write(hkv, group, sink, max_len, seed):
     rng = np.random.RandomState(seed)
     windows = rng.randint(1, 40, hkv * group).tolist()
     sched = MoASchedule.build(windows, [sink] * len(windows), hkv, max_len, block=8)
@@ -83,18 +102,23 @@ def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
     t = int(lengths.max())
     k = jnp.asarray(rng.randn(2, t, hkv, 4), jnp.float32)
     v = jnp.asarray(rng.randn(2, t, hkv, 4), jnp.float32)
-    chunk = cache.write(k, v, jnp.zeros(2, jnp.int32), jnp.asarray(lengths))
+    chunk = _write(cache, k, v, jnp.zeros(2, jnp.int32), jnp.asarray(lengths))
     seq = _one_by_one(cache, k, v, lengths)
     np.testing.assert_array_equal(chunk.pos, seq.pos)
     np.testing.assert_array_equal(chunk.k, seq.k)
     np.testing.assert_array_equal(chunk.v, seq.v)
     # Two chunks equal one.
     cut = int(rng.randint(1, t + 1))
-    two = cache.write(
-        k[:, :cut], v[:, :cut], jnp.zeros(2, jnp.int32), jnp.asarray(np.minimum(lengths, cut))
+    two = _write(
+        cache,
+        k[:, :cut],
+        v[:, :cut],
+        jnp.zeros(2, jnp.int32),
+        jnp.asarray(np.minimum(lengths, cut)),
     )
     if cut < t:
-        two = two.write(
+        two = _write(
+            two,
             k[:, cut:],
             v[:, cut:],
             jnp.full((2,), cut, jnp.int32),
@@ -103,9 +127,10 @@ def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
     np.testing.assert_array_equal(two.pos, chunk.pos)
     # Each KV head holds exactly its sinks and its ring's worth of the newest positions.
     sizes = sched.segments
+    pos, ck, k = np.asarray(chunk.pos), np.asarray(chunk.k), np.asarray(k)  # indexed per slot
     for b in range(2):
         for g, off in enumerate(sched.offsets):
-            held = sorted(int(p) for p in np.asarray(chunk.pos[b, off : off + sizes[g]]) if p >= 0)
+            held = sorted(int(p) for p in pos[b, off : off + sizes[g]] if p >= 0)
             n = int(lengths[b])
             want = sorted(
                 set(range(min(sched.sink_slots, n)))
@@ -113,7 +138,5 @@ def test_chunk_write_equals_appends(hkv, group, sink, max_len, seed):
             )
             assert held == want
             for p in held:  # and the right key sits next to each position
-                slot = off + int(
-                    np.nonzero(np.asarray(chunk.pos[b, off : off + sizes[g]]) == p)[0][0]
-                )
-                np.testing.assert_array_equal(chunk.k[b, slot], k[b, p, g])
+                slot = off + int(np.nonzero(pos[b, off : off + sizes[g]] == p)[0][0])
+                np.testing.assert_array_equal(ck[b, slot], k[b, p, g])
