@@ -24,6 +24,7 @@ from moa_jax.plan import PLAN_KEYS, Plan
 
 from boundary import (
     COMMANDS,
+    FUZZ_EXAMPLES,
     bad_lists,
     bad_texts,
     bad_values,
@@ -38,7 +39,12 @@ from boundary import (
 from conftest import tiny_config
 
 BY_NAME = {c.name: c for c in COMMANDS}
-SETTINGS = dict(deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+SETTINGS = dict(
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    # the default run draws the same examples every time; a larger run draws fresh ones
+    derandomize=FUZZ_EXAMPLES is None,
+)
 
 
 def _dirs():
