@@ -50,9 +50,11 @@ def parse_args(
         if not pre.config.is_file():
             parser.error(f"config file {pre.config} does not exist")
         try:
-            values = yaml.safe_load(pre.config.read_bytes().decode("utf-8")) or {}
+            values = yaml.safe_load(pre.config.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, yaml.YAMLError) as e:
             parser.error(f"config file {pre.config} is not valid YAML: {one_line(e)}")
+        if values is None:  # an empty file
+            values = {}
         if not isinstance(values, dict):
             parser.error(f"config file {pre.config} must hold a mapping of flag: value")
         valid = {a.dest for a in parser._actions} - {"help", "config", "debug"}
